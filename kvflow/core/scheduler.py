@@ -1,0 +1,162 @@
+"""Iteration-level scheduler with a token budget.
+
+There is no prefill or decode phase: each request has `num_computed_tokens` and
+`num_tokens`, and each step spends the token budget on running requests first, then
+on waiting ones. This one rule gives continuous batching, chunked prefill and decode
+mixed in one batch. When the KV pool runs dry, the running request that sorts last
+(lowest priority, latest arrival) is preempted: its blocks are freed and it is
+recomputed from scratch later, keeping the tokens it has generated.
+"""
+from __future__ import annotations
+
+import bisect
+import itertools
+import logging
+
+from kvflow.config import SchedulerConfig
+from kvflow.core.kv_manager import KVCacheManager
+from kvflow.outputs import RunnerOutput, ScheduledRequest, SchedulerOutput
+from kvflow.request import Request, RequestStatus
+
+logger = logging.getLogger(__name__)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv_manager: KVCacheManager) -> None:
+        self.config = config
+        self.kv = kv_manager
+        self.requests: dict[str, Request] = {}
+        self.waiting: list[Request] = []  # sorted by schedule key
+        self.running: list[Request] = []
+        self._finished_since_last_step: set[str] = set()
+        self._admission_counter = itertools.count()
+        self.num_preemptions_total = 0
+
+    def _key(self, request: Request) -> tuple:
+        return request.schedule_key(self.config.policy)
+
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        request.admission_order = next(self._admission_counter)
+        self.requests[request.request_id] = request
+        bisect.insort(self.waiting, request, key=self._key)
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.requests)
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        chosen: list[tuple[Request, int]] = []
+        num_preemptions = 0
+
+        # Ascending key order makes the preemption victim (the largest key) always one
+        # not yet scheduled this step, or the request being scheduled itself.
+        self.running.sort(key=self._key)
+        for request in list(self.running):
+            if budget == 0:
+                break
+            if request.status != RequestStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            while not self.kv.allocate_slots(request, num_new):
+                victim = self.running[-1]
+                self._preempt(victim)
+                num_preemptions += 1
+                if victim is request:
+                    break
+            else:
+                chosen.append((request, num_new))
+                budget -= num_new
+
+        while (not num_preemptions and self.waiting and budget > 0
+               and len(self.running) < self.config.max_num_seqs):
+            request = self.waiting[0]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if not self.kv.allocate_slots(request, num_new):
+                break
+            self.waiting.pop(0)
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            chosen.append((request, num_new))
+            budget -= num_new
+
+        finished, self._finished_since_last_step = self._finished_since_last_step, set()
+        self.num_preemptions_total += num_preemptions
+        return SchedulerOutput(
+            scheduled=[self._describe(request, num_new) for request, num_new in chosen],
+            num_batched_tokens=self.config.max_num_batched_tokens - budget,
+            finished_req_ids=finished,
+            num_preemptions=num_preemptions,
+        )
+
+    @staticmethod
+    def _describe(request: Request, num_new: int) -> ScheduledRequest:
+        start = request.num_computed_tokens
+        return ScheduledRequest(
+            req_id=request.request_id,
+            token_ids=request.all_token_ids[start:start + num_new],
+            num_computed_tokens=start,
+            block_ids=request.block_ids,
+            sample=start + num_new == request.num_tokens,
+            sampling_params=request.sampling_params,
+            prompt_token_ids=request.prompt_token_ids,
+            output_token_ids=request.output_token_ids,
+            stop_token_ids=request.stop_token_ids,
+        )
+
+    def _preempt(self, request: Request) -> None:
+        self.running.remove(request)
+        self.kv.free(request)
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.PREEMPTED
+        request.num_preemptions += 1
+        bisect.insort(self.waiting, request, key=self._key)
+        logger.debug("preempted %s after %d output tokens", request.request_id,
+                     request.num_output_tokens)
+
+    def update_from_output(self, scheduler_output: SchedulerOutput,
+                           runner_output: RunnerOutput) -> list[Request]:
+        """Apply a step's results; returns the requests that got a new token."""
+        updated = []
+        for scheduled in scheduler_output.scheduled:
+            request = self.requests.get(scheduled.req_id)
+            if request is None or request.status != RequestStatus.RUNNING:
+                continue
+            request.num_computed_tokens += len(scheduled.token_ids)
+            if not scheduled.sample:
+                continue
+            token_id = runner_output.sampled_token_ids[scheduled.req_id]
+            request.append_output_token(token_id)
+            status = self._check_stop(request, token_id)
+            if status is not None:
+                self.finish_request(request.request_id, status)
+            updated.append(request)
+        return updated
+
+    @staticmethod
+    def _check_stop(request: Request, token_id: int) -> RequestStatus | None:
+        params = request.sampling_params
+        if (token_id in request.stop_token_ids
+                and request.num_output_tokens >= params.min_tokens):
+            if params.stop_token_ids and token_id in params.stop_token_ids:
+                request.stop_reason = token_id
+            return RequestStatus.FINISHED_STOPPED
+        if request.num_output_tokens >= request.max_tokens:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    def finish_request(self, request_id: str, status: RequestStatus) -> Request | None:
+        assert status.finished
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return None
+        if request.status == RequestStatus.RUNNING:
+            self.running.remove(request)
+        elif not request.status.finished:
+            self.waiting.remove(request)
+        self.kv.free(request)
+        request.status = status
+        self._finished_since_last_step.add(request_id)
+        return request

@@ -1,0 +1,44 @@
+"""The user-facing engine options, shared by LLM(...), LLMEngine and the CLI."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvflow.config import parse_dtype, parse_memory
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class EngineArgs:
+    model: str
+    tokenizer: str | None = None  # defaults to the model's directory
+    dtype: str = "auto"  # auto (the checkpoint's) | bfloat16 | float16 | float32
+    device: str = "auto"  # auto (CUDA when available) | cpu | cuda
+    max_model_len: int | None = None  # defaults to max_position_embeddings
+    block_size: int = 16
+    kv_cache_memory: int | str | None = None  # bytes or "2GiB"; None: see worker/kv_cache.py
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    scheduling_policy: str = "fcfs"  # fcfs | priority
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.dtype != "auto":
+            parse_dtype(self.dtype)
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be at least 1, got {self.block_size}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be at least 1, got {self.max_model_len}")
+        if self.kv_cache_memory is not None:
+            self.kv_cache_memory = parse_memory(self.kv_cache_memory)
+
+    def resolve_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device='cuda' was asked for but torch sees no CUDA device")
+        return torch.device(self.device)

@@ -1,0 +1,184 @@
+"""The synchronous engine: add requests, step, abort. The HTTP server drives this loop.
+
+One step is three calls, as in vLLM v1: the scheduler decides which tokens to compute,
+the model runner computes them and samples, and the scheduler and the output processor
+apply the results.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from kvflow.config import CacheConfig, ModelConfig, SchedulerConfig, parse_dtype
+from kvflow.core.kv_manager import KVCacheManager
+from kvflow.core.scheduler import Scheduler
+from kvflow.engine.args import EngineArgs
+from kvflow.engine.output_processor import OutputProcessor, ParentState
+from kvflow.models.loader import build_model, resolve_model_path
+from kvflow.outputs import CompletionOutput, RequestOutput
+from kvflow.request import Request, RequestStatus
+from kvflow.sampling_params import SamplingParams
+from kvflow.worker.kv_cache import default_kv_cache_memory, num_blocks_for
+from kvflow.worker.model_runner import ModelRunner
+
+logger = logging.getLogger(__name__)
+
+PromptType = str | Mapping[str, Any]
+
+
+class LLMEngine:
+    def __init__(self, args: EngineArgs) -> None:
+        path = resolve_model_path(args.model)
+        self.model_config = ModelConfig.from_pretrained(path)
+        self.tokenizer = _load_tokenizer(args.tokenizer or str(path))
+        self.device = args.resolve_device()
+        self.dtype = (self.model_config.checkpoint_dtype if args.dtype == "auto"
+                      else parse_dtype(args.dtype))
+        self.eos_token_ids = frozenset(self.model_config.eos_token_ids) | (
+            {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set())
+
+        requested_len = args.max_model_len or self.model_config.max_position_embeddings
+        model = build_model(self.model_config, self.dtype, self.device, requested_len)
+        memory = args.kv_cache_memory or default_kv_cache_memory(self.device)
+        num_blocks = num_blocks_for(memory, self.model_config, self.dtype, args.block_size)
+        self.cache_config = CacheConfig(block_size=args.block_size, num_blocks=num_blocks)
+        capacity = self.cache_config.num_usable_blocks * args.block_size
+        max_model_len = self._fit_max_model_len(args.max_model_len, requested_len, capacity,
+                                                memory)
+        self.scheduler_config = SchedulerConfig(
+            max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+            max_model_len=max_model_len, policy=args.scheduling_policy)
+        logger.info("KV cache: %d blocks of %d tokens = %d tokens (%.2f GiB, %s) on %s",
+                    self.cache_config.num_usable_blocks, args.block_size, capacity,
+                    memory / 2**30, self.dtype, self.device)
+        self.kv_manager = KVCacheManager(num_blocks, args.block_size)
+        self.scheduler = Scheduler(self.scheduler_config, self.kv_manager)
+        self.runner = ModelRunner(model, self.model_config, num_blocks, args.block_size,
+                                  self.dtype, self.device, args.seed)
+        self.output_processor = OutputProcessor(self.tokenizer)
+
+    @staticmethod
+    def _fit_max_model_len(explicit: int | None, requested: int, capacity: int,
+                           memory: int) -> int:
+        if requested <= capacity:
+            return requested
+        if explicit is not None:
+            raise ValueError(
+                f"max_model_len={explicit} does not fit in the KV cache, which holds {capacity} "
+                f"tokens with kv_cache_memory={memory} bytes; lower max_model_len or raise "
+                "kv_cache_memory")
+        if capacity < 1:
+            raise ValueError(f"kv_cache_memory={memory} bytes holds no KV block at all")
+        logger.warning("max_model_len lowered from %d to %d: the KV cache holds no more",
+                       requested, capacity)
+        return capacity
+
+    @property
+    def max_model_len(self) -> int:
+        return self.scheduler_config.max_model_len
+
+    def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, Mapping):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+            if "prompt" in prompt:
+                return prompt["prompt"], self.tokenizer.encode(prompt["prompt"])
+        raise ValueError(f"a prompt must be a string or a dict with 'prompt' or "
+                         f"'prompt_token_ids', got {type(prompt).__name__}")
+
+    def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams,
+                    arrival_time: float | None = None, priority: int = 0) -> None:
+        if request_id in self.output_processor.parents:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        text, token_ids = self.tokenize_prompt(prompt)
+        max_tokens = self._validate(token_ids, params)
+        parent = ParentState(
+            request_id=request_id, prompt=text, prompt_token_ids=token_ids,
+            prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
+            outputs=[CompletionOutput(index=i, text="", token_ids=[], cumulative_logprob=None,
+                                      logprobs=None) for i in range(params.n)],
+            child_ids=[request_id if params.n == 1 else f"{i}_{request_id}"
+                       for i in range(params.n)],
+            num_unfinished=params.n)
+        stop_ids = frozenset(params.stop_token_ids or ()) | (
+            frozenset() if params.ignore_eos else self.eos_token_ids)
+        arrival = time.monotonic() if arrival_time is None else arrival_time
+        children = [
+            Request(request_id=child_id, prompt_token_ids=token_ids,
+                    sampling_params=params.for_sample(i) if params.n > 1 else params,
+                    max_tokens=max_tokens, stop_token_ids=stop_ids, arrival_time=arrival,
+                    priority=priority)
+            for i, child_id in enumerate(parent.child_ids)]
+        self.output_processor.add(parent, children)
+        for child in children:
+            self.scheduler.add_request(child)
+
+    def _validate(self, token_ids: list[int], params: SamplingParams) -> int:
+        """Checks a prompt against the model and the pool; returns the resolved max_tokens."""
+        if not token_ids:
+            raise ValueError("the prompt is empty")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in token_ids if not isinstance(t, int) or not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids must be integers in [0, {vocab}), got {bad[:5]}")
+        for token in params.logit_bias or {}:
+            if not 0 <= token < vocab:
+                raise ValueError(f"logit_bias token id {token} is outside [0, {vocab})")
+        prompt_len = len(token_ids)
+        max_tokens = params.max_tokens
+        if max_tokens is None:
+            max_tokens = self.max_model_len - prompt_len
+            if max_tokens < 1:
+                raise ValueError(f"the prompt has {prompt_len} tokens, which leaves no room to "
+                                 f"generate within max_model_len={self.max_model_len}")
+        if prompt_len + max_tokens > self.max_model_len:
+            raise ValueError(f"the prompt ({prompt_len} tokens) plus max_tokens ({max_tokens}) "
+                             f"exceeds max_model_len={self.max_model_len}")
+        if not self.kv_manager.can_ever_fit(prompt_len + max_tokens):
+            raise ValueError(f"the request needs {prompt_len + max_tokens} tokens of KV cache; "
+                             f"the whole pool holds "
+                             f"{self.cache_config.num_usable_blocks * self.cache_config.block_size}")
+        return max_tokens
+
+    def abort_request(self, request_ids: str | list[str]) -> None:
+        for request_id in [request_ids] if isinstance(request_ids, str) else request_ids:
+            parent = self.output_processor.parents.get(request_id)
+            if parent is None:
+                continue
+            for child_id in parent.child_ids:
+                self.scheduler.finish_request(child_id, RequestStatus.FINISHED_ABORTED)
+            self.output_processor.drop(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.output_processor.parents)
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.output_processor.parents)
+
+    def step(self) -> list[RequestOutput]:
+        scheduler_output = self.scheduler.schedule()
+        if not scheduler_output.scheduled:
+            return []
+        runner_output = self.runner.execute(scheduler_output)
+        updated = self.scheduler.update_from_output(scheduler_output, runner_output)
+        outputs, stopped = self.output_processor.process(runner_output, updated)
+        for child_id in stopped:
+            self.scheduler.finish_request(child_id, RequestStatus.FINISHED_STOPPED)
+        return outputs
+
+
+def _load_tokenizer(path: str) -> PreTrainedTokenizerBase:
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as exc:
+        raise ValueError(f"could not load a tokenizer from {path}: {exc}") from exc
+    if getattr(tokenizer, "backend_tokenizer", None) is None:
+        raise ValueError(f"the tokenizer in {path} has no fast (tokenizers) backend, "
+                         "which kvflow's incremental detokenizer needs")
+    return tokenizer

@@ -1,0 +1,122 @@
+"""From sampled tokens to user-facing outputs: text, stop strings, logprobs, n samples.
+
+A prompt with n samples becomes n scheduler requests; their outputs gather here under
+the parent's request id.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import PreTrainedTokenizerBase
+
+from kvflow.outputs import (CompletionOutput, Logprob, PromptLogprobs, RequestOutput,
+                            RunnerOutput, SampleLogprobs, TokenLogprobs)
+from kvflow.request import Request
+from kvflow.tokenizer.detokenizer import IncrementalDetokenizer
+
+
+@dataclass
+class ParentState:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    prompt_logprobs: PromptLogprobs | None
+    outputs: list[CompletionOutput]
+    child_ids: list[str]
+    num_unfinished: int
+
+
+@dataclass
+class SampleState:
+    parent: ParentState
+    index: int
+    detokenizer: IncrementalDetokenizer
+    logprobs: SampleLogprobs | None
+    cumulative_logprob: float | None = None
+    token_ids: list[int] = field(default_factory=list)
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        self.tokenizer = tokenizer
+        self.samples: dict[str, SampleState] = {}  # scheduler request id -> state
+        self.parents: dict[str, ParentState] = {}
+
+    def add(self, parent: ParentState, children: list[Request]) -> None:
+        self.parents[parent.request_id] = parent
+        for index, child in enumerate(children):
+            params = child.sampling_params
+            self.samples[child.request_id] = SampleState(
+                parent=parent, index=index,
+                detokenizer=IncrementalDetokenizer(
+                    self.tokenizer, child.prompt_token_ids, params.skip_special_tokens,
+                    params.stop_strings, params.include_stop_str_in_output),
+                logprobs=[] if params.logprobs is not None else None,
+                cumulative_logprob=0.0 if params.logprobs is not None else None,
+            )
+
+    def drop(self, parent_id: str) -> None:
+        parent = self.parents.pop(parent_id, None)
+        for child_id in parent.child_ids if parent else ():
+            del self.samples[child_id]
+
+    def process(self, runner_output: RunnerOutput,
+                updated: list[Request]) -> tuple[list[RequestOutput], list[str]]:
+        """-> (outputs of parents that changed, child ids that hit a stop string)."""
+        for req_id, (first, entries) in runner_output.prompt_logprobs.items():
+            self._record_prompt_logprobs(self.samples[req_id].parent, first, entries)
+        changed: dict[str, ParentState] = {}
+        stopped: list[str] = []
+        for request in updated:
+            state = self.samples[request.request_id]
+            token_id = request.output_token_ids[-1]
+            state.token_ids.append(token_id)
+            entry = runner_output.logprobs.get(request.request_id)
+            if entry is not None and state.logprobs is not None:
+                state.logprobs.append(self._as_dict(entry))
+                state.cumulative_logprob += entry.logprobs[0]
+            params = request.sampling_params
+            stop = state.detokenizer.update(
+                [token_id], check_stop=request.num_output_tokens >= params.min_tokens)
+            finish_reason = request.status.finish_reason
+            if stop is not None and not request.status.finished:
+                stopped.append(request.request_id)
+                request.stop_reason, finish_reason = stop, "stop"
+            self._publish(state, finish_reason, request.stop_reason)
+            changed[state.parent.request_id] = state.parent
+        return [self._snapshot(parent) for parent in changed.values()], stopped
+
+    def _publish(self, state: SampleState, finish_reason: str | None,
+                 stop_reason: int | str | None) -> None:
+        parent = state.parent
+        parent.outputs[state.index] = CompletionOutput(
+            index=state.index, text=state.detokenizer.text, token_ids=list(state.token_ids),
+            cumulative_logprob=state.cumulative_logprob, logprobs=state.logprobs,
+            finish_reason=finish_reason, stop_reason=stop_reason)
+        if finish_reason is not None:
+            parent.num_unfinished -= 1
+
+    def _snapshot(self, parent: ParentState) -> RequestOutput:
+        finished = parent.num_unfinished == 0
+        if finished:
+            self.drop(parent.request_id)
+        return RequestOutput(request_id=parent.request_id, prompt=parent.prompt,
+                             prompt_token_ids=parent.prompt_token_ids,
+                             prompt_logprobs=parent.prompt_logprobs,
+                             outputs=list(parent.outputs), finished=finished)
+
+    def _record_prompt_logprobs(self, parent: ParentState, first: int,
+                                entries: list[TokenLogprobs]) -> None:
+        assert parent.prompt_logprobs is not None
+        # A recomputed (preempted) or sibling request scores positions already recorded.
+        for offset, entry in enumerate(entries):
+            if first + offset == len(parent.prompt_logprobs):
+                parent.prompt_logprobs.append(self._as_dict(entry))
+
+    def _as_dict(self, entry: TokenLogprobs) -> dict[int, Logprob]:
+        result: dict[int, Logprob] = {}
+        for token_id, logprob, rank in zip(entry.token_ids, entry.logprobs, entry.ranks):
+            if token_id not in result:
+                result[token_id] = Logprob(logprob=logprob, rank=rank,
+                                           decoded_token=self.tokenizer.decode([token_id]))
+        return result

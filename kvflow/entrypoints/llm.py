@@ -1,0 +1,90 @@
+"""The offline API, with vLLM's names so that users' code carries over."""
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from kvflow.engine.args import EngineArgs
+from kvflow.engine.llm_engine import LLMEngine, PromptType
+from kvflow.outputs import RequestOutput
+from kvflow.sampling_params import SamplingParams
+
+Message = dict[str, Any]
+
+
+class LLM:
+    def __init__(self, model: str, **engine_options: Any) -> None:
+        try:
+            args = EngineArgs(model=model, **engine_options)
+        except TypeError as exc:
+            raise TypeError(f"unknown LLM option: {exc}") from exc
+        self.engine = LLMEngine(args)
+        self._ids = itertools.count()
+
+    def get_tokenizer(self):  # noqa: ANN201
+        return self.engine.tokenizer
+
+    def generate(self, prompts: PromptType | Sequence[PromptType],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = True,
+                 priority: Sequence[int] | None = None) -> list[RequestOutput]:
+        """Outputs in prompt order. One SamplingParams for all prompts, or one per prompt."""
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        params = ([sampling_params] * len(prompts) if isinstance(sampling_params, SamplingParams)
+                  else list(sampling_params))
+        if len(params) != len(prompts):
+            raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts")
+        if priority is not None and len(priority) != len(prompts):
+            raise ValueError(f"got {len(priority)} priorities for {len(prompts)} prompts")
+        request_ids = []
+        try:
+            for i, (prompt, p) in enumerate(zip(prompts, params)):
+                request_id = str(next(self._ids))
+                self.engine.add_request(request_id, prompt, p,
+                                        priority=priority[i] if priority is not None else 0)
+                request_ids.append(request_id)
+            return self._run(request_ids, use_tqdm)
+        finally:
+            # On a bad prompt or an interrupt, leave no request behind in the engine.
+            self.engine.abort_request(request_ids)
+
+    def chat(self, messages: list[Message] | list[list[Message]],
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+             use_tqdm: bool = True, chat_template: str | None = None,
+             add_generation_prompt: bool = True) -> list[RequestOutput]:
+        conversations = messages if messages and isinstance(messages[0], list) else [messages]
+        tokenizer = self.engine.tokenizer
+        prompts = [
+            {"prompt": text, "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)}
+            for text in (tokenizer.apply_chat_template(
+                conversation, chat_template=chat_template, tokenize=False,
+                add_generation_prompt=add_generation_prompt) for conversation in conversations)]
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        finished: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(request_ids), desc="Processed prompts", disable=not use_tqdm,
+                   dynamic_ncols=True)
+        start = time.perf_counter()
+        prompt_tokens = output_tokens = 0
+        while self.engine.has_unfinished_requests():
+            for output in self.engine.step():
+                if not output.finished:
+                    continue
+                finished[output.request_id] = output
+                prompt_tokens += len(output.prompt_token_ids)
+                output_tokens += sum(len(o.token_ids) for o in output.outputs)
+                elapsed = time.perf_counter() - start
+                bar.set_postfix_str(f"input: {prompt_tokens / elapsed:.1f} tok/s, "
+                                    f"output: {output_tokens / elapsed:.1f} tok/s", refresh=False)
+                bar.update(1)
+        bar.close()
+        return [finished[request_id] for request_id in request_ids]

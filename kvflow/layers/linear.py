@@ -1,0 +1,49 @@
+"""Linear layers whose parameters know how to load their own checkpoint tensors.
+
+A merged layer holds several checkpoint projections stacked along the output dim
+(q/k/v, gate/up); its `weight_loader` copies one named shard into its rows, so the
+fusion happens at load time with no extra copy at run time.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor) -> None:
+    if param.shape != loaded.shape:
+        raise ValueError(f"checkpoint tensor has shape {tuple(loaded.shape)}, "
+                         f"expected {tuple(param.shape)}")
+    param.data.copy_(loaded)
+
+
+class Linear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class MergedLinear(Linear):
+    """Several projections of the same input in one matmul, loaded shard by shard."""
+
+    def __init__(self, in_features: int, shard_sizes: dict[str, int], bias: bool) -> None:
+        super().__init__(in_features, sum(shard_sizes.values()), bias)
+        self.shard_offsets: dict[str, tuple[int, int]] = {}
+        offset = 0
+        for name, size in shard_sizes.items():
+            self.shard_offsets[name] = (offset, size)
+            offset += size
+        for param in self.parameters():
+            param.weight_loader = self._load_shard  # type: ignore[attr-defined]
+
+    def _load_shard(self, param: nn.Parameter, loaded: torch.Tensor, shard: str) -> None:
+        offset, size = self.shard_offsets[shard]
+        default_weight_loader(param.data.narrow(0, offset, size), loaded)
+
+    def split(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return x.split([size for _, size in self.shard_offsets.values()], dim=-1)

@@ -1,0 +1,113 @@
+"""Find a checkpoint (local directory or hub id) and load its safetensors into our modules."""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from kvflow.config import ModelConfig
+from kvflow.layers.linear import default_weight_loader
+from kvflow.models.llama import LlamaForCausalLM
+
+logger = logging.getLogger(__name__)
+
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def resolve_model_path(model: str) -> Path:
+    """A local directory as it is; anything else is fetched from the Hugging Face Hub."""
+    local = Path(model).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").exists():
+            raise ValueError(f"model directory {local} has no config.json")
+        return local
+    if model.startswith(("/", "./", "../", "~")) or local.exists():
+        raise ValueError(f"model path {model!r} is not a directory")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(model, allow_patterns=_HUB_PATTERNS))
+    except Exception as exc:  # offline, unknown repo, gated repo: all end the same way for users
+        raise ValueError(
+            f"model {model!r} could not be found locally or downloaded from the Hugging Face "
+            f"Hub ({type(exc).__name__}: {exc}). If this machine is offline, download the "
+            "checkpoint elsewhere and pass the path of its directory (config.json, tokenizer "
+            "files and *.safetensors)."
+        ) from exc
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def build_model(config: ModelConfig, dtype: torch.dtype, device: torch.device,
+                max_positions: int) -> LlamaForCausalLM:
+    with torch.device(device), _default_dtype(dtype):
+        model = LlamaForCausalLM(config, max_positions)
+    load_weights(model, Path(config.path))
+    return model.eval().requires_grad_(False)
+
+
+def _safetensors_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [path / name for name in sorted(set(weight_map.values()))]
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"no *.safetensors weights in {path}")
+    return files
+
+
+def load_weights(model: LlamaForCausalLM, path: Path) -> None:
+    params = dict(model.named_parameters())
+    expected: set[tuple[str, str | None]] = set()
+    for name, param in params.items():
+        shards = getattr(_owner(model, name), "shard_offsets", None) or [None]
+        expected.update((name, shard) for shard in shards)
+    loaded: set[tuple[str, str | None]] = set()
+    tied = model.lm_head is None
+    for file in _safetensors_files(path):
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for key in f.keys():
+                if key.endswith(_IGNORED_SUFFIXES) or (tied and key == "lm_head.weight"):
+                    continue
+                name, shard = _map_name(key, model.packed_modules)
+                if name not in params:
+                    raise ValueError(f"checkpoint tensor {key!r} in {file.name} matches no "
+                                     f"parameter of {model.config.architecture}")
+                param = params[name]
+                tensor = f.get_tensor(key).to(param.dtype)
+                if shard is None:
+                    default_weight_loader(param, tensor)
+                else:
+                    param.weight_loader(param, tensor, shard)
+                loaded.add((name, shard))
+    missing = sorted(f"{n}[{s}]" if s else n for n, s in expected - loaded)
+    if missing:
+        raise ValueError(f"checkpoint {path} lacks {len(missing)} tensors, e.g. {missing[:5]}")
+
+
+def _map_name(key: str, packed: dict[str, tuple[str, str]]) -> tuple[str, str | None]:
+    for checkpoint_name, (fused_name, shard) in packed.items():
+        part = f".{checkpoint_name}."
+        if part in key:
+            return key.replace(part, f".{fused_name}."), shard
+    return key, None
+
+
+def _owner(model: nn.Module, param_name: str) -> nn.Module:
+    return model.get_submodule(param_name.rsplit(".", 1)[0])

@@ -1,0 +1,82 @@
+"""Plain data passed between the scheduler, the model runner and the user."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from kvflow.sampling_params import SamplingParams
+
+
+@dataclass
+class ScheduledRequest:
+    """One request's share of a step: which tokens to compute and where their KV goes."""
+
+    req_id: str
+    token_ids: list[int]  # the tokens computed this step, at positions from num_computed_tokens
+    num_computed_tokens: int  # tokens whose KV is already in the cache
+    block_ids: list[int]  # the request's whole block table
+    sample: bool  # the step reaches the last known token, so a new token is sampled
+    sampling_params: SamplingParams
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]  # generated so far (read by penalties and min_tokens)
+    stop_token_ids: frozenset[int]
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest]
+    num_batched_tokens: int
+    finished_req_ids: set[str] = field(default_factory=set)  # runner may drop their state
+    num_preemptions: int = 0
+
+
+@dataclass
+class TokenLogprobs:
+    """Logprobs at one position: the chosen token first, then the top alternatives."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    ranks: list[int]  # 1-based rank of each token in the distribution
+
+
+@dataclass
+class RunnerOutput:
+    sampled_token_ids: dict[str, int]
+    logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
+    # req_id -> (index of the first prompt token scored, one entry per scored token)
+    prompt_logprobs: dict[str, tuple[int, list[TokenLogprobs]]] = field(default_factory=dict)
+
+
+@dataclass
+class Logprob:
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+SampleLogprobs = list[dict[int, Logprob]]
+PromptLogprobs = list[dict[int, Logprob] | None]
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    cumulative_logprob: float | None
+    logprobs: SampleLogprobs | None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    prompt_logprobs: PromptLogprobs | None
+    outputs: list[CompletionOutput]
+    finished: bool

@@ -1,0 +1,187 @@
+"""Batched sampling on tensors.
+
+Order of operations, as in vLLM: logprobs are taken from the model's raw logits; then
+logit_bias, the min_tokens mask over stop tokens, repetition/presence/frequency
+penalties, temperature, top-k, top-p and min-p. A sample is the argmax of
+probs / Exp(1) noise (the exponential race, equivalent to multinomial sampling). Rows
+with a seed draw their noise from their own generator, so their tokens do not depend
+on what else is in the batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvflow.outputs import ScheduledRequest, TokenLogprobs
+
+
+@dataclass
+class Penalties:
+    repetition: torch.Tensor  # [B] float32
+    presence: torch.Tensor  # [B] float32
+    frequency: torch.Tensor  # [B] float32
+    seen: torch.Tensor  # [B, V] bool: token in the prompt or the output
+    output_counts: torch.Tensor  # [B, V] float32
+
+
+@dataclass
+class SamplingBatch:
+    temperature: torch.Tensor  # [B] float32, 0 for greedy rows
+    all_greedy: bool
+    top_k: torch.Tensor | None  # [B] int64, vocab size where disabled
+    top_p: torch.Tensor | None  # [B] float32
+    min_p: torch.Tensor | None  # [B] float32
+    generators: dict[int, torch.Generator]  # row -> the request's own generator
+    penalties: Penalties | None
+    # (rows, token ids, values) to add to the logits
+    logit_bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
+    banned: tuple[torch.Tensor, torch.Tensor] | None  # (rows, token ids) set to -inf
+    num_logprobs: list[int | None]  # per row
+
+
+def _padded(rows: list[list[int]], pad: int, device: torch.device) -> torch.Tensor:
+    width = max((len(r) for r in rows), default=0)
+    return torch.tensor([r + [pad] * (width - len(r)) for r in rows], dtype=torch.int64,
+                        device=device).view(len(rows), width)
+
+
+def _presence(rows: list[list[int]], vocab_size: int, device: torch.device) -> torch.Tensor:
+    """[B, V] float32 counts of each token in each row (one extra column absorbs padding)."""
+    ids = _padded(rows, vocab_size, device)
+    counts = torch.zeros(len(rows), vocab_size + 1, device=device)
+    counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=torch.float32))
+    return counts[:, :vocab_size]
+
+
+def prepare_sampling(requests: list[ScheduledRequest], generators: dict[str, torch.Generator],
+                     vocab_size: int, device: torch.device) -> SamplingBatch:
+    params = [r.sampling_params for r in requests]
+
+    def column(values: list[float], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype, device=device)
+
+    penalties = None
+    if any(p.uses_penalties for p in params):
+        output_counts = _presence([r.output_token_ids for r in requests], vocab_size, device)
+        prompt_counts = _presence([r.prompt_token_ids for r in requests], vocab_size, device)
+        penalties = Penalties(
+            repetition=column([p.repetition_penalty for p in params]),
+            presence=column([p.presence_penalty for p in params]),
+            frequency=column([p.frequency_penalty for p in params]),
+            seen=(output_counts > 0) | (prompt_counts > 0),
+            output_counts=output_counts,
+        )
+    biases = [(row, token, value) for row, r in enumerate(requests)
+              for token, value in (r.sampling_params.logit_bias or {}).items()]
+    bans = [(row, token) for row, r in enumerate(requests)
+            if len(r.output_token_ids) < r.sampling_params.min_tokens
+            for token in r.stop_token_ids]
+
+    def as_ids(values: tuple[int, ...]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.int64, device=device)
+
+    bias_rows, bias_ids, bias_values = zip(*biases) if biases else ((), (), ())
+    return SamplingBatch(
+        temperature=column([p.temperature for p in params]),
+        all_greedy=all(p.greedy for p in params),
+        top_k=column([p.top_k or vocab_size for p in params], torch.int64)
+        if any(p.top_k for p in params) else None,
+        top_p=column([p.top_p for p in params]) if any(p.top_p < 1 for p in params) else None,
+        min_p=column([p.min_p for p in params]) if any(p.min_p > 0 for p in params) else None,
+        generators={row: generators[r.req_id] for row, r in enumerate(requests)
+                    if r.req_id in generators},
+        penalties=penalties,
+        logit_bias=(as_ids(bias_rows), as_ids(bias_ids), column(list(bias_values)))
+        if biases else None,
+        banned=tuple(as_ids(column_) for column_ in zip(*bans)) if bans else None,  # type: ignore
+
+        num_logprobs=[p.logprobs for p in params],
+    )
+
+
+def token_logprobs(logprobs: torch.Tensor, chosen: torch.Tensor,
+                   num_top: list[int | None]) -> list[TokenLogprobs | None]:
+    """logprobs: [N, V]; chosen: [N]. One entry per row that asked for logprobs."""
+    chosen_lp = logprobs.gather(1, chosen[:, None])  # [N, 1]
+    ranks = (logprobs > chosen_lp).sum(-1) + 1
+    k = max((n for n in num_top if n), default=0)
+    top_lp, top_ids = logprobs.topk(k, dim=-1) if k else (None, None)
+    chosen_list, lp_list, rank_list = chosen.tolist(), chosen_lp[:, 0].tolist(), ranks.tolist()
+    top_ids_list = top_ids.tolist() if k else []
+    top_lp_list = top_lp.tolist() if k else []
+    entries: list[TokenLogprobs | None] = []
+    for row, n in enumerate(num_top):
+        if n is None:
+            entries.append(None)
+            continue
+        entries.append(TokenLogprobs(
+            token_ids=[chosen_list[row]] + (top_ids_list[row][:n] if n else []),
+            logprobs=[lp_list[row]] + (top_lp_list[row][:n] if n else []),
+            ranks=[rank_list[row]] + list(range(1, n + 1)),
+        ))
+    return entries
+
+
+class Sampler:
+    def __init__(self, generator: torch.Generator) -> None:
+        self.generator = generator  # for rows without a seed of their own
+
+    def __call__(self, logits: torch.Tensor,
+                 batch: SamplingBatch) -> tuple[torch.Tensor, list[TokenLogprobs | None]]:
+        """logits: [B, V] -> (token ids [B], per-row logprobs or None)."""
+        logits = logits.float()
+        raw_logprobs = (torch.log_softmax(logits, dim=-1)
+                        if any(n is not None for n in batch.num_logprobs) else None)
+        logits = self._adjust(logits, batch)
+        tokens = logits.argmax(dim=-1)
+        if not batch.all_greedy:
+            tokens = torch.where(batch.temperature == 0, tokens, self._sample(logits, batch))
+        entries = (token_logprobs(raw_logprobs, tokens, batch.num_logprobs)
+                   if raw_logprobs is not None else [None] * len(batch.num_logprobs))
+        return tokens, entries
+
+    @staticmethod
+    def _adjust(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        if batch.logit_bias is not None:
+            rows, ids, values = batch.logit_bias
+            logits = logits.index_put((rows, ids), values, accumulate=True)
+        if batch.banned is not None:
+            logits = logits.index_put(batch.banned, torch.tensor(-float("inf"),
+                                                                 device=logits.device))
+        if batch.penalties is not None:
+            p = batch.penalties
+            penalised = torch.where(logits > 0, logits / p.repetition[:, None],
+                                    logits * p.repetition[:, None])
+            logits = torch.where(p.seen, penalised, logits)
+            logits = logits - p.frequency[:, None] * p.output_counts
+            logits = logits - p.presence[:, None] * (p.output_counts > 0).float()
+        return logits
+
+    def _sample(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        temperature = torch.where(batch.temperature == 0, 1.0, batch.temperature)
+        logits = logits / temperature[:, None]
+        if batch.top_k is not None or batch.top_p is not None:
+            logits = _top_k_top_p(logits, batch.top_k, batch.top_p)
+        probs = torch.softmax(logits, dim=-1)
+        if batch.min_p is not None:
+            floor = batch.min_p[:, None] * probs.max(dim=-1, keepdim=True).values
+            probs = torch.where(probs < floor, 0.0, probs)
+        noise = torch.empty_like(probs).exponential_(generator=self.generator)
+        for row, generator in batch.generators.items():
+            noise[row].exponential_(generator=generator)
+        return (probs / noise).argmax(dim=-1)
+
+
+def _top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None,
+                 top_p: torch.Tensor | None) -> torch.Tensor:
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    if top_k is not None:
+        ranks = torch.arange(logits.shape[-1], device=logits.device)
+        sorted_logits = sorted_logits.masked_fill(ranks[None, :] >= top_k[:, None], -float("inf"))
+    if top_p is not None:
+        probs = torch.softmax(sorted_logits, dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs
+        # The most likely token always survives: its mass_before is 0.
+        sorted_logits = sorted_logits.masked_fill(mass_before >= top_p[:, None], -float("inf"))
+    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)

@@ -1,0 +1,93 @@
+"""Small random checkpoints saved by transformers, for tests.
+
+transformers' default initialisation makes greedy decoding repeat one token, which
+proves little; weights are drawn with std 2/sqrt(fan_in) instead so that outputs vary.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+VOCAB_SIZE = 384
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|end|>", "<|user|>", "<|assistant|>", "<|system|>"]
+CORPUS = [
+    "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n",
+    "class Stack:\n    def __init__(self):\n        self.items = []\n",
+    "The quick brown fox jumps over the lazy dog. Hello world, hello kvflow!",
+    "import os\nimport sys\nprint('hello', sys.argv)\n",
+]
+
+
+def build_tokenizer(out_dir: Path) -> PreTrainedTokenizerFast:
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(CORPUS * 20, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>")
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(out_dir)
+    return fast
+
+
+BASE = dict(vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+            eos_token_id=0, bos_token_id=0, pad_token_id=0)
+
+VARIANTS: dict[str, dict] = {
+    "llama-gqa": dict(model_type="llama", architectures=["LlamaForCausalLM"]),
+    "llama-mha-tied-bias": dict(model_type="llama", architectures=["LlamaForCausalLM"],
+                                num_key_value_heads=4, tie_word_embeddings=True,
+                                attention_bias=True),
+    "llama3-rope": dict(model_type="llama", architectures=["LlamaForCausalLM"],
+                        rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0,
+                                         "factor": 8.0, "low_freq_factor": 1.0,
+                                         "high_freq_factor": 4.0,
+                                         "original_max_position_embeddings": 64}),
+    "llama-linear-rope": dict(model_type="llama", architectures=["LlamaForCausalLM"],
+                              rope_parameters={"rope_type": "linear", "rope_theta": 10000.0,
+                                               "factor": 2.0}),
+    "qwen2": dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"],
+                  tie_word_embeddings=True),
+    "qwen3": dict(model_type="qwen3", architectures=["Qwen3ForCausalLM"], head_dim=32),
+    "mistral-window": dict(model_type="mistral", architectures=["MistralForCausalLM"],
+                           sliding_window=12),
+}
+
+
+def _scale_weights(model: torch.nn.Module, seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() >= 2:
+                std = 2.0 / math.sqrt(param.shape[-1])
+                param.copy_(torch.randn(param.shape, generator=generator) * std)
+            elif name.endswith("bias"):
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+            else:  # norm weights: around 1
+                param.copy_(1.0 + torch.randn(param.shape, generator=generator) * 0.1)
+
+
+def build_checkpoint(out_dir: Path, variant: str, seed: int = 0, dtype: str = "float32",
+                     max_shard_size: str | None = None, **overrides) -> Path:
+    fields = {**BASE, **VARIANTS[variant], **overrides}
+    model_type = fields.pop("model_type")
+    config = AutoConfig.for_model(model_type, **fields)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    _scale_weights(model, seed)
+    model = model.to(getattr(torch, dtype))
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(out_dir, **kwargs)
+    build_tokenizer(out_dir)
+    return out_dir
