@@ -3,7 +3,8 @@
 tokenizers' DecodeStream holds back bytes until they form whole UTF-8 characters, so a
 character split across tokens comes out once, complete. The stream is primed with the
 prompt's last tokens so that the first generated token decodes in context (for
-example the leading-space rules of SentencePiece-style decoders).
+example the leading-space rules of SentencePiece-style decoders). Bytes that never
+complete a character (a generation cut mid-character) are not emitted.
 """
 from __future__ import annotations
 

@@ -1,0 +1,55 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from checkpoints import build_checkpoint
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory):
+    """checkpoint(variant, **overrides) -> a directory, built once per session."""
+    cache: dict[tuple, Path] = {}
+
+    def make(variant: str, **overrides) -> Path:
+        key = (variant, tuple(sorted(overrides.items())))
+        if key not in cache:
+            out = tmp_path_factory.mktemp(variant)
+            cache[key] = build_checkpoint(out, variant, **overrides)
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def hf_model():
+    """hf_model(path) -> the transformers model of a checkpoint, float32, built once."""
+    from transformers import AutoModelForCausalLM
+
+    cache: dict[Path, torch.nn.Module] = {}
+
+    def load(path: Path) -> torch.nn.Module:
+        if path not in cache:
+            cache[path] = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        return cache[path]
+
+    return load
+
+
+def random_prompts(count: int, seed: int = 0, low: int = 3, high: int = 40,
+                   vocab: int = 384) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(low, high, (count,), generator=generator).tolist()
+    return [torch.randint(5, vocab, (n,), generator=generator).tolist() for n in lengths]
+
+
+def hf_greedy(model: torch.nn.Module, prompt: list[int], max_new_tokens: int) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens,
+                             min_new_tokens=max_new_tokens, do_sample=False,
+                             eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt):].tolist()

@@ -1,0 +1,200 @@
+"""LLMEngine and LLM: the request API, admission checks, errors, chat."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from conftest import hf_greedy, random_prompts
+from kvflow import LLM, LLMEngine, SamplingParams
+from kvflow.engine.args import EngineArgs
+
+
+@pytest.fixture(scope="module")
+def engine(checkpoint):
+    return LLMEngine(EngineArgs(model=str(checkpoint("llama-gqa")), dtype="float32",
+                                device="cpu", kv_cache_memory="4MiB", max_model_len=128))
+
+
+def _drain(engine):
+    finished = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                finished[out.request_id] = out
+    return finished
+
+
+def test_step_api_and_abort_free_everything(engine):
+    params = SamplingParams(temperature=0, max_tokens=50, ignore_eos=True)
+    for i, prompt in enumerate(random_prompts(4, seed=20)):
+        engine.add_request(f"r{i}", {"prompt_token_ids": prompt}, params)
+    with pytest.raises(ValueError, match="already in use"):
+        engine.add_request("r0", {"prompt_token_ids": [1, 2]}, params)
+    streamed = []
+    for _ in range(3):
+        streamed += [o for o in engine.step() if o.request_id == "r1"]
+    assert streamed and not streamed[-1].finished
+    assert len(streamed[-1].outputs[0].token_ids) >= 2
+    engine.abort_request(["r1", "r3"])
+    finished = _drain(engine)
+    assert set(finished) == {"r0", "r2"}
+    assert all(len(o.outputs[0].token_ids) == 50 for o in finished.values())
+    assert engine.kv_manager.pool.num_free_blocks == engine.kv_manager.pool.num_usable_blocks
+
+
+def test_requests_that_cannot_fit_are_rejected(engine):
+    with pytest.raises(ValueError, match=r"100.*plus max_tokens \(40\).*max_model_len=128"):
+        engine.add_request("long", {"prompt_token_ids": [5] * 100}, SamplingParams(max_tokens=40))
+    with pytest.raises(ValueError, match="no room"):
+        engine.add_request("full", {"prompt_token_ids": [5] * 128},
+                           SamplingParams(max_tokens=None))
+    with pytest.raises(ValueError, match="empty"):
+        engine.add_request("empty", {"prompt_token_ids": []}, SamplingParams())
+    with pytest.raises(ValueError, match=r"\[0, 384\)"):
+        engine.add_request("oov", {"prompt_token_ids": [1, 999]}, SamplingParams())
+    with pytest.raises(ValueError, match="logit_bias token id 4000"):
+        engine.add_request("bias", "hi", SamplingParams(logit_bias={4000: 1.0}))
+    with pytest.raises(ValueError, match="prompt"):
+        engine.add_request("bad", 42, SamplingParams())  # type: ignore[arg-type]
+    assert not engine.has_unfinished_requests()
+
+
+def test_max_tokens_none_fills_the_context(engine):
+    engine.add_request("fill", {"prompt_token_ids": [5] * 120},
+                       SamplingParams(temperature=0, max_tokens=None, ignore_eos=True))
+    out = _drain(engine)["fill"].outputs[0]
+    assert len(out.token_ids) == 8 and out.finish_reason == "length"
+
+
+def test_max_model_len_larger_than_pool(checkpoint):
+    path = str(checkpoint("llama-gqa"))
+    with pytest.raises(ValueError, match="max_model_len=512 does not fit"):
+        LLM(path, dtype="float32", device="cpu", kv_cache_memory=64 * 512, max_model_len=512)
+    # The default (max_position_embeddings) is lowered to what the pool holds instead.
+    llm = LLM(path, dtype="float32", device="cpu", kv_cache_memory=64 * 512)
+    assert llm.engine.max_model_len == 64 - 16
+
+
+def test_priority_in_generate(checkpoint):
+    llm = LLM(str(checkpoint("llama-gqa")), dtype="float32", device="cpu",
+              kv_cache_memory="4MiB", max_num_seqs=1, scheduling_policy="priority")
+    prompts = random_prompts(3, seed=21)
+    order = []
+    engine = llm.engine
+    for i, (prompt, priority) in enumerate(zip(prompts, [3, 1, 2])):
+        engine.add_request(str(i), {"prompt_token_ids": prompt},
+                           SamplingParams(max_tokens=2, ignore_eos=True), priority=priority)
+    while engine.has_unfinished_requests():
+        order += [o.request_id for o in engine.step() if o.finished]
+    assert order == ["1", "2", "0"]
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                        SamplingParams(max_tokens=2), use_tqdm=False, priority=[3, 1, 2])
+    assert [o.prompt_token_ids for o in outs] == prompts  # results stay in prompt order
+
+
+def test_text_prompts_and_chat(checkpoint, hf_model):
+    path = checkpoint("qwen3")
+    llm = LLM(str(path), dtype="float32", device="cpu", kv_cache_memory="4MiB")
+    tokenizer = llm.get_tokenizer()
+    out = llm.generate("def fibonacci(n):", SamplingParams(temperature=0, max_tokens=8,
+                                                            ignore_eos=True), use_tqdm=True)[0]
+    assert out.prompt == "def fibonacci(n):"
+    assert out.prompt_token_ids == tokenizer.encode("def fibonacci(n):")
+    assert out.outputs[0].token_ids == hf_greedy(hf_model(path), out.prompt_token_ids, 8)
+    # Random weights may end on a partial UTF-8 character, which is never emitted.
+    full = tokenizer.decode(out.outputs[0].token_ids)
+    assert full.startswith(out.outputs[0].text)
+    assert set(full[len(out.outputs[0].text):]) <= {"\ufffd"}
+    messages = [{"role": "user", "content": "hi"}]
+    chat = llm.chat(messages, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True),
+                    use_tqdm=False)[0]
+    assert chat.prompt == "<|user|>hi<|end|><|assistant|>"
+    assert chat.prompt_token_ids == tokenizer.encode(chat.prompt, add_special_tokens=False)
+
+
+def test_generate_rejects_bad_input_and_leaves_nothing_behind(checkpoint):
+    llm = LLM(str(checkpoint("llama-gqa")), dtype="float32", device="cpu",
+              kv_cache_memory="4MiB")
+    with pytest.raises(ValueError, match="empty"):
+        llm.generate([{"prompt_token_ids": [1, 2]}, {"prompt_token_ids": []}], use_tqdm=False)
+    assert not llm.engine.has_unfinished_requests()
+    with pytest.raises(ValueError, match="2 SamplingParams for 1 prompts"):
+        llm.generate("x", [SamplingParams(), SamplingParams()], use_tqdm=False)
+    with pytest.raises(TypeError, match="unknown LLM option"):
+        LLM(str(checkpoint("llama-gqa")), kv_cache=1)
+
+
+@pytest.mark.parametrize("option,value,match", [
+    ("dtype", "int8", "dtype"), ("device", "tpu", "device"), ("kv_cache_memory", "lots", "size"),
+    ("scheduling_policy", "random", "scheduling_policy"), ("block_size", 0, "block_size"),
+])
+def test_invalid_engine_options(checkpoint, option, value, match):
+    with pytest.raises(ValueError, match=match):
+        LLM(str(checkpoint("llama-gqa")), **{option: value, "kv_cache_memory": "4MiB"}
+            if option != "kv_cache_memory" else {option: value})
+
+
+def test_old_config_keys_and_dtype_auto(checkpoint, tmp_path):
+    """Hub checkpoints carry rope_theta / rope_scaling / torch_dtype instead of
+    rope_parameters / dtype: both spellings give the same model."""
+    source = checkpoint("llama3-rope")
+    old = tmp_path / "old-keys"
+    shutil.copytree(source, old)
+    config = json.loads((old / "config.json").read_text())
+    rope = config.pop("rope_parameters")
+    config["rope_theta"] = rope.pop("rope_theta")
+    config["rope_scaling"] = rope
+    config["torch_dtype"] = config.pop("dtype", "float32")
+    (old / "config.json").write_text(json.dumps(config))
+    prompts = [{"prompt_token_ids": p} for p in random_prompts(2, seed=22, low=30, high=60)]
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    new_llm = LLM(str(source), device="cpu", kv_cache_memory="4MiB")
+    old_llm = LLM(str(old), device="cpu", kv_cache_memory="4MiB")
+    assert new_llm.engine.dtype == old_llm.engine.dtype
+    assert old_llm.engine.model_config.rope == new_llm.engine.model_config.rope
+    assert old_llm.engine.model_config.rope.scaling_type == "llama3"
+    assert ([o.outputs[0].token_ids for o in old_llm.generate(prompts, params, use_tqdm=False)]
+            == [o.outputs[0].token_ids for o in new_llm.generate(prompts, params, use_tqdm=False)])
+
+
+def test_unsupported_architecture_is_named(checkpoint, tmp_path):
+    broken = tmp_path / "gpt2ish"
+    shutil.copytree(checkpoint("llama-gqa"), broken)
+    config = json.loads((broken / "config.json").read_text())
+    config["architectures"] = ["FancyForCausalLM"]
+    (broken / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="FancyForCausalLM.*LlamaForCausalLM.*Qwen3ForCausalLM"):
+        LLM(str(broken), kv_cache_memory="4MiB")
+
+
+def test_unknown_rope_type_is_named(checkpoint, tmp_path):
+    broken = tmp_path / "yarn"
+    shutil.copytree(checkpoint("llama-gqa"), broken)
+    config = json.loads((broken / "config.json").read_text())
+    config["rope_parameters"] = {"rope_type": "longrope", "rope_theta": 10000.0,
+                                 "short_factor": [1.0] * 8, "long_factor": [1.0] * 8}
+    (broken / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="longrope"):
+        LLM(str(broken), kv_cache_memory="4MiB")
+
+
+def test_missing_weights_are_reported(checkpoint, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "missing"
+    shutil.copytree(checkpoint("llama-gqa"), broken)
+    tensors = load_file(broken / "model.safetensors")
+    del tensors["model.layers.1.self_attn.k_proj.weight"]
+    save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"qkv_proj.weight\[k\]"):
+        LLM(str(broken), kv_cache_memory="4MiB")
+
+
+def test_missing_model_explains_offline_use(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ValueError, match=r"(?s)could not be found locally or downloaded.*local"):
+        LLM("no-such-org/no-such-model")
+    with pytest.raises(ValueError, match="not a directory"):
+        LLM(str(tmp_path / "absent"))

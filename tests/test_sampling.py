@@ -1,0 +1,153 @@
+"""Sampling parameters end to end, and their validation."""
+from __future__ import annotations
+
+import pytest
+
+from conftest import random_prompts
+from kvflow import LLM, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def llm(checkpoint):
+    return LLM(str(checkpoint("llama-gqa")), dtype="float32", device="cpu",
+               kv_cache_memory="8MiB")
+
+
+def _ids(prompts):
+    return [{"prompt_token_ids": p} for p in prompts]
+
+
+def _tokens(llm, prompts, params):
+    return [o.outputs[0].token_ids for o in llm.generate(_ids(prompts), params, use_tqdm=False)]
+
+
+def test_seeded_sampling_independent_of_batch(llm):
+    prompts = random_prompts(6, seed=8)
+    seeded = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, seed=1234, max_tokens=16,
+                            ignore_eos=True)
+    alone = _tokens(llm, prompts[:1], seeded)[0]
+    others = SamplingParams(temperature=1.2, max_tokens=16, ignore_eos=True)
+    batched = llm.generate(_ids(prompts), [seeded] + [others] * 5, use_tqdm=False)
+    assert batched[0].outputs[0].token_ids == alone
+    different_seed = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, seed=99,
+                                    max_tokens=16, ignore_eos=True)
+    assert _tokens(llm, prompts[:1], different_seed)[0] != alone
+
+
+def test_top_k_one_is_greedy(llm):
+    prompts = random_prompts(3, seed=9)
+    greedy = _tokens(llm, prompts, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))
+    top1 = _tokens(llm, prompts, SamplingParams(temperature=1.5, top_k=1, max_tokens=10,
+                                                ignore_eos=True))
+    assert greedy == top1
+
+
+def test_n_samples_are_distinct(llm):
+    prompt = random_prompts(1, seed=10)
+    out = llm.generate(_ids(prompt), SamplingParams(n=4, temperature=1.0, seed=5, max_tokens=12,
+                                                    ignore_eos=True), use_tqdm=False)[0]
+    assert [o.index for o in out.outputs] == [0, 1, 2, 3]
+    assert len({tuple(o.token_ids) for o in out.outputs}) == 4
+    assert all(len(o.token_ids) == 12 and o.finish_reason == "length" for o in out.outputs)
+
+
+def test_logit_bias_forces_a_token(llm):
+    prompts = random_prompts(2, seed=11)
+    out = _tokens(llm, prompts, SamplingParams(temperature=0, max_tokens=5, ignore_eos=True,
+                                               logit_bias={42: 100.0}))
+    assert out == [[42] * 5, [42] * 5]
+
+
+def test_stop_token_ids_and_eos(llm):
+    prompt = random_prompts(1, seed=12)
+    free = _tokens(llm, prompt, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))[0]
+    stop_at = free[4]
+    out = llm.generate(_ids(prompt), SamplingParams(temperature=0, max_tokens=12, ignore_eos=True,
+                                                    stop_token_ids=[stop_at]),
+                       use_tqdm=False)[0].outputs[0]
+    cut = free.index(stop_at) + 1
+    assert out.token_ids == free[:cut]
+    assert out.finish_reason == "stop" and out.stop_reason == stop_at
+    # EOS (token 0) forced by logit_bias ends the request unless ignore_eos is set.
+    eos = SamplingParams(temperature=0, max_tokens=6, logit_bias={0: 100.0})
+    out = llm.generate(_ids(prompt), eos, use_tqdm=False)[0].outputs[0]
+    assert out.token_ids == [0] and out.finish_reason == "stop" and out.stop_reason is None
+    eos.ignore_eos = True
+    out = llm.generate(_ids(prompt), eos, use_tqdm=False)[0].outputs[0]
+    assert out.token_ids == [0] * 6 and out.finish_reason == "length"
+
+
+def test_min_tokens_holds_back_eos(llm):
+    prompt = random_prompts(1, seed=13)
+    params = SamplingParams(temperature=0, max_tokens=8, min_tokens=4, logit_bias={0: 100.0})
+    out = llm.generate(_ids(prompt), params, use_tqdm=False)[0].outputs[0]
+    assert len(out.token_ids) == 5 and out.token_ids[-1] == 0 and 0 not in out.token_ids[:4]
+    assert out.finish_reason == "stop"
+
+
+def test_stop_strings_cut_text(llm):
+    prompt = random_prompts(1, seed=14)
+    free = llm.generate(_ids(prompt), SamplingParams(temperature=0, max_tokens=16,
+                                                     ignore_eos=True), use_tqdm=False)[0]
+    text = free.outputs[0].text
+    stop = text[5:8]
+    assert len(stop) == 3
+    cut = llm.generate(_ids(prompt), SamplingParams(temperature=0, max_tokens=16,
+                                                    ignore_eos=True, stop=[stop]),
+                       use_tqdm=False)[0].outputs[0]
+    assert cut.text == text[:text.index(stop)]
+    assert cut.finish_reason == "stop" and cut.stop_reason == stop
+    kept = llm.generate(_ids(prompt), SamplingParams(temperature=0, max_tokens=16,
+                                                     ignore_eos=True, stop=stop,
+                                                     include_stop_str_in_output=True),
+                        use_tqdm=False)[0].outputs[0]
+    assert kept.text == text[:text.index(stop) + len(stop)]
+
+
+def test_penalties_change_output(llm):
+    prompts = random_prompts(2, seed=15)
+    plain = _tokens(llm, prompts, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))
+    for params in (SamplingParams(temperature=0, max_tokens=24, ignore_eos=True,
+                                  repetition_penalty=2.0),
+                   SamplingParams(temperature=0, max_tokens=24, ignore_eos=True,
+                                  presence_penalty=2.0),
+                   SamplingParams(temperature=0, max_tokens=24, ignore_eos=True,
+                                  frequency_penalty=2.0)):
+        assert _tokens(llm, prompts, params) != plain
+
+
+def test_penalty_arithmetic():
+    import torch
+
+    from kvflow.outputs import ScheduledRequest
+    from kvflow.sampling.sampler import Sampler, prepare_sampling
+
+    params = SamplingParams(temperature=0, repetition_penalty=2.0, presence_penalty=0.5,
+                            frequency_penalty=0.25)
+    request = ScheduledRequest(req_id="r", token_ids=[1], num_computed_tokens=2, block_ids=[1],
+                               sample=True, sampling_params=params, prompt_token_ids=[1, 2],
+                               output_token_ids=[3, 3], stop_token_ids=frozenset())
+    batch = prepare_sampling([request], {}, vocab_size=5, device=torch.device("cpu"))
+    logits = torch.tensor([[1.0, 2.0, -2.0, 4.0, 3.0]])
+    adjusted = Sampler._adjust(logits, batch)
+    # token 1 in prompt: 2/2; token 2 in prompt: -2*2; token 3 output twice: 4/2 - 0.5 - 2*0.25
+    assert adjusted.tolist() == [[1.0, 1.0, -4.0, 1.0, 3.0]]
+    tokens, _ = Sampler(torch.Generator())(logits, batch)
+    assert tokens.tolist() == [4]
+
+
+@pytest.mark.parametrize("field,value", [
+    ("temperature", -0.1), ("top_p", 0.0), ("top_p", 1.5), ("n", 0), ("max_tokens", -1),
+    ("max_tokens", 0), ("top_k", -2), ("min_p", 1.5), ("repetition_penalty", 0.0),
+    ("presence_penalty", 3.0), ("frequency_penalty", -2.5), ("min_tokens", -1),
+    ("logprobs", 21), ("prompt_logprobs", -1), ("stop", [""]), ("logit_bias", {1: 200}),
+    ("temperature", "hot"), ("n", 1.5),
+])
+def test_invalid_parameters_name_the_field(field, value):
+    with pytest.raises(ValueError, match=field.split("_")[0] if field != "stop" else "stop"):
+        SamplingParams(**{field: value})
+
+
+def test_min_tokens_above_max_tokens_is_an_error():
+    with pytest.raises(ValueError, match="min_tokens"):
+        SamplingParams(max_tokens=4, min_tokens=5)
