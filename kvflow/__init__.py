@@ -1,9 +1,13 @@
 """kvflow: an LLM inference engine with a paged KV cache and continuous batching."""
-from kvflow.engine.args import EngineArgs
-from kvflow.engine.llm_engine import LLMEngine
-from kvflow.entrypoints.llm import LLM
-from kvflow.outputs import CompletionOutput, Logprob, RequestOutput
-from kvflow.sampling_params import SamplingParams
+from kvflow.logger import configure_logging
+
+configure_logging()
+
+from kvflow.engine.args import EngineArgs  # noqa: E402
+from kvflow.engine.llm_engine import LLMEngine  # noqa: E402
+from kvflow.entrypoints.llm import LLM  # noqa: E402
+from kvflow.outputs import CompletionOutput, Logprob, RequestOutput  # noqa: E402
+from kvflow.sampling_params import SamplingParams  # noqa: E402
 
 __all__ = ["LLM", "LLMEngine", "EngineArgs", "SamplingParams", "RequestOutput",
            "CompletionOutput", "Logprob"]

@@ -3,10 +3,25 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
 import sys
 
 from kvflow.engine.args import EngineArgs
+from kvflow.logger import configure_logging
+
+
+ENGINE_FLAG_HELP = {
+    "tokenizer": "tokenizer directory or hub id (default: the model's)",
+    "dtype": "auto (the checkpoint's), bfloat16, float16 or float32",
+    "device": "auto (CUDA when available), cpu or cuda",
+    "max_model_len": "longest prompt plus output (default: max_position_embeddings)",
+    "block_size": "tokens per KV cache block",
+    "kv_cache_memory": "KV cache budget, bytes or e.g. 2GiB (default: min(4GiB, 1/4 of free "
+                       "RAM) on the CPU, 80%% of free memory on CUDA)",
+    "max_num_seqs": "most requests running at once",
+    "max_num_batched_tokens": "token budget of one step; longer prompts are chunked",
+    "scheduling_policy": "fcfs or priority (lower priority value runs first)",
+    "seed": "seed of the engine's sampler, used by requests without a seed of their own",
+}
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
@@ -19,7 +34,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
             continue
         parser.add_argument(f"--{field.name.replace('_', '-')}", dest=field.name,
                             type=kinds.get(field.name, str),
-                            default=getattr(defaults, field.name))
+                            default=getattr(defaults, field.name),
+                            help=ENGINE_FLAG_HELP[field.name])
 
 
 def engine_args_from(namespace: argparse.Namespace) -> EngineArgs:
@@ -31,7 +47,7 @@ def _generate(ns: argparse.Namespace) -> int:
     from kvflow import LLM, SamplingParams
 
     params = SamplingParams(temperature=ns.temperature, top_p=ns.top_p, top_k=ns.top_k,
-                            min_p=ns.min_p, max_tokens=ns.max_tokens, seed=ns.sample_seed,
+                            min_p=ns.min_p, max_tokens=ns.max_tokens,
                             stop=ns.stop or None, repetition_penalty=ns.repetition_penalty,
                             ignore_eos=ns.ignore_eos)
     args = engine_args_from(ns)
@@ -43,11 +59,11 @@ def _generate(ns: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kvflow")
-    parser.add_argument("--log-level", default="WARNING")
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     commands = parser.add_subparsers(dest="command", required=True)
 
     generate = commands.add_parser("generate", help="print the completion of one prompt")
-    generate.add_argument("model")
+    generate.add_argument("model", help="checkpoint directory or Hugging Face hub id")
     generate.add_argument("--prompt", required=True)
     generate.add_argument("--max-tokens", type=int, default=64)
     generate.add_argument("--temperature", type=float, default=0.0)
@@ -55,15 +71,13 @@ def main(argv: list[str] | None = None) -> int:
     generate.add_argument("--top-k", type=int, default=0)
     generate.add_argument("--min-p", type=float, default=0.0)
     generate.add_argument("--repetition-penalty", type=float, default=1.0)
-    generate.add_argument("--sample-seed", type=int, default=None,
-                          help="seed of this request's sampling (--seed seeds the engine)")
     generate.add_argument("--stop", action="append", help="a stop string; may repeat")
     generate.add_argument("--ignore-eos", action="store_true")
     add_engine_arguments(generate)
     generate.set_defaults(handler=_generate)
 
     ns = parser.parse_args(argv)
-    logging.basicConfig(level=ns.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    configure_logging(ns.log_level.upper())
     try:
         return ns.handler(ns)
     except ValueError as exc:

@@ -9,6 +9,9 @@ from checkpoints import build_checkpoint
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
+# Parity tests run on every device at hand; CI has only the CPU.
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
 
 @pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory):

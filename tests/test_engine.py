@@ -61,6 +61,12 @@ def test_requests_that_cannot_fit_are_rejected(engine):
     assert not engine.has_unfinished_requests()
 
 
+def test_startup_reports_kv_capacity(checkpoint, capfd):
+    LLM(str(checkpoint("llama-gqa")), dtype="float32", device="cpu", kv_cache_memory="1MiB")
+    # 1 MiB / (512 bytes per token * 16 tokens per block) = 128 blocks, one of them the null block
+    assert "KV cache: 127 blocks of 16 tokens = 2032 tokens" in capfd.readouterr().err
+
+
 def test_max_tokens_none_fills_the_context(engine):
     engine.add_request("fill", {"prompt_token_ids": [5] * 120},
                        SamplingParams(temperature=0, max_tokens=None, ignore_eos=True))
@@ -72,6 +78,8 @@ def test_max_model_len_larger_than_pool(checkpoint):
     path = str(checkpoint("llama-gqa"))
     with pytest.raises(ValueError, match="max_model_len=512 does not fit"):
         LLM(path, dtype="float32", device="cpu", kv_cache_memory=64 * 512, max_model_len=512)
+    with pytest.raises(ValueError, match="max_model_len=600 exceeds.*512"):
+        LLM(path, dtype="float32", device="cpu", kv_cache_memory="4MiB", max_model_len=600)
     # The default (max_position_embeddings) is lowered to what the pool holds instead.
     llm = LLM(path, dtype="float32", device="cpu", kv_cache_memory=64 * 512)
     assert llm.engine.max_model_len == 64 - 16

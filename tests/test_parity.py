@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import hf_greedy, random_prompts
+from conftest import DEVICES, hf_greedy, random_prompts
 from kvflow import LLM, SamplingParams
 from kvflow.engine.llm_engine import LLMEngine
 
@@ -12,8 +12,8 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
 
 
 def _run(path, prompts, **engine_options):
-    llm = LLM(str(path), dtype="float32", device="cpu",
-              **{"kv_cache_memory": "16MiB", **engine_options})
+    llm = LLM(str(path), dtype="float32",
+              **{"device": "cpu", "kv_cache_memory": "16MiB", **engine_options})
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY, use_tqdm=False)
     return llm, [o.outputs[0].token_ids for o in outputs]
 
@@ -24,13 +24,14 @@ def _assert_no_leak(engine: LLMEngine) -> None:
     assert engine.kv_manager.pool.num_free_blocks == engine.kv_manager.pool.num_usable_blocks
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("variant", ["llama-gqa", "llama-mha-tied-bias", "llama3-rope",
                                      "llama-linear-rope", "qwen2", "qwen3", "mistral-window"])
-def test_greedy_batch_matches_transformers(variant, checkpoint, hf_model):
+def test_greedy_batch_matches_transformers(variant, device, checkpoint, hf_model):
     path = checkpoint(variant)
     prompts = random_prompts(8, seed=1)
     assert len({len(p) for p in prompts}) > 4
-    llm, tokens = _run(path, prompts)
+    llm, tokens = _run(path, prompts, device=device)
     reference = [hf_greedy(hf_model(path), p, MAX_TOKENS) for p in prompts]
     assert tokens == reference
     assert len({tuple(t) for t in tokens}) > 1, "outputs should differ between prompts"

@@ -41,7 +41,11 @@ class LLMEngine:
         self.eos_token_ids = frozenset(self.model_config.eos_token_ids) | (
             {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set())
 
-        requested_len = args.max_model_len or self.model_config.max_position_embeddings
+        model_len = self.model_config.max_position_embeddings
+        if args.max_model_len is not None and args.max_model_len > model_len:
+            raise ValueError(f"max_model_len={args.max_model_len} exceeds the model's "
+                             f"max_position_embeddings ({model_len})")
+        requested_len = args.max_model_len or model_len
         model = build_model(self.model_config, self.dtype, self.device, requested_len)
         memory = args.kv_cache_memory or default_kv_cache_memory(self.device)
         num_blocks = num_blocks_for(memory, self.model_config, self.dtype, args.block_size)

@@ -1,0 +1,29 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from kvflow import LLM, SamplingParams
+
+
+def test_generate_prints_the_completion(checkpoint):
+    path = str(checkpoint("llama-gqa"))
+    result = subprocess.run(
+        [sys.executable, "-m", "kvflow.cli", "generate", path, "--prompt", "class Stack:",
+         "--max-tokens", "6", "--ignore-eos", "--dtype", "float32", "--device", "cpu",
+         "--kv-cache-memory", "4MiB"],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    expected = LLM(path, dtype="float32", device="cpu", kv_cache_memory="4MiB").generate(
+        "class Stack:", SamplingParams(temperature=0, max_tokens=6, ignore_eos=True),
+        use_tqdm=False)[0].outputs[0].text
+    assert result.stdout == expected + "\n"
+
+
+def test_generate_reports_bad_input(checkpoint):
+    result = subprocess.run(
+        [sys.executable, "-m", "kvflow.cli", "generate", str(checkpoint("llama-gqa")),
+         "--prompt", "x", "--temperature", "-1", "--kv-cache-memory", "4MiB"],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert "temperature must be non-negative" in result.stderr
