@@ -73,6 +73,16 @@ class CompletionOutput:
 
 
 @dataclass
+class RequestMetrics:
+    """time.monotonic() stamps of a request's life."""
+
+    arrival_time: float
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    finished_time: float | None = None
+
+
+@dataclass
 class RequestOutput:
     request_id: str
     prompt: str | None
@@ -80,3 +90,4 @@ class RequestOutput:
     prompt_logprobs: PromptLogprobs | None
     outputs: list[CompletionOutput]
     finished: bool
+    metrics: RequestMetrics | None = None

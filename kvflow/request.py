@@ -45,6 +45,7 @@ class Request:
     num_computed_tokens: int = 0
     block_ids: list[int] = field(default_factory=list)
     num_preemptions: int = 0
+    first_scheduled_time: float | None = None
     stop_reason: int | str | None = None
 
     def __post_init__(self) -> None:

@@ -137,6 +137,8 @@ def test_generate_rejects_bad_input_and_leaves_nothing_behind(checkpoint):
 @pytest.mark.parametrize("option,value,match", [
     ("dtype", "int8", "dtype"), ("device", "tpu", "device"), ("kv_cache_memory", "lots", "size"),
     ("scheduling_policy", "random", "scheduling_policy"), ("block_size", 0, "block_size"),
+    ("max_num_seqs", 0, "max_num_seqs"), ("max_num_batched_tokens", -1, "max_num_batched"),
+    ("max_model_len", 0, "max_model_len"),
 ])
 def test_invalid_engine_options(checkpoint, option, value, match):
     with pytest.raises(ValueError, match=match):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import logging
+import time
 
 from kvflow.config import SchedulerConfig
 from kvflow.core.kv_manager import KVCacheManager
@@ -78,6 +79,8 @@ class Scheduler:
                 break
             self.waiting.pop(0)
             request.status = RequestStatus.RUNNING
+            if request.first_scheduled_time is None:
+                request.first_scheduled_time = time.monotonic()
             self.running.append(request)
             chosen.append((request, num_new))
             budget -= num_new

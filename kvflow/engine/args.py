@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvflow.config import parse_dtype, parse_memory
+from kvflow.config import SchedulerConfig, parse_dtype, parse_memory
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -35,6 +35,10 @@ class EngineArgs:
             raise ValueError(f"max_model_len must be at least 1, got {self.max_model_len}")
         if self.kv_cache_memory is not None:
             self.kv_cache_memory = parse_memory(self.kv_cache_memory)
+        # Checked now rather than after the weights are loaded.
+        SchedulerConfig(max_num_seqs=self.max_num_seqs,
+                        max_num_batched_tokens=self.max_num_batched_tokens,
+                        policy=self.scheduling_policy)
 
     def resolve_device(self) -> torch.device:
         if self.device == "auto":

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
@@ -19,7 +20,7 @@ from kvflow.core.scheduler import Scheduler
 from kvflow.engine.args import EngineArgs
 from kvflow.engine.output_processor import OutputProcessor, ParentState
 from kvflow.models.loader import build_model, resolve_model_path
-from kvflow.outputs import CompletionOutput, RequestOutput
+from kvflow.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from kvflow.request import Request, RequestStatus
 from kvflow.sampling_params import SamplingParams
 from kvflow.worker.kv_cache import default_kv_cache_memory, num_blocks_for
@@ -28,6 +29,14 @@ from kvflow.worker.model_runner import ModelRunner
 logger = logging.getLogger(__name__)
 
 PromptType = str | Mapping[str, Any]
+
+
+@dataclass
+class PreparedRequest:
+    """A validated request: the user-facing parent and its n scheduler requests."""
+
+    parent: ParentState
+    children: list[Request]
 
 
 class LLMEngine:
@@ -98,10 +107,16 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams,
                     arrival_time: float | None = None, priority: int = 0) -> None:
-        if request_id in self.output_processor.parents:
-            raise ValueError(f"request id {request_id!r} is already in use")
+        self.add_prepared(self.prepare_request(request_id, prompt, params, arrival_time,
+                                               priority))
+
+    def prepare_request(self, request_id: str, prompt: PromptType, params: SamplingParams,
+                        arrival_time: float | None = None, priority: int = 0) -> PreparedRequest:
+        """Tokenize and validate without touching engine state, so that a server can do it on
+        its own thread and answer a bad request at once."""
         text, token_ids = self.tokenize_prompt(prompt)
         max_tokens = self._validate(token_ids, params)
+        arrival = time.monotonic() if arrival_time is None else arrival_time
         parent = ParentState(
             request_id=request_id, prompt=text, prompt_token_ids=token_ids,
             prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
@@ -109,18 +124,23 @@ class LLMEngine:
                                       logprobs=None) for i in range(params.n)],
             child_ids=[request_id if params.n == 1 else f"{i}_{request_id}"
                        for i in range(params.n)],
-            num_unfinished=params.n)
+            num_unfinished=params.n, metrics=RequestMetrics(arrival_time=arrival))
         stop_ids = frozenset(params.stop_token_ids or ()) | (
             frozenset() if params.ignore_eos else self.eos_token_ids)
-        arrival = time.monotonic() if arrival_time is None else arrival_time
         children = [
             Request(request_id=child_id, prompt_token_ids=token_ids,
                     sampling_params=params.for_sample(i) if params.n > 1 else params,
                     max_tokens=max_tokens, stop_token_ids=stop_ids, arrival_time=arrival,
                     priority=priority)
             for i, child_id in enumerate(parent.child_ids)]
-        self.output_processor.add(parent, children)
-        for child in children:
+        return PreparedRequest(parent=parent, children=children)
+
+    def add_prepared(self, prepared: PreparedRequest) -> None:
+        request_id = prepared.parent.request_id
+        if request_id in self.output_processor.parents:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        self.output_processor.add(prepared.parent, prepared.children)
+        for child in prepared.children:
             self.scheduler.add_request(child)
 
     def _validate(self, token_ids: list[int], params: SamplingParams) -> int:

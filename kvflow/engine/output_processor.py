@@ -5,12 +5,13 @@ the parent's request id.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 from transformers import PreTrainedTokenizerBase
 
-from kvflow.outputs import (CompletionOutput, Logprob, PromptLogprobs, RequestOutput,
-                            RunnerOutput, SampleLogprobs, TokenLogprobs)
+from kvflow.outputs import (CompletionOutput, Logprob, PromptLogprobs, RequestMetrics,
+                            RequestOutput, RunnerOutput, SampleLogprobs, TokenLogprobs)
 from kvflow.request import Request
 from kvflow.tokenizer.detokenizer import IncrementalDetokenizer
 
@@ -24,6 +25,7 @@ class ParentState:
     outputs: list[CompletionOutput]
     child_ids: list[str]
     num_unfinished: int
+    metrics: RequestMetrics
 
 
 @dataclass
@@ -67,8 +69,13 @@ class OutputProcessor:
             self._record_prompt_logprobs(self.samples[req_id].parent, first, entries)
         changed: dict[str, ParentState] = {}
         stopped: list[str] = []
+        now = time.monotonic()
         for request in updated:
             state = self.samples[request.request_id]
+            metrics = state.parent.metrics
+            if metrics.first_token_time is None:
+                metrics.first_scheduled_time = request.first_scheduled_time
+                metrics.first_token_time = now
             token_id = request.output_token_ids[-1]
             state.token_ids.append(token_id)
             entry = runner_output.logprobs.get(request.request_id)
@@ -95,6 +102,8 @@ class OutputProcessor:
             finish_reason=finish_reason, stop_reason=stop_reason)
         if finish_reason is not None:
             parent.num_unfinished -= 1
+            if parent.num_unfinished == 0:
+                parent.metrics.finished_time = time.monotonic()
 
     def _snapshot(self, parent: ParentState) -> RequestOutput:
         finished = parent.num_unfinished == 0
@@ -103,7 +112,8 @@ class OutputProcessor:
         return RequestOutput(request_id=parent.request_id, prompt=parent.prompt,
                              prompt_token_ids=parent.prompt_token_ids,
                              prompt_logprobs=parent.prompt_logprobs,
-                             outputs=list(parent.outputs), finished=finished)
+                             outputs=list(parent.outputs), finished=finished,
+                             metrics=parent.metrics)
 
     def _record_prompt_logprobs(self, parent: ParentState, first: int,
                                 entries: list[TokenLogprobs]) -> None:

@@ -81,7 +81,13 @@ def prepare_sampling(requests: list[ScheduledRequest], generators: dict[str, tor
     def as_ids(values: tuple[int, ...]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int64, device=device)
 
-    bias_rows, bias_ids, bias_values = zip(*biases) if biases else ((), (), ())
+    logit_bias = banned = None
+    if biases:
+        rows, ids, values = zip(*biases)
+        logit_bias = (as_ids(rows), as_ids(ids), column(list(values)))
+    if bans:
+        rows, ids = zip(*bans)
+        banned = (as_ids(rows), as_ids(ids))
     return SamplingBatch(
         temperature=column([p.temperature for p in params]),
         all_greedy=all(p.greedy for p in params),
@@ -92,10 +98,8 @@ def prepare_sampling(requests: list[ScheduledRequest], generators: dict[str, tor
         generators={row: generators[r.req_id] for row, r in enumerate(requests)
                     if r.req_id in generators},
         penalties=penalties,
-        logit_bias=(as_ids(bias_rows), as_ids(bias_ids), column(list(bias_values)))
-        if biases else None,
-        banned=tuple(as_ids(column_) for column_ in zip(*bans)) if bans else None,  # type: ignore
-
+        logit_bias=logit_bias,
+        banned=banned,
         num_logprobs=[p.logprobs for p in params],
     )
 
