@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install test clean
+.PHONY: install test serve clean
 
 install: $(STAMP)
 
@@ -20,6 +20,10 @@ $(STAMP): pyproject.toml
 
 test: install
 	$(BIN)/python -m pytest -q tests
+
+# The OpenAI-compatible server on 127.0.0.1:8000; with no MODEL, the built-in demo model.
+serve: install
+	$(BIN)/kvflow serve $(MODEL) $(SERVE_FLAGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

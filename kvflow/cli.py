@@ -1,8 +1,9 @@
-"""`kvflow generate`: one completion from the command line."""
+"""The kvflow command: `kvflow serve` (the OpenAI-compatible server) and `kvflow generate`."""
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 
 from kvflow.engine.args import EngineArgs
@@ -57,6 +58,25 @@ def _generate(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(ns: argparse.Namespace) -> int:
+    from kvflow.server.api_server import ServerArgs, serve
+
+    if ns.model is None:
+        from kvflow.demo import ensure_demo_model
+
+        ns.model = str(ensure_demo_model())
+        ns.served_model_name = ns.served_model_name or ["kvflow-demo"]
+    if ns.max_waiting_requests is not None and ns.max_waiting_requests < 1:
+        raise ValueError(f"--max-waiting-requests must be at least 1, got {ns.max_waiting_requests}")
+    args = ServerArgs(engine=engine_args_from(ns), host=ns.host, port=ns.port,
+                      served_model_name=ns.served_model_name or [],
+                      api_key=ns.api_key or os.environ.get("KVFLOW_API_KEY") or None,
+                      max_waiting_requests=ns.max_waiting_requests,
+                      shutdown_timeout=ns.shutdown_timeout)
+    serve(args, log_level=ns.log_level)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kvflow")
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
@@ -75,6 +95,22 @@ def main(argv: list[str] | None = None) -> int:
     generate.add_argument("--ignore-eos", action="store_true")
     add_engine_arguments(generate)
     generate.set_defaults(handler=_generate)
+
+    serve = commands.add_parser("serve", help="run the OpenAI-compatible HTTP server")
+    serve.add_argument("model", nargs="?", default=None,
+                       help="checkpoint directory or hub id (default: the built-in demo model)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--served-model-name", nargs="+", default=None,
+                       help="names clients may use in 'model' (default: MODEL as given)")
+    serve.add_argument("--api-key", default=None,
+                       help="require 'Authorization: Bearer KEY' (or set KVFLOW_API_KEY)")
+    serve.add_argument("--max-waiting-requests", type=int, default=None,
+                       help="answer 503 with Retry-After while this many requests wait")
+    serve.add_argument("--shutdown-timeout", type=float, default=10.0,
+                       help="seconds running requests get to finish on SIGINT/SIGTERM")
+    add_engine_arguments(serve)
+    serve.set_defaults(handler=_serve)
 
     ns = parser.parse_args(argv)
     configure_logging(ns.log_level.upper())

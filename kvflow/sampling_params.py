@@ -6,6 +6,14 @@ from dataclasses import dataclass, field, replace
 MAX_LOGPROBS = 20
 
 
+class ParameterError(ValueError):
+    """A sampling parameter out of range; `param` names it (the server's error body says it)."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
 @dataclass
 class SamplingParams:
     n: int = 1
@@ -30,6 +38,13 @@ class SamplingParams:
     stop_strings: tuple[str, ...] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
+        try:
+            self._validate()
+        except ValueError as exc:
+            # Every message starts with the name of the field it is about.
+            raise ParameterError(str(exc).split()[0], str(exc)) from None
+
+    def _validate(self) -> None:
         self._check_types()
         if self.n < 1:
             raise ValueError(f"n must be at least 1, got {self.n}")

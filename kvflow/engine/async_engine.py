@@ -1,0 +1,166 @@
+"""LLMEngine on a background thread, for an asyncio server.
+
+The engine thread owns the engine: requests and aborts reach it through an inbox, and
+each request's outputs go back to the event loop through its own asyncio.Queue. The HTTP
+event loop never waits on model compute.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from kvflow.engine.llm_engine import LLMEngine, PreparedRequest
+from kvflow.outputs import RequestOutput
+
+logger = logging.getLogger(__name__)
+
+IDLE_WAIT_S = 0.05
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread failed; no request can make progress."""
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    outputs: asyncio.Queue  # RequestOutput, or an exception that ends the stream
+
+
+@dataclass
+class _Add:
+    prepared: PreparedRequest
+    stream: _Stream
+
+
+@dataclass
+class _Abort:
+    request_id: str
+
+
+@dataclass
+class _AbortAll:
+    reason: str
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self._inbox: queue.SimpleQueue[_Add | _Abort | _AbortAll] = queue.SimpleQueue()
+        self._streams: dict[str, _Stream] = {}  # owned by the engine thread
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="kvflow-engine", daemon=True)
+        self.error: BaseException | None = None
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and self.error is None
+
+    def start(self) -> None:
+        self._thread.start()
+
+    async def generate(self, prepared: PreparedRequest) -> AsyncIterator[RequestOutput]:
+        """Outputs of one request as the engine produces them (cumulative), until it finishes.
+        Leaving early (a client that disconnects) aborts the request and frees its blocks."""
+        if not self.alive:
+            raise EngineDeadError(f"the engine is not running: {self.error!r}")
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        self._send(_Add(prepared, stream))
+        finished = False
+        try:
+            while True:
+                item = await stream.outputs.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self.abort(prepared.parent.request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._send(_Abort(request_id))
+
+    def abort_all(self, reason: str) -> None:
+        """Abort every request; each stream ends with EngineDeadError(reason)."""
+        self._send(_AbortAll(reason))
+
+    def _send(self, message: _Add | _Abort | _AbortAll) -> None:
+        self._inbox.put(message)
+        self._wake.set()
+
+    def shutdown(self, grace_s: float) -> None:
+        """Let running requests finish for up to grace_s seconds, then abort the rest."""
+        deadline = time.monotonic() + grace_s
+        while self.alive and self.engine.has_unfinished_requests() and time.monotonic() < deadline:
+            time.sleep(IDLE_WAIT_S)
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=max(grace_s, 1.0))
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self._drain_inbox()
+                if not self.engine.has_unfinished_requests():
+                    self._wake.wait(IDLE_WAIT_S)
+                    self._wake.clear()
+                    continue
+                self._step()
+        except BaseException as exc:  # noqa: BLE001 - every stream must hear of it
+            logger.exception("the engine loop failed")
+            self.error = exc
+            for stream in self._streams.values():
+                self._deliver(stream, EngineDeadError(f"the engine failed: {exc!r}"))
+        finally:
+            self._inbox.put(_AbortAll("the server is shutting down"))
+            self._drain_inbox()
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                message = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(message, _Add):
+                if self._stop.is_set() or self.error is not None:
+                    self._deliver(message.stream, EngineDeadError("the engine is not running"))
+                    continue
+                try:
+                    self.engine.add_prepared(message.prepared)
+                except ValueError as exc:
+                    self._deliver(message.stream, exc)
+                    continue
+                self._streams[message.prepared.parent.request_id] = message.stream
+            elif isinstance(message, _Abort):
+                self.engine.abort_request(message.request_id)
+                self._streams.pop(message.request_id, None)
+            else:
+                for request_id in list(self._streams):
+                    self.engine.abort_request(request_id)
+                    self._deliver(self._streams.pop(request_id), EngineDeadError(message.reason))
+
+    def _step(self) -> None:
+        outputs = self.engine.step()
+        for output in outputs:
+            stream = self._streams.get(output.request_id)
+            if stream is None:
+                continue
+            if output.finished:
+                del self._streams[output.request_id]
+            self._deliver(stream, output)
+
+    @staticmethod
+    def _deliver(stream: _Stream, item: RequestOutput | BaseException) -> None:
+        try:
+            stream.loop.call_soon_threadsafe(stream.outputs.put_nowait, item)
+        except RuntimeError:  # the client's event loop has closed
+            pass

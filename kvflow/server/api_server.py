@@ -1,0 +1,281 @@
+"""`kvflow serve`: the OpenAI-compatible HTTP server.
+
+The server binds at once and loads the model on a background thread: /health answers 503
+until the engine is up (and whenever it has died). Every error, bad input included, is
+the OpenAI shape {"error": {"message", "type", "param", "code"}}.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException
+
+import kvflow
+from kvflow.engine.args import EngineArgs
+from kvflow.engine.async_engine import AsyncEngine, EngineDeadError
+from kvflow.engine.llm_engine import LLMEngine
+from kvflow.server.metrics import ServerMetrics
+from kvflow.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
+                                    OpenAIModel, TokenizeRequest)
+from kvflow.server.serving import BadRequest, Job, OpenAIServing
+
+logger = logging.getLogger(__name__)
+
+OPEN_PATHS = ("/health", "/metrics", "/version")
+
+
+@dataclass
+class ServerArgs:
+    engine: EngineArgs
+    host: str = "127.0.0.1"
+    port: int = 8000
+    served_model_name: list[str] = field(default_factory=list)
+    api_key: str | None = None
+    max_waiting_requests: int | None = None
+    shutdown_timeout: float = 10.0
+
+    @property
+    def model_names(self) -> list[str]:
+        return self.served_model_name or [self.engine.model]
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.headers = status, message, param, headers
+
+
+_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
+                404: "not_found_error", 503: "service_unavailable"}
+
+
+def error_response(status: int, message: str, param: str | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    body = {"error": {"message": message, "type": _ERROR_TYPES.get(status, "server_error"),
+                      "param": param, "code": status}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+class ServerState:
+    def __init__(self, args: ServerArgs) -> None:
+        self.args = args
+        self.metrics = ServerMetrics(args.model_names[0])
+        self.engine: AsyncEngine | None = None
+        self.serving: OpenAIServing | None = None
+        self.load_error: BaseException | None = None
+        self.draining = False
+        self.created = int(time.time())
+
+    def load(self) -> None:
+        try:
+            engine = AsyncEngine(LLMEngine(self.args.engine))
+            engine.start()
+            self.serving = OpenAIServing(engine, self.metrics)
+            self.engine = engine
+            logger.info("serving %s at http://%s:%d", ", ".join(self.args.model_names),
+                        self.args.host, self.args.port)
+        except BaseException as exc:  # noqa: BLE001 - reported by /health and every route
+            logger.exception("the model failed to load")
+            self.load_error = exc
+
+    def begin_shutdown(self) -> None:
+        """Refuse new requests; give running ones shutdown_timeout seconds, then abort them
+        so that every stream ends with an error event instead of a cut connection."""
+        if self.draining:
+            return
+        self.draining = True
+        engine = self.engine
+        if engine is None:
+            return
+
+        def drain() -> None:
+            deadline = time.monotonic() + self.args.shutdown_timeout
+            while engine.engine.has_unfinished_requests() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            engine.abort_all("the server is shutting down")
+
+        threading.Thread(target=drain, name="kvflow-drain", daemon=True).start()
+
+    def ready(self) -> tuple[AsyncEngine, OpenAIServing]:
+        if self.draining:
+            raise ApiError(503, "the server is shutting down")
+        if self.load_error is not None:
+            raise ApiError(503, f"the model failed to load: {self.load_error}")
+        if self.engine is None or self.serving is None:
+            raise ApiError(503, "the model is still loading", headers={"Retry-After": "5"})
+        if not self.engine.alive:
+            raise ApiError(503, f"the engine is not running: {self.engine.error!r}")
+        return self.engine, self.serving
+
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name not in self.args.model_names:
+            raise ApiError(404, f"model {name!r} does not exist; this server serves "
+                                f"{self.args.model_names}", "model")
+
+    def check_capacity(self, engine: AsyncEngine) -> None:
+        limit = self.args.max_waiting_requests
+        if limit is not None and len(engine.engine.scheduler.waiting) >= limit:
+            raise ApiError(503, f"the server is at capacity ({limit} requests waiting); retry "
+                                "later", headers={"Retry-After": "1"})
+
+
+def _warn_unknown(request: OpenAIModel) -> None:
+    if request.model_extra:
+        logger.warning("ignoring unknown request fields: %s", ", ".join(sorted(request.model_extra)))
+
+
+def create_app(args: ServerArgs) -> FastAPI:
+    state = ServerState(args)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):  # noqa: ANN202
+        threading.Thread(target=state.load, name="kvflow-load", daemon=True).start()
+        yield
+        if state.engine is not None:
+            await asyncio.to_thread(state.engine.shutdown, args.shutdown_timeout)
+
+    app = FastAPI(title="kvflow", version=kvflow.__version__, lifespan=lifespan)
+    app.state.kvflow = state
+
+    @app.middleware("http")
+    async def require_api_key(request: Request, call_next):  # noqa: ANN001, ANN202
+        if args.api_key and request.url.path not in OPEN_PATHS:
+            if request.headers.get("authorization") != f"Bearer {args.api_key}":
+                return error_response(401, "missing or wrong API key")
+        return await call_next(request)
+
+    @app.exception_handler(ApiError)
+    async def on_api_error(_request: Request, exc: ApiError) -> JSONResponse:
+        return error_response(exc.status, exc.message, exc.param, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        location = [str(part) for part in first.get("loc", ()) if part != "body"]
+        where = ".".join(location)
+        if first.get("type") == "json_invalid":
+            return error_response(400, "the request body is not valid JSON")
+        if not location:
+            return error_response(400, "the request body must be a JSON object")
+        message = f"{where}: {first.get('msg', 'invalid value')}" if where else str(
+            first.get("msg", "invalid request"))
+        return error_response(400, message, location[0] if location else None)
+
+    @app.exception_handler(ValueError)
+    async def on_value_error(_request: Request, exc: ValueError) -> JSONResponse:
+        return error_response(400, str(exc), getattr(exc, "param", None))
+
+    @app.exception_handler(EngineDeadError)
+    async def on_engine_dead(_request: Request, exc: EngineDeadError) -> JSONResponse:
+        return error_response(503, str(exc))
+
+    @app.exception_handler(HTTPException)
+    async def on_http_error(_request: Request, exc: HTTPException) -> JSONResponse:
+        return error_response(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def on_error(_request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("internal error")
+        return error_response(500, f"internal error: {type(exc).__name__}")
+
+    async def respond(job: Job, stream: bool, serving: OpenAIServing) -> Any:
+        if stream:
+            return StreamingResponse(serving.stream(job), media_type="text/event-stream")
+        return await serving.full_response(job)
+
+    @app.post("/v1/completions")
+    async def completions(request: CompletionRequest) -> Any:
+        engine, serving = state.ready()
+        _warn_unknown(request)
+        state.check_model(request.model)
+        state.check_capacity(engine)
+        job = serving.prepare_completion(request, request.model or args.model_names[0])
+        return await respond(job, request.stream, serving)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: ChatCompletionRequest) -> Any:
+        engine, serving = state.ready()
+        _warn_unknown(request)
+        state.check_model(request.model)
+        state.check_capacity(engine)
+        job = serving.prepare_chat(request, request.model or args.model_names[0])
+        return await respond(job, request.stream, serving)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        engine, _ = state.ready()
+        data = [{"id": name, "object": "model", "created": state.created, "owned_by": "kvflow",
+                 "root": args.engine.model, "parent": None,
+                 "max_model_len": engine.engine.max_model_len, "permission": []}
+                for name in args.model_names]
+        return {"object": "list", "data": data}
+
+    @app.post("/tokenize")
+    async def tokenize(request: TokenizeRequest) -> dict[str, Any]:
+        engine, serving = state.ready()
+        state.check_model(request.model)
+        tokenizer = engine.engine.tokenizer
+        if (request.prompt is None) == (request.messages is None):
+            raise BadRequest("give exactly one of prompt and messages", "prompt")
+        if request.messages is not None:
+            text = serving.render_chat(request.messages, request.add_generation_prompt)
+            tokens = tokenizer.encode(text, add_special_tokens=False)
+        else:
+            tokens = tokenizer.encode(request.prompt, add_special_tokens=request.add_special_tokens)
+        return {"count": len(tokens), "max_model_len": engine.engine.max_model_len,
+                "tokens": tokens, "token_strs": None}
+
+    @app.post("/detokenize")
+    async def detokenize(request: DetokenizeRequest) -> dict[str, str]:
+        engine, _ = state.ready()
+        state.check_model(request.model)
+        vocab = engine.engine.model_config.vocab_size
+        bad = [t for t in request.tokens if not 0 <= t < vocab]
+        if bad:
+            raise BadRequest(f"token ids must be in [0, {vocab}), got {bad[:5]}", "tokens")
+        return {"prompt": engine.engine.tokenizer.decode(request.tokens)}
+
+    @app.get("/health")
+    async def health() -> Response:
+        state.ready()
+        return Response(status_code=200)
+
+    @app.get("/version")
+    async def version() -> dict[str, str]:
+        return {"version": kvflow.__version__}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        if state.engine is not None:
+            state.metrics.observe_engine(state.engine.engine)
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def serve(args: ServerArgs, log_level: str = "info") -> None:
+    import uvicorn
+
+    app = create_app(args)
+    state: ServerState = app.state.kvflow
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            state.begin_shutdown()
+            super().handle_exit(sig, frame)
+
+    # uvicorn's own grace outlasts ours, so streams end through the engine, not a cut socket.
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=log_level.lower(),
+                            timeout_graceful_shutdown=int(args.shutdown_timeout) + 5)
+    Server(config).run()

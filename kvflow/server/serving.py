@@ -1,0 +1,304 @@
+"""OpenAI completions and chat completions on top of AsyncEngine: prompts in, JSON or
+server-sent events out."""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvflow.engine.async_engine import AsyncEngine
+from kvflow.engine.llm_engine import PreparedRequest
+from kvflow.outputs import CompletionOutput, Logprob, RequestOutput
+from kvflow.server.metrics import ServerMetrics
+from kvflow.server.protocol import ChatCompletionRequest, CompletionRequest
+
+
+class BadRequest(ValueError):
+    """A request the server refuses with 400; `param` names the field when known."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass
+class _Choice:
+    """What one choice has sent so far in a stream."""
+
+    sent_text: int = 0
+    sent_tokens: int = 0
+    finished: bool = False
+    last_token_time: float | None = None
+
+
+@dataclass
+class Job:
+    """One HTTP request: its prompts, each prepared for the engine."""
+
+    kind: str  # "completion" | "chat"
+    model: str
+    prepared: list[PreparedRequest]
+    n: int
+    echo: bool = False
+    logprobs: int | None = None
+    include_usage: bool = False
+    created: int = field(default_factory=lambda: int(time.time()))
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    @property
+    def response_id(self) -> str:
+        return ("chatcmpl-" if self.kind == "chat" else "cmpl-") + self.id
+
+
+def completion_prompts(request: CompletionRequest) -> list[str | list[int]]:
+    prompt = request.prompt
+    if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+        prompts = [prompt]
+    else:
+        prompts = list(prompt)
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise BadRequest("prompt must not be empty", "prompt")
+    return prompts  # type: ignore[return-value]
+
+
+class OpenAIServing:
+    def __init__(self, engine: AsyncEngine, metrics: ServerMetrics) -> None:
+        self.engine = engine
+        self.metrics = metrics
+        self.tokenizer = engine.engine.tokenizer
+
+    def prepare_completion(self, request: CompletionRequest, model: str) -> Job:
+        if request.suffix:
+            raise BadRequest("suffix is not supported", "suffix")
+        prompts = completion_prompts(request)
+        prompt_logprobs = request.logprobs if request.echo and request.logprobs is not None else None
+        params = request.sampling_params(request.max_tokens, request.logprobs, prompt_logprobs)
+        job = Job(kind="completion", model=model, prepared=[], n=params.n, echo=request.echo,
+                  logprobs=request.logprobs, include_usage=request.include_usage)
+        for i, prompt in enumerate(prompts):
+            engine_prompt = prompt if isinstance(prompt, str) else {"prompt_token_ids": prompt}
+            job.prepared.append(self.engine.engine.prepare_request(
+                f"{job.response_id}-{i}", engine_prompt, params, priority=request.priority))
+        return job
+
+    def prepare_chat(self, request: ChatCompletionRequest, model: str) -> Job:
+        if request.top_logprobs is not None and not request.logprobs:
+            raise BadRequest("top_logprobs needs logprobs to be true", "top_logprobs")
+        text = self.render_chat(request.messages, request.add_generation_prompt)
+        max_tokens = request.max_completion_tokens or request.max_tokens
+        logprobs = (request.top_logprobs or 0) if request.logprobs else None
+        params = request.sampling_params(max_tokens, logprobs, None)
+        job = Job(kind="chat", model=model, prepared=[], n=params.n, logprobs=logprobs,
+                  include_usage=request.include_usage)
+        prompt = {"prompt": text,
+                  "prompt_token_ids": self.tokenizer.encode(text, add_special_tokens=False)}
+        job.prepared.append(self.engine.engine.prepare_request(
+            f"{job.response_id}-0", prompt, params, priority=request.priority))
+        return job
+
+    def render_chat(self, messages: list, add_generation_prompt: bool) -> str:
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise BadRequest("the model's tokenizer has no chat template", "messages")
+        try:
+            conversation = [m.as_template_input() for m in messages]
+        except ValueError as exc:
+            raise BadRequest(str(exc), "messages") from None
+        return self.tokenizer.apply_chat_template(conversation, tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt)
+
+    async def _outputs(self, job: Job) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """Every prompt's outputs, interleaved as they come; leaving early aborts them all."""
+        merged: asyncio.Queue = asyncio.Queue()
+
+        async def pump(index: int, prepared: PreparedRequest) -> None:
+            try:
+                async for output in self.engine.generate(prepared):
+                    await merged.put((index, output))
+            except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+                await merged.put((index, exc))
+
+        tasks = [asyncio.create_task(pump(i, p)) for i, p in enumerate(job.prepared)]
+        remaining = len(tasks)
+        try:
+            while remaining:
+                index, item = await merged.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if item.finished:
+                    remaining -= 1
+                yield index, item
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _track(self, choice: _Choice, completion: CompletionOutput) -> None:
+        now = time.monotonic()
+        new = len(completion.token_ids) - choice.sent_tokens
+        if new > 0:
+            gap = None if choice.last_token_time is None else (now - choice.last_token_time) / new
+            self.metrics.observe_tokens(new, gap)
+            choice.last_token_time = now
+
+    async def full_response(self, job: Job) -> dict[str, Any]:
+        finals: dict[int, RequestOutput] = {}
+        choices = [[_Choice() for _ in range(job.n)] for _ in job.prepared]
+        async for index, output in self._outputs(job):
+            for completion in output.outputs:
+                self._track(choices[index][completion.index], completion)
+                choices[index][completion.index].sent_tokens = len(completion.token_ids)
+            if output.finished:
+                finals[index] = output
+                self.metrics.observe_finished(output)
+        body_choices = []
+        for index in range(len(job.prepared)):
+            output = finals[index]
+            for completion in output.outputs:
+                body_choices.append(self._full_choice(job, index, output, completion))
+        return {"id": job.response_id,
+                "object": "chat.completion" if job.kind == "chat" else "text_completion",
+                "created": job.created, "model": job.model, "choices": body_choices,
+                "usage": _usage(finals.values())}
+
+    def _full_choice(self, job: Job, index: int, output: RequestOutput,
+                     completion: CompletionOutput) -> dict[str, Any]:
+        number = index * job.n + completion.index
+        if job.kind == "chat":
+            return {"index": number,
+                    "message": {"role": "assistant", "content": completion.text},
+                    "logprobs": self._chat_logprobs(completion.logprobs or [], job.logprobs)
+                    if job.logprobs is not None else None,
+                    "finish_reason": completion.finish_reason,
+                    "stop_reason": completion.stop_reason}
+        text, logprobs = completion.text, None
+        if job.logprobs is not None:
+            entries = list(completion.logprobs or [])
+            tokens = list(completion.token_ids)
+            if job.echo:
+                entries = list(output.prompt_logprobs or []) + entries
+                tokens = list(output.prompt_token_ids) + tokens
+            logprobs = self._completion_logprobs(tokens, entries)
+        if job.echo:
+            text = self._prompt_text(output) + text
+        return {"index": number, "text": text, "logprobs": logprobs,
+                "finish_reason": completion.finish_reason,
+                "stop_reason": completion.stop_reason}
+
+    def _prompt_text(self, output: RequestOutput) -> str:
+        if output.prompt is not None:
+            return output.prompt
+        return self.tokenizer.decode(output.prompt_token_ids)
+
+    async def stream(self, job: Job) -> AsyncIterator[str]:
+        choices = [[_Choice() for _ in range(job.n)] for _ in job.prepared]
+        finals: list[RequestOutput] = []
+        try:
+            if job.kind == "chat":
+                for index in range(len(job.prepared)):
+                    for sample in range(job.n):
+                        yield self._event(job, [{"index": index * job.n + sample,
+                                                 "delta": {"role": "assistant", "content": ""},
+                                                 "logprobs": None, "finish_reason": None}])
+            async for index, output in self._outputs(job):
+                if output.finished:
+                    finals.append(output)
+                    self.metrics.observe_finished(output)
+                chunk = [self._stream_choice(job, index, output, c, choices[index][c.index])
+                         for c in output.outputs]
+                chunk = [c for c in chunk if c is not None]
+                if chunk:
+                    yield self._event(job, chunk)
+            if job.include_usage:
+                yield self._event(job, [], usage=_usage(finals))
+        except Exception as exc:  # noqa: BLE001 - the stream has started: report in-band
+            yield "data: " + json.dumps({"error": {"message": str(exc), "type": "server_error",
+                                                   "param": None, "code": 500}}) + "\n\n"
+        yield "data: [DONE]\n\n"
+
+    def _stream_choice(self, job: Job, index: int, output: RequestOutput,
+                       completion: CompletionOutput, choice: _Choice) -> dict[str, Any] | None:
+        if choice.finished:
+            return None
+        self._track(choice, completion)
+        done = completion.finished
+        # Hold back what may be the start of a stop string until the request says otherwise.
+        holdback = 0 if done else max((len(s) for s in _stop_strings(job, index)), default=1) - 1
+        end = max(choice.sent_text, len(completion.text) - holdback)
+        delta = completion.text[choice.sent_text:end]
+        new_entries = (completion.logprobs or [])[choice.sent_tokens:]
+        new_tokens = completion.token_ids[choice.sent_tokens:]
+        first = choice.sent_text == 0 and choice.sent_tokens == 0
+        choice.sent_text, choice.sent_tokens, choice.finished = end, len(completion.token_ids), done
+        if not delta and not done and not new_entries:
+            return None
+        number = index * job.n + completion.index
+        if job.kind == "chat":
+            return {"index": number, "delta": {"content": delta} if delta else {},
+                    "logprobs": self._chat_logprobs(new_entries, job.logprobs)
+                    if job.logprobs is not None else None,
+                    "finish_reason": completion.finish_reason, "stop_reason": completion.stop_reason}
+        prefix = self._prompt_text(output) if job.echo and first else ""
+        return {"index": number, "text": prefix + delta,
+                "logprobs": self._completion_logprobs(new_tokens, new_entries)
+                if job.logprobs is not None else None,
+                "finish_reason": completion.finish_reason, "stop_reason": completion.stop_reason}
+
+    def _event(self, job: Job, choices: list[dict[str, Any]],
+               usage: dict[str, int] | None = None) -> str:
+        body: dict[str, Any] = {
+            "id": job.response_id,
+            "object": "chat.completion.chunk" if job.kind == "chat" else "text_completion",
+            "created": job.created, "model": job.model, "choices": choices}
+        if usage is not None:
+            body["usage"] = usage
+        return f"data: {json.dumps(body)}\n\n"
+
+    def _token_text(self, token_id: int, entry: dict[int, Logprob] | None) -> str:
+        if entry is not None and token_id in entry and entry[token_id].decoded_token is not None:
+            return entry[token_id].decoded_token  # type: ignore[return-value]
+        return self.tokenizer.decode([token_id])
+
+    def _completion_logprobs(self, tokens: list[int], entries: list) -> dict[str, list]:
+        """The legacy completions shape; top_logprobs holds the top N and the chosen token.
+        text_offset counts from the start of the text returned with them."""
+        result: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [],
+                                   "text_offset": []}
+        offset = 0
+        for token_id, entry in zip(tokens, entries):
+            text = self._token_text(token_id, entry)
+            result["tokens"].append(text)
+            result["token_logprobs"].append(entry[token_id].logprob if entry else None)
+            result["top_logprobs"].append(
+                {lp.decoded_token: lp.logprob for lp in entry.values()} if entry else None)
+            result["text_offset"].append(offset)
+            offset += len(text)
+        return result
+
+    @staticmethod
+    def _chat_logprobs(entries: list[dict[int, Logprob]], top_n: int) -> dict[str, list]:
+        def item(lp: Logprob) -> dict[str, Any]:
+            token = lp.decoded_token or ""
+            return {"token": token, "logprob": lp.logprob, "bytes": list(token.encode())}
+
+        content = []
+        for entry in entries:
+            chosen = next(iter(entry.values()))  # the sampled token comes first
+            top = sorted((lp for lp in entry.values() if lp.rank is not None and lp.rank <= top_n),
+                         key=lambda lp: lp.rank)
+            content.append({**item(chosen), "top_logprobs": [item(lp) for lp in top]})
+        return {"content": content}
+
+
+def _stop_strings(job: Job, index: int) -> tuple[str, ...]:
+    return job.prepared[index].children[0].sampling_params.stop_strings
+
+
+def _usage(outputs) -> dict[str, int]:  # noqa: ANN001
+    prompt = sum(len(o.prompt_token_ids) for o in outputs)
+    completion = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion}

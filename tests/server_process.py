@@ -1,0 +1,56 @@
+"""Run a real `kvflow serve` in a subprocess on a free loopback port."""
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    def __init__(self, model: Path | None, *flags: str, log: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        command = [sys.executable, "-m", "kvflow.cli", "serve"]
+        command += [str(model)] if model else []
+        command += ["--port", str(self.port), *flags]
+        self._log = log.open("w")
+        self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT)
+        self.log_path = log
+
+    def wait_ready(self, timeout: float = 180.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited: {self.log_path.read_text()[-3000:]}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        raise TimeoutError(f"server not ready: {self.log_path.read_text()[-3000:]}")
+
+    def stop(self, timeout: float = 30.0) -> bool:
+        """SIGTERM; True if the server shut down gracefully within the timeout. uvicorn
+        re-raises the signal after a clean shutdown, so the exit status is -SIGTERM."""
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            code = self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return False
+        finally:
+            self._log.close()
+        return code in (0, -signal.SIGTERM) and "Application shutdown complete" in \
+            self.log_path.read_text()
