@@ -79,10 +79,12 @@ def _serve(ns: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kvflow")
-    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    generate = commands.add_parser("generate", help="print the completion of one prompt")
+    generate = commands.add_parser("generate", parents=[common],
+                                   help="print the completion of one prompt")
     generate.add_argument("model", help="checkpoint directory or Hugging Face hub id")
     generate.add_argument("--prompt", required=True)
     generate.add_argument("--max-tokens", type=int, default=64)
@@ -96,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     add_engine_arguments(generate)
     generate.set_defaults(handler=_generate)
 
-    serve = commands.add_parser("serve", help="run the OpenAI-compatible HTTP server")
+    serve = commands.add_parser("serve", parents=[common],
+                                help="run the OpenAI-compatible HTTP server")
     serve.add_argument("model", nargs="?", default=None,
                        help="checkpoint directory or hub id (default: the built-in demo model)")
     serve.add_argument("--host", default="127.0.0.1")

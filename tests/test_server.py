@@ -189,6 +189,8 @@ def test_disconnect_aborts_and_frees_blocks(server, client):
                                                              "content": "x"}]}, "messages"),
     ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}],
                               "logit_bias": {"abc": 1}}, None),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "x"}}]}]}, "messages"),
 ])
 def test_bad_requests_get_400(server, path, body, param):
     response = httpx.post(server.url + path, json=body, headers=HEADERS)

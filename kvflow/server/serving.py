@@ -107,8 +107,12 @@ class OpenAIServing:
             conversation = [m.as_template_input() for m in messages]
         except ValueError as exc:
             raise BadRequest(str(exc), "messages") from None
-        return self.tokenizer.apply_chat_template(conversation, tokenize=False,
-                                                  add_generation_prompt=add_generation_prompt)
+        try:
+            return self.tokenizer.apply_chat_template(
+                conversation, tokenize=False, add_generation_prompt=add_generation_prompt)
+        except Exception as exc:  # jinja errors: the template refused these messages
+            raise BadRequest(f"the chat template failed on these messages: {exc}",
+                             "messages") from None
 
     async def _outputs(self, job: Job) -> AsyncIterator[tuple[int, RequestOutput]]:
         """Every prompt's outputs, interleaved as they come; leaving early aborts them all."""
