@@ -7,7 +7,7 @@ MAX_LOGPROBS = 20
 
 
 class ParameterError(ValueError):
-    """A sampling parameter out of range; `param` names it (the server's error body says it)."""
+    """A request field with a bad value; `param` names it (the server's error body says it)."""
 
     def __init__(self, param: str, message: str) -> None:
         super().__init__(message)

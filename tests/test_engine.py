@@ -146,22 +146,31 @@ def test_invalid_engine_options(checkpoint, option, value, match):
             if option != "kv_cache_memory" else {option: value})
 
 
-def test_old_config_keys_and_dtype_auto(checkpoint, tmp_path):
-    """Hub checkpoints carry rope_theta / rope_scaling / torch_dtype instead of
-    rope_parameters / dtype: both spellings give the same model."""
-    source = checkpoint("llama3-rope")
-    old = tmp_path / "old-keys"
-    shutil.copytree(source, old)
-    config = json.loads((old / "config.json").read_text())
+def _copy_with_config(source, target, edit) -> str:
+    """A copy of a checkpoint whose config.json went through edit(config)."""
+    shutil.copytree(source, target)
+    config = json.loads((target / "config.json").read_text())
+    edit(config)
+    (target / "config.json").write_text(json.dumps(config))
+    return str(target)
+
+
+def _old_keys(config: dict) -> None:
     rope = config.pop("rope_parameters")
     config["rope_theta"] = rope.pop("rope_theta")
     config["rope_scaling"] = rope
     config["torch_dtype"] = config.pop("dtype", "float32")
-    (old / "config.json").write_text(json.dumps(config))
+
+
+def test_old_config_keys_and_dtype_auto(checkpoint, tmp_path):
+    """Hub checkpoints carry rope_theta / rope_scaling / torch_dtype instead of
+    rope_parameters / dtype: both spellings give the same model."""
+    source = checkpoint("llama3-rope")
+    old = _copy_with_config(source, tmp_path / "old-keys", _old_keys)
     prompts = [{"prompt_token_ids": p} for p in random_prompts(2, seed=22, low=30, high=60)]
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
     new_llm = LLM(str(source), device="cpu", kv_cache_memory="4MiB")
-    old_llm = LLM(str(old), device="cpu", kv_cache_memory="4MiB")
+    old_llm = LLM(old, device="cpu", kv_cache_memory="4MiB")
     assert new_llm.engine.dtype == old_llm.engine.dtype
     assert old_llm.engine.model_config.rope == new_llm.engine.model_config.rope
     assert old_llm.engine.model_config.rope.scaling_type == "llama3"
@@ -170,24 +179,19 @@ def test_old_config_keys_and_dtype_auto(checkpoint, tmp_path):
 
 
 def test_unsupported_architecture_is_named(checkpoint, tmp_path):
-    broken = tmp_path / "gpt2ish"
-    shutil.copytree(checkpoint("llama-gqa"), broken)
-    config = json.loads((broken / "config.json").read_text())
-    config["architectures"] = ["FancyForCausalLM"]
-    (broken / "config.json").write_text(json.dumps(config))
+    broken = _copy_with_config(checkpoint("llama-gqa"), tmp_path / "fancy",
+                               lambda c: c.update(architectures=["FancyForCausalLM"]))
     with pytest.raises(ValueError, match="FancyForCausalLM.*LlamaForCausalLM.*Qwen3ForCausalLM"):
-        LLM(str(broken), kv_cache_memory="4MiB")
+        LLM(broken, kv_cache_memory="4MiB")
 
 
 def test_unknown_rope_type_is_named(checkpoint, tmp_path):
-    broken = tmp_path / "yarn"
-    shutil.copytree(checkpoint("llama-gqa"), broken)
-    config = json.loads((broken / "config.json").read_text())
-    config["rope_parameters"] = {"rope_type": "longrope", "rope_theta": 10000.0,
-                                 "short_factor": [1.0] * 8, "long_factor": [1.0] * 8}
-    (broken / "config.json").write_text(json.dumps(config))
+    longrope = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 8,
+                "long_factor": [1.0] * 8}
+    broken = _copy_with_config(checkpoint("llama-gqa"), tmp_path / "longrope",
+                               lambda c: c.update(rope_parameters=longrope))
     with pytest.raises(ValueError, match="longrope"):
-        LLM(str(broken), kv_cache_memory="4MiB")
+        LLM(broken, kv_cache_memory="4MiB")
 
 
 def test_missing_weights_are_reported(checkpoint, tmp_path):

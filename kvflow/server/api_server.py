@@ -27,7 +27,8 @@ from kvflow.engine.llm_engine import LLMEngine
 from kvflow.server.metrics import ServerMetrics
 from kvflow.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                     OpenAIModel, TokenizeRequest)
-from kvflow.server.serving import BadRequest, Job, OpenAIServing
+from kvflow.sampling_params import ParameterError
+from kvflow.server.serving import OpenAIServing
 
 logger = logging.getLogger(__name__)
 
@@ -189,28 +190,25 @@ def create_app(args: ServerArgs) -> FastAPI:
         logger.exception("internal error")
         return error_response(500, f"internal error: {type(exc).__name__}")
 
-    async def respond(job: Job, stream: bool, serving: OpenAIServing) -> Any:
-        if stream:
+    async def generate(request: CompletionRequest | ChatCompletionRequest) -> Any:
+        engine, serving = state.ready()
+        _warn_unknown(request)
+        state.check_model(request.model)
+        state.check_capacity(engine)
+        model = request.model or args.model_names[0]
+        job = (serving.prepare_chat(request, model) if isinstance(request, ChatCompletionRequest)
+               else serving.prepare_completion(request, model))
+        if request.stream:
             return StreamingResponse(serving.stream(job), media_type="text/event-stream")
         return await serving.full_response(job)
 
     @app.post("/v1/completions")
     async def completions(request: CompletionRequest) -> Any:
-        engine, serving = state.ready()
-        _warn_unknown(request)
-        state.check_model(request.model)
-        state.check_capacity(engine)
-        job = serving.prepare_completion(request, request.model or args.model_names[0])
-        return await respond(job, request.stream, serving)
+        return await generate(request)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: ChatCompletionRequest) -> Any:
-        engine, serving = state.ready()
-        _warn_unknown(request)
-        state.check_model(request.model)
-        state.check_capacity(engine)
-        job = serving.prepare_chat(request, request.model or args.model_names[0])
-        return await respond(job, request.stream, serving)
+        return await generate(request)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -227,7 +225,7 @@ def create_app(args: ServerArgs) -> FastAPI:
         state.check_model(request.model)
         tokenizer = engine.engine.tokenizer
         if (request.prompt is None) == (request.messages is None):
-            raise BadRequest("give exactly one of prompt and messages", "prompt")
+            raise ParameterError("prompt", "give exactly one of prompt and messages")
         if request.messages is not None:
             text = serving.render_chat(request.messages, request.add_generation_prompt)
             tokens = tokenizer.encode(text, add_special_tokens=False)
@@ -243,7 +241,7 @@ def create_app(args: ServerArgs) -> FastAPI:
         vocab = engine.engine.model_config.vocab_size
         bad = [t for t in request.tokens if not 0 <= t < vocab]
         if bad:
-            raise BadRequest(f"token ids must be in [0, {vocab}), got {bad[:5]}", "tokens")
+            raise ParameterError("tokens", f"token ids must be in [0, {vocab}), got {bad[:5]}")
         return {"prompt": engine.engine.tokenizer.decode(request.tokens)}
 
     @app.get("/health")

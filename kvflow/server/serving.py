@@ -13,16 +13,9 @@ from typing import Any
 from kvflow.engine.async_engine import AsyncEngine
 from kvflow.engine.llm_engine import PreparedRequest
 from kvflow.outputs import CompletionOutput, Logprob, RequestOutput
+from kvflow.sampling_params import ParameterError
 from kvflow.server.metrics import ServerMetrics
 from kvflow.server.protocol import ChatCompletionRequest, CompletionRequest
-
-
-class BadRequest(ValueError):
-    """A request the server refuses with 400; `param` names the field when known."""
-
-    def __init__(self, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.param = param
 
 
 @dataclass
@@ -61,7 +54,7 @@ def completion_prompts(request: CompletionRequest) -> list[str | list[int]]:
     else:
         prompts = list(prompt)
     if not prompts or any(len(p) == 0 for p in prompts):
-        raise BadRequest("prompt must not be empty", "prompt")
+        raise ParameterError("prompt", "prompt must not be empty")
     return prompts  # type: ignore[return-value]
 
 
@@ -73,7 +66,7 @@ class OpenAIServing:
 
     def prepare_completion(self, request: CompletionRequest, model: str) -> Job:
         if request.suffix:
-            raise BadRequest("suffix is not supported", "suffix")
+            raise ParameterError("suffix", "suffix is not supported")
         prompts = completion_prompts(request)
         prompt_logprobs = request.logprobs if request.echo and request.logprobs is not None else None
         params = request.sampling_params(request.max_tokens, request.logprobs, prompt_logprobs)
@@ -87,7 +80,7 @@ class OpenAIServing:
 
     def prepare_chat(self, request: ChatCompletionRequest, model: str) -> Job:
         if request.top_logprobs is not None and not request.logprobs:
-            raise BadRequest("top_logprobs needs logprobs to be true", "top_logprobs")
+            raise ParameterError("top_logprobs", "top_logprobs needs logprobs to be true")
         text = self.render_chat(request.messages, request.add_generation_prompt)
         max_tokens = request.max_completion_tokens or request.max_tokens
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
@@ -102,17 +95,17 @@ class OpenAIServing:
 
     def render_chat(self, messages: list, add_generation_prompt: bool) -> str:
         if not getattr(self.tokenizer, "chat_template", None):
-            raise BadRequest("the model's tokenizer has no chat template", "messages")
+            raise ParameterError("messages", "the model's tokenizer has no chat template")
         try:
             conversation = [m.as_template_input() for m in messages]
         except ValueError as exc:
-            raise BadRequest(str(exc), "messages") from None
+            raise ParameterError("messages", str(exc)) from None
         try:
             return self.tokenizer.apply_chat_template(
                 conversation, tokenize=False, add_generation_prompt=add_generation_prompt)
         except Exception as exc:  # jinja errors: the template refused these messages
-            raise BadRequest(f"the chat template failed on these messages: {exc}",
-                             "messages") from None
+            raise ParameterError("messages",
+                                 f"the chat template failed on these messages: {exc}") from None
 
     async def _outputs(self, job: Job) -> AsyncIterator[tuple[int, RequestOutput]]:
         """Every prompt's outputs, interleaved as they come; leaving early aborts them all."""
