@@ -1,9 +1,11 @@
 """Per-request sampling parameters, with vLLM's names and validation rules."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 
 MAX_LOGPROBS = 20
+MAX_SEED = 2**64 - 1  # what torch.Generator.manual_seed takes
 
 
 class ParameterError(ValueError):
@@ -63,6 +65,9 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2.0 <= getattr(self, name) <= 2.0:
                 raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if self.seed is not None and not 0 <= self.seed <= MAX_SEED - (self.n - 1):
+            raise ValueError(f"seed must be in [0, {MAX_SEED - (self.n - 1)}] (n={self.n} samples "
+                             f"use seed + i), got {self.seed}")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
         if self.min_tokens < 0:
@@ -84,7 +89,7 @@ class SamplingParams:
         if self.logit_bias:
             self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
             for token, bias in self.logit_bias.items():
-                if not -100.0 <= bias <= 100.0:
+                if not -100.0 <= bias <= 100.0:  # also refuses NaN
                     raise ValueError(f"logit_bias for token {token} must be in [-100, 100], got {bias}")
 
     def _check_types(self) -> None:
@@ -102,6 +107,8 @@ class SamplingParams:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ValueError(f"{name} must be a number, got {value!r}")
+            if not math.isfinite(value):
+                raise ValueError(f"{name} must be finite, got {value!r}")
 
     @property
     def greedy(self) -> bool:

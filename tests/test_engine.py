@@ -58,7 +58,20 @@ def test_requests_that_cannot_fit_are_rejected(engine):
         engine.add_request("bias", "hi", SamplingParams(logit_bias={4000: 1.0}))
     with pytest.raises(ValueError, match="prompt"):
         engine.add_request("bad", 42, SamplingParams())  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="stop_token_ids entry 100000"):
+        engine.add_request("stop", "hi", SamplingParams(stop_token_ids=[100000], min_tokens=1))
+    with pytest.raises(ValueError, match="n=300 exceeds max_num_seqs=256"):
+        engine.add_request("many", "hi", SamplingParams(n=300))
     assert not engine.has_unfinished_requests()
+
+
+def test_colliding_ids_change_nothing(engine):
+    params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+    engine.add_request("0_x", {"prompt_token_ids": [5, 6]}, params)
+    with pytest.raises(ValueError, match="'0_x' is already in use"):
+        engine.add_request("x", {"prompt_token_ids": [5, 6]}, SamplingParams(n=2, max_tokens=2))
+    finished = _drain(engine)
+    assert set(finished) == {"0_x"} and not engine.has_unfinished_requests()
 
 
 def test_startup_reports_kv_capacity(checkpoint, capfd):

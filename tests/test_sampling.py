@@ -151,3 +151,60 @@ def test_invalid_parameters_name_the_field(field, value):
 def test_min_tokens_above_max_tokens_is_an_error():
     with pytest.raises(ValueError, match="min_tokens"):
         SamplingParams(max_tokens=4, min_tokens=5)
+
+
+def test_stop_token_text_is_left_out(llm):
+    prompt = random_prompts(1, seed=16)
+    free = _tokens(llm, prompt, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))[0]
+    stop_at = free[4]
+    cut = free.index(stop_at)
+
+    def text(**options):
+        return llm.generate(_ids(prompt), SamplingParams(temperature=0, ignore_eos=True,
+                                                         **options),
+                            use_tqdm=False)[0].outputs[0].text
+
+    assert text(max_tokens=12, stop_token_ids=[stop_at]) == text(max_tokens=cut)
+    assert text(max_tokens=12, stop_token_ids=[stop_at],
+                include_stop_str_in_output=True) == text(max_tokens=cut + 1)
+
+
+def test_stop_string_on_the_last_allowed_token_is_a_stop(llm):
+    prompt = random_prompts(1, seed=17)
+    greedy = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    texts = [llm.generate(_ids(prompt), SamplingParams(temperature=0, max_tokens=k,
+                                                       ignore_eos=True),
+                          use_tqdm=False)[0].outputs[0].text for k in range(1, 17)]
+    assert texts[-1] == llm.generate(_ids(prompt), greedy, use_tqdm=False)[0].outputs[0].text
+    # A length k whose last character first appears in the k-th token's text.
+    k = next(k for k in range(16, 1, -1) if texts[k - 1] and texts[k - 1] != texts[k - 2]
+             and texts[k - 1][-1] not in texts[k - 1][:-1])
+    stop = texts[k - 1][-1]
+    out = llm.generate(_ids(prompt), SamplingParams(temperature=0, max_tokens=k, stop=stop,
+                                                    ignore_eos=True),
+                       use_tqdm=False)[0].outputs[0]
+    assert out.text == texts[k - 1][:-1]
+    assert out.finish_reason == "stop" and out.stop_reason == stop
+
+
+@pytest.mark.parametrize("field,value", [
+    ("temperature", float("nan")), ("repetition_penalty", float("inf")),
+    ("top_p", float("nan")), ("seed", -1), ("seed", 2**64),
+])
+def test_non_finite_and_out_of_range_values(field, value):
+    with pytest.raises(ValueError, match=field) as info:
+        SamplingParams(**{field: value})
+    assert info.value.param == field
+
+
+def test_seed_range_accounts_for_n():
+    SamplingParams(seed=2**64 - 1)
+    with pytest.raises(ValueError, match="seed"):
+        SamplingParams(seed=2**64 - 1, n=2)
+
+
+def test_huge_top_k_is_the_whole_vocabulary(llm):
+    prompts = random_prompts(2, seed=18)
+    params = dict(temperature=1.0, seed=3, max_tokens=6, ignore_eos=True)
+    assert (_tokens(llm, prompts, SamplingParams(top_k=2**70, **params))
+            == _tokens(llm, prompts, SamplingParams(**params)))

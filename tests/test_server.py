@@ -129,6 +129,27 @@ def test_streamed_completion_n2_logprobs_and_stop(client, offline):
     content = chat.choices[0].logprobs.content
     assert len(content) == 3 and all(len(c.top_logprobs) == 2 for c in content)
     assert content[0].logprob == content[0].top_logprobs[0].logprob  # greedy: the top token
+    streamed = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=12, logprobs=True,
+        temperature=0, stream=True, extra_body={"ignore_eos": True})
+    entries = [e for c in streamed if c.choices and c.choices[0].logprobs
+               for e in c.choices[0].logprobs.content]
+    assert len(entries) == 12  # one per token: none repeated, none lost
+
+
+def test_streamed_echo_and_offsets(server):
+    body = {"model": "tiny", "prompt": "Hello", "echo": True, "stream": True, "max_tokens": 8,
+            "stop": ["zzzzzzzzzz"], "logprobs": 1, "ignore_eos": True}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body,
+                      headers=HEADERS) as response:
+        events = [json.loads(line[6:]) for line in response.iter_lines()
+                  if line.startswith("data: {")]
+    text = "".join(e["choices"][0]["text"] for e in events if e["choices"])
+    assert text.startswith("Hello") and len(text) > len("Hello")
+    offsets = [o for e in events if e["choices"] and e["choices"][0]["logprobs"]
+               for o in e["choices"][0]["logprobs"]["text_offset"]]
+    assert len(offsets) == 8 and offsets[0] == len("Hello")
+    assert offsets == sorted(offsets)
 
 
 def test_32_concurrent_streams(server, offline):

@@ -72,18 +72,22 @@ class AsyncEngine:
             raise EngineDeadError(f"the engine is not running: {self.error!r}")
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         self._send(_Add(prepared, stream))
-        finished = False
+        if not self._thread.is_alive():  # it ended between the check above and the send
+            raise EngineDeadError(f"the engine is not running: {self.error!r}")
+        settled = False  # finished, or never accepted: nothing to abort
         try:
             while True:
                 item = await stream.outputs.get()
+                if isinstance(item, ValueError):  # the engine refused the add
+                    settled = True
                 if isinstance(item, BaseException):
                     raise item
-                finished = item.finished
+                settled = item.finished
                 yield item
-                if finished:
+                if settled:
                     return
         finally:
-            if not finished:
+            if not settled:
                 self.abort(prepared.parent.request_id)
 
     def abort(self, request_id: str) -> None:

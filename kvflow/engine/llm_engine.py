@@ -22,7 +22,7 @@ from kvflow.engine.output_processor import OutputProcessor, ParentState
 from kvflow.models.loader import build_model, resolve_model_path
 from kvflow.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from kvflow.request import Request, RequestStatus
-from kvflow.sampling_params import SamplingParams
+from kvflow.sampling_params import ParameterError, SamplingParams
 from kvflow.worker.kv_cache import default_kv_cache_memory, num_blocks_for
 from kvflow.worker.model_runner import ModelRunner
 
@@ -136,9 +136,12 @@ class LLMEngine:
         return PreparedRequest(parent=parent, children=children)
 
     def add_prepared(self, prepared: PreparedRequest) -> None:
-        request_id = prepared.parent.request_id
-        if request_id in self.output_processor.parents:
-            raise ValueError(f"request id {request_id!r} is already in use")
+        # Check every id before touching any state, so that a rejected add changes nothing.
+        ids = [prepared.parent.request_id] + [c.request_id for c in prepared.children]
+        taken = [i for i in ids if i in self.output_processor.parents
+                 or i in self.output_processor.samples or i in self.scheduler.requests]
+        if taken:
+            raise ValueError(f"request id {taken[0]!r} is already in use")
         self.output_processor.add(prepared.parent, prepared.children)
         for child in prepared.children:
             self.scheduler.add_request(child)
@@ -153,7 +156,15 @@ class LLMEngine:
             raise ValueError(f"prompt token ids must be integers in [0, {vocab}), got {bad[:5]}")
         for token in params.logit_bias or {}:
             if not 0 <= token < vocab:
-                raise ValueError(f"logit_bias token id {token} is outside [0, {vocab})")
+                raise ParameterError("logit_bias",
+                                     f"logit_bias token id {token} is outside [0, {vocab})")
+        for token in params.stop_token_ids or ():
+            if not 0 <= token < vocab:
+                raise ParameterError("stop_token_ids",
+                                     f"stop_token_ids entry {token} is outside [0, {vocab})")
+        if params.n > self.scheduler_config.max_num_seqs:
+            raise ParameterError("n", f"n={params.n} exceeds max_num_seqs="
+                                      f"{self.scheduler_config.max_num_seqs}")
         prompt_len = len(token_ids)
         max_tokens = params.max_tokens
         if max_tokens is None:
@@ -187,6 +198,7 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         scheduler_output = self.scheduler.schedule()
+        self.runner.forget(scheduler_output.finished_req_ids)
         if not scheduler_output.scheduled:
             return []
         runner_output = self.runner.execute(scheduler_output)

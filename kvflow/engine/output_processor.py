@@ -12,7 +12,7 @@ from transformers import PreTrainedTokenizerBase
 
 from kvflow.outputs import (CompletionOutput, Logprob, PromptLogprobs, RequestMetrics,
                             RequestOutput, RunnerOutput, SampleLogprobs, TokenLogprobs)
-from kvflow.request import Request
+from kvflow.request import Request, RequestStatus
 from kvflow.tokenizer.detokenizer import IncrementalDetokenizer
 
 
@@ -83,11 +83,17 @@ class OutputProcessor:
                 state.logprobs.append(self._as_dict(entry))
                 state.cumulative_logprob += entry.logprobs[0]
             params = request.sampling_params
+            # The EOS or stop token that ended the request is not part of the text (as in
+            # vLLM), unless include_stop_str_in_output asks for it.
+            stopped_by_token = request.status == RequestStatus.FINISHED_STOPPED
+            new_text = [] if stopped_by_token and not params.include_stop_str_in_output \
+                else [token_id]
             stop = state.detokenizer.update(
-                [token_id], check_stop=request.num_output_tokens >= params.min_tokens)
+                new_text, check_stop=request.num_output_tokens >= params.min_tokens)
             finish_reason = request.status.finish_reason
-            if stop is not None and not request.status.finished:
-                stopped.append(request.request_id)
+            if stop is not None:  # the text is cut there, whatever else ended the request
+                if not request.status.finished:
+                    stopped.append(request.request_id)
                 request.stop_reason, finish_reason = stop, "stop"
             self._publish(state, finish_reason, request.stop_reason)
             changed[state.parent.request_id] = state.parent
@@ -98,7 +104,9 @@ class OutputProcessor:
         parent = state.parent
         parent.outputs[state.index] = CompletionOutput(
             index=state.index, text=state.detokenizer.text, token_ids=list(state.token_ids),
-            cumulative_logprob=state.cumulative_logprob, logprobs=state.logprobs,
+            cumulative_logprob=state.cumulative_logprob,
+            # A copy: the engine thread goes on appending while a server serialises this one.
+            logprobs=None if state.logprobs is None else list(state.logprobs),
             finish_reason=finish_reason, stop_reason=stop_reason)
         if finish_reason is not None:
             parent.num_unfinished -= 1

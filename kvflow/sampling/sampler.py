@@ -91,7 +91,7 @@ def prepare_sampling(requests: list[ScheduledRequest], generators: dict[str, tor
     return SamplingBatch(
         temperature=column([p.temperature for p in params]),
         all_greedy=all(p.greedy for p in params),
-        top_k=column([p.top_k or vocab_size for p in params], torch.int64)
+        top_k=column([min(p.top_k, vocab_size) or vocab_size for p in params], torch.int64)
         if any(p.top_k for p in params) else None,
         top_p=column([p.top_p for p in params]) if any(p.top_p < 1 for p in params) else None,
         min_p=column([p.min_p for p in params]) if any(p.min_p > 0 for p in params) else None,

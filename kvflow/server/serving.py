@@ -24,6 +24,7 @@ class _Choice:
 
     sent_text: int = 0
     sent_tokens: int = 0
+    echoed: int | None = None  # length of the echoed prompt, once sent
     finished: bool = False
     last_token_time: float | None = None
 
@@ -228,9 +229,13 @@ class OpenAIServing:
         delta = completion.text[choice.sent_text:end]
         new_entries = (completion.logprobs or [])[choice.sent_tokens:]
         new_tokens = completion.token_ids[choice.sent_tokens:]
-        first = choice.sent_text == 0 and choice.sent_tokens == 0
+        start = choice.sent_text
         choice.sent_text, choice.sent_tokens, choice.finished = end, len(completion.token_ids), done
-        if not delta and not done and not new_entries:
+        prefix = ""
+        if job.echo and choice.echoed is None:
+            prefix = self._prompt_text(output)
+            choice.echoed = len(prefix)
+        if not delta and not done and not new_entries and not prefix:
             return None
         number = index * job.n + completion.index
         if job.kind == "chat":
@@ -238,9 +243,9 @@ class OpenAIServing:
                     "logprobs": self._chat_logprobs(new_entries, job.logprobs)
                     if job.logprobs is not None else None,
                     "finish_reason": completion.finish_reason, "stop_reason": completion.stop_reason}
-        prefix = self._prompt_text(output) if job.echo and first else ""
+        offset = (choice.echoed or 0) + start  # text_offset counts from the whole text's start
         return {"index": number, "text": prefix + delta,
-                "logprobs": self._completion_logprobs(new_tokens, new_entries)
+                "logprobs": self._completion_logprobs(new_tokens, new_entries, offset)
                 if job.logprobs is not None else None,
                 "finish_reason": completion.finish_reason, "stop_reason": completion.stop_reason}
 
@@ -259,12 +264,12 @@ class OpenAIServing:
             return entry[token_id].decoded_token  # type: ignore[return-value]
         return self.tokenizer.decode([token_id])
 
-    def _completion_logprobs(self, tokens: list[int], entries: list) -> dict[str, list]:
+    def _completion_logprobs(self, tokens: list[int], entries: list,
+                             offset: int = 0) -> dict[str, list]:
         """The legacy completions shape; top_logprobs holds the top N and the chosen token.
-        text_offset counts from the start of the text returned with them."""
+        text_offset counts characters from the start of the choice's whole text."""
         result: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [],
                                    "text_offset": []}
-        offset = 0
         for token_id, entry in zip(tokens, entries):
             text = self._token_text(token_id, entry)
             result["tokens"].append(text)

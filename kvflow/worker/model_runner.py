@@ -28,10 +28,13 @@ class ModelRunner:
         self.sampler = Sampler(torch.Generator(device).manual_seed(seed))
         self.generators: dict[str, torch.Generator] = {}
 
+    def forget(self, req_ids: set[str]) -> None:
+        """Drop the state of finished requests."""
+        for req_id in req_ids:
+            self.generators.pop(req_id, None)
+
     @torch.inference_mode()
     def execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
-        for req_id in scheduler_output.finished_req_ids:
-            self.generators.pop(req_id, None)
         # Decodes first: the attention batches them in one call.
         batch = sorted(scheduler_output.scheduled, key=lambda r: len(r.token_ids) != 1)
         if not batch:
