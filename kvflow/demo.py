@@ -64,21 +64,26 @@ def _training_text() -> list[str]:
     return [f.read_text(encoding="utf-8", errors="replace") for f in files]
 
 
-def _write_tokenizer(out: Path) -> None:
+def train_tokenizer(texts: list[str], vocab_size: int):  # noqa: ANN201
+    """A byte-level BPE tokenizer with the chat template, as a transformers fast tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, special_tokens=SPECIAL_TOKENS,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
-    tokenizer.train_from_iterator(_training_text(), trainer)
+    tokenizer.train_from_iterator(texts, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>",
                                    pad_token="<|endoftext|>")
     fast.chat_template = CHAT_TEMPLATE
-    fast.save_pretrained(out)
+    return fast
+
+
+def _write_tokenizer(out: Path) -> None:
+    train_tokenizer(_training_text(), VOCAB_SIZE).save_pretrained(out)
 
 
 def _write_model(out: Path) -> None:

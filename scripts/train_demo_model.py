@@ -28,11 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
-    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+from kvflow.demo import train_tokenizer
+
 EXCLUDED_PARTS = {"test", "tests", "idle_test", "site-packages", "__pycache__"}
 HELDOUT_MODULUS = 20  # 1 file in 20 (5%) is held out
 
@@ -69,23 +66,6 @@ def is_heldout(relative: str) -> bool:
 
 def read(path: Path) -> str:
     return path.read_text(encoding="utf-8", errors="replace")
-
-
-def train_tokenizer(texts: list[str], vocab_size: int):  # noqa: ANN201
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-    tokenizer.train_from_iterator(texts, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>",
-                                   pad_token="<|endoftext|>")
-    fast.chat_template = CHAT_TEMPLATE
-    return fast
 
 
 def token_stream(tokenizer, texts: list[str]) -> np.ndarray:  # noqa: ANN001
