@@ -29,21 +29,16 @@ def make_checkpoint(shape: Path, out: Path) -> Path:
     """A checkpoint of the shape's config with random bf16 weights and a small local tokenizer."""
     if (out / "model.safetensors").exists() or (out / "model.safetensors.index.json").exists():
         return out
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from kvflow.demo import train_tokenizer
 
     fields = json.loads(shape.read_text())
     config = AutoConfig.for_model(fields.pop("model_type"), **fields)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.save_pretrained(out)
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.train_from_iterator(TOKENIZER_CORPUS, trainers.BpeTrainer(
-        vocab_size=512, special_tokens=["<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer,
-                            eos_token="<|endoftext|>").save_pretrained(out)
+    # One special token: the vocabulary size bounds the workload's prompt ids.
+    train_tokenizer(TOKENIZER_CORPUS, 512, ["<|endoftext|>"]).save_pretrained(out)
     return out
 
 

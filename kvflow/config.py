@@ -218,3 +218,8 @@ class CacheConfig:
     @property
     def num_usable_blocks(self) -> int:
         return self.num_blocks - 1
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens the pool holds in all."""
+        return self.num_usable_blocks * self.block_size

@@ -64,21 +64,24 @@ def _training_text() -> list[str]:
     return [f.read_text(encoding="utf-8", errors="replace") for f in files]
 
 
-def train_tokenizer(texts: list[str], vocab_size: int):  # noqa: ANN201
-    """A byte-level BPE tokenizer with the chat template, as a transformers fast tokenizer."""
+def train_tokenizer(texts: list[str], vocab_size: int,
+                    special_tokens: list[str] = SPECIAL_TOKENS,
+                    chat_template: str = CHAT_TEMPLATE):  # noqa: ANN201
+    """A byte-level BPE tokenizer with a chat template, as a transformers fast tokenizer.
+    The first special token is EOS and padding."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special_tokens,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
     tokenizer.train_from_iterator(texts, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>",
-                                   pad_token="<|endoftext|>")
-    fast.chat_template = CHAT_TEMPLATE
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=special_tokens[0],
+                                   pad_token=special_tokens[0])
+    fast.chat_template = chat_template
     return fast
 
 

@@ -59,7 +59,7 @@ class LLMEngine:
         memory = args.kv_cache_memory or default_kv_cache_memory(self.device)
         num_blocks = num_blocks_for(memory, self.model_config, self.dtype, args.block_size)
         self.cache_config = CacheConfig(block_size=args.block_size, num_blocks=num_blocks)
-        capacity = self.cache_config.num_usable_blocks * args.block_size
+        capacity = self.cache_config.num_tokens
         max_model_len = self._fit_max_model_len(args.max_model_len, requested_len, capacity,
                                                 memory)
         self.scheduler_config = SchedulerConfig(
@@ -177,8 +177,7 @@ class LLMEngine:
                              f"exceeds max_model_len={self.max_model_len}")
         if not self.kv_manager.can_ever_fit(prompt_len + max_tokens):
             raise ValueError(f"the request needs {prompt_len + max_tokens} tokens of KV cache; "
-                             f"the whole pool holds "
-                             f"{self.cache_config.num_usable_blocks * self.cache_config.block_size}")
+                             f"the whole pool holds {self.cache_config.num_tokens}")
         return max_tokens
 
     def abort_request(self, request_ids: str | list[str]) -> None:
