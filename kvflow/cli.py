@@ -1,4 +1,5 @@
-"""The kvflow command: `kvflow serve` (the OpenAI-compatible server) and `kvflow generate`."""
+"""The kvflow command: `kvflow serve` (the OpenAI-compatible server), `kvflow generate`,
+`kvflow bench ...` and `kvflow env`."""
 from __future__ import annotations
 
 import argparse
@@ -114,6 +115,10 @@ def main(argv: list[str] | None = None) -> int:
                        help="seconds running requests get to finish on SIGINT/SIGTERM")
     add_engine_arguments(serve)
     serve.set_defaults(handler=_serve)
+
+    from kvflow.bench.cli import add_commands
+
+    add_commands(commands, common, add_engine_arguments)
 
     ns = parser.parse_args(argv)
     configure_logging(ns.log_level.upper())

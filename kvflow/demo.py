@@ -33,9 +33,13 @@ CHAT_TEMPLATE = (
 TRAINING_FILES = 40
 
 
+def cache_root() -> Path:
+    """Where kvflow keeps what it builds or measures: $KVFLOW_CACHE or ~/.cache/kvflow."""
+    return Path(os.environ.get("KVFLOW_CACHE") or Path.home() / ".cache" / "kvflow")
+
+
 def cache_dir() -> Path:
-    root = os.environ.get("KVFLOW_CACHE") or Path.home() / ".cache" / "kvflow"
-    return Path(root) / f"demo-{DEMO_VERSION}"
+    return cache_root() / f"demo-{DEMO_VERSION}"
 
 
 def ensure_demo_model(directory: Path | None = None) -> Path:

@@ -1,0 +1,117 @@
+"""`kvflow bench compare`: kvflow and its peers on the same model and requests, in one run,
+with one table, JSON and plots. benchmarks/run_peers.sh calls it."""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from kvflow.bench import hardware, llama_cpp
+from kvflow.bench.hf_peer import load_hf_model, run_transformers
+from kvflow.bench.make_model import tokenizer_vocab_size
+from kvflow.bench.offline import run_kvflow
+from kvflow.bench.report import attach_roofline, markdown_table, model_config, plot, summary
+from kvflow.bench.results import RunResult
+from kvflow.bench.serve_client import LoadSettings, run_serve
+from kvflow.bench.workload import Workload, load_workload
+
+logger = logging.getLogger(__name__)
+
+SYSTEMS = ("kvflow", "transformers-one", "transformers-batch", "llama.cpp")
+
+
+@dataclass
+class CompareSettings:
+    model: Path
+    workloads: list[str]
+    out: Path
+    systems: list[str] = field(default_factory=lambda: list(SYSTEMS))
+    hf_one_at_a_time_requests: int | None = 8
+    hf_batch_size: int = 32
+    llama_cpp_parallel: list[int] = field(default_factory=lambda: [8, 32])
+    kv_cache_memory: str | None = None
+    dtype: str = "bfloat16"
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.systems) - set(SYSTEMS))
+        if unknown:
+            raise ValueError(f"unknown systems {unknown}; choose from {list(SYSTEMS)}")
+
+
+def _llama_cpp(settings: CompareSettings, workload: Workload, gguf: Path) -> RunResult:
+    """llama-server at each slot count (one for a single-stream workload), the best kept."""
+    context = max(p + g for p, g in workload.lengths) + 16
+    counts = [1] if workload.single_stream else settings.llama_cpp_parallel
+    tried = []
+    for parallel in counts:
+        log = settings.out.with_name(f"{settings.out.name}-llama-server-{parallel}.log")
+        with llama_cpp.llama_server(gguf, parallel, context, torch.get_num_threads(),
+                                    log) as url:
+            result = run_serve(url, workload, LoadSettings(max_concurrency=parallel,
+                                                           timeout_s=3600),
+                               model="gguf", system="llama.cpp")
+        result.settings["parallel"] = parallel
+        logger.info("llama.cpp -np %d: %.1f generated tokens/s", parallel,
+                    result.generated_tokens_per_s)
+        tried.append(result)
+    best = max(tried, key=lambda r: r.generated_tokens_per_s)
+    best.settings["tried"] = {r.settings["parallel"]: r.generated_tokens_per_s for r in tried}
+    return best
+
+
+def compare(settings: CompareSettings) -> list[RunResult]:
+    from kvflow import LLM
+
+    dtype = getattr(torch, settings.dtype)
+    config = model_config(settings.model)
+    vocab = tokenizer_vocab_size(settings.model)
+    ceiling = hardware.ceilings()
+    workloads = [load_workload(w, vocab) for w in settings.workloads]
+    results: list[RunResult] = []
+
+    def record(result: RunResult, workload: Workload) -> None:
+        attach_roofline(result, workload, config, settings.dtype, ceiling)
+        print(summary(result), flush=True)
+        results.append(result)
+
+    if "kvflow" in settings.systems:
+        llm = LLM(str(settings.model), dtype=settings.dtype, device="cpu",
+                  kv_cache_memory=settings.kv_cache_memory)
+        for workload in workloads:
+            record(run_kvflow(llm, workload), workload)
+        del llm
+    hf_systems = [s for s in settings.systems if s.startswith("transformers")]
+    if hf_systems:
+        hf_model = load_hf_model(settings.model, dtype)
+        for workload in workloads:
+            if "transformers-one" in hf_systems:
+                covered = workload.prefix(settings.hf_one_at_a_time_requests)
+                record(run_transformers(hf_model, covered, 1), workload)
+            if "transformers-batch" in hf_systems and not workload.single_stream:
+                record(run_transformers(hf_model, workload, settings.hf_batch_size), workload)
+        del hf_model
+    if "llama.cpp" in settings.systems:
+        gguf = llama_cpp.convert_to_gguf(settings.model)
+        for workload in workloads:
+            record(_llama_cpp(settings, workload, gguf), workload)
+    write(settings, results, ceiling)
+    return results
+
+
+def write(settings: CompareSettings, results: list[RunResult], ceiling: dict) -> None:
+    import transformers
+
+    settings.out.parent.mkdir(parents=True, exist_ok=True)
+    document = {"date": time.strftime("%Y-%m-%d"), "model": str(settings.model),
+                "machine": hardware.inventory(), "ceilings": ceiling,
+                "versions": {"torch": torch.__version__,
+                             "transformers": transformers.__version__,
+                             "llama-cpp-python": llama_cpp.LLAMA_CPP_PYTHON},
+                "results": [r.to_dict() for r in results]}
+    settings.out.with_name(settings.out.name + ".json").write_text(json.dumps(document, indent=1))
+    settings.out.with_name(settings.out.name + ".md").write_text(markdown_table(results) + "\n")
+    plot(results, settings.out)

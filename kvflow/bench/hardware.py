@@ -1,0 +1,141 @@
+"""`kvflow env`: what this machine is, and the two ceilings every roofline divides by.
+
+The ceilings are measured, not looked up: the DRAM read rate (a sum over a 2 GiB fp32
+tensor, so that no cache holds it) and the matmul rate of a 2048^3 product in bf16 and
+fp32, each the best of a few runs at a given thread count. They are cached per machine,
+device, thread count and torch version, because measuring takes seconds and every bench
+report needs them."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from kvflow.demo import cache_root
+
+ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16",
+             "amx_int8", "fma", "f16c")
+READ_BYTES = 2 << 30
+MATMUL_N = 2048
+
+
+def _cpuinfo() -> dict[str, str]:
+    fields: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    return fields
+
+
+def _memory_bytes() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def inventory() -> dict:
+    """Cores, ISA flags, memory and accelerator, as this process sees them."""
+    cpu = _cpuinfo()
+    flags = set(cpu.get("flags", "").split())
+    info = {
+        "cpu": cpu.get("model name", platform.processor() or platform.machine()),
+        "logical_cores": os.cpu_count(),
+        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+        else os.cpu_count(),
+        "isa": {flag: flag in flags for flag in ISA_FLAGS},
+        "memory_bytes": _memory_bytes(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "cuda": None,
+    }
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info["cuda"] = {"name": props.name, "memory_bytes": props.total_memory,
+                        "count": torch.cuda.device_count()}
+    return info
+
+
+def _best_seconds(fn, device: str, repeats: int) -> float:  # noqa: ANN001
+    fn()  # warm-up: first-touch page faults, kernel selection
+    best = float("inf")
+    for _ in range(repeats):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def measure_ceilings(device: str = "cpu", read_bytes: int = READ_BYTES,
+                     matmul_n: int = MATMUL_N, repeats: int = 5) -> dict:
+    """DRAM (or HBM) read bytes/s and matmul FLOP/s per dtype, at torch's thread count."""
+    data = torch.ones(read_bytes // 4, dtype=torch.float32, device=device)
+    read_s = _best_seconds(data.sum, device, repeats)
+    del data
+    matmul = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        a = torch.randn(matmul_n, matmul_n, device=device).to(dtype)
+        b = torch.randn(matmul_n, matmul_n, device=device).to(dtype)
+        seconds = _best_seconds(lambda: a @ b, device, repeats)
+        matmul[str(dtype).removeprefix("torch.")] = 2 * matmul_n ** 3 / seconds
+    return {"device": device, "threads": torch.get_num_threads(),
+            "dram_read_bytes_per_s": read_bytes / read_s, "read_bytes": read_bytes,
+            "matmul_flops_per_s": matmul, "matmul_n": matmul_n,
+            "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+
+def _cache_path(device: str) -> Path:
+    info = inventory()
+    name = info["cuda"]["name"] if device == "cuda" and info["cuda"] else info["cpu"]
+    key = f"{name}|{device}|{torch.get_num_threads()}|{torch.__version__}"
+    return cache_root() / "env" / f"{hashlib.sha1(key.encode()).hexdigest()[:16]}.json"
+
+
+def ceilings(device: str = "cpu", refresh: bool = False) -> dict:
+    """The cached ceilings for this machine, device and thread count; measured if absent."""
+    path = _cache_path(device)
+    if path.exists() and not refresh:
+        return json.loads(path.read_text())
+    measured = measure_ceilings(device)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(measured, indent=1))
+    return measured
+
+
+def matmul_rate(ceiling: dict, dtype: str) -> float:
+    rates = ceiling["matmul_flops_per_s"]
+    if dtype not in rates:
+        raise ValueError(f"no measured matmul rate for dtype {dtype!r}; have {sorted(rates)}")
+    return rates[dtype]
+
+
+def format_env(info: dict, ceiling: dict) -> str:
+    isa = " ".join(flag for flag, present in info["isa"].items() if present) or "none found"
+    memory = f"{info['memory_bytes'] / 2**30:.1f} GiB" if info["memory_bytes"] else "unknown"
+    lines = [f"cpu: {info['cpu']}",
+             f"cores: {info['usable_cores']} usable of {info['logical_cores']} logical",
+             f"isa: {isa}", f"memory: {memory}",
+             f"accelerator: {info['cuda']['name'] if info['cuda'] else 'none'}",
+             f"torch {info['torch']}, python {info['python']}",
+             f"ceilings ({ceiling['device']}, {ceiling['threads']} threads, "
+             f"measured {ceiling['measured_at']}):",
+             f"  read bandwidth: {ceiling['dram_read_bytes_per_s'] / 1e9:.1f} GB/s",
+             *(f"  {dtype} matmul {ceiling['matmul_n']}^3: {rate / 1e12:.3f} TFLOP/s"
+               for dtype, rate in ceiling["matmul_flops_per_s"].items())]
+    return "\n".join(lines)

@@ -1,0 +1,58 @@
+"""kvflow's engine in process: `kvflow bench throughput` and `kvflow bench latency`."""
+from __future__ import annotations
+
+import time
+
+from kvflow.bench.results import RunResult, distribution, samples_ms
+from kvflow.bench.workload import Workload
+
+
+def _params(output_len: int):  # noqa: ANN202
+    from kvflow import SamplingParams
+
+    return SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
+
+
+def _warm_up(llm, workload: Workload) -> None:  # noqa: ANN001
+    first = workload.requests[0].prompt_token_ids[:32]
+    llm.generate({"prompt_token_ids": first}, _params(4), use_tqdm=False)
+
+
+def run_kvflow(llm, workload: Workload, use_tqdm: bool = False) -> RunResult:  # noqa: ANN001
+    """All requests at once, or one at a time for a single-stream workload; greedy,
+    ignore_eos, each request generating exactly its output_len tokens."""
+    _warm_up(llm, workload)
+    prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in workload.requests]
+    params = [_params(r.output_len) for r in workload.requests]
+    start = time.perf_counter()
+    if workload.single_stream:
+        outputs = [llm.generate(p, s, use_tqdm=False)[0] for p, s in zip(prompts, params)]
+    else:
+        outputs = llm.generate(prompts, params, use_tqdm=use_tqdm)
+    seconds = time.perf_counter() - start
+    ttft, tpot = [], []
+    for output in outputs:
+        m = output.metrics
+        ttft.append(m.first_token_time - m.arrival_time)
+        generated = len(output.outputs[0].token_ids)
+        if generated > 1:
+            tpot.append((m.finished_time - m.first_token_time) / (generated - 1))
+    config = llm.engine.scheduler_config
+    return RunResult(
+        system="kvflow", workload=workload.name, num_requests=len(outputs), seconds=seconds,
+        prompt_tokens=sum(len(r.prompt_token_ids) for r in workload.requests),
+        generated_tokens=sum(len(o.outputs[0].token_ids) for o in outputs),
+        settings={"max_num_seqs": config.max_num_seqs,
+                  "max_num_batched_tokens": config.max_num_batched_tokens,
+                  "dtype": str(llm.engine.dtype).removeprefix("torch."),
+                  "preemptions": llm.engine.scheduler.num_preemptions_total,
+                  "one_at_a_time": workload.single_stream},
+        latency={"ttft": distribution(ttft), "tpot": distribution(tpot),
+                 "ttft_samples_ms": samples_ms(ttft)})
+
+
+def latency_summary(result: RunResult) -> str:
+    ttft, tpot = result.latency["ttft"], result.latency["tpot"]
+    return (f"time to first token: median {ttft['p50_ms']:.1f} ms, p99 {ttft['p99_ms']:.1f} ms\n"
+            f"decode: median {tpot['p50_ms']:.2f} ms per token = "
+            f"{1000 / tpot['p50_ms']:.1f} tokens/s per stream")

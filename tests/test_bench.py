@@ -1,0 +1,210 @@
+"""kvflow bench: workloads, the roofline arithmetic, make-model, env and the load
+generator against a real server. No timing assertions: only that every figure is there
+and consistent with the requests sent."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from checkpoints import BASE, VARIANTS
+from kvflow.bench import hardware
+from kvflow.bench.roofline import ModelCost, roofline, run_cost
+from kvflow.bench.workload import load_workload, resolve_named, workload_from_spec
+from server_process import ServerProcess
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+QWEN_05B = {"model_type": "qwen2", "hidden_size": 896, "intermediate_size": 4864,
+            "num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2,
+            "vocab_size": 151936, "tie_word_embeddings": True}
+SPEC = {"name": "t", "seed": 7, "num_requests": 5, "prompt_len": {"uniform": [3, 9]},
+        "output_len": {"uniform": [2, 4]}}
+
+
+@pytest.fixture(autouse=True)
+def small_ceilings(monkeypatch, tmp_path):
+    """Measure the real ceilings, on small sizes, into a private cache."""
+    monkeypatch.setenv("KVFLOW_CACHE", str(tmp_path / "cache"))
+    measure = hardware.measure_ceilings
+    monkeypatch.setattr(hardware, "measure_ceilings",
+                        lambda device="cpu": measure(device, read_bytes=16 << 20, matmul_n=128,
+                                                     repeats=2))
+
+
+def test_workload_draws_the_same_requests_for_the_same_seed():
+    first, again = workload_from_spec(SPEC, 1000), workload_from_spec(SPEC, 1000)
+    assert first.requests == again.requests
+    other = workload_from_spec({**SPEC, "seed": 8}, 1000)
+    assert other.requests != first.requests
+    for request in first.requests:
+        assert 3 <= len(request.prompt_token_ids) <= 9 and 2 <= request.output_len <= 4
+        assert all(100 <= t < 900 for t in request.prompt_token_ids)
+    assert first.prefix(2).requests == first.requests[:2]
+    with pytest.raises(ValueError, match="vocab 150"):
+        workload_from_spec(SPEC, 150)
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="needs the shared workloads")
+def test_shared_workloads_by_name_and_prefix():
+    mixed = load_workload("mixed", 32000)
+    assert len(mixed.requests) == 128 and not mixed.single_stream
+    assert mixed.requests == load_workload(SHARED / "workloads" / "mixed.json", 32000).requests
+    assert load_workload("single-stream", 32000).single_stream
+    shared = load_workload("shared-prefix", 32000)
+    prefix = shared.requests[0].prompt_token_ids[:1024]
+    assert all(r.prompt_token_ids[:1024] == prefix for r in shared.requests)
+    with pytest.raises(ValueError, match="neither a file nor a name"):
+        resolve_named("no-such-workload", "workloads")
+
+
+def test_roofline_arithmetic_for_qwen2_5_0_5b():
+    cost = ModelCost.from_config(QWEN_05B, dtype_bytes=2)
+    # Per layer: q 896*896 + k,v 2*896*128 + o 896*896 + mlp 3*896*4864 + 2 norms of 896
+    # + q,k,v biases 896 + 2*128 = 14,912,384; 24 layers and the final norm.
+    assert cost.non_embedding_params == 24 * 14_912_384 + 896 == 357_898_112
+    assert cost.weight_bytes == 2 * (357_898_112 + 151936 * 896)  # tied: embedding once
+    assert cost.attention_flops_per_attended_token == 4 * 14 * 64 * 24
+    assert cost.lm_head_flops == 2 * 896 * 151936
+    assert cost.kv_bytes_per_token == 2 * 24 * 128 * 2
+    # One request, prompt 3, output 2: it processes 4 tokens attending 1..4 tokens; one
+    # decode step reads the KV of 4 tokens; one wave of 2 steps reads the weights twice.
+    run = run_cost(cost, [(3, 2)], concurrency=1)
+    assert run.flops == 4 * 2 * 357_898_112 + 86_016 * (1 + 2 + 3 + 4) + 2 * 272_269_312
+    assert run.bytes == 2 * cost.weight_bytes + 4 * 12_288
+    # Two requests together share the weight reads: max(2, 3) steps.
+    both = run_cost(cost, [(3, 2), (1, 3)], concurrency=2)
+    assert both.bytes == 3 * cost.weight_bytes + (4 + 2 + 3) * 12_288
+    line = roofline(run, seconds=2.0, matmul_flops_per_s=1e12, dram_bytes_per_s=1e10)
+    assert line.binding == "memory"
+    assert line.achieved_percent == pytest.approx(100 * run.bytes / 1e10 / 2.0)
+
+
+@pytest.mark.parametrize("variant", ["llama-gqa", "llama-mha-tied-bias", "qwen2", "qwen3"])
+def test_model_cost_counts_the_parameters_transformers_has(variant):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    fields = {**BASE, **VARIANTS[variant]}
+    config = AutoConfig.for_model(fields.pop("model_type"), **fields)
+    model = AutoModelForCausalLM.from_config(config)
+    total = sum(p.numel() for p in model.parameters())
+    cost = ModelCost.from_config({**BASE, **VARIANTS[variant]}, dtype_bytes=4)
+    assert cost.weight_bytes == 4 * total
+
+
+def test_make_model_writes_a_checkpoint_llm_loads(tmp_path):
+    from kvflow import LLM, SamplingParams
+    from kvflow.bench.make_model import make_model, tokenizer_vocab_size
+
+    shape = tmp_path / "shape.json"
+    shape.write_text(json.dumps({**BASE, **VARIANTS["qwen2"], "vocab_size": 1024}))
+    out = make_model(shape, tmp_path / "model")
+    config = json.loads((out / "config.json").read_text())
+    assert config["vocab_size"] == 1024 and config["hidden_size"] == 64
+    assert 200 < tokenizer_vocab_size(out) <= 1024
+    llm = LLM(str(out), kv_cache_memory="16MiB")
+    params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    assert len(llm.generate({"prompt_token_ids": [5, 6, 7]}, params,
+                            use_tqdm=False)[0].outputs[0].token_ids) == 5
+    with pytest.raises(ValueError, match="not empty"):
+        make_model(shape, out)
+
+
+def test_env_reports_inventory_and_caches_measured_ceilings(capsys):
+    from kvflow.cli import main
+
+    assert main(["env"]) == 0
+    text = capsys.readouterr().out
+    assert "read bandwidth" in text and "bfloat16 matmul" in text
+    first = hardware.ceilings()
+    assert first["dram_read_bytes_per_s"] > 0 and first["matmul_flops_per_s"]["float32"] > 0
+    assert hardware.ceilings() == first  # from the cache, not measured again
+
+
+def test_bench_serve_against_a_real_server(checkpoint, tmp_path):
+    from kvflow.cli import main
+
+    model = checkpoint("llama-gqa")
+    workload = tmp_path / "w.json"
+    workload.write_text(json.dumps({**SPEC, "num_requests": 6,
+                                    "output_len": {"uniform": [3, 6]}}))
+    server = ServerProcess(model, "--kv-cache-memory", "16MiB", log=tmp_path / "server.log")
+    try:
+        server.wait_ready()
+        out = tmp_path / "serve.json"
+        assert main(["bench", "serve", "--base-url", server.url, "--workload", str(workload),
+                     "--max-concurrency", "3", "--slo-ttft-ms", "60000", "--slo-tpot-ms",
+                     "60000", "--dtype", "float32", "--output", str(out)]) == 0
+        result = json.loads(out.read_text())
+        expected = workload_from_spec(json.loads(workload.read_text()), 384)
+        assert result["num_requests"] == 6 and result["latency"]["failed"] == 0
+        assert result["generated_tokens"] == sum(r.output_len for r in expected.requests)
+        assert result["prompt_tokens"] == sum(len(r.prompt_token_ids) for r in expected.requests)
+        for metric in ("ttft", "tpot", "itl", "e2e"):
+            stats = result["latency"][metric]
+            assert 0 < stats["p50_ms"] <= stats["p90_ms"] <= stats["p99_ms"]
+        assert result["latency"]["goodput_requests_per_s"] == pytest.approx(
+            result["requests_per_s"])
+        assert result["roofline"]["binding"] in ("compute", "memory")
+        assert result["roofline"]["achieved_percent"] > 0
+
+        rate = tmp_path / "rate.json"
+        assert main(["bench", "serve", "--base-url", server.url, "--workload", str(workload),
+                     "--request-rate", "50", "--num-requests", "2", "--vocab-size", "384",
+                     "--model", str(model), "--output", str(rate)]) == 0
+        assert json.loads(rate.read_text())["num_requests"] == 2
+    finally:
+        server.stop()
+
+
+def test_bench_throughput_and_latency_in_process(checkpoint, tmp_path, capsys):
+    from kvflow.cli import main
+
+    model = str(checkpoint("qwen2"))
+    workload = tmp_path / "w.json"
+    workload.write_text(json.dumps(SPEC))
+    out = tmp_path / "throughput.json"
+    assert main(["bench", "throughput", "--model", model, "--workload", str(workload),
+                 "--kv-cache-memory", "16MiB", "--output", str(out)]) == 0
+    result = json.loads(out.read_text())
+    expected = workload_from_spec(SPEC, 384)
+    assert result["generated_tokens"] == sum(r.output_len for r in expected.requests)
+    assert result["num_requests"] == 5 and result["roofline"]["concurrency"] == 5
+    assert math.isclose(result["total_tokens_per_s"],
+                        result["prompt_tokens_per_s"] + result["generated_tokens_per_s"])
+    assert main(["bench", "latency", "--model", model, "--prompt-len", "8", "--output-len",
+                 "4", "--num-iters", "2", "--kv-cache-memory", "16MiB"]) == 0
+    text = capsys.readouterr().out
+    assert "time to first token" in text and "tokens/s per stream" in text
+    assert "achieved" in text
+
+
+def test_bench_rejects_bad_arguments(tmp_path, capsys):
+    from kvflow.cli import main
+
+    assert main(["bench", "serve", "--workload", "mixed", "--max-concurrency", "0"]) == 2
+    assert "max_concurrency" in capsys.readouterr().err
+    assert main(["bench", "make-model", str(tmp_path / "none.json"), str(tmp_path / "o")]) == 2
+    assert "neither a file nor a name" in capsys.readouterr().err
+
+
+def test_comparison_table_and_plots(tmp_path):
+    from kvflow.bench.report import attach_roofline, markdown_table, plot
+    from kvflow.bench.results import RunResult
+
+    workload = workload_from_spec(SPEC, 1000)
+    config = {**QWEN_05B, "vocab_size": 1000}
+    runs = [RunResult("kvflow", "t", 5, 2.0, 30, 15, latency={"ttft_samples_ms": [5.0, 7.0],
+                                                             "ttft": {"p50_ms": 6.0}}),
+            RunResult("transformers one-at-a-time", "t", 2, 4.0, 12, 6)]
+    for run in runs:
+        attach_roofline(run, workload, config, "bfloat16", hardware.ceilings())
+    assert runs[1].roofline["concurrency"] == 2  # only the prefix it ran
+    table = markdown_table(runs).splitlines()
+    assert len(table) == 4 and "| t | kvflow | 5 | 7.5 | 22.5 | 6 ms |" in table[2]
+    assert f"{runs[0].roofline['achieved_percent']:.1f}%" in table[2]
+    written = plot(runs, tmp_path / "cmp")
+    assert [p.name for p in written] == ["cmp-throughput.png", "cmp-roofline.png",
+                                         "cmp-latency.png"]
+    assert all(p.stat().st_size > 1000 for p in written)
