@@ -45,7 +45,8 @@ class CompareSettings:
 def _llama_cpp(settings: CompareSettings, workload: Workload, gguf: Path) -> RunResult:
     """llama-server at each slot count (one for a single-stream workload), the best kept."""
     context = max(p + g for p, g in workload.lengths) + 16
-    counts = [1] if workload.single_stream else settings.llama_cpp_parallel
+    counts = [1] if workload.single_stream else sorted(
+        {min(n, len(workload.requests)) for n in settings.llama_cpp_parallel})
     tried = []
     for parallel in counts:
         log = settings.out.with_name(f"{settings.out.name}-llama-server-{parallel}.log")

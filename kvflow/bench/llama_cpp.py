@@ -73,7 +73,7 @@ def ensure_llama_server(jobs: int | None = None) -> Path:
 # benchmarks send token ids, so this only decides how llama.cpp would tokenize text.
 _CONVERT = """
 import runpy, sys
-sys.path[:0] = [{root!r}, {root!r} + "/gguf-py"]
+sys.path[:0] = [{root!r}, {root!r} + "/gguf-py", {deps!r}]
 from conversion import base
 known = base.TextModel.get_vocab_base_pre
 def known_or_gpt2(self, tokenizer):
@@ -95,8 +95,14 @@ def convert_to_gguf(model: Path, out: Path | None = None) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     if not source_dir().exists():
         ensure_llama_server()
+    # The converter tries sentencepiece before BPE; it gets a folder of its own.
+    deps = peer_dir() / "convert-deps"
+    if not (deps / "sentencepiece").exists():
+        _run([sys.executable, "-m", "pip", "install", "--quiet", "--target", str(deps),
+              "sentencepiece"])
     partial = out.with_suffix(".partial")
-    script = _CONVERT.format(root=str(source_dir()), model=str(model), out=str(partial))
+    script = _CONVERT.format(root=str(source_dir()), deps=str(deps), model=str(model),
+                             out=str(partial))
     _run([sys.executable, "-c", script], cwd=source_dir())
     partial.rename(out)
     return out
