@@ -63,10 +63,9 @@ def _serve(ns: argparse.Namespace) -> int:
     from kvflow.server.api_server import ServerArgs, serve
 
     if ns.model is None:
-        from kvflow.demo import ensure_demo_model
+        from kvflow.demo import DEMO_MODEL_NAME
 
-        ns.model = str(ensure_demo_model())
-        ns.served_model_name = ns.served_model_name or ["kvflow-demo"]
+        ns.served_model_name = ns.served_model_name or [DEMO_MODEL_NAME]
     if ns.max_waiting_requests is not None and ns.max_waiting_requests < 1:
         raise ValueError(f"--max-waiting-requests must be at least 1, got {ns.max_waiting_requests}")
     args = ServerArgs(engine=engine_args_from(ns), host=ns.host, port=ns.port,
@@ -86,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
 
     generate = commands.add_parser("generate", parents=[common],
                                    help="print the completion of one prompt")
-    generate.add_argument("model", help="checkpoint directory or Hugging Face hub id")
+    generate.add_argument("model", nargs="?", default=None,
+                          help="checkpoint directory or hub id (default: the built-in demo model)")
     generate.add_argument("--prompt", required=True)
     generate.add_argument("--max-tokens", type=int, default=64)
     generate.add_argument("--temperature", type=float, default=0.0)

@@ -1,36 +1,27 @@
-"""The default model until a trained demo model ships: a small Llama-architecture checkpoint
-with seeded random weights and a byte-level BPE tokenizer trained on the running Python's
-standard library, built on first use and cached. Its text is gibberish; it exists so that
-`kvflow serve` and `kvflow generate` work with no model and no network.
+"""The demo models that ship with kvflow, and what builds and checks them.
+
+`kvflow/assets/demo` (12.6M parameters) and `kvflow/assets/demo-draft` (1.4M, its
+speculative-decoding draft) are Llama-architecture models trained from scratch on the
+Python standard library's own source by scripts/train_demo_model.py, with a byte-level BPE
+tokenizer trained on the same files. They are the default model wherever no model is given,
+so that kvflow does real work offline. `heldout_files.json` beside each lists the standard
+library files (relative paths) that no training step saw.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
-import shutil
 import sysconfig
-import tempfile
 from pathlib import Path
 
-import torch
-from safetensors.torch import save_file
-
-DEMO_VERSION = "random-v1"
-VOCAB_SIZE = 4096
-CONFIG = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 256,
-    "intermediate_size": 768, "num_hidden_layers": 4, "num_attention_heads": 8,
-    "num_key_value_heads": 4, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
-    "rope_theta": 10000.0, "tie_word_embeddings": True, "hidden_act": "silu",
-    "vocab_size": VOCAB_SIZE, "bos_token_id": 0, "eos_token_id": 0, "torch_dtype": "float32",
-}
+ASSETS = Path(__file__).resolve().parent / "assets"
+DEMO_MODEL_NAME = "kvflow-demo"
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
     "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-TRAINING_FILES = 40
 
 
 def cache_root() -> Path:
@@ -38,34 +29,32 @@ def cache_root() -> Path:
     return Path(os.environ.get("KVFLOW_CACHE") or Path.home() / ".cache" / "kvflow")
 
 
-def cache_dir() -> Path:
-    return cache_root() / f"demo-{DEMO_VERSION}"
+def demo_model_path() -> Path:
+    return ASSETS / "demo"
 
 
-def ensure_demo_model(directory: Path | None = None) -> Path:
-    """The cached demo checkpoint, built (atomically) if absent."""
-    target = directory or cache_dir()
-    if (target / "model.safetensors").exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".demo-", dir=target.parent))
-    try:
-        _write_tokenizer(staging)
-        _write_model(staging)
-        try:
-            staging.rename(target)
-        except OSError:  # another process finished first
-            if not (target / "model.safetensors").exists():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+def demo_draft_path() -> Path:
+    return ASSETS / "demo-draft"
 
 
-def _training_text() -> list[str]:
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(stdlib.glob("*.py"))[:TRAINING_FILES]
-    return [f.read_text(encoding="utf-8", errors="replace") for f in files]
+def heldout_texts(model: Path | None = None) -> list[str]:
+    """The held-out standard library files that exist in the running Python, in the
+    shipped order; another Python version may lack some."""
+    listed = json.loads(((model or demo_model_path()) / "heldout_files.json").read_text())
+    root = Path(sysconfig.get_paths()["stdlib"])
+    return [(root / name).read_text(encoding="utf-8", errors="replace")
+            for name in listed if (root / name).is_file()]
+
+
+def heldout_token_ids(tokenizer, limit: int, model: Path | None = None) -> list[int]:  # noqa: ANN001
+    """The first `limit` tokens of the held-out files, each file followed by EOS, as in
+    training."""
+    ids: list[int] = []
+    for text in heldout_texts(model):
+        ids += tokenizer.encode(text, add_special_tokens=False) + [tokenizer.eos_token_id]
+        if len(ids) >= limit:
+            break
+    return ids[:limit]
 
 
 def train_tokenizer(texts: list[str], vocab_size: int,
@@ -89,36 +78,18 @@ def train_tokenizer(texts: list[str], vocab_size: int,
     return fast
 
 
-def _write_tokenizer(out: Path) -> None:
-    train_tokenizer(_training_text(), VOCAB_SIZE).save_pretrained(out)
+def score_heldout(llm, token_ids: list[int], chunk_len: int = 1024) -> tuple[float, list[int]]:  # noqa: ANN001
+    """Perplexity of `token_ids` under the model, scored in independent chunks through
+    prompt_logprobs, and the model's greedy next token at every scored position."""
+    from kvflow import SamplingParams
 
-
-def _write_model(out: Path) -> None:
-    c = CONFIG
-    hidden, inter = c["hidden_size"], c["intermediate_size"]
-    head_dim = hidden // c["num_attention_heads"]
-    kv = c["num_key_value_heads"] * head_dim
-    generator = torch.Generator().manual_seed(0)
-
-    def weight(rows: int, cols: int) -> torch.Tensor:
-        # std 2/sqrt(fan_in) so that greedy decoding does not repeat one token forever
-        return torch.randn(rows, cols, generator=generator) * (2.0 / math.sqrt(cols))
-
-    tensors = {"model.embed_tokens.weight": weight(VOCAB_SIZE, hidden),
-               "model.norm.weight": torch.ones(hidden)}
-    for i in range(c["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        tensors.update({
-            p + "self_attn.q_proj.weight": weight(hidden, hidden),
-            p + "self_attn.k_proj.weight": weight(kv, hidden),
-            p + "self_attn.v_proj.weight": weight(kv, hidden),
-            p + "self_attn.o_proj.weight": weight(hidden, hidden),
-            p + "mlp.gate_proj.weight": weight(inter, hidden),
-            p + "mlp.up_proj.weight": weight(inter, hidden),
-            p + "mlp.down_proj.weight": weight(hidden, inter),
-            p + "input_layernorm.weight": torch.ones(hidden),
-            p + "post_attention_layernorm.weight": torch.ones(hidden),
-        })
-    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(CONFIG, indent=2))
-    (out / "generation_config.json").write_text(json.dumps({"eos_token_id": 0}))
+    chunks = [token_ids[i:i + chunk_len] for i in range(0, len(token_ids), chunk_len)]
+    chunks = [c for c in chunks if len(c) > 1]
+    outputs = llm.generate([{"prompt_token_ids": c} for c in chunks],
+                           SamplingParams(max_tokens=1, prompt_logprobs=1), use_tqdm=False)
+    nll, greedy = 0.0, []
+    for output, chunk in zip(outputs, chunks):
+        for position, token in zip(output.prompt_logprobs[1:], chunk[1:]):
+            nll -= position[token].logprob
+            greedy.append(next(t for t, lp in position.items() if lp.rank == 1))
+    return math.exp(nll / len(greedy)), greedy

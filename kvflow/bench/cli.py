@@ -24,11 +24,9 @@ def _set_threads(ns: argparse.Namespace) -> None:
 
 
 def _model_path(ns: argparse.Namespace) -> str:
-    if ns.model is not None:
-        return ns.model
-    from kvflow.demo import ensure_demo_model
+    from kvflow.demo import demo_model_path
 
-    return str(ensure_demo_model())
+    return ns.model if ns.model is not None else str(demo_model_path())
 
 
 def _llm(ns: argparse.Namespace):  # noqa: ANN202

@@ -6,13 +6,14 @@ from dataclasses import dataclass
 import torch
 
 from kvflow.config import SchedulerConfig, parse_dtype, parse_memory
+from kvflow.demo import demo_model_path
 
 DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass
 class EngineArgs:
-    model: str
+    model: str | None = None  # None: the shipped demo model (kvflow/assets/demo)
     tokenizer: str | None = None  # defaults to the model's directory
     dtype: str = "auto"  # auto (the checkpoint's) | bfloat16 | float16 | float32
     device: str = "auto"  # auto (CUDA when available) | cpu | cuda
@@ -25,6 +26,8 @@ class EngineArgs:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.model is None:
+            self.model = str(demo_model_path())
         if self.dtype != "auto":
             parse_dtype(self.dtype)
         if self.device not in DEVICES:

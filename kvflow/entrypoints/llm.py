@@ -17,7 +17,8 @@ Message = dict[str, Any]
 
 
 class LLM:
-    def __init__(self, model: str, **engine_options: Any) -> None:
+    def __init__(self, model: str | None = None, **engine_options: Any) -> None:
+        """`model`: a checkpoint directory or hub id; None for the shipped demo model."""
         try:
             args = EngineArgs(model=model, **engine_options)
         except TypeError as exc:
