@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -65,6 +67,8 @@ def _llama_cpp(settings: CompareSettings, workload: Workload, gguf: Path) -> Run
 
 
 def compare(settings: CompareSettings) -> list[RunResult]:
+    """Every system on every workload. A system that fails on a workload (out of memory, a
+    peer that will not build) is reported as failed, and the others still run."""
     from kvflow import LLM
 
     dtype = getattr(torch, settings.dtype)
@@ -73,17 +77,26 @@ def compare(settings: CompareSettings) -> list[RunResult]:
     ceiling = hardware.ceilings()
     workloads = [load_workload(w, vocab) for w in settings.workloads]
     results: list[RunResult] = []
+    failures: list[dict] = []
 
-    def record(result: RunResult, workload: Workload) -> None:
+    def record(system: str, workload: Workload, run: Callable[[], RunResult]) -> None:
+        try:
+            result = run()
+        except (RuntimeError, MemoryError, OSError, subprocess.CalledProcessError) as exc:
+            logger.exception("%s failed on %s", system, workload.name)
+            failures.append({"system": system, "workload": workload.name,
+                             "error": f"{type(exc).__name__}: {exc}"[:500]})
+            return
         attach_roofline(result, workload, config, settings.dtype, ceiling)
         print(summary(result), flush=True)
         results.append(result)
+        write(settings, results, failures, ceiling)
 
     if "kvflow" in settings.systems:
         llm = LLM(str(settings.model), dtype=settings.dtype, device="cpu",
                   kv_cache_memory=settings.kv_cache_memory)
         for workload in workloads:
-            record(run_kvflow(llm, workload), workload)
+            record("kvflow", workload, lambda: run_kvflow(llm, workload))
         del llm
     hf_systems = [s for s in settings.systems if s.startswith("transformers")]
     if hf_systems:
@@ -91,19 +104,27 @@ def compare(settings: CompareSettings) -> list[RunResult]:
         for workload in workloads:
             if "transformers-one" in hf_systems:
                 covered = workload.prefix(settings.hf_one_at_a_time_requests)
-                record(run_transformers(hf_model, covered, 1), workload)
+                record("transformers-one", workload,
+                       lambda: run_transformers(hf_model, covered, 1))
             if "transformers-batch" in hf_systems and not workload.single_stream:
-                record(run_transformers(hf_model, workload, settings.hf_batch_size), workload)
+                record("transformers-batch", workload,
+                       lambda: run_transformers(hf_model, workload, settings.hf_batch_size))
         del hf_model
     if "llama.cpp" in settings.systems:
-        gguf = llama_cpp.convert_to_gguf(settings.model)
+        gguf = None
         for workload in workloads:
-            record(_llama_cpp(settings, workload, gguf), workload)
-    write(settings, results, ceiling)
+            def run_llama_cpp() -> RunResult:
+                nonlocal gguf
+                gguf = gguf or llama_cpp.convert_to_gguf(settings.model)
+                return _llama_cpp(settings, workload, gguf)
+
+            record("llama.cpp", workload, run_llama_cpp)
+    write(settings, results, failures, ceiling)
     return results
 
 
-def write(settings: CompareSettings, results: list[RunResult], ceiling: dict) -> None:
+def write(settings: CompareSettings, results: list[RunResult], failures: list[dict],
+          ceiling: dict) -> None:
     import transformers
 
     settings.out.parent.mkdir(parents=True, exist_ok=True)
@@ -112,7 +133,10 @@ def write(settings: CompareSettings, results: list[RunResult], ceiling: dict) ->
                 "versions": {"torch": torch.__version__,
                              "transformers": transformers.__version__,
                              "llama-cpp-python": llama_cpp.LLAMA_CPP_PYTHON},
-                "results": [r.to_dict() for r in results]}
+                "results": [r.to_dict() for r in results], "failures": failures}
     settings.out.with_name(settings.out.name + ".json").write_text(json.dumps(document, indent=1))
-    settings.out.with_name(settings.out.name + ".md").write_text(markdown_table(results) + "\n")
+    failed = "".join(f"\n{f['system']} failed on {f['workload']}: {f['error']}\n"
+                     for f in failures)
+    settings.out.with_name(settings.out.name + ".md").write_text(
+        markdown_table(results) + "\n" + failed)
     plot(results, settings.out)
