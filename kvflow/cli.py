@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(ns.log_level.upper())
     try:
         return ns.handler(ns)
-    except ValueError as exc:
+    except (ValueError, OSError) as exc:  # bad input, a missing file, a refused connection
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

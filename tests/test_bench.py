@@ -149,6 +149,11 @@ def test_bench_serve_against_a_real_server(checkpoint, tmp_path):
         assert result["roofline"]["binding"] in ("compute", "memory")
         assert result["roofline"]["achieved_percent"] > 0
 
+        strict = tmp_path / "strict.json"
+        assert main(["bench", "serve", "--base-url", server.url, "--workload", str(workload),
+                     "--slo-ttft-ms", "0.001", "--output", str(strict)]) == 0
+        assert json.loads(strict.read_text())["latency"]["goodput_requests_per_s"] == 0
+
         rate = tmp_path / "rate.json"
         assert main(["bench", "serve", "--base-url", server.url, "--workload", str(workload),
                      "--request-rate", "50", "--num-requests", "2", "--vocab-size", "384",
@@ -178,15 +183,56 @@ def test_bench_throughput_and_latency_in_process(checkpoint, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "time to first token" in text and "tokens/s per stream" in text
     assert "achieved" in text
+    assert main(["bench", "latency", "--model", model, "--prompt-len", "8", "--output-len",
+                 "1", "--num-iters", "1", "--kv-cache-memory", "16MiB"]) == 0
+    assert "no second token" in capsys.readouterr().out
 
 
-def test_bench_rejects_bad_arguments(tmp_path, capsys):
+def test_bench_rejects_bad_arguments(tmp_path, capsys, checkpoint):
     from kvflow.cli import main
 
-    assert main(["bench", "serve", "--workload", "mixed", "--max-concurrency", "0"]) == 2
-    assert "max_concurrency" in capsys.readouterr().err
-    assert main(["bench", "make-model", str(tmp_path / "none.json"), str(tmp_path / "o")]) == 2
-    assert "neither a file nor a name" in capsys.readouterr().err
+    def fails(argv: list[str], message: str) -> None:
+        assert main(argv) == 2
+        assert message in capsys.readouterr().err
+
+    fails(["bench", "serve", "--workload", "mixed", "--max-concurrency", "0"], "max_concurrency")
+    fails(["bench", "make-model", str(tmp_path / "none.json"), str(tmp_path / "o")],
+          "neither a file nor a name")
+    from server_process import free_port
+
+    fails(["bench", "serve", "--base-url", f"http://127.0.0.1:{free_port()}", "--workload",
+           "mixed"], "cannot list the models")
+    bad = tmp_path / "bad.json"
+    for spec, message in (({**SPEC, "num_requests": 0}, "'num_requests' must be an integer"),
+                          ({**SPEC, "prompt_len": {"uniform": [5, 2]}}, "'prompt_len' must be"),
+                          ({"seed": 1}, "'num_requests'")):
+        bad.write_text(json.dumps(spec))
+        fails(["bench", "throughput", "--model", str(checkpoint("qwen2")), "--workload",
+               str(bad), "--kv-cache-memory", "16MiB"], message)
+    bad.write_text("{not json")
+    fails(["bench", "throughput", "--model", str(checkpoint("qwen2")), "--workload", str(bad)],
+          "not valid JSON")
+
+
+def test_compare_reports_a_failed_system_and_runs_the_rest(checkpoint, tmp_path):
+    from kvflow.bench.compare import CompareSettings, compare
+
+    fits, too_long = tmp_path / "fits.json", tmp_path / "too-long.json"
+    fits.write_text(json.dumps(SPEC))
+    too_long.write_text(json.dumps({**SPEC, "name": "long",
+                                    "prompt_len": {"uniform": [600, 600]}}))
+    out = tmp_path / "cmp"
+    results = compare(CompareSettings(model=checkpoint("qwen2"), workloads=[str(too_long),
+                                                                           str(fits)],
+                                      out=out, systems=["kvflow"], kv_cache_memory="16MiB"))
+    assert [(r.system, r.workload) for r in results] == [("kvflow", "t")]
+    document = json.loads((tmp_path / "cmp.json").read_text())
+    assert [f["workload"] for f in document["failures"]] == ["long"]
+    assert "max_model_len" in document["failures"][0]["error"]
+    assert "kvflow failed on long" in (tmp_path / "cmp.md").read_text()
+    assert (tmp_path / "cmp-throughput.png").exists()
+    with pytest.raises(ValueError, match="llama_cpp_parallel"):
+        CompareSettings(model=tmp_path, workloads=["mixed"], out=out, llama_cpp_parallel=[0])
 
 
 def test_comparison_table_and_plots(tmp_path):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
 import json
 import math
@@ -33,7 +34,6 @@ def _llm(ns: argparse.Namespace):  # noqa: ANN202
     from kvflow import LLM
     from kvflow.cli import engine_args_from
 
-    ns.model = _model_path(ns)
     return LLM(**dataclasses.asdict(engine_args_from(ns)))
 
 
@@ -41,8 +41,11 @@ def _finish(result, workload, model: str, dtype: str, out: Path | None) -> None:
     from kvflow.bench import hardware
     from kvflow.bench.report import attach_roofline, model_config, summary
 
-    ceiling = hardware.ceilings("cuda" if result.settings.get("device") == "cuda" else "cpu")
-    attach_roofline(result, workload, model_config(model), dtype, ceiling)
+    device = result.settings.get("device", "cpu")
+    try:
+        attach_roofline(result, workload, model_config(model), dtype, hardware.ceilings(device))
+    except ValueError as exc:
+        print(f"no roofline: {exc}")
     print(summary(result))
     _write_json(out, result.to_dict())
 
@@ -60,8 +63,9 @@ def _throughput(ns: argparse.Namespace) -> int:
     from kvflow.bench.workload import load_workload
 
     _set_threads(ns)
-    llm = _llm(ns)
+    ns.model = _model_path(ns)
     workload = load_workload(ns.workload, tokenizer_vocab_size(ns.model)).prefix(ns.num_requests)
+    llm = _llm(ns)
     result = run_kvflow(llm, workload, use_tqdm=True)
     result.settings["device"] = llm.engine.device.type
     _finish(result, workload, ns.model, result.settings["dtype"], ns.output)
@@ -74,11 +78,12 @@ def _latency(ns: argparse.Namespace) -> int:
     from kvflow.bench.workload import workload_from_spec
 
     _set_threads(ns)
-    llm = _llm(ns)
+    ns.model = _model_path(ns)
     spec = {"name": "latency", "seed": ns.prompt_seed, "num_requests": ns.num_iters,
             "prompt_len": {"uniform": [ns.prompt_len, ns.prompt_len]},
             "output_len": {"uniform": [ns.output_len, ns.output_len]}, "single_stream": True}
     workload = workload_from_spec(spec, tokenizer_vocab_size(ns.model))
+    llm = _llm(ns)
     result = run_kvflow(llm, workload)
     result.settings["device"] = llm.engine.device.type
     _finish(result, workload, ns.model, result.settings["dtype"], ns.output)
@@ -86,9 +91,18 @@ def _latency(ns: argparse.Namespace) -> int:
     return 0
 
 
-def _serve(ns: argparse.Namespace) -> int:
+async def _served_model(base_url: str, api_key: str | None) -> str:
     import httpx
 
+    from kvflow.bench.serve_client import served_model
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    async with httpx.AsyncClient(base_url=base_url.rstrip("/"), headers=headers,
+                                 timeout=30) as client:
+        return await served_model(client)
+
+
+def _serve(ns: argparse.Namespace) -> int:
     from kvflow.bench.make_model import tokenizer_vocab_size
     from kvflow.bench.serve_client import LoadSettings, run_serve
     from kvflow.bench.workload import load_workload
@@ -99,18 +113,18 @@ def _serve(ns: argparse.Namespace) -> int:
     model_path = ns.model_path
     served = ns.model
     if model_path is None:
-        headers = {"Authorization": f"Bearer {ns.api_key}"} if ns.api_key else {}
-        served = served or httpx.get(ns.base_url.rstrip("/") + "/v1/models", headers=headers,
-                                     timeout=30).json()["data"][0]["id"]
+        if served is None:
+            served = asyncio.run(_served_model(ns.base_url, ns.api_key))
         if (Path(served) / "config.json").is_file():
             model_path = served
     if ns.vocab_size is None and model_path is None:
         raise ValueError("the served model is not a local checkpoint: give --model-path (its "
                          "tokenizer draws the prompt ids and its config.json sets the roofline) "
                          "or --vocab-size")
-    vocab = ns.vocab_size or tokenizer_vocab_size(model_path)
+    vocab = ns.vocab_size if ns.vocab_size is not None else tokenizer_vocab_size(model_path)
     workload = load_workload(ns.workload, vocab).prefix(ns.num_requests)
     result = run_serve(ns.base_url, workload, settings, model=served, system=ns.system_name)
+    result.settings["device"] = ns.device
     if model_path is None:
         from kvflow.bench.report import summary
 
@@ -214,7 +228,10 @@ def add_commands(commands: argparse._SubParsersAction, common: argparse.Argument
     serve.add_argument("--model-path", default=None,
                        help="the served checkpoint, for its tokenizer and roofline")
     serve.add_argument("--vocab-size", type=int, default=None)
-    serve.add_argument("--dtype", default="bfloat16", help="the served weights' dtype")
+    serve.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                       help="the served weights' dtype, for the roofline")
+    serve.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                       help="where the server runs, for the roofline's ceilings (measured here)")
     serve.add_argument("--api-key", default=None)
     serve.add_argument("--system-name", default="server", help="label in the report")
     serve.set_defaults(handler=_serve)

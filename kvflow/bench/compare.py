@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +41,12 @@ class CompareSettings:
         unknown = sorted(set(self.systems) - set(SYSTEMS))
         if unknown:
             raise ValueError(f"unknown systems {unknown}; choose from {list(SYSTEMS)}")
+        counts = {"hf_batch_size": [self.hf_batch_size],
+                  "llama_cpp_parallel": self.llama_cpp_parallel,
+                  "hf_one_at_a_time_requests": [self.hf_one_at_a_time_requests or 1]}
+        for name, values in counts.items():
+            if not values or any(v < 1 for v in values):
+                raise ValueError(f"{name} must be at least 1, got {values}")
 
 
 def _llama_cpp(settings: CompareSettings, workload: Workload, gguf: Path) -> RunResult:
@@ -51,7 +56,7 @@ def _llama_cpp(settings: CompareSettings, workload: Workload, gguf: Path) -> Run
         {min(n, len(workload.requests)) for n in settings.llama_cpp_parallel})
     tried = []
     for parallel in counts:
-        log = settings.out.with_name(f"{settings.out.name}-llama-server-{parallel}.log")
+        log = llama_cpp.peer_dir() / "logs" / f"{settings.out.name}-llama-server-{parallel}.log"
         with llama_cpp.llama_server(gguf, parallel, context, torch.get_num_threads(),
                                     log) as url:
             result = run_serve(url, workload, LoadSettings(max_concurrency=parallel,
@@ -82,12 +87,12 @@ def compare(settings: CompareSettings) -> list[RunResult]:
     def record(system: str, workload: Workload, run: Callable[[], RunResult]) -> None:
         try:
             result = run()
-        except (RuntimeError, MemoryError, OSError, subprocess.CalledProcessError) as exc:
+            attach_roofline(result, workload, config, settings.dtype, ceiling)
+        except Exception as exc:  # noqa: BLE001 - one system's failure must not end the run
             logger.exception("%s failed on %s", system, workload.name)
             failures.append({"system": system, "workload": workload.name,
                              "error": f"{type(exc).__name__}: {exc}"[:500]})
             return
-        attach_roofline(result, workload, config, settings.dtype, ceiling)
         print(summary(result), flush=True)
         results.append(result)
         write(settings, results, failures, ceiling)
@@ -139,4 +144,7 @@ def write(settings: CompareSettings, results: list[RunResult], failures: list[di
                      for f in failures)
     settings.out.with_name(settings.out.name + ".md").write_text(
         markdown_table(results) + "\n" + failed)
-    plot(results, settings.out)
+    try:
+        plot(results, settings.out)
+    except ImportError:
+        logger.warning("no plots: matplotlib is not installed (pip install 'kvflow[bench]')")

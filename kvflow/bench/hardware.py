@@ -69,7 +69,8 @@ def inventory() -> dict:
 
 
 def _best_seconds(fn, device: str, repeats: int) -> float:  # noqa: ANN001
-    fn()  # warm-up: first-touch page faults, kernel selection
+    for _ in range(2):  # warm-up: first-touch page faults, kernel selection, clocks
+        fn()
     best = float("inf")
     for _ in range(repeats):
         if device == "cuda":
@@ -83,13 +84,15 @@ def _best_seconds(fn, device: str, repeats: int) -> float:  # noqa: ANN001
 
 
 def measure_ceilings(device: str = "cpu", read_bytes: int = READ_BYTES,
-                     matmul_n: int = MATMUL_N, repeats: int = 5) -> dict:
+                     matmul_n: int = MATMUL_N, repeats: int = 10) -> dict:
     """DRAM (or HBM) read bytes/s and matmul FLOP/s per dtype, at torch's thread count."""
     data = torch.ones(read_bytes // 4, dtype=torch.float32, device=device)
     read_s = _best_seconds(data.sum, device, repeats)
     del data
     matmul = {}
-    for dtype in (torch.bfloat16, torch.float32):
+    # float16 has no fast CPU path here; it is measured where it is a serving dtype.
+    dtypes = (torch.bfloat16, torch.float32) + ((torch.float16,) if device == "cuda" else ())
+    for dtype in dtypes:
         a = torch.randn(matmul_n, matmul_n, device=device).to(dtype)
         b = torch.randn(matmul_n, matmul_n, device=device).to(dtype)
         seconds = _best_seconds(lambda: a @ b, device, repeats)
@@ -114,7 +117,9 @@ def ceilings(device: str = "cpu", refresh: bool = False) -> dict:
         return json.loads(path.read_text())
     measured = measure_ceilings(device)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(measured, indent=1))
+    partial = path.with_suffix(f".{os.getpid()}.partial")
+    partial.write_text(json.dumps(measured, indent=1))
+    os.replace(partial, path)
     return measured
 
 

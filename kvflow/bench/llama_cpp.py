@@ -7,6 +7,7 @@ dependencies."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import shutil
@@ -88,8 +89,14 @@ runpy.run_path({root!r} + "/convert_hf_to_gguf.py", run_name="__main__")
 
 
 def convert_to_gguf(model: Path, out: Path | None = None) -> Path:
-    """The checkpoint as a bf16 GGUF file (cached beside the peer, keyed by the path)."""
-    out = out or peer_dir() / "gguf" / f"{Path(model).resolve().name}-bf16.gguf"
+    """The checkpoint as a bf16 GGUF file, cached beside the peer under a key of its
+    config and weight files (path, size, mtime), so a rebuilt checkpoint converts again."""
+    if out is None:
+        files = sorted(p for p in Path(model).resolve().iterdir()
+                       if p.name == "config.json" or p.suffix == ".safetensors")
+        key = hashlib.sha1(repr([(str(p), p.stat().st_size, p.stat().st_mtime_ns)
+                                 for p in files]).encode()).hexdigest()[:12]
+        out = peer_dir() / "gguf" / f"{Path(model).resolve().name}-{key}-bf16.gguf"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -53,6 +53,10 @@ def run_kvflow(llm, workload: Workload, use_tqdm: bool = False) -> RunResult:  #
 
 def latency_summary(result: RunResult) -> str:
     ttft, tpot = result.latency["ttft"], result.latency["tpot"]
-    return (f"time to first token: median {ttft['p50_ms']:.1f} ms, p99 {ttft['p99_ms']:.1f} ms\n"
-            f"decode: median {tpot['p50_ms']:.2f} ms per token = "
-            f"{1000 / tpot['p50_ms']:.1f} tokens/s per stream")
+    lines = [f"time to first token: median {ttft['p50_ms']:.1f} ms, p99 {ttft['p99_ms']:.1f} ms"]
+    if tpot:
+        lines.append(f"decode: median {tpot['p50_ms']:.2f} ms per token = "
+                     f"{1000 / tpot['p50_ms']:.1f} tokens/s per stream")
+    else:
+        lines.append("decode: no second token to time (output length 1)")
+    return "\n".join(lines)

@@ -22,13 +22,17 @@ def model_config(model: str | Path) -> dict:
 
 def attach_roofline(result: RunResult, workload: Workload, config: dict, dtype: str,
                     ceiling: dict) -> None:
-    """The workload's schedule (one at a time, or all at once) on this machine's ceilings."""
+    """The workload's schedule (one at a time, or all at once) over the requests that
+    completed, on this machine's ceilings."""
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"no roofline for dtype {dtype!r}; have {sorted(DTYPE_BYTES)}")
+    if result.num_requests == 0:
+        return
     cost = ModelCost.from_config(config, DTYPE_BYTES[dtype])
-    covered = workload.prefix(result.num_requests)
-    concurrency = 1 if workload.single_stream else len(covered.requests)
-    line = roofline(run_cost(cost, covered.lengths, concurrency), result.seconds,
+    lengths = (result.settings.get("completed_lengths")
+               or workload.prefix(result.num_requests).lengths)
+    concurrency = 1 if workload.single_stream else len(lengths)
+    line = roofline(run_cost(cost, lengths, concurrency), result.seconds,
                     hardware.matmul_rate(ceiling, dtype), ceiling["dram_read_bytes_per_s"])
     result.roofline = {**line.to_dict(), "dtype": dtype, "concurrency": concurrency,
                        "threads": ceiling["threads"], "device": ceiling["device"]}
@@ -84,7 +88,9 @@ def plot(results: list[RunResult], out: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    written = []
+    written: list[Path] = []
+    if not results:
+        return written
     workloads = list(dict.fromkeys(r.workload for r in results))
     systems = list(dict.fromkeys(r.system for r in results))
     for metric, label, name in (

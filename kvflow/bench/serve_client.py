@@ -2,9 +2,11 @@
 
 Streams /v1/completions with token-id prompts (greedy, ignore_eos, max_tokens = the
 request's output_len), with Poisson arrivals at a request rate or a fixed concurrency.
-Per request: time to first token, the gaps between streamed chunks (inter-token
-latency), end-to-end latency, and time per output token after the first. Output tokens
-are the server's `usage` where it reports one, else the number of chunks with text."""
+Per request: time to first token (the first chunk with a choice, text or not: a token
+that decodes to no text yet is still a token), inter-token latency (the gap between
+chunks divided by the tokens in the later one, which `logprobs` tells where the server
+sends it, else one), end-to-end latency, and time per output token after the first.
+Output tokens are the server's `usage` where it reports one, else the chunks' tokens."""
 from __future__ import annotations
 
 import asyncio
@@ -62,7 +64,7 @@ async def _stream_one(client: httpx.AsyncClient, model: str, request: BenchReque
             "stream": True, "stream_options": {"include_usage": True}, "temperature": 0,
             "ignore_eos": True}
     start = last = time.perf_counter()
-    chunks = 0
+    streamed = 0
     try:
         async with client.stream("POST", "/v1/completions", json=body) as response:
             if response.status_code != 200:
@@ -72,24 +74,44 @@ async def _stream_one(client: httpx.AsyncClient, model: str, request: BenchReque
                 if not line.startswith("data:") or line.strip() == "data: [DONE]":
                     continue
                 event = json.loads(line[5:])
+                if not isinstance(event, dict):
+                    raise ValueError(f"a stream event that is not an object: {line[:200]}")
                 if event.get("error"):
                     record.error = str(event["error"])
                     return
-                if event.get("usage") and event["usage"].get("completion_tokens"):
+                if (event.get("usage") or {}).get("completion_tokens"):
                     record.output_tokens = event["usage"]["completion_tokens"]
-                if not any(c.get("text") for c in event.get("choices") or []):
+                # A closing chunk with no text (llama.cpp sends one) carries no token.
+                choices = [c for c in event.get("choices") or []
+                           if c.get("text") or c.get("logprobs") or not c.get("finish_reason")]
+                if not choices:
                     continue
+                tokens = sum(len((c.get("logprobs") or {}).get("tokens") or [None])
+                             for c in choices)
                 now = time.perf_counter()
                 if record.ttft is None:
                     record.ttft = now - start
                 else:
-                    record.chunk_gaps.append(now - last)
+                    record.chunk_gaps.extend([(now - last) / tokens] * tokens)
                 last = now
-                chunks += 1
+                streamed += tokens
         record.e2e = time.perf_counter() - start
-        record.output_tokens = record.output_tokens or chunks
-    except (httpx.HTTPError, json.JSONDecodeError) as exc:
+        record.output_tokens = record.output_tokens or streamed
+        if record.ttft is None:
+            record.error = "the stream ended without a token"
+    except Exception as exc:  # noqa: BLE001 - one request's failure must not end the run
         record.error = f"{type(exc).__name__}: {exc}"
+
+
+async def served_model(client: httpx.AsyncClient) -> str:
+    """The first model a server lists."""
+    try:
+        listed = await client.get("/v1/models")
+        listed.raise_for_status()
+        return listed.json()["data"][0]["id"]
+    except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError) as exc:
+        raise ValueError(f"cannot list the models of {client.base_url}: "
+                         f"{type(exc).__name__}: {exc}") from exc
 
 
 def _arrival_gaps(count: int, rate: float, seed: int) -> np.ndarray:
@@ -101,13 +123,13 @@ def _arrival_gaps(count: int, rate: float, seed: int) -> np.ndarray:
 async def _run(base_url: str, workload: Workload, settings: LoadSettings,
                model: str | None) -> tuple[list[RequestRecord], float, str]:
     headers = {"Authorization": f"Bearer {settings.api_key}"} if settings.api_key else {}
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    # A fresh connection per request: a server may close an idle kept-alive connection just
+    # as the next request is sent on it (llama-server did), failing a request that was fine.
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=0)
     async with httpx.AsyncClient(base_url=base_url, headers=headers, limits=limits,
                                  timeout=httpx.Timeout(settings.timeout_s)) as client:
         if model is None:
-            listed = await client.get("/v1/models")
-            listed.raise_for_status()
-            model = listed.json()["data"][0]["id"]
+            model = await served_model(client)
         limit = asyncio.Semaphore(settings.max_concurrency or len(workload.requests))
         records = [RequestRecord(len(r.prompt_token_ids), r.output_len)
                    for r in workload.requests]
@@ -136,6 +158,10 @@ async def _run(base_url: str, workload: Workload, settings: LoadSettings,
             for record in records:
                 if record.e2e is None and record.error is None:
                     record.error = f"not finished within the {settings.timeout_s:g} s bound"
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
         return records, time.perf_counter() - start, model
 
 
@@ -143,6 +169,7 @@ def run_serve(base_url: str, workload: Workload, settings: LoadSettings,
               model: str | None = None, system: str = "server") -> RunResult:
     records, seconds, model = asyncio.run(_run(base_url.rstrip("/"), workload, settings, model))
     done = [r for r in records if r.error is None and r.e2e is not None]
+    done_lengths = [(r.prompt_tokens, r.output_tokens) for r in done]
     ttfts = [r.ttft for r in done if r.ttft is not None]
     tpots = [r.tpot for r in done if r.tpot is not None]
     itls = [g for r in done for g in r.chunk_gaps]
@@ -166,5 +193,5 @@ def run_serve(base_url: str, workload: Workload, settings: LoadSettings,
                      settings={"base_url": base_url, "model": model,
                                "request_rate": settings.request_rate,
                                "max_concurrency": settings.max_concurrency,
-                               "requests_sent": len(records)},
+                               "requests_sent": len(records), "completed_lengths": done_lengths},
                      latency=latency)

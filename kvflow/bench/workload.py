@@ -63,31 +63,53 @@ def resolve_named(value: str | Path, kind: str) -> Path:
                      f"(known: {', '.join(known) or 'none'})")
 
 
-def _draw(rng: np.random.Generator, spec: dict, field: str) -> int:
-    low, high = spec[field]["uniform"]
-    if not 1 <= low <= high:
-        raise ValueError(f"workload field {field!r} needs 1 <= low <= high, got {[low, high]}")
-    return int(rng.integers(low, high + 1))
+def _int_field(spec: dict, field: str, minimum: int) -> int:
+    value = spec.get(field)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"workload field {field!r} must be an integer >= {minimum}, "
+                         f"got {value!r}")
+    return value
+
+
+def _range_field(spec: dict, field: str) -> tuple[int, int]:
+    bounds = (spec.get(field) or {}).get("uniform") if isinstance(spec.get(field), dict) else None
+    if (not isinstance(bounds, list) or len(bounds) != 2
+            or not all(isinstance(b, int) and not isinstance(b, bool) for b in bounds)
+            or not 1 <= bounds[0] <= bounds[1]):
+        raise ValueError(f"workload field {field!r} must be {{\"uniform\": [low, high]}} with "
+                         f"integers 1 <= low <= high, got {spec.get(field)!r}")
+    return bounds[0], bounds[1]
 
 
 def load_workload(path: str | Path, vocab_size: int) -> Workload:
     """A workload file, or a name from the shared workloads (`mixed`, `single-stream`)."""
-    return workload_from_spec(json.loads(resolve_named(path, "workloads").read_text()),
-                              vocab_size)
+    resolved = resolve_named(path, "workloads")
+    try:
+        spec = json.loads(resolved.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{resolved} is not valid JSON: {exc}") from exc
+    if not isinstance(spec, dict):
+        raise ValueError(f"{resolved}: a workload is a JSON object")
+    return workload_from_spec(spec, vocab_size)
 
 
 def workload_from_spec(spec: dict, vocab_size: int) -> Workload:
     if vocab_size <= 200:
         raise ValueError(f"prompt ids are drawn from [100, vocab - 100); vocab {vocab_size} is "
                          "too small")
-    rng = np.random.default_rng(spec["seed"])
+    rng = np.random.default_rng(_int_field(spec, "seed", 0))
+    count = _int_field(spec, "num_requests", 1)
+    has_prefix = "shared_prefix_len" in spec
+    prompt_range = _range_field(spec, "suffix_len" if has_prefix else "prompt_len")
+    output_range = _range_field(spec, "output_len")
     shared: list[int] = []
-    if "shared_prefix_len" in spec:
-        shared = rng.integers(100, vocab_size - 100, spec["shared_prefix_len"]).tolist()
+    if has_prefix:
+        shared = rng.integers(100, vocab_size - 100,
+                              _int_field(spec, "shared_prefix_len", 0)).tolist()
     requests = []
-    for _ in range(spec["num_requests"]):
-        prompt_len = _draw(rng, spec, "suffix_len" if shared else "prompt_len")
-        output_len = _draw(rng, spec, "output_len")
+    for _ in range(count):
+        prompt_len = int(rng.integers(prompt_range[0], prompt_range[1] + 1))
+        output_len = int(rng.integers(output_range[0], output_range[1] + 1))
         prompt = shared + rng.integers(100, vocab_size - 100, prompt_len).tolist()
         requests.append(BenchRequest(prompt_token_ids=prompt, output_len=output_len))
-    return Workload(name=spec.get("name", "workload"), spec=spec, requests=requests)
+    return Workload(name=str(spec.get("name", "workload")), spec=spec, requests=requests)

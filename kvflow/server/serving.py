@@ -235,7 +235,9 @@ class OpenAIServing:
         if job.echo and choice.echoed is None:
             prefix = self._prompt_text(output)
             choice.echoed = len(prefix)
-        if not delta and not done and not new_entries and not prefix:
+        # A token that decodes to no text yet (part of a character, or a held-back stop
+        # string) still gets its chunk, as vLLM and llama.cpp send: clients time tokens.
+        if not delta and not done and not new_tokens and not prefix:
             return None
         number = index * job.n + completion.index
         if job.kind == "chat":
