@@ -243,7 +243,7 @@ def test_comparison_table_and_plots(tmp_path):
     config = {**QWEN_05B, "vocab_size": 1000}
     runs = [RunResult("kvflow", "t", 5, 2.0, 30, 15, latency={"ttft_samples_ms": [5.0, 7.0],
                                                              "ttft": {"p50_ms": 6.0}}),
-            RunResult("transformers one-at-a-time", "t", 2, 4.0, 12, 6)]
+            RunResult("llama.cpp", "t", 2, 4.0, 12, 6, settings={"tried": {"8": 1.5, "32": 1.2}})]
     for run in runs:
         attach_roofline(run, workload, config, "bfloat16", hardware.ceilings())
     assert runs[1].roofline["concurrency"] == 2  # only the prefix it ran
@@ -252,5 +252,5 @@ def test_comparison_table_and_plots(tmp_path):
     assert f"{runs[0].roofline['achieved_percent']:.1f}%" in table[2]
     written = plot(runs, tmp_path / "cmp")
     assert [p.name for p in written] == ["cmp-throughput.png", "cmp-roofline.png",
-                                         "cmp-latency.png"]
+                                         "cmp-concurrency.png", "cmp-latency.png"]
     assert all(p.stat().st_size > 1000 for p in written)

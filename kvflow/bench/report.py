@@ -81,8 +81,9 @@ def markdown_table(results: list[RunResult]) -> str:
 
 
 def plot(results: list[RunResult], out: Path) -> list[Path]:
-    """Generated tokens/s and % of roofline per workload and system, and the TTFT and ITL
-    distributions of the runs that measured them."""
+    """Generated tokens/s and % of roofline per workload and system, throughput by
+    concurrency where a system was tried at several, and the TTFT and ITL distributions
+    of the runs that measured them."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -106,6 +107,22 @@ def plot(results: list[RunResult], out: Path) -> list[Path]:
             ax.set_ylabel(label)
         fig.tight_layout()
         path = out.with_name(f"{out.name}-{name}.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    swept = [r for r in results if r.settings.get("tried")]
+    if swept:
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for r in swept:
+            points = sorted((int(k), v) for k, v in r.settings["tried"].items())
+            ax.plot([p for p, _ in points], [v for _, v in points], marker="o",
+                    label=f"{r.system} ({r.workload})")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent sequences")
+        ax.set_ylabel("generated tokens/s")
+        ax.legend(fontsize=6)
+        fig.tight_layout()
+        path = out.with_name(f"{out.name}-concurrency.png")
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(path)
