@@ -80,6 +80,16 @@ def markdown_table(results: list[RunResult]) -> str:
     return "\n".join(rows)
 
 
+def _save(fig, out: Path, name: str) -> Path:  # noqa: ANN001
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = out.with_name(f"{out.name}-{name}.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot(results: list[RunResult], out: Path) -> list[Path]:
     """Generated tokens/s and % of roofline per workload and system, throughput by
     concurrency where a system was tried at several, and the TTFT and ITL distributions
@@ -105,11 +115,7 @@ def plot(results: list[RunResult], out: Path) -> list[Path]:
             ax.set_xticks(range(len(systems)), systems, rotation=30, ha="right", fontsize=7)
             ax.set_title(workload)
             ax.set_ylabel(label)
-        fig.tight_layout()
-        path = out.with_name(f"{out.name}-{name}.png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(fig, out, name))
     swept = [r for r in results if r.settings.get("tried")]
     if swept:
         fig, ax = plt.subplots(figsize=(5, 3.5))
@@ -121,11 +127,7 @@ def plot(results: list[RunResult], out: Path) -> list[Path]:
         ax.set_xlabel("concurrent sequences")
         ax.set_ylabel("generated tokens/s")
         ax.legend(fontsize=6)
-        fig.tight_layout()
-        path = out.with_name(f"{out.name}-concurrency.png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(fig, out, "concurrency"))
     samples = [r for r in results if r.latency.get("ttft_samples_ms")]
     if samples:
         fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
@@ -140,9 +142,5 @@ def plot(results: list[RunResult], out: Path) -> list[Path]:
             ax.set_ylabel("fraction of samples")
             if ax.lines:
                 ax.legend(fontsize=6)
-        fig.tight_layout()
-        path = out.with_name(f"{out.name}-latency.png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(fig, out, "latency"))
     return written
