@@ -37,15 +37,21 @@ def _llm(ns: argparse.Namespace):  # noqa: ANN202
     return LLM(**dataclasses.asdict(engine_args_from(ns)))
 
 
-def _finish(result, workload, model: str, dtype: str, out: Path | None) -> None:  # noqa: ANN001
+def _finish(result, workload, model: str | None, dtype: str,  # noqa: ANN001
+            out: Path | None) -> None:
+    """Attach the roofline where the model's config is known, print, and write."""
     from kvflow.bench import hardware
     from kvflow.bench.report import attach_roofline, model_config, summary
 
     device = result.settings.get("device", "cpu")
-    try:
-        attach_roofline(result, workload, model_config(model), dtype, hardware.ceilings(device))
-    except ValueError as exc:
-        print(f"no roofline: {exc}")
+    if model is None:
+        print("no roofline: give --model-path for the served model's config.json")
+    else:
+        try:
+            attach_roofline(result, workload, model_config(model), dtype,
+                            hardware.ceilings(device))
+        except ValueError as exc:
+            print(f"no roofline: {exc}")
     print(summary(result))
     _write_json(out, result.to_dict())
 
@@ -125,14 +131,7 @@ def _serve(ns: argparse.Namespace) -> int:
     workload = load_workload(ns.workload, vocab).prefix(ns.num_requests)
     result = run_serve(ns.base_url, workload, settings, model=served, system=ns.system_name)
     result.settings["device"] = ns.device
-    if model_path is None:
-        from kvflow.bench.report import summary
-
-        print(summary(result))
-        print("no roofline: give --model-path for the served model's config.json")
-        _write_json(ns.output, result.to_dict())
-    else:
-        _finish(result, workload, model_path, ns.dtype, ns.output)
+    _finish(result, workload, model_path, ns.dtype, ns.output)
     return 0
 
 

@@ -39,7 +39,7 @@ def run_transformers(hf_model, workload: Workload, batch_size: int) -> RunResult
     name = "transformers one-at-a-time" if batch_size == 1 else "transformers static batch"
     return RunResult(system=name, workload=workload.name, num_requests=len(requests),
                      seconds=seconds,
-                     prompt_tokens=sum(len(r.prompt_token_ids) for r in requests),
+                     prompt_tokens=workload.prompt_tokens,
                      generated_tokens=sum(r.output_len for r in requests),
                      settings={"batch_size": batch_size,
                                "dtype": str(hf_model.dtype).removeprefix("torch.")})

@@ -40,7 +40,7 @@ def run_kvflow(llm, workload: Workload, use_tqdm: bool = False) -> RunResult:  #
     config = llm.engine.scheduler_config
     return RunResult(
         system="kvflow", workload=workload.name, num_requests=len(outputs), seconds=seconds,
-        prompt_tokens=sum(len(r.prompt_token_ids) for r in workload.requests),
+        prompt_tokens=workload.prompt_tokens,
         generated_tokens=sum(len(o.outputs[0].token_ids) for o in outputs),
         settings={"max_num_seqs": config.max_num_seqs,
                   "max_num_batched_tokens": config.max_num_batched_tokens,

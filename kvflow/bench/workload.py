@@ -33,6 +33,10 @@ class Workload:
         return self.name == "single-stream" or bool(self.spec.get("single_stream"))
 
     @property
+    def prompt_tokens(self) -> int:
+        return sum(len(r.prompt_token_ids) for r in self.requests)
+
+    @property
     def lengths(self) -> list[tuple[int, int]]:
         return [(len(r.prompt_token_ids), r.output_len) for r in self.requests]
 
