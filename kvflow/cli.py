@@ -23,6 +23,7 @@ ENGINE_FLAG_HELP = {
     "max_num_batched_tokens": "token budget of one step; longer prompts are chunked",
     "scheduling_policy": "fcfs or priority (lower priority value runs first)",
     "seed": "seed of the engine's sampler, used by requests without a seed of their own",
+    "attention_backend": "auto (the fastest for the device) or torch (the reference)",
 }
 
 

@@ -1,16 +1,26 @@
-"""Paged attention in plain PyTorch: the reference path and the test oracle.
+"""Paged attention in plain PyTorch: the reference backend and the test oracle.
 
 The KV cache of a layer is a pair of tensors [num_blocks, num_kv_heads, block_size,
-head_dim]. Decodes are batched: every request's blocks are gathered through a padded
-block table and masked by length. Each prefill chunk gathers its own request's blocks.
-Sliding windows keep a key only if query_pos - key_pos < window.
+head_dim]. Requests with short queries (decodes, speculative verification) are batched:
+their blocks are gathered through the padded block table and masked by position. Each
+longer prefill chunk gathers its own request's blocks for SDPA. Sliding windows keep a
+key only if query_pos - key_pos < window.
 """
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
-from kvflow.worker.forward_meta import ForwardMetadata, PrefillChunk
+from kvflow.attention.base import AttentionBackend
+from kvflow.attention.metadata import AttentionMetadata
+
+if TYPE_CHECKING:
+    from kvflow.layers.attention import PagedAttention
+
+# Requests with at most this many query tokens go through the batched path.
+MAX_BATCHED_QUERY_LEN = 16
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -23,7 +33,7 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
     v_cache[blocks, :, offsets] = v
 
 
-def _gather(cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
+def gather_blocks(cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
     """[..., num_blocks] block ids -> [num_kv_heads, ..., num_blocks * block_size, head_dim].
 
     Indexing a head-first view gathers straight into head-major order: one copy, no
@@ -33,56 +43,89 @@ def _gather(cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
     return gathered.flatten(-3, -2)
 
 
-def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    meta: ForwardMetadata, scale: float,
-                    sliding_window: int | None) -> torch.Tensor:
-    """q: [num_tokens, num_heads, head_dim] -> [num_tokens, num_heads, head_dim]."""
-    out = torch.empty_like(q)
-    if meta.num_decodes:
-        out[:meta.num_decodes] = _decode(q[:meta.num_decodes], k_cache, v_cache, meta, scale,
-                                         sliding_window)
-    for chunk in meta.prefills:
-        rows = slice(chunk.query_start, chunk.query_start + chunk.query_len)
-        out[rows] = _prefill(q[rows], k_cache, v_cache, chunk, scale, sliding_window)
-    return out
+class TorchRefBackend(AttentionBackend):
+    name = "torch"
+
+    def forward(self, layer: PagedAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        write_kv(layer.k_cache, layer.v_cache, k, v, meta.slot_mapping)
+        out = torch.empty_like(q)
+        num_short = meta.num_short(MAX_BATCHED_QUERY_LEN)
+        start = meta.query_start(num_short)
+        if num_short:
+            out[:start] = short_queries(q[:start], layer, meta, num_short)
+        for req in range(num_short, meta.num_reqs):
+            rows = slice(start, start + meta.query_lens_cpu[req])
+            out[rows] = chunk_attention(q[rows], layer, meta.block_tables[req],
+                                        meta.seq_lens_cpu[req])
+            start = rows.stop
+        return out
 
 
-def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-            meta: ForwardMetadata, scale: float, sliding_window: int | None) -> torch.Tensor:
-    # Explicit grouped matmuls: for one query token per request they are several times
-    # faster on the CPU than SDPA's masked flash kernel, and need no repeated KV heads.
-    keys = _gather(k_cache, meta.decode_block_tables)  # [H_kv, B, K, D]
-    values = _gather(v_cache, meta.decode_block_tables)
-    batch, num_heads, head_dim = q.shape
+def short_queries(q: torch.Tensor, layer: PagedAttention, meta: AttentionMetadata,
+                  num_reqs: int) -> torch.Tensor:
+    """The first num_reqs requests' queries in one batched call, padded to the longest.
+
+    Explicit grouped matmuls: for a few query tokens per request they are several times
+    faster on the CPU than SDPA's masked flash kernel, and need no repeated KV heads."""
+    query_lens = meta.query_lens_cpu[:num_reqs]
+    width = max(query_lens)
+    num_tokens, num_heads, head_dim = q.shape
+    device = q.device
+    lens = torch.tensor(query_lens, device=device)
+    row = torch.repeat_interleave(torch.arange(num_reqs, device=device), lens)
+    starts = meta.query_start_loc[:num_reqs].long()
+    within = torch.arange(num_tokens, device=device) - starts[row]
+    padded = q.new_zeros(num_reqs * width, num_heads, head_dim)
+    padded[row * width + within] = q
+    keys = gather_blocks(layer.k_cache, meta.block_tables[:num_reqs])  # [H_kv, B, K, D]
+    values = gather_blocks(layer.v_cache, meta.block_tables[:num_reqs])
     num_kv_heads = keys.shape[0]
-    grouped = q.view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim).transpose(0, 1)
-    scores = torch.matmul(grouped, keys.transpose(-1, -2)).float() * scale  # [H_kv, B, G, K]
-    key_pos = torch.arange(keys.shape[2], device=q.device)
-    seq_lens = meta.decode_seq_lens[:, None]
-    masked = key_pos[None, :] >= seq_lens  # [B, K]
-    if sliding_window is not None:
-        masked |= key_pos[None, :] < seq_lens - sliding_window
-    scores.masked_fill_(masked[None, :, None, :], -float("inf"))
-    probs = torch.softmax(scores, dim=-1).to(values.dtype)
-    out = torch.matmul(probs, values)  # [H_kv, B, G, D]
-    return out.transpose(0, 1).reshape(batch, num_heads, head_dim)
+    group = num_heads // num_kv_heads
+    # [B, W, H_kv, G, D] -> [H_kv, B, W * G, D]
+    grouped = padded.view(num_reqs, width, num_kv_heads, group, head_dim).permute(2, 0, 1, 3, 4)
+    grouped = grouped.reshape(num_kv_heads, num_reqs, width * group, head_dim)
+    scores = torch.matmul(grouped, keys.transpose(-1, -2)).float() * layer.scale
+    scores = scores.view(num_kv_heads, num_reqs, width, group, -1)
+    seq_lens = meta.seq_lens[:num_reqs].long()
+    query_pos = (seq_lens - lens)[:, None] + torch.arange(width, device=device)[None, :]
+    key_pos = torch.arange(keys.shape[2], device=device)
+    masked = key_pos[None, None, :] > query_pos[:, :, None]  # [B, W, K]
+    if layer.sliding_window is not None:
+        masked |= key_pos[None, None, :] <= query_pos[:, :, None] - layer.sliding_window
+    scores.masked_fill_(masked[None, :, :, None, :], -float("inf"))
+    probs = torch.softmax(scores, dim=-1).to(values.dtype).flatten(2, 3)
+    out = torch.matmul(probs, values)  # [H_kv, B, W * G, D]
+    out = out.view(num_kv_heads, num_reqs, width, group, head_dim).permute(1, 2, 0, 3, 4)
+    return out.reshape(num_reqs * width, num_heads, head_dim)[row * width + within]
 
 
-def _prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             chunk: PrefillChunk, scale: float, sliding_window: int | None) -> torch.Tensor:
-    context_len = chunk.context_len
-    keys = _gather(k_cache, chunk.block_table)[:, :context_len].unsqueeze(0)
-    values = _gather(v_cache, chunk.block_table)[:, :context_len].unsqueeze(0)
-    query = q.transpose(0, 1).unsqueeze(0)  # [1, H, L, D]
-    if chunk.num_computed_tokens == 0 and sliding_window is None:
-        out = F.scaled_dot_product_attention(query, keys, values, is_causal=True, scale=scale,
-                                             enable_gqa=True)
+def chunk_attention(q: torch.Tensor, layer: PagedAttention, block_table: torch.Tensor,
+                    seq_len: int, k: torch.Tensor | None = None,
+                    v: torch.Tensor | None = None) -> torch.Tensor:
+    """One request's chunk of queries (the last len(q) positions of seq_len) through SDPA.
+
+    k, v: the chunk's own keys and values [len(q), num_kv_heads, head_dim] when the chunk
+    is the whole context, so that nothing needs gathering from the cache."""
+    query_len = q.shape[0]
+    num_computed = seq_len - query_len
+    if k is not None and v is not None:
+        assert num_computed == 0, "the chunk's own keys are the context only from position 0"
+        keys, values = k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)
     else:
-        q_pos = torch.arange(chunk.num_computed_tokens, context_len, device=q.device)[:, None]
-        k_pos = torch.arange(context_len, device=q.device)[None, :]
+        keys = gather_blocks(layer.k_cache, block_table)[:, :seq_len].unsqueeze(0)
+        values = gather_blocks(layer.v_cache, block_table)[:, :seq_len].unsqueeze(0)
+    query = q.transpose(0, 1).unsqueeze(0)  # [1, H, L, D]
+    window = layer.sliding_window
+    if num_computed == 0 and window is None:
+        out = F.scaled_dot_product_attention(query, keys, values, is_causal=True,
+                                             scale=layer.scale, enable_gqa=True)
+    else:
+        q_pos = torch.arange(num_computed, seq_len, device=q.device)[:, None]
+        k_pos = torch.arange(seq_len, device=q.device)[None, :]
         mask = k_pos <= q_pos
-        if sliding_window is not None:
-            mask &= q_pos - k_pos < sliding_window
-        out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scale,
-                                             enable_gqa=True)
+        if window is not None:
+            mask &= q_pos - k_pos < window
+        out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask,
+                                             scale=layer.scale, enable_gqa=True)
     return out.squeeze(0).transpose(0, 1)

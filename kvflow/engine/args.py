@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kvflow.attention.selector import BACKEND_NAMES
 from kvflow.config import SchedulerConfig, parse_dtype, parse_memory
 from kvflow.demo import demo_model_path
 
@@ -24,6 +25,7 @@ class EngineArgs:
     max_num_batched_tokens: int = 2048
     scheduling_policy: str = "fcfs"  # fcfs | priority
     seed: int = 0
+    attention_backend: str = "auto"  # auto (the fastest for the device) | a name in BACKENDS
 
     def __post_init__(self) -> None:
         if self.model is None:
@@ -32,6 +34,9 @@ class EngineArgs:
             parse_dtype(self.dtype)
         if self.device not in DEVICES:
             raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
+        if self.attention_backend not in BACKEND_NAMES:
+            raise ValueError(f"attention_backend must be one of {BACKEND_NAMES}, "
+                             f"got {self.attention_backend!r}")
         if self.block_size < 1:
             raise ValueError(f"block_size must be at least 1, got {self.block_size}")
         if self.max_model_len is not None and self.max_model_len < 1:

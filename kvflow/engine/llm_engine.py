@@ -14,6 +14,7 @@ from typing import Any
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from kvflow.attention.selector import select_backend
 from kvflow.config import CacheConfig, ModelConfig, SchedulerConfig, parse_dtype
 from kvflow.core.kv_manager import KVCacheManager
 from kvflow.core.scheduler import Scheduler
@@ -70,7 +71,9 @@ class LLMEngine:
                     memory / 2**30, self.dtype, self.device)
         self.kv_manager = KVCacheManager(num_blocks, args.block_size)
         self.scheduler = Scheduler(self.scheduler_config, self.kv_manager)
-        self.runner = ModelRunner(model, self.model_config, num_blocks, args.block_size,
+        backend = select_backend(args.attention_backend, self.device)
+        logger.info("attention backend: %s", backend.name)
+        self.runner = ModelRunner(model, self.model_config, backend, num_blocks, args.block_size,
                                   self.dtype, self.device, args.seed)
         self.output_processor = OutputProcessor(self.tokenizer)
 

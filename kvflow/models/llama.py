@@ -1,20 +1,20 @@
 """The Llama-family decoder (Llama, Mistral, Qwen2, Qwen3) over a paged KV cache.
 
 Reads top to bottom: Attention, MLP, DecoderLayer, Model, ForCausalLM. Inputs are
-flat token batches; `ForwardMetadata` says where each token sits and where its KV goes.
+flat token batches; `AttentionMetadata` says where each token sits and where its KV goes.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from kvflow.attention.torch_ref import paged_attention, write_kv
+from kvflow.attention.metadata import AttentionMetadata
 from kvflow.config import ModelConfig
 from kvflow.layers.activation import silu_and_mul
+from kvflow.layers.attention import PagedAttention
 from kvflow.layers.linear import Linear, MergedLinear
 from kvflow.layers.norm import RMSNorm
 from kvflow.layers.rotary import RotaryEmbedding
-from kvflow.worker.forward_meta import ForwardMetadata
 
 
 class Attention(nn.Module):
@@ -23,8 +23,6 @@ class Attention(nn.Module):
         self.num_heads = config.num_heads
         self.num_kv_heads = config.num_kv_heads
         self.head_dim = config.head_dim
-        self.scale = config.head_dim ** -0.5
-        self.sliding_window = config.sliding_windows[layer_idx]
         q_size = config.num_heads * config.head_dim
         kv_size = config.num_kv_heads * config.head_dim
         self.qkv_proj = MergedLinear(config.hidden_size, {"q": q_size, "k": kv_size, "v": kv_size},
@@ -33,11 +31,10 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.rotary = rotary
-        # [num_blocks, num_kv_heads, block_size, head_dim], bound by the model runner
-        self.k_cache: torch.Tensor | None = None
-        self.v_cache: torch.Tensor | None = None
+        self.attn = PagedAttention(config.num_heads, config.num_kv_heads, config.head_dim,
+                                   config.sliding_windows[layer_idx])
 
-    def forward(self, x: torch.Tensor, meta: ForwardMetadata) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         q, k, v = self.qkv_proj.split(self.qkv_proj(x))
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
@@ -45,10 +42,7 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(meta.positions, q, k)
-        assert self.k_cache is not None and self.v_cache is not None, "KV cache not bound"
-        write_kv(self.k_cache, self.v_cache, k, v, meta.slot_mapping)
-        out = paged_attention(q, self.k_cache, self.v_cache, meta, self.scale, self.sliding_window)
-        return self.o_proj(out.flatten(1))
+        return self.o_proj(self.attn(q, k, v, meta).flatten(1))
 
 
 class MLP(nn.Module):
@@ -71,7 +65,7 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, meta: ForwardMetadata) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), meta)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -86,7 +80,7 @@ class LlamaModel(nn.Module):
             DecoderLayer(config, i, rotary) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, input_ids: torch.Tensor, meta: ForwardMetadata) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
         for layer in self.layers:
             x = layer(x, meta)
@@ -112,7 +106,7 @@ class LlamaForCausalLM(nn.Module):
         else:
             self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
 
-    def forward(self, input_ids: torch.Tensor, meta: ForwardMetadata) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """-> hidden states [num_tokens, hidden_size]; logits are computed only where needed."""
         return self.model(input_ids, meta)
 
@@ -120,5 +114,5 @@ class LlamaForCausalLM(nn.Module):
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return torch.nn.functional.linear(hidden, weight)
 
-    def attention_layers(self) -> list[Attention]:
-        return [layer.self_attn for layer in self.model.layers]
+    def attention_layers(self) -> list[PagedAttention]:
+        return [layer.self_attn.attn for layer in self.model.layers]

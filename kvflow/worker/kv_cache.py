@@ -1,7 +1,8 @@
 """Sizing and allocating the paged KV cache.
 
-Per layer, K and V are [num_blocks, num_kv_heads, block_size, head_dim]: head-major
-inside a block, so one head's keys for a block are contiguous.
+Per layer, K and V each have the shape the attention backend asks for (head-major blocks,
+[num_blocks, num_kv_heads, block_size, head_dim], for the CPU backends), carved out of one
+allocation.
 """
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import os
 
 import torch
 
+from kvflow.attention.base import AttentionBackend
 from kvflow.config import ModelConfig
 
 CPU_KV_CAP = 4 * 2**30
@@ -40,8 +42,10 @@ def num_blocks_for(memory: int, config: ModelConfig, dtype: torch.dtype, block_s
     return memory // (config.kv_bytes_per_token(dtype) * block_size)
 
 
-def allocate_kv_cache(config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
+def allocate_kv_cache(config: ModelConfig, backend: AttentionBackend, num_blocks: int,
+                      block_size: int, dtype: torch.dtype,
                       device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    shape = (config.num_layers, 2, num_blocks, config.num_kv_heads, block_size, config.head_dim)
-    cache = torch.zeros(shape, dtype=dtype, device=device)
+    layer_shape = backend.kv_cache_shape(num_blocks, config.num_kv_heads, block_size,
+                                         config.head_dim)
+    cache = torch.zeros((config.num_layers, 2, *layer_shape), dtype=dtype, device=device)
     return [(cache[layer, 0], cache[layer, 1]) for layer in range(config.num_layers)]

@@ -5,26 +5,31 @@ logits and the per-request random generators. What goes back is plain lists.
 """
 from __future__ import annotations
 
+import itertools
+
 import torch
 
+from kvflow.attention.base import AttentionBackend
+from kvflow.attention.metadata import AttentionMetadata
 from kvflow.config import ModelConfig
 from kvflow.models.llama import LlamaForCausalLM
 from kvflow.outputs import RunnerOutput, ScheduledRequest, SchedulerOutput, TokenLogprobs
 from kvflow.sampling.sampler import Sampler, prepare_sampling, token_logprobs
-from kvflow.worker.forward_meta import ForwardMetadata, PrefillChunk
 from kvflow.worker.kv_cache import allocate_kv_cache
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaForCausalLM, config: ModelConfig, num_blocks: int,
-                 block_size: int, dtype: torch.dtype, device: torch.device, seed: int) -> None:
+    def __init__(self, model: LlamaForCausalLM, config: ModelConfig, backend: AttentionBackend,
+                 num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device,
+                 seed: int) -> None:
         self.model = model
         self.config = config
+        self.backend = backend
         self.block_size = block_size
         self.device = device
-        self.kv_caches = allocate_kv_cache(config, num_blocks, block_size, dtype, device)
+        self.kv_caches = allocate_kv_cache(config, backend, num_blocks, block_size, dtype, device)
         for layer, (k_cache, v_cache) in zip(model.attention_layers(), self.kv_caches):
-            layer.k_cache, layer.v_cache = k_cache, v_cache
+            layer.bind(backend, k_cache, v_cache)
         self.sampler = Sampler(torch.Generator(device).manual_seed(seed))
         self.generators: dict[str, torch.Generator] = {}
 
@@ -35,8 +40,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
-        # Decodes first: the attention batches them in one call.
-        batch = sorted(scheduler_output.scheduled, key=lambda r: len(r.token_ids) != 1)
+        # Shortest queries first: backends batch the short ones (decodes) in one call.
+        batch = sorted(scheduler_output.scheduled, key=lambda r: len(r.token_ids))
         if not batch:
             return RunnerOutput(sampled_token_ids={})
         input_ids, meta, query_starts = self._prepare_inputs(batch)
@@ -70,39 +75,15 @@ class ModelRunner:
                 self.generators[request.req_id] = torch.Generator(self.device).manual_seed(seed)
 
     def _prepare_inputs(self, batch: list[ScheduledRequest]
-                        ) -> tuple[torch.Tensor, ForwardMetadata, dict[str, int]]:
+                        ) -> tuple[torch.Tensor, AttentionMetadata, dict[str, int]]:
         query_lens = [len(r.token_ids) for r in batch]
-        starts = torch.tensor([r.num_computed_tokens for r in batch])
-        width = max(len(r.block_ids) for r in batch)
-        block_tables = torch.tensor([r.block_ids + [0] * (width - len(r.block_ids))
-                                     for r in batch], dtype=torch.int64)
-        # Per token: its request's row, and its offset inside that request's chunk.
-        lens = torch.tensor(query_lens)
-        row = torch.repeat_interleave(torch.arange(len(batch)), lens)
-        cu_lens = torch.cumsum(lens, 0) - lens
-        positions = starts[row] + torch.arange(int(lens.sum())) - cu_lens[row]
-        slots = (block_tables[row, positions // self.block_size] * self.block_size
-                 + positions % self.block_size)
-
-        num_decodes = sum(1 for n in query_lens if n == 1)
-        query_starts = {r.req_id: start for r, start in zip(batch, cu_lens.tolist())}
-        device = self.device
-        prefills = [
-            PrefillChunk(query_start=query_starts[r.req_id], query_len=len(r.token_ids),
-                         num_computed_tokens=r.num_computed_tokens,
-                         block_table=block_tables[i, :len(r.block_ids)].to(device))
-            for i, r in enumerate(batch[num_decodes:], start=num_decodes)
-        ]
-        meta = ForwardMetadata(
-            positions=positions.to(device),
-            slot_mapping=slots.to(device),
-            num_decodes=num_decodes,
-            decode_block_tables=block_tables[:num_decodes].to(device),
-            decode_seq_lens=(starts[:num_decodes] + 1).to(device),
-            prefills=prefills,
-        )
-        input_ids = torch.tensor([t for r in batch for t in r.token_ids], dtype=torch.int64,
-                                 device=device)
+        meta = self.backend.build_metadata(query_lens, [r.num_computed_tokens for r in batch],
+                                           [r.block_ids for r in batch], self.block_size,
+                                           self.device)
+        starts = itertools.accumulate(query_lens, initial=0)
+        query_starts = {r.req_id: start for r, start in zip(batch, starts)}
+        input_ids = torch.tensor(list(itertools.chain.from_iterable(r.token_ids for r in batch)),
+                                 dtype=torch.int64, device=self.device)
         return input_ids, meta, query_starts
 
     def _prompt_logprobs(self, request: ScheduledRequest, hidden: torch.Tensor,

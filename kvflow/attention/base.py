@@ -1,0 +1,42 @@
+"""The interface every attention backend implements.
+
+A backend owns three things: the layout of the KV cache it reads (`kv_cache_shape`), the
+metadata it needs, built once per step from the scheduled batch (`build_metadata`), and
+the attention itself (`forward`), which also writes the step's keys and values into the
+cache, so that a backend may fuse the write with its own kernel. Every backend handles
+any mix of prefill chunks, decodes and short multi-token queries (speculative
+verification) in one step. The model only ever calls `PagedAttention.forward`.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+
+from kvflow.attention.metadata import AttentionMetadata, build_metadata
+
+if TYPE_CHECKING:
+    from kvflow.layers.attention import PagedAttention
+
+
+class AttentionBackend(ABC):
+    name: ClassVar[str]
+
+    @staticmethod
+    def kv_cache_shape(num_blocks: int, num_kv_heads: int, block_size: int,
+                       head_dim: int) -> tuple[int, ...]:
+        """The shape of one layer's K (and V) cache. Head-major blocks by default: one
+        head's keys for a block are contiguous."""
+        return (num_blocks, num_kv_heads, block_size, head_dim)
+
+    def build_metadata(self, query_lens: list[int], num_computed: list[int],
+                       block_ids: list[list[int]], block_size: int,
+                       device: torch.device) -> AttentionMetadata:
+        return build_metadata(query_lens, num_computed, block_ids, block_size, device)
+
+    @abstractmethod
+    def forward(self, layer: PagedAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        """q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim]
+        -> [num_tokens, num_heads, head_dim]. Writes k and v to their slots first."""

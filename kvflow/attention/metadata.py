@@ -1,0 +1,73 @@
+"""What one forward pass needs to know about the batch besides the token ids.
+
+Tokens are flattened without padding, request after request; `query_start_loc` (flash
+attention's cu_seqlens_q) says where each request's queries start. The model runner
+orders requests by query length, so the short queries (decodes, speculative
+verification) form a prefix that a backend can take in one batched call.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+NULL_BLOCK = 0  # never handed out; pads block tables
+
+
+@dataclass
+class AttentionMetadata:
+    positions: torch.Tensor  # [num_tokens] int64
+    slot_mapping: torch.Tensor  # [num_tokens] int64: block_id * block_size + offset
+    query_start_loc: torch.Tensor  # [num_reqs + 1] int32: cu_seqlens_q
+    seq_lens: torch.Tensor  # [num_reqs] int32: tokens in the cache once this step's are written
+    block_tables: torch.Tensor  # [num_reqs, max_blocks] int32, padded with NULL_BLOCK
+    query_lens_cpu: list[int]  # host copies, for the loops that must stay on the host
+    seq_lens_cpu: list[int]
+
+    @property
+    def num_reqs(self) -> int:
+        return len(self.query_lens_cpu)
+
+    def num_short(self, max_query_len: int) -> int:
+        """How many leading requests have at most max_query_len queries (they are sorted)."""
+        count = 0
+        for query_len in self.query_lens_cpu:
+            if query_len > max_query_len:
+                break
+            count += 1
+        return count
+
+    def query_start(self, req: int) -> int:
+        return sum(self.query_lens_cpu[:req])
+
+
+def build_metadata(query_lens: list[int], num_computed: list[int], block_ids: list[list[int]],
+                   block_size: int, device: torch.device) -> AttentionMetadata:
+    """Per-token positions and slots from per-request lists, with tensor ops (no per-token
+    Python loop)."""
+    num_reqs = len(query_lens)
+    width = max(len(ids) for ids in block_ids)
+    block_tables = torch.tensor([ids + [NULL_BLOCK] * (width - len(ids)) for ids in block_ids],
+                                dtype=torch.int32)
+    lens = torch.tensor(query_lens, dtype=torch.int64)
+    computed = torch.tensor(num_computed, dtype=torch.int64)
+    cu_lens = torch.zeros(num_reqs + 1, dtype=torch.int64)
+    torch.cumsum(lens, 0, out=cu_lens[1:])
+    if num_reqs == sum(query_lens):  # all decodes: one token per request
+        row = torch.arange(num_reqs)
+        positions = computed
+    else:
+        row = torch.repeat_interleave(torch.arange(num_reqs), lens)
+        positions = computed[row] + torch.arange(int(cu_lens[-1])) - cu_lens[row]
+    slots = (block_tables[row, positions // block_size].long() * block_size
+             + positions % block_size)
+    seq_lens = computed + lens
+    return AttentionMetadata(
+        positions=positions.to(device),
+        slot_mapping=slots.to(device),
+        query_start_loc=cu_lens.to(device, torch.int32),
+        seq_lens=seq_lens.to(device, torch.int32),
+        block_tables=block_tables.to(device),
+        query_lens_cpu=list(query_lens),
+        seq_lens_cpu=seq_lens.tolist(),
+    )
