@@ -9,6 +9,9 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install test serve clean
 
+# install also compiles kvflow's native CPU kernels for this machine (about 25 s, once;
+# cached under ~/.cache/kvflow/kernels).
+
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
@@ -16,6 +19,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==$(TORCH_VERSION)
 	$(BIN)/pip install --quiet -e '.[test,bench]'
+	$(BIN)/python -m kvflow.kernels
 	touch $(STAMP)
 
 test: install

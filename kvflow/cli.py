@@ -23,7 +23,10 @@ ENGINE_FLAG_HELP = {
     "max_num_batched_tokens": "token budget of one step; longer prompts are chunked",
     "scheduling_policy": "fcfs or priority (lower priority value runs first)",
     "seed": "seed of the engine's sampler, used by requests without a seed of their own",
-    "attention_backend": "auto (the fastest for the device) or torch (the reference)",
+    "attention_backend": "auto (the fastest for the device), torch (the PyTorch reference) "
+                         "or cpu (kvflow's native CPU kernels)",
+    "enforce_eager": "PyTorch's own ops only: no native kernels (they are compiled once per "
+                     "machine and cached)",
 }
 
 
@@ -35,10 +38,14 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     for field in dataclasses.fields(EngineArgs):
         if field.name == "model":
             continue
-        parser.add_argument(f"--{field.name.replace('_', '-')}", dest=field.name,
-                            type=kinds.get(field.name, str),
-                            default=getattr(defaults, field.name),
-                            help=ENGINE_FLAG_HELP[field.name])
+        flag = f"--{field.name.replace('_', '-')}"
+        default = getattr(defaults, field.name)
+        if isinstance(default, bool):
+            parser.add_argument(flag, dest=field.name, action="store_true", default=default,
+                                help=ENGINE_FLAG_HELP[field.name])
+            continue
+        parser.add_argument(flag, dest=field.name, type=kinds.get(field.name, str),
+                            default=default, help=ENGINE_FLAG_HELP[field.name])
 
 
 def engine_args_from(namespace: argparse.Namespace) -> EngineArgs:

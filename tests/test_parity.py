@@ -27,11 +27,12 @@ def _assert_no_leak(engine: LLMEngine) -> None:
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("variant", ["llama-gqa", "llama-mha-tied-bias", "llama3-rope",
                                      "llama-linear-rope", "qwen2", "qwen3", "mistral-window"])
-def test_greedy_batch_matches_transformers(variant, device, checkpoint, hf_model):
+@pytest.mark.parametrize("enforce_eager", [False, True], ids=["native", "eager"])
+def test_greedy_batch_matches_transformers(variant, device, enforce_eager, checkpoint, hf_model):
     path = checkpoint(variant)
     prompts = random_prompts(8, seed=1)
     assert len({len(p) for p in prompts}) > 4
-    llm, tokens = _run(path, prompts, device=device)
+    llm, tokens = _run(path, prompts, device=device, enforce_eager=enforce_eager)
     reference = [hf_greedy(hf_model(path), p, MAX_TOKENS) for p in prompts]
     assert tokens == reference
     assert len({tuple(t) for t in tokens}) > 1, "outputs should differ between prompts"

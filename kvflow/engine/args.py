@@ -25,7 +25,8 @@ class EngineArgs:
     max_num_batched_tokens: int = 2048
     scheduling_policy: str = "fcfs"  # fcfs | priority
     seed: int = 0
-    attention_backend: str = "auto"  # auto (the fastest for the device) | a name in BACKENDS
+    attention_backend: str = "auto"  # auto (the fastest for the device) | torch | cpu
+    enforce_eager: bool = False  # True: PyTorch ops only, no compiled native kernels
 
     def __post_init__(self) -> None:
         if self.model is None:

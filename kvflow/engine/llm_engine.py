@@ -19,6 +19,7 @@ from kvflow.config import CacheConfig, ModelConfig, SchedulerConfig, parse_dtype
 from kvflow.core.kv_manager import KVCacheManager
 from kvflow.core.scheduler import Scheduler
 from kvflow.engine.args import EngineArgs
+from kvflow.kernels.tuning import install_native_kernels, native_cpu_ops
 from kvflow.engine.output_processor import OutputProcessor, ParentState
 from kvflow.models.loader import build_model, resolve_model_path
 from kvflow.outputs import CompletionOutput, RequestMetrics, RequestOutput
@@ -71,8 +72,12 @@ class LLMEngine:
                     memory / 2**30, self.dtype, self.device)
         self.kv_manager = KVCacheManager(num_blocks, args.block_size)
         self.scheduler = Scheduler(self.scheduler_config, self.kv_manager)
-        backend = select_backend(args.attention_backend, self.device)
-        logger.info("attention backend: %s", backend.name)
+        native_ops = native_cpu_ops(self.device, self.dtype, args.enforce_eager)
+        if native_ops is not None:
+            install_native_kernels(model, native_ops)
+        backend = select_backend(args.attention_backend, self.device, native_ops)
+        logger.info("attention backend: %s; native CPU kernels: %s", backend.name,
+                    "on" if native_ops is not None else "off")
         self.runner = ModelRunner(model, self.model_config, backend, num_blocks, args.block_size,
                                   self.dtype, self.device, args.seed)
         self.output_processor = OutputProcessor(self.tokenizer)

@@ -1,9 +1,21 @@
 from __future__ import annotations
 
+from types import ModuleType
+
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 
-def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    gate, up = gate_up.chunk(2, dim=-1)
-    return F.silu(gate) * up
+class SiluAndMul(nn.Module):
+    """[..., 2 * d] (gate and up side by side) -> silu(gate) * up, [..., d]."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.native: ModuleType | None = None  # kvflow.kernels ops, set by the model runner
+
+    def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
+        if self.native is not None:
+            return self.native.silu_and_mul(gate_up)
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up

@@ -6,9 +6,28 @@ fusion happens at load time with no extra copy at run time.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from types import ModuleType
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+@dataclass(frozen=True)
+class GemvChoice:
+    """Inputs of at most max_rows rows go through the native GEMV (chosen by measuring,
+    kvflow/kernels/tuning.py); larger ones through F.linear."""
+
+    ops: ModuleType
+    max_rows: int
+
+
+def apply_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 gemv: GemvChoice | None) -> torch.Tensor:
+    if gemv is not None and x.dim() == 2 and x.shape[0] <= gemv.max_rows:
+        return gemv.ops.gemv(x, weight, bias)
+    return F.linear(x, weight, bias)
 
 
 def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor) -> None:
@@ -23,9 +42,10 @@ class Linear(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        self.gemv: GemvChoice | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return apply_linear(x, self.weight, self.bias, self.gemv)
 
 
 class MergedLinear(Linear):

@@ -1,0 +1,191 @@
+"""Where one engine step's time goes, by category, for docs/performance.md.
+
+Three steps on a model of a given shape (random weights):
+- single-stream decode: one request, a real `LLMEngine.step()` (scheduler, runner,
+  sampler and output processing included), at a context of about 200 tokens;
+- prefill: one 2,048-token prompt in one step;
+- batch decode: 128 requests decoding one token each at a context of 300, driven through
+  the model runner with a synthetic schedule (computing those contexts first would take
+  minutes; the KV cache holds zeros, which costs the same to read), plus the scheduler and
+  output processor timed on their own for 128 running requests.
+
+Categories come from torch.profiler ranges wrapped around the functions that do each kind
+of work; "other" is everything else in the step: Python, dispatch and small tensor ops.
+
+    python benchmarks/profile_step.py --model PATH [--steps 10] [engine options]
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import statistics
+import time
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import torch
+from torch.profiler import ProfilerActivity, profile, record_function
+
+from kvflow import LLM, SamplingParams
+from kvflow.core.scheduler import Scheduler
+from kvflow.engine.output_processor import OutputProcessor
+from kvflow.layers import activation, linear, norm, rotary
+from kvflow.layers.attention import PagedAttention
+from kvflow.outputs import ScheduledRequest, SchedulerOutput
+from kvflow.sampling import sampler
+from kvflow.worker.model_runner import ModelRunner
+
+# (category, owner, attribute): every call of owner.attribute is timed as the category.
+PROBES: list[tuple[str, object, str]] = [
+    ("linear layers", linear.Linear, "forward"),
+    ("LM head", None, "compute_logits"),  # bound to the model's class at run time
+    ("attention", PagedAttention, "forward"),
+    ("norms/RoPE/activation", norm.RMSNorm, "forward"),
+    ("norms/RoPE/activation", rotary.RotaryEmbedding, "forward"),
+    ("norms/RoPE/activation", activation, "silu_and_mul"),
+    ("sampler", sampler.Sampler, "__call__"),
+    ("sampler", sampler, "prepare_sampling"),
+    ("input preparation", ModelRunner, "_prepare_inputs"),
+    ("scheduler", Scheduler, "schedule"),
+    ("scheduler", Scheduler, "update_from_output"),
+    ("output processing", OutputProcessor, "process"),
+]
+
+
+@contextlib.contextmanager
+def probes(model_class: type) -> Iterator[None]:
+    saved = []
+    for category, owner, name in PROBES:
+        owner = owner or model_class
+        original = getattr(owner, name)
+
+        def wrapped(*args, __original=original, __category=category, **kwargs):
+            with record_function(f"## {__category}"):
+                return __original(*args, **kwargs)
+
+        saved.append((owner, name, original))
+        setattr(owner, name, functools.wraps(original)(wrapped))
+    # Modules imported the function itself, not the module attribute.
+    import kvflow.models.llama as llama
+    import kvflow.worker.model_runner as runner_module
+    saved += [(llama, "silu_and_mul", llama.silu_and_mul),
+              (runner_module, "prepare_sampling", runner_module.prepare_sampling)]
+    llama.silu_and_mul = activation.silu_and_mul
+    runner_module.prepare_sampling = sampler.prepare_sampling
+    try:
+        yield
+    finally:
+        for owner, name, original in reversed(saved):
+            setattr(owner, name, original)
+
+
+def median_ms(fn: Callable[[], object], steps: int) -> float:
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def breakdown(fn: Callable[[], object], model_class: type, steps: int) -> dict[str, float]:
+    """Share of the profiled step's time per category, 'other' the rest."""
+    with probes(model_class), profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        total = (time.perf_counter() - start) * 1e6
+    shares: dict[str, float] = {}
+    for event in prof.key_averages():
+        if event.key.startswith("## "):
+            shares[event.key[3:]] = event.cpu_time_total / total
+    shares["other (Python, dispatch, small ops)"] = max(0.0, 1 - sum(shares.values()))
+    return shares
+
+
+def table(title: str, wall_ms: float, shares: dict[str, float]) -> str:
+    lines = [f"### {title}: {wall_ms:.1f} ms per step (median, unprofiled)", "",
+             "| category | share | ms |", "| --- | --- | --- |"]
+    for category, share in sorted(shares.items(), key=lambda kv: -kv[1]):
+        lines.append(f"| {category} | {100 * share:.1f}% | {share * wall_ms:.1f} |")
+    return "\n".join(lines)
+
+
+def synthetic_step(llm: LLM, num_reqs: int, query_len: int, context: int) -> SchedulerOutput:
+    block_size = llm.engine.cache_config.block_size
+    blocks_per_req = -(-(context + query_len) // block_size)
+    params = SamplingParams(temperature=0, max_tokens=1)
+    scheduled = [
+        ScheduledRequest(req_id=str(i), token_ids=[100 + i % 50] * query_len,
+                         num_computed_tokens=context,
+                         block_ids=list(range(1 + i * blocks_per_req, 1 + (i + 1) * blocks_per_req)),
+                         sample=True, sampling_params=params, prompt_token_ids=[100] * context,
+                         output_token_ids=[], stop_token_ids=frozenset())
+        for i in range(num_reqs)]
+    return SchedulerOutput(scheduled=scheduled, num_batched_tokens=num_reqs * query_len)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--attention-backend", default="auto")
+    ns = parser.parse_args()
+    llm = LLM(model=ns.model, dtype=ns.dtype, kv_cache_memory="2GiB",
+              attention_backend=ns.attention_backend)
+    engine = llm.engine
+    model_class = type(engine.runner.model)
+    vocab = engine.model_config.vocab_size
+    rng = np.random.default_rng(0)
+    print(f"# {torch.get_num_threads()} threads, torch {torch.__version__}, "
+          f"attention backend {engine.runner.backend.name}")
+
+    prompt = rng.integers(100, min(vocab, 4096) - 100, 200).tolist()
+    engine.add_request("one", {"prompt_token_ids": prompt},
+                       SamplingParams(temperature=0, max_tokens=10_000, ignore_eos=True))
+    engine.step()
+    for _ in range(3):
+        engine.step()
+    wall = median_ms(engine.step, ns.steps * 2)
+    print(table("single-stream decode (real engine step, context ~200)", wall,
+                breakdown(engine.step, model_class, ns.steps)))
+    engine.abort_request("one")
+    engine.step()
+
+    runner = engine.runner
+    for title, step in [("prefill of 2,048 tokens", synthetic_step(llm, 1, 2048, 0)),
+                        ("decode of 128 requests at context 300",
+                         synthetic_step(llm, 128, 1, 300))]:
+        runner.execute(step)
+        steps = max(2, ns.steps // 3) if "prefill" in title else ns.steps
+        wall = median_ms(lambda: runner.execute(step), steps)
+        print()
+        print(table(title + " (model runner only)", wall,
+                    breakdown(lambda: runner.execute(step), model_class, steps)))
+
+    # Scheduler and output processing for 128 running requests, on their own.
+    for i in range(128):
+        engine.add_request(f"b{i}", {"prompt_token_ids": rng.integers(100, 300, 8).tolist()},
+                           SamplingParams(temperature=0, max_tokens=10_000, ignore_eos=True))
+    engine.step()
+    scheduler, processor = engine.scheduler, engine.output_processor
+    times = []
+    for _ in range(ns.steps):
+        out = scheduler.schedule()
+        runner_out = runner.execute(out)
+        start = time.perf_counter()
+        updated = scheduler.update_from_output(out, runner_out)
+        processor.process(runner_out, updated)
+        times.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        scheduler.schedule()  # the next step's schedule, timed alone
+        times[-1] += time.perf_counter() - start
+        scheduler.running.sort(key=scheduler._key)
+    print(f"\nscheduler + output processing for 128 running requests: "
+          f"{1e3 * statistics.median(times):.1f} ms per step (median)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""kvflow's native CPU kernels (csrc/cpu_ops.cpp), compiled with torch.utils.cpp_extension.
+
+They are built once per machine: `make install` builds them (`python -m kvflow.kernels`),
+and a first use builds them if that did not happen (about a minute). The build is keyed
+by the source, the CPU's model and ISA flags and the torch version, because it targets
+the build machine's ISA (-march=native): a cache carried to another CPU is never loaded
+there. When no compiler is at hand, or the build fails, kvflow logs why and runs the
+PyTorch path; `enforce_eager=True` (`--enforce-eager`) asks for that path outright.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from types import ModuleType
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "csrc" / "cpu_ops.cpp"
+
+
+def _build_key() -> str:
+    import torch
+
+    from kvflow.bench.hardware import inventory
+
+    info = inventory()
+    isa = ",".join(sorted(flag for flag, present in info["isa"].items() if present))
+    key = f"{SOURCE.read_bytes().hex()}|{info['cpu']}|{isa}|{torch.__version__}|{sys.version}"
+    return hashlib.sha1(key.encode()).hexdigest()[:16]
+
+
+def build_dir() -> Path:
+    from kvflow.demo import cache_root
+
+    return cache_root() / "kernels" / _build_key()
+
+
+def _put_ninja_on_path() -> None:
+    """The ninja that pip installed beside this interpreter, when the environment is used
+    without being activated (`.venv/bin/python ...`)."""
+    scripts = Path(sys.executable).parent
+    if shutil.which("ninja") is None and (scripts / "ninja").exists():
+        os.environ["PATH"] = f"{scripts}{os.pathsep}{os.environ.get('PATH', '')}"
+
+
+@functools.cache
+def cpu_ops() -> ModuleType | None:
+    """The compiled module, built on first call; None where it cannot be built."""
+    if os.environ.get("KVFLOW_NO_NATIVE_KERNELS"):
+        logger.info("native CPU kernels disabled by KVFLOW_NO_NATIVE_KERNELS")
+        return None
+    from torch.utils import cpp_extension
+
+    _put_ninja_on_path()
+    directory = build_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    fresh = not any(directory.glob("*.so"))
+    if fresh:
+        logger.info("building kvflow's native CPU kernels into %s (once per machine)", directory)
+    start = time.monotonic()
+    try:
+        module = cpp_extension.load(
+            name=f"kvflow_cpu_ops_{directory.name}", sources=[str(SOURCE)],
+            build_directory=str(directory),
+            extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
+            verbose=False)
+    except Exception as exc:  # no compiler, no headers, an unsupported ISA: fall back
+        logger.warning("native CPU kernels unavailable, using the PyTorch path (%s: %s; the "
+                       "compiler's output is above, the build files in %s)",
+                       type(exc).__name__, str(exc).strip().splitlines()[-1], directory)
+        return None
+    if fresh:
+        logger.info("native CPU kernels built in %.0f s", time.monotonic() - start)
+    return module

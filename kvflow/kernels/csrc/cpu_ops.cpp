@@ -1,0 +1,524 @@
+// kvflow's native CPU kernels: paged attention that reads the cache in place, a
+// bandwidth-bound matrix-vector product for small batches, and fused glue (RMSNorm with
+// the residual add, SiLU-and-multiply, RoPE, the KV write).
+//
+// float32 and bfloat16 tensors. Arithmetic is in float32; bfloat16 results are rounded
+// at the same points as the PyTorch ops they replace, so that outputs stay within bf16
+// rounding of the eager path. AVX-512 paths where the compiler targets it (the build
+// uses -march=native), plain loops otherwise.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define KVFLOW_AVX512 1
+#endif
+
+namespace {
+
+using at::BFloat16;
+
+inline float to_f32(float x) { return x; }
+inline float to_f32(BFloat16 x) { return static_cast<float>(x); }
+template <typename T> inline T from_f32(float x) { return static_cast<T>(x); }
+// Round a float32 value to the tensor's dtype and back, as a bf16 PyTorch op would.
+template <typename T> inline float rounded(float x) { return to_f32(from_f32<T>(x)); }
+
+#ifdef KVFLOW_AVX512
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const BFloat16* p) {
+  __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+#endif
+
+// ---------------------------------------------------------------------------------------
+// y[m, n] = x[m, :] . w[n, :] (+ bias[n]) for a few rows m: every weight row is read once
+// from memory and each loaded weight vector serves up to four rows of x, so the product
+// runs at the memory's read rate.
+constexpr int64_t kGemvRows = 4;  // weight rows per group
+constexpr int64_t kGemvCols = 4;  // rows of x per pass over a group
+
+template <typename T, int MB>
+void gemv_group(const float* xf, const T* w, float (*sums)[kGemvRows], int64_t K, int64_t& k_done) {
+  int64_t k = 0;
+#ifdef KVFLOW_AVX512
+  __m512 acc[MB][kGemvRows];
+  for (int m = 0; m < MB; ++m)
+    for (int r = 0; r < kGemvRows; ++r) acc[m][r] = _mm512_setzero_ps();
+  for (; k + 16 <= K; k += 16) {
+    __m512 wv[kGemvRows];
+    for (int r = 0; r < kGemvRows; ++r) wv[r] = load16(w + r * K + k);
+    for (int m = 0; m < MB; ++m) {
+      const __m512 xv = _mm512_loadu_ps(xf + m * K + k);
+      for (int r = 0; r < kGemvRows; ++r) acc[m][r] = _mm512_fmadd_ps(wv[r], xv, acc[m][r]);
+    }
+  }
+  for (int m = 0; m < MB; ++m)
+    for (int r = 0; r < kGemvRows; ++r) sums[m][r] = _mm512_reduce_add_ps(acc[m][r]);
+#else
+  for (int m = 0; m < MB; ++m)
+    for (int r = 0; r < kGemvRows; ++r) sums[m][r] = 0.f;
+#endif
+  k_done = k;
+}
+
+template <typename T>
+void gemv_impl(const T* x, const T* w, const T* bias, T* y, int64_t M, int64_t N, int64_t K) {
+  std::vector<float> xf(M * K);
+  for (int64_t i = 0; i < M * K; ++i) xf[i] = to_f32(x[i]);
+  at::parallel_for(0, (N + kGemvRows - 1) / kGemvRows, 16, [&](int64_t begin, int64_t end) {
+    float sums[kGemvCols][kGemvRows];
+    for (int64_t group = begin; group < end; ++group) {
+      const int64_t n0 = group * kGemvRows;
+      const int64_t rows = std::min(kGemvRows, N - n0);
+      const T* wg = w + n0 * K;
+      for (int64_t m0 = 0; m0 < M; m0 += kGemvCols) {
+        const int64_t mb = std::min(kGemvCols, M - m0);
+        int64_t k_done = 0;
+        if (rows == kGemvRows) {
+          const float* xm = xf.data() + m0 * K;
+          switch (mb) {
+            case 1: gemv_group<T, 1>(xm, wg, sums, K, k_done); break;
+            case 2: gemv_group<T, 2>(xm, wg, sums, K, k_done); break;
+            case 3: gemv_group<T, 3>(xm, wg, sums, K, k_done); break;
+            default: gemv_group<T, 4>(xm, wg, sums, K, k_done); break;
+          }
+        } else {
+          for (int64_t m = 0; m < mb; ++m)
+            for (int64_t r = 0; r < kGemvRows; ++r) sums[m][r] = 0.f;
+        }
+        for (int64_t m = 0; m < mb; ++m) {
+          const float* xm = xf.data() + (m0 + m) * K;
+          for (int64_t r = 0; r < rows; ++r) {
+            const T* wr = wg + r * K;
+            float s = sums[m][r];
+            for (int64_t kk = k_done; kk < K; ++kk) s += to_f32(wr[kk]) * xm[kk];
+            if (bias) s += to_f32(bias[n0 + r]);
+            y[(m0 + m) * N + n0 + r] = from_f32<T>(s);
+          }
+        }
+      }
+    }
+  });
+}
+
+torch::Tensor gemv(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "gemv: shapes");
+  TORCH_CHECK(x.scalar_type() == w.scalar_type(), "gemv: x and w dtypes differ");
+  x = x.contiguous();
+  w = w.contiguous();
+  auto y = torch::empty({x.size(0), w.size(0)}, x.options());
+  AT_DISPATCH_SWITCH(x.scalar_type(), "gemv",
+      AT_DISPATCH_CASE(at::kFloat, [&] {
+        gemv_impl<float>(x.data_ptr<float>(), w.data_ptr<float>(),
+                         bias ? bias->contiguous().data_ptr<float>() : nullptr,
+                         y.data_ptr<float>(), x.size(0), w.size(0), x.size(1));
+      })
+      AT_DISPATCH_CASE(at::kBFloat16, [&] {
+        gemv_impl<BFloat16>(x.data_ptr<BFloat16>(), w.data_ptr<BFloat16>(),
+                            bias ? bias->contiguous().data_ptr<BFloat16>() : nullptr,
+                            y.data_ptr<BFloat16>(), x.size(0), w.size(0), x.size(1));
+      }));
+  return y;
+}
+
+// ---------------------------------------------------------------------------------------
+// Paged attention for requests with short queries (decodes, speculative verification),
+// reading K/V blocks [num_blocks, num_kv_heads, block_size, head_dim] in place. A work
+// item is (request, kv head, partition of the context): every query row of the request
+// in that kv head's group attends over the partition with an online softmax, block by
+// block. Long contexts are split into partitions so that both cores work on one stream;
+// partial results are merged afterwards (flash-decoding).
+constexpr int64_t kPartition = 512;
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  int64_t i = 0;
+  float s = 0.f;
+#ifdef KVFLOW_AVX512
+  __m512 acc = _mm512_setzero_ps();
+  for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
+  s = _mm512_reduce_add_ps(acc);
+#endif
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+template <typename T>
+inline void widen(const T* src, float* dst, int64_t n) {
+  int64_t i = 0;
+#ifdef KVFLOW_AVX512
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(dst + i, load16(src + i));
+#endif
+  for (; i < n; ++i) dst[i] = to_f32(src[i]);
+}
+
+inline void axpy(float a, const float* x, float* y, int64_t n) {  // y += a * x
+  int64_t i = 0;
+#ifdef KVFLOW_AVX512
+  __m512 av = _mm512_set1_ps(a);
+  for (; i + 16 <= n; i += 16)
+    _mm512_storeu_ps(y + i, _mm512_fmadd_ps(av, _mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i)));
+#endif
+  for (; i < n; ++i) y[i] += a * x[i];
+}
+
+inline void scale_vec(float a, float* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] *= a;
+}
+
+struct WorkItem {
+  int64_t req, kv_head, part, first_key, end_key, partial;  // partial: row of the scratch
+};
+
+template <typename T>
+void paged_attention_impl(T* out, const T* q, const T* k_cache, const T* v_cache,
+                          const int32_t* block_tables, const int32_t* seq_lens,
+                          const int32_t* query_start_loc, int64_t num_reqs, int64_t max_blocks,
+                          int64_t num_heads, int64_t num_kv_heads, int64_t block_size,
+                          int64_t head_dim, double scale, int64_t window) {
+  const int64_t group = num_heads / num_kv_heads;
+  std::vector<WorkItem> items;
+  std::vector<int64_t> parts_of(num_reqs);
+  int64_t partial_rows = 0;
+  for (int64_t b = 0; b < num_reqs; ++b) {
+    const int64_t seq_len = seq_lens[b];
+    const int64_t query_len = query_start_loc[b + 1] - query_start_loc[b];
+    // Keys before the first query's window can never be attended.
+    const int64_t first = window > 0 ? std::max<int64_t>(0, seq_len - query_len - window + 1) : 0;
+    const int64_t parts = std::max<int64_t>(1, (seq_len - first + kPartition - 1) / kPartition);
+    parts_of[b] = parts;
+    for (int64_t h = 0; h < num_kv_heads; ++h) {
+      for (int64_t p = 0; p < parts; ++p) {
+        const int64_t begin = first + p * kPartition;
+        items.push_back({b, h, p, begin, std::min(seq_len, begin + kPartition),
+                         parts > 1 ? partial_rows : -1});
+        if (parts > 1) partial_rows += query_len * group;
+      }
+    }
+  }
+  // Per partial row: running max, sum of exps, and the unnormalised output.
+  std::vector<float> partial_ml(partial_rows * 2);
+  std::vector<float> partial_acc(partial_rows * head_dim);
+  const int64_t q_row_stride = num_heads * head_dim;
+
+  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf, acc, scores, kf(head_dim), vf(head_dim);
+    std::vector<float> row_max, row_sum;
+    for (int64_t it = begin; it < end; ++it) {
+      const WorkItem& item = items[it];
+      const int64_t q0 = query_start_loc[item.req];
+      const int64_t query_len = query_start_loc[item.req + 1] - q0;
+      const int64_t rows = query_len * group;
+      const int64_t seq_len = seq_lens[item.req];
+      qf.assign(rows * head_dim, 0.f);
+      acc.assign(rows * head_dim, 0.f);
+      row_max.assign(rows, -std::numeric_limits<float>::infinity());
+      row_sum.assign(rows, 0.f);
+      scores.resize(rows * block_size);
+      for (int64_t i = 0; i < query_len; ++i)
+        for (int64_t g = 0; g < group; ++g) {
+          float* dst = qf.data() + (i * group + g) * head_dim;
+          widen(q + (q0 + i) * q_row_stride + (item.kv_head * group + g) * head_dim, dst, head_dim);
+          scale_vec(static_cast<float>(scale), dst, head_dim);
+        }
+      const int32_t* table = block_tables + item.req * max_blocks;
+      for (int64_t key0 = item.first_key - item.first_key % block_size; key0 < item.end_key;
+           key0 += block_size) {
+        const int64_t block = table[key0 / block_size];
+        const int64_t base = (block * num_kv_heads + item.kv_head) * block_size * head_dim;
+        const int64_t lo = std::max(key0, item.first_key), hi = std::min(key0 + block_size, item.end_key);
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t query_pos = seq_len - query_len + r / group;
+          float block_max = -std::numeric_limits<float>::infinity();
+          for (int64_t pos = lo; pos < hi; ++pos) {
+            float s = -std::numeric_limits<float>::infinity();
+            if (pos <= query_pos && (window <= 0 || query_pos - pos < window)) {
+              widen(k_cache + base + (pos - key0) * head_dim, kf.data(), head_dim);
+              s = dot(qf.data() + r * head_dim, kf.data(), head_dim);
+            }
+            scores[r * block_size + pos - lo] = s;
+            block_max = std::max(block_max, s);
+          }
+          if (block_max == -std::numeric_limits<float>::infinity()) {  // all masked here
+            std::fill_n(scores.data() + r * block_size, hi - lo, 0.f);
+            continue;
+          }
+          const float new_max = std::max(row_max[r], block_max);
+          const float correction = std::exp(row_max[r] - new_max);
+          row_sum[r] *= correction;
+          scale_vec(correction, acc.data() + r * head_dim, head_dim);
+          row_max[r] = new_max;
+          for (int64_t pos = lo; pos < hi; ++pos) {
+            float& s = scores[r * block_size + pos - lo];
+            s = std::exp(s - new_max);
+            row_sum[r] += s;
+          }
+        }
+        // Each value row is widened once and added to every query row's output.
+        for (int64_t pos = lo; pos < hi; ++pos) {
+          widen(v_cache + base + (pos - key0) * head_dim, vf.data(), head_dim);
+          for (int64_t r = 0; r < rows; ++r) {
+            if (row_max[r] == -std::numeric_limits<float>::infinity()) continue;
+            const float p = scores[r * block_size + pos - lo];
+            if (p != 0.f) axpy(p, vf.data(), acc.data() + r * head_dim, head_dim);
+          }
+        }
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t i = r / group, g = r % group;
+        if (item.partial < 0) {
+          T* dst = out + (q0 + i) * q_row_stride + (item.kv_head * group + g) * head_dim;
+          const float inv = row_sum[r] > 0.f ? 1.f / row_sum[r] : 0.f;
+          for (int64_t d = 0; d < head_dim; ++d) dst[d] = from_f32<T>(acc[r * head_dim + d] * inv);
+        } else {
+          const int64_t row = item.partial + r;
+          partial_ml[row * 2] = row_max[r];
+          partial_ml[row * 2 + 1] = row_sum[r];
+          std::copy_n(acc.data() + r * head_dim, head_dim, partial_acc.data() + row * head_dim);
+        }
+      }
+    }
+  });
+
+  // Merge the partitions of split contexts: rescale each to the common max and sum.
+  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> merged(head_dim);
+    for (int64_t it = begin; it < end; ++it) {
+      const WorkItem& first = items[it];
+      if (first.partial < 0 || first.part != 0) continue;
+      const int64_t parts = parts_of[first.req];
+      const int64_t q0 = query_start_loc[first.req];
+      const int64_t rows = (query_start_loc[first.req + 1] - q0) * group;
+      for (int64_t r = 0; r < rows; ++r) {
+        float max_all = -std::numeric_limits<float>::infinity();
+        for (int64_t p = 0; p < parts; ++p)
+          max_all = std::max(max_all, partial_ml[(items[it + p].partial + r) * 2]);
+        std::fill(merged.begin(), merged.end(), 0.f);
+        float sum = 0.f;
+        if (max_all != -std::numeric_limits<float>::infinity()) {
+          for (int64_t p = 0; p < parts; ++p) {
+            const int64_t row = items[it + p].partial + r;
+            const float m = partial_ml[row * 2];
+            if (m == -std::numeric_limits<float>::infinity()) continue;
+            const float weight = std::exp(m - max_all);
+            sum += partial_ml[row * 2 + 1] * weight;
+            axpy(weight, partial_acc.data() + row * head_dim, merged.data(), head_dim);
+          }
+        }
+        const int64_t i = r / group, g = r % group;
+        T* dst = out + (q0 + i) * q_row_stride + (first.kv_head * group + g) * head_dim;
+        const float inv = sum > 0.f ? 1.f / sum : 0.f;
+        for (int64_t d = 0; d < head_dim; ++d) dst[d] = from_f32<T>(merged[d] * inv);
+      }
+    }
+  });
+}
+
+void paged_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache,
+                     torch::Tensor v_cache, torch::Tensor block_tables, torch::Tensor seq_lens,
+                     torch::Tensor query_start_loc, double scale, int64_t window) {
+  TORCH_CHECK(q.is_contiguous() && out.is_contiguous() && k_cache.is_contiguous() &&
+              v_cache.is_contiguous(), "paged_attention: tensors must be contiguous");
+  TORCH_CHECK(block_tables.scalar_type() == at::kInt && seq_lens.scalar_type() == at::kInt &&
+              query_start_loc.scalar_type() == at::kInt, "paged_attention: int32 metadata");
+  block_tables = block_tables.contiguous();
+  const int64_t num_reqs = seq_lens.size(0);
+  AT_DISPATCH_SWITCH(q.scalar_type(), "paged_attention",
+      AT_DISPATCH_CASE(at::kFloat, [&] {
+        paged_attention_impl<float>(
+            out.data_ptr<float>(), q.data_ptr<float>(), k_cache.data_ptr<float>(),
+            v_cache.data_ptr<float>(), block_tables.data_ptr<int32_t>(),
+            seq_lens.data_ptr<int32_t>(), query_start_loc.data_ptr<int32_t>(), num_reqs,
+            block_tables.size(1), q.size(1), k_cache.size(1), k_cache.size(2), q.size(2),
+            scale, window);
+      })
+      AT_DISPATCH_CASE(at::kBFloat16, [&] {
+        paged_attention_impl<BFloat16>(
+            out.data_ptr<BFloat16>(), q.data_ptr<BFloat16>(), k_cache.data_ptr<BFloat16>(),
+            v_cache.data_ptr<BFloat16>(), block_tables.data_ptr<int32_t>(),
+            seq_lens.data_ptr<int32_t>(), query_start_loc.data_ptr<int32_t>(), num_reqs,
+            block_tables.size(1), q.size(1), k_cache.size(1), k_cache.size(2), q.size(2),
+            scale, window);
+      }));
+}
+
+// ---------------------------------------------------------------------------------------
+// Glue. Row-parallel loops; bf16 rounding where the eager ops round.
+
+// KV write: k, v [tokens, kv_heads, head_dim] to their slots of a head-major cache.
+void write_kv(torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor k, torch::Tensor v,
+              torch::Tensor slot_mapping) {
+  k = k.contiguous();
+  v = v.contiguous();
+  auto slots = slot_mapping.to(at::kLong).contiguous();
+  const int64_t tokens = k.size(0), heads = k.size(1), dim = k.size(2);
+  const int64_t block_size = k_cache.size(2);
+  const int64_t elem = k.element_size();
+  auto* kc = static_cast<char*>(k_cache.data_ptr());
+  auto* vc = static_cast<char*>(v_cache.data_ptr());
+  const auto* ks = static_cast<const char*>(k.data_ptr());
+  const auto* vs = static_cast<const char*>(v.data_ptr());
+  const int64_t* slot = slots.data_ptr<int64_t>();
+  at::parallel_for(0, tokens, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t block = slot[t] / block_size, offset = slot[t] % block_size;
+      for (int64_t h = 0; h < heads; ++h) {
+        const int64_t dst = ((block * heads + h) * block_size + offset) * dim * elem;
+        const int64_t src = (t * heads + h) * dim * elem;
+        std::memcpy(kc + dst, ks + src, dim * elem);
+        std::memcpy(vc + dst, vs + src, dim * elem);
+      }
+    }
+  });
+}
+
+// out = weight * norm(x) where x is (x + residual) when a residual is given; that sum is
+// written back into residual (the next layer's residual stream).
+template <typename T>
+void rms_norm_impl(T* out, T* x, T* residual, const T* weight, int64_t rows, int64_t dim,
+                   float eps) {
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> h(dim);
+    for (int64_t r = begin; r < end; ++r) {
+      T* xr = x + r * dim;
+      float sq = 0.f;
+      for (int64_t d = 0; d < dim; ++d) {
+        float v = to_f32(xr[d]);
+        if (residual) {
+          v = rounded<T>(v + to_f32(residual[r * dim + d]));
+          residual[r * dim + d] = from_f32<T>(v);
+        }
+        h[d] = v;
+        sq += v * v;
+      }
+      const float inv = 1.f / std::sqrt(sq / dim + eps);
+      T* o = out + r * dim;
+      for (int64_t d = 0; d < dim; ++d) o[d] = from_f32<T>(to_f32(weight[d]) * rounded<T>(h[d] * inv));
+    }
+  });
+}
+
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, c10::optional<torch::Tensor> residual,
+                       double eps) {
+  TORCH_CHECK(x.is_contiguous() && (!residual || residual->is_contiguous()), "rms_norm: contiguous");
+  const int64_t dim = x.size(-1), rows = x.numel() / dim;
+  auto out = torch::empty_like(x);
+  AT_DISPATCH_SWITCH(x.scalar_type(), "rms_norm",
+      AT_DISPATCH_CASE(at::kFloat, [&] {
+        rms_norm_impl<float>(out.data_ptr<float>(), x.data_ptr<float>(),
+                             residual ? residual->data_ptr<float>() : nullptr,
+                             weight.data_ptr<float>(), rows, dim, static_cast<float>(eps));
+      })
+      AT_DISPATCH_CASE(at::kBFloat16, [&] {
+        rms_norm_impl<BFloat16>(out.data_ptr<BFloat16>(), x.data_ptr<BFloat16>(),
+                                residual ? residual->data_ptr<BFloat16>() : nullptr,
+                                weight.data_ptr<BFloat16>(), rows, dim, static_cast<float>(eps));
+      }));
+  return out;
+}
+
+// [rows, 2 * d] -> [rows, d]: silu(gate) * up, rounded after the silu as F.silu would.
+template <typename T>
+void silu_and_mul_impl(T* out, const T* x, int64_t rows, int64_t d) {
+  at::parallel_for(0, rows, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* gate = x + r * 2 * d;
+      const T* up = gate + d;
+      for (int64_t i = 0; i < d; ++i) {
+        const float g = to_f32(gate[i]);
+        out[r * d + i] = from_f32<T>(rounded<T>(g / (1.f + std::exp(-g))) * to_f32(up[i]));
+      }
+    }
+  });
+}
+
+torch::Tensor silu_and_mul(torch::Tensor x) {
+  x = x.contiguous();
+  const int64_t d = x.size(-1) / 2, rows = x.numel() / (2 * d);
+  auto sizes = x.sizes().vec();
+  sizes.back() = d;
+  auto out = torch::empty(sizes, x.options());
+  AT_DISPATCH_SWITCH(x.scalar_type(), "silu_and_mul",
+      AT_DISPATCH_CASE(at::kFloat, [&] { silu_and_mul_impl<float>(out.data_ptr<float>(), x.data_ptr<float>(), rows, d); })
+      AT_DISPATCH_CASE(at::kBFloat16, [&] {
+        silu_and_mul_impl<BFloat16>(out.data_ptr<BFloat16>(), x.data_ptr<BFloat16>(), rows, d);
+      }));
+  return out;
+}
+
+// Rotate-half RoPE in place on q [tokens, heads, dim] and k [tokens, kv_heads, dim] (each
+// may be a strided view of the fused qkv output), cos/sin [max_positions, dim] float32.
+// Rounded as q * cos.to(dtype) + rotate_half(q) * sin.to(dtype) would be.
+template <typename T>
+void rotary_impl(T* x, int64_t tokens, int64_t heads, int64_t token_stride, int64_t dim,
+                 const int64_t* positions, const float* cos, const float* sin) {
+  const int64_t half = dim / 2;
+  at::parallel_for(0, tokens, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> c(dim), s(dim);
+    for (int64_t t = begin; t < end; ++t) {
+      const float* cp = cos + positions[t] * dim;
+      const float* sp = sin + positions[t] * dim;
+      for (int64_t d = 0; d < dim; ++d) {
+        c[d] = rounded<T>(cp[d]);
+        s[d] = rounded<T>(sp[d]);
+      }
+      for (int64_t h = 0; h < heads; ++h) {
+        T* v = x + t * token_stride + h * dim;
+        for (int64_t d = 0; d < half; ++d) {
+          const float a = to_f32(v[d]), b = to_f32(v[d + half]);
+          v[d] = from_f32<T>(rounded<T>(a * c[d]) + rounded<T>(-b * s[d]));
+          v[d + half] = from_f32<T>(rounded<T>(b * c[d + half]) + rounded<T>(a * s[d + half]));
+        }
+      }
+    }
+  });
+}
+
+void rotary_embedding(torch::Tensor positions, torch::Tensor q, torch::Tensor k,
+                      torch::Tensor cos, torch::Tensor sin) {
+  TORCH_CHECK(q.stride(2) == 1 && q.stride(1) == q.size(2) && k.stride(2) == 1 &&
+              k.stride(1) == k.size(2), "rotary_embedding: heads must be contiguous");
+  auto pos = positions.to(at::kLong).contiguous();
+  cos = cos.contiguous();
+  sin = sin.contiguous();
+  for (auto* t : {&q, &k}) {
+    AT_DISPATCH_SWITCH(t->scalar_type(), "rotary_embedding",
+        AT_DISPATCH_CASE(at::kFloat, [&] {
+          rotary_impl<float>(t->data_ptr<float>(), t->size(0), t->size(1), t->stride(0),
+                             t->size(2), pos.data_ptr<int64_t>(), cos.data_ptr<float>(),
+                             sin.data_ptr<float>());
+        })
+        AT_DISPATCH_CASE(at::kBFloat16, [&] {
+          rotary_impl<BFloat16>(t->data_ptr<BFloat16>(), t->size(0), t->size(1), t->stride(0),
+                                t->size(2), pos.data_ptr<int64_t>(), cos.data_ptr<float>(),
+                                sin.data_ptr<float>());
+        }));
+  }
+}
+
+bool has_avx512() {
+#ifdef KVFLOW_AVX512
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("gemv", &gemv, "y = x @ w.T (+ bias) for a few rows of x");
+  m.def("paged_attention", &paged_attention, "attention of short queries over a paged cache");
+  m.def("write_kv", &write_kv, "write k, v to their slots");
+  m.def("rms_norm", &rms_norm, "RMSNorm, optionally fused with the residual add");
+  m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up");
+  m.def("rotary_embedding", &rotary_embedding, "rotate-half RoPE in place");
+  m.def("has_avx512", &has_avx512, "whether the AVX-512 paths were compiled");
+}

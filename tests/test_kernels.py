@@ -1,0 +1,127 @@
+"""kvflow's native CPU kernels against the eager PyTorch ops they replace.
+
+float32 results agree to float32 rounding; bfloat16 results to a bf16 rounding step (the
+kernels round where the eager ops do, but sum in another order)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import random_prompts
+from kvflow import LLM, SamplingParams
+from kvflow.config import RopeConfig
+from kvflow.kernels import cpu_ops
+from kvflow.layers.activation import SiluAndMul
+from kvflow.layers.norm import RMSNorm
+from kvflow.layers.rotary import RotaryEmbedding
+
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+@pytest.fixture(scope="module")
+def ops():
+    module = cpu_ops()
+    assert module is not None, "the native CPU kernels failed to build (see the log)"
+    return module
+
+
+def close(actual, expected, dtype, scale=1.0):
+    tolerance = 1e-5 * scale if dtype == torch.float32 else 1.6e-2 * scale
+    torch.testing.assert_close(actual.float(), expected.float(), atol=tolerance, rtol=tolerance)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 9])
+@pytest.mark.parametrize("out_features,in_features", [(64, 896), (130, 100), (3, 64), (7, 17)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_gemv_matches_linear(ops, dtype, rows, out_features, in_features, bias):
+    generator = torch.Generator().manual_seed(rows * 1000 + out_features)
+    x = torch.randn(rows, in_features, generator=generator).to(dtype)
+    w = (torch.randn(out_features, in_features, generator=generator) / in_features ** 0.5).to(dtype)
+    b = torch.randn(out_features, generator=generator).to(dtype) if bias else None
+    expected = F.linear(x.float(), w.float(), None if b is None else b.float())
+    close(ops.gemv(x, w, b), expected, dtype, scale=4)
+
+
+def _pair(module_factory, ops):
+    eager, native = module_factory(), module_factory()
+    native.load_state_dict(eager.state_dict())
+    native.native = ops
+    return eager, native
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm_matches_eager(ops, dtype, with_residual):
+    generator = torch.Generator().manual_seed(1)
+
+    def make():
+        norm = RMSNorm(96, 1e-6)
+        norm.weight.data = (1 + 0.1 * torch.randn(96, generator=torch.Generator().manual_seed(2))
+                            ).to(dtype)
+        return norm
+
+    eager, native = _pair(make, ops)
+    x = torch.randn(5, 96, generator=generator).to(dtype)
+    residual = torch.randn(5, 96, generator=generator).to(dtype)
+    if not with_residual:
+        close(native(x), eager(x), dtype)
+        return
+    expected_out, expected_residual = eager(x, residual.clone())
+    native_residual = residual.clone()
+    out, returned = native(x, native_residual)
+    close(out, expected_out, dtype)
+    assert torch.equal(returned, expected_residual)  # the add rounds exactly as eager does
+    assert torch.equal(native_residual, expected_residual)  # updated in place
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_and_mul_matches_eager(ops, dtype):
+    eager, native = _pair(SiluAndMul, ops)
+    x = torch.randn(6, 2 * 40, generator=torch.Generator().manual_seed(3)).to(dtype)
+    close(native(x), eager(x), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rotary_matches_eager_on_fused_qkv_views(ops, dtype):
+    heads, kv_heads, head_dim = 4, 2, 32
+    make = lambda: RotaryEmbedding(head_dim, 64, RopeConfig(theta=10000.0))  # noqa: E731
+    eager, native = _pair(make, ops)
+    qkv = torch.randn(7, (heads + 2 * kv_heads) * head_dim,
+                      generator=torch.Generator().manual_seed(4)).to(dtype)
+    positions = torch.tensor([0, 5, 9, 10, 33, 62, 63])
+
+    def split(t):
+        q, k, _ = t.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], -1)
+        return q.view(-1, heads, head_dim), k.view(-1, kv_heads, head_dim)
+
+    expected_q, expected_k = eager(positions, *split(qkv.clone()))
+    native_qkv = qkv.clone()
+    q, k = native(positions, *split(native_qkv))
+    close(q, expected_q, dtype)
+    close(k, expected_k, dtype)
+    # In place, and the values stay untouched.
+    v_start = (heads + kv_heads) * head_dim
+    assert torch.equal(native_qkv[:, v_start:], qkv[:, v_start:])
+
+
+def test_native_and_eager_engines_agree_in_bfloat16(checkpoint):
+    """Whole-model bf16: the native path's prompt logprobs stay within bf16 rounding of the
+    eager path's, and enforce_eager really turns every native kernel off."""
+    path = checkpoint("qwen2", dtype="bfloat16")
+    prompts = [{"prompt_token_ids": p} for p in random_prompts(3, seed=9, low=20, high=30)]
+    params = SamplingParams(temperature=0, max_tokens=4, prompt_logprobs=0, ignore_eos=True)
+    results = {}
+    for eager in (False, True):
+        llm = LLM(str(path), device="cpu", kv_cache_memory="8MiB", enforce_eager=eager)
+        engine = llm.engine
+        natives = [m.native for m in engine.runner.model.modules() if hasattr(m, "native")]
+        assert engine.runner.backend.name == ("torch" if eager else "cpu")
+        assert all(n is None for n in natives) if eager else all(n is not None for n in natives)
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+        results[eager] = [[next(iter(entry.values())).logprob for entry in o.prompt_logprobs[1:]]
+                          for o in outputs]
+    for native_lp, eager_lp in zip(results[False], results[True]):
+        torch.testing.assert_close(torch.tensor(native_lp), torch.tensor(eager_lp),
+                                   atol=0.15, rtol=0.05)
