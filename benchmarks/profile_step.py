@@ -43,7 +43,7 @@ PROBES: list[tuple[str, object, str]] = [
     ("attention", PagedAttention, "forward"),
     ("norms/RoPE/activation", norm.RMSNorm, "forward"),
     ("norms/RoPE/activation", rotary.RotaryEmbedding, "forward"),
-    ("norms/RoPE/activation", activation, "silu_and_mul"),
+    ("norms/RoPE/activation", activation.SiluAndMul, "forward"),
     ("sampler", sampler.Sampler, "__call__"),
     ("sampler", sampler, "prepare_sampling"),
     ("input preparation", ModelRunner, "_prepare_inputs"),
@@ -66,12 +66,9 @@ def probes(model_class: type) -> Iterator[None]:
 
         saved.append((owner, name, original))
         setattr(owner, name, functools.wraps(original)(wrapped))
-    # Modules imported the function itself, not the module attribute.
-    import kvflow.models.llama as llama
+    # The runner imported the function itself, not the module attribute.
     import kvflow.worker.model_runner as runner_module
-    saved += [(llama, "silu_and_mul", llama.silu_and_mul),
-              (runner_module, "prepare_sampling", runner_module.prepare_sampling)]
-    llama.silu_and_mul = activation.silu_and_mul
+    saved.append((runner_module, "prepare_sampling", runner_module.prepare_sampling))
     runner_module.prepare_sampling = sampler.prepare_sampling
     try:
         yield

@@ -25,6 +25,7 @@ ENGINE_FLAG_HELP = {
     "seed": "seed of the engine's sampler, used by requests without a seed of their own",
     "attention_backend": "auto (the fastest for the device), torch (the PyTorch reference) "
                          "or cpu (kvflow's native CPU kernels)",
+    "num_threads": "CPU threads (default: one per physical core, or OMP_NUM_THREADS)",
     "enforce_eager": "PyTorch's own ops only: no native kernels (they are compiled once per "
                      "machine and cached)",
 }
@@ -34,7 +35,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per EngineArgs field (--max-model-len for max_model_len, and so on)."""
     defaults = EngineArgs(model="")
     kinds = {"max_model_len": int, "block_size": int, "max_num_seqs": int,
-             "max_num_batched_tokens": int, "seed": int}
+             "max_num_batched_tokens": int, "seed": int, "num_threads": int}
     for field in dataclasses.fields(EngineArgs):
         if field.name == "model":
             continue

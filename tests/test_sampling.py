@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from conftest import random_prompts
 from kvflow import LLM, SamplingParams
@@ -208,3 +209,27 @@ def test_huge_top_k_is_the_whole_vocabulary(llm):
     params = dict(temperature=1.0, seed=3, max_tokens=6, ignore_eos=True)
     assert (_tokens(llm, prompts, SamplingParams(top_k=2**70, **params))
             == _tokens(llm, prompts, SamplingParams(**params)))
+
+
+def test_greedy_fast_path_picks_the_first_largest_logit_in_the_model_dtype():
+    """The all-greedy path skips the float copy; its tokens must equal argmax of the float
+    logits, ties going to the lowest id, and a logit_bias must still take the full path."""
+    from kvflow.sampling.sampler import Sampler, SamplingBatch
+
+    logits = torch.randn(5, 1000, generator=torch.Generator().manual_seed(0)).bfloat16()
+    logits[2, 5] = logits[2, 900] = 60.0  # a tie
+    rows = logits.shape[0]
+
+    def batch(**overrides):
+        fields = dict(temperature=torch.zeros(rows), all_greedy=True, top_k=None, top_p=None,
+                      min_p=None, generators={}, penalties=None, logit_bias=None, banned=None,
+                      num_logprobs=[None] * rows)
+        return SamplingBatch(**{**fields, **overrides})
+
+    sampler = Sampler(torch.Generator().manual_seed(0))
+    tokens, entries = sampler(logits, batch())
+    assert tokens.tolist() == logits.float().argmax(-1).tolist()
+    assert tokens[2] == 5 and entries == [None] * rows
+    bias = (torch.tensor([2]), torch.tensor([900]), torch.tensor([1.0]))
+    biased, _ = sampler(logits, batch(logit_bias=bias))
+    assert biased[2] == 900

@@ -314,11 +314,13 @@ def test_full_queue_gets_503_and_others_survive(model_dir, tmp_path):
         assert process.stop()
 
 
-def test_shutdown_bounded_with_a_stream_running(model_dir, tmp_path):
-    process = ServerProcess(model_dir, *ENGINE_FLAGS, "--shutdown-timeout", "2",
-                            log=tmp_path / "serve.log")
+def test_shutdown_bounded_with_a_stream_running(checkpoint, tmp_path):
+    # A stream far longer than the shutdown timeout, however fast the engine decodes.
+    model = checkpoint("qwen3", max_position_embeddings=65536)
+    process = ServerProcess(model, *ENGINE_FLAGS, "--kv-cache-memory", "80MiB",
+                            "--shutdown-timeout", "2", log=tmp_path / "serve.log")
     process.wait_ready()
-    body = {"prompt": "while True:", "max_tokens": 4000, "stream": True, "ignore_eos": True}
+    body = {"prompt": "while True:", "max_tokens": 60000, "stream": True, "ignore_eos": True}
     with httpx.stream("POST", process.url + "/v1/completions", json=body,
                       timeout=60) as response:
         lines = response.iter_lines()

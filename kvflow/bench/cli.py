@@ -8,7 +8,7 @@ import json
 import math
 from pathlib import Path
 
-import torch
+from kvflow.worker.threads import configure_threads
 
 
 def _write_json(path: Path | None, document: dict) -> None:
@@ -18,10 +18,12 @@ def _write_json(path: Path | None, document: dict) -> None:
 
 
 def _set_threads(ns: argparse.Namespace) -> None:
-    if ns.threads is not None:
-        if ns.threads < 1:
-            raise ValueError(f"--threads must be at least 1, got {ns.threads}")
-        torch.set_num_threads(ns.threads)
+    """Every system in a run gets the same count: --threads, else one per physical core."""
+    if ns.threads is not None and ns.threads < 1:
+        raise ValueError(f"--threads must be at least 1, got {ns.threads}")
+    count = configure_threads(ns.threads)
+    if hasattr(ns, "num_threads") and ns.num_threads is None:
+        ns.num_threads = count
 
 
 def _model_path(ns: argparse.Namespace) -> str:
@@ -170,7 +172,7 @@ def add_commands(commands: argparse._SubParsersAction, common: argparse.Argument
 
     threads = argparse.ArgumentParser(add_help=False)
     threads.add_argument("--threads", type=int, default=None,
-                         help="torch threads (default: torch's, usually the core count)")
+                         help="CPU threads for every system (default: one per physical core)")
     env = commands.add_parser("env", parents=[common, threads],
                               help="hardware inventory and measured roofline ceilings")
     env.add_argument("--device", choices=["cpu", "cuda"], default="cpu")

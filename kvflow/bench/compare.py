@@ -99,7 +99,7 @@ def compare(settings: CompareSettings) -> list[RunResult]:
 
     if "kvflow" in settings.systems:
         llm = LLM(str(settings.model), dtype=settings.dtype, device="cpu",
-                  kv_cache_memory=settings.kv_cache_memory)
+                  kv_cache_memory=settings.kv_cache_memory, num_threads=torch.get_num_threads())
         for workload in workloads:
             record("kvflow", workload, lambda: run_kvflow(llm, workload))
         del llm

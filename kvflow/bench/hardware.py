@@ -2,7 +2,8 @@
 
 The ceilings are measured, not looked up: the DRAM read rate (a sum over a 2 GiB fp32
 tensor, so that no cache holds it) and the matmul rate of a 2048^3 product in bf16 and
-fp32, each the best of a few runs at a given thread count. They are cached per machine,
+fp32 (the faster of `a @ b` and `F.linear`), each the best of a few runs at a given thread
+count. They are cached per machine,
 device, thread count and torch version, because measuring takes seconds and every bench
 report needs them."""
 from __future__ import annotations
@@ -15,8 +16,10 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from kvflow.demo import cache_root
+from kvflow.worker.threads import physical_cores
 
 ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16",
              "amx_int8", "fma", "f16c")
@@ -57,6 +60,7 @@ def inventory() -> dict:
         "isa": {flag: flag in flags for flag in ISA_FLAGS},
         "memory_bytes": _memory_bytes(),
         "torch": torch.__version__,
+        "physical_cores": physical_cores(),
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
         "cuda": None,
@@ -95,7 +99,10 @@ def measure_ceilings(device: str = "cpu", read_bytes: int = READ_BYTES,
     for dtype in dtypes:
         a = torch.randn(matmul_n, matmul_n, device=device).to(dtype)
         b = torch.randn(matmul_n, matmul_n, device=device).to(dtype)
-        seconds = _best_seconds(lambda: a @ b, device, repeats)
+        # a @ b and F.linear(a, b) (the engine's form, b transposed) can take different
+        # kernels; the ceiling is the faster.
+        seconds = min(_best_seconds(lambda: a @ b, device, repeats),
+                      _best_seconds(lambda: F.linear(a, b), device, repeats))
         matmul[str(dtype).removeprefix("torch.")] = 2 * matmul_n ** 3 / seconds
     return {"device": device, "threads": torch.get_num_threads(),
             "dram_read_bytes_per_s": read_bytes / read_s, "read_bytes": read_bytes,
@@ -106,7 +113,8 @@ def measure_ceilings(device: str = "cpu", read_bytes: int = READ_BYTES,
 def _cache_path(device: str) -> Path:
     info = inventory()
     name = info["cuda"]["name"] if device == "cuda" and info["cuda"] else info["cpu"]
-    key = f"{name}|{device}|{torch.get_num_threads()}|{torch.__version__}"
+    # "linear": ceilings since the matmul rate also tries F.linear; older caches are stale.
+    key = f"{name}|{device}|{torch.get_num_threads()}|{torch.__version__}|linear"
     return cache_root() / "env" / f"{hashlib.sha1(key.encode()).hexdigest()[:16]}.json"
 
 
@@ -134,7 +142,9 @@ def format_env(info: dict, ceiling: dict) -> str:
     isa = " ".join(flag for flag, present in info["isa"].items() if present) or "none found"
     memory = f"{info['memory_bytes'] / 2**30:.1f} GiB" if info["memory_bytes"] else "unknown"
     lines = [f"cpu: {info['cpu']}",
-             f"cores: {info['usable_cores']} usable of {info['logical_cores']} logical",
+             f"cores: {info['usable_cores']} usable of {info['logical_cores']} logical, "
+             f"{info['physical_cores']} physical",
+             f"threads: {info['torch_threads']} (kvflow's default: one per physical core)",
              f"isa: {isa}", f"memory: {memory}",
              f"accelerator: {info['cuda']['name'] if info['cuda'] else 'none'}",
              f"torch {info['torch']}, python {info['python']}",

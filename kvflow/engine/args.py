@@ -27,6 +27,7 @@ class EngineArgs:
     seed: int = 0
     attention_backend: str = "auto"  # auto (the fastest for the device) | torch | cpu
     enforce_eager: bool = False  # True: PyTorch ops only, no compiled native kernels
+    num_threads: int | None = None  # CPU threads; None: one per physical core (worker/threads.py)
 
     def __post_init__(self) -> None:
         if self.model is None:
@@ -38,6 +39,8 @@ class EngineArgs:
         if self.attention_backend not in BACKEND_NAMES:
             raise ValueError(f"attention_backend must be one of {BACKEND_NAMES}, "
                              f"got {self.attention_backend!r}")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ValueError(f"num_threads must be at least 1, got {self.num_threads}")
         if self.block_size < 1:
             raise ValueError(f"block_size must be at least 1, got {self.block_size}")
         if self.max_model_len is not None and self.max_model_len < 1:

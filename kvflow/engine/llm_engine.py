@@ -27,6 +27,7 @@ from kvflow.request import Request, RequestStatus
 from kvflow.sampling_params import ParameterError, SamplingParams
 from kvflow.worker.kv_cache import default_kv_cache_memory, num_blocks_for
 from kvflow.worker.model_runner import ModelRunner
+from kvflow.worker.threads import configure_threads
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +48,8 @@ class LLMEngine:
         self.model_config = ModelConfig.from_pretrained(path)
         self.tokenizer = _load_tokenizer(args.tokenizer or str(path))
         self.device = args.resolve_device()
+        if self.device.type == "cpu":
+            logger.info("CPU threads: %d", configure_threads(args.num_threads))
         self.dtype = (self.model_config.checkpoint_dtype if args.dtype == "auto"
                       else parse_dtype(args.dtype))
         self.eos_token_ids = frozenset(self.model_config.eos_token_ids) | (

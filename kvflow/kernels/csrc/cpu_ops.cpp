@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
@@ -35,6 +36,44 @@ inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 inline __m512 load16(const BFloat16* p) {
   __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+// float32 -> bfloat16 bits, round to nearest even (finite inputs).
+inline __m256i to_bf16_bits(__m512 x) {
+  __m512i bits = _mm512_castps_si512(x);
+  __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  bits = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16));
+}
+inline void store16(float* p, __m512 x) { _mm512_storeu_ps(p, x); }
+inline void store16(BFloat16* p, __m512 x) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), to_bf16_bits(x));
+}
+// The value a dtype T holds after rounding x, as float32.
+template <typename T> inline __m512 round16(__m512 x) {
+  if constexpr (std::is_same_v<T, float>) {
+    return x;
+  } else {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(to_bf16_bits(x)), 16));
+  }
+}
+// exp(x), Cephes' polynomial: about 1 ulp in float32 over the whole range.
+inline __m512 exp16(__m512 x) {
+  // Below the clamp (masked scores are -inf) the result is exactly 0.
+  const __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-88.3762626647949f), _CMP_GE_OQ);
+  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.3762626647949f)),
+                    _mm512_set1_ps(-88.3762626647949f));
+  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  return _mm512_maskz_mov_ps(live, _mm512_scalef_ps(p, n));
 }
 #endif
 
@@ -173,6 +212,34 @@ inline void scale_vec(float a, float* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] *= a;
 }
 
+// s[i] = exp(s[i] - shift) in place; returns their sum.
+inline float exp_shifted(float* s, int64_t n, float shift) {
+  int64_t i = 0;
+  float sum = 0.f;
+#ifdef KVFLOW_AVX512
+  const __m512 shift_v = _mm512_set1_ps(shift);
+  for (; i + 16 <= n; i += 16) {
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(s + i), shift_v));
+    _mm512_storeu_ps(s + i, e);
+    sum += _mm512_reduce_add_ps(e);
+  }
+  if (i < n) {
+    const __mmask16 mask = (1u << (n - i)) - 1;
+    const __m512 e = exp16(_mm512_sub_ps(
+        _mm512_mask_loadu_ps(_mm512_set1_ps(-std::numeric_limits<float>::infinity()), mask, s + i),
+        shift_v));
+    _mm512_mask_storeu_ps(s + i, mask, e);
+    sum += _mm512_reduce_add_ps(_mm512_maskz_mov_ps(mask, e));
+    i = n;
+  }
+#endif
+  for (; i < n; ++i) {
+    s[i] = std::exp(s[i] - shift);
+    sum += s[i];
+  }
+  return sum;
+}
+
 struct WorkItem {
   int64_t req, kv_head, part, first_key, end_key, partial;  // partial: row of the scratch
 };
@@ -234,20 +301,23 @@ void paged_attention_impl(T* out, const T* q, const T* k_cache, const T* v_cache
         const int64_t block = table[key0 / block_size];
         const int64_t base = (block * num_kv_heads + item.kv_head) * block_size * head_dim;
         const int64_t lo = std::max(key0, item.first_key), hi = std::min(key0 + block_size, item.end_key);
-        for (int64_t r = 0; r < rows; ++r) {
-          const int64_t query_pos = seq_len - query_len + r / group;
-          float block_max = -std::numeric_limits<float>::infinity();
-          for (int64_t pos = lo; pos < hi; ++pos) {
-            float s = -std::numeric_limits<float>::infinity();
-            if (pos <= query_pos && (window <= 0 || query_pos - pos < window)) {
-              widen(k_cache + base + (pos - key0) * head_dim, kf.data(), head_dim);
-              s = dot(qf.data() + r * head_dim, kf.data(), head_dim);
-            }
-            scores[r * block_size + pos - lo] = s;
-            block_max = std::max(block_max, s);
+        const int64_t n = hi - lo;
+        // Scores of every query row against this block's keys, each key widened once.
+        for (int64_t pos = lo; pos < hi; ++pos) {
+          widen(k_cache + base + (pos - key0) * head_dim, kf.data(), head_dim);
+          for (int64_t r = 0; r < rows; ++r) {
+            const int64_t query_pos = seq_len - query_len + r / group;
+            const bool visible = pos <= query_pos && (window <= 0 || query_pos - pos < window);
+            scores[r * block_size + pos - lo] =
+                visible ? dot(qf.data() + r * head_dim, kf.data(), head_dim)
+                        : -std::numeric_limits<float>::infinity();
           }
+        }
+        for (int64_t r = 0; r < rows; ++r) {
+          float* sr = scores.data() + r * block_size;
+          const float block_max = *std::max_element(sr, sr + n);
           if (block_max == -std::numeric_limits<float>::infinity()) {  // all masked here
-            std::fill_n(scores.data() + r * block_size, hi - lo, 0.f);
+            std::fill_n(sr, n, 0.f);
             continue;
           }
           const float new_max = std::max(row_max[r], block_max);
@@ -255,17 +325,12 @@ void paged_attention_impl(T* out, const T* q, const T* k_cache, const T* v_cache
           row_sum[r] *= correction;
           scale_vec(correction, acc.data() + r * head_dim, head_dim);
           row_max[r] = new_max;
-          for (int64_t pos = lo; pos < hi; ++pos) {
-            float& s = scores[r * block_size + pos - lo];
-            s = std::exp(s - new_max);
-            row_sum[r] += s;
-          }
+          row_sum[r] += exp_shifted(sr, n, new_max);
         }
         // Each value row is widened once and added to every query row's output.
         for (int64_t pos = lo; pos < hi; ++pos) {
           widen(v_cache + base + (pos - key0) * head_dim, vf.data(), head_dim);
           for (int64_t r = 0; r < rows; ++r) {
-            if (row_max[r] == -std::numeric_limits<float>::infinity()) continue;
             const float p = scores[r * block_size + pos - lo];
             if (p != 0.f) axpy(p, vf.data(), acc.data() + r * head_dim, head_dim);
           }
@@ -388,19 +453,41 @@ void rms_norm_impl(T* out, T* x, T* residual, const T* weight, int64_t rows, int
     std::vector<float> h(dim);
     for (int64_t r = begin; r < end; ++r) {
       T* xr = x + r * dim;
+      T* res = residual ? residual + r * dim : nullptr;
       float sq = 0.f;
-      for (int64_t d = 0; d < dim; ++d) {
+      int64_t d = 0;
+#ifdef KVFLOW_AVX512
+      __m512 acc = _mm512_setzero_ps();
+      for (; d + 16 <= dim; d += 16) {
+        __m512 v = load16(xr + d);
+        if (res) {
+          v = round16<T>(_mm512_add_ps(v, load16(res + d)));
+          store16(res + d, v);
+        }
+        _mm512_storeu_ps(h.data() + d, v);
+        acc = _mm512_fmadd_ps(v, v, acc);
+      }
+      sq = _mm512_reduce_add_ps(acc);
+#endif
+      for (; d < dim; ++d) {
         float v = to_f32(xr[d]);
-        if (residual) {
-          v = rounded<T>(v + to_f32(residual[r * dim + d]));
-          residual[r * dim + d] = from_f32<T>(v);
+        if (res) {
+          v = rounded<T>(v + to_f32(res[d]));
+          res[d] = from_f32<T>(v);
         }
         h[d] = v;
         sq += v * v;
       }
       const float inv = 1.f / std::sqrt(sq / dim + eps);
       T* o = out + r * dim;
-      for (int64_t d = 0; d < dim; ++d) o[d] = from_f32<T>(to_f32(weight[d]) * rounded<T>(h[d] * inv));
+      d = 0;
+#ifdef KVFLOW_AVX512
+      const __m512 inv_v = _mm512_set1_ps(inv);
+      for (; d + 16 <= dim; d += 16)
+        store16(o + d, _mm512_mul_ps(load16(weight + d),
+                                     round16<T>(_mm512_mul_ps(_mm512_loadu_ps(h.data() + d), inv_v))));
+#endif
+      for (; d < dim; ++d) o[d] = from_f32<T>(to_f32(weight[d]) * rounded<T>(h[d] * inv));
     }
   });
 }
@@ -431,9 +518,19 @@ void silu_and_mul_impl(T* out, const T* x, int64_t rows, int64_t d) {
     for (int64_t r = begin; r < end; ++r) {
       const T* gate = x + r * 2 * d;
       const T* up = gate + d;
-      for (int64_t i = 0; i < d; ++i) {
+      T* o = out + r * d;
+      int64_t i = 0;
+#ifdef KVFLOW_AVX512
+      for (; i + 16 <= d; i += 16) {
+        const __m512 g = load16(gate + i);
+        const __m512 silu = _mm512_div_ps(
+            g, _mm512_add_ps(_mm512_set1_ps(1.f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+        store16(o + i, _mm512_mul_ps(round16<T>(silu), load16(up + i)));
+      }
+#endif
+      for (; i < d; ++i) {
         const float g = to_f32(gate[i]);
-        out[r * d + i] = from_f32<T>(rounded<T>(g / (1.f + std::exp(-g))) * to_f32(up[i]));
+        o[i] = from_f32<T>(rounded<T>(g / (1.f + std::exp(-g))) * to_f32(up[i]));
       }
     }
   });
