@@ -101,6 +101,41 @@ def breakdown(fn: Callable[[], object], model_class: type, steps: int) -> dict[s
     return shares
 
 
+def kernel_share(fn: Callable[[], object], steps: int) -> tuple[float, float] | None:
+    """(ms per step, share of it) spent inside kvflow's native kernels, timed around each
+    call; the rest of a native single-stream step is Python, dispatch and small ops."""
+    from kvflow.kernels import cpu_ops
+
+    ops = cpu_ops()
+    if ops is None:
+        return None
+    inside = [0.0]
+    names = [n for n in ("gemv", "paged_attention", "write_kv", "rms_norm", "silu_and_mul",
+                         "rotary_embedding")]
+    originals = {name: getattr(ops, name) for name in names}
+
+    def timed(original):  # noqa: ANN001, ANN202
+        def call(*args):  # noqa: ANN002, ANN202
+            start = time.perf_counter()
+            try:
+                return original(*args)
+            finally:
+                inside[0] += time.perf_counter() - start
+        return call
+
+    for name, original in originals.items():
+        setattr(ops, name, timed(original))
+    try:
+        start = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        total = time.perf_counter() - start
+    finally:
+        for name, original in originals.items():
+            setattr(ops, name, original)
+    return 1e3 * inside[0] / steps, inside[0] / total
+
+
 def table(title: str, wall_ms: float, shares: dict[str, float]) -> str:
     lines = [f"### {title}: {wall_ms:.1f} ms per step (median, unprofiled)", "",
              "| category | share | ms |", "| --- | --- | --- |"]
@@ -148,6 +183,11 @@ def main() -> None:
     wall = median_ms(engine.step, ns.steps * 2)
     print(table("single-stream decode (real engine step, context ~200)", wall,
                 breakdown(engine.step, model_class, ns.steps)))
+    inside = kernel_share(engine.step, ns.steps * 2)
+    if inside is not None:
+        print(f"\ntime inside native kernels: {inside[0]:.1f} ms per step ({100 * inside[1]:.1f}%); "
+              f"outside them (Python, dispatch, embedding, sampler, scheduler, output): "
+              f"{100 * (1 - inside[1]):.1f}%")
     engine.abort_request("one")
     engine.step()
 

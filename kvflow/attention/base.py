@@ -22,6 +22,8 @@ if TYPE_CHECKING:
 
 class AttentionBackend(ABC):
     name: ClassVar[str]
+    # Requests with at most this many query tokens are batched into one call.
+    max_batched_query_len: ClassVar[int] = 16
 
     @staticmethod
     def kv_cache_shape(num_blocks: int, num_kv_heads: int, block_size: int,
@@ -33,7 +35,8 @@ class AttentionBackend(ABC):
     def build_metadata(self, query_lens: list[int], num_computed: list[int],
                        block_ids: list[list[int]], block_size: int,
                        device: torch.device) -> AttentionMetadata:
-        return build_metadata(query_lens, num_computed, block_ids, block_size, device)
+        return build_metadata(query_lens, num_computed, block_ids, block_size, device,
+                              self.max_batched_query_len)
 
     @abstractmethod
     def forward(self, layer: PagedAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -14,7 +14,7 @@ import torch
 
 from kvflow.attention.base import AttentionBackend
 from kvflow.attention.metadata import AttentionMetadata
-from kvflow.attention.torch_ref import MAX_BATCHED_QUERY_LEN, chunk_attention
+from kvflow.attention.torch_ref import chunk_attention
 
 if TYPE_CHECKING:
     from kvflow.layers.attention import PagedAttention
@@ -31,8 +31,7 @@ class CpuNativeBackend(AttentionBackend):
         self.ops.write_kv(layer.k_cache, layer.v_cache, k, v, meta.slot_mapping)
         q = q.contiguous()
         out = torch.empty_like(q)
-        num_short = meta.num_short(MAX_BATCHED_QUERY_LEN)
-        start = meta.query_start(num_short)
+        num_short, start = meta.num_batched_reqs, meta.num_batched_tokens
         if num_short:
             self.ops.paged_attention(out[:start], q[:start], layer.k_cache, layer.v_cache,
                                      meta.block_tables[:num_short], meta.seq_lens[:num_short],

@@ -7,6 +7,7 @@ verification) form a prefix that a backend can take in one batched call.
 """
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 
 import torch
@@ -23,28 +24,21 @@ class AttentionMetadata:
     block_tables: torch.Tensor  # [num_reqs, max_blocks] int32, padded with NULL_BLOCK
     query_lens_cpu: list[int]  # host copies, for the loops that must stay on the host
     seq_lens_cpu: list[int]
+    # The leading requests whose queries the backend batches in one call (all with at most
+    # its max_batched_query_len tokens), and how many tokens they hold.
+    num_batched_reqs: int
+    num_batched_tokens: int
 
     @property
     def num_reqs(self) -> int:
         return len(self.query_lens_cpu)
 
-    def num_short(self, max_query_len: int) -> int:
-        """How many leading requests have at most max_query_len queries (they are sorted)."""
-        count = 0
-        for query_len in self.query_lens_cpu:
-            if query_len > max_query_len:
-                break
-            count += 1
-        return count
-
-    def query_start(self, req: int) -> int:
-        return sum(self.query_lens_cpu[:req])
-
 
 def build_metadata(query_lens: list[int], num_computed: list[int], block_ids: list[list[int]],
-                   block_size: int, device: torch.device) -> AttentionMetadata:
+                   block_size: int, device: torch.device,
+                   max_batched_query_len: int) -> AttentionMetadata:
     """Per-token positions and slots from per-request lists, with tensor ops (no per-token
-    Python loop)."""
+    Python loop). query_lens must be sorted ascending, as the model runner orders them."""
     num_reqs = len(query_lens)
     width = max(len(ids) for ids in block_ids)
     block_tables = torch.tensor([ids + [NULL_BLOCK] * (width - len(ids)) for ids in block_ids],
@@ -62,6 +56,7 @@ def build_metadata(query_lens: list[int], num_computed: list[int], block_ids: li
     slots = (block_tables[row, positions // block_size].long() * block_size
              + positions % block_size)
     seq_lens = computed + lens
+    num_batched = bisect.bisect_right(query_lens, max_batched_query_len)
     return AttentionMetadata(
         positions=positions.to(device),
         slot_mapping=slots.to(device),
@@ -70,4 +65,6 @@ def build_metadata(query_lens: list[int], num_computed: list[int], block_ids: li
         block_tables=block_tables.to(device),
         query_lens_cpu=list(query_lens),
         seq_lens_cpu=seq_lens.tolist(),
+        num_batched_reqs=num_batched,
+        num_batched_tokens=sum(query_lens[:num_batched]),
     )

@@ -19,10 +19,6 @@ from kvflow.attention.metadata import AttentionMetadata
 if TYPE_CHECKING:
     from kvflow.layers.attention import PagedAttention
 
-# Requests with at most this many query tokens go through the batched path.
-MAX_BATCHED_QUERY_LEN = 16
-
-
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
     """k, v: [num_tokens, num_kv_heads, head_dim] written to their slots."""
@@ -50,8 +46,7 @@ class TorchRefBackend(AttentionBackend):
                 meta: AttentionMetadata) -> torch.Tensor:
         write_kv(layer.k_cache, layer.v_cache, k, v, meta.slot_mapping)
         out = torch.empty_like(q)
-        num_short = meta.num_short(MAX_BATCHED_QUERY_LEN)
-        start = meta.query_start(num_short)
+        num_short, start = meta.num_batched_reqs, meta.num_batched_tokens
         if num_short:
             out[:start] = short_queries(q[:start], layer, meta, num_short)
         for req in range(num_short, meta.num_reqs):

