@@ -12,7 +12,6 @@ from kvflow.attention.selector import BACKEND_NAMES, select_backend
 from kvflow.kernels import cpu_ops
 from kvflow.layers.attention import PagedAttention
 
-BLOCK_SIZE = 4
 
 
 def naive_attention(q, keys, values, scale, window):
@@ -32,32 +31,36 @@ def naive_attention(q, keys, values, scale, window):
     return out
 
 
-def make_batch(query_lens, context_lens, num_heads, num_kv_heads, head_dim, dtype, seed):
-    """Random caches holding each request's earlier tokens, and the step's q/k/v."""
+def make_batch(query_lens, context_lens, num_heads, num_kv_heads, head_dim, dtype, seed,
+               block_size):
+    """Each request's earlier keys and values ([context, H_kv, D]), its blocks (not
+    contiguous) and the step's q/k/v."""
     generator = torch.Generator().manual_seed(seed)
     rand = lambda *shape: torch.randn(*shape, generator=generator).to(dtype)  # noqa: E731
-    blocks_needed = [-(-(c + q) // BLOCK_SIZE) for q, c in zip(query_lens, context_lens)]
+    blocks_needed = [-(-(c + q) // block_size) for q, c in zip(query_lens, context_lens)]
     num_blocks = 1 + sum(blocks_needed) + 3
     ids = list(range(1, num_blocks))
-    random.Random(seed).shuffle(ids)  # blocks of one request are not contiguous
-    block_ids, k_cache, v_cache = [], rand(num_blocks, num_kv_heads, BLOCK_SIZE, head_dim), \
-        rand(num_blocks, num_kv_heads, BLOCK_SIZE, head_dim)
+    random.Random(seed).shuffle(ids)
+    block_ids = []
     for needed in blocks_needed:
         block_ids.append(ids[:needed])
         ids = ids[needed:]
+    old_kv = [(rand(c, num_kv_heads, head_dim), rand(c, num_kv_heads, head_dim))
+              for c in context_lens]
     num_tokens = sum(query_lens)
     q = rand(num_tokens, num_heads, head_dim)
     k = rand(num_tokens, num_kv_heads, head_dim)
     v = rand(num_tokens, num_kv_heads, head_dim)
-    return block_ids, k_cache, v_cache, q, k, v
+    return num_blocks, block_ids, old_kv, q, k, v
 
 
-def expected(q, k, v, k_cache, v_cache, block_ids, query_lens, context_lens, scale, window):
+def slots_of(ids, positions, block_size):
+    return torch.tensor([ids[p // block_size] * block_size + p % block_size for p in positions])
+
+
+def expected(q, k, v, old_kv, query_lens, scale, window):
     out, start = [], 0
-    for ids, query_len, context_len in zip(block_ids, query_lens, context_lens):
-        table = torch.tensor(ids)
-        old_k = k_cache[table].transpose(1, 2).flatten(0, 1)[:context_len]  # [S, H_kv, D]
-        old_v = v_cache[table].transpose(1, 2).flatten(0, 1)[:context_len]
+    for (old_k, old_v), query_len in zip(old_kv, query_lens):
         rows = slice(start, start + query_len)
         keys = torch.cat([old_k, k[rows]])
         values = torch.cat([old_v, v[rows]])
@@ -81,33 +84,40 @@ CASES = {
 @pytest.mark.parametrize("heads", [(4, 2), (4, 4), (8, 1)], ids=["gqa", "mha", "mqa"])
 @pytest.mark.parametrize("window", [None, 6, 600])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_backend_matches_naive(backend_name, case, heads, window, dtype):
+@pytest.mark.parametrize("block_size", [4, 16])
+def test_backend_matches_naive(backend_name, case, heads, window, dtype, block_size):
     query_lens, context_lens = CASES[case]
     order = sorted(range(len(query_lens)), key=lambda i: query_lens[i])  # as the runner does
     query_lens = [query_lens[i] for i in order]
     context_lens = [context_lens[i] for i in order]
     num_heads, num_kv_heads = heads
     head_dim = 32
-    block_ids, k_cache, v_cache, q, k, v = make_batch(query_lens, context_lens, num_heads,
-                                                      num_kv_heads, head_dim, dtype, seed=7)
-    reference = expected(q, k, v, k_cache, v_cache, block_ids, query_lens, context_lens,
-                         head_dim ** -0.5, window)
+    num_blocks, block_ids, old_kv, q, k, v = make_batch(query_lens, context_lens, num_heads,
+                                                        num_kv_heads, head_dim, dtype, seed=7,
+                                                        block_size=block_size)
+    reference = expected(q, k, v, old_kv, query_lens, head_dim ** -0.5, window)
     backend = select_backend(backend_name, torch.device("cpu"), cpu_ops())
     layer = PagedAttention(num_heads, num_kv_heads, head_dim, window)
-    layer.bind(backend, k_cache.clone(), v_cache.clone())
-    meta = backend.build_metadata(query_lens, context_lens, block_ids, BLOCK_SIZE,
+    k_shape, v_shape = backend.kv_cache_shapes(num_blocks, num_kv_heads, block_size, head_dim)
+    # Garbage in unwritten slots must never be read.
+    layer.bind(backend, torch.randn(k_shape).to(dtype), torch.randn(v_shape).to(dtype))
+    for ids, (old_k, old_v), context_len in zip(block_ids, old_kv, context_lens):
+        if context_len:
+            backend.write_kv(layer, old_k, old_v, slots_of(ids, range(context_len), block_size))
+    meta = backend.build_metadata(query_lens, context_lens, block_ids, block_size,
                                   torch.device("cpu"))
     out = layer(q, k, v, meta)
     tolerance = 2e-2 if dtype == torch.bfloat16 else 1e-4
     torch.testing.assert_close(out.float(), reference, atol=tolerance, rtol=tolerance)
-    # The step's keys and values landed in their slots.
-    for i, (ids, query_len, context_len) in enumerate(zip(block_ids, query_lens, context_lens)):
-        start = sum(query_lens[:i])
-        for j in range(query_len):
-            pos = context_len + j
-            block, offset = ids[pos // BLOCK_SIZE], pos % BLOCK_SIZE
-            assert torch.equal(layer.k_cache[block, :, offset], k[start + j])
-            assert torch.equal(layer.v_cache[block, :, offset], v[start + j])
+    # The step's keys and values landed in their slots, as the backend reads them back.
+    start = 0
+    for ids, (old_k, old_v), query_len in zip(block_ids, old_kv, query_lens):
+        seq_len = old_k.shape[0] + query_len
+        keys, values = backend.gather_context(layer, torch.tensor(ids), seq_len)
+        rows = slice(start, start + query_len)
+        assert torch.equal(keys, torch.cat([old_k, k[rows]]).transpose(0, 1))
+        assert torch.equal(values, torch.cat([old_v, v[rows]]).transpose(0, 1))
+        start += query_len
 
 
 def test_unknown_backend_is_refused():

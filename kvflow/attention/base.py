@@ -26,11 +26,30 @@ class AttentionBackend(ABC):
     max_batched_query_len: ClassVar[int] = 16
 
     @staticmethod
-    def kv_cache_shape(num_blocks: int, num_kv_heads: int, block_size: int,
-                       head_dim: int) -> tuple[int, ...]:
-        """The shape of one layer's K (and V) cache. Head-major blocks by default: one
-        head's keys for a block are contiguous."""
-        return (num_blocks, num_kv_heads, block_size, head_dim)
+    def kv_cache_shapes(num_blocks: int, num_kv_heads: int, block_size: int,
+                        head_dim: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The shapes of one layer's K and V caches (equal sizes). Head-major blocks by
+        default, [num_blocks, num_kv_heads, block_size, head_dim]: one head's keys for a
+        block are contiguous."""
+        shape = (num_blocks, num_kv_heads, block_size, head_dim)
+        return shape, shape
+
+    def write_kv(self, layer: PagedAttention, k: torch.Tensor, v: torch.Tensor,
+                 slot_mapping: torch.Tensor) -> None:
+        """k, v: [num_tokens, num_kv_heads, head_dim] written to their slots of the
+        head-major caches."""
+        block_size = layer.k_cache.shape[2]
+        blocks = slot_mapping // block_size
+        offsets = slot_mapping % block_size
+        layer.k_cache[blocks, :, offsets] = k
+        layer.v_cache[blocks, :, offsets] = v
+
+    def gather_context(self, layer: PagedAttention, block_table: torch.Tensor,
+                       seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One request's first seq_len keys and values, [num_kv_heads, seq_len, head_dim]
+        each, copied out of the cache (for SDPA over a prefill chunk)."""
+        return (gather_blocks(layer.k_cache, block_table)[:, :seq_len],
+                gather_blocks(layer.v_cache, block_table)[:, :seq_len])
 
     def build_metadata(self, query_lens: list[int], num_computed: list[int],
                        block_ids: list[list[int]], block_size: int,
@@ -43,3 +62,14 @@ class AttentionBackend(ABC):
                 meta: AttentionMetadata) -> torch.Tensor:
         """q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim]
         -> [num_tokens, num_heads, head_dim]. Writes k and v to their slots first."""
+
+
+def gather_blocks(cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
+    """Head-major cache, [..., num_blocks] block ids -> [num_kv_heads, ...,
+    num_blocks * block_size, head_dim].
+
+    Indexing a head-first view gathers straight into head-major order: one copy, no
+    transpose afterwards.
+    """
+    gathered = cache.transpose(0, 1)[:, block_table]  # [H, ..., nb, bs, D], contiguous
+    return gathered.flatten(-3, -2)

@@ -4,6 +4,12 @@ Short queries (decodes, speculative verification) attend in one kernel call that
 the paged cache in place, with no gather copy, and splits long contexts across threads.
 Longer prefill chunks go through PyTorch's SDPA; a chunk that starts at position 0 attends
 over its own keys and values, so nothing is read back from the cache.
+
+The K cache is d-major inside a block, [num_blocks, num_kv_heads, head_dim, block_size]:
+one head's keys for a block are still contiguous, and a row of the block holds one
+dimension of all its keys, so the kernel scores a query against a whole block with
+broadcast FMAs and no horizontal sums. V stays [num_blocks, num_kv_heads, block_size,
+head_dim], the order in which probabilities weight it.
 """
 from __future__ import annotations
 
@@ -12,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from kvflow.attention.base import AttentionBackend
+from kvflow.attention.base import AttentionBackend, gather_blocks
 from kvflow.attention.metadata import AttentionMetadata
 from kvflow.attention.torch_ref import chunk_attention
 
@@ -26,9 +32,25 @@ class CpuNativeBackend(AttentionBackend):
     def __init__(self, ops: ModuleType) -> None:
         self.ops = ops
 
+    @staticmethod
+    def kv_cache_shapes(num_blocks: int, num_kv_heads: int, block_size: int,
+                        head_dim: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        return ((num_blocks, num_kv_heads, head_dim, block_size),
+                (num_blocks, num_kv_heads, block_size, head_dim))
+
+    def write_kv(self, layer: PagedAttention, k: torch.Tensor, v: torch.Tensor,
+                 slot_mapping: torch.Tensor) -> None:
+        self.ops.write_kv(layer.k_cache, layer.v_cache, k, v, slot_mapping, True)
+
+    def gather_context(self, layer: PagedAttention, block_table: torch.Tensor,
+                       seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        keys = layer.k_cache.transpose(0, 1)[:, block_table]  # [H, nb, D, bs]
+        keys = keys.transpose(-1, -2).flatten(1, 2)[:, :seq_len]
+        return keys, gather_blocks(layer.v_cache, block_table)[:, :seq_len]
+
     def forward(self, layer: PagedAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
-        self.ops.write_kv(layer.k_cache, layer.v_cache, k, v, meta.slot_mapping)
+        self.write_kv(layer, k, v, meta.slot_mapping)
         q = q.contiguous()
         out = torch.empty_like(q)
         num_short, start = meta.num_batched_reqs, meta.num_batched_tokens
@@ -40,7 +62,10 @@ class CpuNativeBackend(AttentionBackend):
         for req in range(num_short, meta.num_reqs):
             query_len, seq_len = meta.query_lens_cpu[req], meta.seq_lens_cpu[req]
             rows = slice(start, start + query_len)
-            own = (k[rows], v[rows]) if query_len == seq_len else (None, None)
-            out[rows] = chunk_attention(q[rows], layer, meta.block_tables[req], seq_len, *own)
+            if query_len == seq_len:  # the chunk's own keys are its whole context
+                keys, values = k[rows].transpose(0, 1), v[rows].transpose(0, 1)
+            else:
+                keys, values = self.gather_context(layer, meta.block_tables[req], seq_len)
+            out[rows] = chunk_attention(q[rows], layer, keys, values)
             start = rows.stop
         return out

@@ -13,46 +13,27 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from kvflow.attention.base import AttentionBackend
+from kvflow.attention.base import AttentionBackend, gather_blocks
 from kvflow.attention.metadata import AttentionMetadata
 
 if TYPE_CHECKING:
     from kvflow.layers.attention import PagedAttention
-
-def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
-    """k, v: [num_tokens, num_kv_heads, head_dim] written to their slots."""
-    block_size = k_cache.shape[2]
-    blocks = slot_mapping // block_size
-    offsets = slot_mapping % block_size
-    k_cache[blocks, :, offsets] = k
-    v_cache[blocks, :, offsets] = v
-
-
-def gather_blocks(cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
-    """[..., num_blocks] block ids -> [num_kv_heads, ..., num_blocks * block_size, head_dim].
-
-    Indexing a head-first view gathers straight into head-major order: one copy, no
-    transpose afterwards.
-    """
-    gathered = cache.transpose(0, 1)[:, block_table]  # [H, ..., nb, bs, D], contiguous
-    return gathered.flatten(-3, -2)
-
 
 class TorchRefBackend(AttentionBackend):
     name = "torch"
 
     def forward(self, layer: PagedAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
-        write_kv(layer.k_cache, layer.v_cache, k, v, meta.slot_mapping)
+        self.write_kv(layer, k, v, meta.slot_mapping)
         out = torch.empty_like(q)
         num_short, start = meta.num_batched_reqs, meta.num_batched_tokens
         if num_short:
             out[:start] = short_queries(q[:start], layer, meta, num_short)
         for req in range(num_short, meta.num_reqs):
             rows = slice(start, start + meta.query_lens_cpu[req])
-            out[rows] = chunk_attention(q[rows], layer, meta.block_tables[req],
-                                        meta.seq_lens_cpu[req])
+            keys, values = self.gather_context(layer, meta.block_tables[req],
+                                               meta.seq_lens_cpu[req])
+            out[rows] = chunk_attention(q[rows], layer, keys, values)
             start = rows.stop
         return out
 
@@ -95,22 +76,14 @@ def short_queries(q: torch.Tensor, layer: PagedAttention, meta: AttentionMetadat
     return out.reshape(num_reqs * width, num_heads, head_dim)[row * width + within]
 
 
-def chunk_attention(q: torch.Tensor, layer: PagedAttention, block_table: torch.Tensor,
-                    seq_len: int, k: torch.Tensor | None = None,
-                    v: torch.Tensor | None = None) -> torch.Tensor:
-    """One request's chunk of queries (the last len(q) positions of seq_len) through SDPA.
-
-    k, v: the chunk's own keys and values [len(q), num_kv_heads, head_dim] when the chunk
-    is the whole context, so that nothing needs gathering from the cache."""
-    query_len = q.shape[0]
+def chunk_attention(q: torch.Tensor, layer: PagedAttention, keys: torch.Tensor,
+                    values: torch.Tensor) -> torch.Tensor:
+    """One request's chunk of queries, the last len(q) positions of its context, through
+    SDPA. keys, values: the whole context, [num_kv_heads, seq_len, head_dim]."""
+    query_len, seq_len = q.shape[0], keys.shape[1]
     num_computed = seq_len - query_len
-    if k is not None and v is not None:
-        assert num_computed == 0, "the chunk's own keys are the context only from position 0"
-        keys, values = k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)
-    else:
-        keys = gather_blocks(layer.k_cache, block_table)[:, :seq_len].unsqueeze(0)
-        values = gather_blocks(layer.v_cache, block_table)[:, :seq_len].unsqueeze(0)
     query = q.transpose(0, 1).unsqueeze(0)  # [1, H, L, D]
+    keys, values = keys.unsqueeze(0), values.unsqueeze(0)
     window = layer.sliding_window
     if num_computed == 0 and window is None:
         out = F.scaled_dot_product_attention(query, keys, values, is_causal=True,

@@ -6,6 +6,7 @@ allocation.
 """
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -45,7 +46,10 @@ def num_blocks_for(memory: int, config: ModelConfig, dtype: torch.dtype, block_s
 def allocate_kv_cache(config: ModelConfig, backend: AttentionBackend, num_blocks: int,
                       block_size: int, dtype: torch.dtype,
                       device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    layer_shape = backend.kv_cache_shape(num_blocks, config.num_kv_heads, block_size,
-                                         config.head_dim)
-    cache = torch.zeros((config.num_layers, 2, *layer_shape), dtype=dtype, device=device)
-    return [(cache[layer, 0], cache[layer, 1]) for layer in range(config.num_layers)]
+    k_shape, v_shape = backend.kv_cache_shapes(num_blocks, config.num_kv_heads, block_size,
+                                               config.head_dim)
+    numel = math.prod(k_shape)
+    assert numel == math.prod(v_shape), "K and V caches must be the same size"
+    cache = torch.zeros((config.num_layers, 2, numel), dtype=dtype, device=device)
+    return [(cache[layer, 0].view(k_shape), cache[layer, 1].view(v_shape))
+            for layer in range(config.num_layers)]

@@ -38,6 +38,11 @@ inline __m512 load16(const BFloat16* p) {
   __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
 }
+inline __m512 load16_masked(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 load16_masked(const BFloat16* p, __mmask16 m) {
+  __m256i raw = _mm256_maskz_loadu_epi16(m, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
 // float32 -> bfloat16 bits, round to nearest even (finite inputs).
 inline __m256i to_bf16_bits(__m512 x) {
   __m512i bits = _mm512_castps_si512(x);
@@ -203,11 +208,14 @@ torch::Tensor gemv(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor
 
 // ---------------------------------------------------------------------------------------
 // Paged attention for requests with short queries (decodes, speculative verification),
-// reading K/V blocks [num_blocks, num_kv_heads, block_size, head_dim] in place. A work
-// item is (request, kv head, partition of the context): every query row of the request
-// in that kv head's group attends over the partition with an online softmax, block by
-// block. Long contexts are split into partitions so that both cores work on one stream;
-// partial results are merged afterwards (flash-decoding).
+// reading the cache in place: K blocks d-major, [num_blocks, num_kv_heads, head_dim,
+// block_size], V blocks [num_blocks, num_kv_heads, block_size, head_dim]. A work item is
+// (request, kv head, partition of the context): every query row of the request in that
+// kv head's group attends over the partition with an online softmax, block by block.
+// With K d-major, a query's scores for 16 keys are head_dim broadcast FMAs and no
+// horizontal sums; each V block is widened once and shared by all rows. Long contexts
+// are split into partitions so that both cores work on one stream; partial results are
+// merged afterwards (flash-decoding).
 constexpr int64_t kPartition = 512;
 
 inline float dot(const float* a, const float* b, int64_t n) {
@@ -273,6 +281,53 @@ inline float exp_shifted(float* s, int64_t n, float shift) {
   return sum;
 }
 
+// scores[r * stride + j] = q_r . key(o + j) for j < n, NR query rows at a time; kt is one
+// head's d-major key block [head_dim][block_size].
+template <typename T, int NR>
+inline void score_block(const float* qf, int64_t head_dim, const T* kt, int64_t block_size,
+                        int64_t o, int64_t n, float* scores, int64_t stride) {
+#ifdef KVFLOW_AVX512
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 mask = n - j >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - j)) - 1);
+    __m512 acc[NR];
+    for (int r = 0; r < NR; ++r) acc[r] = _mm512_setzero_ps();
+    for (int64_t d = 0; d < head_dim; ++d) {
+      const __m512 kv = load16_masked(kt + d * block_size + o + j, mask);
+      for (int r = 0; r < NR; ++r)
+        acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(qf[r * head_dim + d]), kv, acc[r]);
+    }
+    for (int r = 0; r < NR; ++r) _mm512_mask_storeu_ps(scores + r * stride + j, mask, acc[r]);
+  }
+#else
+  for (int r = 0; r < NR; ++r)
+    for (int64_t j = 0; j < n; ++j) {
+      float s = 0.f;
+      for (int64_t d = 0; d < head_dim; ++d) s += qf[r * head_dim + d] * to_f32(kt[d * block_size + o + j]);
+      scores[r * stride + j] = s;
+    }
+#endif
+}
+
+template <typename T>
+void score_rows(const float* qf, int64_t rows, int64_t head_dim, const T* kt, int64_t block_size,
+                int64_t o, int64_t n, float* scores) {
+  int64_t r = 0;
+  for (; r + 8 <= rows; r += 8)
+    score_block<T, 8>(qf + r * head_dim, head_dim, kt, block_size, o, n, scores + r * block_size, block_size);
+  const float* q = qf + r * head_dim;
+  float* out = scores + r * block_size;
+  switch (rows - r) {
+    case 7: score_block<T, 7>(q, head_dim, kt, block_size, o, n, out, block_size); break;
+    case 6: score_block<T, 6>(q, head_dim, kt, block_size, o, n, out, block_size); break;
+    case 5: score_block<T, 5>(q, head_dim, kt, block_size, o, n, out, block_size); break;
+    case 4: score_block<T, 4>(q, head_dim, kt, block_size, o, n, out, block_size); break;
+    case 3: score_block<T, 3>(q, head_dim, kt, block_size, o, n, out, block_size); break;
+    case 2: score_block<T, 2>(q, head_dim, kt, block_size, o, n, out, block_size); break;
+    case 1: score_block<T, 1>(q, head_dim, kt, block_size, o, n, out, block_size); break;
+    default: break;
+  }
+}
+
 struct WorkItem {
   int64_t req, kv_head, part, first_key, end_key, partial;  // partial: row of the scratch
 };
@@ -309,7 +364,7 @@ void paged_attention_impl(T* out, const T* q, const T* k_cache, const T* v_cache
   const int64_t q_row_stride = num_heads * head_dim;
 
   at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf, acc, scores, kf(head_dim), vf(head_dim);
+    std::vector<float> qf, acc, scores, vf(block_size * head_dim);
     std::vector<float> row_max, row_sum;
     for (int64_t it = begin; it < end; ++it) {
       const WorkItem& item = items[it];
@@ -335,19 +390,17 @@ void paged_attention_impl(T* out, const T* q, const T* k_cache, const T* v_cache
         const int64_t base = (block * num_kv_heads + item.kv_head) * block_size * head_dim;
         const int64_t lo = std::max(key0, item.first_key), hi = std::min(key0 + block_size, item.end_key);
         const int64_t n = hi - lo;
-        // Scores of every query row against this block's keys, each key widened once.
-        for (int64_t pos = lo; pos < hi; ++pos) {
-          widen(k_cache + base + (pos - key0) * head_dim, kf.data(), head_dim);
-          for (int64_t r = 0; r < rows; ++r) {
-            const int64_t query_pos = seq_len - query_len + r / group;
-            const bool visible = pos <= query_pos && (window <= 0 || query_pos - pos < window);
-            scores[r * block_size + pos - lo] =
-                visible ? dot(qf.data() + r * head_dim, kf.data(), head_dim)
-                        : -std::numeric_limits<float>::infinity();
-          }
-        }
+        score_rows(qf.data(), rows, head_dim, k_cache + base, block_size, lo - key0, n,
+                   scores.data());
         for (int64_t r = 0; r < rows; ++r) {
           float* sr = scores.data() + r * block_size;
+          const int64_t query_pos = seq_len - query_len + r / group;
+          // Causal and window masks, only where this block crosses them.
+          if (hi - 1 > query_pos || (window > 0 && query_pos - lo >= window)) {
+            for (int64_t pos = lo; pos < hi; ++pos)
+              if (pos > query_pos || (window > 0 && query_pos - pos >= window))
+                sr[pos - lo] = -std::numeric_limits<float>::infinity();
+          }
           const float block_max = *std::max_element(sr, sr + n);
           if (block_max == -std::numeric_limits<float>::infinity()) {  // all masked here
             std::fill_n(sr, n, 0.f);
@@ -360,12 +413,24 @@ void paged_attention_impl(T* out, const T* q, const T* k_cache, const T* v_cache
           row_max[r] = new_max;
           row_sum[r] += exp_shifted(sr, n, new_max);
         }
-        // Each value row is widened once and added to every query row's output.
-        for (int64_t pos = lo; pos < hi; ++pos) {
-          widen(v_cache + base + (pos - key0) * head_dim, vf.data(), head_dim);
-          for (int64_t r = 0; r < rows; ++r) {
-            const float p = scores[r * block_size + pos - lo];
-            if (p != 0.f) axpy(p, vf.data(), acc.data() + r * head_dim, head_dim);
+        // The value block, widened once, weighted into every row's output.
+        widen(v_cache + base + (lo - key0) * head_dim, vf.data(), n * head_dim);
+        for (int64_t r = 0; r < rows; ++r) {
+          const float* p = scores.data() + r * block_size;
+          float* out_r = acc.data() + r * head_dim;
+          int64_t d = 0;
+#ifdef KVFLOW_AVX512
+          for (; d + 16 <= head_dim; d += 16) {
+            __m512 a = _mm512_loadu_ps(out_r + d);
+            for (int64_t j = 0; j < n; ++j)
+              a = _mm512_fmadd_ps(_mm512_set1_ps(p[j]), _mm512_loadu_ps(vf.data() + j * head_dim + d), a);
+            _mm512_storeu_ps(out_r + d, a);
+          }
+#endif
+          for (; d < head_dim; ++d) {
+            float a = out_r[d];
+            for (int64_t j = 0; j < n; ++j) a += p[j] * vf[j * head_dim + d];
+            out_r[d] = a;
           }
         }
       }
@@ -434,7 +499,7 @@ void paged_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache,
             out.data_ptr<float>(), q.data_ptr<float>(), k_cache.data_ptr<float>(),
             v_cache.data_ptr<float>(), block_tables.data_ptr<int32_t>(),
             seq_lens.data_ptr<int32_t>(), query_start_loc.data_ptr<int32_t>(), num_reqs,
-            block_tables.size(1), q.size(1), k_cache.size(1), k_cache.size(2), q.size(2),
+            block_tables.size(1), q.size(1), v_cache.size(1), v_cache.size(2), q.size(2),
             scale, window);
       })
       AT_DISPATCH_CASE(at::kBFloat16, [&] {
@@ -442,7 +507,7 @@ void paged_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache,
             out.data_ptr<BFloat16>(), q.data_ptr<BFloat16>(), k_cache.data_ptr<BFloat16>(),
             v_cache.data_ptr<BFloat16>(), block_tables.data_ptr<int32_t>(),
             seq_lens.data_ptr<int32_t>(), query_start_loc.data_ptr<int32_t>(), num_reqs,
-            block_tables.size(1), q.size(1), k_cache.size(1), k_cache.size(2), q.size(2),
+            block_tables.size(1), q.size(1), v_cache.size(1), v_cache.size(2), q.size(2),
             scale, window);
       }));
 }
@@ -450,31 +515,47 @@ void paged_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache,
 // ---------------------------------------------------------------------------------------
 // Glue. Row-parallel loops; bf16 rounding where the eager ops round.
 
-// KV write: k, v [tokens, kv_heads, head_dim] to their slots of a head-major cache.
-void write_kv(torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor k, torch::Tensor v,
-              torch::Tensor slot_mapping) {
-  k = k.contiguous();
-  v = v.contiguous();
-  auto slots = slot_mapping.to(at::kLong).contiguous();
-  const int64_t tokens = k.size(0), heads = k.size(1), dim = k.size(2);
-  const int64_t block_size = k_cache.size(2);
-  const int64_t elem = k.element_size();
-  auto* kc = static_cast<char*>(k_cache.data_ptr());
-  auto* vc = static_cast<char*>(v_cache.data_ptr());
-  const auto* ks = static_cast<const char*>(k.data_ptr());
-  const auto* vs = static_cast<const char*>(v.data_ptr());
-  const int64_t* slot = slots.data_ptr<int64_t>();
+// KV write: k, v [tokens, kv_heads, head_dim] to their slots. V blocks are
+// [block_size, head_dim] per head; K blocks the same, or d-major [head_dim, block_size]
+// when k_d_major.
+template <typename T>
+void write_kv_impl(T* kc, T* vc, const T* k, const T* v, const int64_t* slot, int64_t tokens,
+                   int64_t heads, int64_t dim, int64_t block_size, bool k_d_major) {
   at::parallel_for(0, tokens, 64, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t block = slot[t] / block_size, offset = slot[t] % block_size;
       for (int64_t h = 0; h < heads; ++h) {
-        const int64_t dst = ((block * heads + h) * block_size + offset) * dim * elem;
-        const int64_t src = (t * heads + h) * dim * elem;
-        std::memcpy(kc + dst, ks + src, dim * elem);
-        std::memcpy(vc + dst, vs + src, dim * elem);
+        const int64_t head_base = (block * heads + h) * block_size * dim;
+        const T* ks = k + (t * heads + h) * dim;
+        std::memcpy(vc + head_base + offset * dim, v + (t * heads + h) * dim, dim * sizeof(T));
+        if (k_d_major) {
+          for (int64_t d = 0; d < dim; ++d) kc[head_base + d * block_size + offset] = ks[d];
+        } else {
+          std::memcpy(kc + head_base + offset * dim, ks, dim * sizeof(T));
+        }
       }
     }
   });
+}
+
+void write_kv(torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor k, torch::Tensor v,
+              torch::Tensor slot_mapping, bool k_d_major) {
+  k = k.contiguous();
+  v = v.contiguous();
+  auto slots = slot_mapping.to(at::kLong).contiguous();
+  const int64_t block_size = v_cache.size(2);
+  AT_DISPATCH_SWITCH(k.scalar_type(), "write_kv",
+      AT_DISPATCH_CASE(at::kFloat, [&] {
+        write_kv_impl<float>(k_cache.data_ptr<float>(), v_cache.data_ptr<float>(),
+                             k.data_ptr<float>(), v.data_ptr<float>(), slots.data_ptr<int64_t>(),
+                             k.size(0), k.size(1), k.size(2), block_size, k_d_major);
+      })
+      AT_DISPATCH_CASE(at::kBFloat16, [&] {
+        write_kv_impl<BFloat16>(k_cache.data_ptr<BFloat16>(), v_cache.data_ptr<BFloat16>(),
+                                k.data_ptr<BFloat16>(), v.data_ptr<BFloat16>(),
+                                slots.data_ptr<int64_t>(), k.size(0), k.size(1), k.size(2),
+                                block_size, k_d_major);
+      }));
 }
 
 // out = weight * norm(x) where x is (x + residual) when a residual is given; that sum is
