@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
 class CpuNativeBackend(AttentionBackend):
     name = "cpu"
+    max_batched_query_len = 1 << 30  # the kernel takes prefill chunks too: one call per step
 
     def __init__(self, ops: ModuleType) -> None:
         self.ops = ops

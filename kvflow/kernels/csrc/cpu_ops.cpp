@@ -10,6 +10,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -207,16 +208,21 @@ torch::Tensor gemv(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor
 }
 
 // ---------------------------------------------------------------------------------------
-// Paged attention for requests with short queries (decodes, speculative verification),
+// Paged attention over a ragged batch of decodes, short queries and prefill chunks,
 // reading the cache in place: K blocks d-major, [num_blocks, num_kv_heads, head_dim,
 // block_size], V blocks [num_blocks, num_kv_heads, block_size, head_dim]. A work item is
-// (request, kv head, partition of the context): every query row of the request in that
-// kv head's group attends over the partition with an online softmax, block by block.
-// With K d-major, a query's scores for 16 keys are head_dim broadcast FMAs and no
-// horizontal sums; each V block is widened once and shared by all rows. Long contexts
-// are split into partitions so that both cores work on one stream; partial results are
-// merged afterwards (flash-decoding).
+// (request, kv head, tile of up to kQueryTile queries, range of keys): every query row of
+// the tile in that kv head's group attends over the range with an online softmax, block
+// by block. With K d-major, a query's scores for 16 keys are head_dim broadcast FMAs and
+// no horizontal sums; each V block is widened once and shared by all rows.
+// - A request with one tile of queries (a decode) splits a long context into partitions
+//   so that every core works on one stream; partial results are merged afterwards
+//   (flash-decoding).
+// - A longer request (a prefill chunk) is split into query tiles, each attending over the
+//   keys up to its last query (causal). Tiles cost more the later they sit, so threads
+//   take items largest first from a shared counter.
 constexpr int64_t kPartition = 512;
+constexpr int64_t kQueryTile = 16;
 
 inline float dot(const float* a, const float* b, int64_t n) {
   int64_t i = 0;
@@ -251,6 +257,22 @@ inline void axpy(float a, const float* x, float* y, int64_t n) {  // y += a * x
 
 inline void scale_vec(float a, float* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] *= a;
+}
+
+inline float max_of(const float* s, int64_t n) {
+  int64_t i = 0;
+  float best = -std::numeric_limits<float>::infinity();
+#ifdef KVFLOW_AVX512
+  const __m512 lowest = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  __m512 m = lowest;
+  for (; i < n; i += 16) {
+    const __mmask16 mask = n - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - i)) - 1);
+    m = _mm512_max_ps(m, _mm512_mask_loadu_ps(lowest, mask, s + i));
+  }
+  best = _mm512_reduce_max_ps(m);
+#endif
+  for (; i < n; ++i) best = std::max(best, s[i]);
+  return best;
 }
 
 // s[i] = exp(s[i] - shift) in place; returns their sum.
@@ -329,7 +351,10 @@ void score_rows(const float* qf, int64_t rows, int64_t head_dim, const T* kt, in
 }
 
 struct WorkItem {
-  int64_t req, kv_head, part, first_key, end_key, partial;  // partial: row of the scratch
+  int64_t req, kv_head, part;
+  int64_t q_begin, q_end;       // queries of the request, indices from its first query
+  int64_t first_key, end_key;   // key positions attended
+  int64_t partial;              // first scratch row of a split context, or -1
 };
 
 template <typename T>
@@ -345,42 +370,64 @@ void paged_attention_impl(T* out, const T* q, const T* k_cache, const T* v_cache
   for (int64_t b = 0; b < num_reqs; ++b) {
     const int64_t seq_len = seq_lens[b];
     const int64_t query_len = query_start_loc[b + 1] - query_start_loc[b];
+    const int64_t num_computed = seq_len - query_len;
     // Keys before the first query's window can never be attended.
-    const int64_t first = window > 0 ? std::max<int64_t>(0, seq_len - query_len - window + 1) : 0;
-    const int64_t parts = std::max<int64_t>(1, (seq_len - first + kPartition - 1) / kPartition);
-    parts_of[b] = parts;
-    for (int64_t h = 0; h < num_kv_heads; ++h) {
-      for (int64_t p = 0; p < parts; ++p) {
-        const int64_t begin = first + p * kPartition;
-        items.push_back({b, h, p, begin, std::min(seq_len, begin + kPartition),
-                         parts > 1 ? partial_rows : -1});
-        if (parts > 1) partial_rows += query_len * group;
+    auto first_key = [&](int64_t query_pos) {
+      return window > 0 ? std::max<int64_t>(0, query_pos - window + 1) : int64_t{0};
+    };
+    if (query_len <= kQueryTile) {
+      const int64_t first = first_key(num_computed);
+      const int64_t parts = std::max<int64_t>(1, (seq_len - first + kPartition - 1) / kPartition);
+      parts_of[b] = parts;
+      for (int64_t h = 0; h < num_kv_heads; ++h) {
+        for (int64_t p = 0; p < parts; ++p) {
+          const int64_t begin = first + p * kPartition;
+          items.push_back({b, h, p, 0, query_len, begin, std::min(seq_len, begin + kPartition),
+                           parts > 1 ? partial_rows : -1});
+          if (parts > 1) partial_rows += query_len * group;
+        }
       }
+      continue;
+    }
+    parts_of[b] = 1;
+    for (int64_t t0 = 0; t0 < query_len; t0 += kQueryTile) {
+      const int64_t t1 = std::min(query_len, t0 + kQueryTile);
+      for (int64_t h = 0; h < num_kv_heads; ++h)
+        items.push_back({b, h, 0, t0, t1, first_key(num_computed + t0), num_computed + t1, -1});
     }
   }
   // Per partial row: running max, sum of exps, and the unnormalised output.
   std::vector<float> partial_ml(partial_rows * 2);
   std::vector<float> partial_acc(partial_rows * head_dim);
   const int64_t q_row_stride = num_heads * head_dim;
+  std::vector<int64_t> order(items.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = static_cast<int64_t>(i);
+  auto cost = [&](int64_t i) { return (items[i].q_end - items[i].q_begin) * (items[i].end_key - items[i].first_key); };
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return cost(a) > cost(b); });
+  std::atomic<int64_t> next{0};
+  const int64_t num_workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), items.size()));
 
-  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, num_workers, 1, [&](int64_t, int64_t) {
     std::vector<float> qf, acc, scores, vf(block_size * head_dim);
     std::vector<float> row_max, row_sum;
-    for (int64_t it = begin; it < end; ++it) {
-      const WorkItem& item = items[it];
+    for (int64_t taken = next.fetch_add(1); taken < static_cast<int64_t>(items.size());
+         taken = next.fetch_add(1)) {
+      const WorkItem& item = items[order[taken]];
       const int64_t q0 = query_start_loc[item.req];
       const int64_t query_len = query_start_loc[item.req + 1] - q0;
-      const int64_t rows = query_len * group;
+      const int64_t tile = item.q_end - item.q_begin;
+      const int64_t rows = tile * group;
       const int64_t seq_len = seq_lens[item.req];
       qf.assign(rows * head_dim, 0.f);
       acc.assign(rows * head_dim, 0.f);
       row_max.assign(rows, -std::numeric_limits<float>::infinity());
       row_sum.assign(rows, 0.f);
       scores.resize(rows * block_size);
-      for (int64_t i = 0; i < query_len; ++i)
+      for (int64_t i = 0; i < tile; ++i)
         for (int64_t g = 0; g < group; ++g) {
           float* dst = qf.data() + (i * group + g) * head_dim;
-          widen(q + (q0 + i) * q_row_stride + (item.kv_head * group + g) * head_dim, dst, head_dim);
+          widen(q + (q0 + item.q_begin + i) * q_row_stride + (item.kv_head * group + g) * head_dim,
+                dst, head_dim);
           scale_vec(static_cast<float>(scale), dst, head_dim);
         }
       const int32_t* table = block_tables + item.req * max_blocks;
@@ -394,14 +441,14 @@ void paged_attention_impl(T* out, const T* q, const T* k_cache, const T* v_cache
                    scores.data());
         for (int64_t r = 0; r < rows; ++r) {
           float* sr = scores.data() + r * block_size;
-          const int64_t query_pos = seq_len - query_len + r / group;
+          const int64_t query_pos = seq_len - query_len + item.q_begin + r / group;
           // Causal and window masks, only where this block crosses them.
           if (hi - 1 > query_pos || (window > 0 && query_pos - lo >= window)) {
             for (int64_t pos = lo; pos < hi; ++pos)
               if (pos > query_pos || (window > 0 && query_pos - pos >= window))
                 sr[pos - lo] = -std::numeric_limits<float>::infinity();
           }
-          const float block_max = *std::max_element(sr, sr + n);
+          const float block_max = max_of(sr, n);
           if (block_max == -std::numeric_limits<float>::infinity()) {  // all masked here
             std::fill_n(sr, n, 0.f);
             continue;
@@ -435,7 +482,7 @@ void paged_attention_impl(T* out, const T* q, const T* k_cache, const T* v_cache
         }
       }
       for (int64_t r = 0; r < rows; ++r) {
-        const int64_t i = r / group, g = r % group;
+        const int64_t i = item.q_begin + r / group, g = r % group;
         if (item.partial < 0) {
           T* dst = out + (q0 + i) * q_row_stride + (item.kv_head * group + g) * head_dim;
           const float inv = row_sum[r] > 0.f ? 1.f / row_sum[r] : 0.f;
