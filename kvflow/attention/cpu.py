@@ -1,9 +1,11 @@
 """The CPU backend: kvflow's native kernels (kvflow/kernels).
 
-Short queries (decodes, speculative verification) attend in one kernel call that reads
-the paged cache in place, with no gather copy, and splits long contexts across threads.
-Longer prefill chunks go through PyTorch's SDPA; a chunk that starts at position 0 attends
-over its own keys and values, so nothing is read back from the cache.
+Every request of a step (decodes, short multi-token queries, prefill chunks) attends in
+one kernel call that reads the paged cache in place, with no gather copy. A decode's long
+context is split across threads and merged (flash-decoding); a prefill chunk is split into
+tiles of 16 queries. On a 2-core Zen 5 this beat PyTorch's SDPA on prefill (2,048 fresh
+tokens: 43 against 54 ms a layer; 512: 2.8 against 6.0 ms), and SDPA needs the context
+gathered into a copy first.
 
 The K cache is d-major inside a block, [num_blocks, num_kv_heads, head_dim, block_size]:
 one head's keys for a block are still contiguous, and a row of the block holds one
@@ -20,7 +22,6 @@ import torch
 
 from kvflow.attention.base import AttentionBackend, gather_blocks
 from kvflow.attention.metadata import AttentionMetadata
-from kvflow.attention.torch_ref import chunk_attention
 
 if TYPE_CHECKING:
     from kvflow.layers.attention import PagedAttention
@@ -28,7 +29,7 @@ if TYPE_CHECKING:
 
 class CpuNativeBackend(AttentionBackend):
     name = "cpu"
-    max_batched_query_len = 1 << 30  # the kernel takes prefill chunks too: one call per step
+    max_batched_query_len = 1 << 30  # the kernel takes prefill chunks too
 
     def __init__(self, ops: ModuleType) -> None:
         self.ops = ops
@@ -54,19 +55,7 @@ class CpuNativeBackend(AttentionBackend):
         self.write_kv(layer, k, v, meta.slot_mapping)
         q = q.contiguous()
         out = torch.empty_like(q)
-        num_short, start = meta.num_batched_reqs, meta.num_batched_tokens
-        if num_short:
-            self.ops.paged_attention(out[:start], q[:start], layer.k_cache, layer.v_cache,
-                                     meta.block_tables[:num_short], meta.seq_lens[:num_short],
-                                     meta.query_start_loc[:num_short + 1], layer.scale,
-                                     layer.sliding_window or 0)
-        for req in range(num_short, meta.num_reqs):
-            query_len, seq_len = meta.query_lens_cpu[req], meta.seq_lens_cpu[req]
-            rows = slice(start, start + query_len)
-            if query_len == seq_len:  # the chunk's own keys are its whole context
-                keys, values = k[rows].transpose(0, 1), v[rows].transpose(0, 1)
-            else:
-                keys, values = self.gather_context(layer, meta.block_tables[req], seq_len)
-            out[rows] = chunk_attention(q[rows], layer, keys, values)
-            start = rows.stop
+        self.ops.paged_attention(out, q, layer.k_cache, layer.v_cache, meta.block_tables,
+                                 meta.seq_lens, meta.query_start_loc, layer.scale,
+                                 layer.sliding_window or 0)
         return out
