@@ -125,3 +125,23 @@ def test_native_and_eager_engines_agree_in_bfloat16(checkpoint):
     for native_lp, eager_lp in zip(results[False], results[True]):
         torch.testing.assert_close(torch.tensor(native_lp), torch.tensor(eager_lp),
                                    atol=0.15, rtol=0.05)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_plan_paths_match_f_linear(ops, dtype, bias):
+    """Every path a LinearPlan can take (native GEMV, oneDNN-prepacked weight, F.linear)
+    gives F.linear's result, whichever the measurement picked on this machine."""
+    from kvflow.kernels.tuning import _can_prepack, _packed
+    from kvflow.layers.linear import LinearPlan, apply_linear
+
+    generator = torch.Generator().manual_seed(5)
+    w = (torch.randn(48, 64, generator=generator) / 8).to(dtype)
+    b = torch.randn(48, generator=generator).to(dtype) if bias else None
+    plans = [LinearPlan(ops=ops, gemv_max_rows=4)]
+    if _can_prepack():
+        plans.append(LinearPlan(ops=ops, gemv_max_rows=4, packed_weight=_packed(w)))
+    for plan in plans:
+        for rows in (1, 4, 5, 130):
+            x = torch.randn(rows, 64, generator=generator).to(dtype)
+            close(apply_linear(x, w, b, plan), F.linear(x, w, b), dtype, scale=4)

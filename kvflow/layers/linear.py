@@ -15,18 +15,24 @@ from torch import nn
 
 
 @dataclass(frozen=True)
-class GemvChoice:
-    """Inputs of at most max_rows rows go through the native GEMV (chosen by measuring,
-    kvflow/kernels/tuning.py); larger ones through F.linear."""
+class LinearPlan:
+    """How one linear layer runs on this machine, chosen by measuring
+    (kvflow/kernels/tuning.py): inputs of at most gemv_max_rows rows through the native
+    GEMV, larger ones through a oneDNN-prepacked copy of the weight where that was faster,
+    else F.linear."""
 
-    ops: ModuleType
-    max_rows: int
+    ops: ModuleType | None = None  # kvflow's native kernels
+    gemv_max_rows: int = 0
+    packed_weight: torch.Tensor | None = None  # torch.ops.mkldnn._reorder_linear_weight
 
 
 def apply_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                 gemv: GemvChoice | None) -> torch.Tensor:
-    if gemv is not None and x.dim() == 2 and x.shape[0] <= gemv.max_rows:
-        return gemv.ops.gemv(x, weight, bias)
+                 plan: LinearPlan | None) -> torch.Tensor:
+    if plan is not None and x.dim() == 2:
+        if x.shape[0] <= plan.gemv_max_rows:
+            return plan.ops.gemv(x, weight, bias)
+        if plan.packed_weight is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, plan.packed_weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
 
 
@@ -42,10 +48,10 @@ class Linear(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
-        self.gemv: GemvChoice | None = None
+        self.plan: LinearPlan | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return apply_linear(x, self.weight, self.bias, self.gemv)
+        return apply_linear(x, self.weight, self.bias, self.plan)
 
 
 class MergedLinear(Linear):

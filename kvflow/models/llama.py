@@ -12,7 +12,7 @@ from kvflow.attention.metadata import AttentionMetadata
 from kvflow.config import ModelConfig
 from kvflow.layers.activation import SiluAndMul
 from kvflow.layers.attention import PagedAttention
-from kvflow.layers.linear import GemvChoice, Linear, MergedLinear, apply_linear
+from kvflow.layers.linear import Linear, LinearPlan, MergedLinear, apply_linear
 from kvflow.layers.norm import RMSNorm
 from kvflow.layers.rotary import RotaryEmbedding
 
@@ -114,7 +114,7 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head = None
         else:
             self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.lm_head_gemv: GemvChoice | None = None  # set by kvflow.kernels.tuning
+        self.lm_head_plan: LinearPlan | None = None  # set by kvflow.kernels.tuning
 
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """-> hidden states [num_tokens, hidden_size]; logits are computed only where needed."""
@@ -125,7 +125,7 @@ class LlamaForCausalLM(nn.Module):
         return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return apply_linear(hidden, self.lm_head_weight, None, self.lm_head_gemv)
+        return apply_linear(hidden, self.lm_head_weight, None, self.lm_head_plan)
 
     def attention_layers(self) -> list[PagedAttention]:
         return [layer.self_attn.attn for layer in self.model.layers]
