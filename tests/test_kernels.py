@@ -130,15 +130,17 @@ def test_native_and_eager_engines_agree_in_bfloat16(checkpoint):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bias", [False, True])
 def test_linear_plan_paths_match_f_linear(ops, dtype, bias):
-    """Every path a LinearPlan can take (native GEMV, oneDNN-prepacked weight, F.linear)
-    gives F.linear's result, whichever the measurement picked on this machine."""
+    """Every path a LinearPlan can take (native GEMV, oneDNN-prepacked weight, a float32
+    copy, F.linear) gives F.linear's result, whichever the measurement picked here."""
     from kvflow.kernels.tuning import _can_prepack, _packed
     from kvflow.layers.linear import LinearPlan, apply_linear
 
     generator = torch.Generator().manual_seed(5)
     w = (torch.randn(48, 64, generator=generator) / 8).to(dtype)
     b = torch.randn(48, generator=generator).to(dtype) if bias else None
-    plans = [LinearPlan(ops=ops, gemv_max_rows=4)]
+    plans = [LinearPlan(ops=ops, gemv_max_rows=4),
+             LinearPlan(ops=ops, gemv_max_rows=4, float32_weight=w.float(),
+                        float32_bias=None if b is None else b.float())]
     if _can_prepack():
         plans.append(LinearPlan(ops=ops, gemv_max_rows=4, packed_weight=_packed(w)))
     for plan in plans:

@@ -18,12 +18,15 @@ from torch import nn
 class LinearPlan:
     """How one linear layer runs on this machine, chosen by measuring
     (kvflow/kernels/tuning.py): inputs of at most gemv_max_rows rows through the native
-    GEMV, larger ones through a oneDNN-prepacked copy of the weight where that was faster,
-    else F.linear."""
+    GEMV; larger ones through a second copy of the weight where one measured faster than
+    F.linear on the layer's own weight: oneDNN-prepacked, or widened to float32 (for
+    bf16 weights on CPUs whose bf16 matmuls are slower than float32 ones)."""
 
     ops: ModuleType | None = None  # kvflow's native kernels
     gemv_max_rows: int = 0
     packed_weight: torch.Tensor | None = None  # torch.ops.mkldnn._reorder_linear_weight
+    float32_weight: torch.Tensor | None = None
+    float32_bias: torch.Tensor | None = None
 
 
 def apply_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -33,6 +36,8 @@ def apply_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
             return plan.ops.gemv(x, weight, bias)
         if plan.packed_weight is not None:
             return torch.ops.mkldnn._linear_pointwise(x, plan.packed_weight, bias, "none", [], "")
+        if plan.float32_weight is not None:
+            return F.linear(x.float(), plan.float32_weight, plan.float32_bias).to(x.dtype)
     return F.linear(x, weight, bias)
 
 
