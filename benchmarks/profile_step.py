@@ -110,8 +110,8 @@ def kernel_share(fn: Callable[[], object], steps: int) -> tuple[float, float] | 
     if ops is None:
         return None
     inside = [0.0]
-    names = [n for n in ("gemv", "paged_attention", "write_kv", "rms_norm", "silu_and_mul",
-                         "rotary_embedding")]
+    names = ("gemv", "paged_attention", "write_kv", "rms_norm", "silu_and_mul",
+             "rotary_embedding")
     originals = {name: getattr(ops, name) for name in names}
 
     def timed(original):  # noqa: ANN001, ANN202

@@ -86,12 +86,24 @@ CASES = {
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("block_size", [4, 16])
 def test_backend_matches_naive(backend_name, case, heads, window, dtype, block_size):
+    check_backend(backend_name, case, heads, window, dtype, block_size, head_dim=32)
+
+
+@pytest.mark.parametrize("backend_name", [n for n in BACKEND_NAMES if n != "auto"])
+@pytest.mark.parametrize("case", ["mixed step", "long contexts"])
+@pytest.mark.parametrize("block_size,head_dim", [(24, 40), (32, 64)])
+def test_backend_matches_naive_at_other_shapes(backend_name, case, block_size, head_dim):
+    """A head_dim that is not a multiple of 16 (vector tails) and blocks of more than 16
+    tokens (several vectors per block), with a window across blocks."""
+    check_backend(backend_name, case, (8, 2), 20, torch.float32, block_size, head_dim)
+
+
+def check_backend(backend_name, case, heads, window, dtype, block_size, head_dim):
     query_lens, context_lens = CASES[case]
     order = sorted(range(len(query_lens)), key=lambda i: query_lens[i])  # as the runner does
     query_lens = [query_lens[i] for i in order]
     context_lens = [context_lens[i] for i in order]
     num_heads, num_kv_heads = heads
-    head_dim = 32
     num_blocks, block_ids, old_kv, q, k, v = make_batch(query_lens, context_lens, num_heads,
                                                         num_kv_heads, head_dim, dtype, seed=7,
                                                         block_size=block_size)

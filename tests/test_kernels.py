@@ -56,15 +56,17 @@ def _pair(module_factory, ops):
 def test_rms_norm_matches_eager(ops, dtype, with_residual):
     generator = torch.Generator().manual_seed(1)
 
+    dim = 100  # not a multiple of 16: the vector loop and its scalar tail
+
     def make():
-        norm = RMSNorm(96, 1e-6)
-        norm.weight.data = (1 + 0.1 * torch.randn(96, generator=torch.Generator().manual_seed(2))
+        norm = RMSNorm(dim, 1e-6)
+        norm.weight.data = (1 + 0.1 * torch.randn(dim, generator=torch.Generator().manual_seed(2))
                             ).to(dtype)
         return norm
 
     eager, native = _pair(make, ops)
-    x = torch.randn(5, 96, generator=generator).to(dtype)
-    residual = torch.randn(5, 96, generator=generator).to(dtype)
+    x = torch.randn(5, dim, generator=generator).to(dtype)
+    residual = torch.randn(5, dim, generator=generator).to(dtype)
     if not with_residual:
         close(native(x), eager(x), dtype)
         return
@@ -73,7 +75,7 @@ def test_rms_norm_matches_eager(ops, dtype, with_residual):
     out, returned = native(x, native_residual)
     close(out, expected_out, dtype)
     assert torch.equal(returned, expected_residual)  # the add rounds exactly as eager does
-    assert torch.equal(native_residual, expected_residual)  # updated in place
+    assert torch.equal(native_residual, expected_residual)  # updated in place, as eager does
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -116,9 +118,12 @@ def test_native_and_eager_engines_agree_in_bfloat16(checkpoint):
     for eager in (False, True):
         llm = LLM(str(path), device="cpu", kv_cache_memory="8MiB", enforce_eager=eager)
         engine = llm.engine
-        natives = [m.native for m in engine.runner.model.modules() if hasattr(m, "native")]
+        model = engine.runner.model
+        natives = [m.native for m in model.modules() if hasattr(m, "native")]
+        plans = [m.plan for m in model.modules() if hasattr(m, "plan")] + [model.lm_head_plan]
         assert engine.runner.backend.name == ("torch" if eager else "cpu")
         assert all(n is None for n in natives) if eager else all(n is not None for n in natives)
+        assert all(p is None for p in plans) if eager else all(p is not None for p in plans)
         outputs = llm.generate(prompts, params, use_tqdm=False)
         results[eager] = [[next(iter(entry.values())).logprob for entry in o.prompt_logprobs[1:]]
                           for o in outputs]
@@ -131,7 +136,8 @@ def test_native_and_eager_engines_agree_in_bfloat16(checkpoint):
 @pytest.mark.parametrize("bias", [False, True])
 def test_linear_plan_paths_match_f_linear(ops, dtype, bias):
     """Every path a LinearPlan can take (native GEMV, oneDNN-prepacked weight, a float32
-    copy, F.linear) gives F.linear's result, whichever the measurement picked here."""
+    copy, F.linear) gives F.linear's result. The plans are built by hand, so that every
+    path runs whatever the measurement would pick on this machine."""
     from kvflow.kernels.tuning import _can_prepack, _packed
     from kvflow.layers.linear import LinearPlan, apply_linear
 
@@ -141,9 +147,33 @@ def test_linear_plan_paths_match_f_linear(ops, dtype, bias):
     plans = [LinearPlan(ops=ops, gemv_max_rows=4),
              LinearPlan(ops=ops, gemv_max_rows=4, float32_weight=w.float(),
                         float32_bias=None if b is None else b.float())]
-    if _can_prepack():
+    if _can_prepack(dtype):
         plans.append(LinearPlan(ops=ops, gemv_max_rows=4, packed_weight=_packed(w)))
     for plan in plans:
         for rows in (1, 4, 5, 130):
             x = torch.randn(rows, 64, generator=generator).to(dtype)
             close(apply_linear(x, w, b, plan), F.linear(x, w, b), dtype, scale=4)
+
+
+@pytest.mark.parametrize("variant", ["llama-gqa", "qwen2"], ids=["untied-head", "tied-head"])
+def test_every_linear_gets_one_plan(ops, checkpoint, variant):
+    """Each weight is planned once: an untied LM head through its Linear, a tied one (the
+    embedding) through the model's lm_head_plan; a second copy is made per weight only."""
+    from kvflow.kernels.tuning import install_native_kernels
+    from kvflow.layers.linear import Linear
+    from kvflow.models.loader import build_model
+    from kvflow.config import ModelConfig
+
+    path = checkpoint(variant)
+    config = ModelConfig.from_pretrained(path)
+    model = build_model(config, torch.float32, torch.device("cpu"), 64)
+    install_native_kernels(model, ops)
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    assert all(m.plan is not None and m.plan.ops is ops for m in linears)
+    if config.tie_word_embeddings:
+        assert model.lm_head is None and model.lm_head_plan is not None
+    else:
+        assert model.lm_head_plan is None and model.lm_head in linears
+    hidden = torch.randn(3, config.hidden_size)
+    torch.testing.assert_close(model.compute_logits(hidden),
+                               F.linear(hidden, model.lm_head_weight), atol=1e-4, rtol=1e-4)

@@ -29,6 +29,8 @@ def _assert_no_leak(engine: LLMEngine) -> None:
                                      "llama-linear-rope", "qwen2", "qwen3", "mistral-window"])
 @pytest.mark.parametrize("enforce_eager", [False, True], ids=["native", "eager"])
 def test_greedy_batch_matches_transformers(variant, device, enforce_eager, checkpoint, hf_model):
+    if device == "cuda" and enforce_eager:
+        pytest.skip("the native kernels are CPU-only: on CUDA both runs are the same")
     path = checkpoint(variant)
     prompts = random_prompts(8, seed=1)
     assert len({len(p) for p in prompts}) > 4

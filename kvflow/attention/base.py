@@ -1,9 +1,10 @@
 """The interface every attention backend implements.
 
-A backend owns three things: the layout of the KV cache it reads (`kv_cache_shape`), the
-metadata it needs, built once per step from the scheduled batch (`build_metadata`), and
-the attention itself (`forward`), which also writes the step's keys and values into the
-cache, so that a backend may fuse the write with its own kernel. Every backend handles
+A backend owns the layout of the KV cache it reads (`kv_cache_shapes`), the metadata it
+needs, built once per step from the scheduled batch (`build_metadata`), writing keys and
+values to their slots and reading a request's context back (`write_kv`, `gather_context`,
+in its layout), and the attention itself (`forward`, which writes the step's keys and
+values first). Every backend handles
 any mix of prefill chunks, decodes and short multi-token queries (speculative
 verification) in one step. The model only ever calls `PagedAttention.forward`.
 """

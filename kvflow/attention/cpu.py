@@ -29,7 +29,6 @@ if TYPE_CHECKING:
 
 class CpuNativeBackend(AttentionBackend):
     name = "cpu"
-    max_batched_query_len = 1 << 30  # the kernel takes prefill chunks too
 
     def __init__(self, ops: ModuleType) -> None:
         self.ops = ops
@@ -42,7 +41,7 @@ class CpuNativeBackend(AttentionBackend):
 
     def write_kv(self, layer: PagedAttention, k: torch.Tensor, v: torch.Tensor,
                  slot_mapping: torch.Tensor) -> None:
-        self.ops.write_kv(layer.k_cache, layer.v_cache, k, v, slot_mapping, True)
+        self.ops.write_kv(layer.k_cache, layer.v_cache, k, v, slot_mapping)
 
     def gather_context(self, layer: PagedAttention, block_table: torch.Tensor,
                        seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -47,7 +47,7 @@ def build_metadata(query_lens: list[int], num_computed: list[int], block_ids: li
     computed = torch.tensor(num_computed, dtype=torch.int64)
     cu_lens = torch.zeros(num_reqs + 1, dtype=torch.int64)
     torch.cumsum(lens, 0, out=cu_lens[1:])
-    if num_reqs == sum(query_lens):  # all decodes: one token per request
+    if max(query_lens) == 1:  # all decodes: one token per request
         row = torch.arange(num_reqs)
         positions = computed
     else:

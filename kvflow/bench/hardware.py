@@ -27,7 +27,8 @@ READ_BYTES = 2 << 30
 MATMUL_N = 2048
 
 
-def _cpuinfo() -> dict[str, str]:
+def cpuinfo() -> dict[str, str]:
+    """The first processor's /proc/cpuinfo fields (empty where there is none)."""
     fields: dict[str, str] = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -50,7 +51,7 @@ def _memory_bytes() -> int | None:
 
 def inventory() -> dict:
     """Cores, ISA flags, memory and accelerator, as this process sees them."""
-    cpu = _cpuinfo()
+    cpu = cpuinfo()
     flags = set(cpu.get("flags", "").split())
     info = {
         "cpu": cpu.get("model name", platform.processor() or platform.machine()),

@@ -77,7 +77,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.scheduler_config, self.kv_manager)
         native_ops = native_cpu_ops(self.device, self.dtype, args.enforce_eager)
         if native_ops is not None:
-            install_native_kernels(model, native_ops)
+            install_native_kernels(model, native_ops, reserved_bytes=args.kv_cache_memory or 0)
         backend = select_backend(args.attention_backend, self.device, native_ops)
         logger.info("attention backend: %s; native CPU kernels: %s", backend.name,
                     "on" if native_ops is not None else "off")

@@ -1,10 +1,11 @@
 """kvflow's native CPU kernels (csrc/cpu_ops.cpp), compiled with torch.utils.cpp_extension.
 
 They are built once per machine: `make install` builds them (`python -m kvflow.kernels`),
-and a first use builds them if that did not happen (about a minute). The build is keyed
-by the source, the CPU's model and ISA flags and the torch version, because it targets
-the build machine's ISA (-march=native): a cache carried to another CPU is never loaded
-there. When no compiler is at hand, or the build fails, kvflow logs why and runs the
+and a first use builds them if that did not happen (20-30 s on 2 cores). The build is
+keyed by the source, the CPU's model and its whole list of flags, the compiler and the
+torch and Python versions, because it targets the build machine's ISA (-march=native): a
+cache carried to another CPU, or a VM with other flags masked, is never loaded there. The
+environment is read once per process. When no compiler is at hand, or the build fails, kvflow logs why and runs the
 PyTorch path; `enforce_eager=True` (`--enforce-eager`) asks for that path outright.
 """
 from __future__ import annotations
@@ -27,11 +28,12 @@ SOURCE = Path(__file__).parent / "csrc" / "cpu_ops.cpp"
 def _build_key() -> str:
     import torch
 
-    from kvflow.bench.hardware import inventory
+    from kvflow.bench.hardware import cpuinfo
 
-    info = inventory()
-    isa = ",".join(sorted(flag for flag, present in info["isa"].items() if present))
-    key = f"{SOURCE.read_bytes().hex()}|{info['cpu']}|{isa}|{torch.__version__}|{sys.version}"
+    cpu = cpuinfo()
+    compiler = os.environ.get("CXX", "c++")
+    key = "|".join([SOURCE.read_bytes().hex(), cpu.get("model name", ""), cpu.get("flags", ""),
+                    compiler, torch.__version__, sys.version])
     return hashlib.sha1(key.encode()).hexdigest()[:16]
 
 
@@ -71,9 +73,11 @@ def cpu_ops() -> ModuleType | None:
             extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
             verbose=False)
     except Exception as exc:  # no compiler, no headers, an unsupported ISA: fall back
-        logger.warning("native CPU kernels unavailable, using the PyTorch path (%s: %s; the "
-                       "compiler's output is above, the build files in %s)",
-                       type(exc).__name__, str(exc).strip().splitlines()[-1], directory)
+        lines = str(exc).strip().splitlines() or [type(exc).__name__]
+        cause = next((line for line in lines if "error" in line.lower()), lines[-1])
+        logger.warning("native CPU kernels unavailable, using the PyTorch path: %s (build "
+                       "files in %s; the whole output at DEBUG level)", cause.strip(), directory)
+        logger.debug("native CPU kernel build output:\n%s", exc)
         return None
     if fresh:
         logger.info("native CPU kernels built in %.0f s", time.monotonic() - start)

@@ -24,6 +24,7 @@ import os
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
@@ -59,44 +60,56 @@ def native_cpu_ops(device: torch.device, dtype: torch.dtype,
     return cpu_ops()
 
 
-def _can_prepack() -> bool:
-    return (torch.backends.mkldnn.is_available()
+def _can_prepack(dtype: torch.dtype) -> bool:
+    if not (torch.backends.mkldnn.is_available()
             and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        return False
+    # oneDNN refuses to pack bf16 weights on CPUs without AVX-512 (BW, VL, DQ).
+    return dtype != torch.bfloat16 or torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def _packed(weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight, GEMM_ROWS[0])
 
 
-# The second copies a large batch may run on: name -> (bytes per weight element, whether
-# it applies to a dtype, the copy, one batch through it).
-_Copy = tuple[int, Callable[[torch.dtype], bool], Callable[[torch.Tensor], torch.Tensor],
-              Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]
+@dataclass(frozen=True)
+class _Copy:
+    """A second copy of a weight that large batches may run on."""
+
+    itemsize: Callable[[torch.dtype], int]  # bytes per weight element
+    applies: Callable[[torch.dtype], bool]
+    make: Callable[[torch.Tensor], torch.Tensor]
+    run: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x, copy) -> x @ w.T
+
+
 COPIES: dict[str, _Copy] = {
-    "packed": (2, lambda dtype: _can_prepack(), _packed,
-               lambda x, w: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")),
-    "float32": (4, lambda dtype: dtype == torch.bfloat16, lambda w: w.float(),
-                lambda x, w: F.linear(x.float(), w).to(x.dtype)),
+    "packed": _Copy(lambda dtype: torch.empty((), dtype=dtype).element_size(), _can_prepack,
+                    _packed,
+                    lambda x, w: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")),
+    "float32": _Copy(lambda dtype: 4, lambda dtype: dtype == torch.bfloat16, lambda w: w.float(),
+                     lambda x, w: F.linear(x.float(), w).to(x.dtype)),
 }
 
 
-def install_native_kernels(model: nn.Module, ops: ModuleType) -> None:
-    # (owner, attribute to set, weight) per linear shape; the LM head may be the embedding.
+def install_native_kernels(model: nn.Module, ops: ModuleType, reserved_bytes: int = 0) -> None:
+    """reserved_bytes: memory that will be taken after this (an explicit KV cache size), left
+    out of the budget for weight copies."""
+    head_weight = getattr(model, "lm_head_weight", None)
+    # (owner, attribute to set, weight) per linear shape. A tied LM head is the embedding,
+    # owned by no Linear; an untied one is the lm_head Linear.
     groups: dict[tuple, list[tuple[object, str, torch.Tensor]]] = defaultdict(list)
-    owners: dict[int, Linear] = {}
     for module in model.modules():
         if isinstance(module, (RMSNorm, RotaryEmbedding, SiluAndMul)):
             module.native = ops
         elif isinstance(module, Linear):
             groups[(*module.weight.shape, module.weight.dtype)].append(
                 (module, "plan", module.weight))
-            owners[id(module.weight)] = module
-    if hasattr(model, "lm_head_weight"):
-        weight = model.lm_head_weight
-        groups[(*weight.shape, weight.dtype)].append((model, "lm_head_plan", weight))
+    if head_weight is not None and getattr(model, "lm_head", None) is None:
+        groups[(*head_weight.shape, head_weight.dtype)].append(
+            (model, "lm_head_plan", head_weight))
     cache = _ChoiceCache(ops)
-    budget = int(available_host_memory() * COPY_MEMORY_FRACTION)
+    budget = int(max(0, available_host_memory() - reserved_bytes) * COPY_MEMORY_FRACTION)
     for key in sorted(groups, key=lambda k: -sum(w.numel() for _, _, w in groups[k])):
         out_features, in_features, dtype = key
         members = groups[key]
@@ -104,26 +117,23 @@ def install_native_kernels(model: nn.Module, ops: ModuleType) -> None:
         label = f"{out_features}x{in_features}:{str(dtype).removeprefix('torch.')}"
         max_rows = cache.get(f"gemv {label}", lambda: _gemv_max_rows(weights, ops))
         numel = sum(w.numel() for w in weights)
-        affordable = [name for name, (size, applies, _, _) in COPIES.items()
-                      if applies(dtype) and numel * size <= budget]
+        affordable = [name for name, copy in COPIES.items()
+                      if copy.applies(dtype) and numel * copy.itemsize(dtype) <= budget]
         # The LM head sees only the rows being sampled, never a prefill's worth.
-        is_head = any(attribute == "lm_head_plan" for _, attribute, _ in members)
-        rows = GEMM_ROWS[:1] if is_head else GEMM_ROWS
-        choice = cache.get(f"large batches {label}",
+        rows = GEMM_ROWS[:1] if any(w is head_weight for w in weights) else GEMM_ROWS
+        choice = cache.get(f"large batches {label} from {','.join(affordable)}",
                            lambda: _fastest_copy(weights[:GEMM_SAMPLE], affordable, rows)
                            ) if affordable else ""
-        if choice not in affordable:  # cached on a machine state with more free memory
-            choice = ""
-        if choice:
-            budget -= numel * COPIES[choice][0]
-        make_copy = COPIES[choice][2] if choice else None
+        copy = COPIES[choice] if choice else None
+        if copy is not None:
+            budget -= numel * copy.itemsize(dtype)
         for owner, attribute, weight in members:
-            copy = make_copy(weight) if make_copy else None
-            bias = getattr(owners.get(id(weight)), "bias", None)
+            second = copy.make(weight) if copy is not None else None
+            bias = getattr(owner, "bias", None) if isinstance(owner, Linear) else None
             setattr(owner, attribute, LinearPlan(
                 ops=ops, gemv_max_rows=max_rows,
-                packed_weight=copy if choice == "packed" else None,
-                float32_weight=copy if choice == "float32" else None,
+                packed_weight=second if choice == "packed" else None,
+                float32_weight=second if choice == "float32" else None,
                 float32_bias=bias.float() if choice == "float32" and bias is not None else None))
         logger.debug("linear %s: native GEMV up to %d rows, %s above", label, max_rows,
                      choice or "F.linear")
@@ -155,22 +165,25 @@ def _gemv_max_rows(weights: list[torch.Tensor], ops: ModuleType) -> int:
 def _fastest_copy(weights: list[torch.Tensor], candidates: list[str],
                   batch_sizes: tuple[int, ...]) -> str:
     """The candidate copy that beat F.linear at every batch size by the most in all, or ""
-    if none did."""
+    if none did. A candidate that fails here (an op this build or CPU lacks) is dropped."""
     best, best_seconds = "", float("inf")
     for name in candidates:
-        _, _, make_copy, run = COPIES[name]
-        copies = [make_copy(w) for w in weights]
-        total = 0.0
-        for rows in batch_sizes:
-            x = torch.randn(rows, weights[0].shape[1]).to(weights[0].dtype)
-            seconds = _median_seconds(lambda: [run(x, c) for c in copies])
-            if seconds >= _median_seconds(lambda: [F.linear(x, w) for w in weights]):
-                total = float("inf")
-                break
-            total += seconds
+        copy = COPIES[name]
+        try:
+            copies = [copy.make(w) for w in weights]
+            total = 0.0
+            for rows in batch_sizes:
+                x = torch.randn(rows, weights[0].shape[1]).to(weights[0].dtype)
+                seconds = _median_seconds(lambda: [copy.run(x, c) for c in copies])
+                if seconds >= _median_seconds(lambda: [F.linear(x, w) for w in weights]):
+                    total = float("inf")
+                    break
+                total += seconds
+        except RuntimeError as exc:
+            logger.info("weight copy %r unavailable here: %s", name, exc)
+            continue
         if total < best_seconds:
             best, best_seconds = name, total
-        del copies
     return best
 
 
@@ -181,7 +194,9 @@ class _ChoiceCache:
         from kvflow.demo import cache_root
 
         build = Path(ops.__file__).parent.name
-        key = f"{build}|{torch.get_num_threads()}|{torch.__version__}|copies"
+        # The constants that shape a choice are part of the key: change one, measure again.
+        key = (f"{build}|{torch.get_num_threads()}|{torch.__version__}|{GEMV_ROWS}|"
+               f"{GEMM_ROWS}|{GEMM_SAMPLE}|{sorted(COPIES)}")
         name = f"linear-{hashlib.sha1(key.encode()).hexdigest()[:16]}.json"
         self.path = cache_root() / "env" / name
         self.choices: dict[str, int | str] = (json.loads(self.path.read_text())

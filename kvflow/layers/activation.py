@@ -12,7 +12,7 @@ class SiluAndMul(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.native: ModuleType | None = None  # kvflow.kernels ops, set by the model runner
+        self.native: ModuleType | None = None  # set by kernels.tuning.install_native_kernels
 
     def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
         if self.native is not None:

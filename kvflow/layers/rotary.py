@@ -42,12 +42,13 @@ class RotaryEmbedding(nn.Module):
         angles = torch.cat((freqs, freqs), dim=-1)
         self.register_buffer("cos", angles.cos(), persistent=False)  # [max_positions, head_dim]
         self.register_buffer("sin", angles.sin(), persistent=False)
-        self.native: ModuleType | None = None  # kvflow.kernels ops, set by the model runner
+        self.native: ModuleType | None = None  # set by kernels.tuning.install_native_kernels
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor,
                 k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q: [tokens, heads, head_dim], k: [tokens, kv_heads, head_dim]. The native kernel
-        rotates them in place."""
+        rotates them in place (views of the fused QKV output, which nothing reads after);
+        the eager path returns new tensors."""
         if self.native is not None:
             self.native.rotary_embedding(positions, q, k, self.cos, self.sin)
             return q, k

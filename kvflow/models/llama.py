@@ -114,7 +114,9 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head = None
         else:
             self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.lm_head_plan: LinearPlan | None = None  # set by kvflow.kernels.tuning
+        # A tied head's plan (an untied head is a Linear with its own); set by
+        # kvflow.kernels.tuning.
+        self.lm_head_plan: LinearPlan | None = None
 
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """-> hidden states [num_tokens, hidden_size]; logits are computed only where needed."""
@@ -125,6 +127,8 @@ class LlamaForCausalLM(nn.Module):
         return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.lm_head is not None:
+            return self.lm_head(hidden)
         return apply_linear(hidden, self.lm_head_weight, None, self.lm_head_plan)
 
     def attention_layers(self) -> list[PagedAttention]:

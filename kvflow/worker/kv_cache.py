@@ -1,8 +1,8 @@
 """Sizing and allocating the paged KV cache.
 
-Per layer, K and V each have the shape the attention backend asks for (head-major blocks,
-[num_blocks, num_kv_heads, block_size, head_dim], for the CPU backends), carved out of one
-allocation.
+Per layer, K and V each have the shape the attention backend asks for
+(`AttentionBackend.kv_cache_shapes`: head-major blocks, with K d-major inside a block for
+the native CPU backend), carved out of one allocation.
 """
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """How many threads kvflow's CPU work runs on: one per physical core this process may use.
 
 Hyper-threads share a core's vector units and caches, so a second thread per core slows
-matmuls and memory-bound products down rather than up. OMP_NUM_THREADS, where set, wins."""
+matmuls and memory-bound products down rather than up. A container's CPU quota (cgroup v2
+cpu.max) caps the count; OMP_NUM_THREADS, where set, wins."""
 from __future__ import annotations
 
 import os
@@ -28,9 +29,22 @@ def physical_cores() -> int:
     return len(cores) or len(allowed or ()) or os.cpu_count() or 1
 
 
+def cpu_quota() -> int | None:
+    """Whole CPUs a cgroup v2 quota allows this process, or None without a quota."""
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+    except (OSError, ValueError):
+        return None
+    if quota == "max":
+        return None
+    return max(1, int(quota) // int(period))
+
+
 def default_num_threads() -> int:
     omp = os.environ.get("OMP_NUM_THREADS", "")
-    return int(omp) if omp.isdigit() and int(omp) > 0 else physical_cores()
+    if omp.isdigit() and int(omp) > 0:
+        return int(omp)
+    return min(physical_cores(), cpu_quota() or physical_cores())
 
 
 def configure_threads(num_threads: int | None) -> int:

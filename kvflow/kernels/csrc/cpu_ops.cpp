@@ -84,6 +84,10 @@ inline __m512 exp16(__m512 x) {
 }
 #endif
 
+void check_cpu(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be on the CPU");
+}
+
 // ---------------------------------------------------------------------------------------
 // y[m, n] = x[m, :] . w[n, :] (+ bias[n]) for a few rows m: every weight row is read once
 // from memory and each loaded weight vector serves up to four rows of x, so the product
@@ -188,8 +192,12 @@ void gemv_impl(const T* x, const T* w, const T* bias, T* y, int64_t M, int64_t N
 }
 
 torch::Tensor gemv(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias) {
+  check_cpu(x, "gemv x");
+  check_cpu(w, "gemv w");
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "gemv: shapes");
   TORCH_CHECK(x.scalar_type() == w.scalar_type(), "gemv: x and w dtypes differ");
+  TORCH_CHECK(!bias || (bias->numel() == w.size(0) && bias->scalar_type() == w.scalar_type() &&
+                        bias->device().is_cpu()), "gemv: bias must be [out_features], w's dtype");
   x = x.contiguous();
   w = w.contiguous();
   auto y = torch::empty({x.size(0), w.size(0)}, x.options());
@@ -223,18 +231,6 @@ torch::Tensor gemv(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor
 //   take items largest first from a shared counter.
 constexpr int64_t kPartition = 512;
 constexpr int64_t kQueryTile = 16;
-
-inline float dot(const float* a, const float* b, int64_t n) {
-  int64_t i = 0;
-  float s = 0.f;
-#ifdef KVFLOW_AVX512
-  __m512 acc = _mm512_setzero_ps();
-  for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
-  s = _mm512_reduce_add_ps(acc);
-#endif
-  for (; i < n; ++i) s += a[i] * b[i];
-  return s;
-}
 
 template <typename T>
 inline void widen(const T* src, float* dst, int64_t n) {
@@ -534,12 +530,27 @@ void paged_attention_impl(T* out, const T* q, const T* k_cache, const T* v_cache
 void paged_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache,
                      torch::Tensor v_cache, torch::Tensor block_tables, torch::Tensor seq_lens,
                      torch::Tensor query_start_loc, double scale, int64_t window) {
+  for (auto* t : {&out, &q, &k_cache, &v_cache, &block_tables, &seq_lens, &query_start_loc})
+    check_cpu(*t, "paged_attention inputs");
   TORCH_CHECK(q.is_contiguous() && out.is_contiguous() && k_cache.is_contiguous() &&
               v_cache.is_contiguous(), "paged_attention: tensors must be contiguous");
   TORCH_CHECK(block_tables.scalar_type() == at::kInt && seq_lens.scalar_type() == at::kInt &&
               query_start_loc.scalar_type() == at::kInt, "paged_attention: int32 metadata");
+  TORCH_CHECK(q.dim() == 3 && out.sizes() == q.sizes() && k_cache.dim() == 4 && v_cache.dim() == 4,
+              "paged_attention: q, out [tokens, heads, head_dim]; caches 4-d");
+  TORCH_CHECK(v_cache.size(3) == q.size(2) && k_cache.size(2) == q.size(2) &&
+              k_cache.size(3) == v_cache.size(2) && k_cache.size(1) == v_cache.size(1),
+              "paged_attention: K cache must be [blocks, kv_heads, head_dim, block_size] and V "
+              "cache [blocks, kv_heads, block_size, head_dim]");
+  TORCH_CHECK(q.size(1) % v_cache.size(1) == 0, "paged_attention: heads must be a multiple of kv heads");
+  TORCH_CHECK(k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type() &&
+              out.scalar_type() == q.scalar_type(), "paged_attention: dtypes differ");
   block_tables = block_tables.contiguous();
+  seq_lens = seq_lens.contiguous();
+  query_start_loc = query_start_loc.contiguous();
   const int64_t num_reqs = seq_lens.size(0);
+  TORCH_CHECK(query_start_loc.numel() == num_reqs + 1 && block_tables.size(0) == num_reqs,
+              "paged_attention: one block table and seq_len per request, num_reqs + 1 offsets");
   AT_DISPATCH_SWITCH(q.scalar_type(), "paged_attention",
       AT_DISPATCH_CASE(at::kFloat, [&] {
         paged_attention_impl<float>(
@@ -562,12 +573,11 @@ void paged_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache,
 // ---------------------------------------------------------------------------------------
 // Glue. Row-parallel loops; bf16 rounding where the eager ops round.
 
-// KV write: k, v [tokens, kv_heads, head_dim] to their slots. V blocks are
-// [block_size, head_dim] per head; K blocks the same, or d-major [head_dim, block_size]
-// when k_d_major.
+// KV write: k, v [tokens, kv_heads, head_dim] to their slots: V blocks [block_size,
+// head_dim] per head, K blocks d-major [head_dim, block_size] (see paged_attention).
 template <typename T>
 void write_kv_impl(T* kc, T* vc, const T* k, const T* v, const int64_t* slot, int64_t tokens,
-                   int64_t heads, int64_t dim, int64_t block_size, bool k_d_major) {
+                   int64_t heads, int64_t dim, int64_t block_size) {
   at::parallel_for(0, tokens, 64, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t block = slot[t] / block_size, offset = slot[t] % block_size;
@@ -575,33 +585,44 @@ void write_kv_impl(T* kc, T* vc, const T* k, const T* v, const int64_t* slot, in
         const int64_t head_base = (block * heads + h) * block_size * dim;
         const T* ks = k + (t * heads + h) * dim;
         std::memcpy(vc + head_base + offset * dim, v + (t * heads + h) * dim, dim * sizeof(T));
-        if (k_d_major) {
-          for (int64_t d = 0; d < dim; ++d) kc[head_base + d * block_size + offset] = ks[d];
-        } else {
-          std::memcpy(kc + head_base + offset * dim, ks, dim * sizeof(T));
-        }
+        for (int64_t d = 0; d < dim; ++d) kc[head_base + d * block_size + offset] = ks[d];
       }
     }
   });
 }
 
 void write_kv(torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor k, torch::Tensor v,
-              torch::Tensor slot_mapping, bool k_d_major) {
+              torch::Tensor slot_mapping) {
+  for (auto* t : {&k_cache, &v_cache, &k, &v, &slot_mapping}) check_cpu(*t, "write_kv inputs");
+  TORCH_CHECK(k_cache.dim() == 4 && v_cache.dim() == 4 && k.dim() == 3 && v.sizes() == k.sizes(),
+              "write_kv: caches [blocks, kv_heads, ...] and k, v [tokens, kv_heads, head_dim]");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "write_kv: caches must be contiguous");
+  const int64_t block_size = v_cache.size(2);
+  TORCH_CHECK(v_cache.size(1) == k.size(1) && v_cache.size(3) == k.size(2) &&
+              k_cache.size(2) == k.size(2) && k_cache.size(3) == block_size,
+              "write_kv: K cache must be [blocks, kv_heads, head_dim, block_size] and V cache "
+              "[blocks, kv_heads, block_size, head_dim] for k, v of ", k.sizes());
+  TORCH_CHECK(k_cache.scalar_type() == k.scalar_type() && v_cache.scalar_type() == k.scalar_type() &&
+              v.scalar_type() == k.scalar_type(), "write_kv: dtypes differ");
   k = k.contiguous();
   v = v.contiguous();
   auto slots = slot_mapping.to(at::kLong).contiguous();
-  const int64_t block_size = v_cache.size(2);
+  TORCH_CHECK(slots.numel() == k.size(0), "write_kv: one slot per token");
+  if (slots.numel() > 0) {
+    const int64_t low = slots.min().item<int64_t>(), high = slots.max().item<int64_t>();
+    TORCH_CHECK(low >= 0 && high < v_cache.size(0) * block_size, "write_kv: slot out of range");
+  }
   AT_DISPATCH_SWITCH(k.scalar_type(), "write_kv",
       AT_DISPATCH_CASE(at::kFloat, [&] {
         write_kv_impl<float>(k_cache.data_ptr<float>(), v_cache.data_ptr<float>(),
                              k.data_ptr<float>(), v.data_ptr<float>(), slots.data_ptr<int64_t>(),
-                             k.size(0), k.size(1), k.size(2), block_size, k_d_major);
+                             k.size(0), k.size(1), k.size(2), block_size);
       })
       AT_DISPATCH_CASE(at::kBFloat16, [&] {
         write_kv_impl<BFloat16>(k_cache.data_ptr<BFloat16>(), v_cache.data_ptr<BFloat16>(),
                                 k.data_ptr<BFloat16>(), v.data_ptr<BFloat16>(),
                                 slots.data_ptr<int64_t>(), k.size(0), k.size(1), k.size(2),
-                                block_size, k_d_major);
+                                block_size);
       }));
 }
 
@@ -655,7 +676,12 @@ void rms_norm_impl(T* out, T* x, T* residual, const T* weight, int64_t rows, int
 
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, c10::optional<torch::Tensor> residual,
                        double eps) {
+  check_cpu(x, "rms_norm x");
   TORCH_CHECK(x.is_contiguous() && (!residual || residual->is_contiguous()), "rms_norm: contiguous");
+  TORCH_CHECK(weight.is_contiguous() && weight.numel() == x.size(-1) &&
+              weight.scalar_type() == x.scalar_type(), "rms_norm: weight must be [dim], x's dtype");
+  TORCH_CHECK(!residual || (residual->sizes() == x.sizes() && residual->scalar_type() == x.scalar_type()),
+              "rms_norm: residual must match x");
   const int64_t dim = x.size(-1), rows = x.numel() / dim;
   auto out = torch::empty_like(x);
   AT_DISPATCH_SWITCH(x.scalar_type(), "rms_norm",
@@ -698,6 +724,9 @@ void silu_and_mul_impl(T* out, const T* x, int64_t rows, int64_t d) {
 }
 
 torch::Tensor silu_and_mul(torch::Tensor x) {
+  check_cpu(x, "silu_and_mul x");
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) > 0 && x.size(-1) % 2 == 0,
+              "silu_and_mul: the last dimension holds gate and up, an even size");
   x = x.contiguous();
   const int64_t d = x.size(-1) / 2, rows = x.numel() / (2 * d);
   auto sizes = x.sizes().vec();
@@ -743,7 +772,14 @@ void rotary_embedding(torch::Tensor positions, torch::Tensor q, torch::Tensor k,
                       torch::Tensor cos, torch::Tensor sin) {
   TORCH_CHECK(q.stride(2) == 1 && q.stride(1) == q.size(2) && k.stride(2) == 1 &&
               k.stride(1) == k.size(2), "rotary_embedding: heads must be contiguous");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && cos.scalar_type() == at::kFloat &&
+              sin.scalar_type() == at::kFloat && cos.size(1) == q.size(2),
+              "rotary_embedding: cos/sin float32 [positions, head_dim]");
   auto pos = positions.to(at::kLong).contiguous();
+  TORCH_CHECK(pos.numel() == q.size(0) && pos.numel() == k.size(0), "rotary_embedding: one position per token");
+  if (pos.numel() > 0)
+    TORCH_CHECK(pos.min().item<int64_t>() >= 0 && pos.max().item<int64_t>() < cos.size(0),
+                "rotary_embedding: position beyond the cos/sin cache");
   cos = cos.contiguous();
   sin = sin.contiguous();
   for (auto* t : {&q, &k}) {
@@ -775,8 +811,8 @@ std::string vector_paths() {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv", &gemv, "y = x @ w.T (+ bias) for a few rows of x");
-  m.def("paged_attention", &paged_attention, "attention of short queries over a paged cache");
-  m.def("write_kv", &write_kv, "write k, v to their slots");
+  m.def("paged_attention", &paged_attention, "attention of a ragged batch over a paged cache");
+  m.def("write_kv", &write_kv, "write k, v to their slots (K d-major inside blocks)");
   m.def("rms_norm", &rms_norm, "RMSNorm, optionally fused with the residual add");
   m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up");
   m.def("rotary_embedding", &rotary_embedding, "rotate-half RoPE in place");
