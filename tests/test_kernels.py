@@ -33,7 +33,8 @@ def close(actual, expected, dtype, scale=1.0):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 9])
-@pytest.mark.parametrize("out_features,in_features", [(64, 896), (130, 100), (3, 64), (7, 17)])
+@pytest.mark.parametrize("out_features,in_features",
+                         [(64, 896), (130, 100), (3, 64), (7, 17), (5, 48)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_gemv_matches_linear(ops, dtype, rows, out_features, in_features, bias):
     generator = torch.Generator().manual_seed(rows * 1000 + out_features)

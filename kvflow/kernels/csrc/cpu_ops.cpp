@@ -102,13 +102,14 @@ template <typename T, int MB>
 void gemv_group(const float* xf, const T* x, const T* w, float (*sums)[kGemvRows], int64_t K,
                 int64_t& k_done) {
   int64_t k = 0;
-#if defined(KVFLOW_AVX512) && defined(__AVX512BF16__)
+#ifdef KVFLOW_AVX512
+  __m512 acc[MB][kGemvRows];
+  for (int m = 0; m < MB; ++m)
+    for (int r = 0; r < kGemvRows; ++r) acc[m][r] = _mm512_setzero_ps();
+#ifdef __AVX512BF16__
   // bf16 weights and activations: vdpbf16ps multiplies 32 pairs per instruction with no
   // widening, accumulating in float32.
   if constexpr (std::is_same_v<T, BFloat16>) {
-    __m512 acc[MB][kGemvRows];
-    for (int m = 0; m < MB; ++m)
-      for (int r = 0; r < kGemvRows; ++r) acc[m][r] = _mm512_setzero_ps();
     for (; k + 32 <= K; k += 32) {
       __m512bh wv[kGemvRows];
       for (int r = 0; r < kGemvRows; ++r) {
@@ -120,16 +121,10 @@ void gemv_group(const float* xf, const T* x, const T* w, float (*sums)[kGemvRows
         for (int r = 0; r < kGemvRows; ++r) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], wv[r], xv);
       }
     }
-    for (int m = 0; m < MB; ++m)
-      for (int r = 0; r < kGemvRows; ++r) sums[m][r] = _mm512_reduce_add_ps(acc[m][r]);
-    k_done = k;
-    return;
   }
 #endif
-#ifdef KVFLOW_AVX512
-  __m512 acc[MB][kGemvRows];
-  for (int m = 0; m < MB; ++m)
-    for (int r = 0; r < kGemvRows; ++r) acc[m][r] = _mm512_setzero_ps();
+  // float32 FMAs: all of a float32 weight (or a bf16 one without vdpbf16ps), and the last
+  // 16 columns a bf16 one may have left.
   for (; k + 16 <= K; k += 16) {
     __m512 wv[kGemvRows];
     for (int r = 0; r < kGemvRows; ++r) {
