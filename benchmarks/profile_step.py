@@ -151,7 +151,8 @@ def synthetic_step(llm: LLM, num_reqs: int, query_len: int, context: int) -> Sch
     scheduled = [
         ScheduledRequest(req_id=str(i), token_ids=[100 + i % 50] * query_len,
                          num_computed_tokens=context,
-                         block_ids=list(range(1 + i * blocks_per_req, 1 + (i + 1) * blocks_per_req)),
+                         block_ids=list(range(1 + i * blocks_per_req,
+                                              1 + (i + 1) * blocks_per_req)),
                          sample=True, sampling_params=params, prompt_token_ids=[100] * context,
                          output_token_ids=[], stop_token_ids=frozenset())
         for i in range(num_reqs)]
@@ -185,7 +186,8 @@ def main() -> None:
                 breakdown(engine.step, model_class, ns.steps)))
     inside = kernel_share(engine.step, ns.steps * 2)
     if inside is not None:
-        print(f"\ntime inside native kernels: {inside[0]:.1f} ms per step ({100 * inside[1]:.1f}%); "
+        print(f"\ntime inside native kernels: {inside[0]:.1f} ms per step "
+              f"({100 * inside[1]:.1f}%); "
               f"outside them (Python, dispatch, embedding, sampler, scheduler, output): "
               f"{100 * (1 - inside[1]):.1f}%")
     engine.abort_request("one")

@@ -160,10 +160,10 @@ def test_linear_plan_paths_match_f_linear(ops, dtype, bias):
 def test_every_linear_gets_one_plan(ops, checkpoint, variant):
     """Each weight is planned once: an untied LM head through its Linear, a tied one (the
     embedding) through the model's lm_head_plan; a second copy is made per weight only."""
+    from kvflow.config import ModelConfig
     from kvflow.kernels.tuning import install_native_kernels
     from kvflow.layers.linear import Linear
     from kvflow.models.loader import build_model
-    from kvflow.config import ModelConfig
 
     path = checkpoint(variant)
     config = ModelConfig.from_pretrained(path)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-NULL_BLOCK = 0  # never handed out; pads block tables
+from kvflow.core.block_pool import NULL_BLOCK
 
 
 @dataclass

@@ -19,8 +19,8 @@ from kvflow.config import CacheConfig, ModelConfig, SchedulerConfig, parse_dtype
 from kvflow.core.kv_manager import KVCacheManager
 from kvflow.core.scheduler import Scheduler
 from kvflow.engine.args import EngineArgs
-from kvflow.kernels.tuning import install_native_kernels, native_cpu_ops
 from kvflow.engine.output_processor import OutputProcessor, ParentState
+from kvflow.kernels.tuning import install_native_kernels, native_cpu_ops
 from kvflow.models.loader import build_model, resolve_model_path
 from kvflow.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from kvflow.request import Request, RequestStatus

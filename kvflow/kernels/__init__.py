@@ -5,9 +5,9 @@ and a first use builds them if that did not happen (20-30 s on 2 cores). The bui
 keyed by the source, the CPU's model and its whole list of flags, the compiler and the
 torch and Python versions, because it targets the build machine's ISA (-march=native): a
 cache carried to another CPU, or a VM with other flags masked, is never loaded there. The
-environment is read once per process. When no compiler is at hand, or the build fails, kvflow logs why and runs the
-PyTorch path; `enforce_eager=True` (`--enforce-eager`) asks for that path outright.
-"""
+environment is read once per process. When no compiler is at hand, or the build fails,
+kvflow logs why and runs the PyTorch path; `enforce_eager=True` (`--enforce-eager`) asks
+for that path outright."""
 from __future__ import annotations
 
 import functools

@@ -1,18 +1,18 @@
 """Fitting the native kernels to a loaded model on this machine.
 
 Each linear shape gets, by measurement:
-- the largest batch size up to which the native GEMV beats F.linear (tried at 1, 2, 4
-  and 8 rows);
+- the largest batch size up to which the native GEMV beats F.linear (tried at 1, 2, 4 and
+  8 rows), measured over all of the shape's weights in turn, so that they are read from
+  memory as in a real step, not from cache;
 - for larger batches, whether a second copy of the weight beats F.linear on the layer's
   own weight at 128 and 2,048 rows (128 for the LM head, which sees only sampled rows),
-  and which: a oneDNN-prepacked copy
-  (`torch.ops.mkldnn._reorder_linear_weight`, what inductor's CPU path uses), or for a
-  bf16 weight a float32 copy (on CPUs without bf16 instructions, PyTorch's bf16 matmuls
-  are slower than its float32 ones; the GEMV widens in registers and needs no copy). A
-  copy costs memory, so copies are made only while they fit in a quarter of the
-  available memory, the shapes with the most weight bytes first.
-The GEMV is measured over all of a shape's weights in turn, so that they are read from
-memory as in a real step, not from cache; large batches over a few of them. Results are cached per machine beside
+  and which: a oneDNN-prepacked copy (`torch.ops.mkldnn._reorder_linear_weight`, what
+  inductor's CPU path uses), or for a bf16 weight a float32 copy (on CPUs without bf16
+  instructions PyTorch's bf16 matmuls are slower than its float32 ones; the GEMV widens
+  in registers and needs no copy). These are measured on a few weights of the shape.
+
+A copy costs memory, so copies are made only while they fit in a quarter of the available
+memory, the shapes with the most weight bytes first. Results are cached per machine beside
 `kvflow env`'s ceilings. The glue layers (norms, RoPE, SiLU) take the native kernels
 whenever they are in use."""
 from __future__ import annotations
