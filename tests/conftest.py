@@ -12,6 +12,19 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 # Parity tests run on every device at hand; CI has only the CPU.
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
+# The native kernels as this machine builds them, and with AVX-512 turned off, so that the
+# plain-loop paths that other CPUs compile are built and checked on every machine.
+KERNEL_BUILDS = {"native": (), "plain-loops": ("-mno-avx512f",)}
+
+
+@pytest.fixture(scope="session", params=sorted(KERNEL_BUILDS))
+def kernel_ops(request):
+    from kvflow.kernels import build
+
+    module = build(KERNEL_BUILDS[request.param])
+    assert module is not None, f"the {request.param} kernel build failed (see the log)"
+    return module
+
 
 @pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory):

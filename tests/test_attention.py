@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from kvflow.attention.selector import BACKEND_NAMES, select_backend
-from kvflow.kernels import cpu_ops
 from kvflow.layers.attention import PagedAttention
 
 
@@ -85,20 +84,23 @@ CASES = {
 @pytest.mark.parametrize("window", [None, 6, 600])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("block_size", [4, 16])
-def test_backend_matches_naive(backend_name, case, heads, window, dtype, block_size):
-    check_backend(backend_name, case, heads, window, dtype, block_size, head_dim=32)
+def test_backend_matches_naive(backend_name, case, heads, window, dtype, block_size,
+                               kernel_ops):
+    check_backend(backend_name, kernel_ops, case, heads, window, dtype, block_size, head_dim=32)
 
 
 @pytest.mark.parametrize("backend_name", [n for n in BACKEND_NAMES if n != "auto"])
 @pytest.mark.parametrize("case", ["mixed step", "long contexts"])
 @pytest.mark.parametrize("block_size,head_dim", [(24, 40), (32, 64)])
-def test_backend_matches_naive_at_other_shapes(backend_name, case, block_size, head_dim):
+def test_backend_matches_naive_at_other_shapes(backend_name, case, block_size, head_dim,
+                                               kernel_ops):
     """A head_dim that is not a multiple of 16 (vector tails) and blocks of more than 16
     tokens (several vectors per block), with a window across blocks."""
-    check_backend(backend_name, case, (8, 2), 20, torch.float32, block_size, head_dim)
+    check_backend(backend_name, kernel_ops, case, (8, 2), 20, torch.float32, block_size,
+                  head_dim)
 
 
-def check_backend(backend_name, case, heads, window, dtype, block_size, head_dim):
+def check_backend(backend_name, ops, case, heads, window, dtype, block_size, head_dim):
     query_lens, context_lens = CASES[case]
     order = sorted(range(len(query_lens)), key=lambda i: query_lens[i])  # as the runner does
     query_lens = [query_lens[i] for i in order]
@@ -108,7 +110,7 @@ def check_backend(backend_name, case, heads, window, dtype, block_size, head_dim
                                                         num_kv_heads, head_dim, dtype, seed=7,
                                                         block_size=block_size)
     reference = expected(q, k, v, old_kv, query_lens, head_dim ** -0.5, window)
-    backend = select_backend(backend_name, torch.device("cpu"), cpu_ops())
+    backend = select_backend(backend_name, torch.device("cpu"), ops)
     layer = PagedAttention(num_heads, num_kv_heads, head_dim, window)
     k_shape, v_shape = backend.kv_cache_shapes(num_blocks, num_kv_heads, block_size, head_dim)
     # Garbage in unwritten slots must never be read.

@@ -11,7 +11,6 @@ import torch.nn.functional as F
 from conftest import random_prompts
 from kvflow import LLM, SamplingParams
 from kvflow.config import RopeConfig
-from kvflow.kernels import cpu_ops
 from kvflow.layers.activation import SiluAndMul
 from kvflow.layers.norm import RMSNorm
 from kvflow.layers.rotary import RotaryEmbedding
@@ -19,11 +18,9 @@ from kvflow.layers.rotary import RotaryEmbedding
 DTYPES = [torch.float32, torch.bfloat16]
 
 
-@pytest.fixture(scope="module")
-def ops():
-    module = cpu_ops()
-    assert module is not None, "the native CPU kernels failed to build (see the log)"
-    return module
+@pytest.fixture
+def ops(kernel_ops):
+    return kernel_ops
 
 
 def close(actual, expected, dtype, scale=1.0):

@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 SOURCE = Path(__file__).parent / "csrc" / "cpu_ops.cpp"
 
 
-def _build_key() -> str:
+def _build_key(extra_flags: tuple[str, ...]) -> str:
     import torch
 
     from kvflow.bench.hardware import cpuinfo
@@ -33,14 +33,14 @@ def _build_key() -> str:
     cpu = cpuinfo()
     compiler = os.environ.get("CXX", "c++")
     key = "|".join([SOURCE.read_bytes().hex(), cpu.get("model name", ""), cpu.get("flags", ""),
-                    compiler, torch.__version__, sys.version])
+                    compiler, torch.__version__, sys.version, *extra_flags])
     return hashlib.sha1(key.encode()).hexdigest()[:16]
 
 
-def build_dir() -> Path:
+def build_dir(extra_flags: tuple[str, ...] = ()) -> Path:
     from kvflow.demo import cache_root
 
-    return cache_root() / "kernels" / _build_key()
+    return cache_root() / "kernels" / _build_key(extra_flags)
 
 
 def _put_ninja_on_path() -> None:
@@ -53,14 +53,22 @@ def _put_ninja_on_path() -> None:
 
 @functools.cache
 def cpu_ops() -> ModuleType | None:
-    """The compiled module, built on first call; None where it cannot be built."""
+    """The compiled module for this machine, built on first call; None where it cannot be
+    built."""
     if os.environ.get("KVFLOW_NO_NATIVE_KERNELS"):
         logger.info("native CPU kernels disabled by KVFLOW_NO_NATIVE_KERNELS")
         return None
+    return build()
+
+
+@functools.cache
+def build(extra_flags: tuple[str, ...] = ()) -> ModuleType | None:
+    """The kernels compiled with -march=native and extra_flags (the tests build a variant
+    with -mno-avx512f, so that the plain-loop paths other CPUs compile are checked too)."""
     from torch.utils import cpp_extension
 
     _put_ninja_on_path()
-    directory = build_dir()
+    directory = build_dir(extra_flags)
     directory.mkdir(parents=True, exist_ok=True)
     fresh = not any(directory.glob("*.so"))
     if fresh:
@@ -70,8 +78,8 @@ def cpu_ops() -> ModuleType | None:
         module = cpp_extension.load(
             name=f"kvflow_cpu_ops_{directory.name}", sources=[str(SOURCE)],
             build_directory=str(directory),
-            extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
-            verbose=False)
+            extra_cflags=["-O3", "-march=native", *extra_flags, "-fopenmp"],
+            extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as exc:  # no compiler, no headers, an unsupported ISA: fall back
         lines = str(exc).strip().splitlines() or [type(exc).__name__]
         cause = next((line for line in lines if "error" in line.lower()), lines[-1])
