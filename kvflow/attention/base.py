@@ -4,9 +4,9 @@ A backend owns the layout of the KV cache it reads (`kv_cache_shapes`), the meta
 needs, built once per step from the scheduled batch (`build_metadata`), writing keys and
 values to their slots and reading a request's context back (`write_kv`, `gather_context`,
 in its layout), and the attention itself (`forward`, which writes the step's keys and
-values first). Every backend handles
-any mix of prefill chunks, decodes and short multi-token queries (speculative
-verification) in one step. The model only ever calls `PagedAttention.forward`.
+values first). Every backend handles any mix of prefill chunks, decodes and short
+multi-token queries (speculative verification) in one step. The model only ever calls
+`PagedAttention.forward`.
 """
 from __future__ import annotations
 

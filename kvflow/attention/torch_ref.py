@@ -19,6 +19,7 @@ from kvflow.attention.metadata import AttentionMetadata
 if TYPE_CHECKING:
     from kvflow.layers.attention import PagedAttention
 
+
 class TorchRefBackend(AttentionBackend):
     name = "torch"
 

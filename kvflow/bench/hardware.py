@@ -3,9 +3,8 @@
 The ceilings are measured, not looked up: the DRAM read rate (a sum over a 2 GiB fp32
 tensor, so that no cache holds it) and the matmul rate of a 2048^3 product in bf16 and
 fp32 (the faster of `a @ b` and `F.linear`), each the best of a few runs at a given thread
-count. They are cached per machine,
-device, thread count and torch version, because measuring takes seconds and every bench
-report needs them."""
+count. They are cached per machine, device, thread count and torch version, because
+measuring takes seconds and every bench report needs them."""
 from __future__ import annotations
 
 import hashlib

@@ -84,6 +84,19 @@ inline __m512 exp16(__m512 x) {
 }
 #endif
 
+// Runs f with a value of the C++ type of a float32 or bfloat16 tensor, so that each entry
+// point states its kernel call once.
+template <typename F>
+void dispatch_float_or_bf16(at::ScalarType dtype, const char* name, F&& f) {
+  if (dtype == at::kFloat) {
+    f(float{});
+  } else if (dtype == at::kBFloat16) {
+    f(BFloat16{});
+  } else {
+    TORCH_CHECK(false, name, ": float32 or bfloat16 tensors only, got ", dtype);
+  }
+}
+
 void check_cpu(const torch::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), name, " must be on the CPU");
 }
@@ -196,17 +209,11 @@ torch::Tensor gemv(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor
   x = x.contiguous();
   w = w.contiguous();
   auto y = torch::empty({x.size(0), w.size(0)}, x.options());
-  AT_DISPATCH_SWITCH(x.scalar_type(), "gemv",
-      AT_DISPATCH_CASE(at::kFloat, [&] {
-        gemv_impl<float>(x.data_ptr<float>(), w.data_ptr<float>(),
-                         bias ? bias->contiguous().data_ptr<float>() : nullptr,
-                         y.data_ptr<float>(), x.size(0), w.size(0), x.size(1));
-      })
-      AT_DISPATCH_CASE(at::kBFloat16, [&] {
-        gemv_impl<BFloat16>(x.data_ptr<BFloat16>(), w.data_ptr<BFloat16>(),
-                            bias ? bias->contiguous().data_ptr<BFloat16>() : nullptr,
-                            y.data_ptr<BFloat16>(), x.size(0), w.size(0), x.size(1));
-      }));
+  dispatch_float_or_bf16(x.scalar_type(), "gemv", [&](auto tag) {
+    using T = decltype(tag);
+    gemv_impl<T>(x.data_ptr<T>(), w.data_ptr<T>(), bias ? bias->contiguous().data_ptr<T>() : nullptr,
+                 y.data_ptr<T>(), x.size(0), w.size(0), x.size(1));
+  });
   return y;
 }
 
@@ -546,23 +553,14 @@ void paged_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache,
   const int64_t num_reqs = seq_lens.size(0);
   TORCH_CHECK(query_start_loc.numel() == num_reqs + 1 && block_tables.size(0) == num_reqs,
               "paged_attention: one block table and seq_len per request, num_reqs + 1 offsets");
-  AT_DISPATCH_SWITCH(q.scalar_type(), "paged_attention",
-      AT_DISPATCH_CASE(at::kFloat, [&] {
-        paged_attention_impl<float>(
-            out.data_ptr<float>(), q.data_ptr<float>(), k_cache.data_ptr<float>(),
-            v_cache.data_ptr<float>(), block_tables.data_ptr<int32_t>(),
-            seq_lens.data_ptr<int32_t>(), query_start_loc.data_ptr<int32_t>(), num_reqs,
-            block_tables.size(1), q.size(1), v_cache.size(1), v_cache.size(2), q.size(2),
-            scale, window);
-      })
-      AT_DISPATCH_CASE(at::kBFloat16, [&] {
-        paged_attention_impl<BFloat16>(
-            out.data_ptr<BFloat16>(), q.data_ptr<BFloat16>(), k_cache.data_ptr<BFloat16>(),
-            v_cache.data_ptr<BFloat16>(), block_tables.data_ptr<int32_t>(),
-            seq_lens.data_ptr<int32_t>(), query_start_loc.data_ptr<int32_t>(), num_reqs,
-            block_tables.size(1), q.size(1), v_cache.size(1), v_cache.size(2), q.size(2),
-            scale, window);
-      }));
+  dispatch_float_or_bf16(q.scalar_type(), "paged_attention", [&](auto tag) {
+    using T = decltype(tag);
+    paged_attention_impl<T>(out.data_ptr<T>(), q.data_ptr<T>(), k_cache.data_ptr<T>(),
+                            v_cache.data_ptr<T>(), block_tables.data_ptr<int32_t>(),
+                            seq_lens.data_ptr<int32_t>(), query_start_loc.data_ptr<int32_t>(),
+                            num_reqs, block_tables.size(1), q.size(1), v_cache.size(1),
+                            v_cache.size(2), q.size(2), scale, window);
+  });
 }
 
 // ---------------------------------------------------------------------------------------
@@ -607,18 +605,12 @@ void write_kv(torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor k, tor
     const int64_t low = slots.min().item<int64_t>(), high = slots.max().item<int64_t>();
     TORCH_CHECK(low >= 0 && high < v_cache.size(0) * block_size, "write_kv: slot out of range");
   }
-  AT_DISPATCH_SWITCH(k.scalar_type(), "write_kv",
-      AT_DISPATCH_CASE(at::kFloat, [&] {
-        write_kv_impl<float>(k_cache.data_ptr<float>(), v_cache.data_ptr<float>(),
-                             k.data_ptr<float>(), v.data_ptr<float>(), slots.data_ptr<int64_t>(),
-                             k.size(0), k.size(1), k.size(2), block_size);
-      })
-      AT_DISPATCH_CASE(at::kBFloat16, [&] {
-        write_kv_impl<BFloat16>(k_cache.data_ptr<BFloat16>(), v_cache.data_ptr<BFloat16>(),
-                                k.data_ptr<BFloat16>(), v.data_ptr<BFloat16>(),
-                                slots.data_ptr<int64_t>(), k.size(0), k.size(1), k.size(2),
-                                block_size);
-      }));
+  dispatch_float_or_bf16(k.scalar_type(), "write_kv", [&](auto tag) {
+    using T = decltype(tag);
+    write_kv_impl<T>(k_cache.data_ptr<T>(), v_cache.data_ptr<T>(), k.data_ptr<T>(),
+                     v.data_ptr<T>(), slots.data_ptr<int64_t>(), k.size(0), k.size(1), k.size(2),
+                     block_size);
+  });
 }
 
 // out = weight * norm(x) where x is (x + residual) when a residual is given; that sum is
@@ -679,17 +671,11 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, c10::optional<torc
               "rms_norm: residual must match x");
   const int64_t dim = x.size(-1), rows = x.numel() / dim;
   auto out = torch::empty_like(x);
-  AT_DISPATCH_SWITCH(x.scalar_type(), "rms_norm",
-      AT_DISPATCH_CASE(at::kFloat, [&] {
-        rms_norm_impl<float>(out.data_ptr<float>(), x.data_ptr<float>(),
-                             residual ? residual->data_ptr<float>() : nullptr,
-                             weight.data_ptr<float>(), rows, dim, static_cast<float>(eps));
-      })
-      AT_DISPATCH_CASE(at::kBFloat16, [&] {
-        rms_norm_impl<BFloat16>(out.data_ptr<BFloat16>(), x.data_ptr<BFloat16>(),
-                                residual ? residual->data_ptr<BFloat16>() : nullptr,
-                                weight.data_ptr<BFloat16>(), rows, dim, static_cast<float>(eps));
-      }));
+  dispatch_float_or_bf16(x.scalar_type(), "rms_norm", [&](auto tag) {
+    using T = decltype(tag);
+    rms_norm_impl<T>(out.data_ptr<T>(), x.data_ptr<T>(), residual ? residual->data_ptr<T>() : nullptr,
+                     weight.data_ptr<T>(), rows, dim, static_cast<float>(eps));
+  });
   return out;
 }
 
@@ -727,11 +713,10 @@ torch::Tensor silu_and_mul(torch::Tensor x) {
   auto sizes = x.sizes().vec();
   sizes.back() = d;
   auto out = torch::empty(sizes, x.options());
-  AT_DISPATCH_SWITCH(x.scalar_type(), "silu_and_mul",
-      AT_DISPATCH_CASE(at::kFloat, [&] { silu_and_mul_impl<float>(out.data_ptr<float>(), x.data_ptr<float>(), rows, d); })
-      AT_DISPATCH_CASE(at::kBFloat16, [&] {
-        silu_and_mul_impl<BFloat16>(out.data_ptr<BFloat16>(), x.data_ptr<BFloat16>(), rows, d);
-      }));
+  dispatch_float_or_bf16(x.scalar_type(), "silu_and_mul", [&](auto tag) {
+    using T = decltype(tag);
+    silu_and_mul_impl<T>(out.data_ptr<T>(), x.data_ptr<T>(), rows, d);
+  });
   return out;
 }
 
@@ -778,17 +763,11 @@ void rotary_embedding(torch::Tensor positions, torch::Tensor q, torch::Tensor k,
   cos = cos.contiguous();
   sin = sin.contiguous();
   for (auto* t : {&q, &k}) {
-    AT_DISPATCH_SWITCH(t->scalar_type(), "rotary_embedding",
-        AT_DISPATCH_CASE(at::kFloat, [&] {
-          rotary_impl<float>(t->data_ptr<float>(), t->size(0), t->size(1), t->stride(0),
-                             t->size(2), pos.data_ptr<int64_t>(), cos.data_ptr<float>(),
-                             sin.data_ptr<float>());
-        })
-        AT_DISPATCH_CASE(at::kBFloat16, [&] {
-          rotary_impl<BFloat16>(t->data_ptr<BFloat16>(), t->size(0), t->size(1), t->stride(0),
-                                t->size(2), pos.data_ptr<int64_t>(), cos.data_ptr<float>(),
-                                sin.data_ptr<float>());
-        }));
+    dispatch_float_or_bf16(t->scalar_type(), "rotary_embedding", [&](auto tag) {
+      using T = decltype(tag);
+      rotary_impl<T>(t->data_ptr<T>(), t->size(0), t->size(1), t->stride(0), t->size(2),
+                     pos.data_ptr<int64_t>(), cos.data_ptr<float>(), sin.data_ptr<float>());
+    });
   }
 }
 
