@@ -20,7 +20,7 @@ def _run(path, prompts, **engine_options):
 
 def _assert_no_leak(engine: LLMEngine) -> None:
     assert not engine.has_unfinished_requests()
-    assert all(count == 0 for count in engine.kv_manager.pool.ref_counts)
+    engine.kv_manager.pool.check_integrity()
     assert engine.kv_manager.pool.num_free_blocks == engine.kv_manager.pool.num_usable_blocks
 
 
