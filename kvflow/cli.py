@@ -21,7 +21,10 @@ ENGINE_FLAG_HELP = {
                        "RAM) on the CPU, 80%% of free memory on CUDA)",
     "max_num_seqs": "most requests running at once",
     "max_num_batched_tokens": "token budget of one step; longer prompts are chunked",
-    "scheduling_policy": "fcfs or priority (lower priority value runs first)",
+    "scheduling_policy": "fcfs, priority (lower priority value runs first) or lpm (longest "
+                         "cached prefix first, aged so that none starves)",
+    "enable_prefix_caching": "reuse the KV cache of prompt prefixes already computed "
+                             "(default: on)",
     "seed": "seed of the engine's sampler, used by requests without a seed of their own",
     "attention_backend": "auto (the fastest for the device), torch (the PyTorch reference) "
                          "or cpu (kvflow's native CPU kernels)",
@@ -42,7 +45,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         flag = f"--{field.name.replace('_', '-')}"
         default = getattr(defaults, field.name)
         if isinstance(default, bool):
-            parser.add_argument(flag, dest=field.name, action="store_true", default=default,
+            # A switch on by default also gets its --no- form (vLLM's spelling).
+            action = argparse.BooleanOptionalAction if default else "store_true"
+            parser.add_argument(flag, dest=field.name, action=action, default=default,
                                 help=ENGINE_FLAG_HELP[field.name])
             continue
         parser.add_argument(flag, dest=field.name, type=kinds.get(field.name, str),

@@ -190,12 +190,17 @@ class ModelConfig:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * itemsize
 
 
+# fcfs: arrival order; priority: lower `priority` value first, then arrival; lpm: longest
+# cached prefix first, aged so that no request waits for ever (core/scheduler.py).
+SCHEDULING_POLICIES = ("fcfs", "priority", "lpm")
+
+
 @dataclass(frozen=True)
 class SchedulerConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
     max_model_len: int = 2048
-    policy: str = "fcfs"  # fcfs | priority
+    policy: str = "fcfs"  # one of SCHEDULING_POLICIES
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -204,9 +209,9 @@ class SchedulerConfig:
             raise ValueError(
                 f"max_num_batched_tokens must be at least 1, got {self.max_num_batched_tokens}"
             )
-        if self.policy not in ("fcfs", "priority"):
+        if self.policy not in SCHEDULING_POLICIES:
             raise ValueError(
-                f"scheduling_policy must be 'fcfs' or 'priority', got {self.policy!r}"
+                f"scheduling_policy must be one of {SCHEDULING_POLICIES}, got {self.policy!r}"
             )
 
 

@@ -91,3 +91,6 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics | None = None
+    # Prompt tokens found in the prefix cache, not computed (the first sample's, for n > 1;
+    # its siblings share its blocks). None until the request is first scheduled.
+    num_cached_tokens: int | None = None

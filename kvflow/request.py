@@ -38,12 +38,16 @@ class Request:
     stop_token_ids: frozenset[int]  # EOS (unless ignore_eos) and the user's stop_token_ids
     arrival_time: float
     priority: int = 0
+    cache_salt: str | None = None  # requests share cached KV only with equal salts
     admission_order: int = 0  # breaks ties between equal arrival times
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
     all_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
+    num_cached_tokens: int | None = None  # prefix cache hit when first scheduled
     block_ids: list[int] = field(default_factory=list)
+    block_hashes: list[bytes] = field(default_factory=list)  # prefix cache keys of full blocks
+    num_waiting_steps: int = 0  # steps passed over while waiting (ages "lpm" scheduling)
     num_preemptions: int = 0
     first_scheduled_time: float | None = None
     stop_reason: int | str | None = None
@@ -68,7 +72,8 @@ class Request:
         self.all_token_ids.append(token_id)
 
     def schedule_key(self, policy: str) -> tuple:
-        """Smaller runs first: (priority, arrival) under "priority", arrival alone under "fcfs"."""
+        """Smaller runs first: (priority, arrival) under "priority", arrival alone otherwise
+        ("lpm" reorders by cache hits at each step, from arrival order)."""
         if policy == "priority":
             return (self.priority, self.arrival_time, self.admission_order)
         return (self.arrival_time, self.admission_order)

@@ -1,6 +1,8 @@
 """Scheduler and KV cache bookkeeping, with no model involved."""
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from kvflow.config import SchedulerConfig
@@ -12,9 +14,14 @@ from kvflow.request import Request, RequestStatus
 from kvflow.sampling_params import SamplingParams
 
 
+_first_tokens = itertools.count(1, 1000)
+
+
 def _request(rid: str, prompt_len: int, max_tokens: int = 4, arrival: float = 0.0,
              priority: int = 0) -> Request:
-    return Request(request_id=rid, prompt_token_ids=list(range(1, prompt_len + 1)),
+    """A request whose prompt shares no prefix with any other's."""
+    first = next(_first_tokens)
+    return Request(request_id=rid, prompt_token_ids=list(range(first, first + prompt_len)),
                    sampling_params=SamplingParams(max_tokens=max_tokens), max_tokens=max_tokens,
                    stop_token_ids=frozenset(), arrival_time=arrival, priority=priority)
 

@@ -355,3 +355,40 @@ def test_health_is_503_when_the_model_cannot_load(tmp_path):
         assert completion.status_code == 503
     finally:
         assert process.stop()
+
+
+def test_prefix_cache_usage_metrics_salt_and_reset(server, client):
+    prompt = list(range(30, 130))  # 6 full blocks of 16 and 4 tokens
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": 3, "ignore_eos": True}
+
+    def cached(**extra) -> int:
+        response = httpx.post(server.url + "/v1/completions", headers=HEADERS,
+                              json={**body, **extra})
+        assert response.status_code == 200, response.text
+        return response.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+    before_queries = metric(server, "kvflow:prefix_cache_queries_total")
+    before_hits = metric(server, "kvflow:prefix_cache_hits_total")
+    assert cached() == 0
+    assert cached() == 96
+    assert metric(server, "kvflow:prefix_cache_queries_total") == before_queries + 200
+    assert metric(server, "kvflow:prefix_cache_hits_total") == before_hits + 96
+    assert cached(cache_salt="tenant-b") == 0 and cached(cache_salt="tenant-b") == 96
+    assert httpx.post(server.url + "/v1/completions", headers=HEADERS,
+                      json={**body, "cache_salt": ""}).status_code == 400
+
+    stream = client.completions.create(model="tiny", prompt=prompt, max_tokens=3, stream=True,
+                                       stream_options={"include_usage": True},
+                                       extra_body={"ignore_eos": True})
+    usage = [chunk.usage for chunk in stream][-1]
+    assert usage.prompt_tokens_details.cached_tokens == 96
+
+    messages = [{"role": "user", "content": "def fibonacci(n): " * 12}]
+    chats = [client.chat.completions.create(model="tiny", messages=messages, max_tokens=2)
+             for _ in range(2)]
+    assert chats[0].usage.prompt_tokens_details.cached_tokens == 0
+    assert chats[1].usage.prompt_tokens_details.cached_tokens > 0
+
+    assert httpx.post(server.url + "/reset_prefix_cache").status_code == 401
+    assert httpx.post(server.url + "/reset_prefix_cache", headers=HEADERS).status_code == 200
+    assert cached() == 0

@@ -1,10 +1,28 @@
-"""KV cache bookkeeping for the scheduler: which blocks each request holds.
+"""KV cache bookkeeping for the scheduler: which blocks each request holds, and which
+prefixes are already in the cache.
 
 It sees only ints and lists; the tensors live in the model runner.
+
+The prefix cache works at block granularity with chained block hashes (as vLLM does):
+block i of a sequence is keyed by a hash of block i-1's key and block i's token ids, and
+block 0's parent is a root key made of the engine's cache identity (model, dtype, block
+size) and the request's cache_salt, so requests that must not share KV never meet. Only
+full blocks are keyed: a partly filled block is never shared. A lookup walks a request's
+keys until the first miss, so it costs O(prefix length); the hashes are SHA-256, so two
+different prefixes never share a key in practice, and each request's keys are computed
+once, as its tokens become known.
+
+A block is registered as soon as a step is scheduled to fill it, not after: a request
+admitted later in the same step may share it, because every attention backend writes the
+whole batch's KV of a layer before any request reads it (AttentionBackend.forward).
 """
 from __future__ import annotations
 
-from kvflow.core.block_pool import BlockPool
+import hashlib
+from array import array
+from dataclasses import dataclass
+
+from kvflow.core.block_pool import BlockHash, BlockPool
 from kvflow.request import Request
 
 
@@ -12,10 +30,27 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+@dataclass
+class PrefixCacheStats:
+    """Prompt tokens looked up in the cache at admission, and how many of them were found."""
+
+    queries: int = 0
+    hits: int = 0
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.queries if self.queries else 0.0
+
+
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True,
+                 cache_identity: str = "") -> None:
         self.block_size = block_size
         self.pool = BlockPool(num_blocks)
+        self.enable_caching = enable_caching
+        self.cache_identity = cache_identity
+        self.stats = PrefixCacheStats()
+        self._num_registered: dict[str, int] = {}  # request id -> its blocks in the index
 
     @property
     def usage(self) -> float:
@@ -27,18 +62,80 @@ class KVCacheManager:
     def can_ever_fit(self, num_tokens: int) -> bool:
         return self.num_blocks_for(num_tokens) <= self.pool.num_usable_blocks
 
-    def allocate_slots(self, request: Request, num_new_tokens: int) -> bool:
-        """Grow the request's block table to hold num_new_tokens more; False if the pool is short."""
-        total = request.num_computed_tokens + num_new_tokens
-        needed = self.num_blocks_for(total) - len(request.block_ids)
-        if needed <= 0:
-            return True
-        if needed > self.pool.num_free_blocks:
+    def _root_hash(self, request: Request) -> BlockHash:
+        salt = request.cache_salt
+        key = f"{self.cache_identity}\x00{'' if salt is None else 'salt:' + salt}"
+        return hashlib.sha256(key.encode()).digest()
+
+    def _block_hashes(self, request: Request, num_blocks: int) -> list[BlockHash]:
+        """The keys of the request's first num_blocks full blocks, extending its memo."""
+        hashes = request.block_hashes
+        tokens = request.all_token_ids
+        size = self.block_size
+        parent = hashes[-1] if hashes else self._root_hash(request)
+        for index in range(len(hashes), num_blocks):
+            chunk = array("q", tokens[index * size:(index + 1) * size]).tobytes()
+            parent = hashlib.sha256(parent + chunk).digest()
+            hashes.append(parent)
+        return hashes
+
+    def get_computed_blocks(self, request: Request) -> tuple[list[int], int]:
+        """The longest cached prefix of a request not yet holding blocks: (block ids, tokens).
+        The last token is never a hit, so that the step computes logits to sample from.
+        Requests that asked for prompt logprobs compute every position and look nothing up."""
+        if not self.enable_caching or request.sampling_params.prompt_logprobs is not None:
+            return [], 0
+        max_blocks = (request.num_tokens - 1) // self.block_size
+        block_ids = []
+        for block_hash in self._block_hashes(request, max_blocks):
+            block_id = self.pool.lookup(block_hash)
+            if block_id is None:
+                break
+            block_ids.append(block_id)
+        return block_ids, len(block_ids) * self.block_size
+
+    def allocate_slots(self, request: Request, num_new_tokens: int,
+                       computed_block_ids: list[int] | None = None) -> bool:
+        """Grow the request's block table to hold num_new_tokens more, after the cached
+        blocks computed_block_ids (for a request being admitted); False if the pool is short,
+        in which case nothing changes."""
+        computed = computed_block_ids or []
+        total = request.num_computed_tokens + len(computed) * self.block_size + num_new_tokens
+        needed = self.num_blocks_for(total) - len(request.block_ids) - len(computed)
+        if max(needed, 0) + self.pool.num_free_among(computed) > self.pool.num_free_blocks:
             return False
-        request.block_ids.extend(self.pool.allocate(needed))
+        # Revive the hits before allocating, so that allocation cannot evict them.
+        self.pool.touch(computed)
+        request.block_ids.extend(computed)
+        if needed > 0:
+            request.block_ids.extend(self.pool.allocate(needed))
+        if self.enable_caching:
+            self._register_full_blocks(request, total // self.block_size)
         return True
 
+    def _register_full_blocks(self, request: Request, num_full: int) -> None:
+        start = self._num_registered.get(request.request_id, 0)
+        if num_full <= start:
+            return
+        hashes = self._block_hashes(request, num_full)
+        for index in range(start, num_full):
+            self.pool.register(request.block_ids[index], hashes[index])
+        self._num_registered[request.request_id] = num_full
+
+    def record_admission(self, request: Request, num_cached_tokens: int) -> None:
+        if self.enable_caching and request.sampling_params.prompt_logprobs is None:
+            self.stats.queries += request.num_tokens
+            self.stats.hits += num_cached_tokens
+
     def free(self, request: Request) -> None:
-        # Tail blocks first, so that a later prefix cache evicts a sequence's end before its start.
+        # Tail blocks first: the free queue then evicts a sequence's end before its start.
         self.pool.free(request.block_ids[::-1])
         request.block_ids = []
+        self._num_registered.pop(request.request_id, None)
+
+    def reset_prefix_cache(self) -> int:
+        """Forget every cached prefix; returns how many blocks were cached. Running requests
+        keep their blocks; what they register later is keyed under prefixes no longer in the
+        index, so it is found only once those prefixes are computed and cached again, when
+        its KV is exactly what they would compute."""
+        return self.pool.reset_prefix_cache()

@@ -5,7 +5,18 @@ There is no prefill or decode phase: each request has `num_computed_tokens` and
 on waiting ones. This one rule gives continuous batching, chunked prefill and decode
 mixed in one batch. When the KV pool runs dry, the running request that sorts last
 (lowest priority, latest arrival) is preempted: its blocks are freed and it is
-recomputed from scratch later, keeping the tokens it has generated.
+recomputed later, keeping the tokens it has generated. Its full blocks stay in the prefix
+cache until the pool needs them, so it usually resumes from a cached prefix.
+
+A waiting request is admitted with its longest cached prefix already computed
+(KVCacheManager.get_computed_blocks) and spends budget only on the rest.
+
+Under the "lpm" policy the waiting queue is reordered at every step by the number of
+prompt tokens each request would find cached, plus an age bonus of one block per step
+waited: a newcomer's hit is at most max_model_len tokens, so no request waits more than
+max_model_len / block_size steps behind newcomers. With more than LPM_MAX_WAITING
+requests waiting, the lookups would cost more than they save (SGLang draws the same line)
+and the order falls back to arrival.
 """
 from __future__ import annotations
 
@@ -20,6 +31,8 @@ from kvflow.outputs import RunnerOutput, ScheduledRequest, SchedulerOutput
 from kvflow.request import Request, RequestStatus
 
 logger = logging.getLogger(__name__)
+
+LPM_MAX_WAITING = 128
 
 
 class Scheduler:
@@ -71,19 +84,28 @@ class Scheduler:
                 chosen.append((request, num_new))
                 budget -= num_new
 
+        if self.config.policy == "lpm":
+            self._order_by_longest_prefix()
         while (not num_preemptions and self.waiting and budget > 0
                and len(self.running) < self.config.max_num_seqs):
             request = self.waiting[0]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            if not self.kv.allocate_slots(request, num_new):
+            cached_ids, num_cached = self.kv.get_computed_blocks(request)
+            num_new = min(request.num_tokens - num_cached, budget)
+            if not self.kv.allocate_slots(request, num_new, cached_ids):
                 break
             self.waiting.pop(0)
+            self.kv.record_admission(request, num_cached)
+            request.num_computed_tokens = num_cached
             request.status = RequestStatus.RUNNING
             if request.first_scheduled_time is None:
                 request.first_scheduled_time = time.monotonic()
+                request.num_cached_tokens = num_cached
             self.running.append(request)
             chosen.append((request, num_new))
             budget -= num_new
+        if self.config.policy == "lpm":
+            for request in self.waiting:
+                request.num_waiting_steps += 1
 
         finished, self._finished_since_last_step = self._finished_since_last_step, set()
         self.num_preemptions_total += num_preemptions
@@ -93,6 +115,19 @@ class Scheduler:
             finished_req_ids=finished,
             num_preemptions=num_preemptions,
         )
+
+    def _order_by_longest_prefix(self) -> None:
+        if len(self.waiting) > LPM_MAX_WAITING:
+            self.waiting.sort(key=self._key)
+            return
+        block_size = self.kv.block_size
+
+        def key(request: Request) -> tuple:
+            _, num_cached = self.kv.get_computed_blocks(request)
+            return (-(num_cached + request.num_waiting_steps * block_size),
+                    *self._key(request))
+
+        self.waiting.sort(key=key)
 
     @staticmethod
     def _describe(request: Request, num_new: int) -> ScheduledRequest:

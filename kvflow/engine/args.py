@@ -23,7 +23,8 @@ class EngineArgs:
     kv_cache_memory: int | str | None = None  # bytes or "2GiB"; None: see worker/kv_cache.py
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
-    scheduling_policy: str = "fcfs"  # fcfs | priority
+    scheduling_policy: str = "fcfs"  # fcfs | priority | lpm (longest cached prefix first)
+    enable_prefix_caching: bool = True  # reuse the KV of prefixes already computed
     seed: int = 0
     attention_backend: str = "auto"  # auto (the fastest for the device) | torch | cpu
     enforce_eager: bool = False  # True: PyTorch ops only, no compiled native kernels

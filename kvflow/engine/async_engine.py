@@ -11,8 +11,9 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from kvflow.engine.llm_engine import LLMEngine, PreparedRequest
 from kvflow.outputs import RequestOutput
@@ -48,10 +49,22 @@ class _AbortAll:
     reason: str
 
 
+@dataclass
+class _Call:
+    """Run fn(engine) on the engine thread, between steps, and hand back its result."""
+
+    fn: Callable[[LLMEngine], Any]
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+
+
+_Message = _Add | _Abort | _AbortAll | _Call
+
+
 class AsyncEngine:
     def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
-        self._inbox: queue.SimpleQueue[_Add | _Abort | _AbortAll] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[_Message] = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}  # owned by the engine thread
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -97,7 +110,19 @@ class AsyncEngine:
         """Abort every request; each stream ends with EngineDeadError(reason)."""
         self._send(_AbortAll(reason))
 
-    def _send(self, message: _Add | _Abort | _AbortAll) -> None:
+    async def call(self, fn: Callable[[LLMEngine], Any]) -> Any:
+        """fn(engine), run on the engine thread between two steps (engine state is the
+        engine thread's alone)."""
+        if not self.alive:
+            raise EngineDeadError(f"the engine is not running: {self.error!r}")
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._send(_Call(fn, loop, future))
+        if not self._thread.is_alive():
+            raise EngineDeadError(f"the engine is not running: {self.error!r}")
+        return await future
+
+    def _send(self, message: _Message) -> None:
         self._inbox.put(message)
         self._wake.set()
 
@@ -144,6 +169,8 @@ class AsyncEngine:
                     self._deliver(message.stream, exc)
                     continue
                 self._streams[message.prepared.parent.request_id] = message.stream
+            elif isinstance(message, _Call):
+                self._run_call(message)
             elif isinstance(message, _Abort):
                 self.engine.abort_request(message.request_id)
                 self._streams.pop(message.request_id, None)
@@ -151,6 +178,23 @@ class AsyncEngine:
                 for request_id in list(self._streams):
                     self.engine.abort_request(request_id)
                     self._deliver(self._streams.pop(request_id), EngineDeadError(message.reason))
+
+    def _run_call(self, call: _Call) -> None:
+        def settle(outcome: Any, failed: bool) -> None:
+            if not call.future.done():  # the caller may have gone
+                (call.future.set_exception if failed else call.future.set_result)(outcome)
+
+        if self._stop.is_set() or self.error is not None:
+            outcome, failed = EngineDeadError("the engine is not running"), True
+        else:
+            try:
+                outcome, failed = call.fn(self.engine), False
+            except Exception as exc:  # noqa: BLE001 - the caller's to handle
+                outcome, failed = exc, True
+        try:
+            call.loop.call_soon_threadsafe(settle, outcome, failed)
+        except RuntimeError:  # the caller's event loop has closed
+            pass
 
     def _step(self) -> None:
         outputs = self.engine.step()

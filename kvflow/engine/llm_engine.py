@@ -73,7 +73,9 @@ class LLMEngine:
         logger.info("KV cache: %d blocks of %d tokens = %d tokens (%.2f GiB, %s) on %s",
                     self.cache_config.num_usable_blocks, args.block_size, capacity,
                     memory / 2**30, self.dtype, self.device)
-        self.kv_manager = KVCacheManager(num_blocks, args.block_size)
+        self.kv_manager = KVCacheManager(
+            num_blocks, args.block_size, enable_caching=args.enable_prefix_caching,
+            cache_identity=f"{self.model_config.path}|{self.dtype}|{args.block_size}")
         self.scheduler = Scheduler(self.scheduler_config, self.kv_manager)
         native_ops = native_cpu_ops(self.device, self.dtype, args.enforce_eager)
         if native_ops is not None:
@@ -116,6 +118,14 @@ class LLMEngine:
         raise ValueError(f"a prompt must be a string or a dict with 'prompt' or "
                          f"'prompt_token_ids', got {type(prompt).__name__}")
 
+    @staticmethod
+    def _cache_salt(prompt: PromptType) -> str | None:
+        salt = prompt.get("cache_salt") if isinstance(prompt, Mapping) else None
+        if salt is not None and (not isinstance(salt, str) or not salt):
+            raise ParameterError("cache_salt", f"cache_salt must be a non-empty string, "
+                                               f"got {salt!r}")
+        return salt
+
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams,
                     arrival_time: float | None = None, priority: int = 0) -> None:
         self.add_prepared(self.prepare_request(request_id, prompt, params, arrival_time,
@@ -126,6 +136,7 @@ class LLMEngine:
         """Tokenize and validate without touching engine state, so that a server can do it on
         its own thread and answer a bad request at once."""
         text, token_ids = self.tokenize_prompt(prompt)
+        cache_salt = self._cache_salt(prompt)
         max_tokens = self._validate(token_ids, params)
         arrival = time.monotonic() if arrival_time is None else arrival_time
         parent = ParentState(
@@ -142,7 +153,7 @@ class LLMEngine:
             Request(request_id=child_id, prompt_token_ids=token_ids,
                     sampling_params=params.for_sample(i) if params.n > 1 else params,
                     max_tokens=max_tokens, stop_token_ids=stop_ids, arrival_time=arrival,
-                    priority=priority)
+                    priority=priority, cache_salt=cache_salt)
             for i, child_id in enumerate(parent.child_ids)]
         return PreparedRequest(parent=parent, children=children)
 
@@ -199,6 +210,11 @@ class LLMEngine:
             for child_id in parent.child_ids:
                 self.scheduler.finish_request(child_id, RequestStatus.FINISHED_ABORTED)
             self.output_processor.drop(request_id)
+
+    def reset_prefix_cache(self) -> int:
+        """Forget every cached prefix (as vLLM's reset_prefix_cache); returns how many blocks
+        were cached. Call it on the thread that steps the engine."""
+        return self.kv_manager.reset_prefix_cache()
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.output_processor.parents)

@@ -26,6 +26,7 @@ class ParentState:
     child_ids: list[str]
     num_unfinished: int
     metrics: RequestMetrics
+    num_cached_tokens: int | None = None
 
 
 @dataclass
@@ -76,6 +77,8 @@ class OutputProcessor:
             if metrics.first_token_time is None:
                 metrics.first_scheduled_time = request.first_scheduled_time
                 metrics.first_token_time = now
+            if state.index == 0:
+                state.parent.num_cached_tokens = request.num_cached_tokens
             token_id = request.output_token_ids[-1]
             state.token_ids.append(token_id)
             entry = runner_output.logprobs.get(request.request_id)
@@ -121,7 +124,8 @@ class OutputProcessor:
                              prompt_token_ids=parent.prompt_token_ids,
                              prompt_logprobs=parent.prompt_logprobs,
                              outputs=list(parent.outputs), finished=finished,
-                             metrics=parent.metrics)
+                             metrics=parent.metrics,
+                             num_cached_tokens=parent.num_cached_tokens)
 
     def _record_prompt_logprobs(self, parent: ParentState, first: int,
                                 entries: list[TokenLogprobs]) -> None:

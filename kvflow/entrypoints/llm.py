@@ -76,6 +76,7 @@ class LLM:
                    dynamic_ncols=True)
         start = time.perf_counter()
         prompt_tokens = output_tokens = 0
+        kv = self.engine.kv_manager
         while self.engine.has_unfinished_requests():
             for output in self.engine.step():
                 if not output.finished:
@@ -84,8 +85,11 @@ class LLM:
                 prompt_tokens += len(output.prompt_token_ids)
                 output_tokens += sum(len(o.token_ids) for o in output.outputs)
                 elapsed = time.perf_counter() - start
-                bar.set_postfix_str(f"input: {prompt_tokens / elapsed:.1f} tok/s, "
-                                    f"output: {output_tokens / elapsed:.1f} tok/s", refresh=False)
+                postfix = (f"input: {prompt_tokens / elapsed:.1f} tok/s, "
+                           f"output: {output_tokens / elapsed:.1f} tok/s")
+                if kv.enable_caching:
+                    postfix += f", prefix cache hit rate: {kv.stats.hit_rate:.1%}"
+                bar.set_postfix_str(postfix, refresh=False)
                 bar.update(1)
         bar.close()
         return [finished[request_id] for request_id in request_ids]

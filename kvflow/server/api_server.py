@@ -244,6 +244,13 @@ def create_app(args: ServerArgs) -> FastAPI:
             raise ParameterError("tokens", f"token ids must be in [0, {vocab}), got {bad[:5]}")
         return {"prompt": engine.engine.tokenizer.decode(request.tokens)}
 
+    @app.post("/reset_prefix_cache")
+    async def reset_prefix_cache() -> Response:
+        engine, _ = state.ready()
+        num_blocks = await engine.call(lambda e: e.reset_prefix_cache())
+        logger.info("prefix cache reset: %d cached blocks forgotten", num_blocks)
+        return Response(status_code=200)
+
     @app.get("/health")
     async def health() -> Response:
         state.ready()

@@ -32,31 +32,39 @@ class ServerMetrics:
         self.prompt_tokens = counter("kvflow:prompt_tokens", "Prompt tokens processed.")
         self.generation_tokens = counter("kvflow:generation_tokens", "Tokens generated.")
         self.preemptions = counter("kvflow:num_preemptions", "Preemptions of running requests.")
+        self.prefix_queries = counter("kvflow:prefix_cache_queries",
+                                      "Prompt tokens looked up in the prefix cache.")
+        self.prefix_hits = counter("kvflow:prefix_cache_hits",
+                                   "Prompt tokens found in the prefix cache.")
         self.success = counter("kvflow:request_success", "Finished requests.", ("finished_reason",))
         self.ttft = histogram("kvflow:time_to_first_token_seconds", "Time to first token.")
         self.itl = histogram("kvflow:inter_token_latency_seconds", "Time between tokens.")
         self.e2e = histogram("kvflow:e2e_request_latency_seconds", "Arrival to finish.")
         self.queue = histogram("kvflow:request_queue_time_seconds",
                                "Arrival to first scheduled.")
-        self._preemptions_seen = 0
+        self._seen = {"preemptions": 0, "queries": 0, "hits": 0}
         # Export every series from the start, at zero, as dashboards expect.
         for metric in (self.running, self.waiting, self.kv_usage, self.prompt_tokens,
-                       self.generation_tokens, self.preemptions, self.ttft, self.itl, self.e2e,
-                       self.queue):
+                       self.generation_tokens, self.preemptions, self.prefix_queries,
+                       self.prefix_hits, self.ttft, self.itl, self.e2e, self.queue):
             metric.labels(model_name)
         for reason in ("stop", "length"):
             self.success.labels(model_name, reason)
 
     def observe_engine(self, engine: LLMEngine) -> None:
-        """Gauges and the preemption counter from engine state, read when scraped."""
+        """Gauges, and the counters the engine keeps, from engine state read when scraped."""
         scheduler = engine.scheduler
+        stats = engine.kv_manager.stats
         self.running.labels(self.model_name).set(len(scheduler.running))
         self.waiting.labels(self.model_name).set(len(scheduler.waiting))
         self.kv_usage.labels(self.model_name).set(engine.kv_manager.usage)
-        new = scheduler.num_preemptions_total - self._preemptions_seen
-        if new:
-            self.preemptions.labels(self.model_name).inc(new)
-            self._preemptions_seen = scheduler.num_preemptions_total
+        for key, counter, total in (("preemptions", self.preemptions,
+                                     scheduler.num_preemptions_total),
+                                    ("queries", self.prefix_queries, stats.queries),
+                                    ("hits", self.prefix_hits, stats.hits)):
+            if total > self._seen[key]:
+                counter.labels(self.model_name).inc(total - self._seen[key])
+                self._seen[key] = total
 
     def observe_tokens(self, new_tokens: int, token_gap_s: float | None) -> None:
         self.generation_tokens.labels(self.model_name).inc(new_tokens)

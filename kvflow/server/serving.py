@@ -74,7 +74,10 @@ class OpenAIServing:
         job = Job(kind="completion", model=model, prepared=[], n=params.n, echo=request.echo,
                   logprobs=request.logprobs, include_usage=request.include_usage)
         for i, prompt in enumerate(prompts):
-            engine_prompt = prompt if isinstance(prompt, str) else {"prompt_token_ids": prompt}
+            engine_prompt = ({"prompt": prompt} if isinstance(prompt, str)
+                             else {"prompt_token_ids": prompt})
+            if request.cache_salt is not None:
+                engine_prompt["cache_salt"] = request.cache_salt
             job.prepared.append(self.engine.engine.prepare_request(
                 f"{job.response_id}-{i}", engine_prompt, params, priority=request.priority))
         return job
@@ -90,6 +93,8 @@ class OpenAIServing:
                   include_usage=request.include_usage)
         prompt = {"prompt": text,
                   "prompt_token_ids": self.tokenizer.encode(text, add_special_tokens=False)}
+        if request.cache_salt is not None:
+            prompt["cache_salt"] = request.cache_salt
         job.prepared.append(self.engine.engine.prepare_request(
             f"{job.response_id}-0", prompt, params, priority=request.priority))
         return job
@@ -252,7 +257,7 @@ class OpenAIServing:
                 "finish_reason": completion.finish_reason, "stop_reason": completion.stop_reason}
 
     def _event(self, job: Job, choices: list[dict[str, Any]],
-               usage: dict[str, int] | None = None) -> str:
+               usage: dict[str, Any] | None = None) -> str:
         body: dict[str, Any] = {
             "id": job.response_id,
             "object": "chat.completion.chunk" if job.kind == "chat" else "text_completion",
@@ -301,8 +306,10 @@ def _stop_strings(job: Job, index: int) -> tuple[str, ...]:
     return job.prepared[index].children[0].sampling_params.stop_strings
 
 
-def _usage(outputs) -> dict[str, int]:  # noqa: ANN001
+def _usage(outputs) -> dict[str, Any]:  # noqa: ANN001
     prompt = sum(len(o.prompt_token_ids) for o in outputs)
     completion = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+    cached = sum(o.num_cached_tokens or 0 for o in outputs)
     return {"prompt_tokens": prompt, "completion_tokens": completion,
-            "total_tokens": prompt + completion}
+            "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
