@@ -76,6 +76,11 @@ def test_roofline_arithmetic_for_qwen2_5_0_5b():
     # Two requests together share the weight reads: max(2, 3) steps.
     both = run_cost(cost, [(3, 2), (1, 3)], concurrency=2)
     assert both.bytes == 3 * cost.weight_bytes + (4 + 2 + 3) * 12_288
+    # A shared prefix of 2 is computed once: the second request computes positions 2 and 3
+    # of its 4 (attending 3 and 4 tokens); the bytes read do not change.
+    shared = run_cost(cost, [(3, 2), (3, 2)], concurrency=2, shared_prefix_len=2)
+    assert shared.flops == run.flops + 2 * 2 * 357_898_112 + 86_016 * (3 + 4) + 2 * 272_269_312
+    assert shared.bytes == run_cost(cost, [(3, 2), (3, 2)], concurrency=2).bytes
     line = roofline(run, seconds=2.0, matmul_flops_per_s=1e12, dram_bytes_per_s=1e10)
     assert line.binding == "memory"
     assert line.achieved_percent == pytest.approx(100 * run.bytes / 1e10 / 2.0)

@@ -16,6 +16,8 @@ def _params(output_len: int):  # noqa: ANN202
 def _warm_up(llm, workload: Workload) -> None:  # noqa: ANN001
     first = workload.requests[0].prompt_token_ids[:32]
     llm.generate({"prompt_token_ids": first}, _params(4), use_tqdm=False)
+    # The timed run starts cold: what it reuses, it computed itself.
+    llm.engine.reset_prefix_cache()
 
 
 def run_kvflow(llm, workload: Workload, use_tqdm: bool = False) -> RunResult:  # noqa: ANN001
@@ -46,6 +48,8 @@ def run_kvflow(llm, workload: Workload, use_tqdm: bool = False) -> RunResult:  #
                   "max_num_batched_tokens": config.max_num_batched_tokens,
                   "dtype": str(llm.engine.dtype).removeprefix("torch."),
                   "preemptions": llm.engine.scheduler.num_preemptions_total,
+                  "enable_prefix_caching": llm.engine.kv_manager.enable_caching,
+                  "cached_prompt_tokens": sum(o.num_cached_tokens or 0 for o in outputs),
                   "one_at_a_time": workload.single_stream},
         latency={"ttft": distribution(ttft), "tpot": distribution(tpot),
                  "ttft_samples_ms": samples_ms(ttft)})

@@ -32,7 +32,8 @@ def attach_roofline(result: RunResult, workload: Workload, config: dict, dtype: 
     lengths = (result.settings.get("completed_lengths")
                or workload.prefix(result.num_requests).lengths)
     concurrency = 1 if workload.single_stream else len(lengths)
-    line = roofline(run_cost(cost, lengths, concurrency), result.seconds,
+    work = run_cost(cost, lengths, concurrency, workload.shared_prefix_len)
+    line = roofline(work, result.seconds,
                     hardware.matmul_rate(ceiling, dtype), ceiling["dram_read_bytes_per_s"])
     result.roofline = {**line.to_dict(), "dtype": dtype, "concurrency": concurrency,
                        "threads": ceiling["threads"], "device": ceiling["device"]}

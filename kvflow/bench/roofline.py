@@ -68,16 +68,20 @@ class RunCost:
 
 
 def run_cost(model: ModelCost, lengths: Sequence[tuple[int, int]],
-             concurrency: int) -> RunCost:
+             concurrency: int, shared_prefix_len: int = 0) -> RunCost:
     """Cost of serving (prompt_len, output_len) requests in waves of `concurrency`.
 
     A request processes prompt_len + output_len - 1 tokens (the last generated token is
-    never fed back); the token at position p attends p + 1 tokens."""
+    never fed back); the token at position p attends p + 1 tokens. A prefix that every
+    request shares is computed once, by the first: the least work any system can do, with
+    or without a prefix cache."""
     flops = bytes_read = 0.0
-    for prompt_len, output_len in lengths:
+    for index, (prompt_len, output_len) in enumerate(lengths):
         processed = prompt_len + output_len - 1
-        flops += (processed * 2 * model.non_embedding_params
-                  + model.attention_flops_per_attended_token * processed * (processed + 1) / 2
+        reused = min(shared_prefix_len, prompt_len - 1) if index else 0
+        flops += ((processed - reused) * 2 * model.non_embedding_params
+                  + model.attention_flops_per_attended_token
+                  * (processed * (processed + 1) - reused * (reused + 1)) / 2
                   + output_len * model.lm_head_flops)
         decode_steps = output_len - 1
         attended = decode_steps * prompt_len + decode_steps * (decode_steps + 1) / 2

@@ -37,6 +37,11 @@ class Workload:
         return sum(len(r.prompt_token_ids) for r in self.requests)
 
     @property
+    def shared_prefix_len(self) -> int:
+        """Tokens at the start of every prompt that are the same for all requests."""
+        return int(self.spec.get("shared_prefix_len", 0))
+
+    @property
     def lengths(self) -> list[tuple[int, int]]:
         return [(len(r.prompt_token_ids), r.output_len) for r in self.requests]
 
