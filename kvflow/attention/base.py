@@ -62,7 +62,9 @@ class AttentionBackend(ABC):
     def forward(self, layer: PagedAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
         """q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim]
-        -> [num_tokens, num_heads, head_dim]. Writes k and v to their slots first."""
+        -> [num_tokens, num_heads, head_dim]. Writes every request's k and v to their slots
+        before any request attends: the prefix cache lets a request read blocks that
+        another request of the same step fills (core/kv_manager.py)."""
 
 
 def gather_blocks(cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
