@@ -15,7 +15,7 @@ block, reviving a cached one from the middle of the queue, and freeing are all O
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 NULL_BLOCK = 0
@@ -48,7 +48,8 @@ class FreeBlockQueue:
     def __len__(self) -> int:
         return self._len
 
-    def __iter__(self):  # noqa: ANN204 - front to back; for checks, not the hot path
+    def __iter__(self) -> Iterator[KVCacheBlock]:
+        """Front to back; for checks, not the hot path."""
         block = self._head.next
         while block is not self._tail:
             yield block
