@@ -12,6 +12,7 @@ from kvflow.config import SchedulerConfig
 from kvflow.core.block_pool import BlockPool
 from kvflow.core.kv_manager import KVCacheManager
 from kvflow.core.scheduler import Scheduler
+from kvflow.engine.llm_engine import EngineStepError
 from kvflow.outputs import RunnerOutput, SchedulerOutput
 from kvflow.request import Request
 
@@ -172,6 +173,8 @@ def test_preempted_request_resumes_from_its_cached_prefix():
     # go first), and "new" resumes from the two blocks still cached.
     assert resumed is not None and resumed.num_computed_tokens == 8
     assert victim.num_cached_tokens == 0  # reported from the first admission only
+    # Resuming from its own blocks is not a prompt served from the cache.
+    assert (kv.stats.queries, kv.stats.hits) == (24, 0)
 
 
 def test_lpm_runs_longest_cached_prefix_first_and_ages_the_rest():
@@ -367,8 +370,10 @@ def test_salted_requests_never_share_blocks(llama):
     ids = [seen[o.request_id] for o in outputs]
     assert not ids[0] & ids[1] and not ids[0] & ids[2] and not ids[1] & ids[2]
     assert ids[0] & ids[3]
-    with pytest.raises(ValueError, match="cache_salt"):
-        llm.generate({"prompt_token_ids": prompt, "cache_salt": 5}, GREEDY, use_tqdm=False)
+    for bad in (5, "", "x" * 257, "\ud800"):
+        with pytest.raises(ValueError, match="cache_salt"):
+            llm.generate({"prompt_token_ids": prompt, "cache_salt": bad}, GREEDY,
+                         use_tqdm=False)
 
 
 def test_prompt_logprobs_identical_with_cache_on_and_off(llama):
@@ -385,6 +390,55 @@ def test_prompt_logprobs_identical_with_cache_on_and_off(llama):
     for a, b in zip(on.prompt_logprobs[1:], off.prompt_logprobs[1:]):
         assert a.keys() == b.keys()
         assert all(abs(a[t].logprob - b[t].logprob) < 1e-5 for t in a)
+
+
+@pytest.mark.parametrize("failure", [RuntimeError, KeyboardInterrupt])
+def test_a_failed_step_leaves_no_block_without_kv_in_the_cache(llama, failure):
+    """The blocks a failed step registered were never written: later requests with the
+    same prefix must compute them, not read them."""
+    prompts = [list(range(200, 230)), list(range(200, 226)) + [5, 6]]
+    reference = _tokens(_llm(llama, enable_prefix_caching=False), prompts)
+    llm = _llm(llama)
+    engine = llm.engine
+    execute = engine.runner.execute
+    calls = 0
+
+    def failing_once(scheduler_output: SchedulerOutput) -> RunnerOutput:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise failure("injected")
+        return execute(scheduler_output)
+
+    engine.runner.execute = failing_once
+    with pytest.raises(EngineStepError if failure is RuntimeError else KeyboardInterrupt):
+        llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY, use_tqdm=False)
+    assert engine.kv_manager.pool.num_cached_blocks == 0
+    _assert_all_free(llm)
+    assert _tokens(llm, prompts) == reference
+
+
+def test_requests_of_a_failed_step_are_recomputed_if_not_aborted(llama):
+    prompts = [list(range(300, 330)), list(range(300, 328)) + [9]]
+    reference = _tokens(_llm(llama, enable_prefix_caching=False), prompts)
+    llm = _llm(llama)
+    engine = llm.engine
+    for i, prompt in enumerate(prompts):
+        engine.add_request(str(i), {"prompt_token_ids": prompt}, GREEDY)
+    execute = engine.runner.execute
+    engine.runner.execute = lambda _output: (_ for _ in ()).throw(RuntimeError("boom"))
+    with pytest.raises(EngineStepError) as failed:
+        engine.step()
+    assert failed.value.request_ids == ["0", "1"]
+    # "1" had found "0"'s blocks, which the failed step never wrote; with "0" gone, nothing
+    # rewrites them: "1" must compute its prompt again.
+    engine.abort_request("0")
+    engine.runner.execute = execute
+    finished = {}
+    while engine.has_unfinished_requests():
+        finished.update({o.request_id: o for o in engine.step() if o.finished})
+    assert finished["1"].outputs[0].token_ids == reference[1]
+    _assert_all_free(llm)
 
 
 def test_progress_bar_shows_the_hit_rate(llama, capsys):

@@ -164,6 +164,13 @@ class BlockPool:
             block.block_hash = block_hash
             self._cached[block_hash] = block
 
+    def unregister(self, block_id: int, block_hash: BlockHash) -> None:
+        """Take a block out of the index, if it is there under this hash."""
+        block = self.blocks[block_id]
+        if block.block_hash == block_hash and self._cached.get(block_hash) is block:
+            del self._cached[block_hash]
+            block.block_hash = None
+
     def reset_prefix_cache(self) -> int:
         """Forget every cached prefix (blocks in use keep their KV); returns how many."""
         count = len(self._cached)

@@ -14,7 +14,9 @@ once, as its tokens become known.
 
 A block is registered as soon as a step is scheduled to fill it, not after: a request
 admitted later in the same step may share it, because every attention backend writes the
-whole batch's KV of a layer before any request reads it (AttentionBackend.forward).
+whole batch's KV of a layer before any request reads it (AttentionBackend.forward). The
+engine confirms those registrations once the step has run, or takes them back if it
+failed, so that a block whose KV was never written is never found.
 """
 from __future__ import annotations
 
@@ -51,6 +53,7 @@ class KVCacheManager:
         self.cache_identity = cache_identity
         self.stats = PrefixCacheStats()
         self._num_registered: dict[str, int] = {}  # request id -> its blocks in the index
+        self._unconfirmed: list[tuple[int, BlockHash]] = []  # registered by the coming step
 
     @property
     def usage(self) -> float:
@@ -120,10 +123,24 @@ class KVCacheManager:
         hashes = self._block_hashes(request, num_full)
         for index in range(start, num_full):
             self.pool.register(request.block_ids[index], hashes[index])
+            self._unconfirmed.append((request.block_ids[index], hashes[index]))
         self._num_registered[request.request_id] = num_full
 
+    def confirm_registered(self) -> None:
+        """The step ran: the blocks it filled hold their KV."""
+        self._unconfirmed.clear()
+
+    def unregister_unconfirmed(self) -> None:
+        """The step failed: drop what it registered from the index."""
+        for block_id, block_hash in self._unconfirmed:
+            self.pool.unregister(block_id, block_hash)
+        self._unconfirmed.clear()
+
     def record_admission(self, request: Request, num_cached_tokens: int) -> None:
-        if self.enable_caching and request.sampling_params.prompt_logprobs is None:
+        """Counts a request's first admission only: a preempted request resuming from its
+        own blocks is not a prompt served from the cache."""
+        if (self.enable_caching and request.sampling_params.prompt_logprobs is None
+                and request.num_cached_tokens is None):
             self.stats.queries += request.num_tokens
             self.stats.hits += num_cached_tokens
 

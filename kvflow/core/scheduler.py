@@ -94,7 +94,7 @@ class Scheduler:
             if not self.kv.allocate_slots(request, num_new, cached_ids):
                 break
             self.waiting.pop(0)
-            self.kv.record_admission(request, num_cached)
+            self.kv.record_admission(request, num_cached)  # before num_cached_tokens is set
             request.num_computed_tokens = num_cached
             request.status = RequestStatus.RUNNING
             if request.first_scheduled_time is None:
@@ -153,6 +153,20 @@ class Scheduler:
         bisect.insort(self.waiting, request, key=self._key)
         logger.debug("preempted %s after %d output tokens", request.request_id,
                      request.num_output_tokens)
+
+    def recompute_after_failure(self, scheduler_output: SchedulerOutput | None) -> list[str]:
+        """A step failed: the KV it was to write may be missing, so the requests it held
+        (every running one, if scheduling itself failed) go back to waiting, to be computed
+        again from their tokens. Returns their ids."""
+        if scheduler_output is None:
+            requests = list(self.running)
+        else:
+            requests = [self.requests[s.req_id] for s in scheduler_output.scheduled
+                        if s.req_id in self.requests]
+        requests = [r for r in requests if r.status == RequestStatus.RUNNING]
+        for request in requests:
+            self._preempt(request)
+        return [r.request_id for r in requests]
 
     def update_from_output(self, scheduler_output: SchedulerOutput,
                            runner_output: RunnerOutput) -> list[Request]:

@@ -33,6 +33,17 @@ logger = logging.getLogger(__name__)
 
 PromptType = str | Mapping[str, Any]
 
+MAX_CACHE_SALT_CHARS = 256
+
+
+class EngineStepError(RuntimeError):
+    """A step failed; `request_ids` are the requests it held (queued again to recompute)."""
+
+    def __init__(self, request_ids: list[str], cause: Exception) -> None:
+        super().__init__(f"an engine step failed ({type(cause).__name__}: {cause}) while "
+                         f"running {len(request_ids)} request(s)")
+        self.request_ids = request_ids
+
 
 @dataclass
 class PreparedRequest:
@@ -121,9 +132,15 @@ class LLMEngine:
     @staticmethod
     def _cache_salt(prompt: PromptType) -> str | None:
         salt = prompt.get("cache_salt") if isinstance(prompt, Mapping) else None
-        if salt is not None and (not isinstance(salt, str) or not salt):
-            raise ParameterError("cache_salt", f"cache_salt must be a non-empty string, "
-                                               f"got {salt!r}")
+        if salt is None:
+            return None
+        if not isinstance(salt, str) or not salt or len(salt) > MAX_CACHE_SALT_CHARS:
+            raise ParameterError("cache_salt", f"cache_salt must be a string of 1 to "
+                                               f"{MAX_CACHE_SALT_CHARS} characters")
+        try:
+            salt.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ParameterError("cache_salt", "cache_salt is not valid text") from None
         return salt
 
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams,
@@ -223,11 +240,27 @@ class LLMEngine:
         return len(self.output_processor.parents)
 
     def step(self) -> list[RequestOutput]:
-        scheduler_output = self.scheduler.schedule()
-        self.runner.forget(scheduler_output.finished_req_ids)
-        if not scheduler_output.scheduled:
+        """Raises EngineStepError if scheduling or the forward pass fails; the requests of
+        that step are then queued to be computed again (abort them to give up on them)."""
+        scheduler_output = None
+        try:
+            scheduler_output = self.scheduler.schedule()
+            self.runner.forget(scheduler_output.finished_req_ids)
+            runner_output = (self.runner.execute(scheduler_output)
+                             if scheduler_output.scheduled else None)
+        except BaseException as exc:
+            # Blocks this step was to fill hold no valid KV: they must not be found, and the
+            # requests that counted on them start again.
+            self.kv_manager.unregister_unconfirmed()
+            child_ids = self.scheduler.recompute_after_failure(scheduler_output)
+            if not isinstance(exc, Exception):
+                raise
+            parents = {self.output_processor.samples[c].parent.request_id for c in child_ids
+                       if c in self.output_processor.samples}
+            raise EngineStepError(sorted(parents), exc) from exc
+        self.kv_manager.confirm_registered()
+        if runner_output is None:
             return []
-        runner_output = self.runner.execute(scheduler_output)
         updated = self.scheduler.update_from_output(scheduler_output, runner_output)
         outputs, stopped = self.output_processor.process(runner_output, updated)
         for child_id in stopped:
