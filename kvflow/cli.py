@@ -7,6 +7,7 @@ import dataclasses
 import os
 import sys
 
+from kvflow.config import parse_memory
 from kvflow.engine.args import EngineArgs
 from kvflow.logger import configure_logging
 
@@ -86,7 +87,10 @@ def _serve(ns: argparse.Namespace) -> int:
                       served_model_name=ns.served_model_name or [],
                       api_key=ns.api_key or os.environ.get("KVFLOW_API_KEY") or None,
                       max_waiting_requests=ns.max_waiting_requests,
-                      shutdown_timeout=ns.shutdown_timeout)
+                      shutdown_timeout=ns.shutdown_timeout,
+                      enable_prompt_tokens_details=ns.enable_prompt_tokens_details,
+                      max_request_body_bytes=parse_memory(ns.max_request_body_bytes,
+                                                          "--max-request-body-bytes"))
     serve(args, log_level=ns.log_level)
     return 0
 
@@ -124,9 +128,16 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--api-key", default=None,
                        help="require 'Authorization: Bearer KEY' (or set KVFLOW_API_KEY)")
     serve.add_argument("--max-waiting-requests", type=int, default=None,
-                       help="answer 503 with Retry-After while this many requests wait")
+                       help="sequences (prompts x n) that may wait for the engine; past it, "
+                            "503 with Retry-After, and a request with more is a 400")
+    serve.add_argument("--max-request-body-bytes", default="4MiB",
+                       help="larger request bodies get a 413 before they are read (bytes or "
+                            "e.g. 4MiB)")
     serve.add_argument("--shutdown-timeout", type=float, default=10.0,
                        help="seconds running requests get to finish on SIGINT/SIGTERM")
+    serve.add_argument("--enable-prompt-tokens-details", action="store_true",
+                       help="report usage.prompt_tokens_details.cached_tokens (off by default: "
+                            "it tells clients which prefixes are cached; see cache_salt)")
     add_engine_arguments(serve)
     serve.set_defaults(handler=_serve)
 

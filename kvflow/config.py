@@ -43,21 +43,21 @@ _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 
           "tib": 2**40}
 
 
-def parse_memory(value: int | float | str) -> int:
+def parse_memory(value: int | float | str, name: str = "kv_cache_memory") -> int:
     """Bytes from an int or a string such as "2GiB", "512MiB" or "1.5GB"."""
     if isinstance(value, bool):
-        raise ValueError(f"kv_cache_memory must be a size, got {value!r}")
+        raise ValueError(f"{name} must be a size, got {value!r}")
     if isinstance(value, (int, float)):
         size = int(value)
     else:
         match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", value)
         if not match or match.group(2).lower() not in _UNITS:
             raise ValueError(
-                f"kv_cache_memory={value!r} is not a size; use bytes or a string like '2GiB'"
+                f"{name}={value!r} is not a size; use bytes or a string like '2GiB'"
             )
         size = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
     if size <= 0:
-        raise ValueError(f"kv_cache_memory must be positive, got {value!r}")
+        raise ValueError(f"{name} must be positive, got {value!r}")
     return size
 
 

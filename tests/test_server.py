@@ -26,6 +26,7 @@ def model_dir(checkpoint):
 def server(model_dir, tmp_path_factory):
     process = ServerProcess(model_dir, *ENGINE_FLAGS, "--api-key", API_KEY,
                             "--served-model-name", "tiny", "other-name",
+                            "--enable-prompt-tokens-details",
                             log=tmp_path_factory.mktemp("server") / "serve.log")
     process.wait_ready()
     yield process
@@ -392,3 +393,15 @@ def test_prefix_cache_usage_metrics_salt_and_reset(server, client):
     assert httpx.post(server.url + "/reset_prefix_cache").status_code == 401
     assert httpx.post(server.url + "/reset_prefix_cache", headers=HEADERS).status_code == 200
     assert cached() == 0
+
+
+def test_api_key_scheme_is_case_insensitive_and_401_says_how(server):
+    body = {"model": "tiny", "prompt": "a", "max_tokens": 1}
+    ok = httpx.post(server.url + "/v1/completions", json=body,
+                    headers={"Authorization": f"bearer {API_KEY}"})
+    assert ok.status_code == 200
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY},
+                    {"Authorization": f"Basic {API_KEY}"}):
+        denied = httpx.post(server.url + "/v1/completions", json=body, headers=headers)
+        assert denied.status_code == 401 and denied.headers["www-authenticate"] == "Bearer"
+        assert denied.json()["error"]["type"] == "authentication_error"

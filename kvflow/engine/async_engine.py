@@ -70,10 +70,22 @@ class AsyncEngine:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="kvflow-engine", daemon=True)
         self.error: BaseException | None = None
+        # Each written by one thread only (the event loop, the engine thread), so that their
+        # difference, the sequences still in the inbox, needs no lock.
+        self._sent_sequences = 0
+        self._taken_sequences = 0
+        self._inbox_lock = threading.Lock()
+        self._inbox_closed = False
 
     @property
     def alive(self) -> bool:
         return self._thread.is_alive() and self.error is None
+
+    @property
+    def num_waiting_sequences(self) -> int:
+        """Sequences queued for the engine: those it has not admitted, plus those still in
+        its inbox. A plain read of two sizes, safe from any thread."""
+        return len(self.engine.scheduler.waiting) + self._sent_sequences - self._taken_sequences
 
     def start(self) -> None:
         self._thread.start()
@@ -85,8 +97,7 @@ class AsyncEngine:
             raise EngineDeadError(f"the engine is not running: {self.error!r}")
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         self._send(_Add(prepared, stream))
-        if not self._thread.is_alive():  # it ended between the check above and the send
-            raise EngineDeadError(f"the engine is not running: {self.error!r}")
+        self._sent_sequences += len(prepared.children)
         settled = False  # finished, or never accepted: nothing to abort
         try:
             while True:
@@ -104,11 +115,17 @@ class AsyncEngine:
                 self.abort(prepared.parent.request_id)
 
     def abort(self, request_id: str) -> None:
-        self._send(_Abort(request_id))
+        self._send_unless_closed(_Abort(request_id))
 
     def abort_all(self, reason: str) -> None:
         """Abort every request; each stream ends with EngineDeadError(reason)."""
-        self._send(_AbortAll(reason))
+        self._send_unless_closed(_AbortAll(reason))
+
+    def _send_unless_closed(self, message: _Abort | _AbortAll) -> None:
+        try:
+            self._send(message)
+        except EngineDeadError:
+            pass  # the engine thread's final drain has aborted everything
 
     async def call(self, fn: Callable[[LLMEngine], Any]) -> Any:
         """fn(engine), run on the engine thread between two steps (engine state is the
@@ -118,12 +135,15 @@ class AsyncEngine:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         self._send(_Call(fn, loop, future))
-        if not self._thread.is_alive():
-            raise EngineDeadError(f"the engine is not running: {self.error!r}")
         return await future
 
     def _send(self, message: _Message) -> None:
-        self._inbox.put(message)
+        """Raises EngineDeadError once the engine thread has taken its last message: what
+        is sent before that is answered by its final drain, so nothing waits for ever."""
+        with self._inbox_lock:
+            if self._inbox_closed:
+                raise EngineDeadError(f"the engine is not running: {self.error!r}")
+            self._inbox.put(message)
         self._wake.set()
 
     def shutdown(self, grace_s: float) -> None:
@@ -150,7 +170,9 @@ class AsyncEngine:
             for stream in self._streams.values():
                 self._deliver(stream, EngineDeadError(f"the engine failed: {exc!r}"))
         finally:
-            self._inbox.put(_AbortAll("the server is shutting down"))
+            with self._inbox_lock:
+                self._inbox_closed = True
+                self._inbox.put(_AbortAll("the server is shutting down"))
             self._drain_inbox()
 
     def _drain_inbox(self) -> None:
@@ -160,6 +182,7 @@ class AsyncEngine:
             except queue.Empty:
                 return
             if isinstance(message, _Add):
+                self._taken_sequences += len(message.prepared.children)
                 if self._stop.is_set() or self.error is not None:
                     self._deliver(message.stream, EngineDeadError("the engine is not running"))
                     continue

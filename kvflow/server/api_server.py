@@ -12,7 +12,8 @@ import threading
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -24,7 +25,9 @@ import kvflow
 from kvflow.engine.args import EngineArgs
 from kvflow.engine.async_engine import AsyncEngine, EngineDeadError
 from kvflow.engine.llm_engine import LLMEngine
+from kvflow.server.errors import ApiError, error_response, printable
 from kvflow.server.metrics import ServerMetrics
+from kvflow.server.middleware import ApiKeyMiddleware, BodyLimitMiddleware
 from kvflow.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                     OpenAIModel, TokenizeRequest)
 from kvflow.sampling_params import ParameterError
@@ -32,7 +35,10 @@ from kvflow.server.serving import OpenAIServing
 
 logger = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 OPEN_PATHS = ("/health", "/metrics", "/version")
+DEFAULT_MAX_BODY_BYTES = 4 * 2**20
 
 
 @dataclass
@@ -42,30 +48,16 @@ class ServerArgs:
     port: int = 8000
     served_model_name: list[str] = field(default_factory=list)
     api_key: str | None = None
-    max_waiting_requests: int | None = None
+    max_waiting_requests: int | None = None  # sequences (prompts x n) waiting to run
     shutdown_timeout: float = 10.0
+    max_request_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    # Off by default, as in vLLM: cached_tokens tells a client whether a prefix is in the
+    # cache, which across tenants that share it (no cache_salt) says what others sent.
+    enable_prompt_tokens_details: bool = False
 
     @property
     def model_names(self) -> list[str]:
         return self.served_model_name or [self.engine.model]
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.param, self.headers = status, message, param, headers
-
-
-_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
-                404: "not_found_error", 503: "service_unavailable"}
-
-
-def error_response(status: int, message: str, param: str | None = None,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
-    body = {"error": {"message": message, "type": _ERROR_TYPES.get(status, "server_error"),
-                      "param": param, "code": status}}
-    return JSONResponse(body, status_code=status, headers=headers)
 
 
 class ServerState:
@@ -82,7 +74,8 @@ class ServerState:
         try:
             engine = AsyncEngine(LLMEngine(self.args.engine))
             engine.start()
-            self.serving = OpenAIServing(engine, self.metrics)
+            self.serving = OpenAIServing(engine, self.metrics,
+                                         self.args.enable_prompt_tokens_details)
             self.engine = engine
             logger.info("serving %s at http://%s:%d", ", ".join(self.args.model_names),
                         self.args.host, self.args.port)
@@ -124,16 +117,50 @@ class ServerState:
             raise ApiError(404, f"model {name!r} does not exist; this server serves "
                                 f"{self.args.model_names}", "model")
 
-    def check_capacity(self, engine: AsyncEngine) -> None:
+    def check_capacity(self, engine: AsyncEngine, num_sequences: int) -> None:
+        """--max-waiting-requests counts sequences (a prompt's n samples are n): one
+        request cannot queue past it, however many prompts and samples it carries."""
         limit = self.args.max_waiting_requests
-        if limit is not None and len(engine.engine.scheduler.waiting) >= limit:
-            raise ApiError(503, f"the server is at capacity ({limit} requests waiting); retry "
-                                "later", headers={"Retry-After": "1"})
+        if limit is None:
+            return
+        if num_sequences > limit:
+            raise ApiError(400, f"the request has {num_sequences} sequences (prompts x n); the "
+                                f"server queues at most {limit}", "n")
+        waiting = engine.num_waiting_sequences
+        if waiting + num_sequences > limit:
+            raise ApiError(503, f"the server is at capacity ({waiting} of {limit} sequences "
+                                "waiting); retry later", headers={"Retry-After": "1"})
+
+
+MAX_LOGGED_FIELDS = 10
+
+
+async def _unless_disconnected(work: Awaitable[T], http_request: Request) -> T | Response:
+    """Awaits work, cancelling it (which aborts its requests in the engine) if the client
+    goes away first: a non-streaming client that gives up must not keep the engine busy."""
+    task = asyncio.ensure_future(work)
+    # After the body, the next ASGI message is the client's disconnect.
+    disconnect = asyncio.ensure_future(http_request.receive())
+    try:
+        await asyncio.wait({task, disconnect}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return task.result()
+        return Response(status_code=499)
+    finally:
+        disconnect.cancel()
+        if not task.done():  # the client left (or the server is cancelling this handler)
+            logger.info("client disconnected; aborting its request")
+            task.cancel()
 
 
 def _warn_unknown(request: OpenAIModel) -> None:
-    if request.model_extra:
-        logger.warning("ignoring unknown request fields: %s", ", ".join(sorted(request.model_extra)))
+    """Unknown field names are the client's text: escaped, truncated and few."""
+    extra = sorted(request.model_extra or ())
+    if extra:
+        names = ", ".join(printable(name, 64) for name in extra[:MAX_LOGGED_FIELDS])
+        more = f" and {len(extra) - MAX_LOGGED_FIELDS} more" if len(extra) > MAX_LOGGED_FIELDS \
+            else ""
+        logger.warning("ignoring unknown request fields: %s%s", names, more)
 
 
 def create_app(args: ServerArgs) -> FastAPI:
@@ -145,16 +172,16 @@ def create_app(args: ServerArgs) -> FastAPI:
         yield
         if state.engine is not None:
             await asyncio.to_thread(state.engine.shutdown, args.shutdown_timeout)
+        if state.serving is not None:
+            state.serving.close()
 
     app = FastAPI(title="kvflow", version=kvflow.__version__, lifespan=lifespan)
+    # Pure ASGI middleware (not @app.middleware, whose wrapping hides a client's disconnect
+    # from the routes); the last added runs first: the key is checked before the body is read.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=args.max_request_body_bytes)
+    if args.api_key:
+        app.add_middleware(ApiKeyMiddleware, api_key=args.api_key, open_paths=OPEN_PATHS)
     app.state.kvflow = state
-
-    @app.middleware("http")
-    async def require_api_key(request: Request, call_next):  # noqa: ANN001, ANN202
-        if args.api_key and request.url.path not in OPEN_PATHS:
-            if request.headers.get("authorization") != f"Bearer {args.api_key}":
-                return error_response(401, "missing or wrong API key")
-        return await call_next(request)
 
     @app.exception_handler(ApiError)
     async def on_api_error(_request: Request, exc: ApiError) -> JSONResponse:
@@ -163,6 +190,9 @@ def create_app(args: ServerArgs) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
+        cause = (first.get("ctx") or {}).get("error")
+        if isinstance(cause, ParameterError):  # raised by a validator of ours
+            return error_response(400, str(cause), cause.param)
         location = [str(part) for part in first.get("loc", ()) if part != "body"]
         where = ".".join(location)
         if first.get("type") == "json_invalid":
@@ -190,25 +220,27 @@ def create_app(args: ServerArgs) -> FastAPI:
         logger.exception("internal error")
         return error_response(500, f"internal error: {type(exc).__name__}")
 
-    async def generate(request: CompletionRequest | ChatCompletionRequest) -> Any:
+    async def generate(request: CompletionRequest | ChatCompletionRequest,
+                       http_request: Request) -> Any:
         engine, serving = state.ready()
         _warn_unknown(request)
         state.check_model(request.model)
-        state.check_capacity(engine)
         model = request.model or args.model_names[0]
-        job = (serving.prepare_chat(request, model) if isinstance(request, ChatCompletionRequest)
-               else serving.prepare_completion(request, model))
+        prepare = (serving.prepare_chat if isinstance(request, ChatCompletionRequest)
+                   else serving.prepare_completion)
+        job = await serving.off_loop(prepare, request, model)
+        state.check_capacity(engine, sum(len(p.children) for p in job.prepared))
         if request.stream:
             return StreamingResponse(serving.stream(job), media_type="text/event-stream")
-        return await serving.full_response(job)
+        return await _unless_disconnected(serving.full_response(job), http_request)
 
     @app.post("/v1/completions")
-    async def completions(request: CompletionRequest) -> Any:
-        return await generate(request)
+    async def completions(request: CompletionRequest, http_request: Request) -> Any:
+        return await generate(request, http_request)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(request: ChatCompletionRequest) -> Any:
-        return await generate(request)
+    async def chat_completions(request: ChatCompletionRequest, http_request: Request) -> Any:
+        return await generate(request, http_request)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -221,28 +253,15 @@ def create_app(args: ServerArgs) -> FastAPI:
 
     @app.post("/tokenize")
     async def tokenize(request: TokenizeRequest) -> dict[str, Any]:
-        engine, serving = state.ready()
+        _, serving = state.ready()
         state.check_model(request.model)
-        tokenizer = engine.engine.tokenizer
-        if (request.prompt is None) == (request.messages is None):
-            raise ParameterError("prompt", "give exactly one of prompt and messages")
-        if request.messages is not None:
-            text = serving.render_chat(request.messages, request.add_generation_prompt)
-            tokens = tokenizer.encode(text, add_special_tokens=False)
-        else:
-            tokens = tokenizer.encode(request.prompt, add_special_tokens=request.add_special_tokens)
-        return {"count": len(tokens), "max_model_len": engine.engine.max_model_len,
-                "tokens": tokens, "token_strs": None}
+        return await serving.off_loop(serving.tokenize, request)
 
     @app.post("/detokenize")
     async def detokenize(request: DetokenizeRequest) -> dict[str, str]:
-        engine, _ = state.ready()
+        _, serving = state.ready()
         state.check_model(request.model)
-        vocab = engine.engine.model_config.vocab_size
-        bad = [t for t in request.tokens if not 0 <= t < vocab]
-        if bad:
-            raise ParameterError("tokens", f"token ids must be in [0, {vocab}), got {bad[:5]}")
-        return {"prompt": engine.engine.tokenizer.decode(request.tokens)}
+        return await serving.off_loop(serving.detokenize, request)
 
     @app.post("/reset_prefix_cache")
     async def reset_prefix_cache() -> Response:

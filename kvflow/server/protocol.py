@@ -4,20 +4,58 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from kvflow.sampling_params import SamplingParams
+from kvflow.sampling_params import ParameterError, SamplingParams
 
 
 class OpenAIModel(BaseModel):
     model_config = ConfigDict(extra="allow")
 
 
+def _lone_surrogate_path(value: Any, path: tuple[str, ...] = ()) -> tuple[str, ...] | None:
+    """Where in a parsed JSON body a string holds a lone surrogate ("\\ud800" is valid
+    JSON but not text: tokenizers and UTF-8 encoders refuse it)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            found = _lone_surrogate_path(key, path) if isinstance(key, str) else None
+            if found is not None:
+                return found
+            found = _lone_surrogate_path(item, (*path, str(key)))
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            found = _lone_surrogate_path(item, (*path, str(index)))
+            if found is not None:
+                return found
+    return None
+
+
+class TopLevelRequest(OpenAIModel):
+    """A whole request body: every string in it must be valid text."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_text(cls, data: Any) -> Any:
+        path = _lone_surrogate_path(data)
+        if path is not None:
+            field = ".".join(path) or "body"
+            raise ParameterError(path[0] if path else "body",
+                                 f"{field} contains a lone UTF-16 surrogate, which is not text")
+        return data
+
+
 class StreamOptions(OpenAIModel):
     include_usage: bool = False
 
 
-class _GenerationRequest(OpenAIModel):
+class _GenerationRequest(TopLevelRequest):
     model: str | None = None
     n: int = 1
     temperature: float | None = None
@@ -103,7 +141,7 @@ class ChatCompletionRequest(_GenerationRequest):
     add_generation_prompt: bool = True
 
 
-class TokenizeRequest(OpenAIModel):
+class TokenizeRequest(TopLevelRequest):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
@@ -111,6 +149,6 @@ class TokenizeRequest(OpenAIModel):
     add_generation_prompt: bool = True
 
 
-class DetokenizeRequest(OpenAIModel):
+class DetokenizeRequest(TopLevelRequest):
     model: str | None = None
     tokens: list[int]

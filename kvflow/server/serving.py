@@ -6,16 +6,20 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from kvflow.engine.async_engine import AsyncEngine
 from kvflow.engine.llm_engine import PreparedRequest
 from kvflow.outputs import CompletionOutput, Logprob, RequestOutput
 from kvflow.sampling_params import ParameterError
 from kvflow.server.metrics import ServerMetrics
-from kvflow.server.protocol import ChatCompletionRequest, CompletionRequest
+from kvflow.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
+                                    TokenizeRequest)
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -60,22 +64,54 @@ def completion_prompts(request: CompletionRequest) -> list[str | list[int]]:
 
 
 class OpenAIServing:
-    def __init__(self, engine: AsyncEngine, metrics: ServerMetrics) -> None:
+    """Prepares requests (template, tokenizer, validation) on a small pool of worker
+    threads, never on the event loop: a huge prompt must not stall other clients. The fast
+    tokenizers release the GIL while they encode."""
+
+    def __init__(self, engine: AsyncEngine, metrics: ServerMetrics,
+                 enable_prompt_tokens_details: bool = False,
+                 num_tokenizer_threads: int = 2) -> None:
         self.engine = engine
+        self.enable_prompt_tokens_details = enable_prompt_tokens_details
         self.metrics = metrics
         self.tokenizer = engine.engine.tokenizer
+        self.max_sequences = engine.engine.scheduler_config.max_num_seqs
+        self._pool = ThreadPoolExecutor(num_tokenizer_threads,
+                                        thread_name_prefix="kvflow-tokenize")
+
+    async def off_loop(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def encode(self, param: str, text: str, add_special_tokens: bool) -> list[int]:
+        """The tokenizer's ids; any failure of the tokenizer is a 400 naming the field."""
+        try:
+            return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        except Exception as exc:  # noqa: BLE001 - the client's text made the tokenizer fail
+            raise ParameterError(param, f"{param} could not be tokenized: "
+                                        f"{type(exc).__name__}") from None
+
+    def _check_sequences(self, num_prompts: int, n: int) -> None:
+        if num_prompts * n > self.max_sequences:
+            raise ParameterError("n", f"{num_prompts} prompt(s) x n={n} is "
+                                      f"{num_prompts * n} sequences; one request may run at "
+                                      f"most max_num_seqs={self.max_sequences}")
 
     def prepare_completion(self, request: CompletionRequest, model: str) -> Job:
         if request.suffix:
             raise ParameterError("suffix", "suffix is not supported")
         prompts = completion_prompts(request)
+        self._check_sequences(len(prompts), request.n)
         prompt_logprobs = request.logprobs if request.echo and request.logprobs is not None else None
         params = request.sampling_params(request.max_tokens, request.logprobs, prompt_logprobs)
         job = Job(kind="completion", model=model, prepared=[], n=params.n, echo=request.echo,
                   logprobs=request.logprobs, include_usage=request.include_usage)
         for i, prompt in enumerate(prompts):
-            engine_prompt = ({"prompt": prompt} if isinstance(prompt, str)
-                             else {"prompt_token_ids": prompt})
+            engine_prompt: dict[str, Any] = (
+                {"prompt": prompt, "prompt_token_ids": self.encode("prompt", prompt, True)}
+                if isinstance(prompt, str) else {"prompt_token_ids": prompt})
             if request.cache_salt is not None:
                 engine_prompt["cache_salt"] = request.cache_salt
             job.prepared.append(self.engine.engine.prepare_request(
@@ -85,6 +121,7 @@ class OpenAIServing:
     def prepare_chat(self, request: ChatCompletionRequest, model: str) -> Job:
         if request.top_logprobs is not None and not request.logprobs:
             raise ParameterError("top_logprobs", "top_logprobs needs logprobs to be true")
+        self._check_sequences(1, request.n)
         text = self.render_chat(request.messages, request.add_generation_prompt)
         max_tokens = request.max_completion_tokens or request.max_tokens
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
@@ -92,12 +129,30 @@ class OpenAIServing:
         job = Job(kind="chat", model=model, prepared=[], n=params.n, logprobs=logprobs,
                   include_usage=request.include_usage)
         prompt = {"prompt": text,
-                  "prompt_token_ids": self.tokenizer.encode(text, add_special_tokens=False)}
+                  "prompt_token_ids": self.encode("messages", text, add_special_tokens=False)}
         if request.cache_salt is not None:
             prompt["cache_salt"] = request.cache_salt
         job.prepared.append(self.engine.engine.prepare_request(
             f"{job.response_id}-0", prompt, params, priority=request.priority))
         return job
+
+    def tokenize(self, request: TokenizeRequest) -> dict[str, Any]:
+        if (request.prompt is None) == (request.messages is None):
+            raise ParameterError("prompt", "give exactly one of prompt and messages")
+        if request.messages is not None:
+            text = self.render_chat(request.messages, request.add_generation_prompt)
+            tokens = self.encode("messages", text, add_special_tokens=False)
+        else:
+            tokens = self.encode("prompt", request.prompt, request.add_special_tokens)
+        return {"count": len(tokens), "max_model_len": self.engine.engine.max_model_len,
+                "tokens": tokens, "token_strs": None}
+
+    def detokenize(self, request: DetokenizeRequest) -> dict[str, str]:
+        vocab = self.engine.engine.model_config.vocab_size
+        bad = [t for t in request.tokens if not 0 <= t < vocab]
+        if bad:
+            raise ParameterError("tokens", f"token ids must be in [0, {vocab}), got {bad[:5]}")
+        return {"prompt": self.tokenizer.decode(request.tokens)}
 
     def render_chat(self, messages: list, add_generation_prompt: bool) -> str:
         if not getattr(self.tokenizer, "chat_template", None):
@@ -165,7 +220,7 @@ class OpenAIServing:
         return {"id": job.response_id,
                 "object": "chat.completion" if job.kind == "chat" else "text_completion",
                 "created": job.created, "model": job.model, "choices": body_choices,
-                "usage": _usage(finals.values())}
+                "usage": self._usage(finals.values())}
 
     def _full_choice(self, job: Job, index: int, output: RequestOutput,
                      completion: CompletionOutput) -> dict[str, Any]:
@@ -216,7 +271,7 @@ class OpenAIServing:
                 if chunk:
                     yield self._event(job, chunk)
             if job.include_usage:
-                yield self._event(job, [], usage=_usage(finals))
+                yield self._event(job, [], usage=self._usage(finals))
         except Exception as exc:  # noqa: BLE001 - the stream has started: report in-band
             yield "data: " + json.dumps({"error": {"message": str(exc), "type": "server_error",
                                                    "param": None, "code": 500}}) + "\n\n"
@@ -255,6 +310,17 @@ class OpenAIServing:
                 "logprobs": self._completion_logprobs(new_tokens, new_entries, offset)
                 if job.logprobs is not None else None,
                 "finish_reason": completion.finish_reason, "stop_reason": completion.stop_reason}
+
+    def _usage(self, outputs: Iterable[RequestOutput]) -> dict[str, Any]:
+        outputs = list(outputs)
+        prompt = sum(len(o.prompt_token_ids) for o in outputs)
+        completion = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+        usage: dict[str, Any] = {"prompt_tokens": prompt, "completion_tokens": completion,
+                                 "total_tokens": prompt + completion}
+        if self.enable_prompt_tokens_details:
+            usage["prompt_tokens_details"] = {
+                "cached_tokens": sum(o.num_cached_tokens or 0 for o in outputs)}
+        return usage
 
     def _event(self, job: Job, choices: list[dict[str, Any]],
                usage: dict[str, Any] | None = None) -> str:
@@ -304,12 +370,3 @@ class OpenAIServing:
 
 def _stop_strings(job: Job, index: int) -> tuple[str, ...]:
     return job.prepared[index].children[0].sampling_params.stop_strings
-
-
-def _usage(outputs) -> dict[str, Any]:  # noqa: ANN001
-    prompt = sum(len(o.prompt_token_ids) for o in outputs)
-    completion = sum(len(c.token_ids) for o in outputs for c in o.outputs)
-    cached = sum(o.num_cached_tokens or 0 for o in outputs)
-    return {"prompt_tokens": prompt, "completion_tokens": completion,
-            "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": cached}}

@@ -1,0 +1,72 @@
+"""ASGI middleware that bounds what one client can make the server hold."""
+from __future__ import annotations
+
+import hmac
+
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from kvflow.server.errors import error_response
+
+
+class BodyLimitMiddleware:
+    """Refuses request bodies over max_bytes with a 413, before reading them when the
+    Content-Length says so, and as soon as the count passes the limit otherwise (chunked
+    uploads), so that no route parses or tokenizes an oversized body."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    def _message(self) -> str:
+        return (f"the request body exceeds the server's limit of {self.max_bytes} bytes "
+                "(--max-request-body-bytes)")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            response = error_response(413, self._message(), headers={"Connection": "close"})
+            await response(scope, receive, send)
+            return
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    # FastAPI passes HTTPExceptions from body reading through to the app's
+                    # handler, which answers in the OpenAI error shape.
+                    raise HTTPException(413, self._message())
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+
+class ApiKeyMiddleware:
+    """Requires `Authorization: Bearer KEY` (the scheme in any case, as RFC 7235 says) on
+    every path but the open ones. The key is compared in constant time."""
+
+    def __init__(self, app: ASGIApp, api_key: str, open_paths: tuple[str, ...]) -> None:
+        self.app = app
+        self.expected = api_key.encode()
+        self.open_paths = open_paths
+
+    def _authorized(self, scope: Scope) -> bool:
+        header = dict(scope["headers"]).get(b"authorization", b"")
+        scheme, _, token = header.partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.expected)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] not in self.open_paths \
+                and not self._authorized(scope):
+            response = error_response(401, "missing or wrong API key",
+                                      headers={"WWW-Authenticate": "Bearer"})
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)

@@ -1,0 +1,144 @@
+"""A single hostile client against a real `kvflow serve`: none of these may stall, flood or
+take over the server. Loopback only, every test bounded in time."""
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import pytest
+
+from server_process import ServerProcess
+
+BODY_LIMIT = 8 * 2**20
+FLAGS = ("--dtype", "float32", "--device", "cpu", "--kv-cache-memory", "16MiB",
+         "--served-model-name", "tiny", "--max-request-body-bytes", str(BODY_LIMIT),
+         "--max-num-seqs", "4", "--max-waiting-requests", "6")
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint, tmp_path_factory):
+    model = checkpoint("qwen3", max_position_embeddings=4096)
+    process = ServerProcess(model, *FLAGS, log=tmp_path_factory.mktemp("hard") / "serve.log")
+    process.wait_ready()
+    yield process
+    assert process.stop(), process.log_path.read_text()[-3000:]
+
+
+def _running(server) -> float:
+    for line in httpx.get(server.url + "/metrics").text.splitlines():
+        if line.startswith("kvflow:num_requests_running{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise KeyError("kvflow:num_requests_running")
+
+
+def _error(response: httpx.Response, status: int, param: str | None = None) -> str:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["code"] == status
+    if param is not None:
+        assert error["param"] == param, error
+    return error["message"]
+
+
+def test_oversized_bodies_get_413_before_they_are_read(server):
+    big = "x" * (BODY_LIMIT + 1)
+    response = httpx.post(server.url + "/tokenize", json={"prompt": big}, timeout=30)
+    assert "--max-request-body-bytes" in _error(response, 413)
+
+    def chunks():  # no Content-Length: counted as it arrives
+        for _ in range(BODY_LIMIT // 2**16 + 2):
+            yield b" " * 2**16
+
+    response = httpx.post(server.url + "/v1/completions", content=chunks(), timeout=30,
+                          headers={"content-type": "application/json"})
+    _error(response, 413)
+    assert httpx.get(server.url + "/health").status_code == 200
+
+
+def test_tokenizing_a_huge_prompt_does_not_stall_the_event_loop(server):
+    prompt = "def fibonacci(n): return n, hello world\n" * (6 * 2**20 // 40)
+
+    async def scenario() -> tuple[float, httpx.Response]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=120) as http:
+            big = asyncio.create_task(http.post("/tokenize", json={"prompt": prompt}))
+            await asyncio.sleep(0.5)  # the body is in; the tokenizer is at work
+            start = time.monotonic()
+            health = await http.get("/health")
+            waited = time.monotonic() - start
+            assert health.status_code == 200
+            return waited, await big
+
+    waited, big = asyncio.run(scenario())
+    assert big.status_code == 200 and big.json()["count"] > 10**6
+    assert waited < 1.0, f"/health waited {waited:.2f} s behind the tokenizer"
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/completions", {"prompt": "\ud800 hi", "max_tokens": 2}, "prompt"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a\udfff"}]},
+     "messages"),
+    ("/tokenize", {"prompt": "\ud800"}, "prompt"),
+    ("/v1/completions", {"prompt": "hi", "stop": ["\ud800"]}, "stop"),
+    ("/v1/completions", {"prompt": "hi", "cache_salt": "\ud800"}, "cache_salt"),
+    ("/v1/completions", {"prompt": "hi", "\ud800": 1}, None),
+])
+def test_lone_surrogates_are_400_naming_the_field(server, path, body, param):
+    import json
+
+    # json.dumps keeps the surrogate as a \ud800 escape, as a hostile client would send it.
+    response = httpx.post(server.url + path, content=json.dumps(body),
+                          headers={"content-type": "application/json"}, timeout=30)
+    assert "surrogate" in _error(response, 400, param)
+    assert httpx.get(server.url + "/health").status_code == 200
+
+
+def test_prompts_times_n_is_bounded_and_waiting_counts_sequences(server):
+    body = {"model": "tiny", "prompt": ["a", "b", "c"], "n": 2, "max_tokens": 1}
+    assert "6 sequences" in _error(httpx.post(server.url + "/v1/completions", json=body), 400,
+                                   "n")
+
+    async def scenario() -> list[int]:
+        long = {"model": "tiny", "prompt": "x", "max_tokens": 3000, "ignore_eos": True,
+                "n": 4}
+        async with httpx.AsyncClient(base_url=server.url, timeout=120) as http:
+            # 4 sequences run and 4 wait: 4 more would pass the 6 allowed to wait, 2 would not.
+            running = [asyncio.create_task(http.post("/v1/completions", json=long))]
+            deadline = time.monotonic() + 30
+            while _running(server) < 4 and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            running.append(asyncio.create_task(http.post("/v1/completions", json=long)))
+            await asyncio.sleep(0.5)
+            refused = await http.post("/v1/completions", json=long)
+            accepted = asyncio.create_task(http.post(
+                "/v1/completions", json={**long, "n": 2, "max_tokens": 2}))
+            await asyncio.sleep(0.5)
+            for task in running:  # leaving aborts them, and the accepted request runs
+                task.cancel()
+            await asyncio.gather(*running, return_exceptions=True)
+            return [refused.status_code, (await accepted).status_code]
+
+    assert asyncio.run(scenario()) == [503, 200]
+
+
+def test_a_non_streaming_client_that_leaves_is_aborted(server):
+    # 4 x 4,000 tokens: many seconds of work, abandoned after 1.5 s.
+    body = {"model": "tiny", "prompt": "x", "max_tokens": 4000, "ignore_eos": True, "n": 4}
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(server.url + "/v1/completions", json=body, timeout=1.5)
+    left = time.monotonic()
+    while _running(server) > 0 and time.monotonic() < left + 1.5:
+        time.sleep(0.05)
+    assert _running(server) == 0, "the abandoned request is still running"
+    assert "client disconnected; aborting its request" in server.log_path.read_text()
+
+
+def test_unknown_field_names_cannot_forge_or_flood_the_log(server):
+    forged = "x\nERROR kvflow: forged line"
+    body = {"model": "tiny", "prompt": "hi", "max_tokens": 1, forged: 1, "y" * 100_000: 2}
+    assert httpx.post(server.url + "/v1/completions", json=body).status_code == 200
+    time.sleep(0.2)
+    log = server.log_path.read_text()
+    assert "\nERROR kvflow: forged line" not in log
+    assert "x\\nERROR kvflow: forged line" in log
+    assert "y" * 1000 not in log
