@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from kvflow.engine.llm_engine import LLMEngine, PreparedRequest
+from kvflow.engine.llm_engine import EngineStepError, LLMEngine, PreparedRequest
 from kvflow.outputs import RequestOutput
 
 logger = logging.getLogger(__name__)
@@ -23,8 +23,15 @@ logger = logging.getLogger(__name__)
 IDLE_WAIT_S = 0.05
 
 
+MAX_CONSECUTIVE_STEP_FAILURES = 3
+
+
 class EngineDeadError(RuntimeError):
     """The engine thread failed; no request can make progress."""
+
+
+class RequestFailedError(RuntimeError):
+    """An engine step failed while running this request; the engine goes on serving."""
 
 
 @dataclass
@@ -76,6 +83,7 @@ class AsyncEngine:
         self._taken_sequences = 0
         self._inbox_lock = threading.Lock()
         self._inbox_closed = False
+        self._consecutive_failures = 0
 
     @property
     def alive(self) -> bool:
@@ -102,7 +110,7 @@ class AsyncEngine:
         try:
             while True:
                 item = await stream.outputs.get()
-                if isinstance(item, ValueError):  # the engine refused the add
+                if isinstance(item, (ValueError, RequestFailedError)):  # refused, or failed
                     settled = True
                 if isinstance(item, BaseException):
                     raise item
@@ -220,7 +228,26 @@ class AsyncEngine:
             pass
 
     def _step(self) -> None:
-        outputs = self.engine.step()
+        """One engine step. A step that fails fails the requests it held (the engine has
+        already freed and requeued them: they are aborted here) and the engine goes on;
+        only failures in MAX_CONSECUTIVE_STEP_FAILURES steps in a row end the engine."""
+        try:
+            outputs = self.engine.step()
+        except EngineStepError as exc:
+            self._consecutive_failures += 1
+            logger.error("%s (%d in a row)", exc, self._consecutive_failures,
+                         exc_info=exc.__cause__)
+            if self._consecutive_failures >= MAX_CONSECUTIVE_STEP_FAILURES:
+                raise
+            for request_id in exc.request_ids:
+                self.engine.abort_request(request_id)
+                stream = self._streams.pop(request_id, None)
+                if stream is not None:
+                    self._deliver(stream, RequestFailedError(
+                        "the engine failed while running this request "
+                        f"({type(exc.__cause__).__name__}); other requests are unaffected"))
+            return
+        self._consecutive_failures = 0
         for output in outputs:
             stream = self._streams.get(output.request_id)
             if stream is None:

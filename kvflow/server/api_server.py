@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException
 
 import kvflow
 from kvflow.engine.args import EngineArgs
-from kvflow.engine.async_engine import AsyncEngine, EngineDeadError
+from kvflow.engine.async_engine import AsyncEngine, EngineDeadError, RequestFailedError
 from kvflow.engine.llm_engine import LLMEngine
 from kvflow.server.errors import ApiError, error_response, printable
 from kvflow.server.metrics import ServerMetrics
@@ -206,6 +206,10 @@ def create_app(args: ServerArgs) -> FastAPI:
     @app.exception_handler(ValueError)
     async def on_value_error(_request: Request, exc: ValueError) -> JSONResponse:
         return error_response(400, str(exc), getattr(exc, "param", None))
+
+    @app.exception_handler(RequestFailedError)
+    async def on_request_failed(_request: Request, exc: RequestFailedError) -> JSONResponse:
+        return error_response(500, str(exc))
 
     @app.exception_handler(EngineDeadError)
     async def on_engine_dead(_request: Request, exc: EngineDeadError) -> JSONResponse:
