@@ -72,3 +72,28 @@ def test_failures_in_a_row_end_the_engine(engine):
     assert not engine.alive
     with pytest.raises(EngineDeadError):
         asyncio.run(_run(engine, "late", list(range(5, 20))))
+
+
+def test_a_consumer_that_stops_reading_pins_one_output(engine):
+    import gc
+
+    from kvflow.outputs import RequestOutput
+
+    params = SamplingParams(temperature=0.0, max_tokens=60, ignore_eos=True)
+    prepared = engine.engine.prepare_request("slow", {"prompt_token_ids": [5, 6, 7]}, params)
+
+    async def scenario() -> tuple[int, RequestOutput]:
+        outputs = engine.generate(prepared)
+        first = await anext(outputs)
+        while engine.engine.has_unfinished_requests():  # the engine runs on; we do not read
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+        gc.collect()
+        pinned = sum(type(o) is RequestOutput for o in gc.get_objects())
+        last = [o async for o in outputs][-1]
+        assert len(first.outputs[0].token_ids) < 60
+        return pinned, last
+
+    pinned, last = asyncio.run(scenario())
+    assert pinned <= 3, f"{pinned} outputs held for one unread stream"
+    assert last.finished and len(last.outputs[0].token_ids) == 60

@@ -34,10 +34,27 @@ class RequestFailedError(RuntimeError):
     """An engine step failed while running this request; the engine goes on serving."""
 
 
-@dataclass
 class _Stream:
-    loop: asyncio.AbstractEventLoop
-    outputs: asyncio.Queue  # RequestOutput, or an exception that ends the stream
+    """What the engine has produced for one request and its consumer has not taken yet:
+    only the latest output, since outputs are cumulative. A consumer that stops reading
+    then pins one output, not every step's (which grows with the square of its length)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._ready = asyncio.Event()
+        self._latest: RequestOutput | BaseException | None = None
+
+    def put(self, item: RequestOutput | BaseException) -> None:
+        """On the event loop. An exception, or a finished output, is the last item."""
+        self._latest = item
+        self._ready.set()
+
+    async def get(self) -> RequestOutput | BaseException:
+        await self._ready.wait()
+        self._ready.clear()
+        item, self._latest = self._latest, None
+        assert item is not None
+        return item
 
 
 @dataclass
@@ -103,13 +120,13 @@ class AsyncEngine:
         Leaving early (a client that disconnects) aborts the request and frees its blocks."""
         if not self.alive:
             raise EngineDeadError(f"the engine is not running: {self.error!r}")
-        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        stream = _Stream(asyncio.get_running_loop())
         self._send(_Add(prepared, stream))
         self._sent_sequences += len(prepared.children)
         settled = False  # finished, or never accepted: nothing to abort
         try:
             while True:
-                item = await stream.outputs.get()
+                item = await stream.get()
                 if isinstance(item, (ValueError, RequestFailedError)):  # refused, or failed
                     settled = True
                 if isinstance(item, BaseException):
@@ -259,6 +276,6 @@ class AsyncEngine:
     @staticmethod
     def _deliver(stream: _Stream, item: RequestOutput | BaseException) -> None:
         try:
-            stream.loop.call_soon_threadsafe(stream.outputs.put_nowait, item)
+            stream.loop.call_soon_threadsafe(stream.put, item)
         except RuntimeError:  # the client's event loop has closed
             pass
