@@ -94,6 +94,8 @@ class OpenAIServing:
                                         f"{type(exc).__name__}") from None
 
     def _check_sequences(self, num_prompts: int, n: int) -> None:
+        """prompts x n of one request; n alone (one prompt, as in chat) is checked by the
+        engine for every prompt."""
         if num_prompts * n > self.max_sequences:
             raise ParameterError("n", f"{num_prompts} prompt(s) x n={n} is "
                                       f"{num_prompts * n} sequences; one request may run at "
@@ -121,7 +123,6 @@ class OpenAIServing:
     def prepare_chat(self, request: ChatCompletionRequest, model: str) -> Job:
         if request.top_logprobs is not None and not request.logprobs:
             raise ParameterError("top_logprobs", "top_logprobs needs logprobs to be true")
-        self._check_sequences(1, request.n)
         text = self.render_chat(request.messages, request.add_generation_prompt)
         max_tokens = request.max_completion_tokens or request.max_tokens
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
