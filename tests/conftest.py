@@ -72,3 +72,13 @@ def hf_greedy(model: torch.nn.Module, prompt: list[int], max_new_tokens: int) ->
                              min_new_tokens=max_new_tokens, do_sample=False,
                              eos_token_id=None, pad_token_id=0)
     return out[0, len(prompt):].tolist()
+
+
+def scheduler_step(scheduler, token: int = 7):  # noqa: ANN001, ANN201
+    """One scheduler step with no model: every request that samples gets `token`."""
+    from kvflow.outputs import RunnerOutput
+
+    out = scheduler.schedule()
+    sampled = {s.req_id: token for s in out.scheduled if s.sample}
+    scheduler.update_from_output(out, RunnerOutput(sampled_token_ids=sampled))
+    return out

@@ -7,6 +7,7 @@ from collections import Counter
 
 import pytest
 
+from conftest import scheduler_step
 from kvflow import LLM, SamplingParams
 from kvflow.config import SchedulerConfig
 from kvflow.core.block_pool import BlockPool
@@ -27,13 +28,6 @@ def _request(rid: str, tokens: list[int], max_tokens: int = 4, arrival: float = 
                    sampling_params=params or SamplingParams(max_tokens=max_tokens),
                    max_tokens=max_tokens, stop_token_ids=frozenset(), arrival_time=arrival,
                    cache_salt=salt)
-
-
-def _step(scheduler: Scheduler, token: int = 7):
-    out = scheduler.schedule()
-    sampled = {s.req_id: token for s in out.scheduled if s.sample}
-    scheduler.update_from_output(out, RunnerOutput(sampled_token_ids=sampled))
-    return out
 
 
 # Block pool -----------------------------------------------------------------------------
@@ -136,7 +130,7 @@ def test_admission_skips_cached_tokens_and_siblings_share_in_one_step():
     prompt = list(range(200, 221))  # 5 full blocks and 1 token
     for i in range(3):
         scheduler.add_request(_request(f"{i}_n", prompt))
-    first = _step(scheduler)
+    first = scheduler_step(scheduler)
     assert [(s.num_computed_tokens, len(s.token_ids)) for s in first.scheduled] == [
         (0, 21), (20, 1), (20, 1)]
     shared = first.scheduled[0].block_ids[:5]
@@ -145,7 +139,7 @@ def test_admission_skips_cached_tokens_and_siblings_share_in_one_step():
     assert [scheduler.requests[f"{i}_n"].num_cached_tokens for i in range(3)] == [0, 20, 20]
     assert (kv.stats.queries, kv.stats.hits) == (63, 40)
     while scheduler.num_unfinished:
-        _step(scheduler)
+        scheduler_step(scheduler)
     kv.pool.check_integrity()
     assert kv.pool.num_free_blocks == kv.pool.num_usable_blocks
     assert kv.pool.num_cached_blocks > 5  # prompt and generated blocks stay cached
@@ -156,10 +150,10 @@ def test_preempted_request_resumes_from_its_cached_prefix():
     scheduler = Scheduler(SchedulerConfig(max_model_len=100), kv)
     scheduler.add_request(_request("old", range(300, 312), max_tokens=8, arrival=0))
     scheduler.add_request(_request("new", range(400, 412), max_tokens=8, arrival=1))
-    _step(scheduler)  # 3 blocks each
+    scheduler_step(scheduler)  # 3 blocks each
     preempted_at = None
     for _ in range(8):
-        out = _step(scheduler)
+        out = scheduler_step(scheduler)
         if out.num_preemptions:
             preempted_at = out
             break
@@ -167,7 +161,7 @@ def test_preempted_request_resumes_from_its_cached_prefix():
     victim = scheduler.requests["new"]
     resumed = None
     while resumed is None and scheduler.num_unfinished:
-        out = _step(scheduler)
+        out = scheduler_step(scheduler)
         resumed = next((s for s in out.scheduled if s.req_id == "new"), None)
     # "old" grew into the victim's partial block, then into its cached tail block (leaves
     # go first), and "new" resumes from the two blocks still cached.
@@ -183,14 +177,14 @@ def test_lpm_runs_longest_cached_prefix_first_and_ages_the_rest():
     scheduler = Scheduler(config, kv)
     system = list(range(500, 540))  # 10 blocks
     scheduler.add_request(_request("warm", system + [1], max_tokens=1))
-    _step(scheduler)
+    scheduler_step(scheduler)
     scheduler.add_request(_request("cold", range(600, 620), max_tokens=1, arrival=1.0))
     order = []
     for i in range(40):
         # A newcomer that hits the cached system prompt arrives at every step.
         scheduler.add_request(_request(f"hot{i}", system + [2 + i], max_tokens=1,
                                        arrival=2.0 + i))
-        out = _step(scheduler)
+        out = scheduler_step(scheduler)
         order += [s.req_id for s in out.scheduled if s.sample]
         if "cold" in order:
             break
@@ -204,10 +198,10 @@ def test_fcfs_ignores_cache_hits():
     scheduler = Scheduler(SchedulerConfig(max_num_seqs=1, max_model_len=200), kv)
     system = list(range(500, 540))
     scheduler.add_request(_request("warm", system + [1], max_tokens=1))
-    _step(scheduler)
+    scheduler_step(scheduler)
     scheduler.add_request(_request("cold", range(600, 620), max_tokens=1, arrival=1.0))
     scheduler.add_request(_request("hot", system + [2], max_tokens=1, arrival=2.0))
-    assert [s.req_id for s in _step(scheduler).scheduled] == ["cold"]
+    assert [s.req_id for s in scheduler_step(scheduler).scheduled] == ["cold"]
 
 
 # End to end ----------------------------------------------------------------------------

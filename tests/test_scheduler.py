@@ -5,11 +5,11 @@ import itertools
 
 import pytest
 
+from conftest import scheduler_step
 from kvflow.config import SchedulerConfig
 from kvflow.core.block_pool import BlockPool
 from kvflow.core.kv_manager import KVCacheManager
 from kvflow.core.scheduler import Scheduler
-from kvflow.outputs import RunnerOutput
 from kvflow.request import Request, RequestStatus
 from kvflow.sampling_params import SamplingParams
 
@@ -24,13 +24,6 @@ def _request(rid: str, prompt_len: int, max_tokens: int = 4, arrival: float = 0.
     return Request(request_id=rid, prompt_token_ids=list(range(first, first + prompt_len)),
                    sampling_params=SamplingParams(max_tokens=max_tokens), max_tokens=max_tokens,
                    stop_token_ids=frozenset(), arrival_time=arrival, priority=priority)
-
-
-def _step(scheduler: Scheduler, token: int = 7):
-    out = scheduler.schedule()
-    sampled = {s.req_id: token for s in out.scheduled if s.sample}
-    scheduler.update_from_output(out, RunnerOutput(sampled_token_ids=sampled))
-    return out
 
 
 def test_block_pool_refcounts():
@@ -50,10 +43,10 @@ def test_token_budget_chunks_prompts_and_runs_decodes_first():
     scheduler = Scheduler(SchedulerConfig(max_num_batched_tokens=10, max_model_len=100), kv)
     scheduler.add_request(_request("a", 6, arrival=0))
     scheduler.add_request(_request("b", 12, arrival=1))
-    first = _step(scheduler)
+    first = scheduler_step(scheduler)
     assert [(s.req_id, len(s.token_ids), s.sample) for s in first.scheduled] == [
         ("a", 6, True), ("b", 4, False)]
-    second = _step(scheduler)
+    second = scheduler_step(scheduler)
     assert [(s.req_id, s.num_computed_tokens, len(s.token_ids)) for s in second.scheduled] == [
         ("a", 6, 1), ("b", 4, 8)]
 
@@ -63,13 +56,13 @@ def test_preemption_picks_latest_and_resumes_it():
     scheduler = Scheduler(SchedulerConfig(max_num_batched_tokens=64, max_model_len=100), kv)
     scheduler.add_request(_request("old", 4, max_tokens=6, arrival=0))
     scheduler.add_request(_request("new", 4, max_tokens=6, arrival=1))
-    _step(scheduler)  # both prefilled: 2 blocks used
-    out = _step(scheduler)  # both need a second block; only one is free
+    scheduler_step(scheduler)  # both prefilled: 2 blocks used
+    out = scheduler_step(scheduler)  # both need a second block; only one is free
     assert out.num_preemptions == 1
     assert scheduler.requests["new"].status == RequestStatus.PREEMPTED
     assert scheduler.requests["new"].output_token_ids == [7]
     while scheduler.num_unfinished:
-        _step(scheduler)
+        scheduler_step(scheduler)
     assert kv.pool.num_free_blocks == 3
 
 
@@ -79,7 +72,7 @@ def test_priority_policy_orders_waiting_requests():
     scheduler = Scheduler(config, kv)
     scheduler.add_request(_request("low", 4, arrival=0, priority=5))
     scheduler.add_request(_request("high", 4, arrival=1, priority=-1))
-    assert [s.req_id for s in _step(scheduler).scheduled] == ["high"]
+    assert [s.req_id for s in scheduler_step(scheduler).scheduled] == ["high"]
 
 
 def test_finish_and_abort_free_blocks():
@@ -87,7 +80,7 @@ def test_finish_and_abort_free_blocks():
     scheduler = Scheduler(SchedulerConfig(max_model_len=100), kv)
     scheduler.add_request(_request("a", 9))
     scheduler.add_request(_request("b", 3))
-    _step(scheduler)
+    scheduler_step(scheduler)
     assert kv.pool.num_free_blocks < 15
     scheduler.finish_request("a", RequestStatus.FINISHED_ABORTED)
     scheduler.finish_request("b", RequestStatus.FINISHED_ABORTED)
