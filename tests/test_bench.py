@@ -210,6 +210,8 @@ def test_bench_rejects_bad_arguments(tmp_path, capsys, checkpoint):
     fails(["bench", "serve", "--workload", "mixed", "--max-concurrency", "0"], "max_concurrency")
     fails(["bench", "make-model", str(tmp_path / "none.json"), str(tmp_path / "o")],
           "neither a file nor a name")
+    fails(["bench", "throughput", "--model", str(tmp_path / "no-model"), "--workload", "mixed"],
+          "is not a directory")
     from server_process import free_port
 
     fails(["bench", "serve", "--base-url", f"http://127.0.0.1:{free_port()}", "--workload",

@@ -57,4 +57,7 @@ def tokenizer_vocab_size(model: str | Path) -> int:
     """Prompt ids are drawn below the tokenizer's vocabulary, not the model's."""
     from transformers import AutoTokenizer
 
-    return len(AutoTokenizer.from_pretrained(str(model)))
+    from kvflow.models.loader import resolve_model_path
+
+    # Resolved first, so that a mistyped path gets kvflow's error, not the Hub's.
+    return len(AutoTokenizer.from_pretrained(str(resolve_model_path(str(model)))))
