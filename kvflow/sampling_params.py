@@ -7,6 +7,9 @@ from dataclasses import dataclass, field, replace
 MAX_LOGPROBS = 20
 MAX_SEED = 2**64 - 1  # what torch.Generator.manual_seed takes
 
+MIN_REPETITION_PENALTY = 0.01
+MAX_REPETITION_PENALTY = 100.0
+
 
 class ParameterError(ValueError):
     """A request field with a bad value; `param` names it (the server's error body says it)."""
@@ -60,8 +63,11 @@ class SamplingParams:
             raise ValueError(f"top_k must be -1 or 0 (disabled) or at least 1, got {self.top_k}")
         if not 0.0 <= self.min_p <= 1.0:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
-        if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be positive, got {self.repetition_penalty}")
+        # Bounded away from 0: a tiny penalty divides logits into infinities (or is 0 once
+        # cast to float32), and one row of infinities would sample garbage.
+        if not MIN_REPETITION_PENALTY <= self.repetition_penalty <= MAX_REPETITION_PENALTY:
+            raise ValueError(f"repetition_penalty must be in [{MIN_REPETITION_PENALTY}, "
+                             f"{MAX_REPETITION_PENALTY}], got {self.repetition_penalty}")
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2.0 <= getattr(self, name) <= 2.0:
                 raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")

@@ -19,6 +19,7 @@ def free_port() -> int:
 
 class ServerProcess:
     def __init__(self, model: Path | None, *flags: str, log: Path) -> None:
+        self.model = model
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         command = [sys.executable, "-m", "kvflow.cli", "serve"]

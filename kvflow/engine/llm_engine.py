@@ -126,7 +126,7 @@ class LLMEngine:
                 return prompt.get("prompt"), list(prompt["prompt_token_ids"])
             if "prompt" in prompt:
                 return prompt["prompt"], self.tokenizer.encode(prompt["prompt"])
-        raise ValueError(f"a prompt must be a string or a dict with 'prompt' or "
+        raise ParameterError("prompt", f"a prompt must be a string or a dict with 'prompt' or "
                          f"'prompt_token_ids', got {type(prompt).__name__}")
 
     @staticmethod
@@ -188,11 +188,12 @@ class LLMEngine:
     def _validate(self, token_ids: list[int], params: SamplingParams) -> int:
         """Checks a prompt against the model and the pool; returns the resolved max_tokens."""
         if not token_ids:
-            raise ValueError("the prompt is empty")
+            raise ParameterError("prompt", "the prompt is empty")
         vocab = self.model_config.vocab_size
         bad = [t for t in token_ids if not isinstance(t, int) or not 0 <= t < vocab]
         if bad:
-            raise ValueError(f"prompt token ids must be integers in [0, {vocab}), got {bad[:5]}")
+            raise ParameterError("prompt", f"prompt token ids must be integers in [0, {vocab}), "
+                                           f"got {bad[:5]}")
         for token in params.logit_bias or {}:
             if not 0 <= token < vocab:
                 raise ParameterError("logit_bias",
@@ -209,14 +210,17 @@ class LLMEngine:
         if max_tokens is None:
             max_tokens = self.max_model_len - prompt_len
             if max_tokens < 1:
-                raise ValueError(f"the prompt has {prompt_len} tokens, which leaves no room to "
-                                 f"generate within max_model_len={self.max_model_len}")
+                raise ParameterError("prompt", f"the prompt has {prompt_len} tokens, which "
+                                               f"leaves no room to generate within "
+                                               f"max_model_len={self.max_model_len}")
         if prompt_len + max_tokens > self.max_model_len:
-            raise ValueError(f"the prompt ({prompt_len} tokens) plus max_tokens ({max_tokens}) "
-                             f"exceeds max_model_len={self.max_model_len}")
+            raise ParameterError("max_tokens", f"the prompt ({prompt_len} tokens) plus "
+                                               f"max_tokens ({max_tokens}) exceeds "
+                                               f"max_model_len={self.max_model_len}")
         if not self.kv_manager.can_ever_fit(prompt_len + max_tokens):
-            raise ValueError(f"the request needs {prompt_len + max_tokens} tokens of KV cache; "
-                             f"the whole pool holds {self.cache_config.num_tokens}")
+            raise ParameterError("max_tokens", f"the request needs {prompt_len + max_tokens} "
+                                               f"tokens of KV cache; the whole pool holds "
+                                               f"{self.cache_config.num_tokens}")
         return max_tokens
 
     def abort_request(self, request_ids: str | list[str]) -> None:

@@ -11,6 +11,7 @@ import logging
 import threading
 import time
 from contextlib import asynccontextmanager
+from pathlib import Path
 from dataclasses import dataclass, field
 from collections.abc import Awaitable
 from typing import Any, TypeVar
@@ -57,7 +58,17 @@ class ServerArgs:
 
     @property
     def model_names(self) -> list[str]:
-        return self.served_model_name or [self.engine.model]
+        """The names the server lists and labels its metrics with. A local checkpoint is
+        known by its directory's name: its absolute path says how the host is laid out."""
+        if self.served_model_name:
+            return self.served_model_name
+        local = Path(self.engine.model).expanduser()
+        return [local.resolve().name if local.exists() else self.engine.model]
+
+    def serves(self, name: str) -> bool:
+        # The model argument itself is accepted too, as vLLM's default name, unlisted.
+        return name in self.model_names or (not self.served_model_name
+                                            and name == self.engine.model)
 
 
 class ServerState:
@@ -113,7 +124,7 @@ class ServerState:
         return self.engine, self.serving
 
     def check_model(self, name: str | None) -> None:
-        if name is not None and name not in self.args.model_names:
+        if name is not None and not self.args.serves(name):
             raise ApiError(404, f"model {name!r} does not exist; this server serves "
                                 f"{self.args.model_names}", "model")
 
@@ -203,9 +214,11 @@ def create_app(args: ServerArgs) -> FastAPI:
             first.get("msg", "invalid request"))
         return error_response(400, message, location[0] if location else None)
 
-    @app.exception_handler(ValueError)
-    async def on_value_error(_request: Request, exc: ValueError) -> JSONResponse:
-        return error_response(400, str(exc), getattr(exc, "param", None))
+    # Only a ParameterError is the client's fault; any other ValueError is a bug of ours and
+    # its text (paths, internals) is not the client's to read.
+    @app.exception_handler(ParameterError)
+    async def on_parameter_error(_request: Request, exc: ParameterError) -> JSONResponse:
+        return error_response(400, str(exc), exc.param)
 
     @app.exception_handler(RequestFailedError)
     async def on_request_failed(_request: Request, exc: RequestFailedError) -> JSONResponse:
@@ -250,7 +263,7 @@ def create_app(args: ServerArgs) -> FastAPI:
     async def models() -> dict[str, Any]:
         engine, _ = state.ready()
         data = [{"id": name, "object": "model", "created": state.created, "owned_by": "kvflow",
-                 "root": args.engine.model, "parent": None,
+                 "root": args.model_names[0], "parent": None,
                  "max_model_len": engine.engine.max_model_len, "permission": []}
                 for name in args.model_names]
         return {"object": "list", "data": data}
@@ -274,7 +287,7 @@ def create_app(args: ServerArgs) -> FastAPI:
         logger.info("prefix cache reset: %d cached blocks forgotten", num_blocks)
         return Response(status_code=200)
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health() -> Response:
         state.ready()
         return Response(status_code=200)

@@ -10,7 +10,9 @@ from kvflow.sampling_params import ParameterError, SamplingParams
 
 
 class OpenAIModel(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    # strict, as vLLM: "n": "1" or "stream": "yes" is a 400, not a guess (an int still
+    # passes where a float is asked for)
+    model_config = ConfigDict(extra="allow", strict=True)
 
 
 def _lone_surrogate_path(value: Any, path: tuple[str, ...] = ()) -> tuple[str, ...] | None:
@@ -103,7 +105,8 @@ def _token_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
     try:
         return {int(token): value for token, value in bias.items()}
     except ValueError:
-        raise ValueError(f"logit_bias keys must be token ids, got {list(bias)[:5]}") from None
+        raise ParameterError("logit_bias",
+                             f"logit_bias keys must be token ids, got {list(bias)[:5]}") from None
 
 
 class CompletionRequest(_GenerationRequest):
@@ -127,7 +130,7 @@ class ChatMessage(OpenAIModel):
         message = self.model_dump(exclude_none=True)
         if isinstance(self.content, list):
             if any(part.type != "text" or part.text is None for part in self.content):
-                raise ValueError("only text content parts are supported")
+                raise ParameterError("messages", "only text content parts are supported")
             message["content"] = "\n".join(part.text for part in self.content)  # type: ignore
         return message
 

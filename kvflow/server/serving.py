@@ -15,6 +15,7 @@ from kvflow.engine.async_engine import AsyncEngine
 from kvflow.engine.llm_engine import PreparedRequest
 from kvflow.outputs import CompletionOutput, Logprob, RequestOutput
 from kvflow.sampling_params import ParameterError
+from kvflow.server.chat import ChatTemplate
 from kvflow.server.metrics import ServerMetrics
 from kvflow.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                     TokenizeRequest)
@@ -75,6 +76,7 @@ class OpenAIServing:
         self.enable_prompt_tokens_details = enable_prompt_tokens_details
         self.metrics = metrics
         self.tokenizer = engine.engine.tokenizer
+        self.chat_template = ChatTemplate(self.tokenizer)
         self.max_sequences = engine.engine.scheduler_config.max_num_seqs
         self._pool = ThreadPoolExecutor(num_tokenizer_threads,
                                         thread_name_prefix="kvflow-tokenize")
@@ -123,14 +125,19 @@ class OpenAIServing:
     def prepare_chat(self, request: ChatCompletionRequest, model: str) -> Job:
         if request.top_logprobs is not None and not request.logprobs:
             raise ParameterError("top_logprobs", "top_logprobs needs logprobs to be true")
-        text = self.render_chat(request.messages, request.add_generation_prompt)
-        max_tokens = request.max_completion_tokens or request.max_tokens
+        text, token_ids = self.encode_chat(request.messages, request.add_generation_prompt)
+        max_tokens = request.max_tokens
+        if request.max_completion_tokens is not None:
+            # Named here: the engine's own message would name max_tokens.
+            if request.max_completion_tokens < 1:
+                raise ParameterError("max_completion_tokens", "max_completion_tokens must be at "
+                                     f"least 1, got {request.max_completion_tokens}")
+            max_tokens = request.max_completion_tokens
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
         params = request.sampling_params(max_tokens, logprobs, None)
         job = Job(kind="chat", model=model, prepared=[], n=params.n, logprobs=logprobs,
                   include_usage=request.include_usage)
-        prompt = {"prompt": text,
-                  "prompt_token_ids": self.encode("messages", text, add_special_tokens=False)}
+        prompt = {"prompt": text, "prompt_token_ids": token_ids}
         if request.cache_salt is not None:
             prompt["cache_salt"] = request.cache_salt
         job.prepared.append(self.engine.engine.prepare_request(
@@ -141,8 +148,7 @@ class OpenAIServing:
         if (request.prompt is None) == (request.messages is None):
             raise ParameterError("prompt", "give exactly one of prompt and messages")
         if request.messages is not None:
-            text = self.render_chat(request.messages, request.add_generation_prompt)
-            tokens = self.encode("messages", text, add_special_tokens=False)
+            _, tokens = self.encode_chat(request.messages, request.add_generation_prompt)
         else:
             tokens = self.encode("prompt", request.prompt, request.add_special_tokens)
         return {"count": len(tokens), "max_model_len": self.engine.engine.max_model_len,
@@ -155,19 +161,10 @@ class OpenAIServing:
             raise ParameterError("tokens", f"token ids must be in [0, {vocab}), got {bad[:5]}")
         return {"prompt": self.tokenizer.decode(request.tokens)}
 
-    def render_chat(self, messages: list, add_generation_prompt: bool) -> str:
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise ParameterError("messages", "the model's tokenizer has no chat template")
-        try:
-            conversation = [m.as_template_input() for m in messages]
-        except ValueError as exc:
-            raise ParameterError("messages", str(exc)) from None
-        try:
-            return self.tokenizer.apply_chat_template(
-                conversation, tokenize=False, add_generation_prompt=add_generation_prompt)
-        except Exception as exc:  # jinja errors: the template refused these messages
-            raise ParameterError("messages",
-                                 f"the chat template failed on these messages: {exc}") from None
+    def encode_chat(self, messages: list, add_generation_prompt: bool) -> tuple[str, list[int]]:
+        return self.chat_template.encode(
+            [m.as_template_input() for m in messages], add_generation_prompt,
+            lambda text: self.encode("messages", text, add_special_tokens=False))
 
     async def _outputs(self, job: Job) -> AsyncIterator[tuple[int, RequestOutput]]:
         """Every prompt's outputs, interleaved as they come; leaving early aborts them all."""
