@@ -3,12 +3,22 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
+from functools import cached_property
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 MAX_LOGPROBS = 20
 MAX_SEED = 2**64 - 1  # what torch.Generator.manual_seed takes
 
 MIN_REPETITION_PENALTY = 0.01
 MAX_REPETITION_PENALTY = 100.0
+# Each entry costs every step of the request a little; the caps keep one request from
+# slowing the whole batch. OpenAI documents 300 logit_bias entries; tokenizer-wide bans
+# (every token but a few) belong to structured output, not to logit_bias.
+MAX_LOGIT_BIAS_TOKENS = 1024
+MAX_STOP_TOKEN_IDS = 1024
 
 
 class ParameterError(ValueError):
@@ -90,8 +100,16 @@ class SamplingParams:
         if any(not s for s in stops):
             raise ValueError("stop strings must be non-empty")
         self.stop_strings = tuple(stops)
-        if self.stop_token_ids is not None and any(t < 0 for t in self.stop_token_ids):
-            raise ValueError(f"stop_token_ids must be non-negative, got {self.stop_token_ids}")
+        if self.stop_token_ids is not None:
+            if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+                raise ValueError(f"stop_token_ids has {len(self.stop_token_ids)} entries; at most "
+                                 f"{MAX_STOP_TOKEN_IDS} are allowed")
+            if any(t < 0 for t in self.stop_token_ids):
+                raise ValueError(f"stop_token_ids must be non-negative, got "
+                                 f"{self.stop_token_ids[:5]}")
+        if self.logit_bias and len(self.logit_bias) > MAX_LOGIT_BIAS_TOKENS:
+            raise ValueError(f"logit_bias has {len(self.logit_bias)} entries; at most "
+                             f"{MAX_LOGIT_BIAS_TOKENS} are allowed")
         if self.logit_bias:
             self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
             for token, bias in self.logit_bias.items():
@@ -125,7 +143,21 @@ class SamplingParams:
         return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0
                 or self.frequency_penalty != 0.0)
 
-    def for_sample(self, index: int) -> "SamplingParams":
-        """The parameters of the index-th of n samples: one sequence each, seeds kept distinct."""
+    @cached_property
+    def logit_bias_tensors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(token ids, biases) on the CPU, built once per request: the sampler concatenates
+        them every step, which costs no Python per entry."""
+        if not self.logit_bias:
+            return None
+        import torch
+
+        return (torch.tensor(list(self.logit_bias), dtype=torch.int64),
+                torch.tensor(list(self.logit_bias.values()), dtype=torch.float32))
+
+    def for_sample(self, index: int) -> SamplingParams:
+        """The parameters of the index-th of n samples: one sequence each, seeds kept distinct.
+        The samples share this request's logit_bias tensors."""
         seed = None if self.seed is None else self.seed + index
-        return replace(self, n=1, seed=seed)
+        sample = replace(self, n=1, seed=seed)
+        sample.__dict__["logit_bias_tensors"] = self.logit_bias_tensors
+        return sample

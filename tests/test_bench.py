@@ -138,9 +138,11 @@ def test_bench_serve_against_a_real_server(checkpoint, tmp_path):
     try:
         server.wait_ready()
         out = tmp_path / "serve.json"
+        # The server lists the checkpoint by its directory's name, not its path.
         assert main(["bench", "serve", "--base-url", server.url, "--workload", str(workload),
                      "--max-concurrency", "3", "--slo-ttft-ms", "60000", "--slo-tpot-ms",
-                     "60000", "--dtype", "float32", "--output", str(out)]) == 0
+                     "60000", "--dtype", "float32", "--output", str(out),
+                     "--model-path", str(model)]) == 0
         result = json.loads(out.read_text())
         expected = workload_from_spec(json.loads(workload.read_text()), 384)
         assert result["num_requests"] == 6 and result["latency"]["failed"] == 0
@@ -163,7 +165,8 @@ def test_bench_serve_against_a_real_server(checkpoint, tmp_path):
 
         strict = tmp_path / "strict.json"
         assert main(["bench", "serve", "--base-url", server.url, "--workload", str(workload),
-                     "--slo-ttft-ms", "0.001", "--output", str(strict)]) == 0
+                     "--slo-ttft-ms", "0.001", "--output", str(strict),
+                     "--model-path", str(model)]) == 0
         assert json.loads(strict.read_text())["latency"]["goodput_requests_per_s"] == 0
 
         rate = tmp_path / "rate.json"

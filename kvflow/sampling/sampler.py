@@ -9,6 +9,7 @@ on what else is in the batch.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -59,6 +60,20 @@ def _presence(rows: list[list[int]], vocab_size: int, device: torch.device) -> t
     return counts[:, :vocab_size]
 
 
+@functools.lru_cache(maxsize=1024)
+def _id_tensor(ids: frozenset[int]) -> torch.Tensor:
+    """A stop-id set as a tensor, once per distinct set (a request's samples share theirs)."""
+    return torch.tensor(sorted(ids), dtype=torch.int64)
+
+
+def _rows_of(entries: list[tuple[int, tuple[torch.Tensor, ...]]],
+             device: torch.device) -> torch.Tensor:
+    """The batch row of every id in entries [(row, (ids, ...))], in order."""
+    rows = torch.tensor([row for row, _ in entries], dtype=torch.int64)
+    counts = torch.tensor([len(tensors[0]) for _, tensors in entries], dtype=torch.int64)
+    return torch.repeat_interleave(rows, counts).to(device)
+
+
 def prepare_sampling(requests: list[ScheduledRequest], generators: dict[str, torch.Generator],
                      vocab_size: int, device: torch.device) -> SamplingBatch:
     params = [r.sampling_params for r in requests]
@@ -77,22 +92,19 @@ def prepare_sampling(requests: list[ScheduledRequest], generators: dict[str, tor
             seen=(output_counts > 0) | (prompt_counts > 0),
             output_counts=output_counts,
         )
-    biases = [(row, token, value) for row, r in enumerate(requests)
-              for token, value in (r.sampling_params.logit_bias or {}).items()]
-    bans = [(row, token) for row, r in enumerate(requests)
-            if len(r.output_token_ids) < r.sampling_params.min_tokens
-            for token in r.stop_token_ids]
-
-    def as_ids(values: tuple[int, ...]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.int64, device=device)
-
+    # Per row, not per entry: each request's ids are tensors built once, so a request with
+    # a long logit_bias or many stop ids costs the step a copy, not a Python loop.
+    biased = [(row, p.logit_bias_tensors) for row, p in enumerate(params) if p.logit_bias]
     logit_bias = banned = None
-    if biases:
-        rows, ids, values = zip(*biases)
-        logit_bias = (as_ids(rows), as_ids(ids), column(list(values)))
+    if biased:
+        ids = torch.cat([tensors[0] for _, tensors in biased])
+        logit_bias = (_rows_of(biased, device), ids.to(device),
+                      torch.cat([tensors[1] for _, tensors in biased]).to(device))
+    bans = [(row, _id_tensor(r.stop_token_ids)) for row, r in enumerate(requests)
+            if len(r.output_token_ids) < r.sampling_params.min_tokens and r.stop_token_ids]
     if bans:
-        rows, ids = zip(*bans)
-        banned = (as_ids(rows), as_ids(ids))
+        banned = (_rows_of([(row, (ids,)) for row, ids in bans], device),
+                  torch.cat([ids for _, ids in bans]).to(device))
     return SamplingBatch(
         temperature=column([p.temperature for p in params]),
         all_greedy=all(p.greedy for p in params),
