@@ -83,6 +83,12 @@ def _serve(ns: argparse.Namespace) -> int:
         ns.served_model_name = ns.served_model_name or [DEMO_MODEL_NAME]
     if ns.max_waiting_requests is not None and ns.max_waiting_requests < 1:
         raise ValueError(f"--max-waiting-requests must be at least 1, got {ns.max_waiting_requests}")
+    if ns.max_connections is not None and ns.max_connections < 1:
+        raise ValueError(f"--max-connections must be at least 1, got {ns.max_connections}")
+    for flag in ("header_timeout", "body_timeout", "write_timeout"):
+        if not getattr(ns, flag) > 0:
+            raise ValueError(f"--{flag.replace('_', '-')} must be positive, "
+                             f"got {getattr(ns, flag)}")
     args = ServerArgs(engine=engine_args_from(ns), host=ns.host, port=ns.port,
                       served_model_name=ns.served_model_name or [],
                       api_key=ns.api_key or os.environ.get("KVFLOW_API_KEY") or None,
@@ -90,7 +96,9 @@ def _serve(ns: argparse.Namespace) -> int:
                       shutdown_timeout=ns.shutdown_timeout,
                       enable_prompt_tokens_details=ns.enable_prompt_tokens_details,
                       max_request_body_bytes=parse_memory(ns.max_request_body_bytes,
-                                                          "--max-request-body-bytes"))
+                                                          "--max-request-body-bytes"),
+                      max_connections=ns.max_connections, header_timeout=ns.header_timeout,
+                      body_timeout=ns.body_timeout, write_timeout=ns.write_timeout)
     serve(args, log_level=ns.log_level)
     return 0
 
@@ -124,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--served-model-name", nargs="+", default=None,
-                       help="names clients may use in 'model' (default: MODEL as given)")
+                       help="names clients may use in 'model' (default: MODEL as given; "
+                            "/v1/models lists a local checkpoint by its directory's name)")
     serve.add_argument("--api-key", default=None,
                        help="require 'Authorization: Bearer KEY' (or set KVFLOW_API_KEY)")
     serve.add_argument("--max-waiting-requests", type=int, default=None,
@@ -133,6 +142,18 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--max-request-body-bytes", default="4MiB",
                        help="larger request bodies get a 413 before they are read (bytes or "
                             "e.g. 4MiB)")
+    serve.add_argument("--max-connections", type=int, default=None,
+                       help="open connections past which new ones get a 503 and are closed "
+                            "(default: the open-file limit less 256, at most 4096)")
+    serve.add_argument("--header-timeout", type=float, default=10.0,
+                       help="seconds a connection may take to send a request's headers; "
+                            "idle and half-sent connections are closed after it")
+    serve.add_argument("--body-timeout", type=float, default=30.0,
+                       help="seconds a request's body may take to arrive after its headers "
+                            "(408 after it)")
+    serve.add_argument("--write-timeout", type=float, default=30.0,
+                       help="seconds a client may leave a response unread before it is ended "
+                            "and its request aborted")
     serve.add_argument("--shutdown-timeout", type=float, default=10.0,
                        help="seconds running requests get to finish on SIGINT/SIGTERM")
     serve.add_argument("--enable-prompt-tokens-details", action="store_true",

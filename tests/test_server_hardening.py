@@ -3,7 +3,10 @@ take over the server. Loopback only, every test bounded in time."""
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import re
+import socket
 import time
 
 import httpx
@@ -256,3 +259,94 @@ def test_requests_during_shutdown_get_503_until_the_socket_closes(checkpoint, tm
     # Served until the signal, refused with the documented 503 after it, then closed.
     shape = "".join({200: "s", 503: "r", "closed": "c"}.get(status, "?") for status in statuses)
     assert re.fullmatch("s+r*c", shape), statuses
+
+
+def _connect(server, rcvbuf: int | None = None) -> socket.socket:
+    sock = socket.socket()
+    if rcvbuf is not None:  # before connect, so that the window stays small
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.settimeout(10)
+    sock.connect(("127.0.0.1", server.port))
+    return sock
+
+
+def _read_all(sock: socket.socket) -> bytes:
+    """What the server sent before it closed; a refusal closed before the server read the
+    client's bytes may reach the client as a reset instead."""
+    data = b""
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except ConnectionResetError:
+        return data or b"reset"
+    return data
+
+
+@pytest.fixture(scope="module")
+def strict_server(checkpoint, tmp_path_factory):
+    """Tight connection limits, so that a test can reach them in seconds."""
+    model = checkpoint("qwen3", max_position_embeddings=65536)
+    process = ServerProcess(model, *FLAGS[:4], "--kv-cache-memory", "80MiB",
+                            "--served-model-name", "tiny", "--max-connections", "24",
+                            "--header-timeout", "1.5", "--body-timeout", "1.5",
+                            "--write-timeout", "1.5",
+                            log=tmp_path_factory.mktemp("strict") / "serve.log")
+    process.wait_ready()
+    yield process
+    assert process.stop(), process.log_path.read_text()[-3000:]
+
+
+def test_half_sent_requests_and_connection_floods_are_bounded(strict_server):
+    pid = strict_server.process.pid
+    baseline = len(os.listdir(f"/proc/{pid}/fd"))
+    # 200 connections that send half a request line and stop, far past the 24 allowed.
+    socks = [_connect(strict_server) for _ in range(200)]
+    for sock in socks:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-")
+    time.sleep(0.5)
+    assert len(os.listdir(f"/proc/{pid}/fd")) <= baseline + 24 + 8
+    answers = [_read_all(sock) for sock in socks]  # each ends: refused, or timed out
+    started = time.monotonic()
+    refused = [a for a in answers if a.startswith(b"HTTP/1.1 503") or a == b"reset"]
+    late = [a for a in answers if a.startswith(b"HTTP/1.1 408")]
+    assert len(refused) + len(late) == 200 and 0 < len(late) <= 24, answers[:3]
+    assert b"--header-timeout" in late[0]
+    assert any(b"--max-connections" in a for a in refused)
+    assert time.monotonic() - started < 5
+    for sock in socks:
+        sock.close()
+    assert httpx.get(strict_server.url + "/health").status_code == 200
+    # One line per kind of refusal, however many there were.
+    log = strict_server.log_path.read_text()
+    assert log.count("refused a connection") < 10, log[-2000:]
+
+
+def test_a_body_that_never_arrives_gets_408(strict_server):
+    sock = _connect(strict_server)
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\ncontent-type: application/json"
+                 b"\r\ncontent-length: 100\r\n\r\n{\"prompt\":")
+    started = time.monotonic()
+    answer = sock.recv(65536)
+    waited = time.monotonic() - started
+    answer += _read_all(sock)  # the server closes the connection after its header deadline
+    sock.close()
+    assert answer.startswith(b"HTTP/1.1 408") and b"--body-timeout" in answer, answer
+    assert 1.0 < waited < 5
+
+
+def test_a_stream_nobody_reads_is_ended_and_aborted(strict_server):
+    sock = _connect(strict_server, rcvbuf=4096)
+    # Large chunks (top logprobs for 4 samples), so that the socket buffers fill fast.
+    body = json.dumps({"model": "tiny", "prompt": "x", "max_tokens": 60000, "n": 4,
+                       "logprobs": 20, "ignore_eos": True, "stream": True}).encode()
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\ncontent-type: application/json"
+                 b"\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+    assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+    # ...and then nothing more is read. Within buffers filling plus the write timeout, the
+    # server ends the stream and the engine lets go of its sequences.
+    deadline = time.monotonic() + 60
+    while _running(strict_server) > 0 or "--write-timeout" not in \
+            strict_server.log_path.read_text():
+        assert time.monotonic() < deadline, "the unread stream still runs"
+        time.sleep(0.2)
+    sock.close()

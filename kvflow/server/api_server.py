@@ -26,9 +26,13 @@ import kvflow
 from kvflow.engine.args import EngineArgs
 from kvflow.engine.async_engine import AsyncEngine, EngineDeadError, RequestFailedError
 from kvflow.engine.llm_engine import LLMEngine
+from kvflow.logger import RepeatFilter
+from kvflow.server.connections import (RESERVED_DESCRIPTORS, default_max_connections,
+                                       guarded_protocol, raise_descriptor_limit)
 from kvflow.server.errors import ApiError, error_response, printable
 from kvflow.server.metrics import ServerMetrics
-from kvflow.server.middleware import ApiKeyMiddleware, BodyLimitMiddleware
+from kvflow.server.middleware import (ApiKeyMiddleware, BodyLimitMiddleware,
+                                      ClientTimeoutMiddleware)
 from kvflow.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                     OpenAIModel, TokenizeRequest)
 from kvflow.sampling_params import ParameterError
@@ -52,6 +56,10 @@ class ServerArgs:
     max_waiting_requests: int | None = None  # sequences (prompts x n) waiting to run
     shutdown_timeout: float = 10.0
     max_request_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    max_connections: int | None = None  # None: from the open-file limit
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
+    write_timeout: float = 30.0
     # Off by default, as in vLLM: cached_tokens tells a client whether a prefix is in the
     # cache, which across tenants that share it (no cache_salt) says what others sent.
     enable_prompt_tokens_details: bool = False
@@ -189,6 +197,8 @@ def create_app(args: ServerArgs) -> FastAPI:
     app = FastAPI(title="kvflow", version=kvflow.__version__, lifespan=lifespan)
     # Pure ASGI middleware (not @app.middleware, whose wrapping hides a client's disconnect
     # from the routes); the last added runs first: the key is checked before the body is read.
+    app.add_middleware(ClientTimeoutMiddleware, body_timeout=args.body_timeout,
+                       write_timeout=args.write_timeout)
     app.add_middleware(BodyLimitMiddleware, max_bytes=args.max_request_body_bytes)
     if args.api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=args.api_key, open_paths=OPEN_PATHS)
@@ -316,7 +326,22 @@ def serve(args: ServerArgs, log_level: str = "info") -> None:
             state.begin_shutdown()
             super().handle_exit(sig, frame)
 
+    descriptors = raise_descriptor_limit()
+    max_connections = args.max_connections or default_max_connections(descriptors)
+    if max_connections > descriptors - RESERVED_DESCRIPTORS:
+        logger.warning("--max-connections %d leaves fewer than %d of the %d open files this "
+                       "process may have to the rest of it", max_connections,
+                       RESERVED_DESCRIPTORS, descriptors)
     # uvicorn's own grace outlasts ours, so streams end through the engine, not a cut socket.
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=log_level.lower(),
-                            timeout_graceful_shutdown=int(args.shutdown_timeout) + 5)
+                            timeout_graceful_shutdown=int(args.shutdown_timeout) + 5,
+                            http=guarded_protocol(max_connections, args.header_timeout))
+    repeats = RepeatFilter()
+    logging.getLogger("asyncio").addFilter(repeats)
+    for name in ("kvflow", "uvicorn", "uvicorn.error", "uvicorn.access"):
+        for handler in logging.getLogger(name).handlers:
+            handler.addFilter(repeats)
+    logger.info("connections: at most %d, headers within %g s, bodies within %g s, "
+                "responses read within %g s", max_connections, args.header_timeout,
+                args.body_timeout, args.write_timeout)
     Server(config).run()

@@ -1,12 +1,17 @@
 """ASGI middleware that bounds what one client can make the server hold."""
 from __future__ import annotations
 
+import asyncio
 import hmac
+import logging
+import time
 
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kvflow.server.errors import error_response
+
+logger = logging.getLogger(__name__)
 
 
 class BodyLimitMiddleware:
@@ -46,6 +51,56 @@ class BodyLimitMiddleware:
 
         await self.app(scope, limited_receive, send)
 
+
+class _ClientStalled(Exception):
+    """The client read nothing of the response for the write timeout."""
+
+
+class ClientTimeoutMiddleware:
+    """Bounds how long one slow client holds the server: its body must arrive within
+    body_timeout of its headers (else 408), and each part of a response must be taken by the
+    client within write_timeout (else the response ends, which aborts its request: a client
+    that stops reading a stream would otherwise hold a sequence in the batch until
+    max_tokens)."""
+
+    def __init__(self, app: ASGIApp, body_timeout: float, write_timeout: float) -> None:
+        self.app = app
+        self.body_timeout = body_timeout
+        self.write_timeout = write_timeout
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        deadline = time.monotonic() + self.body_timeout
+        body_done = False
+
+        async def timed_receive() -> Message:
+            nonlocal body_done
+            if body_done:  # what follows the body is the client's disconnect: no deadline
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                raise HTTPException(408, f"the request body did not arrive within "
+                                         f"{self.body_timeout:g} s (--body-timeout)") from None
+            body_done = message["type"] != "http.request" or not message.get("more_body")
+            return message
+
+        async def timed_send(message: Message) -> None:
+            if message["type"] != "http.response.body":
+                await send(message)
+                return
+            try:
+                await asyncio.wait_for(send(message), self.write_timeout)
+            except TimeoutError:
+                raise _ClientStalled from None
+
+        try:
+            await self.app(scope, timed_receive, timed_send)
+        except _ClientStalled:
+            logger.warning("a client read nothing for %g s (--write-timeout); its response "
+                           "was ended and its request aborted", self.write_timeout)
 
 
 class ApiKeyMiddleware:
