@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install test serve clean
+.PHONY: install test soak serve clean
 
 # install also compiles kvflow's native CPU kernels for this machine (about 25 s, once;
 # cached under ~/.cache/kvflow/kernels).
@@ -23,7 +23,12 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: install
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -m "not slow" tests
+
+# issue 11's soak test: one server under 64 streaming clients for KVFLOW_SOAK_SECONDS
+# (default 300), with its summary printed.
+soak: install
+	$(BIN)/python -m pytest -q -s -m slow tests/test_soak.py
 
 # The OpenAI-compatible server on 127.0.0.1:8000; with no MODEL, the built-in demo model.
 serve: install

@@ -83,8 +83,10 @@ def _serve(ns: argparse.Namespace) -> int:
         ns.served_model_name = ns.served_model_name or [DEMO_MODEL_NAME]
     if ns.max_waiting_requests is not None and ns.max_waiting_requests < 1:
         raise ValueError(f"--max-waiting-requests must be at least 1, got {ns.max_waiting_requests}")
-    if ns.max_connections is not None and ns.max_connections < 1:
-        raise ValueError(f"--max-connections must be at least 1, got {ns.max_connections}")
+    for flag in ("max_connections", "max_connections_per_client"):
+        if getattr(ns, flag) is not None and getattr(ns, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, "
+                             f"got {getattr(ns, flag)}")
     for flag in ("header_timeout", "body_timeout", "write_timeout"):
         if not getattr(ns, flag) > 0:
             raise ValueError(f"--{flag.replace('_', '-')} must be positive, "
@@ -97,7 +99,9 @@ def _serve(ns: argparse.Namespace) -> int:
                       enable_prompt_tokens_details=ns.enable_prompt_tokens_details,
                       max_request_body_bytes=parse_memory(ns.max_request_body_bytes,
                                                           "--max-request-body-bytes"),
-                      max_connections=ns.max_connections, header_timeout=ns.header_timeout,
+                      max_connections=ns.max_connections,
+                      max_connections_per_client=ns.max_connections_per_client,
+                      header_timeout=ns.header_timeout,
                       body_timeout=ns.body_timeout, write_timeout=ns.write_timeout)
     serve(args, log_level=ns.log_level)
     return 0
@@ -145,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--max-connections", type=int, default=None,
                        help="open connections past which new ones get a 503 and are closed "
                             "(default: the open-file limit less 256, at most 4096)")
+    serve.add_argument("--max-connections-per-client", type=int, default=None,
+                       help="open connections from one client address past which its new "
+                            "ones get a 503 (default: half of --max-connections)")
     serve.add_argument("--header-timeout", type=float, default=10.0,
                        help="seconds a connection may take to send a request's headers; "
                             "idle and half-sent connections are closed after it")

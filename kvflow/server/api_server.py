@@ -28,7 +28,8 @@ from kvflow.engine.async_engine import AsyncEngine, EngineDeadError, RequestFail
 from kvflow.engine.llm_engine import LLMEngine
 from kvflow.logger import RepeatFilter
 from kvflow.server.connections import (RESERVED_DESCRIPTORS, default_max_connections,
-                                       guarded_protocol, raise_descriptor_limit)
+                                       default_max_per_client, guarded_protocol,
+                                       raise_descriptor_limit)
 from kvflow.server.errors import ApiError, error_response, printable
 from kvflow.server.metrics import ServerMetrics
 from kvflow.server.middleware import (ApiKeyMiddleware, BodyLimitMiddleware,
@@ -57,6 +58,7 @@ class ServerArgs:
     shutdown_timeout: float = 10.0
     max_request_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     max_connections: int | None = None  # None: from the open-file limit
+    max_connections_per_client: int | None = None  # None: half of max_connections
     header_timeout: float = 10.0
     body_timeout: float = 30.0
     write_timeout: float = 30.0
@@ -328,6 +330,8 @@ def serve(args: ServerArgs, log_level: str = "info") -> None:
 
     descriptors = raise_descriptor_limit()
     max_connections = args.max_connections or default_max_connections(descriptors)
+    max_per_client = (args.max_connections_per_client
+                      or default_max_per_client(max_connections))
     if max_connections > descriptors - RESERVED_DESCRIPTORS:
         logger.warning("--max-connections %d leaves fewer than %d of the %d open files this "
                        "process may have to the rest of it", max_connections,
@@ -335,13 +339,15 @@ def serve(args: ServerArgs, log_level: str = "info") -> None:
     # uvicorn's own grace outlasts ours, so streams end through the engine, not a cut socket.
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=log_level.lower(),
                             timeout_graceful_shutdown=int(args.shutdown_timeout) + 5,
-                            http=guarded_protocol(max_connections, args.header_timeout))
+                            http=guarded_protocol(max_connections, max_per_client,
+                                                  args.header_timeout))
     repeats = RepeatFilter()
     logging.getLogger("asyncio").addFilter(repeats)
     for name in ("kvflow", "uvicorn", "uvicorn.error", "uvicorn.access"):
         for handler in logging.getLogger(name).handlers:
             handler.addFilter(repeats)
-    logger.info("connections: at most %d, headers within %g s, bodies within %g s, "
-                "responses read within %g s", max_connections, args.header_timeout,
+    logger.info("connections: at most %d (%d from one address), headers within %g s, "
+                "bodies within %g s, responses read within %g s", max_connections,
+                max_per_client, args.header_timeout,
                 args.body_timeout, args.write_timeout)
     Server(config).run()

@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import resource
+from collections import Counter
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -41,6 +42,12 @@ def default_max_connections(descriptor_limit: int) -> int:
     return max(16, min(MAX_DEFAULT_CONNECTIONS, descriptor_limit - RESERVED_DESCRIPTORS))
 
 
+def default_max_per_client(max_connections: int) -> int:
+    """Half of all: one address (a client, or everyone behind one proxy) cannot take every
+    slot, and a benchmark from one machine still gets thousands."""
+    return max(1, max_connections // 2)
+
+
 def _raw_error(status: int, reason: str, message: str) -> bytes:
     body = json.dumps({"error": {"message": message, "type": "service_unavailable"
                                  if status == 503 else "invalid_request_error",
@@ -50,34 +57,54 @@ def _raw_error(status: int, reason: str, message: str) -> bytes:
     return head.encode() + body
 
 
-def guarded_protocol(max_connections: int, header_timeout: float) -> type[H11Protocol]:
-    """uvicorn's h11 protocol with a cap on open connections and a deadline for headers."""
+def guarded_protocol(max_connections: int, max_per_client: int,
+                     header_timeout: float) -> type[H11Protocol]:
+    """uvicorn's h11 protocol with caps on open connections (in all, and from one client
+    address, so that one client cannot take every slot) and a deadline for headers."""
     refusal = _raw_error(503, "Service Unavailable", f"the server holds its limit of "
                          f"{max_connections} connections (--max-connections); retry later")
+    client_refusal = _raw_error(503, "Service Unavailable", f"this address holds its limit "
+                                f"of {max_per_client} connections "
+                                "(--max-connections-per-client); retry later")
     too_slow = _raw_error(408, "Request Timeout", f"the request's headers did not arrive "
                           f"within {header_timeout:g} s (--header-timeout)")
 
     # Refused connections stay in uvicorn's own set until their close completes; this one
     # holds only those let in.
     admitted: set[H11Protocol] = set()
+    per_client: Counter[str] = Counter()
 
     class GuardedH11Protocol(H11Protocol):
         _header_deadline: asyncio.TimerHandle | None = None
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
+            host = self.client[0] if self.client else ""
             if len(admitted) >= max_connections:
-                # Closed at once, so the descriptor is free again before the next accept.
-                logger.warning("refused a connection: the server holds its limit of %d "
-                               "(--max-connections)", max_connections)
-                transport.write(refusal)
-                transport.close()
+                self._refuse(refusal, "the server holds its limit of %d (--max-connections)",
+                             max_connections)
+                return
+            if per_client[host] >= max_per_client:
+                self._refuse(client_refusal, "an address holds its limit of %d "
+                             "(--max-connections-per-client)", max_per_client)
                 return
             admitted.add(self)
+            per_client[host] += 1
             self._arm_header_deadline()
 
+        def _refuse(self, answer: bytes, reason: str, limit: int) -> None:
+            # Closed at once, so the descriptor is free again before the next accept.
+            logger.warning("refused a connection: " + reason, limit)
+            self.transport.write(answer)
+            self.transport.close()
+
         def connection_lost(self, exc: Exception | None) -> None:
-            admitted.discard(self)
+            if self in admitted:
+                admitted.discard(self)
+                host = self.client[0] if self.client else ""
+                per_client[host] -= 1
+                if not per_client[host]:
+                    del per_client[host]
             self._disarm_header_deadline()
             super().connection_lost(exc)
 
