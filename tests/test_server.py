@@ -138,19 +138,25 @@ def test_streamed_completion_n2_logprobs_and_stop(client, offline):
     assert len(entries) == 12  # one per token: none repeated, none lost
 
 
-def test_streamed_echo_and_offsets(server):
-    body = {"model": "tiny", "prompt": "Hello", "echo": True, "stream": True, "max_tokens": 8,
-            "stop": ["zzzzzzzzzz"], "logprobs": 1, "ignore_eos": True}
+@pytest.mark.parametrize("read_delay", [0.0, 0.03])
+def test_streamed_echo_and_offsets(server, read_delay):
+    # Sampled, so that byte tokens (half a character each) come up; a slow reader gets
+    # several tokens per chunk.
+    body = {"model": "tiny", "prompt": "Hello", "echo": True, "stream": True, "max_tokens": 48,
+            "stop": ["zzzzzzzzzz"], "logprobs": 1, "ignore_eos": True, "seed": 5}
+    events = []
     with httpx.stream("POST", server.url + "/v1/completions", json=body,
                       headers=HEADERS) as response:
-        events = [json.loads(line[6:]) for line in response.iter_lines()
-                  if line.startswith("data: {")]
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                events.append(json.loads(line[6:]))
+                time.sleep(read_delay)
     text = "".join(e["choices"][0]["text"] for e in events if e["choices"])
     assert text.startswith("Hello") and len(text) > len("Hello")
     offsets = [o for e in events if e["choices"] and e["choices"][0]["logprobs"]
                for o in e["choices"][0]["logprobs"]["text_offset"]]
-    assert len(offsets) == 8 and offsets[0] == len("Hello")
-    assert offsets == sorted(offsets)
+    assert len(offsets) == 48 and offsets[0] == len("Hello")
+    assert offsets == sorted(offsets) and offsets[-1] <= len(text)
 
 
 def test_32_concurrent_streams(server, offline):

@@ -305,7 +305,8 @@ class OpenAIServing:
                     "finish_reason": completion.finish_reason, "stop_reason": completion.stop_reason}
         offset = (choice.echoed or 0) + start  # text_offset counts from the whole text's start
         return {"index": number, "text": prefix + delta,
-                "logprobs": self._completion_logprobs(new_tokens, new_entries, offset)
+                "logprobs": self._completion_logprobs(new_tokens, new_entries, offset,
+                                                      (choice.echoed or 0) + end)
                 if job.logprobs is not None else None,
                 "finish_reason": completion.finish_reason, "stop_reason": completion.stop_reason}
 
@@ -335,10 +336,13 @@ class OpenAIServing:
             return entry[token_id].decoded_token  # type: ignore[return-value]
         return self.tokenizer.decode([token_id])
 
-    def _completion_logprobs(self, tokens: list[int], entries: list,
-                             offset: int = 0) -> dict[str, list]:
+    def _completion_logprobs(self, tokens: list[int], entries: list, offset: int = 0,
+                             end: int | None = None) -> dict[str, list]:
         """The legacy completions shape; top_logprobs holds the top N and the chosen token.
-        text_offset counts characters from the start of the choice's whole text."""
+        text_offset counts characters from the start of the choice's whole text, up to `end`,
+        where the text sent so far ends: tokens decoded one by one can add up to more text
+        than they make together (the halves of one character), and the offsets of the next
+        chunk start at `end`."""
         result: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [],
                                    "text_offset": []}
         for token_id, entry in zip(tokens, entries):
@@ -347,7 +351,7 @@ class OpenAIServing:
             result["token_logprobs"].append(entry[token_id].logprob if entry else None)
             result["top_logprobs"].append(
                 {lp.decoded_token: lp.logprob for lp in entry.values()} if entry else None)
-            result["text_offset"].append(offset)
+            result["text_offset"].append(offset if end is None else min(offset, end))
             offset += len(text)
         return result
 
