@@ -77,10 +77,6 @@ def _generate(ns: argparse.Namespace) -> int:
 def _serve(ns: argparse.Namespace) -> int:
     from kvflow.server.api_server import ServerArgs, serve
 
-    if ns.model is None:
-        from kvflow.demo import DEMO_MODEL_NAME
-
-        ns.served_model_name = ns.served_model_name or [DEMO_MODEL_NAME]
     if ns.max_waiting_requests is not None and ns.max_waiting_requests < 1:
         raise ValueError(f"--max-waiting-requests must be at least 1, got {ns.max_waiting_requests}")
     for flag in ("max_connections", "max_connections_per_client"):

@@ -23,6 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 
 import kvflow
+from kvflow.demo import DEMO_MODEL_NAME, demo_model_path
 from kvflow.engine.args import EngineArgs
 from kvflow.engine.async_engine import AsyncEngine, EngineDeadError, RequestFailedError
 from kvflow.engine.llm_engine import LLMEngine
@@ -72,6 +73,8 @@ class ServerArgs:
         known by its directory's name: its absolute path says how the host is laid out."""
         if self.served_model_name:
             return self.served_model_name
+        if Path(self.engine.model) == demo_model_path():
+            return [DEMO_MODEL_NAME]
         local = Path(self.engine.model).expanduser()
         return [local.resolve().name if local.exists() else self.engine.model]
 
