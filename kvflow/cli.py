@@ -12,54 +12,6 @@ from kvflow.engine.args import EngineArgs
 from kvflow.logger import configure_logging
 
 
-ENGINE_FLAG_HELP = {
-    "tokenizer": "tokenizer directory or hub id (default: the model's)",
-    "dtype": "auto (the checkpoint's), bfloat16, float16 or float32",
-    "device": "auto (CUDA when available), cpu or cuda",
-    "max_model_len": "longest prompt plus output (default: max_position_embeddings)",
-    "block_size": "tokens per KV cache block",
-    "kv_cache_memory": "KV cache budget, bytes or e.g. 2GiB (default: min(4GiB, 1/4 of free "
-                       "RAM) on the CPU, 80%% of free memory on CUDA)",
-    "max_num_seqs": "most requests running at once",
-    "max_num_batched_tokens": "token budget of one step; longer prompts are chunked",
-    "scheduling_policy": "fcfs, priority (lower priority value runs first) or lpm (longest "
-                         "cached prefix first, aged so that none starves)",
-    "enable_prefix_caching": "reuse the KV cache of prompt prefixes already computed "
-                             "(default: on)",
-    "seed": "seed of the engine's sampler, used by requests without a seed of their own",
-    "attention_backend": "auto (the fastest for the device), torch (the PyTorch reference) "
-                         "or cpu (kvflow's native CPU kernels)",
-    "num_threads": "CPU threads (default: one per physical core, or OMP_NUM_THREADS)",
-    "enforce_eager": "PyTorch's own ops only: no native kernels (they are compiled once per "
-                     "machine and cached)",
-}
-
-
-def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per EngineArgs field (--max-model-len for max_model_len, and so on)."""
-    defaults = EngineArgs(model="")
-    kinds = {"max_model_len": int, "block_size": int, "max_num_seqs": int,
-             "max_num_batched_tokens": int, "seed": int, "num_threads": int}
-    for field in dataclasses.fields(EngineArgs):
-        if field.name == "model":
-            continue
-        flag = f"--{field.name.replace('_', '-')}"
-        default = getattr(defaults, field.name)
-        if isinstance(default, bool):
-            # A switch on by default also gets its --no- form (vLLM's spelling).
-            action = argparse.BooleanOptionalAction if default else "store_true"
-            parser.add_argument(flag, dest=field.name, action=action, default=default,
-                                help=ENGINE_FLAG_HELP[field.name])
-            continue
-        parser.add_argument(flag, dest=field.name, type=kinds.get(field.name, str),
-                            default=default, help=ENGINE_FLAG_HELP[field.name])
-
-
-def engine_args_from(namespace: argparse.Namespace) -> EngineArgs:
-    names = {field.name for field in dataclasses.fields(EngineArgs)}
-    return EngineArgs(**{k: v for k, v in vars(namespace).items() if k in names})
-
-
 def _generate(ns: argparse.Namespace) -> int:
     from kvflow import LLM, SamplingParams
 
@@ -67,7 +19,7 @@ def _generate(ns: argparse.Namespace) -> int:
                             min_p=ns.min_p, max_tokens=ns.max_tokens,
                             stop=ns.stop or None, repetition_penalty=ns.repetition_penalty,
                             ignore_eos=ns.ignore_eos)
-    args = engine_args_from(ns)
+    args = EngineArgs.from_cli_args(ns)
     llm = LLM(**dataclasses.asdict(args))
     output = llm.generate(ns.prompt, params, use_tqdm=False)[0]
     print(output.outputs[0].text)
@@ -87,7 +39,7 @@ def _serve(ns: argparse.Namespace) -> int:
         if not getattr(ns, flag) > 0:
             raise ValueError(f"--{flag.replace('_', '-')} must be positive, "
                              f"got {getattr(ns, flag)}")
-    args = ServerArgs(engine=engine_args_from(ns), host=ns.host, port=ns.port,
+    args = ServerArgs(engine=EngineArgs.from_cli_args(ns), host=ns.host, port=ns.port,
                       served_model_name=ns.served_model_name or [],
                       api_key=ns.api_key or os.environ.get("KVFLOW_API_KEY") or None,
                       max_waiting_requests=ns.max_waiting_requests,
@@ -122,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     generate.add_argument("--repetition-penalty", type=float, default=1.0)
     generate.add_argument("--stop", action="append", help="a stop string; may repeat")
     generate.add_argument("--ignore-eos", action="store_true")
-    add_engine_arguments(generate)
+    EngineArgs.add_cli_args(generate)
     generate.set_defaults(handler=_generate)
 
     serve = commands.add_parser("serve", parents=[common],
@@ -162,12 +114,12 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--enable-prompt-tokens-details", action="store_true",
                        help="report usage.prompt_tokens_details.cached_tokens (off by default: "
                             "it tells clients which prefixes are cached; see cache_salt)")
-    add_engine_arguments(serve)
+    EngineArgs.add_cli_args(serve)
     serve.set_defaults(handler=_serve)
 
     from kvflow.bench.cli import add_commands
 
-    add_commands(commands, common, add_engine_arguments)
+    add_commands(commands, common)
 
     ns = parser.parse_args(argv)
     configure_logging(ns.log_level.upper())

@@ -32,12 +32,12 @@ def test_generate_reports_bad_input(checkpoint):
 def test_engine_flags_include_the_prefix_cache_switch_and_lpm():
     import argparse
 
-    from kvflow.cli import add_engine_arguments, engine_args_from
+    from kvflow.engine.args import EngineArgs
 
     parser = argparse.ArgumentParser()
-    add_engine_arguments(parser)
-    assert engine_args_from(parser.parse_args([])).enable_prefix_caching is True
-    off = engine_args_from(parser.parse_args(["--no-enable-prefix-caching",
+    EngineArgs.add_cli_args(parser)
+    assert EngineArgs.from_cli_args(parser.parse_args([])).enable_prefix_caching is True
+    off = EngineArgs.from_cli_args(parser.parse_args(["--no-enable-prefix-caching",
                                               "--scheduling-policy", "lpm"]))
     assert off.enable_prefix_caching is False and off.scheduling_policy == "lpm"
-    assert engine_args_from(parser.parse_args(["--enable-prefix-caching"])).enable_prefix_caching
+    assert EngineArgs.from_cli_args(parser.parse_args(["--enable-prefix-caching"])).enable_prefix_caching

@@ -34,9 +34,9 @@ def _model_path(ns: argparse.Namespace) -> str:
 
 def _llm(ns: argparse.Namespace):  # noqa: ANN202
     from kvflow import LLM
-    from kvflow.cli import engine_args_from
+    from kvflow.engine.args import EngineArgs
 
-    return LLM(**dataclasses.asdict(engine_args_from(ns)))
+    return LLM(**dataclasses.asdict(EngineArgs.from_cli_args(ns)))
 
 
 def _finish(result, workload, model: str | None, dtype: str,  # noqa: ANN001
@@ -166,9 +166,9 @@ def _rate(value: str) -> float:
     return math.inf if value == "inf" else float(value)
 
 
-def add_commands(commands: argparse._SubParsersAction, common: argparse.ArgumentParser,
-                 add_engine_arguments) -> None:  # noqa: ANN001
+def add_commands(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     from kvflow.bench.compare import SYSTEMS
+    from kvflow.engine.args import EngineArgs
 
     threads = argparse.ArgumentParser(add_help=False)
     threads.add_argument("--threads", type=int, default=None,
@@ -208,7 +208,7 @@ def add_commands(commands: argparse._SubParsersAction, common: argparse.Argument
             p.add_argument("--num-iters", type=int, default=4)
             p.add_argument("--prompt-seed", type=int, default=0,
                            help="seed of the random prompt ids")
-        add_engine_arguments(p)
+        EngineArgs.add_cli_args(p)
         p.set_defaults(handler=handler)
 
     serve = sub.add_parser("serve", parents=[common, output],

@@ -1,6 +1,8 @@
 """The user-facing engine options, shared by LLM(...), LLMEngine and the CLI."""
 from __future__ import annotations
 
+import argparse
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -10,6 +12,31 @@ from kvflow.config import SchedulerConfig, parse_dtype, parse_memory
 from kvflow.demo import demo_model_path
 
 DEVICES = ("auto", "cpu", "cuda")
+
+_FLAG_HELP = {
+    "tokenizer": "tokenizer directory or hub id (default: the model's)",
+    "dtype": "auto (the checkpoint's), bfloat16, float16 or float32",
+    "device": "auto (CUDA when available), cpu or cuda",
+    "max_model_len": "longest prompt plus output (default: max_position_embeddings)",
+    "block_size": "tokens per KV cache block",
+    "kv_cache_memory": "KV cache budget, bytes or e.g. 2GiB (default: min(4GiB, 1/4 of free "
+                       "RAM) on the CPU, 80%% of free memory on CUDA)",
+    "max_num_seqs": "most requests running at once",
+    "max_num_batched_tokens": "token budget of one step; longer prompts are chunked",
+    "scheduling_policy": "fcfs, priority (lower priority value runs first) or lpm (longest "
+                         "cached prefix first, aged so that none starves)",
+    "enable_prefix_caching": "reuse the KV cache of prompt prefixes already computed "
+                             "(default: on)",
+    "seed": "seed of the engine's sampler, used by requests without a seed of their own",
+    "attention_backend": "auto (the fastest for the device), torch (the PyTorch reference) "
+                         "or cpu (kvflow's native CPU kernels)",
+    "num_threads": "CPU threads (default: one per physical core, or OMP_NUM_THREADS)",
+    "enforce_eager": "PyTorch's own ops only: no native kernels (they are compiled once per "
+                     "machine and cached)",
+}
+
+_FLAG_TYPES = {"max_model_len": int, "block_size": int, "max_num_seqs": int,
+               "max_num_batched_tokens": int, "seed": int, "num_threads": int}
 
 
 @dataclass
@@ -59,3 +86,28 @@ class EngineArgs:
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("device='cuda' was asked for but torch sees no CUDA device")
         return torch.device(self.device)
+
+    @staticmethod
+    def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        """One flag per field (--max-model-len for max_model_len, and so on), defined here so
+        that every command (serve, generate, bench) takes the same engine options."""
+        defaults = EngineArgs(model="")
+        for field in dataclasses.fields(EngineArgs):
+            if field.name == "model":
+                continue
+            flag = f"--{field.name.replace('_', '-')}"
+            default = getattr(defaults, field.name)
+            if isinstance(default, bool):
+                # A switch on by default also gets its --no- form (vLLM's spelling).
+                action = argparse.BooleanOptionalAction if default else "store_true"
+                parser.add_argument(flag, dest=field.name, action=action, default=default,
+                                    help=_FLAG_HELP[field.name])
+                continue
+            parser.add_argument(flag, dest=field.name, type=_FLAG_TYPES.get(field.name, str),
+                                default=default, help=_FLAG_HELP[field.name])
+        return parser
+
+    @classmethod
+    def from_cli_args(cls, namespace: argparse.Namespace) -> EngineArgs:
+        names = {field.name for field in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in vars(namespace).items() if k in names})
