@@ -61,6 +61,27 @@ def parse_memory(value: int | float | str, name: str = "kv_cache_memory") -> int
     return size
 
 
+_TOKEN_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "K": 2**10, "M": 2**20,
+                "G": 2**30}
+
+
+def parse_token_count(value: int | str, name: str = "max_model_len") -> int:
+    """A token count from an int or vLLM's human-readable form: "32k" is 32,000, "32K" is
+    32,768, "1m" is 1,000,000, "25.6k" is 25,600."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be a token count, got {value!r}")
+    if isinstance(value, int):
+        return value
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgKMG]?)\s*", str(value))
+    if not match:
+        raise ValueError(f"{name}={value!r} is not a token count; use an integer or a form "
+                         "like '32k' (x1000) or '32K' (x1024)")
+    count = float(match.group(1)) * _TOKEN_UNITS[match.group(2)]
+    if count != int(count):
+        raise ValueError(f"{name}={value!r} is not a whole number of tokens")
+    return int(count)
+
+
 @dataclass(frozen=True)
 class RopeConfig:
     theta: float

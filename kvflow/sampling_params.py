@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-MAX_LOGPROBS = 20
 MAX_SEED = 2**64 - 1  # what torch.Generator.manual_seed takes
 
 MIN_REPETITION_PENALTY = 0.01
@@ -94,8 +93,9 @@ class SamplingParams:
             )
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
-            if value is not None and not 0 <= value <= MAX_LOGPROBS:
-                raise ValueError(f"{name} must be in [0, {MAX_LOGPROBS}], got {value}")
+            # The upper bound is the engine's max_logprobs (20 unless raised).
+            if value is not None and value < 0:
+                raise ValueError(f"{name} must be non-negative, got {value}")
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if any(not s for s in stops):
             raise ValueError("stop strings must be non-empty")

@@ -41,3 +41,22 @@ def test_engine_flags_include_the_prefix_cache_switch_and_lpm():
                                               "--scheduling-policy", "lpm"]))
     assert off.enable_prefix_caching is False and off.scheduling_policy == "lpm"
     assert EngineArgs.from_cli_args(parser.parse_args(["--enable-prefix-caching"])).enable_prefix_caching
+
+
+def test_vllm_spelled_engine_flags():
+    import argparse
+
+    import pytest
+
+    from kvflow.engine.args import EngineArgs
+
+    parser = EngineArgs.add_cli_args(argparse.ArgumentParser())
+    args = EngineArgs.from_cli_args(parser.parse_args(
+        ["-tp", "1", "-pp", "1", "-dp", "1", "--max-model-len", "32k",
+         "--kv-cache-memory-bytes", "64MiB", "--gpu-memory-utilization", "0.5",
+         "--trust-remote-code", "--revision", "main", "--max-logprobs", "5"]))
+    assert (args.max_model_len, args.kv_cache_memory, args.gpu_memory_utilization) == \
+        (32000, 64 * 2**20, 0.5)
+    assert args.trust_remote_code and args.revision == "main" and args.max_logprobs == 5
+    with pytest.raises(ValueError, match="tensor parallelism is not built yet"):
+        EngineArgs.from_cli_args(parser.parse_args(["-tp", "2"]))

@@ -151,12 +151,42 @@ def test_generate_rejects_bad_input_and_leaves_nothing_behind(checkpoint):
     ("dtype", "int8", "dtype"), ("device", "tpu", "device"), ("kv_cache_memory", "lots", "size"),
     ("scheduling_policy", "random", "scheduling_policy"), ("block_size", 0, "block_size"),
     ("max_num_seqs", 0, "max_num_seqs"), ("max_num_batched_tokens", -1, "max_num_batched"),
-    ("max_model_len", 0, "max_model_len"),
+    ("max_model_len", 0, "max_model_len"), ("max_model_len", "3x", "token count"),
+    ("tensor_parallel_size", 2, "tensor parallelism is not built"),
+    ("pipeline_parallel_size", 2, "pipeline parallelism"),
+    ("data_parallel_size", 4, "load balancer"), ("gpu_memory_utilization", 0, "must be in"),
+    ("max_logprobs", -1, "max_logprobs"),
 ])
 def test_invalid_engine_options(checkpoint, option, value, match):
     with pytest.raises(ValueError, match=match):
         LLM(str(checkpoint("llama-gqa")), **{option: value, "kv_cache_memory": "4MiB"}
             if option != "kv_cache_memory" else {option: value})
+
+
+def test_vllm_engine_keywords(checkpoint, caplog, monkeypatch):
+    import logging
+
+    from kvflow.worker import kv_cache
+
+    path = str(checkpoint("llama-gqa"))
+    monkeypatch.setattr(kv_cache, "available_host_memory", lambda: 400 * 2**20)
+    with caplog.at_level(logging.WARNING, logger="kvflow"):
+        llm = LLM(model=path, gpu_memory_utilization=0.01, max_model_len="0.5k", device="cpu",
+                  tensor_parallel_size=1, trust_remote_code=True, max_logprobs=2,
+                  dtype="float32")
+    assert "trust_remote_code is ignored" in caplog.text
+    engine = llm.engine
+    # 1% of the (pretended) 400 MiB of available RAM for the KV cache.
+    per_block = engine.model_config.kv_bytes_per_token(engine.dtype) * 16
+    assert engine.cache_config.num_blocks == int(0.01 * 400 * 2**20) // per_block
+    assert engine.max_model_len == 500
+    with pytest.raises(ValueError, match="max_logprobs=2"):
+        llm.generate("x", SamplingParams(logprobs=3), use_tqdm=False)
+    assert llm.generate("x", SamplingParams(logprobs=2, max_tokens=2),
+                        use_tqdm=False)[0].outputs[0].logprobs
+    same = LLM(model=path, kv_cache_memory_bytes="4MiB", device="cpu").engine
+    assert same.cache_config.num_blocks == LLM(model=path, kv_cache_memory="4MiB",
+                                               device="cpu").engine.cache_config.num_blocks
 
 
 def _copy_with_config(source, target, edit) -> str:

@@ -192,7 +192,7 @@ def test_logit_bias_and_stop_token_ids_are_capped():
     ("max_tokens", 0), ("top_k", -2), ("min_p", 1.5), ("repetition_penalty", 0.0),
     ("repetition_penalty", 1e-30), ("repetition_penalty", 1e4),
     ("presence_penalty", 3.0), ("frequency_penalty", -2.5), ("min_tokens", -1),
-    ("logprobs", 21), ("prompt_logprobs", -1), ("stop", [""]), ("logit_bias", {1: 200}),
+    ("logprobs", -2), ("prompt_logprobs", -1), ("stop", [""]), ("logit_bias", {1: 200}),
     ("temperature", "hot"), ("n", 1.5),
 ])
 def test_invalid_parameters_name_the_field(field, value):

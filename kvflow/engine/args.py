@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from kvflow.attention.selector import BACKEND_NAMES
-from kvflow.config import SchedulerConfig, parse_dtype, parse_memory
+from kvflow.config import SchedulerConfig, parse_dtype, parse_memory, parse_token_count
 from kvflow.demo import demo_model_path
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -17,7 +17,8 @@ _FLAG_HELP = {
     "tokenizer": "tokenizer directory or hub id (default: the model's)",
     "dtype": "auto (the checkpoint's), bfloat16, float16 or float32",
     "device": "auto (CUDA when available), cpu or cuda",
-    "max_model_len": "longest prompt plus output (default: max_position_embeddings)",
+    "max_model_len": "longest prompt plus output, e.g. 4096, 32k (32,000) or 32K (32,768) "
+                     "(default: max_position_embeddings)",
     "block_size": "tokens per KV cache block",
     "kv_cache_memory": "KV cache budget, bytes or e.g. 2GiB (default: min(4GiB, 1/4 of free "
                        "RAM) on the CPU, 80%% of free memory on CUDA)",
@@ -33,10 +34,43 @@ _FLAG_HELP = {
     "num_threads": "CPU threads (default: one per physical core, or OMP_NUM_THREADS)",
     "enforce_eager": "PyTorch's own ops only: no native kernels (they are compiled once per "
                      "machine and cached)",
+    "kv_cache_memory_bytes": "vLLM's name for --kv-cache-memory",
+    "gpu_memory_utilization": "on CUDA, the fraction of the device's memory for weights, "
+                              "activations and KV cache (as vLLM); on the CPU, the fraction of "
+                              "available RAM for the KV cache. --kv-cache-memory overrides it",
+    "tensor_parallel_size": "1 only: kvflow runs on one device for now",
+    "pipeline_parallel_size": "1 only: kvflow runs on one device for now",
+    "data_parallel_size": "1 only: run several servers behind a load balancer instead",
+    "trust_remote_code": "accepted and ignored: kvflow runs its own model code, never a "
+                         "checkpoint's",
+    "download_dir": "where hub downloads go (default: the Hugging Face cache)",
+    "revision": "hub revision (branch, tag or commit) of the model",
+    "tokenizer_revision": "hub revision of the tokenizer (default: --revision)",
+    "max_logprobs": "most logprobs (and prompt_logprobs) a request may ask for",
 }
 
-_FLAG_TYPES = {"max_model_len": int, "block_size": int, "max_num_seqs": int,
-               "max_num_batched_tokens": int, "seed": int, "num_threads": int}
+def _token_count_flag(value: str) -> int:
+    try:
+        return parse_token_count(value)
+    except ValueError as exc:  # argparse shows this message instead of its generic one
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+_FLAG_TYPES = {"max_model_len": _token_count_flag, "block_size": int, "max_num_seqs": int,
+               "max_num_batched_tokens": int, "seed": int, "num_threads": int,
+               "gpu_memory_utilization": float, "tensor_parallel_size": int,
+               "pipeline_parallel_size": int, "data_parallel_size": int, "max_logprobs": int}
+_FLAG_ALIASES = {"tensor_parallel_size": ["-tp"], "pipeline_parallel_size": ["-pp"],
+                 "data_parallel_size": ["-dp"]}
+# Parallelism kvflow does not have yet: refused with what to do instead.
+_SINGLE_DEVICE = {
+    "tensor_parallel_size": "tensor parallelism is not built yet; kvflow runs a model on one "
+                            "device",
+    "pipeline_parallel_size": "pipeline parallelism is not built yet; kvflow runs a model on "
+                              "one device",
+    "data_parallel_size": "data parallelism is not built in; run one server per device "
+                          "behind a load balancer",
+}
 
 
 @dataclass
@@ -56,6 +90,17 @@ class EngineArgs:
     attention_backend: str = "auto"  # auto (the fastest for the device) | torch | cpu
     enforce_eager: bool = False  # True: PyTorch ops only, no compiled native kernels
     num_threads: int | None = None  # CPU threads; None: one per physical core (worker/threads.py)
+    # vLLM's names, so that a vLLM user's arguments carry over.
+    kv_cache_memory_bytes: int | str | None = None  # same as kv_cache_memory
+    gpu_memory_utilization: float | None = None  # see worker/kv_cache.py
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    data_parallel_size: int = 1
+    trust_remote_code: bool = False  # ignored, with a warning: kvflow runs no remote code
+    download_dir: str | None = None
+    revision: str | None = None
+    tokenizer_revision: str | None = None
+    max_logprobs: int = 20
 
     def __post_init__(self) -> None:
         if self.model is None:
@@ -71,10 +116,26 @@ class EngineArgs:
             raise ValueError(f"num_threads must be at least 1, got {self.num_threads}")
         if self.block_size < 1:
             raise ValueError(f"block_size must be at least 1, got {self.block_size}")
+        if self.max_model_len is not None:
+            self.max_model_len = parse_token_count(self.max_model_len)
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be at least 1, got {self.max_model_len}")
+        if self.kv_cache_memory_bytes is not None:
+            bytes_ = parse_memory(self.kv_cache_memory_bytes, "kv_cache_memory_bytes")
+            if self.kv_cache_memory is not None and parse_memory(self.kv_cache_memory) != bytes_:
+                raise ValueError("kv_cache_memory and kv_cache_memory_bytes are one option; "
+                                 "give one of them")
+            self.kv_cache_memory = self.kv_cache_memory_bytes = bytes_
         if self.kv_cache_memory is not None:
             self.kv_cache_memory = parse_memory(self.kv_cache_memory)
+        if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], "
+                             f"got {self.gpu_memory_utilization}")
+        for name, why in _SINGLE_DEVICE.items():
+            if getattr(self, name) != 1:
+                raise ValueError(f"{name}={getattr(self, name)}: {why}")
+        if self.max_logprobs < 0:
+            raise ValueError(f"max_logprobs must be non-negative, got {self.max_logprobs}")
         # Checked now rather than after the weights are loaded.
         SchedulerConfig(max_num_seqs=self.max_num_seqs,
                         max_num_batched_tokens=self.max_num_batched_tokens,
@@ -95,15 +156,15 @@ class EngineArgs:
         for field in dataclasses.fields(EngineArgs):
             if field.name == "model":
                 continue
-            flag = f"--{field.name.replace('_', '-')}"
+            flags = [f"--{field.name.replace('_', '-')}", *_FLAG_ALIASES.get(field.name, [])]
             default = getattr(defaults, field.name)
             if isinstance(default, bool):
                 # A switch on by default also gets its --no- form (vLLM's spelling).
                 action = argparse.BooleanOptionalAction if default else "store_true"
-                parser.add_argument(flag, dest=field.name, action=action, default=default,
+                parser.add_argument(*flags, dest=field.name, action=action, default=default,
                                     help=_FLAG_HELP[field.name])
                 continue
-            parser.add_argument(flag, dest=field.name, type=_FLAG_TYPES.get(field.name, str),
+            parser.add_argument(*flags, dest=field.name, type=_FLAG_TYPES.get(field.name, str),
                                 default=default, help=_FLAG_HELP[field.name])
         return parser
 

@@ -55,9 +55,16 @@ class PreparedRequest:
 
 class LLMEngine:
     def __init__(self, args: EngineArgs) -> None:
-        path = resolve_model_path(args.model)
+        if args.trust_remote_code:
+            logger.warning("trust_remote_code is ignored: kvflow runs its own model code for "
+                           "the architectures it supports, never code from a checkpoint")
+        path = resolve_model_path(args.model, args.revision, args.download_dir)
         self.model_config = ModelConfig.from_pretrained(path)
-        self.tokenizer = _load_tokenizer(args.tokenizer or str(path))
+        self.max_logprobs = args.max_logprobs
+        tokenizer = (str(path) if args.tokenizer is None
+                     else str(resolve_model_path(args.tokenizer, args.tokenizer_revision
+                                                 or args.revision, args.download_dir)))
+        self.tokenizer = _load_tokenizer(tokenizer)
         self.device = args.resolve_device()
         if self.device.type == "cpu":
             logger.info("CPU threads: %d", configure_threads(args.num_threads))
@@ -72,7 +79,8 @@ class LLMEngine:
                              f"max_position_embeddings ({model_len})")
         requested_len = args.max_model_len or model_len
         model = build_model(self.model_config, self.dtype, self.device, requested_len)
-        memory = args.kv_cache_memory or default_kv_cache_memory(self.device)
+        memory = args.kv_cache_memory or default_kv_cache_memory(self.device,
+                                                                 args.gpu_memory_utilization)
         num_blocks = num_blocks_for(memory, self.model_config, self.dtype, args.block_size)
         self.cache_config = CacheConfig(block_size=args.block_size, num_blocks=num_blocks)
         capacity = self.cache_config.num_tokens
@@ -202,6 +210,10 @@ class LLMEngine:
             if not 0 <= token < vocab:
                 raise ParameterError("stop_token_ids",
                                      f"stop_token_ids entry {token} is outside [0, {vocab})")
+        for name in ("logprobs", "prompt_logprobs"):
+            if (getattr(params, name) or 0) > self.max_logprobs:
+                raise ParameterError(name, f"{name}={getattr(params, name)} exceeds the "
+                                           f"server's max_logprobs={self.max_logprobs}")
         if params.n > self.scheduler_config.max_num_seqs:
             raise ParameterError("n", f"n={params.n} exceeds max_num_seqs="
                                       f"{self.scheduler_config.max_num_seqs}")

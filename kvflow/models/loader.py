@@ -21,8 +21,10 @@ _HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "toke
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
-def resolve_model_path(model: str) -> Path:
-    """A local directory as it is; anything else is fetched from the Hugging Face Hub."""
+def resolve_model_path(model: str, revision: str | None = None,
+                       download_dir: str | None = None) -> Path:
+    """A local directory as it is; anything else is fetched from the Hugging Face Hub (at
+    `revision`, into `download_dir` or the Hugging Face cache)."""
     local = Path(model).expanduser()
     if local.is_dir():
         if not (local / "config.json").exists():
@@ -33,7 +35,8 @@ def resolve_model_path(model: str) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(model, allow_patterns=_HUB_PATTERNS))
+        return Path(snapshot_download(model, revision=revision, cache_dir=download_dir,
+                                      allow_patterns=_HUB_PATTERNS))
     except Exception as exc:  # offline, unknown repo, gated repo: all end the same way for users
         raise ValueError(
             f"model {model!r} could not be found locally or downloaded from the Hugging Face "

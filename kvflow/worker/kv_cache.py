@@ -29,13 +29,26 @@ def available_host_memory() -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def default_kv_cache_memory(device: torch.device) -> int:
-    """On CUDA, 80% of the memory free after the weights are loaded; on the CPU the
-    smaller of 4 GiB and a quarter of available memory, so that several engines in one
+def default_kv_cache_memory(device: torch.device, utilization: float | None = None) -> int:
+    """With `utilization` (vLLM's gpu_memory_utilization): on CUDA, that fraction of the
+    device's memory less what is already in use (the weights, and anything else on the
+    device), as vLLM; on the CPU, that fraction of available memory.
+
+    Without it: on CUDA, 80% of the memory free after the weights are loaded; on the CPU
+    the smaller of 4 GiB and a quarter of available memory, so that several engines in one
     process do not exhaust RAM."""
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free * CUDA_FREE_FRACTION)
+        free, total = torch.cuda.mem_get_info(device)
+        if utilization is None:
+            return int(free * CUDA_FREE_FRACTION)
+        budget = int(total * utilization) - (total - free)
+        if budget <= 0:
+            raise ValueError(f"gpu_memory_utilization={utilization} leaves no room for the KV "
+                             f"cache: {(total - free) / 2**30:.2f} GiB of the device's "
+                             f"{total / 2**30:.2f} GiB are in use already")
+        return budget
+    if utilization is not None:
+        return int(available_host_memory() * utilization)
     return min(CPU_KV_CAP, available_host_memory() // 4)
 
 
