@@ -67,8 +67,8 @@ class CompletionOutput:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
 
-    @property
     def finished(self) -> bool:
+        """A method, as in vLLM (RequestOutput.finished is a field there and here)."""
         return self.finish_reason is not None
 
 

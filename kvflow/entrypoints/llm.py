@@ -1,6 +1,7 @@
 """The offline API, with vLLM's names so that users' code carries over."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from collections.abc import Sequence
@@ -12,19 +13,34 @@ from kvflow.engine.args import EngineArgs
 from kvflow.engine.llm_engine import LLMEngine, PromptType
 from kvflow.outputs import RequestOutput
 from kvflow.sampling_params import SamplingParams
+from kvflow.vllm_compat import refusal
 
 Message = dict[str, Any]
 
 
 class LLM:
     def __init__(self, model: str | None = None, **engine_options: Any) -> None:
-        """`model`: a checkpoint directory or hub id; None for the shipped demo model."""
+        """`model`: a checkpoint directory or hub id; None for the shipped demo model.
+        Options are EngineArgs' fields, with vLLM's names. A vLLM option kvflow lacks is
+        refused with the reason, unless its value leaves the feature off (None or False)."""
+        known = {f.name for f in dataclasses.fields(EngineArgs)}
+        for name, value in list(engine_options.items()):
+            why = refusal(name) if name not in known else None
+            if why is not None and value not in (None, False):
+                raise ValueError(why)
+            if why is not None:
+                del engine_options[name]
         try:
             args = EngineArgs(model=model, **engine_options)
         except TypeError as exc:
             raise TypeError(f"unknown LLM option: {exc}") from exc
-        self.engine = LLMEngine(args)
+        self.llm_engine = LLMEngine(args)
         self._ids = itertools.count()
+
+    @property
+    def engine(self) -> LLMEngine:
+        """kvflow's name for llm_engine (vLLM's)."""
+        return self.llm_engine
 
     def get_tokenizer(self):  # noqa: ANN201
         return self.engine.tokenizer

@@ -11,26 +11,24 @@ import logging
 import threading
 import time
 from contextlib import asynccontextmanager
-from pathlib import Path
-from dataclasses import dataclass, field
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 
 import kvflow
-from kvflow.demo import DEMO_MODEL_NAME, demo_model_path
-from kvflow.engine.args import EngineArgs
 from kvflow.engine.async_engine import AsyncEngine, EngineDeadError, RequestFailedError
 from kvflow.engine.llm_engine import LLMEngine
 from kvflow.logger import RepeatFilter
 from kvflow.server.connections import (RESERVED_DESCRIPTORS, default_max_connections,
                                        default_max_per_client, guarded_protocol,
                                        raise_descriptor_limit)
+from kvflow.server.args import ServerArgs
 from kvflow.server.errors import ApiError, error_response, printable
 from kvflow.server.metrics import ServerMetrics
 from kvflow.server.middleware import (ApiKeyMiddleware, BodyLimitMiddleware,
@@ -45,43 +43,6 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 OPEN_PATHS = ("/health", "/metrics", "/version")
-DEFAULT_MAX_BODY_BYTES = 4 * 2**20
-
-
-@dataclass
-class ServerArgs:
-    engine: EngineArgs
-    host: str = "127.0.0.1"
-    port: int = 8000
-    served_model_name: list[str] = field(default_factory=list)
-    api_key: str | None = None
-    max_waiting_requests: int | None = None  # sequences (prompts x n) waiting to run
-    shutdown_timeout: float = 10.0
-    max_request_body_bytes: int = DEFAULT_MAX_BODY_BYTES
-    max_connections: int | None = None  # None: from the open-file limit
-    max_connections_per_client: int | None = None  # None: half of max_connections
-    header_timeout: float = 10.0
-    body_timeout: float = 30.0
-    write_timeout: float = 30.0
-    # Off by default, as in vLLM: cached_tokens tells a client whether a prefix is in the
-    # cache, which across tenants that share it (no cache_salt) says what others sent.
-    enable_prompt_tokens_details: bool = False
-
-    @property
-    def model_names(self) -> list[str]:
-        """The names the server lists and labels its metrics with. A local checkpoint is
-        known by its directory's name: its absolute path says how the host is laid out."""
-        if self.served_model_name:
-            return self.served_model_name
-        if Path(self.engine.model) == demo_model_path():
-            return [DEMO_MODEL_NAME]
-        local = Path(self.engine.model).expanduser()
-        return [local.resolve().name if local.exists() else self.engine.model]
-
-    def serves(self, name: str) -> bool:
-        # The model argument itself is accepted too, as vLLM's default name, unlisted.
-        return name in self.model_names or (not self.served_model_name
-                                            and name == self.engine.model)
 
 
 class ServerState:
@@ -99,7 +60,8 @@ class ServerState:
             engine = AsyncEngine(LLMEngine(self.args.engine))
             engine.start()
             self.serving = OpenAIServing(engine, self.metrics,
-                                         self.args.enable_prompt_tokens_details)
+                                         self.args.enable_prompt_tokens_details,
+                                         self.args.response_role)
             self.engine = engine
             logger.info("serving %s at http://%s:%d", ", ".join(self.args.model_names),
                         self.args.host, self.args.port)
@@ -206,7 +168,11 @@ def create_app(args: ServerArgs) -> FastAPI:
                        write_timeout=args.write_timeout)
     app.add_middleware(BodyLimitMiddleware, max_bytes=args.max_request_body_bytes)
     if args.api_key:
-        app.add_middleware(ApiKeyMiddleware, api_key=args.api_key, open_paths=OPEN_PATHS)
+        app.add_middleware(ApiKeyMiddleware, api_keys=args.api_key, open_paths=OPEN_PATHS)
+    if args.allowed_origins:  # outermost, so that preflights need no key
+        app.add_middleware(CORSMiddleware, allow_origins=args.allowed_origins,
+                           allow_methods=args.allowed_methods, allow_headers=args.allowed_headers,
+                           allow_credentials=args.allow_credentials)
     app.state.kvflow = state
 
     @app.exception_handler(ApiError)
@@ -262,6 +228,13 @@ def create_app(args: ServerArgs) -> FastAPI:
                    else serving.prepare_completion)
         job = await serving.off_loop(prepare, request, model)
         state.check_capacity(engine, sum(len(p.children) for p in job.prepared))
+        if args.enable_log_requests:  # sizes and parameters, never the client's text
+            first = job.prepared[0].children[0].sampling_params
+            logger.info("request %s: %d prompt(s) of %s tokens, n=%d, max_tokens=%s, "
+                        "temperature=%g, top_p=%g, top_k=%d, seed=%s", job.response_id,
+                        len(job.prepared), [len(p.parent.prompt_token_ids) for p in job.prepared],
+                        job.n, job.prepared[0].children[0].max_tokens, first.temperature,
+                        first.top_p, first.top_k, first.seed)
         if request.stream:
             return StreamingResponse(serving.stream(job), media_type="text/event-stream")
         return await _unless_disconnected(serving.full_response(job), http_request)
@@ -320,7 +293,7 @@ def create_app(args: ServerArgs) -> FastAPI:
     return app
 
 
-def serve(args: ServerArgs, log_level: str = "info") -> None:
+def serve(args: ServerArgs) -> None:
     import uvicorn
 
     app = create_app(args)
@@ -340,7 +313,8 @@ def serve(args: ServerArgs, log_level: str = "info") -> None:
                        "process may have to the rest of it", max_connections,
                        RESERVED_DESCRIPTORS, descriptors)
     # uvicorn's own grace outlasts ours, so streams end through the engine, not a cut socket.
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=log_level.lower(),
+    config = uvicorn.Config(app, host=args.host, port=args.port,
+                            log_level=args.uvicorn_log_level,
                             timeout_graceful_shutdown=int(args.shutdown_timeout) + 5,
                             http=guarded_protocol(max_connections, max_per_client,
                                                   args.header_timeout))

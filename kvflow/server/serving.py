@@ -70,9 +70,10 @@ class OpenAIServing:
     tokenizers release the GIL while they encode."""
 
     def __init__(self, engine: AsyncEngine, metrics: ServerMetrics,
-                 enable_prompt_tokens_details: bool = False,
+                 enable_prompt_tokens_details: bool = False, response_role: str = "assistant",
                  num_tokenizer_threads: int = 2) -> None:
         self.engine = engine
+        self.response_role = response_role
         self.enable_prompt_tokens_details = enable_prompt_tokens_details
         self.metrics = metrics
         self.tokenizer = engine.engine.tokenizer
@@ -225,7 +226,7 @@ class OpenAIServing:
         number = index * job.n + completion.index
         if job.kind == "chat":
             return {"index": number,
-                    "message": {"role": "assistant", "content": completion.text},
+                    "message": {"role": self.response_role, "content": completion.text},
                     "logprobs": self._chat_logprobs(completion.logprobs or [], job.logprobs)
                     if job.logprobs is not None else None,
                     "finish_reason": completion.finish_reason,
@@ -257,7 +258,8 @@ class OpenAIServing:
                 for index in range(len(job.prepared)):
                     for sample in range(job.n):
                         yield self._event(job, [{"index": index * job.n + sample,
-                                                 "delta": {"role": "assistant", "content": ""},
+                                                 "delta": {"role": self.response_role,
+                                                           "content": ""},
                                                  "logprobs": None, "finish_reason": None}])
             async for index, output in self._outputs(job):
                 if output.finished:
@@ -280,7 +282,7 @@ class OpenAIServing:
         if choice.finished:
             return None
         self._track(choice, completion)
-        done = completion.finished
+        done = completion.finished()
         # Hold back what may be the start of a stop string until the request says otherwise.
         holdback = 0 if done else max((len(s) for s in _stop_strings(job, index)), default=1) - 1
         end = max(choice.sent_text, len(completion.text) - holdback)
