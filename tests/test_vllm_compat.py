@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import signal
+import time
 
 import httpx
 import openai
@@ -95,3 +96,79 @@ def test_a_vllm_offline_script_runs(checkpoint):
     assert llm.llm_engine is llm.engine
     with pytest.raises(ValueError, match="quantization is a vLLM option kvflow does not have"):
         LLM(model=str(checkpoint("llama-gqa")), quantization="awq")
+
+
+# Every series vLLM's dashboard reads, with its type (prometheus_client's family types).
+VLLM_SERIES = {
+    "num_requests_running": "gauge", "num_requests_waiting": "gauge",
+    "kv_cache_usage_perc": "gauge", "cache_config_info": "gauge",
+    "prompt_tokens": "counter", "generation_tokens": "counter", "num_preemptions": "counter",
+    "prefix_cache_queries": "counter", "prefix_cache_hits": "counter",
+    "request_success": "counter",
+    "request_prompt_tokens": "histogram", "request_generation_tokens": "histogram",
+    "request_params_n": "histogram", "request_params_max_tokens": "histogram",
+    "request_max_num_generation_tokens": "histogram", "iteration_tokens_total": "histogram",
+    "time_to_first_token_seconds": "histogram", "inter_token_latency_seconds": "histogram",
+    "request_time_per_output_token_seconds": "histogram",
+    "e2e_request_latency_seconds": "histogram", "request_queue_time_seconds": "histogram",
+    "request_inference_time_seconds": "histogram", "request_prefill_time_seconds": "histogram",
+    "request_decode_time_seconds": "histogram",
+}
+
+
+def test_metrics_are_vllms_series_under_either_prefix(checkpoint, tmp_path):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    model = checkpoint("qwen3", max_position_embeddings=65536)
+    process = ServerProcess(model, "--metrics-prefix", "vllm", "--served-model-name", "tiny",
+                            "--dtype", "float32", "--device", "cpu", "--kv-cache-memory",
+                            "80MiB", log=tmp_path / "serve.log")
+
+    def families() -> dict:
+        text = httpx.get(process.url + "/metrics").text
+        return {f.name: f for f in text_string_to_metric_families(text)}
+
+    def value(family, suffix: str = "", **labels: str) -> float:
+        return next(s.value for s in family.samples if s.name == family.name + suffix
+                    and all(s.labels.get(k) == v for k, v in labels.items()))
+
+    try:
+        process.wait_ready()
+        prompt = list(range(40, 140))
+        endless = {"model": "tiny", "prompt": prompt, "max_tokens": 60000, "ignore_eos": True,
+                   "stream": True}
+        with httpx.stream("POST", process.url + "/v1/completions", json=endless,
+                          timeout=60) as stream:
+            lines = stream.iter_lines()
+            next(lines)
+            running = families()
+            # Prompt tokens are counted as they are computed, not when the request ends.
+            assert value(running["vllm:prompt_tokens"], "_total") == len(prompt)
+            assert value(running["vllm:num_requests_running"]) == 1
+        body = {"model": "tiny", "prompt": "hi", "max_tokens": 5, "n": 2, "ignore_eos": True}
+        assert httpx.post(process.url + "/v1/completions", json=body).status_code == 200
+        found = families()
+        for name, kind in VLLM_SERIES.items():
+            family = found.get(f"vllm:{name}")
+            assert family is not None and family.type == kind, (name, family)
+        assert not any(name.startswith("kvflow:") for name in found)
+        n = found["vllm:request_params_n"]
+        assert value(n, "_count") == 1 and value(n, "_sum") == 2
+        assert value(found["vllm:request_generation_tokens"], "_sum") == 10
+        assert value(found["vllm:request_success"], "_total", finished_reason="length") == 2
+        # vLLM's bucket sets: per-token latencies and whole-request latencies apart.
+        def bounds(family) -> list[str]:
+            return [s.labels["le"] for s in family.samples if s.name.endswith("_bucket")]
+
+        assert bounds(found["vllm:inter_token_latency_seconds"])[:3] == ["0.01", "0.025", "0.05"]
+        assert bounds(found["vllm:e2e_request_latency_seconds"])[:3] == ["0.3", "0.5", "0.8"]
+        assert bounds(found["vllm:request_prompt_tokens"])[:4] == ["1.0", "2.0", "5.0", "10.0"]
+        info = next(s for s in found["vllm:cache_config_info"].samples)
+        assert info.value == 1 and info.labels["block_size"] == "16"
+        assert info.labels["enable_prefix_caching"] == "True"
+        deadline = time.monotonic() + 10  # the endless stream's abort lands within a step
+        while value(families()["vllm:num_requests_running"]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert value(families()["vllm:kv_cache_usage_perc"]) == 0
+    finally:
+        assert process.stop()

@@ -110,7 +110,7 @@ class AsyncEngine:
     def num_waiting_sequences(self) -> int:
         """Sequences queued for the engine: those it has not admitted, plus those still in
         its inbox. A plain read of two sizes, safe from any thread."""
-        return len(self.engine.scheduler.waiting) + self._sent_sequences - self._taken_sequences
+        return self.engine.stats.num_waiting + self._sent_sequences - self._taken_sequences
 
     def start(self) -> None:
         self._thread.start()

@@ -20,9 +20,10 @@ from kvflow.core.kv_manager import KVCacheManager
 from kvflow.core.scheduler import Scheduler
 from kvflow.engine.args import EngineArgs
 from kvflow.engine.output_processor import OutputProcessor, ParentState
+from kvflow.engine.stats import EngineStats, StepObservations
 from kvflow.kernels.tuning import install_native_kernels, native_cpu_ops
 from kvflow.models.loader import build_model, resolve_model_path
-from kvflow.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from kvflow.outputs import CompletionOutput, RequestMetrics, RequestOutput, SchedulerOutput
 from kvflow.request import Request, RequestStatus
 from kvflow.sampling_params import ParameterError, SamplingParams
 from kvflow.worker.kv_cache import default_kv_cache_memory, num_blocks_for
@@ -58,6 +59,7 @@ class LLMEngine:
         if args.trust_remote_code:
             logger.warning("trust_remote_code is ignored: kvflow runs its own model code for "
                            "the architectures it supports, never code from a checkpoint")
+        self.args = args
         path = resolve_model_path(args.model, args.revision, args.download_dir)
         self.model_config = ModelConfig.from_pretrained(path)
         self.max_logprobs = args.max_logprobs
@@ -104,7 +106,12 @@ class LLMEngine:
                     "on" if native_ops is not None else "off")
         self.runner = ModelRunner(model, self.model_config, backend, num_blocks, args.block_size,
                                   self.dtype, self.device, args.seed)
-        self.output_processor = OutputProcessor(self.tokenizer)
+        self.observations = StepObservations()
+        self.output_processor = OutputProcessor(self.tokenizer,
+                                                self.observations.inter_token_latencies)
+        self._prompt_tokens = self._generation_tokens = 0
+        self.stats = EngineStats()
+        self._publish_stats()
 
     @staticmethod
     def _fit_max_model_len(explicit: int | None, requested: int, capacity: int,
@@ -192,6 +199,7 @@ class LLMEngine:
         self.output_processor.add(prepared.parent, prepared.children)
         for child in prepared.children:
             self.scheduler.add_request(child)
+        self._publish_stats()
 
     def _validate(self, token_ids: list[int], params: SamplingParams) -> int:
         """Checks a prompt against the model and the pool; returns the resolved max_tokens."""
@@ -243,11 +251,40 @@ class LLMEngine:
             for child_id in parent.child_ids:
                 self.scheduler.finish_request(child_id, RequestStatus.FINISHED_ABORTED)
             self.output_processor.drop(request_id)
+        self._publish_stats()
 
     def reset_prefix_cache(self) -> int:
         """Forget every cached prefix (as vLLM's reset_prefix_cache); returns how many blocks
         were cached. Call it on the thread that steps the engine."""
         return self.kv_manager.reset_prefix_cache()
+
+    def cache_config_info(self) -> dict[str, str]:
+        """The KV cache's configuration, with the names of vLLM's cache_config_info."""
+        return {"block_size": str(self.cache_config.block_size),
+                "num_gpu_blocks": str(self.cache_config.num_usable_blocks),
+                "cache_dtype": str(self.dtype).removeprefix("torch."),
+                "enable_prefix_caching": str(self.kv_manager.enable_caching),
+                "gpu_memory_utilization": str(self.args.gpu_memory_utilization or ""),
+                "device": self.device.type}
+
+    def _publish_stats(self) -> None:
+        """A fresh EngineStats, replaced whole so that readers on other threads see one
+        consistent state. Called on the thread that steps the engine, after every change."""
+        scheduler, cache = self.scheduler, self.kv_manager.stats
+        self.stats = EngineStats(
+            num_running=len(scheduler.running), num_waiting=len(scheduler.waiting),
+            kv_cache_usage=self.kv_manager.usage,
+            num_preemptions=scheduler.num_preemptions_total,
+            prefix_cache_queries=cache.queries, prefix_cache_hits=cache.hits,
+            prompt_tokens=self._prompt_tokens, generation_tokens=self._generation_tokens)
+
+    def _count_step(self, scheduled: SchedulerOutput, num_sampled: int) -> None:
+        for request in scheduled.scheduled:
+            start = request.num_computed_tokens
+            end = min(start + len(request.token_ids), len(request.prompt_token_ids))
+            self._prompt_tokens += max(0, end - start)
+        self._generation_tokens += num_sampled
+        self.observations.iteration_tokens.append(scheduled.num_batched_tokens)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.output_processor.parents)
@@ -269,6 +306,7 @@ class LLMEngine:
             # requests that counted on them start again.
             self.kv_manager.unregister_unconfirmed()
             child_ids = self.scheduler.recompute_after_failure(scheduler_output)
+            self._publish_stats()
             if not isinstance(exc, Exception):
                 raise
             parents = {self.output_processor.samples[c].parent.request_id for c in child_ids
@@ -276,11 +314,14 @@ class LLMEngine:
             raise EngineStepError(sorted(parents), exc) from exc
         self.kv_manager.confirm_registered()
         if runner_output is None:
+            self._publish_stats()
             return []
         updated = self.scheduler.update_from_output(scheduler_output, runner_output)
         outputs, stopped = self.output_processor.process(runner_output, updated)
         for child_id in stopped:
             self.scheduler.finish_request(child_id, RequestStatus.FINISHED_STOPPED)
+        self._count_step(scheduler_output, len(updated))
+        self._publish_stats()
         return outputs
 
 

@@ -5,6 +5,8 @@ the parent's request id.
 """
 from __future__ import annotations
 
+from collections import deque
+
 import time
 from dataclasses import dataclass, field
 
@@ -37,11 +39,15 @@ class SampleState:
     logprobs: SampleLogprobs | None
     cumulative_logprob: float | None = None
     token_ids: list[int] = field(default_factory=list)
+    last_token_time: float | None = None
 
 
 class OutputProcessor:
-    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase,
+                 inter_token_latencies: deque[float] | None = None) -> None:
         self.tokenizer = tokenizer
+        # Where the time between a sample's tokens goes, for metrics (None: not recorded).
+        self.inter_token_latencies = inter_token_latencies
         self.samples: dict[str, SampleState] = {}  # scheduler request id -> state
         self.parents: dict[str, ParentState] = {}
 
@@ -79,6 +85,9 @@ class OutputProcessor:
                 metrics.first_token_time = now
             if state.index == 0:
                 state.parent.num_cached_tokens = request.num_cached_tokens
+            if state.last_token_time is not None and self.inter_token_latencies is not None:
+                self.inter_token_latencies.append(now - state.last_token_time)
+            state.last_token_time = now
             token_id = request.output_token_ids[-1]
             state.token_ids.append(token_id)
             entry = runner_output.logprobs.get(request.request_id)

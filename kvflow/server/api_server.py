@@ -48,7 +48,7 @@ OPEN_PATHS = ("/health", "/metrics", "/version")
 class ServerState:
     def __init__(self, args: ServerArgs) -> None:
         self.args = args
-        self.metrics = ServerMetrics(args.model_names[0])
+        self.metrics = ServerMetrics(args.model_names[0], args.metrics_prefix)
         self.engine: AsyncEngine | None = None
         self.serving: OpenAIServing | None = None
         self.load_error: BaseException | None = None
@@ -57,7 +57,9 @@ class ServerState:
 
     def load(self) -> None:
         try:
-            engine = AsyncEngine(LLMEngine(self.args.engine))
+            llm_engine = LLMEngine(self.args.engine)
+            self.metrics.bind(llm_engine.max_model_len, llm_engine.cache_config_info())
+            engine = AsyncEngine(llm_engine)
             engine.start()
             self.serving = OpenAIServing(engine, self.metrics,
                                          self.args.enable_prompt_tokens_details,
@@ -287,7 +289,8 @@ def create_app(args: ServerArgs) -> FastAPI:
     @app.get("/metrics")
     async def metrics() -> Response:
         if state.engine is not None:
-            state.metrics.observe_engine(state.engine.engine)
+            state.metrics.observe_engine(state.engine.engine.stats,
+                                         state.engine.engine.observations)
         return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     return app

@@ -11,6 +11,7 @@ from pathlib import Path
 from kvflow.config import parse_memory
 from kvflow.demo import DEMO_MODEL_NAME, demo_model_path
 from kvflow.engine.args import EngineArgs
+from kvflow.server.metrics import METRIC_PREFIXES
 
 DEFAULT_MAX_BODY_BYTES = 4 * 2**20
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
@@ -43,6 +44,7 @@ class ServerArgs:
     allowed_methods: list[str] = field(default_factory=lambda: ["*"])
     allowed_headers: list[str] = field(default_factory=lambda: ["*"])
     allow_credentials: bool = False
+    metrics_prefix: str = "kvflow"  # or "vllm", for dashboards that read vllm: series
 
     def __post_init__(self) -> None:
         if self.max_waiting_requests is not None and self.max_waiting_requests < 1:
@@ -59,6 +61,9 @@ class ServerArgs:
         if self.uvicorn_log_level not in LOG_LEVELS:
             raise ValueError(f"--uvicorn-log-level must be one of {LOG_LEVELS}, "
                              f"got {self.uvicorn_log_level!r}")
+        if self.metrics_prefix not in METRIC_PREFIXES:
+            raise ValueError(f"--metrics-prefix must be one of {METRIC_PREFIXES}, "
+                             f"got {self.metrics_prefix!r}")
         if not self.response_role:
             raise ValueError("--response-role must not be empty")
 
@@ -139,6 +144,9 @@ class ServerArgs:
                             help="CORS headers as a JSON list (with --allowed-origins)")
         parser.add_argument("--allow-credentials", action="store_true",
                             help="CORS: allow credentials (with --allowed-origins)")
+        parser.add_argument("--metrics-prefix", default="kvflow", choices=METRIC_PREFIXES,
+                            help="the prefix of /metrics series: vllm serves vLLM's dashboards "
+                                 "unchanged")
         return parser
 
     @classmethod
@@ -163,7 +171,7 @@ class ServerArgs:
                    enable_log_requests=ns.enable_log_requests, response_role=ns.response_role,
                    uvicorn_log_level=ns.uvicorn_log_level, allowed_origins=ns.allowed_origins,
                    allowed_methods=ns.allowed_methods, allowed_headers=ns.allowed_headers,
-                   allow_credentials=ns.allow_credentials)
+                   allow_credentials=ns.allow_credentials, metrics_prefix=ns.metrics_prefix)
 
 
 def _json_list(value: str) -> list[str]:

@@ -1,90 +1,167 @@
-"""Prometheus metrics with vLLM's names under the kvflow: prefix, so dashboards map one to one."""
+"""Prometheus metrics with vLLM's names, labels and buckets under the kvflow: prefix (or
+vllm:, with --metrics-prefix vllm), so that vLLM's dashboards read them unchanged.
+
+Engine-wide series come from the engine's published EngineStats and StepObservations,
+read at scrape time; request-level histograms are observed as each request finishes.
+"""
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from kvflow.engine.llm_engine import LLMEngine
+from kvflow.engine.stats import EngineStats, StepObservations
 from kvflow.outputs import RequestOutput
 
-LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
-                   5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0)
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
+                5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+PER_TOKEN_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5,
+                     5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+REQUEST_LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0,
+                           40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+ITERATION_TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+PARAMS_N_BUCKETS = (1, 2, 5, 10, 20)
+METRIC_PREFIXES = ("kvflow", "vllm")
+
+
+def buckets_1_2_5(largest: int) -> list[int]:
+    """1, 2, 5, 10, 20, 50, ... up to largest, as vLLM sizes its token-count histograms."""
+    buckets, scale = [], 1
+    while True:
+        for step in (1, 2, 5):
+            if step * scale > largest:
+                return buckets
+            buckets.append(step * scale)
+        scale *= 10
 
 
 class ServerMetrics:
-    def __init__(self, model_name: str) -> None:
+    def __init__(self, model_name: str, prefix: str = "kvflow") -> None:
+        if prefix not in METRIC_PREFIXES:
+            raise ValueError(f"metrics prefix must be one of {METRIC_PREFIXES}, got {prefix!r}")
         self.registry = CollectorRegistry()
         self.model_name = model_name
-        labels = ["model_name"]
-
-        def gauge(name: str, doc: str) -> Gauge:
-            return Gauge(name, doc, labels, registry=self.registry)
-
-        def counter(name: str, doc: str, extra: tuple[str, ...] = ()) -> Counter:
-            return Counter(name, doc, labels + list(extra), registry=self.registry)
-
-        def histogram(name: str, doc: str) -> Histogram:
-            return Histogram(name, doc, labels, buckets=LATENCY_BUCKETS, registry=self.registry)
-
-        self.running = gauge("kvflow:num_requests_running", "Requests in the running batch.")
-        self.waiting = gauge("kvflow:num_requests_waiting", "Requests waiting to be scheduled.")
-        self.kv_usage = gauge("kvflow:kv_cache_usage_perc",
-                              "Fraction of KV cache blocks referenced by requests (0 to 1).")
-        self.prompt_tokens = counter("kvflow:prompt_tokens", "Prompt tokens processed.")
-        self.generation_tokens = counter("kvflow:generation_tokens", "Tokens generated.")
-        self.preemptions = counter("kvflow:num_preemptions", "Preemptions of running requests.")
-        self.prefix_queries = counter("kvflow:prefix_cache_queries",
-                                      "Prompt tokens looked up in the prefix cache.")
-        self.prefix_hits = counter("kvflow:prefix_cache_hits",
-                                   "Prompt tokens found in the prefix cache.")
-        self.success = counter("kvflow:request_success", "Finished requests.", ("finished_reason",))
-        self.ttft = histogram("kvflow:time_to_first_token_seconds", "Time to first token.")
-        self.itl = histogram("kvflow:inter_token_latency_seconds", "Time between tokens.")
-        self.e2e = histogram("kvflow:e2e_request_latency_seconds", "Arrival to finish.")
-        self.queue = histogram("kvflow:request_queue_time_seconds",
-                               "Arrival to first scheduled.")
-        self._seen = {"preemptions": 0, "queries": 0, "hits": 0}
-        # Export every series from the start, at zero, as dashboards expect.
-        for metric in (self.running, self.waiting, self.kv_usage, self.prompt_tokens,
-                       self.generation_tokens, self.preemptions, self.prefix_queries,
-                       self.prefix_hits, self.ttft, self.itl, self.e2e, self.queue):
-            metric.labels(model_name)
-        for reason in ("stop", "length"):
+        self.prefix = prefix
+        self._seen = EngineStats()
+        self.running = self._gauge("num_requests_running", "Requests in the running batch.")
+        self.waiting = self._gauge("num_requests_waiting", "Requests waiting to be scheduled.")
+        self.kv_usage = self._gauge("kv_cache_usage_perc",
+                                    "KV-cache usage: fraction of blocks referenced by requests.")
+        self.prompt_tokens = self._counter("prompt_tokens",
+                                           "Prompt tokens computed (counted as computed).")
+        self.generation_tokens = self._counter("generation_tokens", "Tokens generated.")
+        self.preemptions = self._counter("num_preemptions", "Preemptions of running requests.")
+        self.prefix_queries = self._counter("prefix_cache_queries",
+                                            "Prompt tokens looked up in the prefix cache.")
+        self.prefix_hits = self._counter("prefix_cache_hits",
+                                         "Prompt tokens found in the prefix cache.")
+        self.success = Counter(f"{prefix}:request_success", "Finished requests.",
+                               ["model_name", "finished_reason"], registry=self.registry)
+        self.iteration_tokens = self._histogram("iteration_tokens_total",
+                                                "Tokens per engine step.",
+                                                ITERATION_TOKEN_BUCKETS)
+        self.ttft = self._histogram("time_to_first_token_seconds", "Time to first token.",
+                                    TTFT_BUCKETS)
+        self.itl = self._histogram("inter_token_latency_seconds",
+                                   "Time between a sample's tokens.", PER_TOKEN_BUCKETS)
+        self.tpot = self._histogram("request_time_per_output_token_seconds",
+                                    "A request's decode time per output token.",
+                                    PER_TOKEN_BUCKETS)
+        self.params_n = self._histogram("request_params_n", "The n request parameter.",
+                                        PARAMS_N_BUCKETS)
+        self.latencies = {
+            name: self._histogram(name, doc, REQUEST_LATENCY_BUCKETS) for name, doc in (
+                ("e2e_request_latency_seconds", "Arrival to finish."),
+                ("request_queue_time_seconds", "Arrival to first scheduled (WAITING)."),
+                ("request_inference_time_seconds", "First scheduled to finish (RUNNING)."),
+                ("request_prefill_time_seconds", "First scheduled to first token (PREFILL)."),
+                ("request_decode_time_seconds", "First token to finish (DECODE)."))}
+        self.sizes: dict[str, Histogram] = {}  # built by bind(), which knows max_model_len
+        for reason in ("stop", "length", "abort"):
             self.success.labels(model_name, reason)
 
-    def observe_engine(self, engine: LLMEngine) -> None:
-        """Gauges, and the counters the engine keeps, from engine state read when scraped."""
-        scheduler = engine.scheduler
-        stats = engine.kv_manager.stats
-        self.running.labels(self.model_name).set(len(scheduler.running))
-        self.waiting.labels(self.model_name).set(len(scheduler.waiting))
-        self.kv_usage.labels(self.model_name).set(engine.kv_manager.usage)
-        for key, counter, total in (("preemptions", self.preemptions,
-                                     scheduler.num_preemptions_total),
-                                    ("queries", self.prefix_queries, stats.queries),
-                                    ("hits", self.prefix_hits, stats.hits)):
-            if total > self._seen[key]:
-                counter.labels(self.model_name).inc(total - self._seen[key])
-                self._seen[key] = total
+    def _gauge(self, name: str, doc: str) -> Gauge:
+        gauge = Gauge(f"{self.prefix}:{name}", doc, ["model_name"], registry=self.registry)
+        gauge.labels(self.model_name)  # exported from the start, at zero
+        return gauge
 
-    def observe_tokens(self, new_tokens: int, token_gap_s: float | None) -> None:
-        self.generation_tokens.labels(self.model_name).inc(new_tokens)
-        if token_gap_s is not None:
-            self.itl.labels(self.model_name).observe(token_gap_s)
+    def _counter(self, name: str, doc: str) -> Counter:
+        counter = Counter(f"{self.prefix}:{name}", doc, ["model_name"], registry=self.registry)
+        counter.labels(self.model_name)
+        return counter
 
-    def observe_finished(self, output: RequestOutput) -> None:
+    def _histogram(self, name: str, doc: str, buckets: Iterable[float]) -> Histogram:
+        histogram = Histogram(f"{self.prefix}:{name}", doc, ["model_name"],
+                              buckets=list(buckets), registry=self.registry)
+        histogram.labels(self.model_name)
+        return histogram
+
+    def bind(self, max_model_len: int, cache_info: dict[str, str]) -> None:
+        """Series sized by the loaded model, and the cache's configuration as an info gauge
+        (vLLM's cache_config_info)."""
+        buckets = buckets_1_2_5(max_model_len)
+        for name, doc in (("request_prompt_tokens", "Prompt tokens of a request."),
+                          ("request_generation_tokens", "Tokens a request generated."),
+                          ("request_max_num_generation_tokens",
+                           "Most tokens one of a request's samples generated."),
+                          ("request_params_max_tokens", "The max_tokens request parameter.")):
+            self.sizes[name] = self._histogram(name, doc, buckets)
+        info = Gauge(f"{self.prefix}:cache_config_info", "The KV cache's configuration.",
+                     sorted(cache_info), registry=self.registry)
+        info.labels(**cache_info).set(1)
+
+    def observe_engine(self, stats: EngineStats, observations: StepObservations) -> None:
+        """At scrape time: gauges from the engine's last snapshot, counters by what they
+        grew since the last scrape, and the per-step samples gathered since."""
         name = self.model_name
-        self.prompt_tokens.labels(name).inc(len(output.prompt_token_ids))
+        self.running.labels(name).set(stats.num_running)
+        self.waiting.labels(name).set(stats.num_waiting)
+        self.kv_usage.labels(name).set(stats.kv_cache_usage)
+        for counter, field in ((self.prompt_tokens, "prompt_tokens"),
+                               (self.generation_tokens, "generation_tokens"),
+                               (self.preemptions, "num_preemptions"),
+                               (self.prefix_queries, "prefix_cache_queries"),
+                               (self.prefix_hits, "prefix_cache_hits")):
+            grown = getattr(stats, field) - getattr(self._seen, field)
+            if grown > 0:
+                counter.labels(name).inc(grown)
+        self._seen = stats
+        for tokens in StepObservations.drain(observations.iteration_tokens):
+            self.iteration_tokens.labels(name).observe(tokens)
+        for gap in StepObservations.drain(observations.inter_token_latencies):
+            self.itl.labels(name).observe(gap)
+
+    def observe_finished(self, output: RequestOutput, n: int, max_tokens: int) -> None:
+        name = self.model_name
         for completion in output.outputs:
             self.success.labels(name, completion.finish_reason or "abort").inc()
+        generated = [len(c.token_ids) for c in output.outputs]
+        self.params_n.labels(name).observe(n)
+        if self.sizes:
+            self.sizes["request_prompt_tokens"].labels(name).observe(len(output.prompt_token_ids))
+            self.sizes["request_generation_tokens"].labels(name).observe(sum(generated))
+            self.sizes["request_max_num_generation_tokens"].labels(name).observe(max(generated))
+            self.sizes["request_params_max_tokens"].labels(name).observe(max_tokens)
         m = output.metrics
-        if m is None:
+        if m is None or m.finished_time is None:
             return
+        latency = self.latencies
+        latency["e2e_request_latency_seconds"].labels(name).observe(
+            m.finished_time - m.arrival_time)
+        if m.first_scheduled_time is not None:
+            latency["request_queue_time_seconds"].labels(name).observe(
+                m.first_scheduled_time - m.arrival_time)
+            latency["request_inference_time_seconds"].labels(name).observe(
+                m.finished_time - m.first_scheduled_time)
         if m.first_token_time is not None:
             self.ttft.labels(name).observe(m.first_token_time - m.arrival_time)
-        if m.first_scheduled_time is not None:
-            self.queue.labels(name).observe(m.first_scheduled_time - m.arrival_time)
-        if m.finished_time is not None:
-            self.e2e.labels(name).observe(m.finished_time - m.arrival_time)
+            decode = m.finished_time - m.first_token_time
+            latency["request_decode_time_seconds"].labels(name).observe(decode)
+            if m.first_scheduled_time is not None:
+                latency["request_prefill_time_seconds"].labels(name).observe(
+                    m.first_token_time - m.first_scheduled_time)
+            if max(generated) > 1:
+                self.tpot.labels(name).observe(decode / (max(generated) - 1))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

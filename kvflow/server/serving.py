@@ -31,7 +31,6 @@ class _Choice:
     sent_tokens: int = 0
     echoed: int | None = None  # length of the echoed prompt, once sent
     finished: bool = False
-    last_token_time: float | None = None
 
 
 @dataclass
@@ -193,24 +192,15 @@ class OpenAIServing:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    def _track(self, choice: _Choice, completion: CompletionOutput) -> None:
-        now = time.monotonic()
-        new = len(completion.token_ids) - choice.sent_tokens
-        if new > 0:
-            gap = None if choice.last_token_time is None else (now - choice.last_token_time) / new
-            self.metrics.observe_tokens(new, gap)
-            choice.last_token_time = now
+    def _finished(self, job: Job, index: int, output: RequestOutput) -> None:
+        self.metrics.observe_finished(output, job.n, job.prepared[index].children[0].max_tokens)
 
     async def full_response(self, job: Job) -> dict[str, Any]:
         finals: dict[int, RequestOutput] = {}
-        choices = [[_Choice() for _ in range(job.n)] for _ in job.prepared]
         async for index, output in self._outputs(job):
-            for completion in output.outputs:
-                self._track(choices[index][completion.index], completion)
-                choices[index][completion.index].sent_tokens = len(completion.token_ids)
             if output.finished:
                 finals[index] = output
-                self.metrics.observe_finished(output)
+                self._finished(job, index, output)
         body_choices = []
         for index in range(len(job.prepared)):
             output = finals[index]
@@ -264,7 +254,7 @@ class OpenAIServing:
             async for index, output in self._outputs(job):
                 if output.finished:
                     finals.append(output)
-                    self.metrics.observe_finished(output)
+                    self._finished(job, index, output)
                 chunk = [self._stream_choice(job, index, output, c, choices[index][c.index])
                          for c in output.outputs]
                 chunk = [c for c in chunk if c is not None]
@@ -281,7 +271,6 @@ class OpenAIServing:
                        completion: CompletionOutput, choice: _Choice) -> dict[str, Any] | None:
         if choice.finished:
             return None
-        self._track(choice, completion)
         done = completion.finished()
         # Hold back what may be the start of a stop string until the request says otherwise.
         holdback = 0 if done else max((len(s) for s in _stop_strings(job, index)), default=1) - 1
