@@ -5,9 +5,8 @@ the parent's request id.
 """
 from __future__ import annotations
 
-from collections import deque
-
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 from transformers import PreTrainedTokenizerBase
