@@ -172,3 +172,36 @@ def test_metrics_are_vllms_series_under_either_prefix(checkpoint, tmp_path):
         assert value(families()["vllm:kv_cache_usage_perc"]) == 0
     finally:
         assert process.stop()
+
+
+def test_ping_load_and_keepalive_while_queued(checkpoint, tmp_path):
+    model = checkpoint("qwen3", max_position_embeddings=65536)
+    process = ServerProcess(model, "--max-num-seqs", "1", "--stream-keepalive", "0.3",
+                            "--api-key", "k", "--dtype", "float32", "--device", "cpu",
+                            "--kv-cache-memory", "80MiB", log=tmp_path / "serve.log")
+    headers = {"Authorization": "Bearer k"}
+    endless = {"prompt": "x", "max_tokens": 60000, "ignore_eos": True, "stream": True}
+    try:
+        process.wait_ready()
+        assert httpx.get(process.url + "/ping").status_code == 200
+        assert httpx.post(process.url + "/ping").status_code == 200
+        assert httpx.get(process.url + "/load").json() == {"server_load": 0}
+        with httpx.stream("POST", process.url + "/v1/completions", json=endless,
+                          headers=headers, timeout=60) as running:
+            first = running.iter_lines()
+            next(first)
+            assert running.headers["cache-control"] == "no-cache"
+            with httpx.stream("POST", process.url + "/v1/completions", json=endless,
+                              headers=headers, timeout=60) as queued:
+                lines = queued.iter_lines()
+                # Queued behind the first (max_num_seqs 1): comments keep it open.
+                assert [next(lines) for _ in range(4)] == [": keep-alive", "",
+                                                           ": keep-alive", ""]
+                assert httpx.get(process.url + "/load").json() == {"server_load": 2}
+        deadline = time.monotonic() + 10
+        while httpx.get(process.url + "/load").json()["server_load"] and \
+                time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert httpx.get(process.url + "/load").json() == {"server_load": 0}
+    finally:
+        assert process.stop()

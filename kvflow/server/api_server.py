@@ -10,7 +10,8 @@ import asyncio
 import logging
 import threading
 import time
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
@@ -42,7 +43,7 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-OPEN_PATHS = ("/health", "/metrics", "/version")
+OPEN_PATHS = ("/health", "/ping", "/load", "/metrics", "/version")
 
 
 class ServerState:
@@ -54,6 +55,7 @@ class ServerState:
         self.load_error: BaseException | None = None
         self.draining = False
         self.created = int(time.time())
+        self.in_flight = 0  # generation requests being answered (GET /load)
 
     def load(self) -> None:
         try:
@@ -63,7 +65,7 @@ class ServerState:
             engine.start()
             self.serving = OpenAIServing(engine, self.metrics,
                                          self.args.enable_prompt_tokens_details,
-                                         self.args.response_role)
+                                         self.args.response_role, self.args.stream_keepalive)
             self.engine = engine
             logger.info("serving %s at http://%s:%d", ", ".join(self.args.model_names),
                         self.args.host, self.args.port)
@@ -99,6 +101,20 @@ class ServerState:
         if not self.engine.alive:
             raise ApiError(503, f"the engine is not running: {self.engine.error!r}")
         return self.engine, self.serving
+
+    @contextmanager
+    def answering(self) -> Iterator[None]:
+        self.in_flight += 1
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
+
+    async def counted(self, chunks: AsyncIterator[str]) -> AsyncIterator[str]:
+        """A stream that counts as in flight until its last chunk is sent."""
+        with self.answering():
+            async for chunk in chunks:
+                yield chunk
 
     def check_model(self, name: str | None) -> None:
         if name is not None and not self.args.serves(name):
@@ -238,8 +254,11 @@ def create_app(args: ServerArgs) -> FastAPI:
                         job.n, job.prepared[0].children[0].max_tokens, first.temperature,
                         first.top_p, first.top_k, first.seed)
         if request.stream:
-            return StreamingResponse(serving.stream(job), media_type="text/event-stream")
-        return await _unless_disconnected(serving.full_response(job), http_request)
+            return StreamingResponse(state.counted(serving.stream(job)),
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        with state.answering():
+            return await _unless_disconnected(serving.full_response(job), http_request)
 
     @app.post("/v1/completions")
     async def completions(request: CompletionRequest, http_request: Request) -> Any:
@@ -281,6 +300,14 @@ def create_app(args: ServerArgs) -> FastAPI:
     async def health() -> Response:
         state.ready()
         return Response(status_code=200)
+
+    @app.api_route("/ping", methods=["GET", "POST"])
+    async def ping() -> Response:  # vLLM's (SageMaker's) name for /health
+        return await health()
+
+    @app.get("/load")
+    async def load() -> dict[str, int]:
+        return {"server_load": state.in_flight}
 
     @app.get("/version")
     async def version() -> dict[str, str]:

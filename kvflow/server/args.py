@@ -45,6 +45,7 @@ class ServerArgs:
     allowed_headers: list[str] = field(default_factory=lambda: ["*"])
     allow_credentials: bool = False
     metrics_prefix: str = "kvflow"  # or "vllm", for dashboards that read vllm: series
+    stream_keepalive: float = 10.0  # seconds without output after which a stream gets a comment
 
     def __post_init__(self) -> None:
         if self.max_waiting_requests is not None and self.max_waiting_requests < 1:
@@ -54,7 +55,7 @@ class ServerArgs:
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, "
                                  f"got {getattr(self, name)}")
-        for name in ("header_timeout", "body_timeout", "write_timeout"):
+        for name in ("header_timeout", "body_timeout", "write_timeout", "stream_keepalive"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, "
                                  f"got {getattr(self, name)}")
@@ -144,6 +145,9 @@ class ServerArgs:
                             help="CORS headers as a JSON list (with --allowed-origins)")
         parser.add_argument("--allow-credentials", action="store_true",
                             help="CORS: allow credentials (with --allowed-origins)")
+        parser.add_argument("--stream-keepalive", type=float, default=10.0,
+                            help="seconds a stream may go without output (queued, or in a "
+                                 "long prefill) before it is sent a keep-alive comment")
         parser.add_argument("--metrics-prefix", default="kvflow", choices=METRIC_PREFIXES,
                             help="the prefix of /metrics series: vllm serves vLLM's dashboards "
                                  "unchanged")
@@ -171,7 +175,8 @@ class ServerArgs:
                    enable_log_requests=ns.enable_log_requests, response_role=ns.response_role,
                    uvicorn_log_level=ns.uvicorn_log_level, allowed_origins=ns.allowed_origins,
                    allowed_methods=ns.allowed_methods, allowed_headers=ns.allowed_headers,
-                   allow_credentials=ns.allow_credentials, metrics_prefix=ns.metrics_prefix)
+                   allow_credentials=ns.allow_credentials, metrics_prefix=ns.metrics_prefix,
+                   stream_keepalive=ns.stream_keepalive)
 
 
 def _json_list(value: str) -> list[str]:

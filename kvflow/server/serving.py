@@ -70,8 +70,9 @@ class OpenAIServing:
 
     def __init__(self, engine: AsyncEngine, metrics: ServerMetrics,
                  enable_prompt_tokens_details: bool = False, response_role: str = "assistant",
-                 num_tokenizer_threads: int = 2) -> None:
+                 keepalive_s: float = 10.0, num_tokenizer_threads: int = 2) -> None:
         self.engine = engine
+        self.keepalive_s = keepalive_s
         self.response_role = response_role
         self.enable_prompt_tokens_details = enable_prompt_tokens_details
         self.metrics = metrics
@@ -166,9 +167,14 @@ class OpenAIServing:
             [m.as_template_input() for m in messages], add_generation_prompt,
             lambda text: self.encode("messages", text, add_special_tokens=False))
 
-    async def _outputs(self, job: Job) -> AsyncIterator[tuple[int, RequestOutput]]:
-        """Every prompt's outputs, interleaved as they come; leaving early aborts them all."""
-        merged: asyncio.Queue = asyncio.Queue()
+    async def _outputs(self, job: Job, idle_s: float | None = None,
+                       ) -> AsyncIterator[tuple[int, RequestOutput] | None]:
+        """Every prompt's outputs, interleaved as they come; leaving early aborts them all.
+        With idle_s, None comes whenever that long passes without an output (a stream sends
+        a keep-alive then)."""
+        # Bounded: a consumer that waits on a slow client holds one output per prompt here,
+        # and the engine's mailbox keeps only the latest of the rest.
+        merged: asyncio.Queue = asyncio.Queue(maxsize=len(job.prepared))
 
         async def pump(index: int, prepared: PreparedRequest) -> None:
             try:
@@ -181,7 +187,11 @@ class OpenAIServing:
         remaining = len(tasks)
         try:
             while remaining:
-                index, item = await merged.get()
+                try:
+                    index, item = await asyncio.wait_for(merged.get(), idle_s)
+                except TimeoutError:
+                    yield None
+                    continue
                 if isinstance(item, BaseException):
                     raise item
                 if item.finished:
@@ -197,7 +207,8 @@ class OpenAIServing:
 
     async def full_response(self, job: Job) -> dict[str, Any]:
         finals: dict[int, RequestOutput] = {}
-        async for index, output in self._outputs(job):
+        async for item in self._outputs(job):
+            index, output = item  # type: ignore[misc]  # no idle_s: never None
             if output.finished:
                 finals[index] = output
                 self._finished(job, index, output)
@@ -251,7 +262,11 @@ class OpenAIServing:
                                                  "delta": {"role": self.response_role,
                                                            "content": ""},
                                                  "logprobs": None, "finish_reason": None}])
-            async for index, output in self._outputs(job):
+            async for item in self._outputs(job, self.keepalive_s):
+                if item is None:
+                    yield ": keep-alive\n\n"  # an SSE comment: proxies keep the stream open
+                    continue
+                index, output = item
                 if output.finished:
                     finals.append(output)
                     self._finished(job, index, output)
