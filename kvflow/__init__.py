@@ -6,9 +6,10 @@ configure_logging()
 from kvflow.engine.args import EngineArgs  # noqa: E402
 from kvflow.engine.llm_engine import LLMEngine  # noqa: E402
 from kvflow.entrypoints.llm import LLM  # noqa: E402
+from kvflow.inputs import TextPrompt, TokensPrompt  # noqa: E402
 from kvflow.outputs import CompletionOutput, Logprob, RequestOutput  # noqa: E402
 from kvflow.sampling_params import SamplingParams  # noqa: E402
 
 __all__ = ["LLM", "LLMEngine", "EngineArgs", "SamplingParams", "RequestOutput",
-           "CompletionOutput", "Logprob"]
+           "CompletionOutput", "Logprob", "TextPrompt", "TokensPrompt"]
 __version__ = "0.1.0"

@@ -1,7 +1,9 @@
 """Per-request sampling parameters, with vLLM's names and validation rules."""
 from __future__ import annotations
 
+import copy
 import math
+import re
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import TYPE_CHECKING
@@ -18,6 +20,8 @@ MAX_REPETITION_PENALTY = 100.0
 # (every token but a few) belong to structured output, not to logit_bias.
 MAX_LOGIT_BIAS_TOKENS = 1024
 MAX_STOP_TOKEN_IDS = 1024
+MAX_BAD_WORDS = 128
+ALL_LOGPROBS = -1  # logprobs=-1: the whole vocabulary (as vLLM), within max_logprobs
 
 
 class ParameterError(ValueError):
@@ -49,14 +53,21 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True  # False is refused: fast tokenizers lack it
+    detokenize: bool = True  # False: token ids only, no text
+    allowed_token_ids: list[int] | None = None  # sample only among these
+    bad_words: list[str] | None = None  # never generate these words
     stop_strings: tuple[str, ...] = field(init=False, repr=False)
+    # Set by the engine, which has the tokenizer: each bad word as token ids, with and
+    # without a leading space, as vLLM.
+    bad_words_token_ids: list[list[int]] = field(init=False, repr=False, default_factory=list)
 
     def __post_init__(self) -> None:
         try:
             self._validate()
         except ValueError as exc:
             # Every message starts with the name of the field it is about.
-            raise ParameterError(str(exc).split()[0], str(exc)) from None
+            raise ParameterError(re.match(r"\w+", str(exc)).group(), str(exc)) from None
 
     def _validate(self) -> None:
         self._check_types()
@@ -94,8 +105,9 @@ class SamplingParams:
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             # The upper bound is the engine's max_logprobs (20 unless raised).
-            if value is not None and value < 0:
-                raise ValueError(f"{name} must be non-negative, got {value}")
+            if value is not None and value < ALL_LOGPROBS:
+                raise ValueError(f"{name} must be -1 (the whole vocabulary) or at least 0, "
+                                 f"got {value}")
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if any(not s for s in stops):
             raise ValueError("stop strings must be non-empty")
@@ -107,6 +119,22 @@ class SamplingParams:
             if any(t < 0 for t in self.stop_token_ids):
                 raise ValueError(f"stop_token_ids must be non-negative, got "
                                  f"{self.stop_token_ids[:5]}")
+        if not self.spaces_between_special_tokens:
+            raise ValueError("spaces_between_special_tokens=False is not supported: kvflow "
+                             "decodes with fast tokenizers, which do not add those spaces")
+        if not self.detokenize and stops:
+            raise ValueError("detokenize=False leaves no text to find stop strings in; use "
+                             "stop_token_ids")
+        if self.allowed_token_ids is not None and (not self.allowed_token_ids or any(
+                isinstance(t, bool) or not isinstance(t, int) or t < 0
+                for t in self.allowed_token_ids)):
+            raise ValueError("allowed_token_ids must be a non-empty list of token ids")
+        if self.bad_words is not None:
+            if len(self.bad_words) > MAX_BAD_WORDS:
+                raise ValueError(f"bad_words has {len(self.bad_words)} entries; at most "
+                                 f"{MAX_BAD_WORDS} are allowed")
+            if any(not isinstance(w, str) or not w.strip() for w in self.bad_words):
+                raise ValueError("bad_words must be non-empty strings")
         if self.logit_bias and len(self.logit_bias) > MAX_LOGIT_BIAS_TOKENS:
             raise ValueError(f"logit_bias has {len(self.logit_bias)} entries; at most "
                              f"{MAX_LOGIT_BIAS_TOKENS} are allowed")
@@ -154,10 +182,25 @@ class SamplingParams:
         return (torch.tensor(list(self.logit_bias), dtype=torch.int64),
                 torch.tensor(list(self.logit_bias.values()), dtype=torch.float32))
 
+    @cached_property
+    def allowed_token_tensor(self) -> torch.Tensor | None:
+        """allowed_token_ids as a tensor, built once per request."""
+        if self.allowed_token_ids is None:
+            return None
+        import torch
+
+        return torch.tensor(sorted(set(self.allowed_token_ids)), dtype=torch.int64)
+
+    def clone(self) -> SamplingParams:
+        """A deep copy (vLLM's name)."""
+        return copy.deepcopy(self)
+
     def for_sample(self, index: int) -> SamplingParams:
         """The parameters of the index-th of n samples: one sequence each, seeds kept distinct.
         The samples share this request's logit_bias tensors."""
         seed = None if self.seed is None else self.seed + index
         sample = replace(self, n=1, seed=seed)
         sample.__dict__["logit_bias_tensors"] = self.logit_bias_tensors
+        sample.__dict__["allowed_token_tensor"] = self.allowed_token_tensor
+        sample.bad_words_token_ids = self.bad_words_token_ids
         return sample

@@ -155,7 +155,7 @@ def test_generate_rejects_bad_input_and_leaves_nothing_behind(checkpoint):
     ("tensor_parallel_size", 2, "tensor parallelism is not built"),
     ("pipeline_parallel_size", 2, "pipeline parallelism"),
     ("data_parallel_size", 4, "load balancer"), ("gpu_memory_utilization", 0, "must be in"),
-    ("max_logprobs", -1, "max_logprobs"),
+    ("max_logprobs", -2, "max_logprobs"),
 ])
 def test_invalid_engine_options(checkpoint, option, value, match):
     with pytest.raises(ValueError, match=match):

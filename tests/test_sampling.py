@@ -192,7 +192,7 @@ def test_logit_bias_and_stop_token_ids_are_capped():
     ("max_tokens", 0), ("top_k", -2), ("min_p", 1.5), ("repetition_penalty", 0.0),
     ("repetition_penalty", 1e-30), ("repetition_penalty", 1e4),
     ("presence_penalty", 3.0), ("frequency_penalty", -2.5), ("min_tokens", -1),
-    ("logprobs", -2), ("prompt_logprobs", -1), ("stop", [""]), ("logit_bias", {1: 200}),
+    ("logprobs", -2), ("prompt_logprobs", -3), ("stop", [""]), ("logit_bias", {1: 200}),
     ("temperature", "hot"), ("n", 1.5),
 ])
 def test_invalid_parameters_name_the_field(field, value):
@@ -274,6 +274,7 @@ def test_greedy_fast_path_picks_the_first_largest_logit_in_the_model_dtype():
     def batch(**overrides):
         fields = dict(temperature=torch.zeros(rows), all_greedy=True, top_k=None, top_p=None,
                       min_p=None, generators={}, penalties=None, logit_bias=None, banned=None,
+                      allowed=None,
                       num_logprobs=[None] * rows)
         return SamplingBatch(**{**fields, **overrides})
 
@@ -284,3 +285,68 @@ def test_greedy_fast_path_picks_the_first_largest_logit_in_the_model_dtype():
     bias = (torch.tensor([2]), torch.tensor([900]), torch.tensor([1.0]))
     biased, _ = sampler(logits, batch(logit_bias=bias))
     assert biased[2] == 900
+
+
+def test_allowed_token_ids_and_bad_words(llm):
+    prompts = random_prompts(2, seed=11)
+    allowed = [7, 42, 99]
+    params = SamplingParams(temperature=1.0, seed=4, max_tokens=12, ignore_eos=True,
+                            allowed_token_ids=allowed, n=2)
+    for output in llm.generate(_ids(prompts), params, use_tqdm=False):
+        for sample in output.outputs:
+            assert set(sample.token_ids) <= set(allowed)
+    # A bad word is never produced: ban the word greedy decoding would write first (from
+    # a prompt whose first token is a whole word, not part of a character).
+    greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    tokenizer = llm.get_tokenizer()
+    candidates = _ids(random_prompts(12, seed=12))
+    for prompt, output in zip(candidates, llm.generate(candidates, greedy, use_tqdm=False)):
+        first = output.outputs[0]
+        word = tokenizer.decode(first.token_ids[:1])
+        if word.strip() and tokenizer.encode(word, add_special_tokens=False) == \
+                first.token_ids[:1]:
+            break
+    else:
+        pytest.fail("no prompt starts with a whole-word token")
+    banned = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True,
+                            bad_words=[word.strip()])
+    out = llm.generate([prompt], banned, use_tqdm=False)[0].outputs[0]
+    assert out.token_ids[0] != first.token_ids[0]
+    for ids in banned.bad_words_token_ids:
+        assert all(out.token_ids[i:i + len(ids)] != ids for i in range(len(out.token_ids)))
+
+
+def test_bad_word_of_several_tokens_is_cut_at_its_last_token():
+    from kvflow.sampling.sampler import _bad_word_ends
+
+    words = [[5], [1, 2, 3]]
+    assert _bad_word_ends(words, [9, 1, 2]).tolist() == [3, 5]
+    assert _bad_word_ends(words, [1, 9]).tolist() == [5]
+    assert _bad_word_ends(words, []).tolist() == [5]
+
+
+def test_detokenize_false_logprobs_all_and_clone(checkpoint):
+    path = str(checkpoint("llama-gqa"))
+    llm = LLM(path, dtype="float32", device="cpu", kv_cache_memory="8MiB", max_logprobs=-1)
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True, detokenize=False,
+                            logprobs=-1)
+    out = llm.generate({"prompt_token_ids": [5, 6, 7]}, params, use_tqdm=False)[0].outputs[0]
+    assert out.text == "" and len(out.token_ids) == 3
+    vocab = llm.engine.model_config.vocab_size
+    assert all(len(entry) == vocab for entry in out.logprobs)
+    copy = params.clone()
+    assert copy == params and copy is not params
+    capped = LLM(path, dtype="float32", device="cpu", kv_cache_memory="8MiB")
+    with pytest.raises(ValueError, match="exceeds the server's max_logprobs=20"):
+        capped.generate("x", SamplingParams(logprobs=-1), use_tqdm=False)
+    with pytest.raises(ValueError, match="allowed_token_ids entry"):
+        capped.generate("x", SamplingParams(allowed_token_ids=[vocab]), use_tqdm=False)
+    with pytest.raises(ValueError, match="lora_request"):
+        capped.generate("x", lora_request=object())
+
+
+def test_prompt_typed_dicts():
+    from kvflow.inputs import TextPrompt, TokensPrompt
+
+    assert TokensPrompt(prompt_token_ids=[1, 2]) == {"prompt_token_ids": [1, 2]}
+    assert TextPrompt(prompt="hi", cache_salt="a") == {"prompt": "hi", "cache_salt": "a"}

@@ -46,7 +46,8 @@ _FLAG_HELP = {
     "download_dir": "where hub downloads go (default: the Hugging Face cache)",
     "revision": "hub revision (branch, tag or commit) of the model",
     "tokenizer_revision": "hub revision of the tokenizer (default: --revision)",
-    "max_logprobs": "most logprobs (and prompt_logprobs) a request may ask for",
+    "max_logprobs": "most logprobs (and prompt_logprobs) a request may ask for; -1: no "
+                    "limit (a request's logprobs=-1 is the whole vocabulary)",
 }
 
 def _token_count_flag(value: str) -> int:
@@ -134,8 +135,9 @@ class EngineArgs:
         for name, why in _SINGLE_DEVICE.items():
             if getattr(self, name) != 1:
                 raise ValueError(f"{name}={getattr(self, name)}: {why}")
-        if self.max_logprobs < 0:
-            raise ValueError(f"max_logprobs must be non-negative, got {self.max_logprobs}")
+        if self.max_logprobs < -1:
+            raise ValueError(f"max_logprobs must be -1 (no limit) or at least 0, "
+                             f"got {self.max_logprobs}")
         # Checked now rather than after the weights are loaded.
         SchedulerConfig(max_num_seqs=self.max_num_seqs,
                         max_num_batched_tokens=self.max_num_batched_tokens,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
@@ -25,7 +25,7 @@ from kvflow.kernels.tuning import install_native_kernels, native_cpu_ops
 from kvflow.models.loader import build_model, resolve_model_path
 from kvflow.outputs import CompletionOutput, RequestMetrics, RequestOutput, SchedulerOutput
 from kvflow.request import Request, RequestStatus
-from kvflow.sampling_params import ParameterError, SamplingParams
+from kvflow.sampling_params import ALL_LOGPROBS, ParameterError, SamplingParams
 from kvflow.worker.kv_cache import default_kv_cache_memory, num_blocks_for
 from kvflow.worker.model_runner import ModelRunner
 from kvflow.worker.threads import configure_threads
@@ -169,6 +169,7 @@ class LLMEngine:
         its own thread and answer a bad request at once."""
         text, token_ids = self.tokenize_prompt(prompt)
         cache_salt = self._cache_salt(prompt)
+        params = self._resolve(params)
         max_tokens = self._validate(token_ids, params)
         arrival = time.monotonic() if arrival_time is None else arrival_time
         parent = ParentState(
@@ -188,6 +189,21 @@ class LLMEngine:
                     priority=priority, cache_salt=cache_salt)
             for i, child_id in enumerate(parent.child_ids)]
         return PreparedRequest(parent=parent, children=children)
+
+    def _resolve(self, params: SamplingParams) -> SamplingParams:
+        """What needs the model or tokenizer: logprobs=-1 as the vocabulary's size, bad
+        words as token ids (each with and without a leading space, as vLLM)."""
+        vocab = self.model_config.vocab_size
+        if ALL_LOGPROBS in (params.logprobs, params.prompt_logprobs):
+            params = replace(params, **{name: vocab for name in ("logprobs", "prompt_logprobs")
+                                        if getattr(params, name) == ALL_LOGPROBS})
+        if params.bad_words and not params.bad_words_token_ids:
+            spellings = {spelling for word in params.bad_words
+                         for spelling in (word, word if word.startswith(" ") else " " + word)}
+            params.bad_words_token_ids = [
+                ids for ids in (self.tokenizer.encode(w, add_special_tokens=False)
+                                for w in sorted(spellings)) if ids]
+        return params
 
     def add_prepared(self, prepared: PreparedRequest) -> None:
         # Check every id before touching any state, so that a rejected add changes nothing.
@@ -219,9 +235,14 @@ class LLMEngine:
                 raise ParameterError("stop_token_ids",
                                      f"stop_token_ids entry {token} is outside [0, {vocab})")
         for name in ("logprobs", "prompt_logprobs"):
-            if (getattr(params, name) or 0) > self.max_logprobs:
+            if self.max_logprobs != ALL_LOGPROBS and (getattr(params, name) or 0) > \
+                    self.max_logprobs:
                 raise ParameterError(name, f"{name}={getattr(params, name)} exceeds the "
                                            f"server's max_logprobs={self.max_logprobs}")
+        for token in params.allowed_token_ids or ():
+            if token >= vocab:
+                raise ParameterError("allowed_token_ids", f"allowed_token_ids entry {token} is "
+                                                          f"outside [0, {vocab})")
         if params.n > self.scheduler_config.max_num_seqs:
             raise ParameterError("n", f"n={params.n} exceeds max_num_seqs="
                                       f"{self.scheduler_config.max_num_seqs}")

@@ -100,7 +100,8 @@ class OutputProcessor:
             new_text = [] if stopped_by_token and not params.include_stop_str_in_output \
                 else [token_id]
             stop = state.detokenizer.update(
-                new_text, check_stop=request.num_output_tokens >= params.min_tokens)
+                new_text, check_stop=request.num_output_tokens >= params.min_tokens) \
+                if params.detokenize else None
             finish_reason = request.status.finish_reason
             if stop is not None:  # the text is cut there, whatever else ended the request
                 if not request.status.finished:

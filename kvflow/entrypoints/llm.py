@@ -47,9 +47,13 @@ class LLM:
 
     def generate(self, prompts: PromptType | Sequence[PromptType],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 use_tqdm: bool = True,
+                 use_tqdm: bool = True, lora_request: None = None,
                  priority: Sequence[int] | None = None) -> list[RequestOutput]:
-        """Outputs in prompt order. One SamplingParams for all prompts, or one per prompt."""
+        """Outputs in prompt order. One SamplingParams for all prompts, or one per prompt.
+        lora_request is vLLM's; kvflow has no adapters, so only None is accepted."""
+        if lora_request is not None:
+            raise ValueError("lora_request: LoRA adapters are not supported; merge the adapter "
+                             "into the weights")
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         prompts = list(prompts)

@@ -38,12 +38,13 @@ class SamplingBatch:
     # (rows, token ids, values) to add to the logits
     logit_bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
     banned: tuple[torch.Tensor, torch.Tensor] | None  # (rows, token ids) set to -inf
+    allowed: tuple[torch.Tensor, torch.Tensor] | None  # (rows, token ids): all else -inf
     num_logprobs: list[int | None]  # per row
 
     @property
     def adjusts_logits(self) -> bool:
         return (self.logit_bias is not None or self.banned is not None
-                or self.penalties is not None)
+                or self.allowed is not None or self.penalties is not None)
 
 
 def _padded(rows: list[list[int]], pad: int, device: torch.device) -> torch.Tensor:
@@ -64,6 +65,14 @@ def _presence(rows: list[list[int]], vocab_size: int, device: torch.device) -> t
 def _id_tensor(ids: frozenset[int]) -> torch.Tensor:
     """A stop-id set as a tensor, once per distinct set (a request's samples share theirs)."""
     return torch.tensor(sorted(ids), dtype=torch.int64)
+
+
+def _bad_word_ends(words: list[list[int]], output: list[int]) -> torch.Tensor:
+    """The tokens that would complete a bad word now: a one-token word always, a longer
+    one when the output ends with all of it but its last token (vLLM's rule)."""
+    ends = {word[-1] for word in words
+            if len(word) == 1 or output[len(output) - len(word) + 1:] == word[:-1]}
+    return torch.tensor(sorted(ends), dtype=torch.int64)
 
 
 def _rows_of(entries: list[tuple[int, tuple[torch.Tensor, ...]]],
@@ -102,6 +111,16 @@ def prepare_sampling(requests: list[ScheduledRequest], generators: dict[str, tor
                       torch.cat([tensors[1] for _, tensors in biased]).to(device))
     bans = [(row, _id_tensor(r.stop_token_ids)) for row, r in enumerate(requests)
             if len(r.output_token_ids) < r.sampling_params.min_tokens and r.stop_token_ids]
+    bans += [(row, ids) for row, r in enumerate(requests)
+             if r.sampling_params.bad_words_token_ids
+             and len(ids := _bad_word_ends(r.sampling_params.bad_words_token_ids,
+                                           r.output_token_ids))]
+    allowed_rows = [(row, (p.allowed_token_tensor,)) for row, p in enumerate(params)
+                    if p.allowed_token_ids is not None]
+    allowed = None
+    if allowed_rows:
+        allowed = (_rows_of(allowed_rows, device),
+                   torch.cat([ids for _, (ids,) in allowed_rows]).to(device))
     if bans:
         banned = (_rows_of([(row, (ids,)) for row, ids in bans], device),
                   torch.cat([ids for _, ids in bans]).to(device))
@@ -117,6 +136,7 @@ def prepare_sampling(requests: list[ScheduledRequest], generators: dict[str, tor
         penalties=penalties,
         logit_bias=logit_bias,
         banned=banned,
+        allowed=allowed,
         num_logprobs=[p.logprobs for p in params],
     )
 
@@ -171,6 +191,13 @@ class Sampler:
         if batch.logit_bias is not None:
             rows, ids, values = batch.logit_bias
             logits = logits.index_put((rows, ids), values, accumulate=True)
+        if batch.allowed is not None:
+            rows, ids = batch.allowed
+            restricted = torch.full_like(logits, -float("inf"))
+            restricted[rows, ids] = logits[rows, ids]
+            keep = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
+            keep[rows] = False
+            logits = torch.where(keep[:, None], logits, restricted)
         if batch.banned is not None:
             logits = logits.index_put(batch.banned, torch.tensor(-float("inf"),
                                                                  device=logits.device))
