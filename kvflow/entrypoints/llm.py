@@ -13,6 +13,7 @@ from kvflow.engine.args import EngineArgs
 from kvflow.engine.llm_engine import LLMEngine, PromptType
 from kvflow.outputs import RequestOutput
 from kvflow.sampling_params import SamplingParams
+from kvflow.tokenizer.chat import ChatTemplate
 from kvflow.vllm_compat import refusal
 
 Message = dict[str, Any]
@@ -35,6 +36,7 @@ class LLM:
         except TypeError as exc:
             raise TypeError(f"unknown LLM option: {exc}") from exc
         self.llm_engine = LLMEngine(args)
+        self._chat_template = ChatTemplate(self.llm_engine.tokenizer)
         self._ids = itertools.count()
 
     @property
@@ -83,11 +85,12 @@ class LLM:
              add_generation_prompt: bool = True) -> list[RequestOutput]:
         conversations = messages if messages and isinstance(messages[0], list) else [messages]
         tokenizer = self.engine.tokenizer
-        prompts = [
-            {"prompt": text, "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)}
-            for text in (tokenizer.apply_chat_template(
-                conversation, chat_template=chat_template, tokenize=False,
-                add_generation_prompt=add_generation_prompt) for conversation in conversations)]
+        prompts = []
+        for conversation in conversations:
+            text, token_ids = self._chat_template.encode(
+                conversation, add_generation_prompt,
+                lambda text: tokenizer.encode(text, add_special_tokens=False), chat_template)
+            prompts.append({"prompt": text, "prompt_token_ids": token_ids})
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
     def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:

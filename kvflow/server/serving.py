@@ -15,10 +15,11 @@ from kvflow.engine.async_engine import AsyncEngine
 from kvflow.engine.llm_engine import PreparedRequest
 from kvflow.outputs import CompletionOutput, Logprob, RequestOutput
 from kvflow.sampling_params import ParameterError
-from kvflow.server.chat import ChatTemplate
 from kvflow.server.metrics import ServerMetrics
 from kvflow.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                     TokenizeRequest)
+from kvflow.tokenizer.chat import ChatTemplate
+from kvflow.tokenizer.detokenizer import stop_holdback
 
 T = TypeVar("T")
 
@@ -288,7 +289,7 @@ class OpenAIServing:
             return None
         done = completion.finished()
         # Hold back what may be the start of a stop string until the request says otherwise.
-        holdback = 0 if done else max((len(s) for s in _stop_strings(job, index)), default=1) - 1
+        holdback = 0 if done else stop_holdback(_stop_strings(job, index))
         end = max(choice.sent_text, len(completion.text) - holdback)
         delta = completion.text[choice.sent_text:end]
         new_entries = (completion.logprobs or [])[choice.sent_tokens:]

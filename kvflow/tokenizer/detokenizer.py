@@ -14,6 +14,11 @@ from transformers import PreTrainedTokenizerBase
 PROMPT_CONTEXT_TOKENS = 6
 
 
+def stop_holdback(stop: tuple[str, ...]) -> int:
+    """Characters a stream should hold back: they may be the start of a stop string."""
+    return max((len(s) for s in stop), default=1) - 1
+
+
 class IncrementalDetokenizer:
     def __init__(self, tokenizer: PreTrainedTokenizerBase, prompt_token_ids: list[int],
                  skip_special_tokens: bool, stop: tuple[str, ...],
@@ -25,11 +30,6 @@ class IncrementalDetokenizer:
         self._stop = stop
         self._include_stop = include_stop_str_in_output
         self.text = ""
-
-    @property
-    def stop_holdback(self) -> int:
-        """Characters a stream should hold back: they may be the start of a stop string."""
-        return max((len(s) for s in self._stop), default=1) - 1
 
     def update(self, token_ids: list[int], check_stop: bool) -> str | None:
         """Append the text of new tokens; returns the stop string matched, if any, and

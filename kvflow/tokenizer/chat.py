@@ -1,4 +1,5 @@
-"""Chat messages to prompt text and token ids, through the model's chat template.
+"""Chat messages to prompt text and token ids, through the model's chat template: the one
+place that renders templates, for LLM.chat and the server alike.
 
 A message's content is the client's text. Where it spells a special token (`<|im_start|>`,
 say), that text must not become the special token, or one client message could forge a
@@ -38,29 +39,32 @@ class ChatTemplate:
     def available(self) -> bool:
         return bool(getattr(self.tokenizer, "chat_template", None))
 
-    def render(self, conversation: list[dict[str, Any]], add_generation_prompt: bool) -> str:
-        if not self.available:
+    def render(self, conversation: list[dict[str, Any]], add_generation_prompt: bool,
+               template: str | None = None) -> str:
+        """`template` replaces the tokenizer's own, as in transformers."""
+        if template is None and not self.available:
             raise ParameterError("messages", "the model's tokenizer has no chat template")
         try:
             return self.tokenizer.apply_chat_template(
-                conversation, tokenize=False, add_generation_prompt=add_generation_prompt)
+                conversation, chat_template=template, tokenize=False,
+                add_generation_prompt=add_generation_prompt)
         except Exception as exc:  # noqa: BLE001 - jinja errors: the template refused these
             raise ParameterError("messages",
                                  f"the chat template failed on these messages: {exc}") from None
 
     def encode(self, conversation: list[dict[str, Any]], add_generation_prompt: bool,
-               encode: Encoder) -> tuple[str, list[int]]:
+               encode: Encoder, template: str | None = None) -> tuple[str, list[int]]:
         """The prompt text and its token ids; `encode` tokenizes template text (special
         tokens matched, no BOS added: the template writes its own)."""
         spelled = {i for i, message in enumerate(conversation)
                    if self._spells_special(message.get("content"))}
         if not spelled or self._as_text is None:
-            text = self.render(conversation, add_generation_prompt)
+            text = self.render(conversation, add_generation_prompt, template)
             return text, encode(text)
         nonce = uuid.uuid4().hex  # unguessable, so no content can pose as a placeholder
         marked = [{**message, "content": f"<kvflow-{nonce}-{i}>"} if i in spelled else message
                   for i, message in enumerate(conversation)]
-        rendered = self.render(marked, add_generation_prompt)
+        rendered = self.render(marked, add_generation_prompt, template)
         text_parts: list[str] = []
         token_ids: list[int] = []
         position = 0
