@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ByteSize, TypeAdapter, ValidationError
 
 _DTYPES = {
     "float32": torch.float32,
@@ -38,24 +39,22 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     return _DTYPES[key]
 
 
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9,
-          "gb": 10**9, "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
-          "tib": 2**40}
+_BYTE_SIZE = TypeAdapter(ByteSize)
 
 
 def parse_memory(value: int | float | str, name: str = "kv_cache_memory") -> int:
-    """Bytes from an int or a string such as "2GiB", "512MiB" or "1.5GB"."""
+    """Bytes from a number or a string such as "2GiB", "512MiB" or "1.5GB" (pydantic's
+    ByteSize: KB, MB, GB are powers of 1000, KiB, MiB, GiB of 1024)."""
     if isinstance(value, bool):
         raise ValueError(f"{name} must be a size, got {value!r}")
     if isinstance(value, (int, float)):
         size = int(value)
     else:
-        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", value)
-        if not match or match.group(2).lower() not in _UNITS:
-            raise ValueError(
-                f"{name}={value!r} is not a size; use bytes or a string like '2GiB'"
-            )
-        size = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+        try:
+            size = int(_BYTE_SIZE.validate_python(value))
+        except ValidationError:
+            raise ValueError(f"{name}={value!r} is not a size; use bytes or a string like "
+                             "'2GiB'") from None
     if size <= 0:
         raise ValueError(f"{name} must be positive, got {value!r}")
     return size
