@@ -148,9 +148,20 @@ def test_linear_plan_paths_match_f_linear(ops, dtype, bias):
     if _can_prepack(dtype):
         plans.append(LinearPlan(ops=ops, gemv_max_rows=4, packed_weight=_packed(w)))
     for plan in plans:
-        for rows in (1, 4, 5, 130):
+        for rows in (1, 4, 5, 17, 130):  # 17 and 130 run padded on the prepacked path
             x = torch.randn(rows, 64, generator=generator).to(dtype)
             close(apply_linear(x, w, b, plan), F.linear(x, w, b), dtype, scale=4)
+
+
+def test_prepacked_products_run_at_few_row_counts():
+    """oneDNN caches a primitive per input shape; the prepacked path rounds row counts so
+    that a server whose batch changes every step meets few shapes, and memory stays flat."""
+    from kvflow.layers.linear import packed_rows
+
+    shapes = {packed_rows(rows) for rows in range(9, 2049)}
+    assert len(shapes) == 24 and all(shape % 16 == 0 for shape in shapes)
+    for rows in range(9, 4097):
+        assert rows <= packed_rows(rows) <= max(rows + 15, rows * 1.25)
 
 
 @pytest.mark.parametrize("variant", ["llama-gqa", "qwen2"], ids=["untied-head", "tied-head"])

@@ -35,10 +35,30 @@ def apply_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         if x.shape[0] <= plan.gemv_max_rows:
             return plan.ops.gemv(x, weight, bias)
         if plan.packed_weight is not None:
-            return torch.ops.mkldnn._linear_pointwise(x, plan.packed_weight, bias, "none", [], "")
+            return _packed_linear(x, plan.packed_weight, bias)
         if plan.float32_weight is not None:
             return F.linear(x.float(), plan.float32_weight, plan.float32_bias).to(x.dtype)
     return F.linear(x, weight, bias)
+
+
+def packed_rows(rows: int) -> int:
+    """The row count a oneDNN-prepacked product runs at: rows rounded up to one of four
+    sizes per power of two (multiples of 16 at least). oneDNN and ideep cache a primitive
+    per input shape (1,024 each), about 0.2 MiB apiece; under continuous batching the row
+    count changes every step, and with exact shapes the caches grew the server's memory
+    by hundreds of MiB. Rounded, a layer meets 24 shapes up to 2,048 rows, for 9% more
+    rows on average (at most 25% above 64 rows, at most 15 rows below)."""
+    step = max(16, 1 << max(0, rows.bit_length() - 3))
+    return -(-rows // step) * step
+
+
+def _packed_linear(x: torch.Tensor, packed: torch.Tensor,
+                   bias: torch.Tensor | None) -> torch.Tensor:
+    rows = x.shape[0]
+    padded = packed_rows(rows)
+    if padded != rows:
+        x = F.pad(x, (0, 0, 0, padded - rows))
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")[:rows]
 
 
 def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor) -> None:
