@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from conftest import random_prompts
 from kvflow import LLM, SamplingParams
-from kvflow.config import RopeConfig
+from kvflow.models.config import RopeConfig
 from kvflow.layers.activation import SiluAndMul
 from kvflow.layers.norm import RMSNorm
 from kvflow.layers.rotary import RotaryEmbedding
@@ -168,7 +168,7 @@ def test_prepacked_products_run_at_few_row_counts():
 def test_every_linear_gets_one_plan(ops, checkpoint, variant):
     """Each weight is planned once: an untied LM head through its Linear, a tied one (the
     embedding) through the model's lm_head_plan; a second copy is made per weight only."""
-    from kvflow.config import ModelConfig
+    from kvflow.models.config import ModelConfig
     from kvflow.kernels.tuning import install_native_kernels
     from kvflow.layers.linear import Linear
     from kvflow.models.loader import build_model

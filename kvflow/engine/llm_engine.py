@@ -15,7 +15,8 @@ from typing import Any
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from kvflow.attention.selector import select_backend
-from kvflow.config import CacheConfig, ModelConfig, SchedulerConfig, parse_dtype
+from kvflow.config import CacheConfig, SchedulerConfig, parse_dtype
+from kvflow.models.config import ModelConfig
 from kvflow.core.kv_manager import KVCacheManager
 from kvflow.core.scheduler import Scheduler
 from kvflow.engine.args import EngineArgs

@@ -7,7 +7,7 @@ from types import ModuleType
 import torch
 from torch import nn
 
-from kvflow.config import RopeConfig
+from kvflow.models.config import RopeConfig
 
 
 def inverse_frequencies(head_dim: int, rope: RopeConfig) -> torch.Tensor:

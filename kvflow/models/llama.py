@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from kvflow.attention.metadata import AttentionMetadata
-from kvflow.config import ModelConfig
+from kvflow.models.config import ModelConfig
 from kvflow.layers.activation import SiluAndMul
 from kvflow.layers.attention import PagedAttention
 from kvflow.layers.linear import Linear, LinearPlan, MergedLinear, apply_linear

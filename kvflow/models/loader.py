@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from kvflow.config import ModelConfig
+from kvflow.models.config import ModelConfig
 from kvflow.layers.linear import default_weight_loader
 from kvflow.models.llama import LlamaForCausalLM
 

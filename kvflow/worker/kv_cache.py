@@ -12,7 +12,7 @@ import os
 import torch
 
 from kvflow.attention.base import AttentionBackend
-from kvflow.config import ModelConfig
+from kvflow.models.config import ModelConfig
 
 CPU_KV_CAP = 4 * 2**30
 CUDA_FREE_FRACTION = 0.8

@@ -11,7 +11,7 @@ import torch
 
 from kvflow.attention.base import AttentionBackend
 from kvflow.attention.metadata import AttentionMetadata
-from kvflow.config import ModelConfig
+from kvflow.models.config import ModelConfig
 from kvflow.models.llama import LlamaForCausalLM
 from kvflow.outputs import RunnerOutput, ScheduledRequest, SchedulerOutput, TokenLogprobs
 from kvflow.sampling.sampler import Sampler, prepare_sampling, token_logprobs
