@@ -63,7 +63,6 @@ class LLMEngine:
         self.args = args
         path = resolve_model_path(args.model, args.revision, args.download_dir)
         self.model_config = ModelConfig.from_pretrained(path)
-        self.max_logprobs = args.max_logprobs
         tokenizer = (str(path) if args.tokenizer is None
                      else str(resolve_model_path(args.tokenizer, args.tokenizer_revision
                                                  or args.revision, args.download_dir)))
@@ -236,10 +235,10 @@ class LLMEngine:
                 raise ParameterError("stop_token_ids",
                                      f"stop_token_ids entry {token} is outside [0, {vocab})")
         for name in ("logprobs", "prompt_logprobs"):
-            if self.max_logprobs != ALL_LOGPROBS and (getattr(params, name) or 0) > \
-                    self.max_logprobs:
+            limit = self.args.max_logprobs  # -1: no limit
+            if limit != -1 and (getattr(params, name) or 0) > limit:
                 raise ParameterError(name, f"{name}={getattr(params, name)} exceeds the "
-                                           f"server's max_logprobs={self.max_logprobs}")
+                                           f"server's max_logprobs={limit}")
         for token in params.allowed_token_ids or ():
             if token >= vocab:
                 raise ParameterError("allowed_token_ids", f"allowed_token_ids entry {token} is "

@@ -17,6 +17,8 @@ from collections import Counter
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from kvflow.server.errors import error_body
+
 logger = logging.getLogger(__name__)
 
 # Descriptors left to the process itself: model files, logs, pipes, tokenizer threads.
@@ -49,9 +51,8 @@ def default_max_per_client(max_connections: int) -> int:
 
 
 def _raw_error(status: int, reason: str, message: str) -> bytes:
-    body = json.dumps({"error": {"message": message, "type": "service_unavailable"
-                                 if status == 503 else "invalid_request_error",
-                                 "param": None, "code": status}}).encode()
+    """A whole HTTP response, for answers given below the app (the same body as its own)."""
+    body = json.dumps(error_body(status, message)).encode()
     head = (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
             f"content-length: {len(body)}\r\nconnection: close\r\n\r\n")
     return head.encode() + body

@@ -4,7 +4,8 @@ from __future__ import annotations
 from fastapi.responses import JSONResponse
 
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
-                404: "not_found_error", 413: "invalid_request_error",
+                404: "not_found_error", 408: "invalid_request_error",
+                413: "invalid_request_error",
                 503: "service_unavailable"}
 
 
@@ -24,8 +25,13 @@ def printable(text: str, limit: int = 200) -> str:
     return shown + ("..." if len(text) > limit else "")
 
 
+def error_body(status: int, message: str, param: str | None = None) -> dict:
+    return {"error": {"message": printable(message, 2000),
+                      "type": _ERROR_TYPES.get(status, "server_error"),
+                      "param": None if param is None else printable(param), "code": status}}
+
+
 def error_response(status: int, message: str, param: str | None = None,
                    headers: dict[str, str] | None = None) -> JSONResponse:
-    body = {"error": {"message": printable(message, 2000), "type": _ERROR_TYPES.get(status, "server_error"),
-                      "param": None if param is None else printable(param), "code": status}}
-    return JSONResponse(body, status_code=status, headers=headers)
+    return JSONResponse(error_body(status, message, param), status_code=status,
+                        headers=headers)
