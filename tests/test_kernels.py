@@ -137,7 +137,7 @@ def test_linear_plan_paths_match_f_linear(ops, dtype, bias):
     copy, F.linear) gives F.linear's result. The plans are built by hand, so that every
     path runs whatever the measurement would pick on this machine."""
     from kvflow.kernels.tuning import _can_prepack, _packed
-    from kvflow.layers.linear import LinearPlan, apply_linear
+    from kvflow.quantization.unquantized import LinearPlan, apply_linear
 
     generator = torch.Generator().manual_seed(5)
     w = (torch.randn(48, 64, generator=generator) / 8).to(dtype)
@@ -156,7 +156,7 @@ def test_linear_plan_paths_match_f_linear(ops, dtype, bias):
 def test_prepacked_products_run_at_few_row_counts():
     """oneDNN caches a primitive per input shape; the prepacked path rounds row counts so
     that a server whose batch changes every step meets few shapes, and memory stays flat."""
-    from kvflow.layers.linear import packed_rows
+    from kvflow.quantization.unquantized import packed_rows
 
     shapes = {packed_rows(rows) for rows in range(9, 2049)}
     assert len(shapes) == 24 and all(shape % 16 == 0 for shape in shapes)

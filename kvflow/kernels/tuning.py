@@ -33,9 +33,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from kvflow.layers.activation import SiluAndMul
-from kvflow.layers.linear import Linear, LinearPlan
+from kvflow.layers.linear import Linear
 from kvflow.layers.norm import RMSNorm
 from kvflow.layers.rotary import RotaryEmbedding
+from kvflow.quantization.unquantized import LinearPlan
 from kvflow.worker.kv_cache import available_host_memory
 
 logger = logging.getLogger(__name__)

@@ -12,13 +12,16 @@ from kvflow.attention.metadata import AttentionMetadata
 from kvflow.models.config import ModelConfig
 from kvflow.layers.activation import SiluAndMul
 from kvflow.layers.attention import PagedAttention
-from kvflow.layers.linear import Linear, LinearPlan, MergedLinear, apply_linear
+from kvflow.layers.linear import Linear, MergedLinear
 from kvflow.layers.norm import RMSNorm
 from kvflow.layers.rotary import RotaryEmbedding
+from kvflow.quantization.base import QuantizationConfig
+from kvflow.quantization.unquantized import LinearPlan, apply_linear
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int, rotary: RotaryEmbedding) -> None:
+    def __init__(self, config: ModelConfig, layer_idx: int, rotary: RotaryEmbedding,
+                 quant_config: QuantizationConfig | None) -> None:
         super().__init__()
         self.num_heads = config.num_heads
         self.num_kv_heads = config.num_kv_heads
@@ -26,8 +29,9 @@ class Attention(nn.Module):
         q_size = config.num_heads * config.head_dim
         kv_size = config.num_kv_heads * config.head_dim
         self.qkv_proj = MergedLinear(config.hidden_size, {"q": q_size, "k": kv_size, "v": kv_size},
-                                     bias=config.qkv_bias)
-        self.o_proj = Linear(q_size, config.hidden_size, bias=config.o_bias)
+                                     bias=config.qkv_bias, quant_config=quant_config)
+        self.o_proj = Linear(q_size, config.hidden_size, bias=config.o_bias,
+                             quant_config=quant_config)
         self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.rotary = rotary
@@ -46,12 +50,13 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, quant_config: QuantizationConfig | None) -> None:
         super().__init__()
         size = config.intermediate_size
         self.gate_up_proj = MergedLinear(config.hidden_size, {"gate": size, "up": size},
-                                         bias=config.mlp_bias)
-        self.down_proj = Linear(size, config.hidden_size, bias=config.mlp_bias)
+                                         bias=config.mlp_bias, quant_config=quant_config)
+        self.down_proj = Linear(size, config.hidden_size, bias=config.mlp_bias,
+                                quant_config=quant_config)
         self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -59,10 +64,11 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int, rotary: RotaryEmbedding) -> None:
+    def __init__(self, config: ModelConfig, layer_idx: int, rotary: RotaryEmbedding,
+                 quant_config: QuantizationConfig | None) -> None:
         super().__init__()
-        self.self_attn = Attention(config, layer_idx, rotary)
-        self.mlp = MLP(config)
+        self.self_attn = Attention(config, layer_idx, rotary, quant_config)
+        self.mlp = MLP(config, quant_config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -80,13 +86,14 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: ModelConfig, max_positions: int) -> None:
+    def __init__(self, config: ModelConfig, max_positions: int,
+                 quant_config: QuantizationConfig | None) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size,
                                          _weight=torch.empty(config.vocab_size, config.hidden_size))
         rotary = RotaryEmbedding(config.head_dim, max_positions, config.rope)
         self.layers = nn.ModuleList(
-            DecoderLayer(config, i, rotary) for i in range(config.num_layers))
+            DecoderLayer(config, i, rotary, quant_config) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
@@ -106,10 +113,13 @@ class LlamaForCausalLM(nn.Module):
         "up_proj": ("gate_up_proj", "up"),
     }
 
-    def __init__(self, config: ModelConfig, max_positions: int) -> None:
+    def __init__(self, config: ModelConfig, max_positions: int,
+                 quant_config: QuantizationConfig | None = None) -> None:
+        """quant_config: the format of the decoder layers' linear weights (None: the model's
+        dtype); the embedding and the LM head stay in the model's dtype."""
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config, max_positions)
+        self.model = LlamaModel(config, max_positions, quant_config)
         if config.tie_word_embeddings:
             self.lm_head = None
         else:

@@ -12,8 +12,8 @@ from safetensors import safe_open
 from torch import nn
 
 from kvflow.models.config import ModelConfig
-from kvflow.layers.linear import default_weight_loader
 from kvflow.models.llama import LlamaForCausalLM
+from kvflow.quantization.base import QuantizationConfig, checked_copy
 
 logger = logging.getLogger(__name__)
 
@@ -57,9 +57,10 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
 
 
 def build_model(config: ModelConfig, dtype: torch.dtype, device: torch.device,
-                max_positions: int) -> LlamaForCausalLM:
+                max_positions: int,
+                quant_config: QuantizationConfig | None = None) -> LlamaForCausalLM:
     with torch.device(device), _default_dtype(dtype):
-        model = LlamaForCausalLM(config, max_positions)
+        model = LlamaForCausalLM(config, max_positions, quant_config)
     load_weights(model, Path(config.path))
     return model.eval().requires_grad_(False)
 
@@ -76,9 +77,13 @@ def _safetensors_files(path: Path) -> list[Path]:
 
 
 def load_weights(model: LlamaForCausalLM, path: Path) -> None:
+    """Hand each checkpoint tensor, in its own dtype, to its parameter's weight_loader,
+    which converts, quantizes or packs it as the parameter's method stores it."""
     params = dict(model.named_parameters())
     expected: set[tuple[str, str | None]] = set()
     for name, param in params.items():
+        if hasattr(param, "filled_by"):
+            continue
         shards = getattr(_owner(model, name), "shard_offsets", None) or [None]
         expected.update((name, shard) for shard in shards)
     loaded: set[tuple[str, str | None]] = set()
@@ -93,15 +98,17 @@ def load_weights(model: LlamaForCausalLM, path: Path) -> None:
                     raise ValueError(f"checkpoint tensor {key!r} in {file.name} matches no "
                                      f"parameter of {model.config.architecture}")
                 param = params[name]
-                tensor = f.get_tensor(key).to(param.dtype)
-                if shard is None:
-                    default_weight_loader(param, tensor)
-                else:
-                    param.weight_loader(param, tensor, shard)
+                loader = getattr(param, "weight_loader", _default_weight_loader)
+                loader(param, f.get_tensor(key), shard)
                 loaded.add((name, shard))
     missing = sorted(f"{n}[{s}]" if s else n for n, s in expected - loaded)
     if missing:
         raise ValueError(f"checkpoint {path} lacks {len(missing)} tensors, e.g. {missing[:5]}")
+
+
+def _default_weight_loader(param: nn.Parameter, loaded: torch.Tensor,
+                           shard: str | None) -> None:
+    checked_copy(param.data, loaded)
 
 
 def _map_name(key: str, packed: dict[str, tuple[str, str]]) -> tuple[str, str | None]:

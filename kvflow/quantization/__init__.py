@@ -1,0 +1,1 @@
+"""Weight formats for linear layers, each a `LinearMethod` (see base.py)."""

@@ -1,0 +1,74 @@
+"""The quantization seam: a method per linear layer (vLLM's `quant_method`).
+
+A `Linear` asks its method to create its parameters and to compute its product, so the
+unquantized path and each weight format are interchangeable and the model file never
+changes per format. Every parameter a method creates carries a
+`weight_loader(param, loaded, shard)` that takes the checkpoint tensor as it is (any
+dtype) and writes the rows of `shard` (None: the whole layer); a parameter that no
+checkpoint tensor fills (a scale computed while quantizing the weight) is marked
+`filled_by` the parameter whose loader writes it.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from kvflow.layers.linear import Linear
+
+WeightLoader = Callable[[nn.Parameter, torch.Tensor, "str | None"], None]
+
+
+class LinearMethod(ABC):
+    """How one linear layer stores its weight and computes x @ W.T (+ bias)."""
+
+    @abstractmethod
+    def create_weights(self, layer: Linear, bias: bool) -> None:
+        """Register the layer's parameters (in the default dtype where they are not
+        packed), each with a weight_loader."""
+
+    @abstractmethod
+    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        """x [rows, in_features] -> [rows, out_features], in x's dtype."""
+
+
+class QuantizationConfig(ABC):
+    """A weight format chosen for a whole model: hands each quantized layer its method."""
+
+    name: str
+
+    @abstractmethod
+    def linear_method(self) -> LinearMethod: ...
+
+
+def add_parameter(layer: nn.Module, name: str, data: torch.Tensor, loader: WeightLoader,
+                  filled_by: str | None = None) -> nn.Parameter:
+    param = nn.Parameter(data, requires_grad=False)
+    param.weight_loader = loader  # type: ignore[attr-defined]
+    if filled_by is not None:
+        param.filled_by = filled_by  # type: ignore[attr-defined]
+    layer.register_parameter(name, param)
+    return param
+
+
+def checked_copy(target: torch.Tensor, loaded: torch.Tensor) -> None:
+    """Copy a checkpoint tensor into a parameter (or a shard's rows of one), converting
+    its dtype."""
+    if target.shape != loaded.shape:
+        raise ValueError(f"checkpoint tensor has shape {tuple(loaded.shape)}, "
+                         f"expected {tuple(target.shape)}")
+    target.copy_(loaded)
+
+
+def row_loader(layer: Linear) -> WeightLoader:
+    """A loader that copies a shard into its rows of a parameter laid out by output row."""
+
+    def load(param: nn.Parameter, loaded: torch.Tensor, shard: str | None) -> None:
+        offset, size = layer.rows(shard)
+        checked_copy(param.data.narrow(0, offset, size), loaded)
+
+    return load
