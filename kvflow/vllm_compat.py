@@ -6,8 +6,6 @@ from __future__ import annotations
 _NOT_YET = "not built yet"
 
 MISSING: dict[str, str] = {
-    "quantization": f"weight quantization is {_NOT_YET}; serve a bf16, fp16 or fp32 "
-                    "checkpoint",
     "kv_cache_dtype": "the KV cache is kept in the model's dtype (--dtype)",
     "load_format": "kvflow loads Hugging Face safetensors checkpoints only",
     "tokenizer_mode": "kvflow uses the checkpoint's fast (tokenizers) tokenizer",

@@ -61,7 +61,7 @@ def test_request_logging_names_sizes_not_text(checkpoint, tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["serve", "--quantization", "awq"], "--quantization is a vLLM option kvflow does not have"),
+    (["serve", "--quantization", "awq"], "quantization='awq' is not supported"),
     (["serve", "--swap-space", "4"], "recomputed, never swapped"),
     (["serve", "--ssl-keyfile=k.pem"], "TLS-terminating proxy"),
     (["serve", "--no-enable-chunked-prefill"], "always chunked"),
@@ -94,7 +94,7 @@ def test_a_vllm_offline_script_runs(checkpoint):
         assert output.outputs[0].text and output.outputs[0].finished()
         assert output.finished and output.num_cached_tokens == 0
     assert llm.llm_engine is llm.engine
-    with pytest.raises(ValueError, match="quantization is a vLLM option kvflow does not have"):
+    with pytest.raises(ValueError, match="quantization='awq' is not supported"):
         LLM(model=str(checkpoint("llama-gqa")), quantization="awq")
 
 

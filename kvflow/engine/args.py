@@ -10,6 +10,7 @@ import torch
 from kvflow.attention.selector import BACKEND_NAMES
 from kvflow.config import SchedulerConfig, parse_dtype, parse_memory, parse_token_count
 from kvflow.demo import demo_model_path
+from kvflow.quantization import quantization_config
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -34,6 +35,12 @@ _FLAG_HELP = {
     "num_threads": "CPU threads (default: one per physical core, or OMP_NUM_THREADS)",
     "enforce_eager": "PyTorch's own ops only: no native kernels (they are compiled once per "
                      "machine and cached)",
+    "quantization": "quantize the decoder's linear weights at load, from a bf16, fp16 or fp32 "
+                    "checkpoint: int8 (per output channel, symmetric) or int4 (group-wise, "
+                    "asymmetric); weight-only, and the embedding and LM head stay in the "
+                    "checkpoint's dtype (default: none)",
+    "quantization_group_size": "input columns per int4 scale, a multiple of 32 dividing every "
+                               "layer's input size",
     "kv_cache_memory_bytes": "vLLM's name for --kv-cache-memory",
     "gpu_memory_utilization": "on CUDA, the fraction of the device's memory for weights, "
                               "activations and KV cache (as vLLM); on the CPU, the fraction of "
@@ -60,9 +67,10 @@ def _token_count_flag(value: str) -> int:
 _FLAG_TYPES = {"max_model_len": _token_count_flag, "block_size": int, "max_num_seqs": int,
                "max_num_batched_tokens": int, "seed": int, "num_threads": int,
                "gpu_memory_utilization": float, "tensor_parallel_size": int,
-               "pipeline_parallel_size": int, "data_parallel_size": int, "max_logprobs": int}
+               "pipeline_parallel_size": int, "data_parallel_size": int, "max_logprobs": int,
+               "quantization_group_size": int}
 _FLAG_ALIASES = {"tensor_parallel_size": ["-tp"], "pipeline_parallel_size": ["-pp"],
-                 "data_parallel_size": ["-dp"]}
+                 "data_parallel_size": ["-dp"], "quantization": ["-q"]}
 # Parallelism kvflow does not have yet: refused with what to do instead.
 _SINGLE_DEVICE = {
     "tensor_parallel_size": "tensor parallelism is not built yet; kvflow runs a model on one "
@@ -91,6 +99,8 @@ class EngineArgs:
     attention_backend: str = "auto"  # auto (the fastest for the device) | torch | cpu
     enforce_eager: bool = False  # True: PyTorch ops only, no compiled native kernels
     num_threads: int | None = None  # CPU threads; None: one per physical core (worker/threads.py)
+    quantization: str | None = None  # None | int8 | int4 (kvflow/quantization/)
+    quantization_group_size: int = 128  # int4's columns per scale
     # vLLM's names, so that a vLLM user's arguments carry over.
     kv_cache_memory_bytes: int | str | None = None  # same as kv_cache_memory
     gpu_memory_utilization: float | None = None  # see worker/kv_cache.py
@@ -113,6 +123,7 @@ class EngineArgs:
         if self.attention_backend not in BACKEND_NAMES:
             raise ValueError(f"attention_backend must be one of {BACKEND_NAMES}, "
                              f"got {self.attention_backend!r}")
+        quantization_config(self.quantization, self.quantization_group_size)
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads must be at least 1, got {self.num_threads}")
         if self.block_size < 1:

@@ -25,6 +25,7 @@ from kvflow.engine.stats import EngineStats, StepObservations
 from kvflow.kernels.tuning import install_native_kernels, native_cpu_ops
 from kvflow.models.loader import build_model, resolve_model_path
 from kvflow.outputs import CompletionOutput, RequestMetrics, RequestOutput, SchedulerOutput
+from kvflow.quantization import quantization_config
 from kvflow.request import Request, RequestStatus
 from kvflow.sampling_params import ALL_LOGPROBS, ParameterError, SamplingParams
 from kvflow.worker.kv_cache import default_kv_cache_memory, num_blocks_for
@@ -80,7 +81,8 @@ class LLMEngine:
             raise ValueError(f"max_model_len={args.max_model_len} exceeds the model's "
                              f"max_position_embeddings ({model_len})")
         requested_len = args.max_model_len or model_len
-        model = build_model(self.model_config, self.dtype, self.device, requested_len)
+        model = build_model(self.model_config, self.dtype, self.device, requested_len,
+                            quantization_config(args.quantization, args.quantization_group_size))
         memory = args.kv_cache_memory or default_kv_cache_memory(self.device,
                                                                  args.gpu_memory_utilization)
         num_blocks = num_blocks_for(memory, self.model_config, self.dtype, args.block_size)
@@ -341,7 +343,7 @@ class LLMEngine:
         outputs, stopped = self.output_processor.process(runner_output, updated)
         for child_id in stopped:
             self.scheduler.finish_request(child_id, RequestStatus.FINISHED_STOPPED)
-        self._count_step(scheduler_output, len(updated))
+        self._count_step(scheduler_output, sum(num_new for _, num_new in updated))
         self._publish_stats()
         return outputs
 

@@ -36,7 +36,7 @@ from kvflow.layers.activation import SiluAndMul
 from kvflow.layers.linear import Linear
 from kvflow.layers.norm import RMSNorm
 from kvflow.layers.rotary import RotaryEmbedding
-from kvflow.quantization.unquantized import LinearPlan
+from kvflow.quantization.unquantized import LinearPlan, UnquantizedLinearMethod
 from kvflow.worker.kv_cache import available_host_memory
 
 logger = logging.getLogger(__name__)
@@ -103,7 +103,7 @@ def install_native_kernels(model: nn.Module, ops: ModuleType, reserved_bytes: in
     for module in model.modules():
         if isinstance(module, (RMSNorm, RotaryEmbedding, SiluAndMul)):
             module.native = ops
-        elif isinstance(module, Linear):
+        elif isinstance(module, Linear) and isinstance(module.method, UnquantizedLinearMethod):
             groups[(*module.weight.shape, module.weight.dtype)].append(
                 (module, "plan", module.weight))
     if head_weight is not None and getattr(model, "lm_head", None) is None:

@@ -1,1 +1,23 @@
 """Weight formats for linear layers, each a `LinearMethod` (see base.py)."""
+from __future__ import annotations
+
+from kvflow.quantization.base import QuantizationConfig
+from kvflow.quantization.int4 import Int4Config
+from kvflow.quantization.int8 import Int8Config
+
+QUANTIZATIONS = ("int8", "int4")
+
+
+def quantization_config(name: str | None, group_size: int) -> QuantizationConfig | None:
+    """The config for --quantization (None: unquantized); group_size applies to int4."""
+    if name is None:
+        return None
+    if name == "int8":
+        return Int8Config()
+    if name == "int4":
+        return Int4Config(group_size)
+    raise ValueError(
+        f"quantization={name!r} is not supported: kvflow quantizes a bf16, fp16 or fp32 "
+        f"checkpoint at load with {' or '.join(repr(q) for q in QUANTIZATIONS)} (weight-only; "
+        "the embedding and LM head stay in the checkpoint's dtype); pre-quantized checkpoints "
+        "(GPTQ, AWQ, GGUF, fp8) are not loaded yet")

@@ -12,9 +12,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from dataclasses import dataclass
+from types import ModuleType
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 if TYPE_CHECKING:
@@ -70,5 +73,66 @@ def row_loader(layer: Linear) -> WeightLoader:
     def load(param: nn.Parameter, loaded: torch.Tensor, shard: str | None) -> None:
         offset, size = layer.rows(shard)
         checked_copy(param.data.narrow(0, offset, size), loaded)
+
+    return load
+
+
+# (layer, x, native ops or None) -> x @ dequantized(W).T + bias, in x's dtype.
+Kernel = Callable[["Linear", torch.Tensor, "ModuleType | None"], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class QuantizedPlan:
+    """Which of a quantized method's kernels runs a layer on this machine, chosen by
+    measuring (kvflow/kernels/tuning.py): inputs of at most native_max_rows rows through
+    the native kernel, larger ones through the kernel named `large`."""
+
+    ops: ModuleType | None
+    native_max_rows: int
+    large: str
+
+
+class QuantizedLinearMethod(LinearMethod):
+    """A packed weight with several kernels that compute the same product. Without a plan
+    (other devices, --enforce-eager, dtypes the native kernels lack) the layer runs the
+    dequantize kernel, which works everywhere."""
+
+    # name -> kernel; "native" is kvflow's own, run only through a plan
+    kernels: dict[str, Kernel]
+
+    @abstractmethod
+    def dequantize(self, layer: Linear) -> torch.Tensor:
+        """The weight the packed parameters stand for, float32 [out_features, in_features]."""
+
+    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        plan = layer.plan
+        if not isinstance(plan, QuantizedPlan) or x.dim() != 2:
+            return self.kernels["dequantize"](layer, x, None)
+        name = "native" if x.shape[0] <= plan.native_max_rows else plan.large
+        return self.kernels[name](layer, x, plan.ops)
+
+
+def dequantize_kernel(layer: Linear, x: torch.Tensor, ops: ModuleType | None) -> torch.Tensor:
+    weight = layer.method.dequantize(layer).to(x.dtype)  # type: ignore[attr-defined]
+    return F.linear(x, weight, layer.bias)
+
+
+def quantized_rows_loader(layer: Linear, quantize: Callable[[torch.Tensor], tuple[torch.Tensor, ...]],
+                          targets: tuple[str, ...]) -> WeightLoader:
+    """A loader for a quantize-at-load weight: it quantizes a shard of the checkpoint's
+    floating-point weight and writes the results (packed values, scales, ...) into the
+    shard's rows of the layer's parameters named in `targets`, in the order `quantize`
+    returns them."""
+
+    def load(param: nn.Parameter, loaded: torch.Tensor, shard: str | None) -> None:
+        offset, size = layer.rows(shard)
+        if loaded.shape != (size, layer.in_features):
+            raise ValueError(f"checkpoint tensor has shape {tuple(loaded.shape)}, "
+                             f"expected {(size, layer.in_features)}")
+        if not loaded.is_floating_point():
+            raise ValueError(f"quantizing at load needs a floating-point checkpoint weight, "
+                             f"got {loaded.dtype}")
+        for name, part in zip(targets, quantize(loaded.to(param.device))):
+            getattr(layer, name).data.narrow(0, offset, size).copy_(part)
 
     return load

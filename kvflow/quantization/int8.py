@@ -1,0 +1,67 @@
+"""int8 weight-only quantization at load: per output channel, symmetric.
+
+W[n, :] ~= q[n, :] * scale[n], q in [-127, 127] (int8, [out, in], the layout
+torch._weight_int8pack_mm reads), scale in the model's dtype. Activations stay in the
+model's dtype."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import ModuleType
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+
+from kvflow.quantization.base import (QuantizationConfig, QuantizedLinearMethod, add_parameter,
+                                      dequantize_kernel, quantized_rows_loader, row_loader)
+
+if TYPE_CHECKING:
+    from kvflow.layers.linear import Linear
+
+
+def quantize_int8(weight: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (q int8 [out, in], scale [out] in scale_dtype). q is rounded against the scale
+    as stored, so q * scale is the weight the layer computes with."""
+    weight = weight.float()
+    scale = (weight.abs().amax(dim=1) / 127).to(scale_dtype)
+    stored = scale.float()
+    # An all-zero row (or one whose scale underflows the dtype) quantizes to zeros.
+    divisor = torch.where(stored > 0, stored, torch.ones_like(stored))
+    q = torch.round(weight / divisor[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return q.float() * scale.float()[:, None]
+
+
+def _torch_kernel(layer: Linear, x: torch.Tensor, ops: ModuleType | None) -> torch.Tensor:
+    y = torch._weight_int8pack_mm(x, layer.weight, layer.weight_scale)
+    return y if layer.bias is None else y + layer.bias
+
+
+class Int8LinearMethod(QuantizedLinearMethod):
+    kernels = {"torch": _torch_kernel, "dequantize": dequantize_kernel}
+
+    def create_weights(self, layer: Linear, bias: bool) -> None:
+        dtype = torch.get_default_dtype()
+        loader = quantized_rows_loader(layer, lambda w: quantize_int8(w, dtype),
+                                       ("weight", "weight_scale"))
+        add_parameter(layer, "weight", torch.empty(layer.out_features, layer.in_features,
+                                                   dtype=torch.int8), loader)
+        add_parameter(layer, "weight_scale", torch.empty(layer.out_features), loader,
+                      filled_by="weight")
+        if bias:
+            add_parameter(layer, "bias", torch.empty(layer.out_features), row_loader(layer))
+        else:
+            layer.bias = None
+
+    def dequantize(self, layer: Linear) -> torch.Tensor:
+        return dequantize_int8(layer.weight, layer.weight_scale)
+
+
+@dataclass(frozen=True)
+class Int8Config(QuantizationConfig):
+    name: ClassVar[str] = "int8"
+
+    def linear_method(self) -> Int8LinearMethod:
+        return Int8LinearMethod()
