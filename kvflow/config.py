@@ -81,6 +81,9 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 2048
     max_model_len: int = 2048
     policy: str = "fcfs"  # one of SCHEDULING_POLICIES
+    # KV slots a sampling request holds past its step for the next step's proposals
+    # (speculative decoding's num_speculative_tokens; 0 without it)
+    num_lookahead_tokens: int = 0
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:

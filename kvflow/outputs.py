@@ -19,6 +19,9 @@ class ScheduledRequest:
     prompt_token_ids: list[int]
     output_token_ids: list[int]  # generated so far (read by penalties and min_tokens)
     stop_token_ids: frozenset[int]
+    # Proposed continuations, computed after token_ids and verified this step (speculative
+    # decoding): the step samples at each of their positions and at the last known token.
+    draft_token_ids: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -26,6 +29,9 @@ class SchedulerOutput:
     scheduled: list[ScheduledRequest]
     num_batched_tokens: int
     finished_req_ids: set[str] = field(default_factory=set)  # runner may drop their state
+    # Preempted since the last step: state the runner keeps beside their KV (a draft
+    # model's cache) is gone with their blocks.
+    preempted_req_ids: set[str] = field(default_factory=set)
     num_preemptions: int = 0
 
 
@@ -40,8 +46,12 @@ class TokenLogprobs:
 
 @dataclass
 class RunnerOutput:
-    sampled_token_ids: dict[str, int]
-    logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
+    # req_id -> the tokens the step adds to a request that sampled: the draft tokens it
+    # accepted, then one sampled token (so one token without drafts)
+    sampled_token_ids: dict[str, list[int]]
+    logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)  # one per token
+    # req_id -> tokens proposed to verify at the request's next step
+    draft_token_ids: dict[str, list[int]] = field(default_factory=dict)
     # req_id -> (index of the first prompt token scored, one entry per scored token)
     prompt_logprobs: dict[str, tuple[int, list[TokenLogprobs]]] = field(default_factory=dict)
 

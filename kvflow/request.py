@@ -51,6 +51,8 @@ class Request:
     num_preemptions: int = 0
     first_scheduled_time: float | None = None
     stop_reason: int | str | None = None
+    # Proposed by the last step, to be verified by the next (speculative decoding).
+    spec_token_ids: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids)
@@ -66,6 +68,11 @@ class Request:
     @property
     def num_output_tokens(self) -> int:
         return len(self.output_token_ids)
+
+    @property
+    def max_num_tokens(self) -> int:
+        """Prompt plus every token the request may generate: no KV position goes past it."""
+        return self.num_prompt_tokens + self.max_tokens
 
     def append_output_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)

@@ -79,6 +79,6 @@ def scheduler_step(scheduler, token: int = 7):  # noqa: ANN001, ANN201
     from kvflow.outputs import RunnerOutput
 
     out = scheduler.schedule()
-    sampled = {s.req_id: token for s in out.scheduled if s.sample}
+    sampled = {s.req_id: [token] for s in out.scheduled if s.sample}
     scheduler.update_from_output(out, RunnerOutput(sampled_token_ids=sampled))
     return out

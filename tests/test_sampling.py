@@ -130,7 +130,7 @@ def test_penalty_arithmetic():
                                output_token_ids=[3, 3], stop_token_ids=frozenset())
     batch = prepare_sampling([request], {}, vocab_size=5, device=torch.device("cpu"))
     logits = torch.tensor([[1.0, 2.0, -2.0, 4.0, 3.0]])
-    adjusted = Sampler._adjust(logits, batch)
+    adjusted = Sampler.adjust(logits, batch)
     # token 1 in prompt: 2/2; token 2 in prompt: -2*2; token 3 output twice: 4/2 - 0.5 - 2*0.25
     assert adjusted.tolist() == [[1.0, 1.0, -4.0, 1.0, 3.0]]
     tokens, _ = Sampler(torch.Generator())(logits, batch)
@@ -161,7 +161,7 @@ def test_logit_bias_and_min_tokens_bans_per_row_and_cheap_per_step():
     requests = [row(i, 0, parent.for_sample(i)) for i in range(63)]
     requests += [row(63, 2, parent.for_sample(63)), row(64, 0, plain)]
     batch = prepare_sampling(requests, {}, vocab_size=vocab, device=torch.device("cpu"))
-    adjusted = Sampler._adjust(torch.zeros(len(requests), vocab), batch)
+    adjusted = Sampler.adjust(torch.zeros(len(requests), vocab), batch)
     expected = torch.zeros(vocab)
     expected[list(bias)] = torch.tensor(list(bias.values()))
     banned = expected.clone()

@@ -93,3 +93,88 @@ def test_invalid_scheduler_config():
         SchedulerConfig(policy="lifo")
     with pytest.raises(ValueError, match="max_num_seqs"):
         SchedulerConfig(max_num_seqs=0)
+
+
+def _draft_step(scheduler: Scheduler, accepted: dict[str, list[int]],
+                proposals: dict[str, list[int]]):  # noqa: ANN202
+    """One step in which each sampling request adds accepted[req] and proposes
+    proposals[req] for the next step."""
+    from kvflow.outputs import RunnerOutput
+
+    out = scheduler.schedule()
+    sampled = {s.req_id: accepted[s.req_id] for s in out.scheduled if s.sample}
+    updated = scheduler.update_from_output(out, RunnerOutput(sampled_token_ids=sampled,
+                                                             draft_token_ids=proposals))
+    return out, updated
+
+
+def test_drafts_are_scheduled_after_the_last_token_and_rejected_ones_rolled_back():
+    kv = KVCacheManager(num_blocks=64, block_size=4)
+    scheduler = Scheduler(SchedulerConfig(max_num_batched_tokens=64, max_model_len=100,
+                                          num_lookahead_tokens=3), kv)
+    request = _request("a", 5, max_tokens=20)
+    scheduler.add_request(request)
+    out, _ = _draft_step(scheduler, {"a": [50]}, {"a": [51, 52, 53]})
+    # The prefill samples and holds 3 lookahead slots: 5 + 3 tokens -> 2 blocks.
+    assert out.scheduled[0].draft_token_ids == [] and len(request.block_ids) == 2
+    assert request.spec_token_ids == [51, 52, 53] and request.num_computed_tokens == 5
+
+    # Two drafts accepted, the third rejected and replaced by 60.
+    out, updated = _draft_step(scheduler, {"a": [51, 52, 60]}, {"a": [61, 62, 63]})
+    scheduled = out.scheduled[0]
+    assert scheduled.token_ids == [50] and scheduled.draft_token_ids == [51, 52, 53]
+    assert out.num_batched_tokens == 4
+    assert updated == [(request, 3)] and request.output_token_ids == [50, 51, 52, 60]
+    # KV is valid for 50, 51, 52 (positions 5-7), not for the rejected 53.
+    assert request.num_computed_tokens == 8 and request.num_tokens == 9
+    # The step held 5 computed + 1 + 3 drafts + 3 lookahead = 12 slots: 3 blocks.
+    assert len(request.block_ids) == 3
+    # Only blocks of the request's own tokens are registered in the prefix cache.
+    assert kv._num_registered["a"] == 1
+
+
+def test_a_stop_inside_an_accepted_run_ends_the_request_there():
+    kv = KVCacheManager(num_blocks=64, block_size=4)
+    scheduler = Scheduler(SchedulerConfig(max_num_batched_tokens=64, max_model_len=100,
+                                          num_lookahead_tokens=4), kv)
+    request = Request(request_id="s", prompt_token_ids=[1, 2, 3],
+                      sampling_params=SamplingParams(max_tokens=20, min_tokens=2),
+                      max_tokens=20, stop_token_ids=frozenset({9}), arrival_time=0.0)
+    scheduler.add_request(request)
+    _draft_step(scheduler, {"s": [9]}, {"s": [9, 4, 9, 5]})  # 9 before min_tokens: kept
+    assert request.output_token_ids == [9] and not request.status.finished
+    _, updated = _draft_step(scheduler, {"s": [9, 4, 9, 5, 6]}, {})
+    assert updated == [(request, 1)] and request.output_token_ids == [9, 9]
+    assert request.status == RequestStatus.FINISHED_STOPPED and kv.pool.usage == 0
+
+
+def test_drafts_fit_the_budget_and_what_max_tokens_leaves():
+    kv = KVCacheManager(num_blocks=64, block_size=4)
+    scheduler = Scheduler(SchedulerConfig(max_num_batched_tokens=3, max_model_len=100,
+                                          num_lookahead_tokens=4), kv)
+    request = _request("b", 2, max_tokens=4)
+    scheduler.add_request(request)
+    _draft_step(scheduler, {"b": [7]}, {"b": [1, 2, 3, 4]})
+    out, _ = _draft_step(scheduler, {"b": [1, 8]}, {"b": [1, 2, 3, 4]})
+    assert out.scheduled[0].draft_token_ids == [1, 2]  # the budget of 3 allows 2 drafts
+    # 3 tokens out of 4: one more step may add only one token, so no draft is scheduled.
+    out, _ = _draft_step(scheduler, {"b": [5]}, {})
+    assert out.scheduled[0].draft_token_ids == []
+    assert request.status == RequestStatus.FINISHED_LENGTH
+    # Lookahead never reached past prompt + max_tokens = 6 positions: 2 blocks.
+    assert kv.pool.usage == 0
+
+
+def test_preemption_drops_drafts_and_tells_the_runner():
+    kv = KVCacheManager(num_blocks=5, block_size=4)  # 4 usable blocks
+    scheduler = Scheduler(SchedulerConfig(max_num_batched_tokens=64, max_model_len=100,
+                                          num_lookahead_tokens=2), kv)
+    first, second = _request("x", 4, max_tokens=8), _request("y", 3, max_tokens=8, arrival=1)
+    scheduler.add_request(first)
+    scheduler.add_request(second)
+    _draft_step(scheduler, {"x": [1], "y": [1]}, {"x": [2, 3], "y": [2, 3]})
+    assert len(first.block_ids) == len(second.block_ids) == 2  # each with 2 lookahead slots
+    # x's drafts and lookahead need a third block: y, the last running, is preempted.
+    out, _ = _draft_step(scheduler, {"x": [2, 3, 4]}, {})
+    assert "y" in {r.request_id for r in scheduler.waiting} and second.spec_token_ids == []
+    assert out.preempted_req_ids == {"y"} and scheduler.schedule().preempted_req_ids == set()

@@ -98,13 +98,17 @@ class KVCacheManager:
         return block_ids, len(block_ids) * self.block_size
 
     def allocate_slots(self, request: Request, num_new_tokens: int,
-                       computed_block_ids: list[int] | None = None) -> bool:
+                       computed_block_ids: list[int] | None = None,
+                       num_lookahead_tokens: int = 0) -> bool:
         """Grow the request's block table to hold num_new_tokens more, after the cached
-        blocks computed_block_ids (for a request being admitted); False if the pool is short,
+        blocks computed_block_ids (for a request being admitted), plus num_lookahead_tokens
+        slots for tokens that are not the request's own yet (drafts to verify, proposals to
+        come): those are never registered in the prefix cache. False if the pool is short,
         in which case nothing changes."""
         computed = computed_block_ids or []
         total = request.num_computed_tokens + len(computed) * self.block_size + num_new_tokens
-        needed = self.num_blocks_for(total) - len(request.block_ids) - len(computed)
+        needed = (self.num_blocks_for(total + num_lookahead_tokens) - len(request.block_ids)
+                  - len(computed))
         if max(needed, 0) + self.pool.num_free_among(computed) > self.pool.num_free_blocks:
             return False
         # Revive the hits before allocating, so that allocation cannot evict them.

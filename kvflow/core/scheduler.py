@@ -11,6 +11,15 @@ cache until the pool needs them, so it usually resumes from a cached prefix.
 A waiting request is admitted with its longest cached prefix already computed
 (KVCacheManager.get_computed_blocks) and spends budget only on the rest.
 
+Under speculative decoding a step may add several tokens to a request: the runner
+proposes draft tokens after each step, the scheduler schedules them after the request's
+last token at the next step (within the budget and what max_tokens leaves), and the
+runner returns the drafts it accepted plus one sampled token. Stops are checked at every
+position, so nothing past one is kept, and the rejected drafts' KV slots are simply
+written over later (num_computed_tokens counts only accepted positions). A request that
+samples holds `num_lookahead_tokens` slots beyond its step, where a draft model writes the
+KV of its proposals.
+
 Under the "lpm" policy the waiting queue is reordered at every step by the number of
 prompt tokens each request would find cached, plus an age bonus of one block per step
 waited: a newcomer's hit is at most max_model_len tokens, so no request waits more than
@@ -43,6 +52,7 @@ class Scheduler:
         self.waiting: list[Request] = []  # sorted by schedule key
         self.running: list[Request] = []
         self._finished_since_last_step: set[str] = set()
+        self._preempted_since_last_step: set[str] = set()
         self._admission_counter = itertools.count()
         self.num_preemptions_total = 0
 
@@ -74,15 +84,19 @@ class Scheduler:
             if request.status != RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            while not self.kv.allocate_slots(request, num_new):
+            drafts = self._drafts(request, num_new, budget - num_new)
+            lookahead = self._lookahead(request, request.num_computed_tokens + num_new,
+                                        len(drafts))
+            while not self.kv.allocate_slots(request, num_new,
+                                             num_lookahead_tokens=len(drafts) + lookahead):
                 victim = self.running[-1]
                 self._preempt(victim)
                 num_preemptions += 1
                 if victim is request:
                     break
             else:
-                chosen.append((request, num_new))
-                budget -= num_new
+                chosen.append((request, num_new, drafts))
+                budget -= num_new + len(drafts)
 
         if self.config.policy == "lpm":
             self._order_by_longest_prefix()
@@ -91,7 +105,9 @@ class Scheduler:
             request = self.waiting[0]
             cached_ids, num_cached = self.kv.get_computed_blocks(request)
             num_new = min(request.num_tokens - num_cached, budget)
-            if not self.kv.allocate_slots(request, num_new, cached_ids):
+            lookahead = self._lookahead(request, num_cached + num_new, 0)
+            if not self.kv.allocate_slots(request, num_new, cached_ids,
+                                          num_lookahead_tokens=lookahead):
                 break
             self.waiting.pop(0)
             self.kv.record_admission(request, num_cached)  # before num_cached_tokens is set
@@ -101,20 +117,42 @@ class Scheduler:
                 request.first_scheduled_time = time.monotonic()
                 request.num_cached_tokens = num_cached
             self.running.append(request)
-            chosen.append((request, num_new))
+            chosen.append((request, num_new, []))
             budget -= num_new
         if self.config.policy == "lpm":
             for request in self.waiting:
                 request.num_waiting_steps += 1
 
         finished, self._finished_since_last_step = self._finished_since_last_step, set()
+        preempted, self._preempted_since_last_step = self._preempted_since_last_step, set()
         self.num_preemptions_total += num_preemptions
         return SchedulerOutput(
-            scheduled=[self._describe(request, num_new) for request, num_new in chosen],
+            scheduled=[self._describe(request, num_new, drafts)
+                       for request, num_new, drafts in chosen],
             num_batched_tokens=self.config.max_num_batched_tokens - budget,
             finished_req_ids=finished,
+            preempted_req_ids=preempted,
             num_preemptions=num_preemptions,
         )
+
+    @staticmethod
+    def _drafts(request: Request, num_new: int, budget: int) -> list[int]:
+        """The proposals to verify this step: only when the step reaches the request's last
+        token, and no more than the budget and max_tokens leave room for (a step adds the
+        accepted drafts plus one token)."""
+        if not request.spec_token_ids or request.num_computed_tokens + num_new < request.num_tokens:
+            return []
+        room = request.max_tokens - request.num_output_tokens - 1
+        return request.spec_token_ids[:max(0, min(room, budget))]
+
+    def _lookahead(self, request: Request, end: int, num_drafts: int) -> int:
+        """Slots a request whose step ends at `end` (reaching its last token, so that it
+        samples) holds past the step, for the KV of the next step's proposals; never past
+        the last position the request can reach."""
+        if not self.config.num_lookahead_tokens or end < request.num_tokens:
+            return 0
+        return max(0, min(self.config.num_lookahead_tokens,
+                          request.max_num_tokens - end - num_drafts))
 
     def _order_by_longest_prefix(self) -> None:
         if len(self.waiting) > LPM_MAX_WAITING:
@@ -130,7 +168,7 @@ class Scheduler:
         self.waiting.sort(key=key)
 
     @staticmethod
-    def _describe(request: Request, num_new: int) -> ScheduledRequest:
+    def _describe(request: Request, num_new: int, drafts: list[int]) -> ScheduledRequest:
         start = request.num_computed_tokens
         return ScheduledRequest(
             req_id=request.request_id,
@@ -142,13 +180,16 @@ class Scheduler:
             prompt_token_ids=request.prompt_token_ids,
             output_token_ids=request.output_token_ids,
             stop_token_ids=request.stop_token_ids,
+            draft_token_ids=drafts,
         )
 
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
         self.kv.free(request)
         request.num_computed_tokens = 0
+        request.spec_token_ids = []
         request.status = RequestStatus.PREEMPTED
+        self._preempted_since_last_step.add(request.request_id)
         request.num_preemptions += 1
         bisect.insort(self.waiting, request, key=self._key)
         logger.debug("preempted %s after %d output tokens", request.request_id,
@@ -169,8 +210,9 @@ class Scheduler:
         return [r.request_id for r in requests]
 
     def update_from_output(self, scheduler_output: SchedulerOutput,
-                           runner_output: RunnerOutput) -> list[Request]:
-        """Apply a step's results; returns the requests that got a new token."""
+                           runner_output: RunnerOutput) -> list[tuple[Request, int]]:
+        """Apply a step's results; returns the requests that got new tokens, each with how
+        many (the tokens are the last of its output_token_ids)."""
         updated = []
         for scheduled in scheduler_output.scheduled:
             request = self.requests.get(scheduled.req_id)
@@ -179,12 +221,20 @@ class Scheduler:
             request.num_computed_tokens += len(scheduled.token_ids)
             if not scheduled.sample:
                 continue
-            token_id = runner_output.sampled_token_ids[scheduled.req_id]
-            request.append_output_token(token_id)
-            status = self._check_stop(request, token_id)
-            if status is not None:
-                self.finish_request(request.request_id, status)
-            updated.append(request)
+            new_token_ids = runner_output.sampled_token_ids[scheduled.req_id]
+            # The accepted drafts' KV was computed this step; the rejected ones' is dropped.
+            request.num_computed_tokens += len(new_token_ids) - 1
+            num_added = 0
+            for token_id in new_token_ids:
+                request.append_output_token(token_id)
+                num_added += 1
+                status = self._check_stop(request, token_id)
+                if status is not None:
+                    self.finish_request(request.request_id, status)
+                    break
+            else:
+                request.spec_token_ids = runner_output.draft_token_ids.get(scheduled.req_id, [])
+            updated.append((request, num_added))
         return updated
 
     @staticmethod

@@ -68,15 +68,17 @@ class OutputProcessor:
         for child_id in parent.child_ids if parent else ():
             del self.samples[child_id]
 
-    def process(self, runner_output: RunnerOutput,
-                updated: list[Request]) -> tuple[list[RequestOutput], list[str]]:
-        """-> (outputs of parents that changed, child ids that hit a stop string)."""
+    def process(self, runner_output: RunnerOutput, updated: list[tuple[Request, int]]
+                ) -> tuple[list[RequestOutput], list[str]]:
+        """updated: the requests that got new tokens, each with how many (the last of its
+        output_token_ids). -> (outputs of parents that changed, child ids that hit a stop
+        string)."""
         for req_id, (first, entries) in runner_output.prompt_logprobs.items():
             self._record_prompt_logprobs(self.samples[req_id].parent, first, entries)
         changed: dict[str, ParentState] = {}
         stopped: list[str] = []
         now = time.monotonic()
-        for request in updated:
+        for request, num_new in updated:
             state = self.samples[request.request_id]
             metrics = state.parent.metrics
             if metrics.first_token_time is None:
@@ -87,21 +89,8 @@ class OutputProcessor:
             if state.last_token_time is not None and self.inter_token_latencies is not None:
                 self.inter_token_latencies.append(now - state.last_token_time)
             state.last_token_time = now
-            token_id = request.output_token_ids[-1]
-            state.token_ids.append(token_id)
-            entry = runner_output.logprobs.get(request.request_id)
-            if entry is not None and state.logprobs is not None:
-                state.logprobs.append(self._as_dict(entry))
-                state.cumulative_logprob += entry.logprobs[0]
-            params = request.sampling_params
-            # The EOS or stop token that ended the request is not part of the text (as in
-            # vLLM), unless include_stop_str_in_output asks for it.
-            stopped_by_token = request.status == RequestStatus.FINISHED_STOPPED
-            new_text = [] if stopped_by_token and not params.include_stop_str_in_output \
-                else [token_id]
-            stop = state.detokenizer.update(
-                new_text, check_stop=request.num_output_tokens >= params.min_tokens) \
-                if params.detokenize else None
+            stop = self._add_tokens(state, request, num_new,
+                                    runner_output.logprobs.get(request.request_id))
             finish_reason = request.status.finish_reason
             if stop is not None:  # the text is cut there, whatever else ended the request
                 if not request.status.finished:
@@ -110,6 +99,32 @@ class OutputProcessor:
             self._publish(state, finish_reason, request.stop_reason)
             changed[state.parent.request_id] = state.parent
         return [self._snapshot(parent) for parent in changed.values()], stopped
+
+    def _add_tokens(self, state: SampleState, request: Request, num_new: int,
+                    entries: list[TokenLogprobs] | None) -> str | None:
+        """Takes a step's tokens one at a time, as if each came from its own step, up to a
+        stop string (the tokens after it are dropped); returns the stop string, if any."""
+        params = request.sampling_params
+        first = request.num_output_tokens - num_new
+        for offset, token_id in enumerate(request.output_token_ids[first:]):
+            state.token_ids.append(token_id)
+            if entries is not None and state.logprobs is not None:
+                state.logprobs.append(self._as_dict(entries[offset]))
+                state.cumulative_logprob += entries[offset].logprobs[0]
+            if not params.detokenize:
+                continue
+            # The EOS or stop token that ended the request is not part of the text (as in
+            # vLLM), unless include_stop_str_in_output asks for it; the scheduler ends a
+            # request at its stop token, so only the last token can be one.
+            stopped_by_token = (offset == num_new - 1
+                                and request.status == RequestStatus.FINISHED_STOPPED)
+            new_text = [] if stopped_by_token and not params.include_stop_str_in_output \
+                else [token_id]
+            stop = state.detokenizer.update(
+                new_text, check_stop=first + offset + 1 >= params.min_tokens)
+            if stop is not None:
+                return stop
+        return None
 
     def _publish(self, state: SampleState, finish_reason: str | None,
                  stop_reason: int | str | None) -> None:

@@ -6,6 +6,11 @@ penalties, temperature, top-k, top-p and min-p. A sample is the argmax of
 probs / Exp(1) noise (the exponential race, equivalent to multinomial sampling). Rows
 with a seed draw their noise from their own generator, so their tokens do not depend
 on what else is in the batch.
+
+A row is one position to sample at. A request verifying draft tokens (speculative
+decoding) has a row at its last known token and one at each draft, and each row sees
+the drafts before it as output, so that penalties, min_tokens and bad words act there as
+they would had those tokens been sampled one step at a time.
 """
 from __future__ import annotations
 
@@ -15,6 +20,27 @@ from dataclasses import dataclass
 import torch
 
 from kvflow.outputs import ScheduledRequest, TokenLogprobs
+from kvflow.sampling_params import SamplingParams
+
+
+@dataclass
+class SamplingRow:
+    """One position to sample at: its request's parameters and the output before it."""
+
+    req_id: str
+    sampling_params: SamplingParams
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    stop_token_ids: frozenset[int]
+
+
+def sampling_rows(request: ScheduledRequest) -> list[SamplingRow]:
+    """The rows of a request that samples: its last known token, then each draft token."""
+    output = request.output_token_ids
+    return [SamplingRow(request.req_id, request.sampling_params, request.prompt_token_ids,
+                        output + request.draft_token_ids[:i] if i else output,
+                        request.stop_token_ids)
+            for i in range(len(request.draft_token_ids) + 1)]
 
 
 @dataclass
@@ -83,8 +109,9 @@ def _rows_of(entries: list[tuple[int, tuple[torch.Tensor, ...]]],
     return torch.repeat_interleave(rows, counts).to(device)
 
 
-def prepare_sampling(requests: list[ScheduledRequest], generators: dict[str, torch.Generator],
-                     vocab_size: int, device: torch.device) -> SamplingBatch:
+def prepare_sampling(requests: list[SamplingRow] | list[ScheduledRequest],
+                     generators: dict[str, torch.Generator], vocab_size: int,
+                     device: torch.device) -> SamplingBatch:
     params = [r.sampling_params for r in requests]
 
     def column(values: list[float], dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -178,7 +205,7 @@ class Sampler:
             return logits.max(dim=-1).indices, [None] * len(batch.num_logprobs)
         logits = logits.float()
         raw_logprobs = torch.log_softmax(logits, dim=-1) if wants_logprobs else None
-        logits = self._adjust(logits, batch)
+        logits = self.adjust(logits, batch)
         tokens = logits.max(dim=-1).indices
         if not batch.all_greedy:
             tokens = torch.where(batch.temperature == 0, tokens, self._sample(logits, batch))
@@ -187,7 +214,7 @@ class Sampler:
         return tokens, entries
 
     @staticmethod
-    def _adjust(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    def adjust(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         if batch.logit_bias is not None:
             rows, ids, values = batch.logit_bias
             logits = logits.index_put((rows, ids), values, accumulate=True)
@@ -211,6 +238,14 @@ class Sampler:
         return logits
 
     def _sample(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        probs = self.tempered_probs(logits, batch)
+        return (probs / self.exponential_noise(probs.shape, batch)).max(dim=-1).indices
+
+    @staticmethod
+    def tempered_probs(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        """[B, V] adjusted logits -> the distribution a row samples from after temperature,
+        top-k, top-p and min-p (rows sum to 1; greedy rows are treated as temperature 1,
+        their caller takes the argmax)."""
         temperature = torch.where(batch.temperature == 0, 1.0, batch.temperature)
         logits = logits / temperature[:, None]
         if batch.top_k is not None or batch.top_p is not None:
@@ -219,10 +254,23 @@ class Sampler:
         if batch.min_p is not None:
             floor = batch.min_p[:, None] * probs.max(dim=-1, keepdim=True).values
             probs = torch.where(probs < floor, 0.0, probs)
-        noise = torch.empty_like(probs).exponential_(generator=self.generator)
+            probs = probs / probs.sum(dim=-1, keepdim=True)
+        return probs
+
+    def exponential_noise(self, shape: torch.Size, batch: SamplingBatch) -> torch.Tensor:
+        """Exp(1) draws, [B, ...]: seeded rows from their own generator, in row order."""
+        noise = torch.empty(shape, device=batch.temperature.device).exponential_(
+            generator=self.generator)
         for row, generator in batch.generators.items():
             noise[row].exponential_(generator=generator)
-        return (probs / noise).max(dim=-1).indices
+        return noise
+
+    def uniform_noise(self, shape: torch.Size, batch: SamplingBatch) -> torch.Tensor:
+        """U[0, 1) draws, [B, ...], drawn as exponential_noise is."""
+        noise = torch.rand(shape, device=batch.temperature.device, generator=self.generator)
+        for row, generator in batch.generators.items():
+            noise[row].uniform_(generator=generator)
+        return noise
 
 
 def _top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None,

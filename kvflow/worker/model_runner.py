@@ -14,7 +14,8 @@ from kvflow.attention.metadata import AttentionMetadata
 from kvflow.models.config import ModelConfig
 from kvflow.models.llama import LlamaForCausalLM
 from kvflow.outputs import RunnerOutput, ScheduledRequest, SchedulerOutput, TokenLogprobs
-from kvflow.sampling.sampler import Sampler, prepare_sampling, token_logprobs
+from kvflow.sampling.rejection_sampler import RejectionSampler
+from kvflow.sampling.sampler import Sampler, prepare_sampling, sampling_rows, token_logprobs
 from kvflow.worker.kv_cache import allocate_kv_cache
 
 
@@ -31,6 +32,7 @@ class ModelRunner:
         for layer, (k_cache, v_cache) in zip(model.attention_layers(), self.kv_caches):
             layer.bind(backend, k_cache, v_cache)
         self.sampler = Sampler(torch.Generator(device).manual_seed(seed))
+        self.rejection_sampler = RejectionSampler(self.sampler)
         self.generators: dict[str, torch.Generator] = {}
 
     def forget(self, req_ids: set[str]) -> None:
@@ -41,7 +43,8 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
         # Shortest queries first: backends batch the short ones (decodes) in one call.
-        batch = sorted(scheduler_output.scheduled, key=lambda r: len(r.token_ids))
+        batch = sorted(scheduler_output.scheduled,
+                       key=lambda r: len(r.token_ids) + len(r.draft_token_ids))
         if not batch:
             return RunnerOutput(sampled_token_ids={})
         input_ids, meta, query_starts = self._prepare_inputs(batch)
@@ -50,23 +53,39 @@ class ModelRunner:
         output = RunnerOutput(sampled_token_ids={})
         to_sample = [r for r in batch if r.sample]
         if to_sample:
-            last = torch.tensor([query_starts[r.req_id] + len(r.token_ids) - 1 for r in to_sample],
-                                device=self.device)
-            logits = self.model.compute_logits(hidden[last])
-            self._ensure_generators(to_sample)
-            sampling = prepare_sampling(to_sample, self.generators, self.config.vocab_size,
-                                        self.device)
-            tokens, logprobs = self.sampler(logits, sampling)
-            for request, token, entry in zip(to_sample, tokens.tolist(), logprobs):
-                output.sampled_token_ids[request.req_id] = token
-                if entry is not None:
-                    output.logprobs[request.req_id] = entry
+            self._sample(to_sample, hidden, query_starts, output)
         for request in batch:
             if request.sampling_params.prompt_logprobs is not None:
                 scored = self._prompt_logprobs(request, hidden, query_starts[request.req_id])
                 if scored is not None:
                     output.prompt_logprobs[request.req_id] = scored
         return output
+
+    def _sample(self, requests: list[ScheduledRequest], hidden: torch.Tensor,
+                query_starts: dict[str, int], output: RunnerOutput) -> None:
+        """Logits at each request's last known token and at each of its drafts, sampled."""
+        positions = []
+        for request in requests:
+            end = query_starts[request.req_id] + len(request.token_ids) + len(
+                request.draft_token_ids)
+            positions.extend(range(end - 1 - len(request.draft_token_ids), end))
+        logits = self.model.compute_logits(hidden[torch.tensor(positions, device=self.device)])
+        self._ensure_generators(requests)
+        verifying = any(r.draft_token_ids for r in requests)
+        rows = ([row for r in requests for row in sampling_rows(r)] if verifying
+                else requests)
+        sampling = prepare_sampling(rows, self.generators, self.config.vocab_size, self.device)
+        if verifying:
+            tokens, entries = self.rejection_sampler(logits, sampling,
+                                                     [r.draft_token_ids for r in requests])
+        else:
+            sampled, single = self.sampler(logits, sampling)
+            tokens = [[token] for token in sampled.tolist()]
+            entries = [None if entry is None else [entry] for entry in single]
+        for request, new_tokens, entry in zip(requests, tokens, entries):
+            output.sampled_token_ids[request.req_id] = new_tokens
+            if entry is not None:
+                output.logprobs[request.req_id] = entry
 
     def _ensure_generators(self, requests: list[ScheduledRequest]) -> None:
         for request in requests:
@@ -76,14 +95,15 @@ class ModelRunner:
 
     def _prepare_inputs(self, batch: list[ScheduledRequest]
                         ) -> tuple[torch.Tensor, AttentionMetadata, dict[str, int]]:
-        query_lens = [len(r.token_ids) for r in batch]
+        query_lens = [len(r.token_ids) + len(r.draft_token_ids) for r in batch]
         meta = self.backend.build_metadata(query_lens, [r.num_computed_tokens for r in batch],
                                            [r.block_ids for r in batch], self.block_size,
                                            self.device)
         starts = itertools.accumulate(query_lens, initial=0)
         query_starts = {r.req_id: start for r, start in zip(batch, starts)}
-        input_ids = torch.tensor(list(itertools.chain.from_iterable(r.token_ids for r in batch)),
-                                 dtype=torch.int64, device=self.device)
+        input_ids = torch.tensor(
+            list(itertools.chain.from_iterable(r.token_ids + r.draft_token_ids for r in batch)),
+            dtype=torch.int64, device=self.device)
         return input_ids, meta, query_starts
 
     def _prompt_logprobs(self, request: ScheduledRequest, hidden: torch.Tensor,
