@@ -64,10 +64,10 @@ def test_int4_quantization_is_exact_on_its_grid_and_bounded_off_it(dtype, group_
 
 
 def _quantized_layer(name: str, dtype: torch.dtype, bias: bool, merged: bool = False,
-                     seed: int = 3) -> Linear:
+                     group_size: int = 64, seed: int = 3) -> Linear:
     """A layer of 96 outputs over 192 inputs, loaded (shard by shard when merged) from a
     random float32 weight."""
-    config = quantization_config(name, 64)
+    config = quantization_config(name, group_size)
     generator = torch.Generator().manual_seed(seed)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -122,6 +122,21 @@ def test_pytorch_kernels_match_the_dequantized_product(name, kernel, dtype, bias
         _close(y, _expected(layer, x.float()), dtype)
 
 
+@pytest.mark.parametrize("name,group_size", [("int8", 64), ("int4", 32), ("int4", 64),
+                                             ("int4", 192)])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bias", [False, True])
+def test_native_kernels_match_the_dequantized_product(kernel_ops, name, group_size, dtype, bias):
+    """kvflow's int8 and int4 kernels, as this machine builds them and with AVX-512 off, on
+    ragged batches (the plan sends every batch to them, beyond the sizes tuning would)."""
+    layer = _quantized_layer(name, dtype, bias, group_size=group_size)
+    layer.plan = QuantizedPlan(ops=kernel_ops, native_max_rows=max(ROWS), large="dequantize")
+    generator = torch.Generator().manual_seed(5)
+    for rows in ROWS:
+        x = torch.randn(rows, 192, generator=generator).to(dtype)
+        _close(layer(x), _expected(layer, x.float()), dtype)
+
+
 @pytest.mark.parametrize("name", ["int8", "int4"])
 def test_merged_layers_quantize_each_shard_into_its_rows(name):
     merged = _quantized_layer(name, torch.bfloat16, bias=True, merged=True)
@@ -150,13 +165,13 @@ def test_bad_quantization_options_are_refused_by_name():
     assert isinstance(quantization_config("int8", 128), Int8Config)
 
 
-def _prompt_logprobs(path, **options) -> list[torch.Tensor]:
+def _prompt_logprobs(path, **options) -> tuple[LLM, list[torch.Tensor]]:
     llm = LLM(str(path), device="cpu", kv_cache_memory="8MiB", **options)
     prompts = [{"prompt_token_ids": p} for p in random_prompts(3, seed=11, low=20, high=30)]
     params = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0)
     outputs = llm.generate(prompts, params, use_tqdm=False)
-    return [torch.tensor([next(iter(e.values())).logprob for e in o.prompt_logprobs[1:]])
-            for o in outputs]
+    return llm, [torch.tensor([next(iter(e.values())).logprob for e in o.prompt_logprobs[1:]])
+                 for o in outputs]
 
 
 @pytest.mark.parametrize("enforce_eager", [False, True], ids=["native", "eager"])
@@ -168,9 +183,17 @@ def test_quantized_engines_stay_close_to_the_unquantized_model(checkpoint, name,
     weights are drawn large so that outputs vary, which also amplifies every error: int8
     moves them by about 0.08 on average here, int4 (groups of 32) by about 0.7."""
     path = checkpoint("llama-mha-tied-bias", dtype="bfloat16")
-    reference = _prompt_logprobs(path, enforce_eager=enforce_eager)
-    quantized = _prompt_logprobs(path, enforce_eager=enforce_eager, quantization=name,
-                                 quantization_group_size=32)
+    _, reference = _prompt_logprobs(path, enforce_eager=enforce_eager)
+    llm, quantized = _prompt_logprobs(path, enforce_eager=enforce_eager, quantization=name,
+                                      quantization_group_size=32)
+    model = llm.engine.runner.model
+    layers = [m for m in model.modules() if isinstance(m, Linear)]
+    assert len(layers) == 4 * model.config.num_layers  # every decoder linear, no head
+    assert all(type(m.method).__name__ == f"Int{name[3]}LinearMethod" for m in layers)
+    if enforce_eager:
+        assert all(m.plan is None for m in layers)
+    else:
+        assert all(isinstance(m.plan, QuantizedPlan) for m in layers)
     for q, r in zip(quantized, reference):
         assert (q - r).abs().mean() < tolerance
         assert not torch.equal(q, r)  # the weights really were quantized

@@ -36,6 +36,7 @@ from kvflow.layers.activation import SiluAndMul
 from kvflow.layers.linear import Linear
 from kvflow.layers.norm import RMSNorm
 from kvflow.layers.rotary import RotaryEmbedding
+from kvflow.quantization.base import QuantizedLinearMethod, QuantizedPlan
 from kvflow.quantization.unquantized import LinearPlan, UnquantizedLinearMethod
 from kvflow.worker.kv_cache import available_host_memory
 
@@ -100,12 +101,17 @@ def install_native_kernels(model: nn.Module, ops: ModuleType, reserved_bytes: in
     # (owner, attribute to set, weight) per linear shape. A tied LM head is the embedding,
     # owned by no Linear; an untied one is the lm_head Linear.
     groups: dict[tuple, list[tuple[object, str, torch.Tensor]]] = defaultdict(list)
+    quantized: dict[str, list[Linear]] = defaultdict(list)
     for module in model.modules():
         if isinstance(module, (RMSNorm, RotaryEmbedding, SiluAndMul)):
             module.native = ops
         elif isinstance(module, Linear) and isinstance(module.method, UnquantizedLinearMethod):
             groups[(*module.weight.shape, module.weight.dtype)].append(
                 (module, "plan", module.weight))
+        elif isinstance(module, Linear) and isinstance(module.method, QuantizedLinearMethod):
+            shapes = ",".join(f"{name}{list(p.shape)}:{str(p.dtype).removeprefix('torch.')}"
+                              for name, p in module.named_parameters())
+            quantized[f"{type(module.method).__name__} {shapes}"].append(module)
     if head_weight is not None and getattr(model, "lm_head", None) is None:
         groups[(*head_weight.shape, head_weight.dtype)].append(
             (model, "lm_head_plan", head_weight))
@@ -138,6 +144,43 @@ def install_native_kernels(model: nn.Module, ops: ModuleType, reserved_bytes: in
                 float32_bias=bias.float() if choice == "float32" and bias is not None else None))
         logger.debug("linear %s: native GEMV up to %d rows, %s above", label, max_rows,
                      choice or "F.linear")
+    for label, layers in quantized.items():
+        _plan_quantized(label, layers, ops, cache)
+
+
+def _plan_quantized(label: str, layers: list[Linear], ops: ModuleType,
+                    cache: _ChoiceCache) -> None:
+    """A quantized shape's plan: its native kernel up to the largest batch of GEMV_ROWS at
+    which it beat every PyTorch kernel of the method (all of the shape's weights, read from
+    memory), and above that the PyTorch kernel fastest at GEMM_ROWS (a few weights)."""
+    method = layers[0].method
+    # The activations' dtype: the model's, which the method keeps its scales in.
+    dtype = next(p.dtype for p in layers[0].parameters() if p.is_floating_point())
+    others = [name for name in method.kernels if name != "native"]
+
+    def seconds(name: str, rows: int, subset: list[Linear]) -> float:
+        x = torch.randn(rows, layers[0].in_features).to(dtype)
+        kernel = method.kernels[name]
+        return _median_seconds(lambda: [kernel(layer, x, ops) for layer in subset])
+
+    def native_max_rows() -> int:
+        best = 0
+        for rows in GEMV_ROWS:
+            native = seconds("native", rows, layers)
+            if native >= min(seconds(name, rows, layers) for name in others):
+                break
+            best = rows
+        return best
+
+    max_rows = cache.get(f"native {label}", native_max_rows)
+    large = (others[0] if len(others) == 1 else cache.get(
+        f"large batches {label}",
+        lambda: min(others, key=lambda name: sum(seconds(name, rows, layers[:GEMM_SAMPLE])
+                                                 for rows in GEMM_ROWS))))
+    plan = QuantizedPlan(ops=ops, native_max_rows=max_rows, large=large)
+    for layer in layers:
+        layer.plan = plan
+    logger.debug("linear %s: native kernel up to %d rows, %s above", label, max_rows, large)
 
 
 def _median_seconds(fn: Callable[[], object]) -> float:

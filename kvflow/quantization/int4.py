@@ -10,6 +10,7 @@ Scale and offset are [out, in / group_size], in the model's dtype."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import ModuleType
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
@@ -57,8 +58,15 @@ def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, offset: torch.Ten
     return (q * scale.float()[..., None] + offset.float()[..., None]).view(rows, -1)
 
 
+def _native_kernel(layer: Linear, x: torch.Tensor, ops: ModuleType | None) -> torch.Tensor:
+    return ops.int4_gemv(x, layer.weight, layer.weight_scale, layer.weight_offset, layer.bias)
+
+
 class Int4LinearMethod(QuantizedLinearMethod):
-    kernels = {"dequantize": dequantize_kernel}
+    # torch._weight_int4pack_mm_for_cpu is no candidate: it reads its own layout (a second
+    # copy of the weight) and measured slower than the native kernel at 1-8 rows
+    # (docs/benchmarks.md).
+    kernels = {"native": _native_kernel, "dequantize": dequantize_kernel}
 
     def __init__(self, group_size: int) -> None:
         self.group_size = group_size

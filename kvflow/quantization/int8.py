@@ -39,8 +39,12 @@ def _torch_kernel(layer: Linear, x: torch.Tensor, ops: ModuleType | None) -> tor
     return y if layer.bias is None else y + layer.bias
 
 
+def _native_kernel(layer: Linear, x: torch.Tensor, ops: ModuleType | None) -> torch.Tensor:
+    return ops.int8_gemv(x, layer.weight, layer.weight_scale, layer.bias)
+
+
 class Int8LinearMethod(QuantizedLinearMethod):
-    kernels = {"torch": _torch_kernel, "dequantize": dequantize_kernel}
+    kernels = {"native": _native_kernel, "torch": _torch_kernel, "dequantize": dequantize_kernel}
 
     def create_weights(self, layer: Linear, bias: bool) -> None:
         dtype = torch.get_default_dtype()

@@ -15,6 +15,7 @@
 #include <cstring>
 #include <limits>
 #include <string>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -102,17 +103,27 @@ void check_cpu(const torch::Tensor& t, const char* name) {
 }
 
 // ---------------------------------------------------------------------------------------
-// y[m, n] = x[m, :] . w[n, :] (+ bias[n]) for a few rows m: every weight row is read once
-// from memory and each loaded weight vector serves up to four rows of x, so the product
-// runs at the memory's read rate.
+// y[m, n] = x[m, :] . w[n, :] (* scale[n]) (+ bias[n]) for a few rows m: every weight row
+// is read once from memory and each loaded weight vector serves up to four rows of x, so
+// the product runs at the memory's read rate. The weight is x's dtype, or int8 with a
+// scale per row (weight-only quantization), widened to float32 in registers.
 constexpr int64_t kGemvRows = 4;  // weight rows per group
 constexpr int64_t kGemvCols = 4;  // rows of x per pass over a group
 // Software prefetch this far ahead in each weight row stream: on a 2-core Zen 5 it raised
 // a whole model's GEMVs from about 39 to 44 GB/s (the hardware prefetchers alone lag).
 constexpr int64_t kPrefetchBytes = 4096;
 
-template <typename T, int MB>
-void gemv_group(const float* xf, const T* x, const T* w, float (*sums)[kGemvRows], int64_t K,
+inline float to_f32(int8_t x) { return x; }
+
+#ifdef KVFLOW_AVX512
+inline __m512 load16(const int8_t* p) {
+  return _mm512_cvtepi32_ps(
+      _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+#endif
+
+template <typename T, typename W, int MB>
+void gemv_group(const float* xf, const T* x, const W* w, float (*sums)[kGemvRows], int64_t K,
                 int64_t& k_done) {
   int64_t k = 0;
 #ifdef KVFLOW_AVX512
@@ -122,7 +133,7 @@ void gemv_group(const float* xf, const T* x, const T* w, float (*sums)[kGemvRows
 #ifdef __AVX512BF16__
   // bf16 weights and activations: vdpbf16ps multiplies 32 pairs per instruction with no
   // widening, accumulating in float32.
-  if constexpr (std::is_same_v<T, BFloat16>) {
+  if constexpr (std::is_same_v<T, BFloat16> && std::is_same_v<W, BFloat16>) {
     for (; k + 32 <= K; k += 32) {
       __m512bh wv[kGemvRows];
       for (int r = 0; r < kGemvRows; ++r) {
@@ -136,12 +147,15 @@ void gemv_group(const float* xf, const T* x, const T* w, float (*sums)[kGemvRows
     }
   }
 #endif
-  // float32 FMAs: all of a float32 weight (or a bf16 one without vdpbf16ps), and the last
-  // 16 columns a bf16 one may have left.
+  // float32 FMAs: all of a float32 or int8 weight (or a bf16 one without vdpbf16ps), and
+  // the last 16 columns a bf16 one may have left.
   for (; k + 16 <= K; k += 16) {
     __m512 wv[kGemvRows];
+    // One prefetch per 64-byte line: an int8 step covers a quarter of one.
+    const bool new_line = (k * sizeof(W)) % 64 == 0;
     for (int r = 0; r < kGemvRows; ++r) {
-      _mm_prefetch(reinterpret_cast<const char*>(w + r * K + k) + kPrefetchBytes, _MM_HINT_T0);
+      if (new_line)
+        _mm_prefetch(reinterpret_cast<const char*>(w + r * K + k) + kPrefetchBytes, _MM_HINT_T0);
       wv[r] = load16(w + r * K + k);
     }
     for (int m = 0; m < MB; ++m) {
@@ -158,8 +172,9 @@ void gemv_group(const float* xf, const T* x, const T* w, float (*sums)[kGemvRows
   k_done = k;
 }
 
-template <typename T>
-void gemv_impl(const T* x, const T* w, const T* bias, T* y, int64_t M, int64_t N, int64_t K) {
+template <typename T, typename W>
+void gemv_impl(const T* x, const W* w, const T* scale, const T* bias, T* y, int64_t M,
+               int64_t N, int64_t K) {
   std::vector<float> xf(M * K);
   for (int64_t i = 0; i < M * K; ++i) xf[i] = to_f32(x[i]);
   at::parallel_for(0, (N + kGemvRows - 1) / kGemvRows, 16, [&](int64_t begin, int64_t end) {
@@ -167,7 +182,7 @@ void gemv_impl(const T* x, const T* w, const T* bias, T* y, int64_t M, int64_t N
     for (int64_t group = begin; group < end; ++group) {
       const int64_t n0 = group * kGemvRows;
       const int64_t rows = std::min(kGemvRows, N - n0);
-      const T* wg = w + n0 * K;
+      const W* wg = w + n0 * K;
       for (int64_t m0 = 0; m0 < M; m0 += kGemvCols) {
         const int64_t mb = std::min(kGemvCols, M - m0);
         int64_t k_done = 0;
@@ -175,10 +190,10 @@ void gemv_impl(const T* x, const T* w, const T* bias, T* y, int64_t M, int64_t N
           const float* xm = xf.data() + m0 * K;
           const T* xr = x + m0 * K;
           switch (mb) {
-            case 1: gemv_group<T, 1>(xm, xr, wg, sums, K, k_done); break;
-            case 2: gemv_group<T, 2>(xm, xr, wg, sums, K, k_done); break;
-            case 3: gemv_group<T, 3>(xm, xr, wg, sums, K, k_done); break;
-            default: gemv_group<T, 4>(xm, xr, wg, sums, K, k_done); break;
+            case 1: gemv_group<T, W, 1>(xm, xr, wg, sums, K, k_done); break;
+            case 2: gemv_group<T, W, 2>(xm, xr, wg, sums, K, k_done); break;
+            case 3: gemv_group<T, W, 3>(xm, xr, wg, sums, K, k_done); break;
+            default: gemv_group<T, W, 4>(xm, xr, wg, sums, K, k_done); break;
           }
         } else {
           for (int64_t m = 0; m < mb; ++m)
@@ -187,9 +202,10 @@ void gemv_impl(const T* x, const T* w, const T* bias, T* y, int64_t M, int64_t N
         for (int64_t m = 0; m < mb; ++m) {
           const float* xm = xf.data() + (m0 + m) * K;
           for (int64_t r = 0; r < rows; ++r) {
-            const T* wr = wg + r * K;
+            const W* wr = wg + r * K;
             float s = sums[m][r];
             for (int64_t kk = k_done; kk < K; ++kk) s += to_f32(wr[kk]) * xm[kk];
+            if (scale) s *= to_f32(scale[n0 + r]);
             if (bias) s += to_f32(bias[n0 + r]);
             y[(m0 + m) * N + n0 + r] = from_f32<T>(s);
           }
@@ -199,20 +215,213 @@ void gemv_impl(const T* x, const T* w, const T* bias, T* y, int64_t M, int64_t N
   });
 }
 
+void check_bias(const c10::optional<torch::Tensor>& bias, const torch::Tensor& x, int64_t n,
+                const char* name) {
+  TORCH_CHECK(!bias || (bias->numel() == n && bias->scalar_type() == x.scalar_type() &&
+                        bias->device().is_cpu()), name, ": bias must be [out_features], x's dtype");
+}
+
+const void* bias_ptr(const c10::optional<torch::Tensor>& bias, torch::Tensor& holder) {
+  if (!bias) return nullptr;
+  holder = bias->contiguous();
+  return holder.data_ptr();
+}
+
 torch::Tensor gemv(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias) {
   check_cpu(x, "gemv x");
   check_cpu(w, "gemv w");
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "gemv: shapes");
   TORCH_CHECK(x.scalar_type() == w.scalar_type(), "gemv: x and w dtypes differ");
-  TORCH_CHECK(!bias || (bias->numel() == w.size(0) && bias->scalar_type() == w.scalar_type() &&
-                        bias->device().is_cpu()), "gemv: bias must be [out_features], w's dtype");
+  check_bias(bias, w, w.size(0), "gemv");
   x = x.contiguous();
   w = w.contiguous();
+  torch::Tensor b;
+  const void* bp = bias_ptr(bias, b);
   auto y = torch::empty({x.size(0), w.size(0)}, x.options());
   dispatch_float_or_bf16(x.scalar_type(), "gemv", [&](auto tag) {
     using T = decltype(tag);
-    gemv_impl<T>(x.data_ptr<T>(), w.data_ptr<T>(), bias ? bias->contiguous().data_ptr<T>() : nullptr,
-                 y.data_ptr<T>(), x.size(0), w.size(0), x.size(1));
+    gemv_impl<T, T>(x.data_ptr<T>(), w.data_ptr<T>(), nullptr, static_cast<const T*>(bp),
+                    y.data_ptr<T>(), x.size(0), w.size(0), x.size(1));
+  });
+  return y;
+}
+
+torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor scale,
+                        c10::optional<torch::Tensor> bias) {
+  check_cpu(x, "int8_gemv x");
+  check_cpu(w, "int8_gemv w");
+  check_cpu(scale, "int8_gemv scale");
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "int8_gemv: shapes");
+  TORCH_CHECK(w.scalar_type() == at::kChar, "int8_gemv: w must be int8");
+  TORCH_CHECK(scale.numel() == w.size(0) && scale.scalar_type() == x.scalar_type(),
+              "int8_gemv: scale must be [out_features], x's dtype");
+  check_bias(bias, x, w.size(0), "int8_gemv");
+  x = x.contiguous();
+  w = w.contiguous();
+  scale = scale.contiguous();
+  torch::Tensor b;
+  const void* bp = bias_ptr(bias, b);
+  auto y = torch::empty({x.size(0), w.size(0)}, x.options());
+  dispatch_float_or_bf16(x.scalar_type(), "int8_gemv", [&](auto tag) {
+    using T = decltype(tag);
+    gemv_impl<T, int8_t>(x.data_ptr<T>(), w.data_ptr<int8_t>(), scale.data_ptr<T>(),
+                         static_cast<const T*>(bp), y.data_ptr<T>(), x.size(0), w.size(0),
+                         x.size(1));
+  });
+  return y;
+}
+
+// ---------------------------------------------------------------------------------------
+// The same product for int4 weights (kvflow/quantization/int4.py): two per byte,
+// [N, K / 2]; in each block of 64 columns byte j holds column j in its low nibble and
+// column 32 + j in its high one; w = q * scale + offset, per group of G columns (G a
+// multiple of 32). Per group the product is scale * (q . x) + offset * sum(x), with sum(x)
+// computed once per row of x.
+constexpr int64_t kInt4Block = 64;
+constexpr int64_t kInt4Cols = 2;  // rows of x per pass: the accumulators fit in registers
+
+template <typename T>
+float int4_dot(const float* xf, const float* xsum, const uint8_t* w, const T* scale,
+               const T* offset, int64_t K, int64_t G) {
+  float total = 0.f;
+  for (int64_t g = 0; g < K / G; ++g) {
+    float dot = 0.f;
+    for (int64_t k = g * G; k < (g + 1) * G; ++k) {
+      const int64_t j = k % kInt4Block;
+      const uint8_t byte = w[k / kInt4Block * (kInt4Block / 2) + j % (kInt4Block / 2)];
+      dot += static_cast<float>(j < kInt4Block / 2 ? byte & 15 : byte >> 4) * xf[k];
+    }
+    total += to_f32(scale[g]) * dot + to_f32(offset[g]) * xsum[g];
+  }
+  return total;
+}
+
+#if defined(KVFLOW_AVX512) && defined(__AVX512BF16__)
+// bf16 activations: the bf16 with bits 0x4300 | q is exactly 128 + q, so a nibble becomes a
+// bf16 with one AND-OR and vdpbf16ps gives (128 + q) . x per run of 32 columns; each group's
+// sum is scaled in a vector, and 128 * scale * sum(x) comes off with the offset term.
+template <int MB>
+void int4_group_bf16(const BFloat16* x, const float* xsum, const uint8_t* w,
+                     const BFloat16* scale, const BFloat16* offset, float (*sums)[kGemvRows],
+                     int64_t K, int64_t G) {
+  const int64_t groups = K / G;
+  const __m512i low4 = _mm512_set1_epi16(0x000F);
+  const __m512i one28 = _mm512_set1_epi16(0x4300);
+  __m512 acc[MB][kGemvRows], total[MB][kGemvRows];
+  for (int m = 0; m < MB; ++m)
+    for (int r = 0; r < kGemvRows; ++r) acc[m][r] = total[m][r] = _mm512_setzero_ps();
+  auto flush = [&](int64_t g) {
+    for (int r = 0; r < kGemvRows; ++r) {
+      const __m512 s = _mm512_set1_ps(static_cast<float>(scale[r * groups + g]));
+      for (int m = 0; m < MB; ++m) {
+        total[m][r] = _mm512_fmadd_ps(acc[m][r], s, total[m][r]);
+        acc[m][r] = _mm512_setzero_ps();
+      }
+    }
+  };
+  for (int64_t k = 0; k < K; k += kInt4Block) {
+    __m512i lo[kGemvRows], hi[kGemvRows];
+    for (int r = 0; r < kGemvRows; ++r) {
+      const uint8_t* p = w + r * (K / 2) + k / 2;
+      _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetchBytes, _MM_HINT_T0);
+      const __m512i words = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+      lo[r] = _mm512_ternarylogic_epi32(words, low4, one28, 0xEA);  // (words & 15) | 0x4300
+      hi[r] = _mm512_or_si512(_mm512_srli_epi16(words, 4), one28);
+    }
+    for (int m = 0; m < MB; ++m) {
+      const __m512bh xv = (__m512bh)_mm512_loadu_si512(reinterpret_cast<const void*>(x + m * K + k));
+      for (int r = 0; r < kGemvRows; ++r) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], (__m512bh)lo[r], xv);
+    }
+    if ((k + kInt4Block / 2) % G == 0) flush(k / G);
+    for (int m = 0; m < MB; ++m) {
+      const __m512bh xv = (__m512bh)_mm512_loadu_si512(reinterpret_cast<const void*>(x + m * K + k + kInt4Block / 2));
+      for (int r = 0; r < kGemvRows; ++r) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], (__m512bh)hi[r], xv);
+    }
+    if ((k + kInt4Block) % G == 0) flush((k + kInt4Block / 2) / G);
+  }
+  for (int m = 0; m < MB; ++m) {
+    for (int r = 0; r < kGemvRows; ++r) {
+      float s = _mm512_reduce_add_ps(total[m][r]);
+      for (int64_t g = 0; g < groups; ++g)
+        s += (static_cast<float>(offset[r * groups + g]) -
+              128.f * static_cast<float>(scale[r * groups + g])) * xsum[m * groups + g];
+      sums[m][r] = s;
+    }
+  }
+}
+#endif
+
+template <typename T>
+void int4_gemv_impl(const T* x, const uint8_t* w, const T* scale, const T* offset,
+                    const T* bias, T* y, int64_t M, int64_t N, int64_t K, int64_t G) {
+  const int64_t groups = K / G;
+  std::vector<float> xf(M * K), xsum(M * groups, 0.f);
+  for (int64_t i = 0; i < M * K; ++i) {
+    xf[i] = to_f32(x[i]);
+    xsum[i / K * groups + i % K / G] += xf[i];
+  }
+  at::parallel_for(0, (N + kGemvRows - 1) / kGemvRows, 16, [&](int64_t begin, int64_t end) {
+    float sums[kInt4Cols][kGemvRows];
+    for (int64_t group = begin; group < end; ++group) {
+      const int64_t n0 = group * kGemvRows;
+      const int64_t rows = std::min(kGemvRows, N - n0);
+      for (int64_t m0 = 0; m0 < M; m0 += kInt4Cols) {
+        const int64_t mb = std::min(kInt4Cols, M - m0);
+        bool done = false;
+#if defined(KVFLOW_AVX512) && defined(__AVX512BF16__)
+        if constexpr (std::is_same_v<T, BFloat16>) {
+          if (rows == kGemvRows) {
+            const auto args = std::make_tuple(x + m0 * K, xsum.data() + m0 * groups,
+                                              w + n0 * (K / 2), scale + n0 * groups,
+                                              offset + n0 * groups, sums, K, G);
+            if (mb == 1) std::apply(int4_group_bf16<1>, args);
+            else std::apply(int4_group_bf16<kInt4Cols>, args);
+            done = true;
+          }
+        }
+#endif
+        for (int64_t m = 0; m < mb; ++m) {
+          for (int64_t r = 0; r < rows; ++r) {
+            const int64_t n = n0 + r;
+            float s = done ? sums[m][r]
+                           : int4_dot<T>(xf.data() + (m0 + m) * K, xsum.data() + (m0 + m) * groups,
+                                         w + n * (K / 2), scale + n * groups, offset + n * groups, K, G);
+            if (bias) s += to_f32(bias[n]);
+            y[(m0 + m) * N + n] = from_f32<T>(s);
+          }
+        }
+      }
+    }
+  });
+}
+
+torch::Tensor int4_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor scale,
+                        torch::Tensor offset, c10::optional<torch::Tensor> bias) {
+  for (const auto* t : {&x, &w, &scale, &offset}) check_cpu(*t, "int4_gemv tensors");
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == 2 * w.size(1), "int4_gemv: shapes");
+  TORCH_CHECK(w.scalar_type() == at::kByte, "int4_gemv: w must be uint8");
+  const int64_t K = x.size(1), N = w.size(0);
+  TORCH_CHECK(scale.dim() == 2 && scale.size(0) == N && scale.size(1) > 0 &&
+              K % scale.size(1) == 0 && offset.sizes() == scale.sizes(),
+              "int4_gemv: scale and offset must be [out_features, groups]");
+  const int64_t G = K / scale.size(1);
+  TORCH_CHECK(K % kInt4Block == 0 && G % (kInt4Block / 2) == 0,
+              "int4_gemv: in_features must be a multiple of 64, the group size of 32");
+  TORCH_CHECK(scale.scalar_type() == x.scalar_type() && offset.scalar_type() == x.scalar_type(),
+              "int4_gemv: scale and offset must be x's dtype");
+  check_bias(bias, x, N, "int4_gemv");
+  x = x.contiguous();
+  w = w.contiguous();
+  scale = scale.contiguous();
+  offset = offset.contiguous();
+  torch::Tensor b;
+  const void* bp = bias_ptr(bias, b);
+  auto y = torch::empty({x.size(0), N}, x.options());
+  dispatch_float_or_bf16(x.scalar_type(), "int4_gemv", [&](auto tag) {
+    using T = decltype(tag);
+    int4_gemv_impl<T>(x.data_ptr<T>(), w.data_ptr<uint8_t>(), scale.data_ptr<T>(),
+                      offset.data_ptr<T>(), static_cast<const T*>(bp), y.data_ptr<T>(),
+                      x.size(0), N, K, G);
   });
   return y;
 }
@@ -785,6 +994,8 @@ std::string vector_paths() {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv", &gemv, "y = x @ w.T (+ bias) for a few rows of x");
+  m.def("int8_gemv", &int8_gemv, "y = x @ (w * scale[:, None]).T (+ bias), w int8, for a few rows of x");
+  m.def("int4_gemv", &int4_gemv, "y = x @ dequantized(w).T (+ bias), w packed int4 (kvflow/quantization/int4.py)");
   m.def("paged_attention", &paged_attention, "attention of a ragged batch over a paged cache");
   m.def("write_kv", &write_kv, "write k, v to their slots (K d-major inside blocks)");
   m.def("rms_norm", &rms_norm, "RMSNorm, optionally fused with the residual add");
