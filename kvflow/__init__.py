@@ -8,8 +8,8 @@ from kvflow.engine.llm_engine import LLMEngine  # noqa: E402
 from kvflow.entrypoints.llm import LLM  # noqa: E402
 from kvflow.inputs import TextPrompt, TokensPrompt  # noqa: E402
 from kvflow.outputs import CompletionOutput, Logprob, RequestOutput  # noqa: E402
-from kvflow.sampling_params import SamplingParams  # noqa: E402
+from kvflow.sampling_params import SamplingParams, StructuredOutputsParams  # noqa: E402
 
-__all__ = ["LLM", "LLMEngine", "EngineArgs", "SamplingParams", "RequestOutput",
-           "CompletionOutput", "Logprob", "TextPrompt", "TokensPrompt"]
+__all__ = ["LLM", "LLMEngine", "EngineArgs", "SamplingParams", "StructuredOutputsParams",
+           "RequestOutput", "CompletionOutput", "Logprob", "TextPrompt", "TokensPrompt"]
 __version__ = "0.1.0"

@@ -2,8 +2,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from kvflow.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from kvflow.structured_output.matcher import RequestGrammar
 
 
 @dataclass
@@ -22,6 +26,7 @@ class ScheduledRequest:
     # Proposed continuations, computed after token_ids and verified this step (speculative
     # decoding): the step samples at each of their positions and at the last known token.
     draft_token_ids: list[int] = field(default_factory=list)
+    grammar: RequestGrammar | None = None  # structured output: masks the sampled rows
 
 
 @dataclass

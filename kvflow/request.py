@@ -3,8 +3,12 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from kvflow.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from kvflow.structured_output.matcher import RequestGrammar
 
 
 class RequestStatus(enum.IntEnum):
@@ -51,6 +55,7 @@ class Request:
     num_preemptions: int = 0
     first_scheduled_time: float | None = None
     stop_reason: int | str | None = None
+    grammar: RequestGrammar | None = None  # structured output: advanced by every token
     # Proposed by the last step, to be verified by the next (speculative decoding).
     spec_token_ids: list[int] = field(default_factory=list)
 

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import cached_property
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
@@ -30,6 +32,61 @@ class ParameterError(ValueError):
     def __init__(self, param: str, message: str) -> None:
         super().__init__(message)
         self.param = param
+
+
+# Each kind of structured output: (is its value valid, what it must be).
+_STRUCTURED_OUTPUT_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "json": (lambda v: isinstance(v, dict), "a JSON schema object"),
+    "regex": (lambda v: isinstance(v, str) and v != "", "a non-empty string"),
+    "choice": (lambda v: isinstance(v, list) and v != [] and all(
+        isinstance(c, str) and c != "" for c in v), "a non-empty list of non-empty strings"),
+    "grammar": (lambda v: isinstance(v, str) and v.strip() != "", "a non-empty string"),
+    "json_object": (lambda v: v is True, "true"),
+}
+STRUCTURED_OUTPUT_KINDS = tuple(_STRUCTURED_OUTPUT_RULES)
+
+
+@dataclass
+class StructuredOutputsParams:
+    """What a request's output must match, as vLLM's: exactly one of a JSON schema (`json`, a
+    dict or its JSON text), any JSON object (`json_object=True`), a regular expression that
+    the whole output matches, one of the strings in `choice`, or a grammar (Lark or GBNF).
+    The engine compiles it when the request is added; one it cannot honour is refused."""
+
+    json: dict[str, Any] | str | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+    def __post_init__(self) -> None:
+        given = [name for name in STRUCTURED_OUTPUT_KINDS if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ParameterError("structured_outputs", "structured_outputs takes exactly one of "
+                                 f"{', '.join(STRUCTURED_OUTPUT_KINDS)}; got "
+                                 f"{', '.join(given) or 'none'}")
+        if isinstance(self.json, str):
+            try:
+                self.json = json.loads(self.json)
+            except ValueError as exc:
+                raise ParameterError("structured_outputs",
+                                     f"structured_outputs.json is not valid JSON: {exc}") from None
+        is_valid, expected = _STRUCTURED_OUTPUT_RULES[self.kind]
+        if not is_valid(getattr(self, self.kind)):
+            raise ParameterError("structured_outputs",
+                                 f"structured_outputs.{self.kind} must be {expected}")
+
+    @property
+    def kind(self) -> str:
+        return next(name for name in STRUCTURED_OUTPUT_KINDS if getattr(self, name) is not None)
+
+    @property
+    def spec(self) -> str:
+        """The constraint as text, the same for equal constraints (a key for compiled ones)."""
+        value = getattr(self, self.kind)
+        if isinstance(value, str):
+            return value
+        return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
 @dataclass
@@ -57,6 +114,7 @@ class SamplingParams:
     detokenize: bool = True  # False: token ids only, no text
     allowed_token_ids: list[int] | None = None  # sample only among these
     bad_words: list[str] | None = None  # never generate these words
+    structured_outputs: StructuredOutputsParams | None = None  # what the output must match
     stop_strings: tuple[str, ...] = field(init=False, repr=False)
     # Set by the engine, which has the tokenizer: each bad word as token ids, with and
     # without a leading space, as vLLM.
@@ -135,6 +193,10 @@ class SamplingParams:
                                  f"{MAX_BAD_WORDS} are allowed")
             if any(not isinstance(w, str) or not w.strip() for w in self.bad_words):
                 raise ValueError("bad_words must be non-empty strings")
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs,
+                                                                  StructuredOutputsParams):
+            raise ValueError("structured_outputs must be a StructuredOutputsParams, got "
+                             f"{type(self.structured_outputs).__name__}")
         if self.logit_bias and len(self.logit_bias) > MAX_LOGIT_BIAS_TOKENS:
             raise ValueError(f"logit_bias has {len(self.logit_bias)} entries; at most "
                              f"{MAX_LOGIT_BIAS_TOKENS} are allowed")

@@ -21,8 +21,10 @@ MISSING: dict[str, str] = {
     "chat_template_content_format": "message content is passed to the template as a string",
     "generation_config": f"--generation-config is {_NOT_YET}; give sampling parameters per "
                          "request",
-    "guided_decoding_backend": f"structured output is {_NOT_YET}",
-    "structured_outputs_config": f"structured output is {_NOT_YET}",
+    "guided_decoding_backend": "structured output always uses llguidance, which refuses the "
+                               "schema features it cannot enforce: drop the flag",
+    "structured_outputs_config": "structured output always uses llguidance, which refuses the "
+                                 "schema features it cannot enforce: drop the flag",
     "enable_auto_tool_choice": f"tool calling is {_NOT_YET}",
     "tool_call_parser": f"tool calling is {_NOT_YET}",
     "reasoning_parser": f"reasoning parsing is {_NOT_YET}",

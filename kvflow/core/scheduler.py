@@ -181,6 +181,7 @@ class Scheduler:
             output_token_ids=request.output_token_ids,
             stop_token_ids=request.stop_token_ids,
             draft_token_ids=drafts,
+            grammar=request.grammar,
         )
 
     def _preempt(self, request: Request) -> None:
@@ -229,6 +230,8 @@ class Scheduler:
                 request.append_output_token(token_id)
                 num_added += 1
                 status = self._check_stop(request, token_id)
+                if request.grammar is not None:
+                    status = self._advance_grammar(request, token_id) or status
                 if status is not None:
                     self.finish_request(request.request_id, status)
                     break
@@ -236,6 +239,18 @@ class Scheduler:
                 request.spec_token_ids = runner_output.draft_token_ids.get(scheduled.req_id, [])
             updated.append((request, num_added))
         return updated
+
+    @staticmethod
+    def _advance_grammar(request: Request, token_id: int) -> RequestStatus | None:
+        """A complete grammar stops its request, even short of min_tokens (nothing may
+        follow it). A token the grammar refuses, sampled only where the request's other
+        constraints (allowed_token_ids, bad_words) left nothing the grammar allows, aborts
+        it: the output can no longer match."""
+        if not request.grammar.accept([token_id]):
+            logger.warning("request %s aborted: its grammar refused token %d (%s)",
+                           request.request_id, token_id, request.grammar.error)
+            return RequestStatus.FINISHED_ABORTED
+        return RequestStatus.FINISHED_STOPPED if request.grammar.is_terminated else None
 
     @staticmethod
     def _check_stop(request: Request, token_id: int) -> RequestStatus | None:

@@ -28,6 +28,7 @@ from kvflow.outputs import CompletionOutput, RequestMetrics, RequestOutput, Sche
 from kvflow.quantization import quantization_config
 from kvflow.request import Request, RequestStatus
 from kvflow.sampling_params import ALL_LOGPROBS, ParameterError, SamplingParams
+from kvflow.structured_output.compiler import GrammarCompiler
 from kvflow.worker.kv_cache import default_kv_cache_memory, num_blocks_for
 from kvflow.worker.model_runner import ModelRunner
 from kvflow.worker.threads import configure_threads
@@ -100,6 +101,8 @@ class LLMEngine:
             num_blocks, args.block_size, enable_caching=args.enable_prefix_caching,
             cache_identity=f"{self.model_config.path}|{self.dtype}|{args.block_size}")
         self.scheduler = Scheduler(self.scheduler_config, self.kv_manager)
+        self.grammar_compiler = GrammarCompiler(self.tokenizer, self.model_config.vocab_size,
+                                                self.eos_token_ids)
         native_ops = native_cpu_ops(self.device, self.dtype, args.enforce_eager)
         if native_ops is not None:
             install_native_kernels(model, native_ops, reserved_bytes=args.kv_cache_memory or 0)
@@ -173,6 +176,9 @@ class LLMEngine:
         cache_salt = self._cache_salt(prompt)
         params = self._resolve(params)
         max_tokens = self._validate(token_ids, params)
+        # Compiled here, on the caller's thread: a bad schema never reaches the engine thread.
+        grammar = (None if params.structured_outputs is None
+                   else self.grammar_compiler.compile(params.structured_outputs))
         arrival = time.monotonic() if arrival_time is None else arrival_time
         parent = ParentState(
             request_id=request_id, prompt=text, prompt_token_ids=token_ids,
@@ -188,7 +194,8 @@ class LLMEngine:
             Request(request_id=child_id, prompt_token_ids=token_ids,
                     sampling_params=params.for_sample(i) if params.n > 1 else params,
                     max_tokens=max_tokens, stop_token_ids=stop_ids, arrival_time=arrival,
-                    priority=priority, cache_salt=cache_salt)
+                    priority=priority, cache_salt=cache_salt,
+                    grammar=None if grammar is None else grammar.matcher())
             for i, child_id in enumerate(parent.child_ids)]
         return PreparedRequest(parent=parent, children=children)
 

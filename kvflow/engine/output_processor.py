@@ -115,9 +115,11 @@ class OutputProcessor:
                 continue
             # The EOS or stop token that ended the request is not part of the text (as in
             # vLLM), unless include_stop_str_in_output asks for it; the scheduler ends a
-            # request at its stop token, so only the last token can be one.
+            # request at its stop token, so only the last token can be one. A grammar that
+            # completes also stops its request, at a token that is text.
             stopped_by_token = (offset == num_new - 1
-                                and request.status == RequestStatus.FINISHED_STOPPED)
+                                and request.status == RequestStatus.FINISHED_STOPPED
+                                and token_id in request.stop_token_ids)
             new_text = [] if stopped_by_token and not params.include_stop_str_in_output \
                 else [token_id]
             stop = state.detokenizer.update(

@@ -21,6 +21,7 @@ import torch
 
 from kvflow.outputs import ScheduledRequest, TokenLogprobs
 from kvflow.sampling_params import SamplingParams
+from kvflow.structured_output.bitmask import apply_token_bitmask
 
 
 @dataclass
@@ -66,11 +67,15 @@ class SamplingBatch:
     banned: tuple[torch.Tensor, torch.Tensor] | None  # (rows, token ids) set to -inf
     allowed: tuple[torch.Tensor, torch.Tensor] | None  # (rows, token ids): all else -inf
     num_logprobs: list[int | None]  # per row
+    # (rows [N] int64, bitmask [N, ceil(V/32)] int32): what each constrained row's grammar
+    # allows (structured output); set by the runner, which keeps the grammars' masker
+    grammar: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def adjusts_logits(self) -> bool:
         return (self.logit_bias is not None or self.banned is not None
-                or self.allowed is not None or self.penalties is not None)
+                or self.allowed is not None or self.penalties is not None
+                or self.grammar is not None)
 
 
 def _padded(rows: list[list[int]], pad: int, device: torch.device) -> torch.Tensor:
@@ -215,6 +220,9 @@ class Sampler:
 
     @staticmethod
     def adjust(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        if batch.grammar is not None:
+            rows, bitmask = batch.grammar
+            logits = apply_token_bitmask(logits, bitmask, rows)
         if batch.logit_bias is not None:
             rows, ids, values = batch.logit_bias
             logits = logits.index_put((rows, ids), values, accumulate=True)

@@ -16,6 +16,7 @@ from kvflow.models.llama import LlamaForCausalLM
 from kvflow.outputs import RunnerOutput, ScheduledRequest, SchedulerOutput, TokenLogprobs
 from kvflow.sampling.rejection_sampler import RejectionSampler
 from kvflow.sampling.sampler import Sampler, prepare_sampling, sampling_rows, token_logprobs
+from kvflow.structured_output.bitmask import GrammarMasker
 from kvflow.worker.kv_cache import allocate_kv_cache
 
 
@@ -34,6 +35,7 @@ class ModelRunner:
         self.sampler = Sampler(torch.Generator(device).manual_seed(seed))
         self.rejection_sampler = RejectionSampler(self.sampler)
         self.generators: dict[str, torch.Generator] = {}
+        self.grammar_masker = GrammarMasker(config.vocab_size)
 
     def forget(self, req_ids: set[str]) -> None:
         """Drop the state of finished requests."""
@@ -75,6 +77,7 @@ class ModelRunner:
         rows = ([row for r in requests for row in sampling_rows(r)] if verifying
                 else requests)
         sampling = prepare_sampling(rows, self.generators, self.config.vocab_size, self.device)
+        sampling.grammar = self.grammar_masker.for_step(requests, self.device)
         if verifying:
             tokens, entries = self.rejection_sampler(logits, sampling,
                                                      [r.draft_token_ids for r in requests])

@@ -1,0 +1,117 @@
+"""Constraints compiled with llguidance, once per distinct (kind, spec), and cached.
+
+Compilation runs where a request is prepared (LLMatcher drops the GIL while it builds), so
+a bad schema is refused before the request reaches the engine thread and a slow one never
+stalls a step. docs/architecture.md says why llguidance and not xgrammar.
+"""
+from __future__ import annotations
+
+import json
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable
+
+import llguidance
+import llguidance.hf
+from transformers import PreTrainedTokenizerBase
+
+from kvflow.sampling_params import ParameterError, StructuredOutputsParams
+from kvflow.structured_output.matcher import RequestGrammar
+
+# JSON is written with ", " and ": " between items and no other whitespace: with free
+# whitespace a weak model can spend its whole budget on newlines, and the output parses
+# the same.
+JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+# A schema keyword llguidance does not implement is an error, never ignored, even where the
+# schema's own "x-guidance" options ask for leniency.
+JSON_STRICT = {"lenient": False}
+MAX_CACHED_GRAMMARS = 256
+MAX_ERROR_CHARS = 500
+
+_DESCRIPTIONS = {"json": "JSON schema", "json_object": "JSON object constraint",
+                 "regex": "regular expression", "choice": "choice", "grammar": "grammar"}
+
+
+class CompiledGrammar:
+    """A compiled constraint; each sequence that follows it gets its own matcher."""
+
+    def __init__(self, template: llguidance.LLMatcher) -> None:
+        self._template = template  # never advanced: only copied
+
+    def matcher(self) -> RequestGrammar:
+        return RequestGrammar(self._template.deep_copy())
+
+
+class GrammarCompiler:
+    """Thread-safe: requests are prepared on several threads. The llguidance tokenizer is
+    built on first use (about 1.5 s for a 150k-token vocabulary), so engines that never see
+    a constrained request never pay for it."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, vocab_size: int,
+                 eos_token_ids: Iterable[int], max_cached: int = MAX_CACHED_GRAMMARS) -> None:
+        self._hf_tokenizer = tokenizer
+        self.vocab_size = vocab_size  # the model's: masks cover every logit
+        self._eos_token_ids = sorted(eos_token_ids)
+        self.max_cached = max_cached
+        self._ll_tokenizer: llguidance.LLTokenizer | None = None
+        self._cache: OrderedDict[tuple[str, str], CompiledGrammar] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def _tokenizer(self) -> llguidance.LLTokenizer:
+        with self._lock:
+            if self._ll_tokenizer is None:
+                self._ll_tokenizer = llguidance.hf.from_tokenizer(
+                    self._hf_tokenizer, n_vocab=self.vocab_size,
+                    eos_token=self._eos_token_ids or None)
+            return self._ll_tokenizer
+
+    def compile(self, params: StructuredOutputsParams) -> CompiledGrammar:
+        """Raises ParameterError("structured_outputs", ...) for a constraint that cannot be
+        compiled or uses a feature llguidance does not implement."""
+        key = (params.kind, params.spec)
+        with self._lock:
+            compiled = self._cache.get(key)
+            if compiled is not None:
+                self._cache.move_to_end(key)
+                return compiled
+        compiled = CompiledGrammar(self._build(params))
+        with self._lock:
+            self._cache[key] = compiled
+            while len(self._cache) > self.max_cached:
+                self._cache.popitem(last=False)
+        return compiled
+
+    @property
+    def num_cached(self) -> int:
+        return len(self._cache)
+
+    def _build(self, params: StructuredOutputsParams) -> llguidance.LLMatcher:
+        what = _DESCRIPTIONS[params.kind]
+        try:
+            grammar = _grammar_text(params)
+        except ValueError as exc:
+            raise ParameterError("structured_outputs", f"the {what} cannot be compiled: "
+                                 f"{_shorten(str(exc))}") from None
+        matcher = llguidance.LLMatcher(self._tokenizer(), grammar, log_level=0)
+        if matcher.is_error():
+            raise ParameterError("structured_outputs", f"the {what} cannot be compiled: "
+                                 f"{_shorten(matcher.get_error())}")
+        return matcher
+
+
+def _grammar_text(params: StructuredOutputsParams) -> str:
+    """llguidance's grammar for the constraint; raises ValueError where it cannot parse it."""
+    if params.kind in ("json", "json_object"):
+        schema = params.json if params.kind == "json" else {"type": "object"}
+        return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_LAYOUT,
+                                                             overrides=JSON_STRICT)
+    if params.kind == "regex":
+        return llguidance.LLMatcher.grammar_from_regex(params.regex)
+    if params.kind == "choice":
+        return llguidance.grammar_from("choice", json.dumps(params.choice))
+    return llguidance.grammar_from("grammar", params.grammar)  # Lark or GBNF
+
+
+def _shorten(message: str) -> str:
+    message = message.strip()
+    return message if len(message) <= MAX_ERROR_CHARS else message[:MAX_ERROR_CHARS] + "..."
