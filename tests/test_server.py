@@ -6,6 +6,7 @@ import json
 import time
 
 import httpx
+import jsonschema
 import openai
 import pytest
 
@@ -219,6 +220,30 @@ def test_disconnect_aborts_and_frees_blocks(server, client):
                               "logit_bias": {"abc": 1}}, None),
     ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "x"}}]}]}, "messages"),
+    # Constraints that cannot be compiled or enforced, named by the field that sent them.
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}],
+                              "response_format": {"type": "json_schema", "json_schema": {
+                                  "name": "n", "schema": {"type": "strin"}}}},
+     "response_format"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}],
+                              "response_format": {"type": "json_schema",
+                                                  "json_schema": {"name": "n"}}},
+     "response_format"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}],
+                              "response_format": {"type": "structural_tag"}}, "response_format"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x",
+                         "guided_json": {"type": "array", "uniqueItems": True}}, "guided_json"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "guided_regex": "(a"}, "guided_regex"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "guided_choice": []}, "guided_choice"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "guided_grammar": "root ::= ("},
+     "guided_grammar"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x",
+                         "structured_outputs": {"json": {"not": {}}}}, "structured_outputs"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x",
+                         "structured_outputs": {"regex": "a", "whitespace_pattern": " "}},
+     "structured_outputs"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "guided_regex": "a",
+                         "response_format": {"type": "json_object"}}, "guided_regex"),
 ])
 def test_bad_requests_get_400(server, path, body, param):
     response = httpx.post(server.url + path, json=body, headers=HEADERS)
@@ -228,6 +253,37 @@ def test_bad_requests_get_400(server, path, body, param):
     assert error["code"] == 400 and error["message"]
     if param is not None:
         assert error["param"] == param
+
+
+def test_constrained_outputs(client):
+    schema = {"type": "object", "additionalProperties": False, "required": ["name", "tags"],
+              "properties": {"name": {"type": "string", "maxLength": 8},
+                             "tags": {"type": "array", "items": {"enum": ["a", "b"]},
+                                      "maxItems": 2}}}
+    messages = [{"role": "user", "content": "describe it"}]
+    response_format = {"type": "json_schema",
+                       "json_schema": {"name": "thing", "schema": schema, "strict": True}}
+    response = client.chat.completions.create(model="tiny", messages=messages, n=2, seed=5,
+                                              max_tokens=60, response_format=response_format)
+    for choice in response.choices:
+        jsonschema.validate(json.loads(choice.message.content), schema)
+        assert choice.finish_reason == "stop"
+    stream = client.chat.completions.create(model="tiny", messages=messages, n=2, seed=5,
+                                            max_tokens=60, response_format=response_format,
+                                            stream=True)
+    streamed = ["", ""]
+    for chunk in stream:
+        for choice in chunk.choices:
+            streamed[choice.index] += choice.delta.content or ""
+    assert streamed == [c.message.content for c in response.choices]
+    anything = client.chat.completions.create(model="tiny", messages=messages, max_tokens=200,
+                                              response_format={"type": "json_object"}, seed=1)
+    assert isinstance(json.loads(anything.choices[0].message.content), dict)
+    for body in ({"guided_choice": ["left", "right"]},
+                 {"structured_outputs": {"choice": ["left", "right"]}}):
+        chosen = client.completions.create(model="tiny", prompt="go", max_tokens=8, n=3,
+                                           temperature=1.0, extra_body=body)
+        assert all(c.text in ("left", "right") for c in chosen.choices)
 
 
 def test_too_long_and_invalid_json(server):

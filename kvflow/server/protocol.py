@@ -6,7 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from kvflow.sampling_params import ParameterError, SamplingParams
+from kvflow.sampling_params import (STRUCTURED_OUTPUT_KINDS, ParameterError, SamplingParams,
+                                    StructuredOutputsParams)
 
 
 class OpenAIModel(BaseModel):
@@ -57,6 +58,26 @@ class StreamOptions(OpenAIModel):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(OpenAIModel):
+    name: str
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None  # the schema is enforced either way, as in vLLM
+
+
+class ResponseFormat(OpenAIModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+# The request fields that constrain the output, at most one per request: OpenAI's, vLLM's,
+# and vLLM's older guided_* ones (each the StructuredOutputsParams field it sets).
+_GUIDED_FIELDS = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice",
+                  "guided_grammar": "grammar"}
+# Options of vLLM's structured_outputs that ask for what kvflow always does.
+_ALWAYS_SO = {"disable_fallback", "disable_any_whitespace"}
+
+
 class _GenerationRequest(TopLevelRequest):
     model: str | None = None
     n: int = 1
@@ -83,9 +104,54 @@ class _GenerationRequest(TopLevelRequest):
     include_stop_str_in_output: bool = False
     allowed_token_ids: list[int] | None = None
     bad_words: list[str] | None = None
+    response_format: ResponseFormat | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+
+    def output_constraint(self) -> tuple[str, StructuredOutputsParams] | None:
+        """The field that constrains the output and what it asks, or None; a ParameterError
+        names the field."""
+        given = [name for name in ("response_format", "structured_outputs", *_GUIDED_FIELDS)
+                 if getattr(self, name) is not None]
+        if self.response_format is not None and self.response_format.type == "text":
+            given.remove("response_format")
+        if len(given) > 1:
+            raise ParameterError(given[1], f"give at most one of {', '.join(given)}: each "
+                                           "constrains the whole output")
+        if not given:
+            return None
+        name = given[0]
+        try:
+            return name, self._constraint(name)
+        except ParameterError as exc:
+            raise ParameterError(name, f"{name}: {exc}") from None
+
+    def _constraint(self, name: str) -> StructuredOutputsParams:
+        if name in _GUIDED_FIELDS:
+            return StructuredOutputsParams(**{_GUIDED_FIELDS[name]: getattr(self, name)})
+        if name == "structured_outputs":
+            unknown = sorted(set(self.structured_outputs) - set(STRUCTURED_OUTPUT_KINDS)
+                             - _ALWAYS_SO)
+            if unknown:
+                raise ParameterError(name, f"{', '.join(unknown)} not supported; kvflow takes "
+                                           f"{', '.join(STRUCTURED_OUTPUT_KINDS)}")
+            return StructuredOutputsParams(**{key: value for key, value in
+                                              self.structured_outputs.items()
+                                              if key in STRUCTURED_OUTPUT_KINDS})
+        if self.response_format.type == "json_object":
+            return StructuredOutputsParams(json_object=True)
+        if self.response_format.json_schema is None or \
+                self.response_format.json_schema.schema_ is None:
+            raise ParameterError(name, "a json_schema response format needs json_schema.schema")
+        return StructuredOutputsParams(json=self.response_format.json_schema.schema_)
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None,
-                        prompt_logprobs: int | None) -> SamplingParams:
+                        prompt_logprobs: int | None,
+                        structured_outputs: StructuredOutputsParams | None = None
+                        ) -> SamplingParams:
         """Raises ValueError naming the field for out-of-range values."""
         given = {name: getattr(self, name) for name in (
             "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
@@ -97,7 +163,8 @@ class _GenerationRequest(TopLevelRequest):
             prompt_logprobs=prompt_logprobs, skip_special_tokens=self.skip_special_tokens,
             spaces_between_special_tokens=self.spaces_between_special_tokens,
             allowed_token_ids=self.allowed_token_ids, bad_words=self.bad_words,
-            include_stop_str_in_output=self.include_stop_str_in_output, **given)
+            include_stop_str_in_output=self.include_stop_str_in_output,
+            structured_outputs=structured_outputs, **given)
 
     @property
     def include_usage(self) -> bool:

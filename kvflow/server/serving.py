@@ -6,15 +6,16 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from kvflow.engine.async_engine import AsyncEngine
 from kvflow.engine.llm_engine import PreparedRequest
 from kvflow.outputs import CompletionOutput, Logprob, RequestOutput
-from kvflow.sampling_params import ParameterError
+from kvflow.sampling_params import ParameterError, StructuredOutputsParams
 from kvflow.server.metrics import ServerMetrics
 from kvflow.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                     TokenizeRequest)
@@ -111,7 +112,9 @@ class OpenAIServing:
         prompts = completion_prompts(request)
         self._check_sequences(len(prompts), request.n)
         prompt_logprobs = request.logprobs if request.echo and request.logprobs is not None else None
-        params = request.sampling_params(request.max_tokens, request.logprobs, prompt_logprobs)
+        constraint = request.output_constraint()
+        params = request.sampling_params(request.max_tokens, request.logprobs, prompt_logprobs,
+                                         constraint and constraint[1])
         job = Job(kind="completion", model=model, prepared=[], n=params.n, echo=request.echo,
                   logprobs=request.logprobs, include_usage=request.include_usage)
         for i, prompt in enumerate(prompts):
@@ -120,8 +123,9 @@ class OpenAIServing:
                 if isinstance(prompt, str) else {"prompt_token_ids": prompt})
             if request.cache_salt is not None:
                 engine_prompt["cache_salt"] = request.cache_salt
-            job.prepared.append(self.engine.engine.prepare_request(
-                f"{job.response_id}-{i}", engine_prompt, params, priority=request.priority))
+            with _named_constraint_errors(constraint):
+                job.prepared.append(self.engine.engine.prepare_request(
+                    f"{job.response_id}-{i}", engine_prompt, params, priority=request.priority))
         return job
 
     def prepare_chat(self, request: ChatCompletionRequest, model: str) -> Job:
@@ -136,14 +140,16 @@ class OpenAIServing:
                                      f"least 1, got {request.max_completion_tokens}")
             max_tokens = request.max_completion_tokens
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
-        params = request.sampling_params(max_tokens, logprobs, None)
+        constraint = request.output_constraint()
+        params = request.sampling_params(max_tokens, logprobs, None, constraint and constraint[1])
         job = Job(kind="chat", model=model, prepared=[], n=params.n, logprobs=logprobs,
                   include_usage=request.include_usage)
         prompt = {"prompt": text, "prompt_token_ids": token_ids}
         if request.cache_salt is not None:
             prompt["cache_salt"] = request.cache_salt
-        job.prepared.append(self.engine.engine.prepare_request(
-            f"{job.response_id}-0", prompt, params, priority=request.priority))
+        with _named_constraint_errors(constraint):
+            job.prepared.append(self.engine.engine.prepare_request(
+                f"{job.response_id}-0", prompt, params, priority=request.priority))
         return job
 
     def tokenize(self, request: TokenizeRequest) -> dict[str, Any]:
@@ -375,6 +381,19 @@ class OpenAIServing:
                          key=lambda lp: lp.rank)
             content.append({**item(chosen), "top_logprobs": [item(lp) for lp in top]})
         return {"content": content}
+
+
+@contextmanager
+def _named_constraint_errors(constraint: tuple[str, StructuredOutputsParams] | None
+                             ) -> Iterator[None]:
+    """The engine names structured_outputs when it cannot compile a constraint; the client
+    may have sent it as response_format or guided_json."""
+    try:
+        yield
+    except ParameterError as exc:
+        if constraint is None or exc.param != "structured_outputs":
+            raise
+        raise ParameterError(constraint[0], f"{constraint[0]}: {exc}") from None
 
 
 def _stop_strings(job: Job, index: int) -> tuple[str, ...]:
