@@ -49,6 +49,10 @@ GEMM_ROWS = (128, 2048)  # a decode batch and a prefill step
 # shape measure them as well as all of them do.
 GEMM_SAMPLE = 4
 COPY_MEMORY_FRACTION = 0.25  # of available memory, for all second copies of weights
+# Rounds per kernel when choosing among a quantized method's kernels; their medians are
+# compared. Close calls (the native int8 kernel against torch._weight_int8pack_mm on a
+# down projection) flipped under other load with fewer.
+QUANTIZED_ROUNDS = 5
 
 
 def native_cpu_ops(device: torch.device, dtype: torch.dtype,
@@ -158,25 +162,41 @@ def _plan_quantized(label: str, layers: list[Linear], ops: ModuleType,
     dtype = next(p.dtype for p in layers[0].parameters() if p.is_floating_point())
     others = [name for name in method.kernels if name != "native"]
 
-    def seconds(name: str, rows: int, subset: list[Linear]) -> float:
+    def seconds(names: list[str], rows: int, subset: list[Linear]) -> dict[str, float]:
+        """Median seconds of each kernel over subset, the kernels timed in alternation so
+        that other load on the machine falls on all of them alike."""
         x = torch.randn(rows, layers[0].in_features).to(dtype)
-        kernel = method.kernels[name]
-        return _median_seconds(lambda: [kernel(layer, x, ops) for layer in subset])
+        runs = {name: (lambda kernel=method.kernels[name]: [kernel(layer, x, ops)
+                                                            for layer in subset])
+                for name in names}
+        times: dict[str, list[float]] = defaultdict(list)
+        for round_ in range(QUANTIZED_ROUNDS + 1):  # the first round warms up
+            for name, run in runs.items():
+                start = time.perf_counter()
+                run()
+                if round_:
+                    times[name].append(time.perf_counter() - start)
+        return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
 
     def native_max_rows() -> int:
         best = 0
         for rows in GEMV_ROWS:
-            native = seconds("native", rows, layers)
-            if native >= min(seconds(name, rows, layers) for name in others):
+            measured = seconds(["native", *others], rows, layers)
+            if measured["native"] >= min(measured[name] for name in others):
                 break
             best = rows
         return best
 
+    def fastest_large() -> str:
+        totals = defaultdict(float)
+        for rows in GEMM_ROWS:
+            for name, t in seconds(others, rows, layers[:GEMM_SAMPLE]).items():
+                totals[name] += t
+        return min(others, key=totals.__getitem__)
+
     max_rows = cache.get(f"native {label}", native_max_rows)
-    large = (others[0] if len(others) == 1 else cache.get(
-        f"large batches {label}",
-        lambda: min(others, key=lambda name: sum(seconds(name, rows, layers[:GEMM_SAMPLE])
-                                                 for rows in GEMM_ROWS))))
+    large = (others[0] if len(others) == 1
+             else cache.get(f"large batches {label}", fastest_large))
     plan = QuantizedPlan(ops=ops, native_max_rows=max_rows, large=large)
     for layer in layers:
         layer.plan = plan
@@ -240,7 +260,7 @@ class _ChoiceCache:
         build = Path(ops.__file__).parent.name
         # The constants that shape a choice are part of the key: change one, measure again.
         key = (f"{build}|{torch.get_num_threads()}|{torch.__version__}|{GEMV_ROWS}|"
-               f"{GEMM_ROWS}|{GEMM_SAMPLE}|{sorted(COPIES)}")
+               f"{GEMM_ROWS}|{GEMM_SAMPLE}|{sorted(COPIES)}|{QUANTIZED_ROUNDS}")
         name = f"linear-{hashlib.sha1(key.encode()).hexdigest()[:16]}.json"
         self.path = cache_root() / "env" / name
         self.choices: dict[str, int | str] = (json.loads(self.path.read_text())

@@ -307,37 +307,44 @@ void int4_group_bf16(const BFloat16* x, const float* xsum, const uint8_t* w,
   const int64_t groups = K / G;
   const __m512i low4 = _mm512_set1_epi16(0x000F);
   const __m512i one28 = _mm512_set1_epi16(0x4300);
-  __m512 acc[MB][kGemvRows], total[MB][kGemvRows];
+  // Low and high nibbles accumulate apart: two dependency chains per row instead of one,
+  // which vdpbf16ps's latency needs to keep its throughput.
+  __m512 acc[2][MB][kGemvRows], total[MB][kGemvRows];
   for (int m = 0; m < MB; ++m)
-    for (int r = 0; r < kGemvRows; ++r) acc[m][r] = total[m][r] = _mm512_setzero_ps();
+    for (int r = 0; r < kGemvRows; ++r)
+      acc[0][m][r] = acc[1][m][r] = total[m][r] = _mm512_setzero_ps();
   auto flush = [&](int64_t g) {
     for (int r = 0; r < kGemvRows; ++r) {
       const __m512 s = _mm512_set1_ps(static_cast<float>(scale[r * groups + g]));
       for (int m = 0; m < MB; ++m) {
-        total[m][r] = _mm512_fmadd_ps(acc[m][r], s, total[m][r]);
-        acc[m][r] = _mm512_setzero_ps();
+        total[m][r] = _mm512_fmadd_ps(_mm512_add_ps(acc[0][m][r], acc[1][m][r]), s, total[m][r]);
+        acc[0][m][r] = acc[1][m][r] = _mm512_setzero_ps();
       }
     }
   };
+  const int64_t half = kInt4Block / 2;
+  int64_t group = 0, left = G;  // the group being summed, and its columns still to come
   for (int64_t k = 0; k < K; k += kInt4Block) {
-    __m512i lo[kGemvRows], hi[kGemvRows];
+    __m512i nibbles[2][kGemvRows];
     for (int r = 0; r < kGemvRows; ++r) {
       const uint8_t* p = w + r * (K / 2) + k / 2;
       _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetchBytes, _MM_HINT_T0);
       const __m512i words = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-      lo[r] = _mm512_ternarylogic_epi32(words, low4, one28, 0xEA);  // (words & 15) | 0x4300
-      hi[r] = _mm512_or_si512(_mm512_srli_epi16(words, 4), one28);
+      nibbles[0][r] = _mm512_ternarylogic_epi32(words, low4, one28, 0xEA);  // (words & 15) | 0x4300
+      nibbles[1][r] = _mm512_or_si512(_mm512_srli_epi16(words, 4), one28);
     }
-    for (int m = 0; m < MB; ++m) {
-      const __m512bh xv = (__m512bh)_mm512_loadu_si512(reinterpret_cast<const void*>(x + m * K + k));
-      for (int r = 0; r < kGemvRows; ++r) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], (__m512bh)lo[r], xv);
+    for (int h = 0; h < 2; ++h) {
+      for (int m = 0; m < MB; ++m) {
+        const __m512bh xv = (__m512bh)_mm512_loadu_si512(reinterpret_cast<const void*>(x + m * K + k + h * half));
+        for (int r = 0; r < kGemvRows; ++r)
+          acc[h][m][r] = _mm512_dpbf16_ps(acc[h][m][r], (__m512bh)nibbles[h][r], xv);
+      }
+      left -= half;
+      if (left == 0) {
+        flush(group++);
+        left = G;
+      }
     }
-    if ((k + kInt4Block / 2) % G == 0) flush(k / G);
-    for (int m = 0; m < MB; ++m) {
-      const __m512bh xv = (__m512bh)_mm512_loadu_si512(reinterpret_cast<const void*>(x + m * K + k + kInt4Block / 2));
-      for (int r = 0; r < kGemvRows; ++r) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], (__m512bh)hi[r], xv);
-    }
-    if ((k + kInt4Block) % G == 0) flush((k + kInt4Block / 2) / G);
   }
   for (int m = 0; m < MB; ++m) {
     for (int r = 0; r < kGemvRows; ++r) {
