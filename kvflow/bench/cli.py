@@ -74,7 +74,8 @@ def _throughput(ns: argparse.Namespace) -> int:
     ns.model = _model_path(ns)
     workload = load_workload(ns.workload, tokenizer_vocab_size(ns.model)).prefix(ns.num_requests)
     llm = _llm(ns)
-    result = run_kvflow(llm, workload, use_tqdm=True)
+    result = run_kvflow(llm, workload, use_tqdm=True,
+                        structured_fraction=ns.structured_output_fraction)
     result.settings["device"] = llm.engine.device.type
     _finish(result, workload, ns.model, result.settings["dtype"], ns.output)
     return 0
@@ -202,6 +203,8 @@ def add_commands(commands: argparse._SubParsersAction, common: argparse.Argument
                            help="a workload file or a name from shared/workloads")
             p.add_argument("--num-requests", type=int, default=None,
                            help="run only the first N requests")
+            p.add_argument("--structured-output-fraction", type=float, default=0.0,
+                           help="constrain this share of the requests to a JSON schema")
         else:
             p.add_argument("--prompt-len", type=int, default=128)
             p.add_argument("--output-len", type=int, default=256)

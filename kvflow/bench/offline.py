@@ -7,25 +7,44 @@ from kvflow.bench.results import RunResult, distribution, samples_ms
 from kvflow.bench.workload import Workload
 
 
-def _params(output_len: int):  # noqa: ANN202
-    from kvflow import SamplingParams
+# What constrained requests follow: a JSON string too long to finish within any workload's
+# output, so that they generate exactly as many tokens as unconstrained ones and the run
+# differs only by the masks.
+BENCH_SCHEMA = {"type": "object", "required": ["text"], "additionalProperties": False,
+                "properties": {"text": {"type": "string", "minLength": 4096}}}
 
-    return SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
+
+def _params(output_len: int, constrained: bool = False):  # noqa: ANN202
+    from kvflow import SamplingParams, StructuredOutputsParams
+
+    return SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True,
+                          structured_outputs=StructuredOutputsParams(json=BENCH_SCHEMA)
+                          if constrained else None)
 
 
-def _warm_up(llm, workload: Workload) -> None:  # noqa: ANN001
+def _constrained(index: int, fraction: float) -> bool:
+    """Spreads a fraction of the requests evenly over the workload."""
+    return int((index + 1) * fraction) > int(index * fraction)
+
+
+def _warm_up(llm, workload: Workload, constrained: bool) -> None:  # noqa: ANN001
+    # A constrained one too, if any will be: the grammar engine's tokenizer and the
+    # schema's compilation are built once per engine, not per run.
     first = workload.requests[0].prompt_token_ids[:32]
-    llm.generate({"prompt_token_ids": first}, _params(4), use_tqdm=False)
+    llm.generate({"prompt_token_ids": first}, _params(4, constrained), use_tqdm=False)
     # The timed run starts cold: what it reuses, it computed itself.
     llm.engine.reset_prefix_cache()
 
 
-def run_kvflow(llm, workload: Workload, use_tqdm: bool = False) -> RunResult:  # noqa: ANN001
+def run_kvflow(llm, workload: Workload, use_tqdm: bool = False,  # noqa: ANN001
+               structured_fraction: float = 0.0) -> RunResult:
     """All requests at once, or one at a time for a single-stream workload; greedy,
-    ignore_eos, each request generating exactly its output_len tokens."""
-    _warm_up(llm, workload)
+    ignore_eos, each request generating exactly its output_len tokens. A fraction of them
+    may be constrained to BENCH_SCHEMA (structured output)."""
+    _warm_up(llm, workload, structured_fraction > 0)
     prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in workload.requests]
-    params = [_params(r.output_len) for r in workload.requests]
+    params = [_params(r.output_len, _constrained(i, structured_fraction))
+              for i, r in enumerate(workload.requests)]
     start = time.perf_counter()
     if workload.single_stream:
         outputs = [llm.generate(p, s, use_tqdm=False)[0] for p, s in zip(prompts, params)]
@@ -50,7 +69,8 @@ def run_kvflow(llm, workload: Workload, use_tqdm: bool = False) -> RunResult:  #
                   "preemptions": llm.engine.scheduler.num_preemptions_total,
                   "enable_prefix_caching": llm.engine.kv_manager.enable_caching,
                   "cached_prompt_tokens": sum(o.num_cached_tokens or 0 for o in outputs),
-                  "one_at_a_time": workload.single_stream},
+                  "one_at_a_time": workload.single_stream,
+                  "structured_output_fraction": structured_fraction},
         latency={"ttft": distribution(ttft), "tpot": distribution(tpot),
                  "ttft_samples_ms": samples_ms(ttft)})
 
