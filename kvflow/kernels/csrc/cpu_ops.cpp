@@ -278,7 +278,7 @@ torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor scale,
 // multiple of 32). Per group the product is scale * (q . x) + offset * sum(x), with sum(x)
 // computed once per row of x.
 constexpr int64_t kInt4Block = 64;
-constexpr int64_t kInt4Cols = 2;  // rows of x per pass: the accumulators fit in registers
+constexpr int64_t kInt4Cols = 4;  // rows of x per pass over a group of weight rows
 
 template <typename T>
 float int4_dot(const float* xf, const float* xsum, const uint8_t* w, const T* scale,
@@ -307,18 +307,23 @@ void int4_group_bf16(const BFloat16* x, const float* xsum, const uint8_t* w,
   const int64_t groups = K / G;
   const __m512i low4 = _mm512_set1_epi16(0x000F);
   const __m512i one28 = _mm512_set1_epi16(0x4300);
-  // Low and high nibbles accumulate apart: two dependency chains per row instead of one,
-  // which vdpbf16ps's latency needs to keep its throughput.
-  __m512 acc[2][MB][kGemvRows], total[MB][kGemvRows];
+  // For one row of x, low and high nibbles accumulate apart: two dependency chains per
+  // weight row instead of one, which vdpbf16ps's latency needs to keep its throughput.
+  // More rows of x give enough chains, and registers are short.
+  constexpr int H = MB == 1 ? 2 : 1;
+  __m512 acc[H][MB][kGemvRows], total[MB][kGemvRows];
   for (int m = 0; m < MB; ++m)
-    for (int r = 0; r < kGemvRows; ++r)
-      acc[0][m][r] = acc[1][m][r] = total[m][r] = _mm512_setzero_ps();
+    for (int r = 0; r < kGemvRows; ++r) {
+      total[m][r] = _mm512_setzero_ps();
+      for (int h = 0; h < H; ++h) acc[h][m][r] = _mm512_setzero_ps();
+    }
   auto flush = [&](int64_t g) {
     for (int r = 0; r < kGemvRows; ++r) {
       const __m512 s = _mm512_set1_ps(static_cast<float>(scale[r * groups + g]));
       for (int m = 0; m < MB; ++m) {
-        total[m][r] = _mm512_fmadd_ps(_mm512_add_ps(acc[0][m][r], acc[1][m][r]), s, total[m][r]);
-        acc[0][m][r] = acc[1][m][r] = _mm512_setzero_ps();
+        const __m512 sum = H == 2 ? _mm512_add_ps(acc[0][m][r], acc[H - 1][m][r]) : acc[0][m][r];
+        total[m][r] = _mm512_fmadd_ps(sum, s, total[m][r]);
+        for (int h = 0; h < H; ++h) acc[h][m][r] = _mm512_setzero_ps();
       }
     }
   };
@@ -337,7 +342,7 @@ void int4_group_bf16(const BFloat16* x, const float* xsum, const uint8_t* w,
       for (int m = 0; m < MB; ++m) {
         const __m512bh xv = (__m512bh)_mm512_loadu_si512(reinterpret_cast<const void*>(x + m * K + k + h * half));
         for (int r = 0; r < kGemvRows; ++r)
-          acc[h][m][r] = _mm512_dpbf16_ps(acc[h][m][r], (__m512bh)nibbles[h][r], xv);
+          acc[h % H][m][r] = _mm512_dpbf16_ps(acc[h % H][m][r], (__m512bh)nibbles[h][r], xv);
       }
       left -= half;
       if (left == 0) {
@@ -381,8 +386,12 @@ void int4_gemv_impl(const T* x, const uint8_t* w, const T* scale, const T* offse
             const auto args = std::make_tuple(x + m0 * K, xsum.data() + m0 * groups,
                                               w + n0 * (K / 2), scale + n0 * groups,
                                               offset + n0 * groups, sums, K, G);
-            if (mb == 1) std::apply(int4_group_bf16<1>, args);
-            else std::apply(int4_group_bf16<kInt4Cols>, args);
+            switch (mb) {
+              case 1: std::apply(int4_group_bf16<1>, args); break;
+              case 2: std::apply(int4_group_bf16<2>, args); break;
+              case 3: std::apply(int4_group_bf16<3>, args); break;
+              default: std::apply(int4_group_bf16<4>, args); break;
+            }
             done = true;
           }
         }
