@@ -64,8 +64,8 @@ def _native_kernel(layer: Linear, x: torch.Tensor, ops: ModuleType | None) -> to
 
 class Int4LinearMethod(QuantizedLinearMethod):
     # torch._weight_int4pack_mm_for_cpu is no candidate: it reads its own layout (a second
-    # copy of the weight) and measured slower than the native kernel at 1-8 rows
-    # (docs/benchmarks.md).
+    # copy of the weight). It measured slower than the native kernel at one row and faster
+    # at 4 and 8 (docs/benchmarks.md).
     kernels = {"native": _native_kernel, "dequantize": dequantize_kernel}
 
     def __init__(self, group_size: int) -> None:
