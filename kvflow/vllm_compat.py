@@ -9,9 +9,10 @@ MISSING: dict[str, str] = {
     "kv_cache_dtype": "the KV cache is kept in the model's dtype (--dtype)",
     "load_format": "kvflow loads Hugging Face safetensors checkpoints only",
     "tokenizer_mode": "kvflow uses the checkpoint's fast (tokenizers) tokenizer",
-    "speculative_config": f"speculative decoding is {_NOT_YET}",
-    "speculative_model": f"speculative decoding is {_NOT_YET}",
-    "num_speculative_tokens": f"speculative decoding is {_NOT_YET}",
+    "speculative_model": "vLLM's older flag: use --speculative-config "
+                         "'{\"model\": PATH, \"num_speculative_tokens\": 4}'",
+    "num_speculative_tokens": "vLLM's older flag: use --speculative-config "
+                              "'{\"method\": ..., \"num_speculative_tokens\": 4}'",
     "enable_lora": "LoRA adapters are not supported; merge the adapter into the weights",
     "lora_modules": "LoRA adapters are not supported; merge the adapter into the weights",
     "max_loras": "LoRA adapters are not supported",

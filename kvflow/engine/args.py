@@ -10,6 +10,7 @@ import torch
 from kvflow.attention.selector import BACKEND_NAMES
 from kvflow.config import SchedulerConfig, parse_dtype, parse_memory, parse_token_count
 from kvflow.demo import demo_model_path
+from kvflow.spec_decode.config import SpeculativeConfig
 from kvflow.quantization import quantization_config
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -53,6 +54,12 @@ _FLAG_HELP = {
     "download_dir": "where hub downloads go (default: the Hugging Face cache)",
     "revision": "hub revision (branch, tag or commit) of the model",
     "tokenizer_revision": "hub revision of the tokenizer (default: --revision)",
+    "speculative_config": "speculative decoding, as a JSON object in vLLM's spelling: "
+                          "'{\"method\": \"ngram\", \"num_speculative_tokens\": 4, "
+                          "\"prompt_lookup_max\": 4, \"prompt_lookup_min\": 2}' or "
+                          "'{\"method\": \"draft_model\", \"model\": PATH, "
+                          "\"num_speculative_tokens\": 4}'; also disable_by_batch_size "
+                          "and min_acceptance_rate",
     "max_logprobs": "most logprobs (and prompt_logprobs) a request may ask for; -1: no "
                     "limit (a request's logprobs=-1 is the whole vocabulary)",
 }
@@ -112,6 +119,8 @@ class EngineArgs:
     revision: str | None = None
     tokenizer_revision: str | None = None
     max_logprobs: int = 20
+    # JSON text, a dict or a SpeculativeConfig; parsed into a SpeculativeConfig
+    speculative_config: str | dict | SpeculativeConfig | None = None
 
     def __post_init__(self) -> None:
         if self.model is None:
@@ -149,6 +158,8 @@ class EngineArgs:
         if self.max_logprobs < -1:
             raise ValueError(f"max_logprobs must be -1 (no limit) or at least 0, "
                              f"got {self.max_logprobs}")
+        if self.speculative_config is not None:
+            self.speculative_config = SpeculativeConfig.parse(self.speculative_config)
         # Checked now rather than after the weights are loaded.
         SchedulerConfig(max_num_seqs=self.max_num_seqs,
                         max_num_batched_tokens=self.max_num_batched_tokens,

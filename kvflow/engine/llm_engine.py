@@ -21,13 +21,15 @@ from kvflow.core.kv_manager import KVCacheManager
 from kvflow.core.scheduler import Scheduler
 from kvflow.engine.args import EngineArgs
 from kvflow.engine.output_processor import OutputProcessor, ParentState
-from kvflow.engine.stats import EngineStats, StepObservations
+from kvflow.engine.stats import EngineStats, SpecDecodeStats, StepObservations
 from kvflow.kernels.tuning import install_native_kernels, native_cpu_ops
 from kvflow.models.loader import build_model, resolve_model_path
-from kvflow.outputs import CompletionOutput, RequestMetrics, RequestOutput, SchedulerOutput
+from kvflow.outputs import (CompletionOutput, RequestMetrics, RequestOutput, RunnerOutput,
+                            SchedulerOutput)
 from kvflow.quantization import quantization_config
 from kvflow.request import Request, RequestStatus
 from kvflow.sampling_params import ALL_LOGPROBS, ParameterError, SamplingParams
+from kvflow.spec_decode.builder import build_speculator
 from kvflow.structured_output.compiler import GrammarCompiler
 from kvflow.worker.kv_cache import default_kv_cache_memory, num_blocks_for
 from kvflow.worker.model_runner import ModelRunner
@@ -93,7 +95,9 @@ class LLMEngine:
                                                 memory)
         self.scheduler_config = SchedulerConfig(
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-            max_model_len=max_model_len, policy=args.scheduling_policy)
+            max_model_len=max_model_len, policy=args.scheduling_policy,
+            num_lookahead_tokens=(args.speculative_config.num_speculative_tokens
+                                  if args.speculative_config else 0))
         logger.info("KV cache: %d blocks of %d tokens = %d tokens (%.2f GiB, %s) on %s",
                     self.cache_config.num_usable_blocks, args.block_size, capacity,
                     memory / 2**30, self.dtype, self.device)
@@ -109,12 +113,17 @@ class LLMEngine:
         backend = select_backend(args.attention_backend, self.device, native_ops)
         logger.info("attention backend: %s; native CPU kernels: %s", backend.name,
                     "on" if native_ops is not None else "off")
+        speculator = None
+        if args.speculative_config is not None:
+            speculator = build_speculator(args.speculative_config, self, num_blocks, backend)
+            logger.info("speculative decoding: %s", args.speculative_config)
         self.runner = ModelRunner(model, self.model_config, backend, num_blocks, args.block_size,
-                                  self.dtype, self.device, args.seed)
+                                  self.dtype, self.device, args.seed, speculator)
         self.observations = StepObservations()
         self.output_processor = OutputProcessor(self.tokenizer,
                                                 self.observations.inter_token_latencies)
         self._prompt_tokens = self._generation_tokens = 0
+        self._spec_decode = SpecDecodeStats() if speculator is not None else None
         self.stats = EngineStats()
         self._publish_stats()
 
@@ -306,14 +315,22 @@ class LLMEngine:
             kv_cache_usage=self.kv_manager.usage,
             num_preemptions=scheduler.num_preemptions_total,
             prefix_cache_queries=cache.queries, prefix_cache_hits=cache.hits,
-            prompt_tokens=self._prompt_tokens, generation_tokens=self._generation_tokens)
+            prompt_tokens=self._prompt_tokens, generation_tokens=self._generation_tokens,
+            spec_decode=self._spec_decode)
 
-    def _count_step(self, scheduled: SchedulerOutput, num_sampled: int) -> None:
+    def _count_step(self, scheduled: SchedulerOutput, runner_output: RunnerOutput,
+                    num_sampled: int) -> None:
+        drafted, accepted = [], []
         for request in scheduled.scheduled:
             start = request.num_computed_tokens
             end = min(start + len(request.token_ids), len(request.prompt_token_ids))
             self._prompt_tokens += max(0, end - start)
+            if request.draft_token_ids:
+                drafted.append(len(request.draft_token_ids))
+                accepted.append(len(runner_output.sampled_token_ids[request.req_id]) - 1)
         self._generation_tokens += num_sampled
+        if drafted and self._spec_decode is not None:
+            self._spec_decode = self._spec_decode.plus(drafted, accepted)
         self.observations.iteration_tokens.append(scheduled.num_batched_tokens)
 
     def has_unfinished_requests(self) -> bool:
@@ -350,7 +367,8 @@ class LLMEngine:
         outputs, stopped = self.output_processor.process(runner_output, updated)
         for child_id in stopped:
             self.scheduler.finish_request(child_id, RequestStatus.FINISHED_STOPPED)
-        self._count_step(scheduler_output, sum(num_new for _, num_new in updated))
+        self._count_step(scheduler_output, runner_output,
+                         sum(num_new for _, num_new in updated))
         self._publish_stats()
         return outputs
 

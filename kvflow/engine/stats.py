@@ -11,6 +11,30 @@ MAX_PENDING_OBSERVATIONS = 65536
 
 
 @dataclass(frozen=True)
+class SpecDecodeStats:
+    """Speculative decoding's totals since start, with vLLM's meanings."""
+
+    num_drafts: int = 0  # verifications: one request's drafts in one step
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    # [i]: drafts accepted at the i-th draft position (0-based)
+    num_accepted_tokens_per_pos: tuple[int, ...] = ()
+
+    def plus(self, drafted: list[int], accepted: list[int]) -> SpecDecodeStats:
+        """With one step's verifications added: per verification, drafts and accepted."""
+        width = max([len(self.num_accepted_tokens_per_pos), *drafted])
+        per_pos = list(self.num_accepted_tokens_per_pos) + [0] * (
+            width - len(self.num_accepted_tokens_per_pos))
+        for count in accepted:
+            for position in range(count):
+                per_pos[position] += 1
+        return SpecDecodeStats(num_drafts=self.num_drafts + len(drafted),
+                               num_draft_tokens=self.num_draft_tokens + sum(drafted),
+                               num_accepted_tokens=self.num_accepted_tokens + sum(accepted),
+                               num_accepted_tokens_per_pos=tuple(per_pos))
+
+
+@dataclass(frozen=True)
 class EngineStats:
     num_running: int = 0
     num_waiting: int = 0
@@ -21,6 +45,7 @@ class EngineStats:
     prefix_cache_hits: int = 0  # prompt tokens found
     prompt_tokens: int = 0  # prompt positions computed (a recomputed one counts again)
     generation_tokens: int = 0
+    spec_decode: SpecDecodeStats | None = None  # None without speculative decoding
 
 
 @dataclass

@@ -59,7 +59,8 @@ class ServerState:
     def load(self) -> None:
         try:
             llm_engine = LLMEngine(self.args.engine)
-            self.metrics.bind(llm_engine.max_model_len, llm_engine.cache_config_info())
+            self.metrics.bind(llm_engine.max_model_len, llm_engine.cache_config_info(),
+                              speculative=llm_engine.args.speculative_config is not None)
             engine = AsyncEngine(llm_engine)
             engine.start()
             self.serving = OpenAIServing(engine, self.metrics,

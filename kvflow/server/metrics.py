@@ -10,7 +10,7 @@ from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from kvflow.engine.stats import EngineStats, StepObservations
+from kvflow.engine.stats import EngineStats, SpecDecodeStats, StepObservations
 from kvflow.outputs import RequestOutput
 
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
@@ -77,6 +77,7 @@ class ServerMetrics:
                 ("request_prefill_time_seconds", "First scheduled to first token (PREFILL)."),
                 ("request_decode_time_seconds", "First token to finish (DECODE)."))}
         self.sizes: dict[str, Histogram] = {}  # built by bind(), which knows max_model_len
+        self.spec_decode: dict[str, Counter] = {}  # built by bind() under speculative decoding
         for reason in ("stop", "length", "abort"):
             self.success.labels(model_name, reason)
 
@@ -96,9 +97,10 @@ class ServerMetrics:
         histogram.labels(self.model_name)
         return histogram
 
-    def bind(self, max_model_len: int, cache_info: dict[str, str]) -> None:
-        """Series sized by the loaded model, and the cache's configuration as an info gauge
-        (vLLM's cache_config_info)."""
+    def bind(self, max_model_len: int, cache_info: dict[str, str],
+             speculative: bool = False) -> None:
+        """Series sized by the loaded model, the cache's configuration as an info gauge
+        (vLLM's cache_config_info), and speculative decoding's counters when it is on."""
         buckets = buckets_1_2_5(max_model_len)
         for name, doc in (("request_prompt_tokens", "Prompt tokens of a request."),
                           ("request_generation_tokens", "Tokens a request generated."),
@@ -109,6 +111,15 @@ class ServerMetrics:
         info = Gauge(f"{self.prefix}:cache_config_info", "The KV cache's configuration.",
                      sorted(cache_info), registry=self.registry)
         info.labels(**cache_info).set(1)
+        if speculative:
+            for field, doc in (("num_drafts", "Verifications: one request's drafts in a step."),
+                               ("num_draft_tokens", "Draft tokens verified."),
+                               ("num_accepted_tokens", "Draft tokens accepted.")):
+                self.spec_decode[field] = self._counter(f"spec_decode_{field}", doc)
+            self.spec_decode["num_accepted_tokens_per_pos"] = Counter(
+                f"{self.prefix}:spec_decode_num_accepted_tokens_per_pos",
+                "Draft tokens accepted at each draft position (0-based).",
+                ["model_name", "position"], registry=self.registry)
 
     def observe_engine(self, stats: EngineStats, observations: StepObservations) -> None:
         """At scrape time: gauges from the engine's last snapshot, counters by what they
@@ -125,11 +136,27 @@ class ServerMetrics:
             grown = getattr(stats, field) - getattr(self._seen, field)
             if grown > 0:
                 counter.labels(name).inc(grown)
+        self._observe_spec_decode(stats)
         self._seen = stats
         for tokens in StepObservations.drain(observations.iteration_tokens):
             self.iteration_tokens.labels(name).observe(tokens)
         for gap in StepObservations.drain(observations.inter_token_latencies):
             self.itl.labels(name).observe(gap)
+
+    def _observe_spec_decode(self, stats: EngineStats) -> None:
+        now, seen = stats.spec_decode, self._seen.spec_decode or SpecDecodeStats()
+        if now is None or not self.spec_decode:
+            return
+        for field in ("num_drafts", "num_draft_tokens", "num_accepted_tokens"):
+            grown = getattr(now, field) - getattr(seen, field)
+            if grown > 0:
+                self.spec_decode[field].labels(self.model_name).inc(grown)
+        per_pos = self.spec_decode["num_accepted_tokens_per_pos"]
+        before = seen.num_accepted_tokens_per_pos
+        for position, total in enumerate(now.num_accepted_tokens_per_pos):
+            grown = total - (before[position] if position < len(before) else 0)
+            if grown > 0:
+                per_pos.labels(self.model_name, str(position)).inc(grown)
 
     def observe_finished(self, output: RequestOutput, n: int, max_tokens: int) -> None:
         name = self.model_name

@@ -17,13 +17,14 @@ from kvflow.outputs import RunnerOutput, ScheduledRequest, SchedulerOutput, Toke
 from kvflow.sampling.rejection_sampler import RejectionSampler
 from kvflow.sampling.sampler import Sampler, prepare_sampling, sampling_rows, token_logprobs
 from kvflow.structured_output.bitmask import GrammarMasker
+from kvflow.spec_decode.proposer import Speculator
 from kvflow.worker.kv_cache import allocate_kv_cache
 
 
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, config: ModelConfig, backend: AttentionBackend,
                  num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device,
-                 seed: int) -> None:
+                 seed: int, speculator: Speculator | None = None) -> None:
         self.model = model
         self.config = config
         self.backend = backend
@@ -34,6 +35,7 @@ class ModelRunner:
             layer.bind(backend, k_cache, v_cache)
         self.sampler = Sampler(torch.Generator(device).manual_seed(seed))
         self.rejection_sampler = RejectionSampler(self.sampler)
+        self.speculator = speculator
         self.generators: dict[str, torch.Generator] = {}
         self.grammar_masker = GrammarMasker(config.vocab_size)
 
@@ -41,10 +43,14 @@ class ModelRunner:
         """Drop the state of finished requests."""
         for req_id in req_ids:
             self.generators.pop(req_id, None)
+        if self.speculator is not None:
+            self.speculator.forget(req_ids)
 
     @torch.inference_mode()
     def execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
         # Shortest queries first: backends batch the short ones (decodes) in one call.
+        if self.speculator is not None:
+            self.speculator.drop_kv(scheduler_output.preempted_req_ids)
         batch = sorted(scheduler_output.scheduled,
                        key=lambda r: len(r.token_ids) + len(r.draft_token_ids))
         if not batch:
@@ -56,6 +62,9 @@ class ModelRunner:
         to_sample = [r for r in batch if r.sample]
         if to_sample:
             self._sample(to_sample, hidden, query_starts, output)
+            if self.speculator is not None:
+                output.draft_token_ids = self.speculator.propose(
+                    to_sample, output.sampled_token_ids, len(batch))
         for request in batch:
             if request.sampling_params.prompt_logprobs is not None:
                 scored = self._prompt_logprobs(request, hidden, query_starts[request.req_id])

@@ -1,0 +1,98 @@
+"""Speculative decoding's configuration, in vLLM's --speculative-config spelling."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+METHODS = ("ngram", "draft_model")
+# vLLM methods kvflow lacks, with the reason.
+_OTHER_METHODS = {
+    "eagle": "EAGLE heads are not supported; use a draft model (method draft_model)",
+    "eagle3": "EAGLE heads are not supported; use a draft model (method draft_model)",
+    "medusa": "Medusa heads are not supported; use a draft model (method draft_model)",
+    "mlp_speculator": "MLP speculators are not supported; use a draft model",
+    "deepseek_mtp": "multi-token-prediction heads are not supported",
+    "mtp": "multi-token-prediction heads are not supported",
+}
+# Speculation stops paying once a batch is large enough to keep the machine busy without
+# it; the default comes from measuring (README, "Speculative decoding").
+DEFAULT_DISABLE_BY_BATCH_SIZE = 4
+# A request whose drafts are accepted less often than this (per draft token, after
+# MIN_VERIFIED_DRAFTS of them) stops proposing: verifying them costs more than they give.
+DEFAULT_MIN_ACCEPTANCE_RATE = 0.1
+MIN_VERIFIED_DRAFTS = 16
+# vLLM's default n-gram window when neither bound is given.
+DEFAULT_PROMPT_LOOKUP = 5
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    method: str  # one of METHODS
+    num_speculative_tokens: int
+    prompt_lookup_min: int | None = None  # ngram: shortest suffix matched
+    prompt_lookup_max: int | None = None  # ngram: longest suffix matched
+    model: str | None = None  # draft_model: the draft checkpoint (local directory or hub id)
+    # Speculation is off for steps with more requests than this (None: never off).
+    disable_by_batch_size: int | None = DEFAULT_DISABLE_BY_BATCH_SIZE
+    min_acceptance_rate: float = DEFAULT_MIN_ACCEPTANCE_RATE
+
+    def __post_init__(self) -> None:
+        if self.method in _OTHER_METHODS:
+            raise ValueError(f"speculative_config method {self.method!r}: "
+                             f"{_OTHER_METHODS[self.method]}")
+        if self.method not in METHODS:
+            raise ValueError(f"speculative_config method must be one of {METHODS}, "
+                             f"got {self.method!r}")
+        if (not isinstance(self.num_speculative_tokens, int)
+                or not 1 <= self.num_speculative_tokens <= 32):
+            raise ValueError(f"speculative_config num_speculative_tokens must be an integer "
+                             f"in [1, 32], got {self.num_speculative_tokens!r}")
+        if self.method == "ngram":
+            low = self.prompt_lookup_min or self.prompt_lookup_max or DEFAULT_PROMPT_LOOKUP
+            high = self.prompt_lookup_max or low
+            if not (isinstance(low, int) and isinstance(high, int) and 1 <= low <= high):
+                raise ValueError(f"speculative_config needs 1 <= prompt_lookup_min <= "
+                                 f"prompt_lookup_max, got {low!r} and {high!r}")
+            object.__setattr__(self, "prompt_lookup_min", low)
+            object.__setattr__(self, "prompt_lookup_max", high)
+            if self.model is not None:
+                raise ValueError("speculative_config method 'ngram' takes no model")
+        elif not self.model:
+            raise ValueError("speculative_config method 'draft_model' needs a model (the "
+                             "draft checkpoint's directory or hub id)")
+        if self.disable_by_batch_size is not None and self.disable_by_batch_size < 1:
+            raise ValueError(f"speculative_config disable_by_batch_size must be at least 1, "
+                             f"got {self.disable_by_batch_size}")
+        if not 0 <= self.min_acceptance_rate <= 1:
+            raise ValueError(f"speculative_config min_acceptance_rate must be in [0, 1], "
+                             f"got {self.min_acceptance_rate}")
+
+    @classmethod
+    def parse(cls, value: str | Mapping[str, Any] | SpeculativeConfig) -> SpeculativeConfig:
+        """From a JSON object (the command line) or a dict (LLM(speculative_config=...)).
+        As in vLLM, a model with no method means draft_model, and "[ngram]" means ngram."""
+        if isinstance(value, SpeculativeConfig):
+            return value
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"speculative_config is not valid JSON: {exc}") from None
+        if not isinstance(value, Mapping):
+            raise ValueError(f"speculative_config must be a JSON object, got "
+                             f"{type(value).__name__}")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(value) - fields)
+        if unknown:
+            raise ValueError(f"speculative_config has unknown keys {unknown}; kvflow takes "
+                             f"{sorted(fields)}")
+        options = dict(value)
+        if options.get("model") == "[ngram]":
+            options["method"], options["model"] = "ngram", None
+        options.setdefault("method", "draft_model" if options.get("model") else None)
+        if "num_speculative_tokens" not in options:
+            raise ValueError("speculative_config needs num_speculative_tokens")
+        return cls(**options)

@@ -1,0 +1,110 @@
+"""A small model with the target's tokenizer proposes greedily, in kvflow itself.
+
+The draft keeps its own paged KV cache with as many blocks as the target's and reads the
+target's block tables, so the scheduler's allocation (with its lookahead slots) covers
+both, and a request's draft KV is freed with its blocks. Per request the proposer only
+remembers how many tokens its cache holds. Each proposal is k forwards: the first takes
+every token the draft has not yet seen (the whole prompt for a new request, then the
+tokens the last step accepted) and gives the first draft; each next one feeds the draft
+just chosen. The drafts' own KV, written past the request's tokens, is overwritten when
+the next proposal catches up, so the cache never needs rolling back.
+
+Drafts are the argmax, so the rejection sampler treats each as a one-hot proposal: what
+the target emits is exactly its own distribution at any temperature.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from kvflow.attention.base import AttentionBackend
+from kvflow.kernels.tuning import install_native_kernels, native_cpu_ops
+from kvflow.models.config import ModelConfig
+from kvflow.models.llama import LlamaForCausalLM
+from kvflow.models.loader import build_model, resolve_model_path
+from kvflow.spec_decode.config import SpeculativeConfig
+from kvflow.spec_decode.proposer import ProposalRequest, Proposer
+from kvflow.worker.kv_cache import allocate_kv_cache
+
+if TYPE_CHECKING:
+    from kvflow.engine.llm_engine import LLMEngine
+
+
+class DraftModelProposer(Proposer):
+    def __init__(self, model: LlamaForCausalLM, backend: AttentionBackend, block_size: int,
+                 num_speculative_tokens: int, max_positions: int, device: torch.device) -> None:
+        self.model = model
+        self.backend = backend
+        self.block_size = block_size
+        self.k = num_speculative_tokens
+        self.device = device
+        self.max_positions = max_positions
+        self._num_cached: dict[str, int] = {}  # request -> tokens whose draft KV is cached
+
+    @classmethod
+    def build(cls, config: SpeculativeConfig, engine: LLMEngine, num_blocks: int,
+              backend: AttentionBackend) -> DraftModelProposer:
+        assert config.model is not None
+        args = engine.args
+        draft_config = ModelConfig.from_pretrained(
+            resolve_model_path(config.model, None, args.download_dir))
+        target_vocab = engine.model_config.vocab_size
+        if draft_config.vocab_size != target_vocab:
+            raise ValueError(f"the draft model {config.model} has a vocabulary of "
+                             f"{draft_config.vocab_size} tokens and the target "
+                             f"{target_vocab}: a draft must share the target's tokenizer")
+        max_positions = min(draft_config.max_position_embeddings, engine.max_model_len)
+        model = build_model(draft_config, engine.dtype, engine.device, max_positions)
+        native_ops = native_cpu_ops(engine.device, engine.dtype, args.enforce_eager)
+        if native_ops is not None:
+            install_native_kernels(model, native_ops, reserved_bytes=args.kv_cache_memory or 0)
+        kv_caches = allocate_kv_cache(draft_config, backend, num_blocks, args.block_size,
+                                      engine.dtype, engine.device)
+        for layer, (k_cache, v_cache) in zip(model.attention_layers(), kv_caches):
+            layer.bind(backend, k_cache, v_cache)
+        return cls(model, backend, args.block_size, config.num_speculative_tokens,
+                   max_positions, engine.device)
+
+    def forget(self, req_ids: set[str]) -> None:
+        for req_id in req_ids:
+            self._num_cached.pop(req_id, None)
+
+    @torch.inference_mode()
+    def propose(self, requests: list[ProposalRequest]) -> dict[str, list[int]]:
+        # The draft's positions end at its own max_position_embeddings.
+        requests = [r for r in requests
+                    if len(r.token_ids) + min(self.k, r.max_drafts) <= self.max_positions]
+        if not requests:
+            return {}
+        # Catch up on every token not yet seen; shortest queries first, as backends want.
+        starts = {r.req_id: self._num_cached.get(r.req_id, 0) for r in requests}
+        requests.sort(key=lambda r: len(r.token_ids) - starts[r.req_id])
+        queries = [r.token_ids[starts[r.req_id]:] for r in requests]
+        drafts = [[token] for token in self._forward(
+            requests, queries, [starts[r.req_id] for r in requests])]
+        for request in requests:
+            self._num_cached[request.req_id] = len(request.token_ids)
+        for step in range(1, self.k):
+            active = [i for i, r in enumerate(requests) if r.max_drafts > step]
+            if not active:
+                break
+            tokens = self._forward([requests[i] for i in active],
+                                   [[drafts[i][-1]] for i in active],
+                                   [len(requests[i].token_ids) + step - 1 for i in active])
+            for i, token in zip(active, tokens):
+                drafts[i].append(token)
+        return {r.req_id: d for r, d in zip(requests, drafts)}
+
+    def _forward(self, requests: list[ProposalRequest], queries: list[list[int]],
+                 num_computed: list[int]) -> list[int]:
+        """One batched forward of the draft; the argmax after each request's query."""
+        query_lens = [len(q) for q in queries]
+        meta = self.backend.build_metadata(query_lens, num_computed,
+                                           [r.block_ids for r in requests], self.block_size,
+                                           self.device)
+        input_ids = torch.tensor([t for q in queries for t in q], dtype=torch.int64,
+                                 device=self.device)
+        hidden = self.model(input_ids, meta)
+        last = torch.tensor(query_lens, device=self.device).cumsum(0) - 1
+        return self.model.compute_logits(hidden[last]).argmax(dim=-1).tolist()
