@@ -77,6 +77,14 @@ def row_loader(layer: Linear) -> WeightLoader:
     return load
 
 
+def add_bias(layer: Linear, bias: bool) -> None:
+    """The layer's bias, kept unquantized in every method, or None."""
+    if bias:
+        add_parameter(layer, "bias", torch.empty(layer.out_features), row_loader(layer))
+    else:
+        layer.bias = None
+
+
 # (layer, x, native ops or None) -> x @ dequantized(W).T + bias, in x's dtype.
 Kernel = Callable[["Linear", torch.Tensor, "ModuleType | None"], torch.Tensor]
 

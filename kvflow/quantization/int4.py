@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 
 from kvflow.quantization.base import (QuantizationConfig, QuantizedLinearMethod, add_parameter,
-                                      dequantize_kernel, quantized_rows_loader, row_loader)
+                                      add_bias, dequantize_kernel, quantized_rows_loader)
 
 if TYPE_CHECKING:
     from kvflow.layers.linear import Linear
@@ -87,10 +87,7 @@ class Int4LinearMethod(QuantizedLinearMethod):
         for name in ("weight_scale", "weight_offset"):
             add_parameter(layer, name, torch.empty(layer.out_features, groups), loader,
                           filled_by="weight")
-        if bias:
-            add_parameter(layer, "bias", torch.empty(layer.out_features), row_loader(layer))
-        else:
-            layer.bias = None
+        add_bias(layer, bias)
 
     def dequantize(self, layer: Linear) -> torch.Tensor:
         return dequantize_int4(layer.weight, layer.weight_scale, layer.weight_offset)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 
 from kvflow.quantization.base import (QuantizationConfig, QuantizedLinearMethod, add_parameter,
-                                      dequantize_kernel, quantized_rows_loader, row_loader)
+                                      add_bias, dequantize_kernel, quantized_rows_loader)
 
 if TYPE_CHECKING:
     from kvflow.layers.linear import Linear
@@ -54,10 +54,7 @@ class Int8LinearMethod(QuantizedLinearMethod):
                                                    dtype=torch.int8), loader)
         add_parameter(layer, "weight_scale", torch.empty(layer.out_features), loader,
                       filled_by="weight")
-        if bias:
-            add_parameter(layer, "bias", torch.empty(layer.out_features), row_loader(layer))
-        else:
-            layer.bias = None
+        add_bias(layer, bias)
 
     def dequantize(self, layer: Linear) -> torch.Tensor:
         return dequantize_int8(layer.weight, layer.weight_scale)

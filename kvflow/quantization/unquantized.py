@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from kvflow.quantization.base import LinearMethod, add_parameter, row_loader
+from kvflow.quantization.base import LinearMethod, add_bias, add_parameter, row_loader
 
 if TYPE_CHECKING:
     from kvflow.layers.linear import Linear
@@ -35,10 +35,7 @@ class UnquantizedLinearMethod(LinearMethod):
         loader = row_loader(layer)
         add_parameter(layer, "weight", torch.empty(layer.out_features, layer.in_features),
                       loader)
-        if bias:
-            add_parameter(layer, "bias", torch.empty(layer.out_features), loader)
-        else:
-            layer.bias = None
+        add_bias(layer, bias)
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         return apply_linear(x, layer.weight, layer.bias, layer.plan)
