@@ -101,7 +101,9 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     logit_bias: dict[int, float] | None = None
     seed: int | None = None
-    max_tokens: int | None = 16  # None: whatever the context window leaves
+    # None: whatever the context window leaves; 0: the prompt alone (its prompt_logprobs,
+    # or the completions API's echo), with no token generated.
+    max_tokens: int | None = 16
     min_tokens: int = 0
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
@@ -152,8 +154,8 @@ class SamplingParams:
         if self.seed is not None and not 0 <= self.seed <= MAX_SEED - (self.n - 1):
             raise ValueError(f"seed must be in [0, {MAX_SEED - (self.n - 1)}] (n={self.n} samples "
                              f"use seed + i), got {self.seed}")
-        if self.max_tokens is not None and self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
+        if self.max_tokens is not None and self.max_tokens < 0:
+            raise ValueError(f"max_tokens must be non-negative, got {self.max_tokens}")
         if self.min_tokens < 0:
             raise ValueError(f"min_tokens must be non-negative, got {self.min_tokens}")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:

@@ -70,3 +70,19 @@ def test_prompt_logprobs_survive_n_samples(setup):
     out = llm.generate({"prompt_token_ids": prompt}, params, use_tqdm=False)[0]
     assert len(out.prompt_logprobs) == len(prompt)
     assert all(len(entry) == 1 for entry in out.prompt_logprobs[1:])
+
+
+def test_max_tokens_zero_scores_the_prompt_and_generates_nothing(setup):
+    llm, _ = setup
+    prompt = random_prompts(1, seed=8, low=40, high=41)[0]  # three chunks of 16
+    scored, generated = llm.generate(
+        [{"prompt_token_ids": prompt}] * 2,
+        [SamplingParams(max_tokens=0, prompt_logprobs=1),
+         SamplingParams(temperature=0.0, max_tokens=3, prompt_logprobs=1, ignore_eos=True)],
+        use_tqdm=False)
+    assert scored.finished and scored.outputs[0].token_ids == []
+    assert scored.outputs[0].text == "" and scored.outputs[0].finish_reason == "length"
+    assert scored.prompt_logprobs == generated.prompt_logprobs
+    assert len(generated.outputs[0].token_ids) == 3
+    with pytest.raises(ValueError, match="max_tokens must be non-negative, got -1"):
+        SamplingParams(max_tokens=-1)

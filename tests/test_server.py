@@ -160,6 +160,27 @@ def test_streamed_echo_and_offsets(server, read_delay):
     assert offsets == sorted(offsets) and offsets[-1] <= len(text)
 
 
+def test_echo_with_max_tokens_zero_returns_the_scored_prompt(server, client):
+    """lm-evaluation-harness scores a text this way: echo it, generate nothing."""
+    prompt = "def add(a, b):\n    return a + b"
+    response = client.completions.create(model="tiny", prompt=prompt, max_tokens=0, echo=True,
+                                         logprobs=1)
+    choice = response.choices[0]
+    assert choice.text == prompt and choice.finish_reason == "length"
+    assert response.usage.completion_tokens == 0
+    tokens = httpx.post(server.url + "/tokenize", json={"prompt": prompt},
+                        headers=HEADERS).json()["tokens"]
+    assert len(choice.logprobs.tokens) == len(tokens) == response.usage.prompt_tokens
+    assert choice.logprobs.token_logprobs[0] is None
+    assert all(v <= 0 for v in choice.logprobs.token_logprobs[1:])
+    stream = client.completions.create(model="tiny", prompt=prompt, max_tokens=0, echo=True,
+                                       stream=True)
+    assert "".join(c.choices[0].text for c in stream if c.choices) == prompt
+    refused = httpx.post(server.url + "/v1/completions", headers=HEADERS,
+                         json={"model": "tiny", "prompt": prompt, "max_tokens": 0})
+    assert refused.status_code == 400 and "echo" in refused.json()["error"]["message"]
+
+
 def test_32_concurrent_streams(server, offline):
     prompts = [f"def f{i}(x):" for i in range(32)]
     expected = [o.outputs[0].text for o in offline.generate(

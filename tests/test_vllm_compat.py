@@ -113,6 +113,9 @@ VLLM_SERIES = {
     "e2e_request_latency_seconds": "histogram", "request_queue_time_seconds": "histogram",
     "request_inference_time_seconds": "histogram", "request_prefill_time_seconds": "histogram",
     "request_decode_time_seconds": "histogram",
+    "spec_decode_num_drafts": "counter", "spec_decode_num_draft_tokens": "counter",
+    "spec_decode_num_accepted_tokens": "counter",
+    "spec_decode_num_accepted_tokens_per_pos": "counter",
 }
 
 
@@ -122,7 +125,9 @@ def test_metrics_are_vllms_series_under_either_prefix(checkpoint, tmp_path):
     model = checkpoint("qwen3", max_position_embeddings=65536)
     process = ServerProcess(model, "--metrics-prefix", "vllm", "--served-model-name", "tiny",
                             "--dtype", "float32", "--device", "cpu", "--kv-cache-memory",
-                            "80MiB", log=tmp_path / "serve.log")
+                            "80MiB", "--speculative-config",
+                            '{"method": "ngram", "num_speculative_tokens": 3}',
+                            log=tmp_path / "serve.log")
 
     def families() -> dict:
         text = httpx.get(process.url + "/metrics").text
@@ -147,15 +152,27 @@ def test_metrics_are_vllms_series_under_either_prefix(checkpoint, tmp_path):
             assert value(running["vllm:num_requests_running"]) == 1
         body = {"model": "tiny", "prompt": "hi", "max_tokens": 5, "n": 2, "ignore_eos": True}
         assert httpx.post(process.url + "/v1/completions", json=body).status_code == 200
+        # Output that repeats itself (forced by the bias) gives the ngram proposer drafts.
+        looped = {"model": "tiny", "prompt": [5, 6, 7, 8] * 8, "max_tokens": 8,
+                  "temperature": 0, "ignore_eos": True, "logit_bias": {"5": 100}}
+        assert httpx.post(process.url + "/v1/completions", json=looped).status_code == 200
         found = families()
+        drafts = value(found["vllm:spec_decode_num_drafts"], "_total")
+        draft_tokens = value(found["vllm:spec_decode_num_draft_tokens"], "_total")
+        accepted = value(found["vllm:spec_decode_num_accepted_tokens"], "_total")
+        assert 1 <= drafts and drafts <= draft_tokens <= 3 * drafts
+        assert 1 <= accepted <= draft_tokens
+        per_position = [value(found["vllm:spec_decode_num_accepted_tokens_per_pos"], "_total",
+                              position=str(p)) for p in range(3)]
+        assert sum(per_position) == accepted and per_position == sorted(per_position)[::-1]
+        assert value(found["vllm:request_generation_tokens"], "_sum") == 18
         for name, kind in VLLM_SERIES.items():
             family = found.get(f"vllm:{name}")
             assert family is not None and family.type == kind, (name, family)
         assert not any(name.startswith("kvflow:") for name in found)
         n = found["vllm:request_params_n"]
-        assert value(n, "_count") == 1 and value(n, "_sum") == 2
-        assert value(found["vllm:request_generation_tokens"], "_sum") == 10
-        assert value(found["vllm:request_success"], "_total", finished_reason="length") == 2
+        assert value(n, "_count") == 2 and value(n, "_sum") == 3  # n=2, then n=1
+        assert value(found["vllm:request_success"], "_total", finished_reason="length") == 3
         # vLLM's bucket sets: per-token latencies and whole-request latencies apart.
         def bounds(family) -> list[str]:
             return [s.labels["le"] for s in family.samples if s.name.endswith("_bucket")]

@@ -222,6 +222,10 @@ class Scheduler:
             request.num_computed_tokens += len(scheduled.token_ids)
             if not scheduled.sample:
                 continue
+            if request.max_tokens == 0:  # the prompt was all it asked for
+                self.finish_request(request.request_id, RequestStatus.FINISHED_LENGTH)
+                updated.append((request, 0))
+                continue
             new_token_ids = runner_output.sampled_token_ids[scheduled.req_id]
             # The accepted drafts' KV was computed this step; the rejected ones' is dropped.
             request.num_computed_tokens += len(new_token_ids) - 1

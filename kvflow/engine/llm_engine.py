@@ -147,6 +147,11 @@ class LLMEngine:
     def max_model_len(self) -> int:
         return self.scheduler_config.max_model_len
 
+    @property
+    def num_speculative_tokens(self) -> int:
+        """Drafts verified per request per step at most (0: no speculative decoding)."""
+        return self.scheduler_config.num_lookahead_tokens
+
     def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
             return prompt, self.tokenizer.encode(prompt)

@@ -60,7 +60,7 @@ class ServerState:
         try:
             llm_engine = LLMEngine(self.args.engine)
             self.metrics.bind(llm_engine.max_model_len, llm_engine.cache_config_info(),
-                              speculative=llm_engine.args.speculative_config is not None)
+                              num_speculative_tokens=llm_engine.num_speculative_tokens)
             engine = AsyncEngine(llm_engine)
             engine.start()
             self.serving = OpenAIServing(engine, self.metrics,

@@ -98,9 +98,10 @@ class ServerMetrics:
         return histogram
 
     def bind(self, max_model_len: int, cache_info: dict[str, str],
-             speculative: bool = False) -> None:
+             num_speculative_tokens: int = 0) -> None:
         """Series sized by the loaded model, the cache's configuration as an info gauge
-        (vLLM's cache_config_info), and speculative decoding's counters when it is on."""
+        (vLLM's cache_config_info), and speculative decoding's counters when it is on
+        (num_speculative_tokens > 0), every draft position's from the start as vLLM's."""
         buckets = buckets_1_2_5(max_model_len)
         for name, doc in (("request_prompt_tokens", "Prompt tokens of a request."),
                           ("request_generation_tokens", "Tokens a request generated."),
@@ -111,7 +112,7 @@ class ServerMetrics:
         info = Gauge(f"{self.prefix}:cache_config_info", "The KV cache's configuration.",
                      sorted(cache_info), registry=self.registry)
         info.labels(**cache_info).set(1)
-        if speculative:
+        if num_speculative_tokens:
             for field, doc in (("num_drafts", "Verifications: one request's drafts in a step."),
                                ("num_draft_tokens", "Draft tokens verified."),
                                ("num_accepted_tokens", "Draft tokens accepted.")):
@@ -120,6 +121,9 @@ class ServerMetrics:
                 f"{self.prefix}:spec_decode_num_accepted_tokens_per_pos",
                 "Draft tokens accepted at each draft position (0-based).",
                 ["model_name", "position"], registry=self.registry)
+            for position in range(num_speculative_tokens):
+                self.spec_decode["num_accepted_tokens_per_pos"].labels(self.model_name,
+                                                                       str(position))
 
     def observe_engine(self, stats: EngineStats, observations: StepObservations) -> None:
         """At scrape time: gauges from the engine's last snapshot, counters by what they

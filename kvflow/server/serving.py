@@ -109,6 +109,9 @@ class OpenAIServing:
     def prepare_completion(self, request: CompletionRequest, model: str) -> Job:
         if request.suffix:
             raise ParameterError("suffix", "suffix is not supported")
+        if request.max_tokens == 0 and not request.echo:
+            raise ParameterError("max_tokens", "max_tokens=0 generates nothing: it is allowed "
+                                 "only with echo=true, to return (and score) the prompt")
         prompts = completion_prompts(request)
         self._check_sequences(len(prompts), request.n)
         prompt_logprobs = request.logprobs if request.echo and request.logprobs is not None else None
@@ -139,6 +142,8 @@ class OpenAIServing:
                 raise ParameterError("max_completion_tokens", "max_completion_tokens must be at "
                                      f"least 1, got {request.max_completion_tokens}")
             max_tokens = request.max_completion_tokens
+        if max_tokens == 0:
+            raise ParameterError("max_tokens", "max_tokens must be at least 1, got 0")
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
         constraint = request.output_constraint()
         params = request.sampling_params(max_tokens, logprobs, None, constraint and constraint[1])
