@@ -17,8 +17,6 @@ MISSING: dict[str, str] = {
     "lora_modules": "LoRA adapters are not supported; merge the adapter into the weights",
     "max_loras": "LoRA adapters are not supported",
     "max_lora_rank": "LoRA adapters are not supported",
-    "chat_template": f"--chat-template is {_NOT_YET}; the tokenizer's own template is used "
-                     "(edit chat_template in tokenizer_config.json to change it)",
     "chat_template_content_format": "message content is passed to the template as a string",
     "generation_config": f"--generation-config is {_NOT_YET}; give sampling parameters per "
                          "request",

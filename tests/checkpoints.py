@@ -19,6 +19,22 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
 SPECIAL_TOKENS = ["<|endoftext|>", "<|end|>", "<|user|>", "<|assistant|>", "<|system|>"]
+# For the same tokenizer: lists tools, renders assistant tool calls and tool results in the
+# hermes format (Qwen2.5's and Qwen3's), and takes Qwen3's enable_thinking.
+TOOLS_CHAT_TEMPLATE = (
+    "{%- if tools %}<|system|>Tools: {{ tools | tojson }}<|end|>{% endif %}"
+    "{%- for m in messages %}<|{{ m['role'] }}|>"
+    "{%- if m['role'] == 'tool' %}<tool_response>{{ m['content'] }}</tool_response>"
+    "{%- else %}{{ m['content'] or '' }}{% endif %}"
+    "{%- for call in m['tool_calls'] or [] %}<tool_call>{\"name\": \""
+    "{{ call['function']['name'] }}\", \"arguments\": "
+    "{%- if call['function']['arguments'] is string %}{{ call['function']['arguments'] }}"
+    "{%- else %}{{ call['function']['arguments'] | tojson }}{% endif %}}</tool_call>"
+    "{%- endfor %}<|end|>{% endfor %}"
+    "{%- if add_generation_prompt %}<|assistant|>"
+    "{%- if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n"
+    "{% endif %}{% endif %}"
+)
 CORPUS = [
     "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n",
     "class Stack:\n    def __init__(self):\n        self.items = []\n",

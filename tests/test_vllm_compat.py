@@ -69,7 +69,8 @@ def test_request_logging_names_sizes_not_text(checkpoint, tmp_path):
     (["serve", "--made-up-flag"], "unrecognized argument '--made-up-flag'"),
     (["serve", "m", "--model", "n"], "two models given"),
     (["serve", "--allowed-origins", "*"], "not a JSON list"),
-    (["generate", "--prompt", "x", "--chat-template", "t.jinja"], "--chat-template is not built"),
+    (["serve", "--chat-template", "missing.jinja"], "no file 'missing.jinja'"),
+    (["serve", "--chat-template", "{% if %}"], "--chat-template does not parse"),
 ])
 def test_vllm_flags_kvflow_lacks_are_refused_with_a_reason(argv, message, capsys):
     from kvflow.cli import main

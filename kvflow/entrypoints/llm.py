@@ -13,7 +13,7 @@ from kvflow.engine.args import EngineArgs
 from kvflow.engine.llm_engine import LLMEngine, PromptType
 from kvflow.outputs import RequestOutput
 from kvflow.sampling_params import SamplingParams
-from kvflow.tokenizer.chat import ChatTemplate
+from kvflow.tokenizer.chat import ChatOptions, ChatTemplate
 from kvflow.vllm_compat import refusal
 
 Message = dict[str, Any]
@@ -82,14 +82,23 @@ class LLM:
     def chat(self, messages: list[Message] | list[list[Message]],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
              use_tqdm: bool = True, chat_template: str | None = None,
-             add_generation_prompt: bool = True) -> list[RequestOutput]:
+             add_generation_prompt: bool = True, continue_final_message: bool = False,
+             tools: list[dict[str, Any]] | None = None,
+             chat_template_kwargs: dict[str, Any] | None = None) -> list[RequestOutput]:
+        """Each conversation rendered by the chat template (`chat_template` replaces the
+        tokenizer's), then generated as generate() does. Raises ParameterError (a
+        ValueError) naming the keyword for options that contradict each other."""
         conversations = messages if messages and isinstance(messages[0], list) else [messages]
+        options = ChatOptions(add_generation_prompt=add_generation_prompt,
+                              continue_final_message=continue_final_message,
+                              chat_template_kwargs=chat_template_kwargs or {}, tools=tools,
+                              template=chat_template)
         tokenizer = self.engine.tokenizer
         prompts = []
         for conversation in conversations:
             text, token_ids = self._chat_template.encode(
-                conversation, add_generation_prompt,
-                lambda text: tokenizer.encode(text, add_special_tokens=False), chat_template)
+                conversation, options,
+                lambda text: tokenizer.encode(text, add_special_tokens=False))
             prompts.append({"prompt": text, "prompt_token_ids": token_ids})
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 

@@ -65,7 +65,8 @@ class ServerState:
             engine.start()
             self.serving = OpenAIServing(engine, self.metrics,
                                          self.args.enable_prompt_tokens_details,
-                                         self.args.response_role, self.args.stream_keepalive)
+                                         self.args.response_role, self.args.stream_keepalive,
+                                         chat_template=self.args.chat_template)
             self.engine = engine
             logger.info("serving %s at http://%s:%d", ", ".join(self.args.model_names),
                         self.args.host, self.args.port)

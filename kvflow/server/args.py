@@ -12,6 +12,7 @@ from kvflow.config import parse_memory
 from kvflow.demo import DEMO_MODEL_NAME, demo_model_path
 from kvflow.engine.args import EngineArgs
 from kvflow.server.metrics import METRIC_PREFIXES
+from kvflow.tokenizer.chat import load_chat_template
 
 DEFAULT_MAX_BODY_BYTES = 4 * 2**20
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
@@ -46,6 +47,7 @@ class ServerArgs:
     allow_credentials: bool = False
     metrics_prefix: str = "kvflow"  # or "vllm", for dashboards that read vllm: series
     stream_keepalive: float = 10.0  # seconds without output after which a stream gets a comment
+    chat_template: str | None = None  # the template's text; None: the tokenizer's
 
     def __post_init__(self) -> None:
         if self.max_waiting_requests is not None and self.max_waiting_requests < 1:
@@ -148,6 +150,9 @@ class ServerArgs:
         parser.add_argument("--stream-keepalive", type=float, default=10.0,
                             help="seconds a stream may go without output (queued, or in a "
                                  "long prefill) before it is sent a keep-alive comment")
+        parser.add_argument("--chat-template", default=None, metavar="FILE_OR_TEMPLATE",
+                            help="the chat template, as a Jinja file or the template's text, "
+                                 "in place of the tokenizer's")
         parser.add_argument("--metrics-prefix", default="kvflow", choices=METRIC_PREFIXES,
                             help="the prefix of /metrics series: vllm serves vLLM's dashboards "
                                  "unchanged")
@@ -176,7 +181,9 @@ class ServerArgs:
                    uvicorn_log_level=ns.uvicorn_log_level, allowed_origins=ns.allowed_origins,
                    allowed_methods=ns.allowed_methods, allowed_headers=ns.allowed_headers,
                    allow_credentials=ns.allow_credentials, metrics_prefix=ns.metrics_prefix,
-                   stream_keepalive=ns.stream_keepalive)
+                   stream_keepalive=ns.stream_keepalive,
+                   chat_template=(load_chat_template(ns.chat_template)
+                                  if ns.chat_template is not None else None))
 
 
 def _json_list(value: str) -> list[str]:

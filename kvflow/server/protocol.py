@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from kvflow.sampling_params import (STRUCTURED_OUTPUT_KINDS, ParameterError, SamplingParams,
                                     StructuredOutputsParams)
+from kvflow.tokenizer.chat import ChatOptions
 
 
 class OpenAIModel(BaseModel):
@@ -207,21 +208,37 @@ class ChatMessage(OpenAIModel):
         return message
 
 
-class ChatCompletionRequest(_GenerationRequest):
+class _ChatInput(TopLevelRequest):
+    """What renders messages into a prompt, besides the messages (vLLM's fields)."""
+
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+    chat_template: str | None = None  # refused: the server's template applies
+
+    def chat_options(self) -> ChatOptions:
+        if self.chat_template is not None:
+            raise ParameterError("chat_template", "a request's own chat_template is not "
+                                 "accepted: the server renders with its --chat-template or "
+                                 "the tokenizer's")
+        return ChatOptions(add_generation_prompt=self.add_generation_prompt,
+                           continue_final_message=self.continue_final_message,
+                           chat_template_kwargs=self.chat_template_kwargs or {})
+
+
+class ChatCompletionRequest(_GenerationRequest, _ChatInput):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
-    add_generation_prompt: bool = True
 
 
-class TokenizeRequest(TopLevelRequest):
+class TokenizeRequest(_ChatInput):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool = True
-    add_generation_prompt: bool = True
 
 
 class DetokenizeRequest(TopLevelRequest):

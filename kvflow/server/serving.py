@@ -19,7 +19,7 @@ from kvflow.sampling_params import ParameterError, StructuredOutputsParams
 from kvflow.server.metrics import ServerMetrics
 from kvflow.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                     TokenizeRequest)
-from kvflow.tokenizer.chat import ChatTemplate
+from kvflow.tokenizer.chat import ChatOptions, ChatTemplate
 from kvflow.tokenizer.detokenizer import stop_holdback
 
 T = TypeVar("T")
@@ -72,14 +72,15 @@ class OpenAIServing:
 
     def __init__(self, engine: AsyncEngine, metrics: ServerMetrics,
                  enable_prompt_tokens_details: bool = False, response_role: str = "assistant",
-                 keepalive_s: float = 10.0, num_tokenizer_threads: int = 2) -> None:
+                 keepalive_s: float = 10.0, num_tokenizer_threads: int = 2,
+                 chat_template: str | None = None) -> None:
         self.engine = engine
         self.keepalive_s = keepalive_s
         self.response_role = response_role
         self.enable_prompt_tokens_details = enable_prompt_tokens_details
         self.metrics = metrics
         self.tokenizer = engine.engine.tokenizer
-        self.chat_template = ChatTemplate(self.tokenizer)
+        self.chat_template = ChatTemplate(self.tokenizer, chat_template)
         self.max_sequences = engine.engine.scheduler_config.max_num_seqs
         self._pool = ThreadPoolExecutor(num_tokenizer_threads,
                                         thread_name_prefix="kvflow-tokenize")
@@ -134,7 +135,7 @@ class OpenAIServing:
     def prepare_chat(self, request: ChatCompletionRequest, model: str) -> Job:
         if request.top_logprobs is not None and not request.logprobs:
             raise ParameterError("top_logprobs", "top_logprobs needs logprobs to be true")
-        text, token_ids = self.encode_chat(request.messages, request.add_generation_prompt)
+        text, token_ids = self.encode_chat(request.messages, request.chat_options())
         max_tokens = request.max_tokens
         if request.max_completion_tokens is not None:
             # Named here: the engine's own message would name max_tokens.
@@ -161,7 +162,7 @@ class OpenAIServing:
         if (request.prompt is None) == (request.messages is None):
             raise ParameterError("prompt", "give exactly one of prompt and messages")
         if request.messages is not None:
-            _, tokens = self.encode_chat(request.messages, request.add_generation_prompt)
+            _, tokens = self.encode_chat(request.messages, request.chat_options())
         else:
             tokens = self.encode("prompt", request.prompt, request.add_special_tokens)
         return {"count": len(tokens), "max_model_len": self.engine.engine.max_model_len,
@@ -174,9 +175,9 @@ class OpenAIServing:
             raise ParameterError("tokens", f"token ids must be in [0, {vocab}), got {bad[:5]}")
         return {"prompt": self.tokenizer.decode(request.tokens)}
 
-    def encode_chat(self, messages: list, add_generation_prompt: bool) -> tuple[str, list[int]]:
+    def encode_chat(self, messages: list, options: ChatOptions) -> tuple[str, list[int]]:
         return self.chat_template.encode(
-            [m.as_template_input() for m in messages], add_generation_prompt,
+            [m.as_template_input() for m in messages], options,
             lambda text: self.encode("messages", text, add_special_tokens=False))
 
     async def _outputs(self, job: Job, idle_s: float | None = None,
