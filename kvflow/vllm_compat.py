@@ -18,8 +18,6 @@ MISSING: dict[str, str] = {
     "max_loras": "LoRA adapters are not supported",
     "max_lora_rank": "LoRA adapters are not supported",
     "chat_template_content_format": "message content is passed to the template as a string",
-    "generation_config": f"--generation-config is {_NOT_YET}; give sampling parameters per "
-                         "request",
     "guided_decoding_backend": "structured output always uses llguidance, which refuses the "
                                "schema features it cannot enforce: drop the flag",
     "structured_outputs_config": "structured output always uses llguidance, which refuses the "

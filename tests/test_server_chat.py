@@ -1,6 +1,10 @@
 """The server's chat controls, as agents use them: a chat template of the server's own
-(--chat-template), chat_template_kwargs, continue_final_message and add_generation_prompt."""
+(--chat-template), chat_template_kwargs, continue_final_message and add_generation_prompt;
+and the model's sampling defaults (generation_config.json) for what requests leave unset."""
 from __future__ import annotations
+
+import json
+import shutil
 
 import httpx
 import openai
@@ -10,11 +14,16 @@ from server_process import ServerProcess
 
 ENGINE_FLAGS = ("--dtype", "float32", "--device", "cpu", "--kv-cache-memory", "16MiB")
 HI = [{"role": "user", "content": "hi"}]
+# The checkpoint's recommended sampling: greedy, top_k 5, 6 new tokens.
+RECOMMENDED = {"temperature": 0, "top_k": 5, "max_new_tokens": 6}
 
 
 @pytest.fixture(scope="module")
-def model_dir(checkpoint):
-    return checkpoint("qwen3")
+def model_dir(checkpoint, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("recommended") / "model"
+    shutil.copytree(checkpoint("qwen3"), folder)
+    (folder / "generation_config.json").write_text(json.dumps(RECOMMENDED))
+    return folder
 
 
 @pytest.fixture(scope="module")
@@ -92,3 +101,33 @@ def test_bad_chat_controls_get_400(server, path, body, param, message):
     assert error["param"] == param
     if message is not None:
         assert message in error["message"]
+
+
+def test_the_checkpoints_defaults_fill_what_requests_leave_unset(server, client, model_dir):
+    from kvflow import LLM, SamplingParams
+
+    assert "sampling defaults from " in server.log_path.read_text()
+    prompt = "def fibonacci(n):"
+    unset = client.completions.create(model="tiny", prompt=prompt,
+                                      extra_body={"ignore_eos": True})
+    greedy = client.completions.create(model="tiny", prompt=prompt, temperature=0,
+                                       max_tokens=6, extra_body={"ignore_eos": True})
+    assert unset.usage.completion_tokens == 6  # max_new_tokens, not the field's 16
+    assert unset.choices[0].text == greedy.choices[0].text
+    # A request's own values win; the defaults it leaves unset (top_k) still apply.
+    offline = LLM(str(model_dir), dtype="float32", device="cpu", kv_cache_memory="4MiB",
+                  generation_config="vllm")
+    for seed in range(3):
+        sampled = client.completions.create(model="tiny", prompt=prompt, temperature=1.0,
+                                            seed=seed, max_tokens=8,
+                                            extra_body={"ignore_eos": True})
+        expected = offline.generate(prompt, SamplingParams(temperature=1.0, top_k=5, seed=seed,
+                                                           max_tokens=8, ignore_eos=True),
+                                    use_tqdm=False)[0].outputs[0].text
+        assert sampled.choices[0].text == expected
+    chat = client.chat.completions.create(model="tiny", messages=HI,
+                                          extra_body={"ignore_eos": True})
+    assert chat.usage.completion_tokens == 6
+    chat = client.chat.completions.create(model="tiny", messages=HI, max_completion_tokens=3,
+                                          extra_body={"ignore_eos": True})
+    assert chat.usage.completion_tokens == 3

@@ -71,6 +71,8 @@ def test_request_logging_names_sizes_not_text(checkpoint, tmp_path):
     (["serve", "--allowed-origins", "*"], "not a JSON list"),
     (["serve", "--chat-template", "missing.jinja"], "no file 'missing.jinja'"),
     (["serve", "--chat-template", "{% if %}"], "--chat-template does not parse"),
+    (["serve", "--override-generation-config", '{"temp": 1}'], "temp not supported"),
+    (["serve", "--override-generation-config", "temperature=0"], "not valid JSON"),
 ])
 def test_vllm_flags_kvflow_lacks_are_refused_with_a_reason(argv, message, capsys):
     from kvflow.cli import main

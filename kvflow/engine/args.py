@@ -10,6 +10,7 @@ import torch
 from kvflow.attention.selector import BACKEND_NAMES
 from kvflow.config import SchedulerConfig, parse_dtype, parse_memory, parse_token_count
 from kvflow.demo import demo_model_path
+from kvflow.engine.generation_config import parse_override
 from kvflow.spec_decode.config import SpeculativeConfig
 from kvflow.quantization import quantization_config
 
@@ -60,6 +61,14 @@ _FLAG_HELP = {
                           "'{\"method\": \"draft_model\", \"model\": PATH, "
                           "\"num_speculative_tokens\": 4}'; also disable_by_batch_size "
                           "and min_acceptance_rate",
+    "generation_config": "sampling defaults for requests that leave a field unset: auto "
+                         "(temperature, top_p, top_k, min_p, repetition_penalty and "
+                         "max_new_tokens from the checkpoint's generation_config.json), vllm "
+                         "(none: SamplingParams' own) or a folder with a "
+                         "generation_config.json",
+    "override_generation_config": "sampling defaults on top of --generation-config, as a "
+                                  "JSON object in generation_config.json's keys, e.g. "
+                                  "'{\"temperature\": 0.6, \"max_new_tokens\": 512}'",
     "max_logprobs": "most logprobs (and prompt_logprobs) a request may ask for; -1: no "
                     "limit (a request's logprobs=-1 is the whole vocabulary)",
 }
@@ -121,6 +130,9 @@ class EngineArgs:
     max_logprobs: int = 20
     # JSON text, a dict or a SpeculativeConfig; parsed into a SpeculativeConfig
     speculative_config: str | dict | SpeculativeConfig | None = None
+    generation_config: str = "auto"  # auto | vllm | a folder (engine/generation_config.py)
+    # JSON text or a dict in generation_config.json's keys; parsed into a dict
+    override_generation_config: str | dict | None = None
 
     def __post_init__(self) -> None:
         if self.model is None:
@@ -160,6 +172,9 @@ class EngineArgs:
                              f"got {self.max_logprobs}")
         if self.speculative_config is not None:
             self.speculative_config = SpeculativeConfig.parse(self.speculative_config)
+        if not self.generation_config:
+            raise ValueError("generation_config must be auto, vllm or a folder")
+        self.override_generation_config = parse_override(self.override_generation_config)
         # Checked now rather than after the weights are loaded.
         SchedulerConfig(max_num_seqs=self.max_num_seqs,
                         max_num_batched_tokens=self.max_num_batched_tokens,

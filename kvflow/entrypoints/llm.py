@@ -10,6 +10,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from kvflow.engine.args import EngineArgs
+from kvflow.engine.generation_config import load_generation_defaults
 from kvflow.engine.llm_engine import LLMEngine, PromptType
 from kvflow.outputs import RequestOutput
 from kvflow.sampling_params import SamplingParams
@@ -36,6 +37,9 @@ class LLM:
         except TypeError as exc:
             raise TypeError(f"unknown LLM option: {exc}") from exc
         self.llm_engine = LLMEngine(args)
+        self._generation_defaults = load_generation_defaults(
+            args.generation_config, self.llm_engine.model_config.path,
+            args.override_generation_config)
         self._chat_template = ChatTemplate(self.llm_engine.tokenizer)
         self._ids = itertools.count()
 
@@ -46,6 +50,17 @@ class LLM:
 
     def get_tokenizer(self):  # noqa: ANN201
         return self.engine.tokenizer
+
+    @property
+    def generation_defaults(self) -> dict[str, Any]:
+        """The SamplingParams fields the model's generation config sets (generation_config,
+        override_generation_config), by field name."""
+        return dict(self._generation_defaults)
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """What generate() and chat() use without sampling_params: SamplingParams() with the
+        model's generation defaults applied."""
+        return SamplingParams(**self._generation_defaults)
 
     def generate(self, prompts: PromptType | Sequence[PromptType],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
@@ -60,7 +75,7 @@ class LLM:
             prompts = [prompts]
         prompts = list(prompts)
         if sampling_params is None:
-            sampling_params = SamplingParams()
+            sampling_params = self.get_default_sampling_params()
         params = ([sampling_params] * len(prompts) if isinstance(sampling_params, SamplingParams)
                   else list(sampling_params))
         if len(params) != len(prompts):

@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException
 
 import kvflow
 from kvflow.engine.async_engine import AsyncEngine, EngineDeadError, RequestFailedError
+from kvflow.engine.generation_config import load_generation_defaults
 from kvflow.engine.llm_engine import LLMEngine
 from kvflow.logger import RepeatFilter
 from kvflow.server.connections import (RESERVED_DESCRIPTORS, default_max_connections,
@@ -61,12 +62,16 @@ class ServerState:
             llm_engine = LLMEngine(self.args.engine)
             self.metrics.bind(llm_engine.max_model_len, llm_engine.cache_config_info(),
                               num_speculative_tokens=llm_engine.num_speculative_tokens)
+            defaults = load_generation_defaults(
+                self.args.engine.generation_config, llm_engine.model_config.path,
+                self.args.engine.override_generation_config)
             engine = AsyncEngine(llm_engine)
             engine.start()
             self.serving = OpenAIServing(engine, self.metrics,
                                          self.args.enable_prompt_tokens_details,
                                          self.args.response_role, self.args.stream_keepalive,
-                                         chat_template=self.args.chat_template)
+                                         chat_template=self.args.chat_template,
+                                         generation_defaults=defaults)
             self.engine = engine
             logger.info("serving %s at http://%s:%d", ", ".join(self.args.model_names),
                         self.args.host, self.args.port)

@@ -151,12 +151,16 @@ class _GenerationRequest(TopLevelRequest):
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None,
                         prompt_logprobs: int | None,
-                        structured_outputs: StructuredOutputsParams | None = None
-                        ) -> SamplingParams:
-        """Raises ValueError naming the field for out-of-range values."""
+                        structured_outputs: StructuredOutputsParams | None = None,
+                        defaults: dict[str, Any] | None = None) -> SamplingParams:
+        """`defaults` (the model's, by SamplingParams field) fill the sampling fields the
+        request leaves unset; the caller resolves max_tokens. Raises ValueError naming the
+        field for out-of-range values."""
         given = {name: getattr(self, name) for name in (
             "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
             "repetition_penalty") if getattr(self, name) is not None}
+        given = {**{name: value for name, value in (defaults or {}).items()
+                    if name != "max_tokens"}, **given}
         return SamplingParams(
             n=self.n, seed=self.seed, stop=self.stop, stop_token_ids=self.stop_token_ids,
             logit_bias=_token_bias(self.logit_bias), ignore_eos=self.ignore_eos,

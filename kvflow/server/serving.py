@@ -73,7 +73,8 @@ class OpenAIServing:
     def __init__(self, engine: AsyncEngine, metrics: ServerMetrics,
                  enable_prompt_tokens_details: bool = False, response_role: str = "assistant",
                  keepalive_s: float = 10.0, num_tokenizer_threads: int = 2,
-                 chat_template: str | None = None) -> None:
+                 chat_template: str | None = None,
+                 generation_defaults: dict[str, Any] | None = None) -> None:
         self.engine = engine
         self.keepalive_s = keepalive_s
         self.response_role = response_role
@@ -81,6 +82,9 @@ class OpenAIServing:
         self.metrics = metrics
         self.tokenizer = engine.engine.tokenizer
         self.chat_template = ChatTemplate(self.tokenizer, chat_template)
+        # The model's sampling defaults (engine/generation_config.py), by SamplingParams
+        # field, for what a request leaves unset.
+        self.generation_defaults = generation_defaults or {}
         self.max_sequences = engine.engine.scheduler_config.max_num_seqs
         self._pool = ThreadPoolExecutor(num_tokenizer_threads,
                                         thread_name_prefix="kvflow-tokenize")
@@ -110,15 +114,18 @@ class OpenAIServing:
     def prepare_completion(self, request: CompletionRequest, model: str) -> Job:
         if request.suffix:
             raise ParameterError("suffix", "suffix is not supported")
-        if request.max_tokens == 0 and not request.echo:
+        # The field's own default (16) only where the model has none: unset is not 16.
+        max_tokens = (request.max_tokens if "max_tokens" in request.model_fields_set
+                      else self.generation_defaults.get("max_tokens", request.max_tokens))
+        if max_tokens == 0 and not request.echo:
             raise ParameterError("max_tokens", "max_tokens=0 generates nothing: it is allowed "
                                  "only with echo=true, to return (and score) the prompt")
         prompts = completion_prompts(request)
         self._check_sequences(len(prompts), request.n)
         prompt_logprobs = request.logprobs if request.echo and request.logprobs is not None else None
         constraint = request.output_constraint()
-        params = request.sampling_params(request.max_tokens, request.logprobs, prompt_logprobs,
-                                         constraint and constraint[1])
+        params = request.sampling_params(max_tokens, request.logprobs, prompt_logprobs,
+                                         constraint and constraint[1], self.generation_defaults)
         job = Job(kind="completion", model=model, prepared=[], n=params.n, echo=request.echo,
                   logprobs=request.logprobs, include_usage=request.include_usage)
         for i, prompt in enumerate(prompts):
@@ -143,11 +150,14 @@ class OpenAIServing:
                 raise ParameterError("max_completion_tokens", "max_completion_tokens must be at "
                                      f"least 1, got {request.max_completion_tokens}")
             max_tokens = request.max_completion_tokens
+        if max_tokens is None:
+            max_tokens = self.generation_defaults.get("max_tokens")
         if max_tokens == 0:
             raise ParameterError("max_tokens", "max_tokens must be at least 1, got 0")
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
         constraint = request.output_constraint()
-        params = request.sampling_params(max_tokens, logprobs, None, constraint and constraint[1])
+        params = request.sampling_params(max_tokens, logprobs, None, constraint and constraint[1],
+                                         self.generation_defaults)
         job = Job(kind="chat", model=model, prepared=[], n=params.n, logprobs=logprobs,
                   include_usage=request.include_usage)
         prompt = {"prompt": text, "prompt_token_ids": token_ids}
