@@ -198,3 +198,40 @@ def test_seeded_requests_repeat_their_tokens():
         return RejectionSampler(sampler)(logits, batch, [[1, 2, 3]])[0]
 
     assert all(run() == run() for _ in range(5))
+
+
+def test_sampled_and_one_hot_proposals_in_one_batch():
+    """The draft model's sampled drafts come with their distribution q, beside requests
+    whose drafts are one-hot (greedy draft, prompt lookup): both halves follow the target,
+    and the sampled drafts are accepted at the rate sum(min(p, q)) that q buys. (Verified
+    as if one-hot they would still follow the target, but be accepted only sum(p * q) of
+    the time.)"""
+    vocab, requests = 8, 8000
+    half = requests // 2
+    params = SamplingParams(temperature=1.0)
+    generator = torch.Generator().manual_seed(21)
+    logits_row = torch.randn(vocab, generator=generator)
+    q = torch.softmax(torch.randn(vocab, generator=generator) * 0.5, 0)
+    sampled = torch.multinomial(q, half, replacement=True, generator=generator)
+    drafts = [[int(t)] for t in sampled] + [[3]] * half
+    batch_requests = [_request(i, params, d) for i, d in enumerate(drafts)]
+    rows = [row for r in batch_requests for row in sampling_rows(r)]
+    batch = prepare_sampling(rows, {}, vocab, torch.device("cpu"))
+    logits = logits_row.expand(len(rows), -1).clone()
+    p = torch.softmax(logits_row, 0)
+
+    def verify(draft_probs: list) -> tuple[torch.Tensor, torch.Tensor, float]:
+        sampler = Sampler(torch.Generator().manual_seed(13))
+        tokens, _ = RejectionSampler(sampler)(logits, batch, drafts, draft_probs)
+        first = torch.tensor([t[0] for t in tokens])
+        accepted = sum(len(t) - 1 for t in tokens[:half]) / half
+        return (torch.bincount(first[:half], minlength=vocab),
+                torch.bincount(first[half:], minlength=vocab), accepted)
+
+    with_q, one_hot, accepted = verify([q[None]] * half + [None] * half)
+    assert chi_square_p_value(with_q, p) > FALSE_ALARM
+    assert chi_square_p_value(one_hot, p) > FALSE_ALARM
+    assert abs(accepted - torch.minimum(p, q).sum().item()) < 0.025
+    _, _, accepted_as_one_hot = verify([None] * requests)
+    assert abs(accepted_as_one_hot - (p * q).sum().item()) < 0.025
+    assert torch.minimum(p, q).sum() - (p * q).sum() > 0.3

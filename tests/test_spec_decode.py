@@ -5,11 +5,13 @@ no KV block leaks."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from kvflow import LLM, SamplingParams
 from kvflow.demo import demo_draft_path
 from kvflow.spec_decode.config import SpeculativeConfig
 from kvflow.spec_decode.ngram import propose_ngram
+from kvflow.spec_decode.proposer import ProposalRequest
 
 PROMPTS = [
     "import os\nimport sys\n\ndef main():\n",
@@ -116,6 +118,37 @@ def test_seeded_sampling_repeats_and_logprobs_match_the_tokens():
         assert all(token in entry for token, entry in zip(completion.token_ids,
                                                          completion.logprobs))
     assert llm.engine.stats.spec_decode.num_drafts > 0 and _no_leaks(llm)
+    assert llm.engine.runner.draft_probs == {}  # pending proposals die with their requests
+
+
+def test_draft_model_proposals_greedy_and_sampled():
+    """A greedy request gets the draft model's own greedy continuation, with no
+    distribution (one-hot); a sampled one gets drafts drawn from the distribution it
+    returns, at the request's temperature."""
+    llm = LLM(dtype="float32", kv_cache_memory="64MiB",
+              speculative_config=_config("draft_model", 3))
+    proposer = llm.engine.runner.speculator.proposer
+    tokens = llm.get_tokenizer().encode(PROMPTS[1])
+
+    def request(req_id: str, first_block: int, temperature: float) -> ProposalRequest:
+        return ProposalRequest(req_id=req_id, token_ids=tokens,
+                               num_computed_tokens=len(tokens) - 1,
+                               block_ids=list(range(first_block, first_block + 4)),
+                               max_drafts=3, temperature=temperature,
+                               generator=torch.Generator().manual_seed(0))
+
+    proposals = proposer.propose([request("greedy", 1, 0.0), request("hot", 5, 1.5)])
+    draft = LLM(str(demo_draft_path()), dtype="float32", kv_cache_memory="16MiB")
+    assert proposals.token_ids["greedy"] == draft.generate(
+        {"prompt_token_ids": tokens}, SamplingParams(temperature=0, max_tokens=3,
+                                                     ignore_eos=True),
+        use_tqdm=False)[0].outputs[0].token_ids
+    assert "greedy" not in proposals.probs
+    probs = proposals.probs["hot"]
+    assert probs.shape == (3, llm.get_tokenizer().vocab_size)
+    assert torch.allclose(probs.sum(-1), torch.ones(3))
+    assert all(probs[i, t] > 0 for i, t in enumerate(proposals.token_ids["hot"]))
+    assert probs.max() < 1.0 - 1e-3  # spread by the temperature, not an argmax
 
 
 def test_speculation_stops_above_the_batch_size_limit():

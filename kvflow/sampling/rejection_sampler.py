@@ -67,9 +67,12 @@ class RejectionSampler:
     def __init__(self, sampler: Sampler) -> None:
         self.sampler = sampler
 
-    def __call__(self, logits: torch.Tensor, batch: SamplingBatch, drafts: list[list[int]]
+    def __call__(self, logits: torch.Tensor, batch: SamplingBatch, drafts: list[list[int]],
+                 draft_probs: list[torch.Tensor | None] | None = None
                  ) -> tuple[list[list[int]], list[list[TokenLogprobs] | None]]:
-        """logits [rows, V] -> (tokens per request, their logprobs per request or None)."""
+        """logits [rows, V]; draft_probs: per request, [its drafts, V] the distributions its
+        drafts were drawn from, or None for one-hot proposals -> (tokens per request, their
+        logprobs per request or None)."""
         device = logits.device
         counts = [len(d) for d in drafts]
         firsts_list = list(itertools.accumulate((c + 1 for c in counts[:-1]), initial=0))
@@ -98,7 +101,8 @@ class RejectionSampler:
                 probs = torch.where(greedy[:, None], one_hot, probs)
             request_batch = _per_request(batch, firsts_list)
             num_accepted, final = rejection_sample(
-                probs[index], draft_ids, num_drafts, None,
+                probs[index], draft_ids, num_drafts,
+                _dense_draft_probs(draft_probs, draft_ids, num_drafts, probs.shape[-1]),
                 self.sampler.uniform_noise(draft_ids.shape, request_batch),
                 self.sampler.exponential_noise(torch.Size((len(drafts), probs.shape[-1])),
                                                request_batch))
@@ -123,6 +127,21 @@ class RejectionSampler:
             start += len(emitted)
             result.append(None if batch.num_logprobs[first] is None else mine)  # type: ignore
         return result
+
+
+def _dense_draft_probs(draft_probs: list[torch.Tensor | None] | None, draft_ids: torch.Tensor,
+                       num_drafts: torch.Tensor, vocab: int) -> torch.Tensor | None:
+    """[R, K, V]: each request's proposal distributions, one-hot where it proposed
+    deterministically (rows past a request's drafts are never read); None when every
+    request proposed deterministically."""
+    if draft_probs is None or all(p is None for p in draft_probs):
+        return None
+    dense = torch.zeros((*draft_ids.shape, vocab), device=draft_ids.device)
+    dense.scatter_(-1, draft_ids[..., None], 1.0)
+    for row, (probs, count) in enumerate(zip(draft_probs, num_drafts.tolist())):
+        if probs is not None:
+            dense[row, :count] = probs[:count, :vocab]
+    return dense
 
 
 def _per_request(batch: SamplingBatch, firsts: list[int]) -> SamplingBatch:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from kvflow.spec_decode.proposer import ProposalRequest, Proposer
+from kvflow.spec_decode.proposer import ProposalRequest, Proposals, Proposer
 
 
 class NgramProposer(Proposer):
@@ -16,14 +16,14 @@ class NgramProposer(Proposer):
         self.min_n = prompt_lookup_min
         self.max_n = prompt_lookup_max
 
-    def propose(self, requests: list[ProposalRequest]) -> dict[str, list[int]]:
+    def propose(self, requests: list[ProposalRequest]) -> Proposals:
         drafts = {}
         for request in requests:
             found = propose_ngram(np.asarray(request.token_ids, dtype=np.int64), self.min_n,
                                   self.max_n, min(self.k, request.max_drafts))
             if found:
                 drafts[request.req_id] = found
-        return drafts
+        return Proposals(token_ids=drafts)
 
 
 def propose_ngram(tokens: np.ndarray, min_n: int, max_n: int, k: int) -> list[int]:

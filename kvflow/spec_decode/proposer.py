@@ -3,7 +3,9 @@ propose at all (small enough batches, requests whose drafts keep being accepted)
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import torch
 
 from kvflow.outputs import ScheduledRequest
 from kvflow.spec_decode.config import MIN_VERIFIED_DRAFTS, SpeculativeConfig
@@ -18,12 +20,24 @@ class ProposalRequest:
     num_computed_tokens: int  # KV is in the cache for all tokens but the last
     block_ids: list[int]  # the request's block table, lookahead slots included
     max_drafts: int  # proposals past this would leave the slots the request holds
+    temperature: float  # 0: the request is greedy, so only the argmax can be accepted
+    generator: torch.Generator  # the request's own when seeded, so that it repeats
+
+
+@dataclass
+class Proposals:
+    """Draft tokens to verify at each request's next step (a request may get none)."""
+
+    token_ids: dict[str, list[int]] = field(default_factory=dict)
+    # [drafts, vocab]: the distribution each of a request's drafts was drawn from; a request
+    # absent here chose its drafts deterministically, a one-hot proposal.
+    probs: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class Proposer(ABC):
     @abstractmethod
-    def propose(self, requests: list[ProposalRequest]) -> dict[str, list[int]]:
-        """Draft tokens to verify at each request's next step (a request may get none)."""
+    def propose(self, requests: list[ProposalRequest]) -> Proposals:
+        """Drafts for the requests (a request may get none)."""
 
     def forget(self, req_ids: set[str]) -> None:
         """Drop per-request state kept beside the KV cache: the request finished, or was
@@ -54,8 +68,10 @@ class Speculator:
         self.proposer.forget(preempted_req_ids)
 
     def propose(self, requests: list[ScheduledRequest], sampled: dict[str, list[int]],
-                batch_size: int) -> dict[str, list[int]]:
-        """requests: those that sampled this step, with sampled their new tokens."""
+                batch_size: int, generators: dict[str, torch.Generator],
+                default_generator: torch.Generator) -> Proposals:
+        """requests: those that sampled this step, with sampled their new tokens;
+        generators: the seeded requests' own."""
         for request in requests:
             if request.draft_token_ids:
                 tally = self._acceptance.setdefault(request.req_id, _Acceptance())
@@ -63,7 +79,7 @@ class Speculator:
                 tally.accepted += len(sampled[request.req_id]) - 1
         limit = self.config.disable_by_batch_size
         if limit is not None and batch_size > limit:
-            return {}
+            return Proposals()
         proposing = []
         for request in requests:
             if not self._pays(request.req_id):
@@ -80,8 +96,9 @@ class Speculator:
                 req_id=request.req_id,
                 token_ids=request.prompt_token_ids + request.output_token_ids + new_tokens,
                 num_computed_tokens=num_tokens - 1, block_ids=request.block_ids,
-                max_drafts=max_drafts))
-        return self.proposer.propose(proposing) if proposing else {}
+                max_drafts=max_drafts, temperature=request.sampling_params.temperature,
+                generator=generators.get(request.req_id, default_generator)))
+        return self.proposer.propose(proposing) if proposing else Proposals()
 
     def _pays(self, req_id: str) -> bool:
         tally = self._acceptance.get(req_id)

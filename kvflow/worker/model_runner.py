@@ -37,12 +37,15 @@ class ModelRunner:
         self.rejection_sampler = RejectionSampler(self.sampler)
         self.speculator = speculator
         self.generators: dict[str, torch.Generator] = {}
+        # req_id -> [drafts, vocab]: what its pending drafts were drawn from, when sampled
+        self.draft_probs: dict[str, torch.Tensor] = {}
         self.grammar_masker = GrammarMasker(config.vocab_size)
 
     def forget(self, req_ids: set[str]) -> None:
         """Drop the state of finished requests."""
         for req_id in req_ids:
             self.generators.pop(req_id, None)
+            self.draft_probs.pop(req_id, None)
         if self.speculator is not None:
             self.speculator.forget(req_ids)
 
@@ -63,8 +66,7 @@ class ModelRunner:
         if to_sample:
             self._sample(to_sample, hidden, query_starts, output)
             if self.speculator is not None:
-                output.draft_token_ids = self.speculator.propose(
-                    to_sample, output.sampled_token_ids, len(batch))
+                self._propose(to_sample, output, len(batch))
         for request in batch:
             if request.sampling_params.prompt_logprobs is not None:
                 scored = self._prompt_logprobs(request, hidden, query_starts[request.req_id])
@@ -88,8 +90,9 @@ class ModelRunner:
         sampling = prepare_sampling(rows, self.generators, self.config.vocab_size, self.device)
         sampling.grammar = self.grammar_masker.for_step(requests, self.device)
         if verifying:
-            tokens, entries = self.rejection_sampler(logits, sampling,
-                                                     [r.draft_token_ids for r in requests])
+            tokens, entries = self.rejection_sampler(
+                logits, sampling, [r.draft_token_ids for r in requests],
+                [self._pending_draft_probs(r) for r in requests])
         else:
             sampled, single = self.sampler(logits, sampling)
             tokens = [[token] for token in sampled.tolist()]
@@ -98,6 +101,22 @@ class ModelRunner:
             output.sampled_token_ids[request.req_id] = new_tokens
             if entry is not None:
                 output.logprobs[request.req_id] = entry
+
+    def _propose(self, requests: list[ScheduledRequest], output: RunnerOutput,
+                 batch_size: int) -> None:
+        proposals = self.speculator.propose(requests, output.sampled_token_ids, batch_size,
+                                            self.generators, self.sampler.generator)
+        output.draft_token_ids = proposals.token_ids
+        for request in requests:
+            self.draft_probs.pop(request.req_id, None)
+        self.draft_probs.update(proposals.probs)
+
+    def _pending_draft_probs(self, request: ScheduledRequest) -> torch.Tensor | None:
+        """The distributions of the drafts verified now; the scheduler may have kept only
+        the first few drafts."""
+        probs = self.draft_probs.get(request.req_id)
+        return None if probs is None or not request.draft_token_ids \
+            else probs[:len(request.draft_token_ids)]
 
     def _ensure_generators(self, requests: list[ScheduledRequest]) -> None:
         for request in requests:
