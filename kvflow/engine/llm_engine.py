@@ -23,6 +23,8 @@ from kvflow.engine.args import EngineArgs
 from kvflow.engine.output_processor import OutputProcessor, ParentState
 from kvflow.engine.stats import EngineStats, SpecDecodeStats, StepObservations
 from kvflow.kernels.tuning import install_native_kernels, native_cpu_ops
+from kvflow.models.gguf import is_gguf
+from kvflow.models.gguf.tokenizer import load_gguf_tokenizer
 from kvflow.models.loader import build_model, resolve_model_path
 from kvflow.outputs import (CompletionOutput, RequestMetrics, RequestOutput, RunnerOutput,
                             SchedulerOutput)
@@ -379,10 +381,13 @@ class LLMEngine:
 
 
 def _load_tokenizer(path: str) -> PreTrainedTokenizerBase:
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except Exception as exc:
-        raise ValueError(f"could not load a tokenizer from {path}: {exc}") from exc
+    if is_gguf(path):
+        tokenizer = load_gguf_tokenizer(path)
+    else:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        except Exception as exc:
+            raise ValueError(f"could not load a tokenizer from {path}: {exc}") from exc
     if getattr(tokenizer, "backend_tokenizer", None) is None:
         raise ValueError(f"the tokenizer in {path} has no fast (tokenizers) backend, "
                          "which kvflow's incremental detokenizer needs")

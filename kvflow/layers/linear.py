@@ -17,7 +17,9 @@ from kvflow.quantization.unquantized import UnquantizedLinearMethod
 class Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool,
                  quant_config: QuantizationConfig | None = None,
-                 shard_sizes: dict[str, int] | None = None) -> None:
+                 shard_sizes: dict[str, int] | None = None, prefix: str = "") -> None:
+        """prefix: the layer's name in the model (e.g. "model.layers.0.mlp.down_proj"), which
+        a quantization config may choose the layer's method by."""
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
@@ -27,7 +29,7 @@ class Linear(nn.Module):
             self.shard_offsets[name] = (offset, size)
             offset += size
         self.method = (UnquantizedLinearMethod() if quant_config is None
-                       else quant_config.linear_method())
+                       else quant_config.linear_method(prefix))
         self.method.create_weights(self, bias)
         self.plan: object | None = None  # the method's fit to this machine (kernels/tuning.py)
 
@@ -47,9 +49,9 @@ class MergedLinear(Linear):
     """Several projections of the same input in one matmul, loaded shard by shard."""
 
     def __init__(self, in_features: int, shard_sizes: dict[str, int], bias: bool,
-                 quant_config: QuantizationConfig | None = None) -> None:
+                 quant_config: QuantizationConfig | None = None, prefix: str = "") -> None:
         super().__init__(in_features, sum(shard_sizes.values()), bias, quant_config,
-                         shard_sizes)
+                         shard_sizes, prefix)
 
     def split(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return x.split([size for _, size in self.shard_offsets.values()], dim=-1)

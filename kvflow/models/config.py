@@ -107,8 +107,12 @@ class ModelConfig:
     def from_pretrained(cls, path: str | os.PathLike) -> "ModelConfig":
         from transformers import AutoConfig
 
+        from kvflow.models.gguf import GgufFile, is_gguf
+        from kvflow.models.gguf.config import gguf_model_config
         from kvflow.models.registry import architecture_traits
 
+        if is_gguf(path):
+            return gguf_model_config(GgufFile(path))
         hf = AutoConfig.from_pretrained(str(path))
         architectures = getattr(hf, "architectures", None) or []
         if not architectures:

@@ -28,10 +28,12 @@ class Attention(nn.Module):
         self.head_dim = config.head_dim
         q_size = config.num_heads * config.head_dim
         kv_size = config.num_kv_heads * config.head_dim
+        prefix = f"model.layers.{layer_idx}.self_attn"
         self.qkv_proj = MergedLinear(config.hidden_size, {"q": q_size, "k": kv_size, "v": kv_size},
-                                     bias=config.qkv_bias, quant_config=quant_config)
+                                     bias=config.qkv_bias, quant_config=quant_config,
+                                     prefix=f"{prefix}.qkv_proj")
         self.o_proj = Linear(q_size, config.hidden_size, bias=config.o_bias,
-                             quant_config=quant_config)
+                             quant_config=quant_config, prefix=f"{prefix}.o_proj")
         self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.rotary = rotary
@@ -50,13 +52,16 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig, quant_config: QuantizationConfig | None) -> None:
+    def __init__(self, config: ModelConfig, layer_idx: int,
+                 quant_config: QuantizationConfig | None) -> None:
         super().__init__()
         size = config.intermediate_size
+        prefix = f"model.layers.{layer_idx}.mlp"
         self.gate_up_proj = MergedLinear(config.hidden_size, {"gate": size, "up": size},
-                                         bias=config.mlp_bias, quant_config=quant_config)
+                                         bias=config.mlp_bias, quant_config=quant_config,
+                                         prefix=f"{prefix}.gate_up_proj")
         self.down_proj = Linear(size, config.hidden_size, bias=config.mlp_bias,
-                                quant_config=quant_config)
+                                quant_config=quant_config, prefix=f"{prefix}.down_proj")
         self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -68,7 +73,7 @@ class DecoderLayer(nn.Module):
                  quant_config: QuantizationConfig | None) -> None:
         super().__init__()
         self.self_attn = Attention(config, layer_idx, rotary, quant_config)
-        self.mlp = MLP(config, quant_config)
+        self.mlp = MLP(config, layer_idx, quant_config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 

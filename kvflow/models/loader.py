@@ -4,7 +4,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -12,8 +12,10 @@ from safetensors import safe_open
 from torch import nn
 
 from kvflow.models.config import ModelConfig
+from kvflow.models.gguf import GgufFile, is_gguf
+from kvflow.models.gguf.weights import gguf_tensors, plan_gguf
 from kvflow.models.llama import LlamaForCausalLM
-from kvflow.quantization.base import QuantizationConfig, checked_copy
+from kvflow.quantization.base import PrequantizedWeight, QuantizationConfig, checked_copy
 
 logger = logging.getLogger(__name__)
 
@@ -23,9 +25,13 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 def resolve_model_path(model: str, revision: str | None = None,
                        download_dir: str | None = None) -> Path:
-    """A local directory as it is; anything else is fetched from the Hugging Face Hub (at
-    `revision`, into `download_dir` or the Hugging Face cache)."""
+    """A local directory or GGUF file as it is; anything else is fetched from the Hugging
+    Face Hub (at `revision`, into `download_dir` or the Hugging Face cache)."""
     local = Path(model).expanduser()
+    if is_gguf(local):
+        if not local.is_file():
+            raise ValueError(f"GGUF file {model!r} does not exist")
+        return local
     if local.is_dir():
         if not (local / "config.json").exists():
             raise ValueError(f"model directory {local} has no config.json")
@@ -59,9 +65,22 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
 def build_model(config: ModelConfig, dtype: torch.dtype, device: torch.device,
                 max_positions: int,
                 quant_config: QuantizationConfig | None = None) -> LlamaForCausalLM:
+    """quant_config: quantize a float checkpoint at load; a GGUF file's layers take the
+    formats its tensors are in (kvflow/models/gguf/weights.py)."""
+    path = Path(config.path)
+    gguf = GgufFile(path) if is_gguf(path) else None
+    if gguf is not None:
+        if quant_config is not None:
+            raise ValueError(f"quantization={quant_config.name!r} quantizes a float "
+                             "checkpoint at load; a GGUF file's weights keep the formats "
+                             "they are stored in")
+        quant_config = plan_gguf(gguf, dtype)
     with torch.device(device), _default_dtype(dtype):
         model = LlamaForCausalLM(config, max_positions, quant_config)
-    load_weights(model, Path(config.path))
+    if gguf is not None:
+        load_weights(model, gguf_tensors(gguf, config, quant_config, dtype), gguf.path.name)
+    else:
+        load_weights(model, _safetensors_tensors(path), str(path))
     return model.eval().requires_grad_(False)
 
 
@@ -76,9 +95,20 @@ def _safetensors_files(path: Path) -> list[Path]:
     return files
 
 
-def load_weights(model: LlamaForCausalLM, path: Path) -> None:
-    """Hand each checkpoint tensor, in its own dtype, to its parameter's weight_loader,
-    which converts, quantizes or packs it as the parameter's method stores it."""
+def _safetensors_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    for file in _safetensors_files(path):
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for key in f.keys():
+                yield key, f.get_tensor(key)
+
+
+def load_weights(model: LlamaForCausalLM,
+                 tensors: Iterable[tuple[str, torch.Tensor | PrequantizedWeight]],
+                 source: str) -> None:
+    """Hand each checkpoint tensor (Hugging Face name, tensor in its own dtype or already
+    in a quantized layout) to its parameter's weight_loader, which converts, quantizes or
+    packs it as the parameter's method stores it. `source` names the checkpoint in
+    errors."""
     params = dict(model.named_parameters())
     expected: set[tuple[str, str | None]] = set()
     for name, param in params.items():
@@ -88,22 +118,23 @@ def load_weights(model: LlamaForCausalLM, path: Path) -> None:
         expected.update((name, shard) for shard in shards)
     loaded: set[tuple[str, str | None]] = set()
     tied = model.lm_head is None
-    for file in _safetensors_files(path):
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            for key in f.keys():
-                if key.endswith(_IGNORED_SUFFIXES) or (tied and key == "lm_head.weight"):
-                    continue
-                name, shard = _map_name(key, model.packed_modules)
-                if name not in params:
-                    raise ValueError(f"checkpoint tensor {key!r} in {file.name} matches no "
-                                     f"parameter of {model.config.architecture}")
-                param = params[name]
-                loader = getattr(param, "weight_loader", _default_weight_loader)
-                loader(param, f.get_tensor(key), shard)
-                loaded.add((name, shard))
+    for key, tensor in tensors:
+        if key.endswith(_IGNORED_SUFFIXES) or (tied and key == "lm_head.weight"):
+            continue
+        name, shard = _map_name(key, model.packed_modules)
+        if name not in params:
+            raise ValueError(f"checkpoint tensor {key!r} in {source} matches no "
+                             f"parameter of {model.config.architecture}")
+        param = params[name]
+        loader = getattr(param, "weight_loader", _default_weight_loader)
+        try:
+            loader(param, tensor, shard)
+        except ValueError as exc:
+            raise ValueError(f"checkpoint tensor {key!r} in {source}: {exc}") from exc
+        loaded.add((name, shard))
     missing = sorted(f"{n}[{s}]" if s else n for n, s in expected - loaded)
     if missing:
-        raise ValueError(f"checkpoint {path} lacks {len(missing)} tensors, e.g. {missing[:5]}")
+        raise ValueError(f"checkpoint {source} lacks {len(missing)} tensors, e.g. {missing[:5]}")
 
 
 def _default_weight_loader(param: nn.Parameter, loaded: torch.Tensor,

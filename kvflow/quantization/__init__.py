@@ -19,5 +19,5 @@ def quantization_config(name: str | None, group_size: int) -> QuantizationConfig
     raise ValueError(
         f"quantization={name!r} is not supported: kvflow quantizes a bf16, fp16 or fp32 "
         f"checkpoint at load with {' or '.join(repr(q) for q in QUANTIZATIONS)} (weight-only; "
-        "the embedding and LM head stay in the checkpoint's dtype); pre-quantized checkpoints "
-        "(GPTQ, AWQ, GGUF, fp8) are not loaded yet")
+        "the embedding and LM head stay in the checkpoint's dtype); a GGUF file loads as the "
+        "model itself, in its own formats; GPTQ, AWQ and fp8 checkpoints are not loaded yet")

@@ -45,7 +45,20 @@ class QuantizationConfig(ABC):
     name: str
 
     @abstractmethod
-    def linear_method(self) -> LinearMethod: ...
+    def linear_method(self, prefix: str) -> LinearMethod:
+        """The method of the layer named `prefix` (its checkpoint name, e.g.
+        "model.layers.0.self_attn.qkv_proj"; "" where the caller has none): a file whose
+        tensors come in several formats (GGUF) answers per layer."""
+
+
+@dataclass(frozen=True)
+class PrequantizedWeight:
+    """A checkpoint weight already in a quantized method's layout (read from a GGUF file,
+    say): `parts` are what the method's quantize function would return for it, in that
+    order, and `layout` names the layout so that a method never takes another's parts."""
+
+    layout: str
+    parts: tuple[torch.Tensor, ...]
 
 
 def add_parameter(layer: nn.Module, name: str, data: torch.Tensor, loader: WeightLoader,
@@ -126,21 +139,28 @@ def dequantize_kernel(layer: Linear, x: torch.Tensor, ops: ModuleType | None) ->
 
 
 def quantized_rows_loader(layer: Linear, quantize: Callable[[torch.Tensor], tuple[torch.Tensor, ...]],
-                          targets: tuple[str, ...]) -> WeightLoader:
-    """A loader for a quantize-at-load weight: it quantizes a shard of the checkpoint's
-    floating-point weight and writes the results (packed values, scales, ...) into the
-    shard's rows of the layer's parameters named in `targets`, in the order `quantize`
-    returns them."""
+                          targets: tuple[str, ...], layout: str) -> WeightLoader:
+    """A loader for a quantized weight: it quantizes a shard of the checkpoint's
+    floating-point weight, or takes a `PrequantizedWeight` in `layout` as it is, and writes
+    the parts (packed values, scales, ...) into the shard's rows of the layer's parameters
+    named in `targets`, in the order `quantize` returns them."""
 
-    def load(param: nn.Parameter, loaded: torch.Tensor, shard: str | None) -> None:
+    def load(param: nn.Parameter, loaded: torch.Tensor | PrequantizedWeight,
+             shard: str | None) -> None:
         offset, size = layer.rows(shard)
-        if loaded.shape != (size, layer.in_features):
-            raise ValueError(f"checkpoint tensor has shape {tuple(loaded.shape)}, "
-                             f"expected {(size, layer.in_features)}")
-        if not loaded.is_floating_point():
-            raise ValueError(f"quantizing at load needs a floating-point checkpoint weight, "
-                             f"got {loaded.dtype}")
-        for name, part in zip(targets, quantize(loaded.to(param.device))):
-            getattr(layer, name).data.narrow(0, offset, size).copy_(part)
+        if isinstance(loaded, PrequantizedWeight):
+            if loaded.layout != layout:
+                raise ValueError(f"a {loaded.layout} weight cannot load into a {layout} layer")
+            parts = loaded.parts
+        else:
+            if loaded.shape != (size, layer.in_features):
+                raise ValueError(f"checkpoint tensor has shape {tuple(loaded.shape)}, "
+                                 f"expected {(size, layer.in_features)}")
+            if not loaded.is_floating_point():
+                raise ValueError(f"quantizing at load needs a floating-point checkpoint "
+                                 f"weight, got {loaded.dtype}")
+            parts = quantize(loaded.to(param.device))
+        for name, part in zip(targets, parts, strict=True):
+            checked_copy(getattr(layer, name).data.narrow(0, offset, size), part)
 
     return load

@@ -25,6 +25,11 @@ PACK_BLOCK = 64  # input columns per packed block
 GROUP_MULTIPLE = 32  # the native kernel applies scales per run of 32 columns
 
 
+def layout(group_size: int) -> str:
+    """The name a PrequantizedWeight in this layout carries."""
+    return f"int4-g{group_size}"
+
+
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
     """q uint8 [out, in] with values in [0, 15] -> [out, in / 2], the layout above."""
     rows, cols = q.shape
@@ -80,7 +85,7 @@ class Int4LinearMethod(QuantizedLinearMethod):
         dtype = torch.get_default_dtype()
         loader = quantized_rows_loader(
             layer, lambda w: quantize_int4(w, self.group_size, dtype),
-            ("weight", "weight_scale", "weight_offset"))
+            ("weight", "weight_scale", "weight_offset"), layout(self.group_size))
         groups = cols // self.group_size
         add_parameter(layer, "weight", torch.empty(layer.out_features, cols // 2,
                                                    dtype=torch.uint8), loader)
@@ -103,5 +108,5 @@ class Int4Config(QuantizationConfig):
             raise ValueError(f"quantization_group_size must be a positive multiple of "
                              f"{GROUP_MULTIPLE}, got {self.group_size}")
 
-    def linear_method(self) -> Int4LinearMethod:
+    def linear_method(self, prefix: str = "") -> Int4LinearMethod:
         return Int4LinearMethod(self.group_size)

@@ -18,6 +18,9 @@ if TYPE_CHECKING:
     from kvflow.layers.linear import Linear
 
 
+LAYOUT = "int8"  # the name a PrequantizedWeight in this layout carries
+
+
 def quantize_int8(weight: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (q int8 [out, in], scale [out] in scale_dtype). q is rounded against the scale
     as stored, so q * scale is the weight the layer computes with."""
@@ -49,7 +52,7 @@ class Int8LinearMethod(QuantizedLinearMethod):
     def create_weights(self, layer: Linear, bias: bool) -> None:
         dtype = torch.get_default_dtype()
         loader = quantized_rows_loader(layer, lambda w: quantize_int8(w, dtype),
-                                       ("weight", "weight_scale"))
+                                       ("weight", "weight_scale"), LAYOUT)
         add_parameter(layer, "weight", torch.empty(layer.out_features, layer.in_features,
                                                    dtype=torch.int8), loader)
         add_parameter(layer, "weight_scale", torch.empty(layer.out_features), loader,
@@ -64,5 +67,5 @@ class Int8LinearMethod(QuantizedLinearMethod):
 class Int8Config(QuantizationConfig):
     name: ClassVar[str] = "int8"
 
-    def linear_method(self) -> Int8LinearMethod:
+    def linear_method(self, prefix: str = "") -> Int8LinearMethod:
         return Int8LinearMethod()

@@ -1,0 +1,113 @@
+"""A GGUF file opened with the `gguf` package's reader: its metadata, its tensors under
+Hugging Face names, and every reason kvflow cannot run it, found before anything is built.
+
+llama.cpp names tensors `blk.N.attn_q.weight` and keeps each architecture's settings under
+`{architecture}.*` keys; `GgufFile` maps both onto the names and fields kvflow's Llama-family
+model uses.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# GGUF's name for an architecture -> the Hugging Face architecture kvflow runs it as.
+# Mistral 7B files are written as "llama" by llama.cpp's converter.
+ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
+# Architectures whose q/k rows llama.cpp's converter permutes for its interleaved rotary.
+PERMUTED_QK = ("llama",)
+
+_GLOBAL_NAMES = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+}
+_LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_LAYER_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+
+
+def is_gguf(path: str | Path) -> bool:
+    return str(path).lower().endswith(".gguf")
+
+
+def hf_tensor_name(name: str) -> str:
+    """llama.cpp's tensor name -> the Hugging Face checkpoint's; ValueError if kvflow's
+    model has no such tensor (rope_freqs, which holds Llama 3.1's rotary factors, among
+    them)."""
+    match = _LAYER_TENSOR.fullmatch(name)
+    if match and match.group(2) in _LAYER_NAMES:
+        return f"model.layers.{match.group(1)}.{_LAYER_NAMES[match.group(2)]}.{match.group(3)}"
+    base, _, kind = name.rpartition(".")
+    if base in _GLOBAL_NAMES and kind in ("weight", "bias"):
+        return f"{_GLOBAL_NAMES[base]}.{kind}"
+    raise ValueError(f"GGUF tensor {name!r} has no counterpart in kvflow's Llama-family model")
+
+
+@dataclass(frozen=True)
+class GgufTensor:
+    name: str  # llama.cpp's
+    hf_name: str
+    type_name: str  # GGML type, e.g. "Q4_K"
+    shape: tuple[int, ...]  # torch order: [out_features, in_features] for a weight
+    data: np.ndarray  # the file's bytes or values, memory-mapped; rows in the file's order
+
+
+class GgufFile:
+    def __init__(self, path: str | Path) -> None:
+        from gguf import GGUFReader
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise ValueError(f"GGUF file {self.path} does not exist")
+        try:
+            self._reader = GGUFReader(self.path)
+        except Exception as exc:  # the reader fails in many ways on a damaged file
+            raise ValueError(f"{self.path} could not be read as GGUF (truncated, damaged, or "
+                             f"a tensor type the gguf package does not know): "
+                             f"{type(exc).__name__}: {exc}") from exc
+        self.gguf_architecture = str(self.get("general.architecture"))
+        if self.gguf_architecture not in ARCHITECTURES:
+            raise ValueError(f"{self.path.name}: GGUF architecture {self.gguf_architecture!r} is "
+                             f"not supported; supported: {', '.join(sorted(ARCHITECTURES))}")
+        self.architecture = ARCHITECTURES[self.gguf_architecture]
+        self.tensors = self._read_tensors()
+
+    def get(self, key: str, default: Any = ...) -> Any:
+        """A metadata value; without a default, a missing key is an error naming it."""
+        field = self._reader.get_field(key)
+        if field is None:
+            if default is ...:
+                raise ValueError(f"{self.path.name} lacks the GGUF metadata key {key!r}")
+            return default
+        return field.contents()
+
+    def arch(self, key: str, default: Any = ...) -> Any:
+        """A `{architecture}.key` value."""
+        return self.get(f"{self.gguf_architecture}.{key}", default)
+
+    def _read_tensors(self) -> dict[str, GgufTensor]:
+        tensors = {}
+        for t in self._reader.tensors:
+            shape = tuple(int(n) for n in reversed(t.shape.tolist()))
+            tensors[t.name] = GgufTensor(t.name, hf_tensor_name(t.name), t.tensor_type.name,
+                                         shape, t.data)
+        return tensors

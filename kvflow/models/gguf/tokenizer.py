@@ -1,0 +1,19 @@
+"""A GGUF file's tokenizer and chat template, built by transformers
+(`AutoTokenizer.from_pretrained(directory, gguf_file=name)`), which turns llama.cpp's
+vocabulary, merges, token types and pre-tokenizer name back into a fast tokenizer and
+reads `tokenizer.chat_template`."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+
+def load_gguf_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    path = Path(path)
+    try:
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except Exception as exc:  # transformers raises many types for a vocabulary it cannot build
+        raise ValueError(f"could not build a tokenizer from {path.name}'s GGUF metadata "
+                         f"({type(exc).__name__}: {exc}); pass --tokenizer with a directory "
+                         "that holds the model's tokenizer.json") from exc

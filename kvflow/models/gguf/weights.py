@@ -1,0 +1,223 @@
+"""A GGUF file's tensors as kvflow parameters: which linear layers run which kvflow method,
+and each tensor unpacked for it.
+
+Per linear layer (all of a fused layer's shards together):
+- Q4_0 and Q4_K become int4 with a group of 32 (a Q4_K sub-block, or a Q4_0 block): both
+  are w = q * scale + offset per 32 weights with q in [0, 15], Q4_K's nibbles already in
+  kvflow's packed order and Q4_0's repacked. Exact where the model runs in float32; in
+  bf16 or fp16 each group's scale and offset are rounded to that dtype.
+- Q8_0 becomes int8, which keeps one scale per output row where Q8_0 keeps one per 32
+  weights: each weight is dequantized and rounded again to its row's grid (the log says
+  how far that moved the weights).
+- Everything else (F32, F16, BF16, Q6_K, Q5_K, Q5_0, ... and a layer whose shards differ)
+  is dequantized at load, by the gguf package, to the model's dtype. So are the embedding,
+  the LM head and the norms.
+A type the gguf package cannot dequantize is refused with the model's config
+(gguf/config.py), before anything is built.
+"""
+from __future__ import annotations
+
+import logging
+from collections import Counter, defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+from kvflow.models.config import ModelConfig
+from kvflow.models.gguf.file import PERMUTED_QK, GgufFile, GgufTensor
+from kvflow.quantization.base import LinearMethod, PrequantizedWeight, QuantizationConfig
+from kvflow.quantization.int4 import Int4LinearMethod, pack_int4
+from kvflow.quantization.int4 import layout as int4_layout
+from kvflow.quantization.int8 import Int8LinearMethod, quantize_int8
+from kvflow.quantization.unquantized import UnquantizedLinearMethod
+
+logger = logging.getLogger(__name__)
+
+INT4_GROUP = 32
+_NATIVE = {"Q4_0": "int4", "Q4_K": "int4", "Q8_0": "int8"}
+_FLOATS = ("F32", "F16", "BF16")
+_GGUF_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+# checkpoint projection -> the fused layer kvflow loads it into
+_FUSED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
+          "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
+
+
+def _layer_prefix(hf_name: str) -> str:
+    module = hf_name.rsplit(".", 1)[0]
+    parent, _, leaf = module.rpartition(".")
+    return f"{parent}.{_FUSED[leaf]}" if leaf in _FUSED else module
+
+
+@dataclass(frozen=True)
+class GgufQuantConfig(QuantizationConfig):
+    """The method of each linear layer of a GGUF model: "int4", "int8", or absent
+    (the model's dtype)."""
+
+    name: ClassVar[str] = "gguf"
+    methods: dict[str, str] = field(default_factory=dict)
+
+    def linear_method(self, prefix: str) -> LinearMethod:
+        method = self.methods.get(prefix)
+        if method == "int4":
+            return Int4LinearMethod(INT4_GROUP)
+        if method == "int8":
+            return Int8LinearMethod()
+        return UnquantizedLinearMethod()
+
+
+def plan_gguf(file: GgufFile, dtype: torch.dtype) -> GgufQuantConfig:
+    """Choose each linear layer's method from its tensors' types (checked by
+    gguf_model_config), and log what each type becomes."""
+    layer_types: dict[str, set[str]] = defaultdict(set)
+    in_features: dict[str, int] = {}
+    for t in file.tensors.values():
+        if _is_decoder_weight(t):
+            prefix = _layer_prefix(t.hf_name)
+            layer_types[prefix].add(t.type_name)
+            in_features[prefix] = t.shape[1]
+    methods = {}
+    for prefix, types in layer_types.items():
+        targets = {_NATIVE.get(name) for name in types}
+        method = targets.pop() if len(targets) == 1 else None
+        # int4's packed blocks are 64 columns wide; a Q4_0 row need only be a multiple of 32.
+        if method is not None and (method != "int4" or in_features[prefix] % 64 == 0):
+            methods[prefix] = method
+    config = GgufQuantConfig(methods)
+    became = Counter((t.type_name, _target(config, t, dtype)) for t in file.tensors.values())
+    for (type_name, target), count in sorted(became.items()):
+        logger.info("GGUF %s: %d tensor(s) -> %s", type_name, count, target)
+    return config
+
+
+def _is_decoder_weight(t: GgufTensor) -> bool:
+    return t.name.startswith("blk.") and t.name.endswith(".weight") and len(t.shape) == 2
+
+
+def _method(config: GgufQuantConfig, t: GgufTensor) -> str | None:
+    return config.methods.get(_layer_prefix(t.hf_name)) if _is_decoder_weight(t) else None
+
+
+def _target(config: GgufQuantConfig, t: GgufTensor, dtype: torch.dtype) -> str:
+    method = _method(config, t)
+    dtype_name = str(dtype).removeprefix("torch.")
+    if method == "int4":
+        exact = ("exact" if dtype == torch.float32
+                 else f"exact but for scales and offsets rounded to {dtype_name}")
+        return f"int4 g{INT4_GROUP} ({exact})"
+    if method == "int8":
+        return "int8 per output channel (dequantized and requantized)"
+    if _GGUF_NAMES.get(dtype) == t.type_name:
+        return dtype_name
+    if t.type_name in _FLOATS:
+        return f"{dtype_name} (converted)"
+    return f"{dtype_name} (dequantized at load)"
+
+
+def _qk_row_order(num_heads: int, rows: int) -> torch.Tensor:
+    """Rows of a checkpoint q/k weight in the order llama.cpp's converter stored them:
+    within each head it interleaves the two rotary halves (row i of the first half, row i
+    of the second, ...), which kvflow's rotate-half rotary reads split apart again."""
+    half = rows // num_heads // 2
+    return torch.arange(rows).view(num_heads, half, 2).transpose(1, 2).reshape(-1)
+
+
+def _f16_scales(block_bytes: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(block_bytes).view(np.float16)[..., 0]).float()
+
+
+def unpack_q4_0(data: np.ndarray, rows: int, cols: int) -> tuple[torch.Tensor, ...]:
+    """Q4_0 blocks (an fp16 scale d, then 16 bytes: element j in the low nibble of byte j,
+    element 16 + j in its high one; w = d * (q - 8)) -> int4 g32 parts."""
+    blocks = data.reshape(rows, cols // 32, 18)
+    d = _f16_scales(blocks[..., :2])
+    qs = torch.from_numpy(np.ascontiguousarray(blocks[..., 2:]))
+    q = torch.cat([qs & 15, qs >> 4], dim=-1).view(rows, cols)
+    return pack_int4(q), d, -8 * d
+
+
+def unpack_q4_k(data: np.ndarray, rows: int, cols: int) -> tuple[torch.Tensor, ...]:
+    """Q4_K super-blocks of 256 (fp16 d and dmin, twelve bytes of 6-bit scales and mins for
+    eight sub-blocks of 32, then 128 bytes of nibbles; w = d * sc * q - dmin * m) -> int4
+    g32 parts. The nibbles are laid out as kvflow packs int4: each 64-column run's byte j
+    holds column j low and 32 + j high, so they are copied as they are."""
+    blocks = data.reshape(rows, cols // 256, 144)
+    d, dmin = _f16_scales(blocks[..., 0:2]), _f16_scales(blocks[..., 2:4])
+    packed = torch.from_numpy(np.ascontiguousarray(blocks[..., 4:16])).view(rows, -1, 3, 4)
+    low, high, rest = packed[:, :, 0].int(), packed[:, :, 1].int(), packed[:, :, 2].int()
+    # Sub-blocks 0-3 keep six bits in the first two rows of four bytes; 4-7 take four bits
+    # from the third row and their top two from the first two rows' spare bits.
+    sc = torch.cat([low & 63, (rest & 15) | ((low >> 6) << 4)], dim=-1)
+    m = torch.cat([high & 63, (rest >> 4) | ((high >> 6) << 4)], dim=-1)
+    scale = (d[..., None] * sc.float()).view(rows, -1)
+    offset = -(dmin[..., None] * m.float()).view(rows, -1)
+    qs = torch.from_numpy(np.ascontiguousarray(blocks[..., 16:])).reshape(rows, cols // 2)
+    return qs, scale, offset
+
+
+_UNPACK = {"Q4_0": unpack_q4_0, "Q4_K": unpack_q4_k}
+
+
+def dequantize(t: GgufTensor) -> torch.Tensor:
+    """The tensor as floats: F32/F16 as stored, anything else by the gguf package's
+    dequantizer (float32)."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize as gguf_dequantize
+
+    if t.type_name in ("F32", "F16"):
+        array = np.asarray(t.data)
+    else:
+        array = gguf_dequantize(np.asarray(t.data), GGMLQuantizationType[t.type_name])
+    # A copy: the memory-mapped file is read-only, and torch wants writable arrays.
+    return torch.from_numpy(np.array(array, copy=True).reshape(t.shape))
+
+
+@dataclass
+class _RequantizationError:
+    squared_error: float = 0.0
+    squared_norm: float = 0.0
+    tensors: int = 0
+
+    def add(self, weight: torch.Tensor, dtype: torch.dtype) -> None:
+        q, scale = quantize_int8(weight, dtype)
+        self.squared_error += float(((q.float() * scale.float()[:, None]) - weight).square().sum())
+        self.squared_norm += float(weight.square().sum())
+        self.tensors += 1
+
+
+def gguf_tensors(file: GgufFile, config: ModelConfig, quant: GgufQuantConfig,
+                 dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor | PrequantizedWeight]]:
+    """(Hugging Face name, what its parameter's weight_loader takes) for every tensor."""
+    requantized = _RequantizationError()
+    for t in file.tensors.values():
+        method = _method(quant, t)
+        if method == "int4":
+            parts = _UNPACK[t.type_name](np.asarray(t.data), *t.shape)
+            loaded: torch.Tensor | PrequantizedWeight = PrequantizedWeight(
+                int4_layout(INT4_GROUP), _unpermute(file, config, t, parts))
+        else:
+            weight = _unpermute(file, config, t, (dequantize(t),))[0]
+            if method == "int8":
+                requantized.add(weight.float(), dtype)
+            loaded = weight
+        yield t.hf_name, loaded
+    if requantized.tensors:
+        logger.info("GGUF Q8_0 -> int8: %d tensors requantized per output channel, relative "
+                    "RMS change of the weights %.3f%%", requantized.tensors,
+                    100 * (requantized.squared_error / requantized.squared_norm) ** 0.5)
+
+
+def _unpermute(file: GgufFile, config: ModelConfig, t: GgufTensor,
+               parts: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """Undo the q/k row permutation of llama.cpp's converter on every part (all are laid
+    out by output row)."""
+    if file.gguf_architecture not in PERMUTED_QK:
+        return parts
+    heads = {"self_attn.q_proj": config.num_heads, "self_attn.k_proj": config.num_kv_heads}
+    for leaf, num_heads in heads.items():
+        if f".{leaf}." in t.hf_name:
+            order = _qk_row_order(num_heads, parts[0].shape[0])
+            return tuple(part[order] for part in parts)
+    return parts

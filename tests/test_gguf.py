@@ -1,0 +1,294 @@
+"""GGUF files (kvflow/models/gguf/): tiny random Llama and Qwen2 checkpoints saved by
+transformers and written as GGUF by the gguf package's writer (kvflow/bench/gguf_export.py,
+laid out as llama.cpp's converter and llama-quantize lay them out), loaded back by kvflow.
+
+The gguf package quantizes Q8_0, Q4_0 and Q5_0 itself; it has no Q4_K or Q6_K quantizer, so
+gguf_export writes those blocks with its own round-to-nearest search, and every check here
+reads them back through the gguf package's dequantizers."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
+from gguf.quants import dequantize as gguf_dequantize
+from safetensors.torch import load_file, save_file
+
+from conftest import random_prompts
+from kvflow import LLM, SamplingParams
+from kvflow.bench.gguf_export import export_gguf, quantize, quantize_q4_k
+from kvflow.layers.linear import Linear
+from kvflow.models.config import ModelConfig
+from kvflow.models.gguf.weights import unpack_q4_0, unpack_q4_k
+from kvflow.quantization.int4 import dequantize_int4
+from kvflow.quantization.int8 import quantize_int8
+
+# Hidden and intermediate sizes whole numbers of Q4_K's 256-column super-blocks; with three
+# layers, Q4_K_M writes layer 2's attn_v and ffn_down as Q6_K.
+K_QUANT_SHAPE = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=3)
+
+
+@pytest.fixture(scope="session")
+def gguf_file(checkpoint, tmp_path_factory):
+    """gguf_file(variant, recipe, **overrides) -> (GGUF path, its source checkpoint)."""
+    cache = {}
+
+    def make(variant: str, recipe: str, **overrides):
+        key = (variant, recipe, tuple(sorted(overrides.items())))
+        if key not in cache:
+            source = checkpoint(variant, **overrides)
+            out = tmp_path_factory.mktemp("gguf") / f"{variant}-{recipe}.gguf"
+            cache[key] = (export_gguf(source, out, recipe), source)
+        return cache[key]
+
+    return make
+
+
+def _random_blocks(type_name: str, rows: int, cols: int, seed: int) -> np.ndarray:
+    """Blocks of random bytes, every bit pattern of nibbles and 6-bit scales included, with
+    their fp16 scales set to finite values."""
+    rng = np.random.default_rng(seed)
+    block, width = {"Q4_0": (32, 18), "Q4_K": (256, 144)}[type_name]
+    data = rng.integers(0, 256, (rows, cols // block, width), dtype=np.uint8)
+    scales = 2 if type_name == "Q4_0" else 4  # d (and Q4_K's dmin) lead each block
+    data[..., :scales] = (rng.random((rows, cols // block, scales // 2)) * 0.02).astype(
+        np.float16).view(np.uint8)
+    return data.reshape(rows, -1)
+
+
+@pytest.mark.parametrize("type_name,unpack", [("Q4_0", unpack_q4_0), ("Q4_K", unpack_q4_k)])
+def test_int4_unpacking_is_bit_exact_against_the_gguf_dequantizer(type_name, unpack):
+    rows, cols = 6, 512
+    data = _random_blocks(type_name, rows, cols, seed=0)
+    packed, scale, offset = unpack(data, rows, cols)
+    assert scale.shape == offset.shape == (rows, cols // 32)
+    expected = gguf_dequantize(data, GGMLQuantizationType[type_name])
+    assert torch.equal(dequantize_int4(packed, scale, offset), torch.from_numpy(expected))
+
+
+def test_the_k_quant_writers_make_blocks_the_gguf_package_reads_back_close():
+    weight = np.random.default_rng(1).standard_normal((4, 512)).astype(np.float32)
+    for type_name, step in (("Q4_K", 1 / 15), ("Q6_K", 1 / 63)):
+        back = gguf_dequantize(quantize(weight, type_name), GGMLQuantizationType[type_name])
+        groups = weight.reshape(4, -1, 32)
+        spread = (groups.max(-1) - np.minimum(groups.min(-1), 0)).repeat(32, axis=1)
+        # within about a rounding step of each group, plus the 6-bit rounding of its scale
+        assert (np.abs(back - weight) <= 1.1 * step * spread + 0.02).all(), type_name
+
+
+def _reader_tensor(path, name):
+    return next(t for t in GGUFReader(path).tensors if t.name == name)
+
+
+@pytest.mark.parametrize("recipe", ["F16", "BF16", "Q8_0", "Q4_0", "Q4_K_M"])
+def test_every_parameter_is_what_the_gguf_dequantizer_reads(gguf_file, recipe):
+    """Qwen2 (q/k/v biases, no q/k permutation): each loaded parameter, run in float32,
+    against the gguf package's dequantization of its tensor; int8 layers hold that
+    dequantization rounded to kvflow's per-row grid."""
+    path, _ = gguf_file("qwen2", recipe, **K_QUANT_SHAPE)
+    llm = LLM(str(path), dtype="float32", device="cpu", kv_cache_memory="8MiB")
+    model = llm.engine.runner.model
+    reader = GGUFReader(path)
+    types = {t.tensor_type.name for t in reader.tensors}
+    tensors = {t.name: torch.from_numpy(np.array(gguf_dequantize(t.data, t.tensor_type)).reshape(
+        tuple(reversed(t.shape.tolist())))) for t in reader.tensors}
+    assert torch.equal(model.model.embed_tokens.weight, tensors["token_embd.weight"])
+    methods = set()
+    for i, layer in enumerate(model.model.layers):
+        for linear, names in ((layer.self_attn.qkv_proj, ("attn_q", "attn_k", "attn_v")),
+                              (layer.mlp.gate_up_proj, ("ffn_gate", "ffn_up")),
+                              (layer.mlp.down_proj, ("ffn_down",))):
+            expected = torch.cat([tensors[f"blk.{i}.{n}.weight"] for n in names])
+            method = type(linear.method).__name__
+            methods.add(method)
+            if method == "Int8LinearMethod":
+                q, scale = quantize_int8(expected, torch.float32)
+                assert torch.equal(linear.weight, q) and torch.equal(linear.weight_scale, scale)
+            elif method == "Int4LinearMethod":
+                assert torch.equal(linear.method.dequantize(linear), expected)
+            else:
+                assert torch.equal(linear.weight, expected)
+        assert torch.equal(layer.self_attn.qkv_proj.bias, torch.cat(
+            [tensors[f"blk.{i}.{n}.bias"] for n in ("attn_q", "attn_k", "attn_v")]))
+        assert torch.equal(layer.input_layernorm.weight, tensors[f"blk.{i}.attn_norm.weight"])
+    native = {"Q8_0": "Int8LinearMethod", "Q4_0": "Int4LinearMethod",
+              "Q4_K_M": "Int4LinearMethod"}.get(recipe)
+    if recipe == "Q4_K_M":  # layer 2's Q6_K v (in the fused qkv) and down run unquantized
+        assert {"Q4_K", "Q6_K"} <= types and methods == {native, "UnquantizedLinearMethod"}
+    else:
+        assert methods == {native or "UnquantizedLinearMethod"}
+
+
+@pytest.mark.parametrize("variant", ["llama-gqa", "llama-mha-tied-bias", "qwen2", "qwen3"])
+@pytest.mark.parametrize("recipe", ["F32", "F16"])
+def test_float_gguf_gives_the_safetensors_tokens(checkpoint, gguf_file, variant, recipe):
+    """Greedy tokens and prompt logprobs of the GGUF equal the checkpoint's it was written
+    from (saved in the GGUF's float type), both run in float32; Llama's q/k rows (and their
+    biases) come back from llama.cpp's order."""
+    dtype = {"F32": "float32", "F16": "float16"}[recipe]
+    path, source = gguf_file(variant, recipe, dtype=dtype)
+    prompts = [{"prompt_token_ids": p} for p in random_prompts(4, seed=3)]
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, prompt_logprobs=0)
+    results = []
+    for model in (source, path):
+        llm = LLM(str(model), dtype="float32", device="cpu", kv_cache_memory="8MiB")
+        results.append(llm.generate(prompts, params, use_tqdm=False))
+    for expected, actual in zip(*results):
+        assert actual.outputs[0].token_ids == expected.outputs[0].token_ids
+        for e, a in zip(expected.prompt_logprobs[1:], actual.prompt_logprobs[1:]):
+            assert next(iter(a.values())).logprob == pytest.approx(
+                next(iter(e.values())).logprob, abs=1e-4)
+
+
+def _dequantized_reference(gguf_path, source, out):
+    """The source checkpoint with every matrix replaced by what the GGUF's type makes of it
+    (quantized and dequantized by the gguf package), computed from the source's own rows:
+    blocks run along rows, so llama.cpp's q/k row order does not change them."""
+    reader = GGUFReader(gguf_path)
+    types = {t.name: t.tensor_type for t in reader.tensors}
+    names = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v",
+             "o_proj": "attn_output", "gate_proj": "ffn_gate", "up_proj": "ffn_up",
+             "down_proj": "ffn_down"}
+    weights = load_file(str(source / "model.safetensors"))
+    for key, value in weights.items():
+        parts = key.split(".")
+        if value.dim() == 2 and parts[1] == "layers":
+            qtype = types[f"blk.{parts[2]}.{names[parts[4]]}.weight"]
+        elif key in ("model.embed_tokens.weight", "lm_head.weight"):
+            qtype = types["token_embd.weight" if "embed" in key else "output.weight"]
+        else:
+            continue
+        array = value.float().numpy()
+        weights[key] = torch.from_numpy(gguf_dequantize(quantize(array, qtype.name), qtype))
+    out.mkdir()
+    for file in source.iterdir():
+        if file.suffix != ".safetensors":
+            (out / file.name).write_bytes(file.read_bytes())
+    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+def _logprobs(model, **options) -> list[torch.Tensor]:
+    llm = LLM(str(model), dtype="float32", device="cpu", kv_cache_memory="8MiB", **options)
+    prompts = [{"prompt_token_ids": p} for p in random_prompts(3, seed=5, low=20, high=30)]
+    params = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0)
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    return [torch.tensor([next(iter(e.values())).logprob for e in o.prompt_logprobs[1:]])
+            for o in outputs]
+
+
+@pytest.mark.parametrize("variant", ["llama-gqa", "qwen2"])
+@pytest.mark.parametrize("recipe,tolerance", [("Q4_0", 1e-4), ("Q4_K_M", 1e-4), ("Q8_0", 0.25)])
+def test_quantized_gguf_logits_match_the_dequantized_reference(gguf_file, tmp_path, variant,
+                                                               recipe, tolerance):
+    """int4 layers (Q4_0, Q4_K) hold the file's weights exactly, so only summation order
+    separates them from the dequantized reference; Q8_0 is rounded again to int8's per-row
+    grid, which moves these amplified test weights' logprobs by about 0.1 on average."""
+    path, source = gguf_file(variant, recipe, **K_QUANT_SHAPE)
+    reference = _logprobs(_dequantized_reference(path, source, tmp_path / "reference"))
+    for eager in (False, True):
+        actual = _logprobs(path, enforce_eager=eager)
+        for a, r in zip(actual, reference):
+            assert (a - r).abs().mean() < tolerance, (eager, (a - r).abs().mean())
+
+
+@pytest.mark.parametrize("variant", ["llama-gqa", "qwen2"])
+def test_tokenizer_and_chat_template_come_from_the_file(gguf_file, variant):
+    path, source = gguf_file(variant, "Q8_0", **K_QUANT_SHAPE)
+    gguf_tokenizer = LLM(str(path), device="cpu", kv_cache_memory="8MiB").get_tokenizer()
+    from transformers import AutoTokenizer
+
+    original = AutoTokenizer.from_pretrained(source)
+    text = "def fibonacci(n):\n    return n <|user|>hello<|end|> world  é"
+    assert gguf_tokenizer.encode(text) == original.encode(text)
+    messages = [{"role": "user", "content": "hello"}]
+    assert (gguf_tokenizer.apply_chat_template(messages, tokenize=False,
+                                               add_generation_prompt=True)
+            == original.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+    assert gguf_tokenizer.eos_token == original.eos_token
+
+
+def _rewrite(source, out, arch=None, tensor=None, extra=None):
+    """A copy of a GGUF file with its architecture renamed, `tensor(name, array, type) ->
+    (array, type)` applied to each tensor (None drops it), or F32 tensors added."""
+    reader = GGUFReader(source)
+    writer = GGUFWriter(str(out), arch or reader.get_field("general.architecture").contents())
+    for field in reader.fields.values():
+        if field.name.startswith("GGUF.") or field.name == "general.architecture":
+            continue
+        sub_type = field.types[-1] if field.types[0] == GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, field.contents(), field.types[0], sub_type)
+    for t in reader.tensors:
+        array, qtype = np.array(t.data), t.tensor_type
+        if tensor is not None:
+            changed = tensor(t.name, array, qtype)
+            if changed is None:
+                continue
+            array, qtype = changed
+        writer.add_tensor(t.name, array, raw_dtype=qtype)
+    for name, array in (extra or {}).items():
+        writer.add_tensor(name, array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out
+
+
+def test_bad_files_are_refused_with_the_thing_named(gguf_file, tmp_path):
+    path, _ = gguf_file("llama-gqa", "Q4_0", **K_QUANT_SHAPE)
+    data = path.read_bytes()
+    for cut in (20, len(data) // 2, len(data) - 7):
+        truncated = tmp_path / f"cut-{cut}.gguf"
+        truncated.write_bytes(data[:cut])
+        with pytest.raises(ValueError, match="could not be read as GGUF"):
+            ModelConfig.from_pretrained(truncated)
+    with pytest.raises(ValueError, match="GGUF architecture 'gemma3' is not supported"):
+        ModelConfig.from_pretrained(_rewrite(path, tmp_path / "arch.gguf", arch="gemma3"))
+
+    def q8_k(name, array, qtype):  # a type the gguf package cannot dequantize
+        if name != "blk.1.ffn_up.weight":
+            return array, qtype
+        rows = array.shape[0]
+        return np.zeros((rows, 512 // 256 * 292), dtype=np.uint8), GGMLQuantizationType.Q8_K
+
+    with pytest.raises(ValueError, match="'blk.1.ffn_up.weight' is Q8_K, a type kvflow cannot"):
+        ModelConfig.from_pretrained(_rewrite(path, tmp_path / "q8k.gguf", tensor=q8_k))
+
+    def narrow(name, array, qtype):  # 32 rows short
+        return (array[:-32], qtype) if name == "blk.0.attn_k.weight" else (array, qtype)
+
+    with pytest.raises(ValueError, match=r"'blk.0.attn_k.weight' has shape \[96, 256\], the "
+                                         r"metadata implies \[128, 256\]"):
+        ModelConfig.from_pretrained(_rewrite(path, tmp_path / "shape.gguf", tensor=narrow))
+
+    freqs = _rewrite(path, tmp_path / "freqs.gguf",
+                     extra={"rope_freqs.weight": np.ones(32, dtype=np.float32)})
+    with pytest.raises(ValueError, match="'rope_freqs.weight' has no counterpart"):
+        ModelConfig.from_pretrained(freqs)
+
+    # An unknown type id: the type field of blk.0.ffn_up.weight's header (after its name,
+    # dimension count and two uint64 dimensions) set to 99.
+    name = b"blk.0.ffn_up.weight"
+    at = data.index(name) + len(name) + 4 + 2 * 8
+    unknown = tmp_path / "type99.gguf"
+    unknown.write_bytes(data[:at] + (99).to_bytes(4, "little") + data[at + 4:])
+    with pytest.raises(ValueError, match=r"99\) is not a valid GGMLQuantizationType"):
+        ModelConfig.from_pretrained(unknown)
+
+    def drop(name, array, qtype):
+        return None if name == "blk.1.ffn_down.weight" else (array, qtype)
+
+    with pytest.raises(ValueError, match=r"lacks 1 tensors the model needs, e.g. "
+                                         r"\['model.layers.1.mlp.down_proj.weight'\]"):
+        ModelConfig.from_pretrained(_rewrite(path, tmp_path / "drop.gguf", tensor=drop))
+    with pytest.raises(ValueError, match="a GGUF file's weights keep the formats"):
+        LLM(str(path), quantization="int8", device="cpu", kv_cache_memory="8MiB")
+
+
+def test_the_command_line_takes_a_gguf_file(gguf_file):
+    from kvflow.cli import main
+
+    path, _ = gguf_file("llama-gqa", "Q4_0", **K_QUANT_SHAPE)
+    assert main(["generate", str(path), "--prompt", "def", "--max-tokens", "3",
+                 "--device", "cpu", "--kv-cache-memory", "8MiB"]) == 0
