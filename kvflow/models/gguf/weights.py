@@ -29,7 +29,7 @@ import torch
 from kvflow.models.config import ModelConfig
 from kvflow.models.gguf.file import PERMUTED_QK, GgufFile, GgufTensor
 from kvflow.quantization.base import LinearMethod, PrequantizedWeight, QuantizationConfig
-from kvflow.quantization.int4 import Int4LinearMethod, pack_int4
+from kvflow.quantization.int4 import Int4LinearMethod, dequantize_int4, pack_int4
 from kvflow.quantization.int4 import layout as int4_layout
 from kvflow.quantization.int8 import Int8LinearMethod, quantize_int8
 from kvflow.quantization.unquantized import UnquantizedLinearMethod
@@ -175,38 +175,49 @@ def dequantize(t: GgufTensor) -> torch.Tensor:
 
 
 @dataclass
-class _RequantizationError:
+class _WeightChange:
+    """How far storing some tensors in kvflow's format moved their weights: the relative
+    RMS difference over all of them, for the log."""
+
     squared_error: float = 0.0
     squared_norm: float = 0.0
     tensors: int = 0
 
-    def add(self, weight: torch.Tensor, dtype: torch.dtype) -> None:
-        q, scale = quantize_int8(weight, dtype)
-        self.squared_error += float(((q.float() * scale.float()[:, None]) - weight).square().sum())
-        self.squared_norm += float(weight.square().sum())
+    def add(self, exact: torch.Tensor, stored: torch.Tensor) -> None:
+        self.squared_error += float((stored - exact).square().sum())
+        self.squared_norm += float(exact.square().sum())
         self.tensors += 1
+
+    def log(self, what: str) -> None:
+        if self.tensors:
+            logger.info("GGUF %s: %d tensors, relative RMS change of the weights %.4f%%",
+                        what, self.tensors, 100 * (self.squared_error / self.squared_norm) ** 0.5)
 
 
 def gguf_tensors(file: GgufFile, config: ModelConfig, quant: GgufQuantConfig,
                  dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor | PrequantizedWeight]]:
     """(Hugging Face name, what its parameter's weight_loader takes) for every tensor."""
-    requantized = _RequantizationError()
+    requantized, rounded = _WeightChange(), _WeightChange()
     for t in file.tensors.values():
         method = _method(quant, t)
         if method == "int4":
-            parts = _UNPACK[t.type_name](np.asarray(t.data), *t.shape)
+            parts = _unpermute(file, config, t, _UNPACK[t.type_name](np.asarray(t.data),
+                                                                      *t.shape))
+            if dtype != torch.float32:
+                packed, scale, offset = parts
+                rounded.add(dequantize_int4(*parts), dequantize_int4(
+                    packed, scale.to(dtype), offset.to(dtype)))
             loaded: torch.Tensor | PrequantizedWeight = PrequantizedWeight(
-                int4_layout(INT4_GROUP), _unpermute(file, config, t, parts))
+                int4_layout(INT4_GROUP), parts)
         else:
-            weight = _unpermute(file, config, t, (dequantize(t),))[0]
+            loaded = _unpermute(file, config, t, (dequantize(t),))[0]
             if method == "int8":
-                requantized.add(weight.float(), dtype)
-            loaded = weight
+                q, scale = quantize_int8(loaded, dtype)
+                requantized.add(loaded.float(), q.float() * scale.float()[:, None])
         yield t.hf_name, loaded
-    if requantized.tensors:
-        logger.info("GGUF Q8_0 -> int8: %d tensors requantized per output channel, relative "
-                    "RMS change of the weights %.3f%%", requantized.tensors,
-                    100 * (requantized.squared_error / requantized.squared_norm) ** 0.5)
+    requantized.log("Q8_0 -> int8 (requantized per output channel)")
+    rounded.log(f"Q4_0/Q4_K -> int4 g{INT4_GROUP} (scales and offsets rounded to "
+                f"{str(dtype).removeprefix('torch.')})")
 
 
 def _unpermute(file: GgufFile, config: ModelConfig, t: GgufTensor,
