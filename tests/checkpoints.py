@@ -28,7 +28,7 @@ TOOLS_CHAT_TEMPLATE = (
     "{%- else %}{{ m['content'] or '' }}{% endif %}"
     "{%- for call in m['tool_calls'] or [] %}<tool_call>{\"name\": \""
     "{{ call['function']['name'] }}\", \"arguments\": "
-    "{%- if call['function']['arguments'] is string %}{{ call['function']['arguments'] }}"
+    "{% if call['function']['arguments'] is string %}{{ call['function']['arguments'] }}"
     "{%- else %}{{ call['function']['arguments'] | tojson }}{% endif %}}</tool_call>"
     "{%- endfor %}<|end|>{% endfor %}"
     "{%- if add_generation_prompt %}<|assistant|>"

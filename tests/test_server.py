@@ -265,6 +265,10 @@ def test_disconnect_aborts_and_frees_blocks(server, client):
      "structured_outputs"),
     ("/v1/completions", {"model": "tiny", "prompt": "x", "guided_regex": "a",
                          "response_format": {"type": "json_object"}}, "guided_regex"),
+    # tool_choice "auto" (the default with tools) needs --enable-auto-tool-choice.
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}],
+                              "tools": [{"type": "function", "function": {"name": "f"}}]},
+     "tool_choice"),
 ])
 def test_bad_requests_get_400(server, path, body, param):
     response = httpx.post(server.url + path, json=body, headers=HEADERS)

@@ -1,12 +1,14 @@
 """The server's chat controls, as agents use them: a chat template of the server's own
 (--chat-template), chat_template_kwargs, continue_final_message and add_generation_prompt;
-and the model's sampling defaults (generation_config.json) for what requests leave unset."""
+the model's sampling defaults (generation_config.json) for what requests leave unset; tool
+calls, forced and parsed (--enable-auto-tool-choice --tool-call-parser hermes)."""
 from __future__ import annotations
 
 import json
 import shutil
 
 import httpx
+import jsonschema
 import openai
 import pytest
 from checkpoints import TOOLS_CHAT_TEMPLATE
@@ -21,7 +23,7 @@ RECOMMENDED = {"temperature": 0, "top_k": 5, "max_new_tokens": 6}
 @pytest.fixture(scope="module")
 def model_dir(checkpoint, tmp_path_factory):
     folder = tmp_path_factory.mktemp("recommended") / "model"
-    shutil.copytree(checkpoint("qwen3"), folder)
+    shutil.copytree(checkpoint("qwen3", max_position_embeddings=4096), folder)
     (folder / "generation_config.json").write_text(json.dumps(RECOMMENDED))
     return folder
 
@@ -32,8 +34,8 @@ def server(model_dir, tmp_path_factory):
     template = folder / "tools.jinja"
     template.write_text(TOOLS_CHAT_TEMPLATE)
     process = ServerProcess(model_dir, *ENGINE_FLAGS, "--served-model-name", "tiny",
-                            "--chat-template", str(template),
-                            log=folder / "serve.log")
+                            "--chat-template", str(template), "--enable-auto-tool-choice",
+                            "--tool-call-parser", "hermes", log=folder / "serve.log")
     process.wait_ready()
     yield process
     assert process.stop(), process.log_path.read_text()[-3000:]
@@ -131,3 +133,175 @@ def test_the_checkpoints_defaults_fill_what_requests_leave_unset(server, client,
     chat = client.chat.completions.create(model="tiny", messages=HI, max_completion_tokens=3,
                                           extra_body={"ignore_eos": True})
     assert chat.usage.completion_tokens == 3
+
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "the weather in a city",
+    "parameters": {"type": "object", "properties": {
+        "city": {"type": "string", "maxLength": 12},
+        "unit": {"enum": ["celsius", "fahrenheit"]},
+        "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+        "required": ["city", "unit"], "additionalProperties": False}}}
+TIME = {"type": "function", "function": {
+    "name": "get_time", "parameters": {"type": "object", "properties": {
+        "zone": {"type": "string", "pattern": "^[A-Z]{3}$"}}, "required": ["zone"],
+        "additionalProperties": False}}}
+NO_PARAMETERS = {"type": "function", "function": {"name": "ping"}}
+TOOLS = [WEATHER, TIME, NO_PARAMETERS]
+SCHEMAS = {tool["function"]["name"]: tool["function"].get("parameters", {
+    "type": "object", "additionalProperties": False}) for tool in TOOLS}
+ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+def _chat(server, stream: bool = False, **body) -> dict:
+    """A chat completion's body; a stream is reassembled into the same shape."""
+    body = {"model": "tiny", "messages": ASK, "tools": TOOLS, "max_tokens": 300,
+            "stream": stream, **body}
+    if not stream:
+        response = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=120)
+        assert response.status_code == 200, response.text
+        return response.json()
+    choices: dict[int, dict] = {}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body,
+                      timeout=120) as response:
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            for choice in json.loads(line[6:])["choices"]:
+                message = choices.setdefault(choice["index"], {
+                    "index": choice["index"], "message": {"role": None, "content": None},
+                    "finish_reason": None})
+                delta = choice["delta"]
+                message["message"]["role"] = delta.get("role", message["message"]["role"])
+                if delta.get("content"):
+                    message["message"]["content"] = (message["message"]["content"] or "") + \
+                        delta["content"]
+                for call in delta.get("tool_calls", []):
+                    calls = message["message"].setdefault("tool_calls", [])
+                    if call["index"] == len(calls):
+                        calls.append({"id": call["id"], "type": call["type"],
+                                      "function": dict(call["function"])})
+                    else:
+                        calls[call["index"]]["function"]["arguments"] += \
+                            call["function"]["arguments"]
+                message["finish_reason"] = choice["finish_reason"] or message["finish_reason"]
+    return {"choices": [choices[i] for i in sorted(choices)]}
+
+
+def _without_ids(body: dict) -> list[dict]:
+    choices = []
+    for choice in body["choices"]:
+        message = dict(choice["message"])
+        message["tool_calls"] = [call["function"] for call in message.get("tool_calls", [])]
+        choices.append({"message": message, "finish_reason": choice["finish_reason"]})
+    return choices
+
+
+def _check_calls(body: dict, names: set[str], may_be_cut: bool = False) -> list[dict]:
+    calls = []
+    for choice in body["choices"]:
+        assert choice["finish_reason"] == "tool_calls" or (
+            may_be_cut and choice["finish_reason"] == "length"), choice
+        assert choice["message"]["content"] is None
+        for call in choice["message"]["tool_calls"]:
+            assert call["type"] == "function" and call["id"].startswith("call_")
+            assert call["function"]["name"] in names
+            jsonschema.validate(json.loads(call["function"]["arguments"]),
+                                SCHEMAS[call["function"]["name"]])
+            calls.append(call["function"])
+    return calls
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_named_function_is_always_called_with_valid_arguments(server, seed):
+    body = _chat(server, temperature=1.0, seed=seed, n=2,
+                 tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    assert len(_check_calls(body, {"get_weather"})) == 2
+    streamed = _chat(server, stream=True, temperature=1.0, seed=seed, n=2,
+                     tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    assert _without_ids(streamed) == _without_ids(body)
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("parallel", [True, False])
+def test_required_calls_always_parse_and_name_declared_functions(server, seed, parallel):
+    body = _chat(server, temperature=1.0, seed=seed, tool_choice="required",
+                 parallel_tool_calls=parallel)
+    # A random model may add calls to the array until max_tokens: the calls it completed
+    # are returned, with finish_reason "length".
+    calls = _check_calls(body, set(SCHEMAS), may_be_cut=parallel)
+    assert len(calls) >= 1 and (parallel or len(calls) == 1)
+    streamed = _chat(server, stream=True, temperature=1.0, seed=seed, tool_choice="required",
+                     parallel_tool_calls=parallel)
+    assert _without_ids(streamed) == _without_ids(body)
+
+
+# The model is made to write exactly this (a choice of one string), then parsed as hermes.
+SCRIPTED = ('Checking both.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": '
+            '"Paris", "unit": "celsius"}}\n</tool_call>\n<tool_call>\n{"name": "get_time", '
+            '"arguments": {"zone": "CET"}}\n</tool_call>')
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_auto_parses_several_hermes_calls_and_leaves_plain_text_alone(server, stream):
+    body = _chat(server, stream=stream, structured_outputs={"choice": [SCRIPTED]})
+    choice, = _without_ids(body)
+    assert choice == {"finish_reason": "tool_calls", "message": {
+        "role": "assistant", "content": "Checking both.", "tool_calls": [
+            {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "celsius"}'},
+            {"name": "get_time", "arguments": '{"zone": "CET"}'}]}}
+    plain = "No call here: 1 < 2 and <tool_call> is only text."
+    body = _chat(server, stream=stream, structured_outputs={"choice": [plain]},
+                 tool_choice="auto")
+    choice, = _without_ids(body)
+    assert choice == {"finish_reason": "stop", "message": {
+        "role": "assistant", "content": plain, "tool_calls": []}}
+    # tool_choice "none": the same text is left as it is.
+    body = _chat(server, stream=stream, structured_outputs={"choice": [SCRIPTED]},
+                 tool_choice="none")
+    choice, = _without_ids(body)
+    assert choice["message"]["content"] == SCRIPTED and choice["finish_reason"] == "stop"
+
+
+def test_tool_calls_and_results_in_the_conversation_reach_the_template(server, tokenizer):
+    messages = [*ASK, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {
+            "name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]
+    tools = [NO_PARAMETERS]
+    expected = ('<|system|>Tools: [{"type": "function", "function": {"name": "ping"}}]<|end|>'
+                "<|user|>What is the weather in Paris?<|end|>"
+                '<|assistant|><tool_call>{"name": "get_weather", "arguments": '
+                '{"city": "Paris"}}</tool_call><|end|>'
+                "<|tool|><tool_response>sunny</tool_response><|end|><|assistant|>")
+    tokens = httpx.post(server.url + "/tokenize", json={"messages": messages}).json()
+    chat = _chat(server, messages=messages, tools=tools, tool_choice="none", max_tokens=1)
+    assert chat["usage"]["prompt_tokens"] == len(tokenizer.encode(
+        expected, add_special_tokens=False))
+    assert tokens["count"] < chat["usage"]["prompt_tokens"]  # no tools listed there
+
+
+@pytest.mark.parametrize("body, param, message", [
+    ({"tools": None, "tool_choice": "required"}, "tool_choice", "needs tools"),
+    ({"tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice",
+     "not among the tools"),
+    ({"tools": [WEATHER, WEATHER]}, "tools", "more than once"),
+    ({"tools": [{"type": "function", "function": {"name": "has space"}}]}, "tools", None),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"x": {"not": {}}}}}}], "tool_choice": "required"},
+     "tools", "cannot be compiled"),
+    ({"tool_choice": "required", "response_format": {"type": "json_object"}}, "tool_choice",
+     "as response_format does"),
+    ({"tool_choice": "sometimes"}, "tool_choice", None),
+    ({"messages": [{"role": "assistant", "tool_calls": [{"type": "function", "function": {
+        "name": "f", "arguments": "{not json"}}]}]}, "messages", "JSON text"),
+])
+def test_bad_tool_requests_get_400(server, body, param, message):
+    response = httpx.post(server.url + "/v1/chat/completions",
+                          json={"messages": ASK, "tools": TOOLS, "max_tokens": 2, **body})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == param
+    if message is not None:
+        assert message in error["message"]

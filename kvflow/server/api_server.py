@@ -38,6 +38,7 @@ from kvflow.server.protocol import (ChatCompletionRequest, CompletionRequest, De
                                     OpenAIModel, TokenizeRequest)
 from kvflow.sampling_params import ParameterError
 from kvflow.server.serving import OpenAIServing
+from kvflow.server.tool_parsers import get_tool_parser
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +72,9 @@ class ServerState:
                                          self.args.enable_prompt_tokens_details,
                                          self.args.response_role, self.args.stream_keepalive,
                                          chat_template=self.args.chat_template,
-                                         generation_defaults=defaults)
+                                         generation_defaults=defaults,
+                                         tool_parser=get_tool_parser(self.args.tool_call_parser)
+                                         if self.args.enable_auto_tool_choice else None)
             self.engine = engine
             logger.info("serving %s at http://%s:%d", ", ".join(self.args.model_names),
                         self.args.host, self.args.port)

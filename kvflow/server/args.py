@@ -12,6 +12,7 @@ from kvflow.config import parse_memory
 from kvflow.demo import DEMO_MODEL_NAME, demo_model_path
 from kvflow.engine.args import EngineArgs
 from kvflow.server.metrics import METRIC_PREFIXES
+from kvflow.server.tool_parsers import tool_parser_names
 from kvflow.tokenizer.chat import load_chat_template
 
 DEFAULT_MAX_BODY_BYTES = 4 * 2**20
@@ -48,6 +49,8 @@ class ServerArgs:
     metrics_prefix: str = "kvflow"  # or "vllm", for dashboards that read vllm: series
     stream_keepalive: float = 10.0  # seconds without output after which a stream gets a comment
     chat_template: str | None = None  # the template's text; None: the tokenizer's
+    enable_auto_tool_choice: bool = False  # tool_choice "auto", parsed by tool_call_parser
+    tool_call_parser: str | None = None  # a name in server/tool_parsers
 
     def __post_init__(self) -> None:
         if self.max_waiting_requests is not None and self.max_waiting_requests < 1:
@@ -69,6 +72,13 @@ class ServerArgs:
                              f"got {self.metrics_prefix!r}")
         if not self.response_role:
             raise ValueError("--response-role must not be empty")
+        if self.enable_auto_tool_choice and self.tool_call_parser is None:
+            raise ValueError("--enable-auto-tool-choice needs --tool-call-parser (one of "
+                             f"{', '.join(tool_parser_names())}) to read the model's calls")
+        if self.tool_call_parser is not None and self.tool_call_parser not in \
+                tool_parser_names():
+            raise ValueError(f"--tool-call-parser must be one of "
+                             f"{', '.join(tool_parser_names())}, got {self.tool_call_parser!r}")
 
     @property
     def model_names(self) -> list[str]:
@@ -153,6 +163,11 @@ class ServerArgs:
         parser.add_argument("--chat-template", default=None, metavar="FILE_OR_TEMPLATE",
                             help="the chat template, as a Jinja file or the template's text, "
                                  "in place of the tokenizer's")
+        parser.add_argument("--enable-auto-tool-choice", action="store_true",
+                            help='allow tool_choice "auto" (the default with tools): the '
+                                 "model decides, and --tool-call-parser reads its calls")
+        parser.add_argument("--tool-call-parser", default=None, choices=tool_parser_names(),
+                            help="the model's tool-call format (hermes: Qwen2.5, Qwen3)")
         parser.add_argument("--metrics-prefix", default="kvflow", choices=METRIC_PREFIXES,
                             help="the prefix of /metrics series: vllm serves vLLM's dashboards "
                                  "unchanged")
@@ -183,7 +198,9 @@ class ServerArgs:
                    allow_credentials=ns.allow_credentials, metrics_prefix=ns.metrics_prefix,
                    stream_keepalive=ns.stream_keepalive,
                    chat_template=(load_chat_template(ns.chat_template)
-                                  if ns.chat_template is not None else None))
+                                  if ns.chat_template is not None else None),
+                   enable_auto_tool_choice=ns.enable_auto_tool_choice,
+                   tool_call_parser=ns.tool_call_parser)
 
 
 def _json_list(value: str) -> list[str]:

@@ -2,6 +2,8 @@
 benchmark tools send extras such as `best_of: 1`."""
 from __future__ import annotations
 
+import json
+from dataclasses import replace
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -199,9 +201,23 @@ class TextPart(OpenAIModel):
     text: str | None = None
 
 
+class FunctionCall(OpenAIModel):
+    name: str
+    arguments: str  # JSON text
+
+
+class MessageToolCall(OpenAIModel):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(OpenAIModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
+    tool_calls: list[MessageToolCall] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool message: the call it answers
+    name: str | None = None
 
     def as_template_input(self) -> dict[str, Any]:
         message = self.model_dump(exclude_none=True)
@@ -209,7 +225,36 @@ class ChatMessage(OpenAIModel):
             if any(part.type != "text" or part.text is None for part in self.content):
                 raise ParameterError("messages", "only text content parts are supported")
             message["content"] = "\n".join(part.text for part in self.content)  # type: ignore
+        # Templates write arguments with tojson (as transformers documents): an object,
+        # not the JSON text OpenAI sends.
+        for call in message.get("tool_calls", ()):
+            try:
+                call["function"]["arguments"] = json.loads(call["function"]["arguments"])
+            except ValueError:
+                raise ParameterError("messages", "tool_calls[].function.arguments must be "
+                                     "JSON text") from None
         return message
+
+
+class FunctionDefinition(OpenAIModel):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema; None: no parameters
+    strict: bool | None = None  # forced calls follow the schema either way
+
+
+class ChatTool(OpenAIModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(OpenAIModel):
+    name: str
+
+
+class NamedToolChoice(OpenAIModel):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class _ChatInput(TopLevelRequest):
@@ -236,6 +281,20 @@ class ChatCompletionRequest(_GenerationRequest, _ChatInput):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
+    tools: list[ChatTool] | None = None
+    # None: "auto" with tools, else "none" (OpenAI's defaults)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+
+    def chat_options(self) -> ChatOptions:
+        options = super().chat_options()
+        if not self.tools:
+            return options
+        names = [tool.function.name for tool in self.tools]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ParameterError("tools", f"tools declares {', '.join(repeated)} more than once")
+        return replace(options, tools=[tool.model_dump(exclude_none=True) for tool in self.tools])
 
 
 class TokenizeRequest(_ChatInput):

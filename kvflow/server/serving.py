@@ -16,9 +16,13 @@ from kvflow.engine.async_engine import AsyncEngine
 from kvflow.engine.llm_engine import PreparedRequest
 from kvflow.outputs import CompletionOutput, Logprob, RequestOutput
 from kvflow.sampling_params import ParameterError, StructuredOutputsParams
+from kvflow.server.chat_message import MessageDeltas, MessageParser, message_body
 from kvflow.server.metrics import ServerMetrics
 from kvflow.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                     TokenizeRequest)
+from kvflow.server.tool_calls import (NamedCallParser, RequiredCallsParser,
+                                      named_call_constraint, required_calls_constraint)
+from kvflow.server.tool_parsers import ToolParser
 from kvflow.tokenizer.chat import ChatOptions, ChatTemplate
 from kvflow.tokenizer.detokenizer import stop_holdback
 
@@ -33,6 +37,7 @@ class _Choice:
     sent_tokens: int = 0
     echoed: int | None = None  # length of the echoed prompt, once sent
     finished: bool = False
+    message: MessageDeltas = field(default_factory=MessageDeltas)  # chat: what was sent
 
 
 @dataclass
@@ -46,6 +51,7 @@ class Job:
     echo: bool = False
     logprobs: int | None = None
     include_usage: bool = False
+    parser: MessageParser = field(default_factory=MessageParser)  # chat: text to message
     created: int = field(default_factory=lambda: int(time.time()))
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
@@ -74,7 +80,10 @@ class OpenAIServing:
                  enable_prompt_tokens_details: bool = False, response_role: str = "assistant",
                  keepalive_s: float = 10.0, num_tokenizer_threads: int = 2,
                  chat_template: str | None = None,
-                 generation_defaults: dict[str, Any] | None = None) -> None:
+                 generation_defaults: dict[str, Any] | None = None,
+                 tool_parser: ToolParser | None = None) -> None:
+        """`tool_parser` parses tool_choice "auto" outputs (--enable-auto-tool-choice);
+        without it, "auto" is refused."""
         self.engine = engine
         self.keepalive_s = keepalive_s
         self.response_role = response_role
@@ -85,6 +94,7 @@ class OpenAIServing:
         # The model's sampling defaults (engine/generation_config.py), by SamplingParams
         # field, for what a request leaves unset.
         self.generation_defaults = generation_defaults or {}
+        self.tool_parser = tool_parser
         self.max_sequences = engine.engine.scheduler_config.max_num_seqs
         self._pool = ThreadPoolExecutor(num_tokenizer_threads,
                                         thread_name_prefix="kvflow-tokenize")
@@ -156,10 +166,18 @@ class OpenAIServing:
             raise ParameterError("max_tokens", "max_tokens must be at least 1, got 0")
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
         constraint = request.output_constraint()
+        tool_parser, tool_constraint = self._tool_calls(request)
+        if tool_constraint is not None:
+            if constraint is not None:
+                raise ParameterError("tool_choice", f"tool_choice {_choice_name(request)} "
+                                     f"constrains the output, as {constraint[0]} does: give "
+                                     "one of them")
+            constraint = ("tools", tool_constraint)  # a schema that fails is a tool's
         params = request.sampling_params(max_tokens, logprobs, None, constraint and constraint[1],
                                          self.generation_defaults)
         job = Job(kind="chat", model=model, prepared=[], n=params.n, logprobs=logprobs,
-                  include_usage=request.include_usage)
+                  include_usage=request.include_usage,
+                  parser=MessageParser(tool_parser, request.parallel_tool_calls))
         prompt = {"prompt": text, "prompt_token_ids": token_ids}
         if request.cache_salt is not None:
             prompt["cache_salt"] = request.cache_salt
@@ -167,6 +185,35 @@ class OpenAIServing:
             job.prepared.append(self.engine.engine.prepare_request(
                 f"{job.response_id}-0", prompt, params, priority=request.priority))
         return job
+
+    def _tool_calls(self, request: ChatCompletionRequest
+                    ) -> tuple[ToolParser | None, StructuredOutputsParams | None]:
+        """The parser of the request's tool calls and, for calls it forces, the constraint
+        that makes them parse; (None, None) where its output is plain content."""
+        choice = request.tool_choice
+        if not request.tools:
+            if choice not in (None, "none"):
+                raise ParameterError("tool_choice", f"tool_choice {_choice_name(request)} "
+                                     "needs tools")
+            return None, None
+        if choice == "none":
+            return None, None
+        if choice in (None, "auto"):
+            if self.tool_parser is None:
+                raise ParameterError("tool_choice", '"auto" tool choice (the default with '
+                                     "tools) needs a server started with "
+                                     "--enable-auto-tool-choice and --tool-call-parser; send "
+                                     'tool_choice "none", "required" or a named function')
+            return self.tool_parser, None
+        schemas = {tool.function.name: tool.function.parameters for tool in request.tools}
+        if choice == "required":
+            return RequiredCallsParser(), required_calls_constraint(
+                schemas, request.parallel_tool_calls)
+        if choice.function.name not in schemas:
+            raise ParameterError("tool_choice", f"tool_choice names {choice.function.name!r}, "
+                                 "which is not among the tools")
+        return (NamedCallParser(choice.function.name),
+                named_call_constraint(schemas[choice.function.name]))
 
     def tokenize(self, request: TokenizeRequest) -> dict[str, Any]:
         if (request.prompt is None) == (request.messages is None):
@@ -249,11 +296,12 @@ class OpenAIServing:
                      completion: CompletionOutput) -> dict[str, Any]:
         number = index * job.n + completion.index
         if job.kind == "chat":
-            return {"index": number,
-                    "message": {"role": self.response_role, "content": completion.text},
+            message = job.parser.parse(completion.text, final=True)
+            return {"index": number, "message": message_body(message, self.response_role),
                     "logprobs": self._chat_logprobs(completion.logprobs or [], job.logprobs)
                     if job.logprobs is not None else None,
-                    "finish_reason": completion.finish_reason,
+                    "finish_reason": job.parser.finish_reason(message,
+                                                              completion.finish_reason),
                     "stop_reason": completion.stop_reason}
         text, logprobs = completion.text, None
         if job.logprobs is not None:
@@ -328,10 +376,13 @@ class OpenAIServing:
             return None
         number = index * job.n + completion.index
         if job.kind == "chat":
-            return {"index": number, "delta": {"content": delta} if delta else {},
+            message = job.parser.parse(completion.text[:end], final=done)
+            return {"index": number, "delta": choice.message.next(message),
                     "logprobs": self._chat_logprobs(new_entries, job.logprobs)
                     if job.logprobs is not None else None,
-                    "finish_reason": completion.finish_reason, "stop_reason": completion.stop_reason}
+                    "finish_reason": job.parser.finish_reason(message,
+                                                              completion.finish_reason),
+                    "stop_reason": completion.stop_reason}
         offset = (choice.echoed or 0) + start  # text_offset counts from the whole text's start
         return {"index": number, "text": prefix + delta,
                 "logprobs": self._completion_logprobs(new_tokens, new_entries, offset,
@@ -410,6 +461,11 @@ def _named_constraint_errors(constraint: tuple[str, StructuredOutputsParams] | N
         if constraint is None or exc.param != "structured_outputs":
             raise
         raise ParameterError(constraint[0], f"{constraint[0]}: {exc}") from None
+
+
+def _choice_name(request: ChatCompletionRequest) -> str:
+    choice = request.tool_choice
+    return repr(choice) if isinstance(choice, str) else f"naming {choice.function.name!r}"
 
 
 def _stop_strings(job: Job, index: int) -> tuple[str, ...]:
