@@ -119,12 +119,13 @@ def test_every_parameter_is_what_the_gguf_dequantizer_reads(gguf_file, recipe):
         assert methods == {native or "UnquantizedLinearMethod"}
 
 
-@pytest.mark.parametrize("variant", ["llama-gqa", "llama-mha-tied-bias", "qwen2", "qwen3"])
+@pytest.mark.parametrize("variant", ["llama-gqa", "llama-mha-tied-bias", "llama3-rope",
+                                     "llama-linear-rope", "qwen2", "qwen3"])
 @pytest.mark.parametrize("recipe", ["F32", "F16"])
 def test_float_gguf_gives_the_safetensors_tokens(checkpoint, gguf_file, variant, recipe):
     """Greedy tokens and prompt logprobs of the GGUF equal the checkpoint's it was written
     from (saved in the GGUF's float type), both run in float32; Llama's q/k rows (and their
-    biases) come back from llama.cpp's order."""
+    biases) come back from llama.cpp's order, Llama 3.1's rotary scaling from rope_freqs."""
     dtype = {"F32": "float32", "F16": "float16"}[recipe]
     path, source = gguf_file(variant, recipe, dtype=dtype)
     prompts = [{"prompt_token_ids": p} for p in random_prompts(4, seed=3)]
@@ -262,10 +263,10 @@ def test_bad_files_are_refused_with_the_thing_named(gguf_file, tmp_path):
                                          r"metadata implies \[128, 256\]"):
         ModelConfig.from_pretrained(_rewrite(path, tmp_path / "shape.gguf", tensor=narrow))
 
-    freqs = _rewrite(path, tmp_path / "freqs.gguf",
-                     extra={"rope_freqs.weight": np.ones(32, dtype=np.float32)})
-    with pytest.raises(ValueError, match="'rope_freqs.weight' has no counterpart"):
-        ModelConfig.from_pretrained(freqs)
+    experts = _rewrite(path, tmp_path / "experts.gguf",
+                       extra={"blk.0.ffn_gate_inp.weight": np.ones((4, 256), dtype=np.float32)})
+    with pytest.raises(ValueError, match="'blk.0.ffn_gate_inp.weight' has no counterpart"):
+        ModelConfig.from_pretrained(experts)
 
     # An unknown type id: the type field of blk.0.ffn_up.weight's header (after its name,
     # dimension count and two uint64 dimensions) set to 99.

@@ -134,6 +134,19 @@ def _gguf_name(hf_name: str) -> str:
     return f"blk.{index}.{_LAYER_NAMES[rest]}.{kind}"
 
 
+def _llama3_factors(rope: dict, head_dim: int) -> np.ndarray:
+    """Llama 3.1's rotary scaling as llama.cpp's converter stores it: the number each
+    inverse frequency is divided by (1 for short wavelengths, `factor` for long ones, a
+    blend between)."""
+    theta = float(rope["rope_theta"])
+    inv_freq = theta ** -(np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    wavelength = 2 * np.pi / inv_freq
+    old_len = rope["original_max_position_embeddings"]
+    low, high, factor = rope["low_freq_factor"], rope["high_freq_factor"], rope["factor"]
+    smooth = np.clip((old_len / wavelength - low) / (high - low), 0, 1)
+    return (1 / ((1 - smooth) / factor + smooth)).astype(np.float32)
+
+
 def _permute_qk(weight: np.ndarray, num_heads: int) -> np.ndarray:
     """llama.cpp stores each Llama head's q/k rows with the two rotary halves interleaved
     (row i of the first half, then row i of the second), for its interleaved rotary."""
@@ -205,6 +218,8 @@ def export_gguf(checkpoint: Path, out: Path, recipe: str) -> Path:
 
         writer.add_rope_scaling_type(RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(rope["factor"]))
+    elif rope.get("rope_type") == "llama3":
+        writer.add_tensor("rope_freqs.weight", _llama3_factors(rope, head_dim))
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
     writer.add_vocab_size(config["vocab_size"])
     _add_tokenizer(writer, checkpoint, arch, config["vocab_size"])

@@ -1,4 +1,5 @@
-"""Rotary position embeddings (rotate-half layout) with default, linear and llama3 scaling."""
+"""Rotary position embeddings (rotate-half layout) with default, linear and llama3 scaling,
+or explicit per-frequency factors (GGUF's rope_freqs)."""
 from __future__ import annotations
 
 import math
@@ -17,6 +18,8 @@ def inverse_frequencies(head_dim: int, rope: RopeConfig) -> torch.Tensor:
         return inv_freq / rope.factor
     if rope.scaling_type == "llama3":
         return _llama3_scaled(inv_freq, rope)
+    if rope.scaling_type == "factors":
+        return inv_freq / torch.tensor(rope.frequency_factors, dtype=torch.float32)
     return inv_freq
 
 

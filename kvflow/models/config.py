@@ -23,11 +23,14 @@ _SUPPORTED_ACTS = ("silu",)
 @dataclass(frozen=True)
 class RopeConfig:
     theta: float
-    scaling_type: str = "default"  # default | linear | llama3
+    scaling_type: str = "default"  # default | linear | llama3 | factors
     factor: float = 1.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    # "factors": a divisor per inverse frequency (head_dim / 2), as a GGUF file's
+    # rope_freqs tensor holds Llama 3.1's scaling, computed by llama.cpp's converter
+    frequency_factors: tuple[float, ...] = ()
 
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")

@@ -20,9 +20,16 @@ _ROPE_SCALING = {"none": "default", "linear": "linear"}
 _FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
-def _rope(file: GgufFile) -> RopeConfig:
+def _rope(file: GgufFile, head_dim: int) -> RopeConfig:
     theta = float(file.arch("rope.freq_base", 10000.0))
     scaling = str(file.arch("rope.scaling.type", "none"))
+    if file.rope_freqs is not None:
+        if scaling != "none" or file.rope_freqs.shape != (head_dim // 2,):
+            raise ValueError(f"{file.path.name}: rope_freqs.weight has shape "
+                             f"{list(file.rope_freqs.shape)} with RoPE scaling {scaling!r}; "
+                             f"kvflow reads it as {head_dim // 2} factors, without other scaling")
+        return RopeConfig(theta=theta, scaling_type="factors",
+                          frequency_factors=tuple(file.rope_freqs.tolist()))
     if scaling not in _ROPE_SCALING:
         raise ValueError(f"{file.path.name}: RoPE scaling {scaling!r} is not supported; "
                          f"supported: {', '.join(_ROPE_SCALING)}")
@@ -128,6 +135,7 @@ def _model_config(file: GgufFile) -> ModelConfig:
     if vocab is None:
         raise ValueError(f"{file.path.name} has neither a vocab_size key nor token_embd.weight")
     window = file.arch("attention.sliding_window", None)
+    head_dim = int(file.arch("attention.key_length", hidden // num_heads))
     return ModelConfig(
         path=str(file.path),
         architecture=file.architecture,
@@ -137,9 +145,9 @@ def _model_config(file: GgufFile) -> ModelConfig:
         num_layers=num_layers,
         num_heads=num_heads,
         num_kv_heads=int(file.arch("attention.head_count_kv", num_heads)),
-        head_dim=int(file.arch("attention.key_length", hidden // num_heads)),
+        head_dim=head_dim,
         rms_norm_eps=float(file.arch("attention.layer_norm_rms_epsilon")),
-        rope=_rope(file),
+        rope=_rope(file, head_dim),
         max_position_embeddings=int(file.arch("context_length")),
         tie_word_embeddings="output.weight" not in tensors,
         qkv_bias="blk.0.attn_q.bias" in tensors,

@@ -51,8 +51,7 @@ def is_gguf(path: str | Path) -> bool:
 
 def hf_tensor_name(name: str) -> str:
     """llama.cpp's tensor name -> the Hugging Face checkpoint's; ValueError if kvflow's
-    model has no such tensor (rope_freqs, which holds Llama 3.1's rotary factors, among
-    them)."""
+    model has no such tensor."""
     match = _LAYER_TENSOR.fullmatch(name)
     if match and match.group(2) in _LAYER_NAMES:
         return f"model.layers.{match.group(1)}.{_LAYER_NAMES[match.group(2)]}.{match.group(3)}"
@@ -89,6 +88,8 @@ class GgufFile:
             raise ValueError(f"{self.path.name}: GGUF architecture {self.gguf_architecture!r} is "
                              f"not supported; supported: {', '.join(sorted(ARCHITECTURES))}")
         self.architecture = ARCHITECTURES[self.gguf_architecture]
+        # Llama 3.1's rotary scaling, precomputed per frequency: config, not a weight.
+        self.rope_freqs: np.ndarray | None = None
         self.tensors = self._read_tensors()
 
     def get(self, key: str, default: Any = ...) -> Any:
@@ -107,6 +108,9 @@ class GgufFile:
     def _read_tensors(self) -> dict[str, GgufTensor]:
         tensors = {}
         for t in self._reader.tensors:
+            if t.name == "rope_freqs.weight":
+                self.rope_freqs = np.array(t.data, dtype=np.float32).reshape(-1)
+                continue
             shape = tuple(int(n) for n in reversed(t.shape.tolist()))
             tensors[t.name] = GgufTensor(t.name, hf_tensor_name(t.name), t.tensor_type.name,
                                          shape, t.data)
