@@ -1,13 +1,17 @@
 """A vLLM user's command line and script, unchanged but for the name."""
 from __future__ import annotations
 
+import re
 import signal
 import time
+from pathlib import Path
 
 import httpx
 import openai
 import pytest
 from server_process import ServerProcess
+
+DATA = Path(__file__).parent / "data"
 
 
 def test_a_vllm_command_line_serves(checkpoint, tmp_path):
@@ -83,6 +87,27 @@ def test_vllm_flags_kvflow_lacks_are_refused_with_a_reason(argv, message, capsys
         code = exit.code
     assert code == 2
     assert message in capsys.readouterr().err
+
+
+def test_every_vllm_serve_flag_is_accepted_or_refused_by_name(capsys):
+    """vLLM 0.11 and 0.12's whole `vllm serve` command line (tests/data): each flag, and
+    each short alias, is one kvflow takes or one it refuses with what to do instead."""
+    from kvflow.cli import main
+    from kvflow.vllm_compat import refusal
+
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    accepted = set(re.findall(r"(?<![\w-])-{1,2}[A-Za-z][\w-]*", capsys.readouterr().out))
+    lines = (DATA / "vllm_serve_flags.txt").read_text().splitlines()
+    spellings = [s for line in lines if not line.startswith("#") for s in line.split()]
+    assert len(spellings) > 200
+    for spelling in spellings:
+        if spelling in accepted:
+            continue
+        assert refusal(spelling) is not None, spelling
+        assert main(["serve", spelling, "1"]) == 2
+        err = capsys.readouterr().err
+        assert "is a vLLM option kvflow does not have: " in err, (spelling, err)
 
 
 def test_a_vllm_offline_script_runs(checkpoint):
