@@ -117,6 +117,8 @@ class SamplingParams:
     allowed_token_ids: list[int] | None = None  # sample only among these
     bad_words: list[str] | None = None  # never generate these words
     structured_outputs: StructuredOutputsParams | None = None  # what the output must match
+    # Keep only the prompt's last k tokens (-1: the last max_model_len), as vLLM.
+    truncate_prompt_tokens: int | None = None
     stop_strings: tuple[str, ...] = field(init=False, repr=False)
     # Set by the engine, which has the tokenizer: each bad word as token ids, with and
     # without a leading space, as vLLM.
@@ -156,6 +158,10 @@ class SamplingParams:
                              f"use seed + i), got {self.seed}")
         if self.max_tokens is not None and self.max_tokens < 0:
             raise ValueError(f"max_tokens must be non-negative, got {self.max_tokens}")
+        if self.truncate_prompt_tokens is not None and not (
+                self.truncate_prompt_tokens == -1 or self.truncate_prompt_tokens >= 1):
+            raise ValueError("truncate_prompt_tokens must be -1 (max_model_len) or at least 1, "
+                             f"got {self.truncate_prompt_tokens}")
         if self.min_tokens < 0:
             raise ValueError(f"min_tokens must be non-negative, got {self.min_tokens}")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
@@ -210,7 +216,8 @@ class SamplingParams:
 
     def _check_types(self) -> None:
         ints = ("n", "top_k", "min_tokens")
-        optional_ints = ("seed", "max_tokens", "logprobs", "prompt_logprobs")
+        optional_ints = ("seed", "max_tokens", "logprobs", "prompt_logprobs",
+                         "truncate_prompt_tokens")
         floats = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
                   "frequency_penalty")
         for name in ints + optional_ints:

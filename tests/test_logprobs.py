@@ -86,3 +86,21 @@ def test_max_tokens_zero_scores_the_prompt_and_generates_nothing(setup):
     assert len(generated.outputs[0].token_ids) == 3
     with pytest.raises(ValueError, match="max_tokens must be non-negative, got -1"):
         SamplingParams(max_tokens=-1)
+
+
+def test_truncate_prompt_tokens_keeps_the_prompts_end(setup):
+    llm, _ = setup
+    prompt = random_prompts(1, seed=9, low=30, high=31)[0]
+    greedy = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    cut = llm.generate({"prompt_token_ids": prompt},
+                       SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True,
+                                      truncate_prompt_tokens=10), use_tqdm=False)[0]
+    tail = llm.generate({"prompt_token_ids": prompt[-10:]}, greedy, use_tqdm=False)[0]
+    assert cut.prompt_token_ids == prompt[-10:]
+    assert cut.outputs[0].token_ids == tail.outputs[0].token_ids
+    whole = llm.generate({"prompt_token_ids": prompt},
+                         SamplingParams(max_tokens=1, truncate_prompt_tokens=-1),
+                         use_tqdm=False)[0]
+    assert whole.prompt_token_ids == prompt  # -1 keeps up to max_model_len
+    with pytest.raises(ValueError, match="truncate_prompt_tokens must be -1 .* got 0"):
+        SamplingParams(truncate_prompt_tokens=0)

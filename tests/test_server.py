@@ -179,6 +179,10 @@ def test_echo_with_max_tokens_zero_returns_the_scored_prompt(server, client):
     refused = httpx.post(server.url + "/v1/completions", headers=HEADERS,
                          json={"model": "tiny", "prompt": prompt, "max_tokens": 0})
     assert refused.status_code == 400 and "echo" in refused.json()["error"]["message"]
+    cut = client.completions.create(model="tiny", prompt=prompt, max_tokens=0, echo=True,
+                                    extra_body={"truncate_prompt_tokens": 3})
+    assert cut.usage.prompt_tokens == 3
+    assert prompt.endswith(cut.choices[0].text) and len(cut.choices[0].text) < len(prompt)
 
 
 def test_32_concurrent_streams(server, offline):

@@ -189,6 +189,12 @@ class LLMEngine:
         """Tokenize and validate without touching engine state, so that a server can do it on
         its own thread and answer a bad request at once."""
         text, token_ids = self.tokenize_prompt(prompt)
+        keep = params.truncate_prompt_tokens
+        if keep is not None:
+            keep = self.max_model_len if keep == -1 else keep
+            if len(token_ids) > keep:
+                # The text no longer matches the tokens: an echo decodes the tokens instead.
+                text, token_ids = None, token_ids[-keep:]
         cache_salt = self._cache_salt(prompt)
         params = self._resolve(params)
         max_tokens = self._validate(token_ids, params)
