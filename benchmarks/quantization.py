@@ -1,10 +1,12 @@
 """Weight-only quantization measured in one run (issue 10): single-stream decode tokens/s
 and resident weight bytes of one model in its own dtype, int8 and int4 (the formats'
 engines are loaded side by side and timed in alternating rounds, medians reported, so that
-other load on the machine falls on all of them alike), and the demo model's held-out
-perplexity in each format through prompt_logprobs.
+other load on the machine falls on all of them alike), and the demo model's accuracy in
+each format and as GGUF files (Q8_0, Q4_0, Q4_K_M, written by kvflow/bench/gguf_export.py
+as llama-quantize lays them out): held-out perplexity through prompt_logprobs, and the
+mean KL divergence from bf16 of the next-token distributions behind them.
 
-    .venv/bin/python benchmarks/quantization.py [--model DIR] [--rounds 7]
+    .venv/bin/python benchmarks/quantization.py [--model DIR] [--rounds 7] [--accuracy-only]
 
 Without --model, the qwen2.5-0.5b shape with random bf16 weights is made (once) under
 kvflow's cache (`kvflow bench make-model qwen2.5-0.5b DIR`)."""
@@ -12,16 +14,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
+import tempfile
 from pathlib import Path
 
 import torch
 
 from kvflow import LLM, SamplingParams
+from kvflow.bench.gguf_export import export_gguf
 from kvflow.bench.hardware import cpuinfo
-from kvflow.demo import cache_root, demo_model_path, heldout_token_ids, score_heldout
+from kvflow.demo import cache_root, demo_model_path, heldout_token_ids
 
 FORMATS = {"bf16": None, "int8": "int8", "int4": "int4"}
+GGUF_RECIPES = ("Q8_0", "Q4_0", "Q4_K_M")
 
 
 def _weight_bytes(llm: LLM) -> dict[str, int]:
@@ -59,13 +65,53 @@ def speed(model: Path, rounds: int, prompt_len: int, output_len: int) -> dict:
                    "weight_bytes": _weight_bytes(llms[name])} for name in llms}
 
 
-def perplexity(tokens: int) -> dict:
-    result = {}
-    for name, q in FORMATS.items():
-        llm = LLM(str(demo_model_path()), quantization=q, kv_cache_memory="256MiB")
-        ids = heldout_token_ids(llm.get_tokenizer(), tokens, demo_model_path())
-        result[name] = round(score_heldout(llm, ids)[0], 3)
-    return {name: {"perplexity": p, "vs_bf16": round(p / result["bf16"] - 1, 5)}
+def _capture_prompt_logprobs(llm: LLM) -> list[torch.Tensor]:
+    """A list that collects the log-softmax of every multi-row compute_logits call: with
+    one prompt per step, the rows prompt_logprobs are read from (position p scores p + 1)."""
+    model = llm.engine.runner.model
+    compute = model.compute_logits
+    captured: list[torch.Tensor] = []
+
+    def capture(hidden: torch.Tensor) -> torch.Tensor:
+        logits = compute(hidden)
+        if logits.shape[0] > 1:
+            captured.append(torch.log_softmax(logits.float(), dim=-1))
+        return logits
+
+    model.compute_logits = capture
+    return captured
+
+
+def accuracy(tokens: int, chunk_len: int = 1024) -> dict:
+    """Perplexity of the held-out tokens in each format (chunks scored independently), and
+    the mean over scored positions of KL(bf16 || format)."""
+    demo = demo_model_path()
+    workdir = Path(tempfile.mkdtemp(prefix="kvflow-gguf-"))
+    models = {name: (str(demo), {"quantization": q}) for name, q in FORMATS.items()}
+    models.update({f"GGUF {r}": (str(export_gguf(demo, workdir / f"demo-{r}.gguf", r)), {})
+                   for r in GGUF_RECIPES})
+    llms = {name: LLM(path, kv_cache_memory="256MiB", **options)
+            for name, (path, options) in models.items()}
+    ids = heldout_token_ids(llms["bf16"].get_tokenizer(), tokens, demo)
+    chunks = [c for c in (ids[i:i + chunk_len] for i in range(0, len(ids), chunk_len))
+              if len(c) > 1]
+    captured = {name: _capture_prompt_logprobs(llm) for name, llm in llms.items()}
+    nll = dict.fromkeys(llms, 0.0)
+    kl = dict.fromkeys(llms, 0.0)
+    params = SamplingParams(max_tokens=1, prompt_logprobs=1)
+    for chunk in chunks:
+        for name, llm in llms.items():
+            captured[name].clear()
+            output = llm.generate([{"prompt_token_ids": chunk}], params, use_tqdm=False)[0]
+            nll[name] -= sum(p[t].logprob for p, t in zip(output.prompt_logprobs[1:], chunk[1:]))
+        reference = captured["bf16"][0]
+        for name in llms:
+            logprobs = captured[name][0]
+            kl[name] += float((reference.exp() * (reference - logprobs)).sum())
+    scored = sum(len(c) - 1 for c in chunks)
+    result = {name: math.exp(nll[name] / scored) for name in llms}
+    return {name: {"perplexity": round(p, 3), "vs_bf16": round(p / result["bf16"] - 1, 5),
+                   "mean_kl_from_bf16": round(kl[name] / scored, 6)}
             for name, p in result.items()}
 
 
@@ -77,7 +123,13 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--tokens", type=int, default=20480, help="held-out tokens scored")
+    parser.add_argument("--accuracy-only", action="store_true",
+                        help="only the demo model's perplexity and KL divergence")
     args = parser.parse_args()
+    report = {"cpu": cpuinfo().get("model name"), "threads": torch.get_num_threads()}
+    if args.accuracy_only:
+        print(json.dumps({**report, "demo_accuracy": accuracy(args.tokens)}, indent=1))
+        return
     model = args.model
     if model is None:
         from kvflow.bench.make_model import make_model
@@ -85,10 +137,9 @@ def main() -> None:
         model = cache_root() / "bench-models" / "qwen2.5-0.5b"
         if not model.exists():
             make_model("qwen2.5-0.5b", model)
-    report = {"cpu": cpuinfo().get("model name"), "threads": torch.get_num_threads(),
-              "model": str(model), "speed": speed(model, args.rounds, args.prompt_len,
-                                                  args.output_len),
-              "demo_perplexity": perplexity(args.tokens)}
+    report.update({"model": str(model), "speed": speed(model, args.rounds, args.prompt_len,
+                                                       args.output_len),
+                   "demo_accuracy": accuracy(args.tokens)})
     print(json.dumps(report, indent=1))
 
 
