@@ -24,7 +24,12 @@ def test_a_vllm_command_line_serves(checkpoint, tmp_path):
                             "--served-model-name", "tiny", "--api-key", "key-a", "key-b",
                             "--response-role", "bot", "--max-logprobs", "3",
                             "--allowed-origins", '["https://app.example"]', "--dtype",
-                            "float32", "--device", "cpu", log=tmp_path / "serve.log")
+                            "float32", "--device", "cpu", "--max-num-seqs", "8",
+                            "--max-num-batched-tokens", "512", "--seed", "0",
+                            "--generation-config", "auto", "--download-dir", str(tmp_path),
+                            "--speculative-config",
+                            '{"method": "ngram", "num_speculative_tokens": 2}',
+                            log=tmp_path / "serve.log")
     try:
         process.wait_ready()
         client = openai.OpenAI(base_url=process.url + "/v1", api_key="key-b", max_retries=0)
