@@ -102,9 +102,11 @@ def _check_tensors(file: GgufFile, config: ModelConfig) -> None:
     """Refuse, naming the tensor, one that kvflow cannot load or that does not fit the
     model the metadata describes, and name the tensors the model needs and lacks."""
     expected = _expected_shapes(config)
+    checked_types = {"F32", "F16", "BF16"}
     for t in file.tensors.values():
-        if t.type_name not in ("F32", "F16", "BF16"):
+        if t.type_name not in checked_types:
             _check_dequantizable(t)
+            checked_types.add(t.type_name)
         if t.hf_name not in expected:
             raise ValueError(f"{file.path.name}: tensor {t.name!r} does not belong to the "
                              f"{config.num_layers}-layer model its metadata describes")

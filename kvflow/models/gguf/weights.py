@@ -28,6 +28,7 @@ import torch
 
 from kvflow.models.config import ModelConfig
 from kvflow.models.gguf.file import PERMUTED_QK, GgufFile, GgufTensor
+from kvflow.models.llama import LlamaForCausalLM
 from kvflow.quantization.base import LinearMethod, PrequantizedWeight, QuantizationConfig
 from kvflow.quantization.int4 import Int4LinearMethod, dequantize_int4, pack_int4
 from kvflow.quantization.int4 import layout as int4_layout
@@ -40,15 +41,14 @@ INT4_GROUP = 32
 _NATIVE = {"Q4_0": "int4", "Q4_K": "int4", "Q8_0": "int8"}
 _FLOATS = ("F32", "F16", "BF16")
 _GGUF_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
-# checkpoint projection -> the fused layer kvflow loads it into
-_FUSED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
-          "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
 
 
 def _layer_prefix(hf_name: str) -> str:
+    """The name of the kvflow layer a checkpoint tensor loads into (q_proj's is qkv_proj's)."""
     module = hf_name.rsplit(".", 1)[0]
     parent, _, leaf = module.rpartition(".")
-    return f"{parent}.{_FUSED[leaf]}" if leaf in _FUSED else module
+    fused = LlamaForCausalLM.packed_modules.get(leaf)
+    return f"{parent}.{fused[0]}" if fused else module
 
 
 @dataclass(frozen=True)
