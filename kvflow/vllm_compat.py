@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import re
 
-_NOT_YET = "not built yet"
-
 MISSING: dict[str, str] = {
     "kv_cache_dtype": "the KV cache is kept in the model's dtype (--dtype)",
     "load_format": "kvflow loads Hugging Face safetensors checkpoints only",
@@ -24,7 +22,6 @@ MISSING: dict[str, str] = {
                                "schema features it cannot enforce: drop the flag",
     "structured_outputs_config": "structured output always uses llguidance, which refuses the "
                                  "schema features it cannot enforce: drop the flag",
-    "reasoning_parser": f"reasoning parsing is {_NOT_YET}",
     "swap_space": "preempted requests are recomputed, never swapped to host memory",
     "preemption_mode": "preemption is always by recompute",
     "cpu_offload_gb": "weights are not offloaded; on a CPU they are in RAM already "

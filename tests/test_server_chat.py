@@ -174,9 +174,10 @@ def _chat(server, stream: bool = False, **body) -> dict:
                     "finish_reason": None})
                 delta = choice["delta"]
                 message["message"]["role"] = delta.get("role", message["message"]["role"])
-                if delta.get("content"):
-                    message["message"]["content"] = (message["message"]["content"] or "") + \
-                        delta["content"]
+                for key in ("content", "reasoning_content"):
+                    if delta.get(key):
+                        message["message"][key] = (message["message"].get(key) or "") + \
+                            delta[key]
                 for call in delta.get("tool_calls", []):
                     calls = message["message"].setdefault("tool_calls", [])
                     if call["index"] == len(calls):
@@ -305,3 +306,49 @@ def test_bad_tool_requests_get_400(server, body, param, message):
     assert error["param"] == param
     if message is not None:
         assert message in error["message"]
+
+
+@pytest.fixture(scope="module")
+def reasoning_server(model_dir, tmp_path_factory):
+    process = ServerProcess(model_dir, *ENGINE_FLAGS, "--served-model-name", "tiny",
+                            "--reasoning-parser", "qwen3",
+                            log=tmp_path_factory.mktemp("reasoning") / "serve.log")
+    process.wait_ready()
+    yield process
+    assert process.stop(), process.log_path.read_text()[-3000:]
+
+
+def _message(server, stream: bool = False, **body) -> dict:
+    return _chat(server, stream=stream, tools=None, messages=HI, **body)["choices"][0]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_reasoning_is_split_from_the_answer(server, reasoning_server, seed):
+    from kvflow.server.reasoning_parsers import get_reasoning_parser
+
+    request = {"temperature": 1.0, "seed": seed, "max_tokens": 24}
+    text = _message(server, **request)["message"]["content"]
+    reasoning, answer = get_reasoning_parser("qwen3").split(text, final=True)
+    message = _message(reasoning_server, **request)["message"]
+    assert message["reasoning_content"] == (reasoning or None)
+    assert message["content"] == (answer or None)
+    streamed = _message(reasoning_server, stream=True, **request)["message"]
+    assert streamed["content"] == message["content"]
+    assert streamed.get("reasoning_content") == message["reasoning_content"]
+
+
+def test_structured_output_constrains_the_answer_after_reasoning(reasoning_server, tokenizer):
+    # With no token starting with "<", the model cannot open a reasoning block: the grammar
+    # (an optional <think> block, then the schema) leaves it the JSON alone.
+    banned = {str(i): -100 for token, i in tokenizer.get_vocab().items()
+              if token.startswith("<")}
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "maximum": 99}},
+              "required": ["n"], "additionalProperties": False}
+    for seed in range(3):
+        choice = _message(reasoning_server, temperature=1.0, seed=seed, max_tokens=40,
+                          logit_bias=banned, response_format={
+                              "type": "json_schema", "json_schema": {"name": "n",
+                                                                     "schema": schema}})
+        assert choice["finish_reason"] == "stop"
+        assert choice["message"]["reasoning_content"] is None
+        jsonschema.validate(json.loads(choice["message"]["content"]), schema)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from kvflow.server.chat_message import MessageDeltas, MessageParser, message_body
+from kvflow.server.chat_message import MessageDeltas, MessageParser
 from kvflow.server.tool_calls import NamedCallParser, RequiredCallsParser
 from kvflow.server.tool_parsers import ParsedCall, get_tool_parser, tool_parser_names
 
@@ -80,7 +80,7 @@ def _streamed(parser: MessageParser, text: str) -> dict:
 
 
 def _whole(parser: MessageParser, text: str) -> dict:
-    body = message_body(parser.parse(text, final=True), "assistant")
+    body = parser.message_body(parser.parse(text, final=True), "assistant")
     return {"content": body["content"] or None,
             "tool_calls": [c["function"] for c in body.get("tool_calls", [])]}
 

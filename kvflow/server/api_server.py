@@ -38,6 +38,7 @@ from kvflow.server.protocol import (ChatCompletionRequest, CompletionRequest, De
                                     OpenAIModel, TokenizeRequest)
 from kvflow.sampling_params import ParameterError
 from kvflow.server.serving import OpenAIServing
+from kvflow.server.reasoning_parsers import get_reasoning_parser
 from kvflow.server.tool_parsers import get_tool_parser
 
 logger = logging.getLogger(__name__)
@@ -74,7 +75,10 @@ class ServerState:
                                          chat_template=self.args.chat_template,
                                          generation_defaults=defaults,
                                          tool_parser=get_tool_parser(self.args.tool_call_parser)
-                                         if self.args.enable_auto_tool_choice else None)
+                                         if self.args.enable_auto_tool_choice else None,
+                                         reasoning_parser=get_reasoning_parser(
+                                             self.args.reasoning_parser)
+                                         if self.args.reasoning_parser else None)
             self.engine = engine
             logger.info("serving %s at http://%s:%d", ", ".join(self.args.model_names),
                         self.args.host, self.args.port)

@@ -12,6 +12,7 @@ from kvflow.config import parse_memory
 from kvflow.demo import DEMO_MODEL_NAME, demo_model_path
 from kvflow.engine.args import EngineArgs
 from kvflow.server.metrics import METRIC_PREFIXES
+from kvflow.server.reasoning_parsers import reasoning_parser_names
 from kvflow.server.tool_parsers import tool_parser_names
 from kvflow.tokenizer.chat import load_chat_template
 
@@ -51,6 +52,7 @@ class ServerArgs:
     chat_template: str | None = None  # the template's text; None: the tokenizer's
     enable_auto_tool_choice: bool = False  # tool_choice "auto", parsed by tool_call_parser
     tool_call_parser: str | None = None  # a name in server/tool_parsers
+    reasoning_parser: str | None = None  # a name in server/reasoning_parsers
 
     def __post_init__(self) -> None:
         if self.max_waiting_requests is not None and self.max_waiting_requests < 1:
@@ -79,6 +81,11 @@ class ServerArgs:
                 tool_parser_names():
             raise ValueError(f"--tool-call-parser must be one of "
                              f"{', '.join(tool_parser_names())}, got {self.tool_call_parser!r}")
+        if self.reasoning_parser is not None and self.reasoning_parser not in \
+                reasoning_parser_names():
+            raise ValueError(f"--reasoning-parser must be one of "
+                             f"{', '.join(reasoning_parser_names())}, "
+                             f"got {self.reasoning_parser!r}")
 
     @property
     def model_names(self) -> list[str]:
@@ -168,6 +175,10 @@ class ServerArgs:
                                  "model decides, and --tool-call-parser reads its calls")
         parser.add_argument("--tool-call-parser", default=None, choices=tool_parser_names(),
                             help="the model's tool-call format (hermes: Qwen2.5, Qwen3)")
+        parser.add_argument("--reasoning-parser", default=None, choices=reasoning_parser_names(),
+                            help="split chat outputs into message.reasoning_content and the "
+                                 "answer (qwen3, deepseek_r1); structured output then "
+                                 "constrains the answer only")
         parser.add_argument("--metrics-prefix", default="kvflow", choices=METRIC_PREFIXES,
                             help="the prefix of /metrics series: vllm serves vLLM's dashboards "
                                  "unchanged")
@@ -200,7 +211,8 @@ class ServerArgs:
                    chat_template=(load_chat_template(ns.chat_template)
                                   if ns.chat_template is not None else None),
                    enable_auto_tool_choice=ns.enable_auto_tool_choice,
-                   tool_call_parser=ns.tool_call_parser)
+                   tool_call_parser=ns.tool_call_parser,
+                   reasoning_parser=ns.reasoning_parser)
 
 
 def _json_list(value: str) -> list[str]:

@@ -1,11 +1,12 @@
-"""A chat choice's text as an OpenAI message: tool calls parsed out, whole for a response
-or as deltas for a stream. Deltas are differences between successive parses, which only
+"""A chat choice's text as an OpenAI message: the reasoning split off (--reasoning-parser),
+then tool calls parsed out of the answer; whole for a response or as deltas for a stream. Deltas are differences between successive parses, which only
 grow (tool_parsers/base.py), so a stream reassembles to the response exactly."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
 
+from kvflow.server.reasoning_parsers import ReasoningParser
 from kvflow.server.tool_calls import tool_call_id
 from kvflow.server.tool_parsers.base import ParsedCall, ToolParser
 
@@ -14,19 +15,38 @@ from kvflow.server.tool_parsers.base import ParsedCall, ToolParser
 class ParsedMessage:
     content: str | None
     tool_calls: tuple[ParsedCall, ...] = ()
+    reasoning_content: str | None = None
 
 
 @dataclass(frozen=True)
 class MessageParser:
-    tools: ToolParser | None = None  # None: the text is the content
+    tools: ToolParser | None = None  # None: the answer is the content
     parallel_tool_calls: bool = True  # False: only the first call counts
+    reasoning: ReasoningParser | None = None  # None: all of the text is the answer
 
     def parse(self, text: str, final: bool) -> ParsedMessage:
-        if self.tools is None:
-            return ParsedMessage(text)
-        parsed = self.tools.parse(text, final)
-        return ParsedMessage(parsed.content,
-                             parsed.calls if self.parallel_tool_calls else parsed.calls[:1])
+        if self.reasoning is None:
+            reasoning, answer = None, text
+        else:
+            reasoning, answer = self.reasoning.split(text, final)
+            reasoning = reasoning or None  # split from reasoning, empty is none
+        content, calls = answer, ()
+        if self.tools is not None:
+            parsed = self.tools.parse(answer or "", final)
+            content, calls = parsed.content, parsed.calls
+        if self.reasoning is not None:
+            content = content or None
+        return ParsedMessage(content, calls if self.parallel_tool_calls else calls[:1],
+                             reasoning)
+
+    def message_body(self, message: ParsedMessage, role: str) -> dict[str, Any]:
+        body: dict[str, Any] = {"role": role, "content": message.content}
+        if self.reasoning is not None:
+            body["reasoning_content"] = message.reasoning_content
+        if message.tool_calls:
+            body["tool_calls"] = [_call_body(tool_call_id(), call)
+                                  for call in message.tool_calls]
+        return body
 
     @staticmethod
     def finish_reason(message: ParsedMessage, finish_reason: str | None) -> str | None:
@@ -34,24 +54,22 @@ class MessageParser:
         return "tool_calls" if message.tool_calls and finish_reason == "stop" else finish_reason
 
 
-def message_body(message: ParsedMessage, role: str) -> dict[str, Any]:
-    body: dict[str, Any] = {"role": role, "content": message.content}
-    if message.tool_calls:
-        body["tool_calls"] = [_call_body(tool_call_id(), call) for call in message.tool_calls]
-    return body
-
-
 @dataclass
 class MessageDeltas:
     """What one streamed choice has sent of its message."""
 
     sent_content: int = 0
+    sent_reasoning: int = 0
     call_ids: list[str] = field(default_factory=list)
     sent_arguments: list[int] = field(default_factory=list)
 
     def next(self, message: ParsedMessage) -> dict[str, Any]:
         """The delta from what was sent to `message`."""
         delta: dict[str, Any] = {}
+        reasoning = message.reasoning_content or ""
+        if len(reasoning) > self.sent_reasoning:
+            delta["reasoning_content"] = reasoning[self.sent_reasoning:]
+            self.sent_reasoning = len(reasoning)
         content = message.content or ""
         if len(content) > self.sent_content:
             delta["content"] = content[self.sent_content:]

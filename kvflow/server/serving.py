@@ -16,13 +16,15 @@ from kvflow.engine.async_engine import AsyncEngine
 from kvflow.engine.llm_engine import PreparedRequest
 from kvflow.outputs import CompletionOutput, Logprob, RequestOutput
 from kvflow.sampling_params import ParameterError, StructuredOutputsParams
-from kvflow.server.chat_message import MessageDeltas, MessageParser, message_body
+from kvflow.server.chat_message import MessageDeltas, MessageParser
 from kvflow.server.metrics import ServerMetrics
 from kvflow.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                     TokenizeRequest)
 from kvflow.server.tool_calls import (NamedCallParser, RequiredCallsParser,
                                       named_call_constraint, required_calls_constraint)
+from kvflow.server.reasoning_parsers import ReasoningParser
 from kvflow.server.tool_parsers import ToolParser
+from kvflow.structured_output.reasoning import AfterReasoning
 from kvflow.tokenizer.chat import ChatOptions, ChatTemplate
 from kvflow.tokenizer.detokenizer import stop_holdback
 
@@ -81,9 +83,11 @@ class OpenAIServing:
                  keepalive_s: float = 10.0, num_tokenizer_threads: int = 2,
                  chat_template: str | None = None,
                  generation_defaults: dict[str, Any] | None = None,
-                 tool_parser: ToolParser | None = None) -> None:
+                 tool_parser: ToolParser | None = None,
+                 reasoning_parser: ReasoningParser | None = None) -> None:
         """`tool_parser` parses tool_choice "auto" outputs (--enable-auto-tool-choice);
-        without it, "auto" is refused."""
+        without it, "auto" is refused. `reasoning_parser` splits chat outputs into reasoning
+        and answer; structured output then constrains the answer only."""
         self.engine = engine
         self.keepalive_s = keepalive_s
         self.response_role = response_role
@@ -95,6 +99,7 @@ class OpenAIServing:
         # field, for what a request leaves unset.
         self.generation_defaults = generation_defaults or {}
         self.tool_parser = tool_parser
+        self.reasoning_parser = reasoning_parser
         self.max_sequences = engine.engine.scheduler_config.max_num_seqs
         self._pool = ThreadPoolExecutor(num_tokenizer_threads,
                                         thread_name_prefix="kvflow-tokenize")
@@ -173,11 +178,17 @@ class OpenAIServing:
                                      f"constrains the output, as {constraint[0]} does: give "
                                      "one of them")
             constraint = ("tools", tool_constraint)  # a schema that fails is a tool's
+        if constraint is not None and self.reasoning_parser is not None:
+            reasoning = self.reasoning_parser
+            constraint = (constraint[0], AfterReasoning.wrap(
+                constraint[1], None if reasoning.starts_inside else reasoning.start,
+                reasoning.end))
         params = request.sampling_params(max_tokens, logprobs, None, constraint and constraint[1],
                                          self.generation_defaults)
         job = Job(kind="chat", model=model, prepared=[], n=params.n, logprobs=logprobs,
                   include_usage=request.include_usage,
-                  parser=MessageParser(tool_parser, request.parallel_tool_calls))
+                  parser=MessageParser(tool_parser, request.parallel_tool_calls,
+                                       self.reasoning_parser))
         prompt = {"prompt": text, "prompt_token_ids": token_ids}
         if request.cache_salt is not None:
             prompt["cache_salt"] = request.cache_salt
@@ -297,7 +308,8 @@ class OpenAIServing:
         number = index * job.n + completion.index
         if job.kind == "chat":
             message = job.parser.parse(completion.text, final=True)
-            return {"index": number, "message": message_body(message, self.response_role),
+            return {"index": number,
+                    "message": job.parser.message_body(message, self.response_role),
                     "logprobs": self._chat_logprobs(completion.logprobs or [], job.logprobs)
                     if job.logprobs is not None else None,
                     "finish_reason": job.parser.finish_reason(message,

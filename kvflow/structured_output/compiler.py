@@ -17,6 +17,7 @@ from transformers import PreTrainedTokenizerBase
 
 from kvflow.sampling_params import ParameterError, StructuredOutputsParams
 from kvflow.structured_output.matcher import RequestGrammar
+from kvflow.structured_output.reasoning import AfterReasoning, after_reasoning_grammar
 
 # JSON is written with ", " and ": " between items and no other whitespace: with free
 # whitespace a weak model can spend its whole budget on newlines, and the output parses
@@ -54,7 +55,7 @@ class GrammarCompiler:
         self._eos_token_ids = sorted(eos_token_ids)
         self.max_cached = max_cached
         self._ll_tokenizer: llguidance.LLTokenizer | None = None
-        self._cache: OrderedDict[tuple[str, str], CompiledGrammar] = OrderedDict()
+        self._cache: OrderedDict[tuple[str | None, ...], CompiledGrammar] = OrderedDict()
         self._lock = threading.Lock()
 
     def _tokenizer(self) -> llguidance.LLTokenizer:
@@ -68,7 +69,7 @@ class GrammarCompiler:
     def compile(self, params: StructuredOutputsParams) -> CompiledGrammar:
         """Raises ParameterError("structured_outputs", ...) for a constraint that cannot be
         compiled or uses a feature llguidance does not implement."""
-        key = (params.kind, params.spec)
+        key = (params.kind, params.spec, *_reasoning_tags(params))
         with self._lock:
             compiled = self._cache.get(key)
             if compiled is not None:
@@ -99,8 +100,21 @@ class GrammarCompiler:
         return matcher
 
 
+def _reasoning_tags(params: StructuredOutputsParams) -> tuple[str | None, ...]:
+    if isinstance(params, AfterReasoning):
+        return params.reasoning_start, params.reasoning_end
+    return ()
+
+
 def _grammar_text(params: StructuredOutputsParams) -> str:
     """llguidance's grammar for the constraint; raises ValueError where it cannot parse it."""
+    answer = _answer_grammar_text(params)
+    if isinstance(params, AfterReasoning):
+        return after_reasoning_grammar(answer, params.reasoning_start, params.reasoning_end)
+    return answer
+
+
+def _answer_grammar_text(params: StructuredOutputsParams) -> str:
     if params.kind in ("json", "json_object"):
         schema = params.json if params.kind == "json" else {"type": "object"}
         return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_LAYOUT,
