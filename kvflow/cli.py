@@ -11,16 +11,22 @@ from kvflow.logger import configure_logging
 from kvflow.server.args import ServerArgs
 from kvflow.vllm_compat import refusal
 
+# `kvflow generate`'s sampling flags and their defaults where neither the flag nor the
+# model's generation config sets one.
+_GENERATE_DEFAULTS = {"max_tokens": 64, "temperature": 0.0, "top_p": 1.0, "top_k": 0,
+                      "min_p": 0.0, "repetition_penalty": 1.0}
+
 
 def _generate(ns: argparse.Namespace) -> int:
     from kvflow import LLM, SamplingParams
 
-    params = SamplingParams(temperature=ns.temperature, top_p=ns.top_p, top_k=ns.top_k,
-                            min_p=ns.min_p, max_tokens=ns.max_tokens,
-                            stop=ns.stop or None, repetition_penalty=ns.repetition_penalty,
-                            ignore_eos=ns.ignore_eos)
     args = EngineArgs.from_cli_args(ns)
     llm = LLM(**dataclasses.asdict(args))
+    # The command's own defaults, then the model's (--generation-config), then the flags.
+    given = {name: getattr(ns, name) for name in _GENERATE_DEFAULTS
+             if getattr(ns, name) is not None}
+    params = SamplingParams(**{**_GENERATE_DEFAULTS, **llm.generation_defaults, **given},
+                            stop=ns.stop or None, ignore_eos=ns.ignore_eos)
     output = llm.generate(ns.prompt, params, use_tqdm=False)[0]
     print(output.outputs[0].text)
     return 0
@@ -44,12 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     generate.add_argument("model", nargs="?", default=None,
                           help="checkpoint directory or hub id (default: the built-in demo model)")
     generate.add_argument("--prompt", required=True)
-    generate.add_argument("--max-tokens", type=int, default=64)
-    generate.add_argument("--temperature", type=float, default=0.0)
-    generate.add_argument("--top-p", type=float, default=1.0)
-    generate.add_argument("--top-k", type=int, default=0)
-    generate.add_argument("--min-p", type=float, default=0.0)
-    generate.add_argument("--repetition-penalty", type=float, default=1.0)
+    for name, value in _GENERATE_DEFAULTS.items():
+        generate.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=None,
+                              help=f"default: the model's generation config, else {value}")
     generate.add_argument("--stop", action="append", help="a stop string; may repeat")
     generate.add_argument("--ignore-eos", action="store_true")
     EngineArgs.add_cli_args(generate)

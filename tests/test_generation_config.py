@@ -90,3 +90,23 @@ def test_values_sampling_refuses_stop_the_start(tmp_path, written, message):
 def test_bad_overrides_are_refused(checkpoint, override, message):
     with pytest.raises(ValueError, match=message):
         _llm(checkpoint("llama-gqa"), override_generation_config=override)
+
+
+def test_kvflow_generate_takes_the_models_defaults_under_its_flags(model_dir, capsys):
+    from kvflow.cli import main
+
+    flags = ["generate", str(model_dir), "--prompt", "class", "--dtype", "float32",
+             "--device", "cpu", "--kv-cache-memory", "4MiB", "--ignore-eos"]
+    llm = _llm(model_dir)
+
+    def expected(**params) -> str:
+        return llm.generate("class", SamplingParams(ignore_eos=True, **params),
+                            use_tqdm=False)[0].outputs[0].text
+
+    assert main(flags) == 0  # the file's greedy 6 tokens, top_k 20 and the rest
+    assert capsys.readouterr().out == expected(**AS_PARAMS) + "\n"
+    assert main([*flags, "--max-tokens", "3", "--top-k", "0"]) == 0
+    assert capsys.readouterr().out == expected(**{**AS_PARAMS, "max_tokens": 3,
+                                                  "top_k": 0}) + "\n"
+    assert main([*flags, "--generation-config", "vllm"]) == 0  # the command's own: greedy 64
+    assert capsys.readouterr().out == expected(temperature=0, max_tokens=64) + "\n"
