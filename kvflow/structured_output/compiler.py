@@ -1,4 +1,5 @@
-"""Constraints compiled with llguidance, once per distinct (kind, spec), and cached.
+"""Constraints compiled with llguidance, once per distinct (kind, spec,
+reasoning tags), and cached.
 
 Compilation runs where a request is prepared (LLMatcher drops the GIL while it builds), so
 a bad schema is refused before the request reaches the engine thread and a slow one never
