@@ -33,9 +33,17 @@ def _generate(ns: argparse.Namespace) -> int:
 
 
 def _serve(ns: argparse.Namespace) -> int:
+    from kvflow.models.config import ModelConfig
+    from kvflow.models.gguf import is_gguf
     from kvflow.server.api_server import serve
 
-    serve(ServerArgs.from_cli_args(ns))
+    args = ServerArgs.from_cli_args(ns)
+    if is_gguf(args.engine.model):
+        # The server loads its model after it binds; a GGUF file is read and checked (its
+        # architecture, tensor types and shapes) first, so that a bad one ends the command
+        # with its message instead of a server that answers 503.
+        ModelConfig.from_pretrained(args.engine.model)
+    serve(args)
     return 0
 
 
@@ -48,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     generate = commands.add_parser("generate", parents=[common],
                                    help="print the completion of one prompt")
     generate.add_argument("model", nargs="?", default=None,
-                          help="checkpoint directory or hub id (default: the built-in demo model)")
+                          help="checkpoint directory, GGUF file or hub id (default: the built-in "
+                               "demo model)")
     generate.add_argument("--prompt", required=True)
     for name, value in _GENERATE_DEFAULTS.items():
         generate.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=None,

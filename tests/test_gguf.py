@@ -287,9 +287,44 @@ def test_bad_files_are_refused_with_the_thing_named(gguf_file, tmp_path):
         LLM(str(path), quantization="int8", device="cpu", kv_cache_memory="8MiB")
 
 
-def test_the_command_line_takes_a_gguf_file(gguf_file):
+def test_the_command_line_takes_a_gguf_file(gguf_file, tmp_path, capsys):
     from kvflow.cli import main
 
     path, _ = gguf_file("llama-gqa", "Q4_0", **K_QUANT_SHAPE)
     assert main(["generate", str(path), "--prompt", "def", "--max-tokens", "3",
                  "--device", "cpu", "--kv-cache-memory", "8MiB"]) == 0
+    capsys.readouterr()
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(path.read_bytes()[:1000])
+    # serve reads the file before it binds: a bad one ends the command with the reason.
+    assert main(["serve", str(bad), "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "bad.gguf could not be read as GGUF" in err and "Traceback" not in err
+    assert main(["serve", str(tmp_path / "missing.gguf")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_a_server_answers_chat_from_a_gguf_file(gguf_file, tmp_path):
+    """`kvflow serve model.gguf`: the chat template and tokenizer come from the file."""
+    import httpx
+
+    from server_process import ServerProcess
+
+    from transformers import AutoTokenizer
+
+    path, source = gguf_file("qwen2", "Q4_K_M", **K_QUANT_SHAPE)
+    messages = [{"role": "user", "content": "hello"}]
+    expected_prompt = AutoTokenizer.from_pretrained(source).apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    server = ServerProcess(path, "--device", "cpu", "--kv-cache-memory", "8MiB",
+                           log=tmp_path / "serve.log")
+    try:
+        server.wait_ready()
+        reply = httpx.post(server.url + "/v1/chat/completions", timeout=60, json={
+            "model": path.name, "max_tokens": 4, "temperature": 0,
+            "messages": messages}).json()
+        assert reply["choices"][0]["finish_reason"] == "length", reply
+        assert reply["usage"]["completion_tokens"] == 4
+        assert reply["usage"]["prompt_tokens"] == len(expected_prompt), reply["usage"]
+    finally:
+        assert server.stop()
