@@ -193,7 +193,7 @@ def test_quantized_gguf_logits_match_the_dequantized_reference(gguf_file, tmp_pa
             assert (a - r).abs().mean() < tolerance, (eager, (a - r).abs().mean())
 
 
-@pytest.mark.parametrize("variant", ["llama-gqa", "qwen2"])
+@pytest.mark.parametrize("variant", ["llama-gqa", "qwen2", "qwen3"])
 def test_tokenizer_and_chat_template_come_from_the_file(gguf_file, variant):
     path, source = gguf_file(variant, "Q8_0", **K_QUANT_SHAPE)
     gguf_tokenizer = LLM(str(path), device="cpu", kv_cache_memory="8MiB").get_tokenizer()

@@ -32,9 +32,10 @@ _LAYER_NAMES = {
 }
 _GLOBAL_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm",
                  "lm_head": "output"}
-# llama.cpp's name for the split a tokenizer applies before its merges: transformers reads
-# a Qwen2 or Qwen3 checkpoint's tokenizer with Qwen2's split, whatever tokenizer.json says.
-_PRE_TOKENIZERS = {"llama": "gpt-2", "qwen2": "qwen2", "qwen3": "qwen2"}
+# llama.cpp's name for the split a tokenizer applies before its merges, for kvflow's
+# byte-level test tokenizers (GPT-2's split) as transformers reads them: with Qwen2's split
+# for a Qwen2 checkpoint whatever tokenizer.json says, as tokenizer.json says otherwise.
+_PRE_TOKENIZERS = {"llama": "gpt-2", "qwen2": "qwen2", "qwen3": "gpt-2"}
 _TOKEN_NORMAL, _TOKEN_CONTROL, _TOKEN_UNUSED = 1, 3, 5
 
 
