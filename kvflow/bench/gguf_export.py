@@ -156,7 +156,8 @@ def _permute_qk(weight: np.ndarray, num_heads: int) -> np.ndarray:
             .swapaxes(1, 2).reshape(weight.shape))
 
 
-def _add_tokenizer(writer, checkpoint: Path, arch: str, vocab_size: int) -> None:  # noqa: ANN001
+def _add_tokenizer(writer, checkpoint: Path, arch: str, model_config: dict) -> None:  # noqa: ANN001
+    vocab_size = model_config["vocab_size"]
     tokenizer = json.loads((checkpoint / "tokenizer.json").read_text())
     vocab: dict[str, int] = dict(tokenizer["model"]["vocab"])
     special = {t["content"]: t["id"] for t in tokenizer.get("added_tokens", [])}
@@ -185,6 +186,8 @@ def _add_tokenizer(writer, checkpoint: Path, arch: str, vocab_size: int) -> None
             token = token["content"]
         if token in vocab:
             add(vocab[token])
+        elif isinstance(model_config.get(f"{key}_id"), int):  # as llama.cpp, config.json's
+            add(model_config[f"{key}_id"])
 
 
 def export_gguf(checkpoint: Path, out: Path, recipe: str) -> Path:
@@ -201,6 +204,7 @@ def export_gguf(checkpoint: Path, out: Path, recipe: str) -> Path:
     head_dim = config.get("head_dim") or config["hidden_size"] // num_heads
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
     writer = GGUFWriter(str(out), arch)
+    writer.add_type("model")
     writer.add_name(checkpoint.name)
     writer.add_file_type(_FILE_TYPES[recipe])
     writer.add_quantization_version(2)
@@ -223,7 +227,7 @@ def export_gguf(checkpoint: Path, out: Path, recipe: str) -> Path:
         writer.add_tensor("rope_freqs.weight", _llama3_factors(rope, head_dim))
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
     writer.add_vocab_size(config["vocab_size"])
-    _add_tokenizer(writer, checkpoint, arch, config["vocab_size"])
+    _add_tokenizer(writer, checkpoint, arch, config)
     for file in sorted(checkpoint.glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as f:
             for key in f.keys():
