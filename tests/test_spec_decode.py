@@ -118,7 +118,10 @@ def test_seeded_sampling_repeats_and_logprobs_match_the_tokens():
         assert all(token in entry for token, entry in zip(completion.token_ids,
                                                          completion.logprobs))
     assert llm.engine.stats.spec_decode.num_drafts > 0 and _no_leaks(llm)
-    assert llm.engine.runner.draft_probs == {}  # pending proposals die with their requests
+    # Pending proposals die with their requests (the runner hears of a request's end at the
+    # next step: one more, greedy, request makes one).
+    llm.generate("x", SamplingParams(temperature=0, max_tokens=1), use_tqdm=False)
+    assert llm.engine.runner.draft_probs == {}
 
 
 def test_draft_model_proposals_greedy_and_sampled():
