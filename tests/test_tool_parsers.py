@@ -102,8 +102,8 @@ def test_hermes_streams_reassemble_to_the_message(text, parallel):
 
 
 @pytest.mark.parametrize("text", [
-    '[{"name": "get_weather", "arguments": {"city": "Paris"}}, '
-    '{"name": "get_time", "arguments": {}}]',
+    ('[{"name": "get_weather", "arguments": {"city": "Paris"}}, '
+     '{"name": "get_time", "arguments": {}}]'),
     '[{"name": "get_weather", "arguments": {"city": "Pa',  # cut by max_tokens
     "",
 ])

@@ -20,9 +20,9 @@ from kvflow.server.chat_message import MessageDeltas, MessageParser
 from kvflow.server.metrics import ServerMetrics
 from kvflow.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                     TokenizeRequest)
+from kvflow.server.reasoning_parsers import ReasoningParser
 from kvflow.server.tool_calls import (NamedCallParser, RequiredCallsParser,
                                       named_call_constraint, required_calls_constraint)
-from kvflow.server.reasoning_parsers import ReasoningParser
 from kvflow.server.tool_parsers import ToolParser
 from kvflow.structured_output.reasoning import AfterReasoning
 from kvflow.tokenizer.chat import ChatOptions, ChatTemplate
