@@ -32,6 +32,7 @@ from kvflow.models.llama import LlamaForCausalLM
 from kvflow.quantization.base import LinearMethod, PrequantizedWeight, QuantizationConfig
 from kvflow.quantization.int4 import Int4LinearMethod, dequantize_int4, pack_int4
 from kvflow.quantization.int4 import layout as int4_layout
+from kvflow.quantization.int8 import LAYOUT as INT8_LAYOUT
 from kvflow.quantization.int8 import Int8LinearMethod, quantize_int8
 from kvflow.quantization.unquantized import UnquantizedLinearMethod
 
@@ -210,10 +211,12 @@ def gguf_tensors(file: GgufFile, config: ModelConfig, quant: GgufQuantConfig,
             loaded: torch.Tensor | PrequantizedWeight = PrequantizedWeight(
                 int4_layout(INT4_GROUP), parts)
         else:
-            loaded = _unpermute(file, config, t, (dequantize(t),))[0]
-            if method == "int8":
-                q, scale = quantize_int8(loaded, dtype)
-                requantized.add(loaded.float(), q.float() * scale.float()[:, None])
+            weight = _unpermute(file, config, t, (dequantize(t),))[0]
+            loaded = weight
+            if method == "int8":  # quantized here, once, to measure what it moves
+                q, scale = quantize_int8(weight, dtype)
+                requantized.add(weight, q.float() * scale.float()[:, None])
+                loaded = PrequantizedWeight(INT8_LAYOUT, (q, scale))
         yield t.hf_name, loaded
     requantized.log("Q8_0 -> int8 (requantized per output channel)")
     rounded.log(f"Q4_0/Q4_K -> int4 g{INT4_GROUP} (scales and offsets rounded to "
