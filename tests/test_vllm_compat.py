@@ -82,6 +82,9 @@ def test_request_logging_names_sizes_not_text(checkpoint, tmp_path):
     (["serve", "--chat-template", "{% if %}"], "--chat-template does not parse"),
     (["serve", "--override-generation-config", '{"temp": 1}'], "temp not supported"),
     (["serve", "--override-generation-config", "temperature=0"], "not valid JSON"),
+    (["serve", "--enable-auto-tool-choice"], "needs --tool-call-parser (one of hermes)"),
+    (["serve", "--tool-call-parser", "mistral"], "invalid choice: 'mistral'"),
+    (["serve", "--reasoning-parser", "granite"], "invalid choice: 'granite'"),
 ])
 def test_vllm_flags_kvflow_lacks_are_refused_with_a_reason(argv, message, capsys):
     from kvflow.cli import main
