@@ -8,7 +8,7 @@ import pytest
 
 from kvflow.server.chat_message import MessageDeltas, MessageParser
 from kvflow.server.tool_calls import NamedCallParser, RequiredCallsParser
-from kvflow.server.tool_parsers import ParsedCall, get_tool_parser, tool_parser_names
+from kvflow.server.tool_parsers import ParsedCall, ToolParse, get_tool_parser, tool_parser_names
 
 HERMES = get_tool_parser("hermes")
 WEATHER = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
@@ -54,6 +54,36 @@ def test_an_unterminated_last_call_counts_when_its_json_is_whole():
     assert parsed.calls == (ParsedCall("f", '{"x": 1}'),)
 
 
+def test_blocks_in_another_shape_are_read_once_they_close():
+    # Keys in another order, or "parameters": a call once the block closes and parses.
+    parsed = HERMES.parse('<tool_call>{"arguments": {"x": 1}, "name": "f"}</tool_call>'
+                          '<tool_call>{"name": "g", "parameters": {}}</tool_call>', final=True)
+    assert parsed.calls == (ParsedCall("f", '{"x": 1}'), ParsedCall("g", "{}"))
+    assert HERMES.parse('<tool_call>{"arguments": {"x": 1}, "na', final=False).calls == ()
+    # A name with an escape JSON lacks is no call.
+    bad = '<tool_call>{"name": "a\\q", "arguments": {}}</tool_call>'
+    assert HERMES.parse(bad, final=True) == ToolParse(bad)
+
+
+def test_a_call_cut_short_keeps_the_arguments_it_has():
+    parsed = HERMES.parse('Sure. <tool_call>{"name": "f", "arguments": {"x": "ab', final=True)
+    assert parsed == ToolParse("Sure.", (ParsedCall("f", '{"x": "ab'),))
+
+
+def test_arguments_stream_as_they_are_written():
+    parser = MessageParser(HERMES)
+    text = f"Let me see. {WEATHER}"
+    deltas = MessageDeltas()
+    fragments = []
+    for end in range(len(text) + 1):
+        delta = deltas.next(parser.parse(text[:end], final=end == len(text)))
+        for call in delta.get("tool_calls", []):
+            if "id" in call:
+                assert call["function"] == {"name": "get_weather", "arguments": "{"}
+            fragments.append(call["function"]["arguments"])
+    assert "".join(fragments) == '{"city": "Paris"}' and len(fragments) > 5
+
+
 def test_arguments_given_as_text_are_kept_as_text():
     parsed = HERMES.parse('<tool_call>{"name": "f", "arguments": "{\\"x\\": 1}"}</tool_call>',
                           final=True)
@@ -91,6 +121,9 @@ def _whole(parser: MessageParser, text: str) -> dict:
     f"  \n{WEATHER}\nthen more text\n{TIME}\n",
     "Plain text with a < sign and <tool_ almost a tag",
     f"<tool_call>oops</tool_call>{WEATHER}<tool_call>{{\"name\": \"cut",
+    f'{WEATHER}<tool_call>{{"name": "g", "arguments": {{"s": "a </tool_call> b"}}}}</tool_call>',
+    '<tool_call>{"arguments": {"x": [1, 2]}, "name": "f"}</tool_call> after',
+    '<tool_call>{"name": "f", "arguments": {"x": "cut sh',
     "   ",
 ])
 @pytest.mark.parametrize("parallel", [True, False])
