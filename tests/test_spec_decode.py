@@ -201,3 +201,27 @@ def test_a_draft_with_another_vocabulary_is_refused(checkpoint):
     with pytest.raises(ValueError, match="share the target's tokenizer"):
         LLM(dtype="float32", kv_cache_memory="16MiB", speculative_config={
             "model": str(checkpoint("llama-gqa")), "num_speculative_tokens": 2})
+
+
+@pytest.mark.parametrize("method", ["ngram", "draft_model"])
+def test_structured_output_under_speculation(method, plain):
+    """Drafts are checked against the grammar at every position they occupy: constrained
+    greedy requests give the tokens they give without speculation, and sampled ones
+    still parse."""
+    import json
+
+    from kvflow import StructuredOutputsParams
+
+    schema = {"type": "object", "properties": {
+        "name": {"type": "string", "maxLength": 12},
+        "tags": {"type": "array", "items": {"enum": ["a", "b", "c"]}, "maxItems": 4}},
+        "required": ["name", "tags"], "additionalProperties": False}
+    constrained = StructuredOutputsParams(json=schema)
+    greedy = SamplingParams(temperature=0, max_tokens=60, structured_outputs=constrained)
+    llm = LLM(dtype="float32", kv_cache_memory="64MiB", speculative_config=_config(method, 3))
+    assert _tokens(llm, greedy) == _tokens(plain, greedy)
+    hot = SamplingParams(temperature=1.0, seed=3, max_tokens=60, structured_outputs=constrained)
+    for output in llm.generate(PROMPTS, hot, use_tqdm=False):
+        value = json.loads(output.outputs[0].text)
+        assert set(value) == {"name", "tags"} and set(value["tags"]) <= {"a", "b", "c"}
+    assert llm.engine.stats.spec_decode.num_drafts > 0 and _no_leaks(llm)
