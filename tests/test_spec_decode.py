@@ -182,10 +182,24 @@ def test_propose_ngram():
     ('{"method": "draft_model", "num_speculative_tokens": 2}', "needs a model"),
     ('{"num_speculative_tokens": 2, "bogus": 1}', r"unknown keys \['bogus'\]"),
     ("{not json", "not valid JSON"),
+    ('{"method": "ngram", "num_speculative_tokens": 2, "min_acceptance_rate": "high"}',
+     "min_acceptance_rate must be in"),
+    ('{"method": "ngram", "num_speculative_tokens": 2, "disable_by_batch_size": "4"}',
+     "disable_by_batch_size must be at least 1"),
 ])
 def test_bad_configs_are_refused_by_name(value, message):
     with pytest.raises(ValueError, match=message):
         SpeculativeConfig.parse(value)
+
+
+def test_min_acceptance_rate_defaults_by_method():
+    """A draft model's tokens cost far more to propose than prompt lookup's, so it needs a
+    higher acceptance rate to pay; a given rate overrides either."""
+    ngram = SpeculativeConfig.parse({"method": "ngram", "num_speculative_tokens": 2})
+    draft = SpeculativeConfig.parse({"model": "d", "num_speculative_tokens": 2})
+    assert ngram.min_acceptance_rate < draft.min_acceptance_rate
+    assert SpeculativeConfig.parse({"model": "d", "num_speculative_tokens": 2,
+                                    "min_acceptance_rate": 0}).min_acceptance_rate == 0
 
 
 def test_vllm_spellings():

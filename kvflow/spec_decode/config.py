@@ -21,8 +21,14 @@ _OTHER_METHODS = {
 # it; the default comes from measuring (README, "Speculative decoding").
 DEFAULT_DISABLE_BY_BATCH_SIZE = 4
 # A request whose drafts are accepted less often than this (per draft token, after
-# MIN_VERIFIED_DRAFTS of them) stops proposing: verifying them costs more than they give.
-DEFAULT_MIN_ACCEPTANCE_RATE = 0.1
+# MIN_VERIFIED_DRAFTS of them) stops proposing: they cost more than they give. The break-
+# even rate is what one draft token costs (proposing it, and verifying it in the target's
+# forward) over a plain step. Measured on the demo model (docs/benchmarks.md, "Speculative
+# decoding"): a prompt-lookup draft costs about 0.07 of a step, since only its
+# verification costs anything; a demo-draft token about 0.34, since a small model's forward
+# is mostly fixed per-step cost. A draft model much smaller than its target on a machine
+# bound by weight reads breaks even lower, so its default errs toward speculating.
+DEFAULT_MIN_ACCEPTANCE_RATE = {"ngram": 0.1, "draft_model": 0.3}
 MIN_VERIFIED_DRAFTS = 16
 # vLLM's default n-gram window when neither bound is given.
 DEFAULT_PROMPT_LOOKUP = 5
@@ -37,7 +43,8 @@ class SpeculativeConfig:
     model: str | None = None  # draft_model: the draft checkpoint (local directory or hub id)
     # Speculation is off for steps with more requests than this (None: never off).
     disable_by_batch_size: int | None = DEFAULT_DISABLE_BY_BATCH_SIZE
-    min_acceptance_rate: float = DEFAULT_MIN_ACCEPTANCE_RATE
+    # None: the method's default (DEFAULT_MIN_ACCEPTANCE_RATE)
+    min_acceptance_rate: float | None = None
 
     def __post_init__(self) -> None:
         if self.method in _OTHER_METHODS:
@@ -63,10 +70,16 @@ class SpeculativeConfig:
         elif not self.model:
             raise ValueError("speculative_config method 'draft_model' needs a model (the "
                              "draft checkpoint's directory or hub id)")
-        if self.disable_by_batch_size is not None and self.disable_by_batch_size < 1:
+        limit = self.disable_by_batch_size
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)
+                                  or limit < 1):
             raise ValueError(f"speculative_config disable_by_batch_size must be at least 1, "
                              f"got {self.disable_by_batch_size}")
-        if not 0 <= self.min_acceptance_rate <= 1:
+        if self.min_acceptance_rate is None:
+            object.__setattr__(self, "min_acceptance_rate",
+                               DEFAULT_MIN_ACCEPTANCE_RATE[self.method])
+        rate = self.min_acceptance_rate
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate <= 1:
             raise ValueError(f"speculative_config min_acceptance_rate must be in [0, 1], "
                              f"got {self.min_acceptance_rate}")
 
