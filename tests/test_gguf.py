@@ -16,8 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import random_prompts
 from kvflow import LLM, SamplingParams
-from kvflow.bench.gguf_export import export_gguf, quantize, quantize_q4_k
-from kvflow.layers.linear import Linear
+from kvflow.bench.gguf_export import export_gguf, quantize
 from kvflow.models.config import ModelConfig
 from kvflow.models.gguf.weights import unpack_q4_0, unpack_q4_k
 from kvflow.quantization.int4 import dequantize_int4
