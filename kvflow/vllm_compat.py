@@ -7,7 +7,8 @@ import re
 
 MISSING: dict[str, str] = {
     "kv_cache_dtype": "the KV cache is kept in the model's dtype (--dtype)",
-    "load_format": "kvflow loads Hugging Face safetensors checkpoints only",
+    "load_format": "kvflow reads safetensors checkpoints and GGUF files, whichever the model "
+                   "path is: drop the flag",
     "tokenizer_mode": "kvflow uses the checkpoint's fast (tokenizers) tokenizer",
     "speculative_model": "vLLM's older flag: use --speculative-config "
                          "'{\"model\": PATH, \"num_speculative_tokens\": 4}'",
