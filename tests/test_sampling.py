@@ -189,7 +189,7 @@ def test_logit_bias_and_stop_token_ids_are_capped():
 
 @pytest.mark.parametrize("field,value", [
     ("temperature", -0.1), ("top_p", 0.0), ("top_p", 1.5), ("n", 0), ("max_tokens", -1),
-    ("max_tokens", 0), ("top_k", -2), ("min_p", 1.5), ("repetition_penalty", 0.0),
+    ("truncate_prompt_tokens", 0), ("top_k", -2), ("min_p", 1.5), ("repetition_penalty", 0.0),
     ("repetition_penalty", 1e-30), ("repetition_penalty", 1e4),
     ("presence_penalty", 3.0), ("frequency_penalty", -2.5), ("min_tokens", -1),
     ("logprobs", -2), ("prompt_logprobs", -3), ("stop", [""]), ("logit_bias", {1: 200}),
