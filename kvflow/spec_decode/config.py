@@ -17,18 +17,21 @@ _OTHER_METHODS = {
     "deepseek_mtp": "multi-token-prediction heads are not supported",
     "mtp": "multi-token-prediction heads are not supported",
 }
-# Speculation stops paying once a batch is large enough to keep the machine busy without
-# it; the default comes from measuring (README, "Speculative decoding").
-DEFAULT_DISABLE_BY_BATCH_SIZE = 4
+# Both defaults were measured on the demo model with its draft on a 2-core Xeon
+# (docs/benchmarks.md, "Speculative decoding"); a target whose forward is dominated by
+# weight reads rather than per-step overhead verifies drafts for less, and may raise the
+# first and lower the second.
+# Speculation stops paying once the batch keeps the machine busy without it: there, one
+# request gained up to 17% and two requests already lost 10% (prompt lookup) to 31%
+# (draft, k = 4): batching the second request nearly doubled throughput, which is the
+# spare capacity verification had been using.
+DEFAULT_DISABLE_BY_BATCH_SIZE = 1
 # A request whose drafts are accepted less often than this (per draft token, after
-# MIN_VERIFIED_DRAFTS of them) stops proposing: they cost more than they give. The break-
-# even rate is what one draft token costs (proposing it, and verifying it in the target's
-# forward) over a plain step. Measured on the demo model (docs/benchmarks.md, "Speculative
-# decoding"): a prompt-lookup draft costs about 0.07 of a step, since only its
-# verification costs anything; a demo-draft token about 0.34, since a small model's forward
-# is mostly fixed per-step cost. A draft model much smaller than its target on a machine
-# bound by weight reads breaks even lower, so its default errs toward speculating.
-DEFAULT_MIN_ACCEPTANCE_RATE = {"ngram": 0.1, "draft_model": 0.3}
+# MIN_VERIFIED_DRAFTS of them) stops proposing: they cost more than they give. Break-even
+# is (c - 1) / k, with c the cost of a step verifying k drafts in plain steps: measured
+# c = 2.2 for prompt lookup with k = 4 and c = 2.0 for the demo draft with k = 2 (its k
+# extra forwards), so 0.3 and 0.5.
+DEFAULT_MIN_ACCEPTANCE_RATE = {"ngram": 0.3, "draft_model": 0.5}
 MIN_VERIFIED_DRAFTS = 16
 # vLLM's default n-gram window when neither bound is given.
 DEFAULT_PROMPT_LOOKUP = 5
