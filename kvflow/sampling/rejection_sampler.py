@@ -22,7 +22,7 @@ from dataclasses import replace
 import torch
 
 from kvflow.outputs import TokenLogprobs
-from kvflow.sampling.sampler import Sampler, SamplingBatch, token_logprobs
+from kvflow.sampling.sampler import Sampler, SamplingBatch, argmax, token_logprobs
 
 
 def rejection_sample(target_probs: torch.Tensor, draft_token_ids: torch.Tensor,
@@ -36,7 +36,7 @@ def rejection_sample(target_probs: torch.Tensor, draft_token_ids: torch.Tensor,
     rows = torch.arange(num_requests, device=target_probs.device)
     if width == 1:
         return (torch.zeros(num_requests, dtype=torch.int64, device=target_probs.device),
-                (target_probs[:, 0] / noise).argmax(dim=-1))
+                argmax(target_probs[:, 0] / noise))
     drafts = draft_token_ids[:, None] if draft_token_ids.dim() == 1 else draft_token_ids
     p_draft = target_probs[:, :-1].gather(-1, drafts[..., None])[..., 0]  # [R, K]
     q_draft = (torch.ones_like(p_draft) if draft_probs is None
@@ -56,7 +56,7 @@ def rejection_sample(target_probs: torch.Tensor, draft_token_ids: torch.Tensor,
     # rounding (a rejection needs p(x) < q(x), so p - q is positive somewhere).
     rejected = (num_accepted < num_drafts) & (residual.sum(dim=-1) > 0)
     dist = torch.where(rejected[:, None], residual, p_next)
-    return num_accepted, (dist / noise).argmax(dim=-1)
+    return num_accepted, argmax(dist / noise)
 
 
 class RejectionSampler:
@@ -88,7 +88,7 @@ class RejectionSampler:
         raw_logprobs = torch.log_softmax(logits.float(), dim=-1) if wants_logprobs else None
         adjusted = self.sampler.adjust(logits.float(), batch) if batch.adjusts_logits else logits
         if batch.all_greedy:
-            target = adjusted.argmax(dim=-1)[index]  # [R, K+1]
+            target = argmax(adjusted)[index]  # [R, K+1]
             matches = (target[:, :-1] == draft_ids) & (
                 torch.arange(width - 1, device=device) < num_drafts[:, None])
             num_accepted = matches.int().cumprod(dim=-1).sum(dim=-1).long()
@@ -97,7 +97,7 @@ class RejectionSampler:
             probs = self.sampler.tempered_probs(adjusted.float(), batch)
             greedy = batch.temperature == 0
             if greedy.any():
-                one_hot = torch.zeros_like(probs).scatter_(-1, adjusted.argmax(-1)[:, None], 1.0)
+                one_hot = torch.zeros_like(probs).scatter_(-1, argmax(adjusted)[:, None], 1.0)
                 probs = torch.where(greedy[:, None], one_hot, probs)
             request_batch = _per_request(batch, firsts_list)
             num_accepted, final = rejection_sample(

@@ -205,13 +205,12 @@ class Sampler:
         """logits: [B, V] -> (token ids [B], per-row logprobs or None)."""
         wants_logprobs = any(n is not None for n in batch.num_logprobs)
         if batch.all_greedy and not wants_logprobs and not batch.adjusts_logits:
-            # Only the largest logit matters: no float copy, no softmax, no sort. max()'s
-            # indices are argmax's (the first of ties) and several times faster on the CPU.
-            return logits.max(dim=-1).indices, [None] * len(batch.num_logprobs)
+            # Only the largest logit matters: no float copy, no softmax, no sort.
+            return argmax(logits), [None] * len(batch.num_logprobs)
         logits = logits.float()
         raw_logprobs = torch.log_softmax(logits, dim=-1) if wants_logprobs else None
         logits = self.adjust(logits, batch)
-        tokens = logits.max(dim=-1).indices
+        tokens = argmax(logits)
         if not batch.all_greedy:
             tokens = torch.where(batch.temperature == 0, tokens, self._sample(logits, batch))
         entries = (token_logprobs(raw_logprobs, tokens, batch.num_logprobs)
@@ -247,7 +246,7 @@ class Sampler:
 
     def _sample(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         probs = self.tempered_probs(logits, batch)
-        return (probs / self.exponential_noise(probs.shape, batch)).max(dim=-1).indices
+        return argmax(probs / self.exponential_noise(probs.shape, batch))
 
     @staticmethod
     def tempered_probs(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
@@ -279,6 +278,13 @@ class Sampler:
         for row, generator in batch.generators.items():
             noise[row].uniform_(generator=generator)
         return noise
+
+
+def argmax(values: torch.Tensor) -> torch.Tensor:
+    """The last dimension's argmax. max()'s indices are argmax's (the first of ties) and
+    several times faster on the CPU (bf16 [5, 8192]: 23 against 93 us); every sampling
+    and verification path uses this one, so that greedy choices agree everywhere."""
+    return values.max(dim=-1).indices
 
 
 def _top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None,

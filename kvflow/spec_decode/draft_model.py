@@ -27,6 +27,7 @@ from kvflow.kernels.tuning import install_native_kernels, native_cpu_ops
 from kvflow.models.config import ModelConfig
 from kvflow.models.llama import LlamaForCausalLM
 from kvflow.models.loader import build_model, resolve_model_path
+from kvflow.sampling.sampler import argmax
 from kvflow.spec_decode.config import SpeculativeConfig
 from kvflow.spec_decode.proposer import ProposalRequest, Proposals, Proposer
 from kvflow.worker.kv_cache import allocate_kv_cache
@@ -125,12 +126,12 @@ class DraftModelProposer(Proposer):
                 ) -> tuple[list[int], list[torch.Tensor | None]]:
         """Each request's next draft: the argmax for a greedy request, else a draw from the
         draft's distribution at the request's temperature (returned with the token)."""
-        tokens = logits.argmax(dim=-1)
+        tokens = argmax(logits)
         probs: list[torch.Tensor | None] = [None] * len(requests)
         for row, request in enumerate(requests):
             if request.temperature > 0:
                 q = torch.softmax(logits[row] / request.temperature, dim=-1)
                 noise = torch.empty_like(q).exponential_(generator=request.generator)
-                tokens[row] = (q / noise).argmax()
+                tokens[row] = argmax(q / noise)
                 probs[row] = q
         return tokens.tolist(), probs
