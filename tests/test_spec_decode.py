@@ -4,6 +4,7 @@ chunked prefill and preemption, with stops inside accepted runs; seeded sampling
 no KV block leaks."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -164,13 +165,32 @@ def test_speculation_stops_above_the_batch_size_limit():
 
 
 def test_propose_ngram():
-    import numpy as np
-
     tokens = np.array([1, 2, 3, 4, 9, 1, 2, 3, 4, 5, 7, 1, 2, 3])
     assert propose_ngram(tokens, 1, 3, 2) == [4, 5]  # the latest earlier "1 2 3"
     assert propose_ngram(tokens, 4, 5, 2) == []  # "3 1 2 3"... never occurred before
     assert propose_ngram(np.array([5, 5]), 1, 2, 4) == [5]
     assert propose_ngram(np.array([5]), 1, 2, 4) == []
+
+
+def test_propose_ngram_matches_a_sliding_window_search():
+    """Against the plain definition: slide every window length over the history, longest
+    first, and take the latest hit; on short random texts over tiny vocabularies, where
+    matches of every length and overlaps abound."""
+    from numpy.lib.stride_tricks import sliding_window_view
+
+    def reference(tokens: np.ndarray, min_n: int, max_n: int, k: int) -> list[int]:
+        for n in range(min(max_n, len(tokens) - 1), min_n - 1, -1):
+            hits = np.flatnonzero((sliding_window_view(tokens[:-1], n) == tokens[-n:]).all(1))
+            if hits.size:
+                return tokens[hits[-1] + n:hits[-1] + n + k].tolist()
+        return []
+
+    rng = np.random.default_rng(1)
+    for _ in range(3000):
+        tokens = rng.integers(0, rng.integers(1, 6), rng.integers(1, 40))
+        low = int(rng.integers(1, 4))
+        high, k = int(rng.integers(low, 7)), int(rng.integers(1, 5))
+        assert propose_ngram(tokens, low, high, k) == reference(tokens, low, high, k), tokens
 
 
 @pytest.mark.parametrize("value, message", [

@@ -4,7 +4,6 @@ No model, and nearly free, so it pays whenever text repeats (code, extraction, e
 from __future__ import annotations
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 
 from kvflow.spec_decode.proposer import ProposalRequest, Proposals, Proposer
 
@@ -28,12 +27,25 @@ class NgramProposer(Proposer):
 
 def propose_ngram(tokens: np.ndarray, min_n: int, max_n: int, k: int) -> list[int]:
     """The k tokens after the latest earlier occurrence of the longest suffix (of min_n to
-    max_n tokens) that occurs earlier; [] if none does."""
-    for n in range(min(max_n, len(tokens) - 1), min_n - 1, -1):
-        # Windows that end before the last token, so that each has a continuation.
-        windows = sliding_window_view(tokens[:-1], n)
-        hits = np.flatnonzero((windows == tokens[-n:]).all(axis=1))
-        if hits.size:
-            start = int(hits[-1]) + n
-            return tokens[start:start + k].tolist()
-    return []
+    max_n tokens) that occurs earlier; [] if none does.
+
+    Only the earlier occurrences of the last token can end a match, so the search starts
+    from them and extends each backwards, rather than sliding every window length over the
+    whole history (a step's proposal took 70 us over 300 tokens that way)."""
+    if len(tokens) < 2:
+        return []
+    ends = np.flatnonzero(tokens[:-1] == tokens[-1])  # each can end a match; none ends last
+    longest = min(max_n, len(tokens) - 1)
+    best, length = None, 1
+    while ends.size and length <= longest:
+        if length >= min_n:
+            best = ends[-1]
+        if length == longest:
+            break
+        # Extend every surviving match one token further back.
+        ends = ends[ends >= length]
+        ends = ends[tokens[ends - length] == tokens[-1 - length]]
+        length += 1
+    if best is None:
+        return []
+    return tokens[best + 1:best + 1 + k].tolist()
