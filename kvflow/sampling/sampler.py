@@ -77,6 +77,12 @@ class SamplingBatch:
                 or self.allowed is not None or self.penalties is not None
                 or self.grammar is not None)
 
+    @property
+    def only_masks_logits(self) -> bool:
+        """The adjustments only forbid tokens (-inf), which is exact in any dtype; biases
+        and penalties do arithmetic, which is done in float32."""
+        return self.logit_bias is None and self.penalties is None
+
 
 def _padded(rows: list[list[int]], pad: int, device: torch.device) -> torch.Tensor:
     width = max((len(r) for r in rows), default=0)
@@ -204,8 +210,10 @@ class Sampler:
                  batch: SamplingBatch) -> tuple[torch.Tensor, list[TokenLogprobs | None]]:
         """logits: [B, V] -> (token ids [B], per-row logprobs or None)."""
         wants_logprobs = any(n is not None for n in batch.num_logprobs)
-        if batch.all_greedy and not wants_logprobs and not batch.adjusts_logits:
-            # Only the largest logit matters: no float copy, no softmax, no sort.
+        if batch.all_greedy and not wants_logprobs and batch.only_masks_logits:
+            # Only the largest allowed logit matters: no float copy, no softmax, no sort.
+            if batch.adjusts_logits:
+                logits = self.adjust(logits, batch)
             return argmax(logits), [None] * len(batch.num_logprobs)
         logits = logits.float()
         raw_logprobs = torch.log_softmax(logits, dim=-1) if wants_logprobs else None
