@@ -6,6 +6,7 @@ logits and the per-request random generators. What goes back is plain lists.
 from __future__ import annotations
 
 import itertools
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -40,6 +41,7 @@ class ModelRunner:
         # req_id -> [drafts, vocab]: what its pending drafts were drawn from, when sampled
         self.draft_probs: dict[str, torch.Tensor] = {}
         self.grammar_masker = GrammarMasker(config.vocab_size)
+        self._mask_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvflow-masks")
 
     def forget(self, req_ids: set[str]) -> None:
         """Drop the state of finished requests."""
@@ -59,12 +61,17 @@ class ModelRunner:
         if not batch:
             return RunnerOutput(sampled_token_ids={})
         input_ids, meta, query_starts = self._prepare_inputs(batch)
+        to_sample = [r for r in batch if r.sample]
+        # The grammars' masks depend only on tokens already accepted and on the drafts, so
+        # llguidance fills them on its own threads (the GIL released) during the forward.
+        masks = (self._mask_thread.submit(self.grammar_masker.for_step, to_sample, self.device)
+                 if any(r.grammar is not None for r in to_sample) else None)
         hidden = self.model(input_ids, meta)
 
         output = RunnerOutput(sampled_token_ids={})
-        to_sample = [r for r in batch if r.sample]
         if to_sample:
-            self._sample(to_sample, hidden, query_starts, output)
+            self._sample(to_sample, hidden, query_starts, output,
+                         masks.result() if masks is not None else None)
             if self.speculator is not None:
                 self._propose(to_sample, output, len(batch))
         for request in batch:
@@ -75,7 +82,8 @@ class ModelRunner:
         return output
 
     def _sample(self, requests: list[ScheduledRequest], hidden: torch.Tensor,
-                query_starts: dict[str, int], output: RunnerOutput) -> None:
+                query_starts: dict[str, int], output: RunnerOutput,
+                grammar: tuple[torch.Tensor, torch.Tensor] | None) -> None:
         """Logits at each request's last known token and at each of its drafts, sampled."""
         positions = []
         for request in requests:
@@ -88,7 +96,7 @@ class ModelRunner:
         rows = ([row for r in requests for row in sampling_rows(r)] if verifying
                 else requests)
         sampling = prepare_sampling(rows, self.generators, self.config.vocab_size, self.device)
-        sampling.grammar = self.grammar_masker.for_step(requests, self.device)
+        sampling.grammar = grammar
         if verifying:
             tokens, entries = self.rejection_sampler(
                 logits, sampling, [r.draft_token_ids for r in requests],
