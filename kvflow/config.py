@@ -3,8 +3,11 @@ and the parsers of the values users give (dtypes, sizes, token counts). The mode
 configuration, read from a checkpoint, is kvflow.models.config."""
 from __future__ import annotations
 
+import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from pydantic import ByteSize, TypeAdapter, ValidationError
@@ -16,6 +19,19 @@ _DTYPES = {
     "float16": torch.float16,
     "half": torch.float16,
 }
+
+def parse_json_object(value: str | Mapping[str, Any], name: str) -> Mapping[str, Any]:
+    """An option that is a JSON object: text on the command line, a dict from Python.
+    Raises ValueError naming the option."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{name} is not valid JSON: {exc}") from None
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{name} must be a JSON object, got {type(value).__name__}")
+    return value
+
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     if isinstance(name, torch.dtype):

@@ -13,6 +13,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from kvflow.config import parse_json_object
 from kvflow.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -31,14 +32,7 @@ def parse_override(value: str | dict[str, Any] | None) -> dict[str, Any]:
     keys; raises ValueError for anything else."""
     if value is None:
         return {}
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"override_generation_config is not valid JSON: {exc}") from None
-    if not isinstance(value, dict):
-        raise ValueError("override_generation_config must be a JSON object such as "
-                         "'{\"temperature\": 0.6}'")
+    value = parse_json_object(value, "override_generation_config")
     unknown = sorted(set(value) - set(DEFAULT_KEYS))
     if unknown:
         raise ValueError(f"override_generation_config: {', '.join(unknown)} not supported; "

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from kvflow.config import parse_json_object
 
 METHODS = ("ngram", "draft_model")
 # vLLM methods kvflow lacks, with the reason.
@@ -92,14 +93,7 @@ class SpeculativeConfig:
         As in vLLM, a model with no method means draft_model, and "[ngram]" means ngram."""
         if isinstance(value, SpeculativeConfig):
             return value
-        if isinstance(value, str):
-            try:
-                value = json.loads(value)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"speculative_config is not valid JSON: {exc}") from None
-        if not isinstance(value, Mapping):
-            raise ValueError(f"speculative_config must be a JSON object, got "
-                             f"{type(value).__name__}")
+        value = parse_json_object(value, "speculative_config")
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(value) - fields)
         if unknown:

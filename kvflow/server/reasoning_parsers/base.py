@@ -6,8 +6,9 @@ what no later text can change, so a stream of differences reassembles to the fin
 """
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
+
+from kvflow.server.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -46,19 +47,7 @@ def _without_partial(text: str, tag: str) -> str:
     return text
 
 
-_PARSERS: dict[str, Callable[[], ReasoningParser]] = {}
-
-
-def register_reasoning_parser(name: str, parser: Callable[[], ReasoningParser]) -> None:
-    _PARSERS[name] = parser
-
-
-def reasoning_parser_names() -> list[str]:
-    return sorted(_PARSERS)
-
-
-def get_reasoning_parser(name: str) -> ReasoningParser:
-    if name not in _PARSERS:
-        raise ValueError(f"--reasoning-parser {name!r} is not one of "
-                         f"{', '.join(reasoning_parser_names())}")
-    return _PARSERS[name]()
+REASONING_PARSERS: Registry[ReasoningParser] = Registry("--reasoning-parser")
+register_reasoning_parser = REASONING_PARSERS.add
+reasoning_parser_names = REASONING_PARSERS.names
+get_reasoning_parser = REASONING_PARSERS.create

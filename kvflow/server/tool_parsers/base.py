@@ -15,6 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from kvflow.server.registry import Registry
+
 
 @dataclass(frozen=True)
 class ParsedCall:
@@ -43,22 +45,13 @@ def arguments_text(arguments: Any) -> str:
     return json.dumps(arguments, ensure_ascii=False)
 
 
-_PARSERS: dict[str, type[ToolParser]] = {}
+TOOL_PARSERS: Registry[ToolParser] = Registry("--tool-call-parser")
+tool_parser_names = TOOL_PARSERS.names
+get_tool_parser = TOOL_PARSERS.create
 
 
 def register_tool_parser(name: str) -> Callable[[type[ToolParser]], type[ToolParser]]:
     def register(cls: type[ToolParser]) -> type[ToolParser]:
-        _PARSERS[name] = cls
+        TOOL_PARSERS.add(name, cls)
         return cls
     return register
-
-
-def tool_parser_names() -> list[str]:
-    return sorted(_PARSERS)
-
-
-def get_tool_parser(name: str) -> ToolParser:
-    if name not in _PARSERS:
-        raise ValueError(f"--tool-call-parser {name!r} is not one of "
-                         f"{', '.join(tool_parser_names())}")
-    return _PARSERS[name]()
