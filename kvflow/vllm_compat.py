@@ -135,8 +135,6 @@ _BY_REASON: dict[str, tuple[str, ...]] = {
         "kv_cache_metrics", "kv_cache_metrics_sample"),
     "a chat template comes from the checkpoint or --chat-template, never from a request": (
         "trust_request_chat_template",),
-    "the server's access log and OpenAPI pages are not configurable yet": (
-        "disable_uvicorn_access_log", "disable_fastapi_docs"),
     "logprob tokens are returned as text": ("return_tokens_as_token_ids",),
     "responses carry no X-Request-Id header": ("enable_request_id_headers",),
     "tool definitions always reach the chat template": (

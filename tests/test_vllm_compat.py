@@ -20,7 +20,8 @@ def test_a_vllm_command_line_serves(checkpoint, tmp_path):
     process = ServerProcess(None, "--model", str(model), "-tp", "1", "-pp", "1",
                             "--gpu-memory-utilization", "0.02", "--max-model-len", "2k",
                             "--enable-prefix-caching", "--trust-remote-code", "--enforce-eager",
-                            "--disable-log-requests", "--uvicorn-log-level", "warning",
+                            "--disable-log-requests", "--uvicorn-log-level", "info",
+                            "--disable-uvicorn-access-log", "--disable-fastapi-docs",
                             "--served-model-name", "tiny", "--api-key", "key-a", "key-b",
                             "--response-role", "bot", "--max-logprobs", "3",
                             "--allowed-origins", '["https://app.example"]', "--dtype",
@@ -48,9 +49,12 @@ def test_a_vllm_command_line_serves(checkpoint, tmp_path):
         assert preflight.headers["access-control-allow-origin"] == "https://app.example"
         log = process.log_path.read_text()
         assert "trust_remote_code is ignored" in log
-        assert "POST /v1/chat/completions" not in log  # uvicorn at warning: no access log
+        assert "POST /v1/chat/completions" not in log  # uvicorn at info, access log off
+        key = {"Authorization": "Bearer key-a"}
+        assert httpx.get(process.url + "/docs", headers=key).status_code == 404
+        assert httpx.get(process.url + "/openapi.json", headers=key).status_code == 404
     finally:
-        process.stop()  # its "shutdown complete" line is info, which this log level hides
+        process.stop()
     assert process.process.returncode in (0, -signal.SIGTERM)
 
 

@@ -192,7 +192,9 @@ def create_app(args: ServerArgs) -> FastAPI:
         if state.serving is not None:
             state.serving.close()
 
-    app = FastAPI(title="kvflow", version=kvflow.__version__, lifespan=lifespan)
+    docs = {"docs_url": None, "redoc_url": None, "openapi_url": None} \
+        if args.disable_fastapi_docs else {}
+    app = FastAPI(title="kvflow", version=kvflow.__version__, lifespan=lifespan, **docs)
     # Pure ASGI middleware (not @app.middleware, whose wrapping hides a client's disconnect
     # from the routes); the last added runs first: the key is checked before the body is read.
     app.add_middleware(ClientTimeoutMiddleware, body_timeout=args.body_timeout,
@@ -358,6 +360,7 @@ def serve(args: ServerArgs) -> None:
     # uvicorn's own grace outlasts ours, so streams end through the engine, not a cut socket.
     config = uvicorn.Config(app, host=args.host, port=args.port,
                             log_level=args.uvicorn_log_level,
+                            access_log=not args.disable_uvicorn_access_log,
                             timeout_graceful_shutdown=int(args.shutdown_timeout) + 5,
                             http=guarded_protocol(max_connections, max_per_client,
                                                   args.header_timeout))

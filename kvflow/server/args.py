@@ -41,6 +41,8 @@ class ServerArgs:
     enable_log_requests: bool = False
     response_role: str = "assistant"
     uvicorn_log_level: str = "info"
+    disable_uvicorn_access_log: bool = False
+    disable_fastapi_docs: bool = False  # no /docs, /redoc or /openapi.json
     # CORS is off unless origins are given: a server on localhost that answered any web
     # page's requests could be driven by any site its user visits.
     allowed_origins: list[str] = field(default_factory=list)
@@ -155,6 +157,11 @@ class ServerArgs:
                             help="the role of chat completion messages")
         parser.add_argument("--uvicorn-log-level", default="info", choices=LOG_LEVELS,
                             help="uvicorn's own log level (kvflow's is --log-level)")
+        parser.add_argument("--disable-uvicorn-access-log", action="store_true",
+                            help="no line per HTTP request in uvicorn's access log")
+        parser.add_argument("--disable-fastapi-docs", action="store_true",
+                            help="serve no OpenAPI schema (/openapi.json) and no /docs or "
+                                 "/redoc pages")
         parser.add_argument("--allowed-origins", type=_json_list, default=[],
                             help="CORS origins as a JSON list, e.g. '[\"*\"]' (default: none, "
                                  "CORS off; vLLM allows every origin)")
@@ -204,7 +211,9 @@ class ServerArgs:
                    write_timeout=ns.write_timeout,
                    enable_prompt_tokens_details=ns.enable_prompt_tokens_details,
                    enable_log_requests=ns.enable_log_requests, response_role=ns.response_role,
-                   uvicorn_log_level=ns.uvicorn_log_level, allowed_origins=ns.allowed_origins,
+                   uvicorn_log_level=ns.uvicorn_log_level,
+                   disable_uvicorn_access_log=ns.disable_uvicorn_access_log,
+                   disable_fastapi_docs=ns.disable_fastapi_docs, allowed_origins=ns.allowed_origins,
                    allowed_methods=ns.allowed_methods, allowed_headers=ns.allowed_headers,
                    allow_credentials=ns.allow_credentials, metrics_prefix=ns.metrics_prefix,
                    stream_keepalive=ns.stream_keepalive,
