@@ -102,7 +102,7 @@ class RejectionSampler:
             request_batch = _per_request(batch, firsts_list)
             num_accepted, final = rejection_sample(
                 probs[index], draft_ids, num_drafts,
-                _dense_draft_probs(draft_probs, draft_ids, num_drafts, probs.shape[-1]),
+                _dense_draft_probs(draft_probs, draft_ids, probs.shape[-1]),
                 self.sampler.uniform_noise(draft_ids.shape, request_batch),
                 self.sampler.exponential_noise(torch.Size((len(drafts), probs.shape[-1])),
                                                request_batch))
@@ -130,17 +130,17 @@ class RejectionSampler:
 
 
 def _dense_draft_probs(draft_probs: list[torch.Tensor | None] | None, draft_ids: torch.Tensor,
-                       num_drafts: torch.Tensor, vocab: int) -> torch.Tensor | None:
-    """[R, K, V]: each request's proposal distributions, one-hot where it proposed
-    deterministically (rows past a request's drafts are never read); None when every
-    request proposed deterministically."""
+                       vocab: int) -> torch.Tensor | None:
+    """[R, K, V]: each request's proposal distributions (each [its drafts, V]), one-hot
+    where it proposed deterministically (rows past a request's drafts are never read);
+    None when every request proposed deterministically."""
     if draft_probs is None or all(p is None for p in draft_probs):
         return None
     dense = torch.zeros((*draft_ids.shape, vocab), device=draft_ids.device)
     dense.scatter_(-1, draft_ids[..., None], 1.0)
-    for row, (probs, count) in enumerate(zip(draft_probs, num_drafts.tolist())):
+    for row, probs in enumerate(draft_probs):
         if probs is not None:
-            dense[row, :count] = probs[:count, :vocab]
+            dense[row, :len(probs)] = probs
     return dense
 
 
