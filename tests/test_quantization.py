@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import random_prompts
+from conftest import DEVICES, random_prompts
 from kvflow import LLM, SamplingParams
 from kvflow.layers.linear import Linear, MergedLinear
 from kvflow.quantization import quantization_config
@@ -103,20 +103,24 @@ def _kernel_cases() -> list[tuple[str, str]]:
     from kvflow.quantization.int8 import Int8LinearMethod
 
     methods = {"int8": Int8LinearMethod, "int4": Int4LinearMethod}
-    return [(name, kernel) for name, method in methods.items() for kernel in method.kernels
-            if kernel != "native"]
+    return [(name, kernel, device, dtype) for name, method in methods.items()
+            for kernel, spec in method.kernels.items() if not spec.native
+            for device in DEVICES if device in spec.devices
+            for dtype in DTYPES if spec.dtypes is None or dtype in spec.dtypes]
 
 
-@pytest.mark.parametrize("name,kernel", _kernel_cases())
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name,kernel,device,dtype", _kernel_cases())
 @pytest.mark.parametrize("bias", [False, True])
-def test_pytorch_kernels_match_the_dequantized_product(name, kernel, dtype, bias):
-    """Each kernel through a plan that sends every batch to it, on ragged batches."""
-    layer = _quantized_layer(name, dtype, bias)
-    layer.plan = QuantizedPlan(ops=None, native_max_rows=0, large=kernel)
+def test_pytorch_kernels_match_the_dequantized_product(name, kernel, device, dtype, bias):
+    """Each kernel through a plan that sends every batch to it, on ragged batches, on every
+    device at hand that it runs on."""
+    layer = _quantized_layer(name, dtype, bias).to(device)
+    prepare = layer.method.kernels[kernel].prepare
+    layer.plan = QuantizedPlan(ops=None, small=kernel, small_max_rows=0, large=kernel,
+                               weights=prepare(layer) if prepare else ())
     generator = torch.Generator().manual_seed(4)
     for rows in ROWS:
-        x = torch.randn(rows, 192, generator=generator).to(dtype)
+        x = torch.randn(rows, 192, generator=generator).to(device=device, dtype=dtype)
         y = layer(x)
         assert y.dtype == dtype and y.shape == (rows, 96)
         _close(y, _expected(layer, x.float()), dtype)
@@ -130,7 +134,8 @@ def test_native_kernels_match_the_dequantized_product(kernel_ops, name, group_si
     """kvflow's int8 and int4 kernels, as this machine builds them and with AVX-512 off, on
     ragged batches (the plan sends every batch to them, beyond the sizes tuning would)."""
     layer = _quantized_layer(name, dtype, bias, group_size=group_size)
-    layer.plan = QuantizedPlan(ops=kernel_ops, native_max_rows=max(ROWS), large="dequantize")
+    layer.plan = QuantizedPlan(ops=kernel_ops, small="native", small_max_rows=max(ROWS),
+                               large="dequantize")
     generator = torch.Generator().manual_seed(5)
     for rows in ROWS:
         x = torch.randn(rows, 192, generator=generator).to(dtype)
@@ -211,3 +216,29 @@ def test_the_command_line_takes_quantization(checkpoint, capsys):
     assert main(["generate", path, "--prompt", "def", "--quantization", "int4",
                  "--quantization-group-size", "128"]) == 2
     assert "a layer has 64" in capsys.readouterr().err
+
+
+def test_planning_never_chooses_a_kernel_that_disagrees_with_the_dequantized_product(
+        monkeypatch):
+    """Without the native kernels (CUDA, or a dtype they lack) the quantized layers are
+    planned among PyTorch's kernels; one that computes a wrong product (an op whose
+    layout this code had wrong, say) is left out, whatever its speed."""
+    from torch import nn
+
+    from kvflow.kernels.tuning import install_quantized_kernels
+    from kvflow.quantization.base import QuantizedKernel
+    from kvflow.quantization.int8 import Int8LinearMethod
+
+    def fast_but_wrong(layer, x, ops):
+        return torch.zeros(x.shape[0], layer.out_features, dtype=x.dtype)
+
+    kernels = {**Int8LinearMethod.kernels, "wrong": QuantizedKernel(fast_but_wrong)}
+    monkeypatch.setattr(Int8LinearMethod, "kernels", kernels)
+    model = nn.ModuleList([_quantized_layer("int8", torch.bfloat16, bias=True, seed=s)
+                           for s in range(3)])
+    install_quantized_kernels(model)
+    for layer in model:
+        assert {layer.plan.small, layer.plan.large} <= {"torch", "dequantize"}
+        assert layer.plan.ops is None
+        x = torch.randn(5, 192).to(torch.bfloat16)
+        _close(layer(x), _expected(layer, x.float()), torch.bfloat16)

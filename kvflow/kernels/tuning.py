@@ -36,7 +36,7 @@ from kvflow.layers.activation import SiluAndMul
 from kvflow.layers.linear import Linear
 from kvflow.layers.norm import RMSNorm
 from kvflow.layers.rotary import RotaryEmbedding
-from kvflow.quantization.base import QuantizedLinearMethod, QuantizedPlan
+from kvflow.quantization.base import QuantizedKernel, QuantizedLinearMethod, QuantizedPlan
 from kvflow.quantization.unquantized import LinearPlan, UnquantizedLinearMethod
 from kvflow.worker.kv_cache import available_host_memory
 
@@ -105,17 +105,12 @@ def install_native_kernels(model: nn.Module, ops: ModuleType, reserved_bytes: in
     # (owner, attribute to set, weight) per linear shape. A tied LM head is the embedding,
     # owned by no Linear; an untied one is the lm_head Linear.
     groups: dict[tuple, list[tuple[object, str, torch.Tensor]]] = defaultdict(list)
-    quantized: dict[str, list[Linear]] = defaultdict(list)
     for module in model.modules():
         if isinstance(module, (RMSNorm, RotaryEmbedding, SiluAndMul)):
             module.native = ops
         elif isinstance(module, Linear) and isinstance(module.method, UnquantizedLinearMethod):
             groups[(*module.weight.shape, module.weight.dtype)].append(
                 (module, "plan", module.weight))
-        elif isinstance(module, Linear) and isinstance(module.method, QuantizedLinearMethod):
-            shapes = ",".join(f"{name}{list(p.shape)}:{str(p.dtype).removeprefix('torch.')}"
-                              for name, p in module.named_parameters())
-            quantized[f"{type(module.method).__name__} {shapes}"].append(module)
     if head_weight is not None and getattr(model, "lm_head", None) is None:
         groups[(*head_weight.shape, head_weight.dtype)].append(
             (model, "lm_head_plan", head_weight))
@@ -148,59 +143,149 @@ def install_native_kernels(model: nn.Module, ops: ModuleType, reserved_bytes: in
                 float32_bias=bias.float() if choice == "float32" and bias is not None else None))
         logger.debug("linear %s: native GEMV up to %d rows, %s above", label, max_rows,
                      choice or "F.linear")
-    for label, layers in quantized.items():
+    for label, layers in _quantized_shapes(model).items():
         _plan_quantized(label, layers, ops, cache)
 
 
-def _plan_quantized(label: str, layers: list[Linear], ops: ModuleType,
-                    cache: _ChoiceCache) -> None:
-    """A quantized shape's plan: its native kernel up to the largest batch of GEMV_ROWS at
-    which it beat every PyTorch kernel of the method (all of the shape's weights, read from
-    memory), and above that the PyTorch kernel fastest at GEMM_ROWS (a few weights)."""
+def install_quantized_kernels(model: nn.Module) -> None:
+    """Plans for the quantized layers of a model that runs without the native kernels (on
+    CUDA, say): PyTorch's kernels for the method, chosen by measuring on the device at
+    every load (a GPU measures them in moments)."""
+    for label, layers in _quantized_shapes(model).items():
+        _plan_quantized(label, layers, None, _Measured())
+
+
+def _quantized_shapes(model: nn.Module) -> dict[str, list[Linear]]:
+    """The quantized layers, grouped by method and parameter shapes."""
+    shapes: dict[str, list[Linear]] = defaultdict(list)
+    for module in model.modules():
+        if isinstance(module, Linear) and isinstance(module.method, QuantizedLinearMethod):
+            label = ",".join(f"{name}{list(p.shape)}:{str(p.dtype).removeprefix('torch.')}"
+                             for name, p in module.named_parameters())
+            shapes[f"{type(module.method).__name__} {label}"].append(module)
+    return shapes
+
+
+def _plan_quantized(label: str, layers: list[Linear], ops: ModuleType | None,
+                    cache: _ChoiceCache | _Measured) -> None:
+    """A quantized shape's plan, among the method's kernels that run on the layers' device
+    and compute the product here: the kernel fastest at one row for batches up to the
+    largest of GEMV_ROWS at which it beat every other (all of the shape's weights, read
+    from memory), and above that the kernel fastest at GEMM_ROWS (a few weights) among
+    those that are not GEMVs."""
     method = layers[0].method
+    device = layers[0].weight.device
     # The activations' dtype: the model's, which the method keeps its scales in.
     dtype = next(p.dtype for p in layers[0].parameters() if p.is_floating_point())
-    others = [name for name in method.kernels if name != "native"]
+    prepared = {name: kernel for name, kernel in method.kernels.items()
+                if device.type in kernel.devices and (ops is not None or not kernel.native)
+                and (kernel.dtypes is None or dtype in kernel.dtypes)}
+    copies = {name: _prepared_copies(name, kernel, layers) for name, kernel in prepared.items()}
+    usable = [name for name in prepared if copies[name] is not None
+              and _computes_the_product(name, layers[0], copies[name][0], ops, dtype)]
 
     def seconds(names: list[str], rows: int, subset: list[Linear]) -> dict[str, float]:
         """Median seconds of each kernel over subset, the kernels timed in alternation so
         that other load on the machine falls on all of them alike."""
-        x = torch.randn(rows, layers[0].in_features).to(dtype)
-        runs = {name: (lambda kernel=method.kernels[name]: [kernel(layer, x, ops)
-                                                            for layer in subset])
-                for name in names}
+        x = torch.randn(rows, layers[0].in_features, device=device).to(dtype)
+        runs = {name: (lambda name=name: [method.kernels[name].run(
+            _with_plan(layer, QuantizedPlan(ops, name, 0, name, copies[name][i])), x, ops)
+            for i, layer in enumerate(subset)]) for name in names}
         times: dict[str, list[float]] = defaultdict(list)
         for round_ in range(QUANTIZED_ROUNDS + 1):  # the first round warms up
             for name, run in runs.items():
+                _synchronize(device)
                 start = time.perf_counter()
                 run()
+                _synchronize(device)
                 if round_:
                     times[name].append(time.perf_counter() - start)
         return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
 
-    def native_max_rows() -> int:
-        best = 0
-        for rows in GEMV_ROWS:
-            measured = seconds(["native", *others], rows, layers)
-            if measured["native"] >= min(measured[name] for name in others):
-                break
-            best = rows
-        return best
+    large_candidates = [name for name in usable if not method.kernels[name].gemv]
 
     def fastest_large() -> str:
-        totals = defaultdict(float)
+        if len(large_candidates) == 1:
+            return large_candidates[0]
+        totals: dict[str, float] = defaultdict(float)
         for rows in GEMM_ROWS:
-            for name, t in seconds(others, rows, layers[:GEMM_SAMPLE]).items():
+            for name, t in seconds(large_candidates, rows, layers[:GEMM_SAMPLE]).items():
                 totals[name] += t
-        return min(others, key=totals.__getitem__)
+        return min(large_candidates, key=totals.__getitem__)
 
-    max_rows = cache.get(f"native {label}", native_max_rows)
-    large = (others[0] if len(others) == 1
-             else cache.get(f"large batches {label}", fastest_large))
-    plan = QuantizedPlan(ops=ops, native_max_rows=max_rows, large=large)
-    for layer in layers:
-        layer.plan = plan
-    logger.debug("linear %s: native kernel up to %d rows, %s above", label, max_rows, large)
+    def small_kernel_and_rows() -> str:
+        if len(usable) == 1:
+            return f"{usable[0]}:0"
+        small, best = "", 0
+        for rows in GEMV_ROWS:
+            measured = seconds(usable, rows, layers)
+            fastest = min(usable, key=measured.__getitem__)
+            if small and fastest != small:
+                break
+            small, best = fastest, rows
+        return f"{small}:{best}"
+
+    large = cache.get(f"large batches {label} from {','.join(large_candidates)}",
+                      fastest_large)
+    small, rows = cache.get(f"small batches {label} from {','.join(usable)}",
+                            small_kernel_and_rows).split(":")
+    if small == large:
+        rows = "0"
+    for i, layer in enumerate(layers):
+        # At most one of the two kernels reads a copy: none of the methods has two.
+        with_copy = next((name for name in (small, large) if copies[name][i]), "")
+        layer.plan = QuantizedPlan(ops, small, int(rows), large,
+                                   copies[with_copy][i] if with_copy else ())
+    logger.debug("linear %s: %s up to %s rows, %s above", label, small, rows, large)
+
+
+def _with_plan(layer: Linear, plan: QuantizedPlan) -> Linear:
+    layer.plan = plan
+    return layer
+
+
+def _prepared_copies(name: str, kernel: QuantizedKernel,
+                     layers: list[Linear]) -> list[tuple[torch.Tensor, ...]] | None:
+    """Each layer's copy of its weight in the kernel's layout ((): it reads the layer's
+    own), or None where the kernel cannot take the layers."""
+    if kernel.prepare is None:
+        return [() for _ in layers]
+    try:
+        return [kernel.prepare(layer) for layer in layers]
+    except (RuntimeError, ValueError) as exc:
+        logger.info("quantized kernel %r unavailable for these layers: %s", name, exc)
+        return None
+
+
+def _computes_the_product(name: str, layer: Linear, copy: tuple[torch.Tensor, ...],
+                          ops: ModuleType | None, dtype: torch.dtype) -> bool:
+    """Whether the kernel runs here and agrees with the dequantized product: a kernel an
+    op of this build lacks, or whose layout this code has wrong, is never chosen."""
+    x = torch.randn(3, layer.in_features, generator=torch.Generator().manual_seed(0))
+    x = x.to(device=layer.weight.device, dtype=dtype)
+    expected = x.float() @ layer.method.dequantize(layer).T
+    if layer.bias is not None:
+        expected += layer.bias.float()
+    try:
+        layer.plan = QuantizedPlan(ops, name, 3, name, copy)
+        actual = layer.method.kernels[name].run(layer, x, ops).float()
+    except RuntimeError as exc:
+        logger.info("quantized kernel %r unavailable here: %s", name, exc)
+        return False
+    finally:
+        layer.plan = None
+    # Rounding x and the output to bf16 moves the product by about 1% of its scale.
+    error = (actual - expected).abs().max().item()
+    if error > 0.05 * expected.abs().max().item() + 1e-3:
+        logger.warning("quantized kernel %r disagrees with the dequantized product here "
+                       "(max error %.3g); it is not used", name, error)
+        return False
+    return True
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _median_seconds(fn: Callable[[], object]) -> float:
@@ -249,6 +334,13 @@ def _fastest_copy(weights: list[torch.Tensor], candidates: list[str],
         if total < best_seconds:
             best, best_seconds = name, total
     return best
+
+
+class _Measured:
+    """Choices measured at every load, kept nowhere."""
+
+    def get(self, key: str, measure: Callable[[], int | str]) -> int | str:
+        return measure()
 
 
 class _ChoiceCache:

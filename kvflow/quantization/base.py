@@ -103,23 +103,39 @@ Kernel = Callable[["Linear", torch.Tensor, "ModuleType | None"], torch.Tensor]
 
 
 @dataclass(frozen=True)
+class QuantizedKernel:
+    """One way to compute a quantized layer's product, and where it can run."""
+
+    run: Kernel
+    devices: tuple[str, ...] = ("cpu", "cuda")  # the device types it runs on
+    dtypes: tuple[torch.dtype, ...] | None = None  # the activation dtypes it takes; None: all
+    native: bool = False  # kvflow's own: needs the native CPU kernels (a plan's ops)
+    gemv: bool = False  # a kernel for a few rows, never chosen for large batches
+    # Builds the layer's weight in the layout the kernel reads (it cannot read the layer's
+    # parameters), kept in the layer's plan; it raises where the layer does not fit it.
+    prepare: Callable[["Linear"], tuple[torch.Tensor, ...]] | None = None
+
+
+@dataclass(frozen=True)
 class QuantizedPlan:
-    """Which of a quantized method's kernels runs a layer on this machine, chosen by
-    measuring (kvflow/kernels/tuning.py): inputs of at most native_max_rows rows through
-    the native kernel, larger ones through the kernel named `large`."""
+    """Which of a quantized method's kernels runs a layer on this device, chosen by
+    measuring (kvflow/kernels/tuning.py): inputs of at most small_max_rows rows through
+    the kernel named `small`, larger ones through the one named `large`. `weights` is the
+    layer's copy in the layout of whichever of them has a `prepare`."""
 
     ops: ModuleType | None
-    native_max_rows: int
+    small: str
+    small_max_rows: int
     large: str
+    weights: tuple[torch.Tensor, ...] = ()
 
 
 class QuantizedLinearMethod(LinearMethod):
     """A packed weight with several kernels that compute the same product. Without a plan
-    (other devices, --enforce-eager, dtypes the native kernels lack) the layer runs the
-    dequantize kernel, which works everywhere."""
+    (--enforce-eager, dtypes the native kernels lack) the layer runs the dequantize
+    kernel, which works everywhere."""
 
-    # name -> kernel; "native" is kvflow's own, run only through a plan
-    kernels: dict[str, Kernel]
+    kernels: dict[str, QuantizedKernel]
 
     @abstractmethod
     def dequantize(self, layer: Linear) -> torch.Tensor:
@@ -128,14 +144,17 @@ class QuantizedLinearMethod(LinearMethod):
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         plan = layer.plan
         if not isinstance(plan, QuantizedPlan) or x.dim() != 2:
-            return self.kernels["dequantize"](layer, x, None)
-        name = "native" if x.shape[0] <= plan.native_max_rows else plan.large
-        return self.kernels[name](layer, x, plan.ops)
+            return dequantize_kernel(layer, x, None)
+        name = plan.small if x.shape[0] <= plan.small_max_rows else plan.large
+        return self.kernels[name].run(layer, x, plan.ops)
 
 
 def dequantize_kernel(layer: Linear, x: torch.Tensor, ops: ModuleType | None) -> torch.Tensor:
     weight = layer.method.dequantize(layer).to(x.dtype)  # type: ignore[attr-defined]
     return F.linear(x, weight, layer.bias)
+
+
+DEQUANTIZE = QuantizedKernel(dequantize_kernel)
 
 
 def quantized_rows_loader(layer: Linear, quantize: Callable[[torch.Tensor], tuple[torch.Tensor, ...]],

@@ -15,8 +15,9 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-from kvflow.quantization.base import (QuantizationConfig, QuantizedLinearMethod, add_parameter,
-                                      add_bias, dequantize_kernel, quantized_rows_loader)
+from kvflow.quantization.base import (DEQUANTIZE, QuantizationConfig, QuantizedKernel,
+                                      QuantizedLinearMethod, add_bias, add_parameter,
+                                      quantized_rows_loader)
 
 if TYPE_CHECKING:
     from kvflow.layers.linear import Linear
@@ -67,11 +68,46 @@ def _native_kernel(layer: Linear, x: torch.Tensor, ops: ModuleType | None) -> to
     return ops.int4_gemv(x, layer.weight, layer.weight_scale, layer.weight_offset, layer.bias)
 
 
+TINYGEMM_GROUP_SIZES = (32, 64, 128, 256)
+
+
+def tinygemm_layout(layer: Linear) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weight as torch._weight_int4pack_mm (CUDA, "tinygemm") reads it: q packed by
+    torch._convert_weight_to_int4pack from two columns per byte (even column in the high
+    nibble), and [groups, out, 2] bf16 (scale, zero) pairs, where tinygemm computes
+    (q - 8) * scale + zero, so zero = offset + 8 * scale."""
+    rows, cols = layer.out_features, layer.in_features
+    group_size = cols // layer.weight_scale.shape[1]
+    if group_size not in TINYGEMM_GROUP_SIZES or rows % 8:
+        raise ValueError(f"tinygemm needs a group size in {TINYGEMM_GROUP_SIZES} and a "
+                         f"multiple of 8 output rows, not {group_size} and {rows}")
+    q = unpack_int4(layer.weight)
+    inner_k_tiles = next(t for t in (8, 4, 2) if cols % (16 * t) == 0)
+    packed = torch._convert_weight_to_int4pack((q[:, ::2] << 4 | q[:, 1::2]).contiguous(),
+                                               inner_k_tiles)
+    scale = layer.weight_scale.float()
+    zero = layer.weight_offset.float() + 8 * scale
+    scales_zeros = torch.stack([scale, zero], dim=2).transpose(0, 1).contiguous()
+    return packed, scales_zeros.to(torch.bfloat16)
+
+
+def _tinygemm_kernel(layer: Linear, x: torch.Tensor, ops: ModuleType | None) -> torch.Tensor:
+    packed, scales_zeros = layer.plan.weights
+    group_size = layer.in_features // scales_zeros.shape[0]
+    y = torch._weight_int4pack_mm(x.contiguous(), packed, group_size, scales_zeros)
+    return y if layer.bias is None else y + layer.bias
+
+
 class Int4LinearMethod(QuantizedLinearMethod):
-    # torch._weight_int4pack_mm_for_cpu is no candidate: it reads its own layout (a second
-    # copy of the weight). It measured slower than the native kernel at one row and faster
-    # at 4 and 8 (docs/benchmarks.md).
-    kernels = {"native": _native_kernel, "dequantize": dequantize_kernel}
+    # On the CPU, torch._weight_int4pack_mm_for_cpu is no candidate: it reads its own
+    # layout (a second copy of the weight), and it measured slower than the native kernel
+    # at one row and faster at 4 and 8 (docs/benchmarks.md). On CUDA, tinygemm's copy is
+    # what small batches run on.
+    kernels = {"native": QuantizedKernel(_native_kernel, devices=("cpu",), native=True,
+                                         gemv=True),
+               "tinygemm": QuantizedKernel(_tinygemm_kernel, devices=("cuda",),
+                                           dtypes=(torch.bfloat16,), prepare=tinygemm_layout),
+               "dequantize": DEQUANTIZE}
 
     def __init__(self, group_size: int) -> None:
         self.group_size = group_size

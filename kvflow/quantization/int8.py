@@ -11,8 +11,9 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-from kvflow.quantization.base import (QuantizationConfig, QuantizedLinearMethod, add_parameter,
-                                      add_bias, dequantize_kernel, quantized_rows_loader)
+from kvflow.quantization.base import (DEQUANTIZE, QuantizationConfig, QuantizedKernel,
+                                      QuantizedLinearMethod, add_bias, add_parameter,
+                                      quantized_rows_loader)
 
 if TYPE_CHECKING:
     from kvflow.layers.linear import Linear
@@ -47,7 +48,10 @@ def _native_kernel(layer: Linear, x: torch.Tensor, ops: ModuleType | None) -> to
 
 
 class Int8LinearMethod(QuantizedLinearMethod):
-    kernels = {"native": _native_kernel, "torch": _torch_kernel, "dequantize": dequantize_kernel}
+    kernels = {"native": QuantizedKernel(_native_kernel, devices=("cpu",), native=True,
+                                         gemv=True),
+               "torch": QuantizedKernel(_torch_kernel),
+               "dequantize": DEQUANTIZE}
 
     def create_weights(self, layer: Linear, bias: bool) -> None:
         dtype = torch.get_default_dtype()
