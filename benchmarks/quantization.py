@@ -6,7 +6,10 @@ each format and as GGUF files (Q8_0, Q4_0, Q4_K_M, written by kvflow/bench/gguf_
 as llama-quantize lays them out): held-out perplexity through prompt_logprobs, and the
 mean KL divergence from bf16 of the next-token distributions behind them.
 
-    .venv/bin/python benchmarks/quantization.py [--model DIR] [--rounds 7] [--accuracy-only]
+    .venv/bin/python benchmarks/quantization.py [--model DIR] [--rounds 7]
+                                                [--accuracy-only | --speed-only]
+
+The engines run where the default device is (CUDA when there is one).
 
 Without --model, the qwen2.5-0.5b shape with random bf16 weights is made (once) under
 kvflow's cache (`kvflow bench make-model qwen2.5-0.5b DIR`)."""
@@ -25,21 +28,31 @@ from kvflow import LLM, SamplingParams
 from kvflow.bench.gguf_export import export_gguf
 from kvflow.bench.hardware import cpuinfo
 from kvflow.demo import cache_root, demo_model_path, heldout_token_ids
+from kvflow.quantization.base import QuantizedPlan
 
 FORMATS = {"bf16": None, "int8": "int8", "int4": "int4"}
 GGUF_RECIPES = ("Q8_0", "Q4_0", "Q4_K_M")
 
 
 def _weight_bytes(llm: LLM) -> dict[str, int]:
-    """Parameters, and the second copies of weights that tuning made for large batches."""
+    """Parameters, and the second copies of weights that tuning made for the kernels that
+    read their own layout."""
     model = llm.engine.runner.model
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     plans = [m.plan for m in model.modules() if getattr(m, "plan", None) is not None]
     plans += [model.lm_head_plan] if model.lm_head_plan is not None else []
     copies = sum(t.numel() * t.element_size() for plan in plans
                  for t in (getattr(plan, "packed_weight", None),
-                           getattr(plan, "float32_weight", None)) if t is not None)
+                           getattr(plan, "float32_weight", None),
+                           *getattr(plan, "weights", ())) if t is not None)
     return {"parameters": params, "large_batch_copies": copies}
+
+
+def _kernels(llm: LLM) -> list[str]:
+    """The quantized kernels tuning chose: "small up to N rows, large above"."""
+    plans = [m.plan for m in llm.engine.runner.model.modules()
+             if isinstance(getattr(m, "plan", None), QuantizedPlan)]
+    return sorted({f"{p.small} up to {p.small_max_rows} rows, {p.large} above" for p in plans})
 
 
 def _decode_tokens_per_second(llm: LLM, prompt: list[int], output_len: int) -> float:
@@ -60,6 +73,7 @@ def speed(model: Path, rounds: int, prompt_len: int, output_len: int) -> dict:
                 rates[name].append(rate)
     medians = {name: statistics.median(r) for name, r in rates.items()}
     return {name: {"decode_tokens_per_s": round(medians[name], 2),
+                   "kernels": _kernels(llms[name]),
                    "vs_bf16": round(medians[name] / medians["bf16"], 3),
                    "rounds": [round(r, 2) for r in rates[name]],
                    "weight_bytes": _weight_bytes(llms[name])} for name in llms}
@@ -123,10 +137,13 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--tokens", type=int, default=20480, help="held-out tokens scored")
-    parser.add_argument("--accuracy-only", action="store_true",
-                        help="only the demo model's perplexity and KL divergence")
+    only = parser.add_mutually_exclusive_group()
+    only.add_argument("--accuracy-only", action="store_true",
+                      help="only the demo model's perplexity and KL divergence")
+    only.add_argument("--speed-only", action="store_true", help="only the decode speeds")
     args = parser.parse_args()
-    report = {"cpu": cpuinfo().get("model name"), "threads": torch.get_num_threads()}
+    report = {"cpu": cpuinfo().get("model name"), "threads": torch.get_num_threads(),
+              "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
     if args.accuracy_only:
         print(json.dumps({**report, "demo_accuracy": accuracy(args.tokens)}, indent=1))
         return
@@ -138,8 +155,9 @@ def main() -> None:
         if not model.exists():
             make_model("qwen2.5-0.5b", model)
     report.update({"model": str(model), "speed": speed(model, args.rounds, args.prompt_len,
-                                                       args.output_len),
-                   "demo_accuracy": accuracy(args.tokens)})
+                                                       args.output_len)})
+    if not args.speed_only:
+        report["demo_accuracy"] = accuracy(args.tokens)
     print(json.dumps(report, indent=1))
 
 
