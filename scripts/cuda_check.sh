@@ -5,7 +5,11 @@
 # $OUT (default /tmp/kvflow-cuda-check). Run it from any directory, with the Python that
 # has torch with CUDA and kvflow's dependencies:
 #
-#   scripts/cuda_check.sh [pytest arguments, default: the whole suite on 6 workers]
+#   scripts/cuda_check.sh [pytest arguments]
+#
+# The default arguments run the whole suite on 6 workers, each test at most 120 s (they need
+# pytest-xdist and pytest-timeout); every test's result is in tests.log as it finishes, so a
+# run cut short by CUDA_CHECK_TEST_SECONDS still says which tests failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-/tmp/kvflow-cuda-check}
@@ -22,11 +26,11 @@ python3 -m kvflow.kernels >"$out/kernels.log" 2>&1 || echo "native kernel build 
 tests=.cuda-tests
 rm -rf "$tests" && cp -r tests "$tests"
 sed -i 's/device="cpu"/device="auto"/g' "$tests"/*.py
-if [ $# -eq 0 ]; then set -- -n 6 "$tests"; fi
+if [ $# -eq 0 ]; then set -- -n 6 -v --timeout 120 "$tests"; fi
 timeout "${CUDA_CHECK_TEST_SECONDS:-330}" python3 -m pytest -q -m "not slow" \
     -p no:cacheprovider "$@" >"$out/tests.log" 2>&1
 echo "tests: exit $?"
-grep -E "^(FAILED|ERROR)|passed|failed" "$out/tests.log" | tail -40
+grep -E "FAILED|ERROR|passed|failed" "$out/tests.log" | grep -v "PASSED" | tail -40
 rm -rf "$tests"
 
 timeout "${CUDA_CHECK_SPEED_SECONDS:-200}" python3 benchmarks/quantization.py --speed-only \
