@@ -159,8 +159,8 @@ def test_quantized_loaders_refuse_bad_tensors():
 
 
 def test_bad_quantization_options_are_refused_by_name():
-    with pytest.raises(ValueError, match=r"quantization='awq' is not supported.*'int8' or 'int4'"):
-        quantization_config("awq", 128)
+    with pytest.raises(ValueError, match=r"quantization='fp8' is not supported.*'int8' or 'int4'"):
+        quantization_config("fp8", 128)
     with pytest.raises(ValueError, match="multiple of 32, got 48"):
         Int4Config(48)
     with pytest.raises(ValueError, match="multiple of 64 and of the group size \\(128\\); a "
@@ -211,8 +211,8 @@ def test_the_command_line_takes_quantization(checkpoint, capsys):
     assert main(["generate", path, "--prompt", "def", "--max-tokens", "2", "-q", "int4",
                  "--quantization-group-size", "32", "--device", "cpu",
                  "--kv-cache-memory", "8MiB"]) == 0
-    assert main(["generate", path, "--prompt", "def", "--quantization", "gptq"]) == 2
-    assert "quantization='gptq' is not supported" in capsys.readouterr().err
+    assert main(["generate", path, "--prompt", "def", "--quantization", "fp8"]) == 2
+    assert "quantization='fp8' is not supported" in capsys.readouterr().err
     assert main(["generate", path, "--prompt", "def", "--quantization", "int4",
                  "--quantization-group-size", "128"]) == 2
     assert "a layer has 64" in capsys.readouterr().err

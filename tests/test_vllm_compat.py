@@ -74,7 +74,7 @@ def test_request_logging_names_sizes_not_text(checkpoint, tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["serve", "--quantization", "awq"], "quantization='awq' is not supported"),
+    (["serve", "--quantization", "fp8"], "quantization='fp8' is not supported"),
     (["serve", "--swap-space", "4"], "recomputed, never swapped"),
     (["serve", "--ssl-keyfile=k.pem"], "TLS-terminating proxy"),
     (["serve", "--no-enable-chunked-prefill"], "always chunked"),
@@ -134,7 +134,7 @@ def test_a_vllm_offline_script_runs(checkpoint):
         assert output.outputs[0].text and output.outputs[0].finished()
         assert output.finished and output.num_cached_tokens == 0
     assert llm.llm_engine is llm.engine
-    with pytest.raises(ValueError, match="quantization='awq' is not supported"):
+    with pytest.raises(ValueError, match="quantization='awq' is for AWQ checkpoints, but"):
         LLM(model=str(checkpoint("llama-gqa")), quantization="awq")
 
 

@@ -77,7 +77,7 @@ class LLMEngine:
         self.device = args.resolve_device()
         if self.device.type == "cpu":
             logger.info("CPU threads: %d", configure_threads(args.num_threads))
-        self.dtype = (self.model_config.checkpoint_dtype if args.dtype == "auto"
+        self.dtype = (self.model_config.default_dtype(self.device) if args.dtype == "auto"
                       else parse_dtype(args.dtype))
         self.eos_token_ids = frozenset(self.model_config.eos_token_ids) | (
             {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set())

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from kvflow.config import parse_dtype
+from kvflow.quantization.gptq_awq import CheckpointQuantization, read_checkpoint_quantization
 
 _SUPPORTED_ACTS = ("silu",)
 
@@ -105,6 +106,7 @@ class ModelConfig:
     sliding_windows: tuple[int | None, ...]
     checkpoint_dtype: torch.dtype
     eos_token_ids: tuple[int, ...] = field(default=())
+    quantization: CheckpointQuantization | None = None  # a GPTQ or AWQ checkpoint's format
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> "ModelConfig":
@@ -149,7 +151,17 @@ class ModelConfig:
             sliding_windows=_read_sliding_windows(hf, architecture, hf.num_hidden_layers),
             checkpoint_dtype=parse_dtype(raw_dtype),
             eos_token_ids=_read_eos_ids(Path(path), hf),
+            quantization=read_checkpoint_quantization(getattr(hf, "quantization_config", None)),
         )
+
+    def default_dtype(self, device: torch.device) -> torch.dtype:
+        """dtype="auto": the checkpoint's, except that a GPTQ or AWQ checkpoint's fp16 runs
+        in bf16 on the CPU, where kvflow's kernels take bf16 and float32 but not fp16 (vLLM
+        also runs fp16 models in bf16 on the CPU)."""
+        if (device.type == "cpu" and self.quantization is not None
+                and self.checkpoint_dtype == torch.float16):
+            return torch.bfloat16
+        return self.checkpoint_dtype
 
     def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
         itemsize = torch.empty((), dtype=dtype).element_size()

@@ -16,6 +16,8 @@ from kvflow.models.gguf import GgufFile, is_gguf
 from kvflow.models.gguf.weights import gguf_tensors, plan_gguf
 from kvflow.models.llama import LlamaForCausalLM
 from kvflow.quantization.base import PrequantizedWeight, QuantizationConfig, checked_copy
+from kvflow.quantization.gptq_awq import (check_quantization_flag, plan_checkpoint,
+                                          prequantized_tensors)
 
 logger = logging.getLogger(__name__)
 
@@ -66,19 +68,27 @@ def build_model(config: ModelConfig, dtype: torch.dtype, device: torch.device,
                 max_positions: int,
                 quant_config: QuantizationConfig | None = None) -> LlamaForCausalLM:
     """quant_config: quantize a float checkpoint at load; a GGUF file's layers take the
-    formats its tensors are in (kvflow/models/gguf/weights.py)."""
+    formats its tensors are in (kvflow/models/gguf/weights.py), and a GPTQ or AWQ
+    checkpoint's quantized layers load as int4 (kvflow/quantization/gptq_awq.py)."""
     path = Path(config.path)
     gguf = GgufFile(path) if is_gguf(path) else None
+    check_quantization_flag(quant_config, config.quantization, str(path))
     if gguf is not None:
         if quant_config is not None:
             raise ValueError(f"quantization={quant_config.name!r} quantizes a float "
                              "checkpoint at load; a GGUF file's weights keep the formats "
                              "they are stored in")
         quant_config = plan_gguf(gguf, dtype)
+    elif config.quantization is not None:
+        quant_config = plan_checkpoint(config.quantization, _safetensors_shapes(path),
+                                       LlamaForCausalLM.packed_modules)
     with torch.device(device), _default_dtype(dtype):
         model = LlamaForCausalLM(config, max_positions, quant_config)
     if gguf is not None:
         load_weights(model, gguf_tensors(gguf, config, quant_config, dtype), gguf.path.name)
+    elif config.quantization is not None:
+        load_weights(model, prequantized_tensors(config.quantization, _safetensors_tensors(path),
+                                                 dtype, str(path)), str(path))
     else:
         load_weights(model, _safetensors_tensors(path), str(path))
     return model.eval().requires_grad_(False)
@@ -93,6 +103,13 @@ def _safetensors_files(path: Path) -> list[Path]:
     if not files:
         raise ValueError(f"no *.safetensors weights in {path}")
     return files
+
+
+def _safetensors_shapes(path: Path) -> Iterator[tuple[str, tuple[int, ...]]]:
+    for file in _safetensors_files(path):
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for key in f.keys():
+                yield key, tuple(f.get_slice(key).get_shape())
 
 
 def _safetensors_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
