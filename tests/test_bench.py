@@ -242,11 +242,11 @@ def test_compare_reports_a_failed_system_and_runs_the_rest(checkpoint, tmp_path)
     results = compare(CompareSettings(model=checkpoint("qwen2"), workloads=[str(too_long),
                                                                            str(fits)],
                                       out=out, systems=["kvflow"], kv_cache_memory="16MiB"))
-    assert [(r.system, r.workload) for r in results] == [("kvflow", "t")]
+    assert [(r.system, r.workload) for r in results] == [("kvflow bf16", "t")]
     document = json.loads((tmp_path / "cmp.json").read_text())
     assert [f["workload"] for f in document["failures"]] == ["long"]
     assert "max_model_len" in document["failures"][0]["error"]
-    assert "kvflow failed on long" in (tmp_path / "cmp.md").read_text()
+    assert "kvflow bf16 failed on long" in (tmp_path / "cmp.md").read_text()
     assert (tmp_path / "cmp-throughput.png").exists()
     with pytest.raises(ValueError, match="llama_cpp_parallel"):
         CompareSettings(model=tmp_path, workloads=["mixed"], out=out, llama_cpp_parallel=[0])
@@ -271,3 +271,145 @@ def test_comparison_table_and_plots(tmp_path):
     assert [p.name for p in written] == ["cmp-throughput.png", "cmp-roofline.png",
                                          "cmp-concurrency.png", "cmp-latency.png"]
     assert all(p.stat().st_size > 1000 for p in written)
+
+
+def _write_gguf(path: Path, quantized: bool) -> Path:
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_tensor("norm", np.ones(32, np.float32))
+    weight = np.linspace(-1, 1, 4 * 32, dtype=np.float32).reshape(4, 32)
+    if quantized:
+        writer.add_tensor("w", gguf.quants.quantize(weight, gguf.GGMLQuantizationType.Q8_0),
+                          raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    else:
+        writer.add_tensor("w", weight.astype(np.float16))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+# What llama-server logs as it loads a GGUF (llama.cpp's format strings, two backends).
+LLAMA_SERVER_LOG = """\
+load_tensors:   CPU_Mapped model buffer size =   942.43 MiB
+load_tensors:   CPU_REPACK model buffer size =   100.00 MiB
+llama_context:        CPU  output buffer size =     0.58 MiB
+llama_kv_cache:        CPU KV buffer size =    48.00 MiB
+llama_context:        CPU compute buffer size =   298.50 MiB
+"""
+
+
+def test_llama_cpp_buffers_tensor_types_and_the_quantized_file_cache(tmp_path):
+    from kvflow.bench import llama_cpp
+
+    buffers = llama_cpp.buffer_sizes(LLAMA_SERVER_LOG)
+    assert buffers == {"CPU_Mapped model": round(942.43 * 2**20),
+                       "CPU_REPACK model": 100 * 2**20, "CPU output": round(0.58 * 2**20),
+                       "CPU KV": 48 * 2**20, "CPU compute": round(298.5 * 2**20)}
+    assert llama_cpp.model_bytes(buffers) == round(1042.43 * 2**20)
+    assert llama_cpp.model_bytes(llama_cpp.buffer_sizes("no buffers here")) is None
+    bf16 = _write_gguf(tmp_path / "m-abc-bf16.gguf", quantized=False)
+    assert llama_cpp.gguf_tensor_types(bf16) == {"F16": 1, "F32": 1}
+    # llama-quantize's output is cached beside the bf16 file: present, it is not run again
+    # (and not built: KVFLOW_CACHE is empty here).
+    q8 = _write_gguf(tmp_path / "m-abc-Q8_0.gguf", quantized=True)
+    assert llama_cpp.quantize_gguf(bf16, "Q8_0") == q8
+    assert llama_cpp.gguf_tensor_types(q8) == {"F32": 1, "Q8_0": 1}
+    assert llama_cpp.quantize_gguf(bf16, "BF16") == bf16
+    with pytest.raises(ValueError, match="unknown GGUF type 'Q5_1'"):
+        llama_cpp.quantize_gguf(bf16, "Q5_1")
+
+
+def test_process_memory_reads_proc_status():
+    import subprocess
+    import sys
+
+    from kvflow.bench.memory import process_memory
+
+    mine = process_memory()
+    assert mine["rss"] >= mine["rss_anon"] + mine["rss_file"] - 2**20 > 0
+    # Another process's, as compare reads llama-server's: 64 MiB touched shows as anonymous.
+    child = subprocess.Popen([sys.executable, "-c", "import sys; b = bytearray(64 << 20); "
+                              "print(flush=True); sys.stdin.read()"],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        child.stdout.readline()
+        assert process_memory(child.pid)["rss_anon"] > 64 << 20
+    finally:
+        child.communicate(b"")
+    with pytest.raises(FileNotFoundError):
+        process_memory(child.pid)
+
+
+def test_compare_options_and_row_names(tmp_path, capsys):
+    from kvflow.bench.compare import CompareSettings, system_name
+    from kvflow.cli import main
+
+    assert system_name("llama.cpp", "Q4_K_M") == "llama.cpp Q4_K_M"
+    for field, value in (("kvflow_quantizations", ["int3"]), ("llama_cpp_types", ["Q5_1"]),
+                         ("llama_cpp_types", [])):
+        with pytest.raises(ValueError, match=field):
+            CompareSettings(model=tmp_path, workloads=["mixed"], out=tmp_path, **{field: value})
+    with pytest.raises(SystemExit):
+        main(["bench", "compare", "--workloads", "mixed", "--out", str(tmp_path / "o"),
+              "--kvflow-quantizations", "int9"])
+    assert "invalid choice: 'int9'" in capsys.readouterr().err
+
+
+def test_compare_runs_each_format_and_reports_its_memory(checkpoint, tmp_path, monkeypatch):
+    """kvflow in two formats and "llama.cpp" in two, in one run. llama-server is stood in
+    for by a kvflow server (the same OpenAI stream), so that every step compare takes on
+    the llama.cpp side runs without building llama.cpp: the GGUF chain, the server's
+    memory read from its process, the buffers from its log, and the rows' names."""
+    import contextlib
+
+    from kvflow.bench import llama_cpp
+    from kvflow.bench.compare import CompareSettings, compare
+
+    model = checkpoint("qwen2")
+    bf16 = _write_gguf(tmp_path / "m-abc-bf16.gguf", quantized=False)
+    _write_gguf(tmp_path / "m-abc-Q8_0.gguf", quantized=True)
+    monkeypatch.setattr(llama_cpp, "convert_to_gguf", lambda checkpoint: bf16)
+
+    @contextlib.contextmanager
+    def stand_in(gguf, parallel, context, threads, log):
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text(LLAMA_SERVER_LOG)
+        server = ServerProcess(model, "--served-model-name", "gguf", "--kv-cache-memory",
+                               "16MiB", log=tmp_path / f"{gguf.stem}.log")
+        try:
+            server.wait_ready()
+            yield server.url, server.process.pid
+        finally:
+            server.stop()
+
+    monkeypatch.setattr(llama_cpp, "llama_server", stand_in)
+    workload = tmp_path / "w.json"
+    workload.write_text(json.dumps(SPEC))
+    out = tmp_path / "cmp"
+    results = compare(CompareSettings(
+        model=model, workloads=[str(workload)], out=out, systems=["kvflow", "llama.cpp"],
+        kv_cache_memory="16MiB", llama_cpp_parallel=[2],
+        kvflow_quantizations=["bf16", "int8"], llama_cpp_types=["BF16", "Q8_0"]))
+    assert [r.system for r in results] == ["kvflow bf16", "kvflow int8", "llama.cpp BF16",
+                                           "llama.cpp Q8_0"]
+    assert all(r.num_requests == 5 for r in results)
+    # The roofline counts weights at bf16's width: drawn only for the unquantized runs.
+    assert [bool(r.roofline) for r in results] == [True, False, True, False]
+    memory = {r.system: r.settings["memory"] for r in results}
+    kv_bf16, kv_int8 = memory["kvflow bf16"], memory["kvflow int8"]
+    assert kv_bf16["file_bytes"] == kv_int8["file_bytes"] > 0
+    # int8 holds the decoder's matrices in a byte each (plus scales); the tied embedding
+    # stays at bf16.
+    assert 0 < kv_int8["weight_bytes"] < kv_bf16["weight_bytes"]
+    assert kv_bf16["rss_after_load"]["rss"] > kv_bf16["rss_before_load"]["rss"] > 0
+    assert memory["llama.cpp Q8_0"]["tensor_types"] == {"F32": 1, "Q8_0": 1}
+    assert memory["llama.cpp Q8_0"]["file"].endswith("m-abc-Q8_0.gguf")
+    assert memory["llama.cpp BF16"]["weight_bytes"] == round(1042.43 * 2**20)
+    assert memory["llama.cpp BF16"]["rss_after_load"]["rss"] > 0
+    table = (tmp_path / "cmp.md").read_text()
+    assert "| llama.cpp Q8_0 | m-abc-Q8_0.gguf | 0 | 1,042 |" in table
+    assert "| kvflow int8 | " in table and "RSS added by the load" in table

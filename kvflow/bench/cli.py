@@ -146,7 +146,9 @@ def _compare(ns: argparse.Namespace) -> int:
                             systems=ns.systems, hf_one_at_a_time_requests=ns.hf_one_requests,
                             hf_batch_size=ns.hf_batch_size,
                             llama_cpp_parallel=ns.llama_cpp_parallel,
-                            kv_cache_memory=ns.kv_cache_memory))
+                            kv_cache_memory=ns.kv_cache_memory,
+                            kvflow_quantizations=ns.kvflow_quantizations,
+                            llama_cpp_types=ns.llama_cpp_types))
     return 0
 
 
@@ -168,7 +170,8 @@ def _rate(value: str) -> float:
 
 
 def add_commands(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    from kvflow.bench.compare import SYSTEMS
+    from kvflow.bench.compare import KVFLOW_QUANTIZATIONS, SYSTEMS
+    from kvflow.bench.llama_cpp import GGUF_TYPES
     from kvflow.engine.args import EngineArgs
 
     threads = argparse.ArgumentParser(add_help=False)
@@ -252,4 +255,11 @@ def add_commands(commands: argparse._SubParsersAction, common: argparse.Argument
     compare.add_argument("--hf-batch-size", type=int, default=32)
     compare.add_argument("--llama-cpp-parallel", type=int, nargs="+", default=[8, 32])
     compare.add_argument("--kv-cache-memory", default=None)
+    compare.add_argument("--kvflow-quantizations", nargs="+", default=["bf16"],
+                         choices=list(KVFLOW_QUANTIZATIONS),
+                         help="kvflow's weights: the checkpoint's, or quantized at load "
+                         "(--quantization); one row per format")
+    compare.add_argument("--llama-cpp-types", nargs="+", default=["BF16"], choices=GGUF_TYPES,
+                         help="llama.cpp's GGUF files: the converted bf16 one, and what "
+                         "llama-quantize makes of it; one row per type")
     compare.set_defaults(handler=_compare)

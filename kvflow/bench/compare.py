@@ -2,6 +2,8 @@
 with one table, JSON and plots. benchmarks/run_peers.sh calls it."""
 from __future__ import annotations
 
+import functools
+import gc
 import json
 import logging
 import time
@@ -14,8 +16,10 @@ import torch
 from kvflow.bench import hardware, llama_cpp
 from kvflow.bench.hf_peer import load_hf_model, run_transformers
 from kvflow.bench.make_model import tokenizer_vocab_size
+from kvflow.bench.memory import checkpoint_bytes, process_memory
 from kvflow.bench.offline import run_kvflow
-from kvflow.bench.report import attach_roofline, markdown_table, model_config, plot, summary
+from kvflow.bench.report import (attach_roofline, markdown_table, memory_table, model_config,
+                                 plot, summary)
 from kvflow.bench.results import RunResult
 from kvflow.bench.serve_client import LoadSettings, run_serve
 from kvflow.bench.workload import Workload, load_workload
@@ -23,6 +27,17 @@ from kvflow.bench.workload import Workload, load_workload
 logger = logging.getLogger(__name__)
 
 SYSTEMS = ("kvflow", "transformers-one", "transformers-batch", "llama.cpp")
+# kvflow's formats: the checkpoint's weights as they are, or quantized at load.
+KVFLOW_QUANTIZATIONS = {"bf16": None, "int8": "int8", "int4": "int4"}
+# The roofline counts every weight at its dtype's width, so it is only drawn for the
+# unquantized runs; a quantized run's "% of roofline" would count bytes it never read.
+UNQUANTIZED = ("bf16", "BF16")
+
+
+def system_name(system: str, weights: str) -> str:
+    """A result row's system: which engine, on which weights ("kvflow int8",
+    "llama.cpp Q4_K_M")."""
+    return f"{system} {weights}"
 
 
 @dataclass
@@ -36,11 +51,19 @@ class CompareSettings:
     llama_cpp_parallel: list[int] = field(default_factory=lambda: [8, 32])
     kv_cache_memory: str | None = None
     dtype: str = "bfloat16"
+    kvflow_quantizations: list[str] = field(default_factory=lambda: ["bf16"])
+    llama_cpp_types: list[str] = field(default_factory=lambda: ["BF16"])
 
     def __post_init__(self) -> None:
-        unknown = sorted(set(self.systems) - set(SYSTEMS))
-        if unknown:
-            raise ValueError(f"unknown systems {unknown}; choose from {list(SYSTEMS)}")
+        for name, chosen, known in (("systems", self.systems, SYSTEMS),
+                                    ("kvflow_quantizations", self.kvflow_quantizations,
+                                     KVFLOW_QUANTIZATIONS),
+                                    ("llama_cpp_types", self.llama_cpp_types,
+                                     llama_cpp.GGUF_TYPES)):
+            unknown = sorted(set(chosen) - set(known))
+            if unknown or not chosen:
+                raise ValueError(f"{name}: unknown {unknown or 'none given'}; choose from "
+                                 f"{list(known)}")
         counts = {"hf_batch_size": [self.hf_batch_size],
                   "llama_cpp_parallel": self.llama_cpp_parallel,
                   "hf_one_at_a_time_requests": [self.hf_one_at_a_time_requests or 1]}
@@ -49,21 +72,29 @@ class CompareSettings:
                 raise ValueError(f"{name} must be at least 1, got {values}")
 
 
-def _llama_cpp(settings: CompareSettings, workload: Workload, gguf: Path) -> RunResult:
-    """llama-server at each slot count (one for a single-stream workload), the best kept."""
+def _llama_cpp(settings: CompareSettings, workload: Workload, gguf: Path,
+               system: str) -> RunResult:
+    """llama-server at each slot count (one for a single-stream workload), the best kept,
+    with what that server held in memory once loaded."""
     context = max(p + g for p, g in workload.lengths) + 16
     counts = [1] if workload.single_stream else sorted(
         {min(n, len(workload.requests)) for n in settings.llama_cpp_parallel})
     tried = []
     for parallel in counts:
-        log = llama_cpp.peer_dir() / "logs" / f"{settings.out.name}-llama-server-{parallel}.log"
+        log = (llama_cpp.peer_dir() / "logs"
+               / f"{settings.out.name}-llama-server-{gguf.stem}-{parallel}.log")
         with llama_cpp.llama_server(gguf, parallel, context, torch.get_num_threads(),
-                                    log) as url:
+                                    log) as (url, pid):
+            memory = {"file": str(gguf), "file_bytes": gguf.stat().st_size,
+                      "rss_after_load": process_memory(pid),
+                      "buffers": llama_cpp.buffer_sizes(log.read_text(errors="replace")),
+                      "tensor_types": llama_cpp.gguf_tensor_types(gguf)}
+            memory["weight_bytes"] = llama_cpp.model_bytes(memory["buffers"])
             result = run_serve(url, workload, LoadSettings(max_concurrency=parallel,
                                                            timeout_s=3600),
-                               model="gguf", system="llama.cpp")
-        result.settings["parallel"] = parallel
-        logger.info("llama.cpp -np %d: %.1f generated tokens/s", parallel,
+                               model="gguf", system=system)
+        result.settings.update(parallel=parallel, memory=memory)
+        logger.info("%s -np %d: %.1f generated tokens/s", system, parallel,
                     result.generated_tokens_per_s)
         tried.append(result)
     best = max(tried, key=lambda r: r.generated_tokens_per_s)
@@ -71,11 +102,26 @@ def _llama_cpp(settings: CompareSettings, workload: Workload, gguf: Path) -> Run
     return best
 
 
-def compare(settings: CompareSettings) -> list[RunResult]:
-    """Every system on every workload. A system that fails on a workload (out of memory, a
-    peer that will not build) is reported as failed, and the others still run."""
+def _load_kvflow(settings: CompareSettings, quantization: str):  # noqa: ANN202
+    """The engine, and what it holds once loaded: its parameters' bytes, and the process's
+    resident memory before and after (in one process, so the difference is the load's)."""
     from kvflow import LLM
 
+    before = process_memory()
+    llm = LLM(str(settings.model), dtype=settings.dtype, device="cpu",
+              quantization=KVFLOW_QUANTIZATIONS[quantization],
+              kv_cache_memory=settings.kv_cache_memory, num_threads=torch.get_num_threads())
+    parameters = llm.engine.runner.model.parameters()
+    memory = {"file": str(settings.model), "file_bytes": checkpoint_bytes(settings.model),
+              "weight_bytes": sum(p.numel() * p.element_size() for p in parameters),
+              "rss_before_load": before, "rss_after_load": process_memory()}
+    return llm, memory
+
+
+def compare(settings: CompareSettings) -> list[RunResult]:
+    """Every system on every workload, kvflow and llama.cpp in each of their formats. A
+    system that fails on a workload (out of memory, a peer that will not build) is reported
+    as failed, and the others still run."""
     dtype = getattr(torch, settings.dtype)
     config = model_config(settings.model)
     vocab = tokenizer_vocab_size(settings.model)
@@ -84,10 +130,12 @@ def compare(settings: CompareSettings) -> list[RunResult]:
     results: list[RunResult] = []
     failures: list[dict] = []
 
-    def record(system: str, workload: Workload, run: Callable[[], RunResult]) -> None:
+    def record(system: str, workload: Workload, run: Callable[[], RunResult],
+               quantized: bool = False) -> None:
         try:
             result = run()
-            attach_roofline(result, workload, config, settings.dtype, ceiling)
+            if not quantized:
+                attach_roofline(result, workload, config, settings.dtype, ceiling)
         except Exception as exc:  # noqa: BLE001 - one system's failure must not end the run
             logger.exception("%s failed on %s", system, workload.name)
             failures.append({"system": system, "workload": workload.name,
@@ -98,11 +146,23 @@ def compare(settings: CompareSettings) -> list[RunResult]:
         write(settings, results, failures, ceiling)
 
     if "kvflow" in settings.systems:
-        llm = LLM(str(settings.model), dtype=settings.dtype, device="cpu",
-                  kv_cache_memory=settings.kv_cache_memory, num_threads=torch.get_num_threads())
-        for workload in workloads:
-            record("kvflow", workload, lambda: run_kvflow(llm, workload))
-        del llm
+        for quantization in settings.kvflow_quantizations:
+            system = system_name("kvflow", quantization)
+            # Loaded on first use, so that a format that fails to load fails its rows only.
+            load = functools.cache(lambda: _load_kvflow(settings, quantization))
+
+            def run_kvflow_format(workload: Workload) -> RunResult:
+                llm, memory = load()
+                result = run_kvflow(llm, workload)
+                result.system = system
+                result.settings["memory"] = memory
+                return result
+
+            for workload in workloads:
+                record(system, workload, lambda: run_kvflow_format(workload),
+                       quantization not in UNQUANTIZED)
+            load.cache_clear()
+            gc.collect()  # this format's engine is gone before the next one's RSS is read
     hf_systems = [s for s in settings.systems if s.startswith("transformers")]
     if hf_systems:
         hf_model = load_hf_model(settings.model, dtype)
@@ -116,14 +176,14 @@ def compare(settings: CompareSettings) -> list[RunResult]:
                        lambda: run_transformers(hf_model, workload, settings.hf_batch_size))
         del hf_model
     if "llama.cpp" in settings.systems:
-        gguf = None
-        for workload in workloads:
-            def run_llama_cpp() -> RunResult:
-                nonlocal gguf
-                gguf = gguf or llama_cpp.convert_to_gguf(settings.model)
-                return _llama_cpp(settings, workload, gguf)
-
-            record("llama.cpp", workload, run_llama_cpp)
+        bf16 = functools.cache(lambda: llama_cpp.convert_to_gguf(settings.model))
+        for ftype in settings.llama_cpp_types:
+            system = system_name("llama.cpp", ftype)
+            gguf = functools.cache(lambda: llama_cpp.quantize_gguf(bf16(), ftype))
+            for workload in workloads:
+                record(system, workload,
+                       lambda: _llama_cpp(settings, workload, gguf(), system),
+                       ftype not in UNQUANTIZED)
     write(settings, results, failures, ceiling)
     return results
 
@@ -142,8 +202,9 @@ def write(settings: CompareSettings, results: list[RunResult], failures: list[di
     settings.out.with_name(settings.out.name + ".json").write_text(json.dumps(document, indent=1))
     failed = "".join(f"\n{f['system']} failed on {f['workload']}: {f['error']}\n"
                      for f in failures)
+    memory = memory_table(results)
     settings.out.with_name(settings.out.name + ".md").write_text(
-        markdown_table(results) + "\n" + failed)
+        markdown_table(results) + "\n" + (f"\n{memory}\n" if memory else "") + failed)
     try:
         plot(results, settings.out)
     except ImportError:

@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -41,15 +42,19 @@ def server_binary() -> Path:
     return source_dir() / "build" / "bin" / "llama-server"
 
 
+def quantize_binary() -> Path:
+    return source_dir() / "build" / "bin" / "llama-quantize"
+
+
 def _run(command: list[str], cwd: Path | None = None) -> None:
     logger.info("running %s", " ".join(command))
     subprocess.run(command, cwd=cwd, check=True)
 
 
 def ensure_llama_server(jobs: int | None = None) -> Path:
-    """Download the llama-cpp-python sdist and build llama-server from its vendored
-    llama.cpp (native CPU flags, Release), once."""
-    if server_binary().exists():
+    """Download the llama-cpp-python sdist and build llama-server and llama-quantize from
+    its vendored llama.cpp (native CPU flags, Release), once."""
+    if server_binary().exists() and quantize_binary().exists():
         return server_binary()
     peer_dir().mkdir(parents=True, exist_ok=True)
     archive = peer_dir() / f"llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz"
@@ -63,7 +68,7 @@ def ensure_llama_server(jobs: int | None = None) -> Path:
     _run(["cmake", "-S", ".", "-B", "build", *generator, "-DCMAKE_BUILD_TYPE=Release",
           "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
           "-DLLAMA_BUILD_EXAMPLES=OFF", "-DGGML_NATIVE=ON"], cwd=source_dir())
-    _run(["cmake", "--build", "build", "--target", "llama-server", "-j",
+    _run(["cmake", "--build", "build", "--target", "llama-server", "llama-quantize", "-j",
           str(jobs or os.cpu_count() or 1)], cwd=source_dir())
     return server_binary()
 
@@ -115,6 +120,59 @@ def convert_to_gguf(model: Path, out: Path | None = None) -> Path:
     return out
 
 
+# The GGUF files llama.cpp users download: the converter's bf16 file, and llama-quantize's
+# recipes of it that issue 10 measures kvflow's int8 and int4 against.
+GGUF_TYPES = ("BF16", "Q8_0", "Q4_0", "Q4_K_M")
+
+
+def quantize_gguf(bf16: Path, ftype: str) -> Path:
+    """The bf16 GGUF as llama.cpp's own `llama-quantize` makes `ftype` of it (its default
+    recipe: Q4_K_M keeps some tensors at Q6_K, and falls back to other types for rows that
+    are not whole 256-weight super-blocks), cached beside it."""
+    if ftype not in GGUF_TYPES:
+        raise ValueError(f"unknown GGUF type {ftype!r}; choose from {list(GGUF_TYPES)}")
+    if ftype == "BF16":
+        return bf16
+    out = bf16.with_name(f"{bf16.stem.removesuffix('-bf16')}-{ftype}.gguf")
+    if out.exists():
+        return out
+    ensure_llama_server()
+    partial = out.with_suffix(".partial")
+    _run([str(quantize_binary()), str(bf16), str(partial), ftype])
+    partial.rename(out)
+    return out
+
+
+def gguf_tensor_types(gguf: Path) -> dict[str, int]:
+    """How many tensors of each type a GGUF file holds: what a recipe's name does not say."""
+    from gguf import GGUFReader
+
+    counts: dict[str, int] = {}
+    for tensor in GGUFReader(gguf).tensors:
+        counts[tensor.tensor_type.name] = counts.get(tensor.tensor_type.name, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+_BUFFER = re.compile(r"(\S+)\s+(model|KV|RS|compute|output) buffer size =\s*([\d.]+) MiB")
+
+
+def buffer_sizes(log: str) -> dict[str, int]:
+    """The buffers llama.cpp's log reports allocating, in bytes, by backend and kind
+    ("CPU_Mapped model": weights read in place from the mapped file; "CPU_REPACK model":
+    weights copied into the layout its CPU kernels read; "CPU KV": the KV cache)."""
+    sizes: dict[str, int] = {}
+    for backend, kind, mib in _BUFFER.findall(log):
+        key = f"{backend} {kind}"
+        sizes[key] = sizes.get(key, 0) + round(float(mib) * 2**20)
+    return sizes
+
+
+def model_bytes(buffers: dict[str, int]) -> int | None:
+    """The weights' buffers, over every backend; None if the log named none."""
+    weights = [size for key, size in buffers.items() if key.endswith(" model")]
+    return sum(weights) if weights else None
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -123,8 +181,9 @@ def _free_port() -> int:
 
 @contextlib.contextmanager
 def llama_server(gguf: Path, parallel: int, context_per_sequence: int, threads: int,
-                 log: Path) -> Iterator[str]:
-    """A running llama-server with `parallel` slots sharing one KV cache; yields its URL."""
+                 log: Path) -> Iterator[tuple[str, int]]:
+    """A running llama-server with `parallel` slots sharing one KV cache, loaded and warmed
+    up; yields its URL and process id."""
     port = _free_port()
     command = [str(ensure_llama_server()), "-m", str(gguf), "--host", "127.0.0.1",
                "--port", str(port), "-t", str(threads), "-tb", str(threads),
@@ -145,7 +204,7 @@ def llama_server(gguf: Path, parallel: int, context_per_sequence: int, threads: 
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"llama-server not healthy after 300 s; see {log}")
                 time.sleep(0.5)
-            yield url
+            yield url, process.pid
         finally:
             process.terminate()
             try:

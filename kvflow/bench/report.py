@@ -67,17 +67,49 @@ def summary(result: RunResult) -> str:
 
 
 def markdown_table(results: list[RunResult]) -> str:
+    """One row per run. Decode tokens/s per stream is 1 / median TPOT: what one user sees
+    after the first token, without the prompt's share that generated tokens/s includes."""
     rows = ["| workload | system | requests | generated tokens/s | total tokens/s | "
-            "TTFT p50 | % of roofline (bound) |", "| --- | --- | --- | --- | --- | --- | --- |"]
+            "TTFT p50 | decode tokens/s per stream | % of roofline (bound) |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for result in results:
         d = result.to_dict()
         ttft = result.latency.get("ttft", {}).get("p50_ms")
+        tpot = result.latency.get("tpot", {}).get("p50_ms")
         r = result.roofline
         ttft_cell = f"{ttft:.0f} ms" if ttft is not None else "-"
+        decode_cell = f"{1000 / tpot:.1f}" if tpot else "-"
         roof_cell = f"{r['achieved_percent']:.1f}% ({r['binding']})" if r else "-"
         rows.append(f"| {result.workload} | {result.system} | {result.num_requests} | "
                     f"{d['generated_tokens_per_s']:.1f} | {d['total_tokens_per_s']:.1f} | "
-                    f"{ttft_cell} | {roof_cell} |")
+                    f"{ttft_cell} | {decode_cell} | {roof_cell} |")
+    return "\n".join(rows)
+
+
+def _mib(value: int | None) -> str:
+    return f"{value / 2**20:,.0f}" if value is not None else "-"
+
+
+def memory_table(results: list[RunResult]) -> str:
+    """Per system and format, the first run's memory once loaded: the file it loaded, the
+    weights it holds (kvflow's parameters; llama.cpp's model buffer), and the process's
+    resident set (anonymous + file-backed), in MiB; for kvflow, which loads in the process
+    that measures, also what the load added to it. Empty when no run recorded memory."""
+    seen: dict[str, dict] = {}
+    for result in results:
+        if "memory" in result.settings:
+            seen.setdefault(result.system, result.settings["memory"])
+    if not seen:
+        return ""
+    rows = ["| system | file | file MiB | weights MiB | RSS after load MiB (anon + file) "
+            "| RSS added by the load MiB |", "| --- | --- | --- | --- | --- | --- |"]
+    for system, memory in seen.items():
+        rss, before = memory["rss_after_load"], memory.get("rss_before_load")
+        added = rss["rss"] - before["rss"] if before else None
+        rows.append(f"| {system} | {Path(memory['file']).name} | {_mib(memory['file_bytes'])} "
+                    f"| {_mib(memory['weight_bytes'])} | {_mib(rss['rss'])} "
+                    f"({_mib(rss.get('rss_anon'))} + {_mib(rss.get('rss_file'))}) "
+                    f"| {_mib(added)} |")
     return "\n".join(rows)
 
 
