@@ -26,13 +26,14 @@ python3 -m kvflow.kernels >"$out/kernels.log" 2>&1 || echo "native kernel build 
 tests=.cuda-tests
 rm -rf "$tests" && cp -r tests "$tests"
 sed -i 's/device="cpu"/device="auto"/g' "$tests"/*.py
-if [ $# -eq 0 ]; then set -- -n 6 -v --timeout 120 "$tests"; fi
-timeout "${CUDA_CHECK_TEST_SECONDS:-330}" python3 -m pytest -q -m "not slow" \
+if [ $# -eq 0 ]; then set -- -n 6 -v -rfE --timeout 120 "$tests"; fi
+timeout "${CUDA_CHECK_TEST_SECONDS:-330}" python3 -m pytest -m "not slow" \
     -p no:cacheprovider "$@" >"$out/tests.log" 2>&1
 echo "tests: exit $?"
 grep -E "FAILED|ERROR|passed|failed" "$out/tests.log" | grep -v "PASSED" | tail -40
 rm -rf "$tests"
 
+[ "${CUDA_CHECK_SPEED_SECONDS:-200}" -gt 0 ] || exit 0
 timeout "${CUDA_CHECK_SPEED_SECONDS:-200}" python3 benchmarks/quantization.py --speed-only \
     --rounds 3 --output-len 64 >"$out/speed.json" 2>"$out/speed.log"
 echo "speed: exit $?"
