@@ -309,8 +309,9 @@ def test_llama_cpp_buffers_tensor_types_and_the_quantized_file_cache(tmp_path):
     assert buffers == {"CPU_Mapped model": round(942.43 * 2**20),
                        "CPU_REPACK model": 100 * 2**20, "CPU output": round(0.58 * 2**20),
                        "CPU KV": 48 * 2**20, "CPU compute": round(298.5 * 2**20)}
-    assert llama_cpp.model_bytes(buffers) == round(1042.43 * 2**20)
-    assert llama_cpp.model_bytes(llama_cpp.buffer_sizes("no buffers here")) is None
+    assert llama_cpp.buffer_total(buffers, "model") == round(1042.43 * 2**20)
+    assert llama_cpp.buffer_total(buffers, "KV") == 48 * 2**20
+    assert llama_cpp.buffer_total(llama_cpp.buffer_sizes("no buffers here"), "model") is None
     bf16 = _write_gguf(tmp_path / "m-abc-bf16.gguf", quantized=False)
     assert llama_cpp.gguf_tensor_types(bf16) == {"F16": 1, "F32": 1}
     # llama-quantize's output is cached beside the bf16 file: present, it is not run again
@@ -321,6 +322,18 @@ def test_llama_cpp_buffers_tensor_types_and_the_quantized_file_cache(tmp_path):
     assert llama_cpp.quantize_gguf(bf16, "BF16") == bf16
     with pytest.raises(ValueError, match="unknown GGUF type 'Q5_1'"):
         llama_cpp.quantize_gguf(bf16, "Q5_1")
+
+
+def test_llama_cpp_builds_without_amx_only_where_amx_traps(monkeypatch):
+    from kvflow.bench import llama_cpp
+
+    monkeypatch.setattr(llama_cpp, "cpuinfo", lambda: {"flags": "fpu avx2 avx512f"})
+    llama_cpp.amx_traps.cache_clear()
+    try:
+        # No AMX listed: no probe, the native build.
+        assert not llama_cpp.amx_traps() and llama_cpp.build_dir().name == "build"
+    finally:
+        llama_cpp.amx_traps.cache_clear()
 
 
 def test_process_memory_reads_proc_status():
@@ -409,7 +422,8 @@ def test_compare_runs_each_format_and_reports_its_memory(checkpoint, tmp_path, m
     assert memory["llama.cpp Q8_0"]["tensor_types"] == {"F32": 1, "Q8_0": 1}
     assert memory["llama.cpp Q8_0"]["file"].endswith("m-abc-Q8_0.gguf")
     assert memory["llama.cpp BF16"]["weight_bytes"] == round(1042.43 * 2**20)
+    assert 0 < kv_bf16["kv_cache_bytes"] == kv_int8["kv_cache_bytes"] <= 16 << 20
     assert memory["llama.cpp BF16"]["rss_after_load"]["rss"] > 0
     table = (tmp_path / "cmp.md").read_text()
-    assert "| llama.cpp Q8_0 | m-abc-Q8_0.gguf | 0 | 1,042 |" in table
+    assert "| llama.cpp Q8_0 | m-abc-Q8_0.gguf | 0 | 1,042 | 48 |" in table
     assert "| kvflow int8 | " in table and "RSS added by the load" in table

@@ -89,11 +89,13 @@ def _llama_cpp(settings: CompareSettings, workload: Workload, gguf: Path,
                       "rss_after_load": process_memory(pid),
                       "buffers": llama_cpp.buffer_sizes(log.read_text(errors="replace")),
                       "tensor_types": llama_cpp.gguf_tensor_types(gguf)}
-            memory["weight_bytes"] = llama_cpp.model_bytes(memory["buffers"])
+            memory.update(weight_bytes=llama_cpp.buffer_total(memory["buffers"], "model"),
+                          kv_cache_bytes=llama_cpp.buffer_total(memory["buffers"], "KV"))
             result = run_serve(url, workload, LoadSettings(max_concurrency=parallel,
                                                            timeout_s=3600),
                                model="gguf", system=system)
-        result.settings.update(parallel=parallel, memory=memory)
+        result.settings.update(parallel=parallel, memory=memory,
+                               build=llama_cpp.build_dir().name)
         logger.info("%s -np %d: %.1f generated tokens/s", system, parallel,
                     result.generated_tokens_per_s)
         tried.append(result)
@@ -111,9 +113,12 @@ def _load_kvflow(settings: CompareSettings, quantization: str):  # noqa: ANN202
     llm = LLM(str(settings.model), dtype=settings.dtype, device="cpu",
               quantization=KVFLOW_QUANTIZATIONS[quantization],
               kv_cache_memory=settings.kv_cache_memory, num_threads=torch.get_num_threads())
-    parameters = llm.engine.runner.model.parameters()
+    runner = llm.engine.runner
     memory = {"file": str(settings.model), "file_bytes": checkpoint_bytes(settings.model),
-              "weight_bytes": sum(p.numel() * p.element_size() for p in parameters),
+              "weight_bytes": sum(p.numel() * p.element_size()
+                                  for p in runner.model.parameters()),
+              "kv_cache_bytes": sum(t.numel() * t.element_size()
+                                    for layer in runner.kv_caches for t in layer),
               "rss_before_load": before, "rss_after_load": process_memory()}
     return llm, memory
 

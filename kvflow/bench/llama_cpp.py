@@ -7,6 +7,7 @@ dependencies."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -16,12 +17,14 @@ import socket
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 from pathlib import Path
 from typing import Iterator
 
 import httpx
 
+from kvflow.bench.hardware import cpuinfo
 from kvflow.demo import cache_root
 
 
@@ -38,12 +41,53 @@ def source_dir() -> Path:
     return peer_dir() / f"llama_cpp_python-{LLAMA_CPP_PYTHON}" / "vendor" / "llama.cpp"
 
 
+# Executes AMX's tile instructions, as llama.cpp's AMX kernels do; exits 0 if they run.
+_AMX_PROBE = r"""
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+int main(void) {
+    unsigned char config[64] = {0};
+    if (syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */))
+        return 1;
+    config[0] = 1;    /* palette 1 */
+    config[16] = 64;  /* tile 0: 64 bytes a row */
+    config[48] = 16;  /* tile 0: 16 rows */
+    _tile_loadconfig(config);
+    _tile_zero(0);
+    _tile_release();
+    return 0;
+}
+"""
+
+
+@functools.cache
+def amx_traps() -> bool:
+    """Whether the CPU lists AMX but its instructions trap, as in a virtual machine that
+    does not pass the tile state through. GGML_NATIVE then compiles llama.cpp's AMX
+    kernels in, and llama-server dies in them on every Q8_0 and Q4 file (bf16 does not
+    use them)."""
+    if "amx_tile" not in cpuinfo().get("flags", "").split():
+        return False
+    with tempfile.TemporaryDirectory() as tmp:
+        source, probe = Path(tmp) / "probe.c", Path(tmp) / "probe"
+        source.write_text(_AMX_PROBE)
+        subprocess.run(["cc", "-O1", "-mamx-tile", str(source), "-o", str(probe)], check=True)
+        return subprocess.run([str(probe)]).returncode != 0
+
+
+def build_dir() -> Path:
+    """A build without AMX where AMX traps, kept apart from a native build's."""
+    return source_dir() / ("build-no-amx" if amx_traps() else "build")
+
+
 def server_binary() -> Path:
-    return source_dir() / "build" / "bin" / "llama-server"
+    return build_dir() / "bin" / "llama-server"
 
 
 def quantize_binary() -> Path:
-    return source_dir() / "build" / "bin" / "llama-quantize"
+    return build_dir() / "bin" / "llama-quantize"
 
 
 def _run(command: list[str], cwd: Path | None = None) -> None:
@@ -53,7 +97,7 @@ def _run(command: list[str], cwd: Path | None = None) -> None:
 
 def ensure_llama_server(jobs: int | None = None) -> Path:
     """Download the llama-cpp-python sdist and build llama-server and llama-quantize from
-    its vendored llama.cpp (native CPU flags, Release), once."""
+    its vendored llama.cpp (native CPU flags, less AMX where it traps; Release), once."""
     if server_binary().exists() and quantize_binary().exists():
         return server_binary()
     peer_dir().mkdir(parents=True, exist_ok=True)
@@ -65,10 +109,13 @@ def ensure_llama_server(jobs: int | None = None) -> Path:
         with tarfile.open(archive) as tar:
             tar.extractall(peer_dir(), filter="data")
     generator = ["-G", "Ninja"] if shutil.which("ninja") else []
-    _run(["cmake", "-S", ".", "-B", "build", *generator, "-DCMAKE_BUILD_TYPE=Release",
+    # Explicit -mno-* flags win over what GGML_NATIVE's -march=native implies.
+    no_amx = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+    flags = [f"-DCMAKE_C_FLAGS={no_amx}", f"-DCMAKE_CXX_FLAGS={no_amx}"] if amx_traps() else []
+    _run(["cmake", "-S", ".", "-B", build_dir().name, *generator, "-DCMAKE_BUILD_TYPE=Release",
           "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
-          "-DLLAMA_BUILD_EXAMPLES=OFF", "-DGGML_NATIVE=ON"], cwd=source_dir())
-    _run(["cmake", "--build", "build", "--target", "llama-server", "llama-quantize", "-j",
+          "-DLLAMA_BUILD_EXAMPLES=OFF", "-DGGML_NATIVE=ON", *flags], cwd=source_dir())
+    _run(["cmake", "--build", build_dir().name, "--target", "llama-server", "llama-quantize", "-j",
           str(jobs or os.cpu_count() or 1)], cwd=source_dir())
     return server_binary()
 
@@ -158,8 +205,9 @@ _BUFFER = re.compile(r"(\S+)\s+(model|KV|RS|compute|output) buffer size =\s*([\d
 
 def buffer_sizes(log: str) -> dict[str, int]:
     """The buffers llama.cpp's log reports allocating, in bytes, by backend and kind
-    ("CPU_Mapped model": weights read in place from the mapped file; "CPU_REPACK model":
-    weights copied into the layout its CPU kernels read; "CPU KV": the KV cache)."""
+    ("CPU_Mapped model": the file's tensor data, mapped and read in place, the originals of
+    repacked tensors included; "CPU_REPACK model": copies of weights in the layout its CPU
+    kernels read, such as Q4_0's; "CPU KV": the KV cache)."""
     sizes: dict[str, int] = {}
     for backend, kind, mib in _BUFFER.findall(log):
         key = f"{backend} {kind}"
@@ -167,10 +215,11 @@ def buffer_sizes(log: str) -> dict[str, int]:
     return sizes
 
 
-def model_bytes(buffers: dict[str, int]) -> int | None:
-    """The weights' buffers, over every backend; None if the log named none."""
-    weights = [size for key, size in buffers.items() if key.endswith(" model")]
-    return sum(weights) if weights else None
+def buffer_total(buffers: dict[str, int], kind: str) -> int | None:
+    """One kind's buffers ("model": the weights; "KV"), over every backend; None if the log
+    named none."""
+    sizes = [size for key, size in buffers.items() if key.endswith(f" {kind}")]
+    return sum(sizes) if sizes else None
 
 
 def _free_port() -> int:
@@ -188,7 +237,10 @@ def llama_server(gguf: Path, parallel: int, context_per_sequence: int, threads: 
     command = [str(ensure_llama_server()), "-m", str(gguf), "--host", "127.0.0.1",
                "--port", str(port), "-t", str(threads), "-tb", str(threads),
                "-np", str(parallel), "--kv-unified", "-c", str(parallel * context_per_sequence),
-               "--no-webui"]
+               "--no-webui",
+               # llama.cpp's own load log, with the buffers it allocates, reaches the
+               # server's log at trace level; it adds lines per request, not per token.
+               "-lv", "4"]
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as log_file:
         process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT)

@@ -92,7 +92,8 @@ def _mib(value: int | None) -> str:
 
 def memory_table(results: list[RunResult]) -> str:
     """Per system and format, the first run's memory once loaded: the file it loaded, the
-    weights it holds (kvflow's parameters; llama.cpp's model buffer), and the process's
+    weights it holds (kvflow's parameters; llama.cpp's model buffers), its KV cache (sized
+    by the run's options: part of the resident set once written), and the process's
     resident set (anonymous + file-backed), in MiB; for kvflow, which loads in the process
     that measures, also what the load added to it. Empty when no run recorded memory."""
     seen: dict[str, dict] = {}
@@ -101,13 +102,15 @@ def memory_table(results: list[RunResult]) -> str:
             seen.setdefault(result.system, result.settings["memory"])
     if not seen:
         return ""
-    rows = ["| system | file | file MiB | weights MiB | RSS after load MiB (anon + file) "
-            "| RSS added by the load MiB |", "| --- | --- | --- | --- | --- | --- |"]
+    rows = ["| system | file | file MiB | weights MiB | KV cache MiB "
+            "| RSS after load MiB (anon + file) | RSS added by the load MiB |",
+            "| --- | --- | --- | --- | --- | --- | --- |"]
     for system, memory in seen.items():
         rss, before = memory["rss_after_load"], memory.get("rss_before_load")
         added = rss["rss"] - before["rss"] if before else None
         rows.append(f"| {system} | {Path(memory['file']).name} | {_mib(memory['file_bytes'])} "
-                    f"| {_mib(memory['weight_bytes'])} | {_mib(rss['rss'])} "
+                    f"| {_mib(memory['weight_bytes'])} | {_mib(memory.get('kv_cache_bytes'))} "
+                    f"| {_mib(rss['rss'])} "
                     f"({_mib(rss.get('rss_anon'))} + {_mib(rss.get('rss_file'))}) "
                     f"| {_mib(added)} |")
     return "\n".join(rows)
