@@ -242,3 +242,30 @@ def test_planning_never_chooses_a_kernel_that_disagrees_with_the_dequantized_pro
         assert layer.plan.ops is None
         x = torch.randn(5, 192).to(torch.bfloat16)
         _close(layer(x), _expected(layer, x.float()), torch.bfloat16)
+
+
+@pytest.mark.parametrize("variant", ["llama-mha-tied-bias", "llama-gqa"])
+def test_quantize_lm_head_runs_the_head_in_int8_and_keeps_the_embedding(checkpoint, variant):
+    """--quantize-lm-head, tied (the head is then a copy of the embedding) and untied: the
+    head's weight is the per-channel int8 of the checkpoint's, the embedding keeps the
+    model's dtype for lookups, and the decoder's format is unchanged."""
+    from safetensors.torch import load_file
+
+    from kvflow.quantization.int8 import Int8LinearMethod
+
+    path = checkpoint(variant, dtype="bfloat16")
+    _, reference = _prompt_logprobs(path)
+    llm, quantized = _prompt_logprobs(path, quantize_lm_head=True)
+    model = llm.engine.runner.model
+    assert isinstance(model.lm_head.method, Int8LinearMethod)
+    assert isinstance(model.lm_head.plan, QuantizedPlan)
+    tensors = load_file(path / "model.safetensors")
+    head = tensors.get("lm_head.weight", tensors["model.embed_tokens.weight"])
+    q, scale = quantize_int8(head, torch.bfloat16)
+    assert torch.equal(model.lm_head.weight, q) and torch.equal(model.lm_head.weight_scale, scale)
+    assert torch.equal(model.model.embed_tokens.weight, tensors["model.embed_tokens.weight"])
+    decoder = [m for m in model.model.modules() if isinstance(m, Linear)]
+    assert all(m.weight.dtype == torch.bfloat16 for m in decoder)
+    for q_lp, r_lp in zip(quantized, reference):
+        assert (q_lp - r_lp).abs().mean() < 0.2
+        assert not torch.equal(q_lp, r_lp)

@@ -43,6 +43,10 @@ _FLAG_HELP = {
                     "checkpoint's dtype (default: none)",
     "quantization_group_size": "input columns per int4 scale, a multiple of 32 dividing every "
                                "layer's input size",
+    "quantize_lm_head": "run the LM head in int8 (per output channel, quantized at load from "
+                        "the checkpoint's head, or from the embedding when they are tied; the "
+                        "embedding's lookups keep its own dtype), with any weight format; "
+                        "the head is a large share of a small model's bytes per token",
     "kv_cache_memory_bytes": "vLLM's name for --kv-cache-memory",
     "gpu_memory_utilization": "on CUDA, the fraction of the device's memory for weights, "
                               "activations and KV cache (as vLLM); on the CPU, the fraction of "
@@ -117,6 +121,7 @@ class EngineArgs:
     num_threads: int | None = None  # CPU threads; None: one per physical core (worker/threads.py)
     quantization: str | None = None  # None | int8 | int4 (kvflow/quantization/)
     quantization_group_size: int = 128  # int4's columns per scale
+    quantize_lm_head: bool = False  # the LM head in int8, whatever the decoder's format
     # vLLM's names, so that a vLLM user's arguments carry over.
     kv_cache_memory_bytes: int | str | None = None  # same as kv_cache_memory
     gpu_memory_utilization: float | None = None  # see worker/kv_cache.py

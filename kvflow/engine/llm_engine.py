@@ -30,6 +30,7 @@ from kvflow.models.loader import build_model, resolve_model_path
 from kvflow.outputs import (CompletionOutput, RequestMetrics, RequestOutput, RunnerOutput,
                             SchedulerOutput)
 from kvflow.quantization import quantization_config
+from kvflow.quantization.int8 import Int8Config
 from kvflow.request import Request, RequestStatus
 from kvflow.sampling_params import ALL_LOGPROBS, ParameterError, SamplingParams
 from kvflow.spec_decode.builder import build_speculator
@@ -88,7 +89,8 @@ class LLMEngine:
                              f"max_position_embeddings ({model_len})")
         requested_len = args.max_model_len or model_len
         model = build_model(self.model_config, self.dtype, self.device, requested_len,
-                            quantization_config(args.quantization, args.quantization_group_size))
+                            quantization_config(args.quantization, args.quantization_group_size),
+                            lm_head_quant_config=Int8Config() if args.quantize_lm_head else None)
         memory = args.kv_cache_memory or default_kv_cache_memory(self.device,
                                                                  args.gpu_memory_utilization)
         num_blocks = num_blocks_for(memory, self.model_config, self.dtype, args.block_size)

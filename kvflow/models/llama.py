@@ -119,16 +119,20 @@ class LlamaForCausalLM(nn.Module):
     }
 
     def __init__(self, config: ModelConfig, max_positions: int,
-                 quant_config: QuantizationConfig | None = None) -> None:
+                 quant_config: QuantizationConfig | None = None,
+                 lm_head_quant_config: QuantizationConfig | None = None) -> None:
         """quant_config: the format of the decoder layers' linear weights (None: the model's
-        dtype); the embedding and the LM head stay in the model's dtype."""
+        dtype); lm_head_quant_config: the LM head's (None: the model's dtype). The
+        embedding stays in the model's dtype: a tied head in another format is a second
+        copy of it."""
         super().__init__()
         self.config = config
         self.model = LlamaModel(config, max_positions, quant_config)
-        if config.tie_word_embeddings:
+        if config.tie_word_embeddings and lm_head_quant_config is None:
             self.lm_head = None
         else:
-            self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+            self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False,
+                                  quant_config=lm_head_quant_config, prefix="lm_head")
         # A tied head's plan (an untied head is a Linear with its own); set by
         # kvflow.kernels.tuning.
         self.lm_head_plan: LinearPlan | None = None

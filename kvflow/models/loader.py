@@ -65,11 +65,13 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
 
 
 def build_model(config: ModelConfig, dtype: torch.dtype, device: torch.device,
-                max_positions: int,
-                quant_config: QuantizationConfig | None = None) -> LlamaForCausalLM:
+                max_positions: int, quant_config: QuantizationConfig | None = None,
+                lm_head_quant_config: QuantizationConfig | None = None) -> LlamaForCausalLM:
     """quant_config: quantize a float checkpoint at load; a GGUF file's layers take the
     formats its tensors are in (kvflow/models/gguf/weights.py), and a GPTQ or AWQ
-    checkpoint's quantized layers load as int4 (kvflow/quantization/gptq_awq.py)."""
+    checkpoint's quantized layers load as int4 (kvflow/quantization/gptq_awq.py).
+    lm_head_quant_config: the LM head's format, quantized at load from whatever float
+    weight the checkpoint has for it (None: the model's dtype)."""
     path = Path(config.path)
     gguf = GgufFile(path) if is_gguf(path) else None
     check_quantization_flag(quant_config, config.quantization, str(path))
@@ -83,7 +85,7 @@ def build_model(config: ModelConfig, dtype: torch.dtype, device: torch.device,
         quant_config = plan_checkpoint(config.quantization, _safetensors_shapes(path),
                                        LlamaForCausalLM.packed_modules)
     with torch.device(device), _default_dtype(dtype):
-        model = LlamaForCausalLM(config, max_positions, quant_config)
+        model = LlamaForCausalLM(config, max_positions, quant_config, lm_head_quant_config)
     if gguf is not None:
         load_weights(model, gguf_tensors(gguf, config, quant_config, dtype), gguf.path.name)
     elif config.quantization is not None:
@@ -134,10 +136,14 @@ def load_weights(model: LlamaForCausalLM,
         shards = getattr(_owner(model, name), "shard_offsets", None) or [None]
         expected.update((name, shard) for shard in shards)
     loaded: set[tuple[str, str | None]] = set()
-    tied = model.lm_head is None
+    tied = model.config.tie_word_embeddings
     for key, tensor in tensors:
         if key.endswith(_IGNORED_SUFFIXES) or (tied and key == "lm_head.weight"):
             continue
+        if tied and model.lm_head is not None and key == "model.embed_tokens.weight":
+            # A tied head in a format of its own: a second copy, made from the embedding.
+            model.lm_head.weight.weight_loader(model.lm_head.weight, tensor, None)
+            loaded.add(("lm_head.weight", None))
         name, shard = _map_name(key, model.packed_modules)
         if name not in params:
             raise ValueError(f"checkpoint tensor {key!r} in {source} matches no "
