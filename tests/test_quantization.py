@@ -132,14 +132,38 @@ def test_pytorch_kernels_match_the_dequantized_product(name, kernel, device, dty
 @pytest.mark.parametrize("bias", [False, True])
 def test_native_kernels_match_the_dequantized_product(kernel_ops, name, group_size, dtype, bias):
     """kvflow's int8 and int4 kernels, as this machine builds them and with AVX-512 off, on
-    ragged batches (the plan sends every batch to them, beyond the sizes tuning would)."""
+    ragged batches: the GEMVs up to 8 rows, the native dequantize-then-GEMM above."""
     layer = _quantized_layer(name, dtype, bias, group_size=group_size)
-    layer.plan = QuantizedPlan(ops=kernel_ops, small="native", small_max_rows=max(ROWS),
-                               large="dequantize")
+    layer.plan = QuantizedPlan(ops=kernel_ops, small="native", small_max_rows=8,
+                               large="native_dequantize")
     generator = torch.Generator().manual_seed(5)
     for rows in ROWS:
         x = torch.randn(rows, 192, generator=generator).to(dtype)
         _close(layer(x), _expected(layer, x.float()), dtype)
+
+
+@pytest.mark.parametrize("name,group_size", [("int8", 64), ("int4", 32), ("int4", 192)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_native_dequantize_equals_the_reference_dequantization(kernel_ops, name, group_size,
+                                                               dtype):
+    """The weight the native dequantize kernels hand to the GEMM is the reference's,
+    rounded once to the model's dtype: equal for int8; for int4 the compiler may fuse the
+    multiply and the add, which moves a value by a float32 step before the rounding (so a
+    bf16 value rarely, by one bf16 step)."""
+    layer = _quantized_layer(name, dtype, bias=False, group_size=group_size, seed=8)
+    expected = layer.method.dequantize(layer).to(dtype)
+    if name == "int8":
+        actual = kernel_ops.int8_dequantize(layer.weight, layer.weight_scale)
+        assert torch.equal(actual, expected)
+    else:
+        actual = kernel_ops.int4_dequantize(layer.weight, layer.weight_scale,
+                                            layer.weight_offset)
+        assert actual.dtype == dtype
+        if dtype == torch.float32:
+            torch.testing.assert_close(actual, expected, atol=1e-7, rtol=2 ** -22)
+        else:
+            torch.testing.assert_close(actual, expected, atol=0, rtol=2 ** -7)
+            assert (actual != expected).float().mean() < 0.01
 
 
 @pytest.mark.parametrize("name", ["int8", "int4"])

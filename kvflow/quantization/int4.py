@@ -14,6 +14,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
+import torch.nn.functional as F
 
 from kvflow.quantization.base import (DEQUANTIZE, QuantizationConfig, QuantizedKernel,
                                       QuantizedLinearMethod, add_bias, add_parameter,
@@ -68,6 +69,12 @@ def _native_kernel(layer: Linear, x: torch.Tensor, ops: ModuleType | None) -> to
     return ops.int4_gemv(x, layer.weight, layer.weight_scale, layer.weight_offset, layer.bias)
 
 
+def _native_dequantize_kernel(layer: Linear, x: torch.Tensor,
+                              ops: ModuleType | None) -> torch.Tensor:
+    weight = ops.int4_dequantize(layer.weight, layer.weight_scale, layer.weight_offset)
+    return F.linear(x, weight, layer.bias)
+
+
 TINYGEMM_GROUP_SIZES = (32, 64, 128, 256)
 
 
@@ -105,6 +112,8 @@ class Int4LinearMethod(QuantizedLinearMethod):
     # what small batches run on.
     kernels = {"native": QuantizedKernel(_native_kernel, devices=("cpu",), native=True,
                                          gemv=True),
+               "native_dequantize": QuantizedKernel(_native_dequantize_kernel,
+                                                    devices=("cpu",), native=True),
                "tinygemm": QuantizedKernel(_tinygemm_kernel, devices=("cuda",),
                                            dtypes=(torch.bfloat16,), prepare=tinygemm_layout),
                "dequantize": DEQUANTIZE}

@@ -10,6 +10,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
+import torch.nn.functional as F
 
 from kvflow.quantization.base import (DEQUANTIZE, QuantizationConfig, QuantizedKernel,
                                       QuantizedLinearMethod, add_bias, add_parameter,
@@ -47,9 +48,16 @@ def _native_kernel(layer: Linear, x: torch.Tensor, ops: ModuleType | None) -> to
     return ops.int8_gemv(x, layer.weight, layer.weight_scale, layer.bias)
 
 
+def _native_dequantize_kernel(layer: Linear, x: torch.Tensor,
+                              ops: ModuleType | None) -> torch.Tensor:
+    return F.linear(x, ops.int8_dequantize(layer.weight, layer.weight_scale), layer.bias)
+
+
 class Int8LinearMethod(QuantizedLinearMethod):
     kernels = {"native": QuantizedKernel(_native_kernel, devices=("cpu",), native=True,
                                          gemv=True),
+               "native_dequantize": QuantizedKernel(_native_dequantize_kernel,
+                                                    devices=("cpu",), native=True),
                "torch": QuantizedKernel(_torch_kernel),
                "dequantize": DEQUANTIZE}
 

@@ -443,6 +443,111 @@ torch::Tensor int4_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor scale,
 }
 
 // ---------------------------------------------------------------------------------------
+// A quantized weight dequantized into the dtype of its scales, for batches too large for the
+// GEMVs, which then run a GEMM on it: one pass over the packed weight, each value computed
+// in float32 as the PyTorch reference does (q * scale; q * scale + offset) and rounded to the
+// dtype once. int8's equals the reference's; int4's multiply and add may be fused by the
+// compiler, a float32 step from the reference's before that rounding.
+
+template <typename T>
+void int8_dequantize_impl(const int8_t* w, const T* scale, T* out, int64_t N, int64_t K) {
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const int8_t* row = w + n * K;
+      T* dst = out + n * K;
+      const float s = to_f32(scale[n]);
+      int64_t k = 0;
+#ifdef KVFLOW_AVX512
+      const __m512 sv = _mm512_set1_ps(s);
+      for (; k + 16 <= K; k += 16) store16(dst + k, _mm512_mul_ps(load16(row + k), sv));
+#endif
+      for (; k < K; ++k) dst[k] = from_f32<T>(static_cast<float>(row[k]) * s);
+    }
+  });
+}
+
+torch::Tensor int8_dequantize(torch::Tensor w, torch::Tensor scale) {
+  check_cpu(w, "int8_dequantize w");
+  check_cpu(scale, "int8_dequantize scale");
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kChar, "int8_dequantize: w must be 2-d int8");
+  TORCH_CHECK(scale.dim() == 1 && scale.size(0) == w.size(0),
+              "int8_dequantize: scale must be [out_features]");
+  w = w.contiguous();
+  scale = scale.contiguous();
+  auto out = torch::empty(w.sizes(), scale.options());
+  dispatch_float_or_bf16(scale.scalar_type(), "int8_dequantize", [&](auto tag) {
+    using T = decltype(tag);
+    int8_dequantize_impl<T>(w.data_ptr<int8_t>(), scale.data_ptr<T>(), out.data_ptr<T>(),
+                            w.size(0), w.size(1));
+  });
+  return out;
+}
+
+template <typename T>
+void int4_dequantize_impl(const uint8_t* w, const T* scale, const T* offset, T* out, int64_t N,
+                          int64_t K, int64_t G) {
+  const int64_t groups = K / G, half = kInt4Block / 2;
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const uint8_t* row = w + n * (K / 2);
+      T* dst = out + n * K;
+      const T* s = scale + n * groups;
+      const T* o = offset + n * groups;
+      for (int64_t b = 0; b < K; b += kInt4Block) {
+        const uint8_t* p = row + b / 2;
+        int64_t j = 0;
+#ifdef KVFLOW_AVX512
+        // 16 bytes give 16 columns of the block's first half and 16 of its second; a run of
+        // 16 columns lies in one group, since groups are whole runs of 32.
+        for (; j + 16 <= half; j += 16) {
+          const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + j)));
+          const __m512i nibbles[2] = {_mm512_and_si512(bytes, _mm512_set1_epi32(15)),
+                                      _mm512_srli_epi32(bytes, 4)};
+          for (int h = 0; h < 2; ++h) {
+            const int64_t col = b + h * half + j, g = col / G;
+            const __m512 q = _mm512_cvtepi32_ps(nibbles[h]);
+            const __m512 scaled = _mm512_mul_ps(q, _mm512_set1_ps(to_f32(s[g])));
+            store16(dst + col, _mm512_add_ps(scaled, _mm512_set1_ps(to_f32(o[g]))));
+          }
+        }
+#endif
+        for (; j < half; ++j) {
+          for (int h = 0; h < 2; ++h) {
+            const int64_t col = b + h * half + j, g = col / G;
+            const float q = static_cast<float>(h ? p[j] >> 4 : p[j] & 15);
+            const float scaled = q * to_f32(s[g]);
+            dst[col] = from_f32<T>(scaled + to_f32(o[g]));
+          }
+        }
+      }
+    }
+  });
+}
+
+torch::Tensor int4_dequantize(torch::Tensor w, torch::Tensor scale, torch::Tensor offset) {
+  for (const auto* t : {&w, &scale, &offset}) check_cpu(*t, "int4_dequantize tensors");
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kByte, "int4_dequantize: w must be 2-d uint8");
+  const int64_t N = w.size(0), K = 2 * w.size(1);
+  TORCH_CHECK(scale.dim() == 2 && scale.size(0) == N && scale.size(1) > 0 &&
+              K % scale.size(1) == 0 && offset.sizes() == scale.sizes() &&
+              offset.scalar_type() == scale.scalar_type(),
+              "int4_dequantize: scale and offset must be [out_features, groups], one dtype");
+  const int64_t G = K / scale.size(1);
+  TORCH_CHECK(K % kInt4Block == 0 && G % (kInt4Block / 2) == 0,
+              "int4_dequantize: in_features must be a multiple of 64, the group size of 32");
+  w = w.contiguous();
+  scale = scale.contiguous();
+  offset = offset.contiguous();
+  auto out = torch::empty({N, K}, scale.options());
+  dispatch_float_or_bf16(scale.scalar_type(), "int4_dequantize", [&](auto tag) {
+    using T = decltype(tag);
+    int4_dequantize_impl<T>(w.data_ptr<uint8_t>(), scale.data_ptr<T>(), offset.data_ptr<T>(),
+                            out.data_ptr<T>(), N, K, G);
+  });
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------
 // Paged attention over a ragged batch of decodes, short queries and prefill chunks,
 // reading the cache in place: K blocks d-major, [num_blocks, num_kv_heads, head_dim,
 // block_size], V blocks [num_blocks, num_kv_heads, block_size, head_dim]. A work item is
@@ -1012,6 +1117,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv", &gemv, "y = x @ w.T (+ bias) for a few rows of x");
   m.def("int8_gemv", &int8_gemv, "y = x @ (w * scale[:, None]).T (+ bias), w int8, for a few rows of x");
   m.def("int4_gemv", &int4_gemv, "y = x @ dequantized(w).T (+ bias), w packed int4 (kvflow/quantization/int4.py)");
+  m.def("int8_dequantize", &int8_dequantize, "w * scale[:, None] in scale's dtype, w int8");
+  m.def("int4_dequantize", &int4_dequantize, "the weight packed int4 w stands for, in scale's dtype");
   m.def("paged_attention", &paged_attention, "attention of a ragged batch over a paged cache");
   m.def("write_kv", &write_kv, "write k, v to their slots (K d-major inside blocks)");
   m.def("rms_norm", &rms_norm, "RMSNorm, optionally fused with the residual add");
