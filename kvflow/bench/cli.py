@@ -258,7 +258,8 @@ def add_commands(commands: argparse._SubParsersAction, common: argparse.Argument
     compare.add_argument("--kvflow-quantizations", nargs="+", default=["bf16"],
                          choices=list(KVFLOW_QUANTIZATIONS),
                          help="kvflow's weights: the checkpoint's, or quantized at load "
-                         "(--quantization); one row per format")
+                         "(--quantization); +head: the LM head in int8 too "
+                         "(--quantize-lm-head); one row per format")
     compare.add_argument("--llama-cpp-types", nargs="+", default=["BF16"], choices=GGUF_TYPES,
                          help="llama.cpp's GGUF files: the converted bf16 one, and what "
                          "llama-quantize makes of it; one row per type")

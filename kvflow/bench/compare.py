@@ -27,8 +27,13 @@ from kvflow.bench.workload import Workload, load_workload
 logger = logging.getLogger(__name__)
 
 SYSTEMS = ("kvflow", "transformers-one", "transformers-batch", "llama.cpp")
-# kvflow's formats: the checkpoint's weights as they are, or quantized at load.
-KVFLOW_QUANTIZATIONS = {"bf16": None, "int8": "int8", "int4": "int4"}
+# kvflow's formats, as engine options: the checkpoint's weights as they are, or quantized at
+# load; "+head" runs the LM head in int8 too (llama.cpp's quantized files quantize theirs).
+KVFLOW_QUANTIZATIONS: dict[str, dict] = {
+    "bf16": {}, "int8": {"quantization": "int8"}, "int4": {"quantization": "int4"},
+    "bf16+head": {"quantize_lm_head": True},
+    "int8+head": {"quantization": "int8", "quantize_lm_head": True},
+    "int4+head": {"quantization": "int4", "quantize_lm_head": True}}
 # The roofline counts every weight at its dtype's width, so it is only drawn for the
 # unquantized runs; a quantized run's "% of roofline" would count bytes it never read.
 UNQUANTIZED = ("bf16", "BF16")
@@ -111,7 +116,7 @@ def _load_kvflow(settings: CompareSettings, quantization: str):  # noqa: ANN202
 
     before = process_memory()
     llm = LLM(str(settings.model), dtype=settings.dtype, device="cpu",
-              quantization=KVFLOW_QUANTIZATIONS[quantization],
+              **KVFLOW_QUANTIZATIONS[quantization],
               kv_cache_memory=settings.kv_cache_memory, num_threads=torch.get_num_threads())
     runner = llm.engine.runner
     memory = {"file": str(settings.model), "file_bytes": checkpoint_bytes(settings.model),
