@@ -1,7 +1,8 @@
 """Weight-only quantization measured in one run (issue 10): single-stream decode tokens/s
-and resident weight bytes of one model in its own dtype, int8 and int4 (the formats'
-engines are loaded side by side and timed in alternating rounds, medians reported, so that
-other load on the machine falls on all of them alike), and the demo model's accuracy in
+and resident weight bytes of one model in its own dtype, int8 and int4, each also with the
+LM head in int8 (`--quantize-lm-head`; the formats' engines are loaded side by side and
+timed in alternating rounds, medians reported, so that other load on the machine falls on
+all of them alike), and the demo model's accuracy in
 each format and as GGUF files (Q8_0, Q4_0, Q4_K_M, written by kvflow/bench/gguf_export.py
 as llama-quantize lays them out): held-out perplexity through prompt_logprobs, and the
 mean KL divergence from bf16 of the next-token distributions behind them.
@@ -25,12 +26,12 @@ from pathlib import Path
 import torch
 
 from kvflow import LLM, SamplingParams
+from kvflow.bench.compare import KVFLOW_QUANTIZATIONS as FORMATS
 from kvflow.bench.gguf_export import export_gguf
 from kvflow.bench.hardware import cpuinfo
 from kvflow.demo import cache_root, demo_model_path, heldout_token_ids
 from kvflow.quantization.base import QuantizedPlan
 
-FORMATS = {"bf16": None, "int8": "int8", "int4": "int4"}
 GGUF_RECIPES = ("Q8_0", "Q4_0", "Q4_K_M")
 
 
@@ -62,8 +63,8 @@ def _decode_tokens_per_second(llm: LLM, prompt: list[int], output_len: int) -> f
 
 
 def speed(model: Path, rounds: int, prompt_len: int, output_len: int) -> dict:
-    llms = {name: LLM(str(model), quantization=q, kv_cache_memory="256MiB")
-            for name, q in FORMATS.items()}
+    llms = {name: LLM(str(model), kv_cache_memory="256MiB", **options)
+            for name, options in FORMATS.items()}
     prompt = torch.randint(5, 4000, (prompt_len,), generator=torch.Generator().manual_seed(0))
     rates: dict[str, list[float]] = {name: [] for name in llms}
     for round_ in range(rounds + 1):  # the first round warms up
@@ -101,7 +102,7 @@ def accuracy(tokens: int, chunk_len: int = 1024) -> dict:
     the mean over scored positions of KL(bf16 || format)."""
     demo = demo_model_path()
     workdir = Path(tempfile.mkdtemp(prefix="kvflow-gguf-"))
-    models = {name: (str(demo), {"quantization": q}) for name, q in FORMATS.items()}
+    models = {name: (str(demo), options) for name, options in FORMATS.items()}
     models.update({f"GGUF {r}": (str(export_gguf(demo, workdir / f"demo-{r}.gguf", r)), {})
                    for r in GGUF_RECIPES})
     llms = {name: LLM(path, kv_cache_memory="256MiB", **options)

@@ -185,4 +185,6 @@ def test_every_linear_gets_one_plan(ops, checkpoint, variant):
         assert model.lm_head_plan is None and model.lm_head in linears
     hidden = torch.randn(3, config.hidden_size)
     torch.testing.assert_close(model.compute_logits(hidden),
-                               F.linear(hidden, model.lm_head_weight), atol=1e-4, rtol=1e-4)
+                               F.linear(hidden, model.model.embed_tokens.weight
+                                        if config.tie_word_embeddings else model.lm_head.weight),
+                               atol=1e-4, rtol=1e-4)

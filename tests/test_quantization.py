@@ -292,4 +292,17 @@ def test_quantize_lm_head_runs_the_head_in_int8_and_keeps_the_embedding(checkpoi
     assert all(m.weight.dtype == torch.bfloat16 for m in decoder)
     for q_lp, r_lp in zip(quantized, reference):
         assert (q_lp - r_lp).abs().mean() < 0.2
-        assert not torch.equal(q_lp, r_lp)
+    # Decode-sized batches run the int8 head. Larger ones (a prompt's logprobs, say) run
+    # the head's plan, or for a tied head the embedding it was made from, which costs less
+    # than dequantizing the copy.
+    small_rows = model.lm_head.plan.small_max_rows
+    assert small_rows >= 1
+    tied = model.config.tie_word_embeddings
+    for rows, uses_head in ((small_rows, True), (small_rows + 1, not tied)):
+        hidden = torch.randn(rows, model.config.hidden_size).to(torch.bfloat16)
+        embedding_logits = hidden.float() @ model.model.embed_tokens.weight.float().T
+        head_logits = hidden.float() @ model.lm_head.method.dequantize(model.lm_head).T
+        assert not torch.allclose(embedding_logits, head_logits, atol=1e-3, rtol=0)
+        torch.testing.assert_close(model.compute_logits(hidden).float(),
+                                   head_logits if uses_head else embedding_logits,
+                                   atol=0.05, rtol=0.02)

@@ -101,7 +101,9 @@ COPIES: dict[str, _Copy] = {
 def install_native_kernels(model: nn.Module, ops: ModuleType, reserved_bytes: int = 0) -> None:
     """reserved_bytes: memory that will be taken after this (an explicit KV cache size), left
     out of the budget for weight copies."""
-    head_weight = getattr(model, "lm_head_weight", None)
+    tied_head = getattr(model, "tied_head_weight", None)
+    head = getattr(model, "lm_head", None)
+    head_weight = tied_head if tied_head is not None else getattr(head, "weight", None)
     # (owner, attribute to set, weight) per linear shape. A tied LM head is the embedding,
     # owned by no Linear; an untied one is the lm_head Linear.
     groups: dict[tuple, list[tuple[object, str, torch.Tensor]]] = defaultdict(list)
@@ -111,9 +113,8 @@ def install_native_kernels(model: nn.Module, ops: ModuleType, reserved_bytes: in
         elif isinstance(module, Linear) and isinstance(module.method, UnquantizedLinearMethod):
             groups[(*module.weight.shape, module.weight.dtype)].append(
                 (module, "plan", module.weight))
-    if head_weight is not None and getattr(model, "lm_head", None) is None:
-        groups[(*head_weight.shape, head_weight.dtype)].append(
-            (model, "lm_head_plan", head_weight))
+    if tied_head is not None:
+        groups[(*tied_head.shape, tied_head.dtype)].append((model, "lm_head_plan", tied_head))
     cache = _ChoiceCache(ops)
     budget = int(max(0, available_host_memory() - reserved_bytes) * COPY_MEMORY_FRACTION)
     for key in sorted(groups, key=lambda k: -sum(w.numel() for _, _, w in groups[k])):

@@ -15,7 +15,7 @@ from kvflow.layers.attention import PagedAttention
 from kvflow.layers.linear import Linear, MergedLinear
 from kvflow.layers.norm import RMSNorm
 from kvflow.layers.rotary import RotaryEmbedding
-from kvflow.quantization.base import QuantizationConfig
+from kvflow.quantization.base import QuantizationConfig, QuantizedPlan
 from kvflow.quantization.unquantized import LinearPlan, apply_linear
 
 
@@ -133,8 +133,8 @@ class LlamaForCausalLM(nn.Module):
         else:
             self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False,
                                   quant_config=lm_head_quant_config, prefix="lm_head")
-        # A tied head's plan (an untied head is a Linear with its own); set by
-        # kvflow.kernels.tuning.
+        # The plan of the embedding as a tied head (an untied head is a Linear with its
+        # own); set by kvflow.kernels.tuning.
         self.lm_head_plan: LinearPlan | None = None
 
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
@@ -142,13 +142,22 @@ class LlamaForCausalLM(nn.Module):
         return self.model(input_ids, meta)
 
     @property
-    def lm_head_weight(self) -> torch.Tensor:
-        return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+    def tied_head_weight(self) -> torch.Tensor | None:
+        """The embedding where it is the LM head's weight (or what a head in another format
+        was made from), else None."""
+        return self.model.embed_tokens.weight if self.config.tie_word_embeddings else None
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self.lm_head is not None:
-            return self.lm_head(hidden)
-        return apply_linear(hidden, self.lm_head_weight, None, self.lm_head_plan)
+        head = self.lm_head
+        plan = head.plan if head is not None else None
+        # A tied head in another format runs the rows its small-batch kernel takes; larger
+        # batches multiply the embedding it was made from, which costs less than
+        # dequantizing the copy.
+        if head is not None and not (self.config.tie_word_embeddings
+                                     and isinstance(plan, QuantizedPlan)
+                                     and hidden.shape[0] > plan.small_max_rows):
+            return head(hidden)
+        return apply_linear(hidden, self.model.embed_tokens.weight, None, self.lm_head_plan)
 
     def attention_layers(self) -> list[PagedAttention]:
         return [layer.self_attn.attn for layer in self.model.layers]
