@@ -30,7 +30,7 @@ from kvflow.bench.compare import KVFLOW_QUANTIZATIONS as FORMATS
 from kvflow.bench.gguf_export import export_gguf
 from kvflow.bench.hardware import cpuinfo
 from kvflow.demo import cache_root, demo_model_path, heldout_token_ids
-from kvflow.quantization.base import QuantizedPlan
+from kvflow.quantization.base import QuantizedLinearMethod, QuantizedPlan
 
 GGUF_RECIPES = ("Q8_0", "Q4_0", "Q4_K_M")
 
@@ -82,9 +82,14 @@ def speed(model: Path, rounds: int, prompt_len: int, output_len: int) -> dict:
 
 def _capture_prompt_logprobs(llm: LLM) -> list[torch.Tensor]:
     """A list that collects the log-softmax of every multi-row compute_logits call: with
-    one prompt per step, the rows prompt_logprobs are read from (position p scores p + 1)."""
+    one prompt per step, the rows prompt_logprobs are read from (position p scores p + 1).
+    A head in another format (--quantize-lm-head) computes every row itself, as it does a
+    decode step's few (a tied one hands a prompt's many rows to the embedding), so that
+    the accuracy measured is the one decoding gets."""
     model = llm.engine.runner.model
-    compute = model.compute_logits
+    head = model.lm_head
+    compute = (head if head is not None and isinstance(head.method, QuantizedLinearMethod)
+               else model.compute_logits)
     captured: list[torch.Tensor] = []
 
     def capture(hidden: torch.Tensor) -> torch.Tensor:
