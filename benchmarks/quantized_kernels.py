@@ -1,10 +1,12 @@
-"""The candidate kernels for quantized decode, on the decoder weights of a model shape
-(random weights, every layer's, so that they are read from memory as in a step): kvflow's
-bf16 GEMV, its int8 and int4 kernels, torch._weight_int8pack_mm, and
-torch._weight_int4pack_mm_for_cpu on its own packing, timed in alternating rounds at a few
-batch sizes; medians in milliseconds for all the weights.
+"""The candidate kernels for quantized layers, on the decoder weights of a model shape
+(random weights, every layer's, so that they are read from memory as in a step): bf16
+F.linear and kvflow's native dequantize-then-F.linear for int8 and int4 at every batch size,
+and up to 16 rows kvflow's bf16 GEMV, its int8 and int4 kernels, torch._weight_int8pack_mm
+and torch._weight_int4pack_mm_for_cpu on its own packing; timed in alternating rounds,
+medians in milliseconds for all the weights.
 
     .venv/bin/python benchmarks/quantized_kernels.py [--shape qwen2.5-0.5b] [--rounds 9]
+                                                     [--rows 1 4 8 ...]
 """
 from __future__ import annotations
 
@@ -14,14 +16,17 @@ import statistics
 import time
 
 import torch
+import torch.nn.functional as F
 
 from kvflow.bench.hardware import cpuinfo
 from kvflow.bench.workload import resolve_named
 from kvflow.kernels import cpu_ops
+from kvflow.quantization.base import dequantize_buffer
 from kvflow.quantization.int4 import quantize_int4, unpack_int4
 from kvflow.quantization.int8 import quantize_int8
 
 GROUP = 128
+MAX_GEMV_ROWS = 16  # the GEMVs and torch's small-batch kernels are timed up to here
 
 
 def _decoder_shapes(shape: str) -> list[tuple[int, int]]:
@@ -63,16 +68,27 @@ def main() -> None:
     for rows in args.rows:
         xs = {k: torch.randn(rows, k).bfloat16() for k in {w.shape[1] for w in weights}}
         runs = {
-            "bf16 gemv": lambda: [ops.gemv(xs[w.shape[1]], w, None) for w in bf16],
-            "int8 native": lambda: [ops.int8_gemv(xs[q.shape[1]], q, s, None) for q, s in int8],
-            "torch._weight_int8pack_mm": lambda: [
-                torch._weight_int8pack_mm(xs[q.shape[1]], q, s) for q, s in int8],
-            "int4 native": lambda: [ops.int4_gemv(xs[p.shape[1] * 2], p, s, o, None)
-                                    for p, s, o in int4],
-            "torch._weight_int4pack_mm_for_cpu": lambda: [
-                torch._weight_int4pack_mm_for_cpu(xs[p.shape[1] * 2], p, GROUP, sz)
-                for p, sz in torch4],
+            "bf16 F.linear": lambda: [F.linear(xs[w.shape[1]], w) for w in bf16],
+            # Into the per-shape buffers the engine's kernels write to.
+            "int8 native dequantize + F.linear": lambda: [F.linear(xs[q.shape[1]], ops.int8_dequantize(
+                q, s, dequantize_buffer(q.shape, torch.bfloat16))) for q, s in int8],
+            "int4 native dequantize + F.linear": lambda: [F.linear(xs[p.shape[1] * 2], ops.int4_dequantize(
+                p, s, o, dequantize_buffer((p.shape[0], p.shape[1] * 2), torch.bfloat16)))
+                for p, s, o in int4],
         }
+        if rows <= MAX_GEMV_ROWS:
+            runs.update({
+                "bf16 gemv": lambda: [ops.gemv(xs[w.shape[1]], w, None) for w in bf16],
+                "int8 native": lambda: [ops.int8_gemv(xs[q.shape[1]], q, s, None)
+                                        for q, s in int8],
+                "torch._weight_int8pack_mm": lambda: [
+                    torch._weight_int8pack_mm(xs[q.shape[1]], q, s) for q, s in int8],
+                "int4 native": lambda: [ops.int4_gemv(xs[p.shape[1] * 2], p, s, o, None)
+                                        for p, s, o in int4],
+                "torch._weight_int4pack_mm_for_cpu": lambda: [
+                    torch._weight_int4pack_mm_for_cpu(xs[p.shape[1] * 2], p, GROUP, sz)
+                    for p, sz in torch4],
+            })
         times: dict[str, list[float]] = {name: [] for name in runs}
         for round_ in range(args.rounds + 1):
             for name, run in runs.items():

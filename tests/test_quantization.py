@@ -10,7 +10,7 @@ from conftest import DEVICES, random_prompts
 from kvflow import LLM, SamplingParams
 from kvflow.layers.linear import Linear, MergedLinear
 from kvflow.quantization import quantization_config
-from kvflow.quantization.base import QuantizedPlan
+from kvflow.quantization.base import QuantizedPlan, dequantize_buffer
 from kvflow.quantization.int4 import Int4Config, pack_int4, quantize_int4, unpack_int4
 from kvflow.quantization.int8 import Int8Config, quantize_int8
 
@@ -164,6 +164,27 @@ def test_native_dequantize_equals_the_reference_dequantization(kernel_ops, name,
         else:
             torch.testing.assert_close(actual, expected, atol=0, rtol=2 ** -7)
             assert (actual != expected).float().mean() < 0.01
+
+
+@pytest.mark.parametrize("name", ["int8", "int4"])
+def test_native_dequantize_writes_into_the_buffer_it_is_given(kernel_ops, name):
+    """Large batches dequantize into one reused buffer per shape; a buffer of the wrong
+    shape or dtype is refused, not written past."""
+    layer = _quantized_layer(name, torch.bfloat16, bias=False, group_size=32, seed=9)
+    args = ((layer.weight, layer.weight_scale) if name == "int8" else
+            (layer.weight, layer.weight_scale, layer.weight_offset))
+    dequantize = getattr(kernel_ops, f"{name}_dequantize")
+    shape = (layer.out_features, layer.in_features)
+    buffer = dequantize_buffer(shape, torch.bfloat16)
+    assert buffer is dequantize_buffer(shape, torch.bfloat16)
+    result = dequantize(*args, buffer)
+    assert result.data_ptr() == buffer.data_ptr()
+    assert torch.equal(result, dequantize(*args))
+    for wrong in (torch.empty(shape[0] - 1, shape[1], dtype=torch.bfloat16),
+                  torch.empty(shape, dtype=torch.float32)):
+        with pytest.raises(RuntimeError, match="out must be"):
+            dequantize(*args, wrong)
+    assert dequantize_buffer((2**14, 2**12), torch.float32) is None  # above the size cap
 
 
 @pytest.mark.parametrize("name", ["int8", "int4"])

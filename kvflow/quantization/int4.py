@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from kvflow.quantization.base import (DEQUANTIZE, QuantizationConfig, QuantizedKernel,
                                       QuantizedLinearMethod, add_bias, add_parameter,
-                                      quantized_rows_loader)
+                                      dequantize_buffer, quantized_rows_loader)
 
 if TYPE_CHECKING:
     from kvflow.layers.linear import Linear
@@ -71,7 +71,8 @@ def _native_kernel(layer: Linear, x: torch.Tensor, ops: ModuleType | None) -> to
 
 def _native_dequantize_kernel(layer: Linear, x: torch.Tensor,
                               ops: ModuleType | None) -> torch.Tensor:
-    weight = ops.int4_dequantize(layer.weight, layer.weight_scale, layer.weight_offset)
+    out = dequantize_buffer((layer.out_features, layer.in_features), x.dtype)
+    weight = ops.int4_dequantize(layer.weight, layer.weight_scale, layer.weight_offset, out)
     return F.linear(x, weight, layer.bias)
 
 

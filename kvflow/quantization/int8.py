@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from kvflow.quantization.base import (DEQUANTIZE, QuantizationConfig, QuantizedKernel,
                                       QuantizedLinearMethod, add_bias, add_parameter,
-                                      quantized_rows_loader)
+                                      dequantize_buffer, quantized_rows_loader)
 
 if TYPE_CHECKING:
     from kvflow.layers.linear import Linear
@@ -50,7 +50,8 @@ def _native_kernel(layer: Linear, x: torch.Tensor, ops: ModuleType | None) -> to
 
 def _native_dequantize_kernel(layer: Linear, x: torch.Tensor,
                               ops: ModuleType | None) -> torch.Tensor:
-    return F.linear(x, ops.int8_dequantize(layer.weight, layer.weight_scale), layer.bias)
+    out = dequantize_buffer((layer.out_features, layer.in_features), x.dtype)
+    return F.linear(x, ops.int8_dequantize(layer.weight, layer.weight_scale, out), layer.bias)
 
 
 class Int8LinearMethod(QuantizedLinearMethod):

@@ -466,7 +466,18 @@ void int8_dequantize_impl(const int8_t* w, const T* scale, T* out, int64_t N, in
   });
 }
 
-torch::Tensor int8_dequantize(torch::Tensor w, torch::Tensor scale) {
+// out: where to write ([out_features, in_features], the scales' dtype), or a new tensor.
+torch::Tensor dequantize_target(const c10::optional<torch::Tensor>& out, at::IntArrayRef sizes,
+                                const torch::Tensor& scale, const char* name) {
+  if (!out.has_value()) return torch::empty(sizes, scale.options());
+  TORCH_CHECK(out->sizes() == sizes && out->scalar_type() == scale.scalar_type() &&
+                  out->is_contiguous() && out->device().is_cpu(),
+              name, ": out must be a contiguous CPU tensor of the weight's shape, scale's dtype");
+  return *out;
+}
+
+torch::Tensor int8_dequantize(torch::Tensor w, torch::Tensor scale,
+                              c10::optional<torch::Tensor> out_) {
   check_cpu(w, "int8_dequantize w");
   check_cpu(scale, "int8_dequantize scale");
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kChar, "int8_dequantize: w must be 2-d int8");
@@ -474,7 +485,7 @@ torch::Tensor int8_dequantize(torch::Tensor w, torch::Tensor scale) {
               "int8_dequantize: scale must be [out_features]");
   w = w.contiguous();
   scale = scale.contiguous();
-  auto out = torch::empty(w.sizes(), scale.options());
+  auto out = dequantize_target(out_, w.sizes(), scale, "int8_dequantize");
   dispatch_float_or_bf16(scale.scalar_type(), "int8_dequantize", [&](auto tag) {
     using T = decltype(tag);
     int8_dequantize_impl<T>(w.data_ptr<int8_t>(), scale.data_ptr<T>(), out.data_ptr<T>(),
@@ -524,7 +535,8 @@ void int4_dequantize_impl(const uint8_t* w, const T* scale, const T* offset, T* 
   });
 }
 
-torch::Tensor int4_dequantize(torch::Tensor w, torch::Tensor scale, torch::Tensor offset) {
+torch::Tensor int4_dequantize(torch::Tensor w, torch::Tensor scale, torch::Tensor offset,
+                              c10::optional<torch::Tensor> out_) {
   for (const auto* t : {&w, &scale, &offset}) check_cpu(*t, "int4_dequantize tensors");
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kByte, "int4_dequantize: w must be 2-d uint8");
   const int64_t N = w.size(0), K = 2 * w.size(1);
@@ -538,7 +550,7 @@ torch::Tensor int4_dequantize(torch::Tensor w, torch::Tensor scale, torch::Tenso
   w = w.contiguous();
   scale = scale.contiguous();
   offset = offset.contiguous();
-  auto out = torch::empty({N, K}, scale.options());
+  auto out = dequantize_target(out_, {N, K}, scale, "int4_dequantize");
   dispatch_float_or_bf16(scale.scalar_type(), "int4_dequantize", [&](auto tag) {
     using T = decltype(tag);
     int4_dequantize_impl<T>(w.data_ptr<uint8_t>(), scale.data_ptr<T>(), offset.data_ptr<T>(),
@@ -1117,8 +1129,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv", &gemv, "y = x @ w.T (+ bias) for a few rows of x");
   m.def("int8_gemv", &int8_gemv, "y = x @ (w * scale[:, None]).T (+ bias), w int8, for a few rows of x");
   m.def("int4_gemv", &int4_gemv, "y = x @ dequantized(w).T (+ bias), w packed int4 (kvflow/quantization/int4.py)");
-  m.def("int8_dequantize", &int8_dequantize, "w * scale[:, None] in scale's dtype, w int8");
-  m.def("int4_dequantize", &int4_dequantize, "the weight packed int4 w stands for, in scale's dtype");
+  m.def("int8_dequantize", &int8_dequantize, "w * scale[:, None] in scale's dtype, w int8",
+        py::arg("w"), py::arg("scale"), py::arg("out") = py::none());
+  m.def("int4_dequantize", &int4_dequantize,
+        "the weight packed int4 w stands for, in scale's dtype", py::arg("w"), py::arg("scale"),
+        py::arg("offset"), py::arg("out") = py::none());
   m.def("paged_attention", &paged_attention, "attention of a ragged batch over a paged cache");
   m.def("write_kv", &write_kv, "write k, v to their slots (K d-major inside blocks)");
   m.def("rms_norm", &rms_norm, "RMSNorm, optionally fused with the residual add");
