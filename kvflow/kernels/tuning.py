@@ -43,7 +43,7 @@ from kvflow.worker.kv_cache import available_host_memory
 logger = logging.getLogger(__name__)
 
 NATIVE_DTYPES = (torch.float32, torch.bfloat16)
-GEMV_ROWS = (1, 2, 4, 8)  # batch sizes tried; the GEMV is used up to the last one it wins
+GEMV_ROWS = (1, 2, 4, 8, 16)  # batch sizes tried; the GEMV is used up to the last one it wins
 GEMM_ROWS = (128, 2048)  # a decode batch and a prefill step
 # Large batches are bound by arithmetic, not by reading the weights, so a few weights of a
 # shape measure them as well as all of them do.
