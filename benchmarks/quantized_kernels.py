@@ -22,7 +22,7 @@ from kvflow.bench.hardware import cpuinfo
 from kvflow.bench.workload import resolve_named
 from kvflow.kernels import cpu_ops
 from kvflow.quantization.base import dequantize_buffer
-from kvflow.quantization.int4 import quantize_int4, unpack_int4
+from kvflow.quantization.int4 import blocked_scales, quantize_int4, unpack_int4
 from kvflow.quantization.int8 import quantize_int8
 
 GROUP = 128
@@ -62,6 +62,7 @@ def main() -> None:
     bf16 = [w.bfloat16() for w in weights]
     int8 = [quantize_int8(w, torch.bfloat16) for w in weights]
     int4 = [quantize_int4(w, GROUP, torch.bfloat16) for w in weights]
+    int4_blocked = [blocked_scales(s, o) for _, s, o in int4]  # as the engine's plans keep
     torch4 = [_torch_int4(w) for w in weights]
     report = {"cpu": cpuinfo().get("model name"), "threads": torch.get_num_threads(),
               "shape": args.shape, "ms": {}}
@@ -83,8 +84,8 @@ def main() -> None:
                                         for q, s in int8],
                 "torch._weight_int8pack_mm": lambda: [
                     torch._weight_int8pack_mm(xs[q.shape[1]], q, s) for q, s in int8],
-                "int4 native": lambda: [ops.int4_gemv(xs[p.shape[1] * 2], p, s, o, None)
-                                        for p, s, o in int4],
+                "int4 native": lambda: [ops.int4_gemv(xs[p.shape[1] * 2], p, s, o, None, b)
+                                        for (p, s, o), b in zip(int4, int4_blocked)],
                 "torch._weight_int4pack_mm_for_cpu": lambda: [
                     torch._weight_int4pack_mm_for_cpu(xs[p.shape[1] * 2], p, GROUP, sz)
                     for p, sz in torch4],

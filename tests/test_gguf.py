@@ -19,7 +19,7 @@ from kvflow import LLM, SamplingParams
 from kvflow.bench.gguf_export import export_gguf, quantize
 from kvflow.models.config import ModelConfig
 from kvflow.models.gguf.weights import unpack_q4_0, unpack_q4_k
-from kvflow.quantization.int4 import dequantize_int4
+from kvflow.quantization.int4 import dequantize_int4, pack_int4
 from kvflow.quantization.int8 import quantize_int8
 
 # Hidden and intermediate sizes whole numbers of Q4_K's 256-column super-blocks; with three
@@ -59,10 +59,16 @@ def _random_blocks(type_name: str, rows: int, cols: int, seed: int) -> np.ndarra
 def test_int4_unpacking_is_bit_exact_against_the_gguf_dequantizer(type_name, unpack):
     rows, cols = 6, 512
     data = _random_blocks(type_name, rows, cols, seed=0)
-    packed, scale, offset = unpack(data, rows, cols)
-    assert scale.shape == offset.shape == (rows, cols // 32)
+    q, scale, offset = unpack(data, rows, cols)
+    assert q.shape == (rows, cols) and scale.shape == offset.shape == (rows, cols // 32)
     expected = gguf_dequantize(data, GGMLQuantizationType[type_name])
-    assert torch.equal(dequantize_int4(packed, scale, offset), torch.from_numpy(expected))
+    groups = q.float().view(rows, -1, 32) * scale[..., None] + offset[..., None]
+    assert torch.equal(groups.view(rows, cols), torch.from_numpy(expected))
+    # and through int4's packing, in a whole block of rows
+    blocked = q.repeat(3, 1)[:16]
+    assert torch.equal(dequantize_int4(pack_int4(blocked), scale.repeat(3, 1)[:16],
+                                       offset.repeat(3, 1)[:16]),
+                       torch.from_numpy(expected).repeat(3, 1)[:16])
 
 
 def test_the_k_quant_writers_make_blocks_the_gguf_package_reads_back_close():

@@ -319,6 +319,9 @@ def test_bad_tensors_are_refused_with_the_tensor_named(checkpoint, tmp_path):
     def narrow_scales(t):
         t[f"{q_proj}.scales"] = t[f"{q_proj}.scales"][:, :-8].contiguous()
 
+    def odd_rows(t):
+        t[f"{q_proj}.qweight"] = t[f"{q_proj}.qweight"][:, :56].contiguous()
+
     def float_qweight(t):
         t[f"{q_proj}.qweight"] = t[f"{q_proj}.qweight"].float()
 
@@ -335,6 +338,7 @@ def test_bad_tensors_are_refused_with_the_tensor_named(checkpoint, tmp_path):
     cases = {
         "qzeros": (drop_qzeros, missing),
         "scales": (narrow_scales, rf"{q_proj}.scales has shape \(2, 56\), expected \(2, 64\)"),
+        "rows": (odd_rows, f"{q_proj} has 56 outputs: kvflow's int4 needs a multiple of 16"),
         "dtype": (float_qweight, f"{q_proj}.qweight is torch.float32, expected torch.int32"),
         "g_idx": (act_order, f"{q_proj}.g_idx is not i // group_size: act-order"),
         "head": (quantized_head, "lm_head.qweight: a quantized lm_head is not supported"),

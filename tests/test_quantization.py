@@ -11,7 +11,8 @@ from kvflow import LLM, SamplingParams
 from kvflow.layers.linear import Linear, MergedLinear
 from kvflow.quantization import quantization_config
 from kvflow.quantization.base import QuantizedPlan, dequantize_buffer
-from kvflow.quantization.int4 import Int4Config, pack_int4, quantize_int4, unpack_int4
+from kvflow.quantization.int4 import (Int4Config, blocked_scales, pack_int4, quantize_int4,
+                                     unpack_int4)
 from kvflow.quantization.int8 import Int8Config, quantize_int8
 
 ROWS = [1, 3, 8, 17, 130]
@@ -24,8 +25,19 @@ def test_int4_packing_round_trips_exactly():
     packed = pack_int4(q)
     assert packed.shape == (48, 96) and packed.dtype == torch.uint8
     assert torch.equal(unpack_int4(packed), q)
-    # The documented layout: byte j of a 64-column block holds columns j and 32 + j.
-    assert packed[5, 70].item() == q[5, 128 + 6].item() | q[5, 128 + 38].item() << 4
+    # The documented layout: in the block of rows 16-31, byte 2r + j of chunk c (32 bytes)
+    # holds row 16 + r's columns 4c + j (low nibble) and 4c + 2 + j (high nibble).
+    block = packed[16:32].reshape(-1)
+    r, c, j = 5, 30, 1
+    assert block[32 * c + 2 * r + j].item() == \
+        q[16 + r, 4 * c + j].item() | q[16 + r, 4 * c + 2 + j].item() << 4
+
+
+def test_int4_refuses_rows_its_layout_cannot_block():
+    with pytest.raises(ValueError, match="multiple of 16 output rows"):
+        pack_int4(torch.zeros(40, 64, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="part 'b' has 40"):
+        MergedLinear(64, {"a": 32, "b": 40}, False, quantization_config("int4", 32))
 
 
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float16])
@@ -47,12 +59,12 @@ def test_int8_quantization_is_exact_on_its_grid_and_bounded_off_it(dtype):
 @pytest.mark.parametrize("group_size", [32, 64, 128])
 def test_int4_quantization_is_exact_on_its_grid_and_bounded_off_it(dtype, group_size):
     generator = torch.Generator().manual_seed(2)
-    w = torch.randn(24, 256, generator=generator)
+    w = torch.randn(32, 256, generator=generator)
     w[2, :group_size] = 0.5  # a constant group
     packed, scale, offset = quantize_int4(w, group_size, dtype)
-    assert scale.shape == offset.shape == (24, 256 // group_size) and scale.dtype == dtype
-    q = unpack_int4(packed).float().view(24, -1, group_size)
-    dequant = (q * scale.float()[..., None] + offset.float()[..., None]).view(24, 256)
+    assert scale.shape == offset.shape == (32, 256 // group_size) and scale.dtype == dtype
+    q = unpack_int4(packed).float().view(32, -1, group_size)
+    dequant = (q * scale.float()[..., None] + offset.float()[..., None]).view(32, 256)
     assert torch.allclose(dequant[2, :group_size], torch.full((group_size,), 0.5),
                           rtol=1e-2)
     step = scale.float().repeat_interleave(group_size, dim=1)
@@ -164,6 +176,22 @@ def test_native_dequantize_equals_the_reference_dequantization(kernel_ops, name,
         else:
             torch.testing.assert_close(actual, expected, atol=0, rtol=2 ** -7)
             assert (actual != expected).float().mean() < 0.01
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_int4_gemv_reads_prepared_scales_as_it_gathers_them(kernel_ops, dtype):
+    """The plan keeps the int4 scales blocked as the GEMV reads them (blocked_scales); the
+    product is the same, bit for bit, as when the kernel gathers them itself."""
+    layer = _quantized_layer("int4", dtype, bias=True, group_size=32, seed=10)
+    blocked = (blocked_scales(layer.weight_scale, layer.weight_offset),)
+    x = torch.randn(5, 192, generator=torch.Generator().manual_seed(6)).to(dtype)
+    args = (x, layer.weight, layer.weight_scale, layer.weight_offset, layer.bias)
+    assert torch.equal(kernel_ops.int4_gemv(*args, *blocked), kernel_ops.int4_gemv(*args))
+    layer.plan = QuantizedPlan(ops=kernel_ops, small="native", small_max_rows=8,
+                               large="native_dequantize", weights=blocked)
+    _close(layer(x), _expected(layer, x.float()), dtype)
+    with pytest.raises(RuntimeError, match="blocked must be"):
+        kernel_ops.int4_gemv(*args, blocked[0][1:])
 
 
 @pytest.mark.parametrize("name", ["int8", "int4"])

@@ -34,7 +34,8 @@ from typing import Any, ClassVar
 import torch
 
 from kvflow.quantization.base import LinearMethod, PrequantizedWeight, QuantizationConfig
-from kvflow.quantization.int4 import GROUP_MULTIPLE, PACK_BLOCK, Int4LinearMethod, pack_int4
+from kvflow.quantization.int4 import (GROUP_MULTIPLE, PACK_BLOCK, ROW_BLOCK, Int4LinearMethod,
+                                      pack_int4)
 from kvflow.quantization.int4 import layout as int4_layout
 from kvflow.quantization.unquantized import UnquantizedLinearMethod
 
@@ -64,6 +65,9 @@ class CheckpointQuantization:
 
     def in_features(self, qweight_shape: tuple[int, ...]) -> int:
         return qweight_shape[0] * 8 if self.method == "gptq" else qweight_shape[0]
+
+    def out_features(self, qweight_shape: tuple[int, ...]) -> int:
+        return qweight_shape[1] if self.method == "gptq" else qweight_shape[1] * 8
 
     def group(self, in_features: int) -> int:
         return in_features if self.group_size == -1 else self.group_size
@@ -196,6 +200,9 @@ def plan_checkpoint(quant: CheckpointQuantization, shapes: Iterable[tuple[str, t
         if in_features % PACK_BLOCK or in_features % group:
             raise ValueError(f"{module} has {in_features} inputs: kvflow's int4 needs a "
                              f"multiple of {PACK_BLOCK} and of the group size ({group})")
+        if quant.out_features(shape) % ROW_BLOCK:
+            raise ValueError(f"{module} has {quant.out_features(shape)} outputs: kvflow's "
+                             f"int4 needs a multiple of {ROW_BLOCK}")
         groups[prefix] = group
     for prefix, module in float_shards.items():
         if prefix in groups:

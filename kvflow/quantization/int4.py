@@ -3,9 +3,12 @@
 Each run of `group_size` input columns of an output row has its own scale and offset:
 W[n, k] ~= q[n, k] * scale[n, g] + offset[n, g], q in [0, 15], g = k // group_size (the
 offset is the group's minimum, so q spans the group from its minimum to its maximum).
-Two q per byte, [out, in / 2]: in each block of 64 columns, byte j holds column j in its
-low nibble and column 32 + j in its high one, so that unpacking a block's bytes gives
-two runs of 32 consecutive columns, the order the native kernel multiplies them in.
+Two q per byte, [out, in / 2] in all, in blocks of 16 output rows (ROW_BLOCK) that each
+hold their rows' bytes interleaved: chunk c of a block (32 bytes) covers columns 4c to
+4c + 3 of its 16 rows, and its byte 2r + j holds row r's column 4c + j in the low nibble
+and column 4c + 2 + j in the high one. Unpacked, a chunk's low and high nibbles are two
+vectors of 16 rows x 2 columns, each row a lane: the native GEMV multiplies them by
+pairs of x and scales each group of columns for 16 rows with one vector multiply.
 Scale and offset are [out, in / group_size], in the model's dtype."""
 from __future__ import annotations
 
@@ -23,8 +26,9 @@ from kvflow.quantization.base import (DEQUANTIZE, QuantizationConfig, QuantizedK
 if TYPE_CHECKING:
     from kvflow.layers.linear import Linear
 
-PACK_BLOCK = 64  # input columns per packed block
-GROUP_MULTIPLE = 32  # the native kernel applies scales per run of 32 columns
+PACK_BLOCK = 64  # input columns must be a multiple of this
+ROW_BLOCK = 16  # output rows interleaved in a block; every layer and shard a multiple
+GROUP_MULTIPLE = 32  # the native kernels apply scales per run of 32 columns
 
 
 def layout(group_size: int) -> str:
@@ -35,14 +39,19 @@ def layout(group_size: int) -> str:
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
     """q uint8 [out, in] with values in [0, 15] -> [out, in / 2], the layout above."""
     rows, cols = q.shape
-    halves = q.view(rows, cols // PACK_BLOCK, 2, PACK_BLOCK // 2)
-    return (halves[:, :, 0] | (halves[:, :, 1] << 4)).view(rows, cols // 2)
+    if rows % ROW_BLOCK or cols % PACK_BLOCK:
+        raise ValueError(f"int4 needs a multiple of {ROW_BLOCK} output rows and of "
+                         f"{PACK_BLOCK} input columns, not {rows} x {cols}")
+    # [block, row, chunk, low or high nibble, column within the pair]
+    chunks = q.view(rows // ROW_BLOCK, ROW_BLOCK, cols // 4, 2, 2)
+    packed = chunks[:, :, :, 0] | (chunks[:, :, :, 1] << 4)
+    return packed.permute(0, 2, 1, 3).contiguous().view(rows, cols // 2)
 
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     rows, half = packed.shape
-    blocks = packed.view(rows, half // (PACK_BLOCK // 2), 1, PACK_BLOCK // 2)
-    return torch.cat([blocks & 15, blocks >> 4], dim=2).view(rows, half * 2)
+    chunks = packed.view(rows // ROW_BLOCK, half // 2, ROW_BLOCK, 2).permute(0, 2, 1, 3)
+    return torch.stack([chunks & 15, chunks >> 4], dim=3).reshape(rows, half * 2)
 
 
 def quantize_int4(weight: torch.Tensor, group_size: int,
@@ -65,8 +74,23 @@ def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, offset: torch.Ten
     return (q * scale.float()[..., None] + offset.float()[..., None]).view(rows, -1)
 
 
+def blocked_scales(scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """The scales and offsets as the native GEMV reads them for a block of 16 rows: each
+    group's 16 scales, then its 16 offsets, [out / 16, groups, 2, 16] (a copy, 1/16 of the
+    packed weight's size at group size 128), so that it need not gather them every call."""
+    rows, groups = scale.shape
+    parts = [p.view(rows // ROW_BLOCK, ROW_BLOCK, groups) for p in (scale, offset)]
+    return torch.stack(parts, dim=2).permute(0, 3, 2, 1).contiguous()
+
+
+def _native_layout(layer: Linear) -> tuple[torch.Tensor]:
+    return (blocked_scales(layer.weight_scale, layer.weight_offset),)
+
+
 def _native_kernel(layer: Linear, x: torch.Tensor, ops: ModuleType | None) -> torch.Tensor:
-    return ops.int4_gemv(x, layer.weight, layer.weight_scale, layer.weight_offset, layer.bias)
+    blocked = layer.plan.weights[0] if layer.plan.weights else None
+    return ops.int4_gemv(x, layer.weight, layer.weight_scale, layer.weight_offset, layer.bias,
+                         blocked)
 
 
 def _native_dequantize_kernel(layer: Linear, x: torch.Tensor,
@@ -112,7 +136,7 @@ class Int4LinearMethod(QuantizedLinearMethod):
     # at one row and faster at 4 and 8 (docs/benchmarks.md). On CUDA, tinygemm's copy is
     # what small batches run on.
     kernels = {"native": QuantizedKernel(_native_kernel, devices=("cpu",), native=True,
-                                         gemv=True),
+                                         gemv=True, prepare=_native_layout),
                "native_dequantize": QuantizedKernel(_native_dequantize_kernel,
                                                     devices=("cpu",), native=True),
                "tinygemm": QuantizedKernel(_tinygemm_kernel, devices=("cuda",),
@@ -128,6 +152,13 @@ class Int4LinearMethod(QuantizedLinearMethod):
             raise ValueError(f"int4 quantization needs every quantized layer's in_features to "
                              f"be a multiple of {PACK_BLOCK} and of the group size "
                              f"({self.group_size}); a layer has {cols}")
+        shards = {f"part {shard!r}": size for shard, (_, size) in layer.shard_offsets.items()} \
+            or {"the layer": layer.out_features}
+        for shard, size in shards.items():
+            if size % ROW_BLOCK:
+                raise ValueError(f"int4 quantization needs every quantized layer's output "
+                                 f"rows, and each merged part's, to be a multiple of "
+                                 f"{ROW_BLOCK}; {shard} has {size}")
         dtype = torch.get_default_dtype()
         loader = quantized_rows_loader(
             layer, lambda w: quantize_int4(w, self.group_size, dtype),

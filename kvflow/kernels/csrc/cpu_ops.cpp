@@ -272,25 +272,29 @@ torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor scale,
 }
 
 // ---------------------------------------------------------------------------------------
-// The same product for int4 weights (kvflow/quantization/int4.py): two per byte,
-// [N, K / 2]; in each block of 64 columns byte j holds column j in its low nibble and
-// column 32 + j in its high one; w = q * scale + offset, per group of G columns (G a
-// multiple of 32). Per group the product is scale * (q . x) + offset * sum(x), with sum(x)
-// computed once per row of x.
-constexpr int64_t kInt4Block = 64;
-constexpr int64_t kInt4Cols = 4;  // rows of x per pass over a group of weight rows
+// The same product for int4 weights (kvflow/quantization/int4.py): [N, K / 2] bytes in
+// blocks of 16 rows; chunk c of a block (32 bytes) holds columns 4c to 4c + 3 of its rows,
+// byte 2r + j row r's column 4c + j in its low nibble and 4c + 2 + j in its high one;
+// w = q * scale + offset, per group of G columns (G a multiple of 32). Per group the
+// product is scale * (q . x) + offset * sum(x), with sum(x) computed once per row of x.
+constexpr int64_t kInt4Rows = 16;   // output rows per block, one per vector lane
+constexpr int64_t kInt4Chunk = 32;  // bytes per chunk of 4 columns
+constexpr int64_t kInt4Cols = 4;    // rows of x per pass over a block
 
+inline int int4_at(const uint8_t* w, int64_t n, int64_t k, int64_t K) {
+  const uint8_t byte = w[n / kInt4Rows * kInt4Rows * (K / 2) + k / 4 * kInt4Chunk +
+                         n % kInt4Rows * 2 + k % 2];
+  return k % 4 < 2 ? byte & 15 : byte >> 4;
+}
+
+// Row n's product; scale and offset point at its groups.
 template <typename T>
-float int4_dot(const float* xf, const float* xsum, const uint8_t* w, const T* scale,
+float int4_dot(const float* xf, const float* xsum, const uint8_t* w, int64_t n, const T* scale,
                const T* offset, int64_t K, int64_t G) {
   float total = 0.f;
   for (int64_t g = 0; g < K / G; ++g) {
     float dot = 0.f;
-    for (int64_t k = g * G; k < (g + 1) * G; ++k) {
-      const int64_t j = k % kInt4Block;
-      const uint8_t byte = w[k / kInt4Block * (kInt4Block / 2) + j % (kInt4Block / 2)];
-      dot += static_cast<float>(j < kInt4Block / 2 ? byte & 15 : byte >> 4) * xf[k];
-    }
+    for (int64_t k = g * G; k < (g + 1) * G; ++k) dot += int4_at(w, n, k, K) * xf[k];
     total += to_f32(scale[g]) * dot + to_f32(offset[g]) * xsum[g];
   }
   return total;
@@ -298,110 +302,109 @@ float int4_dot(const float* xf, const float* xsum, const uint8_t* w, const T* sc
 
 #if defined(KVFLOW_AVX512) && defined(__AVX512BF16__)
 // bf16 activations: the bf16 with bits 0x4300 | q is exactly 128 + q, so a nibble becomes a
-// bf16 with one AND-OR and vdpbf16ps gives (128 + q) . x per run of 32 columns; each group's
-// sum is scaled in a vector, and 128 * scale * sum(x) comes off with the offset term.
+// bf16 with one AND-OR. A chunk's low nibbles are then 16 rows x columns (4c, 4c + 1), one
+// row per lane, and its high ones 16 rows x (4c + 2, 4c + 3): vdpbf16ps against x's pair of
+// those columns, broadcast, adds each row's two products into its lane. One FMA scales a
+// group's sums for all 16 rows and another adds (offset - 128 * scale) * sum(x), so there
+// are no horizontal sums. blocked: the block's scales and offsets, [groups][2][16] (a
+// group's 16 scales, then its 16 offsets).
 template <int MB>
-void int4_group_bf16(const BFloat16* x, const float* xsum, const uint8_t* w,
-                     const BFloat16* scale, const BFloat16* offset, float (*sums)[kGemvRows],
-                     int64_t K, int64_t G) {
+void int4_block_bf16(const BFloat16* x, const float* xsum, const uint8_t* w,
+                     const BFloat16* blocked, float (*sums)[kInt4Rows], int64_t K, int64_t G) {
   const int64_t groups = K / G;
   const __m512i low4 = _mm512_set1_epi16(0x000F);
   const __m512i one28 = _mm512_set1_epi16(0x4300);
-  // For one row of x, low and high nibbles accumulate apart: two dependency chains per
-  // weight row instead of one, which vdpbf16ps's latency needs to keep its throughput.
-  // More rows of x give enough chains, and registers are short.
-  constexpr int H = MB == 1 ? 2 : 1;
-  __m512 acc[H][MB][kGemvRows], total[MB][kGemvRows];
-  for (int m = 0; m < MB; ++m)
-    for (int r = 0; r < kGemvRows; ++r) {
-      total[m][r] = _mm512_setzero_ps();
-      for (int h = 0; h < H; ++h) acc[h][m][r] = _mm512_setzero_ps();
-    }
-  auto flush = [&](int64_t g) {
-    for (int r = 0; r < kGemvRows; ++r) {
-      const __m512 s = _mm512_set1_ps(static_cast<float>(scale[r * groups + g]));
-      for (int m = 0; m < MB; ++m) {
-        const __m512 sum = H == 2 ? _mm512_add_ps(acc[0][m][r], acc[H - 1][m][r]) : acc[0][m][r];
-        total[m][r] = _mm512_fmadd_ps(sum, s, total[m][r]);
-        for (int h = 0; h < H; ++h) acc[h][m][r] = _mm512_setzero_ps();
-      }
-    }
-  };
-  const int64_t half = kInt4Block / 2;
-  int64_t group = 0, left = G;  // the group being summed, and its columns still to come
-  for (int64_t k = 0; k < K; k += kInt4Block) {
-    __m512i nibbles[2][kGemvRows];
-    for (int r = 0; r < kGemvRows; ++r) {
-      const uint8_t* p = w + r * (K / 2) + k / 2;
+  const uint32_t* pairs[MB];  // x's columns two by two, as vdpbf16ps reads them
+  for (int m = 0; m < MB; ++m) pairs[m] = reinterpret_cast<const uint32_t*>(x + m * K);
+  __m512 total[MB];
+  for (int m = 0; m < MB; ++m) total[m] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    // Four chains per row of x, so that vdpbf16ps's latency does not bound the loop.
+    __m512 acc[MB][4];
+    for (int m = 0; m < MB; ++m)
+      for (int a = 0; a < 4; ++a) acc[m][a] = _mm512_setzero_ps();
+    for (int64_t k = g * G; k < (g + 1) * G; k += 8) {
+      const uint8_t* p = w + k / 4 * kInt4Chunk;
       _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetchBytes, _MM_HINT_T0);
-      const __m512i words = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-      nibbles[0][r] = _mm512_ternarylogic_epi32(words, low4, one28, 0xEA);  // (words & 15) | 0x4300
-      nibbles[1][r] = _mm512_or_si512(_mm512_srli_epi16(words, 4), one28);
+      __m512i nibbles[4];  // columns (k, k+1), (k+2, k+3), (k+4, k+5), (k+6, k+7)
+      for (int c = 0; c < 2; ++c) {
+        const __m512i words = _mm512_cvtepu8_epi16(
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + c * kInt4Chunk)));
+        nibbles[2 * c + 1] = _mm512_or_si512(_mm512_srli_epi16(words, 4), one28);
+        nibbles[2 * c] = _mm512_ternarylogic_epi32(words, low4, one28, 0xEA);  // (w & 15) | 0x4300
+      }
+      for (int m = 0; m < MB; ++m)
+        for (int a = 0; a < 4; ++a)
+          acc[m][a] = _mm512_dpbf16_ps(acc[m][a], (__m512bh)nibbles[a],
+                                       (__m512bh)_mm512_set1_epi32(pairs[m][k / 2 + a]));
     }
-    for (int h = 0; h < 2; ++h) {
-      for (int m = 0; m < MB; ++m) {
-        const __m512bh xv = (__m512bh)_mm512_loadu_si512(reinterpret_cast<const void*>(x + m * K + k + h * half));
-        for (int r = 0; r < kGemvRows; ++r)
-          acc[h % H][m][r] = _mm512_dpbf16_ps(acc[h % H][m][r], (__m512bh)nibbles[h][r], xv);
-      }
-      left -= half;
-      if (left == 0) {
-        flush(group++);
-        left = G;
-      }
+    const __m512 s = load16(blocked + 2 * g * kInt4Rows);
+    const __m512 o = _mm512_fnmadd_ps(_mm512_set1_ps(128.f), s,
+                                      load16(blocked + (2 * g + 1) * kInt4Rows));
+    for (int m = 0; m < MB; ++m) {
+      const __m512 sum = _mm512_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]),
+                                       _mm512_add_ps(acc[m][2], acc[m][3]));
+      total[m] = _mm512_fmadd_ps(sum, s, total[m]);
+      total[m] = _mm512_fmadd_ps(o, _mm512_set1_ps(xsum[m * groups + g]), total[m]);
     }
   }
-  for (int m = 0; m < MB; ++m) {
-    for (int r = 0; r < kGemvRows; ++r) {
-      float s = _mm512_reduce_add_ps(total[m][r]);
-      for (int64_t g = 0; g < groups; ++g)
-        s += (static_cast<float>(offset[r * groups + g]) -
-              128.f * static_cast<float>(scale[r * groups + g])) * xsum[m * groups + g];
-      sums[m][r] = s;
-    }
-  }
+  for (int m = 0; m < MB; ++m) _mm512_storeu_ps(sums[m], total[m]);
 }
 #endif
 
+// blocked: every block's scales and offsets as int4_block_bf16 reads them
+// ([N / 16][groups][2][16]), prepared once per layer; null: gathered here, block by block.
 template <typename T>
 void int4_gemv_impl(const T* x, const uint8_t* w, const T* scale, const T* offset,
-                    const T* bias, T* y, int64_t M, int64_t N, int64_t K, int64_t G) {
+                    const T* blocked, const T* bias, T* y, int64_t M, int64_t N, int64_t K,
+                    int64_t G) {
   const int64_t groups = K / G;
   std::vector<float> xf(M * K), xsum(M * groups, 0.f);
   for (int64_t i = 0; i < M * K; ++i) {
     xf[i] = to_f32(x[i]);
     xsum[i / K * groups + i % K / G] += xf[i];
   }
-  at::parallel_for(0, (N + kGemvRows - 1) / kGemvRows, 16, [&](int64_t begin, int64_t end) {
-    float sums[kInt4Cols][kGemvRows];
-    for (int64_t group = begin; group < end; ++group) {
-      const int64_t n0 = group * kGemvRows;
-      const int64_t rows = std::min(kGemvRows, N - n0);
+  at::parallel_for(0, N / kInt4Rows, 4, [&](int64_t begin, int64_t end) {
+    float sums[kInt4Cols][kInt4Rows];
+    std::vector<T> gathered;
+    for (int64_t block = begin; block < end; ++block) {
+      const int64_t n0 = block * kInt4Rows;
+      const T* block_scales = blocked ? blocked + block * groups * 2 * kInt4Rows : nullptr;
+      bool vector = false;
+#if defined(KVFLOW_AVX512) && defined(__AVX512BF16__)
+      if constexpr (std::is_same_v<T, BFloat16>) {
+        vector = true;
+        if (!block_scales) {
+          gathered.resize(groups * 2 * kInt4Rows);
+          for (int64_t r = 0; r < kInt4Rows; ++r)
+            for (int64_t g = 0; g < groups; ++g) {
+              gathered[2 * g * kInt4Rows + r] = scale[(n0 + r) * groups + g];
+              gathered[(2 * g + 1) * kInt4Rows + r] = offset[(n0 + r) * groups + g];
+            }
+          block_scales = gathered.data();
+        }
+      }
+#endif
       for (int64_t m0 = 0; m0 < M; m0 += kInt4Cols) {
         const int64_t mb = std::min(kInt4Cols, M - m0);
-        bool done = false;
 #if defined(KVFLOW_AVX512) && defined(__AVX512BF16__)
         if constexpr (std::is_same_v<T, BFloat16>) {
-          if (rows == kGemvRows) {
-            const auto args = std::make_tuple(x + m0 * K, xsum.data() + m0 * groups,
-                                              w + n0 * (K / 2), scale + n0 * groups,
-                                              offset + n0 * groups, sums, K, G);
-            switch (mb) {
-              case 1: std::apply(int4_group_bf16<1>, args); break;
-              case 2: std::apply(int4_group_bf16<2>, args); break;
-              case 3: std::apply(int4_group_bf16<3>, args); break;
-              default: std::apply(int4_group_bf16<4>, args); break;
-            }
-            done = true;
+          const auto args = std::make_tuple(x + m0 * K, xsum.data() + m0 * groups,
+                                            w + n0 * (K / 2), block_scales, sums, K, G);
+          switch (mb) {
+            case 1: std::apply(int4_block_bf16<1>, args); break;
+            case 2: std::apply(int4_block_bf16<2>, args); break;
+            case 3: std::apply(int4_block_bf16<3>, args); break;
+            default: std::apply(int4_block_bf16<4>, args); break;
           }
         }
 #endif
         for (int64_t m = 0; m < mb; ++m) {
-          for (int64_t r = 0; r < rows; ++r) {
+          for (int64_t r = 0; r < kInt4Rows; ++r) {
             const int64_t n = n0 + r;
-            float s = done ? sums[m][r]
-                           : int4_dot<T>(xf.data() + (m0 + m) * K, xsum.data() + (m0 + m) * groups,
-                                         w + n * (K / 2), scale + n * groups, offset + n * groups, K, G);
+            float s = vector ? sums[m][r]
+                             : int4_dot<T>(xf.data() + (m0 + m) * K, xsum.data() + (m0 + m) * groups,
+                                           w, n, scale + n * groups, offset + n * groups, K, G);
             if (bias) s += to_f32(bias[n]);
             y[(m0 + m) * N + n] = from_f32<T>(s);
           }
@@ -411,33 +414,49 @@ void int4_gemv_impl(const T* x, const uint8_t* w, const T* scale, const T* offse
   });
 }
 
-torch::Tensor int4_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor scale,
-                        torch::Tensor offset, c10::optional<torch::Tensor> bias) {
-  for (const auto* t : {&x, &w, &scale, &offset}) check_cpu(*t, "int4_gemv tensors");
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == 2 * w.size(1), "int4_gemv: shapes");
-  TORCH_CHECK(w.scalar_type() == at::kByte, "int4_gemv: w must be uint8");
-  const int64_t K = x.size(1), N = w.size(0);
+// The checks both int4 kernels make of the packed weight and its scales; returns G.
+int64_t check_int4(const torch::Tensor& w, const torch::Tensor& scale,
+                   const torch::Tensor& offset, const char* name) {
+  for (const auto* t : {&w, &scale, &offset}) check_cpu(*t, name);
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kByte, name, ": w must be 2-d uint8");
+  const int64_t N = w.size(0), K = 2 * w.size(1);
   TORCH_CHECK(scale.dim() == 2 && scale.size(0) == N && scale.size(1) > 0 &&
-              K % scale.size(1) == 0 && offset.sizes() == scale.sizes(),
-              "int4_gemv: scale and offset must be [out_features, groups]");
+              K % scale.size(1) == 0 && offset.sizes() == scale.sizes() &&
+              offset.scalar_type() == scale.scalar_type(),
+              name, ": scale and offset must be [out_features, groups], one dtype");
   const int64_t G = K / scale.size(1);
-  TORCH_CHECK(K % kInt4Block == 0 && G % (kInt4Block / 2) == 0,
-              "int4_gemv: in_features must be a multiple of 64, the group size of 32");
-  TORCH_CHECK(scale.scalar_type() == x.scalar_type() && offset.scalar_type() == x.scalar_type(),
-              "int4_gemv: scale and offset must be x's dtype");
+  TORCH_CHECK(N % kInt4Rows == 0 && K % 64 == 0 && G % 32 == 0, name,
+              ": out_features must be a multiple of 16, in_features of 64, the group size of 32");
+  return G;
+}
+
+torch::Tensor int4_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor scale,
+                        torch::Tensor offset, c10::optional<torch::Tensor> bias,
+                        c10::optional<torch::Tensor> blocked) {
+  check_cpu(x, "int4_gemv x");
+  const int64_t G = check_int4(w, scale, offset, "int4_gemv");
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == 2 * w.size(1), "int4_gemv: shapes");
+  TORCH_CHECK(scale.scalar_type() == x.scalar_type(), "int4_gemv: scale and offset must be x's dtype");
+  const int64_t K = x.size(1), N = w.size(0);
   check_bias(bias, x, N, "int4_gemv");
   x = x.contiguous();
   w = w.contiguous();
   scale = scale.contiguous();
   offset = offset.contiguous();
-  torch::Tensor b;
+  torch::Tensor b, blocks;
   const void* bp = bias_ptr(bias, b);
+  if (blocked) {
+    TORCH_CHECK(blocked->sizes() == at::IntArrayRef({N / kInt4Rows, scale.size(1), 2, kInt4Rows}) &&
+                    blocked->scalar_type() == x.scalar_type() && blocked->device().is_cpu(),
+                "int4_gemv: blocked must be [out_features / 16, groups, 2, 16], x's dtype");
+    blocks = blocked->contiguous();
+  }
   auto y = torch::empty({x.size(0), N}, x.options());
   dispatch_float_or_bf16(x.scalar_type(), "int4_gemv", [&](auto tag) {
     using T = decltype(tag);
     int4_gemv_impl<T>(x.data_ptr<T>(), w.data_ptr<uint8_t>(), scale.data_ptr<T>(),
-                      offset.data_ptr<T>(), static_cast<const T*>(bp), y.data_ptr<T>(),
-                      x.size(0), N, K, G);
+                      offset.data_ptr<T>(), blocks.defined() ? blocks.data_ptr<T>() : nullptr,
+                      static_cast<const T*>(bp), y.data_ptr<T>(), x.size(0), N, K, G);
   });
   return y;
 }
@@ -494,41 +513,54 @@ torch::Tensor int8_dequantize(torch::Tensor w, torch::Tensor scale,
   return out;
 }
 
+// int4: per block and run of 16 columns (4 chunks), a word permutation gathers each row's
+// four words (its 4 columns of each chunk) into 64 bits, and variable shifts spread them
+// over 16 lanes.
 template <typename T>
 void int4_dequantize_impl(const uint8_t* w, const T* scale, const T* offset, T* out, int64_t N,
                           int64_t K, int64_t G) {
-  const int64_t groups = K / G, half = kInt4Block / 2;
-  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) {
-      const uint8_t* row = w + n * (K / 2);
-      T* dst = out + n * K;
-      const T* s = scale + n * groups;
-      const T* o = offset + n * groups;
-      for (int64_t b = 0; b < K; b += kInt4Block) {
-        const uint8_t* p = row + b / 2;
-        int64_t j = 0;
+  const int64_t groups = K / G;
+  at::parallel_for(0, N / kInt4Rows, 1, [&](int64_t begin, int64_t end) {
 #ifdef KVFLOW_AVX512
-        // 16 bytes give 16 columns of the block's first half and 16 of its second; a run of
-        // 16 columns lies in one group, since groups are whole runs of 32.
-        for (; j + 16 <= half; j += 16) {
-          const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + j)));
-          const __m512i nibbles[2] = {_mm512_and_si512(bytes, _mm512_set1_epi32(15)),
-                                      _mm512_srli_epi32(bytes, 4)};
-          for (int h = 0; h < 2; ++h) {
-            const int64_t col = b + h * half + j, g = col / G;
-            const __m512 q = _mm512_cvtepi32_ps(nibbles[h]);
-            const __m512 scaled = _mm512_mul_ps(q, _mm512_set1_ps(to_f32(s[g])));
-            store16(dst + col, _mm512_add_ps(scaled, _mm512_set1_ps(to_f32(o[g]))));
-          }
-        }
+    // Word 4r + i of rows 0-7 (8-15): row r's word in chunk i of the run; A holds chunks
+    // 0 and 1 (words 0-15, 16-31), B chunks 2 and 3 (words 32-47, 48-63 of the pair).
+    alignas(64) int16_t order[2][32];
+    for (int half = 0; half < 2; ++half)
+      for (int r = 0; r < 8; ++r)
+        for (int i = 0; i < 4; ++i) order[half][4 * r + i] = 16 * i + 8 * half + r;
+    const __m512i orders[2] = {_mm512_load_si512(order[0]), _mm512_load_si512(order[1])};
+    // Lane l is column l of the run: chunk l / 4, whose word is the low or high half of the
+    // row's dword 0 (chunks 0, 1) or 1 (chunks 2, 3), then byte l % 2, nibble l % 4 / 2.
+    const __m512i shifts = _mm512_setr_epi32(0, 8, 4, 12, 16, 24, 20, 28, 0, 8, 4, 12, 16, 24, 20, 28);
+    const __m512i dword_of_lane = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+    const __m512i low4 = _mm512_set1_epi32(15);
 #endif
-        for (; j < half; ++j) {
-          for (int h = 0; h < 2; ++h) {
-            const int64_t col = b + h * half + j, g = col / G;
-            const float q = static_cast<float>(h ? p[j] >> 4 : p[j] & 15);
-            const float scaled = q * to_f32(s[g]);
-            dst[col] = from_f32<T>(scaled + to_f32(o[g]));
-          }
+    for (int64_t block = begin; block < end; ++block) {
+      const int64_t n0 = block * kInt4Rows;
+      const uint8_t* wb = w + n0 * (K / 2);
+      int64_t k = 0;
+#ifdef KVFLOW_AVX512
+      for (; k + 16 <= K; k += 16) {
+        const uint8_t* p = wb + k / 4 * kInt4Chunk;
+        const __m512i a = _mm512_loadu_si512(p), b = _mm512_loadu_si512(p + 2 * kInt4Chunk);
+        const __m512i rows[2] = {_mm512_permutex2var_epi16(a, orders[0], b),
+                                 _mm512_permutex2var_epi16(a, orders[1], b)};
+        const int64_t g = k / G;  // a run of 16 columns lies in one group
+        for (int64_t r = 0; r < kInt4Rows; ++r) {
+          const int64_t n = n0 + r;
+          const __m512i dwords = _mm512_permutexvar_epi32(
+              _mm512_add_epi32(dword_of_lane, _mm512_set1_epi32(2 * (r % 8))), rows[r / 8]);
+          const __m512 q = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srlv_epi32(dwords, shifts), low4));
+          const __m512 scaled = _mm512_mul_ps(q, _mm512_set1_ps(to_f32(scale[n * groups + g])));
+          store16(out + n * K + k, _mm512_add_ps(scaled, _mm512_set1_ps(to_f32(offset[n * groups + g]))));
+        }
+      }
+#endif
+      for (; k < K; ++k) {
+        for (int64_t r = 0; r < kInt4Rows; ++r) {
+          const int64_t n = n0 + r, g = k / G;
+          const float scaled = int4_at(wb, r, k, K) * to_f32(scale[n * groups + g]);
+          out[n * K + k] = from_f32<T>(scaled + to_f32(offset[n * groups + g]));
         }
       }
     }
@@ -537,16 +569,8 @@ void int4_dequantize_impl(const uint8_t* w, const T* scale, const T* offset, T* 
 
 torch::Tensor int4_dequantize(torch::Tensor w, torch::Tensor scale, torch::Tensor offset,
                               c10::optional<torch::Tensor> out_) {
-  for (const auto* t : {&w, &scale, &offset}) check_cpu(*t, "int4_dequantize tensors");
-  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kByte, "int4_dequantize: w must be 2-d uint8");
+  const int64_t G = check_int4(w, scale, offset, "int4_dequantize");
   const int64_t N = w.size(0), K = 2 * w.size(1);
-  TORCH_CHECK(scale.dim() == 2 && scale.size(0) == N && scale.size(1) > 0 &&
-              K % scale.size(1) == 0 && offset.sizes() == scale.sizes() &&
-              offset.scalar_type() == scale.scalar_type(),
-              "int4_dequantize: scale and offset must be [out_features, groups], one dtype");
-  const int64_t G = K / scale.size(1);
-  TORCH_CHECK(K % kInt4Block == 0 && G % (kInt4Block / 2) == 0,
-              "int4_dequantize: in_features must be a multiple of 64, the group size of 32");
   w = w.contiguous();
   scale = scale.contiguous();
   offset = offset.contiguous();
@@ -1128,7 +1152,9 @@ std::string vector_paths() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv", &gemv, "y = x @ w.T (+ bias) for a few rows of x");
   m.def("int8_gemv", &int8_gemv, "y = x @ (w * scale[:, None]).T (+ bias), w int8, for a few rows of x");
-  m.def("int4_gemv", &int4_gemv, "y = x @ dequantized(w).T (+ bias), w packed int4 (kvflow/quantization/int4.py)");
+  m.def("int4_gemv", &int4_gemv, "y = x @ dequantized(w).T (+ bias), w packed int4 (kvflow/quantization/int4.py)",
+        py::arg("x"), py::arg("w"), py::arg("scale"), py::arg("offset"), py::arg("bias"),
+        py::arg("blocked") = py::none());
   m.def("int8_dequantize", &int8_dequantize, "w * scale[:, None] in scale's dtype, w int8",
         py::arg("w"), py::arg("scale"), py::arg("out") = py::none());
   m.def("int4_dequantize", &int4_dequantize,

@@ -3,9 +3,10 @@ and each tensor unpacked for it.
 
 Per linear layer (all of a fused layer's shards together):
 - Q4_0 and Q4_K become int4 with a group of 32 (a Q4_K sub-block, or a Q4_0 block): both
-  are w = q * scale + offset per 32 weights with q in [0, 15], Q4_K's nibbles already in
-  kvflow's packed order and Q4_0's repacked. Exact where the model runs in float32; in
-  bf16 or fp16 each group's scale and offset are rounded to that dtype.
+  are w = q * scale + offset per 32 weights with q in [0, 15], unpacked and packed again
+  in kvflow's int4 layout (a layer whose rows do not make whole blocks of 16 is
+  dequantized instead). Exact where the model runs in float32; in bf16 or fp16 each
+  group's scale and offset are rounded to that dtype.
 - Q8_0 becomes int8, which keeps one scale per output row where Q8_0 keeps one per 32
   weights: each weight is dequantized and rounded again to its row's grid (the log says
   how far that moved the weights).
@@ -30,7 +31,8 @@ from kvflow.models.config import ModelConfig
 from kvflow.models.gguf.file import PERMUTED_QK, GgufFile, GgufTensor
 from kvflow.models.llama import LlamaForCausalLM
 from kvflow.quantization.base import LinearMethod, PrequantizedWeight, QuantizationConfig
-from kvflow.quantization.int4 import Int4LinearMethod, dequantize_int4, pack_int4
+from kvflow.quantization.int4 import (PACK_BLOCK, ROW_BLOCK, Int4LinearMethod,
+                                      dequantize_int4, pack_int4)
 from kvflow.quantization.int4 import layout as int4_layout
 from kvflow.quantization.int8 import LAYOUT as INT8_LAYOUT
 from kvflow.quantization.int8 import Int8LinearMethod, quantize_int8
@@ -73,18 +75,19 @@ def plan_gguf(file: GgufFile, dtype: torch.dtype) -> GgufQuantConfig:
     """Choose each linear layer's method from its tensors' types (checked by
     gguf_model_config), and log what each type becomes."""
     layer_types: dict[str, set[str]] = defaultdict(set)
-    in_features: dict[str, int] = {}
+    blocks_fit: dict[str, bool] = defaultdict(lambda: True)
     for t in file.tensors.values():
         if _is_decoder_weight(t):
             prefix = _layer_prefix(t.hf_name)
             layer_types[prefix].add(t.type_name)
-            in_features[prefix] = t.shape[1]
+            # int4 packs blocks of ROW_BLOCK rows by PACK_BLOCK columns; a Q4 tensor need
+            # only have rows of whole 32-column blocks.
+            blocks_fit[prefix] &= t.shape[0] % ROW_BLOCK == 0 and t.shape[1] % PACK_BLOCK == 0
     methods = {}
     for prefix, types in layer_types.items():
         targets = {_NATIVE.get(name) for name in types}
         method = targets.pop() if len(targets) == 1 else None
-        # int4's packed blocks are 64 columns wide; a Q4_0 row need only be a multiple of 32.
-        if method is not None and (method != "int4" or in_features[prefix] % 64 == 0):
+        if method is not None and (method != "int4" or blocks_fit[prefix]):
             methods[prefix] = method
     config = GgufQuantConfig(methods)
     became = Counter((t.type_name, _target(config, t, dtype)) for t in file.tensors.values())
@@ -131,19 +134,20 @@ def _f16_scales(block_bytes: np.ndarray) -> torch.Tensor:
 
 def unpack_q4_0(data: np.ndarray, rows: int, cols: int) -> tuple[torch.Tensor, ...]:
     """Q4_0 blocks (an fp16 scale d, then 16 bytes: element j in the low nibble of byte j,
-    element 16 + j in its high one; w = d * (q - 8)) -> int4 g32 parts."""
+    element 16 + j in its high one; w = d * (q - 8)) -> (q uint8 [rows, cols], scale,
+    offset), int4 g32 before packing."""
     blocks = data.reshape(rows, cols // 32, 18)
     d = _f16_scales(blocks[..., :2])
     qs = torch.from_numpy(np.ascontiguousarray(blocks[..., 2:]))
     q = torch.cat([qs & 15, qs >> 4], dim=-1).view(rows, cols)
-    return pack_int4(q), d, -8 * d
+    return q, d, -8 * d
 
 
 def unpack_q4_k(data: np.ndarray, rows: int, cols: int) -> tuple[torch.Tensor, ...]:
     """Q4_K super-blocks of 256 (fp16 d and dmin, twelve bytes of 6-bit scales and mins for
-    eight sub-blocks of 32, then 128 bytes of nibbles; w = d * sc * q - dmin * m) -> int4
-    g32 parts. The nibbles are laid out as kvflow packs int4: each 64-column run's byte j
-    holds column j low and 32 + j high, so they are copied as they are."""
+    eight sub-blocks of 32, then 128 bytes of nibbles, each 64-column run's byte j holding
+    column j low and 32 + j high; w = d * sc * q - dmin * m) -> (q uint8 [rows, cols],
+    scale, offset), int4 g32 before packing."""
     blocks = data.reshape(rows, cols // 256, 144)
     d, dmin = _f16_scales(blocks[..., 0:2]), _f16_scales(blocks[..., 2:4])
     packed = torch.from_numpy(np.ascontiguousarray(blocks[..., 4:16])).view(rows, -1, 3, 4)
@@ -154,8 +158,9 @@ def unpack_q4_k(data: np.ndarray, rows: int, cols: int) -> tuple[torch.Tensor, .
     m = torch.cat([high & 63, (rest >> 4) | ((high >> 6) << 4)], dim=-1)
     scale = (d[..., None] * sc.float()).view(rows, -1)
     offset = -(dmin[..., None] * m.float()).view(rows, -1)
-    qs = torch.from_numpy(np.ascontiguousarray(blocks[..., 16:])).reshape(rows, cols // 2)
-    return qs, scale, offset
+    qs = torch.from_numpy(np.ascontiguousarray(blocks[..., 16:])).view(rows, cols // 64, 1, 32)
+    q = torch.cat([qs & 15, qs >> 4], dim=2).view(rows, cols)
+    return q, scale, offset
 
 
 _UNPACK = {"Q4_0": unpack_q4_0, "Q4_K": unpack_q4_k}
@@ -202,8 +207,9 @@ def gguf_tensors(file: GgufFile, config: ModelConfig, quant: GgufQuantConfig,
     for t in file.tensors.values():
         method = _method(quant, t)
         if method == "int4":
-            parts = _unpermute(file, config, t, _UNPACK[t.type_name](np.asarray(t.data),
-                                                                      *t.shape))
+            q, scale, offset = _unpermute(file, config, t, _UNPACK[t.type_name](
+                np.asarray(t.data), *t.shape))
+            parts = (pack_int4(q), scale, offset)
             if dtype != torch.float32:
                 packed, scale, offset = parts
                 rounded.add(dequantize_int4(*parts), dequantize_int4(
