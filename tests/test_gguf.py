@@ -7,6 +7,8 @@ gguf_export writes those blocks with its own round-to-nearest search, and every 
 reads them back through the gguf package's dequantizers."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -18,7 +20,7 @@ from conftest import random_prompts
 from kvflow import LLM, SamplingParams
 from kvflow.bench.gguf_export import export_gguf, quantize
 from kvflow.models.config import ModelConfig
-from kvflow.models.gguf.weights import unpack_q4_0, unpack_q4_k
+from kvflow.models.gguf.weights import plan_gguf, unpack_q4_0, unpack_q4_k
 from kvflow.quantization.int4 import dequantize_int4, pack_int4
 from kvflow.quantization.int8 import quantize_int8
 
@@ -69,6 +71,21 @@ def test_int4_unpacking_is_bit_exact_against_the_gguf_dequantizer(type_name, unp
     assert torch.equal(dequantize_int4(pack_int4(blocked), scale.repeat(3, 1)[:16],
                                        offset.repeat(3, 1)[:16]),
                        torch.from_numpy(expected).repeat(3, 1)[:16])
+
+
+def test_q4_layers_that_do_not_make_whole_int4_blocks_are_dequantized():
+    """int4 packs blocks of 16 rows by 64 columns: a fused layer with a part of 8 rows, or
+    an input size of 32, is dequantized at load instead."""
+    shapes = {"attn_q": (64, 128), "attn_k": (8, 128), "attn_v": (8, 128),
+              "ffn_gate": (64, 128), "ffn_up": (64, 128), "ffn_down": (128, 32)}
+    hf = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
+          "attn_v": "self_attn.v_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+          "ffn_down": "mlp.down_proj"}
+    tensors = {f"blk.0.{n}.weight": SimpleNamespace(
+        name=f"blk.0.{n}.weight", hf_name=f"model.layers.0.{hf[n]}.weight", type_name="Q4_0",
+        shape=shape) for n, shape in shapes.items()}
+    config = plan_gguf(SimpleNamespace(tensors=tensors), torch.bfloat16)
+    assert config.methods == {"model.layers.0.mlp.gate_up_proj": "int4"}
 
 
 def test_the_k_quant_writers_make_blocks_the_gguf_package_reads_back_close():
