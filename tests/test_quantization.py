@@ -13,7 +13,7 @@ from kvflow.quantization import quantization_config
 from kvflow.quantization.base import QuantizedPlan, dequantize_buffer
 from kvflow.quantization.int4 import (Int4Config, blocked_scales, pack_int4, quantize_int4,
                                      unpack_int4)
-from kvflow.quantization.int8 import Int8Config, quantize_int8
+from kvflow.quantization.int8 import Int8Config, activation_block, quantize_int8
 
 ROWS = [1, 3, 8, 17, 130]
 DTYPES = [torch.float32, torch.bfloat16]
@@ -192,6 +192,91 @@ def test_int4_gemv_reads_prepared_scales_as_it_gathers_them(kernel_ops, dtype):
     _close(layer(x), _expected(layer, x.float()), dtype)
     with pytest.raises(RuntimeError, match="blocked must be"):
         kernel_ops.int4_gemv(*args, blocked[0][1:])
+
+
+def _int8_activations(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x quantized as the native_int8_activations kernels quantize it, written out
+    independently: per block of columns, scale = max |x| / 127 and q = x / scale rounded
+    to nearest even (x times 127 / max in float32). -> (q [rows, blocks, block] float64,
+    scale [rows, blocks] float64)."""
+    blocks = x.float().view(x.shape[0], -1, block)
+    amax = blocks.abs().amax(dim=2)
+    inverse = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
+    q = torch.round(blocks * inverse[..., None])
+    return q.double(), (amax / 127).double()
+
+
+def _int8_activations_expected(layer: Linear, x: torch.Tensor) -> torch.Tensor:
+    """The product with x quantized, from the layer's integer weights, in float64."""
+    rows, cols = layer.out_features, layer.in_features
+    if layer.weight.dtype == torch.int8:
+        block = activation_block(cols)
+        q, scale = _int8_activations(x, block)
+        w = layer.weight.double().view(rows, cols // block, block)
+        dots = torch.einsum("mbk,nbk->mnb", q, w)
+        y = (dots * scale[:, None, :]).sum(dim=2) * layer.weight_scale.double()
+    else:
+        groups = layer.weight_scale.shape[1]
+        q, scale = _int8_activations(x, cols // groups)
+        w = unpack_int4(layer.weight).double().view(rows, groups, -1)
+        dots = torch.einsum("mgk,ngk->mng", q, w)
+        offsets = layer.weight_offset.double() * q.sum(dim=2)[:, None, :]  # [m, n, g]
+        y = ((dots * layer.weight_scale.double() + offsets) * scale[:, None, :]).sum(dim=2)
+    return y if layer.bias is None else y + layer.bias.double()
+
+
+@pytest.mark.parametrize("name,group_size", [("int8", 64), ("int4", 32), ("int4", 64),
+                                             ("int4", 192)])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bias", [False, True])
+def test_int8_activation_kernels_compute_their_integer_product(kernel_ops, name, group_size,
+                                                               dtype, bias):
+    """The GEMVs that quantize x to int8 (vpdpbusd where the build has AVX512-VNNI, plain
+    loops otherwise), on ragged batches, against the same quantization of x written out
+    in float64: equal to float32 rounding (bf16: to the output's rounding). Against the
+    float product each output moves by at most half a step of x per column, weighted by
+    the weight: sum over blocks of scale(x) / 2 * sum |w|."""
+    layer = _quantized_layer(name, dtype, bias, group_size=group_size, seed=12)
+    kernel = layer.method.kernels["native_int8_activations"]
+    layer.plan = QuantizedPlan(ops=kernel_ops, small="native_int8_activations",
+                               small_max_rows=200, large="native_dequantize",
+                               weights=kernel.prepare(layer))
+    generator = torch.Generator().manual_seed(13)
+    for rows in ROWS:
+        x = torch.randn(rows, 192, generator=generator).to(dtype)
+        x[0, :64] = 0  # a block of zeros quantizes to zeros
+        y = layer(x)
+        assert y.dtype == dtype and y.shape == (rows, 96)
+        exact = _int8_activations_expected(layer, x)
+        scale = exact.abs().max().item()
+        tolerance = 1e-5 if dtype == torch.float32 else 2 ** -8
+        assert (y.double() - exact).abs().max().item() <= tolerance * scale
+        block = activation_block(192) if name == "int8" else group_size
+        weight = layer.method.dequantize(layer).double().abs().view(96, -1, block)
+        bound = torch.einsum("mb,nb->mn", _int8_activations(x, block)[1] / 2, weight.sum(2))
+        float_error = (y.double() - _expected(layer, x.float()).double()).abs()
+        assert (float_error <= bound + tolerance * scale).all()
+
+
+def test_int8_activation_kernels_refuse_what_they_cannot_read(kernel_ops):
+    from kvflow.quantization.int8 import block_sums
+
+    int8 = _quantized_layer("int8", torch.float32, bias=False)
+    int4 = _quantized_layer("int4", torch.float32, bias=False, group_size=64)
+    x = torch.randn(2, 192)
+    (sums,) = block_sums(int8)
+    assert sums.shape == (96, 3) and sums.dtype == torch.int32
+    with pytest.raises(RuntimeError, match="wsum must be int32"):
+        kernel_ops.int8_gemv_q8(x, int8.weight, int8.weight_scale, sums.float(), None)
+    with pytest.raises(RuntimeError, match="wsum must be int32"):
+        kernel_ops.int8_gemv_q8(x, int8.weight, int8.weight_scale, sums[:, :2], None)
+    blocked = blocked_scales(int4.weight_scale, int4.weight_offset)
+    with pytest.raises(RuntimeError, match="blocked must be"):
+        kernel_ops.int4_gemv_q8(x, int4.weight, blocked[1:], None)
+    with pytest.raises(RuntimeError, match="blocked must be"):
+        kernel_ops.int4_gemv_q8(x.bfloat16(), int4.weight, blocked, None)
+    with pytest.raises(ValueError, match="multiple of 64 input columns, not 96"):
+        block_sums(Linear(96, 32, False, Int8Config()))
 
 
 @pytest.mark.parametrize("name", ["int8", "int4"])

@@ -117,6 +117,13 @@ class QuantizedKernel:
     prepare: Callable[["Linear"], tuple[torch.Tensor, ...]] | None = None
 
 
+# The activation dtypes whose models may run the kernels that quantize x to int8 per block
+# (native_int8_activations): bf16 keeps 8 significant bits of each value, int8 per block of
+# columns 7 of the block's largest, a rounding of the same order. A float32 model asks for
+# float32 products, and gets them.
+INT8_ACTIVATION_DTYPES = (torch.bfloat16,)
+
+
 @dataclass(frozen=True)
 class QuantizedPlan:
     """Which of a quantized method's kernels runs a layer on this device, chosen by

@@ -8,7 +8,8 @@ hold their rows' bytes interleaved: chunk c of a block (32 bytes) covers columns
 4c + 3 of its 16 rows, and its byte 2r + j holds row r's column 4c + j in the low nibble
 and column 4c + 2 + j in the high one. Unpacked, a chunk's low and high nibbles are two
 vectors of 16 rows x 2 columns, each row a lane: the native GEMV multiplies them by
-pairs of x and scales each group of columns for 16 rows with one vector multiply.
+pairs of x and scales each group of columns for 16 rows with one vector multiply (the
+native_int8_activations kernel quantizes x to int8 per group and multiplies integers).
 Scale and offset are [out, in / group_size], in the model's dtype."""
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 import torch.nn.functional as F
 
-from kvflow.quantization.base import (DEQUANTIZE, QuantizationConfig, QuantizedKernel,
+from kvflow.quantization.base import (DEQUANTIZE, INT8_ACTIVATION_DTYPES,
+                                      QuantizationConfig, QuantizedKernel,
                                       QuantizedLinearMethod, add_bias, add_parameter,
                                       dequantize_buffer, quantized_rows_loader)
 
@@ -93,6 +95,11 @@ def _native_kernel(layer: Linear, x: torch.Tensor, ops: ModuleType | None) -> to
                          blocked)
 
 
+def _native_int8_activations_kernel(layer: Linear, x: torch.Tensor,
+                                    ops: ModuleType | None) -> torch.Tensor:
+    return ops.int4_gemv_q8(x, layer.weight, layer.plan.weights[0], layer.bias)
+
+
 def _native_dequantize_kernel(layer: Linear, x: torch.Tensor,
                               ops: ModuleType | None) -> torch.Tensor:
     out = dequantize_buffer((layer.out_features, layer.in_features), x.dtype)
@@ -137,6 +144,10 @@ class Int4LinearMethod(QuantizedLinearMethod):
     # what small batches run on.
     kernels = {"native": QuantizedKernel(_native_kernel, devices=("cpu",), native=True,
                                          gemv=True, prepare=_native_layout),
+               "native_int8_activations": QuantizedKernel(
+                   _native_int8_activations_kernel, devices=("cpu",),
+                   dtypes=INT8_ACTIVATION_DTYPES, native=True, gemv=True,
+                   prepare=_native_layout),
                "native_dequantize": QuantizedKernel(_native_dequantize_kernel,
                                                     devices=("cpu",), native=True),
                "tinygemm": QuantizedKernel(_tinygemm_kernel, devices=("cuda",),

@@ -2,7 +2,8 @@
 
 W[n, :] ~= q[n, :] * scale[n], q in [-127, 127] (int8, [out, in], the layout
 torch._weight_int8pack_mm reads), scale in the model's dtype. Activations stay in the
-model's dtype."""
+model's dtype, except in the native_int8_activations kernel, which quantizes them to int8
+per block of columns for the CPU's integer dot products (see kvflow/kernels/csrc)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -12,7 +13,8 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 import torch.nn.functional as F
 
-from kvflow.quantization.base import (DEQUANTIZE, QuantizationConfig, QuantizedKernel,
+from kvflow.quantization.base import (DEQUANTIZE, INT8_ACTIVATION_DTYPES,
+                                      QuantizationConfig, QuantizedKernel,
                                       QuantizedLinearMethod, add_bias, add_parameter,
                                       dequantize_buffer, quantized_rows_loader)
 
@@ -48,6 +50,30 @@ def _native_kernel(layer: Linear, x: torch.Tensor, ops: ModuleType | None) -> to
     return ops.int8_gemv(x, layer.weight, layer.weight_scale, layer.bias)
 
 
+def activation_block(cols: int) -> int:
+    """Columns per int8 scale of x in the native_int8_activations kernel."""
+    if cols % 64:
+        raise ValueError(f"int8 activations need a multiple of 64 input columns, not {cols}")
+    return 128 if cols % 128 == 0 else 64
+
+
+def block_sums(layer: Linear) -> tuple[torch.Tensor]:
+    """Each row's weight sum per block of x's columns, int32 [out, in / block]: the
+    native_int8_activations kernel feeds x to vpdpbusd as q + 128 and takes 128 * these
+    back off."""
+    rows, cols = layer.weight.shape
+    if rows % 4:
+        raise ValueError(f"int8 activations need a multiple of 4 output rows, not {rows}")
+    block = activation_block(cols)
+    return (layer.weight.view(rows, cols // block, block).sum(dim=2, dtype=torch.int32),)
+
+
+def _native_int8_activations_kernel(layer: Linear, x: torch.Tensor,
+                                    ops: ModuleType | None) -> torch.Tensor:
+    return ops.int8_gemv_q8(x, layer.weight, layer.weight_scale, layer.plan.weights[0],
+                            layer.bias)
+
+
 def _native_dequantize_kernel(layer: Linear, x: torch.Tensor,
                               ops: ModuleType | None) -> torch.Tensor:
     out = dequantize_buffer((layer.out_features, layer.in_features), x.dtype)
@@ -57,6 +83,10 @@ def _native_dequantize_kernel(layer: Linear, x: torch.Tensor,
 class Int8LinearMethod(QuantizedLinearMethod):
     kernels = {"native": QuantizedKernel(_native_kernel, devices=("cpu",), native=True,
                                          gemv=True),
+               "native_int8_activations": QuantizedKernel(
+                   _native_int8_activations_kernel, devices=("cpu",),
+                   dtypes=INT8_ACTIVATION_DTYPES, native=True, gemv=True,
+                   prepare=block_sums),
                "native_dequantize": QuantizedKernel(_native_dequantize_kernel,
                                                     devices=("cpu",), native=True),
                "torch": QuantizedKernel(_torch_kernel),

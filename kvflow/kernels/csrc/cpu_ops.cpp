@@ -462,6 +462,297 @@ torch::Tensor int4_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor scale,
 }
 
 // ---------------------------------------------------------------------------------------
+// The int8 and int4 products with x quantized as well, to int8 in blocks of B columns
+// (scale = max |x| / 127 per block, q = x / scale rounded to nearest even), as llama.cpp
+// quantizes activations for its integer dot products. vpdpbusd (AVX512-VNNI) then
+// multiplies 64 weight-activation pairs per instruction, where the float paths above
+// convert every weight before they multiply it. The price is x's rounding: at most half
+// a step, 1/254 of its block's largest value (docs/benchmarks.md measures the perplexity).
+#if defined(KVFLOW_AVX512) && defined(__AVX512VNNI__)
+#define KVFLOW_VNNI 1
+#endif
+
+struct Int8Activations {
+  std::vector<int8_t> q;      // [M, K]
+  std::vector<float> scale;   // [M, K / B]
+  std::vector<int32_t> sum;   // [M, K / B]: each block's sum of q
+};
+
+template <typename T>
+Int8Activations quantize_activations(const T* x, int64_t M, int64_t K, int64_t B) {
+  const int64_t blocks = M * (K / B);  // K % B == 0: blocks never straddle rows
+  Int8Activations a{std::vector<int8_t>(M * K), std::vector<float>(blocks),
+                    std::vector<int32_t>(blocks)};
+  for (int64_t i = 0; i < blocks; ++i) {
+    const T* xb = x + i * B;
+    float amax = 0.f;
+    for (int64_t k = 0; k < B; ++k) amax = std::max(amax, std::abs(to_f32(xb[k])));
+    const float inverse = amax > 0.f ? 127.f / amax : 0.f;
+    int32_t sum = 0;
+    for (int64_t k = 0; k < B; ++k) {
+      const auto q = static_cast<int8_t>(std::nearbyint(to_f32(xb[k]) * inverse));
+      a.q[i * B + k] = q;
+      sum += q;
+    }
+    a.scale[i] = amax / 127.f;
+    a.sum[i] = sum;
+  }
+  return a;
+}
+
+#ifdef KVFLOW_VNNI
+// int4: two chunks (columns 4c to 4c + 7) split into low and high nibbles give each row two
+// bytes of each; interleaving the two vectors' 16-bit words (within 128-bit lanes, as
+// vpunpck[lh]wd does) turns every 32-bit lane into one row's four columns in order. The
+// low interleave holds rows 0-3 and 8-11, the high one rows 4-7 and 12-15, each for
+// columns 4c..4c+3 in the lower 256 bits and 4c+4..4c+7 in the upper; xpat holds x's
+// four-column words laid out to match (16 words per 8 columns). Each group's sums stay in
+// int32 (at most 15 * 127 * G per lane) until one permute puts the rows in order.
+template <typename T, int MB>
+void int4_block_q8(const int32_t* xpat, const float* xscale, const int32_t* xsum,
+                   const uint8_t* w, const T* blocked, float (*sums)[kInt4Rows], int64_t K,
+                   int64_t G) {
+  const int64_t groups = K / G;
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  const __m512i lower = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+  const __m512i upper = _mm512_add_epi32(lower, _mm512_set1_epi32(8));
+  __m512 total[MB];
+  for (int m = 0; m < MB; ++m) total[m] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512i lo[MB], hi[MB];
+    for (int m = 0; m < MB; ++m) lo[m] = hi[m] = _mm512_setzero_si512();
+    for (int64_t k = g * G; k < (g + 1) * G; k += 8) {
+      const uint8_t* p = w + k / 4 * kInt4Chunk;
+      _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetchBytes, _MM_HINT_T0);
+      const __m512i bytes = _mm512_loadu_si512(p);
+      const __m512i low = _mm512_and_si512(bytes, low4);
+      const __m512i high = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low4);
+      const __m512i rows_lo = _mm512_unpacklo_epi16(low, high);
+      const __m512i rows_hi = _mm512_unpackhi_epi16(low, high);
+      for (int m = 0; m < MB; ++m) {
+        const __m512i xv = _mm512_loadu_si512(xpat + (m * K + k) * 2);
+        lo[m] = _mm512_dpbusd_epi32(lo[m], rows_lo, xv);
+        hi[m] = _mm512_dpbusd_epi32(hi[m], rows_hi, xv);
+      }
+    }
+    const __m512 s = load16(blocked + 2 * g * kInt4Rows);
+    const __m512 o = load16(blocked + (2 * g + 1) * kInt4Rows);
+    for (int m = 0; m < MB; ++m) {
+      const __m512i dot = _mm512_add_epi32(_mm512_permutex2var_epi32(lo[m], lower, hi[m]),
+                                           _mm512_permutex2var_epi32(lo[m], upper, hi[m]));
+      const float xs = xscale[m * groups + g];
+      total[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(s, _mm512_set1_ps(xs)),
+                                 total[m]);
+      total[m] = _mm512_fmadd_ps(o, _mm512_set1_ps(xs * xsum[m * groups + g]), total[m]);
+    }
+  }
+  for (int m = 0; m < MB; ++m) _mm512_storeu_ps(sums[m], total[m]);
+}
+
+// int8: vpdpbusd takes one unsigned operand, so x goes in as q + 128, and each row loses
+// 128 * its block's weight sum afterwards (wsum, kept in the plan).
+template <int MB>
+void int8_group_q8(const uint8_t* xu, const float* xscale, const int8_t* w,
+                   float (*sums)[kGemvRows], int64_t K, int64_t B) {
+  __m512 acc[MB][kGemvRows];
+  for (int m = 0; m < MB; ++m)
+    for (int r = 0; r < kGemvRows; ++r) acc[m][r] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < K / B; ++b) {
+    __m512i dot[MB][kGemvRows];
+    for (int m = 0; m < MB; ++m)
+      for (int r = 0; r < kGemvRows; ++r) dot[m][r] = _mm512_setzero_si512();
+    for (int64_t k = b * B; k < (b + 1) * B; k += 64) {
+      __m512i wv[kGemvRows];
+      for (int r = 0; r < kGemvRows; ++r) {
+        _mm_prefetch(reinterpret_cast<const char*>(w + r * K + k) + kPrefetchBytes, _MM_HINT_T0);
+        wv[r] = _mm512_loadu_si512(w + r * K + k);
+      }
+      for (int m = 0; m < MB; ++m) {
+        const __m512i xv = _mm512_loadu_si512(xu + m * K + k);
+        for (int r = 0; r < kGemvRows; ++r) dot[m][r] = _mm512_dpbusd_epi32(dot[m][r], xv, wv[r]);
+      }
+    }
+    for (int m = 0; m < MB; ++m) {
+      const __m512 xs = _mm512_set1_ps(xscale[m * (K / B) + b]);
+      for (int r = 0; r < kGemvRows; ++r)
+        acc[m][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[m][r]), xs, acc[m][r]);
+    }
+  }
+  for (int m = 0; m < MB; ++m)
+    for (int r = 0; r < kGemvRows; ++r) sums[m][r] = _mm512_reduce_add_ps(acc[m][r]);
+}
+#endif
+
+template <typename T>
+void int8_q8_impl(const T* x, const int8_t* w, const T* scale, const int32_t* wsum,
+                  const T* bias, T* y, int64_t M, int64_t N, int64_t K, int64_t B) {
+  const int64_t blocks = K / B;
+  const Int8Activations a = quantize_activations(x, M, K, B);
+#ifdef KVFLOW_VNNI
+  std::vector<uint8_t> xu(M * K);
+  for (int64_t i = 0; i < M * K; ++i) xu[i] = static_cast<uint8_t>(a.q[i] + 128);
+#endif
+  at::parallel_for(0, N / kGemvRows, 16, [&](int64_t begin, int64_t end) {
+    float sums[kGemvCols][kGemvRows];
+    for (int64_t group = begin; group < end; ++group) {
+      const int64_t n0 = group * kGemvRows;
+      for (int64_t m0 = 0; m0 < M; m0 += kGemvCols) {
+        const int64_t mb = std::min(kGemvCols, M - m0);
+#ifdef KVFLOW_VNNI
+        const auto args = std::make_tuple(xu.data() + m0 * K, a.scale.data() + m0 * blocks,
+                                          w + n0 * K, sums, K, B);
+        switch (mb) {
+          case 1: std::apply(int8_group_q8<1>, args); break;
+          case 2: std::apply(int8_group_q8<2>, args); break;
+          case 3: std::apply(int8_group_q8<3>, args); break;
+          default: std::apply(int8_group_q8<4>, args); break;
+        }
+#endif
+        for (int64_t m = 0; m < mb; ++m) {
+          const float* xs = a.scale.data() + (m0 + m) * blocks;
+          for (int64_t r = 0; r < kGemvRows; ++r) {
+            const int64_t n = n0 + r;
+            float s = 0.f;
+#ifdef KVFLOW_VNNI
+            s = sums[m][r];
+            for (int64_t b = 0; b < blocks; ++b) s -= 128.f * xs[b] * wsum[n * blocks + b];
+#else
+            const int8_t* xq = a.q.data() + (m0 + m) * K;
+            for (int64_t b = 0; b < blocks; ++b) {
+              int32_t dot = 0;
+              for (int64_t k = b * B; k < (b + 1) * B; ++k) dot += xq[k] * w[n * K + k];
+              s += xs[b] * dot;
+            }
+#endif
+            s *= to_f32(scale[n]);
+            if (bias) s += to_f32(bias[n]);
+            y[(m0 + m) * N + n] = from_f32<T>(s);
+          }
+        }
+      }
+    }
+  });
+}
+
+template <typename T>
+void int4_q8_impl(const T* x, const uint8_t* w, const T* blocked, const T* bias, T* y,
+                  int64_t M, int64_t N, int64_t K, int64_t G) {
+  const int64_t groups = K / G;
+  const Int8Activations a = quantize_activations(x, M, K, G);
+#ifdef KVFLOW_VNNI
+  std::vector<int32_t> xpat(M * K * 2);
+  for (int64_t i = 0; i < M * K; i += 8) {
+    int32_t words[2];
+    std::memcpy(words, a.q.data() + i, sizeof(words));
+    std::fill_n(xpat.begin() + i * 2, 8, words[0]);
+    std::fill_n(xpat.begin() + i * 2 + 8, 8, words[1]);
+  }
+#endif
+  at::parallel_for(0, N / kInt4Rows, 4, [&](int64_t begin, int64_t end) {
+    float sums[kInt4Cols][kInt4Rows];
+    for (int64_t block = begin; block < end; ++block) {
+      const int64_t n0 = block * kInt4Rows;
+      const T* scales = blocked + block * groups * 2 * kInt4Rows;
+      for (int64_t m0 = 0; m0 < M; m0 += kInt4Cols) {
+        const int64_t mb = std::min(kInt4Cols, M - m0);
+        const float* xs = a.scale.data() + m0 * groups;
+        const int32_t* xsum = a.sum.data() + m0 * groups;
+#ifdef KVFLOW_VNNI
+        const auto args = std::make_tuple(xpat.data() + m0 * K * 2, xs, xsum, w + n0 * (K / 2),
+                                          scales, sums, K, G);
+        switch (mb) {
+          case 1: std::apply(int4_block_q8<T, 1>, args); break;
+          case 2: std::apply(int4_block_q8<T, 2>, args); break;
+          case 3: std::apply(int4_block_q8<T, 3>, args); break;
+          default: std::apply(int4_block_q8<T, 4>, args); break;
+        }
+#else
+        for (int64_t m = 0; m < mb; ++m) {
+          const int8_t* xq = a.q.data() + (m0 + m) * K;
+          for (int64_t r = 0; r < kInt4Rows; ++r) {
+            float total = 0.f;
+            for (int64_t g = 0; g < groups; ++g) {
+              int32_t dot = 0;
+              for (int64_t k = g * G; k < (g + 1) * G; ++k) dot += int4_at(w, n0 + r, k, K) * xq[k];
+              const float x_scale = xs[m * groups + g];
+              total += dot * (to_f32(scales[2 * g * kInt4Rows + r]) * x_scale) +
+                       to_f32(scales[(2 * g + 1) * kInt4Rows + r]) * (x_scale * xsum[m * groups + g]);
+            }
+            sums[m][r] = total;
+          }
+        }
+#endif
+        for (int64_t m = 0; m < mb; ++m)
+          for (int64_t r = 0; r < kInt4Rows; ++r) {
+            float s = sums[m][r];
+            if (bias) s += to_f32(bias[n0 + r]);
+            y[(m0 + m) * N + n0 + r] = from_f32<T>(s);
+          }
+      }
+    }
+  });
+}
+
+torch::Tensor int8_gemv_q8(torch::Tensor x, torch::Tensor w, torch::Tensor scale,
+                           torch::Tensor wsum, c10::optional<torch::Tensor> bias) {
+  for (const auto* t : {&x, &w, &scale, &wsum}) check_cpu(*t, "int8_gemv_q8");
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "int8_gemv_q8: shapes");
+  TORCH_CHECK(w.scalar_type() == at::kChar, "int8_gemv_q8: w must be int8");
+  const int64_t N = w.size(0), K = w.size(1);
+  TORCH_CHECK(scale.numel() == N && scale.scalar_type() == x.scalar_type(),
+              "int8_gemv_q8: scale must be [out_features], x's dtype");
+  TORCH_CHECK(wsum.dim() == 2 && wsum.size(0) == N && wsum.size(1) > 0 &&
+                  K % wsum.size(1) == 0 && K / wsum.size(1) % 64 == 0 &&
+                  wsum.scalar_type() == at::kInt,
+              "int8_gemv_q8: wsum must be int32 [out_features, blocks], blocks of a multiple "
+              "of 64 columns");
+  TORCH_CHECK(N % kGemvRows == 0, "int8_gemv_q8: out_features must be a multiple of 4");
+  check_bias(bias, x, N, "int8_gemv_q8");
+  x = x.contiguous();
+  w = w.contiguous();
+  scale = scale.contiguous();
+  wsum = wsum.contiguous();
+  torch::Tensor b;
+  const void* bp = bias_ptr(bias, b);
+  auto y = torch::empty({x.size(0), N}, x.options());
+  dispatch_float_or_bf16(x.scalar_type(), "int8_gemv_q8", [&](auto tag) {
+    using T = decltype(tag);
+    int8_q8_impl<T>(x.data_ptr<T>(), w.data_ptr<int8_t>(), scale.data_ptr<T>(),
+                    wsum.data_ptr<int32_t>(), static_cast<const T*>(bp), y.data_ptr<T>(),
+                    x.size(0), N, K, K / wsum.size(1));
+  });
+  return y;
+}
+
+torch::Tensor int4_gemv_q8(torch::Tensor x, torch::Tensor w, torch::Tensor blocked,
+                           c10::optional<torch::Tensor> bias) {
+  for (const auto* t : {&x, &w, &blocked}) check_cpu(*t, "int4_gemv_q8");
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kByte, "int4_gemv_q8: w must be 2-d uint8");
+  const int64_t N = w.size(0), K = 2 * w.size(1);
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == K, "int4_gemv_q8: shapes");
+  TORCH_CHECK(blocked.dim() == 4 && blocked.size(0) * kInt4Rows == N && blocked.size(1) > 0 &&
+                  K % blocked.size(1) == 0 && blocked.size(2) == 2 &&
+                  blocked.size(3) == kInt4Rows && blocked.scalar_type() == x.scalar_type(),
+              "int4_gemv_q8: blocked must be [out_features / 16, groups, 2, 16], x's dtype");
+  const int64_t G = K / blocked.size(1);
+  TORCH_CHECK(N % kInt4Rows == 0 && K % 64 == 0 && G % 32 == 0, "int4_gemv_q8: out_features "
+              "must be a multiple of 16, in_features of 64, the group size of 32");
+  check_bias(bias, x, N, "int4_gemv_q8");
+  x = x.contiguous();
+  w = w.contiguous();
+  blocked = blocked.contiguous();
+  torch::Tensor b;
+  const void* bp = bias_ptr(bias, b);
+  auto y = torch::empty({x.size(0), N}, x.options());
+  dispatch_float_or_bf16(x.scalar_type(), "int4_gemv_q8", [&](auto tag) {
+    using T = decltype(tag);
+    int4_q8_impl<T>(x.data_ptr<T>(), w.data_ptr<uint8_t>(), blocked.data_ptr<T>(),
+                    static_cast<const T*>(bp), y.data_ptr<T>(), x.size(0), N, K, G);
+  });
+  return y;
+}
+
+// ---------------------------------------------------------------------------------------
 // A quantized weight dequantized into the dtype of its scales, for batches too large for the
 // GEMVs, which then run a GEMM on it: one pass over the packed weight, each value computed
 // in float32 as the PyTorch reference does (q * scale; q * scale + offset) and rounded to the
@@ -1155,6 +1446,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_gemv", &int4_gemv, "y = x @ dequantized(w).T (+ bias), w packed int4 (kvflow/quantization/int4.py)",
         py::arg("x"), py::arg("w"), py::arg("scale"), py::arg("offset"), py::arg("bias"),
         py::arg("blocked") = py::none());
+  m.def("int8_gemv_q8", &int8_gemv_q8, "int8_gemv with x quantized to int8 per block of "
+        "columns, wsum [out_features, blocks] each block's weight sum", py::arg("x"),
+        py::arg("w"), py::arg("scale"), py::arg("wsum"), py::arg("bias"));
+  m.def("int4_gemv_q8", &int4_gemv_q8, "int4_gemv with x quantized to int8 per group, "
+        "reading the blocked scales", py::arg("x"), py::arg("w"), py::arg("blocked"),
+        py::arg("bias"));
   m.def("int8_dequantize", &int8_dequantize, "w * scale[:, None] in scale's dtype, w int8",
         py::arg("w"), py::arg("scale"), py::arg("out") = py::none());
   m.def("int4_dequantize", &int4_dequantize,
