@@ -5,7 +5,8 @@ timed in alternating rounds, medians reported, so that other load on the machine
 all of them alike), and the demo model's accuracy in
 each format and as GGUF files (Q8_0, Q4_0, Q4_K_M, written by kvflow/bench/gguf_export.py
 as llama-quantize lays them out): held-out perplexity through prompt_logprobs, and the
-mean KL divergence from bf16 of the next-token distributions behind them.
+mean KL divergence from bf16 of the next-token distributions behind them, every layer
+through the kernel that decodes (a single stream's).
 
     .venv/bin/python benchmarks/quantization.py [--model DIR] [--rounds 7]
                                                 [--accuracy-only | --speed-only]
@@ -17,9 +18,11 @@ kvflow's cache (`kvflow bench make-model qwen2.5-0.5b DIR`)."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import statistics
+import sys
 import tempfile
 from pathlib import Path
 
@@ -102,6 +105,17 @@ def _capture_prompt_logprobs(llm: LLM) -> list[torch.Tensor]:
     return captured
 
 
+def _decode_kernels_for_every_batch(llm: LLM) -> None:
+    """Every quantized layer runs the kernel its plan chose for decode batches on all
+    batches, prompts included: each row's product is the same whatever the batch (the
+    int8-activation kernels quantize x row by row), so the perplexity measured is the one
+    decoding gets, not the large-batch kernel's."""
+    for module in llm.engine.runner.model.modules():
+        plan = getattr(module, "plan", None)
+        if isinstance(plan, QuantizedPlan):
+            module.plan = dataclasses.replace(plan, small_max_rows=sys.maxsize)
+
+
 def accuracy(tokens: int, chunk_len: int = 1024) -> dict:
     """Perplexity of the held-out tokens in each format (chunks scored independently), and
     the mean over scored positions of KL(bf16 || format)."""
@@ -115,6 +129,9 @@ def accuracy(tokens: int, chunk_len: int = 1024) -> dict:
     ids = heldout_token_ids(llms["bf16"].get_tokenizer(), tokens, demo)
     chunks = [c for c in (ids[i:i + chunk_len] for i in range(0, len(ids), chunk_len))
               if len(c) > 1]
+    kernels = {name: _kernels(llm) for name, llm in llms.items()}
+    for llm in llms.values():
+        _decode_kernels_for_every_batch(llm)
     captured = {name: _capture_prompt_logprobs(llm) for name, llm in llms.items()}
     nll = dict.fromkeys(llms, 0.0)
     kl = dict.fromkeys(llms, 0.0)
@@ -131,7 +148,8 @@ def accuracy(tokens: int, chunk_len: int = 1024) -> dict:
     scored = sum(len(c) - 1 for c in chunks)
     result = {name: math.exp(nll[name] / scored) for name in llms}
     return {name: {"perplexity": round(p, 3), "vs_bf16": round(p / result["bf16"] - 1, 5),
-                   "mean_kl_from_bf16": round(kl[name] / scored, 6)}
+                   "mean_kl_from_bf16": round(kl[name] / scored, 6),
+                   "kernels": kernels[name]}
             for name, p in result.items()}
 
 
