@@ -1429,10 +1429,15 @@ void rotary_embedding(torch::Tensor positions, torch::Tensor q, torch::Tensor k,
 }
 
 std::string vector_paths() {
-#if defined(KVFLOW_AVX512) && defined(__AVX512BF16__)
-  return "avx512+bf16";
-#elif defined(KVFLOW_AVX512)
-  return "avx512";
+#ifdef KVFLOW_AVX512
+  std::string paths = "avx512";
+#ifdef __AVX512BF16__
+  paths += "+bf16";
+#endif
+#ifdef KVFLOW_VNNI
+  paths += "+vnni";
+#endif
+  return paths;
 #else
   return "scalar";
 #endif
@@ -1462,5 +1467,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "RMSNorm, optionally fused with the residual add");
   m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up");
   m.def("rotary_embedding", &rotary_embedding, "rotate-half RoPE in place");
-  m.def("vector_paths", &vector_paths, "which vector paths were compiled: avx512+bf16, avx512 or scalar");
+  m.def("vector_paths", &vector_paths, "which vector paths were compiled: avx512 (+bf16, +vnni) or scalar");
 }
