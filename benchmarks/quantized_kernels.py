@@ -1,7 +1,8 @@
 """The candidate kernels for quantized layers, on the decoder weights of a model shape
 (random weights, every layer's, so that they are read from memory as in a step): bf16
 F.linear and kvflow's native dequantize-then-F.linear for int8 and int4 at every batch size,
-and up to 16 rows kvflow's bf16 GEMV, its int8 and int4 kernels, torch._weight_int8pack_mm
+and up to 16 rows kvflow's bf16 GEMV, its int8 and int4 kernels (float, and with x
+quantized to int8: "int8 activations"), torch._weight_int8pack_mm
 and torch._weight_int4pack_mm_for_cpu on its own packing; timed in alternating rounds,
 medians in milliseconds for all the weights.
 
@@ -23,7 +24,7 @@ from kvflow.bench.workload import resolve_named
 from kvflow.kernels import cpu_ops
 from kvflow.quantization.base import dequantize_buffer
 from kvflow.quantization.int4 import blocked_scales, quantize_int4, unpack_int4
-from kvflow.quantization.int8 import quantize_int8
+from kvflow.quantization.int8 import activation_block, quantize_int8
 
 GROUP = 128
 MAX_GEMV_ROWS = 16  # the GEMVs and torch's small-batch kernels are timed up to here
@@ -63,6 +64,8 @@ def main() -> None:
     int8 = [quantize_int8(w, torch.bfloat16) for w in weights]
     int4 = [quantize_int4(w, GROUP, torch.bfloat16) for w in weights]
     int4_blocked = [blocked_scales(s, o) for _, s, o in int4]  # as the engine's plans keep
+    int8_sums = [q.view(q.shape[0], -1, activation_block(q.shape[1])).sum(2, dtype=torch.int32)
+                 for q, _ in int8]
     torch4 = [_torch_int4(w) for w in weights]
     report = {"cpu": cpuinfo().get("model name"), "threads": torch.get_num_threads(),
               "shape": args.shape, "ms": {}}
@@ -82,10 +85,16 @@ def main() -> None:
                 "bf16 gemv": lambda: [ops.gemv(xs[w.shape[1]], w, None) for w in bf16],
                 "int8 native": lambda: [ops.int8_gemv(xs[q.shape[1]], q, s, None)
                                         for q, s in int8],
+                "int8 native, int8 activations": lambda: [
+                    ops.int8_gemv_q8(xs[q.shape[1]], q, s, sums, None)
+                    for (q, s), sums in zip(int8, int8_sums)],
                 "torch._weight_int8pack_mm": lambda: [
                     torch._weight_int8pack_mm(xs[q.shape[1]], q, s) for q, s in int8],
                 "int4 native": lambda: [ops.int4_gemv(xs[p.shape[1] * 2], p, s, o, None, b)
                                         for (p, s, o), b in zip(int4, int4_blocked)],
+                "int4 native, int8 activations": lambda: [
+                    ops.int4_gemv_q8(xs[p.shape[1] * 2], p, b, None)
+                    for (p, _, _), b in zip(int4, int4_blocked)],
                 "torch._weight_int4pack_mm_for_cpu": lambda: [
                     torch._weight_int4pack_mm_for_cpu(xs[p.shape[1] * 2], p, GROUP, sz)
                     for p, sz in torch4],
