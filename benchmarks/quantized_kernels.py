@@ -24,7 +24,7 @@ from kvflow.bench.workload import resolve_named
 from kvflow.kernels import cpu_ops
 from kvflow.quantization.base import dequantize_buffer
 from kvflow.quantization.int4 import blocked_scales, quantize_int4, unpack_int4
-from kvflow.quantization.int8 import activation_block, quantize_int8
+from kvflow.quantization.int8 import quantize_int8, weight_block_sums
 
 GROUP = 128
 MAX_GEMV_ROWS = 16  # the GEMVs and torch's small-batch kernels are timed up to here
@@ -64,8 +64,7 @@ def main() -> None:
     int8 = [quantize_int8(w, torch.bfloat16) for w in weights]
     int4 = [quantize_int4(w, GROUP, torch.bfloat16) for w in weights]
     int4_blocked = [blocked_scales(s, o) for _, s, o in int4]  # as the engine's plans keep
-    int8_sums = [q.view(q.shape[0], -1, activation_block(q.shape[1])).sum(2, dtype=torch.int32)
-                 for q, _ in int8]
+    int8_sums = [weight_block_sums(q) for q, _ in int8]
     torch4 = [_torch_int4(w) for w in weights]
     report = {"cpu": cpuinfo().get("model name"), "threads": torch.get_num_threads(),
               "shape": args.shape, "ms": {}}

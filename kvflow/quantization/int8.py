@@ -57,15 +57,20 @@ def activation_block(cols: int) -> int:
     return 128 if cols % 128 == 0 else 64
 
 
-def block_sums(layer: Linear) -> tuple[torch.Tensor]:
+def weight_block_sums(q: torch.Tensor) -> torch.Tensor:
     """Each row's weight sum per block of x's columns, int32 [out, in / block]: the
     native_int8_activations kernel feeds x to vpdpbusd as q + 128 and takes 128 * these
     back off."""
-    rows, cols = layer.weight.shape
+    rows, cols = q.shape
     if rows % 4:
         raise ValueError(f"int8 activations need a multiple of 4 output rows, not {rows}")
     block = activation_block(cols)
-    return (layer.weight.view(rows, cols // block, block).sum(dim=2, dtype=torch.int32),)
+    return q.view(rows, cols // block, block).sum(dim=2, dtype=torch.int32)
+
+
+def block_sums(layer: Linear) -> tuple[torch.Tensor]:
+    """The layer's copy for the native_int8_activations kernel: its weight_block_sums."""
+    return (weight_block_sums(layer.weight),)
 
 
 def _native_int8_activations_kernel(layer: Linear, x: torch.Tensor,
