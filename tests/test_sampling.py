@@ -350,3 +350,65 @@ def test_prompt_typed_dicts():
 
     assert TokensPrompt(prompt_token_ids=[1, 2]) == {"prompt_token_ids": [1, 2]}
     assert TextPrompt(prompt="hi", cache_salt="a") == {"prompt": "hi", "cache_salt": "a"}
+
+
+_ADJUSTMENTS = {
+    "none": {},
+    "min_tokens": {"min_tokens": 4},
+    "bad_words": {"bad_words": ["x"]},
+    "logit_bias": {"logit_bias": {3: 5.0}},
+    "allowed_token_ids": {"allowed_token_ids": [2, 3, 7]},
+    "penalties": {"repetition_penalty": 1.3, "presence_penalty": 0.5,
+                  "frequency_penalty": 0.2},
+    "grammar": {},
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("adjustment", sorted(_ADJUSTMENTS))
+@pytest.mark.parametrize("mode", ["greedy", "greedy-logprobs", "sampled", "spec-greedy",
+                                  "spec-sampled"])
+def test_every_logits_adjustment_in_every_dtype_and_path(dtype, adjustment, mode):
+    """Logits come from the model in its dtype (the greedy fast path keeps them so); every
+    adjustment must work on them and forbid what it forbids, greedy or sampled, verifying
+    drafts or not. A bf16 greedy request with min_tokens once failed every step."""
+    from kvflow.outputs import ScheduledRequest
+    from kvflow.sampling.rejection_sampler import RejectionSampler
+    from kvflow.sampling.sampler import Sampler, prepare_sampling, sampling_rows
+
+    vocab, stop = 16, 5
+    sampled = mode.endswith("sampled")
+    params = SamplingParams(temperature=0.8 if sampled else 0, seed=3 if sampled else None,
+                            logprobs=2 if mode == "greedy-logprobs" else None,
+                            **_ADJUSTMENTS[adjustment])
+    params.bad_words_token_ids = [[stop]] if adjustment == "bad_words" else []
+    drafts = [stop, 1] if mode.startswith("spec") else []
+    request = ScheduledRequest(req_id="r", token_ids=[1], num_computed_tokens=3, block_ids=[0],
+                               sample=True, sampling_params=params, prompt_token_ids=[1, 2, 3],
+                               output_token_ids=[2], stop_token_ids=frozenset({stop}),
+                               draft_token_ids=drafts)
+    rows = sampling_rows(request) if drafts else [request]
+    generators = {"r": torch.Generator().manual_seed(3)} if sampled else {}
+    batch = prepare_sampling(rows, generators, vocab_size=vocab, device=torch.device("cpu"))
+    if adjustment == "grammar":  # a grammar that forbids the stop token in every row
+        mask = torch.full((len(rows), 1), (1 << vocab) - 1 - (1 << stop), dtype=torch.int32)
+        batch.grammar = (torch.arange(len(rows)), mask)
+    # The stop token leads every row by far: only the adjustments keep it out.
+    logits = torch.zeros(len(rows), vocab)
+    logits[:, stop] = 20.0
+    logits[:, 3] = 10.0
+    logits = logits.to(dtype)
+    sampler = Sampler(torch.Generator().manual_seed(0))
+    if drafts:
+        tokens, entries = RejectionSampler(sampler)(logits, batch, [drafts])
+        tokens = tokens[0]
+    else:
+        sampled_ids, entries = sampler(logits, batch)
+        tokens = sampled_ids.tolist()
+    forbids_stop = adjustment in ("min_tokens", "bad_words", "allowed_token_ids", "grammar")
+    assert all(0 <= t < vocab for t in tokens)
+    if forbids_stop:
+        assert stop not in tokens
+    elif not sampled:
+        assert tokens[-1] == stop and tokens[:-1] == drafts[:len(tokens) - 1]
+    assert (entries[0] is not None) == (mode == "greedy-logprobs")

@@ -227,6 +227,10 @@ class Sampler:
 
     @staticmethod
     def adjust(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        """The batch's logit adjustments, out of place. Masks keep the logits' dtype (-inf is
+        exact in any); biases and penalties are arithmetic, so their logits become float32."""
+        if not batch.only_masks_logits:
+            logits = logits.float()
         if batch.grammar is not None:
             rows, bitmask = batch.grammar
             logits = apply_token_bitmask(logits, bitmask, rows)
@@ -241,8 +245,8 @@ class Sampler:
             keep[rows] = False
             logits = torch.where(keep[:, None], logits, restricted)
         if batch.banned is not None:
-            logits = logits.index_put(batch.banned, torch.tensor(-float("inf"),
-                                                                 device=logits.device))
+            logits = logits.index_put(batch.banned, torch.tensor(
+                -float("inf"), dtype=logits.dtype, device=logits.device))
         if batch.penalties is not None:
             p = batch.penalties
             penalised = torch.where(logits > 0, logits / p.repetition[:, None],
