@@ -45,3 +45,35 @@ def test_greedy_requests_that_ban_tokens_work_in_bf16(server, extra):
         assert response.status_code == 200, response.text
         assert response.json()["usage"]["completion_tokens"] >= extra.get("min_tokens", 1)
     _healthy(server)
+
+
+def _ref_chain(n: int) -> dict:
+    defs = {f"a{i}": {"$ref": f"#/$defs/a{i + 1}"} for i in range(n)}
+    defs[f"a{n}"] = {"type": "string"}
+    return {"$defs": defs, "$ref": "#/$defs/a0"}
+
+
+def _chat(server, **fields) -> httpx.Response:
+    return httpx.post(server.url + "/v1/chat/completions", timeout=60, json={
+        "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, **fields})
+
+
+def test_constraints_that_overflowed_llguidance_are_400_naming_the_limit(server):
+    """Each of these once killed the process with SIGSEGV."""
+    schema = _ref_chain(1000)
+    message = _error(_chat(server, response_format={
+        "type": "json_schema", "json_schema": {"name": "deep", "schema": schema}}),
+        400, "response_format")
+    assert "1,003 levels deep; the limit is 128" in message
+    tool = {"type": "function", "function": {"name": "f", "parameters": schema}}
+    message = _error(_chat(server, tools=[tool], tool_choice={
+        "type": "function", "function": {"name": "f"}}), 400, "tools")
+    assert "the limit is 128" in message
+    lark = "\n".join(["start: r0"] + [f"r{i}: r{i + 1}" for i in range(3000)] + ['r3000: "x"'])
+    assert "the limit is 128" in _error(_chat(server, guided_grammar=lark), 400,
+                                        "guided_grammar")
+    gbnf = "\n".join(["root ::= r0"] + [f"r{i} ::= r{i + 1}" for i in range(10000)]
+                     + ['r10000 ::= "x"'])
+    assert "the limit is 65,536" in _error(_chat(server, guided_grammar=gbnf), 400,
+                                           "guided_grammar")
+    _healthy(server)

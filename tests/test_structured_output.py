@@ -86,6 +86,105 @@ def test_constraints_that_cannot_compile_are_refused(compiler, params, message):
     assert caught.value.param == "structured_outputs"
 
 
+def _ref_chain(n: int) -> dict:
+    defs = {f"a{i}": {"$ref": f"#/$defs/a{i + 1}"} for i in range(n)}
+    defs[f"a{n}"] = {"type": "string"}
+    return {"$defs": defs, "$ref": "#/$defs/a0"}
+
+
+def _rule_chain(n: int, define: str) -> str:
+    rules = [f"r{i} {define} r{i + 1}" for i in range(n)] + [f'r{n} {define} "x"']
+    return "\n".join([f"{'start' if define == ':' else 'root'} {define} r0", *rules])
+
+
+@pytest.mark.parametrize("params,message", [
+    # Each of these once overflowed llguidance's native stack (SIGSEGV).
+    (StructuredOutputsParams(json=_ref_chain(1000)), "JSON schema nests 1,003 levels deep; "
+                                                      "the limit is 128"),
+    (StructuredOutputsParams(grammar=_rule_chain(3000, ":")), "grammar nests 3,002 levels"),
+    (StructuredOutputsParams(grammar=_rule_chain(10000, "::=")), "grammar is 157,810 bytes; "
+                                                                 "the limit is 65,536"),
+    (StructuredOutputsParams(json={"enum": ["x" * 300_000]}), "JSON schema is 300,013 bytes; the limit is 262,144"),
+    (StructuredOutputsParams(regex="a" * 20_000), "regular expression is 20,000 bytes"),
+    (StructuredOutputsParams(choice=["y" * 70_000]), "choice list is 70,000 bytes"),
+])
+def test_constraints_past_the_limits_are_refused_naming_the_limit(compiler, params, message):
+    with pytest.raises(ParameterError, match=message) as caught:
+        compiler.compile(params)
+    assert caught.value.param == "structured_outputs"
+
+
+def test_depths_follow_refs_and_rules_and_stop_at_recursion():
+    from kvflow.structured_output.limits import grammar_depth, schema_depth
+
+    tree = {"$defs": {"node": {"type": "object", "properties": {
+        "children": {"type": "array", "items": {"$ref": "#/$defs/node"}}}}},
+        "$ref": "#/$defs/node"}
+    assert schema_depth(tree) == 6  # root, $defs, node, properties, children, items
+    assert schema_depth(_ref_chain(50)) == 53
+    deep: dict = {"type": "string"}
+    for _ in range(5000):  # deeper than Python's recursion limit: the walk is iterative
+        deep = {"items": deep}
+    assert schema_depth(deep) == 5001
+    arithmetic = ('start: expr\nexpr: term ("+" term)*  // a comment: term expr\n'
+                  'term: factor ("*" factor)*\nfactor: NUMBER | "(" expr ")" | /[a-z]+/\n'
+                  '%import common.NUMBER')
+    assert grammar_depth(arithmetic) == 4
+    assert grammar_depth(_rule_chain(10, "::=")) == 12
+
+
+def test_constraints_at_the_size_limits_compile_without_exhausting_the_stack(tmp_path):
+    """The depth checks give clear errors; the stack is what keeps the process alive. Rule
+    and $ref chains as long as the size limits allow (depth checks bypassed) must compile
+    on the compile thread's stack. In a subprocess: an overflow is a SIGSEGV."""
+    import itertools
+    import string
+    import subprocess
+    import sys
+
+    from kvflow.structured_output.limits import MAX_GRAMMAR_BYTES, MAX_SCHEMA_BYTES
+
+    def short_names():
+        for length in itertools.count(1):
+            for letters in itertools.product(string.ascii_lowercase, repeat=length):
+                yield "".join(letters)
+
+    def chain(line, limit: int) -> list[str]:
+        names, lines, size = short_names(), [], 0
+        name = next(names)
+        while size < limit - 64:
+            following = next(names)
+            lines.append(line(name, following))
+            size, name = size + len(lines[-1]) + 1, following
+        return lines + [line(name, None)]
+
+    lark = "start: a\n" + "\n".join(chain(lambda a, b: f"{a}:{b or chr(34) * 2}",
+                                             MAX_GRAMMAR_BYTES))
+    defs = dict(chain(lambda a, b: (a, {"$ref": f"#/$defs/{b}"} if b else {}),
+                      MAX_SCHEMA_BYTES // 2))  # a $ref entry is ~2x its line's length
+    schema = {"$defs": defs, "$ref": "#/$defs/a"}
+    (tmp_path / "lark").write_text(lark)
+    (tmp_path / "schema.json").write_text(json.dumps(schema))
+    script = f"""
+import json, pathlib, llguidance, llguidance.hf
+from transformers import AutoTokenizer
+from kvflow.structured_output.limits import on_compile_stack
+tokenizer = llguidance.hf.from_tokenizer(AutoTokenizer.from_pretrained({str(demo_model_path())!r}))
+folder = pathlib.Path({str(tmp_path)!r})
+grammars = [llguidance.grammar_from("grammar", (folder / "lark").read_text()),
+            llguidance.LLMatcher.grammar_from_json_schema(
+                json.loads((folder / "schema.json").read_text()))]
+for grammar in grammars:
+    matcher = on_compile_stack(lambda: llguidance.LLMatcher(tokenizer, grammar, log_level=0))
+    assert not matcher.is_error(), matcher.get_error()
+print("compiled", len(grammars))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0 and "compiled 2" in done.stdout, done.stderr[-2000:]
+    assert len(lark) <= MAX_GRAMMAR_BYTES and len(defs) > 4000  # chains far past 8 MiB's
+
+
 @pytest.mark.parametrize("entry", SCHEMAS["unsupported"], ids=lambda e: e["name"])
 def test_unsupported_schema_features_are_refused_up_front(llm, entry):
     params = SamplingParams(structured_outputs=StructuredOutputsParams(json=entry["schema"]))

@@ -3,7 +3,7 @@ reasoning tags), and cached.
 
 Compilation runs where a request is prepared (LLMatcher drops the GIL while it builds), so
 a bad schema is refused before the request reaches the engine thread and a slow one never
-stalls a step. docs/architecture.md says why llguidance and not xgrammar.
+stalls a step; limits.py bounds what reaches llguidance and gives it a stack to match. docs/architecture.md says why llguidance and not xgrammar.
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import llguidance.hf
 from transformers import PreTrainedTokenizerBase
 
 from kvflow.sampling_params import ParameterError, StructuredOutputsParams
+from kvflow.structured_output.limits import check_constraint, on_compile_stack
 from kvflow.structured_output.matcher import RequestGrammar
 from kvflow.structured_output.reasoning import AfterReasoning, after_reasoning_grammar
 
@@ -89,12 +90,14 @@ class GrammarCompiler:
 
     def _build(self, params: StructuredOutputsParams) -> llguidance.LLMatcher:
         what = _DESCRIPTIONS[params.kind]
+        check_constraint(params)
+        tokenizer = self._tokenizer()
         try:
-            grammar = _grammar_text(params)
+            matcher = on_compile_stack(lambda: llguidance.LLMatcher(
+                tokenizer, _grammar_text(params), log_level=0))
         except ValueError as exc:
             raise ParameterError("structured_outputs", f"the {what} cannot be compiled: "
                                  f"{_shorten(str(exc))}") from None
-        matcher = llguidance.LLMatcher(self._tokenizer(), grammar, log_level=0)
         if matcher.is_error():
             raise ParameterError("structured_outputs", f"the {what} cannot be compiled: "
                                  f"{_shorten(matcher.get_error())}")
