@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
 from kvflow import SamplingParams
 from kvflow.engine.args import EngineArgs
-from kvflow.engine.async_engine import (MAX_CONSECUTIVE_STEP_FAILURES, AsyncEngine,
-                                        EngineDeadError, RequestFailedError)
+from kvflow.engine.async_engine import (MAX_CONSECUTIVE_STEP_FAILURES, PROBE_PREFIX,
+                                        AsyncEngine, EngineDeadError, RequestFailedError)
 from kvflow.engine.llm_engine import LLMEngine
 
 PARAMS = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
@@ -24,20 +25,6 @@ def engine(checkpoint):
     async_engine.shutdown(grace_s=1.0)
 
 
-def _fail_next(engine: AsyncEngine, times: int) -> None:
-    execute = engine.engine.runner.execute
-    left = times
-
-    def flaky(scheduler_output):  # noqa: ANN001, ANN202
-        nonlocal left
-        if left > 0:
-            left -= 1
-            raise RuntimeError("injected")
-        return execute(scheduler_output)
-
-    engine.engine.runner.execute = flaky
-
-
 async def _run(engine: AsyncEngine, request_id: str, prompt: list[int]):  # noqa: ANN202
     prepared = engine.engine.prepare_request(request_id, {"prompt_token_ids": prompt}, PARAMS)
     last = None
@@ -46,32 +33,66 @@ async def _run(engine: AsyncEngine, request_id: str, prompt: list[int]):  # noqa
     return last
 
 
-def test_a_failed_step_fails_its_requests_and_the_engine_recovers(engine):
-    _fail_next(engine, 1)
+def _fail_steps_with(engine: AsyncEngine, poisoned: str | None) -> list[list[str]]:
+    """Every step that holds request `poisoned` fails (every step, with None); returns the
+    request ids of every step tried."""
+    execute = engine.engine.runner.execute
+    steps: list[list[str]] = []
+
+    def flaky(scheduler_output):  # noqa: ANN001, ANN202
+        ids = [s.req_id for s in scheduler_output.scheduled]
+        steps.append(ids)
+        if poisoned is None or poisoned in ids:
+            raise RuntimeError("injected secret")
+        return execute(scheduler_output)
+
+    engine.engine.runner.execute = flaky
+    return steps
+
+
+def test_a_request_that_fails_steps_fails_alone_and_others_finish(engine):
+    reference = asyncio.run(_run(engine, "ref", list(range(5, 30))))
+    steps = _fail_steps_with(engine, "bad")
 
     async def scenario():  # noqa: ANN202
-        return await asyncio.gather(_run(engine, "a", list(range(5, 30))),
-                                    _run(engine, "b", list(range(40, 50))),
+        return await asyncio.gather(_run(engine, "good", list(range(5, 30))),
+                                    _run(engine, "bad", list(range(40, 50))),
                                     return_exceptions=True)
 
-    results = asyncio.run(scenario())
-    assert all(isinstance(r, RequestFailedError) for r in results), results
+    good, bad = asyncio.run(scenario())
+    assert isinstance(bad, RequestFailedError) and "secret" not in str(bad), bad
+    assert good.finished and good.outputs[0].token_ids == reference.outputs[0].token_ids
+    # "bad" failed alone (its batch with "good", if they shared one, was split), then a
+    # probe ran alone.
+    assert ["bad"] in steps and any(s[0].startswith(PROBE_PREFIX) for s in steps if s)
     assert engine.alive
-    after = asyncio.run(_run(engine, "c", list(range(5, 30))))
-    assert after.finished and len(after.outputs[0].token_ids) == 4
     pool = engine.engine.kv_manager.pool
     assert pool.num_free_blocks == pool.num_usable_blocks
     pool.check_integrity()
 
 
-def test_failures_in_a_row_end_the_engine(engine):
-    _fail_next(engine, MAX_CONSECUTIVE_STEP_FAILURES)
-    for i in range(MAX_CONSECUTIVE_STEP_FAILURES):
-        with pytest.raises((RequestFailedError, EngineDeadError)):
-            asyncio.run(_run(engine, f"r{i}", list(range(5, 20))))
+def test_many_failing_requests_in_a_row_leave_the_engine_up(engine):
+    _fail_steps_with(engine, "bad")
+    for _ in range(2 * MAX_CONSECUTIVE_STEP_FAILURES):
+        with pytest.raises(RequestFailedError):
+            asyncio.run(_run(engine, "bad", list(range(5, 20))))
+    assert engine.alive
+    after = asyncio.run(_run(engine, "c", list(range(5, 30))))
+    assert after.finished and len(after.outputs[0].token_ids) == 4
+
+
+def test_an_engine_that_cannot_step_is_detected(engine):
+    _fail_steps_with(engine, None)
+    with pytest.raises((RequestFailedError, EngineDeadError)) as failed:
+        asyncio.run(_run(engine, "r", list(range(5, 20))))
+    assert "secret" not in str(failed.value)
+    deadline = time.monotonic() + 30
+    while engine.alive and time.monotonic() < deadline:  # the probe runs after "r" failed
+        time.sleep(0.01)
     assert not engine.alive
-    with pytest.raises(EngineDeadError):
+    with pytest.raises(EngineDeadError) as dead:
         asyncio.run(_run(engine, "late", list(range(5, 20))))
+    assert "secret" not in str(dead.value)
 
 
 def test_a_consumer_that_stops_reading_pins_one_output(engine):

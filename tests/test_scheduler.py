@@ -178,3 +178,35 @@ def test_preemption_drops_drafts_and_tells_the_runner():
     out, _ = _draft_step(scheduler, {"x": [2, 3, 4]}, {})
     assert "y" in {r.request_id for r in scheduler.waiting} and second.spec_token_ids == []
     assert out.preempted_req_ids == {"y"} and scheduler.schedule().preempted_req_ids == set()
+
+
+def test_isolated_requests_run_alone_in_turn_then_together():
+    kv = KVCacheManager(num_blocks=64, block_size=4)
+    scheduler = Scheduler(SchedulerConfig(max_num_batched_tokens=64, max_model_len=100), kv)
+    for i, rid in enumerate("abc"):
+        scheduler.add_request(_request(rid, 5, max_tokens=8, arrival=i))
+    scheduler_step(scheduler)
+    failed = scheduler.schedule()  # a step that failed: its requests are recomputed
+    assert scheduler.recompute_after_failure(failed) == ["a", "b", "c"]
+    scheduler.isolate(["a", "b", "c"])
+    scheduler.isolate(["c"], first=True)  # already isolated: keeps its place
+    alone = [[s.req_id for s in scheduler_step(scheduler).scheduled] for _ in range(3)]
+    assert alone == [["a"], ["b"], ["c"]]
+    assert sorted(s.req_id for s in scheduler_step(scheduler).scheduled) == ["a", "b", "c"]
+
+
+def test_an_isolated_request_makes_room_when_the_pool_is_full():
+    kv = KVCacheManager(num_blocks=4, block_size=4)  # 3 usable blocks
+    scheduler = Scheduler(SchedulerConfig(max_num_batched_tokens=64, max_model_len=100,
+                                          max_num_seqs=2), kv)
+    scheduler.add_request(_request("a", 7, max_tokens=4, arrival=0))
+    scheduler.add_request(_request("b", 3, max_tokens=4, arrival=1))
+    scheduler_step(scheduler)  # a: 2 blocks, b: 1 block; the pool and the seats are full
+    scheduler.add_request(_request("p", 2, max_tokens=1, arrival=2))
+    scheduler.isolate(["p"], first=True)
+    out = scheduler_step(scheduler)
+    assert [s.req_id for s in out.scheduled] == ["p"] and out.num_preemptions == 1
+    assert scheduler.requests["b"].status == RequestStatus.PREEMPTED
+    while scheduler.requests:
+        scheduler_step(scheduler)
+    kv.pool.check_integrity()

@@ -20,6 +20,10 @@ written over later (num_computed_tokens counts only accepted positions). A reque
 samples holds `num_lookahead_tokens` slots beyond its step, where a draft model writes the
 KV of its proposals.
 
+After a failed step, its requests may be isolated: each then runs alone for one step, in
+turn, before the others run again, so that a request whose parameters make a step fail
+fails by itself (see AsyncEngine) instead of taking the batch it was in with it.
+
 Under the "lpm" policy the waiting queue is reordered at every step by the number of
 prompt tokens each request would find cached, plus an age bonus of one block per step
 waited: a newcomer's hit is at most max_model_len tokens, so no request waits more than
@@ -55,6 +59,7 @@ class Scheduler:
         self._preempted_since_last_step: set[str] = set()
         self._admission_counter = itertools.count()
         self.num_preemptions_total = 0
+        self.isolated: list[str] = []  # requests to run alone for a step each, in order
 
     def _key(self, request: Request) -> tuple:
         return request.schedule_key(self.config.policy)
@@ -70,10 +75,23 @@ class Scheduler:
     def num_unfinished(self) -> int:
         return len(self.requests)
 
+    def isolate(self, request_ids: list[str], first: bool = False) -> None:
+        """Run each of these requests alone for its next step, one after another (before
+        the requests isolated already, with `first`)."""
+        new = [i for i in request_ids if i in self.requests and i not in self.isolated]
+        self.isolated = new + self.isolated if first else self.isolated + new
+
+    def _alone(self) -> Request | None:
+        """The request that runs alone this step, if any is isolated."""
+        while self.isolated and self.isolated[0] not in self.requests:
+            self.isolated.pop(0)
+        return self.requests[self.isolated[0]] if self.isolated else None
+
     def schedule(self) -> SchedulerOutput:
         budget = self.config.max_num_batched_tokens
         chosen: list[tuple[Request, int]] = []
         num_preemptions = 0
+        alone = self._alone()
 
         # Ascending key order makes the preemption victim (the largest key) always one
         # not yet scheduled this step, or the request being scheduled itself.
@@ -81,8 +99,8 @@ class Scheduler:
         for request in list(self.running):
             if budget == 0:
                 break
-            if request.status != RequestStatus.RUNNING:
-                continue  # preempted earlier in this loop
+            if request.status != RequestStatus.RUNNING or alone not in (None, request):
+                continue  # preempted earlier in this loop, or another runs alone
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             drafts = self._drafts(request, num_new, budget - num_new)
             lookahead = self._lookahead(request, request.num_computed_tokens + num_new,
@@ -100,16 +118,22 @@ class Scheduler:
 
         if self.config.policy == "lpm":
             self._order_by_longest_prefix()
-        while (not num_preemptions and self.waiting and budget > 0
-               and len(self.running) < self.config.max_num_seqs):
-            request = self.waiting[0]
+        while ((not num_preemptions or alone is not None) and self.waiting and budget > 0):
+            request = self.waiting[0] if alone is None else alone
+            if request.status == RequestStatus.RUNNING:
+                break  # scheduled above, alone
             cached_ids, num_cached = self.kv.get_computed_blocks(request)
             num_new = min(request.num_tokens - num_cached, budget)
             lookahead = self._lookahead(request, num_cached + num_new, 0)
-            if not self.kv.allocate_slots(request, num_new, cached_ids,
-                                          num_lookahead_tokens=lookahead):
-                break
-            self.waiting.pop(0)
+            if not (len(self.running) < self.config.max_num_seqs and self.kv.allocate_slots(
+                    request, num_new, cached_ids, num_lookahead_tokens=lookahead)):
+                if alone is None or not self.running:
+                    break
+                # What runs alone must run: the others make room, as a preemption would.
+                self._preempt(self.running[-1])
+                num_preemptions += 1
+                continue
+            self.waiting.remove(request)
             self.kv.record_admission(request, num_cached)  # before num_cached_tokens is set
             request.num_computed_tokens = num_cached
             request.status = RequestStatus.RUNNING
@@ -215,6 +239,8 @@ class Scheduler:
         """Apply a step's results; returns the requests that got new tokens, each with how
         many (the tokens are the last of its output_token_ids)."""
         updated = []
+        if [s.req_id for s in scheduler_output.scheduled] == self.isolated[:1]:
+            self.isolated.pop(0)  # it ran alone and the step went through
         for scheduled in scheduler_output.scheduled:
             request = self.requests.get(scheduled.req_id)
             if request is None or request.status != RequestStatus.RUNNING:

@@ -7,6 +7,7 @@ event loop never waits on model compute.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import queue
 import threading
@@ -17,6 +18,7 @@ from typing import Any
 
 from kvflow.engine.llm_engine import EngineStepError, LLMEngine, PreparedRequest
 from kvflow.outputs import RequestOutput
+from kvflow.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -24,6 +26,9 @@ IDLE_WAIT_S = 0.05
 
 
 MAX_CONSECUTIVE_STEP_FAILURES = 3
+# What clients read when the engine has stopped; the cause is in the server's log only.
+ENGINE_STOPPED = "the engine has stopped after a failure (the server log has the cause)"
+PROBE_PREFIX = "kvflow-probe-"  # never a client's: the server names requests itself
 
 
 class EngineDeadError(RuntimeError):
@@ -101,6 +106,7 @@ class AsyncEngine:
         self._inbox_lock = threading.Lock()
         self._inbox_closed = False
         self._consecutive_failures = 0
+        self._probe_ids = itertools.count()
 
     @property
     def alive(self) -> bool:
@@ -119,7 +125,7 @@ class AsyncEngine:
         """Outputs of one request as the engine produces them (cumulative), until it finishes.
         Leaving early (a client that disconnects) aborts the request and frees its blocks."""
         if not self.alive:
-            raise EngineDeadError(f"the engine is not running: {self.error!r}")
+            raise EngineDeadError(ENGINE_STOPPED)
         stream = _Stream(asyncio.get_running_loop())
         self._send(_Add(prepared, stream))
         self._sent_sequences += len(prepared.children)
@@ -156,7 +162,7 @@ class AsyncEngine:
         """fn(engine), run on the engine thread between two steps (engine state is the
         engine thread's alone)."""
         if not self.alive:
-            raise EngineDeadError(f"the engine is not running: {self.error!r}")
+            raise EngineDeadError(ENGINE_STOPPED)
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         self._send(_Call(fn, loop, future))
@@ -167,7 +173,7 @@ class AsyncEngine:
         is sent before that is answered by its final drain, so nothing waits for ever."""
         with self._inbox_lock:
             if self._inbox_closed:
-                raise EngineDeadError(f"the engine is not running: {self.error!r}")
+                raise EngineDeadError(ENGINE_STOPPED)
             self._inbox.put(message)
         self._wake.set()
 
@@ -193,7 +199,7 @@ class AsyncEngine:
             logger.exception("the engine loop failed")
             self.error = exc
             for stream in self._streams.values():
-                self._deliver(stream, EngineDeadError(f"the engine failed: {exc!r}"))
+                self._deliver(stream, EngineDeadError(ENGINE_STOPPED))
         finally:
             with self._inbox_lock:
                 self._inbox_closed = True
@@ -245,24 +251,27 @@ class AsyncEngine:
             pass
 
     def _step(self) -> None:
-        """One engine step. A step that fails fails the requests it held (the engine has
-        already freed and requeued them: they are aborted here) and the engine goes on;
-        only failures in MAX_CONSECUTIVE_STEP_FAILURES steps in a row end the engine."""
+        """One engine step. When a step of several requests fails, the engine has requeued
+        them to run alone, one step each: a request that fails alone is failed here, and a
+        probe request then runs alone to tell a bad request from a broken engine. The
+        probe failing, or MAX_CONSECUTIVE_STEP_FAILURES failures in a row that no request
+        explains, end the engine."""
         try:
             outputs = self.engine.step()
         except EngineStepError as exc:
             self._consecutive_failures += 1
-            logger.error("%s (%d in a row)", exc, self._consecutive_failures,
+            logger.error("%s (%d in a row)%s", exc, self._consecutive_failures,
+                         "" if exc.alone else "; each of its requests now runs alone",
                          exc_info=exc.__cause__)
-            if self._consecutive_failures >= MAX_CONSECUTIVE_STEP_FAILURES:
+            if any(r.startswith(PROBE_PREFIX) for r in exc.request_ids):
+                raise EngineDeadError("a probe request failed: the engine cannot run a "
+                                      "step") from exc
+            if not exc.request_ids and \
+                    self._consecutive_failures >= MAX_CONSECUTIVE_STEP_FAILURES:
                 raise
-            for request_id in exc.request_ids:
-                self.engine.abort_request(request_id)
-                stream = self._streams.pop(request_id, None)
-                if stream is not None:
-                    self._deliver(stream, RequestFailedError(
-                        "the engine failed while running this request "
-                        f"({type(exc.__cause__).__name__}); other requests are unaffected"))
+            if exc.alone and exc.request_ids:
+                self._fail(exc.request_ids[0], type(exc.__cause__).__name__)
+                self._probe()
             return
         self._consecutive_failures = 0
         for output in outputs:
@@ -272,6 +281,21 @@ class AsyncEngine:
             if output.finished:
                 del self._streams[output.request_id]
             self._deliver(stream, output)
+
+    def _fail(self, request_id: str, cause: str) -> None:
+        self.engine.abort_request(request_id)
+        stream = self._streams.pop(request_id, None)
+        if stream is not None:
+            self._deliver(stream, RequestFailedError(
+                f"the engine failed while running this request ({cause}); other requests "
+                "are unaffected"))
+
+    def _probe(self) -> None:
+        """A one-token greedy request, next to run alone: it fails only if the engine does."""
+        request_id = f"{PROBE_PREFIX}{next(self._probe_ids)}"
+        self.engine.add_request(request_id, {"prompt_token_ids": [0]},
+                                SamplingParams(max_tokens=1, temperature=0.0))
+        self.engine.scheduler.isolate([request_id], first=True)
 
     @staticmethod
     def _deliver(stream: _Stream, item: RequestOutput | BaseException) -> None:

@@ -47,12 +47,15 @@ MAX_CACHE_SALT_CHARS = 256
 
 
 class EngineStepError(RuntimeError):
-    """A step failed; `request_ids` are the requests it held (queued again to recompute)."""
+    """A step failed; `request_ids` are the requests it held (queued again to recompute).
+    With `alone`, the step held one request only, so the failure is that request's or the
+    engine's; otherwise each of them now runs alone for a step, to find out which."""
 
-    def __init__(self, request_ids: list[str], cause: Exception) -> None:
+    def __init__(self, request_ids: list[str], cause: Exception, alone: bool) -> None:
         super().__init__(f"an engine step failed ({type(cause).__name__}: {cause}) while "
                          f"running {len(request_ids)} request(s)")
         self.request_ids = request_ids
+        self.alone = alone
 
 
 @dataclass
@@ -376,7 +379,10 @@ class LLMEngine:
                 raise
             parents = {self.output_processor.samples[c].parent.request_id for c in child_ids
                        if c in self.output_processor.samples}
-            raise EngineStepError(sorted(parents), exc) from exc
+            alone = len(child_ids) <= 1
+            if not alone:
+                self.scheduler.isolate(child_ids)
+            raise EngineStepError(sorted(parents), exc, alone) from exc
         self.kv_manager.confirm_registered()
         if runner_output is None:
             self._publish_stats()

@@ -22,7 +22,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 
 import kvflow
-from kvflow.engine.async_engine import AsyncEngine, EngineDeadError, RequestFailedError
+from kvflow.engine.async_engine import (ENGINE_STOPPED, AsyncEngine, EngineDeadError,
+                                        RequestFailedError)
 from kvflow.engine.generation_config import load_generation_defaults
 from kvflow.engine.llm_engine import LLMEngine
 from kvflow.logger import RepeatFilter
@@ -112,7 +113,7 @@ class ServerState:
         if self.engine is None or self.serving is None:
             raise ApiError(503, "the model is still loading", headers={"Retry-After": "5"})
         if not self.engine.alive:
-            raise ApiError(503, f"the engine is not running: {self.engine.error!r}")
+            raise ApiError(503, ENGINE_STOPPED)
         return self.engine, self.serving
 
     @contextmanager

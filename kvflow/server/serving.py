@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
@@ -12,11 +13,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from kvflow.engine.async_engine import AsyncEngine
+from kvflow.engine.async_engine import AsyncEngine, EngineDeadError, RequestFailedError
 from kvflow.engine.llm_engine import PreparedRequest
 from kvflow.outputs import CompletionOutput, Logprob, RequestOutput
 from kvflow.sampling_params import ParameterError, StructuredOutputsParams
 from kvflow.server.chat_message import MessageDeltas, MessageParser
+from kvflow.server.errors import error_body
 from kvflow.server.metrics import ServerMetrics
 from kvflow.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                     TokenizeRequest)
@@ -29,6 +31,8 @@ from kvflow.tokenizer.chat import ChatOptions, ChatTemplate
 from kvflow.tokenizer.detokenizer import stop_holdback
 
 T = TypeVar("T")
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -361,8 +365,14 @@ class OpenAIServing:
             if job.include_usage:
                 yield self._event(job, [], usage=self._usage(finals))
         except Exception as exc:  # noqa: BLE001 - the stream has started: report in-band
-            yield "data: " + json.dumps({"error": {"message": str(exc), "type": "server_error",
-                                                   "param": None, "code": 500}}) + "\n\n"
+            known = {ParameterError: 400, RequestFailedError: 500, EngineDeadError: 503}
+            status = next((code for kind, code in known.items() if isinstance(exc, kind)), None)
+            if status is not None:
+                message = str(exc)
+            else:  # a bug of ours: its text (paths, internals) is not the client's to read
+                logger.exception("a stream failed")
+                status, message = 500, f"internal error: {type(exc).__name__}"
+            yield f"data: {json.dumps(error_body(status, message))}\n\n"
         yield "data: [DONE]\n\n"
 
     def _stream_choice(self, job: Job, index: int, output: RequestOutput,
