@@ -352,3 +352,59 @@ def test_structured_output_constrains_the_answer_after_reasoning(reasoning_serve
         assert choice["finish_reason"] == "stop"
         assert choice["message"]["reasoning_content"] is None
         jsonschema.validate(json.loads(choice["message"]["content"]), schema)
+
+
+# SmolLM2-Instruct's way with messages (ChatML, message['content'] read directly), with its
+# tools written as hermes does: a template that fails on a message without content.
+CHATML_TOOLS_TEMPLATE = (
+    "{%- if tools %}<|im_start|>system\nTools: {{ tools | tojson }}<|im_end|>\n{% endif %}"
+    "{%- for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] }}"
+    "{%- for call in message.tool_calls or [] %}<tool_call>\n{\"name\": \""
+    "{{ call.function.name }}\", \"arguments\": {{ call.function.arguments | tojson }}}"
+    "\n</tool_call>{%- endfor %}{{ '<|im_end|>\n' }}{% endfor %}"
+    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def chatml_server(model_dir, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("server-chatml")
+    template = folder / "chatml.jinja"
+    template.write_text(CHATML_TOOLS_TEMPLATE)
+    process = ServerProcess(model_dir, *ENGINE_FLAGS, "--served-model-name", "tiny",
+                            "--chat-template", str(template), "--enable-auto-tool-choice",
+                            "--tool-call-parser", "hermes", log=folder / "serve.log")
+    process.wait_ready()
+    yield process
+    assert process.stop(), process.log_path.read_text()[-3000:]
+
+
+def test_an_agent_loop_sends_the_tool_result_back_with_the_openai_client(chatml_server):
+    """The second turn of every agent loop: the assistant's tool-call message, as the client
+    returns it ("content": null), then the tool's result. It once failed on templates that
+    read message['content']."""
+    client = openai.OpenAI(base_url=chatml_server.url + "/v1", api_key="none", max_retries=0)
+    call = ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", '
+            '"unit": "celsius"}}\n</tool_call>')
+    messages: list = [*ASK]
+    first = client.chat.completions.create(model="tiny", messages=messages, tools=TOOLS,
+                                           max_tokens=300,
+                                           extra_body={"structured_outputs": {"choice": [call]}})
+    message = first.choices[0].message
+    assert first.choices[0].finish_reason == "tool_calls" and message.content is None
+    (tool_call,) = message.tool_calls
+    assert json.loads(tool_call.function.arguments) == {"city": "Paris", "unit": "celsius"}
+    messages.append(message)  # as the openai examples do: content None, tool_calls
+    messages.append({"role": "tool", "tool_call_id": tool_call.id, "content": "sunny, 21 C"})
+    second = client.chat.completions.create(model="tiny", messages=messages, tools=TOOLS,
+                                            max_tokens=5)
+    assert second.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    # The rendered conversation: the call and its result, content empty where it was null.
+    rendered = httpx.post(chatml_server.url + "/tokenize", json={
+        "messages": [*ASK, {"role": "assistant", "content": None, "tool_calls": [
+            tool_call.model_dump()]}, messages[-1]], "add_generation_prompt": False})
+    assert rendered.status_code == 200, rendered.text
+    parts = [{"type": "text", "text": "What is the weather"}, {"type": "text", "text": "?"}]
+    listed = httpx.post(chatml_server.url + "/tokenize", json={
+        "messages": [{"role": "user", "content": parts}]})
+    assert listed.status_code == 200, listed.text

@@ -223,6 +223,9 @@ class ChatMessage(OpenAIModel):
 
     def as_template_input(self) -> dict[str, Any]:
         message = self.model_dump(exclude_none=True)
+        # An assistant's tool-call turn comes with "content": null; many templates read
+        # message['content'] directly, so it renders as the empty string (as in vLLM).
+        message.setdefault("content", "")
         if isinstance(self.content, list):
             if any(part.type != "text" or part.text is None for part in self.content):
                 raise ParameterError("messages", "only text content parts are supported")
