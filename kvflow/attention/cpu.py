@@ -30,8 +30,11 @@ if TYPE_CHECKING:
 class CpuNativeBackend(AttentionBackend):
     name = "cpu"
 
-    def __init__(self, ops: ModuleType) -> None:
+    def __init__(self, ops: ModuleType, batch_invariant: bool = False) -> None:
         self.ops = ops
+        # Flash-decoding's split of a long context changes a decode's arithmetic from the
+        # one pass a prefill chunk's query makes over the same keys.
+        self.split_context = not batch_invariant
 
     @staticmethod
     def kv_cache_shapes(num_blocks: int, num_kv_heads: int, block_size: int,
@@ -56,5 +59,5 @@ class CpuNativeBackend(AttentionBackend):
         out = torch.empty_like(q)
         self.ops.paged_attention(out, q, layer.k_cache, layer.v_cache, meta.block_tables,
                                  meta.seq_lens, meta.query_start_loc, layer.scale,
-                                 layer.sliding_window or 0)
+                                 layer.sliding_window or 0, self.split_context)
         return out

@@ -884,7 +884,8 @@ torch::Tensor int4_dequantize(torch::Tensor w, torch::Tensor scale, torch::Tenso
 // no horizontal sums; each V block is widened once and shared by all rows.
 // - A request with one tile of queries (a decode) splits a long context into partitions
 //   so that every core works on one stream; partial results are merged afterwards
-//   (flash-decoding).
+//   (flash-decoding). With split_context false it never does: each query's keys are then
+//   read in one pass, block by block, whether it is a decode or sits in a prefill chunk.
 // - A longer request (a prefill chunk) is split into query tiles, each attending over the
 //   keys up to its last query (causal). Tiles cost more the later they sit, so threads
 //   take items largest first from a shared counter.
@@ -1017,7 +1018,7 @@ void paged_attention_impl(T* out, const T* q, const T* k_cache, const T* v_cache
                           const int32_t* block_tables, const int32_t* seq_lens,
                           const int32_t* query_start_loc, int64_t num_reqs, int64_t max_blocks,
                           int64_t num_heads, int64_t num_kv_heads, int64_t block_size,
-                          int64_t head_dim, double scale, int64_t window) {
+                          int64_t head_dim, double scale, int64_t window, bool split_context) {
   const int64_t group = num_heads / num_kv_heads;
   std::vector<WorkItem> items;
   std::vector<int64_t> parts_of(num_reqs);
@@ -1032,12 +1033,14 @@ void paged_attention_impl(T* out, const T* q, const T* k_cache, const T* v_cache
     };
     if (query_len <= kQueryTile) {
       const int64_t first = first_key(num_computed);
-      const int64_t parts = std::max<int64_t>(1, (seq_len - first + kPartition - 1) / kPartition);
+      const int64_t parts = split_context
+          ? std::max<int64_t>(1, (seq_len - first + kPartition - 1) / kPartition) : 1;
       parts_of[b] = parts;
       for (int64_t h = 0; h < num_kv_heads; ++h) {
         for (int64_t p = 0; p < parts; ++p) {
           const int64_t begin = first + p * kPartition;
-          items.push_back({b, h, p, 0, query_len, begin, std::min(seq_len, begin + kPartition),
+          items.push_back({b, h, p, 0, query_len, begin,
+                           parts > 1 ? std::min(seq_len, begin + kPartition) : seq_len,
                            parts > 1 ? partial_rows : -1});
           if (parts > 1) partial_rows += query_len * group;
         }
@@ -1086,21 +1089,25 @@ void paged_attention_impl(T* out, const T* q, const T* k_cache, const T* v_cache
           scale_vec(static_cast<float>(scale), dst, head_dim);
         }
       const int32_t* table = block_tables + item.req * max_blocks;
-      for (int64_t key0 = item.first_key - item.first_key % block_size; key0 < item.end_key;
-           key0 += block_size) {
-        const int64_t block = table[key0 / block_size];
+      // Scores always start at a block's first key, keys before the item's range masked:
+      // a key then has the same lane in every item that reads it, so the sums over lanes
+      // (exp_shifted) do not depend on where a window, partition or query tile begins.
+      for (int64_t lo = item.first_key - item.first_key % block_size; lo < item.end_key;
+           lo += block_size) {
+        const int64_t block = table[lo / block_size];
         const int64_t base = (block * num_kv_heads + item.kv_head) * block_size * head_dim;
-        const int64_t lo = std::max(key0, item.first_key), hi = std::min(key0 + block_size, item.end_key);
+        const int64_t hi = std::min(lo + block_size, item.end_key);
         const int64_t n = hi - lo;
-        score_rows(qf.data(), rows, head_dim, k_cache + base, block_size, lo - key0, n,
-                   scores.data());
+        score_rows(qf.data(), rows, head_dim, k_cache + base, block_size, 0, n, scores.data());
         for (int64_t r = 0; r < rows; ++r) {
           float* sr = scores.data() + r * block_size;
           const int64_t query_pos = seq_len - query_len + item.q_begin + r / group;
-          // Causal and window masks, only where this block crosses them.
-          if (hi - 1 > query_pos || (window > 0 && query_pos - lo >= window)) {
+          // Range, causal and window masks, only where this block crosses them.
+          if (lo < item.first_key || hi - 1 > query_pos ||
+              (window > 0 && query_pos - lo >= window)) {
             for (int64_t pos = lo; pos < hi; ++pos)
-              if (pos > query_pos || (window > 0 && query_pos - pos >= window))
+              if (pos < item.first_key || pos > query_pos ||
+                  (window > 0 && query_pos - pos >= window))
                 sr[pos - lo] = -std::numeric_limits<float>::infinity();
           }
           const float block_max = max_of(sr, n);
@@ -1116,7 +1123,7 @@ void paged_attention_impl(T* out, const T* q, const T* k_cache, const T* v_cache
           row_sum[r] += exp_shifted(sr, n, new_max);
         }
         // The value block, widened once, weighted into every row's output.
-        widen(v_cache + base + (lo - key0) * head_dim, vf.data(), n * head_dim);
+        widen(v_cache + base, vf.data(), n * head_dim);
         for (int64_t r = 0; r < rows; ++r) {
           const float* p = scores.data() + r * block_size;
           float* out_r = acc.data() + r * head_dim;
@@ -1188,7 +1195,8 @@ void paged_attention_impl(T* out, const T* q, const T* k_cache, const T* v_cache
 
 void paged_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache,
                      torch::Tensor v_cache, torch::Tensor block_tables, torch::Tensor seq_lens,
-                     torch::Tensor query_start_loc, double scale, int64_t window) {
+                     torch::Tensor query_start_loc, double scale, int64_t window,
+                     bool split_context) {
   for (auto* t : {&out, &q, &k_cache, &v_cache, &block_tables, &seq_lens, &query_start_loc})
     check_cpu(*t, "paged_attention inputs");
   TORCH_CHECK(q.is_contiguous() && out.is_contiguous() && k_cache.is_contiguous() &&
@@ -1216,7 +1224,7 @@ void paged_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache,
                             v_cache.data_ptr<T>(), block_tables.data_ptr<int32_t>(),
                             seq_lens.data_ptr<int32_t>(), query_start_loc.data_ptr<int32_t>(),
                             num_reqs, block_tables.size(1), q.size(1), v_cache.size(1),
-                            v_cache.size(2), q.size(2), scale, window);
+                            v_cache.size(2), q.size(2), scale, window, split_context);
   });
 }
 
