@@ -10,8 +10,9 @@ from kvflow import LLM, SamplingParams
 
 @pytest.fixture(scope="module")
 def llm(checkpoint):
+    # Batch-invariant: tokens alone and inside batches are compared exactly.
     return LLM(str(checkpoint("llama-gqa")), dtype="float32", device="cpu",
-               kv_cache_memory="8MiB")
+               kv_cache_memory="8MiB", batch_invariant=True)
 
 
 def _ids(prompts):

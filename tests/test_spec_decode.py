@@ -43,9 +43,15 @@ def _no_leaks(llm: LLM) -> bool:
     return pool.num_free_blocks == pool.num_usable_blocks
 
 
+def _llm(**options) -> LLM:
+    """Batch-invariant: greedy tokens with and without speculation (other batches, other
+    query lengths) are compared exactly."""
+    return LLM(dtype="float32", batch_invariant=True, **{"kv_cache_memory": "64MiB", **options})
+
+
 @pytest.fixture(scope="module")
 def plain():
-    return LLM(dtype="float32", kv_cache_memory="64MiB")
+    return _llm()
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +62,7 @@ def reference(plain):
 @pytest.mark.parametrize("method", ["ngram", "draft_model"])
 @pytest.mark.parametrize("k", [1, 3, 5])
 def test_greedy_outputs_are_unchanged(method, k, reference):
-    llm = LLM(dtype="float32", kv_cache_memory="64MiB", speculative_config=_config(method, k))
+    llm = _llm(speculative_config=_config(method, k))
     # Alone, then all together: in the batch some requests verify drafts and others
     # (no n-gram match yet, or a sampled request) do not.
     assert [_tokens(llm, GREEDY, [p])[0] for p in PROMPTS] == reference
@@ -72,8 +78,8 @@ def test_greedy_outputs_are_unchanged(method, k, reference):
 def test_chunked_prefill_and_preemption(plain, reference):
     per_block = plain.engine.model_config.kv_bytes_per_token(plain.engine.dtype) * 16
     # 12 blocks for four requests of up to 5 blocks each: they preempt one another.
-    llm = LLM(dtype="float32", kv_cache_memory=13 * per_block, max_num_batched_tokens=16,
-              speculative_config=_config("draft_model", 4))
+    llm = _llm(kv_cache_memory=13 * per_block, max_num_batched_tokens=16,
+               speculative_config=_config("draft_model", 4))
     assert _tokens(llm, GREEDY) == reference
     assert llm.engine.stats.num_preemptions > 0
     assert llm.engine.stats.spec_decode.num_accepted_tokens > 0
@@ -82,7 +88,7 @@ def test_chunked_prefill_and_preemption(plain, reference):
 
 @pytest.mark.parametrize("method", ["ngram", "draft_model"])
 def test_stops_inside_accepted_runs(method, plain, reference):
-    llm = LLM(dtype="float32", kv_cache_memory="64MiB", speculative_config=_config(method, 5))
+    llm = _llm(speculative_config=_config(method, 5))
     tokenizer = llm.get_tokenizer()
     text = tokenizer.decode(reference[0])
     stop_string = text[len(text) // 2:len(text) // 2 + 3]

@@ -12,8 +12,8 @@ from kvflow.attention.torch_ref import TorchRefBackend
 BACKEND_NAMES = ("auto", TorchRefBackend.name, CpuNativeBackend.name)
 
 
-def select_backend(name: str, device: torch.device,
-                   native_ops: ModuleType | None) -> AttentionBackend:
+def select_backend(name: str, device: torch.device, native_ops: ModuleType | None,
+                   batch_invariant: bool = False) -> AttentionBackend:
     """`auto`: the native CPU kernels where they are in use (kvflow.kernels.tuning decides:
     the CPU, a dtype they support, built here, no enforce_eager); the PyTorch reference
     otherwise, CUDA included until it has a backend of its own."""
@@ -24,4 +24,4 @@ def select_backend(name: str, device: torch.device,
     if native_ops is None:
         raise ValueError("attention_backend='cpu' needs kvflow's native kernels: the CPU, "
                          "float32 or bfloat16, no enforce_eager, and a working build")
-    return CpuNativeBackend(native_ops)
+    return CpuNativeBackend(native_ops, batch_invariant)

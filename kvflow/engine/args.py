@@ -34,6 +34,11 @@ _FLAG_HELP = {
     "seed": "seed of the engine's sampler, used by requests without a seed of their own",
     "attention_backend": "auto (the fastest for the device), torch (the PyTorch reference) "
                          "or cpu (kvflow's native CPU kernels)",
+    "batch_invariant": "make a request's logits, logprobs and tokens bitwise the same "
+                       "whatever else is in its batch, however its prompt is chunked, with "
+                       "or without a prefix-cache hit or speculative decoding (the CPU's "
+                       "native kernels, each row reduced in one fixed order; see the README "
+                       "for its cost)",
     "num_threads": "CPU threads (default: one per physical core, or OMP_NUM_THREADS)",
     "enforce_eager": "PyTorch's own ops only: no native kernels (they are compiled once per "
                      "machine and cached)",
@@ -118,6 +123,7 @@ class EngineArgs:
     seed: int = 0
     attention_backend: str = "auto"  # auto (the fastest for the device) | torch | cpu
     enforce_eager: bool = False  # True: PyTorch ops only, no compiled native kernels
+    batch_invariant: bool = False  # a row's arithmetic independent of its batch (README)
     num_threads: int | None = None  # CPU threads; None: one per physical core (worker/threads.py)
     quantization: str | None = None  # None | int8 | int4 (kvflow/quantization/)
     quantization_group_size: int = 128  # int4's columns per scale
@@ -150,6 +156,9 @@ class EngineArgs:
             raise ValueError(f"attention_backend must be one of {BACKEND_NAMES}, "
                              f"got {self.attention_backend!r}")
         quantization_config(self.quantization, self.quantization_group_size)
+        if self.batch_invariant and (self.enforce_eager or self.attention_backend == "torch"):
+            raise ValueError("batch_invariant runs kvflow's native CPU kernels: it cannot be "
+                             "combined with enforce_eager or attention_backend='torch'")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads must be at least 1, got {self.num_threads}")
         if self.block_size < 1:

@@ -22,8 +22,8 @@ from kvflow.core.scheduler import Scheduler
 from kvflow.engine.args import EngineArgs
 from kvflow.engine.output_processor import OutputProcessor, ParentState
 from kvflow.engine.stats import EngineStats, SpecDecodeStats, StepObservations
-from kvflow.kernels.tuning import (install_native_kernels, install_quantized_kernels,
-                                   native_cpu_ops)
+from kvflow.kernels.tuning import (install_batch_invariant_kernels, install_native_kernels,
+                                   install_quantized_kernels, native_cpu_ops)
 from kvflow.models.gguf import is_gguf
 from kvflow.models.gguf.tokenizer import load_gguf_tokenizer
 from kvflow.models.loader import build_model, resolve_model_path
@@ -116,11 +116,19 @@ class LLMEngine:
         self.grammar_compiler = GrammarCompiler(self.tokenizer, self.model_config.vocab_size,
                                                 self.eos_token_ids)
         native_ops = native_cpu_ops(self.device, self.dtype, args.enforce_eager)
-        if native_ops is not None:
+        if args.batch_invariant:
+            if native_ops is None:
+                raise ValueError("batch_invariant needs kvflow's native CPU kernels: the CPU "
+                                 f"(not {self.device.type}), float32 or bfloat16 (not "
+                                 f"{self.dtype}) and a kernel build that works here (see "
+                                 "the log)")
+            install_batch_invariant_kernels(model, native_ops)
+        elif native_ops is not None:
             install_native_kernels(model, native_ops, reserved_bytes=args.kv_cache_memory or 0)
         elif not args.enforce_eager:
             install_quantized_kernels(model)
-        backend = select_backend(args.attention_backend, self.device, native_ops)
+        backend = select_backend(args.attention_backend, self.device, native_ops,
+                                 args.batch_invariant)
         logger.info("attention backend: %s; native CPU kernels: %s", backend.name,
                     "on" if native_ops is not None else "off")
         speculator = None

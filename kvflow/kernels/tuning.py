@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -146,6 +147,27 @@ def install_native_kernels(model: nn.Module, ops: ModuleType, reserved_bytes: in
                      choice or "F.linear")
     for label, layers in _quantized_shapes(model).items():
         _plan_quantized(label, layers, ops, cache)
+
+
+def install_batch_invariant_kernels(model: nn.Module, ops: ModuleType) -> None:
+    """The native kernels whose arithmetic for one row does not depend on the other rows:
+    every linear layer through the native GEMV at any batch size (it reduces each output
+    in one fixed order, by lanes then across them, whatever the number of rows), quantized
+    ones through their method's native GEMV; nothing chosen by timing."""
+    for module in model.modules():
+        if isinstance(module, (RMSNorm, RotaryEmbedding, SiluAndMul)):
+            module.native = ops
+        elif isinstance(module, Linear) and isinstance(module.method, UnquantizedLinearMethod):
+            module.plan = LinearPlan(ops=ops, gemv_max_rows=sys.maxsize)
+        elif isinstance(module, Linear) and isinstance(module.method, QuantizedLinearMethod):
+            kernel = module.method.kernels.get("native")
+            if kernel is None or not kernel.gemv:
+                raise ValueError(f"batch_invariant: {type(module.method).__name__} has no "
+                                 "native GEMV to run every batch size through")
+            weights = kernel.prepare(module) if kernel.prepare is not None else ()
+            module.plan = QuantizedPlan(ops, "native", sys.maxsize, "native", weights)
+    if getattr(model, "tied_head_weight", None) is not None:
+        model.lm_head_plan = LinearPlan(ops=ops, gemv_max_rows=sys.maxsize)
 
 
 def install_quantized_kernels(model: nn.Module) -> None:
