@@ -108,3 +108,58 @@ def test_batch_invariant_needs_the_native_kernels(checkpoint):
         LLM(str(checkpoint("llama-gqa")), device="cpu", batch_invariant=True, enforce_eager=True)
     with pytest.raises(ValueError, match="float32 or bfloat16"):
         LLM(str(checkpoint("llama-gqa")), device="cpu", dtype="float16", batch_invariant=True)
+
+
+def test_a_thousand_greedy_runs_under_random_load_give_one_completion(checkpoint, tmp_path):
+    """Through `kvflow serve --batch-invariant`: one greedy prompt sent 1,000 times while
+    random other requests (sampled, of every length, some streamed and abandoned) share
+    its batches."""
+    import asyncio
+
+    import httpx
+
+    from server_process import ServerProcess
+
+    # Wide enough that the default mode's kernels (chosen per batch size) round differently.
+    model = checkpoint("qwen3", hidden_size=512, intermediate_size=1024)
+    server = ServerProcess(model, "--dtype", "bfloat16", "--device", "cpu",
+                           "--kv-cache-memory", "16MiB", "--batch-invariant",
+                           "--max-num-batched-tokens", "64", log=tmp_path / "serve.log")
+    server.wait_ready()
+    target = {"prompt": PROMPT[:60], "max_tokens": 6, "temperature": 0, "logprobs": 2}
+    rng = random.Random(3)
+
+    async def scenario() -> tuple[set, int]:
+        limits = httpx.Limits(max_connections=48)
+        async with httpx.AsyncClient(base_url=server.url, timeout=120, limits=limits) as http:
+            seen: set = set()
+
+            async def one() -> None:
+                response = await http.post("/v1/completions", json=target)
+                assert response.status_code == 200, response.text
+                choice = response.json()["choices"][0]
+                seen.add((choice["text"], tuple(choice["logprobs"]["token_logprobs"])))
+
+            async def noise() -> None:
+                body = {"prompt": random_prompts(1, seed=rng.randrange(10**6), low=1,
+                                                 high=120)[0],
+                        "max_tokens": rng.randrange(1, 12), "temperature": rng.choice([0, 1.0]),
+                        "stream": rng.random() < 0.3}
+                await http.post("/v1/completions", json=body)
+
+            runs = [one() for _ in range(1000)] + [noise() for _ in range(300)]
+            rng.shuffle(runs)
+            semaphore = asyncio.Semaphore(40)
+
+            async def bounded(run) -> None:  # noqa: ANN001
+                async with semaphore:
+                    await run
+
+            await asyncio.gather(*(bounded(r) for r in runs))
+            return seen, len(runs)
+
+    try:
+        seen, sent = asyncio.run(scenario())
+    finally:
+        assert server.stop()
+    assert sent == 1300 and len(seen) == 1, f"{len(seen)} distinct completions"
