@@ -172,47 +172,65 @@ void gemv_group(const float* xf, const T* x, const W* w, float (*sums)[kGemvRows
   k_done = k;
 }
 
+// Rows of x per pass over the weights: a large batch (a prefill chunk) is taken in blocks
+// that stay in L2 while every weight row streams past them once, instead of streaming all
+// of x once per group of weight rows. Each output is still reduced by gemv_group alone, so
+// the blocking changes no result (batch invariance rests on this).
+constexpr int64_t kGemvBlockRows = 64;
+
 template <typename T, typename W>
 void gemv_impl(const T* x, const W* w, const T* scale, const T* bias, T* y, int64_t M,
                int64_t N, int64_t K) {
-  std::vector<float> xf(M * K);
-  for (int64_t i = 0; i < M * K; ++i) xf[i] = to_f32(x[i]);
-  at::parallel_for(0, (N + kGemvRows - 1) / kGemvRows, 16, [&](int64_t begin, int64_t end) {
-    float sums[kGemvCols][kGemvRows];
-    for (int64_t group = begin; group < end; ++group) {
-      const int64_t n0 = group * kGemvRows;
-      const int64_t rows = std::min(kGemvRows, N - n0);
-      const W* wg = w + n0 * K;
-      for (int64_t m0 = 0; m0 < M; m0 += kGemvCols) {
-        const int64_t mb = std::min(kGemvCols, M - m0);
-        int64_t k_done = 0;
-        if (rows == kGemvRows) {
-          const float* xm = xf.data() + m0 * K;
-          const T* xr = x + m0 * K;
-          switch (mb) {
-            case 1: gemv_group<T, W, 1>(xm, xr, wg, sums, K, k_done); break;
-            case 2: gemv_group<T, W, 2>(xm, xr, wg, sums, K, k_done); break;
-            case 3: gemv_group<T, W, 3>(xm, xr, wg, sums, K, k_done); break;
-            default: gemv_group<T, W, 4>(xm, xr, wg, sums, K, k_done); break;
+  std::vector<float> widened;
+  for (int64_t block = 0; block < M; block += kGemvBlockRows) {
+    const int64_t block_rows = std::min(kGemvBlockRows, M - block);
+    const T* xb = x + block * K;
+    const float* xf;  // the block as float32, for the FMA paths and the tail
+    if constexpr (std::is_same_v<T, float>) {
+      xf = xb;
+    } else {
+      widened.resize(block_rows * K);
+      for (int64_t i = 0; i < block_rows * K; ++i) widened[i] = to_f32(xb[i]);
+      xf = widened.data();
+    }
+    T* yb = y + block * N;
+    at::parallel_for(0, (N + kGemvRows - 1) / kGemvRows, 16, [&](int64_t begin, int64_t end) {
+      float sums[kGemvCols][kGemvRows];
+      for (int64_t group = begin; group < end; ++group) {
+        const int64_t n0 = group * kGemvRows;
+        const int64_t rows = std::min(kGemvRows, N - n0);
+        const W* wg = w + n0 * K;
+        for (int64_t m0 = 0; m0 < block_rows; m0 += kGemvCols) {
+          const int64_t mb = std::min(kGemvCols, block_rows - m0);
+          int64_t k_done = 0;
+          if (rows == kGemvRows) {
+            const float* xm = xf + m0 * K;
+            const T* xr = xb + m0 * K;
+            switch (mb) {
+              case 1: gemv_group<T, W, 1>(xm, xr, wg, sums, K, k_done); break;
+              case 2: gemv_group<T, W, 2>(xm, xr, wg, sums, K, k_done); break;
+              case 3: gemv_group<T, W, 3>(xm, xr, wg, sums, K, k_done); break;
+              default: gemv_group<T, W, 4>(xm, xr, wg, sums, K, k_done); break;
+            }
+          } else {
+            for (int64_t m = 0; m < mb; ++m)
+              for (int64_t r = 0; r < kGemvRows; ++r) sums[m][r] = 0.f;
           }
-        } else {
-          for (int64_t m = 0; m < mb; ++m)
-            for (int64_t r = 0; r < kGemvRows; ++r) sums[m][r] = 0.f;
-        }
-        for (int64_t m = 0; m < mb; ++m) {
-          const float* xm = xf.data() + (m0 + m) * K;
-          for (int64_t r = 0; r < rows; ++r) {
-            const W* wr = wg + r * K;
-            float s = sums[m][r];
-            for (int64_t kk = k_done; kk < K; ++kk) s += to_f32(wr[kk]) * xm[kk];
-            if (scale) s *= to_f32(scale[n0 + r]);
-            if (bias) s += to_f32(bias[n0 + r]);
-            y[(m0 + m) * N + n0 + r] = from_f32<T>(s);
+          for (int64_t m = 0; m < mb; ++m) {
+            const float* xm = xf + (m0 + m) * K;
+            for (int64_t r = 0; r < rows; ++r) {
+              const W* wr = wg + r * K;
+              float s = sums[m][r];
+              for (int64_t kk = k_done; kk < K; ++kk) s += to_f32(wr[kk]) * xm[kk];
+              if (scale) s *= to_f32(scale[n0 + r]);
+              if (bias) s += to_f32(bias[n0 + r]);
+              yb[(m0 + m) * N + n0 + r] = from_f32<T>(s);
+            }
           }
         }
       }
-    }
-  });
+    });
+  }
 }
 
 void check_bias(const c10::optional<torch::Tensor>& bias, const torch::Tensor& x, int64_t n,
