@@ -80,6 +80,25 @@ def test_startup_reports_kv_capacity(checkpoint, capfd):
     assert "KV cache: 127 blocks of 16 tokens = 2032 tokens" in capfd.readouterr().err
 
 
+def test_the_default_kv_cache_is_sized_from_the_model(checkpoint, monkeypatch):
+    """Four sequences of max_model_len, within min(4 GiB, 1/4 of available RAM): a fixed
+    4 GiB once put a 135M model at 5 GB resident."""
+    from kvflow.worker import kv_cache
+
+    path = str(checkpoint("llama-gqa"))  # 512 bytes per token in float32
+    llm = LLM(path, dtype="float32", device="cpu", max_model_len=300, max_num_seqs=8)
+    assert llm.engine.cache_config.num_tokens == 4 * 300 // 16 * 16 - 16  # less the null block
+    assert llm.engine.cache_config_info()["sized_by"] == "4 sequences of max_model_len=300"
+    few = LLM(path, dtype="float32", device="cpu", max_num_seqs=2)  # 512 tokens each
+    assert few.engine.cache_config.num_tokens == 2 * 512 - 16
+    monkeypatch.setattr(kv_cache, "available_host_memory", lambda: 4 * 512 * 1000)
+    capped = LLM(path, dtype="float32", device="cpu")  # a quarter of "RAM": 1,000 tokens
+    assert capped.engine.cache_config.num_tokens == 1000 // 16 * 16 - 16
+    assert capped.engine.cache_config_info()["sized_by"] == "min(4 GiB, 1/4 of available RAM)"
+    explicit = LLM(path, dtype="float32", device="cpu", kv_cache_memory="1MiB")
+    assert explicit.engine.cache_config_info()["sized_by"] == "kv_cache_memory"
+
+
 def test_max_tokens_none_fills_the_context(engine):
     engine.add_request("fill", {"prompt_token_ids": [5] * 120},
                        SamplingParams(temperature=0, max_tokens=None, ignore_eos=True))

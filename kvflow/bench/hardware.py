@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from kvflow.demo import cache_root
+from kvflow.worker.kv_cache import CPU_FULL_SEQUENCES, CPU_KV_CAP, available_host_memory
 from kvflow.worker.threads import physical_cores
 
 ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16",
@@ -64,6 +65,7 @@ def inventory() -> dict:
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
         "cuda": None,
+        "kv_cache_cap_bytes": min(CPU_KV_CAP, available_host_memory() // 4),
     }
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
@@ -146,6 +148,9 @@ def format_env(info: dict, ceiling: dict) -> str:
              f"{info['physical_cores']} physical",
              f"threads: {info['torch_threads']} (kvflow's default: one per physical core)",
              f"isa: {isa}", f"memory: {memory}",
+             f"default KV cache on the CPU: room for {CPU_FULL_SEQUENCES} sequences of "
+             f"max_model_len, at most {info['kv_cache_cap_bytes'] / 2**30:.2f} GiB "
+             "(min(4 GiB, 1/4 of available RAM); --kv-cache-memory overrides)",
              f"accelerator: {info['cuda']['name'] if info['cuda'] else 'none'}",
              f"torch {info['torch']}, python {info['python']}",
              f"ceilings ({ceiling['device']}, {ceiling['threads']} threads, "

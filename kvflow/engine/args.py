@@ -23,8 +23,9 @@ _FLAG_HELP = {
     "max_model_len": "longest prompt plus output, e.g. 4096, 32k (32,000) or 32K (32,768) "
                      "(default: max_position_embeddings)",
     "block_size": "tokens per KV cache block",
-    "kv_cache_memory": "KV cache budget, bytes or e.g. 2GiB (default: min(4GiB, 1/4 of free "
-                       "RAM) on the CPU, 80%% of free memory on CUDA)",
+    "kv_cache_memory": "KV cache budget, bytes or e.g. 2GiB (default on the CPU: room for "
+                       "min(max_num_seqs, 4) sequences of max_model_len tokens, at most "
+                       "min(4GiB, 1/4 of free RAM); on CUDA 80%% of free memory)",
     "max_num_seqs": "most requests running at once",
     "max_num_batched_tokens": "token budget of one step; longer prompts are chunked",
     "scheduling_policy": "fcfs, priority (lower priority value runs first) or lpm (longest "

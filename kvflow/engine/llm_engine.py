@@ -94,8 +94,13 @@ class LLMEngine:
         model = build_model(self.model_config, self.dtype, self.device, requested_len,
                             quantization_config(args.quantization, args.quantization_group_size),
                             lm_head_quant_config=Int8Config() if args.quantize_lm_head else None)
-        memory = args.kv_cache_memory or default_kv_cache_memory(self.device,
-                                                                 args.gpu_memory_utilization)
+        if args.kv_cache_memory:
+            memory, sized_by = args.kv_cache_memory, "kv_cache_memory"
+        else:
+            memory, sized_by = default_kv_cache_memory(
+                self.device, args.gpu_memory_utilization,
+                self.model_config.kv_bytes_per_token(self.dtype), requested_len,
+                args.max_num_seqs)
         num_blocks = num_blocks_for(memory, self.model_config, self.dtype, args.block_size)
         self.cache_config = CacheConfig(block_size=args.block_size, num_blocks=num_blocks)
         capacity = self.cache_config.num_tokens
@@ -106,9 +111,10 @@ class LLMEngine:
             max_model_len=max_model_len, policy=args.scheduling_policy,
             num_lookahead_tokens=(args.speculative_config.num_speculative_tokens
                                   if args.speculative_config else 0))
-        logger.info("KV cache: %d blocks of %d tokens = %d tokens (%.2f GiB, %s) on %s",
-                    self.cache_config.num_usable_blocks, args.block_size, capacity,
-                    memory / 2**30, self.dtype, self.device)
+        self.kv_cache_sized_by = sized_by
+        logger.info("KV cache: %d blocks of %d tokens = %d tokens (%.2f GiB, %s) on %s, sized "
+                    "by %s", self.cache_config.num_usable_blocks, args.block_size, capacity,
+                    memory / 2**30, self.dtype, self.device, sized_by)
         self.kv_manager = KVCacheManager(
             num_blocks, args.block_size, enable_caching=args.enable_prefix_caching,
             cache_identity=f"{self.model_config.path}|{self.dtype}|{args.block_size}")
@@ -333,6 +339,8 @@ class LLMEngine:
                 "cache_dtype": str(self.dtype).removeprefix("torch."),
                 "enable_prefix_caching": str(self.kv_manager.enable_caching),
                 "gpu_memory_utilization": str(self.args.gpu_memory_utilization or ""),
+                "num_tokens": str(self.cache_config.num_tokens),
+                "sized_by": self.kv_cache_sized_by,
                 "device": self.device.type}
 
     def _publish_stats(self) -> None:

@@ -322,8 +322,13 @@ def create_app(args: ServerArgs) -> FastAPI:
         return await health()
 
     @app.get("/load")
-    async def load() -> dict[str, int]:
-        return {"server_load": state.in_flight}
+    async def load() -> dict[str, Any]:
+        body: dict[str, Any] = {"server_load": state.in_flight}
+        if state.engine is not None:  # what the KV cache holds, and what chose its size
+            info = state.engine.engine.cache_config_info()
+            body["kv_cache"] = {"num_tokens": int(info["num_tokens"]),
+                                "sized_by": info["sized_by"]}
+        return body
 
     @app.get("/version")
     async def version() -> dict[str, str]:

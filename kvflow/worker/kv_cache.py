@@ -16,6 +16,10 @@ from kvflow.models.config import ModelConfig
 
 CPU_KV_CAP = 4 * 2**30
 CUDA_FREE_FRACTION = 0.8
+# On the CPU, by default, room for this many sequences of max_model_len tokens (or many
+# more shorter ones), as llama.cpp sizes its context from the model: a fixed budget put a
+# 135M model at 5 GB resident and zeroed 4 GiB at every start.
+CPU_FULL_SEQUENCES = 4
 
 
 def available_host_memory() -> int:
@@ -29,27 +33,38 @@ def available_host_memory() -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def default_kv_cache_memory(device: torch.device, utilization: float | None = None) -> int:
-    """With `utilization` (vLLM's gpu_memory_utilization): on CUDA, that fraction of the
+def default_kv_cache_memory(device: torch.device, utilization: float | None = None,
+                            bytes_per_token: int = 0, max_model_len: int = 0,
+                            max_num_seqs: int = CPU_FULL_SEQUENCES) -> tuple[int, str]:
+    """The KV budget in bytes, and how it was chosen (for the log and /load).
+
+    With `utilization` (vLLM's gpu_memory_utilization): on CUDA, that fraction of the
     device's memory less what is already in use (the weights, and anything else on the
     device), as vLLM; on the CPU, that fraction of available memory.
 
-    Without it: on CUDA, 80% of the memory free after the weights are loaded; on the CPU
-    the smaller of 4 GiB and a quarter of available memory, so that several engines in one
-    process do not exhaust RAM."""
+    Without it: on CUDA, 80% of the memory free after the weights are loaded. On the CPU,
+    enough for min(max_num_seqs, CPU_FULL_SEQUENCES) sequences of max_model_len tokens,
+    at most the smaller of 4 GiB and a quarter of available memory (so that several
+    engines in one process do not exhaust RAM)."""
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         if utilization is None:
-            return int(free * CUDA_FREE_FRACTION)
+            return int(free * CUDA_FREE_FRACTION), f"{CUDA_FREE_FRACTION:.0%} of free memory"
         budget = int(total * utilization) - (total - free)
         if budget <= 0:
             raise ValueError(f"gpu_memory_utilization={utilization} leaves no room for the KV "
                              f"cache: {(total - free) / 2**30:.2f} GiB of the device's "
                              f"{total / 2**30:.2f} GiB are in use already")
-        return budget
+        return budget, f"gpu_memory_utilization={utilization}"
     if utilization is not None:
-        return int(available_host_memory() * utilization)
-    return min(CPU_KV_CAP, available_host_memory() // 4)
+        return (int(available_host_memory() * utilization),
+                f"gpu_memory_utilization={utilization} of available RAM")
+    cap = min(CPU_KV_CAP, available_host_memory() // 4)
+    sequences = max(1, min(max_num_seqs, CPU_FULL_SEQUENCES))
+    wanted = bytes_per_token * max_model_len * sequences
+    if not wanted or wanted > cap:
+        return cap, "min(4 GiB, 1/4 of available RAM)"
+    return wanted, f"{sequences} sequences of max_model_len={max_model_len}"
 
 
 def num_blocks_for(memory: int, config: ModelConfig, dtype: torch.dtype, block_size: int) -> int:
