@@ -25,8 +25,16 @@ SPEC = {"name": "t", "seed": 7, "num_requests": 5, "prompt_len": {"uniform": [3,
 
 @pytest.fixture(autouse=True)
 def small_ceilings(monkeypatch, tmp_path):
-    """Measure the real ceilings, on small sizes, into a private cache."""
-    monkeypatch.setenv("KVFLOW_CACHE", str(tmp_path / "cache"))
+    """Measure the real ceilings, on small sizes, into a private cache; the kernels this
+    machine built are linked in (building them again took 45 s in every test that ran an
+    engine)."""
+    from kvflow.demo import cache_root
+
+    private = tmp_path / "cache"
+    private.mkdir()
+    (cache_root() / "kernels").mkdir(parents=True, exist_ok=True)
+    (private / "kernels").symlink_to(cache_root() / "kernels")
+    monkeypatch.setenv("KVFLOW_CACHE", str(private))
     measure = hardware.measure_ceilings
     monkeypatch.setattr(hardware, "measure_ceilings",
                         lambda device="cpu": measure(device, read_bytes=16 << 20, matmul_n=128,

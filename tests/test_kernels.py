@@ -188,3 +188,31 @@ def test_every_linear_gets_one_plan(ops, checkpoint, variant):
                                F.linear(hidden, model.model.embed_tokens.weight
                                         if config.tie_word_embeddings else model.lm_head.weight),
                                atol=1e-4, rtol=1e-4)
+
+
+def test_another_checkout_of_the_same_source_loads_the_built_kernels(tmp_path):
+    """A second checkout (another path, so other paths in the build command) finds the
+    library this one built and loads it: it neither compiles nor hands it to ninja, which
+    rebuilt it from every other checkout."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import kvflow
+    from kvflow.kernels import cpu_ops
+
+    assert cpu_ops() is not None  # built by this checkout
+    package = Path(kvflow.__file__).parent
+    shutil.copytree(package, tmp_path / "kvflow", ignore=shutil.ignore_patterns("assets",
+                                                                               "__pycache__"))
+    script = ("import kvflow.kernels as k\n"
+              "def refuse(*args): raise SystemExit('compiled again')\n"
+              "k._compile = refuse\n"
+              "import torch.utils.cpp_extension as c\nc.load = refuse\n"
+              "m = k.cpu_ops()\nprint(k.__file__, m.__file__)")
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    checkout, library = done.stdout.split()
+    assert checkout.startswith(str(tmp_path)) and library == cpu_ops().__file__
