@@ -380,10 +380,18 @@ class _ChoiceCache:
         self.path = cache_root() / "env" / name
         self.choices: dict[str, int | str] = (json.loads(self.path.read_text())
                                               if self.path.exists() else {})
+        self.measured = 0  # choices measured by this process
 
     def get(self, key: str, measure: Callable[[], int | str]) -> int | str:
         if key not in self.choices:
+            if not self.measured:
+                logger.info("measuring kvflow's kernels on this machine for this model's "
+                            "shapes, once (a few seconds per shape; kept in %s)", self.path)
+            start = time.monotonic()
             self.choices[key] = measure()
+            self.measured += 1
+            logger.info("measured %s: %r (%.1f s)", key, self.choices[key],
+                        time.monotonic() - start)
             self.path.parent.mkdir(parents=True, exist_ok=True)
             partial = self.path.with_suffix(f".{os.getpid()}.partial")
             partial.write_text(json.dumps(self.choices, indent=1))
