@@ -66,7 +66,12 @@ def cpu_ops() -> ModuleType | None:
     if os.environ.get("KVFLOW_NO_NATIVE_KERNELS"):
         logger.info("native CPU kernels disabled by KVFLOW_NO_NATIVE_KERNELS")
         return None
-    return build()
+    # Extra compiler flags, e.g. -mno-avx512f: the plain loops a CPU without AVX-512
+    # builds, run here (the test suite is run so too).
+    extra = tuple(os.environ.get("KVFLOW_KERNEL_CFLAGS", "").split())
+    if extra:
+        logger.info("native CPU kernels built with %s (KVFLOW_KERNEL_CFLAGS)", " ".join(extra))
+    return build(extra)
 
 
 @functools.cache
