@@ -216,3 +216,53 @@ def test_another_checkout_of_the_same_source_loads_the_built_kernels(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     checkout, library = done.stdout.split()
     assert checkout.startswith(str(tmp_path)) and library == cpu_ops().__file__
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("in_features", [896, 100, 17])
+def test_the_gemv_sums_a_row_the_same_way_in_any_batch(ops, dtype, in_features):
+    """Batch invariance rests on this: a row's outputs are bitwise the same alone, in a
+    batch of any size and at any position in it (both builds: the compiler fuses no
+    multiply-add of its own accord)."""
+    generator = torch.Generator().manual_seed(in_features)
+    w = torch.randn(37, in_features, generator=generator).to(dtype)
+    bias = torch.randn(37, generator=generator).to(dtype)
+    x = torch.randn(150, in_features, generator=generator).to(dtype)
+    alone = torch.cat([ops.gemv(x[i:i + 1], w, bias) for i in range(len(x))])
+    for rows in (2, 3, 5, 64, 65, 150):
+        assert torch.equal(ops.gemv(x[:rows], w, bias), alone[:rows]), rows
+    assert torch.equal(ops.gemv(x[70:], w, bias), alone[70:])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("window", [0, 12])
+def test_attention_without_context_split_is_the_same_for_any_query_grouping(ops, dtype,
+                                                                           window):
+    """A query's output is bitwise the same whether it is one decode, part of a short
+    verification query, or anywhere in a prefill chunk, however the prompt is chunked."""
+    generator = torch.Generator().manual_seed(window)
+    heads, kv_heads, head_dim, block_size, length = 4, 2, 16, 16, 700
+    blocks = length // block_size + 1
+    k_cache = torch.zeros(blocks, kv_heads, head_dim, block_size, dtype=dtype)
+    v_cache = torch.zeros(blocks, kv_heads, block_size, head_dim, dtype=dtype)
+    k, v = (torch.randn(length, kv_heads, head_dim, generator=generator).to(dtype)
+            for _ in range(2))
+    q = torch.randn(length, heads, head_dim, generator=generator).to(dtype)
+    ops.write_kv(k_cache, v_cache, k, v, torch.arange(length))
+    table = torch.arange(blocks, dtype=torch.int32)[None]
+
+    def attend(first: int, end: int) -> torch.Tensor:
+        """Queries first..end-1 as one request's step, the keys before them cached."""
+        out = torch.empty_like(q[first:end])
+        ops.paged_attention(out, q[first:end].contiguous(), k_cache, v_cache, table,
+                            torch.tensor([end], dtype=torch.int32),
+                            torch.tensor([0, end - first], dtype=torch.int32), 0.25, window,
+                            False)
+        return out
+
+    whole = attend(0, length)
+    for cuts in ([0, 37, 74, 300, 616, length], [0, 1, 2, 3, 20, 21, 533, 536, length]):
+        parts = torch.cat([attend(a, b) for a, b in zip(cuts, cuts[1:])])
+        assert torch.equal(parts, whole), cuts
+    decodes = torch.cat([attend(i, i + 1) for i in range(0, length, 7)])
+    assert torch.equal(decodes, whole[::7])

@@ -28,6 +28,10 @@ from types import ModuleType
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "cpu_ops.cpp"
+# No implicit FMA contraction: with it, how the compiler unrolled or vectorized a loop
+# decided which of its multiply-adds fused, and so a row's result (cpu_ops.cpp fuses
+# where it means to).
+CFLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp")
 # What the build takes, for the estimate the log gives: one C++ file, one compiler process
 # (40-50 s on a Zen 4 and a Xeon).
 BUILD_SECONDS = 45
@@ -41,7 +45,7 @@ def _build_key(extra_flags: tuple[str, ...]) -> str:
     cpu = cpuinfo()
     compiler = os.environ.get("CXX", "c++")
     key = "|".join([SOURCE.read_bytes().hex(), cpu.get("model name", ""), cpu.get("flags", ""),
-                    compiler, torch.__version__, sys.version, *extra_flags])
+                    compiler, torch.__version__, sys.version, *CFLAGS, *extra_flags])
     return hashlib.sha1(key.encode()).hexdigest()[:16]
 
 
@@ -124,7 +128,7 @@ def _compile(name: str, directory: Path, library: Path, extra_flags: tuple[str, 
     start = time.monotonic()
     try:
         cpp_extension.load(name=name, sources=[str(SOURCE)], build_directory=str(staging),
-                           extra_cflags=["-O3", "-march=native", *extra_flags, "-fopenmp"],
+                           extra_cflags=[*CFLAGS, *extra_flags],
                            extra_ldflags=["-fopenmp"], verbose=False)
         os.replace(staging / library.name, library)
     finally:

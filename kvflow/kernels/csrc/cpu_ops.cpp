@@ -28,6 +28,18 @@ namespace {
 
 using at::BFloat16;
 
+// a * b + c, fused where the CPU has FMA. The build turns off the compiler's own
+// contraction (-ffp-contract=off), which fused some instances of one loop and not others
+// (how a loop was unrolled or vectorized decided), so that one row's sum could differ with
+// the number of rows beside it; the hot loops fuse here, explicitly and alike everywhere.
+inline float fmadd(float a, float b, float c) {
+#ifdef __FMA__
+  return std::fma(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
+
 inline float to_f32(float x) { return x; }
 inline float to_f32(BFloat16 x) { return static_cast<float>(x); }
 template <typename T> inline T from_f32(float x) { return static_cast<T>(x); }
@@ -221,7 +233,7 @@ void gemv_impl(const T* x, const W* w, const T* scale, const T* bias, T* y, int6
             for (int64_t r = 0; r < rows; ++r) {
               const W* wr = wg + r * K;
               float s = sums[m][r];
-              for (int64_t kk = k_done; kk < K; ++kk) s += to_f32(wr[kk]) * xm[kk];
+              for (int64_t kk = k_done; kk < K; ++kk) s = fmadd(to_f32(wr[kk]), xm[kk], s);
               if (scale) s *= to_f32(scale[n0 + r]);
               if (bias) s += to_f32(bias[n0 + r]);
               yb[(m0 + m) * N + n0 + r] = from_f32<T>(s);
@@ -926,7 +938,7 @@ inline void axpy(float a, const float* x, float* y, int64_t n) {  // y += a * x
   for (; i + 16 <= n; i += 16)
     _mm512_storeu_ps(y + i, _mm512_fmadd_ps(av, _mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i)));
 #endif
-  for (; i < n; ++i) y[i] += a * x[i];
+  for (; i < n; ++i) y[i] = fmadd(a, x[i], y[i]);
 }
 
 inline void scale_vec(float a, float* y, int64_t n) {
@@ -998,7 +1010,8 @@ inline void score_block(const float* qf, int64_t head_dim, const T* kt, int64_t 
   for (int r = 0; r < NR; ++r)
     for (int64_t j = 0; j < n; ++j) {
       float s = 0.f;
-      for (int64_t d = 0; d < head_dim; ++d) s += qf[r * head_dim + d] * to_f32(kt[d * block_size + o + j]);
+      for (int64_t d = 0; d < head_dim; ++d)
+        s = fmadd(qf[r * head_dim + d], to_f32(kt[d * block_size + o + j]), s);
       scores[r * stride + j] = s;
     }
 #endif
@@ -1156,7 +1169,7 @@ void paged_attention_impl(T* out, const T* q, const T* k_cache, const T* v_cache
 #endif
           for (; d < head_dim; ++d) {
             float a = out_r[d];
-            for (int64_t j = 0; j < n; ++j) a += p[j] * vf[j * head_dim + d];
+            for (int64_t j = 0; j < n; ++j) a = fmadd(p[j], vf[j * head_dim + d], a);
             out_r[d] = a;
           }
         }
