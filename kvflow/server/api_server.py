@@ -10,7 +10,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any, TypeVar
 
@@ -38,7 +38,7 @@ from kvflow.server.middleware import (ApiKeyMiddleware, BodyLimitMiddleware,
 from kvflow.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                     OpenAIModel, TokenizeRequest)
 from kvflow.sampling_params import ParameterError
-from kvflow.server.serving import OpenAIServing
+from kvflow.server.serving import Job, OpenAIServing
 from kvflow.server.reasoning_parsers import get_reasoning_parser
 from kvflow.server.tool_parsers import get_tool_parser
 
@@ -252,15 +252,19 @@ def create_app(args: ServerArgs) -> FastAPI:
         logger.exception("internal error")
         return error_response(500, f"internal error: {type(exc).__name__}")
 
-    async def generate(request: CompletionRequest | ChatCompletionRequest,
-                       http_request: Request) -> Any:
-        engine, serving = state.ready()
+    def admit(request: OpenAIModel, model: str | None) -> tuple[OpenAIServing, str]:
+        """The serving object and the model name for a generation request, once the server
+        is ready and the request names a model it serves."""
+        _, serving = state.ready()
         _warn_unknown(request)
-        state.check_model(request.model)
-        model = request.model or args.model_names[0]
-        prepare = (serving.prepare_chat if isinstance(request, ChatCompletionRequest)
-                   else serving.prepare_completion)
-        job = await serving.off_loop(prepare, request, model)
+        state.check_model(model)
+        return serving, model or args.model_names[0]
+
+    async def answer(job: Job, stream: bool, streamed: Callable[[], AsyncIterator[str]],
+                     whole: Callable[[], Awaitable[Any]], http_request: Request) -> Any:
+        """A prepared job's answer, as every generation API gives it: server-sent events
+        from `streamed`, or the body `whole` builds, abandoned if the client leaves."""
+        engine, _ = state.ready()
         state.check_capacity(engine, sum(len(p.children) for p in job.prepared))
         if args.enable_log_requests:  # sizes and parameters, never the client's text
             first = job.prepared[0].children[0].sampling_params
@@ -269,12 +273,20 @@ def create_app(args: ServerArgs) -> FastAPI:
                         len(job.prepared), [len(p.parent.prompt_token_ids) for p in job.prepared],
                         job.n, job.prepared[0].children[0].max_tokens, first.temperature,
                         first.top_p, first.top_k, first.seed)
-        if request.stream:
-            return StreamingResponse(state.counted(serving.stream(job)),
-                                     media_type="text/event-stream",
+        if stream:
+            return StreamingResponse(state.counted(streamed()), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
         with state.answering():
-            return await _unless_disconnected(serving.full_response(job), http_request)
+            return await _unless_disconnected(whole(), http_request)
+
+    async def generate(request: CompletionRequest | ChatCompletionRequest,
+                       http_request: Request) -> Any:
+        serving, model = admit(request, request.model)
+        prepare = (serving.prepare_chat if isinstance(request, ChatCompletionRequest)
+                   else serving.prepare_completion)
+        job = await serving.off_loop(prepare, request, model)
+        return await answer(job, request.stream, lambda: serving.stream(job),
+                            lambda: serving.full_response(job), http_request)
 
     @app.post("/v1/completions")
     async def completions(request: CompletionRequest, http_request: Request) -> Any:
