@@ -210,47 +210,50 @@ def create_app(args: ServerArgs) -> FastAPI:
     app.state.kvflow = state
 
     @app.exception_handler(ApiError)
-    async def on_api_error(_request: Request, exc: ApiError) -> JSONResponse:
-        return error_response(exc.status, exc.message, exc.param, exc.headers)
+    async def on_api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return error_response(exc.status, exc.message, exc.param, exc.headers,
+                              request.url.path)
 
     @app.exception_handler(RequestValidationError)
-    async def on_validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
         cause = (first.get("ctx") or {}).get("error")
+        path = request.url.path
         if isinstance(cause, ParameterError):  # raised by a validator of ours
-            return error_response(400, str(cause), cause.param)
+            return error_response(400, str(cause), cause.param, path=path)
         location = [str(part) for part in first.get("loc", ()) if part != "body"]
         where = ".".join(location)
         if first.get("type") == "json_invalid":
-            return error_response(400, "the request body is not valid JSON")
+            return error_response(400, "the request body is not valid JSON", path=path)
         if not location:
-            return error_response(400, "the request body must be a JSON object")
+            return error_response(400, "the request body must be a JSON object", path=path)
         message = f"{where}: {first.get('msg', 'invalid value')}" if where else str(
             first.get("msg", "invalid request"))
-        return error_response(400, message, location[0] if location else None)
+        return error_response(400, message, location[0] if location else None, path=path)
 
     # Only a ParameterError is the client's fault; any other ValueError is a bug of ours and
     # its text (paths, internals) is not the client's to read.
     @app.exception_handler(ParameterError)
-    async def on_parameter_error(_request: Request, exc: ParameterError) -> JSONResponse:
-        return error_response(400, str(exc), exc.param)
+    async def on_parameter_error(request: Request, exc: ParameterError) -> JSONResponse:
+        return error_response(400, str(exc), exc.param, path=request.url.path)
 
     @app.exception_handler(RequestFailedError)
-    async def on_request_failed(_request: Request, exc: RequestFailedError) -> JSONResponse:
-        return error_response(500, str(exc))
+    async def on_request_failed(request: Request, exc: RequestFailedError) -> JSONResponse:
+        return error_response(500, str(exc), path=request.url.path)
 
     @app.exception_handler(EngineDeadError)
-    async def on_engine_dead(_request: Request, exc: EngineDeadError) -> JSONResponse:
-        return error_response(503, str(exc))
+    async def on_engine_dead(request: Request, exc: EngineDeadError) -> JSONResponse:
+        return error_response(503, str(exc), path=request.url.path)
 
     @app.exception_handler(HTTPException)
-    async def on_http_error(_request: Request, exc: HTTPException) -> JSONResponse:
-        return error_response(exc.status_code, str(exc.detail))
+    async def on_http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        return error_response(exc.status_code, str(exc.detail), path=request.url.path)
 
     @app.exception_handler(Exception)
-    async def on_error(_request: Request, exc: Exception) -> JSONResponse:
+    async def on_error(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("internal error")
-        return error_response(500, f"internal error: {type(exc).__name__}")
+        return error_response(500, f"internal error: {type(exc).__name__}",
+                              path=request.url.path)
 
     def admit(request: OpenAIModel, model: str | None) -> tuple[OpenAIServing, str]:
         """The serving object and the model name for a generation request, once the server
