@@ -18,6 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 
@@ -41,12 +42,14 @@ from kvflow.sampling_params import ParameterError
 from kvflow.server.serving import Job, OpenAIServing
 from kvflow.server.reasoning_parsers import get_reasoning_parser
 from kvflow.server.tool_parsers import get_tool_parser
+from kvflow.server.unserved import UNSERVED_ROOTS, not_served_message
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 OPEN_PATHS = ("/health", "/ping", "/load", "/metrics", "/version")
+ALL_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")
 
 
 class ServerState:
@@ -299,14 +302,21 @@ def create_app(args: ServerArgs) -> FastAPI:
     async def chat_completions(request: ChatCompletionRequest, http_request: Request) -> Any:
         return await generate(request, http_request)
 
+    def model_card(name: str) -> dict[str, Any]:
+        engine, _ = state.ready()
+        return {"id": name, "object": "model", "created": state.created, "owned_by": "kvflow",
+                "root": args.model_names[0], "parent": None,
+                "max_model_len": engine.engine.max_model_len, "permission": []}
+
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        engine, _ = state.ready()
-        data = [{"id": name, "object": "model", "created": state.created, "owned_by": "kvflow",
-                 "root": args.model_names[0], "parent": None,
-                 "max_model_len": engine.engine.max_model_len, "permission": []}
-                for name in args.model_names]
-        return {"object": "list", "data": data}
+        return {"object": "list", "data": [model_card(name) for name in args.model_names]}
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str) -> dict[str, Any]:
+        state.ready()
+        state.check_model(name)
+        return model_card(name)
 
     @app.post("/tokenize")
     async def tokenize(request: TokenizeRequest) -> dict[str, Any]:
@@ -356,6 +366,19 @@ def create_app(args: ServerArgs) -> FastAPI:
                                          state.engine.engine.observations)
         return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
+    # Last, so that every route above is tried first.
+    async def not_served(request: Request) -> Response:
+        path, method = request.url.path, request.method
+        allowed = sorted({m for route in app.routes if isinstance(route, APIRoute)
+                          and route.endpoint is not not_served and route.path_regex.match(path)
+                          for m in route.methods})
+        if allowed:
+            return error_response(405, f"{method} is not allowed here; use {', '.join(allowed)}",
+                                  headers={"Allow": ", ".join(allowed)}, path=path)
+        return error_response(501, not_served_message(path), path=path)
+
+    for path in ("/v1/{rest:path}", *UNSERVED_ROOTS):
+        app.add_api_route(path, not_served, methods=list(ALL_METHODS), include_in_schema=False)
     return app
 
 
