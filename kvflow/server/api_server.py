@@ -219,12 +219,16 @@ def create_app(args: ServerArgs) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {}
+        # The deepest error is the most specific: where a field takes a string or a list, the
+        # string's error comes first, while the list's names the item that is wrong.
+        first = max(exc.errors(), key=lambda error: len(error.get("loc", ())), default={})
         cause = (first.get("ctx") or {}).get("error")
         path = request.url.path
         if isinstance(cause, ParameterError):  # raised by a validator of ours
             return error_response(400, str(cause), cause.param, path=path)
-        location = [str(part) for part in first.get("loc", ()) if part != "body"]
+        # Less the union members pydantic names by their types (list[...], function-after[...]).
+        location = [str(part) for part in first.get("loc", ())
+                    if part != "body" and "[" not in str(part)]
         where = ".".join(location)
         if first.get("type") == "json_invalid":
             return error_response(400, "the request body is not valid JSON", path=path)
