@@ -41,6 +41,9 @@ from kvflow.server.protocol import (ChatCompletionRequest, CompletionRequest, De
 from kvflow.sampling_params import ParameterError
 from kvflow.server.serving import Job, OpenAIServing
 from kvflow.server.reasoning_parsers import get_reasoning_parser
+from kvflow.server.response_store import ResponseStore
+from kvflow.server.responses import Responses
+from kvflow.server.responses_protocol import ResponsesRequest
 from kvflow.server.tool_parsers import get_tool_parser
 from kvflow.server.unserved import UNSERVED_ROOTS, not_served_message
 
@@ -62,6 +65,7 @@ class ServerState:
         self.draining = False
         self.created = int(time.time())
         self.in_flight = 0  # generation requests being answered (GET /load)
+        self.response_store = ResponseStore(args.max_stored_responses)
 
     def load(self) -> None:
         try:
@@ -305,6 +309,21 @@ def create_app(args: ServerArgs) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: ChatCompletionRequest, http_request: Request) -> Any:
         return await generate(request, http_request)
+
+    @app.post("/v1/responses")
+    async def create_response(request: ResponsesRequest, http_request: Request) -> Any:
+        serving, model = admit(request, request.model)
+        responses = Responses(serving, state.response_store)
+        pending = await serving.off_loop(responses.prepare, request, model)
+        return await answer(pending.job, request.stream, lambda: responses.stream(pending),
+                            lambda: responses.full(pending), http_request)
+
+    @app.get("/v1/responses/{response_id}")
+    async def retrieve_response(response_id: str) -> dict[str, Any]:
+        stored = state.response_store.get(response_id)
+        if stored is None:
+            raise ApiError(404, state.response_store.missing(response_id), "response_id")
+        return stored.body
 
     def model_card(name: str) -> dict[str, Any]:
         engine, _ = state.ready()

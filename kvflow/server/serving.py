@@ -76,6 +76,11 @@ class StreamStep:
 KEEPALIVE = ": keep-alive\n\n"
 
 
+def sse(event: str, body: dict[str, Any]) -> str:
+    """A named server-sent event, as the Responses and Messages APIs send them."""
+    return f"event: {event}\ndata: {json.dumps(body)}\n\n"
+
+
 def stream_error(exc: Exception) -> tuple[int, str]:
     """The status and message that report, in-band, an exception that ended a stream."""
     known = {ParameterError: 400, RequestFailedError: 500, EngineDeadError: 503}
