@@ -31,6 +31,8 @@ from kvflow.logger import RepeatFilter
 from kvflow.server.connections import (RESERVED_DESCRIPTORS, default_max_connections,
                                        default_max_per_client, guarded_protocol,
                                        raise_descriptor_limit)
+from kvflow.server.anthropic import AnthropicMessages
+from kvflow.server.anthropic_protocol import MessagesInput, MessagesRequest
 from kvflow.server.args import ServerArgs
 from kvflow.server.errors import ApiError, error_response, printable
 from kvflow.server.metrics import ServerMetrics
@@ -317,6 +319,19 @@ def create_app(args: ServerArgs) -> FastAPI:
         pending = await serving.off_loop(responses.prepare, request, model)
         return await answer(pending.job, request.stream, lambda: responses.stream(pending),
                             lambda: responses.full(pending), http_request)
+
+    @app.post("/v1/messages")
+    async def create_message(request: MessagesRequest, http_request: Request) -> Any:
+        serving, model = admit(request, request.model)
+        messages = AnthropicMessages(serving)
+        pending = await serving.off_loop(messages.prepare, request, model)
+        return await answer(pending.job, request.stream, lambda: messages.stream(pending),
+                            lambda: messages.full(pending), http_request)
+
+    @app.post("/v1/messages/count_tokens")
+    async def count_message_tokens(request: MessagesInput) -> dict[str, int]:
+        serving, _ = admit(request, request.model)
+        return await serving.off_loop(AnthropicMessages(serving).count_tokens, request)
 
     @app.get("/v1/responses/{response_id}")
     async def retrieve_response(response_id: str) -> dict[str, Any]:
