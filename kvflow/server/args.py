@@ -113,8 +113,11 @@ class ServerArgs:
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         parser.add_argument("model_positional", nargs="?", default=None, metavar="MODEL",
-                            help="checkpoint directory or hub id (default: the built-in demo "
-                                 "model)")
+                            help="a checkpoint directory (config.json, *.safetensors and the "
+                                 "tokenizer's files), a Hugging Face hub id (org/name, "
+                                 "downloaded to the hub cache; see --revision, --download-dir) "
+                                 "or a GGUF file (model.gguf, llama.cpp's format); none: the "
+                                 "built-in demo model")
         parser.add_argument("--model", default=None, help="the same as MODEL (vLLM's spelling)")
         parser.add_argument("--host", default="127.0.0.1")
         parser.add_argument("--port", type=int, default=8000)
