@@ -10,8 +10,7 @@ import httpx
 import jsonschema
 import openai
 import pytest
-from checkpoints import TOOLS_CHAT_TEMPLATE
-from server_process import ServerProcess
+from server_process import hermes_tool_flags, running
 
 anthropic = pytest.importorskip("anthropic", reason="the anthropic client is not installed")
 
@@ -33,15 +32,10 @@ def forced(text: str) -> dict:
 @pytest.fixture(scope="module")
 def server(checkpoint, tmp_path_factory):
     folder = tmp_path_factory.mktemp("server-anthropic")
-    template = folder / "tools.jinja"
-    template.write_text(TOOLS_CHAT_TEMPLATE)
-    process = ServerProcess(checkpoint("qwen3", max_position_embeddings=4096), *ENGINE_FLAGS,
-                            "--served-model-name", "tiny", "--api-key", API_KEY,
-                            "--chat-template", str(template), "--enable-auto-tool-choice",
-                            "--tool-call-parser", "hermes", log=folder / "serve.log")
-    process.wait_ready()
-    yield process
-    assert process.stop(), process.log_path.read_text()[-3000:]
+    with running(checkpoint("qwen3", max_position_embeddings=4096), *ENGINE_FLAGS,
+                 "--served-model-name", "tiny", "--api-key", API_KEY,
+                 *hermes_tool_flags(folder), log=folder / "serve.log") as process:
+        yield process
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ calls by tool_choice."""
 from __future__ import annotations
 
 import json
-import shutil
 import string
 from typing import Literal
 
@@ -13,9 +12,8 @@ import httpx
 import jsonschema
 import openai
 import pytest
-from checkpoints import TOOLS_CHAT_TEMPLATE
 from pydantic import BaseModel
-from server_process import ServerProcess
+from server_process import hermes_tool_flags, running
 
 ENGINE_FLAGS = ("--dtype", "float32", "--device", "cpu", "--kv-cache-memory", "16MiB")
 MAX_STORED = 4
@@ -40,15 +38,10 @@ def model_dir(checkpoint):
 @pytest.fixture(scope="module")
 def server(model_dir, tmp_path_factory):
     folder = tmp_path_factory.mktemp("server-responses")
-    template = folder / "tools.jinja"
-    template.write_text(TOOLS_CHAT_TEMPLATE)
-    process = ServerProcess(model_dir, *ENGINE_FLAGS, "--served-model-name", "tiny",
-                            "--chat-template", str(template), "--enable-auto-tool-choice",
-                            "--tool-call-parser", "hermes", "--max-stored-responses",
-                            str(MAX_STORED), log=folder / "serve.log")
-    process.wait_ready()
-    yield process
-    assert process.stop(), process.log_path.read_text()[-3000:]
+    with running(model_dir, *ENGINE_FLAGS, "--served-model-name", "tiny",
+                 *hermes_tool_flags(folder), "--max-stored-responses", str(MAX_STORED),
+                 log=folder / "serve.log") as process:
+        yield process
 
 
 @pytest.fixture(scope="module")
@@ -288,12 +281,10 @@ def test_an_unknown_response_id_is_a_404(server):
 
 @pytest.fixture(scope="module")
 def reasoning_server(model_dir, tmp_path_factory):
-    process = ServerProcess(model_dir, *ENGINE_FLAGS, "--served-model-name", "tiny",
-                            "--reasoning-parser", "deepseek_r1",
-                            log=tmp_path_factory.mktemp("reasoning") / "serve.log")
-    process.wait_ready()
-    yield process
-    assert process.stop(), process.log_path.read_text()[-3000:]
+    with running(model_dir, *ENGINE_FLAGS, "--served-model-name", "tiny",
+                 "--reasoning-parser", "deepseek_r1",
+                 log=tmp_path_factory.mktemp("reasoning") / "serve.log") as process:
+        yield process
 
 
 def test_reasoning_comes_as_a_reasoning_item(reasoning_server):
