@@ -246,6 +246,7 @@ def test_openai_agents_runs_a_tool_loop(server):
 @pytest.mark.parametrize("body, param", [
     ({}, "input"),
     ({"input": 5}, "input"),
+    ({"input": [5]}, "input"),
     ({"input": [{"type": "web_search_call", "id": "x"}]}, "input"),
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
      "input"),

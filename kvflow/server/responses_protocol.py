@@ -46,8 +46,10 @@ class ReasoningItem(OpenAIModel):
 
 
 def _item_type(value: Any) -> Any:
-    # A message may leave its type out (OpenAI's "easy input message").
-    return value.get("type", "message") if isinstance(value, dict) else value.type
+    # A message may leave its type out (OpenAI's "easy input message"); what is neither an
+    # object nor an item has no type (None: pydantic's error says so).
+    return value.get("type", "message") if isinstance(value, dict) else getattr(
+        value, "type", None)
 
 
 InputItem = Annotated[
