@@ -68,7 +68,12 @@ def main(argv: list[str] | None = None) -> int:
     generate.set_defaults(handler=_generate)
 
     serve = commands.add_parser("serve", parents=[common],
-                                help="run the OpenAI-compatible HTTP server")
+                                help="run the OpenAI-compatible HTTP server",
+                                description="Serve MODEL (a checkpoint directory, a Hugging "
+                                            "Face hub id or a GGUF file; none: the built-in "
+                                            "demo model) over HTTP: OpenAI's completions, chat "
+                                            "completions and Responses APIs and Anthropic's "
+                                            "Messages API.")
     ServerArgs.add_cli_args(serve)
     EngineArgs.add_cli_args(serve)
     serve.set_defaults(handler=_serve)

@@ -6,9 +6,12 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+from checkpoints import TOOLS_CHAT_TEMPLATE
 
 
 def free_port() -> int:
@@ -55,3 +58,21 @@ class ServerProcess:
             self._log.close()
         return code in (0, -signal.SIGTERM) and "Application shutdown complete" in \
             self.log_path.read_text()
+
+
+@contextmanager
+def running(model: Path | None, *flags: str, log: Path) -> Iterator[ServerProcess]:
+    """A server, ready, for the block; it must shut down gracefully after it."""
+    process = ServerProcess(model, *flags, log=log)
+    process.wait_ready()
+    yield process
+    assert process.stop(), process.log_path.read_text()[-3000:]
+
+
+def hermes_tool_flags(folder: Path) -> tuple[str, ...]:
+    """The flags of a server that lists tools and parses hermes calls (the template written
+    into `folder`)."""
+    template = folder / "tools.jinja"
+    template.write_text(TOOLS_CHAT_TEMPLATE)
+    return ("--chat-template", str(template), "--enable-auto-tool-choice",
+            "--tool-call-parser", "hermes")

@@ -60,3 +60,13 @@ def test_vllm_spelled_engine_flags():
     assert args.trust_remote_code and args.revision == "main" and args.max_logprobs == 5
     with pytest.raises(ValueError, match="tensor parallelism is not built yet"):
         EngineArgs.from_cli_args(parser.parse_args(["-tp", "2"]))
+
+
+def test_serve_help_names_every_kind_of_model():
+    result = subprocess.run([sys.executable, "-m", "kvflow.cli", "serve", "--help"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stdout.split())
+    for kind in ("checkpoint directory", "Hugging Face hub id", "GGUF file",
+                 "built-in demo model"):
+        assert text.count(kind) == 2, kind  # in the description and in MODEL's help

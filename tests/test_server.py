@@ -506,3 +506,30 @@ def test_api_key_scheme_is_case_insensitive_and_401_says_how(server):
         denied = httpx.post(server.url + "/v1/completions", json=body, headers=headers)
         assert denied.status_code == 401 and denied.headers["www-authenticate"] == "Bearer"
         assert denied.json()["error"]["type"] == "authentication_error"
+
+
+@pytest.mark.parametrize("method, path, names", [
+    ("POST", "/v1/embeddings", "embeddings"),
+    ("GET", "/v1/audio/voices", "audio"),
+    ("POST", "/v1/fine_tuning/jobs", "fine-tuning"),
+    ("POST", "/v1/assistants", "/v1/responses"),
+    ("POST", "/pooling", "pooling"),
+    ("GET", "/v1/no/such/api", "/v1/chat/completions"),
+])
+def test_unserved_apis_get_501_naming_the_api(server, method, path, names):
+    response = httpx.request(method, server.url + path, headers=HEADERS, json={})
+    assert response.status_code == 501, response.text
+    error = response.json()["error"]
+    assert error["code"] == 501 and error["type"] == "not_supported_error"
+    assert names in error["message"]
+    wrong_method = httpx.get(server.url + "/v1/chat/completions", headers=HEADERS)
+    assert wrong_method.status_code == 405 and wrong_method.headers["allow"] == "POST"
+
+
+def test_a_model_by_id(server, client):
+    assert client.models.retrieve("other-name").id == "other-name"
+    card = httpx.get(server.url + "/v1/models/tiny", headers=HEADERS).json()
+    assert card["id"] == "tiny" and card["max_model_len"] == 4096
+    missing = httpx.get(server.url + "/v1/models/org/gpt-4", headers=HEADERS)
+    assert missing.status_code == 404
+    assert "'tiny', 'other-name'" in missing.json()["error"]["message"]

@@ -11,8 +11,7 @@ import httpx
 import jsonschema
 import openai
 import pytest
-from checkpoints import TOOLS_CHAT_TEMPLATE
-from server_process import ServerProcess
+from server_process import ServerProcess, hermes_tool_flags, running
 
 ENGINE_FLAGS = ("--dtype", "float32", "--device", "cpu", "--kv-cache-memory", "16MiB")
 HI = [{"role": "user", "content": "hi"}]
@@ -31,14 +30,9 @@ def model_dir(checkpoint, tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(model_dir, tmp_path_factory):
     folder = tmp_path_factory.mktemp("server-chat")
-    template = folder / "tools.jinja"
-    template.write_text(TOOLS_CHAT_TEMPLATE)
-    process = ServerProcess(model_dir, *ENGINE_FLAGS, "--served-model-name", "tiny",
-                            "--chat-template", str(template), "--enable-auto-tool-choice",
-                            "--tool-call-parser", "hermes", log=folder / "serve.log")
-    process.wait_ready()
-    yield process
-    assert process.stop(), process.log_path.read_text()[-3000:]
+    with running(model_dir, *ENGINE_FLAGS, "--served-model-name", "tiny",
+                 *hermes_tool_flags(folder), log=folder / "serve.log") as process:
+        yield process
 
 
 @pytest.fixture(scope="module")
@@ -310,12 +304,10 @@ def test_bad_tool_requests_get_400(server, body, param, message):
 
 @pytest.fixture(scope="module")
 def reasoning_server(model_dir, tmp_path_factory):
-    process = ServerProcess(model_dir, *ENGINE_FLAGS, "--served-model-name", "tiny",
-                            "--reasoning-parser", "qwen3",
-                            log=tmp_path_factory.mktemp("reasoning") / "serve.log")
-    process.wait_ready()
-    yield process
-    assert process.stop(), process.log_path.read_text()[-3000:]
+    with running(model_dir, *ENGINE_FLAGS, "--served-model-name", "tiny",
+                 "--reasoning-parser", "qwen3",
+                 log=tmp_path_factory.mktemp("reasoning") / "serve.log") as process:
+        yield process
 
 
 def _message(server, stream: bool = False, **body) -> dict:

@@ -10,7 +10,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any, TypeVar
 
@@ -18,6 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 
@@ -30,6 +31,8 @@ from kvflow.logger import RepeatFilter
 from kvflow.server.connections import (RESERVED_DESCRIPTORS, default_max_connections,
                                        default_max_per_client, guarded_protocol,
                                        raise_descriptor_limit)
+from kvflow.server.anthropic import AnthropicMessages
+from kvflow.server.anthropic_protocol import MessagesInput, MessagesRequest
 from kvflow.server.args import ServerArgs
 from kvflow.server.errors import ApiError, error_response, printable
 from kvflow.server.metrics import ServerMetrics
@@ -38,15 +41,20 @@ from kvflow.server.middleware import (ApiKeyMiddleware, BodyLimitMiddleware,
 from kvflow.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                     OpenAIModel, TokenizeRequest)
 from kvflow.sampling_params import ParameterError
-from kvflow.server.serving import OpenAIServing
+from kvflow.server.serving import Job, OpenAIServing
 from kvflow.server.reasoning_parsers import get_reasoning_parser
+from kvflow.server.response_store import ResponseStore
+from kvflow.server.responses import Responses
+from kvflow.server.responses_protocol import ResponsesRequest
 from kvflow.server.tool_parsers import get_tool_parser
+from kvflow.server.unserved import UNSERVED_ROOTS, not_served_message
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 OPEN_PATHS = ("/health", "/ping", "/load", "/metrics", "/version")
+ALL_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")
 
 
 class ServerState:
@@ -59,6 +67,7 @@ class ServerState:
         self.draining = False
         self.created = int(time.time())
         self.in_flight = 0  # generation requests being answered (GET /load)
+        self.response_store = ResponseStore(args.max_stored_responses)
 
     def load(self) -> None:
         try:
@@ -210,57 +219,68 @@ def create_app(args: ServerArgs) -> FastAPI:
     app.state.kvflow = state
 
     @app.exception_handler(ApiError)
-    async def on_api_error(_request: Request, exc: ApiError) -> JSONResponse:
-        return error_response(exc.status, exc.message, exc.param, exc.headers)
+    async def on_api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return error_response(exc.status, exc.message, exc.param, exc.headers,
+                              request.url.path)
 
     @app.exception_handler(RequestValidationError)
-    async def on_validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {}
+    async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # The deepest error is the most specific: where a field takes a string or a list, the
+        # string's error comes first, while the list's names the item that is wrong.
+        first = max(exc.errors(), key=lambda error: len(error.get("loc", ())), default={})
         cause = (first.get("ctx") or {}).get("error")
+        path = request.url.path
         if isinstance(cause, ParameterError):  # raised by a validator of ours
-            return error_response(400, str(cause), cause.param)
-        location = [str(part) for part in first.get("loc", ()) if part != "body"]
+            return error_response(400, str(cause), cause.param, path=path)
+        # Less the union members pydantic names by their types (list[...], function-after[...]).
+        location = [str(part) for part in first.get("loc", ())
+                    if part != "body" and "[" not in str(part)]
         where = ".".join(location)
         if first.get("type") == "json_invalid":
-            return error_response(400, "the request body is not valid JSON")
+            return error_response(400, "the request body is not valid JSON", path=path)
         if not location:
-            return error_response(400, "the request body must be a JSON object")
+            return error_response(400, "the request body must be a JSON object", path=path)
         message = f"{where}: {first.get('msg', 'invalid value')}" if where else str(
             first.get("msg", "invalid request"))
-        return error_response(400, message, location[0] if location else None)
+        return error_response(400, message, location[0] if location else None, path=path)
 
     # Only a ParameterError is the client's fault; any other ValueError is a bug of ours and
     # its text (paths, internals) is not the client's to read.
     @app.exception_handler(ParameterError)
-    async def on_parameter_error(_request: Request, exc: ParameterError) -> JSONResponse:
-        return error_response(400, str(exc), exc.param)
+    async def on_parameter_error(request: Request, exc: ParameterError) -> JSONResponse:
+        return error_response(400, str(exc), exc.param, path=request.url.path)
 
     @app.exception_handler(RequestFailedError)
-    async def on_request_failed(_request: Request, exc: RequestFailedError) -> JSONResponse:
-        return error_response(500, str(exc))
+    async def on_request_failed(request: Request, exc: RequestFailedError) -> JSONResponse:
+        return error_response(500, str(exc), path=request.url.path)
 
     @app.exception_handler(EngineDeadError)
-    async def on_engine_dead(_request: Request, exc: EngineDeadError) -> JSONResponse:
-        return error_response(503, str(exc))
+    async def on_engine_dead(request: Request, exc: EngineDeadError) -> JSONResponse:
+        return error_response(503, str(exc), path=request.url.path)
 
     @app.exception_handler(HTTPException)
-    async def on_http_error(_request: Request, exc: HTTPException) -> JSONResponse:
-        return error_response(exc.status_code, str(exc.detail))
+    async def on_http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        return error_response(exc.status_code, str(exc.detail), path=request.url.path)
 
     @app.exception_handler(Exception)
-    async def on_error(_request: Request, exc: Exception) -> JSONResponse:
+    async def on_error(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("internal error")
-        return error_response(500, f"internal error: {type(exc).__name__}")
+        return error_response(500, f"internal error: {type(exc).__name__}",
+                              path=request.url.path)
 
-    async def generate(request: CompletionRequest | ChatCompletionRequest,
-                       http_request: Request) -> Any:
-        engine, serving = state.ready()
+    def admit(request: OpenAIModel, model: str | None) -> tuple[OpenAIServing, str]:
+        """The serving object and the model name for a generation request, once the server
+        is ready and the request names a model it serves."""
+        _, serving = state.ready()
         _warn_unknown(request)
-        state.check_model(request.model)
-        model = request.model or args.model_names[0]
-        prepare = (serving.prepare_chat if isinstance(request, ChatCompletionRequest)
-                   else serving.prepare_completion)
-        job = await serving.off_loop(prepare, request, model)
+        state.check_model(model)
+        return serving, model or args.model_names[0]
+
+    async def answer(job: Job, stream: bool, streamed: Callable[[], AsyncIterator[str]],
+                     whole: Callable[[], Awaitable[Any]], http_request: Request) -> Any:
+        """A prepared job's answer, as every generation API gives it: server-sent events
+        from `streamed`, or the body `whole` builds, abandoned if the client leaves."""
+        engine, _ = state.ready()
         state.check_capacity(engine, sum(len(p.children) for p in job.prepared))
         if args.enable_log_requests:  # sizes and parameters, never the client's text
             first = job.prepared[0].children[0].sampling_params
@@ -269,12 +289,20 @@ def create_app(args: ServerArgs) -> FastAPI:
                         len(job.prepared), [len(p.parent.prompt_token_ids) for p in job.prepared],
                         job.n, job.prepared[0].children[0].max_tokens, first.temperature,
                         first.top_p, first.top_k, first.seed)
-        if request.stream:
-            return StreamingResponse(state.counted(serving.stream(job)),
-                                     media_type="text/event-stream",
+        if stream:
+            return StreamingResponse(state.counted(streamed()), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
         with state.answering():
-            return await _unless_disconnected(serving.full_response(job), http_request)
+            return await _unless_disconnected(whole(), http_request)
+
+    async def generate(request: CompletionRequest | ChatCompletionRequest,
+                       http_request: Request) -> Any:
+        serving, model = admit(request, request.model)
+        prepare = (serving.prepare_chat if isinstance(request, ChatCompletionRequest)
+                   else serving.prepare_completion)
+        job = await serving.off_loop(prepare, request, model)
+        return await answer(job, request.stream, lambda: serving.stream(job),
+                            lambda: serving.full_response(job), http_request)
 
     @app.post("/v1/completions")
     async def completions(request: CompletionRequest, http_request: Request) -> Any:
@@ -284,14 +312,49 @@ def create_app(args: ServerArgs) -> FastAPI:
     async def chat_completions(request: ChatCompletionRequest, http_request: Request) -> Any:
         return await generate(request, http_request)
 
+    @app.post("/v1/responses")
+    async def create_response(request: ResponsesRequest, http_request: Request) -> Any:
+        serving, model = admit(request, request.model)
+        responses = Responses(serving, state.response_store)
+        pending = await serving.off_loop(responses.prepare, request, model)
+        return await answer(pending.job, request.stream, lambda: responses.stream(pending),
+                            lambda: responses.full(pending), http_request)
+
+    @app.post("/v1/messages")
+    async def create_message(request: MessagesRequest, http_request: Request) -> Any:
+        serving, model = admit(request, request.model)
+        messages = AnthropicMessages(serving)
+        pending = await serving.off_loop(messages.prepare, request, model)
+        return await answer(pending.job, request.stream, lambda: messages.stream(pending),
+                            lambda: messages.full(pending), http_request)
+
+    @app.post("/v1/messages/count_tokens")
+    async def count_message_tokens(request: MessagesInput) -> dict[str, int]:
+        serving, _ = admit(request, request.model)
+        return await serving.off_loop(AnthropicMessages(serving).count_tokens, request)
+
+    @app.get("/v1/responses/{response_id}")
+    async def retrieve_response(response_id: str) -> dict[str, Any]:
+        stored = state.response_store.get(response_id)
+        if stored is None:
+            raise ApiError(404, state.response_store.missing(response_id), "response_id")
+        return stored.body
+
+    def model_card(name: str) -> dict[str, Any]:
+        engine, _ = state.ready()
+        return {"id": name, "object": "model", "created": state.created, "owned_by": "kvflow",
+                "root": args.model_names[0], "parent": None,
+                "max_model_len": engine.engine.max_model_len, "permission": []}
+
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        engine, _ = state.ready()
-        data = [{"id": name, "object": "model", "created": state.created, "owned_by": "kvflow",
-                 "root": args.model_names[0], "parent": None,
-                 "max_model_len": engine.engine.max_model_len, "permission": []}
-                for name in args.model_names]
-        return {"object": "list", "data": data}
+        return {"object": "list", "data": [model_card(name) for name in args.model_names]}
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str) -> dict[str, Any]:
+        state.ready()
+        state.check_model(name)
+        return model_card(name)
 
     @app.post("/tokenize")
     async def tokenize(request: TokenizeRequest) -> dict[str, Any]:
@@ -341,6 +404,19 @@ def create_app(args: ServerArgs) -> FastAPI:
                                          state.engine.engine.observations)
         return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
+    # Last, so that every route above is tried first.
+    async def not_served(request: Request) -> Response:
+        path, method = request.url.path, request.method
+        allowed = sorted({m for route in app.routes if isinstance(route, APIRoute)
+                          and route.endpoint is not not_served and route.path_regex.match(path)
+                          for m in route.methods})
+        if allowed:
+            return error_response(405, f"{method} is not allowed here; use {', '.join(allowed)}",
+                                  headers={"Allow": ", ".join(allowed)}, path=path)
+        return error_response(501, not_served_message(path), path=path)
+
+    for path in ("/v1/{rest:path}", *UNSERVED_ROOTS):
+        app.add_api_route(path, not_served, methods=list(ALL_METHODS), include_in_schema=False)
     return app
 
 

@@ -13,6 +13,7 @@ from kvflow.demo import DEMO_MODEL_NAME, demo_model_path
 from kvflow.engine.args import EngineArgs
 from kvflow.server.metrics import METRIC_PREFIXES
 from kvflow.server.reasoning_parsers import reasoning_parser_names
+from kvflow.server.response_store import DEFAULT_MAX_STORED_RESPONSES
 from kvflow.server.tool_parsers import tool_parser_names
 from kvflow.tokenizer.chat import load_chat_template
 
@@ -55,8 +56,12 @@ class ServerArgs:
     enable_auto_tool_choice: bool = False  # tool_choice "auto", parsed by tool_call_parser
     tool_call_parser: str | None = None  # a name in server/tool_parsers
     reasoning_parser: str | None = None  # a name in server/reasoning_parsers
+    max_stored_responses: int = DEFAULT_MAX_STORED_RESPONSES  # /v1/responses kept in memory
 
     def __post_init__(self) -> None:
+        if self.max_stored_responses < 0:
+            raise ValueError(f"--max-stored-responses must be at least 0, "
+                             f"got {self.max_stored_responses}")
         if self.max_waiting_requests is not None and self.max_waiting_requests < 1:
             raise ValueError(f"--max-waiting-requests must be at least 1, "
                              f"got {self.max_waiting_requests}")
@@ -108,8 +113,11 @@ class ServerArgs:
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         parser.add_argument("model_positional", nargs="?", default=None, metavar="MODEL",
-                            help="checkpoint directory or hub id (default: the built-in demo "
-                                 "model)")
+                            help="a checkpoint directory (config.json, *.safetensors and the "
+                                 "tokenizer's files), a Hugging Face hub id (org/name, "
+                                 "downloaded to the hub cache; see --revision, --download-dir) "
+                                 "or a GGUF file (model.gguf, llama.cpp's format); none: the "
+                                 "built-in demo model")
         parser.add_argument("--model", default=None, help="the same as MODEL (vLLM's spelling)")
         parser.add_argument("--host", default="127.0.0.1")
         parser.add_argument("--port", type=int, default=8000)
@@ -186,6 +194,11 @@ class ServerArgs:
                             help="split chat outputs into message.reasoning_content and the "
                                  "answer (qwen3, deepseek_r1); structured output then "
                                  "constrains the answer only")
+        parser.add_argument("--max-stored-responses", type=int,
+                            default=DEFAULT_MAX_STORED_RESPONSES,
+                            help="/v1/responses answers kept in memory for previous_response_id "
+                                 "and GET /v1/responses/{id}; past it the oldest is evicted "
+                                 "(0: none kept)")
         parser.add_argument("--metrics-prefix", default="kvflow", choices=METRIC_PREFIXES,
                             help="the prefix of /metrics series: vllm serves vLLM's dashboards "
                                  "unchanged")
@@ -221,7 +234,8 @@ class ServerArgs:
                                   if ns.chat_template is not None else None),
                    enable_auto_tool_choice=ns.enable_auto_tool_choice,
                    tool_call_parser=ns.tool_call_parser,
-                   reasoning_parser=ns.reasoning_parser)
+                   reasoning_parser=ns.reasoning_parser,
+                   max_stored_responses=ns.max_stored_responses)
 
 
 def _json_list(value: str) -> list[str]:

@@ -1,12 +1,19 @@
-"""Errors in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+"""Errors in OpenAI's shape, {"error": {"message", "type", "param", "code"}}, or in
+Anthropic's, {"type": "error", "error": {"type", "message"}}, on Anthropic's routes."""
 from __future__ import annotations
 
 from fastapi.responses import JSONResponse
 
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
                 404: "not_found_error", 408: "invalid_request_error",
-                413: "invalid_request_error",
+                405: "invalid_request_error", 413: "invalid_request_error",
+                501: "not_supported_error",
                 503: "service_unavailable"}
+_ANTHROPIC_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
+                          403: "permission_error", 404: "not_found_error",
+                          408: "invalid_request_error", 413: "invalid_request_error",
+                          429: "rate_limit_error", 503: "overloaded_error"}
+ANTHROPIC_ROUTES = "/v1/messages"  # the prefix of the routes whose errors are Anthropic's
 
 
 class ApiError(Exception):
@@ -31,7 +38,14 @@ def error_body(status: int, message: str, param: str | None = None) -> dict:
                       "param": None if param is None else printable(param), "code": status}}
 
 
+def anthropic_error_body(status: int, message: str) -> dict:
+    return {"type": "error", "error": {"type": _ANTHROPIC_ERROR_TYPES.get(status, "api_error"),
+                                       "message": printable(message, 2000)}}
+
+
 def error_response(status: int, message: str, param: str | None = None,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(error_body(status, message, param), status_code=status,
-                        headers=headers)
+                   headers: dict[str, str] | None = None, path: str = "") -> JSONResponse:
+    """`path`: the request's, which picks the shape (Anthropic's clients read only theirs)."""
+    body = (anthropic_error_body(status, message) if path.startswith(ANTHROPIC_ROUTES)
+            else error_body(status, message, param))
+    return JSONResponse(body, status_code=status, headers=headers)

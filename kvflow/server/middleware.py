@@ -33,7 +33,8 @@ class BodyLimitMiddleware:
             return
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
-            response = error_response(413, self._message(), headers={"Connection": "close"})
+            response = error_response(413, self._message(), headers={"Connection": "close"},
+                                      path=scope["path"])
             await response(scope, receive, send)
             return
         received = 0
@@ -104,8 +105,9 @@ class ClientTimeoutMiddleware:
 
 
 class ApiKeyMiddleware:
-    """Requires `Authorization: Bearer KEY` (the scheme in any case, as RFC 7235 says) on
-    every path but the open ones. The key is compared in constant time."""
+    """Requires `Authorization: Bearer KEY` (the scheme in any case, as RFC 7235 says) or
+    `x-api-key: KEY` (Anthropic's clients send that) on every path but the open ones. The
+    key is compared in constant time."""
 
     def __init__(self, app: ASGIApp, api_keys: list[str], open_paths: tuple[str, ...]) -> None:
         self.app = app
@@ -113,17 +115,22 @@ class ApiKeyMiddleware:
         self.open_paths = open_paths
 
     def _authorized(self, scope: Scope) -> bool:
-        header = dict(scope["headers"]).get(b"authorization", b"")
-        scheme, _, token = header.partition(b" ")
+        headers = dict(scope["headers"])
+        scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
+        bearer = token.strip() if scheme.lower() == b"bearer" else None
+        given = [key for key in (bearer, headers.get(b"x-api-key")) if key is not None]
         # Every key is compared, so the time taken says nothing about which one was close.
-        matches = [hmac.compare_digest(token.strip(), key) for key in self.expected]
-        return scheme.lower() == b"bearer" and any(matches)
+        matches = [hmac.compare_digest(key, expected) for key in given
+                   for expected in self.expected]
+        return any(matches)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"] not in self.open_paths \
                 and not self._authorized(scope):
-            response = error_response(401, "missing or wrong API key",
-                                      headers={"WWW-Authenticate": "Bearer"})
+            response = error_response(401, "missing or wrong API key (send Authorization: "
+                                      "Bearer KEY, or x-api-key: KEY)",
+                                      headers={"WWW-Authenticate": "Bearer"},
+                                      path=scope["path"])
             await response(scope, receive, send)
             return
         await self.app(scope, receive, send)

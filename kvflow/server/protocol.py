@@ -81,9 +81,11 @@ _GUIDED_FIELDS = {"guided_json": "json", "guided_regex": "regex", "guided_choice
 _ALWAYS_SO = {"disable_fallback", "disable_any_whitespace"}
 
 
-class _GenerationRequest(TopLevelRequest):
-    model: str | None = None
-    n: int = 1
+class SamplingFields(TopLevelRequest):
+    """The sampling fields of chat completions that the Responses and Messages APIs take
+    too, under the same names (vLLM's extras there): the server passes those a request sets
+    on to the chat request it is rendered into."""
+
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None
@@ -100,16 +102,25 @@ class _GenerationRequest(TopLevelRequest):
     priority: int = 0
     cache_salt: str | None = None
     user: str | None = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     allowed_token_ids: list[int] | None = None
     bad_words: list[str] | None = None
+    structured_outputs: dict[str, Any] | None = None
+
+    def sampling_fields_set(self) -> dict[str, Any]:
+        """The sampling fields this request sets, as JSON values."""
+        return self.model_dump(include=self.model_fields_set & SamplingFields.model_fields.keys())
+
+
+class _GenerationRequest(SamplingFields):
+    model: str | None = None
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
     truncate_prompt_tokens: int | None = None
     response_format: ResponseFormat | None = None
-    structured_outputs: dict[str, Any] | None = None
     guided_json: dict[str, Any] | str | None = None
     guided_regex: str | None = None
     guided_choice: list[str] | None = None

@@ -66,6 +66,32 @@ class Job:
         return ("chatcmpl-" if self.kind == "chat" else "cmpl-") + self.id
 
 
+@dataclass(frozen=True)
+class StreamStep:
+    output: RequestOutput  # the prompt's output so far
+    choices: list[dict[str, Any]]  # the choices that changed: chat or completion chunk choices
+
+
+# An SSE comment, sent when a stream has been quiet for keepalive_s: proxies keep it open.
+KEEPALIVE = ": keep-alive\n\n"
+
+
+def sse(event: str, body: dict[str, Any]) -> str:
+    """A named server-sent event, as the Responses and Messages APIs send them."""
+    return f"event: {event}\ndata: {json.dumps(body)}\n\n"
+
+
+def stream_error(exc: Exception) -> tuple[int, str]:
+    """The status and message that report, in-band, an exception that ended a stream."""
+    known = {ParameterError: 400, RequestFailedError: 500, EngineDeadError: 503}
+    status = next((code for kind, code in known.items() if isinstance(exc, kind)), None)
+    if status is not None:
+        return status, str(exc)
+    # A bug of ours: its text (paths, internals) is not the client's to read.
+    logger.exception("a stream failed")
+    return 500, f"internal error: {type(exc).__name__}"
+
+
 def completion_prompts(request: CompletionRequest) -> list[str | list[int]]:
     prompt = request.prompt
     if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
@@ -290,22 +316,25 @@ class OpenAIServing:
     def _finished(self, job: Job, index: int, output: RequestOutput) -> None:
         self.metrics.observe_finished(output, job.n, job.prepared[index].children[0].max_tokens)
 
-    async def full_response(self, job: Job) -> dict[str, Any]:
+    async def final_outputs(self, job: Job) -> list[RequestOutput]:
+        """Each prompt's finished output, in the order of the prompts."""
         finals: dict[int, RequestOutput] = {}
         async for item in self._outputs(job):
             index, output = item  # type: ignore[misc]  # no idle_s: never None
             if output.finished:
                 finals[index] = output
                 self._finished(job, index, output)
-        body_choices = []
-        for index in range(len(job.prepared)):
-            output = finals[index]
-            for completion in output.outputs:
-                body_choices.append(self._full_choice(job, index, output, completion))
+        return [finals[index] for index in range(len(job.prepared))]
+
+    async def full_response(self, job: Job) -> dict[str, Any]:
+        finals = await self.final_outputs(job)
+        body_choices = [self._full_choice(job, index, output, completion)
+                        for index, output in enumerate(finals)
+                        for completion in output.outputs]
         return {"id": job.response_id,
                 "object": "chat.completion" if job.kind == "chat" else "text_completion",
                 "created": job.created, "model": job.model, "choices": body_choices,
-                "usage": self._usage(finals.values())}
+                "usage": self._usage(finals)}
 
     def _full_choice(self, job: Job, index: int, output: RequestOutput,
                      completion: CompletionOutput) -> dict[str, Any]:
@@ -338,8 +367,23 @@ class OpenAIServing:
             return output.prompt
         return self.tokenizer.decode(output.prompt_token_ids)
 
-    async def stream(self, job: Job) -> AsyncIterator[str]:
+    async def stream_steps(self, job: Job) -> AsyncIterator[StreamStep | None]:
+        """Each engine step's output with what its choices add (chat: OpenAI's delta
+        messages); None whenever keepalive_s passes without output. The chat and completion
+        streams and the other APIs' streams (responses.py, anthropic.py) are built on it."""
         choices = [[_Choice() for _ in range(job.n)] for _ in job.prepared]
+        async for item in self._outputs(job, self.keepalive_s):
+            if item is None:
+                yield None
+                continue
+            index, output = item
+            if output.finished:
+                self._finished(job, index, output)
+            chunk = [self._stream_choice(job, index, output, c, choices[index][c.index])
+                     for c in output.outputs]
+            yield StreamStep(output, [c for c in chunk if c is not None])
+
+    async def stream(self, job: Job) -> AsyncIterator[str]:
         finals: list[RequestOutput] = []
         try:
             if job.kind == "chat":
@@ -349,30 +393,18 @@ class OpenAIServing:
                                                  "delta": {"role": self.response_role,
                                                            "content": ""},
                                                  "logprobs": None, "finish_reason": None}])
-            async for item in self._outputs(job, self.keepalive_s):
-                if item is None:
-                    yield ": keep-alive\n\n"  # an SSE comment: proxies keep the stream open
+            async for step in self.stream_steps(job):
+                if step is None:
+                    yield KEEPALIVE
                     continue
-                index, output = item
-                if output.finished:
-                    finals.append(output)
-                    self._finished(job, index, output)
-                chunk = [self._stream_choice(job, index, output, c, choices[index][c.index])
-                         for c in output.outputs]
-                chunk = [c for c in chunk if c is not None]
-                if chunk:
-                    yield self._event(job, chunk)
+                if step.output.finished:
+                    finals.append(step.output)
+                if step.choices:
+                    yield self._event(job, step.choices)
             if job.include_usage:
                 yield self._event(job, [], usage=self._usage(finals))
         except Exception as exc:  # noqa: BLE001 - the stream has started: report in-band
-            known = {ParameterError: 400, RequestFailedError: 500, EngineDeadError: 503}
-            status = next((code for kind, code in known.items() if isinstance(exc, kind)), None)
-            if status is not None:
-                message = str(exc)
-            else:  # a bug of ours: its text (paths, internals) is not the client's to read
-                logger.exception("a stream failed")
-                status, message = 500, f"internal error: {type(exc).__name__}"
-            yield f"data: {json.dumps(error_body(status, message))}\n\n"
+            yield f"data: {json.dumps(error_body(*stream_error(exc)))}\n\n"
         yield "data: [DONE]\n\n"
 
     def _stream_choice(self, job: Job, index: int, output: RequestOutput,
