@@ -163,3 +163,20 @@ def test_a_thousand_greedy_runs_under_random_load_give_one_completion(checkpoint
     finally:
         assert server.stop()
     assert sent == 1300 and len(seen) == 1, f"{len(seen)} distinct completions"
+
+
+@pytest.mark.parametrize("quantization", ["int8", "int4"])
+def test_quantized_weights_are_batch_invariant_too(checkpoint, quantization):
+    """Every batch size runs the method's native GEMV (int4: groups of 32 columns here)."""
+    options = dict(enable_prefix_caching=False, quantization=quantization,
+                   quantization_group_size=32)
+    llm = _llm(checkpoint, "qwen3", "bfloat16", **options)
+    reference = _fingerprint(llm.generate([{"prompt_token_ids": PROMPT}], TARGET,
+                                          use_tqdm=False)[0])
+    prompts, params = _others(random.Random(11), 24)
+    outputs = llm.generate([*prompts, {"prompt_token_ids": PROMPT}], [*params, TARGET],
+                           use_tqdm=False)
+    assert _fingerprint(outputs[-1]) == reference
+    chunked = _llm(checkpoint, "qwen3", "bfloat16", max_num_batched_tokens=37, **options)
+    assert _fingerprint(chunked.generate([{"prompt_token_ids": PROMPT}], TARGET,
+                                         use_tqdm=False)[0]) == reference
