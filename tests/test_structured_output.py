@@ -32,8 +32,10 @@ def assert_valid(text: str, schema: dict) -> None:
 
 @pytest.fixture(scope="module")
 def llm(checkpoint):
+    # Batch-invariant: unconstrained requests' tokens alone and in a mixed batch are
+    # compared exactly.
     return LLM(str(checkpoint("llama-gqa")), dtype="float32", device="cpu",
-               kv_cache_memory="4MiB")
+               kv_cache_memory="4MiB", batch_invariant=True)
 
 
 @pytest.fixture(scope="module")
