@@ -25,7 +25,9 @@ def model_dir(checkpoint):
 
 @pytest.fixture(scope="module")
 def server(model_dir, tmp_path_factory):
-    process = ServerProcess(model_dir, *ENGINE_FLAGS, "--api-key", API_KEY,
+    # Batch-invariant, as the offline engine below: the server's outputs are compared with
+    # it exactly, though the two batch their requests differently.
+    process = ServerProcess(model_dir, *ENGINE_FLAGS, "--batch-invariant", "--api-key", API_KEY,
                             "--served-model-name", "tiny", "other-name",
                             "--enable-prompt-tokens-details",
                             log=tmp_path_factory.mktemp("server") / "serve.log")
@@ -41,7 +43,8 @@ def client(server):
 
 @pytest.fixture(scope="module")
 def offline(model_dir):
-    return LLM(str(model_dir), dtype="float32", device="cpu", kv_cache_memory="16MiB")
+    return LLM(str(model_dir), dtype="float32", device="cpu", kv_cache_memory="16MiB",
+               batch_invariant=True)
 
 
 def metric(server, name: str, labels: str = "") -> float:
