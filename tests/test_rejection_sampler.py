@@ -235,3 +235,39 @@ def test_sampled_and_one_hot_proposals_in_one_batch():
     _, _, accepted_as_one_hot = verify([None] * requests)
     assert abs(accepted_as_one_hot - (p * q).sum().item()) < 0.025
     assert torch.minimum(p, q).sum() - (p * q).sum() > 0.3
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_position_keyed_noise_makes_verification_take_the_sampled_tokens(seed):
+    """Batch-invariant mode: with each row's noise seeded by its request and position, a
+    verification emits exactly the tokens sampling them one at a time would, whichever
+    drafts it is given (accepted up to the first that differs)."""
+    vocab = 12
+    generator = torch.Generator().manual_seed(seed)
+    params = SamplingParams(temperature=0.9, top_p=0.95, seed=seed)
+    prompt, output = [1, 2, 3], [4]
+    logits = torch.randn(4, vocab, generator=generator)  # positions 4..7
+    keys = {"r": 1000 + seed}
+    sampler = Sampler(torch.Generator().manual_seed(0))
+
+    def sampled_alone(position: int, before: list[int]) -> int:
+        request = ScheduledRequest(req_id="r", token_ids=[0], num_computed_tokens=0,
+                                   block_ids=[0], sample=True, sampling_params=params,
+                                   prompt_token_ids=prompt, output_token_ids=output + before,
+                                   stop_token_ids=frozenset())
+        batch = prepare_sampling([request], {}, vocab, torch.device("cpu"), keys)
+        return sampler(logits[position:position + 1], batch)[0].item()
+
+    expected: list[int] = []
+    for position in range(4):
+        expected.append(sampled_alone(position, expected))
+    for drafts in (expected[:3], expected[:1] + [(expected[1] + 1) % vocab] + expected[2:3],
+                   [(expected[0] + 1) % vocab] * 3):
+        request = ScheduledRequest(req_id="r", token_ids=[0], num_computed_tokens=0,
+                                   block_ids=[0], sample=True, sampling_params=params,
+                                   prompt_token_ids=prompt, output_token_ids=output,
+                                   stop_token_ids=frozenset(), draft_token_ids=drafts)
+        batch = prepare_sampling(sampling_rows(request), {}, vocab, torch.device("cpu"), keys)
+        (tokens,), _ = RejectionSampler(sampler)(logits, batch, [drafts])
+        accepted = next((i for i, d in enumerate(drafts) if d != expected[i]), len(drafts))
+        assert tokens == expected[:accepted + 1]

@@ -87,8 +87,11 @@ class RejectionSampler:
         wants_logprobs = any(n is not None for n in batch.num_logprobs)
         raw_logprobs = torch.log_softmax(logits.float(), dim=-1) if wants_logprobs else None
         adjusted = self.sampler.adjust(logits.float(), batch) if batch.adjusts_logits else logits
-        if batch.all_greedy:
-            target = argmax(adjusted)[index]  # [R, K+1]
+        if batch.all_greedy or batch.noise_keys is not None:
+            # Each position's token is the one sampling would take there, its noise seeded by
+            # the position (batch-invariant mode; a greedy row's is its argmax), and a draft
+            # is accepted where it is that token: exact, whatever the drafts' distribution.
+            target = self.sampler.choose(adjusted.float(), batch)[index]  # [R, K+1]
             matches = (target[:, :-1] == draft_ids) & (
                 torch.arange(width - 1, device=device) < num_drafts[:, None])
             num_accepted = matches.int().cumprod(dim=-1).sum(dim=-1).long()

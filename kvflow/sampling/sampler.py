@@ -5,7 +5,9 @@ logit_bias, the min_tokens mask over stop tokens, repetition/presence/frequency
 penalties, temperature, top-k, top-p and min-p. A sample is the argmax of
 probs / Exp(1) noise (the exponential race, equivalent to multinomial sampling). Rows
 with a seed draw their noise from their own generator, so their tokens do not depend
-on what else is in the batch.
+on what else is in the batch. In batch-invariant mode a row's noise is seeded by its request
+and the position it samples at, so a sample does not depend on how many draws came before
+it either: speculative verification then takes exactly the tokens sampling would.
 
 A row is one position to sample at. A request verifying draft tokens (speculative
 decoding) has a row at its last known token and one at each draft, and each row sees
@@ -70,6 +72,9 @@ class SamplingBatch:
     # (rows [N] int64, bitmask [N, ceil(V/32)] int32): what each constrained row's grammar
     # allows (structured output); set by the runner, which keeps the grammars' masker
     grammar: tuple[torch.Tensor, torch.Tensor] | None = None
+    # [B] per row, the seed of its noise, from its request's and its position's: set in
+    # batch-invariant mode, where a sample depends on nothing but its request and position
+    noise_keys: list[int] | None = None
 
     @property
     def adjusts_logits(self) -> bool:
@@ -120,9 +125,17 @@ def _rows_of(entries: list[tuple[int, tuple[torch.Tensor, ...]]],
     return torch.repeat_interleave(rows, counts).to(device)
 
 
+def noise_key(request_key: int, position: int) -> int:
+    """The seed of the noise a request samples its token at `position` with."""
+    return (request_key * 0x9E3779B97F4A7C15 + position) % 2**63
+
+
 def prepare_sampling(requests: list[SamplingRow] | list[ScheduledRequest],
                      generators: dict[str, torch.Generator], vocab_size: int,
-                     device: torch.device) -> SamplingBatch:
+                     device: torch.device,
+                     noise_keys: dict[str, int] | None = None) -> SamplingBatch:
+    """noise_keys (batch-invariant mode): each request's key, from which every row's noise
+    is seeded by the position it samples at, instead of drawn from generators in turn."""
     params = [r.sampling_params for r in requests]
 
     def column(values: list[float], dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -176,6 +189,9 @@ def prepare_sampling(requests: list[SamplingRow] | list[ScheduledRequest],
         banned=banned,
         allowed=allowed,
         num_logprobs=[p.logprobs for p in params],
+        noise_keys=None if noise_keys is None else [
+            noise_key(noise_keys[r.req_id], len(r.prompt_token_ids) + len(r.output_token_ids))
+            for r in requests],
     )
 
 
@@ -217,13 +233,18 @@ class Sampler:
             return argmax(logits), [None] * len(batch.num_logprobs)
         logits = logits.float()
         raw_logprobs = torch.log_softmax(logits, dim=-1) if wants_logprobs else None
-        logits = self.adjust(logits, batch)
-        tokens = argmax(logits)
-        if not batch.all_greedy:
-            tokens = torch.where(batch.temperature == 0, tokens, self._sample(logits, batch))
+        tokens = self.choose(self.adjust(logits, batch), batch)
         entries = (token_logprobs(raw_logprobs, tokens, batch.num_logprobs)
                    if raw_logprobs is not None else [None] * len(batch.num_logprobs))
         return tokens, entries
+
+    def choose(self, adjusted: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        """[B] tokens from adjusted float32 logits: the argmax for greedy rows, a sample for
+        the others."""
+        tokens = argmax(adjusted)
+        if batch.all_greedy:
+            return tokens
+        return torch.where(batch.temperature == 0, tokens, self._sample(adjusted, batch))
 
     @staticmethod
     def adjust(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
@@ -277,9 +298,15 @@ class Sampler:
         return probs
 
     def exponential_noise(self, shape: torch.Size, batch: SamplingBatch) -> torch.Tensor:
-        """Exp(1) draws, [B, ...]: seeded rows from their own generator, in row order."""
-        noise = torch.empty(shape, device=batch.temperature.device).exponential_(
-            generator=self.generator)
+        """Exp(1) draws, [B, ...]: seeded rows from their own generator, in row order; with
+        noise keys, each row from a generator seeded by its key alone."""
+        device = batch.temperature.device
+        if batch.noise_keys is not None:
+            noise = torch.empty(shape, device=device)
+            for row, key in enumerate(batch.noise_keys):
+                noise[row].exponential_(generator=torch.Generator(device).manual_seed(key))
+            return noise
+        noise = torch.empty(shape, device=device).exponential_(generator=self.generator)
         for row, generator in batch.generators.items():
             noise[row].exponential_(generator=generator)
         return noise
