@@ -2,9 +2,11 @@
 CPU's default dtype), and the limits that now stop it, each with the 400 that names it."""
 from __future__ import annotations
 
+import asyncio
+import time
+
 import httpx
 import pytest
-
 from server_process import ServerProcess
 
 FLAGS = ("--dtype", "bfloat16", "--device", "cpu", "--kv-cache-memory", "16MiB",
@@ -76,4 +78,46 @@ def test_constraints_that_overflowed_llguidance_are_400_naming_the_limit(server)
                      + ['r10000 ::= "x"'])
     assert "the limit is 65,536" in _error(_chat(server, guided_grammar=gbnf), 400,
                                            "guided_grammar")
+    _healthy(server)
+
+
+def _tool(name: str, parameters: dict | None = None) -> dict:
+    function = {"name": name} if parameters is None else {"name": name,
+                                                          "parameters": parameters}
+    return {"type": "function", "function": function}
+
+
+def test_tool_lists_are_capped_and_checked_in_linear_time(server):
+    """80,000 tools once took 79 s of a tokenizer thread: names.count for every name."""
+    many = [_tool(f"f{i}") for i in range(20_000)]
+    assert "20,000 entries; at most 128" in _error(_chat(server, tools=many), 400, "tools")
+    allowed = [_tool(f"f{i}") for i in range(128)]
+    assert _chat(server, tools=allowed, tool_choice="none").status_code == 200
+    repeated = allowed[:-1] + [_tool("f7")]
+    assert "declares f7 more than once" in _error(_chat(server, tools=repeated), 400, "tools")
+    messages = [{"role": "user", "content": "hi"}] * 4097
+    assert "at most 4,096" in _error(_chat(server, messages=messages), 400, "messages")
+    _healthy(server)
+
+
+def test_a_request_whose_client_left_is_dropped_before_it_is_prepared(server):
+    """Its validation and template wait for a tokenizer thread; once the client has gone,
+    they never run."""
+    prompt = "def fibonacci(n): return n, hello world\n" * (1_500_000 // 40)
+
+    async def scenario() -> None:
+        async with httpx.AsyncClient(base_url=server.url, timeout=120) as http:
+            # Both tokenizer threads busy for seconds.
+            busy = [asyncio.create_task(http.post("/tokenize", json={"prompt": prompt}))
+                    for _ in range(2)]
+            await asyncio.sleep(0.5)
+            with pytest.raises(httpx.TimeoutException):
+                await http.post("/v1/chat/completions", timeout=0.5, json={
+                    "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+            assert [r.status_code for r in await asyncio.gather(*busy)] == [200, 200]
+
+    asyncio.run(scenario())
+    time.sleep(0.2)
+    assert "client disconnected before its request was prepared" in \
+        server.log_path.read_text()
     _healthy(server)

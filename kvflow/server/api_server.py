@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 import kvflow
 from kvflow.engine.async_engine import (ENGINE_STOPPED, AsyncEngine, EngineDeadError,
@@ -160,11 +161,15 @@ class ServerState:
 
 
 MAX_LOGGED_FIELDS = 10
+DROPPED_UNPREPARED = "client disconnected before its request was prepared; the request is dropped"
 
 
-async def _unless_disconnected(work: Awaitable[T], http_request: Request) -> T | Response:
-    """Awaits work, cancelling it (which aborts its requests in the engine) if the client
-    goes away first: a non-streaming client that gives up must not keep the engine busy."""
+async def _unless_disconnected(work: Awaitable[T], http_request: Request,
+                               left: str = "client disconnected; aborting its request"
+                               ) -> T | Response:
+    """Awaits work, cancelling it if the client goes away first (logging `left`): a
+    client that gives up must not keep the engine, or a tokenizer thread, busy. Cancelling
+    aborts the work's requests in the engine, and drops work still queued for a thread."""
     task = asyncio.ensure_future(work)
     # After the body, the next ASGI message is the client's disconnect.
     disconnect = asyncio.ensure_future(http_request.receive())
@@ -176,7 +181,7 @@ async def _unless_disconnected(work: Awaitable[T], http_request: Request) -> T |
     finally:
         disconnect.cancel()
         if not task.done():  # the client left (or the server is cancelling this handler)
-            logger.info("client disconnected; aborting its request")
+            logger.info(left)
             task.cancel()
 
 
@@ -262,6 +267,10 @@ def create_app(args: ServerArgs) -> FastAPI:
     async def on_http_error(request: Request, exc: HTTPException) -> JSONResponse:
         return error_response(exc.status_code, str(exc.detail), path=request.url.path)
 
+    @app.exception_handler(ClientDisconnect)
+    async def on_client_gone(_request: Request, _exc: ClientDisconnect) -> Response:
+        return Response(status_code=499)
+
     @app.exception_handler(Exception)
     async def on_error(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("internal error")
@@ -275,6 +284,14 @@ def create_app(args: ServerArgs) -> FastAPI:
         _warn_unknown(request)
         state.check_model(model)
         return serving, model or args.model_names[0]
+
+    async def unless_left(work: Awaitable[T], http_request: Request) -> T:
+        """A request prepared on a tokenizer thread, dropped unrun if its client leaves
+        while it waits for one: ClientDisconnect, answered with a 499 nobody reads."""
+        prepared = await _unless_disconnected(work, http_request, DROPPED_UNPREPARED)
+        if isinstance(prepared, Response):
+            raise ClientDisconnect
+        return prepared
 
     async def answer(job: Job, stream: bool, streamed: Callable[[], AsyncIterator[str]],
                      whole: Callable[[], Awaitable[Any]], http_request: Request) -> Any:
@@ -300,7 +317,7 @@ def create_app(args: ServerArgs) -> FastAPI:
         serving, model = admit(request, request.model)
         prepare = (serving.prepare_chat if isinstance(request, ChatCompletionRequest)
                    else serving.prepare_completion)
-        job = await serving.off_loop(prepare, request, model)
+        job = await unless_left(serving.off_loop(prepare, request, model), http_request)
         return await answer(job, request.stream, lambda: serving.stream(job),
                             lambda: serving.full_response(job), http_request)
 
@@ -316,7 +333,8 @@ def create_app(args: ServerArgs) -> FastAPI:
     async def create_response(request: ResponsesRequest, http_request: Request) -> Any:
         serving, model = admit(request, request.model)
         responses = Responses(serving, state.response_store)
-        pending = await serving.off_loop(responses.prepare, request, model)
+        pending = await unless_left(serving.off_loop(responses.prepare, request, model),
+                                    http_request)
         return await answer(pending.job, request.stream, lambda: responses.stream(pending),
                             lambda: responses.full(pending), http_request)
 
@@ -324,14 +342,17 @@ def create_app(args: ServerArgs) -> FastAPI:
     async def create_message(request: MessagesRequest, http_request: Request) -> Any:
         serving, model = admit(request, request.model)
         messages = AnthropicMessages(serving)
-        pending = await serving.off_loop(messages.prepare, request, model)
+        pending = await unless_left(serving.off_loop(messages.prepare, request, model),
+                                    http_request)
         return await answer(pending.job, request.stream, lambda: messages.stream(pending),
                             lambda: messages.full(pending), http_request)
 
     @app.post("/v1/messages/count_tokens")
-    async def count_message_tokens(request: MessagesInput) -> dict[str, int]:
+    async def count_message_tokens(request: MessagesInput,
+                                   http_request: Request) -> dict[str, int]:
         serving, _ = admit(request, request.model)
-        return await serving.off_loop(AnthropicMessages(serving).count_tokens, request)
+        return await unless_left(
+            serving.off_loop(AnthropicMessages(serving).count_tokens, request), http_request)
 
     @app.get("/v1/responses/{response_id}")
     async def retrieve_response(response_id: str) -> dict[str, Any]:
@@ -357,10 +378,10 @@ def create_app(args: ServerArgs) -> FastAPI:
         return model_card(name)
 
     @app.post("/tokenize")
-    async def tokenize(request: TokenizeRequest) -> dict[str, Any]:
+    async def tokenize(request: TokenizeRequest, http_request: Request) -> dict[str, Any]:
         _, serving = state.ready()
         state.check_model(request.model)
-        return await serving.off_loop(serving.tokenize, request)
+        return await unless_left(serving.off_loop(serving.tokenize, request), http_request)
 
     @app.post("/detokenize")
     async def detokenize(request: DetokenizeRequest) -> dict[str, str]:

@@ -3,6 +3,7 @@ benchmark tools send extras such as `best_of: 1`."""
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import replace
 from typing import Any, Literal
 
@@ -273,6 +274,13 @@ class NamedToolChoice(OpenAIModel):
     function: NamedFunction
 
 
+# Entries of a chat request's lists, counted before any entry is validated: validating one
+# takes microseconds of the event loop, and the body limit alone lets 100,000 through.
+# OpenAI allows 128 tools.
+MAX_TOOLS = 128
+MAX_MESSAGES = 4096
+
+
 class _ChatInput(TopLevelRequest):
     """What renders messages into a prompt, besides the messages (vLLM's fields)."""
 
@@ -280,6 +288,16 @@ class _ChatInput(TopLevelRequest):
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
     chat_template: str | None = None  # refused: the server's template applies
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bounded_lists(cls, data: Any) -> Any:
+        for name, limit in (("messages", MAX_MESSAGES), ("tools", MAX_TOOLS)):
+            entries = data.get(name) if isinstance(data, dict) else None
+            if isinstance(entries, list) and len(entries) > limit:
+                raise ParameterError(name, f"{name} has {len(entries):,} entries; at most "
+                                           f"{limit:,} are allowed")
+        return data
 
     def chat_options(self) -> ChatOptions:
         if self.chat_template is not None:
@@ -306,8 +324,8 @@ class ChatCompletionRequest(_GenerationRequest, _ChatInput):
         options = super().chat_options()
         if not self.tools:
             return options
-        names = [tool.function.name for tool in self.tools]
-        repeated = sorted({name for name in names if names.count(name) > 1})
+        counts = Counter(tool.function.name for tool in self.tools)
+        repeated = sorted(name for name, count in counts.items() if count > 1)
         if repeated:
             raise ParameterError("tools", f"tools declares {', '.join(repeated)} more than once")
         return replace(options, tools=[tool.model_dump(exclude_none=True) for tool in self.tools])
