@@ -10,6 +10,8 @@ from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
+from kvflow import json_depth
+
 if TYPE_CHECKING:
     import torch
 
@@ -67,7 +69,10 @@ class StructuredOutputsParams:
                                  f"{', '.join(given) or 'none'}")
         if isinstance(self.json, str):
             try:
-                self.json = json.loads(self.json)
+                self.json = json_depth.loads(self.json)
+            except json_depth.TooDeepError as exc:
+                raise ParameterError("structured_outputs",
+                                     f"structured_outputs.json {exc}") from None
             except ValueError as exc:
                 raise ParameterError("structured_outputs",
                                      f"structured_outputs.json is not valid JSON: {exc}") from None

@@ -3,6 +3,7 @@ CPU's default dtype), and the limits that now stop it, each with the 400 that na
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import httpx
@@ -10,13 +11,26 @@ import pytest
 from server_process import ServerProcess
 
 FLAGS = ("--dtype", "bfloat16", "--device", "cpu", "--kv-cache-memory", "16MiB",
-         "--served-model-name", "tiny", "--max-num-seqs", "8")
+         "--served-model-name", "tiny", "--max-num-seqs", "8", "--enable-auto-tool-choice",
+         "--tool-call-parser", "hermes")
+# Writes with tojson, and then drops, all that a client may nest: tools, tool-call
+# arguments, a message's extra field x and the template argument `extra`.
+TEMPLATE = (
+    "{%- for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}"
+    "{%- for call in m['tool_calls'] or [] %}{{ (call['function'] | tojson)[:0] }}"
+    "{%- endfor %}{% if m['x'] is defined %}{{ (m['x'] | tojson)[:0] }}{% endif %}<|end|>"
+    "{%- endfor %}{% if tools %}{{ (tools | tojson)[:0] }}{% endif %}"
+    "{%- if extra is defined %}{{ (extra | tojson)[:0] }}{% endif %}"
+    "{%- if add_generation_prompt %}<|assistant|>{% endif %}")
 
 
 @pytest.fixture(scope="module")
 def server(checkpoint, tmp_path_factory):
     model = checkpoint("qwen3", max_position_embeddings=4096)
-    process = ServerProcess(model, *FLAGS, log=tmp_path_factory.mktemp("limits") / "serve.log")
+    folder = tmp_path_factory.mktemp("limits")
+    (folder / "template.jinja").write_text(TEMPLATE)
+    process = ServerProcess(model, *FLAGS, "--chat-template", str(folder / "template.jinja"),
+                            log=folder / "serve.log")
     process.wait_ready()
     yield process
     assert process.stop(), process.log_path.read_text()[-3000:]
@@ -120,4 +134,90 @@ def test_a_request_whose_client_left_is_dropped_before_it_is_prepared(server):
     time.sleep(0.2)
     assert "client disconnected before its request was prepared" in \
         server.log_path.read_text()
+    _healthy(server)
+
+
+def _nested(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+def _raw_chat(server, body: str) -> httpx.Response:
+    return httpx.post(server.url + "/v1/chat/completions", content=body, timeout=60,
+                      headers={"content-type": "application/json"})
+
+
+HI = '[{"role": "user", "content": "hi"}]'
+DEEP_ARGUMENTS = json.dumps([{"role": "user", "content": "hi"}, {
+    "role": "assistant", "tool_calls": [{"id": "c", "type": "function", "function": {
+        "name": "f", "arguments": _nested(5000)}}]}])
+
+
+# Each nests past 256 levels; each was a 500 (a RecursionError) or a dropped connection.
+@pytest.mark.parametrize("body, param", [
+    (f'{{"messages": {DEEP_ARGUMENTS}}}', "messages"),
+    (f'{{"messages": {HI}, "guided_json": {json.dumps(_nested(5000))}}}', "guided_json"),
+    (f'{{"messages": {HI}, "chat_template_kwargs": {{"extra": {_nested(400)}}}}}',
+     "chat_template_kwargs"),
+    (f'{{"messages": {HI}, "tools": [{{"type": "function", "function": {{"name": "f", '
+     f'"parameters": {{"x": {_nested(400)}}}}}}}]}}', "tools"),
+    (f'{{"messages": [{{"role": "user", "content": "hi", "x": {_nested(300)}}}]}}',
+     "messages"),
+    (f'{{"messages": {HI}, "stop": {_nested(100_000)}}}', "stop"),
+])
+def test_json_nested_past_the_limit_is_400_naming_the_field(server, body, param):
+    assert "the limit is 256" in _error(_raw_chat(server, body), 400, param)
+    _healthy(server)
+
+
+def test_json_nested_to_the_limit_is_served(server):
+    """256 levels, counted from the request body's own braces, in every field that reaches
+    the template (which writes them with tojson)."""
+    arguments = json.dumps('{"a": ' + _nested(255) + "}")
+    for body in (
+            f'{{"messages": {HI}, "chat_template_kwargs": {{"extra": {_nested(254)}}}}}',
+            f'{{"messages": {HI}, "tool_choice": "none", "tools": [{{"type": "function", '
+            f'"function": {{"name": "f", "parameters": {{"x": {_nested(250)}}}}}}}]}}',
+            f'{{"messages": [{{"role": "user", "content": "hi", "x": {_nested(253)}}}]}}',
+            f'{{"messages": [{{"role": "user", "content": "hi"}}, {{"role": "assistant", '
+            f'"tool_calls": [{{"id": "c", "type": "function", "function": {{"name": "f", '
+            f'"arguments": {arguments}}}}}]}}]}}'):
+        response = _raw_chat(server, body[:-1] + ', "max_tokens": 2}')
+        assert response.status_code == 200, response.text
+
+
+def _stream_events(server, body: dict) -> list[dict]:
+    events = []
+    with httpx.stream("POST", server.url + "/v1/chat/completions", timeout=300,
+                      json={**body, "stream": True}) as response:
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                events.append(json.loads(line[len("data: "):]))
+    return events
+
+
+# A model's output forced deeper than Python's json can parse (1,100 tokens, one bracket
+# each): the hermes parser failed the response with a RecursionError (tests/
+# test_tool_parsers.py has "required", whose schemas cannot force such an output).
+OPENING = r'<tool_call>\{"name": "f", "arguments": \{"a": \[{2000}'
+
+
+def test_a_models_over_deep_hermes_call_is_not_parsed(server):
+    body = {"messages": [{"role": "user", "content": "hi"}], "tools": [_tool("f")],
+            "max_tokens": 1100}
+    # A call that opens as hermes calls do: its arguments cannot be read to their end, so
+    # they run to the end of the output, as unreadable arguments do.
+    response = _chat(server, **body, guided_regex=OPENING)
+    assert response.status_code == 200, response.text
+    choice = response.json()["choices"][0]
+    assert choice["finish_reason"] == "length"
+    arguments = choice["message"]["tool_calls"][0]["function"]["arguments"]
+    assert arguments.startswith('{"a": [[[') and len(arguments) > 1000
+    # A block read once it closes: over-deep, it stays content as written.
+    events = _stream_events(server, {**body, "guided_regex": r"<tool_call>\[{2000}"})
+    assert not any("error" in event for event in events)
+    deltas = [event["choices"][0]["delta"] for event in events if event["choices"]]
+    assert not any("tool_calls" in delta for delta in deltas)
+    content = "".join(delta.get("content") or "" for delta in deltas)
+    assert content.startswith("<tool_call>[[[") and len(content) > 1000
     _healthy(server)

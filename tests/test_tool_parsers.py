@@ -168,3 +168,18 @@ def test_finish_reason_says_tool_calls_unless_cut():
     assert MessageParser.finish_reason(message, "length") == "length"
     plain = MessageParser(HERMES).parse("hello", final=True)
     assert MessageParser.finish_reason(plain, "stop") == "stop"
+
+
+def test_over_deep_json_is_never_parsed():
+    """Python's json fails past some hundreds of levels; a model's output may nest deeper."""
+    deep = "[" * 2000 + "]" * 2000
+    block = f"<tool_call>{deep}</tool_call>"
+    assert HERMES.parse(block, final=True) == ToolParse(block)
+    opening = '<tool_call>{"name": "f", "arguments": {"a": ' + deep + "}}</tool_call>"
+    call = HERMES.parse(opening, final=True).calls[0]
+    assert call.name == "f" and call.arguments == '{"a": ' + deep + "}}"  # never closes
+    within = '[{"name": "f", "arguments": {"a": 1}}, {"name": "g", "arguments": ' + deep + "}]"
+    assert RequiredCallsParser().parse(within, final=True).calls == (ParsedCall("f", '{"a": 1}'),)
+    for parser, text in ((MessageParser(HERMES), opening),
+                         (MessageParser(RequiredCallsParser()), within)):
+        assert _streamed(parser, text) == _whole(parser, text)

@@ -38,7 +38,7 @@ from kvflow.server.args import ServerArgs
 from kvflow.server.errors import ApiError, error_response, printable
 from kvflow.server.metrics import ServerMetrics
 from kvflow.server.middleware import (ApiKeyMiddleware, BodyLimitMiddleware,
-                                      ClientTimeoutMiddleware)
+                                      ClientTimeoutMiddleware, JsonDepthMiddleware)
 from kvflow.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                     OpenAIModel, TokenizeRequest)
 from kvflow.sampling_params import ParameterError
@@ -212,6 +212,7 @@ def create_app(args: ServerArgs) -> FastAPI:
     app = FastAPI(title="kvflow", version=kvflow.__version__, lifespan=lifespan, **docs)
     # Pure ASGI middleware (not @app.middleware, whose wrapping hides a client's disconnect
     # from the routes); the last added runs first: the key is checked before the body is read.
+    app.add_middleware(JsonDepthMiddleware)
     app.add_middleware(ClientTimeoutMiddleware, body_timeout=args.body_timeout,
                        write_timeout=args.write_timeout)
     app.add_middleware(BodyLimitMiddleware, max_bytes=args.max_request_body_bytes)

@@ -9,6 +9,7 @@ import time
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from kvflow.json_depth import MAX_JSON_DEPTH, too_deep
 from kvflow.server.errors import error_response
 
 logger = logging.getLogger(__name__)
@@ -51,6 +52,53 @@ class BodyLimitMiddleware:
             return message
 
         await self.app(scope, limited_receive, send)
+
+
+class JsonDepthMiddleware:
+    """Refuses a request body whose arrays and objects nest past MAX_JSON_DEPTH with a 400
+    naming its top-level field, before any route parses it: json.loads, the request models
+    and the walkers over them recurse once per level. Runs inside the body-size and timeout
+    middleware, whose 413 and 408 it answers as they are raised while it reads."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            await self.app(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        try:
+            while True:
+                message = await receive()
+                if message["type"] != "http.request":
+                    return  # the client left before its body was whole: nobody to answer
+                chunks.append(message.get("body", b""))
+                if not message.get("more_body"):
+                    break
+        except HTTPException as exc:
+            await error_response(exc.status_code, str(exc.detail))(scope, receive, send)
+            return
+        body = b"".join(chunks)
+        # The scan releases the GIL for most of its work: other requests go on meanwhile.
+        excess = await asyncio.to_thread(too_deep, body)
+        if excess is not None:
+            depth, field = excess
+            response = error_response(400, f"{field or 'the request body'} nests {depth:,} "
+                                           "levels of arrays and objects; the limit is "
+                                           f"{MAX_JSON_DEPTH}", field)
+            await response(scope, receive, send)
+            return
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:  # what follows the body: the client's disconnect
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
 
 
 class _ClientStalled(Exception):

@@ -2,13 +2,13 @@
 benchmark tools send extras such as `best_of: 1`."""
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import replace
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from kvflow import json_depth
 from kvflow.sampling_params import (STRUCTURED_OUTPUT_KINDS, ParameterError, SamplingParams,
                                     StructuredOutputsParams)
 from kvflow.tokenizer.chat import ChatOptions
@@ -20,27 +20,27 @@ class OpenAIModel(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
 
 
-def _lone_surrogate_path(value: Any, path: tuple[str, ...] = ()) -> tuple[str, ...] | None:
+def _lone_surrogate_path(value: Any) -> tuple[str, ...] | None:
     """Where in a parsed JSON body a string holds a lone surrogate ("\\ud800" is valid
-    JSON but not text: tokenizers and UTF-8 encoders refuse it)."""
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            return path
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            found = _lone_surrogate_path(key, path) if isinstance(key, str) else None
-            if found is not None:
-                return found
-            found = _lone_surrogate_path(item, (*path, str(key)))
-            if found is not None:
-                return found
-    elif isinstance(value, list):
-        for index, item in enumerate(value):
-            found = _lone_surrogate_path(item, (*path, str(index)))
-            if found is not None:
-                return found
+    JSON but not text: tokenizers and UTF-8 encoders refuse it). Iterative: a client picks
+    the depth."""
+    pending: list[tuple[Any, tuple[str, ...]]] = [(value, ())]
+    while pending:
+        item, path = pending.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return path
+        elif isinstance(item, dict):
+            # Reversed onto the stack, so that the first offender in document order is found.
+            for key, child in reversed(item.items()):
+                pending.append((child, (*path, str(key))))
+                if isinstance(key, str):
+                    pending.append((key, path))
+        elif isinstance(item, list):
+            pending.extend((child, (*path, str(index)))
+                           for index, child in reversed(list(enumerate(item))))
     return None
 
 
@@ -246,7 +246,10 @@ class ChatMessage(OpenAIModel):
         # not the JSON text OpenAI sends.
         for call in message.get("tool_calls", ()):
             try:
-                call["function"]["arguments"] = json.loads(call["function"]["arguments"])
+                call["function"]["arguments"] = json_depth.loads(call["function"]["arguments"])
+            except json_depth.TooDeepError as exc:
+                raise ParameterError("messages", "tool_calls[].function.arguments "
+                                     f"{exc}") from None
             except ValueError:
                 raise ParameterError("messages", "tool_calls[].function.arguments must be "
                                      "JSON text") from None

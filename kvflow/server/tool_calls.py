@@ -9,6 +9,7 @@ import json
 import uuid
 from typing import Any
 
+from kvflow.json_depth import within_json_depth
 from kvflow.sampling_params import StructuredOutputsParams
 from kvflow.server.tool_parsers.base import ParsedCall, ToolParse, ToolParser, arguments_text
 
@@ -51,7 +52,8 @@ class NamedCallParser(ToolParser):
 
 class RequiredCallsParser(ToolParser):
     """A JSON array of calls; each call is reported once its object is complete (an
-    output cut short keeps the calls it completed)."""
+    output cut short keeps the calls it completed, and so does one whose next call nests
+    past json_depth.MAX_JSON_DEPTH)."""
 
     def parse(self, text: str, final: bool) -> ToolParse:
         decoder = json.JSONDecoder()
@@ -62,6 +64,8 @@ class RequiredCallsParser(ToolParser):
         position += 1
         while True:
             position = _skip_space(text, position)
+            if not within_json_depth(text[position:]):  # a call too deep to parse ends them
+                break
             try:
                 call, position = decoder.raw_decode(text, position)
             except ValueError:

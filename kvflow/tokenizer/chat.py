@@ -156,12 +156,17 @@ class ChatTemplate:
         return "".join(text_parts), token_ids
 
     def _spells_special(self, value: Any) -> bool:
-        """Whether a string anywhere in a JSON-like value holds a special token's text."""
-        if isinstance(value, str):
-            return any(text in value for text in self.special_texts)
-        if isinstance(value, dict):
-            return any(self._spells_special(k) or self._spells_special(v)
-                       for k, v in value.items())
-        if isinstance(value, (list, tuple)):
-            return any(self._spells_special(item) for item in value)
+        """Whether a string anywhere in a JSON-like value holds a special token's text.
+        Iterative: the caller's data may nest as deep as it likes."""
+        pending = [value]
+        while pending:
+            item = pending.pop()
+            if isinstance(item, str):
+                if any(text in item for text in self.special_texts):
+                    return True
+            elif isinstance(item, dict):
+                pending.extend(item)
+                pending.extend(item.values())
+            elif isinstance(item, (list, tuple)):
+                pending.extend(item)
         return False

@@ -7,13 +7,16 @@ written, up to where the object closes (or the block, or the output, ends: a cal
 short keeps what it has). Any other block is read once it closes: a JSON object with a
 name (and `arguments` or `parameters`) is a call, anything else stays in the content as
 written. With no calls, the content is the text unchanged; with calls, it is the text
-outside them with trailing whitespace removed, or None if only whitespace is left.
+outside them with trailing whitespace removed, or None if only whitespace is left. JSON
+that nests past json_depth.MAX_JSON_DEPTH is never parsed: such a block is no call, and
+such arguments run to the end of their block.
 """
 from __future__ import annotations
 
 import json
 import re
 
+from kvflow import json_depth
 from kvflow.server.tool_parsers.base import (ParsedCall, ToolParse, ToolParser, arguments_text,
                                              register_tool_parser)
 
@@ -76,7 +79,10 @@ def _opening(body: str) -> tuple[str, int] | None:
 
 def _arguments_so_far(body: str, start: int) -> str:
     """The arguments object's text from `start`: up to its closing brace once it has one,
-    else all there is (every character of it is inside the object)."""
+    else all there is (every character of it is inside the object). An object that nests
+    too deep to parse never closes, as one that is not JSON."""
+    if not json_depth.within_json_depth(body[start:]):
+        return body[start:]
     try:
         _, end = json.JSONDecoder().raw_decode(body, start)
     except ValueError:
@@ -94,8 +100,8 @@ def _without_partial(text: str, tag: str) -> str:
 
 def _call(body: str) -> ParsedCall | None:
     try:
-        call = json.loads(body)
-    except ValueError:
+        call = json_depth.loads(body)
+    except ValueError:  # not JSON, or nested too deep to parse: no call
         return None
     if not isinstance(call, dict) or not isinstance(call.get("name"), str):
         return None
