@@ -24,7 +24,12 @@ MAX_REPETITION_PENALTY = 100.0
 # (every token but a few) belong to structured output, not to logit_bias.
 MAX_LOGIT_BIAS_TOKENS = 1024
 MAX_STOP_TOKEN_IDS = 1024
+MAX_ALLOWED_TOKEN_IDS = 1024
 MAX_BAD_WORDS = 128
+# Stop strings are searched for in each step's new text, each from as far back as it is
+# long: 100,000 of them made every other stream 7 times slower.
+MAX_STOP_STRINGS = 128
+MAX_STOP_CHARS = 4096  # all of them together
 ALL_LOGPROBS = -1  # logprobs=-1: the whole vocabulary (as vLLM), within max_logprobs
 
 
@@ -182,6 +187,12 @@ class SamplingParams:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if any(not s for s in stops):
             raise ValueError("stop strings must be non-empty")
+        if len(stops) > MAX_STOP_STRINGS:
+            raise ValueError(f"stop has {len(stops)} entries; at most {MAX_STOP_STRINGS} "
+                             "are allowed")
+        if sum(map(len, stops)) > MAX_STOP_CHARS:
+            raise ValueError(f"stop has {sum(map(len, stops))} characters; at most "
+                             f"{MAX_STOP_CHARS} are allowed")
         self.stop_strings = tuple(stops)
         if self.stop_token_ids is not None:
             if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
@@ -196,10 +207,15 @@ class SamplingParams:
         if not self.detokenize and stops:
             raise ValueError("detokenize=False leaves no text to find stop strings in; use "
                              "stop_token_ids")
-        if self.allowed_token_ids is not None and (not self.allowed_token_ids or any(
-                isinstance(t, bool) or not isinstance(t, int) or t < 0
-                for t in self.allowed_token_ids)):
-            raise ValueError("allowed_token_ids must be a non-empty list of token ids")
+        if self.allowed_token_ids is not None:
+            if len(self.allowed_token_ids) > MAX_ALLOWED_TOKEN_IDS:
+                raise ValueError(f"allowed_token_ids has {len(self.allowed_token_ids)} "
+                                 f"entries; at most {MAX_ALLOWED_TOKEN_IDS} are allowed (a "
+                                 "larger set is a job for structured output)")
+            if not self.allowed_token_ids or any(
+                    isinstance(t, bool) or not isinstance(t, int) or t < 0
+                    for t in self.allowed_token_ids):
+                raise ValueError("allowed_token_ids must be a non-empty list of token ids")
         if self.bad_words is not None:
             if len(self.bad_words) > MAX_BAD_WORDS:
                 raise ValueError(f"bad_words has {len(self.bad_words)} entries; at most "

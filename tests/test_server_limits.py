@@ -221,3 +221,25 @@ def test_a_models_over_deep_hermes_call_is_not_parsed(server):
     content = "".join(delta.get("content") or "" for delta in deltas)
     assert content.startswith("<tool_call>[[[") and len(content) > 1000
     _healthy(server)
+
+
+@pytest.mark.parametrize("fields, param, says", [
+    ({"stop": [f"s{i}" for i in range(129)]}, "stop", "stop has 129 entries; at most 128"),
+    ({"stop": ["x" * 3000, "y" * 2000]}, "stop", "stop has 5000 characters; at most 4096"),
+    ({"allowed_token_ids": list(range(300)) * 1366}, "allowed_token_ids",
+     "409800 entries; at most 1024"),
+    ({"bad_words": ["w"] * 129}, "bad_words", "at most 128"),
+    ({"stop_token_ids": [5] * 1025}, "stop_token_ids", "at most 1024"),
+    ({"logit_bias": {str(i): 1.0 for i in range(1025)}}, "logit_bias", "at most 1024"),
+])
+def test_lists_are_capped_naming_the_field(server, fields, param, says):
+    response = httpx.post(server.url + "/v1/completions", timeout=60,
+                          json={"prompt": "hi", "max_tokens": 2, **fields})
+    assert says in _error(response, 400, param)
+
+
+def test_stop_strings_at_the_caps_are_served(server):
+    stops = [f"{i:04d}" * 8 for i in range(128)]  # 128 strings, 4,096 characters
+    response = httpx.post(server.url + "/v1/completions", timeout=60,
+                          json={"prompt": "hi", "max_tokens": 4, "stop": stops})
+    assert response.status_code == 200, response.text
