@@ -48,7 +48,7 @@ def offline(model_dir):
 
 
 def metric(server, name: str, labels: str = "") -> float:
-    text = httpx.get(server.url + "/metrics").text
+    text = httpx.get(server.url + "/metrics", headers=HEADERS).text
     for line in text.splitlines():
         if line.startswith(name + "{") and labels in line:
             return float(line.rsplit(" ", 1)[1])
@@ -336,7 +336,8 @@ def test_auth_and_unknown_model(server):
                        headers={"Authorization": "Bearer nope"})
     assert wrong.status_code == 401 and wrong.json()["error"]["code"] == 401
     assert httpx.get(server.url + "/health").status_code == 200
-    assert httpx.get(server.url + "/metrics").status_code == 200
+    assert httpx.get(server.url + "/metrics").status_code == 401
+    assert httpx.get(server.url + "/metrics", headers=HEADERS).status_code == 200
     missing = httpx.post(server.url + "/v1/completions", headers=HEADERS,
                          json={**body, "model": "gpt-4"})
     assert missing.status_code == 404 and missing.json()["error"]["param"] == "model"
@@ -371,7 +372,7 @@ def test_metrics_move(server, client):
     assert metric(server, "kvflow:prompt_tokens_total") > before_prompt
     assert metric(server, "kvflow:request_success_total",
                   'finished_reason="length"') == before_ok + 1
-    text = httpx.get(server.url + "/metrics").text
+    text = httpx.get(server.url + "/metrics", headers=HEADERS).text
     for name in ("kvflow:time_to_first_token_seconds_bucket",
                  "kvflow:inter_token_latency_seconds_bucket",
                  "kvflow:e2e_request_latency_seconds_bucket",

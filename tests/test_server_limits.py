@@ -243,3 +243,38 @@ def test_stop_strings_at_the_caps_are_served(server):
     response = httpx.post(server.url + "/v1/completions", timeout=60,
                           json={"prompt": "hi", "max_tokens": 4, "stop": stops})
     assert response.status_code == 200, response.text
+
+
+@pytest.fixture(scope="module")
+def keyed_server(checkpoint, tmp_path_factory):
+    model = checkpoint("qwen3", max_position_embeddings=4096)
+    process = ServerProcess(model, *FLAGS[:6], "--api-key", "sesame",
+                            log=tmp_path_factory.mktemp("keyed") / "serve.log")
+    process.wait_ready()
+    yield process
+    assert process.stop(), process.log_path.read_text()[-3000:]
+
+
+def test_the_key_guards_metrics_load_and_ping(keyed_server):
+    """/metrics counts prefix-cache hits, which tell whether someone sent a prompt."""
+    key = {"Authorization": "Bearer sesame"}
+    for path in ("/metrics", "/load", "/ping"):
+        assert httpx.get(keyed_server.url + path).status_code == 401, path
+        assert httpx.get(keyed_server.url + path, headers=key).status_code == 200, path
+    for path in ("/health", "/version"):
+        assert httpx.get(keyed_server.url + path).status_code == 200, path
+
+
+def test_open_monitoring_opens_metrics_load_and_ping_only():
+    from fastapi.testclient import TestClient
+
+    from kvflow.engine.args import EngineArgs
+    from kvflow.server.api_server import ServerArgs, create_app
+
+    app = create_app(ServerArgs(engine=EngineArgs(model="unused"), api_key=["sesame"],
+                                open_monitoring=True))
+    client = TestClient(app, raise_server_exceptions=False)  # no lifespan: no model
+    for path in ("/metrics", "/load", "/ping", "/health", "/version"):
+        assert client.get(path).status_code != 401, path
+    for path in ("/v1/models", "/reset_prefix_cache"):
+        assert client.request("POST" if "reset" in path else "GET", path).status_code == 401

@@ -234,8 +234,9 @@ def test_metrics_are_vllms_series_under_either_prefix(checkpoint, tmp_path):
 def test_ping_load_and_keepalive_while_queued(checkpoint, tmp_path):
     model = checkpoint("qwen3", max_position_embeddings=65536)
     process = ServerProcess(model, "--max-num-seqs", "1", "--stream-keepalive", "0.3",
-                            "--api-key", "k", "--dtype", "float32", "--device", "cpu",
-                            "--kv-cache-memory", "80MiB", log=tmp_path / "serve.log")
+                            "--api-key", "k", "--open-monitoring", "--dtype", "float32",
+                            "--device", "cpu", "--kv-cache-memory", "80MiB",
+                            log=tmp_path / "serve.log")
     headers = {"Authorization": "Bearer k"}
     endless = {"prompt": "x", "max_tokens": 60000, "ignore_eos": True, "stream": True}
     try:

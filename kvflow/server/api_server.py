@@ -54,7 +54,11 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-OPEN_PATHS = ("/health", "/ping", "/load", "/metrics", "/version")
+# Routes --api-key leaves open: they say only whether the server is up and what it runs.
+OPEN_PATHS = ("/health", "/version")
+# Open with --open-monitoring, for scrapers and load balancers. /metrics counts prefix-cache
+# hits, which tell whether someone sent a given prompt, so the key guards them by default.
+MONITORING_PATHS = ("/metrics", "/load", "/ping")
 ALL_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")
 
 
@@ -217,7 +221,8 @@ def create_app(args: ServerArgs) -> FastAPI:
                        write_timeout=args.write_timeout)
     app.add_middleware(BodyLimitMiddleware, max_bytes=args.max_request_body_bytes)
     if args.api_key:
-        app.add_middleware(ApiKeyMiddleware, api_keys=args.api_key, open_paths=OPEN_PATHS)
+        app.add_middleware(ApiKeyMiddleware, api_keys=args.api_key, open_paths=OPEN_PATHS + (
+            MONITORING_PATHS if args.open_monitoring else ()))
     if args.allowed_origins:  # outermost, so that preflights need no key
         app.add_middleware(CORSMiddleware, allow_origins=args.allowed_origins,
                            allow_methods=args.allowed_methods, allow_headers=args.allowed_headers,

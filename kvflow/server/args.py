@@ -28,6 +28,7 @@ class ServerArgs:
     port: int = 8000
     served_model_name: list[str] = field(default_factory=list)
     api_key: list[str] = field(default_factory=list)  # any of them is accepted
+    open_monitoring: bool = False  # /metrics, /load and /ping need no key
     max_waiting_requests: int | None = None  # sequences (prompts x n) waiting to run
     shutdown_timeout: float = 10.0
     max_request_body_bytes: int = DEFAULT_MAX_BODY_BYTES
@@ -126,7 +127,12 @@ class ServerArgs:
                                  "/v1/models lists a local checkpoint by its directory's name)")
         parser.add_argument("--api-key", nargs="+", default=None,
                             help="require 'Authorization: Bearer KEY' with any of these keys "
-                                 "(or set KVFLOW_API_KEY)")
+                                 "(or set KVFLOW_API_KEY) on every route but /health and "
+                                 "/version")
+        parser.add_argument("--open-monitoring", action="store_true",
+                            help="with --api-key, serve /metrics, /load and /ping without the "
+                                 "key too, for scrapers and load balancers (/metrics' prefix "
+                                 "cache counters tell whether someone sent a given prompt)")
         parser.add_argument("--max-waiting-requests", type=int, default=None,
                             help="sequences (prompts x n) that may wait for the engine; past "
                                  "it, 503 with Retry-After, and a request with more is a 400")
@@ -214,6 +220,7 @@ class ServerArgs:
         return cls(engine=EngineArgs.from_cli_args(ns), host=ns.host, port=ns.port,
                    served_model_name=ns.served_model_name or [],
                    api_key=ns.api_key or ([env_key] if env_key else []),
+                   open_monitoring=ns.open_monitoring,
                    max_waiting_requests=ns.max_waiting_requests,
                    shutdown_timeout=ns.shutdown_timeout,
                    max_request_body_bytes=parse_memory(ns.max_request_body_bytes,
