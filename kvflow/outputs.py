@@ -81,6 +81,9 @@ class CompletionOutput:
     logprobs: SampleLogprobs | None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    # Why the engine ended this sample early (finish_reason "abort"): a constraint its
+    # output could no longer follow.
+    error: str | None = None
 
     def finished(self) -> bool:
         """A method, as in vLLM (RequestOutput.finished is a field there and here)."""

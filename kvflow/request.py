@@ -55,6 +55,8 @@ class Request:
     num_preemptions: int = 0
     first_scheduled_time: float | None = None
     stop_reason: int | str | None = None
+    # Why the engine ended the request early (FINISHED_ABORTED), for its client to read.
+    error: str | None = None
     grammar: RequestGrammar | None = None  # structured output: advanced by every token
     # Proposed by the last step, to be verified by the next (speculative decoding).
     spec_token_ids: list[int] = field(default_factory=list)

@@ -245,6 +245,34 @@ def test_stop_strings_at_the_caps_are_served(server):
     assert response.status_code == 200, response.text
 
 
+def test_a_regex_too_large_for_the_matcher_is_400_before_generation(server):
+    """It was compiled lazily and failed after two tokens: 200, finish_reason "abort"."""
+    message = _error(_chat(server, guided_regex="(a{1000}){1000}"), 400, "guided_regex")
+    assert "too complex" in message and "too many expressions" in message
+
+
+def test_a_constraint_the_matcher_gives_up_on_mid_output_is_an_error_that_says_so(server):
+    """The pattern's lexer is built only past "b", where a compile's first mask does not
+    reach."""
+    schema = {"type": "object", "properties": {"b": {"type": "boolean"}, "a": {
+        "type": "string", "pattern": "^(a{1000}){1000}$"}}, "required": ["b", "a"],
+        "additionalProperties": False}
+    fields = {"response_format": {"type": "json_schema",
+                                  "json_schema": {"name": "s", "schema": schema}},
+              "max_tokens": 40}
+    message = _error(_chat(server, **fields), 400, "response_format")
+    assert "could no longer follow" in message and "too many expressions" in message
+    events = _stream_events(server, {"messages": [{"role": "user", "content": "hi"}],
+                                     **fields})
+    assert events[-1]["error"]["param"] == "response_format"
+    assert "could no longer follow" in events[-1]["error"]["message"]
+    # allowed_token_ids that leave the grammar nothing: the same error, not an abort.
+    response = httpx.post(server.url + "/v1/completions", timeout=60, json={
+        "prompt": "hi", "max_tokens": 4, "guided_choice": ["yes"], "allowed_token_ids": [7]})
+    assert "could no longer follow" in _error(response, 400, "guided_choice")
+    _healthy(server)
+
+
 @pytest.fixture(scope="module")
 def keyed_server(checkpoint, tmp_path_factory):
     model = checkpoint("qwen3", max_position_embeddings=4096)

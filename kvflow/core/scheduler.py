@@ -273,12 +273,16 @@ class Scheduler:
     @staticmethod
     def _advance_grammar(request: Request, token_id: int) -> RequestStatus | None:
         """A complete grammar stops its request, even short of min_tokens (nothing may
-        follow it). A token the grammar refuses, sampled only where the request's other
-        constraints (allowed_token_ids, bad_words) left nothing the grammar allows, aborts
-        it: the output can no longer match."""
+        follow it). A token the grammar refuses aborts it, with an error that says so: the
+        output can no longer match. That token was sampled where the grammar allowed
+        nothing else the request's allowed_token_ids or bad_words leave, or where the
+        matcher gave up (a lexer past llguidance's limits; it then allows only EOS)."""
         if not request.grammar.accept([token_id]):
-            logger.warning("request %s aborted: its grammar refused token %d (%s)",
-                           request.request_id, token_id, request.grammar.error)
+            request.error = (f"the output could no longer follow the constraint after "
+                             f"{request.num_output_tokens - 1} tokens "
+                             f"({request.grammar.error})")
+            logger.warning("request %s aborted at token %d: %s", request.request_id,
+                           token_id, request.error)
             return RequestStatus.FINISHED_ABORTED
         return RequestStatus.FINISHED_STOPPED if request.grammar.is_terminated else None
 

@@ -96,7 +96,7 @@ class OutputProcessor:
                 if not request.status.finished:
                     stopped.append(request.request_id)
                 request.stop_reason, finish_reason = stop, "stop"
-            self._publish(state, finish_reason, request.stop_reason)
+            self._publish(state, finish_reason, request.stop_reason, request.error)
             changed[state.parent.request_id] = state.parent
         return [self._snapshot(parent) for parent in changed.values()], stopped
 
@@ -129,14 +129,14 @@ class OutputProcessor:
         return None
 
     def _publish(self, state: SampleState, finish_reason: str | None,
-                 stop_reason: int | str | None) -> None:
+                 stop_reason: int | str | None, error: str | None) -> None:
         parent = state.parent
         parent.outputs[state.index] = CompletionOutput(
             index=state.index, text=state.detokenizer.text, token_ids=list(state.token_ids),
             cumulative_logprob=state.cumulative_logprob,
             # A copy: the engine thread goes on appending while a server serialises this one.
             logprobs=None if state.logprobs is None else list(state.logprobs),
-            finish_reason=finish_reason, stop_reason=stop_reason)
+            finish_reason=finish_reason, stop_reason=stop_reason, error=error)
         if finish_reason is not None:
             parent.num_unfinished -= 1
             if parent.num_unfinished == 0:

@@ -58,6 +58,7 @@ class Job:
     logprobs: int | None = None
     include_usage: bool = False
     parser: MessageParser = field(default_factory=MessageParser)  # chat: text to message
+    constraint: str | None = None  # the request field that constrains the output
     created: int = field(default_factory=lambda: int(time.time()))
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
@@ -172,7 +173,8 @@ class OpenAIServing:
         params = request.sampling_params(max_tokens, request.logprobs, prompt_logprobs,
                                          constraint and constraint[1], self.generation_defaults)
         job = Job(kind="completion", model=model, prepared=[], n=params.n, echo=request.echo,
-                  logprobs=request.logprobs, include_usage=request.include_usage)
+                  logprobs=request.logprobs, include_usage=request.include_usage,
+                  constraint=constraint and constraint[0])
         for i, prompt in enumerate(prompts):
             engine_prompt: dict[str, Any] = (
                 {"prompt": prompt, "prompt_token_ids": self.encode("prompt", prompt, True)}
@@ -218,7 +220,8 @@ class OpenAIServing:
         job = Job(kind="chat", model=model, prepared=[], n=params.n, logprobs=logprobs,
                   include_usage=request.include_usage,
                   parser=MessageParser(tool_parser, request.parallel_tool_calls,
-                                       self.reasoning_parser))
+                                       self.reasoning_parser),
+                  constraint=constraint and constraint[0])
         prompt = {"prompt": text, "prompt_token_ids": token_ids}
         if request.cache_salt is not None:
             prompt["cache_salt"] = request.cache_salt
@@ -305,6 +308,7 @@ class OpenAIServing:
                     continue
                 if isinstance(item, BaseException):
                     raise item
+                _raise_sample_error(job, item)
                 if item.finished:
                     remaining -= 1
                 yield index, item
@@ -404,7 +408,8 @@ class OpenAIServing:
             if job.include_usage:
                 yield self._event(job, [], usage=self._usage(finals))
         except Exception as exc:  # noqa: BLE001 - the stream has started: report in-band
-            yield f"data: {json.dumps(error_body(*stream_error(exc)))}\n\n"
+            param = exc.param if isinstance(exc, ParameterError) else None
+            yield f"data: {json.dumps(error_body(*stream_error(exc), param))}\n\n"
         yield "data: [DONE]\n\n"
 
     def _stream_choice(self, job: Job, index: int, output: RequestOutput,
@@ -515,6 +520,15 @@ def _named_constraint_errors(constraint: tuple[str, StructuredOutputsParams] | N
         if constraint is None or exc.param != "structured_outputs":
             raise
         raise ParameterError(constraint[0], f"{constraint[0]}: {exc}") from None
+
+
+def _raise_sample_error(job: Job, output: RequestOutput) -> None:
+    """A sample the engine ended because its output could no longer follow the request's
+    constraint fails the request, naming that field (leaving aborts the other samples)."""
+    error = next((c.error for c in output.outputs if c.error is not None), None)
+    if error is not None:
+        field_name = job.constraint or "structured_outputs"
+        raise ParameterError(field_name, f"{field_name}: {error}")
 
 
 def _choice_name(request: ChatCompletionRequest) -> str:

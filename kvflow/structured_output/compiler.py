@@ -93,15 +93,35 @@ class GrammarCompiler:
         check_constraint(params)
         tokenizer = self._tokenizer()
         try:
-            matcher = on_compile_stack(lambda: llguidance.LLMatcher(
-                tokenizer, _grammar_text(params), log_level=0))
+            matcher, refusal = on_compile_stack(lambda: _compile(tokenizer, params))
         except ValueError as exc:
             raise ParameterError("structured_outputs", f"the {what} cannot be compiled: "
                                  f"{_shorten(str(exc))}") from None
-        if matcher.is_error():
-            raise ParameterError("structured_outputs", f"the {what} cannot be compiled: "
-                                 f"{_shorten(matcher.get_error())}")
+        if refusal is not None:
+            raise ParameterError("structured_outputs", f"the {what} {refusal}")
         return matcher
+
+
+def _compile(tokenizer: llguidance.LLTokenizer, params: StructuredOutputsParams
+             ) -> tuple[llguidance.LLMatcher, str | None]:
+    """The matcher of a constraint, and why it is refused, if it is.
+
+    llguidance builds a grammar's lexer at its first mask, not when it compiles, and every
+    copy of a matcher shares its lexer. One past llguidance's limits (a regex such as
+    (a{1000}){1000}) spends all its fuel in that first mask and fails at the next: the
+    first copy's mask builds it, the second's fails, and the constraint is refused here
+    instead of failing its request after a token or two. Real requests then find the lexer
+    built: the engine thread does not pay for it."""
+    matcher = llguidance.LLMatcher(tokenizer, _grammar_text(params), log_level=0)
+    if matcher.is_error():
+        return matcher, f"cannot be compiled: {_shorten(matcher.get_error())}"
+    for _ in range(2):
+        probe = matcher.deep_copy()
+        probe.compute_bitmask()
+        if probe.is_error():
+            return matcher, ("is too complex for the matcher's limits "
+                             f"({probe.get_error().splitlines()[0]})")
+    return matcher, None
 
 
 def _reasoning_tags(params: StructuredOutputsParams) -> tuple[str | None, ...]:
