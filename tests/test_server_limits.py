@@ -273,6 +273,26 @@ def test_a_constraint_the_matcher_gives_up_on_mid_output_is_an_error_that_says_s
     _healthy(server)
 
 
+@pytest.mark.parametrize("schema, says", [
+    ({"type": "number", "multipleOf": -2}, "multipleOf must be greater than 0"),
+    ({"type": "object", "properties": {"a": {"type": "integer", "multipleOf": 0}}},
+     "multipleOf must be greater than 0"),
+    ({"type": "object", "x-guidance": {"whitespace_flexible": True}}, "x-guidance"),
+])
+def test_schemas_json_schema_forbids_or_that_would_change_kvflows_layout_are_400(
+        server, schema, says):
+    response = _chat(server, response_format={
+        "type": "json_schema", "json_schema": {"name": "s", "schema": schema}})
+    assert says in _error(response, 400, "response_format")
+
+
+def test_a_multiple_of_in_data_is_not_a_keyword(server):
+    schema = {"type": "object", "properties": {"a": {"const": {"multipleOf": -1}}}}
+    response = _chat(server, response_format={
+        "type": "json_schema", "json_schema": {"name": "s", "schema": schema}})
+    assert response.status_code == 200, response.text
+
+
 @pytest.fixture(scope="module")
 def keyed_server(checkpoint, tmp_path_factory):
     model = checkpoint("qwen3", max_position_embeddings=4096)

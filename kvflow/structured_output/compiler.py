@@ -20,13 +20,13 @@ from kvflow.sampling_params import ParameterError, StructuredOutputsParams
 from kvflow.structured_output.limits import check_constraint, on_compile_stack
 from kvflow.structured_output.matcher import RequestGrammar
 from kvflow.structured_output.reasoning import AfterReasoning, after_reasoning_grammar
+from kvflow.structured_output.schema_rules import check_schema
 
 # JSON is written with ", " and ": " between items and no other whitespace: with free
 # whitespace a weak model can spend its whole budget on newlines, and the output parses
 # the same.
 JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
-# A schema keyword llguidance does not implement is an error, never ignored, even where the
-# schema's own "x-guidance" options ask for leniency.
+# A schema keyword llguidance does not implement is an error, never ignored.
 JSON_STRICT = {"lenient": False}
 MAX_CACHED_GRAMMARS = 256
 MAX_ERROR_CHARS = 500
@@ -91,6 +91,8 @@ class GrammarCompiler:
     def _build(self, params: StructuredOutputsParams) -> llguidance.LLMatcher:
         what = _DESCRIPTIONS[params.kind]
         check_constraint(params)
+        if params.kind == "json":
+            check_schema(params.json)
         tokenizer = self._tokenizer()
         try:
             matcher, refusal = on_compile_stack(lambda: _compile(tokenizer, params))
