@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import time
 
 import httpx
 import pytest
+from fuzz_requests import chat_request
 from server_process import ServerProcess
 
 FLAGS = ("--dtype", "bfloat16", "--device", "cpu", "--kv-cache-memory", "16MiB",
@@ -326,3 +328,35 @@ def test_open_monitoring_opens_metrics_load_and_ping_only():
         assert client.get(path).status_code != 401, path
     for path in ("/v1/models", "/reset_prefix_cache"):
         assert client.request("POST" if "reset" in path else "GET", path).status_code == 401
+
+
+FUZZ_SECONDS = 8.0
+
+
+def test_random_constraints_and_tool_lists_get_200_or_a_clean_400(server):
+    """A fuzz target, bounded in time: random schemas, regexes, choices and tool lists
+    within the limits (tests/fuzz_requests.py), some streamed. Each gets a 200 or a 400 in
+    OpenAI's shape (in-band, for a stream that has started), never a 500 or a hang, and the
+    server lives on."""
+    rng = random.Random(24)
+    deadline = time.monotonic() + FUZZ_SECONDS
+    statuses: list[int] = []
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        while len(statuses) < 10 or time.monotonic() < deadline:
+            body = chat_request(rng)
+            if rng.random() < 0.3:
+                with http.stream("POST", "/v1/chat/completions",
+                                 json={**body, "stream": True}) as response:
+                    response.read()
+                errors = ([json.loads(line[6:])["error"] for line in response.text.splitlines()
+                           if line.startswith('data: {"error"')]
+                          if response.status_code == 200 else [response.json()["error"]])
+            else:
+                response = http.post("/v1/chat/completions", json=body)
+                errors = [response.json()["error"]] if response.status_code != 200 else []
+            assert response.status_code in (200, 400), (response.status_code, body)
+            for error in errors:
+                assert error["code"] == 400 and error["message"], (error, body)
+            statuses.append(response.status_code)
+    assert 200 in statuses and 400 in statuses, statuses
+    _healthy(server)
