@@ -116,6 +116,20 @@ def test_tool_lists_are_capped_and_checked_in_linear_time(server):
     _healthy(server)
 
 
+def test_the_responses_and_messages_apis_count_their_lists_before_validating_them(server):
+    """The entries here are all invalid: they are counted first, and not validated."""
+    for path, body, param in (
+            ("/v1/responses", {"input": [{"role": "nobody"}] * 4097}, "input"),
+            ("/v1/responses", {"input": "hi", "tools": [{"type": "nonesuch"}] * 129}, "tools"),
+            ("/v1/messages", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+                              "tools": [{"nonesuch": 1}] * 129}, None)):
+        response = httpx.post(server.url + path, json=body, timeout=60)
+        assert response.status_code == 400, response.text
+        if param is not None:  # Anthropic's error shape has no param
+            assert response.json()["error"]["param"] == param
+        assert "at most" in response.json()["error"]["message"], response.text
+
+
 def test_a_request_whose_client_left_is_dropped_before_it_is_prepared(server):
     """Its validation and template wait for a tokenizer thread; once the client has gone,
     they never run."""

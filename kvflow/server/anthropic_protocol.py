@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field
 
 from kvflow.sampling_params import ParameterError
-from kvflow.server.protocol import OpenAIModel, SamplingFields
+from kvflow.server.protocol import MAX_MESSAGES, MAX_TOOLS, OpenAIModel, SamplingFields
 
 # Chat field -> the Messages field it is rendered from, for errors.
 MESSAGES_FIELDS = {"stop": "stop_sequences"}
@@ -65,6 +65,7 @@ class AnthropicToolChoice(OpenAIModel):
 class MessagesInput(SamplingFields):
     """What renders into a prompt: POST /v1/messages/count_tokens takes this much."""
 
+    LIST_CAPS = {"messages": MAX_MESSAGES, "tools": MAX_TOOLS}
     model: str | None = None
     messages: list[AnthropicMessage] = Field(min_length=1)
     system: str | list[TextBlock] | None = None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import replace
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -44,12 +44,26 @@ def _lone_surrogate_path(value: Any) -> tuple[str, ...] | None:
     return None
 
 
+# Entries of a request's lists, counted before any entry is validated: validating one takes
+# microseconds of the event loop, and the body limit alone lets 100,000 through. OpenAI
+# allows 128 tools.
+MAX_TOOLS = 128
+MAX_MESSAGES = 4096
+
+
 class TopLevelRequest(OpenAIModel):
-    """A whole request body: every string in it must be valid text."""
+    """A whole request body: its lists within LIST_CAPS, every string in it valid text."""
+
+    LIST_CAPS: ClassVar[dict[str, int]] = {}  # field name: most entries
 
     @model_validator(mode="before")
     @classmethod
-    def _valid_text(cls, data: Any) -> Any:
+    def _valid_body(cls, data: Any) -> Any:
+        for name, limit in cls.LIST_CAPS.items():
+            entries = data.get(name) if isinstance(data, dict) else None
+            if isinstance(entries, list) and len(entries) > limit:
+                raise ParameterError(name, f"{name} has {len(entries):,} entries; at most "
+                                           f"{limit:,} are allowed")
         path = _lone_surrogate_path(data)
         if path is not None:
             field = ".".join(path) or "body"
@@ -277,30 +291,14 @@ class NamedToolChoice(OpenAIModel):
     function: NamedFunction
 
 
-# Entries of a chat request's lists, counted before any entry is validated: validating one
-# takes microseconds of the event loop, and the body limit alone lets 100,000 through.
-# OpenAI allows 128 tools.
-MAX_TOOLS = 128
-MAX_MESSAGES = 4096
-
-
 class _ChatInput(TopLevelRequest):
     """What renders messages into a prompt, besides the messages (vLLM's fields)."""
 
+    LIST_CAPS = {"messages": MAX_MESSAGES, "tools": MAX_TOOLS}
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
     chat_template: str | None = None  # refused: the server's template applies
-
-    @model_validator(mode="before")
-    @classmethod
-    def _bounded_lists(cls, data: Any) -> Any:
-        for name, limit in (("messages", MAX_MESSAGES), ("tools", MAX_TOOLS)):
-            entries = data.get(name) if isinstance(data, dict) else None
-            if isinstance(entries, list) and len(entries) > limit:
-                raise ParameterError(name, f"{name} has {len(entries):,} entries; at most "
-                                           f"{limit:,} are allowed")
-        return data
 
     def chat_options(self) -> ChatOptions:
         if self.chat_template is not None:

@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Discriminator, Field, Tag, TypeAdapter
 
 from kvflow.sampling_params import ParameterError
-from kvflow.server.protocol import OpenAIModel, SamplingFields
+from kvflow.server.protocol import MAX_MESSAGES, MAX_TOOLS, OpenAIModel, SamplingFields
 
 # Chat field -> the Responses field it is rendered from, for errors.
 RESPONSES_FIELDS = {"messages": "input", "response_format": "text",
@@ -85,6 +85,7 @@ class NamedFunctionChoice(OpenAIModel):
 
 
 class ResponsesRequest(SamplingFields):
+    LIST_CAPS = {"input": MAX_MESSAGES, "tools": MAX_TOOLS}
     model: str | None = None
     input: str | list[InputItem]
     instructions: str | None = None
