@@ -183,3 +183,12 @@ def test_over_deep_json_is_never_parsed():
     for parser, text in ((MessageParser(HERMES), opening),
                          (MessageParser(RequiredCallsParser()), within)):
         assert _streamed(parser, text) == _whole(parser, text)
+
+
+def test_an_anthropic_tool_use_with_over_deep_arguments_has_no_input():
+    from kvflow.server.anthropic import block
+    from kvflow.server.output_items import OutputItem
+
+    deep = '{"a": ' + "[" * 2000 + "]" * 2000 + "}"
+    assert block(OutputItem("call", 0, deep, "c", "f"))["input"] == {}
+    assert block(OutputItem("call", 0, '{"a": [[1]]}', "c", "f"))["input"] == {"a": [[1]]}

@@ -4,11 +4,11 @@ by OpenAIServing; its output comes back as content blocks (thinking, text, tool_
 or as Anthropic's stream events."""
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+from kvflow import json_depth
 from kvflow.outputs import RequestOutput
 from kvflow.server.anthropic_protocol import MESSAGES_FIELDS, MessagesInput, MessagesRequest
 from kvflow.server.errors import anthropic_error_body
@@ -68,8 +68,8 @@ def block(item: OutputItem, whole: bool = True) -> dict[str, Any]:
 def _arguments(text: str) -> dict[str, Any]:
     """A call's input; arguments cut short by max_tokens, or not an object, are none."""
     try:
-        arguments = json.loads(text)
-    except ValueError:
+        arguments = json_depth.loads(text)
+    except ValueError:  # not JSON, or nested too deep to parse
         return {}
     return arguments if isinstance(arguments, dict) else {}
 
