@@ -185,6 +185,15 @@ def test_json_nested_past_the_limit_is_400_naming_the_field(server, body, param)
     _healthy(server)
 
 
+def test_json_nested_past_the_limit_is_400_in_anthropics_shape_on_its_routes(server):
+    body = f'{{"max_tokens": 2, "messages": [{{"role": "user", "content": {_nested(300)}}}]}}'
+    response = httpx.post(server.url + "/v1/messages", content=body, timeout=60,
+                          headers={"content-type": "application/json"})
+    assert response.status_code == 400, response.text
+    assert response.json()["type"] == "error"
+    assert "the limit is 256" in response.json()["error"]["message"]
+
+
 def test_json_nested_to_the_limit_is_served(server):
     """256 levels, counted from the request body's own braces, in every field that reaches
     the template (which writes them with tojson)."""

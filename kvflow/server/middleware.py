@@ -77,7 +77,8 @@ class JsonDepthMiddleware:
                 if not message.get("more_body"):
                     break
         except HTTPException as exc:
-            await error_response(exc.status_code, str(exc.detail))(scope, receive, send)
+            await error_response(exc.status_code, str(exc.detail),
+                                 path=scope["path"])(scope, receive, send)
             return
         body = b"".join(chunks)
         # The scan releases the GIL for most of its work: other requests go on meanwhile.
@@ -86,7 +87,7 @@ class JsonDepthMiddleware:
             depth, field = excess
             response = error_response(400, f"{field or 'the request body'} nests {depth:,} "
                                            "levels of arrays and objects; the limit is "
-                                           f"{MAX_JSON_DEPTH}", field)
+                                           f"{MAX_JSON_DEPTH}", field, path=scope["path"])
             await response(scope, receive, send)
             return
         replayed = False
