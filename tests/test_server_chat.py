@@ -232,6 +232,29 @@ def test_required_calls_always_parse_and_name_declared_functions(server, seed, p
     assert _without_ids(streamed) == _without_ids(body)
 
 
+# A pydantic model's schema, as SDKs send it: nested models as $defs and local $refs.
+TRIP = {"type": "function", "function": {"name": "plan_trip", "parameters": {
+    "$defs": {"City": {"type": "object", "properties": {"name": {"type": "string",
+                                                                   "maxLength": 10}},
+                       "required": ["name"], "additionalProperties": False}},
+    "type": "object", "properties": {"origin": {"$ref": "#/$defs/City"},
+                                     "stops": {"type": "array", "maxItems": 2,
+                                               "items": {"$ref": "#/$defs/City"}}},
+    "required": ["origin", "stops"], "additionalProperties": False}}}
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_required_calls_take_tools_whose_schemas_use_local_refs(server, seed):
+    """Embedded in the combined schema of every tool, "#/$defs/City" named nothing: the
+    request was a 400 ("Pointer ... does not exist")."""
+    body = _chat(server, temperature=1.0, seed=seed, tool_choice="required",
+                 tools=[TRIP, TIME], parallel_tool_calls=False)
+    schemas = {"plan_trip": TRIP["function"]["parameters"], **SCHEMAS}
+    for call in body["choices"][0]["message"]["tool_calls"]:
+        jsonschema.validate(json.loads(call["function"]["arguments"]),
+                            schemas[call["function"]["name"]])
+
+
 # The model is made to write exactly this (a choice of one string), then parsed as hermes.
 SCRIPTED = ('Checking both.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": '
             '"Paris", "unit": "celsius"}}\n</tool_call>\n<tool_call>\n{"name": "get_time", '

@@ -27,16 +27,48 @@ def named_call_constraint(parameters: dict[str, Any] | None) -> StructuredOutput
 
 def required_calls_constraint(tools: dict[str, dict[str, Any] | None],
                               parallel: bool) -> StructuredOutputsParams:
-    """`tools`: each function's name and parameters schema."""
-    calls = [{"type": "object", "properties": {"name": {"const": name},
-                                               "arguments": parameters or NO_PARAMETERS},
-              "required": ["name", "arguments"], "additionalProperties": False}
-             for name, parameters in tools.items()]
+    """`tools`: each function's name and parameters schema. A parameters schema with local
+    $refs (pydantic writes its models' $defs so) moves to the combined schema's $defs, its
+    refs rewritten to point there: nested as an item, "#/$defs/x" would name nothing."""
+    defs: dict[str, Any] = {}
+    calls = []
+    for i, (name, parameters) in enumerate(tools.items()):
+        arguments = parameters or NO_PARAMETERS
+        if _has_local_ref(arguments):
+            defs[f"tool{i}"] = _rebased(arguments, f"#/$defs/tool{i}")
+            arguments = {"$ref": f"#/$defs/tool{i}"}
+        calls.append({"type": "object", "properties": {"name": {"const": name},
+                                                      "arguments": arguments},
+                      "required": ["name", "arguments"], "additionalProperties": False})
     schema: dict[str, Any] = {"type": "array", "minItems": 1,
                               "items": calls[0] if len(calls) == 1 else {"anyOf": calls}}
     if not parallel:
         schema["maxItems"] = 1
+    if defs:
+        schema["$defs"] = defs
     return StructuredOutputsParams(json=schema)
+
+
+def _has_local_ref(value: Any) -> bool:
+    if isinstance(value, dict):
+        ref = value.get("$ref")
+        return (isinstance(ref, str) and ref.startswith("#")) or any(
+            _has_local_ref(v) for v in value.values())
+    return isinstance(value, list) and any(_has_local_ref(v) for v in value)
+
+
+def _rebased(value: Any, root: str) -> Any:
+    """value with every local $ref ("#", "#/...") made relative to the pointer `root`
+    (client schemas are depth-checked before they get here)."""
+    if isinstance(value, list):
+        return [_rebased(v, root) for v in value]
+    if not isinstance(value, dict):
+        return value
+    rebased = {k: _rebased(v, root) for k, v in value.items()}
+    ref = value.get("$ref")
+    if isinstance(ref, str) and ref.startswith("#"):
+        rebased["$ref"] = root + ref[1:]
+    return rebased
 
 
 class NamedCallParser(ToolParser):
