@@ -7,6 +7,11 @@ gguf_export writes those blocks with its own round-to-nearest search, and every 
 reads them back through the gguf package's dequantizers."""
 from __future__ import annotations
 
+import json
+import re
+import struct
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -231,16 +236,21 @@ def test_tokenizer_and_chat_template_come_from_the_file(gguf_file, variant):
     assert gguf_tokenizer.eos_token == original.eos_token
 
 
-def _rewrite(source, out, arch=None, tensor=None, extra=None):
+def _rewrite(source, out, arch=None, tensor=None, extra=None, metadata=None):
     """A copy of a GGUF file with its architecture renamed, `tensor(name, array, type) ->
-    (array, type)` applied to each tensor (None drops it), or F32 tensors added."""
+    (array, type)` applied to each tensor (None drops it), F32 tensors added, or metadata
+    keys set to `{key: (value, GGUFValueType)}`."""
     reader = GGUFReader(source)
     writer = GGUFWriter(str(out), arch or reader.get_field("general.architecture").contents())
+    metadata = metadata or {}
     for field in reader.fields.values():
-        if field.name.startswith("GGUF.") or field.name == "general.architecture":
+        if (field.name.startswith("GGUF.") or field.name == "general.architecture"
+                or field.name in metadata):
             continue
         sub_type = field.types[-1] if field.types[0] == GGUFValueType.ARRAY else None
         writer.add_key_value(field.name, field.contents(), field.types[0], sub_type)
+    for key, (value, value_type) in metadata.items():
+        writer.add_key_value(key, value, value_type)
     for t in reader.tensors:
         array, qtype = np.array(t.data), t.tensor_type
         if tensor is not None:
@@ -296,7 +306,8 @@ def test_bad_files_are_refused_with_the_thing_named(gguf_file, tmp_path):
     at = data.index(name) + len(name) + 4 + 2 * 8
     unknown = tmp_path / "type99.gguf"
     unknown.write_bytes(data[:at] + (99).to_bytes(4, "little") + data[at + 4:])
-    with pytest.raises(ValueError, match=r"99\) is not a valid GGMLQuantizationType"):
+    with pytest.raises(ValueError, match="'blk.0.ffn_up.weight' has type id 99, which the gguf "
+                                         "package does not know"):
         ModelConfig.from_pretrained(unknown)
 
     def drop(name, array, qtype):
@@ -350,3 +361,150 @@ def test_a_server_answers_chat_from_a_gguf_file(gguf_file, tmp_path):
         assert reply["usage"]["prompt_tokens"] == len(expected_prompt), reply["usage"]
     finally:
         assert server.stop()
+
+
+def _string(text: bytes) -> bytes:
+    return struct.pack("<Q", len(text)) + text
+
+
+def _key(name: bytes, value_type: GGUFValueType, payload: bytes) -> bytes:
+    return _string(name) + struct.pack("<I", value_type) + payload
+
+
+def _raw_gguf(path, keys=(), num_keys=None, tensors=b"", num_tensors=0, version=3,
+              tail=b""):
+    """A GGUF file written byte by byte, claiming whatever counts it is given."""
+    body = b"".join(keys)
+    path.write_bytes(b"GGUF" + struct.pack("<IQQ", version, num_tensors,
+                                           len(keys) if num_keys is None else num_keys)
+                     + body + tensors + tail)
+    return path
+
+
+_ARRAY = GGUFValueType.ARRAY
+# Files whose header claims what their size or this machine cannot hold, with what the
+# error must say; each was a hang, a traceback or gigabytes before it was checked.
+_HOSTILE_HEADERS = {
+    # 51 bytes that claimed 2^62 items: memory grew about 150 MB/s for ever
+    "huge-array": (dict(keys=[_key(b"a", _ARRAY, struct.pack("<IQ", GGUFValueType.UINT8,
+                                                             2**62))], tail=b"xy"),
+                   "'a' is an array of 4,611,686,018,427,387,904 items; kvflow reads at most"),
+    # an array the file does hold, past the cap (30M items took 11 GB)
+    "long-array": (dict(keys=[_key(b"a", _ARRAY, struct.pack("<IQ", GGUFValueType.UINT8,
+                                                             3_000_000) + bytes(3_000_000))]),
+                   "'a' is an array of 3,000,000 items"),
+    "short-array": (dict(keys=[_key(b"a", _ARRAY, struct.pack("<IQ", GGUFValueType.UINT32,
+                                                              1000) + bytes(10))]),
+                    "'a' \\(1,000 items\\) claims 4,000 bytes, but only 10 remain"),
+    "short-strings": (dict(keys=[_key(b"a", _ARRAY, struct.pack("<IQ", GGUFValueType.STRING,
+                                                                1000) + _string(b"x"))]),
+                      "'a' \\(1,000 strings\\) claims 8,000 bytes, but only 9 remain"),
+    "string-length": (dict(keys=[_key(b"a", GGUFValueType.STRING, struct.pack("<Q", 2**60))]),
+                      "'a' claims 1,152,921,504,606,846,976 bytes, but only 0 remain"),
+    # a million real keys took 3.6 GB
+    "many-keys": (dict(keys=[_key(b"k%d" % i, GGUFValueType.UINT8, b"\0")
+                             for i in range(1 << 20)]),
+                  "the key count is 1,048,576; kvflow reads at most 65,536"),
+    "key-count": (dict(keys=[_key(b"a", GGUFValueType.UINT8, b"\0")], num_keys=60_000),
+                  "the key count \\(60,000\\) claims 780,000 bytes"),
+    "key-name": (dict(keys=[struct.pack("<Q", 2**40)], tail=bytes(16)),
+                 "key 0's name is 1,099,511,627,776 bytes long; kvflow reads at most 65,536"),
+    "nested-array": (dict(keys=[_key(b"a", _ARRAY, struct.pack("<IQ", _ARRAY, 1))]),
+                     "'a' is an array of arrays"),
+    "value-type": (dict(keys=[_key(b"a", 77, b"")]), "'a' has value type 77"),
+    "tensor-count": (dict(num_tensors=2**40), "the tensor count is 1,099,511,627,776"),
+    "tensor-size": (dict(tensors=_string(b"t") + struct.pack("<I2QIQ", 2, 2**20, 2**20,
+                                                             GGMLQuantizationType.F32, 0),
+                         num_tensors=1, tail=bytes(31)),
+                    "'t' claims 4,398,046,511,104 bytes at data offset 0, past the 0 bytes"),
+    "tensor-dims": (dict(tensors=_string(b"t") + struct.pack("<I", 9), num_tensors=1,
+                         tail=bytes(64)),
+                    "'t' has 9 dimensions"),
+    "version": (dict(version=1), "GGUF version 1 is not supported"),
+}
+# Metadata values that pass the header: block_count=1e8 took 15 GB and then a traceback.
+_HOSTILE_VALUES = {
+    "block-count": ({"llama.block_count": (100_000_000, GGUFValueType.UINT32)},
+                    "'llama.block_count' is 100,000,000; kvflow takes 1 to 21, as the file "
+                    "holds 21 tensors"),
+    "block-count-u32": ({"llama.block_count": (2**32 - 1, GGUFValueType.UINT32)},
+                        "'llama.block_count' is 4,294,967,295"),
+    "block-count-text": ({"llama.block_count": ("2", GGUFValueType.STRING)},
+                         "'llama.block_count' is '2', not an integer"),
+    "head-count": ({"llama.attention.head_count": (0, GGUFValueType.UINT32)},
+                   "'llama.attention.head_count' is 0; kvflow takes 1 to 64"),
+    "kv-heads": ({"llama.attention.head_count_kv": (8, GGUFValueType.UINT32)},
+                 "'llama.attention.head_count_kv' is 8; kvflow takes 1 to 4"),
+    "width": ({"llama.embedding_length": (2**40, GGUFValueType.UINT64)},
+              "'llama.embedding_length' is 1,099,511,627,776"),
+    "context": ({"llama.context_length": (2**62, GGUFValueType.UINT64)},
+                "'llama.context_length' is 4,611,686,018,427,387,904; kvflow takes 1 to "
+                "16,777,216"),
+    "eos": ({"tokenizer.ggml.eos_token_id": (10**9, GGUFValueType.UINT32)},
+            "'tokenizer.ggml.eos_token_id' is 1,000,000,000; kvflow takes 0 to 383, the ids "
+            "of its 384-token vocabulary"),
+    "epsilon": ({"llama.attention.layer_norm_rms_epsilon": (float("nan"),
+                                                            GGUFValueType.FLOAT32)},
+                "'llama.attention.layer_norm_rms_epsilon' is nan, not a positive finite"),
+}
+# Loads each file in a process whose address space is capped, so that a file that makes
+# memory grow fails there instead of taking the machine: prints, per file, the error's
+# type and text and the seconds it took.
+_LOAD_BOUNDED = """
+import json, resource, sys, time
+from kvflow.models.config import ModelConfig
+from kvflow.models.gguf.tokenizer import load_gguf_tokenizer
+status = open("/proc/self/status").read()
+size = int(status.split("VmSize:")[1].split()[0]) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (size + 2**30, size + 2**30))
+rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+results = {}
+for name, path in json.loads(sys.argv[1]).items():
+    start = time.monotonic()
+    for load in (ModelConfig.from_pretrained, load_gguf_tokenizer):
+        try:
+            load(path)
+            outcome = ("loaded", "")
+        except BaseException as exc:
+            outcome = (type(exc).__name__, str(exc))
+        results.setdefault(name, []).append([*outcome, time.monotonic() - start])
+growth = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss) * 1024
+print(json.dumps({"results": results, "rss_growth": growth}))
+"""
+
+
+def test_hostile_files_are_refused_fast_in_bounded_memory(gguf_file, tmp_path):
+    """Every count, length, shape and offset a file claims is checked against its size
+    before anything is allocated, and config values against their ranges: each file here
+    fails with a ValueError naming what it claims, within seconds, in a process that
+    could not have grown by more than 1 GiB."""
+    paths, expected = {}, {}
+    for name, (layout, message) in _HOSTILE_HEADERS.items():
+        paths[name] = str(_raw_gguf(tmp_path / f"{name}.gguf", **layout))
+        expected[name] = message
+    source, _ = gguf_file("llama-gqa", "F32")
+    for name, (metadata, message) in _HOSTILE_VALUES.items():
+        paths[name] = str(_rewrite(source, tmp_path / f"{name}.gguf", metadata=metadata))
+        expected[name] = message
+    run = subprocess.run([sys.executable, "-c", _LOAD_BOUNDED, json.dumps(paths)],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(run.stdout.splitlines()[-1])
+    wrong = [(name, kind, message, seconds)
+             for name, outcomes in report["results"].items()
+             # the tokenizer reads the header only, so takes the header's cases
+             for kind, message, seconds in outcomes[:1 if name in _HOSTILE_VALUES else 2]
+             if kind != "ValueError" or not re.search(expected[name], message)
+             or seconds > 10]
+    assert not wrong
+    assert report["rss_growth"] < 512 * 2**20, report["rss_growth"]
+
+
+def test_metadata_that_the_reader_could_not_hold_is_refused(gguf_file, monkeypatch):
+    import kvflow.models.gguf.header as header
+
+    path, _ = gguf_file("llama-gqa", "F32")
+    monkeypatch.setattr(header, "available_host_memory", lambda: 2**20)
+    with pytest.raises(ValueError, match=r"its metadata holds [\d,]+ keys, tensors and array "
+                                         r"items, which would take the gguf reader about"):
+        ModelConfig.from_pretrained(path)

@@ -13,6 +13,11 @@ import torch
 from kvflow.models.config import ModelConfig, RopeConfig
 from kvflow.models.gguf.file import GgufFile, GgufTensor
 
+# Bounds an order of magnitude past any model of the families kvflow runs, so that a
+# damaged value is refused before it sizes anything.
+MAX_WIDTH = 1 << 18  # hidden, MLP and head sizes
+MAX_VOCAB = 1 << 24
+MAX_CONTEXT_LENGTH = 1 << 24  # Llama 4 Scout's 10M positions fit
 # llama.cpp's rope.scaling.type values kvflow's rotary embedding computes.
 _ROPE_SCALING = {"none": "default", "linear": "linear"}
 # The dtype a file's float weights suggest for --dtype auto; quantized files run in bf16,
@@ -21,7 +26,7 @@ _FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloa
 
 
 def _rope(file: GgufFile, head_dim: int) -> RopeConfig:
-    theta = float(file.arch("rope.freq_base", 10000.0))
+    theta = file.arch_float("rope.freq_base", 10000.0)
     scaling = str(file.arch("rope.scaling.type", "none"))
     if file.rope_freqs is not None:
         if scaling != "none" or file.rope_freqs.shape != (head_dim // 2,):
@@ -36,7 +41,7 @@ def _rope(file: GgufFile, head_dim: int) -> RopeConfig:
     if _ROPE_SCALING[scaling] == "default":
         return RopeConfig(theta=theta)
     return RopeConfig(theta=theta, scaling_type="linear",
-                      factor=float(file.arch("rope.scaling.factor")))
+                      factor=file.arch_float("rope.scaling.factor"))
 
 
 def _checkpoint_dtype(file: GgufFile) -> torch.dtype:
@@ -45,16 +50,20 @@ def _checkpoint_dtype(file: GgufFile) -> torch.dtype:
     for t in file.tensors.values():
         if len(t.shape) == 2:
             sizes[t.type_name] = sizes.get(t.type_name, 0) + t.shape[0] * t.shape[1]
-    return _FLOAT_DTYPES.get(max(sizes, key=sizes.__getitem__), torch.bfloat16)
+    return _FLOAT_DTYPES.get(max(sizes, key=sizes.__getitem__, default=""), torch.bfloat16)
 
 
-def _eos_ids(file: GgufFile) -> tuple[int, ...]:
-    ids = []
-    for key in ("eos_token_id", "eot_token_id", "eom_token_id"):
-        value = file.get(f"tokenizer.ggml.{key}", None)
-        if value is not None and int(value) not in ids:
-            ids.append(int(value))
-    return tuple(ids)
+def _eos_ids(file: GgufFile, vocab_size: int) -> tuple[int, ...]:
+    """The ids that end a sequence, after checking every special token id the tokenizer
+    metadata names (bos, eos, padding, ...) against the vocabulary."""
+    ids = {}
+    for name in file.keys():
+        if name.startswith("tokenizer.ggml.") and name.endswith("_token_id"):
+            ids[name] = file.check_int(name, file.get(name), 0, vocab_size - 1,
+                                       f", the ids of its {vocab_size:,}-token vocabulary")
+    return tuple(dict.fromkeys(ids[f"tokenizer.ggml.{key}"] for key in
+                               ("eos_token_id", "eot_token_id", "eom_token_id")
+                               if f"tokenizer.ggml.{key}" in ids))
 
 
 def _check_dequantizable(t: GgufTensor) -> None:
@@ -128,35 +137,43 @@ def gguf_model_config(file: GgufFile) -> ModelConfig:
 
 def _model_config(file: GgufFile) -> ModelConfig:
     tensors = file.tensors
-    hidden = int(file.arch("embedding_length"))
-    num_heads = int(file.arch("attention.head_count"))
-    num_layers = int(file.arch("block_count"))
-    vocab = file.arch("vocab_size", None)
-    if vocab is None:
-        vocab = tensors["token_embd.weight"].shape[0] if "token_embd.weight" in tensors else None
-    if vocab is None:
-        raise ValueError(f"{file.path.name} has neither a vocab_size key nor token_embd.weight")
-    window = file.arch("attention.sliding_window", None)
-    head_dim = int(file.arch("attention.key_length", hidden // num_heads))
+    hidden = file.arch_int("embedding_length", 1, MAX_WIDTH)
+    num_heads = file.arch_int("attention.head_count", 1, hidden)
+    num_kv_heads = file.arch_int("attention.head_count_kv", 1, num_heads, num_heads)
+    if num_heads % num_kv_heads:
+        raise ValueError(f"{file.path.name}: {num_heads} attention heads cannot share "
+                         f"{num_kv_heads} KV heads evenly")
+    # Each layer has tensors of its own: more layers than tensors cannot load.
+    num_layers = file.arch_int("block_count", 1, max(1, len(tensors)),
+                               reason=f", as the file holds {len(tensors)} tensors")
+    embedding = tensors.get("token_embd.weight")
+    vocab = file.arch_int("vocab_size", 1, MAX_VOCAB,
+                          embedding.shape[0] if embedding is not None else None)
+    window = (file.arch_int("attention.sliding_window", 1, MAX_CONTEXT_LENGTH)
+              if file.arch("attention.sliding_window", None) is not None else None)
+    head_dim = file.arch_int("attention.key_length", 1, MAX_WIDTH, max(1, hidden // num_heads))
+    if head_dim % 2:
+        raise ValueError(f"{file.path.name}: the attention head size {head_dim} is odd; "
+                         "rotary embeddings need an even one")
     return ModelConfig(
         path=str(file.path),
         architecture=file.architecture,
-        vocab_size=int(vocab),
+        vocab_size=vocab,
         hidden_size=hidden,
-        intermediate_size=int(file.arch("feed_forward_length")),
+        intermediate_size=file.arch_int("feed_forward_length", 1, MAX_WIDTH),
         num_layers=num_layers,
         num_heads=num_heads,
-        num_kv_heads=int(file.arch("attention.head_count_kv", num_heads)),
+        num_kv_heads=num_kv_heads,
         head_dim=head_dim,
-        rms_norm_eps=float(file.arch("attention.layer_norm_rms_epsilon")),
+        rms_norm_eps=file.arch_float("attention.layer_norm_rms_epsilon"),
         rope=_rope(file, head_dim),
-        max_position_embeddings=int(file.arch("context_length")),
+        max_position_embeddings=file.arch_int("context_length", 1, MAX_CONTEXT_LENGTH),
         tie_word_embeddings="output.weight" not in tensors,
         qkv_bias="blk.0.attn_q.bias" in tensors,
         o_bias="blk.0.attn_output.bias" in tensors,
         mlp_bias="blk.0.ffn_down.bias" in tensors,
         qk_norm="blk.0.attn_q_norm.weight" in tensors,
-        sliding_windows=(None if window is None else int(window),) * num_layers,
+        sliding_windows=(window,) * num_layers,
         checkpoint_dtype=_checkpoint_dtype(file),
-        eos_token_ids=_eos_ids(file),
+        eos_token_ids=_eos_ids(file, vocab),
     )

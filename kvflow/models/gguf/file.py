@@ -7,12 +7,15 @@ model uses.
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from kvflow.models.gguf.header import check_header
 
 # GGUF's name for an architecture -> the Hugging Face architecture kvflow runs it as.
 # Mistral 7B files are written as "llama" by llama.cpp's converter.
@@ -77,6 +80,7 @@ class GgufFile:
         self.path = Path(path)
         if not self.path.is_file():
             raise ValueError(f"GGUF file {self.path} does not exist")
+        check_header(self.path)
         try:
             self._reader = GGUFReader(self.path)
         except Exception as exc:  # the reader fails in many ways on a damaged file
@@ -85,12 +89,15 @@ class GgufFile:
                              f"{type(exc).__name__}: {exc}") from exc
         self.gguf_architecture = str(self.get("general.architecture"))
         if self.gguf_architecture not in ARCHITECTURES:
-            raise ValueError(f"{self.path.name}: GGUF architecture {self.gguf_architecture!r} is "
+            raise ValueError(f"{self.path.name}: GGUF architecture {self.gguf_architecture!r:.80} is "
                              f"not supported; supported: {', '.join(sorted(ARCHITECTURES))}")
         self.architecture = ARCHITECTURES[self.gguf_architecture]
         # Llama 3.1's rotary scaling, precomputed per frequency: config, not a weight.
         self.rope_freqs: np.ndarray | None = None
         self.tensors = self._read_tensors()
+
+    def keys(self) -> list[str]:
+        return list(self._reader.fields)
 
     def get(self, key: str, default: Any = ...) -> Any:
         """A metadata value; without a default, a missing key is an error naming it."""
@@ -104,6 +111,33 @@ class GgufFile:
     def arch(self, key: str, default: Any = ...) -> Any:
         """A `{architecture}.key` value."""
         return self.get(f"{self.gguf_architecture}.{key}", default)
+
+    def arch_int(self, key: str, low: int, high: int, default: int | None = None,
+                 reason: str = "") -> int:
+        """A `{architecture}.key` integer in [low, high] (a missing key is its default, or
+        an error without one); ValueError naming the key for any other value."""
+        name = f"{self.gguf_architecture}.{key}"
+        value = self.get(name, ... if default is None else default)
+        return self.check_int(name, value, low, high, reason)
+
+    def check_int(self, name: str, value: Any, low: int, high: int, reason: str = "") -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{self.path.name}: metadata key {name!r} is {value!r:.80}, "
+                             "not an integer")
+        if not low <= value <= high:
+            raise ValueError(f"{self.path.name}: metadata key {name!r} is {value:,}; kvflow "
+                             f"takes {low:,} to {high:,}{reason}")
+        return value
+
+    def arch_float(self, key: str, default: float | None = None) -> float:
+        """A positive, finite `{architecture}.key` number."""
+        name = f"{self.gguf_architecture}.{key}"
+        value = self.get(name, ... if default is None else default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+                0 < value < math.inf):
+            raise ValueError(f"{self.path.name}: metadata key {name!r} is {value!r:.80}, not "
+                             "a positive finite number")
+        return float(value)
 
     def _read_tensors(self) -> dict[str, GgufTensor]:
         tensors = {}

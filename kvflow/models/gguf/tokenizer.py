@@ -8,9 +8,12 @@ from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from kvflow.models.gguf.header import check_header
+
 
 def load_gguf_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     path = Path(path)
+    check_header(path)  # transformers reads the file with the gguf package's reader too
     try:
         return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     except Exception as exc:  # transformers raises many types for a vocabulary it cannot build
