@@ -508,3 +508,83 @@ def test_metadata_that_the_reader_could_not_hold_is_refused(gguf_file, monkeypat
     with pytest.raises(ValueError, match=r"its metadata holds [\d,]+ keys, tensors and array "
                                          r"items, which would take the gguf reader about"):
         ModelConfig.from_pretrained(path)
+
+
+# Loops 10^10 times; for a conversation of more than one message only, so that the server's
+# probe render at load (one message) passes and requests meet it.
+_RUNAWAY = ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}"
+            "{% endfor %}")
+
+
+def _serve_template(source, tmp_path, name, template):
+    from server_process import ServerProcess
+
+    path = _rewrite(source, tmp_path / f"{name}.gguf",
+                    metadata={"tokenizer.chat_template": (template, GGUFValueType.STRING)})
+    return ServerProcess(path, "--device", "cpu", "--kv-cache-memory", "8MiB",
+                         log=tmp_path / f"{name}.log")
+
+
+def test_a_runaway_chat_template_is_a_400_and_the_server_serves_on(gguf_file, tmp_path):
+    """A GGUF file's template that loops pinned both tokenizer threads for good while
+    /health said 200. Each render now has 5 s in a worker process that is killed after:
+    both requests get a 400 naming the budget, and the server answers the next chat."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    source, _ = gguf_file("llama-gqa", "F32")
+    template = ("{% if messages | length > 1 %}" + _RUNAWAY + "{% endif %}"
+                "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>"
+                "{% endfor %}<|assistant|>")
+    server = _serve_template(source, tmp_path, "runaway", template)
+    hi = [{"role": "user", "content": "hi"}]
+
+    def chat(messages):
+        start = time.monotonic()
+        reply = httpx.post(server.url + "/v1/chat/completions", timeout=120, json={
+            "messages": messages, "max_tokens": 2, "temperature": 0})
+        return reply, time.monotonic() - start
+
+    try:
+        server.wait_ready()
+        with ThreadPoolExecutor(2) as pool:  # one on each tokenizer thread
+            runaways = list(pool.map(chat, [hi * 2, hi * 3]))
+        for reply, seconds in runaways:
+            assert reply.status_code == 400, reply.text
+            assert "did not finish within 5 s" in reply.json()["error"]["message"]
+            assert seconds < 30  # 5 s, plus starting the second worker on a busy machine
+        reply, _ = chat(hi)
+        assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 2
+        assert httpx.get(server.url + "/health").status_code == 200
+    finally:
+        assert server.stop()
+
+
+def test_a_template_that_runs_away_on_the_probe_render_fails_the_load(gguf_file, tmp_path):
+    """The server is not healthy until it has answered one generation and rendered its
+    template for a one-message conversation: a template that loops on every conversation
+    is a failed load that /health reports, not a server that answers 200 and then hangs."""
+    import time
+
+    import httpx
+
+    source, _ = gguf_file("llama-gqa", "F32")
+    server = _serve_template(source, tmp_path, "always", _RUNAWAY + "{{ messages }}")
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            try:
+                health = httpx.get(server.url + "/health", timeout=2)
+            except httpx.HTTPError:
+                time.sleep(0.3)
+                continue
+            if "loading" not in health.text:
+                break
+            time.sleep(0.3)
+        assert health.status_code == 503, health.text
+        assert ("the model failed to load: the chat template failed on a one-message "
+                "conversation: it did not finish within 5 s") in health.json()["error"]["message"]
+    finally:
+        assert server.stop()

@@ -29,6 +29,7 @@ MAX_CONSECUTIVE_STEP_FAILURES = 3
 # What clients read when the engine has stopped; the cause is in the server's log only.
 ENGINE_STOPPED = "the engine has stopped after a failure (the server log has the cause)"
 PROBE_PREFIX = "kvflow-probe-"  # never a client's: the server names requests itself
+PROBE_MAX_STEPS = 4  # a one-token prompt and one token take one step
 
 
 class EngineDeadError(RuntimeError):
@@ -290,12 +291,27 @@ class AsyncEngine:
                 f"the engine failed while running this request ({cause}); other requests "
                 "are unaffected"))
 
+    def check_answers(self) -> None:
+        """Runs a probe request to its end on the calling thread, before start(): a server
+        reports itself healthy only once its engine has answered. Raises EngineStepError
+        (or RuntimeError) if the engine cannot."""
+        assert not self._thread.is_alive()
+        request_id = self._add_probe()
+        for _ in range(PROBE_MAX_STEPS):
+            if any(o.request_id == request_id and o.finished for o in self.engine.step()):
+                return
+        raise RuntimeError(f"a one-token request did not finish in {PROBE_MAX_STEPS} steps")
+
     def _probe(self) -> None:
-        """A one-token greedy request, next to run alone: it fails only if the engine does."""
+        """A probe request, next to run alone."""
+        self.engine.scheduler.isolate([self._add_probe()], first=True)
+
+    def _add_probe(self) -> str:
+        """A one-token greedy request: it fails only if the engine does."""
         request_id = f"{PROBE_PREFIX}{next(self._probe_ids)}"
         self.engine.add_request(request_id, {"prompt_token_ids": [0]},
                                 SamplingParams(max_tokens=1, temperature=0.0))
-        self.engine.scheduler.isolate([request_id], first=True)
+        return request_id
 
     @staticmethod
     def _deliver(stream: _Stream, item: RequestOutput | BaseException) -> None:

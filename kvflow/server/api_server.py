@@ -75,6 +75,8 @@ class ServerState:
         self.response_store = ResponseStore(args.max_stored_responses)
 
     def load(self) -> None:
+        """The engine, then one generation and a probe render of the chat template, before
+        /health says 200: a model that loads but cannot answer is a failed load."""
         try:
             llm_engine = LLMEngine(self.args.engine)
             self.metrics.bind(llm_engine.max_model_len, llm_engine.cache_config_info(),
@@ -83,7 +85,6 @@ class ServerState:
                 self.args.engine.generation_config, llm_engine.model_config.path,
                 self.args.engine.override_generation_config)
             engine = AsyncEngine(llm_engine)
-            engine.start()
             self.serving = OpenAIServing(engine, self.metrics,
                                          self.args.enable_prompt_tokens_details,
                                          self.args.response_role, self.args.stream_keepalive,
@@ -94,6 +95,10 @@ class ServerState:
                                          reasoning_parser=get_reasoning_parser(
                                              self.args.reasoning_parser)
                                          if self.args.reasoning_parser else None)
+            engine.check_answers()
+            if self.serving.chat_template.available:
+                self.serving.chat_template.probe()
+            engine.start()
             self.engine = engine
             logger.info("serving %s at http://%s:%d", ", ".join(self.args.model_names),
                         self.args.host, self.args.port)

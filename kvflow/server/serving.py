@@ -140,6 +140,7 @@ class OpenAIServing:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self.chat_template.close()
 
     def encode(self, param: str, text: str, add_special_tokens: bool) -> list[int]:
         """The tokenizer's ids; any failure of the tokenizer is a 400 naming the field."""

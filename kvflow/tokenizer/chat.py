@@ -13,6 +13,7 @@ refused instead.
 from __future__ import annotations
 
 import inspect
+import logging
 import re
 import uuid
 from collections.abc import Callable
@@ -24,6 +25,9 @@ import jinja2
 from tokenizers import Tokenizer
 
 from kvflow.sampling_params import ParameterError
+from kvflow.tokenizer.render_process import RenderError, TemplateRenderer
+
+logger = logging.getLogger(__name__)
 
 Encoder = Callable[[str], list[int]]
 
@@ -62,10 +66,12 @@ def load_chat_template(value: str) -> str:
 
 
 class ChatTemplate:
-    def __init__(self, tokenizer: Any, default_template: str | None = None) -> None:
+    def __init__(self, tokenizer: Any, default_template: str | None = None,
+                 renderer: TemplateRenderer | None = None) -> None:
         """`default_template` (the server's --chat-template) replaces the tokenizer's own."""
         self.tokenizer = tokenizer
         self.default_template = default_template
+        self._renderer = renderer or TemplateRenderer()
         # apply_chat_template's own arguments: a template variable of the same name would
         # set one of them (or collide with it) instead of reaching the template.
         parameters = inspect.signature(tokenizer.apply_chat_template).parameters.values()
@@ -114,18 +120,43 @@ class ChatTemplate:
                                             "content")
 
     def render(self, conversation: list[dict[str, Any]], options: ChatOptions) -> str:
+        """The template's text for the conversation, as transformers' apply_chat_template
+        (tokenize=False) writes it, rendered under the renderer's budget."""
         if options.template is None and not self.available:
             raise ParameterError("messages", "the model's tokenizer has no chat template")
         try:
-            return self.tokenizer.apply_chat_template(
-                conversation, tools=options.tools,
-                chat_template=options.template or self.default_template, tokenize=False,
-                add_generation_prompt=options.add_generation_prompt,
-                continue_final_message=options.continue_final_message,
-                **options.chat_template_kwargs)
-        except Exception as exc:  # noqa: BLE001 - jinja errors: the template refused these
+            return self._render(conversation, options)
+        except ValueError as exc:  # the template raised, or ran past its budget
             raise ParameterError("messages",
                                  f"the chat template failed on these messages: {exc}") from None
+
+    def probe(self) -> None:
+        """Renders a one-message conversation, as the server does before it reports itself
+        healthy: raises RenderError for a template that runs past its budget on it. A
+        template that merely raises is logged: it may refuse only this conversation."""
+        try:
+            self._render([{"role": "user", "content": "hello"}], ChatOptions())
+        except RenderError as exc:
+            if exc.over_budget:
+                raise RenderError(f"the chat template failed on a one-message conversation: "
+                                  f"{exc}", over_budget=True) from None
+            logger.warning("the chat template failed on a one-message conversation: %s", exc)
+
+    def close(self) -> None:
+        self._renderer.close()
+
+    def _render(self, conversation: list[dict[str, Any]], options: ChatOptions) -> str:
+        # What apply_chat_template does around render_jinja_template: pick the template
+        # (tools may select a named one), drop None fields (templates handle a missing
+        # key, not a None one), and pass the special tokens as variables.
+        template = self.tokenizer.get_chat_template(options.template or self.default_template,
+                                                    options.tools)
+        return self._renderer.render(
+            conversation=[{k: v for k, v in m.items() if v is not None} for m in conversation],
+            chat_template=template, tools=options.tools,
+            add_generation_prompt=options.add_generation_prompt,
+            continue_final_message=options.continue_final_message,
+            **{**self.tokenizer.special_tokens_map, **options.chat_template_kwargs})
 
     def encode(self, conversation: list[dict[str, Any]], options: ChatOptions,
                encode: Encoder) -> tuple[str, list[int]]:
