@@ -59,6 +59,10 @@ class RunnerOutput:
     draft_token_ids: dict[str, list[int]] = field(default_factory=dict)
     # req_id -> (index of the first prompt token scored, one entry per scored token)
     prompt_logprobs: dict[str, tuple[int, list[TokenLogprobs]]] = field(default_factory=dict)
+    # Requests that were to sample but did not: their grammar's masks were not ready (their
+    # last token is computed again when they are), or their grammar failed (req_id -> why).
+    deferred_req_ids: set[str] = field(default_factory=set)
+    failed: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass

@@ -244,13 +244,16 @@ def test_a_draft_with_another_vocabulary_is_refused(checkpoint):
 
 
 @pytest.mark.parametrize("method", ["ngram", "draft_model"])
-def test_structured_output_under_speculation(method, plain):
+def test_structured_output_under_speculation(method, plain, monkeypatch):
     """Drafts are checked against the grammar at every position they occupy: constrained
-    greedy requests give the tokens they give without speculation, and sampled ones
-    still parse."""
+    greedy requests give the tokens they give without speculation, also when the masks at
+    draft positions come too late for their step (the request then waits, drafts kept,
+    and verifies them once its masks are in), and sampled ones still parse."""
     import json
+    import time
 
     from kvflow import StructuredOutputsParams
+    from kvflow.structured_output.matcher import RequestGrammar
 
     schema = {"type": "object", "properties": {
         "name": {"type": "string", "maxLength": 12},
@@ -259,7 +262,18 @@ def test_structured_output_under_speculation(method, plain):
     constrained = StructuredOutputsParams(json=schema)
     greedy = SamplingParams(temperature=0, max_tokens=60, structured_outputs=constrained)
     llm = LLM(dtype="float32", kv_cache_memory="64MiB", speculative_config=_config(method, 3))
-    assert _tokens(llm, greedy) == _tokens(plain, greedy)
+    expected = _tokens(plain, greedy)
+    assert _tokens(llm, greedy) == expected
+    fill = RequestGrammar.fill_masks
+
+    def late_with_drafts(grammar, pointer, row_bytes, draft_token_ids):
+        if draft_token_ids:
+            time.sleep(0.02)
+        fill(grammar, pointer, row_bytes, draft_token_ids)
+
+    monkeypatch.setattr(RequestGrammar, "fill_masks", late_with_drafts)
+    assert _tokens(llm, greedy) == expected
+    monkeypatch.undo()
     hot = SamplingParams(temperature=1.0, seed=3, max_tokens=60, structured_outputs=constrained)
     for output in llm.generate(PROMPTS, hot, use_tqdm=False):
         value = json.loads(output.outputs[0].text)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from pathlib import Path
 
 import jsonschema
@@ -16,8 +17,9 @@ from conftest import random_prompts
 from kvflow import LLM, SamplingParams, StructuredOutputsParams
 from kvflow.demo import demo_model_path
 from kvflow.sampling_params import ParameterError
-from kvflow.structured_output.bitmask import GrammarMasker, apply_token_bitmask, bitmask_width
+from kvflow.structured_output.bitmask import apply_token_bitmask, bitmask_width, compute_masks
 from kvflow.structured_output.compiler import GrammarCompiler
+from kvflow.structured_output.matcher import RequestGrammar
 
 SCHEMAS = json.loads((Path(__file__).parent / "data" / "json_schemas.json").read_text())
 SUPPORTED = SCHEMAS["supported"]
@@ -196,21 +198,32 @@ def test_unsupported_schema_features_are_refused_up_front(llm, entry):
 
 
 def test_masks_at_draft_positions_match_step_by_step_and_leave_the_matcher(compiler):
+    import llguidance
+
     tokenizer = compiler._hf_tokenizer
     compiled = compiler.compile(StructuredOutputsParams(json=SUPPORTED[0]["schema"]))
-    masker = GrammarMasker(compiler.vocab_size)
+    vocab = compiler.vocab_size
     drafts = tokenizer.encode('{"name": "ab')
     grammar = compiled.matcher()
-    before = masker.fill([grammar])
-    at_drafts = masker.fill([grammar], [drafts])
-    assert torch.equal(masker.fill([grammar]), before)  # rolled back
+    before = compute_masks(grammar, [], vocab)
+    at_drafts = compute_masks(grammar, drafts, vocab)
+    assert torch.equal(compute_masks(grammar, [], vocab), before)  # rolled back
+    assert grammar.position == 0
     stepwise = compiled.matcher()
     for row, token in enumerate(drafts):
-        assert torch.equal(at_drafts[row], masker.fill([stepwise])[0])
+        assert torch.equal(at_drafts[row], compute_masks(stepwise, [], vocab)[0])
         assert stepwise.accept([token])
-    assert torch.equal(at_drafts[len(drafts)], masker.fill([stepwise])[0])
+    assert torch.equal(at_drafts[len(drafts)], compute_masks(stepwise, [], vocab)[0])
     stepwise.rollback(len(drafts))
-    assert torch.equal(masker.fill([stepwise]), before)
+    assert torch.equal(compute_masks(stepwise, [], vocab), before)
+    # As llguidance's own executor writes them, past a refused draft too (rows left open).
+    refused = drafts[:3] + tokenizer.encode("]]") + drafts[3:]
+    expected = torch.full((1 + len(refused), bitmask_width(vocab)), -1, dtype=torch.int32)
+    llguidance.LLExecutor().unsafe_compute_mask_ptr_with_draft_token(
+        [(grammar.matcher, 0, refused)], expected.data_ptr(), expected.shape[1] * 4,
+        len(expected))
+    assert torch.equal(compute_masks(grammar, refused, vocab), expected)
+    assert (expected[5:] == -1).all() and not (expected[3] == -1).all()
 
 
 def test_apply_token_bitmask_masks_only_constrained_rows():
@@ -306,7 +319,24 @@ def test_n_samples_seeds_and_raw_logprobs(llm):
         free.logprobs[0][top].logprob, abs=1e-5)
 
 
-def test_preempted_requests_keep_their_matchers(checkpoint, llm):
+def _slow_masks(monkeypatch, seconds: float, when) -> None:
+    """Every mask computation for which when(grammar, drafts) holds sleeps first (the GIL
+    released, as llguidance's own computation releases it)."""
+    fill = RequestGrammar.fill_masks
+
+    def slow(grammar, pointer, row_bytes, draft_token_ids):
+        if when(grammar, draft_token_ids):
+            time.sleep(seconds)
+        fill(grammar, pointer, row_bytes, draft_token_ids)
+
+    monkeypatch.setattr(RequestGrammar, "fill_masks", slow)
+
+
+@pytest.mark.parametrize("slow", [False, True], ids=["masks-in-time", "masks-late"])
+def test_preempted_requests_keep_their_matchers(checkpoint, llm, monkeypatch, slow):
+    """Also when masks come late (every third position's takes 10 ms, past the step's
+    wait): a deferred request is passed over, preempted and recomputed with the rest, and
+    gives the tokens it gives with its masks in time."""
     schemas = [e["schema"] for e in SUPPORTED[:12]]
     # Text prompts: random ids can end inside a UTF-8 character that the output then completes.
     prompts = [f"# record {i}\n" + "value = compute(a, b)\n" + PROMPTS[i % len(PROMPTS)]
@@ -315,6 +345,8 @@ def test_preempted_requests_keep_their_matchers(checkpoint, llm):
                              structured_outputs=StructuredOutputsParams(json=s))
               for s in schemas]
     roomy = llm.generate(prompts, params, use_tqdm=False)
+    if slow:
+        _slow_masks(monkeypatch, 0.01, lambda grammar, drafts: grammar.position % 3 == 0)
     small = LLM(str(checkpoint("llama-gqa")), dtype="float32", device="cpu",
                 kv_cache_memory=10 * 16 * 512)  # 10 blocks of 16 tokens
     tight = small.generate(prompts, params, use_tqdm=False)
@@ -342,3 +374,52 @@ def test_stop_strings_max_tokens_and_conflicts(llm):
         temperature=0, max_tokens=8, allowed_token_ids=[0],
         structured_outputs=constraint), use_tqdm=False)[0].outputs[0]
     assert conflict.finish_reason == "abort"
+
+
+def test_slow_masks_hold_back_only_their_own_request(llm, monkeypatch):
+    """The first mask of a wide anyOf schema cost 0.35 s per sequence on the engine thread,
+    and a request with n=64 froze every other stream for 24 s. Here each constrained
+    sequence's first mask takes 3 s: the plain request beside them streams all its tokens,
+    one a step, before any constrained sequence samples its first, and the constrained
+    ones still finish with valid output."""
+    slow_s = 3.0
+    _slow_masks(monkeypatch, slow_s, lambda grammar, drafts: grammar.position == 0)
+    engine = llm.llm_engine
+    schema = SUPPORTED[0]["schema"]
+    engine.add_request("plain", PROMPTS[0], SamplingParams(temperature=0, max_tokens=16,
+                                                           ignore_eos=True))
+    engine.add_request("constrained", PROMPTS[1], SamplingParams(
+        n=4, temperature=1.0, seed=2, max_tokens=60,
+        structured_outputs=StructuredOutputsParams(json=schema)))
+    plain_times: list[float] = []
+    first_constrained = None
+    finals = {}
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            now = time.monotonic()
+            if output.request_id == "plain":
+                plain_times += [now] * (len(output.outputs[0].token_ids) - len(plain_times))
+            elif first_constrained is None and any(c.token_ids for c in output.outputs):
+                first_constrained = now
+            if output.finished:
+                finals[output.request_id] = output
+    assert len(plain_times) == 16 and plain_times[-1] < first_constrained
+    # a token a step, never a step that waited for the masks
+    assert max(b - a for a, b in zip(plain_times, plain_times[1:])) < slow_s / 3
+    for completion in finals["constrained"].outputs:
+        assert completion.finish_reason == "stop"
+        assert_valid(completion.text, schema)
+
+
+def test_a_mask_past_its_time_fails_its_request_with_an_error(llm, monkeypatch):
+    """A mask that is still computing after MAX_MASK_S ends its sequence with an error the
+    caller reads (the server sends it as a 400), not a silent finish_reason "abort"."""
+    import kvflow.structured_output.bitmask as bitmask
+
+    monkeypatch.setattr(bitmask, "MAX_MASK_S", 0.2)
+    _slow_masks(monkeypatch, 1.0, lambda grammar, drafts: grammar.position == 2)
+    params = SamplingParams(temperature=0, max_tokens=40,
+                            structured_outputs=StructuredOutputsParams(json=SUPPORTED[0]["schema"]))
+    completion = llm.generate(PROMPTS[0], params, use_tqdm=False)[0].outputs[0]
+    assert completion.finish_reason == "abort" and len(completion.token_ids) == 2
+    assert completion.error == "computing the constraint's next-token mask took more than 0.2 s"

@@ -101,6 +101,8 @@ class Scheduler:
                 break
             if request.status != RequestStatus.RUNNING or alone not in (None, request):
                 continue  # preempted earlier in this loop, or another runs alone
+            if request.grammar is not None and request.grammar.awaiting_mask:
+                continue  # it waits for its next mask, holding its KV; the others go on
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             drafts = self._drafts(request, num_new, budget - num_new)
             lookahead = self._lookahead(request, request.num_computed_tokens + num_new,
@@ -252,6 +254,15 @@ class Scheduler:
                 self.finish_request(request.request_id, RequestStatus.FINISHED_LENGTH)
                 updated.append((request, 0))
                 continue
+            if scheduled.req_id in runner_output.failed:
+                self._fail(request, runner_output.failed[scheduled.req_id])
+                updated.append((request, 0))
+                continue
+            if scheduled.req_id in runner_output.deferred_req_ids:
+                # Not sampled: its last token is computed again, for logits, once its
+                # grammar's mask is ready (its KV is rewritten with the same values).
+                request.num_computed_tokens -= 1
+                continue
             new_token_ids = runner_output.sampled_token_ids[scheduled.req_id]
             # The accepted drafts' KV was computed this step; the rejected ones' is dropped.
             request.num_computed_tokens += len(new_token_ids) - 1
@@ -285,6 +296,11 @@ class Scheduler:
                            token_id, request.error)
             return RequestStatus.FINISHED_ABORTED
         return RequestStatus.FINISHED_STOPPED if request.grammar.is_terminated else None
+
+    def _fail(self, request: Request, error: str) -> None:
+        request.error = error
+        logger.warning("request %s aborted: %s", request.request_id, error)
+        self.finish_request(request.request_id, RequestStatus.FINISHED_ABORTED)
 
     @staticmethod
     def _check_stop(request: Request, token_id: int) -> RequestStatus | None:

@@ -44,6 +44,7 @@ logger = logging.getLogger(__name__)
 PromptType = str | Mapping[str, Any]
 
 MAX_CACHE_SALT_CHARS = 256
+MASK_WAIT_S = 0.01  # the longest a step with nothing to run waits for a grammar's mask
 
 
 class EngineStepError(RuntimeError):
@@ -362,9 +363,10 @@ class LLMEngine:
             start = request.num_computed_tokens
             end = min(start + len(request.token_ids), len(request.prompt_token_ids))
             self._prompt_tokens += max(0, end - start)
-            if request.draft_token_ids:
+            sampled = runner_output.sampled_token_ids.get(request.req_id)
+            if request.draft_token_ids and sampled is not None:  # not deferred: verified
                 drafted.append(len(request.draft_token_ids))
-                accepted.append(len(runner_output.sampled_token_ids[request.req_id]) - 1)
+                accepted.append(len(sampled) - 1)
         self._generation_tokens += num_sampled
         if drafted and self._spec_decode is not None:
             self._spec_decode = self._spec_decode.plus(drafted, accepted)
@@ -402,6 +404,9 @@ class LLMEngine:
         self.kv_manager.confirm_registered()
         if runner_output is None:
             self._publish_stats()
+            # Every running request may be waiting for its grammar's mask: wait for one,
+            # rather than spin.
+            self.runner.wait_for_masks(MASK_WAIT_S)
             return []
         updated = self.scheduler.update_from_output(scheduler_output, runner_output)
         outputs, stopped = self.output_processor.process(runner_output, updated)

@@ -42,7 +42,7 @@ class CompiledGrammar:
         self._template = template  # never advanced: only copied
 
     def matcher(self) -> RequestGrammar:
-        return RequestGrammar(self._template.deep_copy())
+        return RequestGrammar(self._template.deep_copy(), group=self)
 
 
 class GrammarCompiler:

@@ -6,7 +6,7 @@ logits and the per-request random generators. What goes back is plain lists.
 from __future__ import annotations
 
 import itertools
-from concurrent.futures import ThreadPoolExecutor
+import time
 
 import torch
 
@@ -17,7 +17,7 @@ from kvflow.models.llama import LlamaForCausalLM
 from kvflow.outputs import RunnerOutput, ScheduledRequest, SchedulerOutput, TokenLogprobs
 from kvflow.sampling.rejection_sampler import RejectionSampler
 from kvflow.sampling.sampler import Sampler, prepare_sampling, sampling_rows, token_logprobs
-from kvflow.structured_output.bitmask import GrammarMasker
+from kvflow.structured_output.bitmask import MASK_GRACE_S, GrammarMasker
 from kvflow.spec_decode.proposer import Speculator
 from kvflow.worker.kv_cache import allocate_kv_cache
 
@@ -41,7 +41,6 @@ class ModelRunner:
         # req_id -> [drafts, vocab]: what its pending drafts were drawn from, when sampled
         self.draft_probs: dict[str, torch.Tensor] = {}
         self.grammar_masker = GrammarMasker(config.vocab_size)
-        self._mask_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvflow-masks")
 
     def forget(self, req_ids: set[str]) -> None:
         """Drop the state of finished requests."""
@@ -50,6 +49,10 @@ class ModelRunner:
             self.draft_probs.pop(req_id, None)
         if self.speculator is not None:
             self.speculator.forget(req_ids)
+
+    def wait_for_masks(self, timeout_s: float) -> None:
+        """Until a grammar mask being computed is done, or timeout_s."""
+        self.grammar_masker.wait_for_any(timeout_s)
 
     @torch.inference_mode()
     def execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
@@ -63,17 +66,19 @@ class ModelRunner:
         input_ids, meta, query_starts = self._prepare_inputs(batch)
         to_sample = [r for r in batch if r.sample]
         # The grammars' masks depend only on tokens already accepted and on the drafts, so
-        # llguidance fills them on its own threads (the GIL released) during the forward.
-        masks = (self._mask_thread.submit(self.grammar_masker.for_step, to_sample, self.device)
-                 if any(r.grammar is not None for r in to_sample) else None)
+        # they are computed on the mask threads (the GIL released) during the forward; the
+        # step waits for them a moment past it, and samples without those still computing.
+        self.grammar_masker.start(to_sample)
         hidden = self.model(input_ids, meta)
 
-        output = RunnerOutput(sampled_token_ids={})
-        if to_sample:
-            self._sample(to_sample, hidden, query_starts, output,
-                         masks.result() if masks is not None else None)
+        masks = self.grammar_masker.collect(to_sample, time.monotonic() + MASK_GRACE_S,
+                                            self.device)
+        output = RunnerOutput(sampled_token_ids={}, deferred_req_ids=masks.deferred,
+                              failed=masks.failed)
+        if masks.sampling:
+            self._sample(masks.sampling, hidden, query_starts, output, masks.grammar)
             if self.speculator is not None:
-                self._propose(to_sample, output, len(batch))
+                self._propose(masks.sampling, output, len(batch))
         for request in batch:
             if request.sampling_params.prompt_logprobs is not None:
                 scored = self._prompt_logprobs(request, hidden, query_starts[request.req_id])
