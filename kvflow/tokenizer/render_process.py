@@ -37,15 +37,19 @@ class RenderError(ValueError):
 
 class _Worker:
     def __init__(self) -> None:
-        self.process = subprocess.Popen([sys.executable, "-I", render_worker.__file__],
+        """Raises RuntimeError if the worker does not start: kvflow's failure, not the
+        template's (a 500, or a failed load)."""
+        # -P: the script's folder (kvflow/tokenizer) must not shadow modules on the path.
+        self.process = subprocess.Popen([sys.executable, "-P", render_worker.__file__],
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         try:
             if self._reply(START_TIMEOUT_S) != READY:
                 raise EOFError
         except (EOFError, TimeoutError):
             self.kill()
-            raise RenderError("the chat template's render process did not start",
-                              over_budget=False) from None
+            raise RuntimeError(f"the chat template render process did not start (exit "
+                               f"code {self.process.returncode}; its error is in the "
+                               "log)") from None
 
     def call(self, job: dict[str, Any], timeout_s: float) -> tuple[str, str]:
         """Raises TimeoutError, EOFError or OSError when the worker did not answer."""
@@ -79,7 +83,8 @@ class TemplateRenderer:
         self._finalizer = weakref.finalize(self, _kill_all, self._idle)
 
     def render(self, **job: Any) -> str:
-        """render_jinja_template's keywords, and `conversation` (one). Raises RenderError."""
+        """render_jinja_template's keywords, and `conversation` (one). Raises RenderError
+        for the template's failures."""
         with self._lock:
             worker = self._idle.pop() if self._idle else None
         worker = worker or _Worker()

@@ -5,15 +5,15 @@ Jinja environment and answers each with the text or the template's error.
 A chat template is code from a model file. Here it may loop, recurse or allocate without
 holding a server thread: the parent kills this process when a render's time is up, and
 its address space is capped, so a template that writes gigabytes fails with MemoryError.
-It runs as a script under `python -I` and imports transformers and jinja only, never
-kvflow's engine (this module imports nothing of kvflow's, so the parent can share its
-framing).
+It runs as a script (`python -P`) and imports transformers and jinja only, never kvflow's
+engine (this module imports nothing of kvflow's, so the parent can share its framing).
 """
 from __future__ import annotations
 
 import os
 import pickle
 import resource
+import signal
 import struct
 import sys
 from collections.abc import Callable
@@ -84,6 +84,9 @@ def serve(requests: BinaryIO, replies: BinaryIO) -> None:
 
 
 if __name__ == "__main__":
+    # Ctrl-C in a terminal reaches the whole process group; the parent ends this worker
+    # by closing its pipe.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     replies = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # a stray print goes to stderr, not into the replies
     serve(sys.stdin.buffer, replies)
