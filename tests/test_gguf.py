@@ -439,7 +439,7 @@ _HOSTILE_VALUES = {
               "'llama.embedding_length' is 1,099,511,627,776"),
     "context": ({"llama.context_length": (2**62, GGUFValueType.UINT64)},
                 "'llama.context_length' is 4,611,686,018,427,387,904; kvflow takes 1 to "
-                "16,777,216"),
+                "1,048,576"),
     "eos": ({"tokenizer.ggml.eos_token_id": (10**9, GGUFValueType.UINT32)},
             "'tokenizer.ggml.eos_token_id' is 1,000,000,000; kvflow takes 0 to 383, the ids "
             "of its 384-token vocabulary"),

@@ -17,7 +17,9 @@ from kvflow.models.gguf.file import GgufFile, GgufTensor
 # damaged value is refused before it sizes anything.
 MAX_WIDTH = 1 << 18  # hidden, MLP and head sizes
 MAX_VOCAB = 1 << 24
-MAX_CONTEXT_LENGTH = 1 << 24  # Llama 4 Scout's 10M positions fit
+# Qwen2.5-1M's 1,010,000 positions fit; the rotary tables are built for this many (1 GiB
+# at a head size of 128), before the KV pool's size lowers max_model_len.
+MAX_CONTEXT_LENGTH = 1 << 20
 # llama.cpp's rope.scaling.type values kvflow's rotary embedding computes.
 _ROPE_SCALING = {"none": "default", "linear": "linear"}
 # The dtype a file's float weights suggest for --dtype auto; quantized files run in bf16,

@@ -89,8 +89,9 @@ class GgufFile:
                              f"{type(exc).__name__}: {exc}") from exc
         self.gguf_architecture = str(self.get("general.architecture"))
         if self.gguf_architecture not in ARCHITECTURES:
-            raise ValueError(f"{self.path.name}: GGUF architecture {self.gguf_architecture!r:.80} is "
-                             f"not supported; supported: {', '.join(sorted(ARCHITECTURES))}")
+            raise ValueError(f"{self.path.name}: GGUF architecture "
+                             f"{self.gguf_architecture!r:.80} is not supported; supported: "
+                             f"{', '.join(sorted(ARCHITECTURES))}")
         self.architecture = ARCHITECTURES[self.gguf_architecture]
         # Llama 3.1's rotary scaling, precomputed per frequency: config, not a weight.
         self.rope_freqs: np.ndarray | None = None
