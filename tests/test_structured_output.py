@@ -423,3 +423,29 @@ def test_a_mask_past_its_time_fails_its_request_with_an_error(llm, monkeypatch):
     completion = llm.generate(PROMPTS[0], params, use_tqdm=False)[0].outputs[0]
     assert completion.finish_reason == "abort" and len(completion.token_ids) == 2
     assert completion.error == "computing the constraint's next-token mask took more than 0.2 s"
+
+
+def test_mask_threads_serve_each_constraint_in_turn():
+    """The jobs of one constraint queue behind each other, not in front of another's: with
+    one thread busy on A's first of five jobs, B's job, submitted last, runs next."""
+    import threading
+
+    from kvflow.structured_output.fair_pool import FairPool
+
+    pool = FairPool(1, "test-fair")
+    release = threading.Event()
+    order: list[str] = []
+
+    def job(name: str):
+        def run() -> str:
+            if name == "a0":
+                release.wait(10)
+            order.append(name)
+            return name
+        return run
+
+    futures = [pool.submit("a", job(f"a{i}")) for i in range(5)]
+    futures.append(pool.submit("b", job("b0")))
+    release.set()
+    assert [f.result(10) for f in futures] == ["a0", "a1", "a2", "a3", "a4", "b0"]
+    assert order == ["a0", "b0", "a1", "a2", "a3", "a4"]
