@@ -318,6 +318,27 @@ def test_constrained_outputs(client):
         assert all(c.text in ("left", "right") for c in chosen.choices)
 
 
+def test_a_constraint_past_the_grammar_engines_limits_is_an_error(server):
+    """700 object branches make llguidance give up after the first tokens (a row of 13,300
+    Earley items; its limit is 2,000): the client gets that as an error, a 400 or an
+    in-band one in a stream, where it used to get finish_reason "abort" and no word why."""
+    schema = {"anyOf": [{"type": "object", "properties": {
+        f"field_{i}_{j}": {"type": "string"} for j in range(3)}} for i in range(700)]}
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "go"}], "n": 2,
+            "max_tokens": 20, "response_format": {"type": "json_schema", "json_schema": {
+                "name": "wide", "schema": schema}}}
+    reply = httpx.post(server.url + "/v1/chat/completions", headers=HEADERS, json=body,
+                       timeout=120)
+    assert reply.status_code == 400, reply.text
+    assert "max is 2000" in reply.json()["error"]["message"]
+    with httpx.stream("POST", server.url + "/v1/chat/completions", headers=HEADERS,
+                      json={**body, "stream": True}, timeout=120) as stream:
+        events = [line for line in stream.iter_lines() if line.startswith("data: ")]
+    error = json.loads(events[-2].removeprefix("data: "))["error"]
+    assert error["code"] == 400 and "max is 2000" in error["message"], events[-2]
+    assert events[-1] == "data: [DONE]"
+
+
 def test_too_long_and_invalid_json(server):
     response = httpx.post(server.url + "/v1/completions", headers=HEADERS,
                           json={"model": "tiny", "prompt": [5] * 100, "max_tokens": 4000})
