@@ -90,17 +90,26 @@ def test_the_same_with_its_prefix_cached(model, checkpoint):
     assert _fingerprint(output)[:2] == reference[:2]
 
 
+SAMPLED = SamplingParams(temperature=0.7, top_p=0.95, seed=7, max_tokens=24, ignore_eos=True,
+                         logprobs=5)
+
+
 def test_the_same_with_ngram_speculation(model, checkpoint):
-    variant, dtype, _, reference = model
+    """Greedy and seeded sampled requests alike: verification takes the token sampling
+    would at each position (its noise seeded by the request and the position)."""
+    variant, dtype, alone, reference = model
+    sampled = _fingerprint(alone.generate([{"prompt_token_ids": PROMPT}], SAMPLED,
+                                          use_tqdm=False)[0])
     llm = _llm(checkpoint, variant, dtype, enable_prefix_caching=False,
                speculative_config={"method": "ngram", "num_speculative_tokens": 3,
                                    "prompt_lookup_min": 1, "prompt_lookup_max": 3,
                                    "disable_by_batch_size": 64, "min_acceptance_rate": 0})
     prompts, params = _others(random.Random(7), 6)
-    outputs = llm.generate([{"prompt_token_ids": PROMPT}, *prompts], [TARGET, *params],
-                           use_tqdm=False)
+    outputs = llm.generate([{"prompt_token_ids": PROMPT}, {"prompt_token_ids": PROMPT},
+                            *prompts], [TARGET, SAMPLED, *params], use_tqdm=False)
     assert llm.engine.stats.spec_decode.num_drafts > 0
     assert _fingerprint(outputs[0]) == reference
+    assert _fingerprint(outputs[1]) == sampled
 
 
 def test_batch_invariant_needs_the_native_kernels(checkpoint):

@@ -143,7 +143,8 @@ class LLMEngine:
             speculator = build_speculator(args.speculative_config, self, num_blocks, backend)
             logger.info("speculative decoding: %s", args.speculative_config)
         self.runner = ModelRunner(model, self.model_config, backend, num_blocks, args.block_size,
-                                  self.dtype, self.device, args.seed, speculator)
+                                  self.dtype, self.device, args.seed, speculator,
+                                  args.batch_invariant)
         self.observations = StepObservations()
         self.output_processor = OutputProcessor(self.tokenizer,
                                                 self.observations.inter_token_latencies)

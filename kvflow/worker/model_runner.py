@@ -25,7 +25,8 @@ from kvflow.worker.kv_cache import allocate_kv_cache
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, config: ModelConfig, backend: AttentionBackend,
                  num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device,
-                 seed: int, speculator: Speculator | None = None) -> None:
+                 seed: int, speculator: Speculator | None = None,
+                 batch_invariant: bool = False) -> None:
         self.model = model
         self.config = config
         self.backend = backend
@@ -38,6 +39,9 @@ class ModelRunner:
         self.rejection_sampler = RejectionSampler(self.sampler)
         self.speculator = speculator
         self.generators: dict[str, torch.Generator] = {}
+        # Batch-invariant mode: each request's key, its noise seeded by key and position
+        # (its seed, or one drawn for it once), so that a sample depends on nothing else.
+        self.noise_keys: dict[str, int] | None = {} if batch_invariant else None
         # req_id -> [drafts, vocab]: what its pending drafts were drawn from, when sampled
         self.draft_probs: dict[str, torch.Tensor] = {}
         self.grammar_masker = GrammarMasker(config.vocab_size)
@@ -47,6 +51,8 @@ class ModelRunner:
         for req_id in req_ids:
             self.generators.pop(req_id, None)
             self.draft_probs.pop(req_id, None)
+            if self.noise_keys is not None:
+                self.noise_keys.pop(req_id, None)
         if self.speculator is not None:
             self.speculator.forget(req_ids)
 
@@ -100,7 +106,8 @@ class ModelRunner:
         verifying = any(r.draft_token_ids for r in requests)
         rows = ([row for r in requests for row in sampling_rows(r)] if verifying
                 else requests)
-        sampling = prepare_sampling(rows, self.generators, self.config.vocab_size, self.device)
+        sampling = prepare_sampling(rows, self.generators, self.config.vocab_size, self.device,
+                                    self.noise_keys)
         sampling.grammar = grammar
         if verifying:
             tokens, entries = self.rejection_sampler(
@@ -136,6 +143,9 @@ class ModelRunner:
             seed = request.sampling_params.seed
             if seed is not None and request.req_id not in self.generators:
                 self.generators[request.req_id] = torch.Generator(self.device).manual_seed(seed)
+            if self.noise_keys is not None and request.req_id not in self.noise_keys:
+                self.noise_keys[request.req_id] = seed if seed is not None else int(
+                    torch.randint(2**62, (1,), generator=self.sampler.generator))
 
     def _prepare_inputs(self, batch: list[ScheduledRequest]
                         ) -> tuple[torch.Tensor, AttentionMetadata, dict[str, int]]:
