@@ -255,6 +255,24 @@ def test_required_calls_take_tools_whose_schemas_use_local_refs(server, seed):
                             schemas[call["function"]["name"]])
 
 
+@pytest.mark.parametrize("choice", ["required", {"type": "function",
+                                                  "function": {"name": "get_weather"}}])
+def test_a_forced_call_wins_over_response_format(server, choice):
+    """A forced call's arguments are the output, so response_format (which shapes a
+    message's text) gives way to it, as in vLLM; it was a 400 that instructor's Responses
+    mode, which sends both, failed on. The format is still validated."""
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    for response_format in ({"type": "json_object"}, {"type": "json_schema", "json_schema": {
+            "name": "n", "schema": schema, "strict": True}}):
+        body = _chat(server, temperature=1.0, seed=0, tool_choice=choice,
+                     parallel_tool_calls=False, response_format=response_format)
+        assert len(_check_calls(body, set(SCHEMAS))) == 1
+    response = httpx.post(server.url + "/v1/chat/completions", json={
+        "messages": ASK, "tools": TOOLS, "max_tokens": 2, "tool_choice": choice,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "n"}}})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "response_format"
+
+
 # The model is made to write exactly this (a choice of one string), then parsed as hermes.
 SCRIPTED = ('Checking both.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": '
             '"Paris", "unit": "celsius"}}\n</tool_call>\n<tool_call>\n{"name": "get_time", '
@@ -309,8 +327,8 @@ def test_tool_calls_and_results_in_the_conversation_reach_the_template(server, t
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {
         "type": "object", "properties": {"x": {"not": {}}}}}}], "tool_choice": "required"},
      "tools", "cannot be compiled"),
-    ({"tool_choice": "required", "response_format": {"type": "json_object"}}, "tool_choice",
-     "as response_format does"),
+    ({"tool_choice": "required", "guided_regex": "a+"}, "tool_choice",
+     "as guided_regex does"),
     ({"tool_choice": "sometimes"}, "tool_choice", None),
     ({"messages": [{"role": "assistant", "tool_calls": [{"type": "function", "function": {
         "name": "f", "arguments": "{not json"}}]}]}, "messages", "JSON text"),

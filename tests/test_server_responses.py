@@ -129,6 +129,19 @@ def test_required_and_named_choices_name_a_declared_tool(client):
     assert [item.name for item in response.output] == ["get_weather"]
 
 
+def test_a_named_call_with_the_same_schema_as_text_format(client):
+    """instructor's RESPONSES_TOOLS mode names its one tool and sets text.format to the same
+    schema: the call is made (it was a 400 saying the two constrain the output)."""
+    response = client.responses.create(
+        model="tiny", input=ASK, tools=[WEATHER], max_output_tokens=200,
+        tool_choice={"type": "function", "name": "get_weather"},
+        text={"format": {"type": "json_schema", "name": "get_weather",
+                         "schema": WEATHER_PARAMETERS, "strict": True}})
+    (call,) = response.output
+    assert call.type == "function_call" and call.name == "get_weather"
+    jsonschema.validate(json.loads(call.arguments), WEATHER_PARAMETERS)
+
+
 def test_hermes_calls_come_back_as_items_after_the_text(client):
     text = ('Checking.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", '
             '"unit": "celsius"}}\n</tool_call>')

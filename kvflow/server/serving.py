@@ -206,7 +206,10 @@ class OpenAIServing:
         constraint = request.output_constraint()
         tool_parser, tool_constraint = self._tool_calls(request)
         if tool_constraint is not None:
-            if constraint is not None:
+            # A forced call's arguments are the whole output, so response_format, which
+            # shapes a message's text, gives way to it (as in vLLM and OpenAI's API, and as
+            # instructor's Responses mode sends both); vLLM's own constraint fields conflict.
+            if constraint is not None and constraint[0] != "response_format":
                 raise ParameterError("tool_choice", f"tool_choice {_choice_name(request)} "
                                      f"constrains the output, as {constraint[0]} does: give "
                                      "one of them")
