@@ -158,6 +158,10 @@ def tool_call(target: Target, chat: Chat, tool_choice: Any) -> Any:
     return message
 
 
+def forced_call(target: Target, chat: Chat, tool_choice: Any) -> None:
+    tool_call(target, chat, tool_choice)
+
+
 def tool_loop(target: Target, chat: Chat) -> str:
     """An agent loop's second turn: the assistant's call with content null, then the tool's
     result."""
@@ -179,8 +183,8 @@ CHAT_FEATURES: list[tuple[str, Callable[..., Any]]] = [
     ("chat", plain_chat),
     ("chat, streaming", streamed_chat),
     ("json_object", json_object),
-    ('tool call, tool_choice="required"', functools.partial(tool_call, tool_choice="required")),
-    ("tool call, named tool_choice", functools.partial(tool_call, tool_choice=NAMED)),
+    ('tool call, tool_choice="required"', functools.partial(forced_call, tool_choice="required")),
+    ("tool call, named tool_choice", functools.partial(forced_call, tool_choice=NAMED)),
     ("agent loop, 2nd turn (content: null + tool message)", tool_loop),
 ]
 

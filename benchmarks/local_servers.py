@@ -84,7 +84,7 @@ def wait_healthy(process: subprocess.Popen, url: str, log: Path, started: float,
             raise RuntimeError(f"server exited with {process.returncode}; see {log}")
         if time.monotonic() - started > timeout:
             raise TimeoutError(f"no 200 on {url}/health within {timeout:.0f} s; see {log}")
-        time.sleep(0.05)
+        time.sleep(0.1)  # the resolution of the start-up times; each poll is a request
 
 
 def stop(process: subprocess.Popen, timeout: float = 30.0) -> None:
