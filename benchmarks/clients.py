@@ -68,6 +68,11 @@ CHAT_TOOL = {"type": "function", "function": {"name": "get_weather",
                                               "parameters": WEATHER_PARAMETERS}}
 
 
+# The loop rows test the second turn: where the first turn made no call, they send this one.
+SCRIPTED_CALL = {"id": "call_scripted", "name": "get_weather", "arguments": '{"city": "Paris"}'}
+SCRIPTED_NOTE = "no call on the 1st turn, a scripted one sent; "
+
+
 def get_weather(city: str) -> str:
     """Get the current weather in a city."""
     return WEATHER_RESULT
@@ -165,17 +170,24 @@ def forced_call(target: Target, chat: Chat, tool_choice: Any) -> None:
 def tool_loop(target: Target, chat: Chat) -> str:
     """An agent loop's second turn: the assistant's call with content null, then the tool's
     result."""
-    call = tool_call(target, chat, "required").tool_calls[0]
+    first = chat(target, tools=[CHAT_TOOL], tool_choice="required",
+                 messages=[{"role": "user", "content": WEATHER_PROMPT}]).choices[0].message
+    note, call = "", SCRIPTED_CALL
+    if first.tool_calls:
+        made = first.tool_calls[0]
+        call = {"id": made.id, "name": made.function.name, "arguments": made.function.arguments}
+    else:
+        note = SCRIPTED_NOTE
+    tool_arguments(call["name"], call["arguments"])
     messages = [
         {"role": "user", "content": WEATHER_PROMPT},
         {"role": "assistant", "content": None,
-         "tool_calls": [{"id": call.id, "type": "function",
-                         "function": {"name": call.function.name,
-                                      "arguments": call.function.arguments}}]},
-        {"role": "tool", "tool_call_id": call.id, "content": WEATHER_RESULT},
+         "tool_calls": [{"id": call["id"], "type": "function",
+                         "function": {"name": call["name"], "arguments": call["arguments"]}}]},
+        {"role": "tool", "tool_call_id": call["id"], "content": WEATHER_RESULT},
     ]
     second = chat(target, tools=[CHAT_TOOL], messages=messages).choices[0]
-    return f"2nd turn: {second.finish_reason}"
+    return f"{note}2nd turn: {second.finish_reason}"
 
 
 NAMED = {"type": "function", "function": {"name": "get_weather"}}
@@ -349,17 +361,21 @@ for _method in ("json_schema", "function_calling", "json_mode"):
 
 @cell("langchain-openai", "bind_tools loop, 2nd turn (ToolMessage)")
 def langchain_tool_loop(target: Target) -> str:
-    from langchain_core.messages import HumanMessage, ToolMessage
+    from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
 
     llm = chat_openai(target)
     messages: list[Any] = [HumanMessage(WEATHER_PROMPT)]
     first = llm.bind_tools([get_weather], tool_choice="get_weather").invoke(messages)
-    check(first.tool_calls, f"no tool call: {first.content!r}")
+    note = ""
+    if not first.tool_calls:
+        note, first = SCRIPTED_NOTE, AIMessage("", tool_calls=[{
+            "id": SCRIPTED_CALL["id"], "name": SCRIPTED_CALL["name"],
+            "args": json.loads(SCRIPTED_CALL["arguments"])}])
     call = first.tool_calls[0]
     tool_arguments(call["name"], call["args"])
     messages += [first, ToolMessage(WEATHER_RESULT, tool_call_id=call["id"])]
     second = llm.bind_tools([get_weather]).invoke(messages)
-    return f"2nd turn: {second.response_metadata.get('finish_reason')}"
+    return f"{note}2nd turn: {second.response_metadata.get('finish_reason')}"
 
 
 @cell("langchain-openai", "ChatOpenAI(use_responses_api=True).invoke")
@@ -484,14 +500,21 @@ def anthropic_tools(target: Target) -> str:
     messages: list[Any] = [{"role": "user", "content": WEATHER_PROMPT}]
     first = anthropic_create(target, tools=[ANTHROPIC_TOOL], messages=messages,
                              tool_choice={"type": "tool", "name": "get_weather"})
-    uses = [block for block in first.content if block.type == "tool_use"]
-    check(uses, f"no tool_use: {first.content!r}")
-    tool_arguments(uses[0].name, uses[0].input)
-    messages += [{"role": "assistant", "content": [block.model_dump() for block in first.content]},
-                 {"role": "user", "content": [{"type": "tool_result", "tool_use_id": uses[0].id,
+    content = [block.model_dump() for block in first.content]
+    uses = [block for block in content if block["type"] == "tool_use"]
+    note = ""
+    if not uses:
+        note, uses = SCRIPTED_NOTE, [{"type": "tool_use", "id": "toolu_scripted",
+                                      "name": SCRIPTED_CALL["name"],
+                                      "input": json.loads(SCRIPTED_CALL["arguments"])}]
+        content = uses
+    tool_arguments(uses[0]["name"], uses[0]["input"])
+    messages += [{"role": "assistant", "content": content},
+                 {"role": "user", "content": [{"type": "tool_result",
+                                               "tool_use_id": uses[0]["id"],
                                                "content": WEATHER_RESULT}]}]
     second = anthropic_create(target, tools=[ANTHROPIC_TOOL], messages=messages)
-    return f"2nd turn: {second.stop_reason}"
+    return f"{note}2nd turn: {second.stop_reason}"
 
 
 @cell("anthropic", "messages.parse(output_format=Pydantic)")
