@@ -648,7 +648,8 @@ def main() -> None:
     servers = [target.name for target in targets]
     table = markdown(rows, servers)
     print(table)
-    report = {"date": datetime.date.today().isoformat(), "model_file": str(args.gguf),
+    report = {"date": datetime.date.today().isoformat(),
+              "model_file": args.gguf.name if args.gguf else None,
               "model_name": MODEL_NAME, "python": sys.version.split()[0],
               "clients": versions(), "servers": servers, "rows": rows, "markdown": table}
     args.json.write_text(json.dumps(report, indent=2) + "\n")
