@@ -372,7 +372,7 @@ class _ChoiceCache:
     def __init__(self, ops: ModuleType) -> None:
         from kvflow.demo import cache_root
 
-        build = Path(ops.__file__).parent.name
+        build = ops.__name__  # kvflow_cpu_ops_<build key>, wherever it was loaded from
         # The constants that shape a choice are part of the key: change one, measure again.
         key = (f"{build}|{torch.get_num_threads()}|{torch.__version__}|{GEMV_ROWS}|"
                f"{GEMM_ROWS}|{GEMM_SAMPLE}|{sorted(COPIES)}|{QUANTIZED_ROUNDS}")

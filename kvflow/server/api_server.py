@@ -49,6 +49,7 @@ from kvflow.server.responses import Responses
 from kvflow.server.responses_protocol import ResponsesRequest
 from kvflow.server.tool_parsers import get_tool_parser
 from kvflow.server.unserved import UNSERVED_ROOTS, not_served_message
+from kvflow.tokenizer.render_process import TemplateRenderer
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +79,8 @@ class ServerState:
         """The engine, then one generation and a probe render of the chat template, before
         /health says 200: a model that loads but cannot answer is a failed load."""
         try:
+            renderer = TemplateRenderer()
+            renderer.prestart()  # its imports overlap the model's loading
             llm_engine = LLMEngine(self.args.engine)
             self.metrics.bind(llm_engine.max_model_len, llm_engine.cache_config_info(),
                               num_speculative_tokens=llm_engine.num_speculative_tokens)
@@ -94,7 +97,8 @@ class ServerState:
                                          if self.args.enable_auto_tool_choice else None,
                                          reasoning_parser=get_reasoning_parser(
                                              self.args.reasoning_parser)
-                                         if self.args.reasoning_parser else None)
+                                         if self.args.reasoning_parser else None,
+                                         renderer=renderer)
             engine.check_answers()
             if self.serving.chat_template.available:
                 self.serving.chat_template.probe()

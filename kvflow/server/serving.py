@@ -28,6 +28,7 @@ from kvflow.server.tool_calls import (NamedCallParser, RequiredCallsParser,
 from kvflow.server.tool_parsers import ToolParser
 from kvflow.structured_output.reasoning import AfterReasoning
 from kvflow.tokenizer.chat import ChatOptions, ChatTemplate
+from kvflow.tokenizer.render_process import TemplateRenderer
 from kvflow.tokenizer.detokenizer import stop_holdback
 
 T = TypeVar("T")
@@ -115,17 +116,19 @@ class OpenAIServing:
                  chat_template: str | None = None,
                  generation_defaults: dict[str, Any] | None = None,
                  tool_parser: ToolParser | None = None,
-                 reasoning_parser: ReasoningParser | None = None) -> None:
+                 reasoning_parser: ReasoningParser | None = None,
+                 renderer: TemplateRenderer | None = None) -> None:
         """`tool_parser` parses tool_choice "auto" outputs (--enable-auto-tool-choice);
         without it, "auto" is refused. `reasoning_parser` splits chat outputs into reasoning
-        and answer; structured output then constrains the answer only."""
+        and answer; structured output then constrains the answer only. `renderer`: where
+        chat templates render (one made here by default)."""
         self.engine = engine
         self.keepalive_s = keepalive_s
         self.response_role = response_role
         self.enable_prompt_tokens_details = enable_prompt_tokens_details
         self.metrics = metrics
         self.tokenizer = engine.engine.tokenizer
-        self.chat_template = ChatTemplate(self.tokenizer, chat_template)
+        self.chat_template = ChatTemplate(self.tokenizer, chat_template, renderer)
         # The model's sampling defaults (engine/generation_config.py), by SamplingParams
         # field, for what a request leaves unset.
         self.generation_defaults = generation_defaults or {}

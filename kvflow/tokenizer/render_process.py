@@ -78,13 +78,33 @@ class TemplateRenderer:
         self.max_chars = max_chars
         self._idle: list[_Worker] = []
         self._lock = threading.Lock()
+        self._starting: threading.Thread | None = None
         # Workers would end on their own when this process does (their pipe closes); an
         # engine dropped before then takes its workers with it.
         self._finalizer = weakref.finalize(self, _kill_all, self._idle)
 
+    def prestart(self) -> None:
+        """Start a worker now, on a thread of its own: the server does so before it loads
+        the model, so that its probe render does not wait for a worker's imports."""
+        def start() -> None:
+            try:
+                worker = _Worker()
+            except RuntimeError:
+                return  # the first render starts one of its own, and reports why it cannot
+            with self._lock:
+                self._idle.append(worker)
+
+        self._starting = threading.Thread(target=start, name="kvflow-render-start",
+                                          daemon=True)
+        self._starting.start()
+
     def render(self, **job: Any) -> str:
         """render_jinja_template's keywords, and `conversation` (one). Raises RenderError
         for the template's failures."""
+        starting = self._starting
+        if starting is not None:  # the worker being started is as near as any
+            starting.join()
+            self._starting = None
         with self._lock:
             worker = self._idle.pop() if self._idle else None
         worker = worker or _Worker()
