@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import random
 import time
 
@@ -285,12 +286,16 @@ def test_a_constraint_the_matcher_gives_up_on_mid_output_is_an_error_that_says_s
     fields = {"response_format": {"type": "json_schema",
                                   "json_schema": {"name": "s", "schema": schema}},
               "max_tokens": 40}
+    # llguidance gives up while it computes a mask (the mask job reports it) or when it
+    # is handed a token (the scheduler does): either way the client hears why.
+    gave_up = re.compile("(could no longer follow|went past a limit of the grammar engine)"
+                         ".*too many expressions")
     message = _error(_chat(server, **fields), 400, "response_format")
-    assert "could no longer follow" in message and "too many expressions" in message
+    assert gave_up.search(message), message
     events = _stream_events(server, {"messages": [{"role": "user", "content": "hi"}],
                                      **fields})
     assert events[-1]["error"]["param"] == "response_format"
-    assert "could no longer follow" in events[-1]["error"]["message"]
+    assert gave_up.search(events[-1]["error"]["message"]), events[-1]
     # allowed_token_ids that leave the grammar nothing: the same error, not an abort.
     response = httpx.post(server.url + "/v1/completions", timeout=60, json={
         "prompt": "hi", "max_tokens": 4, "guided_choice": ["yes"], "allowed_token_ids": [7]})

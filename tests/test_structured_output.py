@@ -261,7 +261,9 @@ def test_every_schema_output_validates_demo_model():
     _generate_schemas(LLM(device="cpu", kv_cache_memory="64MiB"), max_tokens=96)
 
 
-@pytest.mark.parametrize("pattern", [r"[a-z]{3,8}", r"\d{3}-\d{4}", r"(yes|no|maybe)",
+# [0-9], not \d: llguidance's \d takes every Unicode decimal digit of a newer Unicode
+# than Python 3.11's re knows (U+1E5F7, an Ol Onal digit, is one and not the other).
+@pytest.mark.parametrize("pattern", [r"[a-z]{3,8}", r"[0-9]{3}-[0-9]{4}", r"(yes|no|maybe)",
                                      r"[A-Z][a-z]{1,5} [0-9]{1,3}", r"0x[0-9a-f]{2,6}"])
 def test_regex_outputs_match_fully(llm, pattern):
     params = SamplingParams(n=4, temperature=1.0, seed=1, max_tokens=32,

@@ -310,7 +310,7 @@ class AsyncEngine:
         """A one-token greedy request: it fails only if the engine does."""
         request_id = f"{PROBE_PREFIX}{next(self._probe_ids)}"
         self.engine.add_request(request_id, {"prompt_token_ids": [0]},
-                                SamplingParams(max_tokens=1, temperature=0.0))
+                                SamplingParams(max_tokens=1, temperature=0.0), internal=True)
         return request_id
 
     @staticmethod

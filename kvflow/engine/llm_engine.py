@@ -149,6 +149,7 @@ class LLMEngine:
         self.output_processor = OutputProcessor(self.tokenizer,
                                                 self.observations.inter_token_latencies)
         self._prompt_tokens = self._generation_tokens = 0
+        self._internal: set[str] = set()  # requests left out of the token counts
         self._spec_decode = SpecDecodeStats() if speculator is not None else None
         self.stats = EngineStats()
         self._publish_stats()
@@ -204,9 +205,14 @@ class LLMEngine:
         return salt
 
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams,
-                    arrival_time: float | None = None, priority: int = 0) -> None:
-        self.add_prepared(self.prepare_request(request_id, prompt, params, arrival_time,
-                                               priority))
+                    arrival_time: float | None = None, priority: int = 0,
+                    internal: bool = False) -> None:
+        """`internal`: the engine's own work (a server's probe request), left out of the
+        token counts that metrics report."""
+        prepared = self.prepare_request(request_id, prompt, params, arrival_time, priority)
+        self.add_prepared(prepared)
+        if internal:
+            self._internal.update(child.request_id for child in prepared.children)
 
     def prepare_request(self, request_id: str, prompt: PromptType, params: SamplingParams,
                         arrival_time: float | None = None, priority: int = 0) -> PreparedRequest:
@@ -358,9 +364,11 @@ class LLMEngine:
             spec_decode=self._spec_decode)
 
     def _count_step(self, scheduled: SchedulerOutput, runner_output: RunnerOutput,
-                    num_sampled: int) -> None:
+                    updated: list[tuple[Request, int]]) -> None:
         drafted, accepted = [], []
         for request in scheduled.scheduled:
+            if request.req_id in self._internal:
+                continue
             start = request.num_computed_tokens
             end = min(start + len(request.token_ids), len(request.prompt_token_ids))
             self._prompt_tokens += max(0, end - start)
@@ -368,7 +376,10 @@ class LLMEngine:
             if request.draft_token_ids and sampled is not None:  # not deferred: verified
                 drafted.append(len(request.draft_token_ids))
                 accepted.append(len(sampled) - 1)
-        self._generation_tokens += num_sampled
+        self._generation_tokens += sum(num_new for request, num_new in updated
+                                       if request.request_id not in self._internal)
+        self._internal -= {request.request_id for request, _ in updated
+                           if request.status.finished}
         if drafted and self._spec_decode is not None:
             self._spec_decode = self._spec_decode.plus(drafted, accepted)
         self.observations.iteration_tokens.append(scheduled.num_batched_tokens)
@@ -413,8 +424,7 @@ class LLMEngine:
         outputs, stopped = self.output_processor.process(runner_output, updated)
         for child_id in stopped:
             self.scheduler.finish_request(child_id, RequestStatus.FINISHED_STOPPED)
-        self._count_step(scheduler_output, runner_output,
-                         sum(num_new for _, num_new in updated))
+        self._count_step(scheduler_output, runner_output, updated)
         self._publish_stats()
         return outputs
 
