@@ -249,11 +249,10 @@ def test_unsupported_architecture_is_named(checkpoint, tmp_path):
 
 
 def test_unknown_rope_type_is_named(checkpoint, tmp_path):
-    longrope = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 8,
-                "long_factor": [1.0] * 8}
-    broken = _copy_with_config(checkpoint("llama-gqa"), tmp_path / "longrope",
-                               lambda c: c.update(rope_parameters=longrope))
-    with pytest.raises(ValueError, match="longrope"):
+    yarn = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 2.0}
+    broken = _copy_with_config(checkpoint("llama-gqa"), tmp_path / "yarn",
+                               lambda c: c.update(rope_parameters=yarn))
+    with pytest.raises(ValueError, match="'yarn' is not supported"):
         LLM(broken, kv_cache_memory="4MiB")
 
 

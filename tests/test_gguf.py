@@ -26,6 +26,7 @@ from kvflow import LLM, SamplingParams
 from kvflow.bench.gguf_export import export_gguf, quantize
 from kvflow.models.config import ModelConfig
 from kvflow.models.gguf.weights import plan_gguf, unpack_q4_0, unpack_q4_k
+from kvflow.models.llama import LlamaForCausalLM
 from kvflow.quantization.int4 import dequantize_int4, pack_int4
 from kvflow.quantization.int8 import quantize_int8
 
@@ -89,7 +90,8 @@ def test_q4_layers_that_do_not_make_whole_int4_blocks_are_dequantized():
     tensors = {f"blk.0.{n}.weight": SimpleNamespace(
         name=f"blk.0.{n}.weight", hf_name=f"model.layers.0.{hf[n]}.weight", type_name="Q4_0",
         shape=shape) for n, shape in shapes.items()}
-    config = plan_gguf(SimpleNamespace(tensors=tensors), torch.bfloat16)
+    config = plan_gguf(SimpleNamespace(tensors=tensors), torch.bfloat16,
+                       LlamaForCausalLM.packed_modules)
     assert config.methods == {"model.layers.0.mlp.gate_up_proj": "int4"}
 
 

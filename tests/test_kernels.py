@@ -171,11 +171,11 @@ def test_every_linear_gets_one_plan(ops, checkpoint, variant):
     from kvflow.models.config import ModelConfig
     from kvflow.kernels.tuning import install_native_kernels
     from kvflow.layers.linear import Linear
-    from kvflow.models.loader import build_model
+    from kvflow.models.loader import load_model
 
     path = checkpoint(variant)
     config = ModelConfig.from_pretrained(path)
-    model = build_model(config, torch.float32, torch.device("cpu"), 64)
+    model = load_model(config, torch.float32, torch.device("cpu"), 64)
     install_native_kernels(model, ops)
     linears = [m for m in model.modules() if isinstance(m, Linear)]
     assert all(m.plan is not None and m.plan.ops is ops for m in linears)
@@ -257,7 +257,7 @@ def test_attention_without_context_split_is_the_same_for_any_query_grouping(ops,
         ops.paged_attention(out, q[first:end].contiguous(), k_cache, v_cache, table,
                             torch.tensor([end], dtype=torch.int32),
                             torch.tensor([0, end - first], dtype=torch.int32), 0.25, window,
-                            False)
+                            False, 0.0)
         return out
 
     whole = attend(0, length)

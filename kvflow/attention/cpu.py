@@ -59,5 +59,6 @@ class CpuNativeBackend(AttentionBackend):
         out = torch.empty_like(q)
         self.ops.paged_attention(out, q, layer.k_cache, layer.v_cache, meta.block_tables,
                                  meta.seq_lens, meta.query_start_loc, layer.scale,
-                                 layer.sliding_window or 0, self.split_context)
+                                 layer.sliding_window or 0, self.split_context,
+                                 layer.softcap or 0.0)
         return out

@@ -4,7 +4,8 @@ The KV cache of a layer is a pair of tensors [num_blocks, num_kv_heads, block_si
 head_dim]. Requests with short queries (decodes, speculative verification) are batched:
 their blocks are gathered through the padded block table and masked by position. Each
 longer prefill chunk gathers its own request's blocks for SDPA. Sliding windows keep a
-key only if query_pos - key_pos < window.
+key only if query_pos - key_pos < window. A soft cap (Gemma 2) bends the scores before the
+softmax.
 """
 from __future__ import annotations
 
@@ -62,7 +63,8 @@ def short_queries(q: torch.Tensor, layer: PagedAttention, meta: AttentionMetadat
     # [B, W, H_kv, G, D] -> [H_kv, B, W * G, D]
     grouped = padded.view(num_reqs, width, num_kv_heads, group, head_dim).permute(2, 0, 1, 3, 4)
     grouped = grouped.reshape(num_kv_heads, num_reqs, width * group, head_dim)
-    scores = torch.matmul(grouped, keys.transpose(-1, -2)).float() * layer.scale
+    scores = capped(torch.matmul(grouped, keys.transpose(-1, -2)).float() * layer.scale,
+                    layer.softcap)
     scores = scores.view(num_kv_heads, num_reqs, width, group, -1)
     seq_lens = meta.seq_lens[:num_reqs].long()
     query_pos = (seq_lens - lens)[:, None] + torch.arange(width, device=device)[None, :]
@@ -86,7 +88,7 @@ def chunk_attention(q: torch.Tensor, layer: PagedAttention, keys: torch.Tensor,
     query = q.transpose(0, 1).unsqueeze(0)  # [1, H, L, D]
     keys, values = keys.unsqueeze(0), values.unsqueeze(0)
     window = layer.sliding_window
-    if num_computed == 0 and window is None:
+    if num_computed == 0 and window is None and layer.softcap is None:
         out = F.scaled_dot_product_attention(query, keys, values, is_causal=True,
                                              scale=layer.scale, enable_gqa=True)
     else:
@@ -95,6 +97,20 @@ def chunk_attention(q: torch.Tensor, layer: PagedAttention, keys: torch.Tensor,
         mask = k_pos <= q_pos
         if window is not None:
             mask &= q_pos - k_pos < window
-        out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask,
-                                             scale=layer.scale, enable_gqa=True)
+        if layer.softcap is None:
+            out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask,
+                                                 scale=layer.scale, enable_gqa=True)
+        else:  # SDPA has no cap on the scores: spelled out
+            group = query.shape[1] // keys.shape[1]
+            keys = keys.repeat_interleave(group, dim=1)
+            values = values.repeat_interleave(group, dim=1)
+            scores = capped(torch.matmul(query, keys.transpose(-1, -2)).float() * layer.scale,
+                            layer.softcap)
+            probs = torch.softmax(scores.masked_fill(~mask, -float("inf")), dim=-1)
+            out = torch.matmul(probs.to(values.dtype), values)
     return out.squeeze(0).transpose(0, 1)
+
+
+def capped(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """Gemma 2's soft cap on attention scores: softcap * tanh(scores / softcap)."""
+    return scores if softcap is None else torch.tanh(scores / softcap) * softcap

@@ -22,11 +22,10 @@ from kvflow.core.scheduler import Scheduler
 from kvflow.engine.args import EngineArgs
 from kvflow.engine.output_processor import OutputProcessor, ParentState
 from kvflow.engine.stats import EngineStats, SpecDecodeStats, StepObservations
-from kvflow.kernels.tuning import (install_batch_invariant_kernels, install_native_kernels,
-                                   install_quantized_kernels, native_cpu_ops)
 from kvflow.models.gguf import is_gguf
 from kvflow.models.gguf.tokenizer import load_gguf_tokenizer
-from kvflow.models.loader import build_model, resolve_model_path
+from kvflow.models.builder import KernelChoice, build_model
+from kvflow.models.loader import resolve_model_path
 from kvflow.outputs import (CompletionOutput, RequestMetrics, RequestOutput, RunnerOutput,
                             SchedulerOutput)
 from kvflow.quantization import quantization_config
@@ -92,7 +91,10 @@ class LLMEngine:
             raise ValueError(f"max_model_len={args.max_model_len} exceeds the model's "
                              f"max_position_embeddings ({model_len})")
         requested_len = args.max_model_len or model_len
+        self.kernels = KernelChoice.for_device(self.device, self.dtype, args.enforce_eager,
+                                               args.batch_invariant, args.kv_cache_memory or 0)
         model = build_model(self.model_config, self.dtype, self.device, requested_len,
+                            self.kernels,
                             quantization_config(args.quantization, args.quantization_group_size),
                             lm_head_quant_config=Int8Config() if args.quantize_lm_head else None)
         if args.kv_cache_memory:
@@ -122,18 +124,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.scheduler_config, self.kv_manager)
         self.grammar_compiler = GrammarCompiler(self.tokenizer, self.model_config.vocab_size,
                                                 self.eos_token_ids)
-        native_ops = native_cpu_ops(self.device, self.dtype, args.enforce_eager)
-        if args.batch_invariant:
-            if native_ops is None:
-                raise ValueError("batch_invariant needs kvflow's native CPU kernels: the CPU "
-                                 f"(not {self.device.type}), float32 or bfloat16 (not "
-                                 f"{self.dtype}) and a kernel build that works here (see "
-                                 "the log)")
-            install_batch_invariant_kernels(model, native_ops)
-        elif native_ops is not None:
-            install_native_kernels(model, native_ops, reserved_bytes=args.kv_cache_memory or 0)
-        elif not args.enforce_eager:
-            install_quantized_kernels(model)
+        native_ops = self.kernels.native_ops
         backend = select_backend(args.attention_backend, self.device, native_ops,
                                  args.batch_invariant)
         logger.info("attention backend: %s; native CPU kernels: %s", backend.name,

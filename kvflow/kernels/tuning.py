@@ -13,8 +13,8 @@ Each linear shape gets, by measurement:
 
 A copy costs memory, so copies are made only while they fit in a quarter of the available
 memory, the shapes with the most weight bytes first. Results are cached per machine beside
-`kvflow env`'s ceilings. The glue layers (norms, RoPE, SiLU) take the native kernels
-whenever they are in use."""
+`kvflow env`'s ceilings. The glue layers (norms, RoPE, activations) take the native kernels
+through their hooks (kvflow/layers/native.py) whenever those are in use."""
 from __future__ import annotations
 
 import hashlib
@@ -33,10 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kvflow.layers.activation import SiluAndMul
 from kvflow.layers.linear import Linear
-from kvflow.layers.norm import RMSNorm
-from kvflow.layers.rotary import RotaryEmbedding
+from kvflow.layers.native import NativeKernelHook
 from kvflow.quantization.base import QuantizedKernel, QuantizedLinearMethod, QuantizedPlan
 from kvflow.quantization.unquantized import LinearPlan, UnquantizedLinearMethod
 from kvflow.worker.kv_cache import available_host_memory
@@ -108,10 +106,9 @@ def install_native_kernels(model: nn.Module, ops: ModuleType, reserved_bytes: in
     # (owner, attribute to set, weight) per linear shape. A tied LM head is the embedding,
     # owned by no Linear; an untied one is the lm_head Linear.
     groups: dict[tuple, list[tuple[object, str, torch.Tensor]]] = defaultdict(list)
+    _attach_glue(model, ops)
     for module in model.modules():
-        if isinstance(module, (RMSNorm, RotaryEmbedding, SiluAndMul)):
-            module.native = ops
-        elif isinstance(module, Linear) and isinstance(module.method, UnquantizedLinearMethod):
+        if isinstance(module, Linear) and isinstance(module.method, UnquantizedLinearMethod):
             groups[(*module.weight.shape, module.weight.dtype)].append(
                 (module, "plan", module.weight))
     if tied_head is not None:
@@ -154,10 +151,9 @@ def install_batch_invariant_kernels(model: nn.Module, ops: ModuleType) -> None:
     every linear layer through the native GEMV at any batch size (it reduces each output
     in one fixed order, by lanes then across them, whatever the number of rows), quantized
     ones through their method's native GEMV; nothing chosen by timing."""
+    _attach_glue(model, ops)
     for module in model.modules():
-        if isinstance(module, (RMSNorm, RotaryEmbedding, SiluAndMul)):
-            module.native = ops
-        elif isinstance(module, Linear) and isinstance(module.method, UnquantizedLinearMethod):
+        if isinstance(module, Linear) and isinstance(module.method, UnquantizedLinearMethod):
             module.plan = LinearPlan(ops=ops, gemv_max_rows=sys.maxsize)
         elif isinstance(module, Linear) and isinstance(module.method, QuantizedLinearMethod):
             kernel = module.method.kernels.get("native")
@@ -168,6 +164,14 @@ def install_batch_invariant_kernels(model: nn.Module, ops: ModuleType) -> None:
             module.plan = QuantizedPlan(ops, "native", sys.maxsize, "native", weights)
     if getattr(model, "tied_head_weight", None) is not None:
         model.lm_head_plan = LinearPlan(ops=ops, gemv_max_rows=sys.maxsize)
+
+
+def _attach_glue(model: nn.Module, ops: ModuleType) -> None:
+    """Every layer with a native-kernel hook takes its kernel or says it runs eager."""
+    eager = sorted({type(m).__name__ for m in model.modules()
+                    if isinstance(m, NativeKernelHook) and not m.attach_native(ops)})
+    if eager:
+        logger.info("no native kernel for %s: eager PyTorch", ", ".join(eager))
 
 
 def install_quantized_kernels(model: nn.Module) -> None:

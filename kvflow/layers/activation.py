@@ -1,3 +1,4 @@
+"""Gated activations: [..., 2 * d] (gate and up side by side) -> act(gate) * up, [..., d]."""
 from __future__ import annotations
 
 from types import ModuleType
@@ -6,16 +7,34 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kvflow.layers.native import NativeKernelHook
 
-class SiluAndMul(nn.Module):
-    """[..., 2 * d] (gate and up side by side) -> silu(gate) * up, [..., d]."""
 
+class SiluAndMul(nn.Module, NativeKernelHook):
     def __init__(self) -> None:
         super().__init__()
-        self.native: ModuleType | None = None  # set by kernels.tuning.install_native_kernels
+        self.native: ModuleType | None = None
+
+    def attach_native(self, ops: ModuleType) -> bool:
+        self.native = ops
+        return True
 
     def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
         if self.native is not None:
             return self.native.silu_and_mul(gate_up)
         gate, up = gate_up.chunk(2, dim=-1)
         return F.silu(gate) * up
+
+
+class GeluTanhAndMul(nn.Module, NativeKernelHook):
+    """GELU with the tanh approximation (Gemma's gelu_pytorch_tanh)."""
+
+    def attach_native(self, ops: ModuleType) -> bool:
+        return False  # no native kernel: PyTorch's fused GELU is a single pass already
+
+    def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.gelu(gate, approximate="tanh") * up
+
+
+ACTIVATIONS: dict[str, type[nn.Module]] = {"silu": SiluAndMul, "gelu_tanh": GeluTanhAndMul}

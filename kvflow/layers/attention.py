@@ -10,12 +10,16 @@ from kvflow.attention.metadata import AttentionMetadata
 
 class PagedAttention(nn.Module):
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int,
-                 sliding_window: int | None) -> None:
+                 sliding_window: int | None, scale: float | None = None,
+                 softcap: float | None = None) -> None:
+        """scale: the scores' factor (None: head_dim ** -0.5); softcap: scores become
+        softcap * tanh(scores / softcap) before the softmax (Gemma 2)."""
         super().__init__()
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
-        self.scale = head_dim ** -0.5
+        self.scale = scale if scale is not None else head_dim ** -0.5
+        self.softcap = softcap
         self.sliding_window = sliding_window
         # Bound by the model runner once the cache is allocated, in the backend's layout.
         self.backend: AttentionBackend | None = None

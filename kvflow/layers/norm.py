@@ -5,8 +5,10 @@ from types import ModuleType
 import torch
 from torch import nn
 
+from kvflow.layers.native import NativeKernelHook
 
-class RMSNorm(nn.Module):
+
+class RMSNorm(nn.Module, NativeKernelHook):
     """RMSNorm computed in float32 and cast back before the weight, as the HF reference does.
 
     Given a residual, the input is first added to it, in place: the residual tensor becomes
@@ -18,7 +20,11 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.empty(dim))
-        self.native: ModuleType | None = None  # set by kernels.tuning.install_native_kernels
+        self.native: ModuleType | None = None
+
+    def attach_native(self, ops: ModuleType) -> bool:
+        self.native = ops
+        return True
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None
                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -35,3 +41,25 @@ class RMSNorm(nn.Module):
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(dtype)
+
+
+class GemmaRMSNorm(RMSNorm):
+    """Gemma's RMSNorm: the checkpoint stores w and the norm multiplies by (1 + w), in
+    float32, before casting back. The parameter holds 1 + w in float32, added once at load
+    (the native kernel multiplies in float32 when its weight is float32)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__(dim, eps)
+        self.weight = nn.Parameter(torch.empty(dim, dtype=torch.float32))
+        self.weight.weight_loader = _load_plus_one  # type: ignore[attr-defined]
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (x32 * self.weight).to(x.dtype)
+
+
+def _load_plus_one(param: nn.Parameter, loaded: torch.Tensor, shard: str | None) -> None:
+    if loaded.shape != param.shape:
+        raise ValueError(f"shape {list(loaded.shape)}, expected {list(param.shape)}")
+    param.data.copy_(loaded.float() + 1.0)

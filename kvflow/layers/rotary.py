@@ -1,5 +1,6 @@
-"""Rotary position embeddings (rotate-half layout) with default, linear and llama3 scaling,
-or explicit per-frequency factors (GGUF's rope_freqs)."""
+"""Rotary position embeddings (rotate-half layout) with default, linear, llama3 and LongRoPE
+scaling, or explicit per-frequency factors (GGUF's rope_freqs), over all of a head or its
+leading rotary_dim dims (partial rotary)."""
 from __future__ import annotations
 
 import math
@@ -8,11 +9,14 @@ from types import ModuleType
 import torch
 from torch import nn
 
+from kvflow.layers.native import NativeKernelHook
 from kvflow.models.config import RopeConfig
 
 
-def inverse_frequencies(head_dim: int, rope: RopeConfig) -> torch.Tensor:
+def inverse_frequencies(head_dim: int, rope: RopeConfig, max_positions: int) -> torch.Tensor:
     exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+    if rope.scaling_type == "longrope":
+        return 1.0 / (torch.tensor(_longrope_factors(rope, head_dim, max_positions)) * rope.theta ** exponents)
     inv_freq = 1.0 / (rope.theta ** exponents)
     if rope.scaling_type == "linear":
         return inv_freq / rope.factor
@@ -21,6 +25,20 @@ def inverse_frequencies(head_dim: int, rope: RopeConfig) -> torch.Tensor:
     if rope.scaling_type == "factors":
         return inv_freq / torch.tensor(rope.frequency_factors, dtype=torch.float32)
     return inv_freq
+
+
+def _longrope_factors(rope: RopeConfig, rotary_dim: int,
+                      max_positions: int) -> tuple[float, ...]:
+    """LongRoPE's long factors where the context may pass the length the model was trained
+    at, its short ones otherwise. Transformers switches per sequence, recomputing every
+    key once a sequence grows past that length; a paged cache keeps keys, so kvflow (as
+    vLLM and llama.cpp do) chooses once, by the context it serves."""
+    long = max_positions > rope.original_max_position_embeddings
+    factors = rope.long_factors if long else rope.short_factors
+    if len(factors) * 2 != rotary_dim:
+        raise ValueError(f"LongRoPE {'long' if long else 'short'}_factor has {len(factors)} "
+                         f"values; a rotary of {rotary_dim} dims needs {rotary_dim // 2}")
+    return factors
 
 
 def _llama3_scaled(inv_freq: torch.Tensor, rope: RopeConfig) -> torch.Tensor:
@@ -37,27 +55,40 @@ def _llama3_scaled(inv_freq: torch.Tensor, rope: RopeConfig) -> torch.Tensor:
     return torch.where(is_medium, blended, scaled)
 
 
-class RotaryEmbedding(nn.Module):
-    def __init__(self, head_dim: int, max_positions: int, rope: RopeConfig) -> None:
+class RotaryEmbedding(nn.Module, NativeKernelHook):
+    def __init__(self, rotary_dim: int, max_positions: int, rope: RopeConfig) -> None:
+        """rotary_dim: the leading dims of each head that turn (the head size unless the
+        rotary is partial)."""
         super().__init__()
-        inv_freq = inverse_frequencies(head_dim, rope)
+        self.rotary_dim = rotary_dim
+        inv_freq = inverse_frequencies(rotary_dim, rope, max_positions)
         freqs = torch.arange(max_positions, dtype=torch.float32)[:, None] * inv_freq[None, :]
         angles = torch.cat((freqs, freqs), dim=-1)
-        self.register_buffer("cos", angles.cos(), persistent=False)  # [max_positions, head_dim]
-        self.register_buffer("sin", angles.sin(), persistent=False)
-        self.native: ModuleType | None = None  # set by kernels.tuning.install_native_kernels
+        # [max_positions, rotary_dim]; LongRoPE scales both by its attention factor
+        self.register_buffer("cos", angles.cos() * rope.attention_factor, persistent=False)
+        self.register_buffer("sin", angles.sin() * rope.attention_factor, persistent=False)
+        self.native: ModuleType | None = None
+
+    def attach_native(self, ops: ModuleType) -> bool:
+        self.native = ops
+        return True
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor,
                 k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q: [tokens, heads, head_dim], k: [tokens, kv_heads, head_dim]. The native kernel
         rotates them in place (views of the fused QKV output, which nothing reads after);
         the eager path returns new tensors."""
+        dim = self.rotary_dim
         if self.native is not None:
-            self.native.rotary_embedding(positions, q, k, self.cos, self.sin)
+            self.native.rotary_embedding(positions, q[..., :dim], k[..., :dim], self.cos,
+                                         self.sin)
             return q, k
         cos = self.cos[positions].unsqueeze(1).to(q.dtype)
         sin = self.sin[positions].unsqueeze(1).to(q.dtype)
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        if dim == q.shape[-1]:
+            return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        return tuple(torch.cat((x[..., :dim] * cos + _rotate_half(x[..., :dim]) * sin,
+                                x[..., dim:]), dim=-1) for x in (q, k))
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

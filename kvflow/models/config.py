@@ -1,13 +1,16 @@
 """A Hugging Face config.json as the few fields kvflow's model code needs.
 
-`ModelConfig.from_pretrained` reads the checkpoint's config through transformers and
-normalises it once, so model files never probe for optional keys. Both the older keys hub
+`ModelConfig.from_pretrained` reads the checkpoint's config through transformers and hands
+it to the reader of its architecture's family (kvflow/models/registry.py), which
+normalises it once and refuses what the family file does not implement, so model files
+never probe for optional keys. Both the older keys hub
 checkpoints carry (`rope_theta`, `rope_scaling`, `torch_dtype`) and the newer ones
 transformers 5 writes (`rope_parameters`, `dtype`) are read.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,49 +27,87 @@ _SUPPORTED_ACTS = ("silu",)
 @dataclass(frozen=True)
 class RopeConfig:
     theta: float
-    scaling_type: str = "default"  # default | linear | llama3 | factors
+    scaling_type: str = "default"  # default | linear | llama3 | factors | longrope
     factor: float = 1.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
-    # "factors": a divisor per inverse frequency (head_dim / 2), as a GGUF file's
+    # "factors": a divisor per inverse frequency (rotary_dim / 2), as a GGUF file's
     # rope_freqs tensor holds Llama 3.1's scaling, computed by llama.cpp's converter
     frequency_factors: tuple[float, ...] = ()
+    # "longrope" (Phi-3): divisors for contexts up to original_max_position_embeddings and
+    # past it, and the factor cos and sin are multiplied by
+    short_factors: tuple[float, ...] = ()
+    long_factors: tuple[float, ...] = ()
+    attention_factor: float = 1.0
 
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 
 
-def _read_rope(hf: Any) -> RopeConfig:
-    params = getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {}
-    if params and "rope_theta" not in params and isinstance(next(iter(params.values())), dict):
-        raise ValueError("per-layer rope_parameters are not supported")
+def read_rope(params: dict[str, Any], hf: Any) -> RopeConfig:
+    """One set of RoPE parameters (a config's rope_parameters or rope_scaling, or one layer
+    type's entry of them) as a RopeConfig; ValueError naming what kvflow does not compute."""
     theta = params.get("rope_theta", getattr(hf, "rope_theta", None) or 10000.0)
     rope_type = params.get("rope_type", params.get("type", "default")) or "default"
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise ValueError(
             f"RoPE scaling type {rope_type!r} is not supported; supported: {SUPPORTED_ROPE_TYPES}"
         )
+    original = int(params.get("original_max_position_embeddings")
+                   or getattr(hf, "original_max_position_embeddings", None)
+                   or hf.max_position_embeddings)
     if rope_type == "default":
         return RopeConfig(theta=float(theta))
+    if rope_type == "longrope":
+        # As transformers computes it: the factor is the context's growth unless given.
+        factor = params.get("factor") or hf.max_position_embeddings / original
+        attention_factor = params.get("attention_factor")
+        if attention_factor is None:
+            attention_factor = (1.0 if factor <= 1.0 else
+                                math.sqrt(1 + math.log(factor) / math.log(original)))
+        return RopeConfig(theta=float(theta), scaling_type="longrope", factor=float(factor),
+                          original_max_position_embeddings=original,
+                          short_factors=tuple(float(f) for f in params["short_factor"]),
+                          long_factors=tuple(float(f) for f in params["long_factor"]),
+                          attention_factor=float(attention_factor))
     return RopeConfig(
         theta=float(theta),
         scaling_type=rope_type,
         factor=float(params["factor"]),
         low_freq_factor=float(params.get("low_freq_factor", 1.0)),
         high_freq_factor=float(params.get("high_freq_factor", 4.0)),
-        original_max_position_embeddings=int(
-            params.get("original_max_position_embeddings", hf.max_position_embeddings)
-        ),
+        original_max_position_embeddings=original,
     )
 
 
-def _read_sliding_windows(hf: Any, architecture: str, num_layers: int) -> tuple[int | None, ...]:
+def _rope_params(hf: Any) -> dict[str, Any]:
+    return getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {}
+
+
+def read_layer_ropes(hf: Any, num_layers: int) -> tuple[RopeConfig, ...]:
+    """Each layer's RoPE: one set for all, or (Gemma 3) one per layer type."""
+    params = _rope_params(hf)
+    if params and "rope_theta" not in params and isinstance(next(iter(params.values())), dict):
+        layer_types = getattr(hf, "layer_types", None) or []
+        if len(layer_types) != num_layers or not set(layer_types) <= set(params):
+            raise ValueError("rope_parameters are given per layer type, but layer_types does "
+                             f"not name one of {sorted(params)} for each of the "
+                             f"{num_layers} layers")
+        per_type = {name: read_rope(p, hf) for name, p in params.items()}
+        return tuple(per_type[t] for t in layer_types)
+    return (read_rope(params, hf),) * num_layers
+
+
+def read_sliding_windows(hf: Any, num_layers: int,
+                         every_layer: bool = False) -> tuple[int | None, ...]:
+    """Each layer's window (None: full attention). every_layer: the window applies to all
+    layers whatever layer_types says (Mistral)."""
     window = getattr(hf, "sliding_window", None)
     if not window:
         return (None,) * num_layers
     layer_types = getattr(hf, "layer_types", None)
-    if architecture == "MistralForCausalLM" or not layer_types:
+    if every_layer or not layer_types:
         return (int(window),) * num_layers
     return tuple(int(window) if t == "sliding_attention" else None for t in layer_types)
 
@@ -84,6 +125,15 @@ def _read_eos_ids(path: Path, hf: Any) -> tuple[int, ...]:
     return tuple(ids)
 
 
+def require(hf: Any, name: str, allowed: tuple[Any, ...], default: Any = None) -> Any:
+    """The config field's value, ValueError naming it unless it is one kvflow implements."""
+    value = getattr(hf, name, default)
+    if value not in allowed:
+        raise ValueError(f"{hf.__class__.__name__} field {name}={value!r} is not implemented "
+                         f"by kvflow; implemented: {', '.join(map(repr, allowed))}")
+    return value
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     path: str
@@ -96,7 +146,7 @@ class ModelConfig:
     num_kv_heads: int
     head_dim: int
     rms_norm_eps: float
-    rope: RopeConfig
+    rope: RopeConfig  # the first layer's; layer_ropes has each layer's
     max_position_embeddings: int
     tie_word_embeddings: bool
     qkv_bias: bool
@@ -107,6 +157,12 @@ class ModelConfig:
     checkpoint_dtype: torch.dtype
     eos_token_ids: tuple[int, ...] = field(default=())
     quantization: CheckpointQuantization | None = None  # a GPTQ or AWQ checkpoint's format
+    hidden_act: str = "silu"  # silu | gelu_tanh: the gated MLP's activation
+    layer_ropes: tuple[RopeConfig, ...] = ()  # per layer; () means `rope` for every layer
+    rotary_dim: int | None = None  # the leading dims of a head that RoPE turns (None: all)
+    attention_scale: float | None = None  # scores' factor (None: head_dim ** -0.5)
+    attn_logit_softcap: float | None = None  # scores -> cap * tanh(scores / cap)
+    final_logit_softcap: float | None = None  # the same on the LM head's logits
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> "ModelConfig":
@@ -114,7 +170,7 @@ class ModelConfig:
 
         from kvflow.models.gguf import GgufFile, is_gguf
         from kvflow.models.gguf.config import gguf_model_config
-        from kvflow.models.registry import architecture_traits
+        from kvflow.models.registry import family_for
 
         if is_gguf(path):
             return gguf_model_config(GgufFile(path))
@@ -122,37 +178,45 @@ class ModelConfig:
         architectures = getattr(hf, "architectures", None) or []
         if not architectures:
             raise ValueError(f"{path}/config.json names no architecture")
-        architecture = architectures[0]
-        traits = architecture_traits(architecture, hf)
-        act = getattr(hf, "hidden_act", "silu")
-        if act not in _SUPPORTED_ACTS:
-            raise ValueError(f"hidden_act {act!r} is not supported; supported: {_SUPPORTED_ACTS}")
+        return family_for(architectures[0]).read_config(hf, Path(path))
+
+    @classmethod
+    def read_common(cls, hf: Any, path: Path, **fields: Any) -> "ModelConfig":
+        """The fields every family reads alike, with the family's own (biases, norms,
+        activation, RoPE, scale, caps, ...) given as keyword arguments."""
         num_heads = hf.num_attention_heads
-        head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // num_heads
+        num_layers = hf.num_hidden_layers
         raw_dtype = getattr(hf, "dtype", None) or getattr(hf, "torch_dtype", None) or "float32"
-        return cls(
+        layer_ropes = fields.pop("layer_ropes", None) or read_layer_ropes(hf, num_layers)
+        common = dict(
             path=str(path),
-            architecture=architecture,
+            architecture=hf.architectures[0],
             vocab_size=hf.vocab_size,
             hidden_size=hf.hidden_size,
             intermediate_size=hf.intermediate_size,
-            num_layers=hf.num_hidden_layers,
+            num_layers=num_layers,
             num_heads=num_heads,
             num_kv_heads=getattr(hf, "num_key_value_heads", None) or num_heads,
-            head_dim=head_dim,
+            head_dim=getattr(hf, "head_dim", None) or hf.hidden_size // num_heads,
             rms_norm_eps=hf.rms_norm_eps,
-            rope=_read_rope(hf),
+            rope=layer_ropes[0],
+            layer_ropes=layer_ropes,
             max_position_embeddings=hf.max_position_embeddings,
             tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
-            qkv_bias=traits.qkv_bias,
-            o_bias=traits.o_bias,
-            mlp_bias=traits.mlp_bias,
-            qk_norm=traits.qk_norm,
-            sliding_windows=_read_sliding_windows(hf, architecture, hf.num_hidden_layers),
+            qkv_bias=False, o_bias=False, mlp_bias=False, qk_norm=False,
+            sliding_windows=read_sliding_windows(hf, num_layers),
             checkpoint_dtype=parse_dtype(raw_dtype),
-            eos_token_ids=_read_eos_ids(Path(path), hf),
+            eos_token_ids=_read_eos_ids(path, hf),
             quantization=read_checkpoint_quantization(getattr(hf, "quantization_config", None)),
         )
+        return cls(**{**common, **fields})
+
+    def rope_of(self, layer: int) -> RopeConfig:
+        return self.layer_ropes[layer] if self.layer_ropes else self.rope
+
+    @property
+    def scale(self) -> float:
+        return self.attention_scale if self.attention_scale is not None else self.head_dim ** -0.5
 
     def default_dtype(self, device: torch.device) -> torch.dtype:
         """dtype="auto": the checkpoint's, except that a GPTQ or AWQ checkpoint's fp16 runs

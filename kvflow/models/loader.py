@@ -11,10 +11,11 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from kvflow.models.blocks import CausalLM
 from kvflow.models.config import ModelConfig
 from kvflow.models.gguf import GgufFile, is_gguf
 from kvflow.models.gguf.weights import gguf_tensors, plan_gguf
-from kvflow.models.llama import LlamaForCausalLM
+from kvflow.models.registry import family_for
 from kvflow.quantization.base import PrequantizedWeight, QuantizationConfig, checked_copy
 from kvflow.quantization.gptq_awq import (check_quantization_flag, plan_checkpoint,
                                           prequantized_tensors)
@@ -64,15 +65,17 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(previous)
 
 
-def build_model(config: ModelConfig, dtype: torch.dtype, device: torch.device,
-                max_positions: int, quant_config: QuantizationConfig | None = None,
-                lm_head_quant_config: QuantizationConfig | None = None) -> LlamaForCausalLM:
-    """quant_config: quantize a float checkpoint at load; a GGUF file's layers take the
+def load_model(config: ModelConfig, dtype: torch.dtype, device: torch.device,
+               max_positions: int, quant_config: QuantizationConfig | None = None,
+               lm_head_quant_config: QuantizationConfig | None = None) -> CausalLM:
+    """The registered family's model with the checkpoint's weights (kernels are installed
+    by kvflow/models/builder.py). quant_config: quantize a float checkpoint at load; a GGUF file's layers take the
     formats its tensors are in (kvflow/models/gguf/weights.py), and a GPTQ or AWQ
     checkpoint's quantized layers load as int4 (kvflow/quantization/gptq_awq.py).
     lm_head_quant_config: the LM head's format, quantized at load from whatever float
     weight the checkpoint has for it (None: the model's dtype)."""
     path = Path(config.path)
+    model_class = family_for(config.architecture).model_class
     gguf = GgufFile(path) if is_gguf(path) else None
     check_quantization_flag(quant_config, config.quantization, str(path))
     if gguf is not None:
@@ -80,12 +83,12 @@ def build_model(config: ModelConfig, dtype: torch.dtype, device: torch.device,
             raise ValueError(f"quantization={quant_config.name!r} quantizes a float "
                              "checkpoint at load; a GGUF file's weights keep the formats "
                              "they are stored in")
-        quant_config = plan_gguf(gguf, dtype)
+        quant_config = plan_gguf(gguf, dtype, model_class.packed_modules)
     elif config.quantization is not None:
         quant_config = plan_checkpoint(config.quantization, _safetensors_shapes(path),
-                                       LlamaForCausalLM.packed_modules)
+                                       model_class.packed_modules)
     with torch.device(device), _default_dtype(dtype):
-        model = LlamaForCausalLM(config, max_positions, quant_config, lm_head_quant_config)
+        model = model_class(config, max_positions, quant_config, lm_head_quant_config)
     if gguf is not None:
         load_weights(model, gguf_tensors(gguf, config, quant_config, dtype), gguf.path.name)
     elif config.quantization is not None:
@@ -121,7 +124,7 @@ def _safetensors_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
                 yield key, f.get_tensor(key)
 
 
-def load_weights(model: LlamaForCausalLM,
+def load_weights(model: CausalLM,
                  tensors: Iterable[tuple[str, torch.Tensor | PrequantizedWeight]],
                  source: str) -> None:
     """Hand each checkpoint tensor (Hugging Face name, tensor in its own dtype or already
@@ -154,6 +157,8 @@ def load_weights(model: LlamaForCausalLM,
             loader(param, tensor, shard)
         except ValueError as exc:
             raise ValueError(f"checkpoint tensor {key!r} in {source}: {exc}") from exc
+        if shard is None:  # a checkpoint that stores the fused layer whole (Phi-3's qkv_proj)
+            loaded.update((n, s) for n, s in expected if n == name)
         loaded.add((name, shard))
     missing = sorted(f"{n}[{s}]" if s else n for n, s in expected - loaded)
     if missing:

@@ -23,21 +23,20 @@ from typing import TYPE_CHECKING
 import torch
 
 from kvflow.attention.base import AttentionBackend
-from kvflow.kernels.tuning import install_native_kernels, native_cpu_ops
+from kvflow.models.blocks import CausalLM
+from kvflow.models.builder import bind_kv_cache, build_model
 from kvflow.models.config import ModelConfig
-from kvflow.models.llama import LlamaForCausalLM
-from kvflow.models.loader import build_model, resolve_model_path
+from kvflow.models.loader import resolve_model_path
 from kvflow.sampling.sampler import argmax
 from kvflow.spec_decode.config import SpeculativeConfig
 from kvflow.spec_decode.proposer import ProposalRequest, Proposals, Proposer
-from kvflow.worker.kv_cache import allocate_kv_cache
 
 if TYPE_CHECKING:
     from kvflow.engine.llm_engine import LLMEngine
 
 
 class DraftModelProposer(Proposer):
-    def __init__(self, model: LlamaForCausalLM, backend: AttentionBackend, block_size: int,
+    def __init__(self, model: CausalLM, backend: AttentionBackend, block_size: int,
                  num_speculative_tokens: int, max_positions: int, device: torch.device) -> None:
         self.model = model
         self.backend = backend
@@ -60,14 +59,12 @@ class DraftModelProposer(Proposer):
                              f"{draft_config.vocab_size} tokens and the target "
                              f"{target_vocab}: a draft must share the target's tokenizer")
         max_positions = min(draft_config.max_position_embeddings, engine.max_model_len)
-        model = build_model(draft_config, engine.dtype, engine.device, max_positions)
-        native_ops = native_cpu_ops(engine.device, engine.dtype, args.enforce_eager)
-        if native_ops is not None:
-            install_native_kernels(model, native_ops, reserved_bytes=args.kv_cache_memory or 0)
-        kv_caches = allocate_kv_cache(draft_config, backend, num_blocks, args.block_size,
-                                      engine.dtype, engine.device)
-        for layer, (k_cache, v_cache) in zip(model.attention_layers(), kv_caches):
-            layer.bind(backend, k_cache, v_cache)
+        # The engine's builder and kernel choice: the draft runs what the target runs
+        # (quantized kernels, batch-invariant ones) on the same backend.
+        model = build_model(draft_config, engine.dtype, engine.device, max_positions,
+                            engine.kernels)
+        bind_kv_cache(model, draft_config, backend, num_blocks, args.block_size, engine.dtype,
+                      engine.device)
         return cls(model, backend, args.block_size, config.num_speculative_tokens,
                    max_positions, engine.device)
 

@@ -12,18 +12,18 @@ import torch
 
 from kvflow.attention.base import AttentionBackend
 from kvflow.attention.metadata import AttentionMetadata
+from kvflow.models.blocks import CausalLM
+from kvflow.models.builder import bind_kv_cache
 from kvflow.models.config import ModelConfig
-from kvflow.models.llama import LlamaForCausalLM
 from kvflow.outputs import RunnerOutput, ScheduledRequest, SchedulerOutput, TokenLogprobs
 from kvflow.sampling.rejection_sampler import RejectionSampler
 from kvflow.sampling.sampler import Sampler, prepare_sampling, sampling_rows, token_logprobs
 from kvflow.structured_output.bitmask import MASK_GRACE_S, GrammarMasker
 from kvflow.spec_decode.proposer import Speculator
-from kvflow.worker.kv_cache import allocate_kv_cache
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaForCausalLM, config: ModelConfig, backend: AttentionBackend,
+    def __init__(self, model: CausalLM, config: ModelConfig, backend: AttentionBackend,
                  num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device,
                  seed: int, speculator: Speculator | None = None,
                  batch_invariant: bool = False) -> None:
@@ -32,9 +32,8 @@ class ModelRunner:
         self.backend = backend
         self.block_size = block_size
         self.device = device
-        self.kv_caches = allocate_kv_cache(config, backend, num_blocks, block_size, dtype, device)
-        for layer, (k_cache, v_cache) in zip(model.attention_layers(), self.kv_caches):
-            layer.bind(backend, k_cache, v_cache)
+        self.kv_caches = bind_kv_cache(model, config, backend, num_blocks, block_size, dtype,
+                                       device)
         self.sampler = Sampler(torch.Generator(device).manual_seed(seed))
         self.rejection_sampler = RejectionSampler(self.sampler)
         self.speculator = speculator

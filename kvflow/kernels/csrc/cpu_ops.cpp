@@ -1049,7 +1049,8 @@ void paged_attention_impl(T* out, const T* q, const T* k_cache, const T* v_cache
                           const int32_t* block_tables, const int32_t* seq_lens,
                           const int32_t* query_start_loc, int64_t num_reqs, int64_t max_blocks,
                           int64_t num_heads, int64_t num_kv_heads, int64_t block_size,
-                          int64_t head_dim, double scale, int64_t window, bool split_context) {
+                          int64_t head_dim, double scale, int64_t window, bool split_context,
+                          float softcap) {
   const int64_t group = num_heads / num_kv_heads;
   std::vector<WorkItem> items;
   std::vector<int64_t> parts_of(num_reqs);
@@ -1132,6 +1133,8 @@ void paged_attention_impl(T* out, const T* q, const T* k_cache, const T* v_cache
         score_rows(qf.data(), rows, head_dim, k_cache + base, block_size, 0, n, scores.data());
         for (int64_t r = 0; r < rows; ++r) {
           float* sr = scores.data() + r * block_size;
+          if (softcap > 0.f)  // Gemma 2: scores -> cap * tanh(scores / cap)
+            for (int64_t j = 0; j < n; ++j) sr[j] = softcap * std::tanh(sr[j] / softcap);
           const int64_t query_pos = seq_len - query_len + item.q_begin + r / group;
           // Range, causal and window masks, only where this block crosses them.
           if (lo < item.first_key || hi - 1 > query_pos ||
@@ -1227,7 +1230,7 @@ void paged_attention_impl(T* out, const T* q, const T* k_cache, const T* v_cache
 void paged_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache,
                      torch::Tensor v_cache, torch::Tensor block_tables, torch::Tensor seq_lens,
                      torch::Tensor query_start_loc, double scale, int64_t window,
-                     bool split_context) {
+                     bool split_context, double softcap) {
   for (auto* t : {&out, &q, &k_cache, &v_cache, &block_tables, &seq_lens, &query_start_loc})
     check_cpu(*t, "paged_attention inputs");
   TORCH_CHECK(q.is_contiguous() && out.is_contiguous() && k_cache.is_contiguous() &&
@@ -1255,7 +1258,8 @@ void paged_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache,
                             v_cache.data_ptr<T>(), block_tables.data_ptr<int32_t>(),
                             seq_lens.data_ptr<int32_t>(), query_start_loc.data_ptr<int32_t>(),
                             num_reqs, block_tables.size(1), q.size(1), v_cache.size(1),
-                            v_cache.size(2), q.size(2), scale, window, split_context);
+                            v_cache.size(2), q.size(2), scale, window, split_context,
+                            static_cast<float>(softcap));
   });
 }
 
@@ -1310,10 +1314,13 @@ void write_kv(torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor k, tor
 }
 
 // out = weight * norm(x) where x is (x + residual) when a residual is given; that sum is
-// written back into residual (the next layer's residual stream).
-template <typename T>
-void rms_norm_impl(T* out, T* x, T* residual, const T* weight, int64_t rows, int64_t dim,
+// written back into residual (the next layer's residual stream). A weight in x's dtype
+// multiplies norm(x) rounded to that dtype (Llama's weight * x.to(dtype)); a float32 weight
+// multiplies it in float32, rounded once after (Gemma's (1 + w) * x, cast after).
+template <typename T, typename W>
+void rms_norm_impl(T* out, T* x, T* residual, const W* weight, int64_t rows, int64_t dim,
                    float eps) {
+  constexpr bool round_first = !std::is_same<W, float>::value;
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
     std::vector<float> h(dim);
     for (int64_t r = begin; r < end; ++r) {
@@ -1348,11 +1355,17 @@ void rms_norm_impl(T* out, T* x, T* residual, const T* weight, int64_t rows, int
       d = 0;
 #ifdef KVFLOW_AVX512
       const __m512 inv_v = _mm512_set1_ps(inv);
-      for (; d + 16 <= dim; d += 16)
-        store16(o + d, _mm512_mul_ps(load16(weight + d),
-                                     round16<T>(_mm512_mul_ps(_mm512_loadu_ps(h.data() + d), inv_v))));
+      for (; d + 16 <= dim; d += 16) {
+        __m512 n = _mm512_mul_ps(_mm512_loadu_ps(h.data() + d), inv_v);
+        if (round_first) n = round16<T>(n);
+        store16(o + d, _mm512_mul_ps(load16(weight + d), n));
+      }
 #endif
-      for (; d < dim; ++d) o[d] = from_f32<T>(to_f32(weight[d]) * rounded<T>(h[d] * inv));
+      for (; d < dim; ++d) {
+        float n = h[d] * inv;
+        if (round_first) n = rounded<T>(n);
+        o[d] = from_f32<T>(to_f32(weight[d]) * n);
+      }
     }
   });
 }
@@ -1362,15 +1375,22 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, c10::optional<torc
   check_cpu(x, "rms_norm x");
   TORCH_CHECK(x.is_contiguous() && (!residual || residual->is_contiguous()), "rms_norm: contiguous");
   TORCH_CHECK(weight.is_contiguous() && weight.numel() == x.size(-1) &&
-              weight.scalar_type() == x.scalar_type(), "rms_norm: weight must be [dim], x's dtype");
+              (weight.scalar_type() == x.scalar_type() || weight.scalar_type() == at::kFloat),
+              "rms_norm: weight must be [dim], x's dtype or float32");
   TORCH_CHECK(!residual || (residual->sizes() == x.sizes() && residual->scalar_type() == x.scalar_type()),
               "rms_norm: residual must match x");
   const int64_t dim = x.size(-1), rows = x.numel() / dim;
   auto out = torch::empty_like(x);
+  const bool float_weight = weight.scalar_type() == at::kFloat;
   dispatch_float_or_bf16(x.scalar_type(), "rms_norm", [&](auto tag) {
     using T = decltype(tag);
-    rms_norm_impl<T>(out.data_ptr<T>(), x.data_ptr<T>(), residual ? residual->data_ptr<T>() : nullptr,
-                     weight.data_ptr<T>(), rows, dim, static_cast<float>(eps));
+    T* res = residual ? residual->data_ptr<T>() : nullptr;
+    if (float_weight)
+      rms_norm_impl<T, float>(out.data_ptr<T>(), x.data_ptr<T>(), res, weight.data_ptr<float>(),
+                              rows, dim, static_cast<float>(eps));
+    else
+      rms_norm_impl<T, T>(out.data_ptr<T>(), x.data_ptr<T>(), res, weight.data_ptr<T>(), rows,
+                          dim, static_cast<float>(eps));
   });
   return out;
 }
@@ -1417,11 +1437,12 @@ torch::Tensor silu_and_mul(torch::Tensor x) {
 }
 
 // Rotate-half RoPE in place on q [tokens, heads, dim] and k [tokens, kv_heads, dim] (each
-// may be a strided view of the fused qkv output), cos/sin [max_positions, dim] float32.
+// may be a strided view of the fused qkv output, and dim the leading part of each head
+// where the rotary is partial), cos/sin [max_positions, dim] float32.
 // Rounded as q * cos.to(dtype) + rotate_half(q) * sin.to(dtype) would be.
 template <typename T>
-void rotary_impl(T* x, int64_t tokens, int64_t heads, int64_t token_stride, int64_t dim,
-                 const int64_t* positions, const float* cos, const float* sin) {
+void rotary_impl(T* x, int64_t tokens, int64_t heads, int64_t token_stride,
+                 int64_t head_stride, int64_t dim, const int64_t* positions, const float* cos, const float* sin) {
   const int64_t half = dim / 2;
   at::parallel_for(0, tokens, 16, [&](int64_t begin, int64_t end) {
     std::vector<float> c(dim), s(dim);
@@ -1433,7 +1454,7 @@ void rotary_impl(T* x, int64_t tokens, int64_t heads, int64_t token_stride, int6
         s[d] = rounded<T>(sp[d]);
       }
       for (int64_t h = 0; h < heads; ++h) {
-        T* v = x + t * token_stride + h * dim;
+        T* v = x + t * token_stride + h * head_stride;
         for (int64_t d = 0; d < half; ++d) {
           const float a = to_f32(v[d]), b = to_f32(v[d + half]);
           v[d] = from_f32<T>(rounded<T>(a * c[d]) + rounded<T>(-b * s[d]));
@@ -1446,8 +1467,7 @@ void rotary_impl(T* x, int64_t tokens, int64_t heads, int64_t token_stride, int6
 
 void rotary_embedding(torch::Tensor positions, torch::Tensor q, torch::Tensor k,
                       torch::Tensor cos, torch::Tensor sin) {
-  TORCH_CHECK(q.stride(2) == 1 && q.stride(1) == q.size(2) && k.stride(2) == 1 &&
-              k.stride(1) == k.size(2), "rotary_embedding: heads must be contiguous");
+  TORCH_CHECK(q.stride(2) == 1 && k.stride(2) == 1, "rotary_embedding: head dims must be contiguous");
   TORCH_CHECK(q.scalar_type() == k.scalar_type() && cos.scalar_type() == at::kFloat &&
               sin.scalar_type() == at::kFloat && cos.size(1) == q.size(2),
               "rotary_embedding: cos/sin float32 [positions, head_dim]");
@@ -1461,7 +1481,7 @@ void rotary_embedding(torch::Tensor positions, torch::Tensor q, torch::Tensor k,
   for (auto* t : {&q, &k}) {
     dispatch_float_or_bf16(t->scalar_type(), "rotary_embedding", [&](auto tag) {
       using T = decltype(tag);
-      rotary_impl<T>(t->data_ptr<T>(), t->size(0), t->size(1), t->stride(0), t->size(2),
+      rotary_impl<T>(t->data_ptr<T>(), t->size(0), t->size(1), t->stride(0), t->stride(1), t->size(2),
                      pos.data_ptr<int64_t>(), cos.data_ptr<float>(), sin.data_ptr<float>());
     });
   }

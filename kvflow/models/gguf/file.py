@@ -16,14 +16,8 @@ from typing import Any
 import numpy as np
 
 from kvflow.models.gguf.header import check_header
+from kvflow.models.registry import gguf_architectures
 
-# GGUF's name for an architecture -> the Hugging Face architecture kvflow runs it as.
-# Mistral 7B files are written as "llama" by llama.cpp's converter.
-ARCHITECTURES = {
-    "llama": "LlamaForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-    "qwen3": "Qwen3ForCausalLM",
-}
 # Architectures whose q/k rows llama.cpp's converter permutes for its interleaved rotary.
 PERMUTED_QK = ("llama",)
 
@@ -88,11 +82,14 @@ class GgufFile:
                              f"a tensor type the gguf package does not know): "
                              f"{type(exc).__name__}: {exc}") from exc
         self.gguf_architecture = str(self.get("general.architecture"))
-        if self.gguf_architecture not in ARCHITECTURES:
+        # GGUF's name for an architecture -> the Hugging Face architecture kvflow runs it as
+        # (kvflow/models/registry.py); Mistral 7B files are written as "llama".
+        architectures = gguf_architectures()
+        if self.gguf_architecture not in architectures:
             raise ValueError(f"{self.path.name}: GGUF architecture "
                              f"{self.gguf_architecture!r:.80} is not supported; supported: "
-                             f"{', '.join(sorted(ARCHITECTURES))}")
-        self.architecture = ARCHITECTURES[self.gguf_architecture]
+                             f"{', '.join(sorted(architectures))}")
+        self.architecture = architectures[self.gguf_architecture]
         # Llama 3.1's rotary scaling, precomputed per frequency: config, not a weight.
         self.rope_freqs: np.ndarray | None = None
         self.tensors = self._read_tensors()

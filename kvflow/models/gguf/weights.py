@@ -29,7 +29,6 @@ import torch
 
 from kvflow.models.config import ModelConfig
 from kvflow.models.gguf.file import PERMUTED_QK, GgufFile, GgufTensor
-from kvflow.models.llama import LlamaForCausalLM
 from kvflow.quantization.base import LinearMethod, PrequantizedWeight, QuantizationConfig
 from kvflow.quantization.int4 import (PACK_BLOCK, ROW_BLOCK, Int4LinearMethod,
                                       dequantize_int4, pack_int4)
@@ -46,11 +45,11 @@ _FLOATS = ("F32", "F16", "BF16")
 _GGUF_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 
 
-def _layer_prefix(hf_name: str) -> str:
+def _layer_prefix(hf_name: str, packed_modules: dict[str, tuple[str, str]]) -> str:
     """The name of the kvflow layer a checkpoint tensor loads into (q_proj's is qkv_proj's)."""
     module = hf_name.rsplit(".", 1)[0]
     parent, _, leaf = module.rpartition(".")
-    fused = LlamaForCausalLM.packed_modules.get(leaf)
+    fused = packed_modules.get(leaf)
     return f"{parent}.{fused[0]}" if fused else module
 
 
@@ -61,6 +60,8 @@ class GgufQuantConfig(QuantizationConfig):
 
     name: ClassVar[str] = "gguf"
     methods: dict[str, str] = field(default_factory=dict)
+    # the model class's map of checkpoint projections onto its fused layers
+    packed_modules: dict[str, tuple[str, str]] = field(default_factory=dict)
 
     def linear_method(self, prefix: str) -> LinearMethod:
         method = self.methods.get(prefix)
@@ -71,14 +72,15 @@ class GgufQuantConfig(QuantizationConfig):
         return UnquantizedLinearMethod()
 
 
-def plan_gguf(file: GgufFile, dtype: torch.dtype) -> GgufQuantConfig:
+def plan_gguf(file: GgufFile, dtype: torch.dtype,
+              packed_modules: dict[str, tuple[str, str]]) -> GgufQuantConfig:
     """Choose each linear layer's method from its tensors' types (checked by
     gguf_model_config), and log what each type becomes."""
     layer_types: dict[str, set[str]] = defaultdict(set)
     blocks_fit: dict[str, bool] = defaultdict(lambda: True)
     for t in file.tensors.values():
         if _is_decoder_weight(t):
-            prefix = _layer_prefix(t.hf_name)
+            prefix = _layer_prefix(t.hf_name, packed_modules)
             layer_types[prefix].add(t.type_name)
             # int4 packs blocks of ROW_BLOCK rows by PACK_BLOCK columns; a Q4 tensor need
             # only have rows of whole 32-column blocks.
@@ -89,7 +91,7 @@ def plan_gguf(file: GgufFile, dtype: torch.dtype) -> GgufQuantConfig:
         method = targets.pop() if len(targets) == 1 else None
         if method is not None and (method != "int4" or blocks_fit[prefix]):
             methods[prefix] = method
-    config = GgufQuantConfig(methods)
+    config = GgufQuantConfig(methods, packed_modules)
     became = Counter((t.type_name, _target(config, t, dtype)) for t in file.tensors.values())
     for (type_name, target), count in sorted(became.items()):
         logger.info("GGUF %s: %d tensor(s) -> %s", type_name, count, target)
@@ -101,7 +103,8 @@ def _is_decoder_weight(t: GgufTensor) -> bool:
 
 
 def _method(config: GgufQuantConfig, t: GgufTensor) -> str | None:
-    return config.methods.get(_layer_prefix(t.hf_name)) if _is_decoder_weight(t) else None
+    return (config.methods.get(_layer_prefix(t.hf_name, config.packed_modules))
+            if _is_decoder_weight(t) else None)
 
 
 def _target(config: GgufQuantConfig, t: GgufTensor, dtype: torch.dtype) -> str:

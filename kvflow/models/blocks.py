@@ -1,0 +1,157 @@
+"""The building blocks family files compose: attention with RoPE over the paged KV cache,
+the gated MLP, and the causal-LM shell (embedding, LM head, logits).
+
+Module names follow Hugging Face checkpoints (`self_attn.qkv_proj`, `mlp.down_proj`, ...),
+so that a checkpoint tensor finds its parameter by name; `prefix` is a layer's full name,
+which a quantization config may choose the layer's method by.
+"""
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from kvflow.attention.metadata import AttentionMetadata
+from kvflow.layers.activation import ACTIVATIONS
+from kvflow.layers.attention import PagedAttention
+from kvflow.layers.linear import Linear, MergedLinear
+from kvflow.layers.norm import RMSNorm
+from kvflow.layers.rotary import RotaryEmbedding
+from kvflow.models.config import ModelConfig
+from kvflow.quantization.base import QuantizationConfig, QuantizedPlan
+from kvflow.quantization.unquantized import LinearPlan, apply_linear
+
+
+class Attention(nn.Module):
+    """Fused QKV projection, optional per-head q/k norm, RoPE, paged attention, output
+    projection."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int, rotary: RotaryEmbedding,
+                 quant_config: QuantizationConfig | None, prefix: str,
+                 norm: type[RMSNorm] = RMSNorm) -> None:
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
+        q_size = config.num_heads * config.head_dim
+        kv_size = config.num_kv_heads * config.head_dim
+        self.qkv_proj = MergedLinear(config.hidden_size, {"q": q_size, "k": kv_size, "v": kv_size},
+                                     bias=config.qkv_bias, quant_config=quant_config,
+                                     prefix=f"{prefix}.qkv_proj")
+        self.o_proj = Linear(q_size, config.hidden_size, bias=config.o_bias,
+                             quant_config=quant_config, prefix=f"{prefix}.o_proj")
+        self.q_norm = norm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        self.k_norm = norm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        self.rotary = rotary
+        self.attn = PagedAttention(config.num_heads, config.num_kv_heads, config.head_dim,
+                                   config.sliding_windows[layer_idx], config.scale,
+                                   config.attn_logit_softcap)
+
+    def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        q, k, v = self.qkv_proj.split(self.qkv_proj(x))
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(meta.positions, q, k)
+        return self.o_proj(self.attn(q, k, v, meta).flatten(1))
+
+
+class GatedMLP(nn.Module):
+    """down(act(gate(x)) * up(x)), gate and up in one fused projection."""
+
+    def __init__(self, config: ModelConfig, quant_config: QuantizationConfig | None,
+                 prefix: str) -> None:
+        super().__init__()
+        size = config.intermediate_size
+        self.gate_up_proj = MergedLinear(config.hidden_size, {"gate": size, "up": size},
+                                         bias=config.mlp_bias, quant_config=quant_config,
+                                         prefix=f"{prefix}.gate_up_proj")
+        self.down_proj = Linear(size, config.hidden_size, bias=config.mlp_bias,
+                                quant_config=quant_config, prefix=f"{prefix}.down_proj")
+        self.act = ACTIVATIONS[config.hidden_act]()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_up_proj(x)))
+
+
+def rotary_embeddings(config: ModelConfig, max_positions: int) -> list[RotaryEmbedding]:
+    """Each layer's rotary embedding; layers with the same RoPE share one table."""
+    tables: dict[object, RotaryEmbedding] = {}
+    rotary_dim = config.rotary_dim or config.head_dim
+    for layer in range(config.num_layers):
+        rope = config.rope_of(layer)
+        if rope not in tables:
+            tables[rope] = RotaryEmbedding(rotary_dim, max_positions, rope)
+    return [tables[config.rope_of(layer)] for layer in range(config.num_layers)]
+
+
+def embedding(config: ModelConfig) -> nn.Embedding:
+    return nn.Embedding(config.vocab_size, config.hidden_size,
+                        _weight=torch.empty(config.vocab_size, config.hidden_size))
+
+
+class CausalLM(nn.Module):
+    """A decoder (`self.model`, whose `embed_tokens` is the embedding) under an LM head.
+
+    Family files subclass it: build the decoder, then call `init_head`."""
+
+    # checkpoint projection name -> (fused module's name, shard); Llama's layout by default
+    packed_modules: ClassVar[dict[str, tuple[str, str]]] = {
+        "q_proj": ("qkv_proj", "q"),
+        "k_proj": ("qkv_proj", "k"),
+        "v_proj": ("qkv_proj", "v"),
+        "gate_proj": ("gate_up_proj", "gate"),
+        "up_proj": ("gate_up_proj", "up"),
+    }
+
+    config: ModelConfig
+    model: nn.Module
+
+    def init_head(self, config: ModelConfig,
+                  lm_head_quant_config: QuantizationConfig | None) -> None:
+        """lm_head_quant_config: the LM head's format (None: the model's dtype). A tied
+        head in another format is a second copy of the embedding."""
+        self.config = config
+        if config.tie_word_embeddings and lm_head_quant_config is None:
+            self.lm_head = None
+        else:
+            self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False,
+                                  quant_config=lm_head_quant_config, prefix="lm_head")
+        # The plan of the embedding as a tied head (an untied head is a Linear with its
+        # own); chosen by kvflow.kernels.tuning.
+        self.lm_head_plan: LinearPlan | None = None
+
+    def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """-> hidden states [num_tokens, hidden_size]; logits are computed only where needed."""
+        return self.model(input_ids, meta)
+
+    @property
+    def tied_head_weight(self) -> torch.Tensor | None:
+        """The embedding where it is the LM head's weight (or what a head in another format
+        was made from), else None."""
+        return self.model.embed_tokens.weight if self.config.tie_word_embeddings else None
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self._project(hidden)
+        cap = self.config.final_logit_softcap
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def _project(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM head's product. A tied head in another format runs the rows its
+        small-batch kernel takes; larger batches multiply the embedding it was made from,
+        which costs less than dequantizing the copy."""
+        head = self.lm_head
+        plan = head.plan if head is not None else None
+        if head is not None and not (self.config.tie_word_embeddings
+                                     and isinstance(plan, QuantizedPlan)
+                                     and hidden.shape[0] > plan.small_max_rows):
+            return head(hidden)
+        return apply_linear(hidden, self.model.embed_tokens.weight, None, self.lm_head_plan)
+
+    def attention_layers(self) -> list[PagedAttention]:
+        return [m for m in self.modules() if isinstance(m, PagedAttention)]
