@@ -71,6 +71,31 @@ VARIANTS: dict[str, dict] = {
     "qwen3": dict(model_type="qwen3", architectures=["Qwen3ForCausalLM"], head_dim=32),
     "mistral-window": dict(model_type="mistral", architectures=["MistralForCausalLM"],
                            sliding_window=12),
+    # Odd head counts, a query_pre_attn_scalar other than head_dim, caps the random weights'
+    # scores and logits pass, a window shorter than most prompts on every other layer.
+    "gemma2": dict(model_type="gemma2", architectures=["Gemma2ForCausalLM"],
+                   hidden_size=48, num_attention_heads=3, num_key_value_heads=1, head_dim=16,
+                   query_pre_attn_scalar=24, attn_logit_softcapping=4.0,
+                   final_logit_softcapping=20.0, sliding_window=12,
+                   layer_types=["sliding_attention", "full_attention"]),
+    # Five local layers per global one, each kind with its RoPE (the global one scaled).
+    "gemma3": dict(model_type="gemma3_text", architectures=["Gemma3ForCausalLM"],
+                   num_hidden_layers=6, head_dim=16, query_pre_attn_scalar=16,
+                   sliding_window=12,
+                   layer_types=["sliding_attention"] * 5 + ["full_attention"],
+                   rope_parameters={
+                       "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                       "full_attention": {"rope_type": "linear", "factor": 2.0,
+                                          "rope_theta": 1000000.0}}),
+    # LongRoPE switching past 32 positions, over half of each head (Phi-4-mini's partial
+    # rotary); the checkpoint stores qkv_proj and gate_up_proj fused.
+    "phi3": dict(model_type="phi3", architectures=["Phi3ForCausalLM"],
+                 original_max_position_embeddings=32,
+                 rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
+                                  "partial_rotary_factor": 0.5,
+                                  "original_max_position_embeddings": 32,
+                                  "short_factor": [1.0, 1.5, 2.0, 3.0],
+                                  "long_factor": [2.0, 4.0, 8.0, 16.0]}),
 }
 
 

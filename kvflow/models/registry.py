@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from kvflow.models.config import ModelConfig
 
 # The modules that register families, imported on first use of the registry.
-FAMILY_MODULES = ("kvflow.models.llama",)
+FAMILY_MODULES = ("kvflow.models.llama", "kvflow.models.gemma", "kvflow.models.phi3")
 
 
 @dataclass(frozen=True)
