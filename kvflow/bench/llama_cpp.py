@@ -140,6 +140,42 @@ runpy.run_path({root!r} + "/convert_hf_to_gguf.py", run_name="__main__")
 """
 
 
+# Families whose converter reads only a SentencePiece tokenizer.model (their real
+# checkpoints ship one); random-weight benchmark checkpoints carry a BPE tokenizer.json.
+_SENTENCEPIECE_ONLY = ("Gemma2ForCausalLM", "Phi3ForCausalLM")
+_TRAIN_SENTENCEPIECE = """
+import sys
+sys.path.insert(0, {deps!r})
+import sentencepiece as spm
+from kvflow.bench.make_model import _tokenizer_corpus
+spm.SentencePieceTrainer.train(sentence_iterator=iter(_tokenizer_corpus()),
+                               model_prefix={prefix!r}, vocab_size={vocab}, model_type="bpe",
+                               byte_fallback=True, hard_vocab_limit=False,
+                               max_sentence_length=1 << 16, minloglevel=2)
+"""
+
+
+def _converter_source(model: Path, deps: Path) -> Path:
+    """The checkpoint as the converter can read it: for a family whose converter needs a
+    SentencePiece tokenizer.model and a checkpoint without one, a folder of links to its
+    files and a tokenizer.model trained on the benchmark tokenizer's corpus. Benchmarks
+    send token ids, so what the model's tokens spell does not enter any figure."""
+    import json
+
+    config = json.loads((model / "config.json").read_text())
+    if (config.get("architectures") or [""])[0] not in _SENTENCEPIECE_ONLY or \
+            (model / "tokenizer.model").exists():
+        return model
+    shadow = Path(tempfile.mkdtemp(prefix=f"{model.name}-", dir=peer_dir()))
+    for file in model.iterdir():
+        (shadow / file.name).symlink_to(file.resolve())
+    vocab = min(4096, int(config["vocab_size"]))
+    _run([sys.executable, "-c", _TRAIN_SENTENCEPIECE.format(
+        deps=str(deps), prefix=str(shadow / "tokenizer"), vocab=vocab)])
+    (shadow / "tokenizer.vocab").unlink()
+    return shadow
+
+
 def convert_to_gguf(model: Path, out: Path | None = None) -> Path:
     """The checkpoint as a bf16 GGUF file, cached beside the peer under a key of its
     config and weight files (path, size, mtime), so a rebuilt checkpoint converts again."""
@@ -160,9 +196,14 @@ def convert_to_gguf(model: Path, out: Path | None = None) -> Path:
         _run([sys.executable, "-m", "pip", "install", "--quiet", "--target", str(deps),
               "sentencepiece"])
     partial = out.with_suffix(".partial")
-    script = _CONVERT.format(root=str(source_dir()), deps=str(deps), model=str(model),
-                             out=str(partial))
-    _run([sys.executable, "-c", script], cwd=source_dir())
+    source = _converter_source(Path(model), deps)
+    try:
+        script = _CONVERT.format(root=str(source_dir()), deps=str(deps), model=str(source),
+                                 out=str(partial))
+        _run([sys.executable, "-c", script], cwd=source_dir())
+    finally:
+        if source != Path(model):
+            shutil.rmtree(source)
     partial.rename(out)
     return out
 
