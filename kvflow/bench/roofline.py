@@ -50,7 +50,9 @@ class ModelCost:
             per_layer += q + 2 * kv + hidden
         if config.get("mlp_bias"):
             per_layer += 2 * config["intermediate_size"] + hidden
-        if config.get("model_type") == "qwen3":
+        if config.get("model_type") in ("gemma2", "gemma3_text"):
+            per_layer += 2 * hidden  # the norms after attention and after the MLP
+        if config.get("model_type") in ("qwen3", "gemma3_text"):
             per_layer += 2 * head_dim  # q_norm and k_norm
         non_embedding = layers * per_layer + hidden  # + the final norm
         embeddings = vocab * hidden * (1 if config.get("tie_word_embeddings", False) else 2)
