@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import random
 import re
@@ -21,6 +22,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -159,22 +161,18 @@ async def _run(url: str, pid: int, seconds: float, clients: int) -> Tally:
     return tally
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=None, help="model to serve (default: the demo)")
-    parser.add_argument("--seconds", type=float, default=600)
-    parser.add_argument("--clients", type=int, default=64)
-    parser.add_argument("--serve-flag", action="append", default=[],
-                        help="an extra kvflow serve flag (repeat it)")
-    args = parser.parse_args()
+@contextlib.contextmanager
+def serving(model: str | None, flags: list[str], name: str
+            ) -> Iterator[tuple[str, subprocess.Popen]]:
+    """A `kvflow serve` on a free port, healthy; (its URL, its process). The log goes to a
+    file in the temporary folder, named on stdout."""
     port = _free_port()
-    command = [sys.executable, "-m", "kvflow.cli", "serve", *([args.model] if args.model else []),
-               "--port", str(port), "--enable-auto-tool-choice", "--tool-call-parser", "hermes",
-               *args.serve_flag]
-    log_path = Path(tempfile.gettempdir()) / f"constrained_load.{port}.log"
-    log = log_path.open("w")
+    command = [sys.executable, "-m", "kvflow.cli", "serve", *([model] if model else []),
+               "--port", str(port), *flags]
+    log_path = Path(tempfile.gettempdir()) / f"{name}.{port}.log"
     print(f"server log: {log_path}", flush=True)
-    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    with log_path.open("w") as log:
+        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         while True:
@@ -186,6 +184,22 @@ def main() -> int:
             if server.poll() is not None:
                 raise SystemExit(f"the server exited; see {log_path}")
             time.sleep(0.5)
+        yield url, server
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=None, help="model to serve (default: the demo)")
+    parser.add_argument("--seconds", type=float, default=600)
+    parser.add_argument("--clients", type=int, default=64)
+    parser.add_argument("--serve-flag", action="append", default=[],
+                        help="an extra kvflow serve flag (repeat it)")
+    args = parser.parse_args()
+    flags = ["--enable-auto-tool-choice", "--tool-call-parser", "hermes", *args.serve_flag]
+    with serving(args.model, flags, "constrained_load") as (url, server):
         tally = asyncio.run(_run(url, server.pid, args.seconds, args.clients))
         after = httpx.get(url + "/metrics").text
         running = [line for line in after.splitlines()
@@ -196,9 +210,6 @@ def main() -> int:
         print(f"health after: {httpx.get(url + '/health').status_code}; {running}")
         print(f"RSS at the end: {_rss_mib(server.pid):.0f} MiB")
         return 1 if tally.failures else 0
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
 
 
 if __name__ == "__main__":
