@@ -11,7 +11,7 @@ import pytest
 
 from checkpoints import BASE, VARIANTS
 from kvflow.bench import hardware
-from kvflow.bench.roofline import ModelCost, roofline, run_cost
+from kvflow.bench.roofline import ModelCost, roofline, run_cost, step_cost
 from kvflow.bench.workload import load_workload, resolve_named, workload_from_spec
 from server_process import ServerProcess
 
@@ -89,6 +89,10 @@ def test_roofline_arithmetic_for_qwen2_5_0_5b():
     shared = run_cost(cost, [(3, 2), (3, 2)], concurrency=2, shared_prefix_len=2)
     assert shared.flops == run.flops + 2 * 2 * 357_898_112 + 86_016 * (3 + 4) + 2 * 272_269_312
     assert shared.bytes == run_cost(cost, [(3, 2), (3, 2)], concurrency=2).bytes
+    # One engine step of those 4 tokens, sampling once: the weights and the KV of 4 tokens.
+    step = step_cost(cost, num_tokens=4, num_attended=10, num_context_tokens=4, num_logits=1)
+    assert step.flops == 4 * 2 * 357_898_112 + 86_016 * 10 + 272_269_312
+    assert step.bytes == cost.weight_bytes + 4 * 12_288
     line = roofline(run, seconds=2.0, matmul_flops_per_s=1e12, dram_bytes_per_s=1e10)
     assert line.binding == "memory"
     assert line.achieved_percent == pytest.approx(100 * run.bytes / 1e10 / 2.0)

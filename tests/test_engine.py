@@ -44,6 +44,26 @@ def test_step_api_and_abort_free_everything(engine):
     assert engine.kv_manager.pool.num_free_blocks == engine.kv_manager.pool.num_usable_blocks
 
 
+def test_each_step_is_recorded_with_what_it_computed(engine):
+    """What the dashboard's roofline prices, and its count of aborted requests."""
+    engine.observations.steps.clear()
+    aborted = engine.stats.num_aborted
+    engine.add_request("steps", {"prompt_token_ids": list(range(5, 25))},
+                       SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    engine.step()
+    engine.step()
+    prefill, decode = engine.observations.steps
+    # 20 prompt tokens attend 1..20 positions; then one token attends 21, reading 21 tokens.
+    assert (prefill.num_tokens, prefill.num_attended, prefill.num_context_tokens,
+            prefill.num_logits) == (20, 210, 20, 1)
+    assert (decode.num_tokens, decode.num_attended, decode.num_context_tokens,
+            decode.num_logits) == (1, 21, 21, 1)
+    assert prefill.seconds > 0 and prefill.finished_at <= decode.finished_at
+    engine.abort_request("steps")
+    engine.abort_request("steps")  # gone already: not counted again
+    assert engine.stats.num_aborted == aborted + 1
+
+
 def test_requests_that_cannot_fit_are_rejected(engine):
     with pytest.raises(ValueError, match=r"100.*plus max_tokens \(40\).*max_model_len=128"):
         engine.add_request("long", {"prompt_token_ids": [5] * 100}, SamplingParams(max_tokens=40))

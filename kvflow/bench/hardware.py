@@ -112,17 +112,27 @@ def measure_ceilings(device: str = "cpu", read_bytes: int = READ_BYTES,
             "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
 
-def _cache_path(device: str) -> Path:
+def ceilings_path(device: str, threads: int | None = None) -> Path:
+    """Where the ceilings of this machine, device and thread count (torch's, by default)
+    are cached."""
     info = inventory()
     name = info["cuda"]["name"] if device == "cuda" and info["cuda"] else info["cpu"]
+    threads = torch.get_num_threads() if threads is None else threads
     # "linear": ceilings since the matmul rate also tries F.linear; older caches are stale.
-    key = f"{name}|{device}|{torch.get_num_threads()}|{torch.__version__}|linear"
+    key = f"{name}|{device}|{threads}|{torch.__version__}|linear"
     return cache_root() / "env" / f"{hashlib.sha1(key.encode()).hexdigest()[:16]}.json"
+
+
+def cached_ceilings(device: str) -> dict | None:
+    """The ceilings `kvflow env` measured for this machine, device and thread count, or None:
+    a server reads them, never measures them (seconds of work and a 2 GiB tensor)."""
+    path = ceilings_path(device)
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def ceilings(device: str = "cpu", refresh: bool = False) -> dict:
     """The cached ceilings for this machine, device and thread count; measured if absent."""
-    path = _cache_path(device)
+    path = ceilings_path(device)
     if path.exists() and not refresh:
         return json.loads(path.read_text())
     measured = measure_ceilings(device)

@@ -94,6 +94,17 @@ def run_cost(model: ModelCost, lengths: Sequence[tuple[int, int]],
     return RunCost(flops=flops, bytes=bytes_read)
 
 
+def step_cost(model: ModelCost, num_tokens: int, num_attended: int, num_context_tokens: int,
+              num_logits: int) -> RunCost:
+    """Cost of one engine step, by the same rules as a run's: all weights read once, each
+    request's KV read once (num_context_tokens, its cached tokens and the step's own), and
+    the FLOPs of the tokens computed, the positions they attend and the logits sampled."""
+    return RunCost(flops=(num_tokens * 2 * model.non_embedding_params
+                          + num_attended * model.attention_flops_per_attended_token
+                          + num_logits * model.lm_head_flops),
+                   bytes=model.weight_bytes + num_context_tokens * model.kv_bytes_per_token)
+
+
 @dataclass(frozen=True)
 class Roofline:
     compute_seconds: float

@@ -64,6 +64,22 @@ class _Stream:
 
 
 @dataclass
+class InFlight:
+    """A request being answered, as its consumer on the event loop last saw it."""
+
+    request_id: str
+    arrival_time: float  # time.monotonic()
+    num_prompt_tokens: int
+    num_generated: int = 0
+    first_token_time: float | None = None
+
+    def saw(self, output: RequestOutput) -> None:
+        self.num_generated = sum(len(c.token_ids) for c in output.outputs)
+        if output.metrics is not None:
+            self.first_token_time = output.metrics.first_token_time
+
+
+@dataclass
 class _Add:
     prepared: PreparedRequest
     stream: _Stream
@@ -108,6 +124,8 @@ class AsyncEngine:
         self._inbox_closed = False
         self._consecutive_failures = 0
         self._probe_ids = itertools.count()
+        # Requests between generate()'s first and last output, by id; the event loop's alone.
+        self.in_flight: dict[str, InFlight] = {}
 
     @property
     def alive(self) -> bool:
@@ -130,6 +148,10 @@ class AsyncEngine:
         stream = _Stream(asyncio.get_running_loop())
         self._send(_Add(prepared, stream))
         self._sent_sequences += len(prepared.children)
+        parent = prepared.parent
+        record = InFlight(parent.request_id, parent.metrics.arrival_time,
+                          len(parent.prompt_token_ids))
+        self.in_flight[parent.request_id] = record
         settled = False  # finished, or never accepted: nothing to abort
         try:
             while True:
@@ -139,12 +161,14 @@ class AsyncEngine:
                 if isinstance(item, BaseException):
                     raise item
                 settled = item.finished
+                record.saw(item)
                 yield item
                 if settled:
                     return
         finally:
+            self.in_flight.pop(parent.request_id, None)
             if not settled:
-                self.abort(prepared.parent.request_id)
+                self.abort(parent.request_id)
 
     def abort(self, request_id: str) -> None:
         self._send_unless_closed(_Abort(request_id))

@@ -21,7 +21,7 @@ from kvflow.core.kv_manager import KVCacheManager
 from kvflow.core.scheduler import Scheduler
 from kvflow.engine.args import EngineArgs
 from kvflow.engine.output_processor import OutputProcessor, ParentState
-from kvflow.engine.stats import EngineStats, SpecDecodeStats, StepObservations
+from kvflow.engine.stats import EngineStats, SpecDecodeStats, StepObservations, StepRecord
 from kvflow.models.gguf import is_gguf
 from kvflow.models.gguf.tokenizer import load_gguf_tokenizer
 from kvflow.models.builder import KernelChoice, build_model
@@ -139,7 +139,7 @@ class LLMEngine:
         self.observations = StepObservations()
         self.output_processor = OutputProcessor(self.tokenizer,
                                                 self.observations.inter_token_latencies)
-        self._prompt_tokens = self._generation_tokens = 0
+        self._prompt_tokens = self._generation_tokens = self._num_aborted = 0
         self._internal: set[str] = set()  # requests left out of the token counts
         self._spec_decode = SpecDecodeStats() if speculator is not None else None
         self.stats = EngineStats()
@@ -321,6 +321,7 @@ class LLMEngine:
             parent = self.output_processor.parents.get(request_id)
             if parent is None:
                 continue
+            self._num_aborted += 1
             for child_id in parent.child_ids:
                 self.scheduler.finish_request(child_id, RequestStatus.FINISHED_ABORTED)
             self.output_processor.drop(request_id)
@@ -352,15 +353,21 @@ class LLMEngine:
             num_preemptions=scheduler.num_preemptions_total,
             prefix_cache_queries=cache.queries, prefix_cache_hits=cache.hits,
             prompt_tokens=self._prompt_tokens, generation_tokens=self._generation_tokens,
-            spec_decode=self._spec_decode)
+            num_aborted=self._num_aborted, spec_decode=self._spec_decode)
 
     def _count_step(self, scheduled: SchedulerOutput, runner_output: RunnerOutput,
-                    updated: list[tuple[Request, int]]) -> None:
+                    updated: list[tuple[Request, int]], started: float) -> None:
         drafted, accepted = [], []
+        attended = context = logits = 0
         for request in scheduled.scheduled:
+            # Positions start..start+computed-1, each attending every position up to its own.
+            start = request.num_computed_tokens
+            computed = len(request.token_ids) + len(request.draft_token_ids)
+            attended += computed * start + computed * (computed + 1) // 2
+            context += start + computed
+            logits += (1 + len(request.draft_token_ids)) if request.sample else 0
             if request.req_id in self._internal:
                 continue
-            start = request.num_computed_tokens
             end = min(start + len(request.token_ids), len(request.prompt_token_ids))
             self._prompt_tokens += max(0, end - start)
             sampled = runner_output.sampled_token_ids.get(request.req_id)
@@ -374,6 +381,10 @@ class LLMEngine:
         if drafted and self._spec_decode is not None:
             self._spec_decode = self._spec_decode.plus(drafted, accepted)
         self.observations.iteration_tokens.append(scheduled.num_batched_tokens)
+        now = time.monotonic()
+        self.observations.steps.append(StepRecord(
+            finished_at=now, seconds=now - started, num_tokens=scheduled.num_batched_tokens,
+            num_attended=attended, num_context_tokens=context, num_logits=logits))
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.output_processor.parents)
@@ -384,6 +395,7 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Raises EngineStepError if scheduling or the forward pass fails; the requests of
         that step are then queued to be computed again (abort them to give up on them)."""
+        started = time.monotonic()
         scheduler_output = None
         try:
             scheduler_output = self.scheduler.schedule()
@@ -415,7 +427,7 @@ class LLMEngine:
         outputs, stopped = self.output_processor.process(runner_output, updated)
         for child_id in stopped:
             self.scheduler.finish_request(child_id, RequestStatus.FINISHED_STOPPED)
-        self._count_step(scheduler_output, runner_output, updated)
+        self._count_step(scheduler_output, runner_output, updated, started)
         self._publish_stats()
         return outputs
 

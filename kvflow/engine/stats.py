@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 
 # Observations kept for a reader that has not drained them; older ones are dropped.
 MAX_PENDING_OBSERVATIONS = 65536
+# Step records: their reader (the web dashboard) looks at the last seconds only.
+MAX_PENDING_STEPS = 4096
 
 
 @dataclass(frozen=True)
@@ -45,7 +47,21 @@ class EngineStats:
     prefix_cache_hits: int = 0  # prompt tokens found
     prompt_tokens: int = 0  # prompt positions computed (a recomputed one counts again)
     generation_tokens: int = 0
+    num_aborted: int = 0  # requests aborted: clients that left, shutdown, failed requests
     spec_decode: SpecDecodeStats | None = None  # None without speculative decoding
+
+
+@dataclass(frozen=True, slots=True)
+class StepRecord:
+    """One step that ran the model, as counts: a reader prices them with a roofline
+    (kvflow.bench.roofline.step_cost) without the engine knowing the machine's ceilings."""
+
+    finished_at: float  # time.monotonic()
+    seconds: float  # schedule to outputs
+    num_tokens: int  # tokens computed, drafts verified included
+    num_attended: int  # sum over computed tokens of the positions each attends
+    num_context_tokens: int  # KV cache tokens the step's requests read
+    num_logits: int  # rows of logits computed (sampled positions)
 
 
 @dataclass
@@ -57,6 +73,7 @@ class StepObservations:
         default_factory=lambda: deque(maxlen=MAX_PENDING_OBSERVATIONS))
     inter_token_latencies: deque[float] = field(
         default_factory=lambda: deque(maxlen=MAX_PENDING_OBSERVATIONS))
+    steps: deque[StepRecord] = field(default_factory=lambda: deque(maxlen=MAX_PENDING_STEPS))
 
     @staticmethod
     def drain(samples: deque) -> list:
