@@ -35,6 +35,7 @@ from kvflow.server.connections import (RESERVED_DESCRIPTORS, default_max_connect
 from kvflow.server.anthropic import AnthropicMessages
 from kvflow.server.anthropic_protocol import MessagesInput, MessagesRequest
 from kvflow.server.args import ServerArgs
+from kvflow.server.dashboard import DashboardFeed
 from kvflow.server.errors import ApiError, error_response, printable
 from kvflow.server.metrics import ServerMetrics
 from kvflow.server.middleware import (ApiKeyMiddleware, BodyLimitMiddleware,
@@ -49,6 +50,7 @@ from kvflow.server.responses import Responses
 from kvflow.server.responses_protocol import ResponsesRequest
 from kvflow.server.tool_parsers import get_tool_parser
 from kvflow.server.unserved import UNSERVED_ROOTS, not_served_message
+from kvflow.server.web_ui import STATS_PATH, add_web_ui, load_web_files, public_paths
 from kvflow.tokenizer.render_process import TemplateRenderer
 
 logger = logging.getLogger(__name__)
@@ -59,7 +61,7 @@ T = TypeVar("T")
 OPEN_PATHS = ("/health", "/version")
 # Open with --open-monitoring, for scrapers and load balancers. /metrics counts prefix-cache
 # hits, which tell whether someone sent a given prompt, so the key guards them by default.
-MONITORING_PATHS = ("/metrics", "/load", "/ping")
+MONITORING_PATHS = ("/metrics", "/load", "/ping", STATS_PATH)
 ALL_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")
 
 
@@ -74,6 +76,7 @@ class ServerState:
         self.created = int(time.time())
         self.in_flight = 0  # generation requests being answered (GET /load)
         self.response_store = ResponseStore(args.max_stored_responses)
+        self.dashboard: DashboardFeed | None = None  # with the web UI, once loaded
 
     def load(self) -> None:
         """The engine, then one generation and a probe render of the chat template, before
@@ -103,6 +106,8 @@ class ServerState:
             if self.serving.chat_template.available:
                 self.serving.chat_template.probe()
             engine.start()
+            if not self.args.disable_web_ui:
+                self.dashboard = DashboardFeed(engine, self.args.model_names[0])
             self.engine = engine
             logger.info("serving %s at http://%s:%d", ", ".join(self.args.model_names),
                         self.args.host, self.args.port)
@@ -229,9 +234,11 @@ def create_app(args: ServerArgs) -> FastAPI:
     app.add_middleware(ClientTimeoutMiddleware, body_timeout=args.body_timeout,
                        write_timeout=args.write_timeout)
     app.add_middleware(BodyLimitMiddleware, max_bytes=args.max_request_body_bytes)
+    web_files = None if args.disable_web_ui else load_web_files()
     if args.api_key:
         app.add_middleware(ApiKeyMiddleware, api_keys=args.api_key, open_paths=OPEN_PATHS + (
-            MONITORING_PATHS if args.open_monitoring else ()))
+            MONITORING_PATHS if args.open_monitoring else ()) + (
+            public_paths(web_files) if web_files is not None else ()))
     if args.allowed_origins:  # outermost, so that preflights need no key
         app.add_middleware(CORSMiddleware, allow_origins=args.allowed_origins,
                            allow_methods=args.allowed_methods, allow_headers=args.allowed_headers,
@@ -439,6 +446,14 @@ def create_app(args: ServerArgs) -> FastAPI:
             state.metrics.observe_engine(state.engine.engine.stats,
                                          state.engine.engine.observations)
         return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    if web_files is not None:
+        def dashboard_stats() -> dict[str, Any]:
+            state.ready()
+            assert state.dashboard is not None  # made with the engine, which is ready
+            return state.dashboard.snapshot(state.in_flight)
+
+        add_web_ui(app, web_files, dashboard_stats)
 
     # Last, so that every route above is tried first.
     async def not_served(request: Request) -> Response:

@@ -45,6 +45,7 @@ class ServerArgs:
     uvicorn_log_level: str = "info"
     disable_uvicorn_access_log: bool = False
     disable_fastapi_docs: bool = False  # no /docs, /redoc or /openapi.json
+    disable_web_ui: bool = False  # no chat at /, no /dashboard
     # CORS is off unless origins are given: a server on localhost that answered any web
     # page's requests could be driven by any site its user visits.
     allowed_origins: list[str] = field(default_factory=list)
@@ -176,6 +177,10 @@ class ServerArgs:
         parser.add_argument("--disable-fastapi-docs", action="store_true",
                             help="serve no OpenAPI schema (/openapi.json) and no /docs or "
                                  "/redoc pages")
+        parser.add_argument("--disable-web-ui", action="store_true",
+                            help="serve no web chat at / and no dashboard at /dashboard (and "
+                                 "no /dashboard/stats): / then answers 404 as any unknown "
+                                 "path")
         parser.add_argument("--allowed-origins", type=_json_list, default=[],
                             help="CORS origins as a JSON list, e.g. '[\"*\"]' (default: none, "
                                  "CORS off; vLLM allows every origin)")
@@ -233,7 +238,8 @@ class ServerArgs:
                    enable_log_requests=ns.enable_log_requests, response_role=ns.response_role,
                    uvicorn_log_level=ns.uvicorn_log_level,
                    disable_uvicorn_access_log=ns.disable_uvicorn_access_log,
-                   disable_fastapi_docs=ns.disable_fastapi_docs, allowed_origins=ns.allowed_origins,
+                   disable_fastapi_docs=ns.disable_fastapi_docs,
+                   disable_web_ui=ns.disable_web_ui, allowed_origins=ns.allowed_origins,
                    allowed_methods=ns.allowed_methods, allowed_headers=ns.allowed_headers,
                    allow_credentials=ns.allow_credentials, metrics_prefix=ns.metrics_prefix,
                    stream_keepalive=ns.stream_keepalive,
