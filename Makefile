@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install test soak serve clean
+.PHONY: install browser test soak serve clean
 
 # install also compiles kvflow's native CPU kernels for this machine (about 25 s, once;
 # cached under ~/.cache/kvflow/kernels).
@@ -22,7 +22,21 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m kvflow.kernels
 	touch $(STAMP)
 
-test: install
+# The web UI's tests drive the machine's Chromium (Debian's package; Playwright's own browser
+# download is not reachable from here). Installed once where missing and apt-get can run (as
+# root, as on CI), a failed install failing the target; elsewhere those tests are skipped.
+browser:
+	@command -v chromium >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing chromium for the web UI's browser tests (apt-get, once)"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	      chromium) >$(VENV)/chromium-install.log 2>&1 \
+	      || { cat $(VENV)/chromium-install.log; exit 1; }; \
+	  else \
+	    echo "no chromium and no apt-get as root: the browser tests will be skipped"; \
+	  fi; }
+
+test: install browser
 	$(BIN)/python -m pytest -q -m "not slow" tests
 
 # issue 11's soak test: one server under 64 streaming clients for KVFLOW_SOAK_SECONDS

@@ -1,6 +1,7 @@
 """Run a real `kvflow serve` in a subprocess on a free loopback port."""
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -21,7 +22,9 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, model: Path | None, *flags: str, log: Path) -> None:
+    def __init__(self, model: Path | None, *flags: str, log: Path,
+                 env: dict[str, str] | None = None) -> None:
+        """`env`: variables set for the server on top of this process's."""
         self.model = model
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -29,7 +32,8 @@ class ServerProcess:
         command += [str(model)] if model else []
         command += ["--port", str(self.port), *flags]
         self._log = log.open("w")
-        self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT,
+                                        env={**os.environ, **(env or {})})
         self.log_path = log
 
     def wait_ready(self, timeout: float = 180.0) -> None:
