@@ -73,10 +73,6 @@ function language(name) {
   return compiled.get(key);
 }
 
-export function knownLanguage(name) {
-  return language((name || "").toLowerCase()) !== null;
-}
-
 function span(kind, text) {
   const node = document.createElement("span");
   node.className = `tok-${kind}`;

@@ -218,7 +218,7 @@ function closing(text, from, delim) {
     const flanks = !/\s/.test(before) &&
       (delim[0] !== "_" || !/[A-Za-z0-9]/.test(after)) &&
       (delim.length > 1 || text[at + 1] !== delim); // a single * is not half of a **
-    if (flanks && at > from) return at;
+    if (flanks) return at;
     at = text.indexOf(delim, at + 1);
   }
   return -1;

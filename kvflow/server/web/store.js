@@ -2,7 +2,7 @@
 
 const STORAGE = "kvflow.conversations";
 const CURRENT = "kvflow.currentConversation";
-export const EXPORT_FORMAT = "kvflow-conversations";
+const EXPORT_FORMAT = "kvflow-conversations";
 const ROLES = new Set(["user", "assistant"]);
 const SETTING_FIELDS = ["system", "temperature", "top_p", "max_tokens", "seed", "json_schema",
   "tools"];
