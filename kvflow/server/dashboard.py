@@ -29,7 +29,8 @@ NUM_SLOWEST = 5
 def serving_cost(engine: LLMEngine) -> ModelCost:
     """The roofline's model cost for the loaded model: its shape from the config, and the
     bytes of the weights it holds (quantized ones at their own size, a tied embedding
-    once) rather than the checkpoint's."""
+    once) rather than the checkpoint's. The shape leaves out biases and extra norms, whose
+    FLOPs are a rounding error beside the matmuls'."""
     config = engine.model_config
     shape = {"hidden_size": config.hidden_size, "num_attention_heads": config.num_heads,
              "num_key_value_heads": config.num_kv_heads, "head_dim": config.head_dim,
