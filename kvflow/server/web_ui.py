@@ -24,7 +24,7 @@ CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; c
 # Model output is shown on these pages: no script but the pages' own files may run, even if
 # some text were ever parsed as HTML, and nothing may be loaded from or sent to elsewhere.
 CONTENT_SECURITY_POLICY = ("default-src 'none'; script-src 'self'; style-src 'self'; "
-                           "img-src 'self' data:; connect-src 'self'; base-uri 'none'; "
+                           "img-src 'self'; connect-src 'self'; base-uri 'none'; "
                            "form-action 'none'; frame-ancestors 'none'")
 SECURITY_HEADERS = {"Content-Security-Policy": CONTENT_SECURITY_POLICY,
                     "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
