@@ -79,20 +79,33 @@ def test_int4_unpacking_is_bit_exact_against_the_gguf_dequantizer(type_name, unp
                        torch.from_numpy(expected).repeat(3, 1)[:16])
 
 
+def _planned(shapes, hf_names, config=None):
+    tensors = {f"blk.0.{n}.weight": SimpleNamespace(
+        name=f"blk.0.{n}.weight", hf_name=f"model.layers.0.{hf_names[n]}.weight",
+        type_name="Q4_0", shape=shape) for n, shape in shapes.items()}
+    return plan_gguf(SimpleNamespace(tensors=tensors), config, torch.bfloat16,
+                     LlamaForCausalLM.packed_modules).methods
+
+
 def test_q4_layers_that_do_not_make_whole_int4_blocks_are_dequantized():
-    """int4 packs blocks of 16 rows by 64 columns: a fused layer with a part of 8 rows, or
-    an input size of 32, is dequantized at load instead."""
+    """int4 packs blocks of 16 rows by 64 columns, each part of a fused layer on its own:
+    a fused layer with a part of 8 rows, or an input size of 32, is dequantized at load
+    instead, also where the file stores the parts fused (Phi-3) and their sum would fit."""
     shapes = {"attn_q": (64, 128), "attn_k": (8, 128), "attn_v": (8, 128),
               "ffn_gate": (64, 128), "ffn_up": (64, 128), "ffn_down": (128, 32)}
     hf = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
           "attn_v": "self_attn.v_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
           "ffn_down": "mlp.down_proj"}
-    tensors = {f"blk.0.{n}.weight": SimpleNamespace(
-        name=f"blk.0.{n}.weight", hf_name=f"model.layers.0.{hf[n]}.weight", type_name="Q4_0",
-        shape=shape) for n, shape in shapes.items()}
-    config = plan_gguf(SimpleNamespace(tensors=tensors), torch.bfloat16,
-                       LlamaForCausalLM.packed_modules)
-    assert config.methods == {"model.layers.0.mlp.gate_up_proj": "int4"}
+    assert _planned(shapes, hf) == {"model.layers.0.mlp.gate_up_proj": "int4"}
+    fused = {"attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"}
+    for kv_heads, methods in ((1, {"model.layers.0.mlp.gate_up_proj": "int4"}),
+                              (2, {"model.layers.0.mlp.gate_up_proj": "int4",
+                                   "model.layers.0.self_attn.qkv_proj": "int4"})):
+        config = SimpleNamespace(num_heads=6, num_kv_heads=kv_heads, head_dim=8,
+                                 intermediate_size=64)
+        rows = (6 + 2 * kv_heads) * 8  # 64 with k and v of 8 rows each, 80 with 16
+        assert _planned({"attn_qkv": (rows, 128), "ffn_up": (128, 128)}, fused,
+                        config) == methods
 
 
 def test_the_k_quant_writers_make_blocks_the_gguf_package_reads_back_close():
@@ -278,8 +291,8 @@ def test_bad_files_are_refused_with_the_thing_named(gguf_file, tmp_path):
         truncated.write_bytes(data[:cut])
         with pytest.raises(ValueError, match="could not be read as GGUF"):
             ModelConfig.from_pretrained(truncated)
-    with pytest.raises(ValueError, match="GGUF architecture 'gemma3' is not supported"):
-        ModelConfig.from_pretrained(_rewrite(path, tmp_path / "arch.gguf", arch="gemma3"))
+    with pytest.raises(ValueError, match="GGUF architecture 'phi2' is not supported"):
+        ModelConfig.from_pretrained(_rewrite(path, tmp_path / "arch.gguf", arch="phi2"))
 
     def q8_k(name, array, qtype):  # a type the gguf package cannot dequantize
         if name != "blk.1.ffn_up.weight":
