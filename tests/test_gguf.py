@@ -23,7 +23,8 @@ from safetensors.torch import load_file, save_file
 
 from conftest import random_prompts
 from kvflow import LLM, SamplingParams
-from kvflow.bench.gguf_export import export_gguf, quantize
+from kvflow.bench.gguf_export import export_gguf
+from kvflow.bench.gguf_quants import quantize
 from kvflow.models.config import ModelConfig
 from kvflow.models.gguf.weights import plan_gguf, unpack_q4_0, unpack_q4_k
 from kvflow.models.llama import LlamaForCausalLM
@@ -110,7 +111,7 @@ def test_q4_layers_that_do_not_make_whole_int4_blocks_are_dequantized():
 
 def test_the_k_quant_writers_make_blocks_the_gguf_package_reads_back_close():
     weight = np.random.default_rng(1).standard_normal((4, 512)).astype(np.float32)
-    for type_name, step in (("Q4_K", 1 / 15), ("Q6_K", 1 / 63)):
+    for type_name, step in (("Q4_K", 1 / 15), ("Q5_K", 1 / 31), ("Q6_K", 1 / 63)):
         back = gguf_dequantize(quantize(weight, type_name), GGMLQuantizationType[type_name])
         groups = weight.reshape(4, -1, 32)
         spread = (groups.max(-1) - np.minimum(groups.min(-1), 0)).repeat(32, axis=1)
