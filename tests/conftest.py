@@ -3,6 +3,7 @@ from __future__ import annotations
 import platform
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -35,13 +36,66 @@ def checkpoint(tmp_path_factory):
     cache: dict[tuple, Path] = {}
 
     def make(variant: str, **overrides) -> Path:
-        key = (variant, tuple(sorted(overrides.items())))
+        key = (variant, repr(sorted(overrides.items())))  # repr: values may be lists
         if key not in cache:
             out = tmp_path_factory.mktemp(variant)
             cache[key] = build_checkpoint(out, variant, **overrides)
         return cache[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def gguf_file(checkpoint, tmp_path_factory):
+    """gguf_file(variant, recipe, **overrides) -> (GGUF path, its source checkpoint),
+    written by kvflow/bench/gguf_export.py once per session."""
+    from kvflow.bench.gguf_export import export_gguf
+
+    cache = {}
+
+    def make(variant: str, recipe: str, **overrides):
+        key = (variant, recipe, repr(sorted(overrides.items())))
+        if key not in cache:
+            source = checkpoint(variant, **overrides)
+            out = tmp_path_factory.mktemp("gguf") / f"{variant}-{recipe}.gguf"
+            cache[key] = (export_gguf(source, out, recipe), source)
+        return cache[key]
+
+    return make
+
+
+def rewrite_gguf(source, out, arch=None, tensor=None, extra=None, metadata=None):
+    """A copy of a GGUF file with its architecture renamed, `tensor(name, array, type) ->
+    (array, type)` applied to each tensor (None drops it), F32 tensors added, or metadata
+    keys set to `{key: (value, GGUFValueType)}`."""
+    from gguf import GGUFReader, GGUFValueType, GGUFWriter
+
+    reader = GGUFReader(source)
+    writer = GGUFWriter(str(out), arch or reader.get_field("general.architecture").contents())
+    metadata = metadata or {}
+    for field in reader.fields.values():
+        if (field.name.startswith("GGUF.") or field.name == "general.architecture"
+                or field.name in metadata):
+            continue
+        sub_type = field.types[-1] if field.types[0] == GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, field.contents(), field.types[0], sub_type)
+    for key, (value, value_type) in metadata.items():
+        writer.add_key_value(key, value, value_type)
+    for t in reader.tensors:
+        array, qtype = np.array(t.data), t.tensor_type
+        if tensor is not None:
+            changed = tensor(t.name, array, qtype)
+            if changed is None:
+                continue
+            array, qtype = changed
+        writer.add_tensor(t.name, array, raw_dtype=qtype)
+    for name, array in (extra or {}).items():
+        writer.add_tensor(name, array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out
 
 
 @pytest.fixture(scope="session")

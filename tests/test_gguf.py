@@ -1,10 +1,11 @@
-"""GGUF files (kvflow/models/gguf/): tiny random Llama and Qwen2 checkpoints saved by
-transformers and written as GGUF by the gguf package's writer (kvflow/bench/gguf_export.py,
-laid out as llama.cpp's converter and llama-quantize lay them out), loaded back by kvflow.
+"""GGUF files (kvflow/models/gguf/): tiny random checkpoints of every family kvflow reads
+from GGUF (Llama, Qwen2, Qwen3, Gemma 2, Gemma 3, Phi-3) saved by transformers and written
+as GGUF by the gguf package's writer (kvflow/bench/gguf_export.py, laid out as llama.cpp's
+converter and llama-quantize lay them out), loaded back by kvflow.
 
-The gguf package quantizes Q8_0, Q4_0 and Q5_0 itself; it has no Q4_K or Q6_K quantizer, so
-gguf_export writes those blocks with its own round-to-nearest search, and every check here
-reads them back through the gguf package's dequantizers."""
+The gguf package quantizes Q8_0, Q4_0 and Q5_0 itself; it has no K-quant quantizer, so
+kvflow/bench/gguf_quants.py writes Q4_K, Q5_K and Q6_K blocks with its own round-to-nearest
+search, and every check here reads them back through the gguf package's dequantizers."""
 from __future__ import annotations
 
 import json
@@ -17,13 +18,13 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
+from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
 from gguf.quants import dequantize as gguf_dequantize
 from safetensors.torch import load_file, save_file
 
-from conftest import random_prompts
+from conftest import random_prompts, rewrite_gguf
 from kvflow import LLM, SamplingParams
-from kvflow.bench.gguf_export import export_gguf, quantize
+from kvflow.bench.gguf_quants import quantize
 from kvflow.models.config import ModelConfig
 from kvflow.models.gguf.weights import plan_gguf, unpack_q4_0, unpack_q4_k
 from kvflow.models.llama import LlamaForCausalLM
@@ -33,22 +34,19 @@ from kvflow.quantization.int8 import quantize_int8
 # Hidden and intermediate sizes whole numbers of Q4_K's 256-column super-blocks; with three
 # layers, Q4_K_M writes layer 2's attn_v and ffn_down as Q6_K.
 K_QUANT_SHAPE = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=3)
+# What a GGUF file can carry of a test checkpoint: llama.cpp stores no query_pre_attn_scalar
+# and scales Gemma 2's queries by 1/sqrt(head_dim) (test_gemma_attention_scale_and_windows_
+# are_llama_cpps).
+CARRIED = {"gemma2": dict(query_pre_attn_scalar=16)}
 
 
-@pytest.fixture(scope="session")
-def gguf_file(checkpoint, tmp_path_factory):
-    """gguf_file(variant, recipe, **overrides) -> (GGUF path, its source checkpoint)."""
-    cache = {}
-
-    def make(variant: str, recipe: str, **overrides):
-        key = (variant, recipe, tuple(sorted(overrides.items())))
-        if key not in cache:
-            source = checkpoint(variant, **overrides)
-            out = tmp_path_factory.mktemp("gguf") / f"{variant}-{recipe}.gguf"
-            cache[key] = (export_gguf(source, out, recipe), source)
-        return cache[key]
-
-    return make
+def _k_quant_shape(variant: str) -> dict:
+    """K_QUANT_SHAPE for a variant, keeping the layer count Gemma's layer_types fix and
+    the head size Phi-3's four LongRoPE factors fit."""
+    shape = {"gemma2": dict(hidden_size=256, intermediate_size=512, num_attention_heads=4),
+             "phi3": dict(K_QUANT_SHAPE, num_attention_heads=16)}
+    shape["gemma3"] = shape["gemma2"]
+    return {**shape.get(variant, K_QUANT_SHAPE), **CARRIED.get(variant, {})}
 
 
 def _random_blocks(type_name: str, rows: int, cols: int, seed: int) -> np.ndarray:
@@ -79,25 +77,38 @@ def test_int4_unpacking_is_bit_exact_against_the_gguf_dequantizer(type_name, unp
                        torch.from_numpy(expected).repeat(3, 1)[:16])
 
 
+def _planned(shapes, hf_names, config=None):
+    tensors = {f"blk.0.{n}.weight": SimpleNamespace(
+        name=f"blk.0.{n}.weight", hf_name=f"model.layers.0.{hf_names[n]}.weight",
+        type_name="Q4_0", shape=shape) for n, shape in shapes.items()}
+    return plan_gguf(SimpleNamespace(tensors=tensors), config, torch.bfloat16,
+                     LlamaForCausalLM.packed_modules).methods
+
+
 def test_q4_layers_that_do_not_make_whole_int4_blocks_are_dequantized():
-    """int4 packs blocks of 16 rows by 64 columns: a fused layer with a part of 8 rows, or
-    an input size of 32, is dequantized at load instead."""
+    """int4 packs blocks of 16 rows by 64 columns, each part of a fused layer on its own:
+    a fused layer with a part of 8 rows, or an input size of 32, is dequantized at load
+    instead, also where the file stores the parts fused (Phi-3) and their sum would fit."""
     shapes = {"attn_q": (64, 128), "attn_k": (8, 128), "attn_v": (8, 128),
               "ffn_gate": (64, 128), "ffn_up": (64, 128), "ffn_down": (128, 32)}
     hf = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
           "attn_v": "self_attn.v_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
           "ffn_down": "mlp.down_proj"}
-    tensors = {f"blk.0.{n}.weight": SimpleNamespace(
-        name=f"blk.0.{n}.weight", hf_name=f"model.layers.0.{hf[n]}.weight", type_name="Q4_0",
-        shape=shape) for n, shape in shapes.items()}
-    config = plan_gguf(SimpleNamespace(tensors=tensors), torch.bfloat16,
-                       LlamaForCausalLM.packed_modules)
-    assert config.methods == {"model.layers.0.mlp.gate_up_proj": "int4"}
+    assert _planned(shapes, hf) == {"model.layers.0.mlp.gate_up_proj": "int4"}
+    fused = {"attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"}
+    for kv_heads, methods in ((1, {"model.layers.0.mlp.gate_up_proj": "int4"}),
+                              (2, {"model.layers.0.mlp.gate_up_proj": "int4",
+                                   "model.layers.0.self_attn.qkv_proj": "int4"})):
+        config = SimpleNamespace(num_heads=6, num_kv_heads=kv_heads, head_dim=8,
+                                 intermediate_size=64)
+        rows = (6 + 2 * kv_heads) * 8  # 64 with k and v of 8 rows each, 80 with 16
+        assert _planned({"attn_qkv": (rows, 128), "ffn_up": (128, 128)}, fused,
+                        config) == methods
 
 
 def test_the_k_quant_writers_make_blocks_the_gguf_package_reads_back_close():
     weight = np.random.default_rng(1).standard_normal((4, 512)).astype(np.float32)
-    for type_name, step in (("Q4_K", 1 / 15), ("Q6_K", 1 / 63)):
+    for type_name, step in (("Q4_K", 1 / 15), ("Q5_K", 1 / 31), ("Q6_K", 1 / 63)):
         back = gguf_dequantize(quantize(weight, type_name), GGMLQuantizationType[type_name])
         groups = weight.reshape(4, -1, 32)
         spread = (groups.max(-1) - np.minimum(groups.min(-1), 0)).repeat(32, axis=1)
@@ -148,21 +159,33 @@ def test_every_parameter_is_what_the_gguf_dequantizer_reads(gguf_file, recipe):
         assert methods == {native or "UnquantizedLinearMethod"}
 
 
-@pytest.mark.parametrize("variant", ["llama-gqa", "llama-mha-tied-bias", "llama3-rope",
-                                     "llama-linear-rope", "qwen2", "qwen3"])
-@pytest.mark.parametrize("recipe", ["F32", "F16"])
-def test_float_gguf_gives_the_safetensors_tokens(checkpoint, gguf_file, variant, recipe):
-    """Greedy tokens and prompt logprobs of the GGUF equal the checkpoint's it was written
-    from (saved in the GGUF's float type), both run in float32; Llama's q/k rows (and their
-    biases) come back from llama.cpp's order, Llama 3.1's rotary scaling from rope_freqs."""
+_FLOAT_CASES = [(variant, recipe) for variant in ("llama-gqa", "llama-mha-tied-bias",
+                                                 "llama3-rope", "llama-linear-rope", "qwen2",
+                                                 "qwen3")
+                for recipe in ("F32", "F16")] + [("gemma2", "F32"), ("gemma3", "F32"),
+                                                 ("phi3", "F32")]
+
+
+@pytest.mark.parametrize("variant,recipe", _FLOAT_CASES)
+def test_float_gguf_gives_the_safetensors_tokens(gguf_file, variant, recipe):
+    """Every parameter of the GGUF's model equals the checkpoint's it was written from
+    (saved in the GGUF's float type), and so do greedy tokens and prompt logprobs, both run
+    in float32: Llama's q/k rows (and their biases) come back from llama.cpp's order, Gemma's
+    norms from the 1 + w the converter stored (bit for bit), Phi-3's fused layers whole,
+    the RoPE of each family from its keys and tensors (Llama 3.1's rope_freqs, Gemma 3's
+    local and global bases, Phi-3's LongRoPE factors and partial rotary)."""
     dtype = {"F32": "float32", "F16": "float16"}[recipe]
-    path, source = gguf_file(variant, recipe, dtype=dtype)
+    path, source = gguf_file(variant, recipe, dtype=dtype, **CARRIED.get(variant, {}))
     prompts = [{"prompt_token_ids": p} for p in random_prompts(4, seed=3)]
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, prompt_logprobs=0)
-    results = []
+    results, parameters = [], []
     for model in (source, path):
         llm = LLM(str(model), dtype="float32", device="cpu", kv_cache_memory="8MiB")
         results.append(llm.generate(prompts, params, use_tqdm=False))
+        parameters.append(dict(llm.engine.runner.model.named_parameters()))
+    assert parameters[0].keys() == parameters[1].keys()
+    assert [name for name, value in parameters[0].items()
+            if not torch.equal(value, parameters[1][name])] == []
     for expected, actual in zip(*results):
         assert actual.outputs[0].token_ids == expected.outputs[0].token_ids
         for e, a in zip(expected.prompt_logprobs[1:], actual.prompt_logprobs[1:]):
@@ -173,23 +196,22 @@ def test_float_gguf_gives_the_safetensors_tokens(checkpoint, gguf_file, variant,
 def _dequantized_reference(gguf_path, source, out):
     """The source checkpoint with every matrix replaced by what the GGUF's type makes of it
     (quantized and dequantized by the gguf package), computed from the source's own rows:
-    blocks run along rows, so llama.cpp's q/k row order does not change them."""
+    blocks run along rows, so llama.cpp's q/k row order does not change them. Tensors are
+    found by the names the gguf package's map gives them, as the converter finds them."""
+    import gguf
+
     reader = GGUFReader(gguf_path)
     types = {t.name: t.tensor_type for t in reader.tensors}
-    names = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v",
-             "o_proj": "attn_output", "gate_proj": "ffn_gate", "up_proj": "ffn_up",
-             "down_proj": "ffn_down"}
+    arch = reader.get_field("general.architecture").contents()
     weights = load_file(str(source / "model.safetensors"))
+    names = gguf.get_tensor_name_map({n: a for a, n in gguf.MODEL_ARCH_NAMES.items()}[arch],
+                                     len({k.split(".")[2] for k in weights if ".layers." in k}))
     for key, value in weights.items():
-        parts = key.split(".")
-        if value.dim() == 2 and parts[1] == "layers":
-            qtype = types[f"blk.{parts[2]}.{names[parts[4]]}.weight"]
-        elif key in ("model.embed_tokens.weight", "lm_head.weight"):
-            qtype = types["token_embd.weight" if "embed" in key else "output.weight"]
-        else:
-            continue
-        array = value.float().numpy()
-        weights[key] = torch.from_numpy(gguf_dequantize(quantize(array, qtype.name), qtype))
+        name = names.get_name(key, try_suffixes=(".weight", ".bias"))
+        if value.dim() == 2 and name in types:
+            qtype = types[name]
+            weights[key] = torch.from_numpy(gguf_dequantize(
+                quantize(value.float().numpy(), qtype.name), qtype))
     out.mkdir()
     for file in source.iterdir():
         if file.suffix != ".safetensors":
@@ -198,36 +220,59 @@ def _dequantized_reference(gguf_path, source, out):
     return out
 
 
-def _logprobs(model, **options) -> list[torch.Tensor]:
+def _logprobs(model, **options) -> tuple[list[torch.Tensor], set[str]]:
+    """(prompt logprobs of three prompts, the methods of the model's linear layers)."""
+    from kvflow.layers.linear import Linear
+
     llm = LLM(str(model), dtype="float32", device="cpu", kv_cache_memory="8MiB", **options)
     prompts = [{"prompt_token_ids": p} for p in random_prompts(3, seed=5, low=20, high=30)]
     params = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0)
     outputs = llm.generate(prompts, params, use_tqdm=False)
+    methods = {type(m.method).__name__ for m in llm.engine.runner.model.modules()
+               if isinstance(m, Linear)}
     return [torch.tensor([next(iter(e.values())).logprob for e in o.prompt_logprobs[1:]])
-            for o in outputs]
+            for o in outputs], methods
 
 
-@pytest.mark.parametrize("variant", ["llama-gqa", "qwen2"])
-@pytest.mark.parametrize("recipe,tolerance", [("Q4_0", 1e-4), ("Q4_K_M", 1e-4), ("Q8_0", 0.25)])
+@pytest.mark.parametrize("variant,recipe,tolerance,method,modes", [
+    (variant, recipe, tolerance, method, (False, True)) for variant in ("llama-gqa", "qwen2")
+    for recipe, tolerance, method in (("Q4_0", 1e-4, "Int4LinearMethod"),
+                                      ("Q4_K_M", 1e-4, "Int4LinearMethod"),
+                                      ("Q8_0", 0.25, "Int8LinearMethod"))] + [
+    # Gemma 2's tied embedding in Q6_K; Gemma 3's layers 2 and 5 with a Q6_K attn_v;
+    # Phi-3's fused attn_qkv in Q5_K (dequantized) beside its fused ffn_up in Q4_K (int4),
+    # and both fused layers int8. The eager kernels are checked on the two above.
+    ("gemma2", "Q4_0", 1e-4, "Int4LinearMethod", (False,)),
+    ("gemma3", "Q4_K_M", 1e-4, "Int4LinearMethod", (False,)),
+    ("phi3", "Q4_K_M", 1e-4, "Int4LinearMethod", (False,)),
+    ("phi3", "Q8_0", 0.25, "Int8LinearMethod", (False,))],
+    ids=lambda value: {(False, True): "native+eager", (False,): "native"}.get(value)
+    if isinstance(value, tuple) else None)
 def test_quantized_gguf_logits_match_the_dequantized_reference(gguf_file, tmp_path, variant,
-                                                               recipe, tolerance):
+                                                               recipe, tolerance, method, modes):
     """int4 layers (Q4_0, Q4_K) hold the file's weights exactly, so only summation order
     separates them from the dequantized reference; Q8_0 is rounded again to int8's per-row
     grid, which moves these amplified test weights' logprobs by about 0.1 on average."""
-    path, source = gguf_file(variant, recipe, **K_QUANT_SHAPE)
-    reference = _logprobs(_dequantized_reference(path, source, tmp_path / "reference"))
-    for eager in (False, True):
-        actual = _logprobs(path, enforce_eager=eager)
+    path, source = gguf_file(variant, recipe, **_k_quant_shape(variant))
+    reference, _ = _logprobs(_dequantized_reference(path, source, tmp_path / "reference"))
+    for eager in modes:
+        actual, methods = _logprobs(path, enforce_eager=eager)
+        assert method in methods
         for a, r in zip(actual, reference):
             assert (a - r).abs().mean() < tolerance, (eager, (a - r).abs().mean())
 
 
-@pytest.mark.parametrize("variant", ["llama-gqa", "qwen2", "qwen3"])
+@pytest.mark.parametrize("variant", ["llama-gqa", "qwen2", "qwen3", "gemma2", "gemma3", "phi3"])
 def test_tokenizer_and_chat_template_come_from_the_file(gguf_file, variant):
-    path, source = gguf_file(variant, "Q8_0", **K_QUANT_SHAPE)
-    gguf_tokenizer = LLM(str(path), device="cpu", kv_cache_memory="8MiB").get_tokenizer()
+    """The tokenizer the engine builds from a GGUF file (kvflow/models/gguf/tokenizer.py,
+    through transformers' reading of each architecture's file) encodes as the checkpoint's
+    and renders its chat template."""
     from transformers import AutoTokenizer
 
+    from kvflow.models.gguf.tokenizer import load_gguf_tokenizer
+
+    path, source = gguf_file(variant, "F32", dtype="float32", **CARRIED.get(variant, {}))
+    gguf_tokenizer = load_gguf_tokenizer(path)
     original = AutoTokenizer.from_pretrained(source)
     text = "def fibonacci(n):\n    return n <|user|>hello<|end|> world  é"
     assert gguf_tokenizer.encode(text) == original.encode(text)
@@ -238,36 +283,62 @@ def test_tokenizer_and_chat_template_come_from_the_file(gguf_file, variant):
     assert gguf_tokenizer.eos_token == original.eos_token
 
 
-def _rewrite(source, out, arch=None, tensor=None, extra=None, metadata=None):
-    """A copy of a GGUF file with its architecture renamed, `tensor(name, array, type) ->
-    (array, type)` applied to each tensor (None drops it), F32 tensors added, or metadata
-    keys set to `{key: (value, GGUFValueType)}`."""
-    reader = GGUFReader(source)
-    writer = GGUFWriter(str(out), arch or reader.get_field("general.architecture").contents())
-    metadata = metadata or {}
-    for field in reader.fields.values():
-        if (field.name.startswith("GGUF.") or field.name == "general.architecture"
-                or field.name in metadata):
-            continue
-        sub_type = field.types[-1] if field.types[0] == GGUFValueType.ARRAY else None
-        writer.add_key_value(field.name, field.contents(), field.types[0], sub_type)
-    for key, (value, value_type) in metadata.items():
-        writer.add_key_value(key, value, value_type)
-    for t in reader.tensors:
-        array, qtype = np.array(t.data), t.tensor_type
-        if tensor is not None:
-            changed = tensor(t.name, array, qtype)
-            if changed is None:
-                continue
-            array, qtype = changed
-        writer.add_tensor(t.name, array, raw_dtype=qtype)
-    for name, array in (extra or {}).items():
-        writer.add_tensor(name, array)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return out
+@pytest.mark.parametrize("variant,layers", [("gemma2", 2), ("gemma2", 46), ("gemma3", 62)])
+def test_gemma_attention_scale_and_windows_are_llama_cpps(checkpoint, tmp_path, variant,
+                                                          layers):
+    """A GGUF file stores no query_pre_attn_scalar and no window pattern: kvflow takes
+    llama.cpp's (src/llama-model.cpp). Queries are scaled by 1/sqrt(head_dim), or on a
+    27B model (46 layers of Gemma 2, 62 of Gemma 3) by 1/sqrt(hidden / heads), whatever
+    the checkpoint said; every 2nd (Gemma 2) or 6th (Gemma 3) layer is global."""
+    from kvflow.bench.gguf_export import export_gguf
+
+    period = 2 if variant == "gemma2" else 6
+    kinds = ["sliding_attention"] * (period - 1) + ["full_attention"]
+    # hidden 48 over 3 heads is 16 per head where the heads are 32 wide; 24 is neither
+    source = checkpoint(variant, num_hidden_layers=layers, hidden_size=48,
+                        num_attention_heads=3, num_key_value_heads=1, head_dim=32,
+                        query_pre_attn_scalar=24,
+                        layer_types=(kinds * layers)[:layers])
+    config = ModelConfig.from_pretrained(export_gguf(source, tmp_path / "m.gguf", "F32"))
+    assert ModelConfig.from_pretrained(source).attention_scale == 24 ** -0.5
+    assert config.attention_scale == (16 if layers in (46, 62) else 32) ** -0.5
+    assert config.sliding_windows == tuple(12 if i % period < period - 1 else None
+                                           for i in range(layers))
+
+
+def test_a_phi3_window_is_applied_to_every_layer(gguf_file):
+    """llama.cpp ignores a phi3 file's sliding_window; kvflow applies it, as it and
+    transformers do for the checkpoint the file was written from."""
+    path, source = gguf_file("phi3", "F32", sliding_window=24)
+    assert ModelConfig.from_pretrained(path).sliding_windows == (24, 24)
+    assert ModelConfig.from_pretrained(source).sliding_windows == (24, 24)
+
+
+def test_rope_and_head_settings_kvflow_cannot_honour_are_refused(gguf_file, tmp_path):
+    """A Phi-3 file whose LongRoPE factors do not fit its rotary, or come without their
+    pair or beside another scaling, and values that differ from keys in size."""
+    path, _ = gguf_file("phi3", "F32", dtype="float32")
+
+    def cut(name, array, qtype):
+        return (array[:3], qtype) if name == "rope_factors_long.weight" else (array, qtype)
+
+    def drop(name, array, qtype):
+        return None if name == "rope_factors_short.weight" else (array, qtype)
+
+    cases = {
+        "cut": (dict(tensor=cut), "rope_factors_long.weight holds 3 values; a rotary of 8 "
+                                  "dims takes 4"),
+        "drop": (dict(tensor=drop), r"LongRoPE needs both rope_factors_short and "
+                                    r"rope_factors_long and no other scaling; the file has "
+                                    r"\['rope_factors_long'\]"),
+        "yarn": (dict(metadata={"phi3.rope.scaling.type": ("yarn", GGUFValueType.STRING)}),
+                 "with RoPE scaling 'yarn'"),
+        "value": (dict(metadata={"phi3.attention.value_length": (8, GGUFValueType.UINT32)}),
+                  "'phi3.attention.value_length' is 8; kvflow takes 16 to 16, the key length"),
+    }
+    for name, (change, message) in cases.items():
+        with pytest.raises(ValueError, match=message):
+            ModelConfig.from_pretrained(rewrite_gguf(path, tmp_path / f"{name}.gguf", **change))
 
 
 def test_bad_files_are_refused_with_the_thing_named(gguf_file, tmp_path):
@@ -278,8 +349,8 @@ def test_bad_files_are_refused_with_the_thing_named(gguf_file, tmp_path):
         truncated.write_bytes(data[:cut])
         with pytest.raises(ValueError, match="could not be read as GGUF"):
             ModelConfig.from_pretrained(truncated)
-    with pytest.raises(ValueError, match="GGUF architecture 'gemma3' is not supported"):
-        ModelConfig.from_pretrained(_rewrite(path, tmp_path / "arch.gguf", arch="gemma3"))
+    with pytest.raises(ValueError, match="GGUF architecture 'phi2' is not supported"):
+        ModelConfig.from_pretrained(rewrite_gguf(path, tmp_path / "arch.gguf", arch="phi2"))
 
     def q8_k(name, array, qtype):  # a type the gguf package cannot dequantize
         if name != "blk.1.ffn_up.weight":
@@ -288,16 +359,16 @@ def test_bad_files_are_refused_with_the_thing_named(gguf_file, tmp_path):
         return np.zeros((rows, 512 // 256 * 292), dtype=np.uint8), GGMLQuantizationType.Q8_K
 
     with pytest.raises(ValueError, match="'blk.1.ffn_up.weight' is Q8_K, a type kvflow cannot"):
-        ModelConfig.from_pretrained(_rewrite(path, tmp_path / "q8k.gguf", tensor=q8_k))
+        ModelConfig.from_pretrained(rewrite_gguf(path, tmp_path / "q8k.gguf", tensor=q8_k))
 
     def narrow(name, array, qtype):  # 32 rows short
         return (array[:-32], qtype) if name == "blk.0.attn_k.weight" else (array, qtype)
 
     with pytest.raises(ValueError, match=r"'blk.0.attn_k.weight' has shape \[96, 256\], the "
                                          r"metadata implies \[128, 256\]"):
-        ModelConfig.from_pretrained(_rewrite(path, tmp_path / "shape.gguf", tensor=narrow))
+        ModelConfig.from_pretrained(rewrite_gguf(path, tmp_path / "shape.gguf", tensor=narrow))
 
-    experts = _rewrite(path, tmp_path / "experts.gguf",
+    experts = rewrite_gguf(path, tmp_path / "experts.gguf",
                        extra={"blk.0.ffn_gate_inp.weight": np.ones((4, 256), dtype=np.float32)})
     with pytest.raises(ValueError, match="'blk.0.ffn_gate_inp.weight' has no counterpart"):
         ModelConfig.from_pretrained(experts)
@@ -317,7 +388,7 @@ def test_bad_files_are_refused_with_the_thing_named(gguf_file, tmp_path):
 
     with pytest.raises(ValueError, match=r"lacks 1 tensors the model needs, e.g. "
                                          r"\['model.layers.1.mlp.down_proj.weight'\]"):
-        ModelConfig.from_pretrained(_rewrite(path, tmp_path / "drop.gguf", tensor=drop))
+        ModelConfig.from_pretrained(rewrite_gguf(path, tmp_path / "drop.gguf", tensor=drop))
     with pytest.raises(ValueError, match="a GGUF file's weights keep the formats"):
         LLM(str(path), quantization="int8", device="cpu", kv_cache_memory="8MiB")
 
@@ -486,7 +557,7 @@ def test_hostile_files_are_refused_fast_in_bounded_memory(gguf_file, tmp_path):
         expected[name] = message
     source, _ = gguf_file("llama-gqa", "F32")
     for name, (metadata, message) in _HOSTILE_VALUES.items():
-        paths[name] = str(_rewrite(source, tmp_path / f"{name}.gguf", metadata=metadata))
+        paths[name] = str(rewrite_gguf(source, tmp_path / f"{name}.gguf", metadata=metadata))
         expected[name] = message
     run = subprocess.run([sys.executable, "-c", _LOAD_BOUNDED, json.dumps(paths)],
                          capture_output=True, text=True, timeout=120)
@@ -521,7 +592,7 @@ _RUNAWAY = ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %
 def _serve_template(source, tmp_path, name, template):
     from server_process import ServerProcess
 
-    path = _rewrite(source, tmp_path / f"{name}.gguf",
+    path = rewrite_gguf(source, tmp_path / f"{name}.gguf",
                     metadata={"tokenizer.chat_template": (template, GGUFValueType.STRING)})
     return ServerProcess(path, "--device", "cpu", "--kv-cache-memory", "8MiB",
                          log=tmp_path / f"{name}.log")

@@ -62,4 +62,7 @@ class GemmaRMSNorm(RMSNorm):
 def _load_plus_one(param: nn.Parameter, loaded: torch.Tensor, shard: str | None) -> None:
     if loaded.shape != param.shape:
         raise ValueError(f"shape {list(loaded.shape)}, expected {list(param.shape)}")
-    param.data.copy_(loaded.float() + 1.0)
+    # Summed in float64 and rounded once: for a checkpoint's w the float32 sum transformers
+    # computes, and a GGUF file's stored 1 + w comes back bit for bit (its w is given in
+    # float64, kvflow/models/gguf/weights.py).
+    param.data.copy_(loaded.double() + 1.0)

@@ -17,6 +17,8 @@ from kvflow.attention.metadata import AttentionMetadata
 from kvflow.layers.norm import RMSNorm
 from kvflow.models.blocks import Attention, CausalLM, GatedMLP, embedding, rotary_embeddings
 from kvflow.models.config import ModelConfig, read_sliding_windows, require
+from kvflow.models.gguf.config import read_gguf_config
+from kvflow.models.gguf.layout import GgufLayout
 from kvflow.models.registry import ModelFamily, register
 from kvflow.quantization.base import QuantizationConfig
 
@@ -97,7 +99,11 @@ class LlamaForCausalLM(CausalLM):
         self.init_head(config, lm_head_quant_config)
 
 
-register(ModelFamily("LlamaForCausalLM", LlamaForCausalLM, read_llama, "llama"))
+# GGUF files keep the Llama layout; Mistral 7B's are written as "llama".
+register(ModelFamily("LlamaForCausalLM", LlamaForCausalLM, read_llama,
+                     GgufLayout("llama", read_gguf_config, permuted_qk=True)))
 register(ModelFamily("MistralForCausalLM", LlamaForCausalLM, read_mistral))
-register(ModelFamily("Qwen2ForCausalLM", LlamaForCausalLM, read_qwen2, "qwen2"))
-register(ModelFamily("Qwen3ForCausalLM", LlamaForCausalLM, read_qwen3, "qwen3"))
+register(ModelFamily("Qwen2ForCausalLM", LlamaForCausalLM, read_qwen2,
+                     GgufLayout("qwen2", read_gguf_config)))
+register(ModelFamily("Qwen3ForCausalLM", LlamaForCausalLM, read_qwen3,
+                     GgufLayout("qwen3", read_gguf_config)))

@@ -83,7 +83,7 @@ def load_model(config: ModelConfig, dtype: torch.dtype, device: torch.device,
             raise ValueError(f"quantization={quant_config.name!r} quantizes a float "
                              "checkpoint at load; a GGUF file's weights keep the formats "
                              "they are stored in")
-        quant_config = plan_gguf(gguf, dtype, model_class.packed_modules)
+        quant_config = plan_gguf(gguf, config, dtype, model_class.packed_modules)
     elif config.quantization is not None:
         quant_config = plan_checkpoint(config.quantization, _safetensors_shapes(path),
                                        model_class.packed_modules)

@@ -4,9 +4,10 @@ A family file (kvflow/models/llama.py, gemma.py, phi3.py) composes the shared bl
 kvflow/models/blocks.py into its decoder and registers, per Hugging Face architecture
 name, its model class (whose `packed_modules` maps checkpoint projections onto fused
 layers) and its config reader, which turns a transformers config into a ModelConfig and
-refuses, by name, any field the family file does not implement. A GGUF file's
-`general.architecture` maps onto the same entries. Adding a family is one file and one
-line in FAMILY_MODULES (docs/architecture.md walks through it).
+refuses, by name, any field the family file does not implement. A family that kvflow
+reads from GGUF files also registers its `GgufLayout` (kvflow/models/gguf/layout.py), which
+a file's `general.architecture` finds. Adding a family is one file and one line in
+FAMILY_MODULES (docs/architecture.md walks through it).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from kvflow.models.blocks import CausalLM
     from kvflow.models.config import ModelConfig
+    from kvflow.models.gguf.layout import GgufLayout
 
 # The modules that register families, imported on first use of the registry.
 FAMILY_MODULES = ("kvflow.models.llama", "kvflow.models.gemma", "kvflow.models.phi3")
@@ -29,7 +31,7 @@ class ModelFamily:
     architecture: str  # as a checkpoint's config.json names it
     model_class: type[CausalLM]
     read_config: Callable[[Any, Path], ModelConfig]  # (transformers config, checkpoint dir)
-    gguf_architecture: str | None = None  # llama.cpp's general.architecture for it
+    gguf: GgufLayout | None = None  # how llama.cpp's GGUF files hold it (None: not read)
 
 
 _FAMILIES: dict[str, ModelFamily] = {}
@@ -63,7 +65,6 @@ def family_for(architecture: str) -> ModelFamily:
     return families[architecture]
 
 
-def gguf_architectures() -> dict[str, str]:
-    """llama.cpp's architecture name -> the Hugging Face one kvflow runs it as."""
-    return {f.gguf_architecture: f.architecture for f in _families().values()
-            if f.gguf_architecture is not None}
+def gguf_families() -> dict[str, ModelFamily]:
+    """llama.cpp's architecture name -> the family kvflow runs it as."""
+    return {f.gguf.architecture: f for f in _families().values() if f.gguf is not None}

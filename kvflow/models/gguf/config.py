@@ -3,15 +3,20 @@
 Read from llama.cpp's `{architecture}.*` keys directly rather than through transformers'
 `AutoConfig.from_pretrained(..., gguf_file=...)`: transformers' mapping has no attention or
 MLP biases, Qwen3's head_dim or a tied LM head, which the file says through the tensors it
-holds.
+holds. `read_gguf_config` reads what every family stores alike; a family's layout
+(kvflow/models/gguf/layout.py) may read more on top of it, as llama.cpp's loader does per
+architecture (Gemma's soft caps, window pattern and attention scale).
 """
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 import torch
 
 from kvflow.models.config import ModelConfig, RopeConfig
 from kvflow.models.gguf.file import GgufFile, GgufTensor
+from kvflow.models.gguf.layout import GgufLayout
 
 # Bounds an order of magnitude past any model of the families kvflow runs, so that a
 # damaged value is refused before it sizes anything.
@@ -27,16 +32,34 @@ _ROPE_SCALING = {"none": "default", "linear": "linear"}
 _FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
-def _rope(file: GgufFile, head_dim: int) -> RopeConfig:
+def _rope(file: GgufFile, rotary_dim: int, context_length: int) -> RopeConfig:
     theta = file.arch_float("rope.freq_base", 10000.0)
     scaling = str(file.arch("rope.scaling.type", "none"))
-    if file.rope_freqs is not None:
-        if scaling != "none" or file.rope_freqs.shape != (head_dim // 2,):
-            raise ValueError(f"{file.path.name}: rope_freqs.weight has shape "
-                             f"{list(file.rope_freqs.shape)} with RoPE scaling {scaling!r}; "
-                             f"kvflow reads it as {head_dim // 2} factors, without other scaling")
+    factors = file.rope_tensors
+    for name, array in factors.items():
+        if array.shape != (rotary_dim // 2,):
+            raise ValueError(f"{file.path.name}: {name}.weight holds {array.shape[0]} values; "
+                             f"a rotary of {rotary_dim} dims takes {rotary_dim // 2}")
+    if "rope_freqs" in factors:
+        if scaling != "none" or len(factors) > 1:
+            raise ValueError(f"{file.path.name}: rope_freqs.weight beside RoPE scaling "
+                             f"{scaling!r} or other RoPE factors; kvflow reads it alone")
         return RopeConfig(theta=theta, scaling_type="factors",
-                          frequency_factors=tuple(file.rope_freqs.tolist()))
+                          frequency_factors=tuple(factors["rope_freqs"].tolist()))
+    if factors:  # LongRoPE (Phi-3): llama.cpp's converter writes no scaling type for it
+        if len(factors) != 2 or scaling not in ("none", "longrope"):
+            raise ValueError(f"{file.path.name}: LongRoPE needs both rope_factors_short and "
+                             f"rope_factors_long and no other scaling; the file has "
+                             f"{sorted(factors)} with RoPE scaling {scaling!r}")
+        original = file.arch_int("rope.scaling.original_context_length", 1, context_length,
+                                 context_length)
+        # llama.cpp scales cos and sin by attn_factor, 1 where the key is absent.
+        return RopeConfig(theta=theta, scaling_type="longrope",
+                          factor=context_length / original,
+                          original_max_position_embeddings=original,
+                          short_factors=tuple(factors["rope_factors_short"].tolist()),
+                          long_factors=tuple(factors["rope_factors_long"].tolist()),
+                          attention_factor=file.arch_float("rope.scaling.attn_factor", 1.0))
     if scaling not in _ROPE_SCALING:
         raise ValueError(f"{file.path.name}: RoPE scaling {scaling!r} is not supported; "
                          f"supported: {', '.join(_ROPE_SCALING)}")
@@ -81,38 +104,48 @@ def _check_dequantizable(t: GgufTensor) -> None:
                          "(the gguf package has no dequantizer for it)") from None
 
 
-def _expected_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor the config's model loads, by Hugging Face name, with its shape."""
+def _module_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The weight shape of every decoder-layer module a GGUF tensor may fill, by its
+    Hugging Face name (Phi-3's qkv_proj and gate_up_proj are stored fused)."""
     q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
     hidden, inner = c.hidden_size, c.intermediate_size
-    layer = {"input_layernorm.weight": (hidden,), "post_attention_layernorm.weight": (hidden,),
-             "self_attn.q_proj.weight": (q, hidden), "self_attn.k_proj.weight": (kv, hidden),
-             "self_attn.v_proj.weight": (kv, hidden), "self_attn.o_proj.weight": (hidden, q),
-             "mlp.gate_proj.weight": (inner, hidden), "mlp.up_proj.weight": (inner, hidden),
-             "mlp.down_proj.weight": (hidden, inner)}
-    if c.qkv_bias:
-        layer.update({"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,),
-                      "self_attn.v_proj.bias": (kv,)})
-    if c.o_bias:
-        layer["self_attn.o_proj.bias"] = (hidden,)
-    if c.mlp_bias:
-        layer.update({"mlp.gate_proj.bias": (inner,), "mlp.up_proj.bias": (inner,),
-                      "mlp.down_proj.bias": (hidden,)})
-    if c.qk_norm:
-        layer.update({"self_attn.q_norm.weight": (c.head_dim,),
-                      "self_attn.k_norm.weight": (c.head_dim,)})
-    shapes = {"model.embed_tokens.weight": (c.vocab_size, hidden), "model.norm.weight": (hidden,)}
+    return {"input_layernorm": (hidden,), "post_attention_layernorm": (hidden,),
+            "pre_feedforward_layernorm": (hidden,), "post_feedforward_layernorm": (hidden,),
+            "self_attn.q_proj": (q, hidden), "self_attn.k_proj": (kv, hidden),
+            "self_attn.v_proj": (kv, hidden), "self_attn.qkv_proj": (q + 2 * kv, hidden),
+            "self_attn.o_proj": (hidden, q),
+            "self_attn.q_norm": (c.head_dim,), "self_attn.k_norm": (c.head_dim,),
+            "mlp.gate_proj": (inner, hidden), "mlp.up_proj": (inner, hidden),
+            "mlp.gate_up_proj": (2 * inner, hidden), "mlp.down_proj": (hidden, inner)}
+
+
+_QK_NORMS = ("self_attn.q_norm", "self_attn.k_norm")
+_QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.qkv_proj")
+_MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.gate_up_proj", "mlp.down_proj")
+
+
+def _expected_shapes(c: ModelConfig, layout: GgufLayout) -> dict[str, tuple[int, ...]]:
+    """Every tensor the config's model loads from a file of this layout, by Hugging Face
+    name, with its shape."""
+    shapes = _module_shapes(c)
+    modules = [m for m in layout.layer_tensors.values() if c.qk_norm or m not in _QK_NORMS]
+    layer = {f"{m}.weight": shapes[m] for m in modules}
+    biased = ((_QKV if c.qkv_bias else ()) + (("self_attn.o_proj",) if c.o_bias else ())
+              + (_MLP if c.mlp_bias else ()))
+    layer.update({f"{m}.bias": shapes[m][:1] for m in modules if m in biased})
+    expected = {"model.embed_tokens.weight": (c.vocab_size, c.hidden_size),
+                "model.norm.weight": (c.hidden_size,)}
     if not c.tie_word_embeddings:
-        shapes["lm_head.weight"] = (c.vocab_size, hidden)
+        expected["lm_head.weight"] = (c.vocab_size, c.hidden_size)
     for i in range(c.num_layers):
-        shapes.update({f"model.layers.{i}.{name}": shape for name, shape in layer.items()})
-    return shapes
+        expected.update({f"model.layers.{i}.{name}": shape for name, shape in layer.items()})
+    return expected
 
 
 def _check_tensors(file: GgufFile, config: ModelConfig) -> None:
     """Refuse, naming the tensor, one that kvflow cannot load or that does not fit the
     model the metadata describes, and name the tensors the model needs and lacks."""
-    expected = _expected_shapes(config)
+    expected = _expected_shapes(config, file.layout)
     checked_types = {"F32", "F16", "BF16"}
     for t in file.tensors.values():
         if t.type_name not in checked_types:
@@ -131,13 +164,22 @@ def _check_tensors(file: GgufFile, config: ModelConfig) -> None:
 
 
 def gguf_model_config(file: GgufFile) -> ModelConfig:
-    """The model the file's metadata describes, after checking that its tensors fit it."""
-    config = _model_config(file)
+    """The model the file's metadata describes, read by its family's layout, after checking
+    that its tensors fit it."""
+    config = file.layout.read_config(file)
     _check_tensors(file, config)
     return config
 
 
-def _model_config(file: GgufFile) -> ModelConfig:
+def _first_layer_has(file: GgufFile, *names: str) -> bool:
+    held = {t.hf_name for t in file.tensors.values()}
+    return any(f"model.layers.0.{name}" in held for name in names)
+
+
+def read_gguf_config(file: GgufFile, **fields: Any) -> ModelConfig:
+    """The fields every family reads alike from llama.cpp's keys and from the tensors the
+    file holds (biases, q/k norms, an untied LM head, RoPE factors), with the family's own
+    given as keyword arguments, as ModelConfig.read_common does for config.json."""
     tensors = file.tensors
     hidden = file.arch_int("embedding_length", 1, MAX_WIDTH)
     num_heads = file.arch_int("attention.head_count", 1, hidden)
@@ -151,13 +193,18 @@ def _model_config(file: GgufFile) -> ModelConfig:
     embedding = tensors.get("token_embd.weight")
     vocab = file.arch_int("vocab_size", 1, MAX_VOCAB,
                           embedding.shape[0] if embedding is not None else None)
-    window = (file.arch_int("attention.sliding_window", 1, MAX_CONTEXT_LENGTH)
-              if file.arch("attention.sliding_window", None) is not None else None)
+    # 0 (Phi-3's converter writes it for a config without one): no window.
+    window = file.arch_int("attention.sliding_window", 0, MAX_CONTEXT_LENGTH, 0) or None
     head_dim = file.arch_int("attention.key_length", 1, MAX_WIDTH, max(1, hidden // num_heads))
-    if head_dim % 2:
-        raise ValueError(f"{file.path.name}: the attention head size {head_dim} is odd; "
-                         "rotary embeddings need an even one")
-    return ModelConfig(
+    file.arch_int("attention.value_length", head_dim, head_dim, head_dim,
+                  reason=", the key length: kvflow's heads have one size")
+    # llama.cpp's n_rot: the leading dims of each head that RoPE turns (partial rotary).
+    rotary_dim = file.arch_int("rope.dimension_count", 2, head_dim, head_dim)
+    if rotary_dim % 2:
+        raise ValueError(f"{file.path.name}: RoPE turns {rotary_dim} dims of each head; "
+                         "rotary embeddings need an even number")
+    context_length = file.arch_int("context_length", 1, MAX_CONTEXT_LENGTH)
+    common = dict(
         path=str(file.path),
         architecture=file.architecture,
         vocab_size=vocab,
@@ -168,14 +215,16 @@ def _model_config(file: GgufFile) -> ModelConfig:
         num_kv_heads=num_kv_heads,
         head_dim=head_dim,
         rms_norm_eps=file.arch_float("attention.layer_norm_rms_epsilon"),
-        rope=_rope(file, head_dim),
-        max_position_embeddings=file.arch_int("context_length", 1, MAX_CONTEXT_LENGTH),
+        rope=_rope(file, rotary_dim, context_length),
+        rotary_dim=None if rotary_dim == head_dim else rotary_dim,
+        max_position_embeddings=context_length,
         tie_word_embeddings="output.weight" not in tensors,
-        qkv_bias="blk.0.attn_q.bias" in tensors,
-        o_bias="blk.0.attn_output.bias" in tensors,
-        mlp_bias="blk.0.ffn_down.bias" in tensors,
-        qk_norm="blk.0.attn_q_norm.weight" in tensors,
+        qkv_bias=_first_layer_has(file, "self_attn.q_proj.bias", "self_attn.qkv_proj.bias"),
+        o_bias=_first_layer_has(file, "self_attn.o_proj.bias"),
+        mlp_bias=_first_layer_has(file, "mlp.down_proj.bias"),
+        qk_norm=_first_layer_has(file, "self_attn.q_norm.weight"),
         sliding_windows=(window,) * num_layers,
         checkpoint_dtype=_checkpoint_dtype(file),
         eos_token_ids=_eos_ids(file, vocab),
     )
+    return ModelConfig(**{**common, **fields})

@@ -2,8 +2,8 @@
 Hugging Face names, and every reason kvflow cannot run it, found before anything is built.
 
 llama.cpp names tensors `blk.N.attn_q.weight` and keeps each architecture's settings under
-`{architecture}.*` keys; `GgufFile` maps both onto the names and fields kvflow's Llama-family
-model uses.
+`{architecture}.*` keys; the layout its family registers (kvflow/models/gguf/layout.py)
+maps both onto the names and fields kvflow's model of that family uses.
 """
 from __future__ import annotations
 
@@ -16,29 +16,12 @@ from typing import Any
 import numpy as np
 
 from kvflow.models.gguf.header import check_header
-from kvflow.models.registry import gguf_architectures
+from kvflow.models.gguf.layout import GLOBAL_TENSORS, GgufLayout
+from kvflow.models.registry import gguf_families
 
-# Architectures whose q/k rows llama.cpp's converter permutes for its interleaved rotary.
-PERMUTED_QK = ("llama",)
-
-_GLOBAL_NAMES = {
-    "token_embd": "model.embed_tokens",
-    "output_norm": "model.norm",
-    "output": "lm_head",
-}
-_LAYER_NAMES = {
-    "attn_norm": "input_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "attn_q_norm": "self_attn.q_norm",
-    "attn_k_norm": "self_attn.k_norm",
-    "ffn_norm": "post_attention_layernorm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
+# Tensors that hold RoPE settings, not weights: Llama 3.1's scaling as one divisor per
+# frequency, and LongRoPE's (Phi-3's) short and long divisors.
+ROPE_TENSORS = ("rope_freqs", "rope_factors_short", "rope_factors_long")
 _LAYER_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 
 
@@ -46,16 +29,18 @@ def is_gguf(path: str | Path) -> bool:
     return str(path).lower().endswith(".gguf")
 
 
-def hf_tensor_name(name: str) -> str:
+def hf_tensor_name(name: str, layout: GgufLayout) -> str:
     """llama.cpp's tensor name -> the Hugging Face checkpoint's; ValueError if kvflow's
-    model has no such tensor."""
+    model of the layout's family has no such tensor."""
     match = _LAYER_TENSOR.fullmatch(name)
-    if match and match.group(2) in _LAYER_NAMES:
-        return f"model.layers.{match.group(1)}.{_LAYER_NAMES[match.group(2)]}.{match.group(3)}"
+    if match and match.group(2) in layout.layer_tensors:
+        module = layout.layer_tensors[match.group(2)]
+        return f"model.layers.{match.group(1)}.{module}.{match.group(3)}"
     base, _, kind = name.rpartition(".")
-    if base in _GLOBAL_NAMES and kind in ("weight", "bias"):
-        return f"{_GLOBAL_NAMES[base]}.{kind}"
-    raise ValueError(f"GGUF tensor {name!r} has no counterpart in kvflow's Llama-family model")
+    if base in GLOBAL_TENSORS and kind in ("weight", "bias"):
+        return f"{GLOBAL_TENSORS[base]}.{kind}"
+    raise ValueError(f"GGUF tensor {name!r} has no counterpart in kvflow's "
+                     f"{layout.architecture} model")
 
 
 @dataclass(frozen=True)
@@ -82,16 +67,19 @@ class GgufFile:
                              f"a tensor type the gguf package does not know): "
                              f"{type(exc).__name__}: {exc}") from exc
         self.gguf_architecture = str(self.get("general.architecture"))
-        # GGUF's name for an architecture -> the Hugging Face architecture kvflow runs it as
+        # GGUF's name for an architecture -> the family kvflow runs it as
         # (kvflow/models/registry.py); Mistral 7B files are written as "llama".
-        architectures = gguf_architectures()
-        if self.gguf_architecture not in architectures:
+        families = gguf_families()
+        if self.gguf_architecture not in families:
             raise ValueError(f"{self.path.name}: GGUF architecture "
                              f"{self.gguf_architecture!r:.80} is not supported; supported: "
-                             f"{', '.join(sorted(architectures))}")
-        self.architecture = architectures[self.gguf_architecture]
-        # Llama 3.1's rotary scaling, precomputed per frequency: config, not a weight.
-        self.rope_freqs: np.ndarray | None = None
+                             f"{', '.join(sorted(families))}")
+        family = families[self.gguf_architecture]
+        self.architecture = family.architecture  # the Hugging Face name
+        assert family.gguf is not None
+        self.layout: GgufLayout = family.gguf
+        # ROPE_TENSORS the file holds, by name, as float32 vectors: config, not weights.
+        self.rope_tensors: dict[str, np.ndarray] = {}
         self.tensors = self._read_tensors()
 
     def keys(self) -> list[str]:
@@ -127,10 +115,13 @@ class GgufFile:
                              f"takes {low:,} to {high:,}{reason}")
         return value
 
-    def arch_float(self, key: str, default: float | None = None) -> float:
-        """A positive, finite `{architecture}.key` number."""
+    def arch_float(self, key: str, default: Any = ...) -> Any:
+        """A positive, finite `{architecture}.key` number; a missing key is `default`
+        (None included), or an error without one."""
         name = f"{self.gguf_architecture}.{key}"
-        value = self.get(name, ... if default is None else default)
+        value = self.get(name, default)
+        if value is None and default is None:
+            return None
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
                 0 < value < math.inf):
             raise ValueError(f"{self.path.name}: metadata key {name!r} is {value!r:.80}, not "
@@ -140,10 +131,14 @@ class GgufFile:
     def _read_tensors(self) -> dict[str, GgufTensor]:
         tensors = {}
         for t in self._reader.tensors:
-            if t.name == "rope_freqs.weight":
-                self.rope_freqs = np.array(t.data, dtype=np.float32).reshape(-1)
+            base = t.name.removesuffix(".weight")
+            if base in ROPE_TENSORS:
+                if t.tensor_type.name != "F32":
+                    raise ValueError(f"{self.path.name}: tensor {t.name!r} is "
+                                     f"{t.tensor_type.name}; RoPE factors are F32")
+                self.rope_tensors[base] = np.array(t.data, dtype=np.float32).reshape(-1)
                 continue
             shape = tuple(int(n) for n in reversed(t.shape.tolist()))
-            tensors[t.name] = GgufTensor(t.name, hf_tensor_name(t.name), t.tensor_type.name,
-                                         shape, t.data)
+            tensors[t.name] = GgufTensor(t.name, hf_tensor_name(t.name, self.layout),
+                                         t.tensor_type.name, shape, t.data)
         return tensors

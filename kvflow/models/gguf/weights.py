@@ -14,7 +14,9 @@ Per linear layer (all of a fused layer's shards together):
   is dequantized at load, by the gguf package, to the model's dtype. So are the embedding,
   the LM head and the norms.
 A type the gguf package cannot dequantize is refused with the model's config
-(gguf/config.py), before anything is built.
+(gguf/config.py), before anything is built. Each tensor leaves here as the Hugging Face
+checkpoint held it: what llama.cpp's converter changed (Llama's q/k row order, Gemma's
+1 + w norms) is undone, so every parameter's weight_loader sees the checkpoint's values.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ import numpy as np
 import torch
 
 from kvflow.models.config import ModelConfig
-from kvflow.models.gguf.file import PERMUTED_QK, GgufFile, GgufTensor
+from kvflow.models.gguf.file import GgufFile, GgufTensor
 from kvflow.quantization.base import LinearMethod, PrequantizedWeight, QuantizationConfig
 from kvflow.quantization.int4 import (PACK_BLOCK, ROW_BLOCK, Int4LinearMethod,
                                       dequantize_int4, pack_int4)
@@ -72,7 +74,18 @@ class GgufQuantConfig(QuantizationConfig):
         return UnquantizedLinearMethod()
 
 
-def plan_gguf(file: GgufFile, dtype: torch.dtype,
+def _shard_rows(t: GgufTensor, config: ModelConfig) -> tuple[int, ...]:
+    """The rows of each part of kvflow's fused layer a tensor fills: one part, or all of
+    them for a tensor stored fused (Phi-3's qkv_proj and gate_up_proj)."""
+    if ".self_attn.qkv_proj." in t.hf_name:
+        kv = config.num_kv_heads * config.head_dim
+        return config.num_heads * config.head_dim, kv, kv
+    if ".mlp.gate_up_proj." in t.hf_name:
+        return config.intermediate_size, config.intermediate_size
+    return t.shape[:1]
+
+
+def plan_gguf(file: GgufFile, config: ModelConfig, dtype: torch.dtype,
               packed_modules: dict[str, tuple[str, str]]) -> GgufQuantConfig:
     """Choose each linear layer's method from its tensors' types (checked by
     gguf_model_config), and log what each type becomes."""
@@ -82,9 +95,10 @@ def plan_gguf(file: GgufFile, dtype: torch.dtype,
         if _is_decoder_weight(t):
             prefix = _layer_prefix(t.hf_name, packed_modules)
             layer_types[prefix].add(t.type_name)
-            # int4 packs blocks of ROW_BLOCK rows by PACK_BLOCK columns; a Q4 tensor need
-            # only have rows of whole 32-column blocks.
-            blocks_fit[prefix] &= t.shape[0] % ROW_BLOCK == 0 and t.shape[1] % PACK_BLOCK == 0
+            # int4 packs each part of a layer in blocks of ROW_BLOCK rows by PACK_BLOCK
+            # columns; a Q4 tensor need only have rows of whole 32-column blocks.
+            blocks_fit[prefix] &= t.shape[1] % PACK_BLOCK == 0 and all(
+                rows % ROW_BLOCK == 0 for rows in _shard_rows(t, config))
     methods = {}
     for prefix, types in layer_types.items():
         targets = {_NATIVE.get(name) for name in types}
@@ -221,7 +235,7 @@ def gguf_tensors(file: GgufFile, config: ModelConfig, quant: GgufQuantConfig,
                 int4_layout(INT4_GROUP), parts)
         else:
             weight = _unpermute(file, config, t, (dequantize(t),))[0]
-            loaded = weight
+            loaded = _unshift_norm(file, t, weight)
             if method == "int8":  # quantized here, once, to measure what it moves
                 q, scale = quantize_int8(weight, dtype)
                 requantized.add(weight, q.float() * scale.float()[:, None])
@@ -236,7 +250,7 @@ def _unpermute(file: GgufFile, config: ModelConfig, t: GgufTensor,
                parts: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
     """Undo the q/k row permutation of llama.cpp's converter on every part (all are laid
     out by output row)."""
-    if file.gguf_architecture not in PERMUTED_QK:
+    if not file.layout.permuted_qk:
         return parts
     heads = {"self_attn.q_proj": config.num_heads, "self_attn.k_proj": config.num_kv_heads}
     for leaf, num_heads in heads.items():
@@ -244,3 +258,14 @@ def _unpermute(file: GgufFile, config: ModelConfig, t: GgufTensor,
             order = _qk_row_order(num_heads, parts[0].shape[0])
             return tuple(part[order] for part in parts)
     return parts
+
+
+def _unshift_norm(file: GgufFile, t: GgufTensor, weight: torch.Tensor) -> torch.Tensor:
+    """A norm weight as the checkpoint held it, where the converter added norm_shift to
+    every tensor named `*norm.weight` (its rule). In float64, so that the norm's loader
+    adding the shift back gets the file's float32 value exactly (for any magnitude above
+    2^-29: the subtraction is then exact)."""
+    shift = file.layout.norm_shift
+    if not shift or not t.hf_name.endswith("norm.weight"):
+        return weight
+    return weight.double() - shift
