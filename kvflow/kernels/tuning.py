@@ -196,10 +196,10 @@ def _quantized_shapes(model: nn.Module) -> dict[str, list[Linear]]:
 def _plan_quantized(label: str, layers: list[Linear], ops: ModuleType | None,
                     cache: _ChoiceCache | _Measured) -> None:
     """A quantized shape's plan, among the method's kernels that run on the layers' device
-    and compute the product here: the kernel fastest at one row for batches up to the
-    largest of GEMV_ROWS at which it beat every other (all of the shape's weights, read
-    from memory), and above that the kernel fastest at GEMM_ROWS (a few weights) among
-    those that are not GEMVs."""
+    and compute the product here: the kernel fastest at GEMM_ROWS (a few weights) among
+    those that are not GEMVs for large batches, and below it the kernel fastest at one row
+    for batches up to the largest of GEMV_ROWS at which it beat that large-batch kernel
+    (all of the shape's weights, read from memory)."""
     method = layers[0].method
     device = layers[0].weight.device
     # The activations' dtype: the model's, which the method keeps its scales in.
@@ -240,22 +240,29 @@ def _plan_quantized(label: str, layers: list[Linear], ops: ModuleType | None,
                 totals[name] += t
         return min(large_candidates, key=totals.__getitem__)
 
-    def small_kernel_and_rows() -> str:
+    def small_kernel_and_rows(large: str) -> str:
+        """The kernel fastest at one row, and the largest of GEMV_ROWS up to which it beat
+        the large-batch kernel at every count. (Stopping where another kernel overtook it
+        handed 2-row batches to the large kernel, which dequantizes the whole weight each
+        call, at 10x a GEMV's cost.)"""
         if len(usable) == 1:
             return f"{usable[0]}:0"
-        small, best = "", 0
-        for rows in GEMV_ROWS:
-            measured = seconds(usable, rows, layers)
-            fastest = min(usable, key=measured.__getitem__)
-            if small and fastest != small:
+        measured = seconds(usable, 1, layers)
+        small = min(usable, key=measured.__getitem__)
+        if small == large or measured[small] >= measured[large]:
+            return f"{large}:0"
+        best = 1
+        for rows in GEMV_ROWS[1:]:
+            measured = seconds([small, large], rows, layers)
+            if measured[small] >= measured[large]:
                 break
-            small, best = fastest, rows
+            best = rows
         return f"{small}:{best}"
 
     large = cache.get(f"large batches {label} from {','.join(large_candidates)}",
                       fastest_large)
-    small, rows = cache.get(f"small batches {label} from {','.join(usable)}",
-                            small_kernel_and_rows).split(":")
+    small, rows = cache.get(f"small batches {label} from {','.join(usable)} against {large}",
+                            lambda: small_kernel_and_rows(large)).split(":")
     if small == large:
         rows = "0"
     for i, layer in enumerate(layers):
