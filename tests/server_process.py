@@ -73,6 +73,17 @@ def running(model: Path | None, *flags: str, log: Path) -> Iterator[ServerProces
     assert process.stop(), process.log_path.read_text()[-3000:]
 
 
+def api_error(response: httpx.Response, status: int, param: str | None = None) -> str:
+    """The message of an OpenAI-style error answer, after checking its status (and the
+    parameter it names)."""
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["code"] == status
+    if param is not None:
+        assert error["param"] == param, error
+    return error["message"]
+
+
 def hermes_tool_flags(folder: Path) -> tuple[str, ...]:
     """The flags of a server that lists tools and parses hermes calls (the template written
     into `folder`)."""

@@ -12,7 +12,7 @@ import time
 import httpx
 import pytest
 
-from server_process import ServerProcess
+from server_process import ServerProcess, api_error as _error
 
 BODY_LIMIT = 8 * 2**20
 FLAGS = ("--dtype", "float32", "--device", "cpu", "--kv-cache-memory", "16MiB",
@@ -34,15 +34,6 @@ def _running(server) -> float:
         if line.startswith("kvflow:num_requests_running{"):
             return float(line.rsplit(" ", 1)[1])
     raise KeyError("kvflow:num_requests_running")
-
-
-def _error(response: httpx.Response, status: int, param: str | None = None) -> str:
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert error["code"] == status
-    if param is not None:
-        assert error["param"] == param, error
-    return error["message"]
 
 
 def test_oversized_bodies_get_413_before_they_are_read(server):

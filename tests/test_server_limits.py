@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 from fuzz_requests import chat_request
-from server_process import ServerProcess
+from server_process import ServerProcess, api_error as _error
 
 FLAGS = ("--dtype", "bfloat16", "--device", "cpu", "--kv-cache-memory", "16MiB",
          "--served-model-name", "tiny", "--max-num-seqs", "8", "--enable-auto-tool-choice",
@@ -37,15 +37,6 @@ def server(checkpoint, tmp_path_factory):
     process.wait_ready()
     yield process
     assert process.stop(), process.log_path.read_text()[-3000:]
-
-
-def _error(response: httpx.Response, status: int, param: str | None = None) -> str:
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert error["code"] == status
-    if param is not None:
-        assert error["param"] == param, error
-    return error["message"]
 
 
 def _healthy(server) -> None:
