@@ -88,6 +88,17 @@ def rotary_embeddings(config: ModelConfig, max_positions: int) -> list[RotaryEmb
     return [tables[config.rope_of(layer)] for layer in range(config.num_layers)]
 
 
+def run_decoder(layers: nn.ModuleList, norm: RMSNorm, x: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+    """The decoder layers over the embedded tokens, then the final norm. Each layer returns
+    (its output, the residual stream before it), so that each residual add is fused with
+    the norm after it."""
+    residual = None
+    for layer in layers:
+        x, residual = layer(x, residual, meta)
+    return norm(x, residual)[0]
+
+
 def embedding(config: ModelConfig) -> nn.Embedding:
     return nn.Embedding(config.vocab_size, config.hidden_size,
                         _weight=torch.empty(config.vocab_size, config.hidden_size))

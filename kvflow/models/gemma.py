@@ -22,7 +22,8 @@ from torch import nn
 
 from kvflow.attention.metadata import AttentionMetadata
 from kvflow.layers.norm import GemmaRMSNorm
-from kvflow.models.blocks import Attention, CausalLM, GatedMLP, embedding, rotary_embeddings
+from kvflow.models.blocks import (Attention, CausalLM, GatedMLP, embedding, rotary_embeddings,
+                                  run_decoder)
 from kvflow.models.config import ModelConfig, RopeConfig, require
 from kvflow.models.gguf.config import MAX_CONTEXT_LENGTH, read_gguf_config
 from kvflow.models.gguf.file import GgufFile
@@ -144,11 +145,8 @@ class GemmaModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
         # The scale rounded to the model's dtype first, as Gemma's reference code does.
-        x = x * torch.tensor(self.embed_scale, dtype=x.dtype)
-        residual = None
-        for layer in self.layers:
-            x, residual = layer(x, residual, meta)
-        return self.norm(x, residual)[0]
+        return run_decoder(self.layers, self.norm,
+                           x * torch.tensor(self.embed_scale, dtype=x.dtype), meta)
 
 
 class GemmaForCausalLM(CausalLM):

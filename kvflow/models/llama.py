@@ -15,7 +15,8 @@ from torch import nn
 
 from kvflow.attention.metadata import AttentionMetadata
 from kvflow.layers.norm import RMSNorm
-from kvflow.models.blocks import Attention, CausalLM, GatedMLP, embedding, rotary_embeddings
+from kvflow.models.blocks import (Attention, CausalLM, GatedMLP, embedding, rotary_embeddings,
+                                  run_decoder)
 from kvflow.models.config import ModelConfig, read_sliding_windows, require
 from kvflow.models.gguf.config import read_gguf_config
 from kvflow.models.gguf.layout import GgufLayout
@@ -82,10 +83,7 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        x, residual = self.embed_tokens(input_ids), None
-        for layer in self.layers:
-            x, residual = layer(x, residual, meta)
-        return self.norm(x, residual)[0]
+        return run_decoder(self.layers, self.norm, self.embed_tokens(input_ids), meta)
 
 
 class LlamaForCausalLM(CausalLM):
