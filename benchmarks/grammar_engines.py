@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kvflow.demo import cache_root, demo_model_path, train_tokenizer
+from kvflow.cache import cache_root
+from kvflow.demo import demo_model_path, train_tokenizer
 
 SCHEMAS = Path(__file__).resolve().parent.parent / "tests" / "data" / "json_schemas.json"
 QWEN_VOCAB = 151_665  # tokens in Qwen2.5's tokenizer

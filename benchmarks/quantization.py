@@ -32,7 +32,8 @@ from kvflow import LLM, SamplingParams
 from kvflow.bench.compare import KVFLOW_QUANTIZATIONS as FORMATS
 from kvflow.bench.gguf_export import export_gguf
 from kvflow.bench.hardware import cpuinfo
-from kvflow.demo import cache_root, demo_model_path, heldout_token_ids
+from kvflow.cache import cache_root
+from kvflow.demo import demo_model_path, heldout_token_ids
 from kvflow.quantization.base import QuantizedLinearMethod, QuantizedPlan
 
 GGUF_RECIPES = ("Q8_0", "Q4_0", "Q4_K_M")

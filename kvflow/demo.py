@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sysconfig
 from pathlib import Path
 
@@ -22,11 +21,6 @@ CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
     "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-
-
-def cache_root() -> Path:
-    """Where kvflow keeps what it builds or measures: $KVFLOW_CACHE or ~/.cache/kvflow."""
-    return Path(os.environ.get("KVFLOW_CACHE") or Path.home() / ".cache" / "kvflow")
 
 
 def demo_model_path() -> Path:

@@ -28,7 +28,7 @@ def small_ceilings(monkeypatch, tmp_path):
     """Measure the real ceilings, on small sizes, into a private cache; the kernels this
     machine built are linked in (building them again took 45 s in every test that ran an
     engine)."""
-    from kvflow.demo import cache_root
+    from kvflow.cache import cache_root
 
     private = tmp_path / "cache"
     private.mkdir()

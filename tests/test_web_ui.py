@@ -17,7 +17,8 @@ from fastapi.testclient import TestClient
 from playwright.sync_api import sync_playwright
 
 from kvflow.bench.hardware import ceilings_path, measure_ceilings
-from kvflow.demo import cache_root, demo_model_path
+from kvflow.cache import cache_root
+from kvflow.demo import demo_model_path
 from kvflow.engine.args import EngineArgs
 from kvflow.server.api_server import create_app
 from kvflow.server.args import ServerArgs

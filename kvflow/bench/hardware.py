@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from kvflow.demo import cache_root
+from kvflow.cache import cache_root, write_atomically
 from kvflow.worker.kv_cache import CPU_FULL_SEQUENCES, CPU_KV_CAP, available_host_memory
 from kvflow.worker.threads import physical_cores
 
@@ -136,10 +136,7 @@ def ceilings(device: str = "cpu", refresh: bool = False) -> dict:
     if path.exists() and not refresh:
         return json.loads(path.read_text())
     measured = measure_ceilings(device)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(f".{os.getpid()}.partial")
-    partial.write_text(json.dumps(measured, indent=1))
-    os.replace(partial, path)
+    write_atomically(path, json.dumps(measured, indent=1))
     return measured
 
 

@@ -25,7 +25,7 @@ from typing import Iterator
 import httpx
 
 from kvflow.bench.hardware import cpuinfo
-from kvflow.demo import cache_root
+from kvflow.cache import cache_root
 
 
 logger = logging.getLogger(__name__)

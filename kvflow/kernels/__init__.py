@@ -50,7 +50,7 @@ def _build_key(extra_flags: tuple[str, ...]) -> str:
 
 
 def build_dir(extra_flags: tuple[str, ...] = ()) -> Path:
-    from kvflow.demo import cache_root
+    from kvflow.cache import cache_root
 
     return cache_root() / "kernels" / _build_key(extra_flags)
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import sys
 import time
 from collections import defaultdict
@@ -32,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kvflow.cache import cache_root, write_atomically
 from kvflow.layers.linear import Linear
 from kvflow.layers.native import NativeKernelHook
 from kvflow.quantization.base import QuantizedKernel, QuantizedLinearMethod, QuantizedPlan
@@ -380,8 +380,6 @@ class _ChoiceCache:
     """Measured choices in one JSON file per machine, thread count and kernel build."""
 
     def __init__(self, ops: ModuleType) -> None:
-        from kvflow.demo import cache_root
-
         build = ops.__name__  # kvflow_cpu_ops_<build key>, wherever it was loaded from
         # The constants that shape a choice are part of the key: change one, measure again.
         key = (f"{build}|{torch.get_num_threads()}|{torch.__version__}|{GEMV_ROWS}|"
@@ -402,8 +400,5 @@ class _ChoiceCache:
             self.measured += 1
             logger.info("measured %s: %r (%.1f s)", key, self.choices[key],
                         time.monotonic() - start)
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            partial = self.path.with_suffix(f".{os.getpid()}.partial")
-            partial.write_text(json.dumps(self.choices, indent=1))
-            os.replace(partial, self.path)
+            write_atomically(self.path, json.dumps(self.choices, indent=1))
         return self.choices[key]
