@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import sys
+from typing import TYPE_CHECKING
 
-from kvflow.engine.args import EngineArgs
 from kvflow.logger import configure_logging
-from kvflow.server.args import ServerArgs
 from kvflow.vllm_compat import refusal
+
+if TYPE_CHECKING:
+    from kvflow.tokenizer.render_process import TemplateRenderer
 
 # `kvflow generate`'s sampling flags and their defaults where neither the flag nor the
 # model's generation config sets one.
@@ -19,6 +22,7 @@ _GENERATE_DEFAULTS = {"max_tokens": 64, "temperature": 0.0, "top_p": 1.0, "top_k
 
 def _generate(ns: argparse.Namespace) -> int:
     from kvflow import LLM, SamplingParams
+    from kvflow.engine.args import EngineArgs
 
     args = EngineArgs.from_cli_args(ns)
     llm = LLM(**dataclasses.asdict(args))
@@ -32,10 +36,11 @@ def _generate(ns: argparse.Namespace) -> int:
     return 0
 
 
-def _serve(ns: argparse.Namespace) -> int:
+def _serve(ns: argparse.Namespace, renderer: TemplateRenderer | None) -> int:
     from kvflow.models.config import ModelConfig
     from kvflow.models.gguf import is_gguf
     from kvflow.server.api_server import serve
+    from kvflow.server.args import ServerArgs
 
     args = ServerArgs.from_cli_args(ns)
     if is_gguf(args.engine.model):
@@ -43,11 +48,24 @@ def _serve(ns: argparse.Namespace) -> int:
         # architecture, tensor types and shapes) first, so that a bad one ends the command
         # with its message instead of a server that answers 503.
         ModelConfig.from_pretrained(args.engine.model)
-    serve(args)
+    serve(args, renderer)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    renderer = None
+    if argv[:1] == ["serve"] and not {"-h", "--help"} & set(argv):
+        from kvflow.tokenizer.render_process import TemplateRenderer
+
+        # The server renders chat templates in a worker process that imports transformers;
+        # started now, that import runs on another core while this process imports torch
+        # and the server, instead of after them, when the model's probe render waits on it.
+        renderer = TemplateRenderer()
+        renderer.prestart()
+    from kvflow.engine.args import EngineArgs
+    from kvflow.server.args import ServerArgs
+
     parser = argparse.ArgumentParser(prog="kvflow")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
@@ -76,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
                                             "Messages API.")
     ServerArgs.add_cli_args(serve)
     EngineArgs.add_cli_args(serve)
-    serve.set_defaults(handler=_serve)
+    serve.set_defaults(handler=functools.partial(_serve, renderer=renderer))
 
     from kvflow.bench.cli import add_commands
 

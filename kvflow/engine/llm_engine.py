@@ -12,7 +12,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from kvflow.attention.selector import select_backend
 from kvflow.config import CacheConfig, SchedulerConfig, parse_dtype
@@ -22,8 +21,6 @@ from kvflow.core.scheduler import Scheduler
 from kvflow.engine.args import EngineArgs
 from kvflow.engine.output_processor import OutputProcessor, ParentState
 from kvflow.engine.stats import EngineStats, SpecDecodeStats, StepObservations, StepRecord
-from kvflow.models.gguf import is_gguf
-from kvflow.models.gguf.tokenizer import load_gguf_tokenizer
 from kvflow.models.builder import KernelChoice, build_model
 from kvflow.models.loader import resolve_model_path
 from kvflow.outputs import (CompletionOutput, RequestMetrics, RequestOutput, RunnerOutput,
@@ -34,6 +31,7 @@ from kvflow.request import Request, RequestStatus
 from kvflow.sampling_params import ALL_LOGPROBS, ParameterError, SamplingParams
 from kvflow.spec_decode.builder import build_speculator
 from kvflow.structured_output.compiler import GrammarCompiler
+from kvflow.tokenizer.loader import load_tokenizer
 from kvflow.worker.kv_cache import default_kv_cache_memory, num_blocks_for
 from kvflow.worker.model_runner import ModelRunner
 from kvflow.worker.threads import configure_threads
@@ -77,7 +75,7 @@ class LLMEngine:
         tokenizer = (str(path) if args.tokenizer is None
                      else str(resolve_model_path(args.tokenizer, args.tokenizer_revision
                                                  or args.revision, args.download_dir)))
-        self.tokenizer = _load_tokenizer(tokenizer)
+        self.tokenizer = load_tokenizer(tokenizer)
         self.device = args.resolve_device()
         if self.device.type == "cpu":
             logger.info("CPU threads: %d", configure_threads(args.num_threads))
@@ -430,17 +428,3 @@ class LLMEngine:
         self._count_step(scheduler_output, runner_output, updated, started)
         self._publish_stats()
         return outputs
-
-
-def _load_tokenizer(path: str) -> PreTrainedTokenizerBase:
-    if is_gguf(path):
-        tokenizer = load_gguf_tokenizer(path)
-    else:
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(path)
-        except Exception as exc:
-            raise ValueError(f"could not load a tokenizer from {path}: {exc}") from exc
-    if getattr(tokenizer, "backend_tokenizer", None) is None:
-        raise ValueError(f"the tokenizer in {path} has no fast (tokenizers) backend, "
-                         "which kvflow's incremental detokenizer needs")
-    return tokenizer

@@ -166,15 +166,14 @@ class ModelConfig:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> "ModelConfig":
-        from transformers import AutoConfig
-
         from kvflow.models.gguf import GgufFile, is_gguf
         from kvflow.models.gguf.config import gguf_model_config
+        from kvflow.models.hf_config import load_hf_config
         from kvflow.models.registry import family_for
 
         if is_gguf(path):
             return gguf_model_config(GgufFile(path))
-        hf = AutoConfig.from_pretrained(str(path))
+        hf = load_hf_config(path)
         architectures = getattr(hf, "architectures", None) or []
         if not architectures:
             raise ValueError(f"{path}/config.json names no architecture")

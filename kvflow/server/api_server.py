@@ -66,8 +66,11 @@ ALL_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")
 
 
 class ServerState:
-    def __init__(self, args: ServerArgs) -> None:
+    def __init__(self, args: ServerArgs, renderer: TemplateRenderer | None = None) -> None:
+        """renderer: chat templates' render workers, already starting (kvflow/cli.py);
+        None: started at load."""
         self.args = args
+        self.renderer = renderer
         self.metrics = ServerMetrics(args.model_names[0], args.metrics_prefix)
         self.engine: AsyncEngine | None = None
         self.serving: OpenAIServing | None = None
@@ -82,8 +85,10 @@ class ServerState:
         """The engine, then one generation and a probe render of the chat template, before
         /health says 200: a model that loads but cannot answer is a failed load."""
         try:
-            renderer = TemplateRenderer()
-            renderer.prestart()  # its imports overlap the model's loading
+            renderer = self.renderer
+            if renderer is None:
+                renderer = TemplateRenderer()
+                renderer.prestart()  # its imports overlap the model's loading
             llm_engine = LLMEngine(self.args.engine)
             self.metrics.bind(llm_engine.max_model_len, llm_engine.cache_config_info(),
                               num_speculative_tokens=llm_engine.num_speculative_tokens)
@@ -213,8 +218,8 @@ def _warn_unknown(request: OpenAIModel) -> None:
         logger.warning("ignoring unknown request fields: %s%s", names, more)
 
 
-def create_app(args: ServerArgs) -> FastAPI:
-    state = ServerState(args)
+def create_app(args: ServerArgs, renderer: TemplateRenderer | None = None) -> FastAPI:
+    state = ServerState(args, renderer)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):  # noqa: ANN202
@@ -471,10 +476,10 @@ def create_app(args: ServerArgs) -> FastAPI:
     return app
 
 
-def serve(args: ServerArgs) -> None:
+def serve(args: ServerArgs, renderer: TemplateRenderer | None = None) -> None:
     import uvicorn
 
-    app = create_app(args)
+    app = create_app(args, renderer)
     state: ServerState = app.state.kvflow
 
     class Server(uvicorn.Server):
