@@ -117,6 +117,8 @@ class CausalLM(nn.Module):
         "gate_proj": ("gate_up_proj", "gate"),
         "up_proj": ("gate_up_proj", "up"),
     }
+    # an expert's checkpoint projection name -> gate, up or down (kvflow/layers/moe.py)
+    expert_projections: ClassVar[dict[str, str]] = {}
 
     config: ModelConfig
     model: nn.Module
