@@ -213,14 +213,19 @@ def test_unknown_architecture_is_refused(checkpoint, tmp_path):
 
 
 def test_every_layer_with_arithmetic_declares_its_native_kernel():
-    """Norms, activations and rotaries say whether they take a native kernel (linear
-    layers are planned by measurement): a new one cannot be skipped silently."""
+    """Norms, activations, rotaries and expert layers say whether they take a native
+    kernel (linear layers, the router among them, are planned by measurement): a new one
+    cannot be skipped silently."""
     import kvflow.layers.activation
+    import kvflow.layers.moe
     import kvflow.layers.norm
     import kvflow.layers.rotary
+    from kvflow.layers.linear import Linear
     from kvflow.layers.native import NativeKernelHook
 
-    for module in (kvflow.layers.activation, kvflow.layers.norm, kvflow.layers.rotary):
+    for module in (kvflow.layers.activation, kvflow.layers.norm, kvflow.layers.rotary,
+                   kvflow.layers.moe):
         for _, cls in inspect.getmembers(module, inspect.isclass):
-            if issubclass(cls, nn.Module) and cls.__module__ == module.__name__:
+            if (issubclass(cls, nn.Module) and not issubclass(cls, Linear)
+                    and cls.__module__ == module.__name__):
                 assert issubclass(cls, NativeKernelHook), cls
