@@ -96,7 +96,42 @@ VARIANTS: dict[str, dict] = {
                                   "original_max_position_embeddings": 32,
                                   "short_factor": [1.0, 1.5, 2.0, 3.0],
                                   "long_factor": [2.0, 4.0, 8.0, 16.0]}),
+    # Mixtures of experts. Qwen3-MoE: a dense layer between two with experts
+    # (mlp_only_layers), renormalized top-k. Qwen2-MoE: experts every other layer
+    # (decoder_sparse_step), a shared expert under its gate, top-k not renormalized.
+    # Mixtral: experts everywhere, always renormalized, a window shorter than most prompts.
+    # OLMoE: q/k norms across all heads, top-3 of 8 experts.
+    "qwen3-moe": dict(model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"],
+                      num_hidden_layers=3, head_dim=32, num_experts=8, num_experts_per_tok=2,
+                      moe_intermediate_size=32, mlp_only_layers=[1], norm_topk_prob=True),
+    "qwen2-moe": dict(model_type="qwen2_moe", architectures=["Qwen2MoeForCausalLM"],
+                      num_hidden_layers=4, num_experts=4, num_experts_per_tok=2,
+                      moe_intermediate_size=32, shared_expert_intermediate_size=48,
+                      decoder_sparse_step=2, norm_topk_prob=False),
+    "mixtral": dict(model_type="mixtral", architectures=["MixtralForCausalLM"],
+                    intermediate_size=48, num_local_experts=4, num_experts_per_tok=2,
+                    sliding_window=12),
+    "olmoe": dict(model_type="olmoe", architectures=["OlmoeForCausalLM"], intermediate_size=32,
+                  num_experts=8, num_experts_per_tok=3, norm_topk_prob=False),
 }
+MOE_VARIANTS = ("qwen3-moe", "qwen2-moe", "mixtral", "olmoe")
+
+
+def _set_routers(model: torch.nn.Module, routers: str) -> None:
+    """'tied': in every router, experts 2 and 3 score as expert 1 does, so that which of
+    them a token takes is top-k's tie order. 'dead': the first router scores every expert
+    0 for every token, so that its layer sends all tokens to the same top-k experts (the
+    tie order's first) and none to the others."""
+    gates = [layer.mlp.gate.weight for layer in model.model.layers
+             if hasattr(layer.mlp, "gate")]
+    with torch.no_grad():
+        if routers == "tied":
+            for weight in gates:
+                weight[2:4] = weight[1]
+        elif routers == "dead":
+            gates[0].zero_()
+        else:
+            raise ValueError(f"routers={routers!r}")
 
 
 def _scale_weights(model: torch.nn.Module, seed: int) -> None:
@@ -113,13 +148,18 @@ def _scale_weights(model: torch.nn.Module, seed: int) -> None:
 
 
 def build_checkpoint(out_dir: Path, variant: str, seed: int = 0, dtype: str = "float32",
-                     max_shard_size: str | None = None, **overrides) -> Path:
+                     max_shard_size: str | None = None, routers: str | None = None,
+                     **overrides) -> Path:
+    """routers: a mixture of experts' routers set to force ties ('tied', 'dead': see
+    _set_routers); None leaves them random."""
     fields = {**BASE, **VARIANTS[variant], **overrides}
     model_type = fields.pop("model_type")
     config = AutoConfig.for_model(model_type, **fields)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     _scale_weights(model, seed)
+    if routers is not None:
+        _set_routers(model, routers)
     model = model.to(getattr(torch, dtype))
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(out_dir, **kwargs)

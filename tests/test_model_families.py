@@ -1,7 +1,8 @@
 """Gemma 2, Gemma 3 and Phi-3 through the registry: the same tokens as transformers, with
 what sets each family apart exercised (soft caps, sandwich norms, windows, per-layer RoPE,
 LongRoPE on both sides of its switch, partial rotary, fused checkpoints), and every engine
-feature kept on them."""
+feature kept on them. The mixture-of-experts families share the bf16 check here; their
+other tests are in test_moe.py."""
 from __future__ import annotations
 
 import inspect
@@ -10,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from checkpoints import MOE_VARIANTS
 from conftest import assert_greedy_matches, hf_greedy, random_prompts
 from kvflow import LLM, SamplingParams, StructuredOutputsParams
 
@@ -117,7 +119,7 @@ def test_gemma2_final_soft_cap_in_logprobs(references, hf_model):
                                                      abs=1e-4)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", [*FAMILIES, *MOE_VARIANTS])
 def test_bfloat16_as_close_as_transformers_bfloat16(family, checkpoint, hf_model):
     """bf16 logprobs of the top 20 tokens at the last prompt position stray from the
     float32 reference at most 1.5x as far (+0.02) as transformers' own bf16 run does. The
@@ -213,14 +215,19 @@ def test_unknown_architecture_is_refused(checkpoint, tmp_path):
 
 
 def test_every_layer_with_arithmetic_declares_its_native_kernel():
-    """Norms, activations and rotaries say whether they take a native kernel (linear
-    layers are planned by measurement): a new one cannot be skipped silently."""
+    """Norms, activations, rotaries and expert layers say whether they take a native
+    kernel (linear layers, the router among them, are planned by measurement): a new one
+    cannot be skipped silently."""
     import kvflow.layers.activation
+    import kvflow.layers.moe
     import kvflow.layers.norm
     import kvflow.layers.rotary
+    from kvflow.layers.linear import Linear
     from kvflow.layers.native import NativeKernelHook
 
-    for module in (kvflow.layers.activation, kvflow.layers.norm, kvflow.layers.rotary):
+    for module in (kvflow.layers.activation, kvflow.layers.norm, kvflow.layers.rotary,
+                   kvflow.layers.moe):
         for _, cls in inspect.getmembers(module, inspect.isclass):
-            if issubclass(cls, nn.Module) and cls.__module__ == module.__name__:
+            if (issubclass(cls, nn.Module) and not issubclass(cls, Linear)
+                    and cls.__module__ == module.__name__):
                 assert issubclass(cls, NativeKernelHook), cls

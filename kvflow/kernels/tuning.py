@@ -33,6 +33,7 @@ from torch import nn
 
 from kvflow.cache import cache_root, write_atomically
 from kvflow.layers.linear import Linear
+from kvflow.layers.moe import FusedMoE, UnquantizedExpertMethod
 from kvflow.layers.native import NativeKernelHook
 from kvflow.quantization.base import QuantizedKernel, QuantizedLinearMethod, QuantizedPlan
 from kvflow.quantization.unquantized import LinearPlan, UnquantizedLinearMethod
@@ -149,7 +150,8 @@ def install_batch_invariant_kernels(model: nn.Module, ops: ModuleType) -> None:
     """The native kernels whose arithmetic for one row does not depend on the other rows:
     every linear layer through the native GEMV at any batch size (it reduces each output
     in one fixed order, by lanes then across them, whatever the number of rows), quantized
-    ones through their method's native GEMV; nothing chosen by timing."""
+    ones through their method's native GEMV, every expert's rows of an expert layer through
+    the GEMV too; nothing chosen by timing."""
     _attach_glue(model, ops)
     for module in model.modules():
         if isinstance(module, Linear) and isinstance(module.method, UnquantizedLinearMethod):
@@ -161,6 +163,10 @@ def install_batch_invariant_kernels(model: nn.Module, ops: ModuleType) -> None:
                                  "native GEMV to run every batch size through")
             weights = kernel.prepare(module) if kernel.prepare is not None else ()
             module.plan = QuantizedPlan(ops, "native", sys.maxsize, "native", weights)
+        elif isinstance(module, FusedMoE):
+            # Quantized expert methods will bring their own GEMVs; only float experts exist.
+            assert isinstance(module.method, UnquantizedExpertMethod), module.method
+            module.plan = LinearPlan(ops=ops, gemv_max_rows=sys.maxsize)
     if getattr(model, "tied_head_weight", None) is not None:
         model.lm_head_plan = LinearPlan(ops=ops, gemv_max_rows=sys.maxsize)
 

@@ -37,4 +37,24 @@ class GeluTanhAndMul(nn.Module, NativeKernelHook):
         return F.gelu(gate, approximate="tanh") * up
 
 
+class ClampedSwiGLU(nn.Module, NativeKernelHook):
+    """gpt-oss's expert activation: gate clamped above and up on both sides at `limit`,
+    then (up + 1) * gate * sigmoid(alpha * gate) (transformers' GptOssExperts._apply_gate,
+    with gate and up as halves; its checkpoints interleave them, undone at load)."""
+
+    def __init__(self, alpha: float = 1.702, limit: float = 7.0) -> None:
+        super().__init__()
+        self.alpha = alpha
+        self.limit = limit
+
+    def attach_native(self, ops: ModuleType) -> bool:
+        return False  # no native kernel: it runs only in the experts' PyTorch path so far
+
+    def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up.chunk(2, dim=-1)
+        gate = gate.clamp(max=self.limit)
+        up = up.clamp(min=-self.limit, max=self.limit)
+        return (up + 1) * (gate * torch.sigmoid(gate * self.alpha))
+
+
 ACTIVATIONS: dict[str, type[nn.Module]] = {"silu": SiluAndMul, "gelu_tanh": GeluTanhAndMul}

@@ -1,5 +1,6 @@
 """The building blocks family files compose: attention with RoPE over the paged KV cache,
-the gated MLP, and the causal-LM shell (embedding, LM head, logits).
+the gated MLP, the experts that replace it in mixture-of-experts layers, and the
+causal-LM shell (embedding, LM head, logits).
 
 Module names follow Hugging Face checkpoints (`self_attn.qkv_proj`, `mlp.down_proj`, ...),
 so that a checkpoint tensor finds its parameter by name; `prefix` is a layer's full name,
@@ -16,6 +17,7 @@ from kvflow.attention.metadata import AttentionMetadata
 from kvflow.layers.activation import ACTIVATIONS
 from kvflow.layers.attention import PagedAttention
 from kvflow.layers.linear import Linear, MergedLinear
+from kvflow.layers.moe import FusedMoE, TopKRouter
 from kvflow.layers.norm import RMSNorm
 from kvflow.layers.rotary import RotaryEmbedding
 from kvflow.models.config import ModelConfig
@@ -41,8 +43,11 @@ class Attention(nn.Module):
                                      prefix=f"{prefix}.qkv_proj")
         self.o_proj = Linear(q_size, config.hidden_size, bias=config.o_bias,
                              quant_config=quant_config, prefix=f"{prefix}.o_proj")
-        self.q_norm = norm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
-        self.k_norm = norm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        # Per head (Qwen3, Gemma 3), or across all heads at once (OLMoE).
+        q_width, k_width = ((q_size, kv_size) if config.qk_norm_all_heads
+                            else (config.head_dim, config.head_dim))
+        self.q_norm = norm(q_width, config.rms_norm_eps) if config.qk_norm else None
+        self.k_norm = norm(k_width, config.rms_norm_eps) if config.qk_norm else None
         self.rotary = rotary
         self.attn = PagedAttention(config.num_heads, config.num_kv_heads, config.head_dim,
                                    config.sliding_windows[layer_idx], config.scale,
@@ -50,11 +55,12 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         q, k, v = self.qkv_proj.split(self.qkv_proj(x))
+        if self.q_norm is not None:
+            q = self.q_norm(q.reshape(-1, self.q_norm.weight.shape[0]))
+            k = self.k_norm(k.reshape(-1, self.k_norm.weight.shape[0]))
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(meta.positions, q, k)
         return self.o_proj(self.attn(q, k, v, meta).flatten(1))
 
@@ -63,9 +69,10 @@ class GatedMLP(nn.Module):
     """down(act(gate(x)) * up(x)), gate and up in one fused projection."""
 
     def __init__(self, config: ModelConfig, quant_config: QuantizationConfig | None,
-                 prefix: str) -> None:
+                 prefix: str, size: int | None = None) -> None:
+        """size: the width between the projections (None: the config's intermediate_size)."""
         super().__init__()
-        size = config.intermediate_size
+        size = size or config.intermediate_size
         self.gate_up_proj = MergedLinear(config.hidden_size, {"gate": size, "up": size},
                                          bias=config.mlp_bias, quant_config=quant_config,
                                          prefix=f"{prefix}.gate_up_proj")
@@ -75,6 +82,46 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_up_proj(x)))
+
+
+class SparseMoeBlock(nn.Module):
+    """The experts in place of the MLP: the router (`gate`) picks each token's experts,
+    whose outputs are summed with its weights; with a shared expert (Qwen2-MoE), every
+    token also takes that MLP, scaled by a sigmoid gate of its own."""
+
+    def __init__(self, config: ModelConfig, quant_config: QuantizationConfig | None,
+                 prefix: str) -> None:
+        super().__init__()
+        moe = config.moe
+        assert moe is not None, "an expert layer in a model without a MoeConfig"
+        self.gate = TopKRouter(config.hidden_size, moe.num_experts, moe.top_k, moe.scoring,
+                               moe.norm_topk_prob, prefix=f"{prefix}.gate")
+        self.experts = FusedMoE(moe.num_experts, config.hidden_size, moe.intermediate_size,
+                                ACTIVATIONS[config.hidden_act](), quant_config=quant_config,
+                                prefix=f"{prefix}.experts")
+        if moe.shared_expert_size:
+            self.shared_expert = GatedMLP(config, quant_config, f"{prefix}.shared_expert",
+                                          moe.shared_expert_size)
+            # Kept in the model's dtype, as the router is: it scales a whole MLP's output.
+            self.shared_expert_gate = Linear(config.hidden_size, 1, bias=False,
+                                             prefix=f"{prefix}.shared_expert_gate")
+        else:
+            self.shared_expert = self.shared_expert_gate = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.experts(x, *self.gate.route(x))
+        if self.shared_expert is not None:
+            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return out
+
+
+def feed_forward(config: ModelConfig, layer_idx: int, quant_config: QuantizationConfig | None,
+                 prefix: str) -> nn.Module:
+    """A layer's MLP: its experts where the model has them at this layer, else the dense
+    gated MLP."""
+    if config.moe is not None and config.moe.sparse_layers[layer_idx]:
+        return SparseMoeBlock(config, quant_config, prefix)
+    return GatedMLP(config, quant_config, prefix)
 
 
 def rotary_embeddings(config: ModelConfig, max_positions: int) -> list[RotaryEmbedding]:
@@ -117,6 +164,8 @@ class CausalLM(nn.Module):
         "gate_proj": ("gate_up_proj", "gate"),
         "up_proj": ("gate_up_proj", "up"),
     }
+    # an expert's checkpoint projection name -> gate, up or down (kvflow/layers/moe.py)
+    expert_projections: ClassVar[dict[str, str]] = {}
 
     config: ModelConfig
     model: nn.Module

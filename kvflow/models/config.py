@@ -135,6 +135,20 @@ def require(hf: Any, name: str, allowed: tuple[Any, ...], default: Any = None) -
 
 
 @dataclass(frozen=True)
+class MoeConfig:
+    """A mixture-of-experts model's expert layers (kvflow/layers/moe.py)."""
+
+    num_experts: int
+    top_k: int  # experts per token
+    intermediate_size: int  # each expert's width
+    norm_topk_prob: bool  # the chosen experts' weights rescaled to sum to 1
+    # per layer: experts (True) or the dense MLP of ModelConfig.intermediate_size
+    sparse_layers: tuple[bool, ...]
+    scoring: str = "softmax"  # softmax | sigmoid: router logits -> scores
+    shared_expert_size: int = 0  # Qwen2-MoE's expert every token takes, under a sigmoid gate
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     path: str
     architecture: str
@@ -163,6 +177,8 @@ class ModelConfig:
     attention_scale: float | None = None  # scores' factor (None: head_dim ** -0.5)
     attn_logit_softcap: float | None = None  # scores -> cap * tanh(scores / cap)
     final_logit_softcap: float | None = None  # the same on the LM head's logits
+    qk_norm_all_heads: bool = False  # q/k norms over all heads at once (OLMoE), not per head
+    moe: MoeConfig | None = None  # the expert layers of a mixture-of-experts model
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> "ModelConfig":

@@ -3,19 +3,20 @@
 Reads top to bottom: the config readers (what sets the four apart: biases, Qwen3's
 per-head q/k RMSNorm, Mistral's window on every layer), DecoderLayer, Model, ForCausalLM,
 and the registry entries. Inputs are flat token batches; `AttentionMetadata` says where
-each token sits and where its KV goes.
+each token sits and where its KV goes. The mixture-of-experts families (moe.py) run this
+decoder with experts in place of the MLP where their config has them.
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from kvflow.attention.metadata import AttentionMetadata
 from kvflow.layers.norm import RMSNorm
-from kvflow.models.blocks import (Attention, CausalLM, GatedMLP, embedding, rotary_embeddings,
+from kvflow.models.blocks import (Attention, CausalLM, embedding, feed_forward, rotary_embeddings,
                                   run_decoder)
 from kvflow.models.config import ModelConfig, read_sliding_windows, require
 from kvflow.models.gguf.config import read_gguf_config
@@ -51,11 +52,14 @@ def read_qwen3(hf: Any, path: Path) -> ModelConfig:
 
 class DecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int, rotary: nn.Module,
-                 quant_config: QuantizationConfig | None) -> None:
+                 quant_config: QuantizationConfig | None, feed_forward_name: str) -> None:
+        """feed_forward_name: what checkpoints call the MLP (or the experts in its place)."""
         super().__init__()
         prefix = f"model.layers.{layer_idx}"
         self.self_attn = Attention(config, layer_idx, rotary, quant_config, f"{prefix}.self_attn")
-        self.mlp = GatedMLP(config, quant_config, f"{prefix}.mlp")
+        self.feed_forward_name = feed_forward_name
+        self.add_module(feed_forward_name, feed_forward(config, layer_idx, quant_config,
+                                                        f"{prefix}.{feed_forward_name}"))
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -69,16 +73,17 @@ class DecoderLayer(nn.Module):
             x, residual = self.input_layernorm(x, residual)
         x = self.self_attn(x, meta)
         x, residual = self.post_attention_layernorm(x, residual)
-        return self.mlp(x), residual
+        return getattr(self, self.feed_forward_name)(x), residual
 
 
 class LlamaModel(nn.Module):
     def __init__(self, config: ModelConfig, max_positions: int,
-                 quant_config: QuantizationConfig | None) -> None:
+                 quant_config: QuantizationConfig | None, feed_forward_name: str) -> None:
         super().__init__()
         self.embed_tokens = embedding(config)
         rotaries = rotary_embeddings(config, max_positions)
-        self.layers = nn.ModuleList(DecoderLayer(config, i, rotaries[i], quant_config)
+        self.layers = nn.ModuleList(DecoderLayer(config, i, rotaries[i], quant_config,
+                                                 feed_forward_name)
                                     for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -87,13 +92,17 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(CausalLM):
+    # what checkpoints call each layer's MLP, or the experts in its place (Mixtral's
+    # block_sparse_moe)
+    feed_forward_name: ClassVar[str] = "mlp"
+
     def __init__(self, config: ModelConfig, max_positions: int,
                  quant_config: QuantizationConfig | None = None,
                  lm_head_quant_config: QuantizationConfig | None = None) -> None:
         """quant_config: the format of the decoder layers' linear weights (None: the model's
         dtype); lm_head_quant_config: the LM head's."""
         super().__init__()
-        self.model = LlamaModel(config, max_positions, quant_config)
+        self.model = LlamaModel(config, max_positions, quant_config, self.feed_forward_name)
         self.init_head(config, lm_head_quant_config)
 
 

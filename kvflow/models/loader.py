@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -136,7 +137,8 @@ def load_weights(model: CausalLM,
     for name, param in params.items():
         if hasattr(param, "filled_by"):
             continue
-        shards = getattr(_owner(model, name), "shard_offsets", None) or [None]
+        shards = (getattr(param, "shards", None)
+                  or getattr(_owner(model, name), "shard_offsets", None) or [None])
         expected.update((name, shard) for shard in shards)
     loaded: set[tuple[str, str | None]] = set()
     tied = model.config.tie_word_embeddings
@@ -147,7 +149,7 @@ def load_weights(model: CausalLM,
             # A tied head in a format of its own: a second copy, made from the embedding.
             model.lm_head.weight.weight_loader(model.lm_head.weight, tensor, None)
             loaded.add(("lm_head.weight", None))
-        name, shard = _map_name(key, model.packed_modules)
+        name, shard = _map_name(key, model.packed_modules, model.expert_projections)
         if name not in params:
             raise ValueError(f"checkpoint tensor {key!r} in {source} matches no "
                              f"parameter of {model.config.architecture}")
@@ -157,8 +159,7 @@ def load_weights(model: CausalLM,
             loader(param, tensor, shard)
         except ValueError as exc:
             raise ValueError(f"checkpoint tensor {key!r} in {source}: {exc}") from exc
-        if shard is None:  # a checkpoint that stores the fused layer whole (Phi-3's qkv_proj)
-            loaded.update((n, s) for n, s in expected if n == name)
+        loaded.update((n, s) for n, s in expected if n == name and _covers(shard, s))
         loaded.add((name, shard))
     missing = sorted(f"{n}[{s}]" if s else n for n, s in expected - loaded)
     if missing:
@@ -170,7 +171,28 @@ def _default_weight_loader(param: nn.Parameter, loaded: torch.Tensor,
     checked_copy(param.data, loaded)
 
 
-def _map_name(key: str, packed: dict[str, tuple[str, str]]) -> tuple[str, str | None]:
+def _covers(loaded: str | None, shard: str | None) -> bool:
+    """Whether a tensor loaded as shard `loaded` fills `shard`: None is the whole parameter
+    (a checkpoint that stores a fused layer whole, as Phi-3's qkv_proj), and a shard
+    covers its parts, named "shard:part" (stacked experts' "gate" covers "gate:3")."""
+    return loaded is None or shard == loaded or (shard or "").startswith(f"{loaded}:")
+
+
+# A tensor of one expert: (the expert layer's name, expert, projection, weight or bias)
+_EXPERT_KEY = re.compile(r"(.+\.experts)\.(\d+)\.(\w+)\.(weight|bias)")
+
+
+def _map_name(key: str, packed: dict[str, tuple[str, str]],
+              experts: dict[str, str]) -> tuple[str, str | None]:
+    """A checkpoint tensor's parameter and shard: an expert's projection (named in
+    `experts`) goes to its expert layer's stacked parameter, a projection that is part of
+    a fused layer (named in `packed`) to that layer's shard."""
+    match = _EXPERT_KEY.fullmatch(key)
+    if match and match[3] in experts:
+        projection = experts[match[3]]
+        param = "down_proj" if projection == "down" else "gate_up_proj"
+        suffix = "" if match[4] == "weight" else "_bias"
+        return f"{match[1]}.{param}{suffix}", f"{projection}:{match[2]}"
     for checkpoint_name, (fused_name, shard) in packed.items():
         part = f".{checkpoint_name}."
         if part in key:

@@ -1,9 +1,10 @@
 """Which architectures kvflow runs, and how to build each: the model registry.
 
-A family file (kvflow/models/llama.py, gemma.py, phi3.py) composes the shared blocks of
-kvflow/models/blocks.py into its decoder and registers, per Hugging Face architecture
-name, its model class (whose `packed_modules` maps checkpoint projections onto fused
-layers) and its config reader, which turns a transformers config into a ModelConfig and
+A family file (kvflow/models/llama.py, gemma.py, phi3.py, moe.py) composes the shared
+blocks of kvflow/models/blocks.py into its decoder and registers, per Hugging Face
+architecture name, its model class (whose `packed_modules` maps checkpoint projections
+onto fused layers, and `expert_projections` experts' onto their stacked tensors) and its
+config reader, which turns a transformers config into a ModelConfig and
 refuses, by name, any field the family file does not implement. A family that kvflow
 reads from GGUF files also registers its `GgufLayout` (kvflow/models/gguf/layout.py), which
 a file's `general.architecture` finds. Adding a family is one file and one line in
@@ -23,7 +24,8 @@ if TYPE_CHECKING:
     from kvflow.models.gguf.layout import GgufLayout
 
 # The modules that register families, imported on first use of the registry.
-FAMILY_MODULES = ("kvflow.models.llama", "kvflow.models.gemma", "kvflow.models.phi3")
+FAMILY_MODULES = ("kvflow.models.llama", "kvflow.models.gemma", "kvflow.models.phi3",
+                  "kvflow.models.moe")
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from torch import nn
 
 if TYPE_CHECKING:
     from kvflow.layers.linear import Linear
+    from kvflow.layers.moe import ExpertMethod
 
 WeightLoader = Callable[[nn.Parameter, torch.Tensor, "str | None"], None]
 
@@ -50,6 +51,13 @@ class QuantizationConfig(ABC):
         """The method of the layer named `prefix` (its checkpoint name, e.g.
         "model.layers.0.self_attn.qkv_proj"; "" where the caller has none): a file whose
         tensors come in several formats (GGUF) answers per layer."""
+
+    def expert_method(self, prefix: str) -> ExpertMethod:
+        """The method of the expert layer named `prefix` (kvflow/layers/moe.py). A format
+        without one refuses the layer rather than leave its experts, most of an MoE
+        model's weights, in another format than asked for."""
+        raise ValueError(f"quantization {self.name!r} has no method for expert layers yet "
+                         f"({prefix}): run mixture-of-experts models unquantized")
 
 
 @dataclass(frozen=True)
