@@ -26,7 +26,7 @@ from conftest import random_prompts, rewrite_gguf
 from kvflow import LLM, SamplingParams
 from kvflow.bench.gguf_quants import quantize
 from kvflow.models.config import ModelConfig
-from kvflow.models.gguf.weights import plan_gguf, unpack_q4_0, unpack_q4_k
+from kvflow.models.gguf.weights import plan_gguf, unpack_q4_0, unpack_q4_1, unpack_q4_k
 from kvflow.models.llama import LlamaForCausalLM
 from kvflow.quantization.int4 import dequantize_int4, pack_int4
 from kvflow.quantization.int8 import quantize_int8
@@ -53,15 +53,16 @@ def _random_blocks(type_name: str, rows: int, cols: int, seed: int) -> np.ndarra
     """Blocks of random bytes, every bit pattern of nibbles and 6-bit scales included, with
     their fp16 scales set to finite values."""
     rng = np.random.default_rng(seed)
-    block, width = {"Q4_0": (32, 18), "Q4_K": (256, 144)}[type_name]
+    block, width = {"Q4_0": (32, 18), "Q4_1": (32, 20), "Q4_K": (256, 144)}[type_name]
     data = rng.integers(0, 256, (rows, cols // block, width), dtype=np.uint8)
-    scales = 2 if type_name == "Q4_0" else 4  # d (and Q4_K's dmin) lead each block
+    scales = 2 if type_name == "Q4_0" else 4  # d (and Q4_1's m, Q4_K's dmin) lead each block
     data[..., :scales] = (rng.random((rows, cols // block, scales // 2)) * 0.02).astype(
         np.float16).view(np.uint8)
     return data.reshape(rows, -1)
 
 
-@pytest.mark.parametrize("type_name,unpack", [("Q4_0", unpack_q4_0), ("Q4_K", unpack_q4_k)])
+@pytest.mark.parametrize("type_name,unpack", [("Q4_0", unpack_q4_0), ("Q4_1", unpack_q4_1),
+                                              ("Q4_K", unpack_q4_k)])
 def test_int4_unpacking_is_bit_exact_against_the_gguf_dequantizer(type_name, unpack):
     rows, cols = 6, 512
     data = _random_blocks(type_name, rows, cols, seed=0)
@@ -75,6 +76,19 @@ def test_int4_unpacking_is_bit_exact_against_the_gguf_dequantizer(type_name, unp
     assert torch.equal(dequantize_int4(pack_int4(blocked), scale.repeat(3, 1)[:16],
                                        offset.repeat(3, 1)[:16]),
                        torch.from_numpy(expected).repeat(3, 1)[:16])
+
+
+def test_the_logged_change_of_rounded_scales_is_the_dequantized_difference():
+    from kvflow.models.gguf.weights import _WeightChange
+
+    q, scale, offset = unpack_q4_1(_random_blocks("Q4_1", 16, 256, seed=1), 16, 256)
+    measured, analytic = _WeightChange(), _WeightChange()
+    exact = dequantize_int4(pack_int4(q), scale, offset)
+    measured.add(exact, dequantize_int4(pack_int4(q), scale.to(torch.bfloat16),
+                                        offset.to(torch.bfloat16)))
+    analytic.add_rounded_groups(q, scale, offset, torch.bfloat16)
+    assert analytic.squared_error == pytest.approx(measured.squared_error, rel=1e-3)
+    assert analytic.squared_norm == pytest.approx(measured.squared_norm, rel=1e-4)
 
 
 def _planned(shapes, hf_names, config=None):
@@ -120,7 +134,7 @@ def _reader_tensor(path, name):
     return next(t for t in GGUFReader(path).tensors if t.name == name)
 
 
-@pytest.mark.parametrize("recipe", ["F16", "BF16", "Q8_0", "Q4_0", "Q4_K_M"])
+@pytest.mark.parametrize("recipe", ["F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K_M"])
 def test_every_parameter_is_what_the_gguf_dequantizer_reads(gguf_file, recipe):
     """Qwen2 (q/k/v biases, no q/k permutation): each loaded parameter, run in float32,
     against the gguf package's dequantization of its tensor; int8 layers hold that
@@ -152,7 +166,7 @@ def test_every_parameter_is_what_the_gguf_dequantizer_reads(gguf_file, recipe):
             [tensors[f"blk.{i}.{n}.bias"] for n in ("attn_q", "attn_k", "attn_v")]))
         assert torch.equal(layer.input_layernorm.weight, tensors[f"blk.{i}.attn_norm.weight"])
     native = {"Q8_0": "Int8LinearMethod", "Q4_0": "Int4LinearMethod",
-              "Q4_K_M": "Int4LinearMethod"}.get(recipe)
+              "Q4_1": "Int4LinearMethod", "Q4_K_M": "Int4LinearMethod"}.get(recipe)
     if recipe == "Q4_K_M":  # layer 2's Q6_K v (in the fused qkv) and down run unquantized
         assert {"Q4_K", "Q6_K"} <= types and methods == {native, "UnquantizedLinearMethod"}
     else:
@@ -571,6 +585,33 @@ def test_hostile_files_are_refused_fast_in_bounded_memory(gguf_file, tmp_path):
              or seconds > 10]
     assert not wrong
     assert report["rss_growth"] < 512 * 2**20, report["rss_growth"]
+
+
+@pytest.mark.parametrize("variant,recipe", [("llama3-rope", "Q4_K_M"), ("phi3", "BF16"),
+                                            ("gemma2", "F16")])
+def test_kvflow_reads_what_the_gguf_package_reads(gguf_file, variant, recipe):
+    """kvflow's own header reader (kvflow/models/gguf/header.py) against GGUFReader: every
+    metadata value, and every tensor's type, shape and bytes (Llama 3's rope_freqs and
+    Phi-3's LongRoPE factors included)."""
+    from kvflow.models.gguf import GgufFile
+
+    path, _ = gguf_file(variant, recipe, **_k_quant_shape(variant))
+    ours, reader = GgufFile(path), GGUFReader(path)
+    # GGUFReader adds the header's counts as GGUF.* fields
+    fields = {k: f for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    assert ours.keys() == list(fields)
+    for key, field in fields.items():
+        assert ours.get(key) == field.contents(), key
+    theirs = {t.name: t for t in reader.tensors}
+    assert len(theirs) == len(ours.tensors) + len(ours.rope_tensors)
+    for name, tensor in ours.tensors.items():
+        expected = theirs[name]
+        assert tensor.type_name == expected.tensor_type.name
+        assert tensor.shape == tuple(reversed(expected.shape.tolist()))
+        assert tensor.data.dtype == expected.data.dtype
+        assert np.array_equal(tensor.data, expected.data), name
+    for base, values in ours.rope_tensors.items():
+        assert np.array_equal(values, np.asarray(theirs[f"{base}.weight"].data).reshape(-1))
 
 
 def test_metadata_that_the_reader_could_not_hold_is_refused(gguf_file, monkeypatch):

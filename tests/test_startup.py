@@ -110,3 +110,28 @@ def test_a_restart_imports_no_model_package_of_transformers(checkpoint, cache):
         assert run.returncode == 0, run.stderr
     assert "configuration_llama" in runs[0].stdout  # the first start resolved them
     assert runs[1].stdout.strip() == "[]"
+
+
+def test_a_restart_loads_the_tokenizer_built_from_a_gguf_file(gguf_file, tmp_path, cache):
+    from kvflow.models.gguf.tokenizer import load_gguf_tokenizer
+
+    source, _ = gguf_file("llama-gqa", "F16")
+    path = tmp_path / "model.gguf"
+    path.write_bytes(source.read_bytes())
+    built = load_gguf_tokenizer(path)
+    first, again = load_tokenizer(path), load_tokenizer(path)
+    [saved] = (cache / "tokenizers").iterdir()
+    text = "<|user|>def f(x):\n    return x  # é 数<|end|>"
+    for tokenizer in (first, again):
+        assert type(tokenizer) is type(built)
+        assert tokenizer(text)["input_ids"] == built(text)["input_ids"]
+        assert tokenizer.decode(built(text)["input_ids"]) == built.decode(built(text)["input_ids"])
+        assert (tokenizer.bos_token_id, tokenizer.eos_token_id) == (built.bos_token_id,
+                                                                     built.eos_token_id)
+        assert tokenizer.all_special_ids == built.all_special_ids
+        assert tokenizer.chat_template == built.chat_template
+    # A file written again is a new file: its tokenizer is built again.
+    os.utime(path, ns=(0, 0))
+    load_tokenizer(path)
+    assert len(list((cache / "tokenizers").iterdir())) == 2
+    assert saved.exists()

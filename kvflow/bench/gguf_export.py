@@ -27,10 +27,10 @@ from safetensors import safe_open
 from kvflow.bench.gguf_quants import quantize
 
 # recipe -> GGML type of the decoder's and embedding's matrices; norms and biases stay F32.
-RECIPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_K_M")
+RECIPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K_M")
 # Without a whole number of 256-column super-blocks per row, llama-quantize falls back.
 _K_FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
-_FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q8_0": 7, "Q4_K_M": 15, "BF16": 32}
+_FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q4_K_M": 15, "BF16": 32}
 _ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama",
                   "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
                   "Gemma2ForCausalLM": "gemma2", "Gemma3ForCausalLM": "gemma3",
@@ -58,8 +58,8 @@ def _matrix_type(recipe: str, gguf_name: str, num_layers: int, cols: int, tied: 
     parts = gguf_name.split(".")
     if gguf_name == "output.weight" or (tied and gguf_name == "token_embd.weight"):
         chosen = "Q6_K"
-    elif recipe == "Q4_0":
-        chosen = "Q4_0"
+    elif recipe in ("Q4_0", "Q4_1"):
+        chosen = recipe
     elif parts[0] == "blk" and parts[2] == "attn_qkv":
         chosen = "Q5_K"
     else:

@@ -6,6 +6,10 @@ one of the generic classes that transformers exports at its top level, the choic
 in kvflow's cache, keyed by the files it was made from and transformers' version, and later
 starts load that class directly. Other choices (a family's own tokenizer class) go through
 AutoTokenizer every time.
+
+A GGUF file's tokenizer is built by transformers from the file's vocabulary and merges:
+seconds for a 49,152-token vocabulary. A generic one is saved in the cache, keyed by the
+file's path, size and modification time, and loaded from there by later starts.
 """
 from __future__ import annotations
 
@@ -31,9 +35,7 @@ _CHOICE_FILES = ("tokenizer_config.json", "config.json", "tokenizer.json")
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     if is_gguf(path):
-        from kvflow.models.gguf.tokenizer import load_gguf_tokenizer
-
-        tokenizer = load_gguf_tokenizer(path)
+        tokenizer = _load_gguf_tokenizer(Path(path))
     else:
         try:
             tokenizer = _load_checkpoint_tokenizer(Path(path))
@@ -76,4 +78,29 @@ def _load_checkpoint_tokenizer(path: Path) -> PreTrainedTokenizerBase:
             write_atomically(choice, json.dumps({"class": type(tokenizer).__name__}))
         except OSError as exc:
             logger.warning("could not keep the tokenizer choice in %s: %s", choice, exc)
+    return tokenizer
+
+
+def _load_gguf_tokenizer(path: Path) -> PreTrainedTokenizerBase:
+    import transformers
+
+    from kvflow.models.gguf.tokenizer import load_gguf_tokenizer
+
+    stat = path.resolve().stat()
+    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{transformers.__version__}"
+    saved = cache_root() / "tokenizers" / f"gguf-{hashlib.sha256(key.encode()).hexdigest()[:24]}"
+    choice = saved / "kvflow-class.json"
+    if choice.exists():
+        name = json.loads(choice.read_text()).get("class")
+        if name in GENERIC_CLASSES:
+            return getattr(transformers, name).from_pretrained(str(saved))
+        logger.warning("ignoring %s (names %r)", choice, name)
+    tokenizer = load_gguf_tokenizer(path)
+    if type(tokenizer).__name__ in GENERIC_CLASSES:
+        try:
+            tokenizer.save_pretrained(str(saved))
+            # written last: a folder without it is an interrupted save, made again
+            write_atomically(choice, json.dumps({"class": type(tokenizer).__name__}))
+        except OSError as exc:
+            logger.warning("could not keep the tokenizer of %s in %s: %s", path.name, saved, exc)
     return tokenizer

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from kvflow.models.gguf.header import check_header
+from kvflow.models.gguf.header import GgufHeader, TensorInfo, read_header
 from kvflow.models.gguf.layout import GLOBAL_TENSORS, GgufLayout
 from kvflow.models.registry import gguf_families
 
@@ -52,20 +52,32 @@ class GgufTensor:
     data: np.ndarray  # the file's bytes or values, memory-mapped; rows in the file's order
 
 
+# numpy's type for the GGML types a file stores as plain numbers; the others are blocks,
+# read as bytes.
+_PLAIN_TYPES = {"F32": "f4", "F16": "f2", "F64": "f8", "I8": "i1", "I16": "i2", "I32": "i4",
+                "I64": "i8"}
+
+
+def _tensor_data(data: np.memmap, header: GgufHeader, info: TensorInfo) -> np.ndarray:
+    """The tensor's values (plain types) or bytes (block types) as GGUFReader shapes them:
+    dims reversed, a block type's last dim in bytes."""
+    from gguf.quants import quant_shape_to_byte_shape
+
+    start = header.data_start + info.offset
+    raw = data[start:start + info.num_bytes]
+    shape = tuple(reversed(info.dims))
+    plain = _PLAIN_TYPES.get(info.type.name)
+    if plain is not None:
+        return raw.view(np.dtype(header.byte_order + plain)).reshape(shape)
+    return raw.reshape(quant_shape_to_byte_shape(shape, info.type))
+
+
 class GgufFile:
     def __init__(self, path: str | Path) -> None:
-        from gguf import GGUFReader
-
         self.path = Path(path)
         if not self.path.is_file():
             raise ValueError(f"GGUF file {self.path} does not exist")
-        check_header(self.path)
-        try:
-            self._reader = GGUFReader(self.path)
-        except Exception as exc:  # the reader fails in many ways on a damaged file
-            raise ValueError(f"{self.path} could not be read as GGUF (truncated, damaged, or "
-                             f"a tensor type the gguf package does not know): "
-                             f"{type(exc).__name__}: {exc}") from exc
+        self._header = read_header(self.path)
         self.gguf_architecture = str(self.get("general.architecture"))
         # GGUF's name for an architecture -> the family kvflow runs it as
         # (kvflow/models/registry.py); Mistral 7B files are written as "llama".
@@ -83,16 +95,15 @@ class GgufFile:
         self.tensors = self._read_tensors()
 
     def keys(self) -> list[str]:
-        return list(self._reader.fields)
+        return list(self._header.fields)
 
     def get(self, key: str, default: Any = ...) -> Any:
         """A metadata value; without a default, a missing key is an error naming it."""
-        field = self._reader.get_field(key)
-        if field is None:
+        if key not in self._header.fields:
             if default is ...:
                 raise ValueError(f"{self.path.name} lacks the GGUF metadata key {key!r}")
             return default
-        return field.contents()
+        return self._header.fields[key]
 
     def arch(self, key: str, default: Any = ...) -> Any:
         """A `{architecture}.key` value."""
@@ -129,16 +140,17 @@ class GgufFile:
         return float(value)
 
     def _read_tensors(self) -> dict[str, GgufTensor]:
+        data = np.memmap(self.path, dtype=np.uint8, mode="r")
         tensors = {}
-        for t in self._reader.tensors:
-            base = t.name.removesuffix(".weight")
+        for info in self._header.tensors:
+            values = _tensor_data(data, self._header, info)
+            base = info.name.removesuffix(".weight")
             if base in ROPE_TENSORS:
-                if t.tensor_type.name != "F32":
-                    raise ValueError(f"{self.path.name}: tensor {t.name!r} is "
-                                     f"{t.tensor_type.name}; RoPE factors are F32")
-                self.rope_tensors[base] = np.array(t.data, dtype=np.float32).reshape(-1)
+                if info.type.name != "F32":
+                    raise ValueError(f"{self.path.name}: tensor {info.name!r} is "
+                                     f"{info.type.name}; RoPE factors are F32")
+                self.rope_tensors[base] = np.array(values, dtype=np.float32).reshape(-1)
                 continue
-            shape = tuple(int(n) for n in reversed(t.shape.tolist()))
-            tensors[t.name] = GgufTensor(t.name, hf_tensor_name(t.name, self.layout),
-                                         t.tensor_type.name, shape, t.data)
+            tensors[info.name] = GgufTensor(info.name, hf_tensor_name(info.name, self.layout),
+                                            info.type.name, tuple(reversed(info.dims)), values)
         return tensors

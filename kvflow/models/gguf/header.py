@@ -1,11 +1,13 @@
-"""A GGUF file's header, key/value section and tensor table, walked with every count and
-length checked against the bytes that remain, before the gguf package's reader sees it.
+"""A GGUF file's header, key/value section and tensor table, read with every count and
+length checked against the bytes that remain.
 
-GGUFReader trusts what a file claims: an array that claims 2^62 items keeps it building
-numpy views for ever, and each item it does read costs it about 1.4 KB of Python objects
-(a million keys, or a 30M-item array, took gigabytes). So a file reaches it only once its
-counts are possible in its size and its items fit in the machine's memory. Nothing here
-allocates more than one string at a time.
+kvflow reads its GGUF files here, not with the gguf package's GGUFReader, which trusts what
+a file claims (an array that claims 2^62 items keeps it building numpy views for ever) and
+builds about 1.4 KB of Python objects per item it reads: 2.3 s for a 49,152-token
+vocabulary, on every start. transformers still reads a file with GGUFReader when it builds
+the file's tokenizer (on a first start; kvflow/tokenizer/loader.py keeps the result), so a
+file is also checked to fit that reader in the machine's memory. Every count is checked
+against the bytes left before anything is allocated for it.
 """
 from __future__ import annotations
 
@@ -13,7 +15,9 @@ import mmap
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
 from kvflow.worker.kv_cache import available_host_memory
@@ -32,10 +36,11 @@ MAX_NAME_BYTES = 65_536
 # string item, 0.7 KB per number): the metadata must fit in half the available memory.
 READER_BYTES_PER_ITEM = 1536
 
-_SCALAR_SIZES = {GGUFValueType.UINT8: 1, GGUFValueType.INT8: 1, GGUFValueType.BOOL: 1,
-                 GGUFValueType.UINT16: 2, GGUFValueType.INT16: 2, GGUFValueType.UINT32: 4,
-                 GGUFValueType.INT32: 4, GGUFValueType.FLOAT32: 4, GGUFValueType.UINT64: 8,
-                 GGUFValueType.INT64: 8, GGUFValueType.FLOAT64: 8}
+# struct's code for each scalar type (numpy reads the same codes).
+_SCALAR_CODES = {GGUFValueType.UINT8: "B", GGUFValueType.INT8: "b", GGUFValueType.BOOL: "?",
+                 GGUFValueType.UINT16: "H", GGUFValueType.INT16: "h", GGUFValueType.UINT32: "I",
+                 GGUFValueType.INT32: "i", GGUFValueType.FLOAT32: "f", GGUFValueType.UINT64: "Q",
+                 GGUFValueType.INT64: "q", GGUFValueType.FLOAT64: "d"}
 # The smallest key/value (an empty key and a uint8) and tensor entry (an empty name, one
 # dimension), so that a count can be checked against the bytes left before it is walked.
 _MIN_KV_BYTES = 8 + 4 + 1
@@ -43,10 +48,20 @@ _MIN_TENSOR_BYTES = 8 + 4 + 8 + 4 + 8
 
 
 @dataclass(frozen=True)
-class _Tensor:
+class TensorInfo:
     name: str
+    type: GGMLQuantizationType
+    dims: tuple[int, ...]  # GGUF's order: a row's length first
     offset: int  # from the start of the tensor data
     num_bytes: int
+
+
+@dataclass(frozen=True)
+class GgufHeader:
+    fields: dict[str, Any]  # metadata: numbers, bools, strings, and lists of them
+    tensors: list[TensorInfo]
+    data_start: int  # the tensor data's offset in the file
+    byte_order: str  # struct's "<" or ">"
 
 
 class _Cursor:
@@ -54,6 +69,7 @@ class _Cursor:
 
     def __init__(self, data: mmap.mmap, byte_order: str) -> None:
         self.data = data
+        self.byte_order = byte_order
         self._formats = {4: struct.Struct(byte_order + "I"), 8: struct.Struct(byte_order + "Q")}
         self.pos = 0
 
@@ -89,17 +105,22 @@ class _Cursor:
             raise ValueError(f"{what} is not UTF-8") from None
 
 
-def check_header(path: Path) -> None:
+def read_header(path: Path) -> GgufHeader:
     """Raises ValueError, naming the file and what it claims, for a file that is not GGUF,
     whose counts, lengths, tensor shapes or offsets its size cannot hold, or whose
     metadata the gguf reader could not hold in memory."""
     try:
-        _check(path)
+        return _read(path)
     except ValueError as exc:
         raise ValueError(f"{path.name} could not be read as GGUF: {exc}") from None
 
 
-def _check(path: Path) -> None:
+def check_header(path: Path) -> None:
+    """read_header's checks, before the gguf package's reader reads the file."""
+    read_header(path)
+
+
+def _read(path: Path) -> GgufHeader:
     with open(path, "rb") as f:
         if f.seek(0, 2) < 24:
             raise ValueError("the file is too short to be GGUF (truncated?)")
@@ -116,11 +137,12 @@ def _check(path: Path) -> None:
                                  f"{', '.join(map(str, VERSIONS))}")
             num_tensors = _count(cursor, "tensor count", MAX_TENSORS, _MIN_TENSOR_BYTES)
             num_keys = _count(cursor, "key count", MAX_KEYS, _MIN_KV_BYTES)
-            num_items, alignment = _scan_metadata(cursor, num_keys)
+            fields, num_items, alignment = _read_metadata(cursor, num_keys)
             tensors = [_tensor(cursor, i) for i in range(num_tensors)]
             data_start = -(-cursor.pos // alignment) * alignment
             _check_tensor_data(tensors, len(data) - data_start, alignment)
     _check_memory(num_keys + num_tensors + num_items)
+    return GgufHeader(fields, tensors, data_start, cursor.byte_order)
 
 
 def _count(cursor: _Cursor, what: str, limit: int, min_bytes: int) -> int:
@@ -131,23 +153,24 @@ def _count(cursor: _Cursor, what: str, limit: int, min_bytes: int) -> int:
     return count
 
 
-def _scan_metadata(cursor: _Cursor, num_keys: int) -> tuple[int, int]:
-    """(array items, alignment) of the key/value section, walked to its end."""
-    num_items, alignment = 0, DEFAULT_ALIGNMENT
+def _read_metadata(cursor: _Cursor, num_keys: int) -> tuple[dict[str, Any], int, int]:
+    """(values, array items, alignment) of the key/value section, read to its end."""
+    fields: dict[str, Any] = {}
+    num_items = 0
     for index in range(num_keys):
         key = cursor.string(f"key {index}'s name", MAX_NAME_BYTES)
         value_type = _value_type(cursor.unsigned(4, f"{key!r}'s type"), key)
-        if key == "general.alignment":
-            if value_type != GGUFValueType.UINT32:
-                raise ValueError(f"metadata key {key!r} must be a uint32")
-            alignment = cursor.unsigned(4, key)
-            if alignment == 0 or alignment & (alignment - 1):
-                raise ValueError(f"metadata key {key!r} is {alignment}, not a power of two")
-        elif value_type == GGUFValueType.ARRAY:
-            num_items += _skip_array(cursor, key)
+        if key == "general.alignment" and value_type != GGUFValueType.UINT32:
+            raise ValueError(f"metadata key {key!r} must be a uint32")
+        if value_type == GGUFValueType.ARRAY:
+            fields[key] = _array(cursor, key)
+            num_items += len(fields[key])
         else:
-            _skip_value(cursor, value_type, key)
-    return num_items, alignment
+            fields[key] = _value(cursor, value_type, key)
+    alignment = fields.get("general.alignment", DEFAULT_ALIGNMENT)
+    if alignment == 0 or alignment & (alignment - 1):
+        raise ValueError(f"metadata key 'general.alignment' is {alignment}, not a power of two")
+    return fields, num_items, alignment
 
 
 def _value_type(raw: int, key: str) -> GGUFValueType:
@@ -158,14 +181,18 @@ def _value_type(raw: int, key: str) -> GGUFValueType:
                          "not define") from None
 
 
-def _skip_value(cursor: _Cursor, value_type: GGUFValueType, key: str) -> None:
+def _value(cursor: _Cursor, value_type: GGUFValueType, key: str) -> Any:
+    what = f"metadata key {key!r}"
     if value_type == GGUFValueType.STRING:
-        cursor.skip(cursor.unsigned(8, f"metadata key {key!r}"), f"metadata key {key!r}")
-    else:
-        cursor.skip(_SCALAR_SIZES[value_type], f"metadata key {key!r}")
+        return cursor.string(what)
+    scalar = struct.Struct(cursor.byte_order + _SCALAR_CODES[value_type])
+    cursor.need(scalar.size, what)
+    (value,) = scalar.unpack_from(cursor.data, cursor.pos)
+    cursor.pos += scalar.size
+    return value
 
 
-def _skip_array(cursor: _Cursor, key: str) -> int:
+def _array(cursor: _Cursor, key: str) -> list[Any]:
     what = f"metadata key {key!r}"
     item_type = _value_type(cursor.unsigned(4, what), key)
     count = cursor.unsigned(8, what)
@@ -174,16 +201,41 @@ def _skip_array(cursor: _Cursor, key: str) -> int:
     if count > MAX_ARRAY_ITEMS:
         raise ValueError(f"{what} is an array of {count:,} items; kvflow reads at most "
                          f"{MAX_ARRAY_ITEMS:,}")
-    if item_type != GGUFValueType.STRING:
-        cursor.skip(count * _SCALAR_SIZES[item_type], f"{what} ({count:,} items)")
-        return count
-    cursor.need(count * 8, f"{what} ({count:,} strings)")
-    for _ in range(count):
-        cursor.skip(cursor.unsigned(8, what), what)
-    return count
+    if item_type == GGUFValueType.STRING:
+        cursor.need(count * 8, f"{what} ({count:,} strings)")
+        return _strings(cursor, count, what)
+    dtype = np.dtype(cursor.byte_order + _SCALAR_CODES[item_type])
+    cursor.need(count * dtype.itemsize, f"{what} ({count:,} items)")
+    values = np.frombuffer(cursor.data, dtype, count, cursor.pos).tolist()
+    cursor.pos += count * dtype.itemsize
+    return values
 
 
-def _tensor(cursor: _Cursor, index: int) -> _Tensor:
+def _strings(cursor: _Cursor, count: int, what: str) -> list[str]:
+    """cursor.string `count` times, inlined: a vocabulary's arrays hold 100,000s of them."""
+    data, pos, end = cursor.data, cursor.pos, len(cursor.data)
+    length_at = cursor._formats[8].unpack_from
+    items = []
+    try:
+        for _ in range(count):
+            (length,) = length_at(data, pos)
+            pos += 8
+            if pos + length > end:
+                break
+            items.append(data[pos:pos + length].decode("utf-8"))
+            pos += length
+    except struct.error:  # fewer than 8 bytes left for a length
+        pos = end + 1
+    except UnicodeDecodeError:
+        raise ValueError(f"{what} holds a string that is not UTF-8") from None
+    if len(items) < count:
+        raise ValueError(f"{what} claims {count:,} strings, but the file ends after "
+                         f"{len(items):,}")
+    cursor.pos = pos
+    return items
+
+
+def _tensor(cursor: _Cursor, index: int) -> TensorInfo:
     name = cursor.string(f"tensor {index}'s name", MAX_NAME_BYTES)
     what = f"tensor {name!r}"
     num_dims = cursor.unsigned(4, what)
@@ -201,10 +253,11 @@ def _tensor(cursor: _Cursor, index: int) -> _Tensor:
     num_elements = 1
     for dim in dims:
         num_elements *= dim
-    return _Tensor(name, offset, num_elements // block_size * type_size)
+    return TensorInfo(name, GGMLQuantizationType(type_id), dims, offset,
+                      num_elements // block_size * type_size)
 
 
-def _check_tensor_data(tensors: list[_Tensor], data_bytes: int, alignment: int) -> None:
+def _check_tensor_data(tensors: list[TensorInfo], data_bytes: int, alignment: int) -> None:
     if data_bytes < 0:
         raise ValueError("the file ends before its tensor data starts")
     names = set()

@@ -5,13 +5,17 @@ reads `tokenizer.chat_template`."""
 from __future__ import annotations
 
 from pathlib import Path
-
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from typing import TYPE_CHECKING
 
 from kvflow.models.gguf.header import check_header
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
 
 def load_gguf_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer
+
     path = Path(path)
     check_header(path)  # transformers reads the file with the gguf package's reader too
     try:

@@ -2,8 +2,8 @@
 and each tensor unpacked for it.
 
 Per linear layer (all of a fused layer's shards together):
-- Q4_0 and Q4_K become int4 with a group of 32 (a Q4_K sub-block, or a Q4_0 block): both
-  are w = q * scale + offset per 32 weights with q in [0, 15], unpacked and packed again
+- Q4_0, Q4_1 and Q4_K become int4 with a group of 32 (a Q4_K sub-block, or a Q4_0 or Q4_1
+  block): each is w = q * scale + offset per 32 weights with q in [0, 15], unpacked and packed again
   in kvflow's int4 layout (a layer whose rows do not make whole blocks of 16 is
   dequantized instead). Exact where the model runs in float32; in bf16 or fp16 each
   group's scale and offset are rounded to that dtype.
@@ -32,8 +32,7 @@ import torch
 from kvflow.models.config import ModelConfig
 from kvflow.models.gguf.file import GgufFile, GgufTensor
 from kvflow.quantization.base import LinearMethod, PrequantizedWeight, QuantizationConfig
-from kvflow.quantization.int4 import (PACK_BLOCK, ROW_BLOCK, Int4LinearMethod,
-                                      dequantize_int4, pack_int4)
+from kvflow.quantization.int4 import PACK_BLOCK, ROW_BLOCK, Int4LinearMethod, pack_int4
 from kvflow.quantization.int4 import layout as int4_layout
 from kvflow.quantization.int8 import LAYOUT as INT8_LAYOUT
 from kvflow.quantization.int8 import Int8LinearMethod, quantize_int8
@@ -42,7 +41,7 @@ from kvflow.quantization.unquantized import UnquantizedLinearMethod
 logger = logging.getLogger(__name__)
 
 INT4_GROUP = 32
-_NATIVE = {"Q4_0": "int4", "Q4_K": "int4", "Q8_0": "int8"}
+_NATIVE = {"Q4_0": "int4", "Q4_1": "int4", "Q4_K": "int4", "Q8_0": "int8"}
 _FLOATS = ("F32", "F16", "BF16")
 _GGUF_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 
@@ -149,15 +148,27 @@ def _f16_scales(block_bytes: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(block_bytes).view(np.float16)[..., 0]).float()
 
 
+def _block_nibbles(qs: np.ndarray, rows: int, cols: int) -> torch.Tensor:
+    """A Q4_0/Q4_1 block's 16 bytes (element j in the low nibble of byte j, element 16 + j
+    in its high one) -> q uint8 [rows, cols]."""
+    qs = torch.from_numpy(np.ascontiguousarray(qs))
+    return torch.cat([qs & 15, qs >> 4], dim=-1).view(rows, cols)
+
+
 def unpack_q4_0(data: np.ndarray, rows: int, cols: int) -> tuple[torch.Tensor, ...]:
-    """Q4_0 blocks (an fp16 scale d, then 16 bytes: element j in the low nibble of byte j,
-    element 16 + j in its high one; w = d * (q - 8)) -> (q uint8 [rows, cols], scale,
-    offset), int4 g32 before packing."""
+    """Q4_0 blocks (an fp16 scale d, then 16 bytes of nibbles; w = d * (q - 8)) -> (q uint8
+    [rows, cols], scale, offset), int4 g32 before packing."""
     blocks = data.reshape(rows, cols // 32, 18)
     d = _f16_scales(blocks[..., :2])
-    qs = torch.from_numpy(np.ascontiguousarray(blocks[..., 2:]))
-    q = torch.cat([qs & 15, qs >> 4], dim=-1).view(rows, cols)
-    return q, d, -8 * d
+    return _block_nibbles(blocks[..., 2:], rows, cols), d, -8 * d
+
+
+def unpack_q4_1(data: np.ndarray, rows: int, cols: int) -> tuple[torch.Tensor, ...]:
+    """Q4_1 blocks (fp16 scale d and minimum m, then 16 bytes of nibbles; w = d * q + m)
+    -> (q uint8 [rows, cols], scale, offset), int4 g32 before packing."""
+    blocks = data.reshape(rows, cols // 32, 20)
+    return (_block_nibbles(blocks[..., 4:], rows, cols), _f16_scales(blocks[..., :2]),
+            _f16_scales(blocks[..., 2:4]))
 
 
 def unpack_q4_k(data: np.ndarray, rows: int, cols: int) -> tuple[torch.Tensor, ...]:
@@ -180,7 +191,7 @@ def unpack_q4_k(data: np.ndarray, rows: int, cols: int) -> tuple[torch.Tensor, .
     return q, scale, offset
 
 
-_UNPACK = {"Q4_0": unpack_q4_0, "Q4_K": unpack_q4_k}
+_UNPACK = {"Q4_0": unpack_q4_0, "Q4_1": unpack_q4_1, "Q4_K": unpack_q4_k}
 
 
 def dequantize(t: GgufTensor) -> torch.Tensor:
@@ -211,6 +222,24 @@ class _WeightChange:
         self.squared_norm += float(exact.square().sum())
         self.tensors += 1
 
+    def add_rounded_groups(self, q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
+                           dtype: torch.dtype) -> None:
+        """Groups w = q * scale + offset whose scale and offset are stored rounded to dtype,
+        from each group's sums of q and q^2 (the weights need not be made twice): a group's
+        sum of (q * a + b)^2 is a^2 * sum(q^2) + 2ab * sum(q) + n * b^2."""
+        rows, groups = scale.shape
+        qg = q.view(rows, groups, -1).double()
+        sums, squares, n = qg.sum(-1), qg.square().sum(-1), qg.shape[-1]
+        scale, offset = scale.double(), offset.double()
+        d_scale, d_offset = scale - scale.to(dtype).double(), offset - offset.to(dtype).double()
+
+        def squared(a: torch.Tensor, b: torch.Tensor) -> float:
+            return float((a * a * squares + 2 * a * b * sums + n * b * b).sum())
+
+        self.squared_error += squared(d_scale, d_offset)
+        self.squared_norm += squared(scale, offset)
+        self.tensors += 1
+
     def log(self, what: str) -> None:
         if self.tensors:
             logger.info("GGUF %s: %d tensors, relative RMS change of the weights %.4f%%",
@@ -226,13 +255,10 @@ def gguf_tensors(file: GgufFile, config: ModelConfig, quant: GgufQuantConfig,
         if method == "int4":
             q, scale, offset = _unpermute(file, config, t, _UNPACK[t.type_name](
                 np.asarray(t.data), *t.shape))
-            parts = (pack_int4(q), scale, offset)
             if dtype != torch.float32:
-                packed, scale, offset = parts
-                rounded.add(dequantize_int4(*parts), dequantize_int4(
-                    packed, scale.to(dtype), offset.to(dtype)))
+                rounded.add_rounded_groups(q, scale, offset, dtype)
             loaded: torch.Tensor | PrequantizedWeight = PrequantizedWeight(
-                int4_layout(INT4_GROUP), parts)
+                int4_layout(INT4_GROUP), (pack_int4(q), scale, offset))
         else:
             weight = _unpermute(file, config, t, (dequantize(t),))[0]
             loaded = _unshift_norm(file, t, weight)
@@ -242,7 +268,7 @@ def gguf_tensors(file: GgufFile, config: ModelConfig, quant: GgufQuantConfig,
                 loaded = PrequantizedWeight(INT8_LAYOUT, (q, scale))
         yield t.hf_name, loaded
     requantized.log("Q8_0 -> int8 (requantized per output channel)")
-    rounded.log(f"Q4_0/Q4_K -> int4 g{INT4_GROUP} (scales and offsets rounded to "
+    rounded.log(f"Q4_0/Q4_1/Q4_K -> int4 g{INT4_GROUP} (scales and offsets rounded to "
                 f"{str(dtype).removeprefix('torch.')})")
 
 
