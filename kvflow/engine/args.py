@@ -79,6 +79,11 @@ _FLAG_HELP = {
     "override_generation_config": "sampling defaults on top of --generation-config, as a "
                                   "JSON object in generation_config.json's keys, e.g. "
                                   "'{\"temperature\": 0.6, \"max_new_tokens\": 512}'",
+    "cpu_moe": "keep every mixture-of-experts layer's expert weights in host memory and "
+               "compute them on the CPU, the rest of the model on the GPU (llama.cpp's "
+               "--cpu-moe); changes nothing where the model runs on the CPU",
+    "n_cpu_moe": "the same for the expert layers among the model's first N layers only "
+                 "(llama.cpp's --n-cpu-moe)",
     "max_logprobs": "most logprobs (and prompt_logprobs) a request may ask for; -1: no "
                     "limit (a request's logprobs=-1 is the whole vocabulary)",
 }
@@ -94,7 +99,7 @@ _FLAG_TYPES = {"max_model_len": _token_count_flag, "block_size": int, "max_num_s
                "max_num_batched_tokens": int, "seed": int, "num_threads": int,
                "gpu_memory_utilization": float, "tensor_parallel_size": int,
                "pipeline_parallel_size": int, "data_parallel_size": int, "max_logprobs": int,
-               "quantization_group_size": int}
+               "quantization_group_size": int, "n_cpu_moe": int}
 _FLAG_ALIASES = {"tensor_parallel_size": ["-tp"], "pipeline_parallel_size": ["-pp"],
                  "data_parallel_size": ["-dp"], "quantization": ["-q"]}
 # Parallelism kvflow does not have yet: refused with what to do instead.
@@ -129,6 +134,10 @@ class EngineArgs:
     quantization: str | None = None  # None | int8 | int4 (kvflow/quantization/)
     quantization_group_size: int = 128  # int4's columns per scale
     quantize_lm_head: bool = False  # the LM head in int8, whatever the decoder's format
+    # Experts in host memory, computed by the CPU (kvflow/layers/moe_placement.py): every
+    # expert layer's, or those among the first n_cpu_moe layers.
+    cpu_moe: bool = False
+    n_cpu_moe: int | None = None
     # vLLM's names, so that a vLLM user's arguments carry over.
     kv_cache_memory_bytes: int | str | None = None  # same as kv_cache_memory
     gpu_memory_utilization: float | None = None  # see worker/kv_cache.py
@@ -182,6 +191,11 @@ class EngineArgs:
         for name, why in _SINGLE_DEVICE.items():
             if getattr(self, name) != 1:
                 raise ValueError(f"{name}={getattr(self, name)}: {why}")
+        if self.n_cpu_moe is not None and self.n_cpu_moe < 0:
+            raise ValueError(f"n_cpu_moe must be at least 0, got {self.n_cpu_moe}")
+        if self.cpu_moe and self.n_cpu_moe is not None:
+            raise ValueError("cpu_moe (every expert layer) and n_cpu_moe (the first N "
+                             "layers') are alternatives; give one of them")
         if self.max_logprobs < -1:
             raise ValueError(f"max_logprobs must be -1 (no limit) or at least 0, "
                              f"got {self.max_logprobs}")

@@ -21,6 +21,7 @@ from kvflow.core.scheduler import Scheduler
 from kvflow.engine.args import EngineArgs
 from kvflow.engine.output_processor import OutputProcessor, ParentState
 from kvflow.engine.stats import EngineStats, SpecDecodeStats, StepObservations, StepRecord
+from kvflow.layers.moe_placement import expert_placement
 from kvflow.models.builder import KernelChoice, build_model
 from kvflow.models.loader import resolve_model_path
 from kvflow.outputs import (CompletionOutput, RequestMetrics, RequestOutput, RunnerOutput,
@@ -91,10 +92,13 @@ class LLMEngine:
         requested_len = args.max_model_len or model_len
         self.kernels = KernelChoice.for_device(self.device, self.dtype, args.enforce_eager,
                                                args.batch_invariant, args.kv_cache_memory or 0)
+        placement = expert_placement(args.cpu_moe, args.n_cpu_moe, self.device,
+                                     self.model_config.moe is not None)
         model = build_model(self.model_config, self.dtype, self.device, requested_len,
                             self.kernels,
                             quantization_config(args.quantization, args.quantization_group_size),
-                            lm_head_quant_config=Int8Config() if args.quantize_lm_head else None)
+                            lm_head_quant_config=Int8Config() if args.quantize_lm_head else None,
+                            placement=placement)
         if args.kv_cache_memory:
             memory, sized_by = args.kv_cache_memory, "kv_cache_memory"
         else:

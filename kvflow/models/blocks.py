@@ -8,6 +8,7 @@ which a quantization config may choose the layer's method by.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import ClassVar
 
 import torch
@@ -18,6 +19,7 @@ from kvflow.layers.activation import ACTIVATIONS
 from kvflow.layers.attention import PagedAttention
 from kvflow.layers.linear import Linear, MergedLinear
 from kvflow.layers.moe import FusedMoE, TopKRouter
+from kvflow.layers.moe_placement import HostExperts, expert_device
 from kvflow.layers.norm import RMSNorm
 from kvflow.layers.rotary import RotaryEmbedding
 from kvflow.models.config import ModelConfig
@@ -89,16 +91,20 @@ class SparseMoeBlock(nn.Module):
     whose outputs are summed with its weights; with a shared expert (Qwen2-MoE), every
     token also takes that MLP, scaled by a sigmoid gate of its own."""
 
-    def __init__(self, config: ModelConfig, quant_config: QuantizationConfig | None,
-                 prefix: str) -> None:
+    def __init__(self, config: ModelConfig, layer_idx: int,
+                 quant_config: QuantizationConfig | None, prefix: str) -> None:
         super().__init__()
         moe = config.moe
         assert moe is not None, "an expert layer in a model without a MoeConfig"
         self.gate = TopKRouter(config.hidden_size, moe.num_experts, moe.top_k, moe.scoring,
                                moe.norm_topk_prob, prefix=f"{prefix}.gate")
-        self.experts = FusedMoE(moe.num_experts, config.hidden_size, moe.intermediate_size,
-                                ACTIVATIONS[config.hidden_act](), quant_config=quant_config,
-                                prefix=f"{prefix}.experts")
+        # Placed experts (kvflow/layers/moe_placement.py) are made where they will run.
+        device = expert_device(layer_idx)
+        self.host = HostExperts(device) if device is not None else None
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            self.experts = FusedMoE(moe.num_experts, config.hidden_size,
+                                    moe.intermediate_size, ACTIVATIONS[config.hidden_act](),
+                                    quant_config=quant_config, prefix=f"{prefix}.experts")
         if moe.shared_expert_size:
             self.shared_expert = GatedMLP(config, quant_config, f"{prefix}.shared_expert",
                                           moe.shared_expert_size)
@@ -109,10 +115,14 @@ class SparseMoeBlock(nn.Module):
             self.shared_expert = self.shared_expert_gate = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.experts(x, *self.gate.route(x))
-        if self.shared_expert is not None:
-            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
-        return out
+        weights, ids = self.gate.route(x)
+        staged = self.host.stage(x, weights, ids) if self.host is not None else None
+        # Queued before the placed experts wait for their inputs, so that it overlaps them.
+        shared = (torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+                  if self.shared_expert is not None else None)
+        out = (self.host.run(self.experts, staged, x.device) if staged is not None
+               else self.experts(x, weights, ids))
+        return out if shared is None else out + shared
 
 
 def feed_forward(config: ModelConfig, layer_idx: int, quant_config: QuantizationConfig | None,
@@ -120,7 +130,7 @@ def feed_forward(config: ModelConfig, layer_idx: int, quant_config: Quantization
     """A layer's MLP: its experts where the model has them at this layer, else the dense
     gated MLP."""
     if config.moe is not None and config.moe.sparse_layers[layer_idx]:
-        return SparseMoeBlock(config, quant_config, prefix)
+        return SparseMoeBlock(config, layer_idx, quant_config, prefix)
     return GatedMLP(config, quant_config, prefix)
 
 

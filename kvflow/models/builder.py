@@ -12,7 +12,8 @@ import torch
 from kvflow.attention.base import AttentionBackend
 from kvflow.kernels.tuning import (install_batch_invariant_kernels, install_native_kernels,
                                    install_quantized_kernels, native_cpu_ops)
-from kvflow.models.blocks import CausalLM
+from kvflow.layers.moe_placement import ExpertPlacement
+from kvflow.models.blocks import CausalLM, SparseMoeBlock
 from kvflow.models.config import ModelConfig
 from kvflow.models.loader import load_model
 from kvflow.quantization.base import QuantizationConfig
@@ -45,16 +46,24 @@ class KernelChoice:
 def build_model(config: ModelConfig, dtype: torch.dtype, device: torch.device,
                 max_positions: int, kernels: KernelChoice,
                 quant_config: QuantizationConfig | None = None,
-                lm_head_quant_config: QuantizationConfig | None = None) -> CausalLM:
-    """The model with its weights loaded and its kernels installed."""
+                lm_head_quant_config: QuantizationConfig | None = None,
+                placement: ExpertPlacement | None = None) -> CausalLM:
+    """The model with its weights loaded and its kernels installed. placement: expert layers
+    kept on the host CPU (kvflow/layers/moe_placement.py), which take the CPU's kernels."""
     model = load_model(config, dtype, device, max_positions, quant_config,
-                       lm_head_quant_config)
+                       lm_head_quant_config, placement)
     if kernels.batch_invariant:
         install_batch_invariant_kernels(model, kernels.native_ops)
     elif kernels.native_ops is not None:
         install_native_kernels(model, kernels.native_ops, kernels.reserved_bytes)
     elif not kernels.enforce_eager:
         install_quantized_kernels(model)
+    host_ops = (native_cpu_ops(placement.device, dtype, kernels.enforce_eager)
+                if placement is not None and device != placement.device else None)
+    if host_ops is not None:
+        for block in model.modules():
+            if isinstance(block, SparseMoeBlock) and block.host is not None:
+                install_native_kernels(block.experts, host_ops, kernels.reserved_bytes)
     return model
 
 

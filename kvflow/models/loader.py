@@ -12,6 +12,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from kvflow.layers.moe_placement import ExpertPlacement, placing_experts
 from kvflow.models.blocks import CausalLM
 from kvflow.models.config import ModelConfig
 from kvflow.models.gguf import GgufFile, is_gguf
@@ -68,13 +69,15 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
 
 def load_model(config: ModelConfig, dtype: torch.dtype, device: torch.device,
                max_positions: int, quant_config: QuantizationConfig | None = None,
-               lm_head_quant_config: QuantizationConfig | None = None) -> CausalLM:
+               lm_head_quant_config: QuantizationConfig | None = None,
+               placement: ExpertPlacement | None = None) -> CausalLM:
     """The registered family's model with the checkpoint's weights (kernels are installed
     by kvflow/models/builder.py). quant_config: quantize a float checkpoint at load; a GGUF file's layers take the
     formats its tensors are in (kvflow/models/gguf/weights.py), and a GPTQ or AWQ
     checkpoint's quantized layers load as int4 (kvflow/quantization/gptq_awq.py).
     lm_head_quant_config: the LM head's format, quantized at load from whatever float
-    weight the checkpoint has for it (None: the model's dtype)."""
+    weight the checkpoint has for it (None: the model's dtype). placement: expert layers
+    whose weights go to another device than the model's (kvflow/layers/moe_placement.py)."""
     path = Path(config.path)
     model_class = family_for(config.architecture).model_class
     gguf = GgufFile(path) if is_gguf(path) else None
@@ -88,7 +91,7 @@ def load_model(config: ModelConfig, dtype: torch.dtype, device: torch.device,
     elif config.quantization is not None:
         quant_config = plan_checkpoint(config.quantization, _safetensors_shapes(path),
                                        model_class.packed_modules)
-    with torch.device(device), _default_dtype(dtype):
+    with torch.device(device), _default_dtype(dtype), placing_experts(placement):
         model = model_class(config, max_positions, quant_config, lm_head_quant_config)
     if gguf is not None:
         load_weights(model, gguf_tensors(gguf, config, quant_config, dtype), gguf.path.name)
