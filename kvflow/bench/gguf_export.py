@@ -44,19 +44,22 @@ _TOKEN_NORMAL, _TOKEN_CONTROL, _TOKEN_UNUSED = 1, 3, 5
 
 def _more_bits(layer: int, num_layers: int) -> bool:
     """Layers where llama.cpp's Q4_K_M spends Q6_K on attn_v and ffn_down: the first and
-    last eighth, and every third in between."""
+    last eighth, and every third in between (its use_more_bits, in integer division)."""
     eighth = num_layers // 8
-    return layer < eighth or layer >= num_layers - eighth or (layer - eighth) % 3 == 2
+    return layer < eighth or layer >= 7 * num_layers // 8 or (layer - eighth) % 3 == 2
 
 
 def _matrix_type(recipe: str, gguf_name: str, num_layers: int, cols: int, tied: bool) -> str:
     """llama-quantize's choice for a matrix: the output (or, with none, the embedding it
     shares) in Q6_K, Q4_K_M's fused attn_qkv in Q5_K and some layers' attn_v and ffn_down
-    in Q6_K."""
-    if recipe in ("F32", "F16", "BF16", "Q8_0"):
+    in Q6_K. A type whose blocks do not fit the rows falls back as llama-quantize's does:
+    a K-quant to a 32-column type, and a 32-column type to F16."""
+    if recipe in ("F32", "F16", "BF16"):
         return recipe
     parts = gguf_name.split(".")
-    if gguf_name == "output.weight" or (tied and gguf_name == "token_embd.weight"):
+    if recipe == "Q8_0":
+        chosen = "Q8_0"
+    elif gguf_name == "output.weight" or (tied and gguf_name == "token_embd.weight"):
         chosen = "Q6_K"
     elif recipe in ("Q4_0", "Q4_1"):
         chosen = recipe
@@ -67,9 +70,8 @@ def _matrix_type(recipe: str, gguf_name: str, num_layers: int, cols: int, tied: 
             int(parts[1]), num_layers)
         chosen = "Q6_K" if more else "Q4_K"
     if chosen in _K_FALLBACK and cols % 256:
-        # and where the fallback's 32-column blocks do not fit either, F16
-        return "F16" if cols % 32 else _K_FALLBACK[chosen]
-    return chosen
+        chosen = _K_FALLBACK[chosen]
+    return "F16" if cols % 32 else chosen
 
 
 def _rope_parameters(config: dict) -> tuple[dict, dict]:
