@@ -181,21 +181,25 @@ def _covers(loaded: str | None, shard: str | None) -> bool:
     return loaded is None or shard == loaded or (shard or "").startswith(f"{loaded}:")
 
 
-# A tensor of one expert: (the expert layer's name, expert, projection, weight or bias)
-_EXPERT_KEY = re.compile(r"(.+\.experts)\.(\d+)\.(\w+)\.(weight|bias)")
+# A tensor of one expert, or without the expert's index one projection of every expert
+# stacked (a GGUF file's ffn_gate_exps, read as `experts.gate_proj.weight`): (the expert
+# layer's name, expert or None, projection, weight or bias)
+_EXPERT_KEY = re.compile(r"(.+\.experts)(?:\.(\d+))?\.(\w+)\.(weight|bias)")
 
 
 def _map_name(key: str, packed: dict[str, tuple[str, str]],
               experts: dict[str, str]) -> tuple[str, str | None]:
     """A checkpoint tensor's parameter and shard: an expert's projection (named in
-    `experts`) goes to its expert layer's stacked parameter, a projection that is part of
-    a fused layer (named in `packed`) to that layer's shard."""
+    `experts`) goes to its expert layer's stacked parameter, as that expert's shard
+    ("gate:3") or, stacked, every expert's ("gate"); a projection that is part of a fused
+    layer (named in `packed`) goes to that layer's shard."""
     match = _EXPERT_KEY.fullmatch(key)
     if match and match[3] in experts:
         projection = experts[match[3]]
         param = "down_proj" if projection == "down" else "gate_up_proj"
         suffix = "" if match[4] == "weight" else "_bias"
-        return f"{match[1]}.{param}{suffix}", f"{projection}:{match[2]}"
+        shard = projection if match[2] is None else f"{projection}:{match[2]}"
+        return f"{match[1]}.{param}{suffix}", shard
     for checkpoint_name, (fused_name, shard) in packed.items():
         part = f".{checkpoint_name}."
         if part in key:

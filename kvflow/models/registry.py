@@ -43,6 +43,13 @@ _loaded = False
 def register(family: ModelFamily) -> None:
     if family.architecture in _FAMILIES:
         raise ValueError(f"architecture {family.architecture!r} is registered twice")
+    layout = family.gguf
+    if layout is not None and any(
+            (f.gguf.architecture, f.gguf.has_experts) == (layout.architecture, layout.has_experts)
+            for f in _FAMILIES.values() if f.gguf is not None):
+        raise ValueError(f"GGUF architecture {layout.architecture!r} "
+                         f"{'with' if layout.has_experts else 'without'} experts is registered "
+                         "twice")
     _FAMILIES[family.architecture] = family
 
 
@@ -67,6 +74,12 @@ def family_for(architecture: str) -> ModelFamily:
     return families[architecture]
 
 
-def gguf_families() -> dict[str, ModelFamily]:
-    """llama.cpp's architecture name -> the family kvflow runs it as."""
-    return {f.gguf.architecture: f for f in _families().values() if f.gguf is not None}
+def gguf_families() -> dict[str, list[ModelFamily]]:
+    """llama.cpp's architecture name -> the families kvflow runs its files as: one, or
+    one without experts and one with them (llama.cpp's "llama" is Llama's and Mixtral's;
+    see GgufLayout.has_experts)."""
+    families: dict[str, list[ModelFamily]] = {}
+    for family in _families().values():
+        if family.gguf is not None:
+            families.setdefault(family.gguf.architecture, []).append(family)
+    return families

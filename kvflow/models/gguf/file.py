@@ -17,11 +17,14 @@ import numpy as np
 
 from kvflow.models.gguf.header import GgufHeader, TensorInfo, read_header
 from kvflow.models.gguf.layout import GLOBAL_TENSORS, GgufLayout
-from kvflow.models.registry import gguf_families
+from kvflow.models.registry import ModelFamily, gguf_families
 
 # Tensors that hold RoPE settings, not weights: Llama 3.1's scaling as one divisor per
 # frequency, and LongRoPE's (Phi-3's) short and long divisors.
 ROPE_TENSORS = ("rope_freqs", "rope_factors_short", "rope_factors_long")
+# An order of magnitude past any model's expert count (llama.cpp takes up to 1024), as
+# gguf/config.py bounds the other sizes.
+MAX_EXPERTS = 1 << 14
 _LAYER_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 
 
@@ -86,13 +89,23 @@ class GgufFile:
             raise ValueError(f"{self.path.name}: GGUF architecture "
                              f"{self.gguf_architecture!r:.80} is not supported; supported: "
                              f"{', '.join(sorted(families))}")
-        family = families[self.gguf_architecture]
+        family = self._family(families[self.gguf_architecture])
         self.architecture = family.architecture  # the Hugging Face name
         assert family.gguf is not None
         self.layout: GgufLayout = family.gguf
         # ROPE_TENSORS the file holds, by name, as float32 vectors: config, not weights.
         self.rope_tensors: dict[str, np.ndarray] = {}
         self.tensors = self._read_tensors()
+
+    def _family(self, families: list[ModelFamily]) -> ModelFamily:
+        """The family of the file among those registered under its architecture name: where
+        there are two (Llama and Mixtral, both "llama"), the one with experts if the file
+        counts any."""
+        if len(families) == 1:
+            return families[0]
+        has_experts = self.arch_int("expert_count", 0, MAX_EXPERTS, 0) > 0
+        return next(f for f in families if f.gguf is not None
+                    and f.gguf.has_experts == has_experts)
 
     def keys(self) -> list[str]:
         return list(self._header.fields)
