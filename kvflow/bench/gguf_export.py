@@ -5,8 +5,10 @@ for tests and the accuracy benchmark, so that neither needs llama.cpp or a downl
 Per architecture, as the converter's model classes write it: the metadata keys (and the
 ones it leaves out: Gemma 2's RoPE base, Gemma's query_pre_attn_scalar, which llama.cpp
 derives), the tensor names (the gguf package's own name map, which the converter uses),
-and the values it changes: Llama's q/k rows interleaved for llama.cpp's pairwise rotary,
-1 added to every Gemma norm weight, Phi-3's LongRoPE factors as tensors. The vocabulary
+and the values it changes: Llama's q/k rows interleaved for llama.cpp's pairwise rotary
+(Mixtral's too, written as llama), 1 added to every Gemma norm weight, Phi-3's LongRoPE
+factors as tensors, each projection of a mixture of experts' experts stacked into one
+[experts, rows, columns] tensor, and its routers kept F32. The vocabulary
 is written as the converter writes a byte-level BPE tokenizer (kvflow's test tokenizers
 are BPE; its Gemma 2 class would read a SentencePiece tokenizer.model instead, and its
 Gemma 3 class trims token_embd to the tokenizer's size, which the test tokenizers fill).
@@ -16,7 +18,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +37,13 @@ _FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q4_K_M": 15
 _ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama",
                   "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
                   "Gemma2ForCausalLM": "gemma2", "Gemma3ForCausalLM": "gemma3",
-                  "Phi3ForCausalLM": "phi3"}
+                  "Phi3ForCausalLM": "phi3", "MixtralForCausalLM": "llama",
+                  "Qwen2MoeForCausalLM": "qwen2moe", "Qwen3MoeForCausalLM": "qwen3moe",
+                  "OlmoeForCausalLM": "olmoe"}
+# Tensors the converter keeps F32 and llama-quantize does not touch: the routers.
+_F32_TENSORS = ("ffn_gate_inp", "ffn_gate_inp_shexp")
+# One expert's projection in a checkpoint: (the expert layer's name, expert, projection)
+_EXPERT_KEY = re.compile(r"(.+\.experts)\.(\d+)\.(\w+)\.weight")
 # llama.cpp's name for the split a tokenizer applies before its merges, for kvflow's
 # byte-level test tokenizers (GPT-2's split) as transformers reads them: with Qwen2's split
 # for a Qwen2 checkpoint whatever tokenizer.json says, as tokenizer.json says otherwise.
@@ -49,24 +58,32 @@ def _more_bits(layer: int, num_layers: int) -> bool:
     return layer < eighth or layer >= 7 * num_layers // 8 or (layer - eighth) % 3 == 2
 
 
-def _matrix_type(recipe: str, gguf_name: str, num_layers: int, cols: int, tied: bool) -> str:
-    """llama-quantize's choice for a matrix: the output (or, with none, the embedding it
-    shares) in Q6_K, Q4_K_M's fused attn_qkv in Q5_K and some layers' attn_v and ffn_down
-    in Q6_K. A type whose blocks do not fit the rows falls back as llama-quantize's does:
-    a K-quant to a 32-column type, and a 32-column type to F16."""
+def _matrix_type(recipe: str, gguf_name: str, num_layers: int, cols: int, tied: bool,
+                 num_experts: int) -> str:
+    """llama-quantize's choice for a matrix (or stack of experts' matrices): the output
+    (or, with none, the embedding it shares) in Q6_K, Q4_K_M's fused attn_qkv in Q5_K and
+    some layers' attn_v and ffn_down (ffn_down_exps included) in Q6_K; in a model of 8
+    experts, attn_k and attn_v in Q8_0 and Q4_K_M's attn_output in Q5_K. A type whose
+    blocks do not fit the rows falls back as llama-quantize's does: a K-quant to a
+    32-column type, and a 32-column type to F16."""
     if recipe in ("F32", "F16", "BF16"):
         return recipe
     parts = gguf_name.split(".")
+    role = parts[2] if parts[0] == "blk" else ""
     if recipe == "Q8_0":
         chosen = "Q8_0"
     elif gguf_name == "output.weight" or (tied and gguf_name == "token_embd.weight"):
         chosen = "Q6_K"
+    elif num_experts == 8 and role in ("attn_k", "attn_v", "attn_qkv"):
+        chosen = "Q8_0"
     elif recipe in ("Q4_0", "Q4_1"):
         chosen = recipe
-    elif parts[0] == "blk" and parts[2] == "attn_qkv":
+    elif role == "attn_qkv":
+        chosen = "Q5_K"
+    elif num_experts == 8 and role == "attn_output":
         chosen = "Q5_K"
     else:
-        more = parts[0] == "blk" and parts[2] in ("attn_v", "ffn_down") and _more_bits(
+        more = (role == "attn_v" or role.startswith("ffn_down")) and _more_bits(
             int(parts[1]), num_layers)
         chosen = "Q6_K" if more else "Q4_K"
     if chosen in _K_FALLBACK and cols % 256:
@@ -105,24 +122,61 @@ def _permute_qk(weight: np.ndarray, num_heads: int) -> np.ndarray:
             .swapaxes(1, 2).reshape(weight.shape))
 
 
+def _add_rope(writer: Any, rope: dict) -> None:
+    from gguf import RopeScalingType
+
+    writer.add_rope_freq_base(float(rope.get("rope_theta", 10000.0)))
+    if rope.get("rope_type") == "linear":
+        writer.add_rope_scaling_type(RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(rope["factor"]))
+
+
 def _llama_parameters(writer: Any, config: dict, tensors: dict[str, np.ndarray]) -> None:
     """LlamaModel's, Qwen2Model's and Qwen3Model's keys: the common ones, the vocabulary
     size, the head and rotary sizes, and Llama 3.1's scaling as rope_freqs."""
-    from gguf import RopeScalingType
-
     rope, _ = _rope_parameters(config)
     head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
     _common_parameters(writer, config)
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
     writer.add_rope_dimension_count(head_dim)
-    writer.add_rope_freq_base(float(rope.get("rope_theta", 10000.0)))
-    if rope.get("rope_type") == "linear":
-        writer.add_rope_scaling_type(RopeScalingType.LINEAR)
-        writer.add_rope_scaling_factor(float(rope["factor"]))
-    elif rope.get("rope_type") == "llama3":
+    _add_rope(writer, rope)
+    if rope.get("rope_type") == "llama3":
         tensors["rope_freqs.weight"] = _llama3_factors(rope, head_dim)
     writer.add_vocab_size(config["vocab_size"])
+
+
+def _moe_parameters(writer: Any, config: dict, tensors: dict[str, np.ndarray]) -> None:
+    """Qwen2MoeModel's and Qwen3MoeModel's keys: TextModel's (the common ones, the RoPE,
+    the head size where config.json gives one), an expert's width and the shared
+    expert's. The expert counts are every architecture's (_expert_counts)."""
+    rope, _ = _rope_parameters(config)
+    _common_parameters(writer, config)
+    _add_rope(writer, rope)
+    if config.get("head_dim"):
+        writer.add_key_length(config["head_dim"])
+        writer.add_value_length(config["head_dim"])
+    if config.get("moe_intermediate_size"):
+        writer.add_expert_feed_forward_length(config["moe_intermediate_size"])
+    if config.get("shared_expert_intermediate_size"):
+        writer.add_expert_shared_feed_forward_length(config["shared_expert_intermediate_size"])
+
+
+def _olmoe_parameters(writer: Any, config: dict, tensors: dict[str, np.ndarray]) -> None:
+    """OlmoeModel's keys: TextModel's, with the norms' epsilon 1e-5 whatever config.json
+    says."""
+    _moe_parameters(writer, {**config, "rms_norm_eps": 1e-5}, tensors)
+
+
+def _expert_counts(writer: Any, config: dict) -> int:
+    """The number of experts and of experts a token takes, which the converter writes
+    for every architecture whose config.json has them; -> the number of experts (0:
+    none)."""
+    num_experts = config.get("num_local_experts") or config.get("num_experts") or 0
+    if num_experts:
+        writer.add_expert_count(num_experts)
+        writer.add_expert_used_count(config["num_experts_per_tok"])
+    return num_experts
 
 
 def _common_parameters(writer: Any, config: dict) -> None:
@@ -192,7 +246,8 @@ def _phi3_parameters(writer: Any, config: dict, tensors: dict[str, np.ndarray]) 
 
 _PARAMETERS: dict[str, Callable[[Any, dict, dict[str, np.ndarray]], None]] = {
     "llama": _llama_parameters, "qwen2": _llama_parameters, "qwen3": _llama_parameters,
-    "gemma2": _gemma2_parameters, "gemma3": _gemma3_parameters, "phi3": _phi3_parameters}
+    "gemma2": _gemma2_parameters, "gemma3": _gemma3_parameters, "phi3": _phi3_parameters,
+    "qwen2moe": _moe_parameters, "qwen3moe": _moe_parameters, "olmoe": _olmoe_parameters}
 
 
 def _converted(arch: str, config: dict, hf_name: str, array: np.ndarray) -> np.ndarray:
@@ -241,6 +296,34 @@ def _add_tokenizer(writer, checkpoint: Path, arch: str, model_config: dict) -> N
             add(model_config[f"{key}_id"])
 
 
+def _checkpoint_tensors(checkpoint: Path) -> Iterator[tuple[str, np.ndarray]]:
+    for file in sorted(checkpoint.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                yield key, f.get_tensor(key).to(torch.float32).numpy()
+
+
+def _stacked_experts(tensors: Iterable[tuple[str, np.ndarray]],
+                     num_experts: int) -> Iterator[tuple[str, np.ndarray]]:
+    """The tensors with each projection's experts stacked, in expert order, into one
+    `...experts.<projection>.weight` [experts, rows, columns], yielded once the last of
+    them is read, as the converter merges them."""
+    pending: dict[str, dict[int, np.ndarray]] = {}
+    for key, array in tensors:
+        match = _EXPERT_KEY.fullmatch(key)
+        if match is None:
+            yield key, array
+            continue
+        stacked = f"{match[1]}.{match[3]}.weight"
+        parts = pending.setdefault(stacked, {})
+        parts[int(match[2])] = array
+        if len(parts) == num_experts:
+            yield stacked, np.stack([parts[e] for e in range(num_experts)])
+            del pending[stacked]
+    if pending:
+        raise ValueError(f"experts missing from {sorted(pending)}: each has {num_experts}")
+
+
 def export_gguf(checkpoint: Path, out: Path, recipe: str) -> Path:
     """Write `checkpoint` (config.json, *.safetensors, tokenizer.json) to `out` with the
     recipe's types."""
@@ -260,24 +343,23 @@ def export_gguf(checkpoint: Path, out: Path, recipe: str) -> Path:
     writer.add_quantization_version(2)
     rope_tensors: dict[str, np.ndarray] = {}
     _PARAMETERS[arch](writer, config, rope_tensors)
+    num_experts = _expert_counts(writer, config)
     _add_tokenizer(writer, checkpoint, arch, config)
     for name, array in rope_tensors.items():
         writer.add_tensor(name, array)
     # Gemma 2's converter drops lm_head (llama.cpp's gemma2 has none); a tied one is not saved.
     tied = config.get("tie_word_embeddings") or arch == "gemma2"
-    for file in sorted(checkpoint.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():
-                if tied and key == "lm_head.weight":
-                    continue
-                name = names.get_name(key, try_suffixes=(".weight", ".bias"))
-                if name is None:
-                    raise ValueError(f"{checkpoint}: tensor {key!r} has no GGUF name for {arch}")
-                array = _converted(arch, config, key, f.get_tensor(key).to(torch.float32).numpy())
-                type_name = ("F32" if array.ndim == 1 else
-                             _matrix_type(recipe, name, num_layers, array.shape[1], tied))
-                writer.add_tensor(name, quantize(array, type_name),
-                                  raw_dtype=gguf.GGMLQuantizationType[type_name])
+    for key, array in _stacked_experts(_checkpoint_tensors(checkpoint), num_experts):
+        if tied and key == "lm_head.weight":
+            continue
+        name = names.get_name(key, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise ValueError(f"{checkpoint}: tensor {key!r} has no GGUF name for {arch}")
+        array = _converted(arch, config, key, array)
+        type_name = ("F32" if array.ndim == 1 or name.split(".")[-2] in _F32_TENSORS else
+                     _matrix_type(recipe, name, num_layers, array.shape[-1], tied, num_experts))
+        writer.add_tensor(name, quantize(array, type_name),
+                          raw_dtype=gguf.GGMLQuantizationType[type_name])
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
