@@ -22,6 +22,7 @@ from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
 from gguf.quants import dequantize as gguf_dequantize
 from safetensors.torch import load_file, save_file
 
+from checkpoints import MOE_VARIANTS
 from conftest import random_prompts, rewrite_gguf
 from kvflow import LLM, SamplingParams
 from kvflow.bench.gguf_quants import quantize
@@ -36,8 +37,10 @@ from kvflow.quantization.int8 import quantize_int8
 K_QUANT_SHAPE = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=3)
 # What a GGUF file can carry of a test checkpoint: llama.cpp stores no query_pre_attn_scalar
 # and scales Gemma 2's queries by 1/sqrt(head_dim) (test_gemma_attention_scale_and_windows_
-# are_llama_cpps).
-CARRIED = {"gemma2": dict(query_pre_attn_scalar=16)}
+# are_llama_cpps); its qwen3moe and qwen2moe have experts in every layer (their tensor names
+# have no dense MLP), and its converter writes no window for Mixtral (as for any llama).
+CARRIED = {"gemma2": dict(query_pre_attn_scalar=16), "qwen3-moe": dict(mlp_only_layers=[]),
+           "qwen2-moe": dict(decoder_sparse_step=1), "mixtral": dict(sliding_window=None)}
 
 
 def _k_quant_shape(variant: str) -> dict:
@@ -276,11 +279,13 @@ def test_quantized_gguf_logits_match_the_dequantized_reference(gguf_file, tmp_pa
             assert (a - r).abs().mean() < tolerance, (eager, (a - r).abs().mean())
 
 
-@pytest.mark.parametrize("variant", ["llama-gqa", "qwen2", "qwen3", "gemma2", "gemma3", "phi3"])
+@pytest.mark.parametrize("variant", ["llama-gqa", "qwen2", "qwen3", "gemma2", "gemma3", "phi3",
+                                     *MOE_VARIANTS])
 def test_tokenizer_and_chat_template_come_from_the_file(gguf_file, variant):
     """The tokenizer the engine builds from a GGUF file (kvflow/models/gguf/tokenizer.py,
-    through transformers' reading of each architecture's file) encodes as the checkpoint's
-    and renders its chat template."""
+    through transformers' reading of each architecture's file, or for OLMoE's, whose
+    config transformers cannot read, from the tokenizer metadata alone) encodes as the
+    checkpoint's and renders its chat template."""
     from transformers import AutoTokenizer
 
     from kvflow.models.gguf.tokenizer import load_gguf_tokenizer
