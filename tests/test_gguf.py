@@ -1,7 +1,8 @@
 """GGUF files (kvflow/models/gguf/): tiny random checkpoints of every family kvflow reads
-from GGUF (Llama, Qwen2, Qwen3, Gemma 2, Gemma 3, Phi-3) saved by transformers and written
-as GGUF by the gguf package's writer (kvflow/bench/gguf_export.py, laid out as llama.cpp's
-converter and llama-quantize lay them out), loaded back by kvflow.
+from GGUF (Llama, Qwen2, Qwen3, Gemma 2, Gemma 3, Phi-3, and the mixtures of experts
+Qwen3-MoE, Qwen2-MoE, Mixtral and OLMoE) saved by transformers and written as GGUF by the
+gguf package's writer (kvflow/bench/gguf_export.py, laid out as llama.cpp's converter and
+llama-quantize lay them out), loaded back by kvflow.
 
 The gguf package quantizes Q8_0, Q4_0 and Q5_0 itself; it has no K-quant quantizer, so
 kvflow/bench/gguf_quants.py writes Q4_K, Q5_K and Q6_K blocks with its own round-to-nearest
@@ -9,6 +10,7 @@ search, and every check here reads them back through the gguf package's dequanti
 from __future__ import annotations
 
 import json
+import logging
 import re
 import struct
 import subprocess
@@ -27,6 +29,7 @@ from conftest import random_prompts, rewrite_gguf
 from kvflow import LLM, SamplingParams
 from kvflow.bench.gguf_quants import quantize
 from kvflow.models.config import ModelConfig
+from kvflow.models.gguf import GgufFile
 from kvflow.models.gguf.weights import plan_gguf, unpack_q4_0, unpack_q4_1, unpack_q4_k
 from kvflow.models.llama import LlamaForCausalLM
 from kvflow.quantization.int4 import dequantize_int4, pack_int4
@@ -178,7 +181,7 @@ def test_every_parameter_is_what_the_gguf_dequantizer_reads(gguf_file, recipe):
 
 _FLOAT_CASES = [(variant, recipe) for variant in ("llama-gqa", "llama-mha-tied-bias",
                                                  "llama3-rope", "llama-linear-rope", "qwen2",
-                                                 "qwen3")
+                                                 "qwen3", *MOE_VARIANTS)
                 for recipe in ("F32", "F16")] + [("gemma2", "F32"), ("gemma3", "F32"),
                                                  ("phi3", "F32")]
 
@@ -190,7 +193,9 @@ def test_float_gguf_gives_the_safetensors_tokens(gguf_file, variant, recipe):
     in float32: Llama's q/k rows (and their biases) come back from llama.cpp's order, Gemma's
     norms from the 1 + w the converter stored (bit for bit), Phi-3's fused layers whole,
     the RoPE of each family from its keys and tensors (Llama 3.1's rope_freqs, Gemma 3's
-    local and global bases, Phi-3's LongRoPE factors and partial rotary)."""
+    local and global bases, Phi-3's LongRoPE factors and partial rotary), the experts from
+    their stacked ffn_*_exps (Mixtral's q/k rows from llama.cpp's order too), Qwen2-MoE's
+    shared expert and its gate, OLMoE's q/k norms across all heads."""
     dtype = {"F32": "float32", "F16": "float16"}[recipe]
     path, source = gguf_file(variant, recipe, dtype=dtype, **CARRIED.get(variant, {}))
     prompts = [{"prompt_token_ids": p} for p in random_prompts(4, seed=3)]
@@ -210,11 +215,14 @@ def test_float_gguf_gives_the_safetensors_tokens(gguf_file, variant, recipe):
                 next(iter(e.values())).logprob, abs=1e-4)
 
 
-def _dequantized_reference(gguf_path, source, out):
+def _dequantized_reference(gguf_path, source, out, plan=None):
     """The source checkpoint with every matrix replaced by what the GGUF's type makes of it
     (quantized and dequantized by the gguf package), computed from the source's own rows:
-    blocks run along rows, so llama.cpp's q/k row order does not change them. Tensors are
-    found by the names the gguf package's map gives them, as the converter finds them."""
+    blocks run along rows, so llama.cpp's q/k row order does not change them, and an
+    expert's matrix comes out as its rows of the stacked tensor do. Tensors are found by
+    the names the gguf package's map gives them, as the converter finds them (an expert's
+    by its stack's). With the file's plan (plan_gguf), matrices of the layers it runs as
+    int8 are what kvflow holds: rounded again to int8's per-row grid."""
     import gguf
 
     reader = GGUFReader(gguf_path)
@@ -224,11 +232,15 @@ def _dequantized_reference(gguf_path, source, out):
     names = gguf.get_tensor_name_map({n: a for a, n in gguf.MODEL_ARCH_NAMES.items()}[arch],
                                      len({k.split(".")[2] for k in weights if ".layers." in k}))
     for key, value in weights.items():
-        name = names.get_name(key, try_suffixes=(".weight", ".bias"))
+        name = names.get_name(re.sub(r"\.experts\.\d+\.", ".experts.", key),
+                              try_suffixes=(".weight", ".bias"))
         if value.dim() == 2 and name in types:
             qtype = types[name]
             weights[key] = torch.from_numpy(gguf_dequantize(
                 quantize(value.float().numpy(), qtype.name), qtype))
+            if plan is not None and plan.method_of(key) == "int8":
+                q, scale = quantize_int8(weights[key], torch.float32)
+                weights[key] = q.float() * scale[:, None]
     out.mkdir()
     for file in source.iterdir():
         if file.suffix != ".safetensors":
@@ -277,6 +289,87 @@ def test_quantized_gguf_logits_match_the_dequantized_reference(gguf_file, tmp_pa
         assert method in methods
         for a, r in zip(actual, reference):
             assert (a - r).abs().mean() < tolerance, (eager, (a - r).abs().mean())
+
+
+def _dequantized_tensors(path) -> dict[str, tuple[str, torch.Tensor]]:
+    """Each tensor of a GGUF file: (its type, the gguf package's dequantization of it)."""
+    return {t.name: (t.tensor_type.name, torch.from_numpy(np.array(gguf_dequantize(
+        t.data, t.tensor_type))).reshape(tuple(reversed(t.shape.tolist()))))
+            for t in GGUFReader(path).tensors}
+
+
+@pytest.mark.parametrize("variant,recipe", [
+    *((variant, "Q8_0") for variant in MOE_VARIANTS),
+    # Qwen3-MoE's 8 experts make Q4_K_M keep attn_k and attn_v in Q8_0 (llama-quantize's
+    # rule for 8-expert models), so its fused qkv is dequantized with the rest.
+    ("qwen3-moe", "Q4_K_M")])
+def test_quantized_moe_experts_are_dequantized_at_load(gguf_file, tmp_path, caplog, variant,
+                                                       recipe):
+    """kvflow's expert layers take no quantized format yet: a quantized file's experts load
+    as the gguf package dequantizes their stacks, with a warning that says so, and the
+    routers as the F32 the file keeps them in. Logprobs are the dequantized reference's to
+    1e-4, with the layers kvflow runs as int8 rounded again to int8's grid in the reference
+    too: that rounding alone moves these test weights' logprobs by about 0.3 on average
+    once it flips some tokens' experts, which would hide any other difference."""
+    path, source = gguf_file(variant, recipe, **CARRIED.get(variant, {}))
+    with caplog.at_level(logging.WARNING, logger="kvflow"):
+        llm = LLM(str(path), dtype="float32", device="cpu", kv_cache_memory="8MiB")
+    assert re.search(r"GGUF Q[\w, ]+ experts \(\d+ tensors, [\d.]+ GiB\) are dequantized "
+                     r"to float32 at load", caplog.text)
+    tensors = _dequantized_tensors(path)
+    for i, layer in enumerate(llm.engine.runner.model.model.layers):
+        block = getattr(layer, layer.feed_forward_name)
+        gate, up, down, router = (tensors[f"blk.{i}.{name}.weight"] for name in (
+            "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps", "ffn_gate_inp"))
+        assert torch.equal(block.experts.gate_up_proj, torch.cat([gate[1], up[1]], dim=1))
+        assert torch.equal(block.experts.down_proj, down[1])
+        assert torch.equal(block.gate.weight, router[1]) and router[0] == "F32"
+        assert {gate[0], up[0], down[0]} & {"Q8_0", "Q5_0", "Q4_K", "Q6_K"}, i
+    if recipe == "Q4_K_M":
+        assert tensors["blk.0.attn_k.weight"][0] == tensors["blk.0.attn_v.weight"][0] == "Q8_0"
+    model = llm.engine.runner.model
+    plan = plan_gguf(GgufFile(path), model.config, torch.float32, model.packed_modules)
+    reference, _ = _logprobs(_dequantized_reference(path, source, tmp_path / "reference",
+                                                    plan))
+    actual, methods = _logprobs(path)
+    assert ("Int8LinearMethod" in methods) == (recipe == "Q8_0")
+    for a, r in zip(actual, reference):
+        assert (a - r).abs().max() < 1e-4, (a - r).abs().max()
+
+
+def test_bad_expert_counts_are_refused_by_name(gguf_file, tmp_path):
+    path, _ = gguf_file("qwen3-moe", "F32", **CARRIED["qwen3-moe"])
+    u32, text = GGUFValueType.UINT32, GGUFValueType.STRING
+    cases = {
+        "none": ({"qwen3moe.expert_count": (0, u32)},
+                 "'qwen3moe.expert_count' is 0; kvflow takes 1 to 16,384"),
+        "huge": ({"qwen3moe.expert_count": (2**32 - 1, u32)},
+                 "'qwen3moe.expert_count' is 4,294,967,295; kvflow takes 1 to 16,384"),
+        "text": ({"qwen3moe.expert_count": ("8", text)},
+                 "'qwen3moe.expert_count' is '8', not an integer"),
+        "used": ({"qwen3moe.expert_used_count": (9, u32)},
+                 "'qwen3moe.expert_used_count' is 9; kvflow takes 1 to 8, as the file has 8 "
+                 "experts"),
+        # in range, but not what the tensors hold
+        "count": ({"qwen3moe.expert_count": (16, u32)},
+                  r"'blk\.0\.ffn_\w+\.weight' has shape \[8, .*\], the metadata implies "
+                  r"\[16, "),
+        "width": ({"qwen3moe.expert_feed_forward_length": (64, u32)},
+                  r"'blk\.0\.ffn_\w+_exps\.weight' has shape \[8, .*\], the metadata "
+                  r"implies \[8, .*64"),
+    }
+    for name, (metadata, message) in cases.items():
+        with pytest.raises(ValueError, match=message):
+            ModelConfig.from_pretrained(rewrite_gguf(path, tmp_path / f"{name}.gguf",
+                                                     metadata=metadata))
+    # A llama file is Mixtral's by its expert count: without one, its routers are strangers.
+    mixtral, _ = gguf_file("mixtral", "F32", **CARRIED["mixtral"])
+    assert ModelConfig.from_pretrained(mixtral).architecture == "MixtralForCausalLM"
+    dense = rewrite_gguf(mixtral, tmp_path / "dense.gguf",
+                         metadata={"llama.expert_count": (0, u32)})
+    with pytest.raises(ValueError, match=r"'blk\.0\.ffn_\w+\.weight' has no counterpart in "
+                                         r"kvflow's llama model"):
+        ModelConfig.from_pretrained(dense)
 
 
 @pytest.mark.parametrize("variant", ["llama-gqa", "qwen2", "qwen3", "gemma2", "gemma3", "phi3",
@@ -538,6 +631,9 @@ _HOSTILE_VALUES = {
     "epsilon": ({"llama.attention.layer_norm_rms_epsilon": (float("nan"),
                                                             GGUFValueType.FLOAT32)},
                 "'llama.attention.layer_norm_rms_epsilon' is nan, not a positive finite"),
+    # an expert count makes a llama file Mixtral's, whose reader it would size
+    "expert-count": ({"llama.expert_count": (2**31, GGUFValueType.UINT32)},
+                     "'llama.expert_count' is 2,147,483,648; kvflow takes 0 to 16,384"),
 }
 # Loads each file in a process whose address space is capped, so that a file that makes
 # memory grow fails there instead of taking the machine: prints, per file, the error's

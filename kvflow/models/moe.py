@@ -9,13 +9,27 @@ comes from (Qwen3's per-head q/k norms, Qwen2's q/k/v biases, Mistral's window) 
 OLMoE's q/k norms over all heads at once. Mixtral's checkpoints name the experts
 `block_sparse_moe.experts.N.w1/w2/w3`, the others `mlp.experts.N.gate_proj/up_proj/
 down_proj`; each is loaded into one stacked tensor per projection.
+
+GGUF files (llama.cpp's qwen3moe, qwen2moe and olmoe, and Mixtral written as llama with
+an expert count) stack each projection across experts (ffn_gate_exps, ...) and say less
+than config.json; the readers below fill the rest as llama.cpp's loader does
+(src/models/*.cpp): every layer has experts, the softmax router renormalizes its top-k in
+Qwen3-MoE and Mixtral and not in Qwen2-MoE or OLMoE (no key says), an expert's width is
+`expert_feed_forward_length` (Qwen; without it, the MLP's width over the experts used) or
+the MLP's (OLMoE, Mixtral), and Qwen2-MoE's shared expert is as wide as
+`expert_shared_feed_forward_length` (without it, the MLP).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, ClassVar
 
 from kvflow.models.config import ModelConfig, MoeConfig, read_sliding_windows, require
+from kvflow.models.gguf.config import MAX_WIDTH, read_gguf_config
+from kvflow.models.gguf.file import MAX_EXPERTS, GgufFile
+from kvflow.models.gguf.layout import ATTENTION_TENSORS, GgufLayout, expert_tensors
 from kvflow.models.llama import LlamaForCausalLM
 from kvflow.models.registry import ModelFamily, register
 
@@ -67,6 +81,41 @@ def read_olmoe(hf: Any, path: Path) -> ModelConfig:
                  o_bias=bias, qk_norm=True, qk_norm_all_heads=True)
 
 
+def _read_gguf(file: GgufFile, norm_topk_prob: bool, own_expert_width: bool = False,
+               shared_expert: bool = False, **fields: Any) -> ModelConfig:
+    """own_expert_width: an expert's width has its own key (Qwen's); shared_expert: every
+    layer has a shared expert (Qwen2-MoE's)."""
+    config = read_gguf_config(file, **fields)
+    num_experts = file.arch_int("expert_count", 1, MAX_EXPERTS)
+    top_k = file.arch_int("expert_used_count", 1, num_experts,
+                          reason=f", as the file has {num_experts} experts")
+    mlp = config.intermediate_size
+    width = (file.arch_int("expert_feed_forward_length", 1, MAX_WIDTH, max(1, mlp // top_k))
+             if own_expert_width else mlp)
+    shared = (file.arch_int("expert_shared_feed_forward_length", 1, MAX_WIDTH, mlp)
+              if shared_expert else 0)
+    return replace(config, moe=MoeConfig(
+        num_experts=num_experts, top_k=top_k, intermediate_size=width,
+        norm_topk_prob=norm_topk_prob, sparse_layers=(True,) * config.num_layers,
+        shared_expert_size=shared))
+
+
+def read_qwen3_moe_gguf(file: GgufFile) -> ModelConfig:
+    return _read_gguf(file, norm_topk_prob=True, own_expert_width=True)
+
+
+def read_qwen2_moe_gguf(file: GgufFile) -> ModelConfig:
+    return _read_gguf(file, norm_topk_prob=False, own_expert_width=True, shared_expert=True)
+
+
+def read_mixtral_gguf(file: GgufFile) -> ModelConfig:
+    return _read_gguf(file, norm_topk_prob=True)
+
+
+def read_olmoe_gguf(file: GgufFile) -> ModelConfig:
+    return _read_gguf(file, norm_topk_prob=False, qk_norm_all_heads=True)
+
+
 class MoeForCausalLM(LlamaForCausalLM):
     expert_projections: ClassVar[dict[str, str]] = {
         "gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
@@ -77,7 +126,24 @@ class MixtralForCausalLM(LlamaForCausalLM):
     expert_projections: ClassVar[dict[str, str]] = {"w1": "gate", "w3": "up", "w2": "down"}
 
 
-register(ModelFamily("Qwen3MoeForCausalLM", MoeForCausalLM, read_qwen3_moe))
-register(ModelFamily("Qwen2MoeForCausalLM", MoeForCausalLM, read_qwen2_moe))
-register(ModelFamily("MixtralForCausalLM", MixtralForCausalLM, read_mixtral))
-register(ModelFamily("OlmoeForCausalLM", MoeForCausalLM, read_olmoe))
+def _gguf_layout(architecture: str, read: Callable[[GgufFile], ModelConfig],
+                 model_class: type[LlamaForCausalLM],
+                 shared_expert: bool = False, **options: Any) -> GgufLayout:
+    """Llama's attention and norms with experts in place of the MLP, in every layer."""
+    experts = expert_tensors(model_class.feed_forward_name, model_class.expert_projections,
+                             shared_expert)
+    return GgufLayout(architecture, read, {**ATTENTION_TENSORS, **experts}, has_experts=True,
+                      **options)
+
+
+register(ModelFamily("Qwen3MoeForCausalLM", MoeForCausalLM, read_qwen3_moe,
+                     _gguf_layout("qwen3moe", read_qwen3_moe_gguf, MoeForCausalLM)))
+register(ModelFamily("Qwen2MoeForCausalLM", MoeForCausalLM, read_qwen2_moe,
+                     _gguf_layout("qwen2moe", read_qwen2_moe_gguf, MoeForCausalLM,
+                                  shared_expert=True)))
+# llama.cpp's converter writes Mixtral as Llama, q/k rows interleaved as for Llama.
+register(ModelFamily("MixtralForCausalLM", MixtralForCausalLM, read_mixtral,
+                     _gguf_layout("llama", read_mixtral_gguf, MixtralForCausalLM,
+                                  permuted_qk=True)))
+register(ModelFamily("OlmoeForCausalLM", MoeForCausalLM, read_olmoe,
+                     _gguf_layout("olmoe", read_olmoe_gguf, MoeForCausalLM)))

@@ -9,6 +9,7 @@ architecture (Gemma's soft caps, window pattern and attention scale).
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -16,7 +17,7 @@ import torch
 
 from kvflow.models.config import ModelConfig, RopeConfig
 from kvflow.models.gguf.file import GgufFile, GgufTensor
-from kvflow.models.gguf.layout import GgufLayout
+from kvflow.models.gguf.layout import EXPERT_TENSORS, GgufLayout
 
 # Bounds an order of magnitude past any model of the families kvflow runs, so that a
 # damaged value is refused before it sizes anything.
@@ -70,11 +71,12 @@ def _rope(file: GgufFile, rotary_dim: int, context_length: int) -> RopeConfig:
 
 
 def _checkpoint_dtype(file: GgufFile) -> torch.dtype:
-    """The dtype of most of the file's decoder weights where they are floats, else bf16."""
+    """The dtype of most of the file's weights (matrices, and experts' stacks of them)
+    where they are floats, else bf16."""
     sizes: dict[str, int] = {}
     for t in file.tensors.values():
-        if len(t.shape) == 2:
-            sizes[t.type_name] = sizes.get(t.type_name, 0) + t.shape[0] * t.shape[1]
+        if len(t.shape) >= 2:
+            sizes[t.type_name] = sizes.get(t.type_name, 0) + math.prod(t.shape)
     return _FLOAT_DTYPES.get(max(sizes, key=sizes.__getitem__, default=""), torch.bfloat16)
 
 
@@ -109,14 +111,30 @@ def _module_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
     Hugging Face name (Phi-3's qkv_proj and gate_up_proj are stored fused)."""
     q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
     hidden, inner = c.hidden_size, c.intermediate_size
+    q_norm, k_norm = (q, kv) if c.qk_norm_all_heads else (c.head_dim, c.head_dim)
     return {"input_layernorm": (hidden,), "post_attention_layernorm": (hidden,),
             "pre_feedforward_layernorm": (hidden,), "post_feedforward_layernorm": (hidden,),
             "self_attn.q_proj": (q, hidden), "self_attn.k_proj": (kv, hidden),
             "self_attn.v_proj": (kv, hidden), "self_attn.qkv_proj": (q + 2 * kv, hidden),
             "self_attn.o_proj": (hidden, q),
-            "self_attn.q_norm": (c.head_dim,), "self_attn.k_norm": (c.head_dim,),
+            "self_attn.q_norm": (q_norm,), "self_attn.k_norm": (k_norm,),
             "mlp.gate_proj": (inner, hidden), "mlp.up_proj": (inner, hidden),
             "mlp.gate_up_proj": (2 * inner, hidden), "mlp.down_proj": (hidden, inner)}
+
+
+def _expert_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The shape of each expert-layer tensor, by llama.cpp's name (which every family
+    shares, where the modules they load into differ: Qwen's mlp.experts.gate_proj,
+    Mixtral's block_sparse_moe.experts.w1); empty for a model without experts. The shared
+    expert's are read only from a layout that has one (Qwen2-MoE's)."""
+    if c.moe is None:
+        return {}
+    experts, hidden, inner = c.moe.num_experts, c.hidden_size, c.moe.intermediate_size
+    shared = c.moe.shared_expert_size
+    return {"ffn_gate_inp": (experts, hidden), "ffn_gate_exps": (experts, inner, hidden),
+            "ffn_up_exps": (experts, inner, hidden), "ffn_down_exps": (experts, hidden, inner),
+            "ffn_gate_inp_shexp": (1, hidden), "ffn_gate_shexp": (shared, hidden),
+            "ffn_up_shexp": (shared, hidden), "ffn_down_shexp": (hidden, shared)}
 
 
 _QK_NORMS = ("self_attn.q_norm", "self_attn.k_norm")
@@ -126,13 +144,19 @@ _MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.gate_up_proj", "mlp.down_proj")
 
 def _expected_shapes(c: ModelConfig, layout: GgufLayout) -> dict[str, tuple[int, ...]]:
     """Every tensor the config's model loads from a file of this layout, by Hugging Face
-    name, with its shape."""
-    shapes = _module_shapes(c)
-    modules = [m for m in layout.layer_tensors.values() if c.qk_norm or m not in _QK_NORMS]
-    layer = {f"{m}.weight": shapes[m] for m in modules}
+    name, with its shape. A layout with experts has them in every layer, as llama.cpp's
+    MoE architectures do (their files name no dense MLP)."""
+    shapes, expert_shapes = _module_shapes(c), _expert_shapes(c)
+    layer: dict[str, tuple[int, ...]] = {}
+    for name, module in layout.layer_tensors.items():
+        if module in _QK_NORMS and not c.qk_norm:
+            continue
+        shape = expert_shapes[name] if name in EXPERT_TENSORS else shapes[module]
+        layer[f"{module}.weight"] = shape
     biased = ((_QKV if c.qkv_bias else ()) + (("self_attn.o_proj",) if c.o_bias else ())
               + (_MLP if c.mlp_bias else ()))
-    layer.update({f"{m}.bias": shapes[m][:1] for m in modules if m in biased})
+    layer.update({f"{m}.bias": shapes[m][:1] for m in layout.layer_tensors.values()
+                  if m in biased})
     expected = {"model.embed_tokens.weight": (c.vocab_size, c.hidden_size),
                 "model.norm.weight": (c.hidden_size,)}
     if not c.tie_word_embeddings:

@@ -12,15 +12,20 @@ Per linear layer (all of a fused layer's shards together):
   how far that moved the weights).
 - Everything else (F32, F16, BF16, Q6_K, Q5_K, Q5_0, ... and a layer whose shards differ)
   is dequantized at load, by the gguf package, to the model's dtype. So are the embedding,
-  the LM head and the norms.
+  the LM head, the norms and the routers of mixture-of-experts layers.
+- Experts (llama.cpp's stacked ffn_*_exps, [experts, rows, columns]) are dequantized at
+  load to the model's dtype whatever their type, with a warning for quantized ones: kvflow's
+  expert layers have no quantized method yet (see GgufQuantConfig.expert_method).
 A type the gguf package cannot dequantize is refused with the model's config
 (gguf/config.py), before anything is built. Each tensor leaves here as the Hugging Face
-checkpoint held it: what llama.cpp's converter changed (Llama's q/k row order, Gemma's
-1 + w norms) is undone, so every parameter's weight_loader sees the checkpoint's values.
+checkpoint held it (but experts, which stay stacked per projection): what llama.cpp's
+converter changed (Llama's q/k row order, Gemma's 1 + w norms) is undone, so every
+parameter's weight_loader sees the checkpoint's values.
 """
 from __future__ import annotations
 
 import logging
+import math
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -29,8 +34,10 @@ from typing import ClassVar
 import numpy as np
 import torch
 
+from kvflow.layers.moe import ExpertMethod, UnquantizedExpertMethod
 from kvflow.models.config import ModelConfig
 from kvflow.models.gguf.file import GgufFile, GgufTensor
+from kvflow.models.gguf.layout import ROUTER_TENSORS
 from kvflow.quantization.base import LinearMethod, PrequantizedWeight, QuantizationConfig
 from kvflow.quantization.int4 import PACK_BLOCK, ROW_BLOCK, Int4LinearMethod, pack_int4
 from kvflow.quantization.int4 import layout as int4_layout
@@ -64,6 +71,10 @@ class GgufQuantConfig(QuantizationConfig):
     # the model class's map of checkpoint projections onto its fused layers
     packed_modules: dict[str, tuple[str, str]] = field(default_factory=dict)
 
+    def method_of(self, hf_name: str) -> str | None:
+        """The method of the linear layer a checkpoint tensor loads into."""
+        return self.methods.get(_layer_prefix(hf_name, self.packed_modules))
+
     def linear_method(self, prefix: str) -> LinearMethod:
         method = self.methods.get(prefix)
         if method == "int4":
@@ -71,6 +82,15 @@ class GgufQuantConfig(QuantizationConfig):
         if method == "int8":
             return Int8LinearMethod()
         return UnquantizedLinearMethod()
+
+    def expert_method(self, prefix: str) -> ExpertMethod:
+        # Experts load dequantized (gguf_tensors). The hook for quantized expert methods:
+        # plan_gguf records an expert layer's method from its ffn_*_exps types as it does a
+        # linear layer's (Q8_0 -> int8, Q4_0/Q4_1/Q4_K -> int4; their unpackers go row by
+        # row, so [experts, rows, columns] unpacks as experts * rows rows), this
+        # returns that method for the layer, and gguf_tensors hands its loader
+        # PrequantizedWeight parts, with the "gate"/"up"/"down" shard of every expert.
+        return UnquantizedExpertMethod()
 
 
 def _shard_rows(t: GgufTensor, config: ModelConfig) -> tuple[int, ...]:
@@ -108,16 +128,37 @@ def plan_gguf(file: GgufFile, config: ModelConfig, dtype: torch.dtype,
     became = Counter((t.type_name, _target(config, t, dtype)) for t in file.tensors.values())
     for (type_name, target), count in sorted(became.items()):
         logger.info("GGUF %s: %d tensor(s) -> %s", type_name, count, target)
+    _warn_dequantized_experts(file, dtype)
     return config
 
 
+def _warn_dequantized_experts(file: GgufFile, dtype: torch.dtype) -> None:
+    """Quantized experts, most of an MoE file's bytes, take their float size in memory."""
+    quantized = [t for t in file.tensors.values()
+                 if _is_expert_weight(t) and t.type_name not in _FLOATS]
+    if quantized:
+        types = ", ".join(sorted({t.type_name for t in quantized}))
+        stored = sum(t.data.nbytes for t in quantized)
+        loaded = sum(math.prod(t.shape) for t in quantized) * dtype.itemsize
+        logger.warning("GGUF %s experts (%d tensors, %.2f GiB) are dequantized to %s at load "
+                       "(%.2f GiB): kvflow's expert layers take no quantized format yet",
+                       types, len(quantized), stored / 2**30,
+                       str(dtype).removeprefix("torch."), loaded / 2**30)
+
+
 def _is_decoder_weight(t: GgufTensor) -> bool:
-    return t.name.startswith("blk.") and t.name.endswith(".weight") and len(t.shape) == 2
+    """A decoder layer's matrix, which its layer may take in a quantized format (a router,
+    never quantized, is not one)."""
+    return (t.name.startswith("blk.") and t.name.endswith(".weight") and len(t.shape) == 2
+            and t.name.split(".")[2] not in ROUTER_TENSORS)
+
+
+def _is_expert_weight(t: GgufTensor) -> bool:
+    return t.name.startswith("blk.") and t.name.endswith(".weight") and len(t.shape) == 3
 
 
 def _method(config: GgufQuantConfig, t: GgufTensor) -> str | None:
-    return (config.methods.get(_layer_prefix(t.hf_name, config.packed_modules))
-            if _is_decoder_weight(t) else None)
+    return config.method_of(t.hf_name) if _is_decoder_weight(t) else None
 
 
 def _target(config: GgufQuantConfig, t: GgufTensor, dtype: torch.dtype) -> str:
@@ -133,6 +174,8 @@ def _target(config: GgufQuantConfig, t: GgufTensor, dtype: torch.dtype) -> str:
         return dtype_name
     if t.type_name in _FLOATS:
         return f"{dtype_name} (converted)"
+    if _is_expert_weight(t):
+        return f"{dtype_name} (experts, dequantized at load)"
     return f"{dtype_name} (dequantized at load)"
 
 
