@@ -372,6 +372,42 @@ def test_bad_expert_counts_are_refused_by_name(gguf_file, tmp_path):
         ModelConfig.from_pretrained(dense)
 
 
+def _layout(path) -> tuple[dict, dict]:
+    """A GGUF file's metadata (but the name and size label it gives the model) and, by
+    name, each tensor's type, shape and bytes."""
+    reader = GGUFReader(path)
+    metadata = {key: field.contents() for key, field in reader.fields.items()
+                if not key.startswith(("GGUF.", "general.name", "general.size_label"))}
+    return metadata, {t.name: (t.tensor_type.name, t.shape.tolist(), np.array(t.data).tobytes())
+                      for t in reader.tensors}
+
+
+@pytest.mark.parametrize("variant", MOE_VARIANTS)
+def test_moe_files_are_laid_out_as_llama_cpps_own(gguf_file, variant):
+    """Where kvflow's benchmarks have built llama.cpp (kvflow/bench/llama_cpp.py): its
+    converter's BF16 file of each MoE checkpoint holds the exporter's tensors, byte for
+    byte, and its metadata (the exporter adds a head size to Mixtral's, as to every
+    llama file it writes), and llama-quantize picks the exporter's type for every tensor
+    of Q8_0, Q4_0 and Q4_K_M."""
+    from kvflow.bench import llama_cpp
+
+    if not (llama_cpp.quantize_binary().exists()
+            and (llama_cpp.peer_dir() / "convert-deps" / "sentencepiece").exists()):
+        pytest.skip("llama.cpp's converter and llama-quantize are not built here")
+    ours, source = gguf_file(variant, "BF16", **CARRIED.get(variant, {}))
+    theirs = llama_cpp.convert_to_gguf(source, ours.with_name(f"llama-cpp-{variant}-bf16.gguf"))
+    (our_metadata, our_tensors), (metadata, tensors) = _layout(ours), _layout(theirs)
+    assert tensors == our_tensors
+    assert metadata == {key: our_metadata[key] for key in metadata}
+    assert set(our_metadata) - set(metadata) <= {"llama.attention.key_length",
+                                                 "llama.attention.value_length"}
+    for recipe in ("Q8_0", "Q4_0", "Q4_K_M"):
+        ours, _ = gguf_file(variant, recipe, **CARRIED.get(variant, {}))
+        types = {name: t for name, (t, _, _) in _layout(ours)[1].items()}
+        assert {name: t for name, (t, _, _) in _layout(
+            llama_cpp.quantize_gguf(theirs, recipe))[1].items()} == types, recipe
+
+
 @pytest.mark.parametrize("variant", ["llama-gqa", "qwen2", "qwen3", "gemma2", "gemma3", "phi3",
                                      *MOE_VARIANTS])
 def test_tokenizer_and_chat_template_come_from_the_file(gguf_file, variant):
