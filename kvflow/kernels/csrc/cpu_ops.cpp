@@ -184,6 +184,35 @@ void gemv_group(const float* xf, const T* x, const W* w, float (*sums)[kGemvRows
   k_done = k;
 }
 
+// sums[m][r] = x_m . w_r for mb (at most kGemvCols) rows of x and `rows` (at most kGemvRows)
+// weight rows from wg: gemv_group's vector loop over a whole group, then the columns it left
+// (all of them for a part group). Each sum is reduced in the same order whatever mb is.
+template <typename T, typename W>
+void gemv_sums(const float* xf, const T* x, const W* wg, int64_t rows, int64_t mb, int64_t K,
+               float (*sums)[kGemvRows]) {
+  int64_t k_done = 0;
+  if (rows == kGemvRows) {
+    switch (mb) {
+      case 1: gemv_group<T, W, 1>(xf, x, wg, sums, K, k_done); break;
+      case 2: gemv_group<T, W, 2>(xf, x, wg, sums, K, k_done); break;
+      case 3: gemv_group<T, W, 3>(xf, x, wg, sums, K, k_done); break;
+      default: gemv_group<T, W, 4>(xf, x, wg, sums, K, k_done); break;
+    }
+  } else {
+    for (int64_t m = 0; m < mb; ++m)
+      for (int64_t r = 0; r < kGemvRows; ++r) sums[m][r] = 0.f;
+  }
+  for (int64_t m = 0; m < mb; ++m) {
+    const float* xm = xf + m * K;
+    for (int64_t r = 0; r < rows; ++r) {
+      const W* wr = wg + r * K;
+      float s = sums[m][r];
+      for (int64_t k = k_done; k < K; ++k) s = fmadd(to_f32(wr[k]), xm[k], s);
+      sums[m][r] = s;
+    }
+  }
+}
+
 // Rows of x per pass over the weights: a large batch (a prefill chunk) is taken in blocks
 // that stay in L2 while every weight row streams past them once, instead of streaming all
 // of x once per group of weight rows. Each output is still reduced by gemv_group alone, so
@@ -214,26 +243,10 @@ void gemv_impl(const T* x, const W* w, const T* scale, const T* bias, T* y, int6
         const W* wg = w + n0 * K;
         for (int64_t m0 = 0; m0 < block_rows; m0 += kGemvCols) {
           const int64_t mb = std::min(kGemvCols, block_rows - m0);
-          int64_t k_done = 0;
-          if (rows == kGemvRows) {
-            const float* xm = xf + m0 * K;
-            const T* xr = xb + m0 * K;
-            switch (mb) {
-              case 1: gemv_group<T, W, 1>(xm, xr, wg, sums, K, k_done); break;
-              case 2: gemv_group<T, W, 2>(xm, xr, wg, sums, K, k_done); break;
-              case 3: gemv_group<T, W, 3>(xm, xr, wg, sums, K, k_done); break;
-              default: gemv_group<T, W, 4>(xm, xr, wg, sums, K, k_done); break;
-            }
-          } else {
-            for (int64_t m = 0; m < mb; ++m)
-              for (int64_t r = 0; r < kGemvRows; ++r) sums[m][r] = 0.f;
-          }
+          gemv_sums<T, W>(xf + m0 * K, xb + m0 * K, wg, rows, mb, K, sums);
           for (int64_t m = 0; m < mb; ++m) {
-            const float* xm = xf + (m0 + m) * K;
             for (int64_t r = 0; r < rows; ++r) {
-              const W* wr = wg + r * K;
               float s = sums[m][r];
-              for (int64_t kk = k_done; kk < K; ++kk) s = fmadd(to_f32(wr[kk]), xm[kk], s);
               if (scale) s *= to_f32(scale[n0 + r]);
               if (bias) s += to_f32(bias[n0 + r]);
               yb[(m0 + m) * N + n0 + r] = from_f32<T>(s);
@@ -317,15 +330,34 @@ inline int int4_at(const uint8_t* w, int64_t n, int64_t k, int64_t K) {
   return k % 4 < 2 ? byte & 15 : byte >> 4;
 }
 
-// Row n's product; scale and offset point at its groups.
+// Where an int4 weight's scales and offsets are: [N, groups] each, or blocked as the vector
+// kernels read them, [N / 16][groups][2][16] (a block's 16 scales of a group, then its 16
+// offsets); the expert kernel keeps only the blocked copy.
 template <typename T>
-float int4_dot(const float* xf, const float* xsum, const uint8_t* w, int64_t n, const T* scale,
-               const T* offset, int64_t K, int64_t G) {
+struct Int4Scales {
+  const T* scale;
+  const T* offset;
+  const T* blocked;  // null: scale and offset
+  int64_t groups;
+
+  const T* block(int64_t b) const { return blocked + b * groups * 2 * kInt4Rows; }
+  float at(int64_t n, int64_t g, int part) const {
+    if (blocked) return to_f32(block(n / kInt4Rows)[(2 * g + part) * kInt4Rows + n % kInt4Rows]);
+    return to_f32((part ? offset : scale)[n * groups + g]);
+  }
+  float scale_at(int64_t n, int64_t g) const { return at(n, g, 0); }
+  float offset_at(int64_t n, int64_t g) const { return at(n, g, 1); }
+};
+
+// Row n's product.
+template <typename T>
+float int4_dot(const float* xf, const float* xsum, const uint8_t* w, int64_t n,
+               const Int4Scales<T>& scales, int64_t K, int64_t G) {
   float total = 0.f;
   for (int64_t g = 0; g < K / G; ++g) {
     float dot = 0.f;
     for (int64_t k = g * G; k < (g + 1) * G; ++k) dot += int4_at(w, n, k, K) * xf[k];
-    total += to_f32(scale[g]) * dot + to_f32(offset[g]) * xsum[g];
+    total += scales.scale_at(n, g) * dot + scales.offset_at(n, g) * xsum[g];
   }
   return total;
 }
@@ -382,6 +414,53 @@ void int4_block_bf16(const BFloat16* x, const float* xsum, const uint8_t* w,
 }
 #endif
 
+// Whether bf16 activations take int4_block_bf16 (which reads blocked scales) on this build.
+template <typename T>
+constexpr bool int4_vector_path() {
+#if defined(KVFLOW_AVX512) && defined(__AVX512BF16__)
+  return std::is_same_v<T, BFloat16>;
+#else
+  return false;
+#endif
+}
+
+// sums[m][r] = x_m . row n0 + r for the block of 16 rows at n0 and mb (at most kInt4Cols)
+// rows of x (x, its float32 copy xf and its group sums xsum, each from its first row).
+// block_scales: the block's blocked scales, which the vector path needs.
+template <typename T>
+void int4_block_sums(const T* x, const float* xf, const float* xsum, const uint8_t* w,
+                     int64_t n0, const Int4Scales<T>& scales, const T* block_scales, int64_t mb,
+                     int64_t K, int64_t G, float (*sums)[kInt4Rows]) {
+#if defined(KVFLOW_AVX512) && defined(__AVX512BF16__)
+  if constexpr (int4_vector_path<T>()) {
+    const auto args = std::make_tuple(x, xsum, w + n0 * (K / 2), block_scales, sums, K, G);
+    switch (mb) {
+      case 1: std::apply(int4_block_bf16<1>, args); break;
+      case 2: std::apply(int4_block_bf16<2>, args); break;
+      case 3: std::apply(int4_block_bf16<3>, args); break;
+      default: std::apply(int4_block_bf16<4>, args); break;
+    }
+    return;
+  }
+#endif
+  const int64_t groups = K / G;
+  for (int64_t m = 0; m < mb; ++m)
+    for (int64_t r = 0; r < kInt4Rows; ++r)
+      sums[m][r] = int4_dot<T>(xf + m * K, xsum + m * groups, w, n0 + r, scales, K, G);
+}
+
+// x as the int4 products read it: float32 (xf, [M, K]) and summed per group of G columns
+// (xsum, [M, K / G]).
+template <typename T>
+void int4_inputs(const T* x, int64_t M, int64_t K, int64_t G, float* xf, float* xsum) {
+  const int64_t groups = K / G;
+  std::fill_n(xsum, M * groups, 0.f);
+  for (int64_t i = 0; i < M * K; ++i) {
+    xf[i] = to_f32(x[i]);
+    xsum[i / K * groups + i % K / G] += xf[i];
+  }
+}
+
 // blocked: every block's scales and offsets as int4_block_bf16 reads them
 // ([N / 16][groups][2][16]), prepared once per layer; null: gathered here, block by block.
 template <typename T>
@@ -389,54 +468,33 @@ void int4_gemv_impl(const T* x, const uint8_t* w, const T* scale, const T* offse
                     const T* blocked, const T* bias, T* y, int64_t M, int64_t N, int64_t K,
                     int64_t G) {
   const int64_t groups = K / G;
-  std::vector<float> xf(M * K), xsum(M * groups, 0.f);
-  for (int64_t i = 0; i < M * K; ++i) {
-    xf[i] = to_f32(x[i]);
-    xsum[i / K * groups + i % K / G] += xf[i];
-  }
+  std::vector<float> xf(M * K), xsum(M * groups);
+  int4_inputs(x, M, K, G, xf.data(), xsum.data());
+  const Int4Scales<T> scales{scale, offset, blocked, groups};
   at::parallel_for(0, N / kInt4Rows, 4, [&](int64_t begin, int64_t end) {
     float sums[kInt4Cols][kInt4Rows];
     std::vector<T> gathered;
     for (int64_t block = begin; block < end; ++block) {
       const int64_t n0 = block * kInt4Rows;
-      const T* block_scales = blocked ? blocked + block * groups * 2 * kInt4Rows : nullptr;
-      bool vector = false;
-#if defined(KVFLOW_AVX512) && defined(__AVX512BF16__)
-      if constexpr (std::is_same_v<T, BFloat16>) {
-        vector = true;
-        if (!block_scales) {
-          gathered.resize(groups * 2 * kInt4Rows);
-          for (int64_t r = 0; r < kInt4Rows; ++r)
-            for (int64_t g = 0; g < groups; ++g) {
-              gathered[2 * g * kInt4Rows + r] = scale[(n0 + r) * groups + g];
-              gathered[(2 * g + 1) * kInt4Rows + r] = offset[(n0 + r) * groups + g];
-            }
-          block_scales = gathered.data();
-        }
+      const T* block_scales = blocked ? scales.block(block) : nullptr;
+      if (int4_vector_path<T>() && !block_scales) {
+        gathered.resize(groups * 2 * kInt4Rows);
+        for (int64_t r = 0; r < kInt4Rows; ++r)
+          for (int64_t g = 0; g < groups; ++g) {
+            gathered[2 * g * kInt4Rows + r] = scale[(n0 + r) * groups + g];
+            gathered[(2 * g + 1) * kInt4Rows + r] = offset[(n0 + r) * groups + g];
+          }
+        block_scales = gathered.data();
       }
-#endif
       for (int64_t m0 = 0; m0 < M; m0 += kInt4Cols) {
         const int64_t mb = std::min(kInt4Cols, M - m0);
-#if defined(KVFLOW_AVX512) && defined(__AVX512BF16__)
-        if constexpr (std::is_same_v<T, BFloat16>) {
-          const auto args = std::make_tuple(x + m0 * K, xsum.data() + m0 * groups,
-                                            w + n0 * (K / 2), block_scales, sums, K, G);
-          switch (mb) {
-            case 1: std::apply(int4_block_bf16<1>, args); break;
-            case 2: std::apply(int4_block_bf16<2>, args); break;
-            case 3: std::apply(int4_block_bf16<3>, args); break;
-            default: std::apply(int4_block_bf16<4>, args); break;
-          }
-        }
-#endif
+        int4_block_sums<T>(x + m0 * K, xf.data() + m0 * K, xsum.data() + m0 * groups, w, n0,
+                           scales, block_scales, mb, K, G, sums);
         for (int64_t m = 0; m < mb; ++m) {
           for (int64_t r = 0; r < kInt4Rows; ++r) {
-            const int64_t n = n0 + r;
-            float s = vector ? sums[m][r]
-                             : int4_dot<T>(xf.data() + (m0 + m) * K, xsum.data() + (m0 + m) * groups,
-                                           w, n, scale + n * groups, offset + n * groups, K, G);
-            if (bias) s += to_f32(bias[n]);
-            y[(m0 + m) * N + n] = from_f32<T>(s);
+            float s = sums[m][r];
+            if (bias) s += to_f32(bias[n0 + r]);
+            y[(m0 + m) * N + n0 + r] = from_f32<T>(s);
           }
         }
       }
@@ -838,9 +896,8 @@ torch::Tensor int8_dequantize(torch::Tensor w, torch::Tensor scale,
 // four words (its 4 columns of each chunk) into 64 bits, and variable shifts spread them
 // over 16 lanes.
 template <typename T>
-void int4_dequantize_impl(const uint8_t* w, const T* scale, const T* offset, T* out, int64_t N,
+void int4_dequantize_impl(const uint8_t* w, const Int4Scales<T>& scales, T* out, int64_t N,
                           int64_t K, int64_t G) {
-  const int64_t groups = K / G;
   at::parallel_for(0, N / kInt4Rows, 1, [&](int64_t begin, int64_t end) {
 #ifdef KVFLOW_AVX512
     // Word 4r + i of rows 0-7 (8-15): row r's word in chunk i of the run; A holds chunks
@@ -872,16 +929,16 @@ void int4_dequantize_impl(const uint8_t* w, const T* scale, const T* offset, T* 
           const __m512i dwords = _mm512_permutexvar_epi32(
               _mm512_add_epi32(dword_of_lane, _mm512_set1_epi32(2 * (r % 8))), rows[r / 8]);
           const __m512 q = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srlv_epi32(dwords, shifts), low4));
-          const __m512 scaled = _mm512_mul_ps(q, _mm512_set1_ps(to_f32(scale[n * groups + g])));
-          store16(out + n * K + k, _mm512_add_ps(scaled, _mm512_set1_ps(to_f32(offset[n * groups + g]))));
+          const __m512 scaled = _mm512_mul_ps(q, _mm512_set1_ps(scales.scale_at(n, g)));
+          store16(out + n * K + k, _mm512_add_ps(scaled, _mm512_set1_ps(scales.offset_at(n, g))));
         }
       }
 #endif
       for (; k < K; ++k) {
         for (int64_t r = 0; r < kInt4Rows; ++r) {
           const int64_t n = n0 + r, g = k / G;
-          const float scaled = int4_at(wb, r, k, K) * to_f32(scale[n * groups + g]);
-          out[n * K + k] = from_f32<T>(scaled + to_f32(offset[n * groups + g]));
+          const float scaled = int4_at(wb, r, k, K) * scales.scale_at(n, g);
+          out[n * K + k] = from_f32<T>(scaled + scales.offset_at(n, g));
         }
       }
     }
@@ -898,7 +955,8 @@ torch::Tensor int4_dequantize(torch::Tensor w, torch::Tensor scale, torch::Tenso
   auto out = dequantize_target(out_, {N, K}, scale, "int4_dequantize");
   dispatch_float_or_bf16(scale.scalar_type(), "int4_dequantize", [&](auto tag) {
     using T = decltype(tag);
-    int4_dequantize_impl<T>(w.data_ptr<uint8_t>(), scale.data_ptr<T>(), offset.data_ptr<T>(),
+    int4_dequantize_impl<T>(w.data_ptr<uint8_t>(),
+                            {scale.data_ptr<T>(), offset.data_ptr<T>(), nullptr, scale.size(1)},
                             out.data_ptr<T>(), N, K, G);
   });
   return out;
@@ -1395,28 +1453,30 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, c10::optional<torc
   return out;
 }
 
-// [rows, 2 * d] -> [rows, d]: silu(gate) * up, rounded after the silu as F.silu would.
+// out[i] = silu(gate[i]) * up[i] for one row of d, rounded after the silu as F.silu would.
+template <typename T>
+void silu_and_mul_row(const T* gate, const T* up, T* out, int64_t d) {
+  int64_t i = 0;
+#ifdef KVFLOW_AVX512
+  for (; i + 16 <= d; i += 16) {
+    const __m512 g = load16(gate + i);
+    const __m512 silu = _mm512_div_ps(
+        g, _mm512_add_ps(_mm512_set1_ps(1.f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+    store16(out + i, _mm512_mul_ps(round16<T>(silu), load16(up + i)));
+  }
+#endif
+  for (; i < d; ++i) {
+    const float g = to_f32(gate[i]);
+    out[i] = from_f32<T>(rounded<T>(g / (1.f + std::exp(-g))) * to_f32(up[i]));
+  }
+}
+
+// [rows, 2 * d] -> [rows, d]: silu(gate) * up.
 template <typename T>
 void silu_and_mul_impl(T* out, const T* x, int64_t rows, int64_t d) {
   at::parallel_for(0, rows, 4, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const T* gate = x + r * 2 * d;
-      const T* up = gate + d;
-      T* o = out + r * d;
-      int64_t i = 0;
-#ifdef KVFLOW_AVX512
-      for (; i + 16 <= d; i += 16) {
-        const __m512 g = load16(gate + i);
-        const __m512 silu = _mm512_div_ps(
-            g, _mm512_add_ps(_mm512_set1_ps(1.f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
-        store16(o + i, _mm512_mul_ps(round16<T>(silu), load16(up + i)));
-      }
-#endif
-      for (; i < d; ++i) {
-        const float g = to_f32(gate[i]);
-        o[i] = from_f32<T>(rounded<T>(g / (1.f + std::exp(-g))) * to_f32(up[i]));
-      }
-    }
+    for (int64_t r = begin; r < end; ++r)
+      silu_and_mul_row(x + r * 2 * d, x + r * 2 * d + d, out + r * d, d);
   });
 }
 
