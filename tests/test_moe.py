@@ -370,8 +370,34 @@ def test_unimplemented_config_fields_are_refused_by_name(variant, override, mess
         LLM(str(checkpoint(variant, **override)), device="cpu", kv_cache_memory="16MiB")
 
 
-def test_quantizing_experts_is_refused_until_a_format_has_an_expert_method(references):
-    path, _, _ = references["qwen3-moe"]
-    with pytest.raises(ValueError, match="'int8' has no method for expert layers yet "
-                                         r"\(model\.layers\.0\.mlp\.experts\)"):
-        LLM(str(path), device="cpu", kv_cache_memory="16MiB", quantization="int8")
+def _prompt_logprobs(path, **options) -> tuple[LLM, list[torch.Tensor]]:
+    llm = LLM(str(path), device="cpu", kv_cache_memory="16MiB", **options)
+    prompts = [{"prompt_token_ids": p} for p in random_prompts(3, seed=11, low=20, high=30)]
+    params = SamplingParams(temperature=0, max_tokens=4, prompt_logprobs=0, ignore_eos=True)
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    return llm, [torch.tensor([next(iter(e.values())).logprob for e in o.prompt_logprobs[1:]])
+                 for o in outputs]
+
+
+@pytest.mark.parametrize("enforce_eager", [False, True], ids=["native", "eager"])
+@pytest.mark.parametrize("name,tolerance", [("int8", 0.2), ("int4", 1.5)])
+def test_quantized_experts_stay_close_to_the_unquantized_model(checkpoint, name, tolerance,
+                                                               enforce_eager):
+    """A bf16 Qwen3-MoE (experts 64 wide, so that int4's groups of 32 fit them) quantized
+    at load, experts and linear layers alike, against the same model unquantized, on the
+    native path (the fused kernel on int8 or int4 experts) and the eager one (each expert
+    dequantized); tolerances as the dense models' (tests/test_quantization.py), on each
+    prompt's median token: quantizing moves a hidden state enough, now and then, to send a
+    token to other experts, and that token's logprob far."""
+    path = checkpoint("qwen3-moe", moe_intermediate_size=64, dtype="bfloat16")
+    _, reference = _prompt_logprobs(path, enforce_eager=enforce_eager)
+    llm, quantized = _prompt_logprobs(path, enforce_eager=enforce_eager, quantization=name,
+                                      quantization_group_size=32)
+    experts = _expert_layers(llm)
+    assert experts and all(type(m.method).__name__ == f"Int{name[3]}ExpertMethod"
+                           for m in experts)
+    assert all((m.plan is None) == enforce_eager for m in experts)
+    for q, r in zip(quantized, reference):
+        assert (q - r).abs().median() < tolerance
+        assert not torch.equal(q, r)  # the experts really were quantized
+    _no_leak(llm)

@@ -1,7 +1,9 @@
-"""The native expert kernel: against a per-token loop over float32 experts, on ragged
-groups (experts without rows, one expert with every row, top-k 1, 2 and 8) through its
-GEMV loops, its GEMMs and both in one call, as this machine builds it and with AVX-512
-off; and a kernel that computes a wrong product left unused."""
+"""The native expert kernel and the int8 and int4 expert formats: the kernel against a
+per-token loop over dequantized float32 experts, on ragged groups (experts without rows,
+one expert with every row, top-k 1, 2 and 8) through its GEMV loops, its GEMMs and both in
+one call, as this machine builds it and with AVX-512 off; each format's experts as that
+format quantizes a linear layer's weight; and a kernel that computes a wrong product left
+unused."""
 from __future__ import annotations
 
 import contextlib
@@ -18,9 +20,12 @@ import torch.nn.functional as F
 
 from kvflow.layers.activation import ClampedSwiGLU, GeluTanhAndMul, SiluAndMul
 from kvflow.layers.moe import FusedMoE
+from kvflow.quantization.gptq_awq import CheckpointFormatConfig
+from kvflow.quantization.int4 import Int4Config, quantize_int4
+from kvflow.quantization.int8 import Int8Config, quantize_int8
 
-HIDDEN, INNER, EXPERTS = 128, 64, 16
-FORMATS = {"float": None}
+HIDDEN, INNER, EXPERTS, GROUP_SIZE = 128, 64, 16, 32
+FORMATS = {"float": None, "int8": Int8Config(), "int4": Int4Config(GROUP_SIZE)}
 DTYPES = [torch.float32, torch.bfloat16]
 
 
@@ -47,7 +52,7 @@ def _float_weights(hidden: int, inner: int, bias: bool, seed: int) -> dict[str, 
 def _layer(fmt: str, dtype: torch.dtype, activation: torch.nn.Module | None = None,
            bias: bool = False, hidden: int = HIDDEN, inner: int = INNER,
            seed: int = 0) -> FusedMoE:
-    """An expert layer in `fmt`, its float32 weights loaded stacked."""
+    """An expert layer in `fmt`, its float32 weights loaded (and quantized) stacked."""
     with _default_dtype(dtype):
         layer = FusedMoE(EXPERTS, hidden, inner, activation or SiluAndMul(), bias=bias,
                          quant_config=FORMATS[fmt], prefix="experts")
@@ -179,6 +184,45 @@ def test_a_tokens_output_does_not_depend_on_its_batch_through_the_gemv_loops(ker
         assert torch.equal(alone[0], batched[token])
 
 
+@pytest.mark.parametrize("fmt,quantize", [
+    ("int8", lambda w: quantize_int8(w, torch.bfloat16)),
+    ("int4", lambda w: quantize_int4(w, GROUP_SIZE, torch.bfloat16))])
+def test_quantized_experts_are_each_a_weight_in_the_linear_format(fmt, quantize):
+    """Each expert's projection holds what the format's linear layers hold for that weight,
+    whether the checkpoint stores the experts stacked or one tensor per expert."""
+    stacked = _layer(fmt, torch.bfloat16)
+    per_expert = _layer(fmt, torch.bfloat16, seed=1)
+    source = _float_weights(HIDDEN, INNER, bias=False, seed=0)
+    gate, up = source["gate_up_proj"].split(INNER, dim=1)
+    for expert in range(EXPERTS):
+        for name, shard, tensor in [("gate_up_proj", "gate", gate), ("gate_up_proj", "up", up),
+                                    ("down_proj", "down", source["down_proj"])]:
+            param = getattr(per_expert, name)
+            param.weight_loader(param, tensor[expert], f"{shard}:{expert}")
+    suffixes = ("", "_scale") if fmt == "int8" else ("", "_scale", "_offset")
+    for name in ("gate_up_proj", "down_proj"):
+        for expert in (0, 7, EXPERTS - 1):
+            parts = quantize(source[name][expert])
+            for suffix, part in zip(suffixes, parts, strict=True):
+                assert torch.equal(getattr(stacked, name + suffix)[expert], part)
+                assert torch.equal(getattr(per_expert, name + suffix)[expert], part)
+
+
+def test_quantized_expert_layers_check_their_sizes_and_what_they_load():
+    with pytest.raises(ValueError, match=r"multiple of 64 and of the group size \(128\); "
+                                         r"experts\.down_proj has 64"):
+        FusedMoE(EXPERTS, HIDDEN, INNER, SiluAndMul(), quant_config=Int4Config(128),
+                 prefix="experts")
+    layer = _layer("int8", torch.float32)
+    with pytest.raises(ValueError, match="shape"):
+        layer.down_proj.weight_loader(layer.down_proj, torch.randn(HIDDEN, INNER + 1), "down:2")
+    with pytest.raises(ValueError, match="floating-point"):
+        layer.down_proj.weight_loader(layer.down_proj, torch.ones(HIDDEN, INNER, dtype=torch.int8),
+                                      "down:2")
+    with pytest.raises(ValueError, match="'gptq' has no method for expert layers"):
+        CheckpointFormatConfig("gptq").expert_method("model.layers.0.mlp.experts")
+
+
 def test_a_kernel_that_disagrees_with_the_pytorch_path_is_not_used(kernel_ops, caplog):
     """A fast but wrong kernel (a layout this code had wrong, say) leaves the layer on the
     PyTorch path, with a warning."""
@@ -193,12 +237,15 @@ def test_a_kernel_that_disagrees_with_the_pytorch_path_is_not_used(kernel_ops, c
 
 
 def test_kernel_refuses_what_it_cannot_read(kernel_ops):
-    layer = _native(_layer("float", torch.bfloat16), kernel_ops, sys.maxsize)
+    layer = _native(_layer("int4", torch.bfloat16), kernel_ops, sys.maxsize)
     x = torch.randn(3, HIDDEN).to(torch.bfloat16)
     weights = torch.rand(3, 2)
     with pytest.raises(RuntimeError, match="expert id out of range"):
         layer(x, weights, torch.tensor([[0, 1], [2, EXPERTS], [3, 4]]))
     plan = layer.plan
+    layer.plan = replace(plan, scales=(layer.gate_up_proj_scale, plan.scales[1]))
+    with pytest.raises(RuntimeError, match="int4 scales must be blocked"):
+        layer(x, weights, torch.tensor([[0, 1], [2, 3], [3, 4]]))
     layer.plan = replace(plan, activation=("relu", 0.0, 0.0))
     with pytest.raises(RuntimeError, match="activation must be silu, gelu_tanh or clamped_swiglu"):
         layer(x, weights, torch.tensor([[0, 1], [2, 3], [3, 4]]))

@@ -9,14 +9,16 @@ formats, fused kernels and the experts' device change the method and never the f
 files. Checkpoints hold experts one tensor per expert and projection (Qwen's
 `mlp.experts.3.gate_proj.weight`, Mixtral's `block_sparse_moe.experts.3.w1.weight`) or
 stacked across experts (transformers' `mlp.experts.gate_up_proj`, llama.cpp's
-`ffn_gate_exps`); the parameters' loaders take both (see `expert_loader`). On the CPU
-every expert of a layer runs in one call of the native kernel (`ExpertPlan`).
+`ffn_gate_exps`); the parameters' loaders take both (see `expert_loader`), and quantize
+them where the method's format asks (int8 and int4: kvflow/quantization/experts.py). On
+the CPU every expert of a layer runs in one call of the native kernel (`ExpertPlan`).
 """
 from __future__ import annotations
 
 import logging
 import sys
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from types import ModuleType
 
@@ -27,7 +29,8 @@ from torch import nn
 from kvflow.layers.activation import ClampedSwiGLU, GeluTanhAndMul, SiluAndMul
 from kvflow.layers.linear import Linear
 from kvflow.layers.native import NativeKernelHook
-from kvflow.quantization.base import QuantizationConfig, WeightLoader, add_parameter, checked_copy
+from kvflow.quantization.base import (PrequantizedWeight, QuantizationConfig, WeightLoader,
+                                      add_parameter, checked_copy, quantized_parts)
 
 logger = logging.getLogger(__name__)
 
@@ -185,10 +188,37 @@ def expert_loader(layer: FusedMoE) -> WeightLoader:
     return load
 
 
+def quantized_expert_loader(layer: FusedMoE, name: str,
+                            quantize: Callable[[torch.Tensor], tuple[torch.Tensor, ...]],
+                            suffixes: tuple[str, ...], layout: str) -> WeightLoader:
+    """A loader for the expert weight `name` in a quantized format: it takes the shards
+    expert_loader takes, quantizes the checkpoint's rows (a stacked tensor's experts as one
+    matrix: the formats quantize each row, or groups of a row's columns, on its own, and
+    int4's blocks of 16 rows never straddle two experts or gate and up), and writes the
+    parts into the parameters `name` + suffix, in the order `quantize` returns them."""
+
+    def load(param: nn.Parameter, loaded: torch.Tensor | PrequantizedWeight,
+             shard: str | None) -> None:
+        targets = [_expert_part(layer, getattr(layer, name + suffix).data, shard)
+                   for suffix in suffixes]
+        columns = layer.hidden_size if name == "gate_up_proj" else layer.intermediate_size
+        parts = quantized_parts(loaded, quantize, layout, (*targets[0].shape[:-1], columns),
+                                param.device)
+        for target, part in zip(targets, parts, strict=True):
+            if part.numel() != target.numel():
+                raise ValueError(f"a part of shape {tuple(part.shape)} for "
+                                 f"{tuple(target.shape)}")
+            target.copy_(part.reshape(target.shape))
+
+    return load
+
+
 def add_expert_parameter(layer: FusedMoE, name: str, data: torch.Tensor,
-                         projections: tuple[str, ...]) -> None:
-    """An expert parameter with its loader and the per-expert shards a checkpoint fills."""
-    param = add_parameter(layer, name, data, expert_loader(layer))
+                         projections: tuple[str, ...],
+                         loader: WeightLoader | None = None) -> None:
+    """An expert parameter with its loader (expert_loader by default) and the per-expert
+    shards a checkpoint fills."""
+    param = add_parameter(layer, name, data, loader or expert_loader(layer))
     param.shards = tuple(f"{p}:{e}"  # type: ignore[attr-defined]
                          for e in range(layer.num_experts) for p in projections)
 
