@@ -4,6 +4,8 @@ transformers, with forced router ties, a router that sends every token to the sa
 experts, chunked prefill, preemption and the engine's other features."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -210,12 +212,15 @@ def _no_leak(llm: LLM) -> None:
     assert pool.num_free_blocks == pool.num_usable_blocks
 
 
+def _expert_layers(llm: LLM) -> list[FusedMoE]:
+    return [m for m in llm.engine.runner.model.modules() if isinstance(m, FusedMoE)]
+
+
 def _record_routing(llm: LLM) -> list[tuple[int, torch.Tensor]]:
     """(expert layer's index among the model's, expert ids [tokens, top_k]) of every call
     from now on."""
     calls = []
-    layers = [m for m in llm.engine.runner.model.modules() if isinstance(m, FusedMoE)]
-    for index, layer in enumerate(layers):
+    for index, layer in enumerate(_expert_layers(llm)):
         layer.register_forward_pre_hook(
             lambda _, args, index=index: calls.append((index, args[2].clone())))
     return calls
@@ -236,9 +241,16 @@ def references(checkpoint, hf_model):
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("enforce_eager", [False, True], ids=["native", "eager"])
 def test_greedy_matches_transformers(case, enforce_eager, references):
+    """Natively, every expert layer runs the fused kernel, set to take experts with up to 2
+    rows through its GEMV loops (decode steps) and larger ones through its GEMMs (prefill),
+    whichever this machine measured faster."""
     path, prompts, reference = references[case]
     llm = LLM(str(path), dtype="float32", device="cpu", kv_cache_memory="16MiB",
               enforce_eager=enforce_eager)
+    for layer in _expert_layers(llm):
+        assert (layer.plan is None) == enforce_eager
+        if layer.plan is not None:
+            layer.plan = replace(layer.plan, gemv_max_rows=2)
     calls = _record_routing(llm)
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY, use_tqdm=False)
     tokens = [o.outputs[0].token_ids for o in outputs]
@@ -319,7 +331,7 @@ def test_batch_invariant(references):
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=3)
     llm = LLM(str(path), dtype="float32", device="cpu", kv_cache_memory="16MiB",
               batch_invariant=True)
-    experts = [m for m in llm.engine.runner.model.modules() if isinstance(m, FusedMoE)]
+    experts = _expert_layers(llm)
     assert experts and all(m.plan is not None and m.plan.gemv_max_rows > 10**9
                            for m in experts)
     alone = llm.generate({"prompt_token_ids": prompts[0]}, params, use_tqdm=False)[0]
@@ -358,8 +370,34 @@ def test_unimplemented_config_fields_are_refused_by_name(variant, override, mess
         LLM(str(checkpoint(variant, **override)), device="cpu", kv_cache_memory="16MiB")
 
 
-def test_quantizing_experts_is_refused_until_a_format_has_an_expert_method(references):
-    path, _, _ = references["qwen3-moe"]
-    with pytest.raises(ValueError, match="'int8' has no method for expert layers yet "
-                                         r"\(model\.layers\.0\.mlp\.experts\)"):
-        LLM(str(path), device="cpu", kv_cache_memory="16MiB", quantization="int8")
+def _prompt_logprobs(path, **options) -> tuple[LLM, list[torch.Tensor]]:
+    llm = LLM(str(path), device="cpu", kv_cache_memory="16MiB", **options)
+    prompts = [{"prompt_token_ids": p} for p in random_prompts(3, seed=11, low=20, high=30)]
+    params = SamplingParams(temperature=0, max_tokens=4, prompt_logprobs=0, ignore_eos=True)
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    return llm, [torch.tensor([next(iter(e.values())).logprob for e in o.prompt_logprobs[1:]])
+                 for o in outputs]
+
+
+@pytest.mark.parametrize("enforce_eager", [False, True], ids=["native", "eager"])
+@pytest.mark.parametrize("name,tolerance", [("int8", 0.2), ("int4", 1.5)])
+def test_quantized_experts_stay_close_to_the_unquantized_model(checkpoint, name, tolerance,
+                                                               enforce_eager):
+    """A bf16 Qwen3-MoE (experts 64 wide, so that int4's groups of 32 fit them) quantized
+    at load, experts and linear layers alike, against the same model unquantized, on the
+    native path (the fused kernel on int8 or int4 experts) and the eager one (each expert
+    dequantized); tolerances as the dense models' (tests/test_quantization.py), on each
+    prompt's median token: quantizing moves a hidden state enough, now and then, to send a
+    token to other experts, and that token's logprob far."""
+    path = checkpoint("qwen3-moe", moe_intermediate_size=64, dtype="bfloat16")
+    _, reference = _prompt_logprobs(path, enforce_eager=enforce_eager)
+    llm, quantized = _prompt_logprobs(path, enforce_eager=enforce_eager, quantization=name,
+                                      quantization_group_size=32)
+    experts = _expert_layers(llm)
+    assert experts and all(type(m.method).__name__ == f"Int{name[3]}ExpertMethod"
+                           for m in experts)
+    assert all((m.plan is None) == enforce_eager for m in experts)
+    for q, r in zip(quantized, reference):
+        assert (q - r).abs().median() < tolerance
+        assert not torch.equal(q, r)  # the experts really were quantized
+    _no_leak(llm)

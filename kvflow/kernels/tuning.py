@@ -11,6 +11,11 @@ Each linear shape gets, by measurement:
   instructions PyTorch's bf16 matmuls are slower than its float32 ones; the GEMV widens
   in registers and needs no copy). These are measured on a few weights of the shape.
 
+Each expert layer shape (kvflow/layers/moe.py) gets the row count per expert up to which
+the native expert kernel's GEMV loops beat its GEMMs (tried at 1 to 64 rows for each of 8
+experts, on a few layers); the kernel itself is kept only where it computed a sample as
+the PyTorch path does (FusedMoE.attach_native).
+
 A copy costs memory, so copies are made only while they fit in a quarter of the available
 memory, the shapes with the most weight bytes first. Results are cached per machine beside
 `kvflow env`'s ceilings. The glue layers (norms, RoPE, activations) take the native kernels
@@ -24,7 +29,7 @@ import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import ModuleType
 
 import torch
@@ -33,7 +38,7 @@ from torch import nn
 
 from kvflow.cache import cache_root, write_atomically
 from kvflow.layers.linear import Linear
-from kvflow.layers.moe import FusedMoE, UnquantizedExpertMethod
+from kvflow.layers.moe import FusedMoE
 from kvflow.layers.native import NativeKernelHook
 from kvflow.quantization.base import QuantizedKernel, QuantizedLinearMethod, QuantizedPlan
 from kvflow.quantization.unquantized import LinearPlan, UnquantizedLinearMethod
@@ -52,6 +57,8 @@ COPY_MEMORY_FRACTION = 0.25  # of available memory, for all second copies of wei
 # compared. Close calls (the native int8 kernel against torch._weight_int8pack_mm on a
 # down projection) flipped under other load with fewer.
 QUANTIZED_ROUNDS = 5
+EXPERT_ROWS = (1, 2, 4, 8, 16, 32, 64)  # rows per expert tried; GEMVs up to the last they win
+EXPERTS_MEASURED = 8  # experts with rows in each measured call: a top-8 model's decode step
 
 
 def native_cpu_ops(device: torch.device, dtype: torch.dtype,
@@ -144,14 +151,15 @@ def install_native_kernels(model: nn.Module, ops: ModuleType, reserved_bytes: in
                      choice or "F.linear")
     for label, layers in _quantized_shapes(model).items():
         _plan_quantized(label, layers, ops, cache)
+    _plan_experts(model, cache)
 
 
 def install_batch_invariant_kernels(model: nn.Module, ops: ModuleType) -> None:
     """The native kernels whose arithmetic for one row does not depend on the other rows:
     every linear layer through the native GEMV at any batch size (it reduces each output
     in one fixed order, by lanes then across them, whatever the number of rows), quantized
-    ones through their method's native GEMV, every expert's rows of an expert layer through
-    the GEMV too; nothing chosen by timing."""
+    ones through their method's native GEMV, expert layers through the expert kernel's
+    GEMV loops at any row count (as attach_native leaves them); nothing chosen by timing."""
     _attach_glue(model, ops)
     for module in model.modules():
         if isinstance(module, Linear) and isinstance(module.method, UnquantizedLinearMethod):
@@ -163,10 +171,10 @@ def install_batch_invariant_kernels(model: nn.Module, ops: ModuleType) -> None:
                                  "native GEMV to run every batch size through")
             weights = kernel.prepare(module) if kernel.prepare is not None else ()
             module.plan = QuantizedPlan(ops, "native", sys.maxsize, "native", weights)
-        elif isinstance(module, FusedMoE):
-            # Quantized expert methods will bring their own GEMVs; only float experts exist.
-            assert isinstance(module.method, UnquantizedExpertMethod), module.method
-            module.plan = LinearPlan(ops=ops, gemv_max_rows=sys.maxsize)
+        elif isinstance(module, FusedMoE) and module.plan is None:
+            raise ValueError(f"batch_invariant: the native expert kernel is not used for "
+                             f"{module.prefix} (see the log), and the PyTorch path's rows "
+                             "depend on the batch")
     if getattr(model, "tied_head_weight", None) is not None:
         model.lm_head_plan = LinearPlan(ops=ops, gemv_max_rows=sys.maxsize)
 
@@ -276,6 +284,53 @@ def _plan_quantized(label: str, layers: list[Linear], ops: ModuleType | None,
         layer.plan = QuantizedPlan(ops, small, int(rows), large,
                                    copies[with_copy][i] if with_copy else ())
     logger.debug("linear %s: %s up to %s rows, %s above", label, small, rows, large)
+
+
+def _plan_experts(model: nn.Module, cache: _ChoiceCache) -> None:
+    """Each expert layer shape that took the native kernel: the rows per expert up to which
+    its GEMV loops run, measured on a few layers of the shape."""
+    shapes: dict[str, list[FusedMoE]] = defaultdict(list)
+    for module in model.modules():
+        if isinstance(module, FusedMoE) and module.plan is not None:
+            label = ",".join(f"{name}{list(p.shape)}:{str(p.dtype).removeprefix('torch.')}"
+                             for name, p in module.named_parameters())
+            shapes[f"{type(module.method).__name__} {module.plan.activation[0]} {label}"].append(
+                module)
+    for label, layers in shapes.items():
+        rows = cache.get(f"expert GEMV rows {label}",
+                         lambda: _expert_gemv_max_rows(layers[:GEMM_SAMPLE]))
+        for layer in layers:
+            layer.plan = replace(layer.plan, gemv_max_rows=rows)
+        logger.debug("experts %s: GEMV loops up to %d rows per expert, GEMMs above", label,
+                     rows)
+
+
+def _expert_gemv_max_rows(layers: list[FusedMoE]) -> int:
+    """The largest of EXPERT_ROWS up to which the kernel's GEMV loops beat its GEMMs at
+    every count, each call giving that many rows to each of EXPERTS_MEASURED experts."""
+    first = layers[0]
+    plans = [layer.plan for layer in layers]
+    experts = min(EXPERTS_MEASURED, first.num_experts)
+    dtype = next(p.dtype for p in first.parameters() if p.is_floating_point())
+    best = 0
+    for rows in EXPERT_ROWS:
+        ids = torch.arange(experts).repeat_interleave(rows)[:, None]
+        weights = torch.ones(ids.shape)
+        x = torch.randn(ids.shape[0], first.hidden_size).to(dtype)
+
+        def step_with(gemv_max_rows: int) -> Callable[[], object]:
+            """The layers set to run GEMV loops up to gemv_max_rows, as a call to time."""
+            for layer, plan in zip(layers, plans):
+                layer.plan = replace(plan, gemv_max_rows=gemv_max_rows)
+            return lambda: [layer(x, weights, ids) for layer in layers]
+
+        gemms = _median_seconds(step_with(0))
+        if _median_seconds(step_with(sys.maxsize)) >= gemms:
+            break
+        best = rows
+    for layer, plan in zip(layers, plans):
+        layer.plan = plan
+    return best
 
 
 def _with_plan(layer: Linear, plan: QuantizedPlan) -> Linear:
@@ -389,7 +444,8 @@ class _ChoiceCache:
         build = ops.__name__  # kvflow_cpu_ops_<build key>, wherever it was loaded from
         # The constants that shape a choice are part of the key: change one, measure again.
         key = (f"{build}|{torch.get_num_threads()}|{torch.__version__}|{GEMV_ROWS}|"
-               f"{GEMM_ROWS}|{GEMM_SAMPLE}|{sorted(COPIES)}|{QUANTIZED_ROUNDS}")
+               f"{GEMM_ROWS}|{GEMM_SAMPLE}|{sorted(COPIES)}|{QUANTIZED_ROUNDS}|{EXPERT_ROWS}|"
+               f"{EXPERTS_MEASURED}")
         name = f"linear-{hashlib.sha1(key.encode()).hexdigest()[:16]}.json"
         self.path = cache_root() / "env" / name
         self.choices: dict[str, int | str] = (json.loads(self.path.read_text())

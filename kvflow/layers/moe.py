@@ -9,21 +9,30 @@ formats, fused kernels and the experts' device change the method and never the f
 files. Checkpoints hold experts one tensor per expert and projection (Qwen's
 `mlp.experts.3.gate_proj.weight`, Mixtral's `block_sparse_moe.experts.3.w1.weight`) or
 stacked across experts (transformers' `mlp.experts.gate_up_proj`, llama.cpp's
-`ffn_gate_exps`); the parameters' loaders take both (see `expert_loader`).
+`ffn_gate_exps`); the parameters' loaders take both (see `expert_loader`), and quantize
+them where the method's format asks (int8 and int4: kvflow/quantization/experts.py). On
+the CPU every expert of a layer runs in one call of the native kernel (`ExpertPlan`).
 """
 from __future__ import annotations
 
+import logging
+import sys
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from types import ModuleType
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from kvflow.layers.activation import ClampedSwiGLU, GeluTanhAndMul, SiluAndMul
 from kvflow.layers.linear import Linear
 from kvflow.layers.native import NativeKernelHook
-from kvflow.quantization.base import QuantizationConfig, WeightLoader, add_parameter, checked_copy
-from kvflow.quantization.unquantized import LinearPlan, apply_linear
+from kvflow.quantization.base import (PrequantizedWeight, QuantizationConfig, WeightLoader,
+                                      add_parameter, checked_copy, quantized_parts)
+
+logger = logging.getLogger(__name__)
 
 SCORINGS = ("softmax", "sigmoid")
 
@@ -84,6 +93,20 @@ class ExpertGroups:
         return cls(choice_ids // ids.shape[1], choice_ids, runs)
 
 
+@dataclass(frozen=True)
+class ExpertPlan:
+    """How an expert layer runs on this machine: every expert in one call of the native
+    kernel (`ops.moe_experts`), an expert with at most gemv_max_rows rows in the step
+    through the kernel's GEMV loops, one with more through a GEMM (kvflow/kernels/tuning.py
+    measures where one starts to win)."""
+
+    ops: ModuleType
+    gemv_max_rows: int
+    # What the kernel reads beside gate_up's and down's weights (the method's kernel_scales).
+    scales: tuple[torch.Tensor | None, torch.Tensor | None]
+    activation: tuple[str, float, float]  # the kernel's name for it, alpha, limit
+
+
 class ExpertMethod(ABC):
     """How one expert layer stores its experts' weights and computes their outputs."""
 
@@ -93,17 +116,39 @@ class ExpertMethod(ABC):
         and its `shards`."""
 
     @abstractmethod
+    def expert_weight(self, layer: FusedMoE, name: str, expert: int) -> torch.Tensor:
+        """One expert's weight of projection `name` ("gate_up_proj" or "down_proj"), [rows,
+        columns]: the stored tensor where the model's dtype holds it, else dequantized to
+        float32."""
+
+    @abstractmethod
+    def kernel_scales(self, layer: FusedMoE) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """What the native kernel reads beside gate_up's and down's weights: None for
+        weights in the model's dtype, int8's scales, int4's scales blocked."""
+
     def expert_product(self, layer: FusedMoE, expert: int, x: torch.Tensor) -> torch.Tensor:
         """One expert on its rows: x [rows, hidden] -> down(act(gate_up(x))) [rows, hidden]."""
+
+        def project(name: str, rows: torch.Tensor) -> torch.Tensor:
+            bias = getattr(layer, f"{name}_bias")
+            return F.linear(rows, self.expert_weight(layer, name, expert).to(rows.dtype),
+                            None if bias is None else bias[expert])
+
+        return project("down_proj", layer.act(project("gate_up_proj", x)))
 
     def apply(self, layer: FusedMoE, x: torch.Tensor, weights: torch.Tensor,
               ids: torch.Tensor) -> torch.Tensor:
         """x [tokens, hidden], the router's weights and ids [tokens, top_k] -> [tokens, hidden].
 
-        The PyTorch path: every token's rows grouped by expert for the whole step, then one
-        product per expert that has rows (a loop over those experts, none over tokens). A
-        fused kernel, one call for every expert spread across threads, is a method that
-        overrides this."""
+        With a plan, the native kernel. Else the PyTorch path: every token's rows grouped
+        by expert for the whole step, then one product per expert that has rows (a loop
+        over those experts, none over tokens)."""
+        plan = layer.plan
+        if plan is not None:
+            return plan.ops.moe_experts(x, weights, ids, layer.gate_up_proj, plan.scales[0],
+                                        layer.gate_up_proj_bias, layer.down_proj,
+                                        plan.scales[1], layer.down_proj_bias, *plan.activation,
+                                        plan.gemv_max_rows)
         groups = ExpertGroups.of(ids, layer.num_experts)
         rows = x[groups.token_ids]
         out = x.new_empty(ids.numel(), layer.hidden_size)  # [tokens * top_k] in choice order
@@ -116,6 +161,20 @@ class ExpertMethod(ABC):
         return out.sum(dim=1).to(x.dtype)
 
 
+def _expert_part(layer: FusedMoE, target: torch.Tensor, shard: str | None) -> torch.Tensor:
+    """The part of an [experts, rows, ...] tensor that a shard names (see expert_loader)."""
+    projection, _, expert = (shard or "").partition(":")
+    if projection in ("gate", "up"):
+        size = layer.intermediate_size
+        target = target.narrow(1, 0 if projection == "gate" else size, size)
+    if expert:
+        index = int(expert)
+        if not 0 <= index < layer.num_experts:
+            raise ValueError(f"expert {index} of a layer of {layer.num_experts} experts")
+        target = target[index]
+    return target
+
+
 def expert_loader(layer: FusedMoE) -> WeightLoader:
     """A loader for a parameter laid out [experts, rows, ...] (a gate_up parameter's rows
     being gate's then up's). Its shards: "gate:3", "up:3", "down:3" for one expert's
@@ -124,54 +183,80 @@ def expert_loader(layer: FusedMoE) -> WeightLoader:
     (transformers' stacked gate_up_proj)."""
 
     def load(param: nn.Parameter, loaded: torch.Tensor, shard: str | None) -> None:
-        target = param.data
-        projection, _, expert = (shard or "").partition(":")
-        if projection in ("gate", "up"):
-            size = layer.intermediate_size
-            target = target.narrow(1, 0 if projection == "gate" else size, size)
-        if expert:
-            index = int(expert)
-            if not 0 <= index < layer.num_experts:
-                raise ValueError(f"expert {index} of a layer of {layer.num_experts} experts")
-            target = target[index]
-        checked_copy(target, loaded)
+        checked_copy(_expert_part(layer, param.data, shard), loaded)
+
+    return load
+
+
+def quantized_expert_loader(layer: FusedMoE, name: str,
+                            quantize: Callable[[torch.Tensor], tuple[torch.Tensor, ...]],
+                            suffixes: tuple[str, ...], layout: str) -> WeightLoader:
+    """A loader for the expert weight `name` in a quantized format: it takes the shards
+    expert_loader takes, quantizes the checkpoint's rows (a stacked tensor's experts as one
+    matrix: the formats quantize each row, or groups of a row's columns, on its own, and
+    int4's blocks of 16 rows never straddle two experts or gate and up), and writes the
+    parts into the parameters `name` + suffix, in the order `quantize` returns them."""
+
+    def load(param: nn.Parameter, loaded: torch.Tensor | PrequantizedWeight,
+             shard: str | None) -> None:
+        targets = [_expert_part(layer, getattr(layer, name + suffix).data, shard)
+                   for suffix in suffixes]
+        columns = layer.hidden_size if name == "gate_up_proj" else layer.intermediate_size
+        parts = quantized_parts(loaded, quantize, layout, (*targets[0].shape[:-1], columns),
+                                param.device)
+        for target, part in zip(targets, parts, strict=True):
+            if part.numel() != target.numel():
+                raise ValueError(f"a part of shape {tuple(part.shape)} for "
+                                 f"{tuple(target.shape)}")
+            target.copy_(part.reshape(target.shape))
 
     return load
 
 
 def add_expert_parameter(layer: FusedMoE, name: str, data: torch.Tensor,
-                         projections: tuple[str, ...]) -> None:
-    """An expert parameter with its loader and the per-expert shards a checkpoint fills."""
-    param = add_parameter(layer, name, data, expert_loader(layer))
+                         projections: tuple[str, ...],
+                         loader: WeightLoader | None = None) -> None:
+    """An expert parameter with its loader (expert_loader by default) and the per-expert
+    shards a checkpoint fills."""
+    param = add_parameter(layer, name, data, loader or expert_loader(layer))
     param.shards = tuple(f"{p}:{e}"  # type: ignore[attr-defined]
                          for e in range(layer.num_experts) for p in projections)
 
 
+def add_expert_biases(layer: FusedMoE, bias: bool) -> None:
+    """Each projection's bias, [experts, rows] in the model's dtype in every method, or
+    None."""
+    for name, rows, _, projections in layer.projections():
+        if bias:
+            add_expert_parameter(layer, f"{name}_bias", torch.empty(layer.num_experts, rows),
+                                 projections)
+        else:
+            setattr(layer, f"{name}_bias", None)
+
+
 class UnquantizedExpertMethod(ExpertMethod):
-    """Expert weights in the model's dtype. With a plan (batch-invariant mode), every
-    expert's rows go through the native GEMV, whose rows do not depend on each other."""
+    """Expert weights in the model's dtype."""
 
     def create_weights(self, layer: FusedMoE, bias: bool) -> None:
-        experts, hidden, inner = layer.num_experts, layer.hidden_size, layer.intermediate_size
-        add_expert_parameter(layer, "gate_up_proj", torch.empty(experts, 2 * inner, hidden),
-                             ("gate", "up"))
-        add_expert_parameter(layer, "down_proj", torch.empty(experts, hidden, inner), ("down",))
-        if bias:
-            add_expert_parameter(layer, "gate_up_proj_bias", torch.empty(experts, 2 * inner),
-                                 ("gate", "up"))
-            add_expert_parameter(layer, "down_proj_bias", torch.empty(experts, hidden),
-                                 ("down",))
-        else:
-            layer.gate_up_proj_bias = layer.down_proj_bias = None
+        for name, rows, columns, projections in layer.projections():
+            add_expert_parameter(layer, name, torch.empty(layer.num_experts, rows, columns),
+                                 projections)
+        add_expert_biases(layer, bias)
 
-    def expert_product(self, layer: FusedMoE, expert: int, x: torch.Tensor) -> torch.Tensor:
-        def bias(param: torch.Tensor | None) -> torch.Tensor | None:
-            return None if param is None else param[expert]
+    def expert_weight(self, layer: FusedMoE, name: str, expert: int) -> torch.Tensor:
+        return getattr(layer, name)[expert]
 
-        gate_up = apply_linear(x, layer.gate_up_proj[expert], bias(layer.gate_up_proj_bias),
-                               layer.plan)
-        return apply_linear(layer.act(gate_up), layer.down_proj[expert],
-                            bias(layer.down_proj_bias), layer.plan)
+    def kernel_scales(self, layer: FusedMoE) -> tuple[None, None]:
+        return None, None
+
+
+def _activation_kernel(act: nn.Module) -> tuple[str, float, float] | None:
+    """The native kernel's name for an activation module, with gpt-oss's alpha and limit;
+    None for one the kernel lacks."""
+    if isinstance(act, ClampedSwiGLU):
+        return "clamped_swiglu", act.alpha, act.limit
+    names = {SiluAndMul: "silu", GeluTanhAndMul: "gelu_tanh"}
+    return (names[type(act)], 0.0, 0.0) if type(act) in names else None
 
 
 class FusedMoE(nn.Module, NativeKernelHook):
@@ -189,14 +274,62 @@ class FusedMoE(nn.Module, NativeKernelHook):
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
         self.act = activation
+        self.prefix = prefix
         self.method = (UnquantizedExpertMethod() if quant_config is None
                        else quant_config.expert_method(prefix))
         self.method.create_weights(self, bias)
-        # Set in batch-invariant mode (kvflow/kernels/tuning.py): the GEMV for every expert.
-        self.plan: LinearPlan | None = None
+        # Set by attach_native and kernels/tuning.py; None: the method's PyTorch path.
+        self.plan: ExpertPlan | None = None
+
+    def projections(self) -> list[tuple[str, int, int, tuple[str, ...]]]:
+        """(name, rows, columns, the shards a checkpoint fills) of each projection."""
+        inner, hidden = self.intermediate_size, self.hidden_size
+        return [("gate_up_proj", 2 * inner, hidden, ("gate", "up")),
+                ("down_proj", hidden, inner, ("down",))]
 
     def attach_native(self, ops: ModuleType) -> bool:
-        return False  # no native expert kernel yet: the method's PyTorch path
+        """The native kernel, kept where it computes a sample as the PyTorch path does,
+        through its GEMV loops at every row count until kvflow/kernels/tuning.py measures
+        where its GEMMs start to win."""
+        self.plan = None
+        activation = _activation_kernel(self.act)
+        if activation is None:
+            return False
+        plan = ExpertPlan(ops, sys.maxsize, self.method.kernel_scales(self), activation)
+        if not self._computes_like_pytorch(plan):
+            return False
+        self.plan = plan
+        return True
+
+    def _computes_like_pytorch(self, plan: ExpertPlan) -> bool:
+        """Whether the kernel, through its GEMV loops and through its GEMMs, computes a
+        sample as the PyTorch path does: a kernel this build lacks, or whose layout this
+        code has wrong, is never used."""
+        tokens, top_k = 6, min(2, self.num_experts)
+        generator = torch.Generator().manual_seed(0)
+        ids = torch.zeros(tokens, top_k, dtype=torch.long)  # expert 0 takes every token
+        if top_k > 1:
+            ids[:, 1] = 1 + torch.arange(tokens) % (self.num_experts - 1)
+        weights = torch.rand(tokens, top_k, generator=generator)
+        dtype = next(p.dtype for p in self.parameters() if p.is_floating_point())
+        x = torch.randn(tokens, self.hidden_size, generator=generator).to(dtype)
+        expected = self(x, weights, ids).float()
+        try:
+            for gemv_max_rows in (sys.maxsize, 0):
+                self.plan = replace(plan, gemv_max_rows=gemv_max_rows)
+                error = (self(x, weights, ids).float() - expected).abs().max().item()
+                # Rounding to bf16 moves the sum by about 1% of its scale; a wrong layout
+                # by all of it.
+                if error > 0.05 * expected.abs().max().item() + 1e-3:
+                    logger.warning("the native expert kernel disagrees with the PyTorch path "
+                                   "on %s (max error %.3g); it is not used", self.prefix, error)
+                    return False
+        except RuntimeError as exc:
+            logger.warning("native expert kernel unavailable for %s: %s", self.prefix, exc)
+            return False
+        finally:
+            self.plan = None
+        return True
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """x [tokens, hidden]; weights, ids [tokens, top_k] from the router."""

@@ -193,6 +193,26 @@ def dequantize_buffer(shape: tuple[int, int], dtype: torch.dtype) -> torch.Tenso
     return buffers[key]
 
 
+def quantized_parts(loaded: torch.Tensor | PrequantizedWeight,
+                    quantize: Callable[[torch.Tensor], tuple[torch.Tensor, ...]], layout: str,
+                    shape: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, ...]:
+    """The parts (packed values, scales, ...) of a checkpoint weight of `shape` ([..., rows,
+    columns]) in a quantized layout: a `PrequantizedWeight`'s as they are, or a
+    floating-point weight's quantized row by row, all its rows as one [rows, columns]
+    matrix."""
+    if isinstance(loaded, PrequantizedWeight):
+        if loaded.layout != layout:
+            raise ValueError(f"a {loaded.layout} weight cannot load into a {layout} layer")
+        return loaded.parts
+    if tuple(loaded.shape) != tuple(shape):
+        raise ValueError(f"checkpoint tensor has shape {tuple(loaded.shape)}, "
+                         f"expected {tuple(shape)}")
+    if not loaded.is_floating_point():
+        raise ValueError(f"quantizing at load needs a floating-point checkpoint "
+                         f"weight, got {loaded.dtype}")
+    return quantize(loaded.to(device).reshape(-1, shape[-1]))
+
+
 def quantized_rows_loader(layer: Linear, quantize: Callable[[torch.Tensor], tuple[torch.Tensor, ...]],
                           targets: tuple[str, ...], layout: str) -> WeightLoader:
     """A loader for a quantized weight: it quantizes a shard of the checkpoint's
@@ -203,18 +223,8 @@ def quantized_rows_loader(layer: Linear, quantize: Callable[[torch.Tensor], tupl
     def load(param: nn.Parameter, loaded: torch.Tensor | PrequantizedWeight,
              shard: str | None) -> None:
         offset, size = layer.rows(shard)
-        if isinstance(loaded, PrequantizedWeight):
-            if loaded.layout != layout:
-                raise ValueError(f"a {loaded.layout} weight cannot load into a {layout} layer")
-            parts = loaded.parts
-        else:
-            if loaded.shape != (size, layer.in_features):
-                raise ValueError(f"checkpoint tensor has shape {tuple(loaded.shape)}, "
-                                 f"expected {(size, layer.in_features)}")
-            if not loaded.is_floating_point():
-                raise ValueError(f"quantizing at load needs a floating-point checkpoint "
-                                 f"weight, got {loaded.dtype}")
-            parts = quantize(loaded.to(param.device))
+        parts = quantized_parts(loaded, quantize, layout, (size, layer.in_features),
+                                param.device)
         for name, part in zip(targets, parts, strict=True):
             checked_copy(getattr(layer, name).data.narrow(0, offset, size), part)
 

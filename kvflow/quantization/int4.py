@@ -27,6 +27,7 @@ from kvflow.quantization.base import (DEQUANTIZE, INT8_ACTIVATION_DTYPES,
 
 if TYPE_CHECKING:
     from kvflow.layers.linear import Linear
+    from kvflow.layers.moe import ExpertMethod
 
 PACK_BLOCK = 64  # input columns must be a multiple of this
 ROW_BLOCK = 16  # output rows interleaved in a block; every layer and shard a multiple
@@ -198,3 +199,9 @@ class Int4Config(QuantizationConfig):
 
     def linear_method(self, prefix: str = "") -> Int4LinearMethod:
         return Int4LinearMethod(self.group_size)
+
+    def expert_method(self, prefix: str) -> ExpertMethod:
+        # Imported here: the expert layer imports this package.
+        from kvflow.quantization.experts import Int4ExpertMethod
+
+        return Int4ExpertMethod(self.group_size)

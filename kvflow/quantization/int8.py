@@ -20,6 +20,7 @@ from kvflow.quantization.base import (DEQUANTIZE, INT8_ACTIVATION_DTYPES,
 
 if TYPE_CHECKING:
     from kvflow.layers.linear import Linear
+    from kvflow.layers.moe import ExpertMethod
 
 
 LAYOUT = "int8"  # the name a PrequantizedWeight in this layout carries
@@ -117,3 +118,9 @@ class Int8Config(QuantizationConfig):
 
     def linear_method(self, prefix: str = "") -> Int8LinearMethod:
         return Int8LinearMethod()
+
+    def expert_method(self, prefix: str) -> ExpertMethod:
+        # Imported here: the expert layer imports this package.
+        from kvflow.quantization.experts import Int8ExpertMethod
+
+        return Int8ExpertMethod()

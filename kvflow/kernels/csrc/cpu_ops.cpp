@@ -1,6 +1,7 @@
 // kvflow's native CPU kernels: paged attention that reads the cache in place, a
-// bandwidth-bound matrix-vector product for small batches, and fused glue (RMSNorm with
-// the residual add, SiLU-and-multiply, RoPE, the KV write).
+// bandwidth-bound matrix-vector product for small batches, a mixture-of-experts layer's
+// experts in one call, and fused glue (RMSNorm with the residual add, SiLU-and-multiply,
+// RoPE, the KV write).
 //
 // float32 and bfloat16 tensors. Arithmetic is in float32; bfloat16 results are rounded
 // at the same points as the PyTorch ops they replace, so that outputs stay within bf16
@@ -184,6 +185,35 @@ void gemv_group(const float* xf, const T* x, const W* w, float (*sums)[kGemvRows
   k_done = k;
 }
 
+// sums[m][r] = x_m . w_r for mb (at most kGemvCols) rows of x and `rows` (at most kGemvRows)
+// weight rows from wg: gemv_group's vector loop over a whole group, then the columns it left
+// (all of them for a part group). Each sum is reduced in the same order whatever mb is.
+template <typename T, typename W>
+void gemv_sums(const float* xf, const T* x, const W* wg, int64_t rows, int64_t mb, int64_t K,
+               float (*sums)[kGemvRows]) {
+  int64_t k_done = 0;
+  if (rows == kGemvRows) {
+    switch (mb) {
+      case 1: gemv_group<T, W, 1>(xf, x, wg, sums, K, k_done); break;
+      case 2: gemv_group<T, W, 2>(xf, x, wg, sums, K, k_done); break;
+      case 3: gemv_group<T, W, 3>(xf, x, wg, sums, K, k_done); break;
+      default: gemv_group<T, W, 4>(xf, x, wg, sums, K, k_done); break;
+    }
+  } else {
+    for (int64_t m = 0; m < mb; ++m)
+      for (int64_t r = 0; r < kGemvRows; ++r) sums[m][r] = 0.f;
+  }
+  for (int64_t m = 0; m < mb; ++m) {
+    const float* xm = xf + m * K;
+    for (int64_t r = 0; r < rows; ++r) {
+      const W* wr = wg + r * K;
+      float s = sums[m][r];
+      for (int64_t k = k_done; k < K; ++k) s = fmadd(to_f32(wr[k]), xm[k], s);
+      sums[m][r] = s;
+    }
+  }
+}
+
 // Rows of x per pass over the weights: a large batch (a prefill chunk) is taken in blocks
 // that stay in L2 while every weight row streams past them once, instead of streaming all
 // of x once per group of weight rows. Each output is still reduced by gemv_group alone, so
@@ -214,26 +244,10 @@ void gemv_impl(const T* x, const W* w, const T* scale, const T* bias, T* y, int6
         const W* wg = w + n0 * K;
         for (int64_t m0 = 0; m0 < block_rows; m0 += kGemvCols) {
           const int64_t mb = std::min(kGemvCols, block_rows - m0);
-          int64_t k_done = 0;
-          if (rows == kGemvRows) {
-            const float* xm = xf + m0 * K;
-            const T* xr = xb + m0 * K;
-            switch (mb) {
-              case 1: gemv_group<T, W, 1>(xm, xr, wg, sums, K, k_done); break;
-              case 2: gemv_group<T, W, 2>(xm, xr, wg, sums, K, k_done); break;
-              case 3: gemv_group<T, W, 3>(xm, xr, wg, sums, K, k_done); break;
-              default: gemv_group<T, W, 4>(xm, xr, wg, sums, K, k_done); break;
-            }
-          } else {
-            for (int64_t m = 0; m < mb; ++m)
-              for (int64_t r = 0; r < kGemvRows; ++r) sums[m][r] = 0.f;
-          }
+          gemv_sums<T, W>(xf + m0 * K, xb + m0 * K, wg, rows, mb, K, sums);
           for (int64_t m = 0; m < mb; ++m) {
-            const float* xm = xf + (m0 + m) * K;
             for (int64_t r = 0; r < rows; ++r) {
-              const W* wr = wg + r * K;
               float s = sums[m][r];
-              for (int64_t kk = k_done; kk < K; ++kk) s = fmadd(to_f32(wr[kk]), xm[kk], s);
               if (scale) s *= to_f32(scale[n0 + r]);
               if (bias) s += to_f32(bias[n0 + r]);
               yb[(m0 + m) * N + n0 + r] = from_f32<T>(s);
@@ -317,15 +331,34 @@ inline int int4_at(const uint8_t* w, int64_t n, int64_t k, int64_t K) {
   return k % 4 < 2 ? byte & 15 : byte >> 4;
 }
 
-// Row n's product; scale and offset point at its groups.
+// Where an int4 weight's scales and offsets are: [N, groups] each, or blocked as the vector
+// kernels read them, [N / 16][groups][2][16] (a block's 16 scales of a group, then its 16
+// offsets); the expert kernel keeps only the blocked copy.
 template <typename T>
-float int4_dot(const float* xf, const float* xsum, const uint8_t* w, int64_t n, const T* scale,
-               const T* offset, int64_t K, int64_t G) {
+struct Int4Scales {
+  const T* scale;
+  const T* offset;
+  const T* blocked;  // null: scale and offset
+  int64_t groups;
+
+  const T* block(int64_t b) const { return blocked + b * groups * 2 * kInt4Rows; }
+  float at(int64_t n, int64_t g, int part) const {
+    if (blocked) return to_f32(block(n / kInt4Rows)[(2 * g + part) * kInt4Rows + n % kInt4Rows]);
+    return to_f32((part ? offset : scale)[n * groups + g]);
+  }
+  float scale_at(int64_t n, int64_t g) const { return at(n, g, 0); }
+  float offset_at(int64_t n, int64_t g) const { return at(n, g, 1); }
+};
+
+// Row n's product.
+template <typename T>
+float int4_dot(const float* xf, const float* xsum, const uint8_t* w, int64_t n,
+               const Int4Scales<T>& scales, int64_t K, int64_t G) {
   float total = 0.f;
   for (int64_t g = 0; g < K / G; ++g) {
     float dot = 0.f;
     for (int64_t k = g * G; k < (g + 1) * G; ++k) dot += int4_at(w, n, k, K) * xf[k];
-    total += to_f32(scale[g]) * dot + to_f32(offset[g]) * xsum[g];
+    total += scales.scale_at(n, g) * dot + scales.offset_at(n, g) * xsum[g];
   }
   return total;
 }
@@ -382,6 +415,53 @@ void int4_block_bf16(const BFloat16* x, const float* xsum, const uint8_t* w,
 }
 #endif
 
+// Whether bf16 activations take int4_block_bf16 (which reads blocked scales) on this build.
+template <typename T>
+constexpr bool int4_vector_path() {
+#if defined(KVFLOW_AVX512) && defined(__AVX512BF16__)
+  return std::is_same_v<T, BFloat16>;
+#else
+  return false;
+#endif
+}
+
+// sums[m][r] = x_m . row n0 + r for the block of 16 rows at n0 and mb (at most kInt4Cols)
+// rows of x (x, its float32 copy xf and its group sums xsum, each from its first row).
+// block_scales: the block's blocked scales, which the vector path needs.
+template <typename T>
+void int4_block_sums(const T* x, const float* xf, const float* xsum, const uint8_t* w,
+                     int64_t n0, const Int4Scales<T>& scales, const T* block_scales, int64_t mb,
+                     int64_t K, int64_t G, float (*sums)[kInt4Rows]) {
+#if defined(KVFLOW_AVX512) && defined(__AVX512BF16__)
+  if constexpr (int4_vector_path<T>()) {
+    const auto args = std::make_tuple(x, xsum, w + n0 * (K / 2), block_scales, sums, K, G);
+    switch (mb) {
+      case 1: std::apply(int4_block_bf16<1>, args); break;
+      case 2: std::apply(int4_block_bf16<2>, args); break;
+      case 3: std::apply(int4_block_bf16<3>, args); break;
+      default: std::apply(int4_block_bf16<4>, args); break;
+    }
+    return;
+  }
+#endif
+  const int64_t groups = K / G;
+  for (int64_t m = 0; m < mb; ++m)
+    for (int64_t r = 0; r < kInt4Rows; ++r)
+      sums[m][r] = int4_dot<T>(xf + m * K, xsum + m * groups, w, n0 + r, scales, K, G);
+}
+
+// x as the int4 products read it: float32 (xf, [M, K]) and summed per group of G columns
+// (xsum, [M, K / G]).
+template <typename T>
+void int4_inputs(const T* x, int64_t M, int64_t K, int64_t G, float* xf, float* xsum) {
+  const int64_t groups = K / G;
+  std::fill_n(xsum, M * groups, 0.f);
+  for (int64_t i = 0; i < M * K; ++i) {
+    xf[i] = to_f32(x[i]);
+    xsum[i / K * groups + i % K / G] += xf[i];
+  }
+}
+
 // blocked: every block's scales and offsets as int4_block_bf16 reads them
 // ([N / 16][groups][2][16]), prepared once per layer; null: gathered here, block by block.
 template <typename T>
@@ -389,54 +469,33 @@ void int4_gemv_impl(const T* x, const uint8_t* w, const T* scale, const T* offse
                     const T* blocked, const T* bias, T* y, int64_t M, int64_t N, int64_t K,
                     int64_t G) {
   const int64_t groups = K / G;
-  std::vector<float> xf(M * K), xsum(M * groups, 0.f);
-  for (int64_t i = 0; i < M * K; ++i) {
-    xf[i] = to_f32(x[i]);
-    xsum[i / K * groups + i % K / G] += xf[i];
-  }
+  std::vector<float> xf(M * K), xsum(M * groups);
+  int4_inputs(x, M, K, G, xf.data(), xsum.data());
+  const Int4Scales<T> scales{scale, offset, blocked, groups};
   at::parallel_for(0, N / kInt4Rows, 4, [&](int64_t begin, int64_t end) {
     float sums[kInt4Cols][kInt4Rows];
     std::vector<T> gathered;
     for (int64_t block = begin; block < end; ++block) {
       const int64_t n0 = block * kInt4Rows;
-      const T* block_scales = blocked ? blocked + block * groups * 2 * kInt4Rows : nullptr;
-      bool vector = false;
-#if defined(KVFLOW_AVX512) && defined(__AVX512BF16__)
-      if constexpr (std::is_same_v<T, BFloat16>) {
-        vector = true;
-        if (!block_scales) {
-          gathered.resize(groups * 2 * kInt4Rows);
-          for (int64_t r = 0; r < kInt4Rows; ++r)
-            for (int64_t g = 0; g < groups; ++g) {
-              gathered[2 * g * kInt4Rows + r] = scale[(n0 + r) * groups + g];
-              gathered[(2 * g + 1) * kInt4Rows + r] = offset[(n0 + r) * groups + g];
-            }
-          block_scales = gathered.data();
-        }
+      const T* block_scales = blocked ? scales.block(block) : nullptr;
+      if (int4_vector_path<T>() && !block_scales) {
+        gathered.resize(groups * 2 * kInt4Rows);
+        for (int64_t r = 0; r < kInt4Rows; ++r)
+          for (int64_t g = 0; g < groups; ++g) {
+            gathered[2 * g * kInt4Rows + r] = scale[(n0 + r) * groups + g];
+            gathered[(2 * g + 1) * kInt4Rows + r] = offset[(n0 + r) * groups + g];
+          }
+        block_scales = gathered.data();
       }
-#endif
       for (int64_t m0 = 0; m0 < M; m0 += kInt4Cols) {
         const int64_t mb = std::min(kInt4Cols, M - m0);
-#if defined(KVFLOW_AVX512) && defined(__AVX512BF16__)
-        if constexpr (std::is_same_v<T, BFloat16>) {
-          const auto args = std::make_tuple(x + m0 * K, xsum.data() + m0 * groups,
-                                            w + n0 * (K / 2), block_scales, sums, K, G);
-          switch (mb) {
-            case 1: std::apply(int4_block_bf16<1>, args); break;
-            case 2: std::apply(int4_block_bf16<2>, args); break;
-            case 3: std::apply(int4_block_bf16<3>, args); break;
-            default: std::apply(int4_block_bf16<4>, args); break;
-          }
-        }
-#endif
+        int4_block_sums<T>(x + m0 * K, xf.data() + m0 * K, xsum.data() + m0 * groups, w, n0,
+                           scales, block_scales, mb, K, G, sums);
         for (int64_t m = 0; m < mb; ++m) {
           for (int64_t r = 0; r < kInt4Rows; ++r) {
-            const int64_t n = n0 + r;
-            float s = vector ? sums[m][r]
-                             : int4_dot<T>(xf.data() + (m0 + m) * K, xsum.data() + (m0 + m) * groups,
-                                           w, n, scale + n * groups, offset + n * groups, K, G);
-            if (bias) s += to_f32(bias[n]);
-            y[(m0 + m) * N + n] = from_f32<T>(s);
+            float s = sums[m][r];
+            if (bias) s += to_f32(bias[n0 + r]);
+            y[(m0 + m) * N + n0 + r] = from_f32<T>(s);
           }
         }
       }
@@ -838,9 +897,8 @@ torch::Tensor int8_dequantize(torch::Tensor w, torch::Tensor scale,
 // four words (its 4 columns of each chunk) into 64 bits, and variable shifts spread them
 // over 16 lanes.
 template <typename T>
-void int4_dequantize_impl(const uint8_t* w, const T* scale, const T* offset, T* out, int64_t N,
+void int4_dequantize_impl(const uint8_t* w, const Int4Scales<T>& scales, T* out, int64_t N,
                           int64_t K, int64_t G) {
-  const int64_t groups = K / G;
   at::parallel_for(0, N / kInt4Rows, 1, [&](int64_t begin, int64_t end) {
 #ifdef KVFLOW_AVX512
     // Word 4r + i of rows 0-7 (8-15): row r's word in chunk i of the run; A holds chunks
@@ -872,16 +930,16 @@ void int4_dequantize_impl(const uint8_t* w, const T* scale, const T* offset, T* 
           const __m512i dwords = _mm512_permutexvar_epi32(
               _mm512_add_epi32(dword_of_lane, _mm512_set1_epi32(2 * (r % 8))), rows[r / 8]);
           const __m512 q = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srlv_epi32(dwords, shifts), low4));
-          const __m512 scaled = _mm512_mul_ps(q, _mm512_set1_ps(to_f32(scale[n * groups + g])));
-          store16(out + n * K + k, _mm512_add_ps(scaled, _mm512_set1_ps(to_f32(offset[n * groups + g]))));
+          const __m512 scaled = _mm512_mul_ps(q, _mm512_set1_ps(scales.scale_at(n, g)));
+          store16(out + n * K + k, _mm512_add_ps(scaled, _mm512_set1_ps(scales.offset_at(n, g))));
         }
       }
 #endif
       for (; k < K; ++k) {
         for (int64_t r = 0; r < kInt4Rows; ++r) {
           const int64_t n = n0 + r, g = k / G;
-          const float scaled = int4_at(wb, r, k, K) * to_f32(scale[n * groups + g]);
-          out[n * K + k] = from_f32<T>(scaled + to_f32(offset[n * groups + g]));
+          const float scaled = int4_at(wb, r, k, K) * scales.scale_at(n, g);
+          out[n * K + k] = from_f32<T>(scaled + scales.offset_at(n, g));
         }
       }
     }
@@ -898,7 +956,8 @@ torch::Tensor int4_dequantize(torch::Tensor w, torch::Tensor scale, torch::Tenso
   auto out = dequantize_target(out_, {N, K}, scale, "int4_dequantize");
   dispatch_float_or_bf16(scale.scalar_type(), "int4_dequantize", [&](auto tag) {
     using T = decltype(tag);
-    int4_dequantize_impl<T>(w.data_ptr<uint8_t>(), scale.data_ptr<T>(), offset.data_ptr<T>(),
+    int4_dequantize_impl<T>(w.data_ptr<uint8_t>(),
+                            {scale.data_ptr<T>(), offset.data_ptr<T>(), nullptr, scale.size(1)},
                             out.data_ptr<T>(), N, K, G);
   });
   return out;
@@ -1395,28 +1454,30 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, c10::optional<torc
   return out;
 }
 
-// [rows, 2 * d] -> [rows, d]: silu(gate) * up, rounded after the silu as F.silu would.
+// out[i] = silu(gate[i]) * up[i] for one row of d, rounded after the silu as F.silu would.
+template <typename T>
+void silu_and_mul_row(const T* gate, const T* up, T* out, int64_t d) {
+  int64_t i = 0;
+#ifdef KVFLOW_AVX512
+  for (; i + 16 <= d; i += 16) {
+    const __m512 g = load16(gate + i);
+    const __m512 silu = _mm512_div_ps(
+        g, _mm512_add_ps(_mm512_set1_ps(1.f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+    store16(out + i, _mm512_mul_ps(round16<T>(silu), load16(up + i)));
+  }
+#endif
+  for (; i < d; ++i) {
+    const float g = to_f32(gate[i]);
+    out[i] = from_f32<T>(rounded<T>(g / (1.f + std::exp(-g))) * to_f32(up[i]));
+  }
+}
+
+// [rows, 2 * d] -> [rows, d]: silu(gate) * up.
 template <typename T>
 void silu_and_mul_impl(T* out, const T* x, int64_t rows, int64_t d) {
   at::parallel_for(0, rows, 4, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const T* gate = x + r * 2 * d;
-      const T* up = gate + d;
-      T* o = out + r * d;
-      int64_t i = 0;
-#ifdef KVFLOW_AVX512
-      for (; i + 16 <= d; i += 16) {
-        const __m512 g = load16(gate + i);
-        const __m512 silu = _mm512_div_ps(
-            g, _mm512_add_ps(_mm512_set1_ps(1.f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
-        store16(o + i, _mm512_mul_ps(round16<T>(silu), load16(up + i)));
-      }
-#endif
-      for (; i < d; ++i) {
-        const float g = to_f32(gate[i]);
-        o[i] = from_f32<T>(rounded<T>(g / (1.f + std::exp(-g))) * to_f32(up[i]));
-      }
-    }
+    for (int64_t r = begin; r < end; ++r)
+      silu_and_mul_row(x + r * 2 * d, x + r * 2 * d + d, out + r * d, d);
   });
 }
 
@@ -1487,6 +1548,372 @@ void rotary_embedding(torch::Tensor positions, torch::Tensor q, torch::Tensor k,
   }
 }
 
+// ---------------------------------------------------------------------------------------
+// Mixture-of-experts layers (kvflow/layers/moe.py): every expert of a layer in one call.
+// A projection holds every expert's weights, [E, N, K]: in x's dtype, int8 with a scale per
+// row ([E, N]), or int4 with its blocked scales ([E, N / 16, groups, 2, 16]); gate and up
+// are one projection of 2 * I rows (gate's, then up's), down one of H rows. The step's
+// (token, expert) choices are sorted by expert. An expert with at most gemv_max_rows rows
+// runs through the GEMV loops above, the work spread over (expert, block of output rows)
+// items so that a decode step with one row per expert keeps every core busy; an expert
+// with more rows is dequantized (where quantized) and multiplied by ATen's GEMM, one
+// expert after another, each GEMM on every core. Each row's projections are rounded to x's
+// dtype as the PyTorch path's per-expert products are, and each token's rows are weighted
+// and summed in float32 in its top-k order, then rounded once.
+
+enum class Activation { kSilu, kGeluTanh, kClampedSwiGLU };
+
+struct ActivationSpec {
+  Activation kind;
+  float alpha, limit;  // the clamped SwiGLU's
+};
+
+ActivationSpec activation_spec(const std::string& name, double alpha, double limit) {
+  if (name == "silu") return {Activation::kSilu, 0.f, 0.f};
+  if (name == "gelu_tanh") return {Activation::kGeluTanh, 0.f, 0.f};
+  TORCH_CHECK(name == "clamped_swiglu", "moe_experts: activation must be silu, gelu_tanh or "
+              "clamped_swiglu, got ", name);
+  return {Activation::kClampedSwiGLU, static_cast<float>(alpha), static_cast<float>(limit)};
+}
+
+// out = act(gate) * up for one row of n, rounded to T after each op that the PyTorch
+// modules (kvflow/layers/activation.py) round after.
+template <typename T>
+void activate_row(const ActivationSpec& act, const T* gate, const T* up, T* out, int64_t n) {
+  if (act.kind == Activation::kSilu) {
+    silu_and_mul_row(gate, up, out, n);
+    return;
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    const float g = to_f32(gate[i]), u = to_f32(up[i]);
+    if (act.kind == Activation::kGeluTanh) {  // F.gelu(approximate="tanh")'s formula
+      const float inner = 0.7978845608028654f * (g + 0.044715f * (g * g * g));
+      out[i] = from_f32<T>(rounded<T>(0.5f * g * (1.f + std::tanh(inner))) * u);
+    } else {  // gpt-oss: (clamp(up) + 1) * gate * sigmoid(alpha * gate), gate clamped above
+      const float gc = std::min(g, act.limit);
+      const float uc = std::min(std::max(u, -act.limit), act.limit);
+      const float sig = rounded<T>(1.f / (1.f + std::exp(-rounded<T>(gc * act.alpha))));
+      out[i] = from_f32<T>(rounded<T>(uc + 1.f) * rounded<T>(gc * sig));
+    }
+  }
+}
+
+// One projection of every expert: weights of type W (T; int8; int4 as bytes, [E, N, K / 2]),
+// scales as the format has them (none for T), bias [E, N] or null.
+template <typename T, typename W>
+struct ExpertProjection {
+  static constexpr bool kInt4 = std::is_same_v<W, uint8_t>;
+  // Weight rows per work item: a GEMV group, or an int4 block.
+  static constexpr int64_t kRows = kInt4 ? kInt4Rows : kGemvRows;
+
+  const W* w;
+  const T* scales;
+  const T* bias;
+  int64_t N, K, G;  // G: the int4 group size
+
+  int64_t groups() const { return kInt4 ? K / G : 0; }
+  const W* weight(int64_t e) const { return w + e * N * (kInt4 ? K / 2 : K); }
+  const T* scales_of(int64_t e) const {
+    return scales ? scales + e * N * (kInt4 ? 2 * groups() : 1) : nullptr;
+  }
+  Int4Scales<T> int4_scales(int64_t e) const { return {nullptr, nullptr, scales_of(e), groups()}; }
+  float bias_at(int64_t e, int64_t n) const { return bias ? to_f32(bias[e * N + n]) : 0.f; }
+};
+
+// sums[m][r] = row m of x (m < mb, at most 4) . expert e's weight row n0 + r (r < rows),
+// scaled; x comes as T, as float32 (xf) and, for int4, summed per group (xsum).
+template <typename T, typename W>
+void expert_sums(const ExpertProjection<T, W>& p, int64_t e, const T* x, const float* xf,
+                 const float* xsum, int64_t n0, int64_t rows, int64_t mb,
+                 float (*sums)[kInt4Rows]) {
+  if constexpr (ExpertProjection<T, W>::kInt4) {
+    const Int4Scales<T> scales = p.int4_scales(e);
+    int4_block_sums<T>(x, xf, xsum, p.weight(e), n0, scales, scales.block(n0 / kInt4Rows), mb,
+                       p.K, p.G, sums);
+  } else {
+    float s[kGemvCols][kGemvRows];
+    gemv_sums<T, W>(xf, x, p.weight(e) + n0 * p.K, rows, mb, p.K, s);
+    const T* scale = p.scales_of(e);
+    for (int64_t m = 0; m < mb; ++m)
+      for (int64_t r = 0; r < rows; ++r)
+        sums[m][r] = scale ? s[m][r] * to_f32(scale[n0 + r]) : s[m][r];
+  }
+}
+
+// Rows [0, rows) of x (K columns) as the GEMV loops read them: float32 (x itself where it
+// is float32 and the weights are not int4), and for int4 weights summed per group of G.
+template <typename T, bool kInt4>
+const float* gemv_inputs(const T* x, int64_t rows, int64_t K, int64_t G, std::vector<float>& xf,
+                         std::vector<float>& xsum) {
+  if constexpr (!kInt4 && std::is_same_v<T, float>) {
+    return x;
+  } else {
+    xf.resize(rows * K);
+    if (kInt4) xsum.resize(rows * (K / G));
+    at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+      if constexpr (kInt4)
+        int4_inputs(x + begin * K, end - begin, K, G, xf.data() + begin * K,
+                    xsum.data() + begin * (K / G));
+      else
+        widen(x + begin * K, xf.data() + begin * K, (end - begin) * K);
+    });
+    return xf.data();
+  }
+}
+
+// Runs f(i) for every i < n on all threads, which take chunks of items from a shared
+// counter: items cost unlike amounts (experts have unlike numbers of rows), which a static
+// split would leave to whichever thread drew the dear ones.
+template <typename F>
+void parallel_items(int64_t n, const F& f) {
+  if (n == 0) return;
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), n);
+  const int64_t chunk = std::max<int64_t>(1, n / (8 * threads));
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    for (int64_t begin = next.fetch_add(chunk); begin < n; begin = next.fetch_add(chunk))
+      for (int64_t i = begin; i < std::min(n, begin + chunk); ++i) f(i);
+  });
+}
+
+// Expert e's weight as a [N, K] tensor of T for ATen's GEMM: the stored one, or dequantized
+// into buffer (allocated on first use, reused for every expert of the call).
+template <typename T, typename W>
+torch::Tensor dense_expert_weight(const ExpertProjection<T, W>& p, int64_t e,
+                                  torch::Tensor& buffer, const at::TensorOptions& options) {
+  if constexpr (std::is_same_v<W, T>) {
+    return torch::from_blob(const_cast<T*>(p.weight(e)), {p.N, p.K}, options);
+  } else {
+    if (!buffer.defined()) buffer = torch::empty({p.N, p.K}, options);
+    if constexpr (ExpertProjection<T, W>::kInt4)
+      int4_dequantize_impl<T>(p.weight(e), p.int4_scales(e), buffer.data_ptr<T>(), p.N, p.K, p.G);
+    else
+      int8_dequantize_impl<T>(p.weight(e), p.scales_of(e), buffer.data_ptr<T>(), p.N, p.K);
+    return buffer;
+  }
+}
+
+template <typename T, typename W>
+c10::optional<torch::Tensor> expert_bias(const ExpertProjection<T, W>& p, int64_t e,
+                                         const at::TensorOptions& options) {
+  if (!p.bias) return c10::nullopt;
+  return torch::from_blob(const_cast<T*>(p.bias + e * p.N), {p.N}, options);
+}
+
+template <typename T, typename W>
+void moe_experts_impl(const torch::Tensor& x, const float* weights, const int64_t* ids,
+                      int64_t top_k, int64_t num_experts, const ExpertProjection<T, W>& gate_up,
+                      const ExpertProjection<T, W>& down, const ActivationSpec& act,
+                      int64_t gemv_max_rows, T* out) {
+  using P = ExpertProjection<T, W>;
+  const int64_t tokens = x.size(0), hidden = down.N, inner = down.K, choices = tokens * top_k;
+  const T* xp = x.data_ptr<T>();
+  const auto options = x.options();
+  // Each choice's row in expert order: the experts the GEMV loops take first, so that their
+  // rows are one run, then the others.
+  std::vector<int64_t> counts(num_experts, 0), start(num_experts, 0), gemv_experts, gemm_experts;
+  for (int64_t i = 0; i < choices; ++i) ++counts[ids[i]];
+  for (int64_t e = 0; e < num_experts; ++e)
+    if (counts[e]) (counts[e] <= gemv_max_rows ? gemv_experts : gemm_experts).push_back(e);
+  int64_t rows = 0;
+  for (const auto* experts : {&gemv_experts, &gemm_experts})
+    for (int64_t e : *experts) {
+      start[e] = rows;
+      rows += counts[e];
+    }
+  const int64_t gemv_rows = gemm_experts.empty() ? rows : start[gemm_experts[0]];
+  std::vector<int64_t> position(choices), next = start;
+  for (int64_t i = 0; i < choices; ++i) position[i] = next[ids[i]]++;  // stable, as argsort
+
+  auto xs = torch::empty({choices, hidden}, options);
+  T* xsp = xs.data_ptr<T>();
+  at::parallel_for(0, choices, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i)
+      std::memcpy(xsp + position[i] * hidden, xp + i / top_k * hidden, hidden * sizeof(T));
+  });
+  auto hs = torch::empty({choices, inner}, options);
+  auto ys = torch::empty({choices, hidden}, options);
+  T* hsp = hs.data_ptr<T>();
+  T* ysp = ys.data_ptr<T>();
+
+  // The GEMV experts: gate and up together, then down.
+  std::vector<float> xf_buffer, xsum_buffer;
+  const float* xf = gemv_inputs<T, P::kInt4>(xsp, gemv_rows, hidden, gate_up.G, xf_buffer,
+                                             xsum_buffer);
+  const int64_t gate_items = (inner + P::kRows - 1) / P::kRows;
+  parallel_items(static_cast<int64_t>(gemv_experts.size()) * gate_items, [&](int64_t item) {
+    const int64_t e = gemv_experts[item / gate_items], n0 = item % gate_items * P::kRows;
+    const int64_t width = std::min(P::kRows, inner - n0);
+    float gate[kInt4Cols][kInt4Rows], up[kInt4Cols][kInt4Rows];
+    T g[kInt4Rows], u[kInt4Rows];
+    for (int64_t m0 = 0; m0 < counts[e]; m0 += kInt4Cols) {
+      const int64_t mb = std::min(kInt4Cols, counts[e] - m0), row = start[e] + m0;
+      const T* xr = xsp + row * hidden;
+      const float* xfr = xf + row * hidden;
+      const float* xsum = P::kInt4 ? xsum_buffer.data() + row * gate_up.groups() : nullptr;
+      expert_sums(gate_up, e, xr, xfr, xsum, n0, width, mb, gate);
+      expert_sums(gate_up, e, xr, xfr, xsum, inner + n0, width, mb, up);
+      for (int64_t m = 0; m < mb; ++m) {
+        for (int64_t r = 0; r < width; ++r) {
+          g[r] = from_f32<T>(gate[m][r] + gate_up.bias_at(e, n0 + r));
+          u[r] = from_f32<T>(up[m][r] + gate_up.bias_at(e, inner + n0 + r));
+        }
+        activate_row(act, g, u, hsp + (row + m) * inner + n0, width);
+      }
+    }
+  });
+  std::vector<float> hf_buffer, hsum_buffer;
+  const float* hf = gemv_inputs<T, P::kInt4>(hsp, gemv_rows, inner, down.G, hf_buffer,
+                                             hsum_buffer);
+  const int64_t down_items = (hidden + P::kRows - 1) / P::kRows;
+  parallel_items(static_cast<int64_t>(gemv_experts.size()) * down_items, [&](int64_t item) {
+    const int64_t e = gemv_experts[item / down_items], n0 = item % down_items * P::kRows;
+    const int64_t width = std::min(P::kRows, hidden - n0);
+    float sums[kInt4Cols][kInt4Rows];
+    for (int64_t m0 = 0; m0 < counts[e]; m0 += kInt4Cols) {
+      const int64_t mb = std::min(kInt4Cols, counts[e] - m0), row = start[e] + m0;
+      expert_sums(down, e, hsp + row * inner, hf + row * inner,
+                  P::kInt4 ? hsum_buffer.data() + row * down.groups() : nullptr, n0, width, mb,
+                  sums);
+      for (int64_t m = 0; m < mb; ++m)
+        for (int64_t r = 0; r < width; ++r)
+          ysp[(row + m) * hidden + n0 + r] = from_f32<T>(sums[m][r] + down.bias_at(e, n0 + r));
+    }
+  });
+
+  // The GEMM experts, one at a time.
+  torch::Tensor gate_up_buffer, down_buffer;
+  for (int64_t e : gemm_experts) {
+    const auto gu = at::linear(xs.narrow(0, start[e], counts[e]),
+                               dense_expert_weight(gate_up, e, gate_up_buffer, options),
+                               expert_bias(gate_up, e, options));
+    const T* gup = gu.template data_ptr<T>();
+    at::parallel_for(0, counts[e], 4, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r)
+        activate_row(act, gup + r * 2 * inner, gup + r * 2 * inner + inner,
+                     hsp + (start[e] + r) * inner, inner);
+    });
+    ys.narrow(0, start[e], counts[e]).copy_(
+        at::linear(hs.narrow(0, start[e], counts[e]),
+                   dense_expert_weight(down, e, down_buffer, options),
+                   expert_bias(down, e, options)));
+  }
+
+  // Each token's rows, weighted in float32 and summed in its top-k order (product, then
+  // sum, as the PyTorch path's (out * weights).sum(1)).
+  at::parallel_for(0, tokens, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> acc(hidden);
+    for (int64_t t = begin; t < end; ++t) {
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t j = 0; j < top_k; ++j) {
+        const float w = weights[t * top_k + j];
+        const T* y = ysp + position[t * top_k + j] * hidden;
+        for (int64_t h = 0; h < hidden; ++h) acc[h] += w * to_f32(y[h]);
+      }
+      for (int64_t h = 0; h < hidden; ++h) out[t * hidden + h] = from_f32<T>(acc[h]);
+    }
+  });
+}
+
+// A projection's tensors checked against the format W: weights [experts, N, K] (int4:
+// K / 2 bytes), int8 scales [experts, N], int4 blocked scales [experts, N / 16, groups, 2,
+// 16], bias [experts, N]; all contiguous (a copy of every expert's weights per call would
+// cost more than the call).
+template <typename T, typename W>
+ExpertProjection<T, W> expert_projection(const torch::Tensor& w,
+                                         const c10::optional<torch::Tensor>& scales,
+                                         const c10::optional<torch::Tensor>& bias,
+                                         int64_t experts, int64_t N, int64_t K,
+                                         const char* name) {
+  using P = ExpertProjection<T, W>;
+  TORCH_CHECK(w.is_contiguous() && w.sizes() == at::IntArrayRef({experts, N, P::kInt4 ? K / 2 : K}),
+              "moe_experts: ", name, " must be contiguous [experts, ", N, ", ",
+              P::kInt4 ? K / 2 : K, "], got ", w.sizes());
+  TORCH_CHECK(!bias || (bias->is_contiguous() && bias->sizes() == at::IntArrayRef({experts, N}) &&
+                        bias->scalar_type() == c10::CppTypeToScalarType<T>::value &&
+                        bias->device().is_cpu()),
+              "moe_experts: ", name, " bias must be contiguous [experts, ", N, "], x's dtype");
+  constexpr bool unquantized = std::is_same_v<W, T>;
+  TORCH_CHECK(unquantized != scales.has_value(), "moe_experts: ", name,
+              unquantized ? " takes no scales in x's dtype" : " needs its scales");
+  const T* scale_ptr = nullptr;
+  int64_t G = 0;
+  if (scales) {
+    TORCH_CHECK(scales->is_contiguous() && scales->device().is_cpu() &&
+                    scales->scalar_type() == c10::CppTypeToScalarType<T>::value,
+                "moe_experts: ", name, " scales must be contiguous, x's dtype");
+    if constexpr (P::kInt4) {
+      TORCH_CHECK(scales->dim() == 5 && scales->size(0) == experts &&
+                      scales->size(1) * kInt4Rows == N && scales->size(2) > 0 &&
+                      K % scales->size(2) == 0 && scales->size(3) == 2 &&
+                      scales->size(4) == kInt4Rows,
+                  "moe_experts: ", name, " int4 scales must be blocked, [experts, ", N / kInt4Rows,
+                  ", groups, 2, 16]");
+      G = K / scales->size(2);
+      TORCH_CHECK(N % kInt4Rows == 0 && K % 64 == 0 && G % 32 == 0, "moe_experts: ", name,
+                  " int4 needs rows a multiple of 16, columns of 64, a group size of 32");
+    } else {
+      TORCH_CHECK(scales->sizes() == at::IntArrayRef({experts, N}), "moe_experts: ", name,
+                  " int8 scales must be [experts, ", N, "]");
+    }
+    scale_ptr = scales->data_ptr<T>();
+  }
+  return {w.data_ptr<W>(), scale_ptr, bias ? bias->data_ptr<T>() : nullptr, N, K, G};
+}
+
+torch::Tensor moe_experts(torch::Tensor x, torch::Tensor weights, torch::Tensor ids,
+                          torch::Tensor gate_up, c10::optional<torch::Tensor> gate_up_scales,
+                          c10::optional<torch::Tensor> gate_up_bias, torch::Tensor down,
+                          c10::optional<torch::Tensor> down_scales,
+                          c10::optional<torch::Tensor> down_bias, const std::string& activation,
+                          double alpha, double limit, int64_t gemv_max_rows) {
+  for (const auto* t : {&x, &weights, &ids, &gate_up, &down}) check_cpu(*t, "moe_experts");
+  TORCH_CHECK(x.dim() == 2 && weights.dim() == 2 && ids.sizes() == weights.sizes() &&
+                  ids.size(0) == x.size(0) && ids.size(1) > 0,
+              "moe_experts: x must be [tokens, hidden], weights and ids [tokens, top_k]");
+  TORCH_CHECK(ids.scalar_type() == at::kLong && weights.scalar_type() == at::kFloat,
+              "moe_experts: ids must be int64 and weights float32");
+  TORCH_CHECK(gate_up.dim() == 3 && down.dim() == 3 && gate_up.size(0) == down.size(0) &&
+                  gate_up.size(1) % 2 == 0 && down.size(1) == x.size(1) &&
+                  gate_up.scalar_type() == down.scalar_type(),
+              "moe_experts: gate_up must be [experts, 2 * inner, hidden] and down [experts, "
+              "hidden, inner], in one format");
+  const ActivationSpec act = activation_spec(activation, alpha, limit);
+  const int64_t experts = gate_up.size(0), hidden = x.size(1), inner = gate_up.size(1) / 2;
+  x = x.contiguous();
+  weights = weights.contiguous();
+  ids = ids.contiguous();
+  if (ids.numel())
+    TORCH_CHECK(ids.min().item<int64_t>() >= 0 && ids.max().item<int64_t>() < experts,
+                "moe_experts: an expert id out of range");
+  auto out = torch::empty_like(x);
+  dispatch_float_or_bf16(x.scalar_type(), "moe_experts", [&](auto tag) {
+    using T = decltype(tag);
+    auto run = [&](auto weight_tag) {
+      using W = decltype(weight_tag);
+      const auto gu = expert_projection<T, W>(gate_up, gate_up_scales, gate_up_bias, experts,
+                                              2 * inner, hidden, "gate_up");
+      const auto dn = expert_projection<T, W>(down, down_scales, down_bias, experts, hidden,
+                                              inner, "down");
+      moe_experts_impl<T, W>(x, weights.data_ptr<float>(), ids.data_ptr<int64_t>(),
+                             ids.size(1), experts, gu, dn, act, gemv_max_rows,
+                             out.data_ptr<T>());
+    };
+    if (gate_up.scalar_type() == x.scalar_type()) {
+      run(T{});
+    } else if (gate_up.scalar_type() == at::kChar) {
+      run(int8_t{});
+    } else {
+      TORCH_CHECK(gate_up.scalar_type() == at::kByte, "moe_experts: weights must be x's dtype, "
+                  "int8 or int4 (uint8), got ", gate_up.scalar_type());
+      TORCH_CHECK(inner % kInt4Rows == 0, "moe_experts: int4 needs an inner size that is a "
+                  "multiple of 16, not ", inner);
+      run(uint8_t{});
+    }
+  });
+  return out;
+}
+
 std::string vector_paths() {
 #ifdef KVFLOW_AVX512
   std::string paths = "avx512";
@@ -1526,5 +1953,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "RMSNorm, optionally fused with the residual add");
   m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up");
   m.def("rotary_embedding", &rotary_embedding, "rotate-half RoPE in place");
+  m.def("moe_experts", &moe_experts, "a mixture-of-experts layer's experts: each token's "
+        "top-k experts' down(act(gate_up(x))), weighted and summed",
+        py::arg("x"), py::arg("weights"), py::arg("ids"), py::arg("gate_up"),
+        py::arg("gate_up_scales"), py::arg("gate_up_bias"), py::arg("down"),
+        py::arg("down_scales"), py::arg("down_bias"), py::arg("activation"), py::arg("alpha"),
+        py::arg("limit"), py::arg("gemv_max_rows"));
   m.def("vector_paths", &vector_paths, "which vector paths were compiled: avx512 (+bf16, +vnni) or scalar");
 }
