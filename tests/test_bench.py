@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from checkpoints import BASE, VARIANTS
+from checkpoints import BASE, MOE_VARIANTS, VARIANTS
 from kvflow.bench import hardware
 from kvflow.bench.roofline import ModelCost, roofline, run_cost, step_cost
 from kvflow.bench.workload import load_workload, resolve_named, workload_from_spec
@@ -108,6 +108,34 @@ def test_model_cost_counts_the_parameters_transformers_has(variant):
     total = sum(p.numel() for p in model.parameters())
     cost = ModelCost.from_config({**BASE, **VARIANTS[variant]}, dtype_bytes=4)
     assert cost.weight_bytes == 4 * total
+
+
+@pytest.mark.parametrize("variant", MOE_VARIANTS)
+def test_model_cost_of_a_mixture_of_experts(variant):
+    """The weights every token uses and the routed experts together are transformers'
+    parameters; a token alone reads k experts of each expert layer, a long prefill nearly
+    all, and a decode step of a run as many as its requests reach."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    fields = {**BASE, **VARIANTS[variant]}
+    config = AutoConfig.for_model(fields.pop("model_type"), **fields)
+    model = AutoModelForCausalLM.from_config(config)
+    total = sum(p.numel() for p in model.parameters())
+    cost = ModelCost.from_config({**BASE, **VARIANTS[variant]}, dtype_bytes=4)
+    k, experts = cost.experts_per_token, cost.num_experts
+    assert cost.weight_bytes + experts * cost.expert_bytes == 4 * total
+    assert cost.expert_bytes == 4 * cost.expert_params
+    assert cost.non_embedding_params == (cost.weight_bytes // 4 - config.vocab_size
+                                         * config.hidden_size * (1 + (not config.tie_word_embeddings))
+                                         + k * cost.expert_params)
+    assert cost.active_experts(1) == pytest.approx(k)
+    assert cost.active_experts(512) == pytest.approx(experts)
+    assert cost.step_weight_bytes(1) == cost.weight_bytes + k * cost.expert_bytes
+    # One request, prompt 3, output 2: its prefill step reaches 3 tokens' experts, its
+    # decode step one token's.
+    run = run_cost(cost, [(3, 2)], concurrency=1)
+    assert run.bytes == pytest.approx(cost.step_weight_bytes(3) + cost.step_weight_bytes(1)
+                                      + 4 * cost.kv_bytes_per_token)
 
 
 def test_make_model_writes_a_checkpoint_llm_loads(tmp_path):

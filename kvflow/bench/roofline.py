@@ -2,8 +2,12 @@
 
 Defined once here (and in docs/benchmarks.md):
 - bytes: every forward step reads all weights once (a tied embedding counted once), and
-  every decode token reads its request's KV cache so far;
-- FLOPs per processed token: 2 x the non-embedding parameters, plus attention
+  every decode token reads its request's KV cache so far. In a mixture of experts a step
+  reads the experts its tokens reach: k per token alone, and of E experts, with k chosen
+  per token at random (as random router weights choose), E(1 - (1 - k/E)^tokens) expected
+  for a step of that many tokens (a prefill's reach them all);
+- FLOPs per processed token: 2 x the non-embedding parameters it uses (k experts of each
+  expert layer, in a mixture of experts), plus attention
   4 x heads x head_dim x layers x the tokens it attends, plus the LM head (2 x hidden x
   vocab) only for tokens whose logits are computed (one per generated token);
 - ceilings: the DRAM read rate over a 2 GiB tensor and the 2048^3 matmul rate in the run's
@@ -24,13 +28,19 @@ from typing import Sequence
 
 @dataclass(frozen=True)
 class ModelCost:
-    """Per-token and per-step costs of one model, from its config.json fields."""
+    """Per-token and per-step costs of one model, from its config.json fields. In a mixture
+    of experts, `weight_bytes` and `non_embedding_params` leave the routed experts out:
+    `expert_bytes` and `expert_params` are one expert's, summed over the expert layers."""
 
     weight_bytes: int
-    non_embedding_params: int
+    non_embedding_params: int  # those every token uses
     attention_flops_per_attended_token: int
     lm_head_flops: int
     kv_bytes_per_token: int
+    expert_bytes: int = 0
+    expert_params: int = 0
+    num_experts: int = 0
+    experts_per_token: int = 0
 
     @classmethod
     def from_config(cls, config: dict, dtype_bytes: int = 2,
@@ -42,25 +52,56 @@ class ModelCost:
         layers = config["num_hidden_layers"]
         vocab = config["vocab_size"]
         q, kv = heads * head_dim, kv_heads * head_dim
-        per_layer = (hidden * q + 2 * hidden * kv + q * hidden
-                     + 3 * hidden * config["intermediate_size"] + 2 * hidden)
-        if config.get("model_type") == "qwen2":
+        per_layer = hidden * q + 2 * hidden * kv + q * hidden + 2 * hidden
+        if config.get("model_type") in ("qwen2", "qwen2_moe"):
             per_layer += q + 2 * kv  # q, k and v biases, none on o
         elif config.get("attention_bias"):
             per_layer += q + 2 * kv + hidden
-        if config.get("mlp_bias"):
-            per_layer += 2 * config["intermediate_size"] + hidden
         if config.get("model_type") in ("gemma2", "gemma3_text"):
             per_layer += 2 * hidden  # the norms after attention and after the MLP
-        if config.get("model_type") in ("qwen3", "gemma3_text"):
+        if config.get("model_type") in ("qwen3", "gemma3_text", "qwen3_moe"):
             per_layer += 2 * head_dim  # q_norm and k_norm
-        non_embedding = layers * per_layer + hidden  # + the final norm
+        elif config.get("model_type") == "olmoe":
+            per_layer += q + kv  # q_norm and k_norm across all heads
+        experts = config.get("num_experts") or config.get("num_local_experts") or 0
+        sparse = _sparse_layers(config, layers) if experts else 0
+        dense_mlp = 3 * hidden * config["intermediate_size"]
+        if config.get("mlp_bias"):
+            dense_mlp += 2 * config["intermediate_size"] + hidden
+        expert_width = config.get("moe_intermediate_size") or config["intermediate_size"]
+        shared = config.get("shared_expert_intermediate_size") or 0
+        # An expert layer's router and shared expert (with its gate) every token uses.
+        sparse_fixed = hidden * experts + (3 * hidden * shared + hidden if shared else 0)
+        non_embedding = (layers * per_layer + (layers - sparse) * dense_mlp
+                         + sparse * sparse_fixed + hidden)  # + the final norm
+        expert_params = sparse * 3 * hidden * expert_width
+        top_k = (config.get("num_experts_per_tok") or 0) if experts else 0
         embeddings = vocab * hidden * (1 if config.get("tie_word_embeddings", False) else 2)
         return cls(weight_bytes=(non_embedding + embeddings) * dtype_bytes,
-                   non_embedding_params=non_embedding,
+                   non_embedding_params=non_embedding + top_k * expert_params,
                    attention_flops_per_attended_token=4 * heads * head_dim * layers,
                    lm_head_flops=2 * hidden * vocab,
-                   kv_bytes_per_token=2 * layers * kv * (kv_dtype_bytes or dtype_bytes))
+                   kv_bytes_per_token=2 * layers * kv * (kv_dtype_bytes or dtype_bytes),
+                   expert_bytes=expert_params * dtype_bytes, expert_params=expert_params,
+                   num_experts=experts, experts_per_token=top_k)
+
+    def active_experts(self, tokens: int) -> float:
+        """Experts of each expert layer a step of `tokens` tokens is expected to read."""
+        if not self.num_experts or tokens < 1:
+            return 0.0
+        return self.num_experts * (1 - (1 - self.experts_per_token / self.num_experts) ** tokens)
+
+    def step_weight_bytes(self, tokens: int) -> float:
+        """The weights one step of `tokens` tokens reads."""
+        return self.weight_bytes + self.expert_bytes * self.active_experts(tokens)
+
+
+def _sparse_layers(config: dict, layers: int) -> int:
+    """Layers with experts: every layer, but for Qwen's mlp_only_layers, and only every
+    decoder_sparse_step-th (as kvflow/models/moe.py reads them)."""
+    dense = set(config.get("mlp_only_layers") or ())
+    step = config.get("decoder_sparse_step") or 1
+    return sum(1 for i in range(layers) if i not in dense and (i + 1) % step == 0)
 
 
 @dataclass(frozen=True)
@@ -90,7 +131,12 @@ def run_cost(model: ModelCost, lengths: Sequence[tuple[int, int]],
         bytes_read += attended * model.kv_bytes_per_token
     for first in range(0, len(lengths), concurrency):
         wave = lengths[first:first + concurrency]
-        bytes_read += max(output_len for _, output_len in wave) * model.weight_bytes
+        # The wave's first step computes its prompts; each later one a token per request
+        # still generating (which matters only to the experts it reaches).
+        tokens = [sum(prompt_len for prompt_len, _ in wave)] + [
+            sum(1 for _, output_len in wave if output_len > step)
+            for step in range(1, max(output_len for _, output_len in wave))]
+        bytes_read += sum(model.step_weight_bytes(n) for n in tokens)
     return RunCost(flops=flops, bytes=bytes_read)
 
 
@@ -102,7 +148,8 @@ def step_cost(model: ModelCost, num_tokens: int, num_attended: int, num_context_
     return RunCost(flops=(num_tokens * 2 * model.non_embedding_params
                           + num_attended * model.attention_flops_per_attended_token
                           + num_logits * model.lm_head_flops),
-                   bytes=model.weight_bytes + num_context_tokens * model.kv_bytes_per_token)
+                   bytes=(model.step_weight_bytes(num_tokens)
+                          + num_context_tokens * model.kv_bytes_per_token))
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ import torch
 
 from kvflow.bench.hardware import cached_ceilings
 from kvflow.bench.roofline import ModelCost, step_cost
+from kvflow.layers.moe import FusedMoE
 from kvflow.engine.async_engine import AsyncEngine
 from kvflow.engine.llm_engine import LLMEngine
 from kvflow.engine.stats import EngineStats, StepObservations, StepRecord
@@ -37,10 +38,20 @@ def serving_cost(engine: LLMEngine) -> ModelCost:
              "num_hidden_layers": config.num_layers, "vocab_size": config.vocab_size,
              "intermediate_size": config.intermediate_size,
              "tie_word_embeddings": config.tie_word_embeddings}
+    if config.moe is not None:
+        shape.update(num_experts=config.moe.num_experts, num_experts_per_tok=config.moe.top_k,
+                     moe_intermediate_size=config.moe.intermediate_size,
+                     shared_expert_intermediate_size=config.moe.shared_expert_size,
+                     mlp_only_layers=[i for i, sparse in enumerate(config.moe.sparse_layers)
+                                      if not sparse])
     dtype_bytes = torch.empty((), dtype=engine.dtype).element_size()
     cost = ModelCost.from_config(shape, dtype_bytes=dtype_bytes)
-    held = sum(p.numel() * p.element_size() for p in engine.runner.model.parameters())
-    return replace(cost, weight_bytes=held)
+    model = engine.runner.model
+    held = sum(p.numel() * p.element_size() for p in model.parameters())
+    experts = [m for m in model.modules() if isinstance(m, FusedMoE)]
+    held_experts = sum(p.numel() * p.element_size() for m in experts for p in m.parameters())
+    return replace(cost, weight_bytes=held - held_experts,
+                   expert_bytes=held_experts // cost.num_experts if experts else 0)
 
 
 @dataclass(frozen=True)
