@@ -61,8 +61,10 @@ def _more_bits(layer: int, num_layers: int) -> bool:
 def _matrix_type(recipe: str, gguf_name: str, num_layers: int, cols: int, tied: bool,
                  num_experts: int) -> str:
     """llama-quantize's choice for a matrix (or stack of experts' matrices): the output
-    (or, with none, the embedding it shares) in Q6_K, Q4_K_M's fused attn_qkv in Q5_K and
-    some layers' attn_v and ffn_down (ffn_down_exps included) in Q6_K; in a model of 8
+    (or, with none, the embedding it shares) in Q6_K, and some layers' attn_v, fused
+    attn_qkv and ffn_down (ffn_down_exps included) in Q6_K (llama.cpp's rule for attn_qkv
+    alone, Q5_K in Q4_K_M, comes after the one it shares with attn_v and is never
+    reached: its llama-quantize writes Q4_K or Q6_K); in a model of 8
     experts, attn_k and attn_v in Q8_0 and Q4_K_M's attn_output in Q5_K. A type whose
     blocks do not fit the rows falls back as llama-quantize's does: a K-quant to a
     32-column type, and a 32-column type to F16."""
@@ -78,12 +80,10 @@ def _matrix_type(recipe: str, gguf_name: str, num_layers: int, cols: int, tied: 
         chosen = "Q8_0"
     elif recipe in ("Q4_0", "Q4_1"):
         chosen = recipe
-    elif role == "attn_qkv":
-        chosen = "Q5_K"
     elif num_experts == 8 and role == "attn_output":
         chosen = "Q5_K"
     else:
-        more = (role == "attn_v" or role.startswith("ffn_down")) and _more_bits(
+        more = (role in ("attn_v", "attn_qkv") or role.startswith("ffn_down")) and _more_bits(
             int(parts[1]), num_layers)
         chosen = "Q6_K" if more else "Q4_K"
     if chosen in _K_FALLBACK and cols % 256:
