@@ -270,7 +270,8 @@ def _logprobs(model, **options) -> tuple[list[torch.Tensor], set[str]]:
                                       ("Q8_0", 0.25, "Int8LinearMethod"))] + [
     # Gemma 2's tied embedding in Q6_K; Gemma 3's layers 2 and 5 with a Q6_K attn_v;
     # Phi-3's fused attn_qkv in Q6_K on its last layer (dequantized) and in Q4_K on the
-    # others, as its fused ffn_up (int4), and both fused layers int8. The eager kernels are checked on the two above.
+    # others, as its fused ffn_up (int4), and both fused layers int8. The eager kernels
+    # are checked on the two above.
     ("gemma2", "Q4_0", 1e-4, "Int4LinearMethod", (False,)),
     ("gemma3", "Q4_K_M", 1e-4, "Int4LinearMethod", (False,)),
     ("phi3", "Q4_K_M", 1e-4, "Int4LinearMethod", (False,)),
