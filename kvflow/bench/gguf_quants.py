@@ -90,10 +90,12 @@ _K_QUANTS = {"Q4_K": quantize_q4_k, "Q5_K": quantize_q5_k, "Q6_K": quantize_q6_k
 
 
 def quantize(weight: np.ndarray, type_name: str) -> np.ndarray:
-    """[rows, cols] float32 -> the blocks of a GGML type, as bytes (or values) per row."""
+    """[..., rows, cols] float32 (a stack of experts' matrices too) -> the blocks of a GGML
+    type, as bytes (or values) per row."""
     from gguf import GGMLQuantizationType
     from gguf.quants import quantize as gguf_quantize
 
-    if type_name in _K_QUANTS:
-        return _K_QUANTS[type_name](weight)
+    if type_name in _K_QUANTS:  # blocks run along rows, so a stack's rows are one matrix's
+        rows = _K_QUANTS[type_name](weight.reshape(-1, weight.shape[-1]))
+        return rows.reshape(*weight.shape[:-1], rows.shape[-1])
     return gguf_quantize(weight, GGMLQuantizationType[type_name])
