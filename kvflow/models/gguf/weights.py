@@ -1,21 +1,25 @@
 """A GGUF file's tensors as kvflow parameters: which linear layers run which kvflow method,
 and each tensor unpacked for it.
 
-Per linear layer (all of a fused layer's shards together):
+Per linear layer (all of a fused layer's shards together), and per expert layer (its
+stacked gate, up and down projections together):
 - Q4_0, Q4_1 and Q4_K become int4 with a group of 32 (a Q4_K sub-block, or a Q4_0 or Q4_1
   block): each is w = q * scale + offset per 32 weights with q in [0, 15], unpacked and packed again
-  in kvflow's int4 layout (a layer whose rows do not make whole blocks of 16 is
-  dequantized instead). Exact where the model runs in float32; in bf16 or fp16 each
-  group's scale and offset are rounded to that dtype.
+  in kvflow's int4 layout (a layer whose rows, or each expert's, do not make whole blocks
+  of 16, or whose columns whole blocks of 64, is dequantized instead). Exact where the
+  model runs in float32; in bf16 or fp16 each group's scale and offset are rounded to
+  that dtype.
 - Q8_0 becomes int8, which keeps one scale per output row where Q8_0 keeps one per 32
   weights: each weight is dequantized and rounded again to its row's grid (the log says
   how far that moved the weights).
-- Everything else (F32, F16, BF16, Q6_K, Q5_K, Q5_0, ... and a layer whose shards differ)
-  is dequantized at load, by the gguf package, to the model's dtype. So are the embedding,
-  the LM head, the norms and the routers of mixture-of-experts layers.
-- Experts (llama.cpp's stacked ffn_*_exps, [experts, rows, columns]) are dequantized at
-  load to the model's dtype whatever their type, with a warning for quantized ones: kvflow's
-  expert layers have no quantized method yet (see GgufQuantConfig.expert_method).
+- Everything else (F32, F16, BF16, Q6_K, Q5_K, Q5_0, ... and a layer whose shards differ,
+  as an expert layer of Q4_K_M whose ffn_down_exps is Q6_K) is dequantized at load, by the
+  gguf package, to the model's dtype, with a warning for quantized experts, most of an MoE
+  file's bytes. So are the embedding, the LM head, the norms and the routers of
+  mixture-of-experts layers.
+Experts (llama.cpp's stacked ffn_*_exps, [experts, rows, columns]) take the same unpacking
+as a matrix of experts * rows rows: both formats go row by row, and int4's blocks of 16 rows
+never straddle two experts, so each expert's rows come out as its own matrix's would.
 A type the gguf package cannot dequantize is refused with the model's config
 (gguf/config.py), before anything is built. Each tensor leaves here as the Hugging Face
 checkpoint held it (but experts, which stay stacked per projection): what llama.cpp's
@@ -39,6 +43,7 @@ from kvflow.models.config import ModelConfig
 from kvflow.models.gguf.file import GgufFile, GgufTensor
 from kvflow.models.gguf.layout import ROUTER_TENSORS
 from kvflow.quantization.base import LinearMethod, PrequantizedWeight, QuantizationConfig
+from kvflow.quantization.experts import Int4ExpertMethod, Int8ExpertMethod
 from kvflow.quantization.int4 import PACK_BLOCK, ROW_BLOCK, Int4LinearMethod, pack_int4
 from kvflow.quantization.int4 import layout as int4_layout
 from kvflow.quantization.int8 import LAYOUT as INT8_LAYOUT
@@ -54,7 +59,11 @@ _GGUF_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16
 
 
 def _layer_prefix(hf_name: str, packed_modules: dict[str, tuple[str, str]]) -> str:
-    """The name of the kvflow layer a checkpoint tensor loads into (q_proj's is qkv_proj's)."""
+    """The name of the kvflow layer a checkpoint tensor loads into (q_proj's is qkv_proj's;
+    an expert's, stacked or not, is its expert layer's)."""
+    experts, found, _ = hf_name.partition(".experts.")
+    if found:
+        return f"{experts}.experts"
     module = hf_name.rsplit(".", 1)[0]
     parent, _, leaf = module.rpartition(".")
     fused = packed_modules.get(leaf)
@@ -63,8 +72,8 @@ def _layer_prefix(hf_name: str, packed_modules: dict[str, tuple[str, str]]) -> s
 
 @dataclass(frozen=True)
 class GgufQuantConfig(QuantizationConfig):
-    """The method of each linear layer of a GGUF model: "int4", "int8", or absent
-    (the model's dtype)."""
+    """The method of each linear and expert layer of a GGUF model: "int4", "int8", or
+    absent (the model's dtype)."""
 
     name: ClassVar[str] = "gguf"
     methods: dict[str, str] = field(default_factory=dict)
@@ -72,7 +81,7 @@ class GgufQuantConfig(QuantizationConfig):
     packed_modules: dict[str, tuple[str, str]] = field(default_factory=dict)
 
     def method_of(self, hf_name: str) -> str | None:
-        """The method of the linear layer a checkpoint tensor loads into."""
+        """The method of the linear or expert layer a checkpoint tensor loads into."""
         return self.methods.get(_layer_prefix(hf_name, self.packed_modules))
 
     def linear_method(self, prefix: str) -> LinearMethod:
@@ -84,39 +93,39 @@ class GgufQuantConfig(QuantizationConfig):
         return UnquantizedLinearMethod()
 
     def expert_method(self, prefix: str) -> ExpertMethod:
-        # Experts load dequantized (gguf_tensors). The hook for quantized expert methods:
-        # plan_gguf records an expert layer's method from its ffn_*_exps types as it does a
-        # linear layer's (Q8_0 -> int8, Q4_0/Q4_1/Q4_K -> int4; their unpackers go row by
-        # row, so [experts, rows, columns] unpacks as experts * rows rows), this
-        # returns that method for the layer, and gguf_tensors hands its loader
-        # PrequantizedWeight parts, with the "gate"/"up"/"down" shard of every expert.
+        method = self.methods.get(prefix)
+        if method == "int4":
+            return Int4ExpertMethod(INT4_GROUP)
+        if method == "int8":
+            return Int8ExpertMethod()
         return UnquantizedExpertMethod()
 
 
 def _shard_rows(t: GgufTensor, config: ModelConfig) -> tuple[int, ...]:
     """The rows of each part of kvflow's fused layer a tensor fills: one part, or all of
-    them for a tensor stored fused (Phi-3's qkv_proj and gate_up_proj)."""
+    them for a tensor stored fused (Phi-3's qkv_proj and gate_up_proj); an expert stack's
+    are each expert's."""
     if ".self_attn.qkv_proj." in t.hf_name:
         kv = config.num_kv_heads * config.head_dim
         return config.num_heads * config.head_dim, kv, kv
     if ".mlp.gate_up_proj." in t.hf_name:
         return config.intermediate_size, config.intermediate_size
-    return t.shape[:1]
+    return t.shape[-2:-1]
 
 
 def plan_gguf(file: GgufFile, config: ModelConfig, dtype: torch.dtype,
               packed_modules: dict[str, tuple[str, str]]) -> GgufQuantConfig:
-    """Choose each linear layer's method from its tensors' types (checked by
+    """Choose each linear and expert layer's method from its tensors' types (checked by
     gguf_model_config), and log what each type becomes."""
     layer_types: dict[str, set[str]] = defaultdict(set)
     blocks_fit: dict[str, bool] = defaultdict(lambda: True)
     for t in file.tensors.values():
-        if _is_decoder_weight(t):
+        if _is_decoder_weight(t) or _is_expert_weight(t):
             prefix = _layer_prefix(t.hf_name, packed_modules)
             layer_types[prefix].add(t.type_name)
             # int4 packs each part of a layer in blocks of ROW_BLOCK rows by PACK_BLOCK
             # columns; a Q4 tensor need only have rows of whole 32-column blocks.
-            blocks_fit[prefix] &= t.shape[1] % PACK_BLOCK == 0 and all(
+            blocks_fit[prefix] &= t.shape[-1] % PACK_BLOCK == 0 and all(
                 rows % ROW_BLOCK == 0 for rows in _shard_rows(t, config))
     methods = {}
     for prefix, types in layer_types.items():
@@ -128,20 +137,24 @@ def plan_gguf(file: GgufFile, config: ModelConfig, dtype: torch.dtype,
     became = Counter((t.type_name, _target(config, t, dtype)) for t in file.tensors.values())
     for (type_name, target), count in sorted(became.items()):
         logger.info("GGUF %s: %d tensor(s) -> %s", type_name, count, target)
-    _warn_dequantized_experts(file, dtype)
+    _warn_dequantized_experts(file, config, dtype)
     return config
 
 
-def _warn_dequantized_experts(file: GgufFile, dtype: torch.dtype) -> None:
-    """Quantized experts, most of an MoE file's bytes, take their float size in memory."""
-    quantized = [t for t in file.tensors.values()
-                 if _is_expert_weight(t) and t.type_name not in _FLOATS]
+def _warn_dequantized_experts(file: GgufFile, config: GgufQuantConfig,
+                              dtype: torch.dtype) -> None:
+    """Quantized experts left to the model's dtype, most of an MoE file's bytes, take their
+    float size in memory."""
+    quantized = [t for t in file.tensors.values() if _is_expert_weight(t)
+                 and t.type_name not in _FLOATS and _method(config, t) is None]
     if quantized:
         types = ", ".join(sorted({t.type_name for t in quantized}))
         stored = sum(t.data.nbytes for t in quantized)
         loaded = sum(math.prod(t.shape) for t in quantized) * dtype.itemsize
         logger.warning("GGUF %s experts (%d tensors, %.2f GiB) are dequantized to %s at load "
-                       "(%.2f GiB): kvflow's expert layers take no quantized format yet",
+                       "(%.2f GiB): kvflow's expert layers take Q8_0 or Q4_0/Q4_1/Q4_K "
+                       "only where a layer's projections share the type (and fit int4's "
+                       "blocks)",
                        types, len(quantized), stored / 2**30,
                        str(dtype).removeprefix("torch."), loaded / 2**30)
 
@@ -158,18 +171,20 @@ def _is_expert_weight(t: GgufTensor) -> bool:
 
 
 def _method(config: GgufQuantConfig, t: GgufTensor) -> str | None:
-    return config.method_of(t.hf_name) if _is_decoder_weight(t) else None
+    return (config.method_of(t.hf_name) if _is_decoder_weight(t) or _is_expert_weight(t)
+            else None)
 
 
 def _target(config: GgufQuantConfig, t: GgufTensor, dtype: torch.dtype) -> str:
     method = _method(config, t)
     dtype_name = str(dtype).removeprefix("torch.")
+    experts = " experts" if _is_expert_weight(t) else ""
     if method == "int4":
         exact = ("exact" if dtype == torch.float32
                  else f"exact but for scales and offsets rounded to {dtype_name}")
-        return f"int4 g{INT4_GROUP} ({exact})"
+        return f"int4 g{INT4_GROUP}{experts} ({exact})"
     if method == "int8":
-        return "int8 per output channel (dequantized and requantized)"
+        return f"int8{experts} per output channel (dequantized and requantized)"
     if _GGUF_NAMES.get(dtype) == t.type_name:
         return dtype_name
     if t.type_name in _FLOATS:
@@ -295,9 +310,11 @@ def gguf_tensors(file: GgufFile, config: ModelConfig, quant: GgufQuantConfig,
     requantized, rounded = _WeightChange(), _WeightChange()
     for t in file.tensors.values():
         method = _method(quant, t)
+        # An expert stack [experts, rows, columns] as one matrix (see the module's docstring)
+        rows, columns = math.prod(t.shape[:-1]), t.shape[-1]
         if method == "int4":
             q, scale, offset = _unpermute(file, config, t, _UNPACK[t.type_name](
-                np.asarray(t.data), *t.shape))
+                np.asarray(t.data), rows, columns))
             if dtype != torch.float32:
                 rounded.add_rounded_groups(q, scale, offset, dtype)
             loaded: torch.Tensor | PrequantizedWeight = PrequantizedWeight(
@@ -306,6 +323,7 @@ def gguf_tensors(file: GgufFile, config: ModelConfig, quant: GgufQuantConfig,
             weight = _unpermute(file, config, t, (dequantize(t),))[0]
             loaded = _unshift_norm(file, t, weight)
             if method == "int8":  # quantized here, once, to measure what it moves
+                weight = weight.reshape(rows, columns)
                 q, scale = quantize_int8(weight, dtype)
                 requantized.add(weight, q.float() * scale.float()[:, None])
                 loaded = PrequantizedWeight(INT8_LAYOUT, (q, scale))
