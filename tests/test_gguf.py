@@ -301,46 +301,49 @@ def _dequantized_tensors(path) -> dict[str, tuple[str, torch.Tensor]]:
 
 # An expert layer's method by the type its gate, up and down stacks share.
 _EXPERT_METHODS = {"Q8_0": "Int8ExpertMethod", "Q4_0": "Int4ExpertMethod",
-                   "Q4_K": "Int4ExpertMethod"}
+                   "Q4_1": "Int4ExpertMethod", "Q4_K": "Int4ExpertMethod"}
 # Experts 64 wide, so that down_proj's rows make int4's packing blocks of 64 columns (and
 # Mixtral's, 48 wide, whole Q8_0 blocks).
 _WIDE_EXPERTS = {"mixtral": dict(intermediate_size=64), "olmoe": dict(intermediate_size=64)}
 
 
-@pytest.mark.parametrize("variant,recipe,shape", [
-    (variant, recipe, _WIDE_EXPERTS.get(variant, dict(moe_intermediate_size=64)))
-    for recipe in ("Q8_0", "Q4_0") for variant in MOE_VARIANTS] + [(
+@pytest.mark.parametrize("variant,recipe,shape,dequantized", [
+    (variant, recipe, _WIDE_EXPERTS.get(variant, dict(moe_intermediate_size=64)), ())
+    for recipe in ("Q8_0", "Q4_0") for variant in MOE_VARIANTS] + [
+    ("qwen3-moe", "Q4_1", dict(moe_intermediate_size=64), ()),
     # Q4_K's super-blocks of 256 columns. Qwen3-MoE's 8 experts make Q4_K_M keep attn_k
     # and attn_v in Q8_0 (llama-quantize's rule for 8-expert models), so its fused qkv is
     # dequantized; its last layer's ffn_down_exps is Q6_K, so that expert layer is too.
-    "qwen3-moe", "Q4_K_M", dict(hidden_size=256, moe_intermediate_size=256))])
+    ("qwen3-moe", "Q4_K_M", dict(hidden_size=256, moe_intermediate_size=256), (2,)),
+    # experts 32 wide: down_proj's rows are not whole int4 packing blocks
+    ("olmoe", "Q4_0", {}, (0, 1))])
 def test_quantized_moe_experts_load_into_expert_methods(gguf_file, tmp_path, caplog, variant,
-                                                        recipe, shape):
+                                                        recipe, shape, dequantized):
     """A quantized file's expert stacks load into kvflow's expert methods where a layer's
-    three stacks share a type: Q4_0/Q4_K as int4 holding each expert's weights exactly as
-    the gguf package dequantizes its slice, Q8_0 as int8 rounded again to its row's grid;
-    a layer of mixed types is dequantized, with a warning. Routers stay the file's F32.
-    Logprobs, natively and eagerly, are the dequantized reference's to 1e-4 (with the
-    layers kvflow runs as int8 rounded again to int8's grid in the reference too: that
-    rounding alone moves these test weights' logprobs by about 0.3 on average once it flips
-    some tokens' experts), and greedy tokens through the native expert kernel are the
-    reference's."""
+    three stacks share a type and fit its blocks: Q4_0/Q4_1/Q4_K as int4 holding each
+    expert's weights exactly as the gguf package dequantizes its slice, Q8_0 as int8
+    rounded again to its row's grid; another layer is dequantized, with a warning. Routers
+    stay the file's F32. Logprobs, natively and eagerly, are the dequantized reference's to
+    1e-4 (with the layers kvflow runs as int8 rounded again to int8's grid in the reference
+    too: that rounding alone moves these test weights' logprobs by about 0.3 on average
+    once it flips some tokens' experts), and greedy tokens through the native expert kernel
+    are the reference's."""
     path, source = gguf_file(variant, recipe, **shape, **CARRIED.get(variant, {}))
     with caplog.at_level(logging.INFO, logger="kvflow"):
         llm = LLM(str(path), dtype="float32", device="cpu", kv_cache_memory="8MiB")
     tensors = _dequantized_tensors(path)
-    dequantized_layers = []
     for i, layer in enumerate(llm.engine.runner.model.model.layers):
         block = getattr(layer, layer.feed_forward_name)
         experts = block.experts
         gate, up, down, router = (tensors[f"blk.{i}.{name}.weight"] for name in (
             "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps", "ffn_gate_inp"))
-        types = {gate[0], up[0], down[0]}
-        method = _EXPERT_METHODS.get(next(iter(types))) if len(types) == 1 else None
-        assert type(experts.method).__name__ == (method or "UnquantizedExpertMethod"), i
+        if i in dequantized:
+            method = "UnquantizedExpertMethod"
+        else:
+            (type_name,) = {gate[0], up[0], down[0]}
+            method = _EXPERT_METHODS[type_name]
+        assert type(experts.method).__name__ == method, i
         assert experts.plan is not None, i  # the native expert kernel runs it
-        if method is None:
-            dequantized_layers.append(i)
         for e in range(experts.num_experts):
             for name, exact in (("gate_up_proj", torch.cat([gate[1][e], up[1][e]])),
                                 ("down_proj", down[1][e])):
@@ -350,16 +353,17 @@ def test_quantized_moe_experts_load_into_expert_methods(gguf_file, tmp_path, cap
                 stored = experts.method.expert_weight(experts, name, e)
                 assert torch.equal(stored, exact), (i, e, name)
         assert torch.equal(block.gate.weight, router[1]) and router[0] == "F32"
-    if recipe == "Q4_K_M":
-        assert dequantized_layers == [2]
-        assert tensors["blk.0.attn_k.weight"][0] == tensors["blk.0.attn_v.weight"][0] == "Q8_0"
-        assert re.search(r"GGUF Q4_K, Q6_K experts \(3 tensors, [\d.]+ GiB\) are dequantized "
-                         r"to float32 at load", caplog.text)
+    if dequantized:
+        assert re.search(rf"GGUF Q[\w, ]+ experts \({3 * len(dequantized)} tensors, [\d.]+ "
+                         rf"GiB\) are dequantized to float32 at load", caplog.text)
     else:
-        assert not dequantized_layers and "are dequantized" not in caplog.text
-    target = "int8 experts per output channel" if recipe == "Q8_0" else "int4 g32 experts (exact)"
-    assert re.search(rf"GGUF Q(8_0|4_0|4_K): \d+ tensor\(s\) -> {re.escape(target)}",
-                     caplog.text)
+        assert "are dequantized" not in caplog.text
+    if recipe == "Q4_K_M":
+        assert tensors["blk.0.attn_k.weight"][0] == tensors["blk.0.attn_v.weight"][0] == "Q8_0"
+    if len(dequantized) < len(llm.engine.runner.model.model.layers):
+        target = ("int8 experts per output channel" if recipe == "Q8_0"
+                  else "int4 g32 experts (exact)")
+        assert re.search(rf"GGUF Q\w+: \d+ tensor\(s\) -> {re.escape(target)}", caplog.text)
     model = llm.engine.runner.model
     plan = plan_gguf(GgufFile(path), model.config, torch.float32, model.packed_modules)
     reference_path = _dequantized_reference(path, source, tmp_path / "reference", plan)
