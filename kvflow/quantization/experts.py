@@ -1,4 +1,6 @@
-"""The int8 and int4 formats for expert layers (kvflow/layers/moe.py), quantized at load.
+"""The int8 and int4 formats for expert layers (kvflow/layers/moe.py), quantized at load
+or, from a GGUF file's Q8_0 and Q4 stacks, taken as PrequantizedWeight parts
+(kvflow/models/gguf/weights.py).
 
 Each projection of every expert is stored as the format stores a linear layer's weight
 (int8.py, int4.py), stacked across experts: int8 [experts, rows, columns] with a scale
