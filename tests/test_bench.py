@@ -243,6 +243,19 @@ def test_bench_throughput_and_latency_in_process(checkpoint, tmp_path, capsys):
     assert "no second token" in capsys.readouterr().out
 
 
+def test_bench_latency_on_a_gguf_file(gguf_file, capsys):
+    """Its prompts are drawn from the file's own tokenizer; no roofline, since the file's
+    weights keep their formats."""
+    from kvflow.cli import main
+
+    path, _ = gguf_file("llama-gqa", "Q8_0")
+    assert main(["bench", "latency", "--model", str(path), "--prompt-len", "8",
+                 "--output-len", "4", "--num-iters", "2", "--kv-cache-memory", "16MiB"]) == 0
+    text = capsys.readouterr().out
+    assert "tokens/s per stream" in text
+    assert "no roofline: " in text and "is a GGUF file" in text
+
+
 def test_bench_rejects_bad_arguments(tmp_path, capsys, checkpoint):
     from kvflow.cli import main
 

@@ -55,9 +55,9 @@ def make_model(shape: str | Path, out: Path, seed: int = 0) -> Path:
 
 def tokenizer_vocab_size(model: str | Path) -> int:
     """Prompt ids are drawn below the tokenizer's vocabulary, not the model's."""
-    from transformers import AutoTokenizer
-
     from kvflow.models.loader import resolve_model_path
+    from kvflow.tokenizer.loader import load_tokenizer
 
-    # Resolved first, so that a mistyped path gets kvflow's error, not the Hub's.
-    return len(AutoTokenizer.from_pretrained(str(resolve_model_path(str(model)))))
+    # Resolved first, so that a mistyped path gets kvflow's error, not the Hub's; loaded
+    # as the engine loads it, so that a GGUF file's tokenizer is its metadata's.
+    return len(load_tokenizer(resolve_model_path(str(model))))

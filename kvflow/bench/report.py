@@ -14,6 +14,9 @@ DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 
 def model_config(model: str | Path) -> dict:
     path = Path(model)
+    if path.suffix.lower() == ".gguf":
+        raise ValueError(f"{path.name} is a GGUF file, whose weights keep their own formats; "
+                         "the roofline counts a checkpoint's dtype")
     path = path / "config.json" if path.is_dir() else path
     if not path.is_file():
         raise ValueError(f"no config.json at {model}: the roofline needs the model's shape")
