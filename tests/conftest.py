@@ -152,6 +152,54 @@ def assert_greedy_matches(actual: list[list[int]], expected: list[list[int]],
     assert sum(map(len, expected)) >= 0.75 * max_new_tokens * len(expected)
 
 
+def generate_greedy(path, prompts: list[list[int]], params, **options):  # noqa: ANN001, ANN201
+    """(the LLM, each prompt's generated token ids): float32, on the CPU with a 16 MiB KV
+    pool unless `options` say otherwise."""
+    from kvflow import LLM
+
+    llm = LLM(str(path), dtype="float32",
+              **{"device": "cpu", "kv_cache_memory": "16MiB", **options})
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    return llm, [o.outputs[0].token_ids for o in outputs]
+
+
+def assert_no_leak(llm) -> None:  # noqa: ANN001
+    """Every block back in the pool, and the pool's bookkeeping whole."""
+    pool = llm.engine.kv_manager.pool
+    pool.check_integrity()
+    assert pool.num_free_blocks == pool.num_usable_blocks
+
+
+def chunked_and_preempted(path, prompts: list[list[int]], params):  # noqa: ANN001, ANN201
+    """generate_greedy with a token budget of 7, which splits every prompt into chunks, and
+    a pool of about two requests' blocks, which forces preemption and recomputation; the
+    test fails if nothing was preempted."""
+    from kvflow.models.config import ModelConfig
+
+    per_token = ModelConfig.from_pretrained(path).kv_bytes_per_token(torch.float32)
+    longest = max(len(p) for p in prompts) + params.max_tokens
+    blocks = 2 * (longest // 4 + 1) + 1
+    llm, tokens = generate_greedy(path, prompts, params, block_size=4,
+                                  max_num_batched_tokens=7,
+                                  kv_cache_memory=blocks * 4 * per_token)
+    assert llm.engine.scheduler.num_preemptions_total > 0
+    return llm, tokens
+
+
+def prompt_logprobs(path, max_tokens: int = 1, **options):  # noqa: ANN001, ANN201
+    """(the LLM, for each of three random prompts the logprob of each of its tokens after
+    the first), with an 8 MiB KV pool unless `options` say otherwise."""
+    from kvflow import LLM, SamplingParams
+
+    llm = LLM(str(path), device="cpu", **{"kv_cache_memory": "8MiB", **options})
+    prompts = [{"prompt_token_ids": p} for p in random_prompts(3, seed=11, low=20, high=30)]
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, prompt_logprobs=0,
+                            ignore_eos=True)
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    return llm, [torch.tensor([next(iter(e.values())).logprob for e in o.prompt_logprobs[1:]])
+                 for o in outputs]
+
+
 def scheduler_step(scheduler, token: int = 7):  # noqa: ANN001, ANN201
     """One scheduler step with no model: every request that samples gets `token`."""
     from kvflow.outputs import RunnerOutput

@@ -12,25 +12,13 @@ import torch
 from torch import nn
 
 from checkpoints import MOE_VARIANTS
-from conftest import assert_greedy_matches, hf_greedy, random_prompts
+from conftest import (assert_greedy_matches, assert_no_leak, chunked_and_preempted,
+                      generate_greedy, hf_greedy, random_prompts)
 from kvflow import LLM, SamplingParams, StructuredOutputsParams
 
 MAX_TOKENS = 16
 GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
 FAMILIES = ["gemma2", "gemma3", "phi3"]
-
-
-def _generate(path, prompts, params=GREEDY, **options):
-    llm = LLM(str(path), dtype="float32", device="cpu",
-              **{"kv_cache_memory": "16MiB", **options})
-    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-    return llm, [o.outputs[0].token_ids for o in outputs]
-
-
-def _no_leak(llm: LLM) -> None:
-    pool = llm.engine.kv_manager.pool
-    pool.check_integrity()
-    assert pool.num_free_blocks == pool.num_usable_blocks
 
 
 @pytest.fixture(scope="module")
@@ -50,26 +38,18 @@ def references(checkpoint, hf_model):
 @pytest.mark.parametrize("enforce_eager", [False, True], ids=["native", "eager"])
 def test_greedy_matches_transformers(family, enforce_eager, references):
     path, prompts, reference = references[family]
-    llm, tokens = _generate(path, prompts, enforce_eager=enforce_eager)
+    llm, tokens = generate_greedy(path, prompts, GREEDY, enforce_eager=enforce_eager)
     assert_greedy_matches(tokens, reference, MAX_TOKENS)
     assert len({tuple(t) for t in tokens}) > 1
-    _no_leak(llm)
+    assert_no_leak(llm)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_chunked_prefill_and_preemption(family, references):
-    """A token budget of 7 splits every prompt into chunks; a pool of about two requests'
-    blocks forces preemption and recomputation."""
     path, prompts, reference = references[family]
-    llm = LLM(str(path), dtype="float32", device="cpu", kv_cache_memory="16MiB")
-    per_token = llm.engine.model_config.kv_bytes_per_token(torch.float32)
-    longest = max(len(p) for p in prompts) + MAX_TOKENS
-    blocks = 2 * (longest // 4 + 1) + 1
-    llm, tokens = _generate(path, prompts, block_size=4, max_num_batched_tokens=7,
-                            kv_cache_memory=blocks * 4 * per_token)
-    assert llm.engine.scheduler.num_preemptions_total > 0
+    llm, tokens = chunked_and_preempted(path, prompts, GREEDY)
     assert_greedy_matches(tokens, reference, MAX_TOKENS)
-    _no_leak(llm)
+    assert_no_leak(llm)
 
 
 def test_each_family_feature_changes_the_tokens(checkpoint, references):
@@ -78,16 +58,14 @@ def test_each_family_feature_changes_the_tokens(checkpoint, references):
     for family, override in [("gemma2", {"attn_logit_softcapping": None}),
                              ("gemma3", {"sliding_window": 4096})]:
         path, prompts, reference = references[family]
-        _, tokens = _generate(checkpoint(family, **override), prompts)
+        _, tokens = generate_greedy(checkpoint(family, **override), prompts, GREEDY)
         assert tokens != reference, family
     path, prompts, reference = references["phi3"]
     # A context of 32 keeps the short factors: prompts are cut to fit it.
     short = [p[:20] for p in prompts]
-    _, long_tokens = _generate(path, short, SamplingParams(temperature=0, max_tokens=8,
-                                                           ignore_eos=True))
-    _, short_tokens = _generate(path, short, SamplingParams(temperature=0, max_tokens=8,
-                                                            ignore_eos=True),
-                                max_model_len=32)
+    eight = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    _, long_tokens = generate_greedy(path, short, eight)
+    _, short_tokens = generate_greedy(path, short, eight, max_model_len=32)
     assert long_tokens != short_tokens
 
 
@@ -96,8 +74,9 @@ def test_longrope_short_factors_match_transformers_in_a_short_context(checkpoint
     uses them for sequences that short."""
     path = checkpoint("phi3")
     prompts = random_prompts(6, seed=6, low=3, high=20)
-    _, tokens = _generate(path, prompts, SamplingParams(temperature=0, max_tokens=10,
-                                                        ignore_eos=True), max_model_len=32)
+    _, tokens = generate_greedy(path, prompts,
+                                SamplingParams(temperature=0, max_tokens=10, ignore_eos=True),
+                                max_model_len=32)
     assert_greedy_matches(tokens, [hf_greedy(hf_model(path), p, 10) for p in prompts], 10)
 
 
@@ -106,7 +85,7 @@ def test_gemma2_final_soft_cap_in_logprobs(references, hf_model):
     prompt's logprobs equal transformers' log-softmax of its capped logits."""
     path, prompts, _ = references["gemma2"]
     prompt = prompts[0]
-    llm, _ = _generate(path, [prompt])
+    llm, _ = generate_greedy(path, [prompt], GREEDY)
     out = llm.generate({"prompt_token_ids": prompt},
                        SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)[0]
     with torch.no_grad():
@@ -150,9 +129,9 @@ def test_bfloat16_as_close_as_transformers_bfloat16(family, checkpoint, hf_model
 def test_quantized_at_load(family, references):
     """int8 at load on each family (Phi-3's fused checkpoint layers quantized whole)."""
     path, prompts, _ = references[family]
-    llm, tokens = _generate(path, prompts[:3], quantization="int8")
+    llm, tokens = generate_greedy(path, prompts[:3], GREEDY, quantization="int8")
     assert all(len(t) == MAX_TOKENS for t in tokens)
-    _no_leak(llm)
+    assert_no_leak(llm)
 
 
 def test_structured_output_and_prefix_cache(references):
@@ -184,7 +163,7 @@ def test_draft_of_another_family_runs_the_targets_kernels(checkpoint):
     assert plans and all(p is not None and p.gemv_max_rows > 10**9 for p in plans)
     prompts = random_prompts(3, seed=8)
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY, use_tqdm=False)
-    _, plain = _generate(checkpoint("llama-gqa"), prompts, batch_invariant=True)
+    _, plain = generate_greedy(checkpoint("llama-gqa"), prompts, GREEDY, batch_invariant=True)
     assert [o.outputs[0].token_ids for o in outputs] == plain
 
 

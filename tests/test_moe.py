@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from checkpoints import MOE_VARIANTS
-from conftest import assert_greedy_matches, hf_greedy, random_prompts
+from conftest import (assert_greedy_matches, assert_no_leak, chunked_and_preempted,
+                      generate_greedy, hf_greedy, prompt_logprobs, random_prompts)
 from kvflow import LLM, SamplingParams, StructuredOutputsParams
 from kvflow.layers.activation import ClampedSwiGLU, SiluAndMul
 from kvflow.layers.moe import FusedMoE, TopKRouter
@@ -199,19 +200,6 @@ CASES = {**{family: (family, {}) for family in MOE_VARIANTS},
          "qwen3-moe-unnormalized": ("qwen3-moe", {"norm_topk_prob": False})}
 
 
-def _generate(path, prompts, params=GREEDY, **options):
-    llm = LLM(str(path), dtype="float32", device="cpu",
-              **{"kv_cache_memory": "16MiB", **options})
-    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-    return llm, [o.outputs[0].token_ids for o in outputs]
-
-
-def _no_leak(llm: LLM) -> None:
-    pool = llm.engine.kv_manager.pool
-    pool.check_integrity()
-    assert pool.num_free_blocks == pool.num_usable_blocks
-
-
 def _expert_layers(llm: LLM) -> list[FusedMoE]:
     return [m for m in llm.engine.runner.model.modules() if isinstance(m, FusedMoE)]
 
@@ -265,23 +253,15 @@ def test_greedy_matches_transformers(case, enforce_eager, references):
     if case == "olmoe-dead-router":  # the first expert layer sent every token to 3 experts
         first = torch.cat([ids for layer, ids in calls if layer == 0])
         assert first.unique().numel() == 3 and (first == first[0]).all()
-    _no_leak(llm)
+    assert_no_leak(llm)
 
 
 @pytest.mark.parametrize("family", MOE_VARIANTS)
 def test_chunked_prefill_and_preemption(family, references):
-    """A token budget of 7 splits every prompt into chunks; a pool of about two requests'
-    blocks forces preemption and recomputation."""
     path, prompts, reference = references[family]
-    llm = LLM(str(path), dtype="float32", device="cpu", kv_cache_memory="16MiB")
-    per_token = llm.engine.model_config.kv_bytes_per_token(torch.float32)
-    longest = max(len(p) for p in prompts) + MAX_TOKENS
-    blocks = 2 * (longest // 4 + 1) + 1
-    llm, tokens = _generate(path, prompts, block_size=4, max_num_batched_tokens=7,
-                            kv_cache_memory=blocks * 4 * per_token)
-    assert llm.engine.scheduler.num_preemptions_total > 0
+    llm, tokens = chunked_and_preempted(path, prompts, GREEDY)
     assert_greedy_matches(tokens, reference, MAX_TOKENS)
-    _no_leak(llm)
+    assert_no_leak(llm)
 
 
 def test_what_each_family_reads_changes_the_tokens(checkpoint, references):
@@ -292,7 +272,7 @@ def test_what_each_family_reads_changes_the_tokens(checkpoint, references):
                              ("mixtral", {"sliding_window": None}),
                              ("olmoe", {"num_experts_per_tok": 2})]:
         path, prompts, reference = references[family]
-        _, tokens = _generate(checkpoint(family, **override), prompts)
+        _, tokens = generate_greedy(checkpoint(family, **override), prompts, GREEDY)
         assert tokens != reference, family
 
 
@@ -317,7 +297,7 @@ def test_stacked_checkpoint_and_a_missing_expert(references, tmp_path):
             if file.suffix != ".safetensors":
                 (tmp_path / name / file.name).write_bytes(file.read_bytes())
         save_file(contents, tmp_path / name / "model.safetensors")
-    _, tokens = _generate(tmp_path / "stacked", prompts)
+    _, tokens = generate_greedy(tmp_path / "stacked", prompts, GREEDY)
     assert_greedy_matches(tokens, reference, MAX_TOKENS)
     with pytest.raises(ValueError, match=r"lacks 1 tensors.*layers\.2\.mlp\.experts\."
                                          r"gate_up_proj\[up:5\]"):
@@ -345,8 +325,8 @@ def test_dense_draft_prefix_cache_and_structured_output(checkpoint, references):
     """A dense Qwen3 draft for a Qwen3-MoE target gives the target's greedy tokens; the
     prefix cache and a choice constraint work on an MoE model."""
     path, prompts, _ = references["qwen3-moe"]
-    _, plain = _generate(path, prompts[:3])
-    llm, drafted = _generate(path, prompts[:3], speculative_config={
+    _, plain = generate_greedy(path, prompts[:3], GREEDY)
+    llm, drafted = generate_greedy(path, prompts[:3], GREEDY, speculative_config={
         "model": str(checkpoint("qwen3")), "num_speculative_tokens": 2})
     assert drafted == plain
     llm = LLM(str(path), dtype="float32", device="cpu", kv_cache_memory="16MiB",
@@ -370,15 +350,6 @@ def test_unimplemented_config_fields_are_refused_by_name(variant, override, mess
         LLM(str(checkpoint(variant, **override)), device="cpu", kv_cache_memory="16MiB")
 
 
-def _prompt_logprobs(path, **options) -> tuple[LLM, list[torch.Tensor]]:
-    llm = LLM(str(path), device="cpu", kv_cache_memory="16MiB", **options)
-    prompts = [{"prompt_token_ids": p} for p in random_prompts(3, seed=11, low=20, high=30)]
-    params = SamplingParams(temperature=0, max_tokens=4, prompt_logprobs=0, ignore_eos=True)
-    outputs = llm.generate(prompts, params, use_tqdm=False)
-    return llm, [torch.tensor([next(iter(e.values())).logprob for e in o.prompt_logprobs[1:]])
-                 for o in outputs]
-
-
 @pytest.mark.parametrize("enforce_eager", [False, True], ids=["native", "eager"])
 @pytest.mark.parametrize("name,tolerance", [("int8", 0.2), ("int4", 1.5)])
 def test_quantized_experts_stay_close_to_the_unquantized_model(checkpoint, name, tolerance,
@@ -390,9 +361,11 @@ def test_quantized_experts_stay_close_to_the_unquantized_model(checkpoint, name,
     prompt's median token: quantizing moves a hidden state enough, now and then, to send a
     token to other experts, and that token's logprob far."""
     path = checkpoint("qwen3-moe", moe_intermediate_size=64, dtype="bfloat16")
-    _, reference = _prompt_logprobs(path, enforce_eager=enforce_eager)
-    llm, quantized = _prompt_logprobs(path, enforce_eager=enforce_eager, quantization=name,
-                                      quantization_group_size=32)
+    _, reference = prompt_logprobs(path, 4, kv_cache_memory="16MiB",
+                                   enforce_eager=enforce_eager)
+    llm, quantized = prompt_logprobs(path, 4, kv_cache_memory="16MiB",
+                                     enforce_eager=enforce_eager, quantization=name,
+                                     quantization_group_size=32)
     experts = _expert_layers(llm)
     assert experts and all(type(m.method).__name__ == f"Int{name[3]}ExpertMethod"
                            for m in experts)
@@ -400,4 +373,4 @@ def test_quantized_experts_stay_close_to_the_unquantized_model(checkpoint, name,
     for q, r in zip(quantized, reference):
         assert (q - r).abs().median() < tolerance
         assert not torch.equal(q, r)  # the experts really were quantized
-    _no_leak(llm)
+    assert_no_leak(llm)

@@ -14,7 +14,7 @@ import torch
 
 import kvflow.engine.llm_engine as llm_engine
 from checkpoints import MOE_VARIANTS
-from conftest import random_prompts
+from conftest import generate_greedy, random_prompts
 from kvflow import LLM, EngineArgs, SamplingParams
 from kvflow.layers.moe_placement import ExpertPlacement, HostExperts
 from kvflow.models.blocks import SparseMoeBlock
@@ -23,11 +23,7 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 
 
 def _generate(path, **options):
-    llm = LLM(str(path), dtype="float32", kv_cache_memory="16MiB",
-              **{"device": "cpu", **options})
-    prompts = [{"prompt_token_ids": p} for p in random_prompts(4, seed=3, low=20, high=40)]
-    return llm, [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY,
-                                                                use_tqdm=False)]
+    return generate_greedy(path, random_prompts(4, seed=3, low=20, high=40), GREEDY, **options)
 
 
 def _placed(llm: LLM) -> list[int]:

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import DEVICES, random_prompts
-from kvflow import LLM, SamplingParams
+from conftest import DEVICES, prompt_logprobs
 from kvflow.layers.linear import Linear, MergedLinear
+from kvflow.models.loader import default_dtype
 from kvflow.quantization import quantization_config
 from kvflow.quantization.base import QuantizedPlan, dequantize_buffer
 from kvflow.quantization.int4 import (Int4Config, blocked_scales, pack_int4, quantize_int4,
@@ -81,13 +81,9 @@ def _quantized_layer(name: str, dtype: torch.dtype, bias: bool, merged: bool = F
     random float32 weight."""
     config = quantization_config(name, group_size)
     generator = torch.Generator().manual_seed(seed)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
+    with default_dtype(dtype):
         layer = (MergedLinear(192, {"a": 32, "b": 64}, bias, config) if merged
                  else Linear(192, 96, bias, config))
-    finally:
-        torch.set_default_dtype(previous)
     w = torch.randn(96, 192, generator=generator) / 14
     b = torch.randn(96, generator=generator)
     shards = [("a", 0, 32), ("b", 32, 64)] if merged else [(None, 0, 96)]
@@ -328,15 +324,6 @@ def test_bad_quantization_options_are_refused_by_name():
     assert isinstance(quantization_config("int8", 128), Int8Config)
 
 
-def _prompt_logprobs(path, **options) -> tuple[LLM, list[torch.Tensor]]:
-    llm = LLM(str(path), device="cpu", kv_cache_memory="8MiB", **options)
-    prompts = [{"prompt_token_ids": p} for p in random_prompts(3, seed=11, low=20, high=30)]
-    params = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0)
-    outputs = llm.generate(prompts, params, use_tqdm=False)
-    return llm, [torch.tensor([next(iter(e.values())).logprob for e in o.prompt_logprobs[1:]])
-                 for o in outputs]
-
-
 @pytest.mark.parametrize("enforce_eager", [False, True], ids=["native", "eager"])
 @pytest.mark.parametrize("name,tolerance", [("int8", 0.2), ("int4", 1.5)])
 def test_quantized_engines_stay_close_to_the_unquantized_model(checkpoint, name, tolerance,
@@ -346,8 +333,8 @@ def test_quantized_engines_stay_close_to_the_unquantized_model(checkpoint, name,
     weights are drawn large so that outputs vary, which also amplifies every error: int8
     moves them by about 0.08 on average here, int4 (groups of 32) by about 0.7."""
     path = checkpoint("llama-mha-tied-bias", dtype="bfloat16")
-    _, reference = _prompt_logprobs(path, enforce_eager=enforce_eager)
-    llm, quantized = _prompt_logprobs(path, enforce_eager=enforce_eager, quantization=name,
+    _, reference = prompt_logprobs(path, enforce_eager=enforce_eager)
+    llm, quantized = prompt_logprobs(path, enforce_eager=enforce_eager, quantization=name,
                                       quantization_group_size=32)
     model = llm.engine.runner.model
     layers = [m for m in model.modules() if isinstance(m, Linear)]
@@ -412,8 +399,8 @@ def test_quantize_lm_head_runs_the_head_in_int8_and_keeps_the_embedding(checkpoi
     from kvflow.quantization.int8 import Int8LinearMethod
 
     path = checkpoint(variant, dtype="bfloat16")
-    _, reference = _prompt_logprobs(path)
-    llm, quantized = _prompt_logprobs(path, quantize_lm_head=True)
+    _, reference = prompt_logprobs(path)
+    llm, quantized = prompt_logprobs(path, quantize_lm_head=True)
     model = llm.engine.runner.model
     assert isinstance(model.lm_head.method, Int8LinearMethod)
     assert isinstance(model.lm_head.plan, QuantizedPlan)
