@@ -31,6 +31,7 @@ from kvflow.bench.hardware import cpuinfo
 from kvflow.kernels import cpu_ops
 from kvflow.layers.activation import SiluAndMul
 from kvflow.layers.moe import FusedMoE
+from kvflow.models.loader import default_dtype
 from kvflow.quantization.int4 import Int4Config
 from kvflow.quantization.int8 import Int8Config
 
@@ -45,13 +46,9 @@ def build_layer(shape: dict, fmt: str) -> FusedMoE:
     """The layer with random bf16 weights, loaded (and quantized) one expert at a time."""
     experts, hidden, inner = (shape["num_experts"], shape["hidden_size"],
                               shape["moe_intermediate_size"])
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
+    with default_dtype(torch.bfloat16):
         layer = FusedMoE(experts, hidden, inner, SiluAndMul(), quant_config=FORMATS[fmt],
                          prefix="experts")
-    finally:
-        torch.set_default_dtype(previous)
     generator = torch.Generator().manual_seed(0)
     for expert in range(experts):
         for name, shard, rows, columns in [("gate_up_proj", "gate", inner, hidden),

@@ -6,12 +6,10 @@ format quantizes a linear layer's weight; and a kernel that computes a wrong pro
 unused."""
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import sys
 import types
-from collections.abc import Iterator
 from dataclasses import replace
 
 import pytest
@@ -20,6 +18,7 @@ import torch.nn.functional as F
 
 from kvflow.layers.activation import ClampedSwiGLU, GeluTanhAndMul, SiluAndMul
 from kvflow.layers.moe import FusedMoE
+from kvflow.models.loader import default_dtype
 from kvflow.quantization.gptq_awq import CheckpointFormatConfig
 from kvflow.quantization.int4 import Int4Config, quantize_int4
 from kvflow.quantization.int8 import Int8Config, quantize_int8
@@ -27,16 +26,6 @@ from kvflow.quantization.int8 import Int8Config, quantize_int8
 HIDDEN, INNER, EXPERTS, GROUP_SIZE = 128, 64, 16, 32
 FORMATS = {"float": None, "int8": Int8Config(), "int4": Int4Config(GROUP_SIZE)}
 DTYPES = [torch.float32, torch.bfloat16]
-
-
-@contextlib.contextmanager
-def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
 
 
 def _float_weights(hidden: int, inner: int, bias: bool, seed: int) -> dict[str, torch.Tensor]:
@@ -53,7 +42,7 @@ def _layer(fmt: str, dtype: torch.dtype, activation: torch.nn.Module | None = No
            bias: bool = False, hidden: int = HIDDEN, inner: int = INNER,
            seed: int = 0) -> FusedMoE:
     """An expert layer in `fmt`, its float32 weights loaded (and quantized) stacked."""
-    with _default_dtype(dtype):
+    with default_dtype(dtype):
         layer = FusedMoE(EXPERTS, hidden, inner, activation or SiluAndMul(), bias=bias,
                          quant_config=FORMATS[fmt], prefix="experts")
     for name, tensor in _float_weights(hidden, inner, bias, seed).items():

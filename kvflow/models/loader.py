@@ -58,7 +58,8 @@ def resolve_model_path(model: str, revision: str | None = None,
 
 
 @contextlib.contextmanager
-def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """Layers made inside this take `dtype` for their unpacked parameters."""
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -91,7 +92,7 @@ def load_model(config: ModelConfig, dtype: torch.dtype, device: torch.device,
     elif config.quantization is not None:
         quant_config = plan_checkpoint(config.quantization, _safetensors_shapes(path),
                                        model_class.packed_modules)
-    with torch.device(device), _default_dtype(dtype), placing_experts(placement):
+    with torch.device(device), default_dtype(dtype), placing_experts(placement):
         model = model_class(config, max_positions, quant_config, lm_head_quant_config)
     if gguf is not None:
         load_weights(model, gguf_tensors(gguf, config, quant_config, dtype), gguf.path.name)

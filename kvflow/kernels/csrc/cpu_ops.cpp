@@ -1676,6 +1676,22 @@ void parallel_items(int64_t n, const F& f) {
   });
 }
 
+// For each GEMV expert and block of up to `block` of its `outputs` output rows (the items
+// spread over threads by parallel_items), each run of up to kInt4Cols of the expert's input
+// rows: body(e, n0, width, row, mb) computes outputs n0 .. n0 + width of rows row .. row + mb.
+template <typename F>
+void expert_row_blocks(const std::vector<int64_t>& experts, const std::vector<int64_t>& counts,
+                       const std::vector<int64_t>& start, int64_t outputs, int64_t block,
+                       const F& body) {
+  const int64_t blocks = (outputs + block - 1) / block;
+  parallel_items(static_cast<int64_t>(experts.size()) * blocks, [&](int64_t item) {
+    const int64_t e = experts[item / blocks], n0 = item % blocks * block;
+    const int64_t width = std::min(block, outputs - n0);
+    for (int64_t m0 = 0; m0 < counts[e]; m0 += kInt4Cols)
+      body(e, n0, width, start[e] + m0, std::min(kInt4Cols, counts[e] - m0));
+  });
+}
+
 // Expert e's weight as a [N, K] tensor of T for ATen's GEMM: the stored one, or dequantized
 // into buffer (allocated on first use, reused for every expert of the call).
 template <typename T, typename W>
@@ -1740,45 +1756,35 @@ void moe_experts_impl(const torch::Tensor& x, const float* weights, const int64_
   std::vector<float> xf_buffer, xsum_buffer;
   const float* xf = gemv_inputs<T, P::kInt4>(xsp, gemv_rows, hidden, gate_up.G, xf_buffer,
                                              xsum_buffer);
-  const int64_t gate_items = (inner + P::kRows - 1) / P::kRows;
-  parallel_items(static_cast<int64_t>(gemv_experts.size()) * gate_items, [&](int64_t item) {
-    const int64_t e = gemv_experts[item / gate_items], n0 = item % gate_items * P::kRows;
-    const int64_t width = std::min(P::kRows, inner - n0);
+  expert_row_blocks(gemv_experts, counts, start, inner, P::kRows,
+                    [&](int64_t e, int64_t n0, int64_t width, int64_t row, int64_t mb) {
     float gate[kInt4Cols][kInt4Rows], up[kInt4Cols][kInt4Rows];
     T g[kInt4Rows], u[kInt4Rows];
-    for (int64_t m0 = 0; m0 < counts[e]; m0 += kInt4Cols) {
-      const int64_t mb = std::min(kInt4Cols, counts[e] - m0), row = start[e] + m0;
-      const T* xr = xsp + row * hidden;
-      const float* xfr = xf + row * hidden;
-      const float* xsum = P::kInt4 ? xsum_buffer.data() + row * gate_up.groups() : nullptr;
-      expert_sums(gate_up, e, xr, xfr, xsum, n0, width, mb, gate);
-      expert_sums(gate_up, e, xr, xfr, xsum, inner + n0, width, mb, up);
-      for (int64_t m = 0; m < mb; ++m) {
-        for (int64_t r = 0; r < width; ++r) {
-          g[r] = from_f32<T>(gate[m][r] + gate_up.bias_at(e, n0 + r));
-          u[r] = from_f32<T>(up[m][r] + gate_up.bias_at(e, inner + n0 + r));
-        }
-        activate_row(act, g, u, hsp + (row + m) * inner + n0, width);
+    const T* xr = xsp + row * hidden;
+    const float* xfr = xf + row * hidden;
+    const float* xsum = P::kInt4 ? xsum_buffer.data() + row * gate_up.groups() : nullptr;
+    expert_sums(gate_up, e, xr, xfr, xsum, n0, width, mb, gate);
+    expert_sums(gate_up, e, xr, xfr, xsum, inner + n0, width, mb, up);
+    for (int64_t m = 0; m < mb; ++m) {
+      for (int64_t r = 0; r < width; ++r) {
+        g[r] = from_f32<T>(gate[m][r] + gate_up.bias_at(e, n0 + r));
+        u[r] = from_f32<T>(up[m][r] + gate_up.bias_at(e, inner + n0 + r));
       }
+      activate_row(act, g, u, hsp + (row + m) * inner + n0, width);
     }
   });
   std::vector<float> hf_buffer, hsum_buffer;
   const float* hf = gemv_inputs<T, P::kInt4>(hsp, gemv_rows, inner, down.G, hf_buffer,
                                              hsum_buffer);
-  const int64_t down_items = (hidden + P::kRows - 1) / P::kRows;
-  parallel_items(static_cast<int64_t>(gemv_experts.size()) * down_items, [&](int64_t item) {
-    const int64_t e = gemv_experts[item / down_items], n0 = item % down_items * P::kRows;
-    const int64_t width = std::min(P::kRows, hidden - n0);
+  expert_row_blocks(gemv_experts, counts, start, hidden, P::kRows,
+                    [&](int64_t e, int64_t n0, int64_t width, int64_t row, int64_t mb) {
     float sums[kInt4Cols][kInt4Rows];
-    for (int64_t m0 = 0; m0 < counts[e]; m0 += kInt4Cols) {
-      const int64_t mb = std::min(kInt4Cols, counts[e] - m0), row = start[e] + m0;
-      expert_sums(down, e, hsp + row * inner, hf + row * inner,
-                  P::kInt4 ? hsum_buffer.data() + row * down.groups() : nullptr, n0, width, mb,
-                  sums);
-      for (int64_t m = 0; m < mb; ++m)
-        for (int64_t r = 0; r < width; ++r)
-          ysp[(row + m) * hidden + n0 + r] = from_f32<T>(sums[m][r] + down.bias_at(e, n0 + r));
-    }
+    expert_sums(down, e, hsp + row * inner, hf + row * inner,
+                P::kInt4 ? hsum_buffer.data() + row * down.groups() : nullptr, n0, width, mb,
+                sums);
+    for (int64_t m = 0; m < mb; ++m)
+      for (int64_t r = 0; r < width; ++r)
+        ysp[(row + m) * hidden + n0 + r] = from_f32<T>(sums[m][r] + down.bias_at(e, n0 + r));
   });
 
   // The GEMM experts, one at a time.
