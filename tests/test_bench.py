@@ -243,17 +243,29 @@ def test_bench_throughput_and_latency_in_process(checkpoint, tmp_path, capsys):
     assert "no second token" in capsys.readouterr().out
 
 
-def test_bench_latency_on_a_gguf_file(gguf_file, capsys):
-    """Its prompts are drawn from the file's own tokenizer; no roofline, since the file's
-    weights keep their formats."""
+@pytest.mark.parametrize("recipe,why", [("F16", "is a GGUF file"),
+                                         ("Q8_0", "the weights are quantized")])
+def test_bench_latency_on_a_gguf_file(gguf_file, capsys, recipe, why):
+    """Its prompts are drawn from the file's own tokenizer; no roofline, since the file has
+    no config.json, and its weights may keep their own formats."""
     from kvflow.cli import main
 
-    path, _ = gguf_file("llama-gqa", "Q8_0")
+    path, _ = gguf_file("llama-gqa", recipe)
     assert main(["bench", "latency", "--model", str(path), "--prompt-len", "8",
                  "--output-len", "4", "--num-iters", "2", "--kv-cache-memory", "16MiB"]) == 0
     text = capsys.readouterr().out
     assert "tokens/s per stream" in text
-    assert "no roofline: " in text and "is a GGUF file" in text
+    assert "no roofline: " in text and why in text
+
+
+def test_bench_latency_attaches_no_roofline_to_quantized_weights(checkpoint, capsys):
+    from kvflow.cli import main
+
+    assert main(["bench", "latency", "--model", str(checkpoint("qwen2")), "--prompt-len", "8",
+                 "--output-len", "4", "--num-iters", "2", "--kv-cache-memory", "16MiB",
+                 "--quantization", "int8"]) == 0
+    text = capsys.readouterr().out
+    assert "no roofline: the weights are quantized" in text and "achieved" not in text
 
 
 def test_bench_rejects_bad_arguments(tmp_path, capsys, checkpoint):

@@ -39,15 +39,27 @@ def _llm(ns: argparse.Namespace):  # noqa: ANN202
     return LLM(**dataclasses.asdict(EngineArgs.from_cli_args(ns)))
 
 
+def _quantized(llm) -> bool:  # noqa: ANN001
+    """Whether the engine holds quantized weights (int8, int4, GGUF, GPTQ/AWQ or an int8 LM
+    head), which the roofline, counting every weight in the run's dtype, does not model."""
+    import torch
+
+    return any(p.dtype in (torch.int8, torch.uint8)
+               for p in llm.engine.runner.model.parameters())
+
+
 def _finish(result, workload, model: str | None, dtype: str,  # noqa: ANN001
-            out: Path | None) -> None:
-    """Attach the roofline where the model's config is known, print, and write."""
+            out: Path | None, quantized: bool = False) -> None:
+    """Attach the roofline where the model's config is known and its weights are in the
+    run's dtype, print, and write."""
     from kvflow.bench import hardware
     from kvflow.bench.report import attach_roofline, model_config, summary
 
     device = result.settings.get("device", "cpu")
     if model is None:
         print("no roofline: give --model-path for the served model's config.json")
+    elif quantized:
+        print(f"no roofline: the weights are quantized, and the roofline counts them in {dtype}")
     else:
         try:
             attach_roofline(result, workload, model_config(model), dtype,
@@ -77,7 +89,7 @@ def _throughput(ns: argparse.Namespace) -> int:
     result = run_kvflow(llm, workload, use_tqdm=True,
                         structured_fraction=ns.structured_output_fraction)
     result.settings["device"] = llm.engine.device.type
-    _finish(result, workload, ns.model, result.settings["dtype"], ns.output)
+    _finish(result, workload, ns.model, result.settings["dtype"], ns.output, _quantized(llm))
     return 0
 
 
@@ -95,7 +107,7 @@ def _latency(ns: argparse.Namespace) -> int:
     llm = _llm(ns)
     result = run_kvflow(llm, workload)
     result.settings["device"] = llm.engine.device.type
-    _finish(result, workload, ns.model, result.settings["dtype"], ns.output)
+    _finish(result, workload, ns.model, result.settings["dtype"], ns.output, _quantized(llm))
     print(latency_summary(result))
     return 0
 
