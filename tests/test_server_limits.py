@@ -124,21 +124,26 @@ def test_the_responses_and_messages_apis_count_their_lists_before_validating_the
 
 def test_a_request_whose_client_left_is_dropped_before_it_is_prepared(server):
     """Its validation and template wait for a tokenizer thread; once the client has gone,
-    they never run."""
+    they never run. How long the threads stay busy depends on the CPU: each try queues more
+    tokenizer work ahead of the request, until its client gives up before its turn."""
     prompt = "def fibonacci(n): return n, hello world\n" * (1_500_000 // 40)
 
-    async def scenario() -> None:
+    async def client_gave_up(num_busy: int) -> bool:
         async with httpx.AsyncClient(base_url=server.url, timeout=120) as http:
-            # Both tokenizer threads busy for seconds.
             busy = [asyncio.create_task(http.post("/tokenize", json={"prompt": prompt}))
-                    for _ in range(2)]
+                    for _ in range(num_busy)]
             await asyncio.sleep(0.5)
-            with pytest.raises(httpx.TimeoutException):
+            try:
                 await http.post("/v1/chat/completions", timeout=0.5, json={
                     "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
-            assert [r.status_code for r in await asyncio.gather(*busy)] == [200, 200]
+                gave_up = False
+            except httpx.TimeoutException:
+                gave_up = True
+            assert [r.status_code for r in await asyncio.gather(*busy)] == [200] * num_busy
+            return gave_up
 
-    asyncio.run(scenario())
+    assert any(asyncio.run(client_gave_up(num_busy)) for num_busy in (2, 6, 16)), \
+        "the tokenizer threads were never busy for long enough"
     time.sleep(0.2)
     assert "client disconnected before its request was prepared" in \
         server.log_path.read_text()
