@@ -165,9 +165,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--attention-backend", default="auto")
+    parser.add_argument("--quantization", default=None)
+    parser.add_argument("--quantize-lm-head", action="store_true")
+    parser.add_argument("--single-stream-only", action="store_true",
+                        help="skip the prefill and batch decode steps")
     ns = parser.parse_args()
     llm = LLM(model=ns.model, dtype=ns.dtype, kv_cache_memory="2GiB",
-              attention_backend=ns.attention_backend)
+              attention_backend=ns.attention_backend, quantization=ns.quantization,
+              quantize_lm_head=ns.quantize_lm_head)
     engine = llm.engine
     model_class = type(engine.runner.model)
     vocab = engine.model_config.vocab_size
@@ -192,6 +197,8 @@ def main() -> None:
               f"{100 * (1 - inside[1]):.1f}%")
     engine.abort_request("one")
     engine.step()
+    if ns.single_stream_only:
+        return
 
     runner = engine.runner
     for title, step in [("prefill of 2,048 tokens", synthetic_step(llm, 1, 2048, 0)),

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from conftest import random_prompts
 from kvflow import LLM, SamplingParams
+from kvflow.kernels import variants
 from kvflow.models.config import RopeConfig
 from kvflow.layers.activation import SiluAndMul
 from kvflow.layers.norm import RMSNorm
@@ -28,18 +29,34 @@ def close(actual, expected, dtype, scale=1.0):
     torch.testing.assert_close(actual.float(), expected.float(), atol=tolerance, rtol=tolerance)
 
 
+# Every way the tuning may have a GEMV read its weight.
+VARIANTS = pytest.mark.parametrize("variant", variants.CANDIDATES, ids=str)
+
+
+@VARIANTS
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 9])
 @pytest.mark.parametrize("out_features,in_features",
-                         [(64, 896), (130, 100), (3, 64), (7, 17), (5, 48)])
+                         [(64, 896), (130, 100), (3, 64), (7, 17), (5, 48), (9, 200)])
 @pytest.mark.parametrize("bias", [False, True])
-def test_gemv_matches_linear(ops, dtype, rows, out_features, in_features, bias):
+def test_gemv_matches_linear(ops, dtype, rows, out_features, in_features, bias, variant):
     generator = torch.Generator().manual_seed(rows * 1000 + out_features)
     x = torch.randn(rows, in_features, generator=generator).to(dtype)
     w = (torch.randn(out_features, in_features, generator=generator) / in_features ** 0.5).to(dtype)
     b = torch.randn(out_features, generator=generator).to(dtype) if bias else None
     expected = F.linear(x.float(), w.float(), None if b is None else b.float())
-    close(ops.gemv(x, w, b), expected, dtype, scale=4)
+    close(ops.gemv(x, w, b, variant.streams, variant.prefetch), expected, dtype, scale=4)
+
+
+@pytest.mark.parametrize("streams,prefetch,message", [
+    (2, 0, "streams must be 1 or 4, not 2"), (4, -1, "prefetch must be 0 to 65536 bytes, not -1"),
+    (1, 1 << 20, "not 1048576")])
+def test_gemv_variants_outside_the_kernels_are_refused(ops, streams, prefetch, message):
+    x, w = torch.randn(1, 64), torch.randn(8, 64)
+    with pytest.raises(RuntimeError, match=message):
+        ops.gemv(x, w, None, streams, prefetch)
+    with pytest.raises(RuntimeError, match=message):
+        ops.int8_gemv(x, w.to(torch.int8), torch.ones(8), None, streams, prefetch)
 
 
 def _pair(module_factory, ops):
@@ -179,6 +196,7 @@ def test_every_linear_gets_one_plan(ops, checkpoint, variant):
     install_native_kernels(model, ops)
     linears = [m for m in model.modules() if isinstance(m, Linear)]
     assert all(m.plan is not None and m.plan.ops is ops for m in linears)
+    assert all(m.plan.gemv_variant in variants.CANDIDATES for m in linears)
     if config.tie_word_embeddings:
         assert model.lm_head is None and model.lm_head_plan is not None
     else:
@@ -218,20 +236,25 @@ def test_another_checkout_of_the_same_source_loads_the_built_kernels(tmp_path):
     assert checkout.startswith(str(tmp_path)) and library == cpu_ops().__file__
 
 
+@VARIANTS
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("in_features", [896, 100, 17])
-def test_the_gemv_sums_a_row_the_same_way_in_any_batch(ops, dtype, in_features):
+def test_the_gemv_sums_a_row_the_same_way_in_any_batch(ops, dtype, in_features, variant):
     """Batch invariance rests on this: a row's outputs are bitwise the same alone, in a
     batch of any size and at any position in it (both builds: the compiler fuses no
-    multiply-add of its own accord)."""
+    multiply-add of its own accord), whichever way the weight is read."""
     generator = torch.Generator().manual_seed(in_features)
     w = torch.randn(37, in_features, generator=generator).to(dtype)
     bias = torch.randn(37, generator=generator).to(dtype)
     x = torch.randn(150, in_features, generator=generator).to(dtype)
-    alone = torch.cat([ops.gemv(x[i:i + 1], w, bias) for i in range(len(x))])
+
+    def gemv(rows: torch.Tensor) -> torch.Tensor:
+        return ops.gemv(rows, w, bias, variant.streams, variant.prefetch)
+
+    alone = torch.cat([gemv(x[i:i + 1]) for i in range(len(x))])
     for rows in (2, 3, 5, 64, 65, 150):
-        assert torch.equal(ops.gemv(x[:rows], w, bias), alone[:rows]), rows
-    assert torch.equal(ops.gemv(x[70:], w, bias), alone[70:])
+        assert torch.equal(gemv(x[:rows]), alone[:rows]), rows
+    assert torch.equal(gemv(x[70:]), alone[70:])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

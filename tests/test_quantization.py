@@ -10,6 +10,7 @@ from conftest import DEVICES, prompt_logprobs
 from kvflow.layers.linear import Linear, MergedLinear
 from kvflow.models.loader import default_dtype
 from kvflow.quantization import quantization_config
+from kvflow.kernels import variants
 from kvflow.quantization.base import QuantizedPlan, dequantize_buffer
 from kvflow.quantization.int4 import (Int4Config, blocked_scales, pack_int4, quantize_int4,
                                      unpack_int4)
@@ -134,16 +135,22 @@ def test_pytorch_kernels_match_the_dequantized_product(name, kernel, device, dty
         _close(y, _expected(layer, x.float()), dtype)
 
 
-@pytest.mark.parametrize("name,group_size", [("int8", 64), ("int4", 32), ("int4", 64),
-                                             ("int4", 192)])
+# The int8 GEMVs read their weight as the tuning chose (a GemvVariant); int4's do not.
+NATIVE_CASES = pytest.mark.parametrize("name,group_size,variant", [
+    *(("int8", 64, variant) for variant in variants.CANDIDATES),
+    *(("int4", group_size, variants.DEFAULT) for group_size in (32, 64, 192))], ids=str)
+
+
+@NATIVE_CASES
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bias", [False, True])
-def test_native_kernels_match_the_dequantized_product(kernel_ops, name, group_size, dtype, bias):
+def test_native_kernels_match_the_dequantized_product(kernel_ops, name, group_size, variant,
+                                                      dtype, bias):
     """kvflow's int8 and int4 kernels, as this machine builds them and with AVX-512 off, on
     ragged batches: the GEMVs up to 8 rows, the native dequantize-then-GEMM above."""
     layer = _quantized_layer(name, dtype, bias, group_size=group_size)
     layer.plan = QuantizedPlan(ops=kernel_ops, small="native", small_max_rows=8,
-                               large="native_dequantize")
+                               large="native_dequantize", variant=variant)
     generator = torch.Generator().manual_seed(5)
     for rows in ROWS:
         x = torch.randn(rows, 192, generator=generator).to(dtype)
@@ -221,12 +228,11 @@ def _int8_activations_expected(layer: Linear, x: torch.Tensor) -> torch.Tensor:
     return y if layer.bias is None else y + layer.bias.double()
 
 
-@pytest.mark.parametrize("name,group_size", [("int8", 64), ("int4", 32), ("int4", 64),
-                                             ("int4", 192)])
+@NATIVE_CASES
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bias", [False, True])
 def test_int8_activation_kernels_compute_their_integer_product(kernel_ops, name, group_size,
-                                                               dtype, bias):
+                                                               variant, dtype, bias):
     """The GEMVs that quantize x to int8 (vpdpbusd where the build has AVX512-VNNI, plain
     loops otherwise), on ragged batches, against the same quantization of x written out
     in float64: equal to float32 rounding (bf16: to the output's rounding). Against the
@@ -236,7 +242,7 @@ def test_int8_activation_kernels_compute_their_integer_product(kernel_ops, name,
     kernel = layer.method.kernels["native_int8_activations"]
     layer.plan = QuantizedPlan(ops=kernel_ops, small="native_int8_activations",
                                small_max_rows=200, large="native_dequantize",
-                               weights=kernel.prepare(layer))
+                               weights=kernel.prepare(layer), variant=variant)
     generator = torch.Generator().manual_seed(13)
     for rows in ROWS:
         x = torch.randn(rows, 192, generator=generator).to(dtype)

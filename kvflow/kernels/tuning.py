@@ -1,6 +1,9 @@
 """Fitting the native kernels to a loaded model on this machine.
 
 Each linear shape gets, by measurement:
+- how the native GEMV reads the weight (kvflow/kernels/variants.py): each candidate variant
+  timed at one row, in alternating rounds, over the shape's weights (enough of them to be
+  read from memory); likewise for a quantized method's GEMVs that take variants;
 - the largest batch size up to which the native GEMV beats F.linear (tried at 1, 2, 4 and
   8 rows), measured over all of the shape's weights in turn, so that they are read from
   memory as in a real step, not from cache;
@@ -31,12 +34,15 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from types import ModuleType
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from kvflow.cache import cache_root, write_atomically
+from kvflow.kernels import variants
+from kvflow.kernels.variants import GemvVariant
 from kvflow.layers.linear import Linear
 from kvflow.layers.moe import FusedMoE
 from kvflow.layers.native import NativeKernelHook
@@ -45,6 +51,7 @@ from kvflow.quantization.unquantized import LinearPlan, UnquantizedLinearMethod
 from kvflow.worker.kv_cache import available_host_memory
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 NATIVE_DTYPES = (torch.float32, torch.bfloat16)
 GEMV_ROWS = (1, 2, 4, 8, 16)  # batch sizes tried; the GEMV is used up to the last one it wins
@@ -59,6 +66,10 @@ COPY_MEMORY_FRACTION = 0.25  # of available memory, for all second copies of wei
 QUANTIZED_ROUNDS = 5
 EXPERT_ROWS = (1, 2, 4, 8, 16, 32, 64)  # rows per expert tried; GEMVs up to the last they win
 EXPERTS_MEASURED = 8  # experts with rows in each measured call: a top-8 model's decode step
+# Weight bytes a GEMV variant is timed over: the shape's weights up to this much, far more
+# than any CPU's last-level cache, so that they stream from memory as in a decode step.
+VARIANT_SAMPLE_BYTES = 256 * 2**20
+VARIANT_ROUNDS = 7  # alternating rounds per variant; medians compared
 
 
 def native_cpu_ops(device: torch.device, dtype: torch.dtype,
@@ -127,7 +138,11 @@ def install_native_kernels(model: nn.Module, ops: ModuleType, reserved_bytes: in
         members = groups[key]
         weights = [w for _, _, w in members]
         label = f"{out_features}x{in_features}:{str(dtype).removeprefix('torch.')}"
-        max_rows = cache.get(f"gemv {label}", lambda: _gemv_max_rows(weights, ops))
+        variant = GemvVariant.parse(cache.get(
+            f"gemv variant {label}",
+            lambda: str(_fastest_variant(lambda v: _run_gemvs(ops, weights, v)))))
+        max_rows = cache.get(f"gemv {label} {variant}",
+                             lambda: _gemv_max_rows(weights, ops, variant))
         numel = sum(w.numel() for w in weights)
         affordable = [name for name, copy in COPIES.items()
                       if copy.applies(dtype) and numel * copy.itemsize(dtype) <= budget]
@@ -143,12 +158,12 @@ def install_native_kernels(model: nn.Module, ops: ModuleType, reserved_bytes: in
             second = copy.make(weight) if copy is not None else None
             bias = getattr(owner, "bias", None) if isinstance(owner, Linear) else None
             setattr(owner, attribute, LinearPlan(
-                ops=ops, gemv_max_rows=max_rows,
+                ops=ops, gemv_max_rows=max_rows, gemv_variant=variant,
                 packed_weight=second if choice == "packed" else None,
                 float32_weight=second if choice == "float32" else None,
                 float32_bias=bias.float() if choice == "float32" and bias is not None else None))
-        logger.debug("linear %s: native GEMV up to %d rows, %s above", label, max_rows,
-                     choice or "F.linear")
+        logger.debug("linear %s: native GEMV (%s) up to %d rows, %s above", label, variant,
+                     max_rows, choice or "F.linear")
     for label, layers in _quantized_shapes(model).items():
         _plan_quantized(label, layers, ops, cache)
     _plan_experts(model, cache)
@@ -224,12 +239,39 @@ def _plan_quantized(label: str, layers: list[Linear], ops: ModuleType | None,
     usable = [name for name in prepared if copies[name] is not None
               and _computes_the_product(name, layers[0], copies[name][0], ops, dtype)]
 
+    def plan(name: str, small_max_rows: int, large: str, weights: tuple[torch.Tensor, ...],
+             ) -> QuantizedPlan:
+        return QuantizedPlan(ops, name, small_max_rows, large, weights,
+                             chosen.get(name, variants.DEFAULT))
+
+    def variant_of(name: str) -> GemvVariant:
+        """The variant of a GEMV kernel fastest at one row over the layers (a sample)."""
+        sample = _memory_sample(list(zip(layers, copies[name])), lambda pair: sum(
+            p.numel() * p.element_size() for p in pair[0].parameters()))
+        x = torch.randn(1, layers[0].in_features, device=device).to(dtype)
+        kernel = method.kernels[name]
+
+        def run(variant: GemvVariant) -> None:
+            for layer, copy in sample:
+                kernel.run(_with_plan(layer, QuantizedPlan(ops, name, 0, name, copy, variant)),
+                           x, ops)
+        try:
+            return _fastest_variant(run)
+        finally:
+            for layer, _ in sample:
+                layer.plan = None
+
+    chosen: dict[str, GemvVariant] = {
+        name: GemvVariant.parse(cache.get(f"gemv variant {label} {name}",
+                                          lambda name=name: str(variant_of(name))))
+        for name in usable if method.kernels[name].variants and ops is not None}
+
     def seconds(names: list[str], rows: int, subset: list[Linear]) -> dict[str, float]:
         """Median seconds of each kernel over subset, the kernels timed in alternation so
         that other load on the machine falls on all of them alike."""
         x = torch.randn(rows, layers[0].in_features, device=device).to(dtype)
         runs = {name: (lambda name=name: [method.kernels[name].run(
-            _with_plan(layer, QuantizedPlan(ops, name, 0, name, copies[name][i])), x, ops)
+            _with_plan(layer, plan(name, 0, name, copies[name][i])), x, ops)
             for i, layer in enumerate(subset)]) for name in names}
         times: dict[str, list[float]] = defaultdict(list)
         for round_ in range(QUANTIZED_ROUNDS + 1):  # the first round warms up
@@ -274,16 +316,17 @@ def _plan_quantized(label: str, layers: list[Linear], ops: ModuleType | None,
 
     large = cache.get(f"large batches {label} from {','.join(large_candidates)}",
                       fastest_large)
-    small, rows = cache.get(f"small batches {label} from {','.join(usable)} against {large}",
-                            lambda: small_kernel_and_rows(large)).split(":")
+    gemvs = "".join(f" {name} {variant}" for name, variant in chosen.items())
+    small, rows = cache.get(f"small batches {label} from {','.join(usable)} against {large}"
+                            f"{gemvs}", lambda: small_kernel_and_rows(large)).split(":")
     if small == large:
         rows = "0"
     for i, layer in enumerate(layers):
         # At most one of the two kernels reads a copy: none of the methods has two.
         with_copy = next((name for name in (small, large) if copies[name][i]), "")
-        layer.plan = QuantizedPlan(ops, small, int(rows), large,
-                                   copies[with_copy][i] if with_copy else ())
-    logger.debug("linear %s: %s up to %s rows, %s above", label, small, rows, large)
+        layer.plan = plan(small, int(rows), large, copies[with_copy][i] if with_copy else ())
+    logger.debug("linear %s: %s (%s) up to %s rows, %s above", label, small,
+                 chosen.get(small, variants.DEFAULT), rows, large)
 
 
 def _plan_experts(model: nn.Module, cache: _ChoiceCache) -> None:
@@ -392,12 +435,46 @@ def _median_seconds(fn: Callable[[], object]) -> float:
     return sorted(times)[1]
 
 
-def _gemv_max_rows(weights: list[torch.Tensor], ops: ModuleType) -> int:
+def _memory_sample(items: list[T], nbytes: Callable[[T], int]) -> list[T]:
+    """The first items up to VARIANT_SAMPLE_BYTES in all (at least one)."""
+    sample, total = [], 0
+    for item in items:
+        if sample and total >= VARIANT_SAMPLE_BYTES:
+            break
+        sample.append(item)
+        total += nbytes(item)
+    return sample
+
+
+def _run_gemvs(ops: ModuleType, weights: list[torch.Tensor], variant: GemvVariant) -> None:
+    """One row through a sample of the weights with the native GEMV reading them as variant
+    says."""
+    sample = _memory_sample(weights, lambda w: w.numel() * w.element_size())
+    x = torch.randn(1, weights[0].shape[1]).to(weights[0].dtype)
+    for w in sample:
+        ops.gemv(x, w, None, variant.streams, variant.prefetch)
+
+
+def _fastest_variant(run: Callable[[GemvVariant], object]) -> GemvVariant:
+    """The candidate variant under which run was fastest: medians of VARIANT_ROUNDS
+    rounds, the variants timed in alternation so that other load falls on all alike."""
+    times: dict[GemvVariant, list[float]] = defaultdict(list)
+    for round_ in range(VARIANT_ROUNDS + 1):  # the first round warms up
+        for variant in variants.CANDIDATES:
+            start = time.perf_counter()
+            run(variant)
+            if round_:
+                times[variant].append(time.perf_counter() - start)
+    return min(variants.CANDIDATES, key=lambda v: sorted(times[v])[len(times[v]) // 2])
+
+
+def _gemv_max_rows(weights: list[torch.Tensor], ops: ModuleType, variant: GemvVariant) -> int:
     """The largest row count up to which the native GEMV beat F.linear at every count."""
     best = 0
     for rows in GEMV_ROWS:
         x = torch.randn(rows, weights[0].shape[1]).to(weights[0].dtype)
-        native = _median_seconds(lambda: [ops.gemv(x, w, None) for w in weights])
+        native = _median_seconds(lambda: [ops.gemv(x, w, None, variant.streams,
+                                                   variant.prefetch) for w in weights])
         eager = _median_seconds(lambda: [F.linear(x, w) for w in weights])
         if native >= eager:
             break
@@ -445,7 +522,8 @@ class _ChoiceCache:
         # The constants that shape a choice are part of the key: change one, measure again.
         key = (f"{build}|{torch.get_num_threads()}|{torch.__version__}|{GEMV_ROWS}|"
                f"{GEMM_ROWS}|{GEMM_SAMPLE}|{sorted(COPIES)}|{QUANTIZED_ROUNDS}|{EXPERT_ROWS}|"
-               f"{EXPERTS_MEASURED}")
+               f"{EXPERTS_MEASURED}|{variants.CANDIDATES}|{VARIANT_SAMPLE_BYTES}|"
+               f"{VARIANT_ROUNDS}")
         name = f"linear-{hashlib.sha1(key.encode()).hexdigest()[:16]}.json"
         self.path = cache_root() / "env" / name
         self.choices: dict[str, int | str] = (json.loads(self.path.read_text())

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kvflow.kernels.variants import DEFAULT, GemvVariant
+
 if TYPE_CHECKING:
     from kvflow.layers.linear import Linear
     from kvflow.layers.moe import ExpertMethod
@@ -120,6 +122,7 @@ class QuantizedKernel:
     dtypes: tuple[torch.dtype, ...] | None = None  # the activation dtypes it takes; None: all
     native: bool = False  # kvflow's own: needs the native CPU kernels (a plan's ops)
     gemv: bool = False  # a kernel for a few rows, never chosen for large batches
+    variants: bool = False  # reads the weight as its plan's GemvVariant says
     # Builds the layer's weight in the layout the kernel reads (it cannot read the layer's
     # parameters), kept in the layer's plan; it raises where the layer does not fit it.
     prepare: Callable[["Linear"], tuple[torch.Tensor, ...]] | None = None
@@ -137,13 +140,15 @@ class QuantizedPlan:
     """Which of a quantized method's kernels runs a layer on this device, chosen by
     measuring (kvflow/kernels/tuning.py): inputs of at most small_max_rows rows through
     the kernel named `small`, larger ones through the one named `large`. `weights` is the
-    layer's copy in the layout of whichever of them has a `prepare`."""
+    layer's copy in the layout of whichever of them has a `prepare`; `variant`, how a
+    native GEMV among them reads the weight."""
 
     ops: ModuleType | None
     small: str
     small_max_rows: int
     large: str
     weights: tuple[torch.Tensor, ...] = ()
+    variant: GemvVariant = DEFAULT
 
 
 class QuantizedLinearMethod(LinearMethod):

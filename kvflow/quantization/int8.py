@@ -48,7 +48,9 @@ def _torch_kernel(layer: Linear, x: torch.Tensor, ops: ModuleType | None) -> tor
 
 
 def _native_kernel(layer: Linear, x: torch.Tensor, ops: ModuleType | None) -> torch.Tensor:
-    return ops.int8_gemv(x, layer.weight, layer.weight_scale, layer.bias)
+    variant = layer.plan.variant
+    return ops.int8_gemv(x, layer.weight, layer.weight_scale, layer.bias, variant.streams,
+                         variant.prefetch)
 
 
 def activation_block(cols: int) -> int:
@@ -76,8 +78,9 @@ def block_sums(layer: Linear) -> tuple[torch.Tensor]:
 
 def _native_int8_activations_kernel(layer: Linear, x: torch.Tensor,
                                     ops: ModuleType | None) -> torch.Tensor:
+    variant = layer.plan.variant
     return ops.int8_gemv_q8(x, layer.weight, layer.weight_scale, layer.plan.weights[0],
-                            layer.bias)
+                            layer.bias, variant.streams, variant.prefetch)
 
 
 def _native_dequantize_kernel(layer: Linear, x: torch.Tensor,
@@ -88,10 +91,10 @@ def _native_dequantize_kernel(layer: Linear, x: torch.Tensor,
 
 class Int8LinearMethod(QuantizedLinearMethod):
     kernels = {"native": QuantizedKernel(_native_kernel, devices=("cpu",), native=True,
-                                         gemv=True),
+                                         gemv=True, variants=True),
                "native_int8_activations": QuantizedKernel(
                    _native_int8_activations_kernel, devices=("cpu",),
-                   dtypes=INT8_ACTIVATION_DTYPES, native=True, gemv=True,
+                   dtypes=INT8_ACTIVATION_DTYPES, native=True, gemv=True, variants=True,
                    prepare=block_sums),
                "native_dequantize": QuantizedKernel(_native_dequantize_kernel,
                                                     devices=("cpu",), native=True),

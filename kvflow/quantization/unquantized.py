@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from kvflow.kernels.variants import DEFAULT, GemvVariant
 from kvflow.quantization.base import LinearMethod, add_bias, add_parameter, row_loader
 
 if TYPE_CHECKING:
@@ -19,12 +20,13 @@ if TYPE_CHECKING:
 class LinearPlan:
     """How one linear layer runs on this machine, chosen by measuring
     (kvflow/kernels/tuning.py): inputs of at most gemv_max_rows rows through the native
-    GEMV; larger ones through a second copy of the weight where one measured faster than
+    GEMV, reading the weight as gemv_variant says; larger ones through a second copy of the weight where one measured faster than
     F.linear on the layer's own weight: oneDNN-prepacked, or widened to float32 (for
     bf16 weights on CPUs whose bf16 matmuls are slower than float32 ones)."""
 
     ops: ModuleType | None = None  # kvflow's native kernels
     gemv_max_rows: int = 0
+    gemv_variant: GemvVariant = DEFAULT
     packed_weight: torch.Tensor | None = None  # torch.ops.mkldnn._reorder_linear_weight
     float32_weight: torch.Tensor | None = None
     float32_bias: torch.Tensor | None = None
@@ -45,7 +47,8 @@ def apply_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
                  plan: LinearPlan | None) -> torch.Tensor:
     if plan is not None and x.dim() == 2:
         if x.shape[0] <= plan.gemv_max_rows:
-            return plan.ops.gemv(x, weight, bias)
+            variant = plan.gemv_variant
+            return plan.ops.gemv(x, weight, bias, variant.streams, variant.prefetch)
         if plan.packed_weight is not None:
             return _packed_linear(x, plan.packed_weight, bias)
         if plan.float32_weight is not None:

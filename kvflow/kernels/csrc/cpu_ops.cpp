@@ -120,11 +120,37 @@ void check_cpu(const torch::Tensor& t, const char* name) {
 // is read once from memory and each loaded weight vector serves up to four rows of x, so
 // the product runs at the memory's read rate. The weight is x's dtype, or int8 with a
 // scale per row (weight-only quantization), widened to float32 in registers.
-constexpr int64_t kGemvRows = 4;  // weight rows per group
+constexpr int64_t kGemvRows = 4;  // weight rows per group, at most
 constexpr int64_t kGemvCols = 4;  // rows of x per pass over a group
-// Software prefetch this far ahead in each weight row stream: on a 2-core Zen 5 it raised
-// a whole model's GEMVs from about 39 to 44 GB/s (the hardware prefetchers alone lag).
+// Software prefetch this far ahead in each weight row stream, by default: on a 2-core Zen 5
+// it raised a whole model's GEMVs from about 39 to 44 GB/s (the hardware prefetchers alone
+// lag).
 constexpr int64_t kPrefetchBytes = 4096;
+
+// How a GEMV reads its weight; the per-machine tuning (kvflow/kernels/tuning.py) picks one
+// by measuring, since the best differs between microarchitectures. streams: weight rows read
+// side by side (4, or 1: one row after another, a single sequential stream per thread; on a
+// 2-core Zen 4 its hardware prefetcher kept up with one stream and not with four, 29 against
+// 21 GB/s over a 0.5B model's weights). prefetch: bytes ahead of each stream to prefetch, 0
+// for none. A variant computes every row of x alike, whatever their number.
+struct GemvVariant {
+  int64_t streams = kGemvRows;
+  int64_t prefetch = kPrefetchBytes;
+};
+
+GemvVariant gemv_variant(int64_t streams, int64_t prefetch) {
+  TORCH_CHECK(streams == 1 || streams == kGemvRows, "gemv: streams must be 1 or 4, not ",
+              streams);
+  TORCH_CHECK(prefetch >= 0 && prefetch <= (1 << 16), "gemv: prefetch must be 0 to 65536 "
+              "bytes, not ", prefetch);
+  return {streams, prefetch};
+}
+
+inline void prefetch_ahead(const void* p, int64_t bytes) {
+#ifdef KVFLOW_AVX512
+  if (bytes) _mm_prefetch(static_cast<const char*>(p) + bytes, _MM_HINT_T0);
+#endif
+}
 
 inline float to_f32(int8_t x) { return x; }
 
@@ -135,69 +161,84 @@ inline __m512 load16(const int8_t* p) {
 }
 #endif
 
-template <typename T, typename W, int MB>
+// R weight rows against MB rows of x. One row at a time (R = 1) would leave one dependency
+// chain per row of x, so it keeps U = 4 accumulators over interleaved runs of columns, which
+// it adds in a fixed order at the end: a variant's sums differ from another's by rounding,
+// never from one batch size to another.
+template <typename T, typename W, int MB, int R>
 void gemv_group(const float* xf, const T* x, const W* w, float (*sums)[kGemvRows], int64_t K,
-                int64_t& k_done) {
+                int64_t prefetch, int64_t& k_done) {
   int64_t k = 0;
 #ifdef KVFLOW_AVX512
-  __m512 acc[MB][kGemvRows];
+  constexpr int U = R == 1 ? 4 : 1;
+  __m512 acc[MB][R][U];
   for (int m = 0; m < MB; ++m)
-    for (int r = 0; r < kGemvRows; ++r) acc[m][r] = _mm512_setzero_ps();
+    for (int r = 0; r < R; ++r)
+      for (int u = 0; u < U; ++u) acc[m][r][u] = _mm512_setzero_ps();
 #ifdef __AVX512BF16__
   // bf16 weights and activations: vdpbf16ps multiplies 32 pairs per instruction with no
-  // widening, accumulating in float32.
+  // widening, accumulating in float32. The second loop takes what the unrolled one left.
   if constexpr (std::is_same_v<T, BFloat16> && std::is_same_v<W, BFloat16>) {
-    for (; k + 32 <= K; k += 32) {
-      __m512bh wv[kGemvRows];
-      for (int r = 0; r < kGemvRows; ++r) {
-        _mm_prefetch(reinterpret_cast<const char*>(w + r * K + k) + kPrefetchBytes, _MM_HINT_T0);
-        wv[r] = (__m512bh)_mm512_loadu_si512(reinterpret_cast<const void*>(w + r * K + k));
+    auto step = [&](int64_t kk, int u) {
+      __m512bh wv[R];
+      for (int r = 0; r < R; ++r) {
+        prefetch_ahead(w + r * K + kk, prefetch);
+        wv[r] = (__m512bh)_mm512_loadu_si512(reinterpret_cast<const void*>(w + r * K + kk));
       }
       for (int m = 0; m < MB; ++m) {
-        const __m512bh xv = (__m512bh)_mm512_loadu_si512(reinterpret_cast<const void*>(x + m * K + k));
-        for (int r = 0; r < kGemvRows; ++r) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], wv[r], xv);
+        const __m512bh xv = (__m512bh)_mm512_loadu_si512(reinterpret_cast<const void*>(x + m * K + kk));
+        for (int r = 0; r < R; ++r) acc[m][r][u] = _mm512_dpbf16_ps(acc[m][r][u], wv[r], xv);
       }
-    }
+    };
+    for (; k + 32 * U <= K; k += 32 * U)
+      for (int u = 0; u < U; ++u) step(k + 32 * u, u);
+    for (; k + 32 <= K; k += 32) step(k, 0);
   }
 #endif
   // float32 FMAs: all of a float32 or int8 weight (or a bf16 one without vdpbf16ps), and
   // the last 16 columns a bf16 one may have left.
-  for (; k + 16 <= K; k += 16) {
-    __m512 wv[kGemvRows];
+  auto step = [&](int64_t kk, int u) {
+    __m512 wv[R];
     // One prefetch per 64-byte line: an int8 step covers a quarter of one.
-    const bool new_line = (k * sizeof(W)) % 64 == 0;
-    for (int r = 0; r < kGemvRows; ++r) {
-      if (new_line)
-        _mm_prefetch(reinterpret_cast<const char*>(w + r * K + k) + kPrefetchBytes, _MM_HINT_T0);
-      wv[r] = load16(w + r * K + k);
+    const bool new_line = (kk * sizeof(W)) % 64 == 0;
+    for (int r = 0; r < R; ++r) {
+      if (new_line) prefetch_ahead(w + r * K + kk, prefetch);
+      wv[r] = load16(w + r * K + kk);
     }
     for (int m = 0; m < MB; ++m) {
-      const __m512 xv = _mm512_loadu_ps(xf + m * K + k);
-      for (int r = 0; r < kGemvRows; ++r) acc[m][r] = _mm512_fmadd_ps(wv[r], xv, acc[m][r]);
+      const __m512 xv = _mm512_loadu_ps(xf + m * K + kk);
+      for (int r = 0; r < R; ++r) acc[m][r][u] = _mm512_fmadd_ps(wv[r], xv, acc[m][r][u]);
     }
-  }
+  };
+  for (; k + 16 * U <= K; k += 16 * U)
+    for (int u = 0; u < U; ++u) step(k + 16 * u, u);
+  for (; k + 16 <= K; k += 16) step(k, 0);
   for (int m = 0; m < MB; ++m)
-    for (int r = 0; r < kGemvRows; ++r) sums[m][r] = _mm512_reduce_add_ps(acc[m][r]);
+    for (int r = 0; r < R; ++r) {
+      __m512 total = acc[m][r][0];
+      for (int u = 1; u < U; ++u) total = _mm512_add_ps(total, acc[m][r][u]);
+      sums[m][r] = _mm512_reduce_add_ps(total);
+    }
 #else
   for (int m = 0; m < MB; ++m)
-    for (int r = 0; r < kGemvRows; ++r) sums[m][r] = 0.f;
+    for (int r = 0; r < R; ++r) sums[m][r] = 0.f;
 #endif
   k_done = k;
 }
 
-// sums[m][r] = x_m . w_r for mb (at most kGemvCols) rows of x and `rows` (at most kGemvRows)
-// weight rows from wg: gemv_group's vector loop over a whole group, then the columns it left
-// (all of them for a part group). Each sum is reduced in the same order whatever mb is.
-template <typename T, typename W>
+// sums[m][r] = x_m . w_r for mb (at most kGemvCols) rows of x and `rows` (at most R) weight
+// rows from wg: gemv_group's vector loop over a whole group, then the columns it left (all
+// of them for a part group). Each sum is reduced in the same order whatever mb is.
+template <typename T, typename W, int R = kGemvRows>
 void gemv_sums(const float* xf, const T* x, const W* wg, int64_t rows, int64_t mb, int64_t K,
-               float (*sums)[kGemvRows]) {
+               float (*sums)[kGemvRows], int64_t prefetch = kPrefetchBytes) {
   int64_t k_done = 0;
-  if (rows == kGemvRows) {
+  if (rows == R) {
     switch (mb) {
-      case 1: gemv_group<T, W, 1>(xf, x, wg, sums, K, k_done); break;
-      case 2: gemv_group<T, W, 2>(xf, x, wg, sums, K, k_done); break;
-      case 3: gemv_group<T, W, 3>(xf, x, wg, sums, K, k_done); break;
-      default: gemv_group<T, W, 4>(xf, x, wg, sums, K, k_done); break;
+      case 1: gemv_group<T, W, 1, R>(xf, x, wg, sums, K, prefetch, k_done); break;
+      case 2: gemv_group<T, W, 2, R>(xf, x, wg, sums, K, prefetch, k_done); break;
+      case 3: gemv_group<T, W, 3, R>(xf, x, wg, sums, K, prefetch, k_done); break;
+      default: gemv_group<T, W, 4, R>(xf, x, wg, sums, K, prefetch, k_done); break;
     }
   } else {
     for (int64_t m = 0; m < mb; ++m)
@@ -220,9 +261,9 @@ void gemv_sums(const float* xf, const T* x, const W* wg, int64_t rows, int64_t m
 // the blocking changes no result (batch invariance rests on this).
 constexpr int64_t kGemvBlockRows = 64;
 
-template <typename T, typename W>
+template <typename T, typename W, int R>
 void gemv_impl(const T* x, const W* w, const T* scale, const T* bias, T* y, int64_t M,
-               int64_t N, int64_t K) {
+               int64_t N, int64_t K, int64_t prefetch) {
   std::vector<float> widened;
   for (int64_t block = 0; block < M; block += kGemvBlockRows) {
     const int64_t block_rows = std::min(kGemvBlockRows, M - block);
@@ -236,15 +277,16 @@ void gemv_impl(const T* x, const W* w, const T* scale, const T* bias, T* y, int6
       xf = widened.data();
     }
     T* yb = y + block * N;
-    at::parallel_for(0, (N + kGemvRows - 1) / kGemvRows, 16, [&](int64_t begin, int64_t end) {
+    // At least 64 weight rows per thread's share, whatever R.
+    at::parallel_for(0, (N + R - 1) / R, 64 / R, [&](int64_t begin, int64_t end) {
       float sums[kGemvCols][kGemvRows];
       for (int64_t group = begin; group < end; ++group) {
-        const int64_t n0 = group * kGemvRows;
-        const int64_t rows = std::min(kGemvRows, N - n0);
+        const int64_t n0 = group * R;
+        const int64_t rows = std::min<int64_t>(R, N - n0);
         const W* wg = w + n0 * K;
         for (int64_t m0 = 0; m0 < block_rows; m0 += kGemvCols) {
           const int64_t mb = std::min(kGemvCols, block_rows - m0);
-          gemv_sums<T, W>(xf + m0 * K, xb + m0 * K, wg, rows, mb, K, sums);
+          gemv_sums<T, W, R>(xf + m0 * K, xb + m0 * K, wg, rows, mb, K, sums, prefetch);
           for (int64_t m = 0; m < mb; ++m) {
             for (int64_t r = 0; r < rows; ++r) {
               float s = sums[m][r];
@@ -259,6 +301,15 @@ void gemv_impl(const T* x, const W* w, const T* scale, const T* bias, T* y, int6
   }
 }
 
+template <typename T, typename W>
+void gemv_dispatch(const T* x, const W* w, const T* scale, const T* bias, T* y, int64_t M,
+                   int64_t N, int64_t K, GemvVariant v) {
+  if (v.streams == 1)
+    gemv_impl<T, W, 1>(x, w, scale, bias, y, M, N, K, v.prefetch);
+  else
+    gemv_impl<T, W, kGemvRows>(x, w, scale, bias, y, M, N, K, v.prefetch);
+}
+
 void check_bias(const c10::optional<torch::Tensor>& bias, const torch::Tensor& x, int64_t n,
                 const char* name) {
   TORCH_CHECK(!bias || (bias->numel() == n && bias->scalar_type() == x.scalar_type() &&
@@ -271,7 +322,9 @@ const void* bias_ptr(const c10::optional<torch::Tensor>& bias, torch::Tensor& ho
   return holder.data_ptr();
 }
 
-torch::Tensor gemv(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias) {
+torch::Tensor gemv(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias,
+                   int64_t streams, int64_t prefetch) {
+  const GemvVariant variant = gemv_variant(streams, prefetch);
   check_cpu(x, "gemv x");
   check_cpu(w, "gemv w");
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "gemv: shapes");
@@ -284,14 +337,15 @@ torch::Tensor gemv(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor
   auto y = torch::empty({x.size(0), w.size(0)}, x.options());
   dispatch_float_or_bf16(x.scalar_type(), "gemv", [&](auto tag) {
     using T = decltype(tag);
-    gemv_impl<T, T>(x.data_ptr<T>(), w.data_ptr<T>(), nullptr, static_cast<const T*>(bp),
-                    y.data_ptr<T>(), x.size(0), w.size(0), x.size(1));
+    gemv_dispatch<T, T>(x.data_ptr<T>(), w.data_ptr<T>(), nullptr, static_cast<const T*>(bp),
+                        y.data_ptr<T>(), x.size(0), w.size(0), x.size(1), variant);
   });
   return y;
 }
 
 torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor scale,
-                        c10::optional<torch::Tensor> bias) {
+                        c10::optional<torch::Tensor> bias, int64_t streams, int64_t prefetch) {
+  const GemvVariant variant = gemv_variant(streams, prefetch);
   check_cpu(x, "int8_gemv x");
   check_cpu(w, "int8_gemv w");
   check_cpu(scale, "int8_gemv scale");
@@ -308,9 +362,9 @@ torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor scale,
   auto y = torch::empty({x.size(0), w.size(0)}, x.options());
   dispatch_float_or_bf16(x.scalar_type(), "int8_gemv", [&](auto tag) {
     using T = decltype(tag);
-    gemv_impl<T, int8_t>(x.data_ptr<T>(), w.data_ptr<int8_t>(), scale.data_ptr<T>(),
-                         static_cast<const T*>(bp), y.data_ptr<T>(), x.size(0), w.size(0),
-                         x.size(1));
+    gemv_dispatch<T, int8_t>(x.data_ptr<T>(), w.data_ptr<int8_t>(), scale.data_ptr<T>(),
+                             static_cast<const T*>(bp), y.data_ptr<T>(), x.size(0), w.size(0),
+                             x.size(1), variant);
   });
   return y;
 }
@@ -640,66 +694,68 @@ void int4_block_q8(const int32_t* xpat, const float* xscale, const int32_t* xsum
 
 // int8: vpdpbusd takes one unsigned operand, so x goes in as q + 128, and each row loses
 // 128 * its block's weight sum afterwards (wsum, kept in the plan).
-template <int MB>
+// R weight rows side by side (a GemvVariant's streams); every sum is reduced alike for any R.
+template <int MB, int R>
 void int8_group_q8(const uint8_t* xu, const float* xscale, const int8_t* w,
-                   float (*sums)[kGemvRows], int64_t K, int64_t B) {
-  __m512 acc[MB][kGemvRows];
+                   float (*sums)[kGemvRows], int64_t K, int64_t B, int64_t prefetch) {
+  __m512 acc[MB][R];
   for (int m = 0; m < MB; ++m)
-    for (int r = 0; r < kGemvRows; ++r) acc[m][r] = _mm512_setzero_ps();
+    for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps();
   for (int64_t b = 0; b < K / B; ++b) {
-    __m512i dot[MB][kGemvRows];
+    __m512i dot[MB][R];
     for (int m = 0; m < MB; ++m)
-      for (int r = 0; r < kGemvRows; ++r) dot[m][r] = _mm512_setzero_si512();
+      for (int r = 0; r < R; ++r) dot[m][r] = _mm512_setzero_si512();
     for (int64_t k = b * B; k < (b + 1) * B; k += 64) {
-      __m512i wv[kGemvRows];
-      for (int r = 0; r < kGemvRows; ++r) {
-        _mm_prefetch(reinterpret_cast<const char*>(w + r * K + k) + kPrefetchBytes, _MM_HINT_T0);
+      __m512i wv[R];
+      for (int r = 0; r < R; ++r) {
+        prefetch_ahead(w + r * K + k, prefetch);
         wv[r] = _mm512_loadu_si512(w + r * K + k);
       }
       for (int m = 0; m < MB; ++m) {
         const __m512i xv = _mm512_loadu_si512(xu + m * K + k);
-        for (int r = 0; r < kGemvRows; ++r) dot[m][r] = _mm512_dpbusd_epi32(dot[m][r], xv, wv[r]);
+        for (int r = 0; r < R; ++r) dot[m][r] = _mm512_dpbusd_epi32(dot[m][r], xv, wv[r]);
       }
     }
     for (int m = 0; m < MB; ++m) {
       const __m512 xs = _mm512_set1_ps(xscale[m * (K / B) + b]);
-      for (int r = 0; r < kGemvRows; ++r)
+      for (int r = 0; r < R; ++r)
         acc[m][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[m][r]), xs, acc[m][r]);
     }
   }
   for (int m = 0; m < MB; ++m)
-    for (int r = 0; r < kGemvRows; ++r) sums[m][r] = _mm512_reduce_add_ps(acc[m][r]);
+    for (int r = 0; r < R; ++r) sums[m][r] = _mm512_reduce_add_ps(acc[m][r]);
 }
 #endif
 
-template <typename T>
+template <typename T, int R>
 void int8_q8_impl(const T* x, const int8_t* w, const T* scale, const int32_t* wsum,
-                  const T* bias, T* y, int64_t M, int64_t N, int64_t K, int64_t B) {
+                  const T* bias, T* y, int64_t M, int64_t N, int64_t K, int64_t B,
+                  int64_t prefetch) {
   const int64_t blocks = K / B;
   const Int8Activations a = quantize_activations(x, M, K, B);
 #ifdef KVFLOW_VNNI
   std::vector<uint8_t> xu(M * K);
   for (int64_t i = 0; i < M * K; ++i) xu[i] = static_cast<uint8_t>(a.q[i] + 128);
 #endif
-  at::parallel_for(0, N / kGemvRows, 16, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, N / R, 64 / R, [&](int64_t begin, int64_t end) {
     float sums[kGemvCols][kGemvRows];
     for (int64_t group = begin; group < end; ++group) {
-      const int64_t n0 = group * kGemvRows;
+      const int64_t n0 = group * R;
       for (int64_t m0 = 0; m0 < M; m0 += kGemvCols) {
         const int64_t mb = std::min(kGemvCols, M - m0);
 #ifdef KVFLOW_VNNI
         const auto args = std::make_tuple(xu.data() + m0 * K, a.scale.data() + m0 * blocks,
-                                          w + n0 * K, sums, K, B);
+                                          w + n0 * K, sums, K, B, prefetch);
         switch (mb) {
-          case 1: std::apply(int8_group_q8<1>, args); break;
-          case 2: std::apply(int8_group_q8<2>, args); break;
-          case 3: std::apply(int8_group_q8<3>, args); break;
-          default: std::apply(int8_group_q8<4>, args); break;
+          case 1: std::apply(int8_group_q8<1, R>, args); break;
+          case 2: std::apply(int8_group_q8<2, R>, args); break;
+          case 3: std::apply(int8_group_q8<3, R>, args); break;
+          default: std::apply(int8_group_q8<4, R>, args); break;
         }
 #endif
         for (int64_t m = 0; m < mb; ++m) {
           const float* xs = a.scale.data() + (m0 + m) * blocks;
-          for (int64_t r = 0; r < kGemvRows; ++r) {
+          for (int64_t r = 0; r < R; ++r) {
             const int64_t n = n0 + r;
             float s = 0.f;
 #ifdef KVFLOW_VNNI
@@ -783,7 +839,9 @@ void int4_q8_impl(const T* x, const uint8_t* w, const T* blocked, const T* bias,
 }
 
 torch::Tensor int8_gemv_q8(torch::Tensor x, torch::Tensor w, torch::Tensor scale,
-                           torch::Tensor wsum, c10::optional<torch::Tensor> bias) {
+                           torch::Tensor wsum, c10::optional<torch::Tensor> bias,
+                           int64_t streams, int64_t prefetch) {
+  const GemvVariant variant = gemv_variant(streams, prefetch);
   for (const auto* t : {&x, &w, &scale, &wsum}) check_cpu(*t, "int8_gemv_q8");
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "int8_gemv_q8: shapes");
   TORCH_CHECK(w.scalar_type() == at::kChar, "int8_gemv_q8: w must be int8");
@@ -806,9 +864,14 @@ torch::Tensor int8_gemv_q8(torch::Tensor x, torch::Tensor w, torch::Tensor scale
   auto y = torch::empty({x.size(0), N}, x.options());
   dispatch_float_or_bf16(x.scalar_type(), "int8_gemv_q8", [&](auto tag) {
     using T = decltype(tag);
-    int8_q8_impl<T>(x.data_ptr<T>(), w.data_ptr<int8_t>(), scale.data_ptr<T>(),
-                    wsum.data_ptr<int32_t>(), static_cast<const T*>(bp), y.data_ptr<T>(),
-                    x.size(0), N, K, K / wsum.size(1));
+    const auto args = std::make_tuple(x.data_ptr<T>(), w.data_ptr<int8_t>(), scale.data_ptr<T>(),
+                                      wsum.data_ptr<int32_t>(), static_cast<const T*>(bp),
+                                      y.data_ptr<T>(), x.size(0), N, K, K / wsum.size(1),
+                                      variant.prefetch);
+    if (variant.streams == 1)
+      std::apply(int8_q8_impl<T, 1>, args);
+    else
+      std::apply(int8_q8_impl<T, kGemvRows>, args);
   });
   return y;
 }
@@ -1938,14 +2001,19 @@ std::string vector_paths() {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("gemv", &gemv, "y = x @ w.T (+ bias) for a few rows of x");
-  m.def("int8_gemv", &int8_gemv, "y = x @ (w * scale[:, None]).T (+ bias), w int8, for a few rows of x");
+  // streams and prefetch: a GemvVariant, chosen per machine by kvflow/kernels/tuning.py.
+  m.def("gemv", &gemv, "y = x @ w.T (+ bias) for a few rows of x", py::arg("x"), py::arg("w"),
+        py::arg("bias"), py::arg("streams") = kGemvRows, py::arg("prefetch") = kPrefetchBytes);
+  m.def("int8_gemv", &int8_gemv, "y = x @ (w * scale[:, None]).T (+ bias), w int8, for a few "
+        "rows of x", py::arg("x"), py::arg("w"), py::arg("scale"), py::arg("bias"),
+        py::arg("streams") = kGemvRows, py::arg("prefetch") = kPrefetchBytes);
   m.def("int4_gemv", &int4_gemv, "y = x @ dequantized(w).T (+ bias), w packed int4 (kvflow/quantization/int4.py)",
         py::arg("x"), py::arg("w"), py::arg("scale"), py::arg("offset"), py::arg("bias"),
         py::arg("blocked") = py::none());
   m.def("int8_gemv_q8", &int8_gemv_q8, "int8_gemv with x quantized to int8 per block of "
         "columns, wsum [out_features, blocks] each block's weight sum", py::arg("x"),
-        py::arg("w"), py::arg("scale"), py::arg("wsum"), py::arg("bias"));
+        py::arg("w"), py::arg("scale"), py::arg("wsum"), py::arg("bias"),
+        py::arg("streams") = kGemvRows, py::arg("prefetch") = kPrefetchBytes);
   m.def("int4_gemv_q8", &int4_gemv_q8, "int4_gemv with x quantized to int8 per group, "
         "reading the blocked scales", py::arg("x"), py::arg("w"), py::arg("blocked"),
         py::arg("bias"));
