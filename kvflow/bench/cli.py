@@ -169,6 +169,7 @@ def _env(ns: argparse.Namespace) -> int:
 
     _set_threads(ns)
     info = hardware.inventory()
+    info["threads_now"] = hardware.threads_now(info["torch_threads"])
     ceiling = hardware.ceilings(ns.device, refresh=ns.refresh)
     if ns.json:
         print(json.dumps({"inventory": info, "ceilings": ceiling}, indent=1))

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from kvflow.cache import cache_root, write_atomically
 from kvflow.worker.kv_cache import CPU_FULL_SEQUENCES, CPU_KV_CAP, available_host_memory
-from kvflow.worker.threads import physical_cores
+from kvflow.worker.threads import ThreadGovernor, physical_cores
 
 ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16",
              "amx_int8", "fma", "f16c")
@@ -147,13 +147,31 @@ def matmul_rate(ceiling: dict, dtype: str) -> float:
     return rates[dtype]
 
 
+def threads_now(max_threads: int, seconds: float = 0.5) -> dict | None:
+    """The thread count the engine's ThreadGovernor would run on now, from the cores other
+    processes kept busy over `seconds`; None where it cannot measure."""
+    governor = ThreadGovernor(max_threads, interval_s=seconds, set_threads=lambda n: None)
+    if not governor.active:
+        return None
+    time.sleep(seconds)
+    return {"threads": governor.poll(), "others_busy_cores": round(governor.others, 2)}
+
+
+def _threads_now(now: dict | None) -> str:
+    if now is None:
+        return "; fixed (no /proc to watch other processes' load)"
+    return (f"; fewer while other processes keep cores busy: now {now['threads']}, with "
+            f"{now['others_busy_cores']:.1f} cores busy beside")
+
+
 def format_env(info: dict, ceiling: dict) -> str:
     isa = " ".join(flag for flag, present in info["isa"].items() if present) or "none found"
     memory = f"{info['memory_bytes'] / 2**30:.1f} GiB" if info["memory_bytes"] else "unknown"
     lines = [f"cpu: {info['cpu']}",
              f"cores: {info['usable_cores']} usable of {info['logical_cores']} logical, "
              f"{info['physical_cores']} physical",
-             f"threads: {info['torch_threads']} (kvflow's default: one per physical core)",
+             f"threads: {info['torch_threads']} (kvflow's default: one per physical core)"
+             + _threads_now(info.get("threads_now")),
              f"isa: {isa}", f"memory: {memory}",
              f"default KV cache on the CPU: room for {CPU_FULL_SEQUENCES} sequences of "
              f"max_model_len, at most {info['kv_cache_cap_bytes'] / 2**30:.2f} GiB "

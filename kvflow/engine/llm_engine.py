@@ -35,7 +35,7 @@ from kvflow.structured_output.compiler import GrammarCompiler
 from kvflow.tokenizer.loader import load_tokenizer
 from kvflow.worker.kv_cache import default_kv_cache_memory, num_blocks_for
 from kvflow.worker.model_runner import ModelRunner
-from kvflow.worker.threads import configure_threads
+from kvflow.worker.threads import ThreadGovernor, configure_threads
 
 logger = logging.getLogger(__name__)
 
@@ -78,8 +78,15 @@ class LLMEngine:
                                                  or args.revision, args.download_dir)))
         self.tokenizer = load_tokenizer(tokenizer)
         self.device = args.resolve_device()
+        # Fewer threads while other processes take cores (not in batch-invariant runs,
+        # whose matmuls must split their sums alike every time).
+        self.thread_governor: ThreadGovernor | None = None
         if self.device.type == "cpu":
-            logger.info("CPU threads: %d", configure_threads(args.num_threads))
+            threads = configure_threads(args.num_threads)
+            if not args.batch_invariant:
+                self.thread_governor = ThreadGovernor(threads)
+            logger.info("CPU threads: %d%s", threads, ", fewer while other processes take "
+                        "cores" if self.thread_governor and self.thread_governor.active else "")
         self.dtype = (self.model_config.default_dtype(self.device) if args.dtype == "auto"
                       else parse_dtype(args.dtype))
         self.eos_token_ids = frozenset(self.model_config.eos_token_ids) | (
@@ -399,6 +406,8 @@ class LLMEngine:
         that step are then queued to be computed again (abort them to give up on them)."""
         started = time.monotonic()
         scheduler_output = None
+        if self.thread_governor is not None:
+            self.thread_governor.poll()
         try:
             scheduler_output = self.scheduler.schedule()
             self.runner.forget(scheduler_output.finished_req_ids)
