@@ -492,3 +492,75 @@ def test_compare_runs_each_format_and_reports_its_memory(checkpoint, tmp_path, m
     table = (tmp_path / "cmp.md").read_text()
     assert "| llama.cpp Q8_0 | m-abc-Q8_0.gguf | 0 | 1,042 | 48 |" in table
     assert "| kvflow int8 | " in table and "RSS added by the load" in table
+
+
+LLAMA_BENCH_JSON = json.dumps([{"cpu_info": "AMD EPYC", "n_prompt": 0, "n_gen": 128,
+                                "avg_ts": 28.7, "samples_ts": [28.1, 28.7, 29.3]}])
+BATCHED_BENCH_JSONL = (
+    "main: n_kv_max = 20544\n"
+    '{"n_kv_max": 20544, "pp": 256, "tg": 64, "pl": 16, "n_kv": 5120, "t_pp": 12.1, '
+    '"speed_pp": 338.5, "t_tg": 4.7, "speed_tg": 217.9, "t": 16.8, "speed": 304.8}\n')
+
+
+def test_peer_tests_are_named_and_parsed_as_llama_cpp_prints_them():
+    from kvflow.bench.peer_tests import (PeerTest, PeerTestResult, parse_batched_bench,
+                                         parse_llama_bench, peer_table)
+
+    assert PeerTest.parse("pp512") == PeerTest(512, 0)
+    assert PeerTest.parse("tg128") == PeerTest(0, 128)
+    batched = PeerTest.parse("pp256+tg64x16")
+    assert batched == PeerTest(256, 64, 16) and batched.batched
+    for test in ("pp512", "tg128", "pp256+tg64x16"):
+        assert PeerTest.parse(test).name == test
+    for bad in ("pp0", "tg", "pp1+tg0x4", "pp8+tg8x0", "b16"):
+        with pytest.raises(ValueError, match="peer test"):
+            PeerTest.parse(bad)
+    assert parse_llama_bench(LLAMA_BENCH_JSON) == [28.1, 28.7, 29.3]
+    assert parse_batched_bench(BATCHED_BENCH_JSONL) == 304.8
+    with pytest.raises(ValueError, match="one llama-bench test"):
+        parse_llama_bench("[]")
+    table = peer_table([PeerTestResult("kvflow bf16", "tg128", 30.5, [30.5]),
+                        PeerTestResult("llama.cpp BF16", "tg128", 28.7, [28.7]),
+                        PeerTestResult("llama.cpp BF16", "pp512", 350.0, [350.0])])
+    assert "| tg128 | generated tokens/s | 30.5 | 28.7 |" in table
+    assert "| pp512 | prompt tokens/s | - | 350.0 |" in table
+
+
+def test_compare_runs_the_peer_tests_in_kvflow_and_in_llama_cpps_tools(checkpoint, tmp_path,
+                                                                       monkeypatch):
+    """kvflow's side for real, on a small model; llama.cpp's tools stood in for by their
+    recorded output (building llama.cpp takes minutes)."""
+    from kvflow.bench import llama_cpp, peer_tests
+    from kvflow.bench.compare import CompareSettings, compare
+
+    bf16 = _write_gguf(tmp_path / "m-abc-bf16.gguf", quantized=False)
+    monkeypatch.setattr(llama_cpp, "convert_to_gguf", lambda checkpoint: bf16)
+    monkeypatch.setattr(llama_cpp, "ensure_llama_server", lambda: None)
+    commands = []
+
+    def recorded(command):
+        commands.append(command)
+        return BATCHED_BENCH_JSONL if "llama-batched-bench" in command[0] else LLAMA_BENCH_JSON
+    monkeypatch.setattr(peer_tests, "_output", recorded)
+    out = tmp_path / "cmp"
+    compare(CompareSettings(model=checkpoint("qwen2"), workloads=[], out=out,
+                            systems=["kvflow", "llama.cpp"], kv_cache_memory="16MiB",
+                            peer_tests=["pp24", "tg8", "pp8+tg4x3"], peer_repetitions=2))
+    document = json.loads((tmp_path / "cmp.json").read_text())
+    rows = {(r["system"], r["test"]): r for r in document["peer_tests"]}
+    assert set(rows) == {(s, t) for s in ("kvflow bf16", "llama.cpp BF16")
+                         for t in ("pp24", "tg8", "pp8+tg4x3")}
+    for test in ("pp24", "tg8", "pp8+tg4x3"):
+        kvflow = rows[("kvflow bf16", test)]
+        assert len(kvflow["samples"]) == 2 and kvflow["tokens_per_s"] > 0
+    assert rows[("llama.cpp BF16", "pp8+tg4x3")]["samples"] == [304.8, 304.8]
+    bench = next(c for c in commands if c[0].endswith("llama-bench") and "-p" in c)
+    assert bench[bench.index("-p") + 1] == "24" and bench[bench.index("-n") + 1] == "0"
+    batched = next(c for c in commands if c[0].endswith("llama-batched-bench"))
+    assert [batched[batched.index(f) + 1] for f in ("-npp", "-ntg", "-npl")] == ["8", "4", "3"]
+    report = (tmp_path / "cmp.md").read_text()
+    assert "family" in report and "| tg8 | generated tokens/s |" in report
+    with pytest.raises(ValueError, match="nothing to compare"):
+        CompareSettings(model=tmp_path, workloads=[], out=out)
+    with pytest.raises(ValueError, match="unknown peer test 'pp'"):
+        CompareSettings(model=tmp_path, workloads=[], out=out, peer_tests=["pp"])

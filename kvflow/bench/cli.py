@@ -160,7 +160,8 @@ def _compare(ns: argparse.Namespace) -> int:
                             llama_cpp_parallel=ns.llama_cpp_parallel,
                             kv_cache_memory=ns.kv_cache_memory,
                             kvflow_quantizations=ns.kvflow_quantizations,
-                            llama_cpp_types=ns.llama_cpp_types))
+                            llama_cpp_types=ns.llama_cpp_types, peer_tests=ns.peer_tests,
+                            peer_repetitions=ns.peer_repetitions))
     return 0
 
 
@@ -259,7 +260,8 @@ def add_commands(commands: argparse._SubParsersAction, common: argparse.Argument
     compare = sub.add_parser("compare", parents=[common, threads],
                              help="kvflow and its peers on the same requests, one table")
     compare.add_argument("--model", default=None)
-    compare.add_argument("--workloads", nargs="+", required=True)
+    compare.add_argument("--workloads", nargs="+", default=[],
+                         help="workload files or names from shared/workloads")
     compare.add_argument("--out", type=Path, required=True,
                          help="path prefix of the .json, .md and .png files")
     compare.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
@@ -276,4 +278,10 @@ def add_commands(commands: argparse._SubParsersAction, common: argparse.Argument
     compare.add_argument("--llama-cpp-types", nargs="+", default=["BF16"], choices=GGUF_TYPES,
                          help="llama.cpp's GGUF files: the converted bf16 one, and what "
                          "llama-quantize makes of it; one row per type")
+    compare.add_argument("--peer-tests", nargs="+", default=[],
+                         help="llama.cpp's own benchmarks, and kvflow measured alike: pp<P> "
+                         "(prefill, llama-bench -p), tg<N> (decode, llama-bench -n), "
+                         "pp<P>+tg<N>x<S> (S sequences at once, llama-batched-bench)")
+    compare.add_argument("--peer-repetitions", type=int, default=3,
+                         help="runs of each peer test; the median is reported")
     compare.set_defaults(handler=_compare)

@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from kvflow.bench import hardware, llama_cpp
+from kvflow.bench import hardware, llama_cpp, peer_tests
 from kvflow.bench.hf_peer import load_hf_model, run_transformers
 from kvflow.bench.make_model import tokenizer_vocab_size
 from kvflow.bench.memory import checkpoint_bytes, process_memory
@@ -58,8 +58,15 @@ class CompareSettings:
     dtype: str = "bfloat16"
     kvflow_quantizations: list[str] = field(default_factory=lambda: ["bf16"])
     llama_cpp_types: list[str] = field(default_factory=lambda: ["BF16"])
+    # llama-bench and llama-batched-bench tests (kvflow/bench/peer_tests.py), each format
+    peer_tests: list[str] = field(default_factory=list)
+    peer_repetitions: int = 3
 
     def __post_init__(self) -> None:
+        for test in self.peer_tests:
+            peer_tests.PeerTest.parse(test)
+        if not self.workloads and not self.peer_tests:
+            raise ValueError("nothing to compare: give workloads, peer tests or both")
         for name, chosen, known in (("systems", self.systems, SYSTEMS),
                                     ("kvflow_quantizations", self.kvflow_quantizations,
                                      KVFLOW_QUANTIZATIONS),
@@ -70,6 +77,7 @@ class CompareSettings:
                 raise ValueError(f"{name}: unknown {unknown or 'none given'}; choose from "
                                  f"{list(known)}")
         counts = {"hf_batch_size": [self.hf_batch_size],
+                  "peer_repetitions": [self.peer_repetitions],
                   "llama_cpp_parallel": self.llama_cpp_parallel,
                   "hf_one_at_a_time_requests": [self.hf_one_at_a_time_requests or 1]}
         for name, values in counts.items():
@@ -139,6 +147,22 @@ def compare(settings: CompareSettings) -> list[RunResult]:
     workloads = [load_workload(w, vocab) for w in settings.workloads]
     results: list[RunResult] = []
     failures: list[dict] = []
+    peer_results: list[peer_tests.PeerTestResult] = []
+    tests = [peer_tests.PeerTest.parse(t) for t in settings.peer_tests]
+
+    def record_tests(system: str, run: Callable[[peer_tests.PeerTest], object]) -> None:
+        for test in tests:
+            try:
+                result = run(test)
+            except Exception as exc:  # noqa: BLE001 - as record() below
+                logger.exception("%s failed on %s", system, test.name)
+                failures.append({"system": system, "workload": test.name,
+                                 "error": f"{type(exc).__name__}: {exc}"[:500]})
+                continue
+            print(f"{system} {test.name}: {result.tokens_per_s:.1f} {test.measures}",
+                  flush=True)
+            peer_results.append(result)
+            write(settings, results, failures, ceiling, peer_results)
 
     def record(system: str, workload: Workload, run: Callable[[], RunResult],
                quantized: bool = False) -> None:
@@ -153,7 +177,7 @@ def compare(settings: CompareSettings) -> list[RunResult]:
             return
         print(summary(result), flush=True)
         results.append(result)
-        write(settings, results, failures, ceiling)
+        write(settings, results, failures, ceiling, peer_results)
 
     if "kvflow" in settings.systems:
         for quantization in settings.kvflow_quantizations:
@@ -171,6 +195,8 @@ def compare(settings: CompareSettings) -> list[RunResult]:
             for workload in workloads:
                 record(system, workload, lambda: run_kvflow_format(workload),
                        quantization not in UNQUANTIZED)
+            record_tests(system, lambda test: peer_tests.run_kvflow(
+                load()[0], test, settings.peer_repetitions, system))
             load.cache_clear()
             gc.collect()  # this format's engine is gone before the next one's RSS is read
     hf_systems = [s for s in settings.systems if s.startswith("transformers")]
@@ -194,27 +220,36 @@ def compare(settings: CompareSettings) -> list[RunResult]:
                 record(system, workload,
                        lambda: _llama_cpp(settings, workload, gguf(), system),
                        ftype not in UNQUANTIZED)
-    write(settings, results, failures, ceiling)
+            record_tests(system, lambda test: peer_tests.run_llama_cpp(
+                test, gguf(), torch.get_num_threads(), settings.peer_repetitions, system))
+    write(settings, results, failures, ceiling, peer_results)
     return results
 
 
 def write(settings: CompareSettings, results: list[RunResult], failures: list[dict],
-          ceiling: dict) -> None:
+          ceiling: dict, peer_results: list[peer_tests.PeerTestResult]) -> None:
     import transformers
 
     settings.out.parent.mkdir(parents=True, exist_ok=True)
+    machine = hardware.inventory()
     document = {"date": time.strftime("%Y-%m-%d"), "model": str(settings.model),
-                "machine": hardware.inventory(), "ceilings": ceiling,
+                "machine": machine, "ceilings": ceiling,
                 "versions": {"torch": torch.__version__,
                              "transformers": transformers.__version__,
                              "llama-cpp-python": llama_cpp.LLAMA_CPP_PYTHON},
-                "results": [r.to_dict() for r in results], "failures": failures}
+                "results": [r.to_dict() for r in results],
+                "peer_tests": [r.to_dict() for r in peer_results], "failures": failures}
     settings.out.with_name(settings.out.name + ".json").write_text(json.dumps(document, indent=1))
     failed = "".join(f"\n{f['system']} failed on {f['workload']}: {f['error']}\n"
                      for f in failures)
     memory = memory_table(results)
+    isa = " ".join(flag for flag, present in machine["isa"].items() if present)
+    tests = (f"\nllama.cpp's own benchmarks, on {machine['cpu']} ({machine['cpu_id']}; "
+             f"{isa}), {torch.get_num_threads()} threads:\n\n{peer_tests.peer_table(peer_results)}\n"
+             if peer_results else "")
     settings.out.with_name(settings.out.name + ".md").write_text(
-        markdown_table(results) + "\n" + (f"\n{memory}\n" if memory else "") + failed)
+        (markdown_table(results) + "\n" if results else "")
+        + (f"\n{memory}\n" if memory else "") + tests + failed)
     try:
         plot(results, settings.out)
     except ImportError:

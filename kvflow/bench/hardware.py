@@ -55,6 +55,9 @@ def inventory() -> dict:
     flags = set(cpu.get("flags", "").split())
     info = {
         "cpu": cpu.get("model name", platform.processor() or platform.machine()),
+        # The model name alone does not tell Zen 4 from Zen 5 in a virtual machine.
+        "cpu_id": f"{cpu.get('vendor_id', '?')} family {cpu.get('cpu family', '?')} "
+                  f"model {cpu.get('model', '?')}",
         "logical_cores": os.cpu_count(),
         "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
         else os.cpu_count(),
@@ -167,7 +170,7 @@ def _threads_now(now: dict | None) -> str:
 def format_env(info: dict, ceiling: dict) -> str:
     isa = " ".join(flag for flag, present in info["isa"].items() if present) or "none found"
     memory = f"{info['memory_bytes'] / 2**30:.1f} GiB" if info["memory_bytes"] else "unknown"
-    lines = [f"cpu: {info['cpu']}",
+    lines = [f"cpu: {info['cpu']} ({info.get('cpu_id', '?')})",
              f"cores: {info['usable_cores']} usable of {info['logical_cores']} logical, "
              f"{info['physical_cores']} physical",
              f"threads: {info['torch_threads']} (kvflow's default: one per physical core)"

@@ -95,10 +95,14 @@ def _run(command: list[str], cwd: Path | None = None) -> None:
     subprocess.run(command, cwd=cwd, check=True)
 
 
+# What kvflow runs of llama.cpp: the server, the quantizer, and its own benchmarks.
+BINARIES = ("llama-server", "llama-quantize", "llama-bench", "llama-batched-bench")
+
+
 def ensure_llama_server(jobs: int | None = None) -> Path:
-    """Download the llama-cpp-python sdist and build llama-server and llama-quantize from
-    its vendored llama.cpp (native CPU flags, less AMX where it traps; Release), once."""
-    if server_binary().exists() and quantize_binary().exists():
+    """Download the llama-cpp-python sdist and build BINARIES from its vendored llama.cpp
+    (native CPU flags, less AMX where it traps; Release), once."""
+    if all((build_dir() / "bin" / name).exists() for name in BINARIES):
         return server_binary()
     peer_dir().mkdir(parents=True, exist_ok=True)
     archive = peer_dir() / f"llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz"
@@ -115,7 +119,7 @@ def ensure_llama_server(jobs: int | None = None) -> Path:
     _run(["cmake", "-S", ".", "-B", build_dir().name, *generator, "-DCMAKE_BUILD_TYPE=Release",
           "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
           "-DLLAMA_BUILD_EXAMPLES=OFF", "-DGGML_NATIVE=ON", *flags], cwd=source_dir())
-    _run(["cmake", "--build", build_dir().name, "--target", "llama-server", "llama-quantize", "-j",
+    _run(["cmake", "--build", build_dir().name, "--target", *BINARIES, "-j",
           str(jobs or os.cpu_count() or 1)], cwd=source_dir())
     return server_binary()
 
