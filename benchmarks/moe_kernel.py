@@ -3,7 +3,8 @@
 weights, in bf16, int8 and int4 (quantized at load as `--quantization` does): the native
 expert kernel against the PyTorch path (one product per expert with rows; int8 and int4
 experts dequantized one at a time), for one token (a decode step) and 512 tokens (a
-prefill chunk). The kernel runs twice: every expert through its GEMV loops, and every
+prefill chunk). The kernel runs with every expert through its GEMV loops (once per way of
+reading the weights the tuning may choose, kvflow/kernels/variants.py), and with every
 expert through its GEMMs; the engine takes the GEMVs up to the row count per expert that
 tuning measured and the GEMMs above it.
 
@@ -28,7 +29,7 @@ from pathlib import Path
 import torch
 
 from kvflow.bench.hardware import cpuinfo
-from kvflow.kernels import cpu_ops
+from kvflow.kernels import cpu_ops, variants
 from kvflow.layers.activation import SiluAndMul
 from kvflow.layers.moe import FusedMoE
 from kvflow.models.loader import default_dtype
@@ -39,7 +40,10 @@ SHAPE = Path(__file__).resolve().parents[2] / "shared" / "model-shapes" / \
     "qwen3-30b-a3b-8-layers.json"
 FORMATS = {"bf16": None, "int8": Int8Config(), "int4": Int4Config(128)}
 TOKENS = {"decode": 1, "prefill": 512}
-PATHS = {"pytorch": None, "native GEMVs": sys.maxsize, "native GEMMs": 0}
+# path -> (gemv_max_rows, how the GEMV loops read the weights); None: the PyTorch path.
+PATHS = {"pytorch": None,
+         **{f"native GEMVs ({v})": (sys.maxsize, v) for v in variants.CANDIDATES},
+         "native GEMMs": (0, variants.DEFAULT)}
 
 
 def build_layer(shape: dict, fmt: str) -> FusedMoE:
@@ -83,9 +87,9 @@ def measure(layer: FusedMoE, shape: dict, tokens: int, rounds: int) -> dict[str,
     times: dict[str, list[float]] = {path: [] for path in PATHS}
     with torch.inference_mode():
         for round_, (x, weights, ids) in enumerate(calls):
-            for path, gemv_max_rows in PATHS.items():
-                layer.plan = None if gemv_max_rows is None else replace(
-                    native, gemv_max_rows=gemv_max_rows)
+            for path, native_path in PATHS.items():
+                layer.plan = None if native_path is None else replace(
+                    native, gemv_max_rows=native_path[0], variant=native_path[1])
                 start = time.perf_counter()
                 layer(x, weights, ids)
                 if round_:

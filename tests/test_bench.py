@@ -521,8 +521,10 @@ def test_peer_tests_are_named_and_parsed_as_llama_cpp_prints_them():
         parse_llama_bench("[]")
     table = peer_table([PeerTestResult("kvflow bf16", "tg128", 30.5, [30.5]),
                         PeerTestResult("llama.cpp BF16", "tg128", 28.7, [28.7]),
-                        PeerTestResult("llama.cpp BF16", "pp512", 350.0, [350.0])])
-    assert "| tg128 | generated tokens/s | 30.5 | 28.7 |" in table
+                        PeerTestResult("llama.cpp BF16", "pp512", 350.0, [350.0]),
+                        PeerTestResult("kvflow bf16", "tg128", 20.0, [20.0]),
+                        PeerTestResult("kvflow bf16", "tg128", 31.5, [31.5])])
+    assert "| tg128 | generated tokens/s | 30.5 | 28.7 |" in table  # the median round
     assert "| pp512 | prompt tokens/s | - | 350.0 |" in table
 
 
@@ -545,8 +547,12 @@ def test_compare_runs_the_peer_tests_in_kvflow_and_in_llama_cpps_tools(checkpoin
     out = tmp_path / "cmp"
     compare(CompareSettings(model=checkpoint("qwen2"), workloads=[], out=out,
                             systems=["kvflow", "llama.cpp"], kv_cache_memory="16MiB",
-                            peer_tests=["pp24", "tg8", "pp8+tg4x3"], peer_repetitions=2))
+                            peer_tests=["pp24", "tg8", "pp8+tg4x3"], peer_repetitions=2,
+                            peer_rounds=2))
     document = json.loads((tmp_path / "cmp.json").read_text())
+    # Two rounds, kvflow's side and llama.cpp's alternating.
+    assert [(r["system"], r["settings"]["round"]) for r in document["peer_tests"]][::3] == [
+        ("kvflow bf16", 0), ("llama.cpp BF16", 0), ("kvflow bf16", 1), ("llama.cpp BF16", 1)]
     rows = {(r["system"], r["test"]): r for r in document["peer_tests"]}
     assert set(rows) == {(s, t) for s in ("kvflow bf16", "llama.cpp BF16")
                          for t in ("pp24", "tg8", "pp8+tg4x3")}

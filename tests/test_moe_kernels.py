@@ -16,6 +16,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kvflow.kernels import variants
+from kvflow.kernels.variants import GemvVariant
 from kvflow.layers.activation import ClampedSwiGLU, GeluTanhAndMul, SiluAndMul
 from kvflow.layers.moe import FusedMoE
 from kvflow.models.loader import default_dtype
@@ -94,9 +96,10 @@ def _close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> 
     torch.testing.assert_close(actual.float(), expected, atol=atol * scale, rtol=rtol)
 
 
-def _native(layer: FusedMoE, ops: types.ModuleType, gemv_max_rows: int) -> FusedMoE:
+def _native(layer: FusedMoE, ops: types.ModuleType, gemv_max_rows: int,
+            variant: GemvVariant = variants.DEFAULT) -> FusedMoE:
     assert layer.attach_native(ops), "the kernel disagreed with the PyTorch path (see the log)"
-    layer.plan = replace(layer.plan, gemv_max_rows=gemv_max_rows)
+    layer.plan = replace(layer.plan, gemv_max_rows=gemv_max_rows, variant=variant)
     return layer
 
 
@@ -171,6 +174,28 @@ def test_a_tokens_output_does_not_depend_on_its_batch_through_the_gemv_loops(ker
     for token in (0, 20, 36):
         alone = layer(x[token:token + 1], weights[token:token + 1], ids[token:token + 1])
         assert torch.equal(alone[0], batched[token])
+
+
+@pytest.mark.parametrize("variant", variants.CANDIDATES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_every_gemv_variant_computes_the_experts(kernel_ops, fmt, dtype, variant):
+    """However the tuning has the GEMV loops read the weights: ragged groups, widths that
+    leave part groups, and a token's output the same alone as in its batch."""
+    layer, x, weights, ids, expected = _ragged_case(fmt, dtype, 8, "ragged")
+    for path in ("gemv", "mixed"):
+        _close(_native(layer, kernel_ops, PATHS[path], variant)(x, weights, ids), expected,
+               dtype)
+    batched = _native(layer, kernel_ops, sys.maxsize, variant)(x, weights, ids)
+    for token in (0, 36):
+        alone = layer(x[token:token + 1], weights[token:token + 1], ids[token:token + 1])
+        assert torch.equal(alone[0], batched[token])
+    if fmt == "float":
+        odd = _layer("float", dtype, hidden=40, inner=27)
+        weights, ids = _choices("ragged", 2)
+        x = torch.randn(ids.shape[0], 40, generator=torch.Generator().manual_seed(3)).to(dtype)
+        _close(_native(odd, kernel_ops, sys.maxsize, variant)(x, weights, ids),
+               _reference(odd, x, weights, ids), dtype)
 
 
 @pytest.mark.parametrize("fmt,quantize", [

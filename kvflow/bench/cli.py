@@ -161,7 +161,8 @@ def _compare(ns: argparse.Namespace) -> int:
                             kv_cache_memory=ns.kv_cache_memory,
                             kvflow_quantizations=ns.kvflow_quantizations,
                             llama_cpp_types=ns.llama_cpp_types, peer_tests=ns.peer_tests,
-                            peer_repetitions=ns.peer_repetitions))
+                            peer_repetitions=ns.peer_repetitions,
+                            peer_rounds=ns.peer_rounds))
     return 0
 
 
@@ -283,5 +284,8 @@ def add_commands(commands: argparse._SubParsersAction, common: argparse.Argument
                          "(prefill, llama-bench -p), tg<N> (decode, llama-bench -n), "
                          "pp<P>+tg<N>x<S> (S sequences at once, llama-batched-bench)")
     compare.add_argument("--peer-repetitions", type=int, default=3,
-                         help="runs of each peer test; the median is reported")
+                         help="runs of each peer test within a round; their median is kept")
+    compare.add_argument("--peer-rounds", type=int, default=1,
+                         help="rounds of every peer test, kvflow's formats and llama.cpp's "
+                         "files alternating in pairs; the table gives the median round")
     compare.set_defaults(handler=_compare)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import itertools
 import json
 import logging
 import time
@@ -61,6 +62,7 @@ class CompareSettings:
     # llama-bench and llama-batched-bench tests (kvflow/bench/peer_tests.py), each format
     peer_tests: list[str] = field(default_factory=list)
     peer_repetitions: int = 3
+    peer_rounds: int = 1
 
     def __post_init__(self) -> None:
         for test in self.peer_tests:
@@ -78,6 +80,7 @@ class CompareSettings:
                                  f"{list(known)}")
         counts = {"hf_batch_size": [self.hf_batch_size],
                   "peer_repetitions": [self.peer_repetitions],
+                  "peer_rounds": [self.peer_rounds],
                   "llama_cpp_parallel": self.llama_cpp_parallel,
                   "hf_one_at_a_time_requests": [self.hf_one_at_a_time_requests or 1]}
         for name, values in counts.items():
@@ -150,10 +153,12 @@ def compare(settings: CompareSettings) -> list[RunResult]:
     peer_results: list[peer_tests.PeerTestResult] = []
     tests = [peer_tests.PeerTest.parse(t) for t in settings.peer_tests]
 
-    def record_tests(system: str, run: Callable[[peer_tests.PeerTest], object]) -> None:
+    def record_tests(system: str, round_: int,
+                     run: Callable[[peer_tests.PeerTest], peer_tests.PeerTestResult]) -> None:
         for test in tests:
             try:
                 result = run(test)
+                result.settings["round"] = round_
             except Exception as exc:  # noqa: BLE001 - as record() below
                 logger.exception("%s failed on %s", system, test.name)
                 failures.append({"system": system, "workload": test.name,
@@ -195,8 +200,6 @@ def compare(settings: CompareSettings) -> list[RunResult]:
             for workload in workloads:
                 record(system, workload, lambda: run_kvflow_format(workload),
                        quantization not in UNQUANTIZED)
-            record_tests(system, lambda test: peer_tests.run_kvflow(
-                load()[0], test, settings.peer_repetitions, system))
             load.cache_clear()
             gc.collect()  # this format's engine is gone before the next one's RSS is read
     hf_systems = [s for s in settings.systems if s.startswith("transformers")]
@@ -220,10 +223,38 @@ def compare(settings: CompareSettings) -> list[RunResult]:
                 record(system, workload,
                        lambda: _llama_cpp(settings, workload, gguf(), system),
                        ftype not in UNQUANTIZED)
-            record_tests(system, lambda test: peer_tests.run_llama_cpp(
-                test, gguf(), torch.get_num_threads(), settings.peer_repetitions, system))
+    if tests:
+        _peer_rounds(settings, record_tests)
     write(settings, results, failures, ceiling, peer_results)
     return results
+
+
+def _peer_rounds(settings: CompareSettings,
+                 record_tests: Callable[[str, int, Callable], None]) -> None:
+    """The peer tests, kvflow's formats and llama.cpp's files in pairs (the first format
+    beside the first file, and so on), each pair's tests back to back, in peer_rounds
+    rounds: the machine's speed drifts over minutes, and a ratio is only as good as the
+    time between its two sides."""
+    kvflow = [("kvflow", q) for q in settings.kvflow_quantizations
+              if "kvflow" in settings.systems]
+    peer = [("llama.cpp", t) for t in settings.llama_cpp_types
+            if "llama.cpp" in settings.systems]
+    order = [side for pair in itertools.zip_longest(kvflow, peer) for side in pair if side]
+    bf16 = functools.cache(lambda: llama_cpp.convert_to_gguf(settings.model))
+    gguf = functools.cache(lambda ftype: llama_cpp.quantize_gguf(bf16(), ftype))
+    repetitions, threads = settings.peer_repetitions, torch.get_num_threads()
+    for round_ in range(settings.peer_rounds):
+        for system, weights in order:
+            name = system_name(system, weights)
+            if system == "kvflow":
+                load = functools.cache(lambda: _load_kvflow(settings, weights)[0])
+                record_tests(name, round_, lambda test: peer_tests.run_kvflow(
+                    load(), test, repetitions, name))
+                load.cache_clear()
+                gc.collect()
+            else:
+                record_tests(name, round_, lambda test: peer_tests.run_llama_cpp(
+                    test, gguf(weights), threads, repetitions, name))
 
 
 def write(settings: CompareSettings, results: list[RunResult], failures: list[dict],

@@ -160,10 +160,13 @@ def run_kvflow(llm, test: PeerTest, repetitions: int, system: str,  # noqa: ANN0
 
 
 def peer_table(results: list[PeerTestResult]) -> str:
-    """One row per test, one column per system."""
+    """One row per test, one column per system: the median over rounds."""
     tests = list(dict.fromkeys(r.test for r in results))
     systems = list(dict.fromkeys(r.system for r in results))
-    by = {(r.system, r.test): r.tokens_per_s for r in results}
+    rounds: dict[tuple[str, str], list[float]] = {}
+    for r in results:
+        rounds.setdefault((r.system, r.test), []).append(r.tokens_per_s)
+    by = {key: statistics.median(values) for key, values in rounds.items()}
     lines = ["| test | measures | " + " | ".join(systems) + " |",
              "| --- | --- |" + " --- |" * len(systems)]
     for test in tests:

@@ -340,12 +340,43 @@ def _plan_experts(model: nn.Module, cache: _ChoiceCache) -> None:
             shapes[f"{type(module.method).__name__} {module.plan.activation[0]} {label}"].append(
                 module)
     for label, layers in shapes.items():
-        rows = cache.get(f"expert GEMV rows {label}",
+        variant = variants.DEFAULT
+        if layers[0].gate_up_proj.dtype != torch.uint8:  # int4 weights are one stream anyway
+            variant = GemvVariant.parse(cache.get(f"expert GEMV variant {label}",
+                                                  lambda: str(_expert_variant(layers))))
+        for layer in layers:
+            layer.plan = replace(layer.plan, variant=variant)
+        rows = cache.get(f"expert GEMV rows {label} {variant}",
                          lambda: _expert_gemv_max_rows(layers[:GEMM_SAMPLE]))
         for layer in layers:
             layer.plan = replace(layer.plan, gemv_max_rows=rows)
-        logger.debug("experts %s: GEMV loops up to %d rows per expert, GEMMs above", label,
-                     rows)
+        logger.debug("experts %s: GEMV loops (%s) up to %d rows per expert, GEMMs above",
+                     label, variant, rows)
+
+
+def _expert_variant(layers: list[FusedMoE]) -> GemvVariant:
+    """The variant fastest at a decode step's shape: one row for each of EXPERTS_MEASURED
+    experts, on layers up to VARIANT_SAMPLE_BYTES of weights."""
+    sample = _memory_sample(layers, lambda layer: sum(
+        p.numel() * p.element_size() for p in layer.parameters()) * min(
+            EXPERTS_MEASURED, layer.num_experts) // layer.num_experts)
+    first = sample[0]
+    plans = [layer.plan for layer in sample]
+    experts = min(EXPERTS_MEASURED, first.num_experts)
+    dtype = next(p.dtype for p in first.parameters() if p.is_floating_point())
+    ids = torch.arange(experts)[None, :]
+    weights = torch.ones(ids.shape)
+    x = torch.randn(1, first.hidden_size).to(dtype)
+
+    def run(variant: GemvVariant) -> None:
+        for layer, plan in zip(sample, plans):
+            layer.plan = replace(plan, variant=variant, gemv_max_rows=sys.maxsize)
+            layer(x, weights, ids)
+    try:
+        return _fastest_variant(run)
+    finally:
+        for layer, plan in zip(sample, plans):
+            layer.plan = plan
 
 
 def _expert_gemv_max_rows(layers: list[FusedMoE]) -> int:

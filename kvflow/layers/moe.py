@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kvflow.kernels.variants import DEFAULT, GemvVariant
 from kvflow.layers.activation import ClampedSwiGLU, GeluTanhAndMul, SiluAndMul
 from kvflow.layers.linear import Linear
 from kvflow.layers.native import NativeKernelHook
@@ -105,6 +106,7 @@ class ExpertPlan:
     # What the kernel reads beside gate_up's and down's weights (the method's kernel_scales).
     scales: tuple[torch.Tensor | None, torch.Tensor | None]
     activation: tuple[str, float, float]  # the kernel's name for it, alpha, limit
+    variant: GemvVariant = DEFAULT  # how the GEMV loops read the weights (not int4's)
 
 
 class ExpertMethod(ABC):
@@ -148,7 +150,8 @@ class ExpertMethod(ABC):
             return plan.ops.moe_experts(x, weights, ids, layer.gate_up_proj, plan.scales[0],
                                         layer.gate_up_proj_bias, layer.down_proj,
                                         plan.scales[1], layer.down_proj_bias, *plan.activation,
-                                        plan.gemv_max_rows)
+                                        plan.gemv_max_rows, plan.variant.streams,
+                                        plan.variant.prefetch)
         groups = ExpertGroups.of(ids, layer.num_experts)
         rows = x[groups.token_ids]
         out = x.new_empty(ids.numel(), layer.hidden_size)  # [tokens * top_k] in choice order

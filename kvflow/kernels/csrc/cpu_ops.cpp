@@ -1673,6 +1673,7 @@ struct ExpertProjection {
   const T* scales;
   const T* bias;
   int64_t N, K, G;  // G: the int4 group size
+  GemvVariant variant;  // how the GEMV loops read a T or int8 weight (int4's is one stream)
 
   int64_t groups() const { return kInt4 ? K / G : 0; }
   const W* weight(int64_t e) const { return w + e * N * (kInt4 ? K / 2 : K); }
@@ -1695,7 +1696,17 @@ void expert_sums(const ExpertProjection<T, W>& p, int64_t e, const T* x, const f
                        p.K, p.G, sums);
   } else {
     float s[kGemvCols][kGemvRows];
-    gemv_sums<T, W>(xf, x, p.weight(e) + n0 * p.K, rows, mb, p.K, s);
+    const W* w = p.weight(e) + n0 * p.K;
+    if (p.variant.streams == 1) {
+      // The item's rows one after another: one sequential stream.
+      for (int64_t r = 0; r < rows; ++r) {
+        float row[kGemvCols][kGemvRows];
+        gemv_sums<T, W, 1>(xf, x, w + r * p.K, 1, mb, p.K, row, p.variant.prefetch);
+        for (int64_t m = 0; m < mb; ++m) s[m][r] = row[m][0];
+      }
+    } else {
+      gemv_sums<T, W>(xf, x, w, rows, mb, p.K, s, p.variant.prefetch);
+    }
     const T* scale = p.scales_of(e);
     for (int64_t m = 0; m < mb; ++m)
       for (int64_t r = 0; r < rows; ++r)
@@ -1893,7 +1904,7 @@ ExpertProjection<T, W> expert_projection(const torch::Tensor& w,
                                          const c10::optional<torch::Tensor>& scales,
                                          const c10::optional<torch::Tensor>& bias,
                                          int64_t experts, int64_t N, int64_t K,
-                                         const char* name) {
+                                         const char* name, GemvVariant variant) {
   using P = ExpertProjection<T, W>;
   TORCH_CHECK(w.is_contiguous() && w.sizes() == at::IntArrayRef({experts, N, P::kInt4 ? K / 2 : K}),
               "moe_experts: ", name, " must be contiguous [experts, ", N, ", ",
@@ -1927,7 +1938,7 @@ ExpertProjection<T, W> expert_projection(const torch::Tensor& w,
     }
     scale_ptr = scales->data_ptr<T>();
   }
-  return {w.data_ptr<W>(), scale_ptr, bias ? bias->data_ptr<T>() : nullptr, N, K, G};
+  return {w.data_ptr<W>(), scale_ptr, bias ? bias->data_ptr<T>() : nullptr, N, K, G, variant};
 }
 
 torch::Tensor moe_experts(torch::Tensor x, torch::Tensor weights, torch::Tensor ids,
@@ -1935,8 +1946,10 @@ torch::Tensor moe_experts(torch::Tensor x, torch::Tensor weights, torch::Tensor 
                           c10::optional<torch::Tensor> gate_up_bias, torch::Tensor down,
                           c10::optional<torch::Tensor> down_scales,
                           c10::optional<torch::Tensor> down_bias, const std::string& activation,
-                          double alpha, double limit, int64_t gemv_max_rows) {
+                          double alpha, double limit, int64_t gemv_max_rows, int64_t streams,
+                          int64_t prefetch) {
   for (const auto* t : {&x, &weights, &ids, &gate_up, &down}) check_cpu(*t, "moe_experts");
+  const GemvVariant variant = gemv_variant(streams, prefetch);
   TORCH_CHECK(x.dim() == 2 && weights.dim() == 2 && ids.sizes() == weights.sizes() &&
                   ids.size(0) == x.size(0) && ids.size(1) > 0,
               "moe_experts: x must be [tokens, hidden], weights and ids [tokens, top_k]");
@@ -1961,9 +1974,9 @@ torch::Tensor moe_experts(torch::Tensor x, torch::Tensor weights, torch::Tensor 
     auto run = [&](auto weight_tag) {
       using W = decltype(weight_tag);
       const auto gu = expert_projection<T, W>(gate_up, gate_up_scales, gate_up_bias, experts,
-                                              2 * inner, hidden, "gate_up");
+                                              2 * inner, hidden, "gate_up", variant);
       const auto dn = expert_projection<T, W>(down, down_scales, down_bias, experts, hidden,
-                                              inner, "down");
+                                              inner, "down", variant);
       moe_experts_impl<T, W>(x, weights.data_ptr<float>(), ids.data_ptr<int64_t>(),
                              ids.size(1), experts, gu, dn, act, gemv_max_rows,
                              out.data_ptr<T>());
@@ -2032,6 +2045,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("weights"), py::arg("ids"), py::arg("gate_up"),
         py::arg("gate_up_scales"), py::arg("gate_up_bias"), py::arg("down"),
         py::arg("down_scales"), py::arg("down_bias"), py::arg("activation"), py::arg("alpha"),
-        py::arg("limit"), py::arg("gemv_max_rows"));
+        py::arg("limit"), py::arg("gemv_max_rows"), py::arg("streams") = kGemvRows,
+        py::arg("prefetch") = kPrefetchBytes);
   m.def("vector_paths", &vector_paths, "which vector paths were compiled: avx512 (+bf16, +vnni) or scalar");
 }
