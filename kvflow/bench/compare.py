@@ -63,6 +63,9 @@ class CompareSettings:
     peer_tests: list[str] = field(default_factory=list)
     peer_repetitions: int = 3
     peer_rounds: int = 1
+    # Every system's thread count; by default torch's when the settings are made. (An
+    # engine's ThreadGovernor lowers torch's count while other processes take cores.)
+    threads: int = field(default_factory=torch.get_num_threads)
 
     def __post_init__(self) -> None:
         for test in self.peer_tests:
@@ -99,7 +102,7 @@ def _llama_cpp(settings: CompareSettings, workload: Workload, gguf: Path,
     for parallel in counts:
         log = (llama_cpp.peer_dir() / "logs"
                / f"{settings.out.name}-llama-server-{gguf.stem}-{parallel}.log")
-        with llama_cpp.llama_server(gguf, parallel, context, torch.get_num_threads(),
+        with llama_cpp.llama_server(gguf, parallel, context, settings.threads,
                                     log) as (url, pid):
             memory = {"file": str(gguf), "file_bytes": gguf.stat().st_size,
                       "rss_after_load": process_memory(pid),
@@ -128,7 +131,7 @@ def _load_kvflow(settings: CompareSettings, quantization: str):  # noqa: ANN202
     before = process_memory()
     llm = LLM(str(settings.model), dtype=settings.dtype, device="cpu",
               **KVFLOW_QUANTIZATIONS[quantization],
-              kv_cache_memory=settings.kv_cache_memory, num_threads=torch.get_num_threads())
+              kv_cache_memory=settings.kv_cache_memory, num_threads=settings.threads)
     runner = llm.engine.runner
     memory = {"file": str(settings.model), "file_bytes": checkpoint_bytes(settings.model),
               "weight_bytes": sum(p.numel() * p.element_size()
@@ -204,6 +207,7 @@ def compare(settings: CompareSettings) -> list[RunResult]:
             gc.collect()  # this format's engine is gone before the next one's RSS is read
     hf_systems = [s for s in settings.systems if s.startswith("transformers")]
     if hf_systems:
+        torch.set_num_threads(settings.threads)  # as an engine's governor may have left it
         hf_model = load_hf_model(settings.model, dtype)
         for workload in workloads:
             if "transformers-one" in hf_systems:
@@ -242,7 +246,7 @@ def _peer_rounds(settings: CompareSettings,
     order = [side for pair in itertools.zip_longest(kvflow, peer) for side in pair if side]
     bf16 = functools.cache(lambda: llama_cpp.convert_to_gguf(settings.model))
     gguf = functools.cache(lambda ftype: llama_cpp.quantize_gguf(bf16(), ftype))
-    repetitions, threads = settings.peer_repetitions, torch.get_num_threads()
+    repetitions, threads = settings.peer_repetitions, settings.threads
     for round_ in range(settings.peer_rounds):
         for system, weights in order:
             name = system_name(system, weights)
@@ -276,7 +280,7 @@ def write(settings: CompareSettings, results: list[RunResult], failures: list[di
     memory = memory_table(results)
     isa = " ".join(flag for flag, present in machine["isa"].items() if present)
     tests = (f"\nllama.cpp's own benchmarks, on {machine['cpu']} ({machine['cpu_id']}; "
-             f"{isa}), {torch.get_num_threads()} threads:\n\n{peer_tests.peer_table(peer_results)}\n"
+             f"{isa}), {settings.threads} threads:\n\n{peer_tests.peer_table(peer_results)}\n"
              if peer_results else "")
     settings.out.with_name(settings.out.name + ".md").write_text(
         (markdown_table(results) + "\n" if results else "")
