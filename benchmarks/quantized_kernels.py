@@ -2,7 +2,8 @@
 (random weights, every layer's, so that they are read from memory as in a step): bf16
 F.linear and kvflow's native dequantize-then-F.linear for int8 and int4 at every batch size,
 and up to 16 rows kvflow's bf16 GEMV, its int8 and int4 kernels (float, and with x
-quantized to int8: "int8 activations"), torch._weight_int8pack_mm
+quantized to int8: "int8 activations"; the bf16 and int8 GEMVs once per way of reading the
+weight the tuning may choose, kvflow/kernels/variants.py), torch._weight_int8pack_mm
 and torch._weight_int4pack_mm_for_cpu on its own packing; timed in alternating rounds,
 medians in milliseconds for all the weights.
 
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 
 from kvflow.bench.hardware import cpuinfo
 from kvflow.bench.workload import resolve_named
-from kvflow.kernels import cpu_ops
+from kvflow.kernels import cpu_ops, variants
 from kvflow.quantization.base import dequantize_buffer
 from kvflow.quantization.int4 import blocked_scales, quantize_int4, unpack_int4
 from kvflow.quantization.int8 import quantize_int8, weight_block_sums
@@ -80,13 +81,18 @@ def main() -> None:
                 for p, s, o in int4],
         }
         if rows <= MAX_GEMV_ROWS:
+            for v in variants.CANDIDATES:
+                runs.update({
+                    f"bf16 gemv ({v})": lambda v=v: [
+                        ops.gemv(xs[w.shape[1]], w, None, v.streams, v.prefetch) for w in bf16],
+                    f"int8 native ({v})": lambda v=v: [
+                        ops.int8_gemv(xs[q.shape[1]], q, s, None, v.streams, v.prefetch)
+                        for q, s in int8],
+                    f"int8 native, int8 activations ({v})": lambda v=v: [
+                        ops.int8_gemv_q8(xs[q.shape[1]], q, s, sums, None, v.streams,
+                                         v.prefetch)
+                        for (q, s), sums in zip(int8, int8_sums)]})
             runs.update({
-                "bf16 gemv": lambda: [ops.gemv(xs[w.shape[1]], w, None) for w in bf16],
-                "int8 native": lambda: [ops.int8_gemv(xs[q.shape[1]], q, s, None)
-                                        for q, s in int8],
-                "int8 native, int8 activations": lambda: [
-                    ops.int8_gemv_q8(xs[q.shape[1]], q, s, sums, None)
-                    for (q, s), sums in zip(int8, int8_sums)],
                 "torch._weight_int8pack_mm": lambda: [
                     torch._weight_int8pack_mm(xs[q.shape[1]], q, s) for q, s in int8],
                 "int4 native": lambda: [ops.int4_gemv(xs[p.shape[1] * 2], p, s, o, None, b)
