@@ -10,7 +10,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, TypeVar
 
 import torch
 
@@ -26,6 +26,7 @@ from kvflow.bench.serve_client import LoadSettings, run_serve
 from kvflow.bench.workload import Workload, load_workload
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 SYSTEMS = ("kvflow", "transformers-one", "transformers-batch", "llama.cpp")
 # kvflow's formats, as engine options: the checkpoint's weights as they are, or quantized at
@@ -156,17 +157,24 @@ def compare(settings: CompareSettings) -> list[RunResult]:
     peer_results: list[peer_tests.PeerTestResult] = []
     tests = [peer_tests.PeerTest.parse(t) for t in settings.peer_tests]
 
+    def attempt(system: str, what: str, run: Callable[[], T]) -> T | None:
+        """run's result, or None with the failure logged and reported: one system's failure
+        must not end the run."""
+        try:
+            return run()
+        except Exception as exc:  # noqa: BLE001
+            logger.exception("%s failed on %s", system, what)
+            failures.append({"system": system, "workload": what,
+                             "error": f"{type(exc).__name__}: {exc}"[:500]})
+            return None
+
     def record_tests(system: str, round_: int,
                      run: Callable[[peer_tests.PeerTest], peer_tests.PeerTestResult]) -> None:
         for test in tests:
-            try:
-                result = run(test)
-                result.settings["round"] = round_
-            except Exception as exc:  # noqa: BLE001 - as record() below
-                logger.exception("%s failed on %s", system, test.name)
-                failures.append({"system": system, "workload": test.name,
-                                 "error": f"{type(exc).__name__}: {exc}"[:500]})
+            result = attempt(system, test.name, lambda: run(test))
+            if result is None:
                 continue
+            result.settings["round"] = round_
             print(f"{system} {test.name}: {result.tokens_per_s:.1f} {test.measures}",
                   flush=True)
             peer_results.append(result)
@@ -174,14 +182,13 @@ def compare(settings: CompareSettings) -> list[RunResult]:
 
     def record(system: str, workload: Workload, run: Callable[[], RunResult],
                quantized: bool = False) -> None:
-        try:
+        def measured() -> RunResult:
             result = run()
             if not quantized:
                 attach_roofline(result, workload, config, settings.dtype, ceiling)
-        except Exception as exc:  # noqa: BLE001 - one system's failure must not end the run
-            logger.exception("%s failed on %s", system, workload.name)
-            failures.append({"system": system, "workload": workload.name,
-                             "error": f"{type(exc).__name__}: {exc}"[:500]})
+            return result
+        result = attempt(system, workload.name, measured)
+        if result is None:
             return
         print(summary(result), flush=True)
         results.append(result)
