@@ -231,7 +231,7 @@ void gemv_group(const float* xf, const T* x, const W* w, float (*sums)[kGemvRows
 // of them for a part group). Each sum is reduced in the same order whatever mb is.
 template <typename T, typename W, int R = kGemvRows>
 void gemv_sums(const float* xf, const T* x, const W* wg, int64_t rows, int64_t mb, int64_t K,
-               float (*sums)[kGemvRows], int64_t prefetch = kPrefetchBytes) {
+               float (*sums)[kGemvRows], int64_t prefetch) {
   int64_t k_done = 0;
   if (rows == R) {
     switch (mb) {
@@ -301,13 +301,14 @@ void gemv_impl(const T* x, const W* w, const T* scale, const T* bias, T* y, int6
   }
 }
 
-template <typename T, typename W>
-void gemv_dispatch(const T* x, const W* w, const T* scale, const T* bias, T* y, int64_t M,
-                   int64_t N, int64_t K, GemvVariant v) {
+// Runs f with the variant's weight rows side by side as a compile-time constant
+// (std::integral_constant<int, R>), so that each entry point states its kernel call once.
+template <typename F>
+void dispatch_streams(const GemvVariant& v, F&& f) {
   if (v.streams == 1)
-    gemv_impl<T, W, 1>(x, w, scale, bias, y, M, N, K, v.prefetch);
+    f(std::integral_constant<int, 1>{});
   else
-    gemv_impl<T, W, kGemvRows>(x, w, scale, bias, y, M, N, K, v.prefetch);
+    f(std::integral_constant<int, kGemvRows>{});
 }
 
 void check_bias(const c10::optional<torch::Tensor>& bias, const torch::Tensor& x, int64_t n,
@@ -337,8 +338,10 @@ torch::Tensor gemv(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor
   auto y = torch::empty({x.size(0), w.size(0)}, x.options());
   dispatch_float_or_bf16(x.scalar_type(), "gemv", [&](auto tag) {
     using T = decltype(tag);
-    gemv_dispatch<T, T>(x.data_ptr<T>(), w.data_ptr<T>(), nullptr, static_cast<const T*>(bp),
-                        y.data_ptr<T>(), x.size(0), w.size(0), x.size(1), variant);
+    dispatch_streams(variant, [&](auto rows) {
+      gemv_impl<T, T, rows()>(x.data_ptr<T>(), w.data_ptr<T>(), nullptr, static_cast<const T*>(bp),
+                              y.data_ptr<T>(), x.size(0), w.size(0), x.size(1), variant.prefetch);
+    });
   });
   return y;
 }
@@ -362,9 +365,11 @@ torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor scale,
   auto y = torch::empty({x.size(0), w.size(0)}, x.options());
   dispatch_float_or_bf16(x.scalar_type(), "int8_gemv", [&](auto tag) {
     using T = decltype(tag);
-    gemv_dispatch<T, int8_t>(x.data_ptr<T>(), w.data_ptr<int8_t>(), scale.data_ptr<T>(),
-                             static_cast<const T*>(bp), y.data_ptr<T>(), x.size(0), w.size(0),
-                             x.size(1), variant);
+    dispatch_streams(variant, [&](auto rows) {
+      gemv_impl<T, int8_t, rows()>(x.data_ptr<T>(), w.data_ptr<int8_t>(), scale.data_ptr<T>(),
+                                   static_cast<const T*>(bp), y.data_ptr<T>(), x.size(0),
+                                   w.size(0), x.size(1), variant.prefetch);
+    });
   });
   return y;
 }
@@ -864,14 +869,12 @@ torch::Tensor int8_gemv_q8(torch::Tensor x, torch::Tensor w, torch::Tensor scale
   auto y = torch::empty({x.size(0), N}, x.options());
   dispatch_float_or_bf16(x.scalar_type(), "int8_gemv_q8", [&](auto tag) {
     using T = decltype(tag);
-    const auto args = std::make_tuple(x.data_ptr<T>(), w.data_ptr<int8_t>(), scale.data_ptr<T>(),
-                                      wsum.data_ptr<int32_t>(), static_cast<const T*>(bp),
-                                      y.data_ptr<T>(), x.size(0), N, K, K / wsum.size(1),
-                                      variant.prefetch);
-    if (variant.streams == 1)
-      std::apply(int8_q8_impl<T, 1>, args);
-    else
-      std::apply(int8_q8_impl<T, kGemvRows>, args);
+    dispatch_streams(variant, [&](auto rows) {
+      int8_q8_impl<T, rows()>(x.data_ptr<T>(), w.data_ptr<int8_t>(), scale.data_ptr<T>(),
+                              wsum.data_ptr<int32_t>(), static_cast<const T*>(bp),
+                              y.data_ptr<T>(), x.size(0), N, K, K / wsum.size(1),
+                              variant.prefetch);
+    });
   });
   return y;
 }
