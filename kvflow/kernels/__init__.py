@@ -127,10 +127,14 @@ def _compile(name: str, directory: Path, library: Path, extra_flags: tuple[str, 
                 "%d s", directory, BUILD_SECONDS)
     start = time.monotonic()
     try:
-        cpp_extension.load(name=name, sources=[str(SOURCE)], build_directory=str(staging),
-                           extra_cflags=[*CFLAGS, *extra_flags],
-                           extra_ldflags=["-fopenmp"], verbose=False)
+        module = cpp_extension.load(name=name, sources=[str(SOURCE)],
+                                    build_directory=str(staging),
+                                    extra_cflags=[*CFLAGS, *extra_flags],
+                                    extra_ldflags=["-fopenmp"], verbose=False)
         os.replace(staging / library.name, library)
+        # The build imported the library from the staging folder; the file it mapped is the
+        # one now in place (a rename keeps it), and its module says where that is.
+        module.__file__ = str(library)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     logger.info("native CPU kernels built in %.0f s", time.monotonic() - start)
