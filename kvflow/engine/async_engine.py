@@ -230,6 +230,7 @@ class AsyncEngine:
                 self._inbox_closed = True
                 self._inbox.put(_AbortAll("the server is shutting down"))
             self._drain_inbox()
+            self.engine.shutdown()
 
     def _drain_inbox(self) -> None:
         while True:

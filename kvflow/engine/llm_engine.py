@@ -21,13 +21,11 @@ from kvflow.core.scheduler import Scheduler
 from kvflow.engine.args import EngineArgs
 from kvflow.engine.output_processor import OutputProcessor, ParentState
 from kvflow.engine.stats import EngineStats, SpecDecodeStats, StepObservations, StepRecord
-from kvflow.layers.moe_placement import expert_placement
-from kvflow.models.builder import KernelChoice, build_model
+from kvflow.executor.base import Executor, ModelSpec, RunnerSettings, WorkerFailedError
+from kvflow.executor.uniproc import UniProcExecutor
 from kvflow.models.loader import resolve_model_path
 from kvflow.outputs import (CompletionOutput, RequestMetrics, RequestOutput, RunnerOutput,
                             SchedulerOutput)
-from kvflow.quantization import quantization_config
-from kvflow.quantization.int8 import Int8Config
 from kvflow.request import Request, RequestStatus
 from kvflow.sampling_params import ALL_LOGPROBS, ParameterError, SamplingParams
 from kvflow.spec_decode.builder import build_speculator
@@ -97,23 +95,20 @@ class LLMEngine:
             raise ValueError(f"max_model_len={args.max_model_len} exceeds the model's "
                              f"max_position_embeddings ({model_len})")
         requested_len = args.max_model_len or model_len
-        self.kernels = KernelChoice.for_device(self.device, self.dtype, args.enforce_eager,
-                                               args.batch_invariant, args.kv_cache_memory or 0)
-        placement = expert_placement(args.cpu_moe, args.n_cpu_moe, self.device,
-                                     self.model_config.moe is not None)
-        model = build_model(self.model_config, self.dtype, self.device, requested_len,
-                            self.kernels,
-                            quantization_config(args.quantization, args.quantization_group_size),
-                            lm_head_quant_config=Int8Config() if args.quantize_lm_head else None,
-                            placement=placement)
+        spec = ModelSpec(
+            self.model_config, self.dtype, self.device, requested_len, args.enforce_eager,
+            args.batch_invariant, args.kv_cache_memory or 0, args.quantization,
+            args.quantization_group_size, args.quantize_lm_head, args.cpu_moe, args.n_cpu_moe)
+        self.kernels = spec.kernels()
+        self.executor: Executor = UniProcExecutor(spec)
+        rank_config = self.executor.rank_config
         if args.kv_cache_memory:
             memory, sized_by = args.kv_cache_memory, "kv_cache_memory"
         else:
             memory, sized_by = default_kv_cache_memory(
                 self.device, args.gpu_memory_utilization,
-                self.model_config.kv_bytes_per_token(self.dtype), requested_len,
-                args.max_num_seqs)
-        num_blocks = num_blocks_for(memory, self.model_config, self.dtype, args.block_size)
+                rank_config.kv_bytes_per_token(self.dtype), requested_len, args.max_num_seqs)
+        num_blocks = num_blocks_for(memory, rank_config, self.dtype, args.block_size)
         self.cache_config = CacheConfig(block_size=args.block_size, num_blocks=num_blocks)
         capacity = self.cache_config.num_tokens
         max_model_len = self._fit_max_model_len(args.max_model_len, requested_len, capacity,
@@ -142,9 +137,9 @@ class LLMEngine:
         if args.speculative_config is not None:
             speculator = build_speculator(args.speculative_config, self, num_blocks, backend)
             logger.info("speculative decoding: %s", args.speculative_config)
-        self.runner = ModelRunner(model, self.model_config, backend, num_blocks, args.block_size,
-                                  self.dtype, self.device, args.seed, speculator,
-                                  args.batch_invariant)
+        self.executor.initialize(
+            RunnerSettings(num_blocks, args.block_size, args.seed, args.batch_invariant),
+            backend, speculator)
         self.observations = StepObservations()
         self.output_processor = OutputProcessor(self.tokenizer,
                                                 self.observations.inter_token_latencies)
@@ -169,6 +164,11 @@ class LLMEngine:
         logger.warning("max_model_len lowered from %d to %d: the KV cache holds no more",
                        requested, capacity)
         return capacity
+
+    @property
+    def runner(self) -> ModelRunner:
+        """The runner in this process (rank 0's), which samples."""
+        return self.executor.runner
 
     @property
     def max_model_len(self) -> int:
@@ -395,6 +395,10 @@ class LLMEngine:
             finished_at=now, seconds=now - started, num_tokens=scheduled.num_batched_tokens,
             num_attended=attended, num_context_tokens=context, num_logits=logits))
 
+    def shutdown(self) -> None:
+        """Stops the executor's worker processes, if it has any; idempotent."""
+        self.executor.shutdown()
+
     def has_unfinished_requests(self) -> bool:
         return bool(self.output_processor.parents)
 
@@ -403,17 +407,20 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Raises EngineStepError if scheduling or the forward pass fails; the requests of
-        that step are then queued to be computed again (abort them to give up on them)."""
+        that step are then queued to be computed again (abort them to give up on them).
+        Raises WorkerFailedError if a rank has failed: the engine cannot step again."""
         started = time.monotonic()
         scheduler_output = None
         if self.thread_governor is not None:
             self.thread_governor.poll()
         try:
             scheduler_output = self.scheduler.schedule()
-            self.runner.forget(scheduler_output.finished_req_ids)
-            runner_output = (self.runner.execute(scheduler_output)
+            self.executor.forget(scheduler_output.finished_req_ids)
+            runner_output = (self.executor.execute(scheduler_output)
                              if scheduler_output.scheduled else None)
         except BaseException as exc:
+            if isinstance(exc, WorkerFailedError):
+                raise  # no step can run again: nothing to recompute
             # Blocks this step was to fill hold no valid KV: they must not be found, and the
             # requests that counted on them start again.
             self.kv_manager.unregister_unconfirmed()
@@ -432,7 +439,7 @@ class LLMEngine:
             self._publish_stats()
             # Every running request may be waiting for its grammar's mask: wait for one,
             # rather than spin.
-            self.runner.wait_for_masks(MASK_WAIT_S)
+            self.executor.wait_for_masks(MASK_WAIT_S)
             return []
         updated = self.scheduler.update_from_output(scheduler_output, runner_output)
         outputs, stopped = self.output_processor.process(runner_output, updated)

@@ -1,0 +1,110 @@
+"""How the engine runs its model: through an executor, which holds the ranks.
+
+The engine hands an executor each step's SchedulerOutput and gets a RunnerOutput back;
+it never touches a model. The runner in the engine's own process (rank 0's) samples,
+computes grammar masks and holds the speculator's state, so that what a step returns is
+made where the scheduler is; other ranks, where there are any, compute their shards of
+the same forward pass in step with it (kvflow/executor/multiproc.py).
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+from kvflow.attention.base import AttentionBackend
+from kvflow.layers.moe_placement import expert_placement
+from kvflow.models.blocks import CausalLM
+from kvflow.models.builder import KernelChoice, build_model
+from kvflow.models.config import ModelConfig
+from kvflow.outputs import RunnerOutput, SchedulerOutput
+from kvflow.quantization import quantization_config
+from kvflow.quantization.int8 import Int8Config
+from kvflow.spec_decode.proposer import Speculator
+from kvflow.worker.model_runner import ModelRunner
+
+
+class WorkerFailedError(RuntimeError):
+    """A rank died, hung or could not join: the engine cannot go on. Not a step's failure,
+    which the engine recovers from by recomputing its requests."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a rank needs to build its part of the target model: plain data, so that a
+    worker process can be sent it."""
+
+    config: ModelConfig
+    dtype: torch.dtype
+    device: torch.device
+    max_positions: int
+    enforce_eager: bool = False
+    batch_invariant: bool = False
+    reserved_bytes: int = 0  # an explicit KV cache size, taken after the weights
+    quantization: str | None = None
+    quantization_group_size: int = 128
+    quantize_lm_head: bool = False
+    cpu_moe: bool = False
+    n_cpu_moe: int | None = None
+
+    def kernels(self) -> KernelChoice:
+        return KernelChoice.for_device(self.device, self.dtype, self.enforce_eager,
+                                       self.batch_invariant, self.reserved_bytes)
+
+    def build(self, config: ModelConfig | None = None) -> CausalLM:
+        """The model of `config` (a rank's shard of this spec's, or None: the whole)."""
+        config = config or self.config
+        placement = expert_placement(self.cpu_moe, self.n_cpu_moe, self.device,
+                                     config.moe is not None)
+        return build_model(config, self.dtype, self.device, self.max_positions, self.kernels(),
+                           quantization_config(self.quantization, self.quantization_group_size),
+                           lm_head_quant_config=Int8Config() if self.quantize_lm_head else None,
+                           placement=placement)
+
+
+@dataclass(frozen=True)
+class RunnerSettings:
+    """What the rank-0 runner needs beyond its model, once the KV cache is sized."""
+
+    num_blocks: int
+    block_size: int
+    seed: int
+    batch_invariant: bool
+
+
+class Executor(ABC):
+    """Builds the model on every rank (on construction), then, once the engine has sized the
+    KV cache, each rank's cache and the rank-0 runner (`initialize`); then runs steps."""
+
+    runner: ModelRunner  # rank 0's, in this process: it samples
+
+    @property
+    @abstractmethod
+    def model(self) -> CausalLM:
+        """This process's model (rank 0's shard)."""
+
+    @property
+    @abstractmethod
+    def rank_config(self) -> ModelConfig:
+        """The model as one rank holds it: its heads and widths, which size its KV cache."""
+
+    @abstractmethod
+    def initialize(self, settings: RunnerSettings, backend: AttentionBackend,
+                   speculator: Speculator | None) -> None:
+        ...
+
+    def execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
+        return self.runner.execute(scheduler_output)
+
+    def forget(self, req_ids: set[str]) -> None:
+        self.runner.forget(req_ids)
+
+    def wait_for_masks(self, timeout_s: float) -> None:
+        self.runner.wait_for_masks(timeout_s)
+
+    def check_health(self) -> None:
+        """Raises WorkerFailedError if a rank has failed."""
+
+    def shutdown(self) -> None:
+        """Stops every rank's process; idempotent."""
