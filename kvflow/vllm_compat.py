@@ -63,7 +63,6 @@ _MOE = "mixture-of-experts models are not supported yet"
 _LORA = "LoRA adapters are not supported; merge the adapter into the weights"
 _BY_REASON: dict[str, tuple[str, ...]] = {
     _ONE_PROCESS: (
-        "headless", "master_addr", "master_port", "nnodes", "node_rank",
         "decode_context_parallel_size", "dcp_kv_cache_interleave_size",
         "cp_kv_cache_interleave_size", "prefill_context_parallel_size", "data_parallel_rank",
         "data_parallel_start_rank", "data_parallel_size_local", "data_parallel_address",
@@ -160,7 +159,7 @@ _BY_REASON: dict[str, tuple[str, ...]] = {
 MISSING.update({flag: why for why, flags in _BY_REASON.items() for flag in flags})
 
 # vLLM's short spellings of flags kvflow lacks (-O3 is -O with its level).
-ALIASES = {"asc": "api_server_count", "n": "nnodes", "r": "node_rank",
+ALIASES = {"asc": "api_server_count",
            "dcp": "decode_context_parallel_size", "pcp": "prefill_context_parallel_size",
            "dpn": "data_parallel_rank", "dpr": "data_parallel_start_rank",
            "dpl": "data_parallel_size_local", "dpa": "data_parallel_address",

@@ -58,8 +58,13 @@ def test_vllm_spelled_engine_flags():
     assert (args.max_model_len, args.kv_cache_memory, args.gpu_memory_utilization) == \
         (32000, 64 * 2**20, 0.5)
     assert args.trust_remote_code and args.revision == "main" and args.max_logprobs == 5
-    with pytest.raises(ValueError, match="tensor parallelism is not built yet"):
-        EngineArgs.from_cli_args(parser.parse_args(["-tp", "2"]))
+    args = EngineArgs.from_cli_args(parser.parse_args(
+        ["-tp", "4", "-n", "2", "-r", "1", "--master-addr", "10.0.0.1", "--master-port", "29500"]))
+    assert args.parallel_config().local_ranks == range(2, 4)
+    with pytest.raises(ValueError, match="pipeline parallelism is not built yet"):
+        EngineArgs.from_cli_args(parser.parse_args(["-pp", "2"]))
+    with pytest.raises(ValueError, match="--master-port"):
+        EngineArgs.from_cli_args(parser.parse_args(["-tp", "2", "--nnodes", "2"]))
 
 
 def test_serve_help_names_every_kind_of_model():

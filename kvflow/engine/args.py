@@ -10,6 +10,7 @@ import torch
 from kvflow.attention.selector import BACKEND_NAMES
 from kvflow.config import SchedulerConfig, parse_dtype, parse_memory, parse_token_count
 from kvflow.demo import demo_model_path
+from kvflow.distributed.group import ParallelConfig
 from kvflow.engine.generation_config import parse_override
 from kvflow.spec_decode.config import SpeculativeConfig
 from kvflow.quantization import quantization_config
@@ -57,7 +58,17 @@ _FLAG_HELP = {
     "gpu_memory_utilization": "on CUDA, the fraction of the device's memory for weights, "
                               "activations and KV cache (as vLLM); on the CPU, the fraction of "
                               "available RAM for the KV cache. --kv-cache-memory overrides it",
-    "tensor_parallel_size": "1 only: kvflow runs on one device for now",
+    "tensor_parallel_size": "ranks the model is split across (tensor parallelism: each "
+                            "holds a shard of every layer, in a process of its own, with "
+                            "its own cores on the CPU; default 1)",
+    "nnodes": "machines the ranks run on (each runs tensor_parallel_size / nnodes of them; "
+              "the others with --headless)",
+    "node_rank": "this machine's index among nnodes (0 runs the API server and rank 0)",
+    "master_addr": "the address of node 0, where ranks meet (default 127.0.0.1)",
+    "master_port": "the port on node 0 where ranks meet (default: a free one, one machine "
+                   "only)",
+    "distributed_timeout": "seconds for a rank to join at startup, and for any collective "
+                           "before its rank is declared failed (SGLang's --dist-timeout)",
     "pipeline_parallel_size": "1 only: kvflow runs on one device for now",
     "data_parallel_size": "1 only: run several servers behind a load balancer instead",
     "trust_remote_code": "accepted and ignored: kvflow runs its own model code, never a "
@@ -99,13 +110,13 @@ _FLAG_TYPES = {"max_model_len": _token_count_flag, "block_size": int, "max_num_s
                "max_num_batched_tokens": int, "seed": int, "num_threads": int,
                "gpu_memory_utilization": float, "tensor_parallel_size": int,
                "pipeline_parallel_size": int, "data_parallel_size": int, "max_logprobs": int,
-               "quantization_group_size": int, "n_cpu_moe": int}
+               "quantization_group_size": int, "n_cpu_moe": int, "nnodes": int,
+               "node_rank": int, "master_port": int, "distributed_timeout": float}
 _FLAG_ALIASES = {"tensor_parallel_size": ["-tp"], "pipeline_parallel_size": ["-pp"],
-                 "data_parallel_size": ["-dp"], "quantization": ["-q"]}
+                 "data_parallel_size": ["-dp"], "quantization": ["-q"], "nnodes": ["-n"],
+                 "node_rank": ["-r"]}
 # Parallelism kvflow does not have yet: refused with what to do instead.
 _SINGLE_DEVICE = {
-    "tensor_parallel_size": "tensor parallelism is not built yet; kvflow runs a model on one "
-                            "device",
     "pipeline_parallel_size": "pipeline parallelism is not built yet; kvflow runs a model on "
                               "one device",
     "data_parallel_size": "data parallelism is not built in; run one server per device "
@@ -144,6 +155,12 @@ class EngineArgs:
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     data_parallel_size: int = 1
+    # Where ranks meet (kvflow/distributed/group.py), as torchrun and SGLang spell it.
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = 0  # 0: a free port, on one machine
+    distributed_timeout: float = 300.0
     trust_remote_code: bool = False  # ignored, with a warning: kvflow runs no remote code
     download_dir: str | None = None
     revision: str | None = None
@@ -191,6 +208,7 @@ class EngineArgs:
         for name, why in _SINGLE_DEVICE.items():
             if getattr(self, name) != 1:
                 raise ValueError(f"{name}={getattr(self, name)}: {why}")
+        self.parallel_config()  # checked now, not after the weights are loaded
         if self.n_cpu_moe is not None and self.n_cpu_moe < 0:
             raise ValueError(f"n_cpu_moe must be at least 0, got {self.n_cpu_moe}")
         if self.cpu_moe and self.n_cpu_moe is not None:
@@ -208,6 +226,10 @@ class EngineArgs:
         SchedulerConfig(max_num_seqs=self.max_num_seqs,
                         max_num_batched_tokens=self.max_num_batched_tokens,
                         policy=self.scheduling_policy)
+
+    def parallel_config(self) -> ParallelConfig:
+        return ParallelConfig(self.tensor_parallel_size, self.nnodes, self.node_rank,
+                              self.master_addr, self.master_port, self.distributed_timeout)
 
     def resolve_device(self) -> torch.device:
         if self.device == "auto":

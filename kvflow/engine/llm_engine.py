@@ -21,7 +21,9 @@ from kvflow.core.scheduler import Scheduler
 from kvflow.engine.args import EngineArgs
 from kvflow.engine.output_processor import OutputProcessor, ParentState
 from kvflow.engine.stats import EngineStats, SpecDecodeStats, StepObservations, StepRecord
-from kvflow.executor.base import Executor, ModelSpec, RunnerSettings, WorkerFailedError
+from kvflow.distributed.comm import WorkerFailedError
+from kvflow.executor.base import Executor, ModelSpec, RunnerSettings
+from kvflow.executor.multiproc import MultiprocExecutor
 from kvflow.executor.uniproc import UniProcExecutor
 from kvflow.models.loader import resolve_model_path
 from kvflow.outputs import (CompletionOutput, RequestMetrics, RequestOutput, RunnerOutput,
@@ -33,7 +35,7 @@ from kvflow.structured_output.compiler import GrammarCompiler
 from kvflow.tokenizer.loader import load_tokenizer
 from kvflow.worker.kv_cache import default_kv_cache_memory, num_blocks_for
 from kvflow.worker.model_runner import ModelRunner
-from kvflow.worker.threads import ThreadGovernor, configure_threads
+from kvflow.worker.threads import ThreadGovernor, configure_threads, default_num_threads
 
 logger = logging.getLogger(__name__)
 
@@ -76,12 +78,21 @@ class LLMEngine:
                                                  or args.revision, args.download_dir)))
         self.tokenizer = load_tokenizer(tokenizer)
         self.device = args.resolve_device()
+        parallel = args.parallel_config()
+        if parallel.node_rank != 0:
+            raise ValueError(f"node_rank={parallel.node_rank}: only node 0 runs the engine; "
+                             "start the other machines' ranks with `kvflow serve MODEL "
+                             "--headless` and the same parallel flags")
         # Fewer threads while other processes take cores (not in batch-invariant runs,
-        # whose matmuls must split their sums alike every time).
+        # whose matmuls must split their sums alike every time, nor beside other ranks,
+        # whose cores are theirs).
         self.thread_governor: ThreadGovernor | None = None
+        threads = 1
         if self.device.type == "cpu":
-            threads = configure_threads(args.num_threads)
-            if not args.batch_invariant:
+            threads = configure_threads(args.num_threads or (
+                None if parallel.world_size == 1
+                else max(1, default_num_threads() // parallel.ranks_per_node)))
+            if not args.batch_invariant and parallel.world_size == 1:
                 self.thread_governor = ThreadGovernor(threads)
             logger.info("CPU threads: %d%s", threads, ", fewer while other processes take "
                         "cores" if self.thread_governor and self.thread_governor.active else "")
@@ -100,7 +111,9 @@ class LLMEngine:
             args.batch_invariant, args.kv_cache_memory or 0, args.quantization,
             args.quantization_group_size, args.quantize_lm_head, args.cpu_moe, args.n_cpu_moe)
         self.kernels = spec.kernels()
-        self.executor: Executor = UniProcExecutor(spec)
+        self.executor: Executor = (
+            UniProcExecutor(spec) if parallel.world_size == 1
+            else MultiprocExecutor(spec, parallel, args.attention_backend, threads))
         rank_config = self.executor.rank_config
         if args.kv_cache_memory:
             memory, sized_by = args.kv_cache_memory, "kv_cache_memory"

@@ -25,11 +25,6 @@ from kvflow.spec_decode.proposer import Speculator
 from kvflow.worker.model_runner import ModelRunner
 
 
-class WorkerFailedError(RuntimeError):
-    """A rank died, hung or could not join: the engine cannot go on. Not a step's failure,
-    which the engine recovers from by recomputing its requests."""
-
-
 @dataclass(frozen=True)
 class ModelSpec:
     """What a rank needs to build its part of the target model: plain data, so that a

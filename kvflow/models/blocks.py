@@ -15,6 +15,8 @@ import torch
 from torch import nn
 
 from kvflow.attention.metadata import AttentionMetadata
+from kvflow.distributed.tensor_parallel import COLUMN, ROW, current
+from kvflow.layers.embedding import VocabParallelEmbedding
 from kvflow.layers.activation import ACTIVATIONS
 from kvflow.layers.attention import PagedAttention
 from kvflow.layers.linear import Linear, MergedLinear
@@ -40,11 +42,13 @@ class Attention(nn.Module):
         self.head_dim = config.head_dim
         q_size = config.num_heads * config.head_dim
         kv_size = config.num_kv_heads * config.head_dim
+        replicas = config.kv_head_replicas
         self.qkv_proj = MergedLinear(config.hidden_size, {"q": q_size, "k": kv_size, "v": kv_size},
                                      bias=config.qkv_bias, quant_config=quant_config,
-                                     prefix=f"{prefix}.qkv_proj")
+                                     prefix=f"{prefix}.qkv_proj", split=COLUMN,
+                                     replicas={"k": replicas, "v": replicas})
         self.o_proj = Linear(q_size, config.hidden_size, bias=config.o_bias,
-                             quant_config=quant_config, prefix=f"{prefix}.o_proj")
+                             quant_config=quant_config, prefix=f"{prefix}.o_proj", split=ROW)
         # Per head (Qwen3, Gemma 3), or across all heads at once (OLMoE).
         q_width, k_width = ((q_size, kv_size) if config.qk_norm_all_heads
                             else (config.head_dim, config.head_dim))
@@ -77,9 +81,10 @@ class GatedMLP(nn.Module):
         size = size or config.intermediate_size
         self.gate_up_proj = MergedLinear(config.hidden_size, {"gate": size, "up": size},
                                          bias=config.mlp_bias, quant_config=quant_config,
-                                         prefix=f"{prefix}.gate_up_proj")
+                                         prefix=f"{prefix}.gate_up_proj", split=COLUMN)
         self.down_proj = Linear(size, config.hidden_size, bias=config.mlp_bias,
-                                quant_config=quant_config, prefix=f"{prefix}.down_proj")
+                                quant_config=quant_config, prefix=f"{prefix}.down_proj",
+                                split=ROW)
         self.act = ACTIVATIONS[config.hidden_act]()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -157,6 +162,8 @@ def run_decoder(layers: nn.ModuleList, norm: RMSNorm, x: torch.Tensor,
 
 
 def embedding(config: ModelConfig) -> nn.Embedding:
+    if current().size > 1:
+        return VocabParallelEmbedding(config.vocab_size, config.hidden_size)
     return nn.Embedding(config.vocab_size, config.hidden_size,
                         _weight=torch.empty(config.vocab_size, config.hidden_size))
 
@@ -185,11 +192,15 @@ class CausalLM(nn.Module):
         """lm_head_quant_config: the LM head's format (None: the model's dtype). A tied
         head in another format is a second copy of the embedding."""
         self.config = config
+        # Under tensor parallelism each rank holds a slice of the vocabulary's rows (the
+        # embedding's too) and the logits are gathered.
+        self.tp = current()
         if config.tie_word_embeddings and lm_head_quant_config is None:
             self.lm_head = None
         else:
-            self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False,
-                                  quant_config=lm_head_quant_config, prefix="lm_head")
+            self.lm_head = Linear(config.hidden_size, self.tp.rows_of(config.vocab_size)[1],
+                                  bias=False, quant_config=lm_head_quant_config,
+                                  prefix="lm_head", split=COLUMN)
         # The plan of the embedding as a tied head (an untied head is a Linear with its
         # own); chosen by kvflow.kernels.tuning.
         self.lm_head_plan: LinearPlan | None = None
@@ -204,8 +215,13 @@ class CausalLM(nn.Module):
         was made from), else None."""
         return self.model.embed_tokens.weight if self.config.tie_word_embeddings else None
 
+    def logits_at(self, hidden: torch.Tensor, rows: torch.Tensor | slice) -> torch.Tensor:
+        """The logits of hidden[rows] (the runner names rows, so that other tensor-parallel
+        ranks, which hold the same hidden states, can compute their part alongside)."""
+        return self.compute_logits(hidden[rows])
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self._project(hidden)
+        logits = self.tp.gather_columns(self._project(hidden), self.config.vocab_size)
         cap = self.config.final_logit_softcap
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap

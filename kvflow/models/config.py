@@ -179,6 +179,9 @@ class ModelConfig:
     final_logit_softcap: float | None = None  # the same on the LM head's logits
     qk_norm_all_heads: bool = False  # q/k norms over all heads at once (OLMoE), not per head
     moe: MoeConfig | None = None  # the expert layers of a mixture-of-experts model
+    # A tensor-parallel rank's view (kvflow/distributed/tensor_parallel.py): the ranks that
+    # hold each of its KV heads, where the model has fewer KV heads than ranks.
+    kv_head_replicas: int = 1
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> "ModelConfig":

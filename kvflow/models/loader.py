@@ -151,7 +151,8 @@ def load_weights(model: CausalLM,
             continue
         if tied and model.lm_head is not None and key == "model.embed_tokens.weight":
             # A tied head in a format of its own: a second copy, made from the embedding.
-            model.lm_head.weight.weight_loader(model.lm_head.weight, tensor, None)
+            model.lm_head.weight.weight_loader(
+                model.lm_head.weight, model.lm_head.rank_part(tensor, None, False), None)
             loaded.add(("lm_head.weight", None))
         name, shard = _map_name(key, model.packed_modules, model.expert_projections)
         if name not in params:
@@ -159,7 +160,10 @@ def load_weights(model: CausalLM,
                              f"parameter of {model.config.architecture}")
         param = params[name]
         loader = getattr(param, "weight_loader", _default_weight_loader)
+        owner = _owner(model, name)
         try:
+            if getattr(owner, "tp_split", None) is not None:  # a tensor-parallel rank's part
+                tensor = owner.rank_part(tensor, shard, name.endswith("bias"))
             loader(param, tensor, shard)
         except ValueError as exc:
             raise ValueError(f"checkpoint tensor {key!r} in {source}: {exc}") from exc

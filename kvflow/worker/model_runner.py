@@ -26,14 +26,16 @@ class ModelRunner:
     def __init__(self, model: CausalLM, config: ModelConfig, backend: AttentionBackend,
                  num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device,
                  seed: int, speculator: Speculator | None = None,
-                 batch_invariant: bool = False) -> None:
+                 batch_invariant: bool = False, kv_config: ModelConfig | None = None) -> None:
+        """kv_config: the model as this rank holds it, which sizes its KV cache (None:
+        config, the whole model)."""
         self.model = model
         self.config = config
         self.backend = backend
         self.block_size = block_size
         self.device = device
-        self.kv_caches = bind_kv_cache(model, config, backend, num_blocks, block_size, dtype,
-                                       device)
+        self.kv_caches = bind_kv_cache(model, kv_config or config, backend, num_blocks,
+                                       block_size, dtype, device)
         self.sampler = Sampler(torch.Generator(device).manual_seed(seed))
         self.rejection_sampler = RejectionSampler(self.sampler)
         self.speculator = speculator
@@ -100,7 +102,7 @@ class ModelRunner:
             end = query_starts[request.req_id] + len(request.token_ids) + len(
                 request.draft_token_ids)
             positions.extend(range(end - 1 - len(request.draft_token_ids), end))
-        logits = self.model.compute_logits(hidden[torch.tensor(positions, device=self.device)])
+        logits = self.model.logits_at(hidden, torch.tensor(positions, device=self.device))
         self._ensure_generators(requests)
         verifying = any(r.draft_token_ids for r in requests)
         rows = ([row for r in requests for row in sampling_rows(r)] if verifying
@@ -166,8 +168,8 @@ class ModelRunner:
         end = min(first + len(request.token_ids), len(request.prompt_token_ids) - 1)
         if end <= first:
             return None
-        rows = hidden[query_start:query_start + end - first]
-        logprobs = torch.log_softmax(self.model.compute_logits(rows).float(), dim=-1)
+        logits = self.model.logits_at(hidden, slice(query_start, query_start + end - first))
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
         targets = torch.tensor(request.prompt_token_ids[first + 1:end + 1], device=self.device)
         num_top = request.sampling_params.prompt_logprobs
         entries = token_logprobs(logprobs, targets, [num_top] * (end - first))

@@ -1,0 +1,126 @@
+"""Tensor parallelism as the layers see it: which rank of how many builds this model, and
+how a checkpoint tensor is cut for it.
+
+A rank holds a shard of every layer, as Megatron-LM laid out: the fused QKV and gate/up
+projections split by output rows (whole heads, KV heads replicated where there are fewer
+than ranks), the output and down projections split by input columns and summed across
+ranks (one all-reduce each), the embedding and LM head split by vocabulary rows. The
+layers learn their rank from `current()` while they are built (`building`), so a family
+file names each projection's split and knows nothing else of parallelism; a rank's config
+(`shard_config`) has its heads and widths, which size its layers and its KV cache.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from kvflow.distributed.comm import Communicator
+    from kvflow.models.config import ModelConfig
+
+COLUMN, ROW = "column", "row"  # a projection's output rows split, or its input columns
+
+
+@dataclass(frozen=True)
+class TensorParallel:
+    rank: int = 0
+    size: int = 1
+    comm: Communicator | None = None
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """The sum over ranks, the same on every rank."""
+        return x if self.size == 1 else self.comm.all_reduce(x)
+
+    def gather_columns(self, x: torch.Tensor, width: int) -> torch.Tensor:
+        """Every rank's columns side by side, cut to `width` (the padding of the last
+        rank's vocabulary shard dropped)."""
+        if self.size == 1:
+            return x
+        return self.comm.all_gather(x)[..., :width]
+
+    def rows_of(self, total: int) -> tuple[int, int]:
+        """(first row, rows) of this rank's part of `total` rows split evenly, the last
+        part padded: a vocabulary that does not divide by the ranks."""
+        per_rank = -(-total // self.size)
+        return self.rank * per_rank, per_rank
+
+
+SINGLE = TensorParallel()
+_current = SINGLE
+
+
+def current() -> TensorParallel:
+    """The tensor-parallel rank of the model being built (SINGLE outside `building`)."""
+    return _current
+
+
+@contextlib.contextmanager
+def building(tp: TensorParallel) -> Iterator[None]:
+    global _current
+    previous, _current = _current, tp
+    try:
+        yield
+    finally:
+        _current = previous
+
+
+def shard_config(config: ModelConfig, size: int) -> ModelConfig:
+    """The model as each of `size` ranks holds it. Raises ValueError naming what does not
+    divide."""
+    if size == 1:
+        return config
+    problems = []
+    if config.num_heads % size:
+        problems.append(f"num_attention_heads={config.num_heads}")
+    kv = config.num_kv_heads
+    if kv % size and size % kv:
+        problems.append(f"num_key_value_heads={kv} (neither a multiple nor a divisor of it)")
+    if config.intermediate_size % size:
+        problems.append(f"intermediate_size={config.intermediate_size}")
+    if problems:
+        raise ValueError(f"tensor_parallel_size={size} does not divide {config.architecture}'s "
+                         + ", ".join(problems))
+    if config.moe is not None:
+        raise ValueError(f"tensor_parallel_size={size}: kvflow does not split mixture-of-"
+                         f"experts models ({config.architecture}) across ranks yet; run it "
+                         "on one rank")
+    if config.qk_norm_all_heads:
+        raise ValueError(f"tensor_parallel_size={size}: {config.architecture}'s q/k norms "
+                         "span every head, which kvflow does not split across ranks")
+    return replace(config, num_heads=config.num_heads // size, num_kv_heads=max(1, kv // size),
+                   intermediate_size=config.intermediate_size // size,
+                   kv_head_replicas=max(1, size // kv))
+
+
+def rank_part(tensor: torch.Tensor, tp: TensorParallel, split: str, is_bias: bool,
+              parts: dict[str, tuple[int, int]], shard: str | None) -> torch.Tensor:
+    """This rank's part of a checkpoint tensor for a layer split `split`. parts: the layer's
+    shards as (rows on this rank, ranks holding each), shard: which of them the tensor is
+    (None: the whole layer, its shards stacked in order)."""
+    if not isinstance(tensor, torch.Tensor):
+        raise ValueError("tensor parallelism splits float checkpoint tensors; this one is "
+                         "stored quantized (a GGUF, GPTQ or AWQ checkpoint), which kvflow "
+                         "runs on one rank only")
+    if split == ROW:
+        if is_bias:  # added once, after the sum over ranks
+            return tensor if tp.rank == 0 else torch.zeros_like(tensor)
+        width = tensor.shape[1] // tp.size
+        return tensor.narrow(1, tp.rank * width, width)
+    if shard is None and len(parts) > 1:
+        pieces, start = [], 0
+        for name, (rows, replicas) in parts.items():
+            whole = rows * tp.size // replicas
+            pieces.append(rank_part(tensor.narrow(0, start, whole), tp, split, is_bias,
+                                    {name: (rows, replicas)}, name))
+            start += whole
+        return torch.cat(pieces)
+    rows, replicas = parts[shard] if shard is not None else next(iter(parts.values()))
+    first = (tp.rank // replicas) * rows
+    part = tensor[first:first + rows]
+    if part.shape[0] < rows:  # the last rank's vocabulary rows, past the end
+        part = torch.cat([part, part.new_zeros((rows - part.shape[0], *part.shape[1:]))])
+    return part

@@ -1,0 +1,112 @@
+"""A tensor-parallel rank other than 0, in a process of its own: it builds its shard of the
+model and of the KV cache, then follows rank 0's messages, computing its part of every
+forward pass and of every logits product (the collectives in them keep the ranks in
+step). It holds no request state: scheduling and sampling are rank 0's.
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import pickle
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from kvflow.attention.selector import select_backend
+from kvflow.distributed.comm import Communicator, WorkerFailedError
+from kvflow.distributed.group import ParallelConfig, connect, open_store
+from kvflow.distributed.tensor_parallel import TensorParallel, building, shard_config
+from kvflow.executor.base import ModelSpec
+from kvflow.models.builder import bind_kv_cache
+
+logger = logging.getLogger("kvflow.executor.worker")  # not __main__ when run with -m
+
+# rank 0's messages: (FORWARD, input_ids, metadata), (LOGITS, rows), (KV_CACHE, blocks,
+# block size, backend name), (STOP,)
+FORWARD, LOGITS, KV_CACHE, STOP = "forward", "logits", "kv_cache", "stop"
+PR_SET_PDEATHSIG = 1
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    model: ModelSpec
+    parallel: ParallelConfig
+    rank: int
+    threads: int
+    cores: tuple[int, ...] | None  # the CPUs its threads are bound to (None: any)
+    shm_path: str | None
+    log_level: int = logging.INFO
+
+
+def _die_with_parent() -> None:
+    """SIGKILL on this process when the process that started it dies, however it dies."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except OSError:  # not Linux: rank 0's absence is noticed at the next message
+        pass
+
+
+def run_worker(spec: WorkerSpec) -> None:
+    """The process's entry point."""
+    _die_with_parent()
+    logging.basicConfig(level=spec.log_level, stream=sys.stderr,
+                        format=f"%(asctime)s rank {spec.rank} %(levelname)s %(name)s: "
+                               "%(message)s")
+    if spec.cores is not None:
+        os.sched_setaffinity(0, spec.cores)
+    torch.set_num_threads(spec.threads)
+    parent = os.getppid()
+
+    def liveness() -> str | None:
+        return None if os.getppid() == parent else "rank 0's process has exited"
+
+    store = open_store(spec.parallel, spec.rank)
+    try:
+        comm = connect(store, spec.parallel, spec.rank, liveness,
+                       Path(spec.shm_path) if spec.shm_path else None,
+                       spec.model.config.hidden_size, spec.model.dtype)
+        _serve(spec, comm)
+    except WorkerFailedError as exc:
+        logger.error("rank %d stops: %s", spec.rank, exc)
+        sys.exit(1)
+    except BaseException as exc:
+        # Rank 0 reads why from the store when it finds this process gone.
+        store.set(f"failed/{spec.rank}", f"{type(exc).__name__}: {exc}"[:2000])
+        logger.exception("rank %d failed", spec.rank)
+        sys.exit(1)
+
+
+@torch.inference_mode()
+def _serve(spec: WorkerSpec, comm: Communicator) -> None:
+    size = spec.parallel.tensor_parallel_size
+    config = shard_config(spec.model.config, size)
+    with building(TensorParallel(spec.rank, size, comm)):
+        model = spec.model.build(config)
+    kind, num_blocks, block_size, backend_name = comm.broadcast()
+    assert kind == KV_CACHE, f"rank {spec.rank} expected the KV cache's size, got {kind}"
+    kernels = spec.model.kernels()
+    backend = select_backend(backend_name, spec.model.device, kernels.native_ops,
+                             spec.model.batch_invariant)
+    bind_kv_cache(model, config, backend, num_blocks, block_size, spec.model.dtype,
+                  spec.model.device)
+    logger.info("rank %d ready: %d KV blocks", spec.rank, num_blocks)
+    hidden = None
+    while True:
+        message = comm.broadcast()
+        if message[0] == FORWARD:
+            hidden = model(message[1], message[2])
+        elif message[0] == LOGITS:
+            model.logits_at(hidden, message[1])
+        elif message[0] == STOP:
+            comm.close()
+            return
+        else:
+            raise ValueError(f"rank {spec.rank} got an unknown message {message[0]!r}")
+
+
+if __name__ == "__main__":
+    run_worker(pickle.load(sys.stdin.buffer))
