@@ -43,6 +43,12 @@ def _serve(ns: argparse.Namespace, renderer: TemplateRenderer | None) -> int:
     from kvflow.server.args import ServerArgs
 
     args = ServerArgs.from_cli_args(ns)
+    if args.headless:
+        from kvflow.executor.headless import run_headless
+
+        if renderer is not None:
+            renderer.close()
+        return run_headless(args.engine)
     if is_gguf(args.engine.model):
         # The server loads its model after it binds; a GGUF file is read and checked (its
         # architecture, tensor types and shapes) first, so that a bad one ends the command

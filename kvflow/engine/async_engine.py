@@ -108,8 +108,12 @@ _Message = _Add | _Abort | _AbortAll | _Call
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine) -> None:
+    def __init__(self, engine: LLMEngine,
+                 on_failure: Callable[[BaseException], None] | None = None) -> None:
+        """on_failure: called on the engine thread once the loop has failed, after every
+        stream has been told."""
         self.engine = engine
+        self.on_failure = on_failure
         self._inbox: queue.SimpleQueue[_Message] = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}  # owned by the engine thread
         self._wake = threading.Event()
@@ -231,6 +235,8 @@ class AsyncEngine:
                 self._inbox.put(_AbortAll("the server is shutting down"))
             self._drain_inbox()
             self.engine.shutdown()
+        if self.error is not None and self.on_failure is not None:
+            self.on_failure(self.error)
 
     def _drain_inbox(self) -> None:
         while True:

@@ -14,8 +14,7 @@ from typing import Any
 
 
 from kvflow.attention.selector import select_backend
-from kvflow.config import CacheConfig, SchedulerConfig, parse_dtype
-from kvflow.models.config import ModelConfig
+from kvflow.config import CacheConfig, SchedulerConfig
 from kvflow.core.kv_manager import KVCacheManager
 from kvflow.core.scheduler import Scheduler
 from kvflow.engine.args import EngineArgs
@@ -23,7 +22,7 @@ from kvflow.engine.output_processor import OutputProcessor, ParentState
 from kvflow.engine.stats import EngineStats, SpecDecodeStats, StepObservations, StepRecord
 from kvflow.distributed.comm import WorkerFailedError
 from kvflow.executor.base import Executor, ModelSpec, RunnerSettings
-from kvflow.executor.multiproc import MultiprocExecutor
+from kvflow.executor.multiproc import MultiprocExecutor, rank_threads
 from kvflow.executor.uniproc import UniProcExecutor
 from kvflow.models.loader import resolve_model_path
 from kvflow.outputs import (CompletionOutput, RequestMetrics, RequestOutput, RunnerOutput,
@@ -35,7 +34,7 @@ from kvflow.structured_output.compiler import GrammarCompiler
 from kvflow.tokenizer.loader import load_tokenizer
 from kvflow.worker.kv_cache import default_kv_cache_memory, num_blocks_for
 from kvflow.worker.model_runner import ModelRunner
-from kvflow.worker.threads import ThreadGovernor, configure_threads, default_num_threads
+from kvflow.worker.threads import ThreadGovernor, configure_threads
 
 logger = logging.getLogger(__name__)
 
@@ -71,13 +70,13 @@ class LLMEngine:
             logger.warning("trust_remote_code is ignored: kvflow runs its own model code for "
                            "the architectures it supports, never code from a checkpoint")
         self.args = args
-        path = resolve_model_path(args.model, args.revision, args.download_dir)
-        self.model_config = ModelConfig.from_pretrained(path)
-        tokenizer = (str(path) if args.tokenizer is None
+        spec = ModelSpec.from_args(args)
+        self.model_config, self.device, self.dtype = spec.config, spec.device, spec.dtype
+        path = spec.config.path
+        tokenizer = (path if args.tokenizer is None
                      else str(resolve_model_path(args.tokenizer, args.tokenizer_revision
                                                  or args.revision, args.download_dir)))
         self.tokenizer = load_tokenizer(tokenizer)
-        self.device = args.resolve_device()
         parallel = args.parallel_config()
         if parallel.node_rank != 0:
             raise ValueError(f"node_rank={parallel.node_rank}: only node 0 runs the engine; "
@@ -89,27 +88,14 @@ class LLMEngine:
         self.thread_governor: ThreadGovernor | None = None
         threads = 1
         if self.device.type == "cpu":
-            threads = configure_threads(args.num_threads or (
-                None if parallel.world_size == 1
-                else max(1, default_num_threads() // parallel.ranks_per_node)))
+            threads = configure_threads(args.num_threads or rank_threads(parallel))
             if not args.batch_invariant and parallel.world_size == 1:
                 self.thread_governor = ThreadGovernor(threads)
             logger.info("CPU threads: %d%s", threads, ", fewer while other processes take "
                         "cores" if self.thread_governor and self.thread_governor.active else "")
-        self.dtype = (self.model_config.default_dtype(self.device) if args.dtype == "auto"
-                      else parse_dtype(args.dtype))
         self.eos_token_ids = frozenset(self.model_config.eos_token_ids) | (
             {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set())
-
-        model_len = self.model_config.max_position_embeddings
-        if args.max_model_len is not None and args.max_model_len > model_len:
-            raise ValueError(f"max_model_len={args.max_model_len} exceeds the model's "
-                             f"max_position_embeddings ({model_len})")
-        requested_len = args.max_model_len or model_len
-        spec = ModelSpec(
-            self.model_config, self.dtype, self.device, requested_len, args.enforce_eager,
-            args.batch_invariant, args.kv_cache_memory or 0, args.quantization,
-            args.quantization_group_size, args.quantize_lm_head, args.cpu_moe, args.n_cpu_moe)
+        requested_len = spec.max_positions
         self.kernels = spec.kernels()
         self.executor: Executor = (
             UniProcExecutor(spec) if parallel.world_size == 1

@@ -14,10 +14,13 @@ from dataclasses import dataclass
 import torch
 
 from kvflow.attention.base import AttentionBackend
+from kvflow.config import parse_dtype
+from kvflow.engine.args import EngineArgs
 from kvflow.layers.moe_placement import expert_placement
 from kvflow.models.blocks import CausalLM
 from kvflow.models.builder import KernelChoice, build_model
 from kvflow.models.config import ModelConfig
+from kvflow.models.loader import resolve_model_path
 from kvflow.outputs import RunnerOutput, SchedulerOutput
 from kvflow.quantization import quantization_config
 from kvflow.quantization.int8 import Int8Config
@@ -42,6 +45,24 @@ class ModelSpec:
     quantize_lm_head: bool = False
     cpu_moe: bool = False
     n_cpu_moe: int | None = None
+
+    @classmethod
+    def from_args(cls, args: EngineArgs) -> ModelSpec:
+        """The checkpoint found (or downloaded), its config read, the device and dtype
+        resolved and max_model_len checked against the model's positions."""
+        config = ModelConfig.from_pretrained(
+            resolve_model_path(args.model, args.revision, args.download_dir))
+        device = args.resolve_device()
+        dtype = (config.default_dtype(device) if args.dtype == "auto"
+                 else parse_dtype(args.dtype))
+        model_len = config.max_position_embeddings
+        if args.max_model_len is not None and args.max_model_len > model_len:
+            raise ValueError(f"max_model_len={args.max_model_len} exceeds the model's "
+                             f"max_position_embeddings ({model_len})")
+        return cls(config, dtype, device, args.max_model_len or model_len, args.enforce_eager,
+                   args.batch_invariant, args.kv_cache_memory or 0, args.quantization,
+                   args.quantization_group_size, args.quantize_lm_head, args.cpu_moe,
+                   args.n_cpu_moe)
 
     def kernels(self) -> KernelChoice:
         return KernelChoice.for_device(self.device, self.dtype, self.enforce_eager,

@@ -20,7 +20,6 @@ import subprocess
 import sys
 import weakref
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 
@@ -38,6 +37,7 @@ from kvflow.models.gguf import is_gguf
 from kvflow.outputs import RunnerOutput, SchedulerOutput
 from kvflow.spec_decode.proposer import Speculator
 from kvflow.worker.model_runner import ModelRunner
+from kvflow.worker.threads import default_num_threads
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +97,14 @@ def stop_workers(processes: list[subprocess.Popen]) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(STOP_GRACE_S)
+
+
+def rank_threads(parallel: ParallelConfig) -> int | None:
+    """Each rank's default thread count: this machine's cores shared among its ranks (None:
+    one rank, which takes worker/threads.py's default)."""
+    if parallel.world_size == 1:
+        return None
+    return max(1, default_num_threads() // parallel.ranks_per_node)
 
 
 def core_lists(ranks: int, threads: int) -> list[tuple[int, ...] | None]:

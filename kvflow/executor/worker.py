@@ -5,12 +5,12 @@ step). It holds no request state: scheduling and sampling are rank 0's.
 """
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import pickle
-import signal
 import sys
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +28,7 @@ logger = logging.getLogger("kvflow.executor.worker")  # not __main__ when run wi
 # rank 0's messages: (FORWARD, input_ids, metadata), (LOGITS, rows), (KV_CACHE, blocks,
 # block size, backend name), (STOP,)
 FORWARD, LOGITS, KV_CACHE, STOP = "forward", "logits", "kv_cache", "stop"
-PR_SET_PDEATHSIG = 1
+PARENT_POLL_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -42,17 +42,19 @@ class WorkerSpec:
     log_level: int = logging.INFO
 
 
-def _die_with_parent() -> None:
-    """SIGKILL on this process when the process that started it dies, however it dies."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except OSError:  # not Linux: rank 0's absence is noticed at the next message
-        pass
+def _exit_with_parent(parent: int) -> None:
+    """Ends this process once the process that started it is gone, however it went (prctl's
+    PDEATHSIG would fire when the starting *thread* exits: a server loads on a thread)."""
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_POLL_S)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="kvflow-parent-watch", daemon=True).start()
 
 
 def run_worker(spec: WorkerSpec) -> None:
     """The process's entry point."""
-    _die_with_parent()
     logging.basicConfig(level=spec.log_level, stream=sys.stderr,
                         format=f"%(asctime)s rank {spec.rank} %(levelname)s %(name)s: "
                                "%(message)s")
@@ -60,6 +62,7 @@ def run_worker(spec: WorkerSpec) -> None:
         os.sched_setaffinity(0, spec.cores)
     torch.set_num_threads(spec.threads)
     parent = os.getppid()
+    _exit_with_parent(parent)
 
     def liveness() -> str | None:
         return None if os.getppid() == parent else "rank 0's process has exited"

@@ -56,6 +56,9 @@ class Linear(nn.Module):
         """This rank's part of a checkpoint tensor for shard `shard` (None: the whole)."""
         if self.tp.size == 1:
             return tensor
+        if self.tp_split == ROW and not is_bias and isinstance(tensor, torch.Tensor):
+            width = self.in_features
+            return self.method.columns_of(tensor, self.tp.rank * width, width)
         parts = {name: (size, self.replicas.get(name, 1))
                  for name, (_, size) in self.shard_offsets.items()} or {"": (self.out_features, 1)}
         return rank_part(tensor, self.tp, self.tp_split, is_bias, parts, shard)

@@ -42,6 +42,14 @@ class LinearMethod(ABC):
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         """x [rows, in_features] -> [rows, out_features], in x's dtype."""
 
+    def columns_of(self, weight: torch.Tensor, first: int,
+                   width: int) -> torch.Tensor | PrequantizedWeight:
+        """Input columns [first, first + width) of a checkpoint weight, for the
+        tensor-parallel rank that holds them (kvflow/distributed/tensor_parallel.py), in a
+        form the layer's loader takes. A method whose scales span whole rows quantizes the
+        whole rows first, so that each rank holds what one rank would."""
+        return weight.narrow(1, first, width)
+
 
 class QuantizationConfig(ABC):
     """A weight format chosen for a whole model: hands each quantized layer its method."""

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from kvflow.quantization.base import (DEQUANTIZE, INT8_ACTIVATION_DTYPES,
-                                      QuantizationConfig, QuantizedKernel,
+                                      PrequantizedWeight, QuantizationConfig, QuantizedKernel,
                                       QuantizedLinearMethod, add_bias, add_parameter,
                                       dequantize_buffer, quantized_rows_loader)
 
@@ -102,7 +102,7 @@ class Int8LinearMethod(QuantizedLinearMethod):
                "dequantize": DEQUANTIZE}
 
     def create_weights(self, layer: Linear, bias: bool) -> None:
-        dtype = torch.get_default_dtype()
+        dtype = self.scale_dtype = torch.get_default_dtype()
         loader = quantized_rows_loader(layer, lambda w: quantize_int8(w, dtype),
                                        ("weight", "weight_scale"), LAYOUT)
         add_parameter(layer, "weight", torch.empty(layer.out_features, layer.in_features,
@@ -113,6 +113,11 @@ class Int8LinearMethod(QuantizedLinearMethod):
 
     def dequantize(self, layer: Linear) -> torch.Tensor:
         return dequantize_int8(layer.weight, layer.weight_scale)
+
+    def columns_of(self, weight: torch.Tensor, first: int,
+                   width: int) -> PrequantizedWeight:
+        q, scale = quantize_int8(weight, self.scale_dtype)  # each row's scale over all of it
+        return PrequantizedWeight(LAYOUT, (q.narrow(1, first, width).contiguous(), scale))
 
 
 @dataclass(frozen=True)

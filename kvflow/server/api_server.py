@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -27,6 +29,7 @@ import kvflow
 from kvflow.engine.async_engine import (ENGINE_STOPPED, AsyncEngine, EngineDeadError,
                                         RequestFailedError)
 from kvflow.engine.generation_config import load_generation_defaults
+from kvflow.distributed.comm import WorkerFailedError
 from kvflow.engine.llm_engine import LLMEngine
 from kvflow.logger import RepeatFilter
 from kvflow.server.connections import (RESERVED_DESCRIPTORS, default_max_connections,
@@ -56,6 +59,8 @@ from kvflow.tokenizer.render_process import TemplateRenderer
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+EXIT_AFTER_RANK_FAILURE_S = 1.0
 
 # Routes --api-key leaves open: they say only whether the server is up and what it runs.
 OPEN_PATHS = ("/health", "/version")
@@ -95,7 +100,7 @@ class ServerState:
             defaults = load_generation_defaults(
                 self.args.engine.generation_config, llm_engine.model_config.path,
                 self.args.engine.override_generation_config)
-            engine = AsyncEngine(llm_engine)
+            engine = AsyncEngine(llm_engine, on_failure=self._engine_failed)
             self.serving = OpenAIServing(engine, self.metrics,
                                          self.args.enable_prompt_tokens_details,
                                          self.args.response_role, self.args.stream_keepalive,
@@ -119,6 +124,17 @@ class ServerState:
         except BaseException as exc:  # noqa: BLE001 - reported by /health and every route
             logger.exception("the model failed to load")
             self.load_error = exc
+            self._engine_failed(exc)
+
+    @staticmethod
+    def _engine_failed(exc: BaseException) -> None:
+        """A failed rank leaves nothing to serve with (the engine cannot restart its ranks):
+        the server exits, as vLLM's does when its engine core dies, once the streams have
+        had their error events (/health answers 503 meanwhile)."""
+        if isinstance(exc, WorkerFailedError):
+            logger.error("the server exits in %g s: %s", EXIT_AFTER_RANK_FAILURE_S, exc)
+            threading.Timer(EXIT_AFTER_RANK_FAILURE_S, os.kill,
+                            (os.getpid(), signal.SIGTERM)).start()
 
     def begin_shutdown(self) -> None:
         """Refuse new requests; give running ones shutdown_timeout seconds, then abort them

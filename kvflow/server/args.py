@@ -46,6 +46,7 @@ class ServerArgs:
     disable_uvicorn_access_log: bool = False
     disable_fastapi_docs: bool = False  # no /docs, /redoc or /openapi.json
     disable_web_ui: bool = False  # no chat at /, no /dashboard
+    headless: bool = False  # this machine's ranks only, no API server (kvflow/executor/headless.py)
     # CORS is off unless origins are given: a server on localhost that answered any web
     # page's requests could be driven by any site its user visits.
     allowed_origins: list[str] = field(default_factory=list)
@@ -210,6 +211,10 @@ class ServerArgs:
                             help="/v1/responses answers kept in memory for previous_response_id "
                                  "and GET /v1/responses/{id}; past it the oldest is evicted "
                                  "(0: none kept)")
+        parser.add_argument("--headless", action="store_true",
+                            help="run this machine's tensor-parallel ranks only, without the "
+                                 "API server: for --node-rank 1 and up of a launch over "
+                                 "--nnodes machines")
         parser.add_argument("--metrics-prefix", default="kvflow", choices=METRIC_PREFIXES,
                             help="the prefix of /metrics series: vllm serves vLLM's dashboards "
                                  "unchanged")
@@ -239,7 +244,7 @@ class ServerArgs:
                    uvicorn_log_level=ns.uvicorn_log_level,
                    disable_uvicorn_access_log=ns.disable_uvicorn_access_log,
                    disable_fastapi_docs=ns.disable_fastapi_docs,
-                   disable_web_ui=ns.disable_web_ui, allowed_origins=ns.allowed_origins,
+                   disable_web_ui=ns.disable_web_ui, headless=ns.headless, allowed_origins=ns.allowed_origins,
                    allowed_methods=ns.allowed_methods, allowed_headers=ns.allowed_headers,
                    allow_credentials=ns.allow_credentials, metrics_prefix=ns.metrics_prefix,
                    stream_keepalive=ns.stream_keepalive,

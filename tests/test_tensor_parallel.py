@@ -1,0 +1,183 @@
+"""Tensor parallelism on CPU ranks: the same greedy tokens as one rank, and a failed rank
+detected and reported, with every process gone."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+import torch
+
+from kvflow import LLM, SamplingParams
+from kvflow.distributed.comm import WorkerFailedError
+from kvflow.distributed.tensor_parallel import (COLUMN, ROW, TensorParallel, rank_part,
+                                                shard_config)
+from kvflow.models.config import ModelConfig
+
+from checkpoints import CORPUS
+from server_process import ServerProcess, free_port
+
+PROMPTS = [CORPUS[0], CORPUS[2][:30], CORPUS[1] + CORPUS[3], "Hello"]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:  # a zombie has exited
+        return f.read().split(")")[-1].split()[0] != "Z"
+
+
+def _generate(path, n_tokens=24, **options):
+    llm = LLM(str(path), dtype="float32", **options)
+    try:
+        params = SamplingParams(max_tokens=n_tokens, temperature=0.0, logprobs=2,
+                                ignore_eos=True)
+        outputs = llm.generate(PROMPTS, params, use_tqdm=False)
+        seeded = llm.generate(PROMPTS[:2], SamplingParams(max_tokens=8, temperature=1.0,
+                                                          seed=7), use_tqdm=False)
+        return ([o.outputs[0].token_ids for o in outputs],
+                [o.outputs[0].logprobs for o in outputs],
+                [o.outputs[0].token_ids for o in seeded],
+                llm.engine.scheduler.num_preemptions_total)
+    finally:
+        llm.engine.shutdown()
+
+
+# Every way a rank's part of a checkpoint is cut: one KV head for two ranks (replicated)
+# and a vocabulary that does not divide by two (the last shard padded); q/k/v biases;
+# checkpoints that store q/k/v and gate/up fused; a tied head; quantized at load.
+CASES = {  # (variant, its overrides, options, KV bytes a token on one rank)
+    "llama-kv1-odd-vocab": ("llama-gqa", dict(num_key_value_heads=1, vocab_size=387), {}, 256),
+    "qwen2-bias-int8": ("qwen2", {}, dict(quantization="int8"), 512),
+    "phi3-fused": ("phi3", {}, {}, 512),
+    # wide enough that each rank's input columns fill int4's packing blocks
+    "tied-int4": ("llama-mha-tied-bias", dict(hidden_size=128, intermediate_size=256),
+                  dict(quantization="int4", quantization_group_size=32), 2048),
+}
+POOL_TOKENS = 96  # fewer than the prompts and their outputs need at once: preemption
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_two_ranks_give_one_ranks_tokens(checkpoint, case):
+    variant, overrides, options, token_bytes = CASES[case]
+    path = checkpoint(variant, **overrides)
+    # Chunked prefill, a pool small enough to preempt, the prefix cache and speculation on.
+    options = dict(options, max_num_batched_tokens=16, block_size=4, max_num_seqs=4,
+                   speculative_config={"method": "ngram", "num_speculative_tokens": 2,
+                                       "prompt_lookup_max": 2, "prompt_lookup_min": 1})
+    one = _generate(path, kv_cache_memory=POOL_TOKENS * token_bytes, **options)
+    # Each rank holds half the KV heads, or with one KV head all of it.
+    two = _generate(path, tensor_parallel_size=2, kv_cache_memory=POOL_TOKENS * token_bytes
+                    // (1 if case.startswith("llama-kv1") else 2), **options)
+    assert one[3] > 0 and two[3] > 0
+    assert two[0] == one[0]
+    for a, b in zip(one[1], two[1]):
+        for x, y in zip(a, b):
+            assert x.keys() == y.keys()
+            assert all(abs(x[t].logprob - y[t].logprob) < 1e-4 for t in x)
+    assert two[2] == one[2]
+
+
+def test_a_rank_part_follows_the_split():
+    tp = TensorParallel(rank=1, size=2)
+    weight = torch.arange(24.0).view(6, 4)
+    assert torch.equal(rank_part(weight, tp, ROW, False, {"": (6, 1)}, None), weight[:, 2:])
+    assert torch.equal(rank_part(torch.ones(6), tp, ROW, True, {"": (6, 1)}, None),
+                       torch.zeros(6))
+    # q: 2 rows a rank; k: one head of 1 row for both ranks (replicated)
+    fused = torch.arange(6.0)  # q q q q k v
+    parts = {"q": (2, 1), "k": (1, 2), "v": (1, 2)}
+    assert rank_part(fused, tp, COLUMN, True, parts, None).tolist() == [2, 3, 4, 5]
+    assert rank_part(torch.arange(5.0), tp, COLUMN, False, {"": (3, 1)}, None).tolist() == \
+        [3, 4, 0]  # the vocabulary's last shard, padded
+
+
+def test_what_cannot_be_split_is_refused_with_the_reason(checkpoint, gguf_file):
+    config = ModelConfig.from_pretrained(checkpoint("llama-gqa"))
+    with pytest.raises(ValueError, match="num_attention_heads=4"):
+        shard_config(config, 3)
+    with pytest.raises(ValueError, match="GGUF, GPTQ or AWQ checkpoint runs on one rank"):
+        LLM(str(gguf_file("llama-gqa", "Q8_0")[0]), tensor_parallel_size=2)
+
+
+def test_a_killed_rank_ends_the_engine_and_every_process(checkpoint):
+    llm = LLM(str(checkpoint("llama-gqa")), tensor_parallel_size=2, dtype="float32")
+    (pid,) = llm.engine.executor.pids.values()
+    llm.generate(["warm"], SamplingParams(max_tokens=2), use_tqdm=False)
+    os.kill(pid, signal.SIGKILL)
+    with pytest.raises(WorkerFailedError, match=rf"rank 1 \(pid {pid}\) exited with code -9"):
+        llm.generate(PROMPTS, SamplingParams(max_tokens=8), use_tqdm=False)
+    with pytest.raises(WorkerFailedError):  # and every step after
+        llm.generate(["again"], SamplingParams(max_tokens=2), use_tqdm=False)
+    assert not _alive(pid)
+
+
+def test_a_rank_that_never_joins_ends_startup_with_a_message(checkpoint):
+    started = time.monotonic()
+    with pytest.raises(WorkerFailedError, match=r"rank\(s\) 1 did not join within 3 s"):
+        LLM(str(checkpoint("llama-gqa")), tensor_parallel_size=2, nnodes=2,
+            master_port=free_port(), distributed_timeout=3, dtype="float32")
+    assert time.monotonic() - started < 30
+
+
+def test_a_killed_rank_mid_stream_ends_the_stream_and_the_server(checkpoint, tmp_path):
+    server = ServerProcess(checkpoint("llama-gqa"), "-tp", "2", "--dtype", "float32",
+                           log=tmp_path / "server.log")
+    try:
+        server.wait_ready()
+        found = re.search(r"on this machine \(pids (\d+)\)", server.log_path.read_text())
+        worker = int(found[1])
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+        stream = client.completions.create(model=str(checkpoint("llama-gqa")), prompt="Hello",
+                                           max_tokens=400, stream=True,
+                                           extra_body={"ignore_eos": True})
+        next(iter(stream))
+        os.kill(worker, signal.SIGKILL)
+        with pytest.raises(openai.APIError):
+            for _ in stream:
+                pass
+        code = server.process.wait(timeout=30)
+        assert code != 0
+        log = (tmp_path / "server.log").read_text()
+        assert f"rank 1 (pid {worker}) exited with code -9" in log
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(server.url + "/health", timeout=2)
+        assert not _alive(worker)
+    finally:
+        if server.process.poll() is None:
+            server.process.kill()
+
+
+def test_two_nodes_on_loopback_serve_a_request(checkpoint, tmp_path):
+    path = checkpoint("llama-gqa")
+    port = free_port()
+    flags = ["-tp", "2", "--nnodes", "2", "--master-addr", "127.0.0.1", "--master-port",
+             str(port), "--dtype", "float32"]
+    node1_log = (tmp_path / "node1.log").open("w")
+    node1 = subprocess.Popen([sys.executable, "-m", "kvflow.cli", "serve", str(path),
+                              *flags, "--node-rank", "1", "--headless"],
+                             stdout=node1_log, stderr=subprocess.STDOUT)
+    server = ServerProcess(path, *flags, log=tmp_path / "node0.log")
+    try:
+        server.wait_ready()
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+        reply = client.completions.create(model=str(path), prompt=PROMPTS[0], max_tokens=12,
+                                          temperature=0)
+        expected = LLM(str(path), dtype="float32").generate(
+            [PROMPTS[0]], SamplingParams(max_tokens=12, temperature=0), use_tqdm=False)
+        assert reply.choices[0].text == expected[0].outputs[0].text
+        assert server.stop()
+        assert node1.wait(timeout=30) in (0, 1)  # its ranks end when node 0's do
+    finally:
+        for process in (server.process, node1):
+            if process.poll() is None:
+                process.kill()
+        node1_log.close()
