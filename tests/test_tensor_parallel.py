@@ -10,11 +10,12 @@ import sys
 import time
 
 import httpx
+import numpy as np
 import openai
 import pytest
 import torch
 
-from kvflow import LLM, SamplingParams
+from kvflow import LLM, SamplingParams, StructuredOutputsParams
 from kvflow.distributed.comm import WorkerFailedError
 from kvflow.distributed.tensor_parallel import (COLUMN, ROW, TensorParallel, rank_part,
                                                 shard_config)
@@ -43,9 +44,13 @@ def _generate(path, n_tokens=24, **options):
         outputs = llm.generate(PROMPTS, params, use_tqdm=False)
         seeded = llm.generate(PROMPTS[:2], SamplingParams(max_tokens=8, temperature=1.0,
                                                           seed=7), use_tqdm=False)
+        chosen = llm.generate(PROMPTS[:2], SamplingParams(
+            max_tokens=8, temperature=0.0,
+            structured_outputs=StructuredOutputsParams(choice=["hello world", "fox", "dog"])),
+            use_tqdm=False)
         return ([o.outputs[0].token_ids for o in outputs],
                 [o.outputs[0].logprobs for o in outputs],
-                [o.outputs[0].token_ids for o in seeded],
+                [o.outputs[0].token_ids for o in seeded] + [o.outputs[0].text for o in chosen],
                 llm.engine.scheduler.num_preemptions_total)
     finally:
         llm.engine.shutdown()
@@ -120,6 +125,22 @@ def test_a_killed_rank_ends_the_engine_and_every_process(checkpoint):
     assert not _alive(pid)
 
 
+def test_a_hung_rank_is_declared_failed_after_the_timeout(checkpoint):
+    llm = LLM(str(checkpoint("llama-gqa")), tensor_parallel_size=2, dtype="float32",
+              distributed_timeout=2)
+    (pid,) = llm.engine.executor.pids.values()
+    llm.generate(["warm"], SamplingParams(max_tokens=2), use_tqdm=False)
+    os.kill(pid, signal.SIGSTOP)
+    started = time.monotonic()
+    with pytest.raises(WorkerFailedError, match="did not take part within 2 s"):
+        llm.generate(PROMPTS, SamplingParams(max_tokens=8), use_tqdm=False)
+    assert time.monotonic() - started < 20
+    deadline = time.monotonic() + 10
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(pid)
+
+
 def test_a_rank_that_never_joins_ends_startup_with_a_message(checkpoint):
     started = time.monotonic()
     with pytest.raises(WorkerFailedError, match=r"rank\(s\) 1 did not join within 3 s"):
@@ -181,3 +202,53 @@ def test_two_nodes_on_loopback_serve_a_request(checkpoint, tmp_path):
             if process.poll() is None:
                 process.kill()
         node1_log.close()
+
+
+def _rank_collectives(rank: int, port: int, path: str) -> None:
+    """One rank of test_shared_memory_collectives_match_their_definitions (in a process of
+    its own): every collective, over and under the slot and message sizes."""
+    from pathlib import Path
+
+    from kvflow.distributed import comm as comm_module
+    from kvflow.distributed.group import ParallelConfig, connect, open_store
+
+    parallel = ParallelConfig(tensor_parallel_size=2, master_port=port, timeout_s=30)
+    store = open_store(parallel, rank)
+    gloo = connect(store, parallel, rank, lambda: None, None, 8, torch.float32)
+    shm = comm_module.ShmCommunicator(Path(path), rank, 2, gloo, lambda: None, 30)
+    for dtype in (torch.float32, torch.bfloat16):
+        for shape in ((3,), (700, 9), (5, 3000)):  # within a slot, several rows a slot, past
+            mine = torch.randn(shape, generator=torch.Generator().manual_seed(rank)).to(dtype)
+            theirs = torch.randn(shape, generator=torch.Generator().manual_seed(1 - rank)
+                                 ).to(dtype)
+            both = [mine, theirs] if rank == 0 else [theirs, mine]
+            assert torch.equal(shm.all_reduce(mine.clone()), both[0] + both[1])
+            assert torch.equal(shm.all_gather(mine), torch.cat(both, dim=-1))
+    message = {"ids": np.arange(50_000)} if rank == 0 else None  # past MESSAGE_BYTES
+    for _ in range(3):
+        got = shm.broadcast(message)
+        assert np.array_equal(got["ids"], np.arange(50_000))
+        assert shm.broadcast((rank, "small") if rank == 0 else None) == (0, "small")
+    shm.close()
+    print(f"rank {rank} ok", flush=True)
+
+
+def test_shared_memory_collectives_match_their_definitions():
+    # Small slots and message area, so that every path runs: within one, over several, past.
+    small = ("from kvflow.distributed import comm; comm.SLOT_BYTES = 4096; "
+             "comm.MESSAGE_BYTES = 4096; ")
+    made = subprocess.run([sys.executable, "-c", small + "print(comm.ShmCommunicator.create(2))"],
+                          capture_output=True, text=True, check=True)
+    path = made.stdout.strip()
+    code = small + "import test_tensor_parallel as t; t._rank_collectives({}, {}, {!r})"
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(__file__)}
+    port = free_port()
+    ranks = [subprocess.Popen([sys.executable, "-c", code.format(rank, port, path)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for rank in (0, 1)]
+    try:
+        outputs = [rank.communicate(timeout=120)[0] for rank in ranks]
+    finally:
+        os.unlink(path)
+    for rank, output in enumerate(outputs):
+        assert f"rank {rank} ok" in output, output[-3000:]

@@ -26,11 +26,12 @@ import torch.distributed as dist
 
 logger = logging.getLogger(__name__)
 
-SLOT_BYTES = 4 * 2**20  # each rank's part of one collective; larger ones go over gloo
+SLOT_BYTES = 4 * 2**20  # each rank's part of one exchange; larger collectives take several
 MESSAGE_BYTES = 4 * 2**20  # rank 0's step message; a larger one goes over gloo
 SPINS = 20_000  # polls before a waiting rank starts yielding its core
 LIVENESS_EVERY_S = 0.1  # how often a long wait checks that its peers are alive
-IDLE_SLEEP_S = 0.001  # the poll interval of a rank waiting for work (after a second idle)
+IDLE_SLEEP_S = 0.001
+REASON_WAIT_S = 2.0  # how long a failed gloo call waits to learn which rank exited  # the poll interval of a rank waiting for work (after a second idle)
 
 
 class WorkerFailedError(RuntimeError):
@@ -78,7 +79,12 @@ class GlooCommunicator(Communicator):
         try:
             return work().wait()
         except RuntimeError as exc:
+            # A peer's socket closes a moment before its process is seen to have exited.
+            deadline = time.monotonic() + REASON_WAIT_S
             reason = self.liveness()
+            while reason is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+                reason = self.liveness()
             raise WorkerFailedError(f"{what} failed: {reason or exc}") from exc
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
@@ -141,6 +147,8 @@ class ShmCommunicator(Communicator):
                                         count=MESSAGE_BYTES)
         self.seq = 0
         self.message_seq = 0
+        self._others = [r for r in range(size) if r != rank]
+        self._view_cache: dict[tuple, list[torch.Tensor]] = {}
 
     @classmethod
     def create(cls, size: int) -> Path:
@@ -174,31 +182,53 @@ class ShmCommunicator(Communicator):
             else:
                 os.sched_yield()
 
+    def _views(self, phase: int, x: torch.Tensor) -> list[torch.Tensor]:
+        """Every rank's slot of `phase` as a tensor like x (made once per shape: a decode
+        step makes the same few dozen collectives every time)."""
+        key = (phase, x.dtype, tuple(x.shape))
+        views = self._view_cache.get(key)
+        if views is None:
+            nbytes = x.numel() * x.element_size()
+            views = [self.slots[phase, r, :nbytes].view(x.dtype).view(x.shape)
+                     for r in range(self.size)]
+            self._view_cache[key] = views
+        return views
+
     def _exchange(self, x: torch.Tensor, what: str) -> list[torch.Tensor]:
         """Every rank's x, once all have written theirs."""
         self.seq += 1
-        seq, flags, size = self.seq, self.flags, self.size
-        nbytes = x.numel() * x.element_size()
-        phase = self.slots[seq & 1]
-        phase[self.rank, :nbytes].view(x.dtype).view(x.shape).copy_(x)
+        seq, flags = self.seq, self.flags
+        views = self._views(seq & 1, x)
+        views[self.rank].copy_(x)
         flags[self.rank] = seq
-        self._wait(lambda: int(flags[:size].min()) >= seq, what)
-        return [phase[r, :nbytes].view(x.dtype).view(x.shape) for r in range(size)]
+        others = self._others
+        self._wait(lambda: all(flags[r] >= seq for r in others), what)
+        return views
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() * x.element_size() > SLOT_BYTES:
-            return self.fallback.all_reduce(x)
-        parts = self._exchange(x, "an all-reduce")
-        out = x if x.is_contiguous() else torch.empty_like(x)
-        torch.add(parts[0], parts[1], out=out)
-        for part in parts[2:]:
-            out.add_(part)
+        out = x if x.is_contiguous() else x.contiguous()
+        flat = out.view(-1)
+        step = SLOT_BYTES // x.element_size()
+        for start in range(0, flat.numel(), step):  # a prefill's sum, a slot at a time
+            chunk = flat[start:start + step]
+            parts = self._exchange(chunk, "an all-reduce")
+            torch.add(parts[0], parts[1], out=chunk)
+            for part in parts[2:]:
+                chunk.add_(part)
         return out
 
     def all_gather(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() * x.element_size() > SLOT_BYTES:
+        x = x.contiguous()
+        if x.dim() < 2:
+            x = x.unsqueeze(0)
+            return self.all_gather(x).squeeze(0)
+        row_bytes = x[0].numel() * x.element_size()
+        if row_bytes > SLOT_BYTES:
             return self.fallback.all_gather(x)
-        return torch.cat(self._exchange(x.contiguous(), "an all-gather"), dim=-1)
+        step = SLOT_BYTES // row_bytes
+        # Many rows of logits a slot at a time, each gathered side by side.
+        return torch.cat([torch.cat(self._exchange(x[start:start + step], "an all-gather"),
+                                    dim=-1) for start in range(0, x.shape[0], step)])
 
     def broadcast(self, obj: Any = None) -> Any:
         flags, size = self.flags, self.size
@@ -227,7 +257,7 @@ class ShmCommunicator(Communicator):
     def close(self) -> None:
         if self._fd >= 0:
             # Views into the map are released with the map; torch holds no copy.
-            del self.flags, self.slots, self.message
+            del self.flags, self.slots, self.message, self._view_cache
             try:
                 self._map.close()
             except BufferError:  # a tensor still views it: the OS reclaims it at exit

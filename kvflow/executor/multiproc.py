@@ -16,8 +16,10 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import signal
 import subprocess
 import sys
+import threading
 import weakref
 from dataclasses import replace
 
@@ -30,7 +32,7 @@ from kvflow.distributed.comm import (Communicator, ShmCommunicator, WorkerFailed
 from kvflow.distributed.group import ParallelConfig, connect, open_store
 from kvflow.distributed.tensor_parallel import TensorParallel, building, shard_config
 from kvflow.executor.base import Executor, ModelSpec, RunnerSettings
-from kvflow.executor.worker import FORWARD, KV_CACHE, LOGITS, WorkerSpec
+from kvflow.executor.worker import FORWARD, KV_CACHE, LOGITS, WorkerSpec, to_plain
 from kvflow.models.blocks import CausalLM
 from kvflow.models.config import ModelConfig
 from kvflow.models.gguf import is_gguf
@@ -54,11 +56,11 @@ class RankZeroModel:
         self.comm = comm
 
     def __call__(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        self.comm.broadcast((FORWARD, input_ids, meta))
+        self.comm.broadcast((FORWARD, to_plain(input_ids), to_plain(meta)))
         return self._in_step(self.model, input_ids, meta)
 
     def logits_at(self, hidden: torch.Tensor, rows: torch.Tensor | slice) -> torch.Tensor:
-        self.comm.broadcast((LOGITS, rows))
+        self.comm.broadcast((LOGITS, to_plain(rows)))
         return self._in_step(self.model.logits_at, hidden, rows)
 
     @staticmethod
@@ -91,6 +93,7 @@ def stop_workers(processes: list[subprocess.Popen]) -> None:
     for process in processes:
         if process.poll() is None:
             process.terminate()
+            process.send_signal(signal.SIGCONT)  # a stopped (hung) rank, so that it ends
     for process in processes:
         try:
             process.wait(STOP_GRACE_S)
@@ -138,6 +141,14 @@ class MultiprocExecutor(Executor):
         shm_path = (ShmCommunicator.create(size)
                     if parallel.nnodes == 1 and shared_memory_works() else None)
         cores = core_lists(parallel.ranks_per_node, threads)
+        self._pinned: tuple[int, set[int]] | None = None
+        if cores[0] is not None:
+            # Rank 0's own cores, for this thread and the threads it starts (the engine
+            # loop's, the kernels' pool): left free to move, the OS puts it on the other
+            # ranks' cores at times, and every rank waits for the one it slowed. Given
+            # back at shutdown, when that runs on this thread.
+            self._pinned = (threading.get_ident(), os.sched_getaffinity(0))
+            os.sched_setaffinity(0, cores[0])
         self.workers: dict[int, subprocess.Popen] = {}
         started: list[subprocess.Popen] = []  # stopped with this executor, however it ends
         self._finalizer = weakref.finalize(self, stop_workers, started)
@@ -222,6 +233,9 @@ class MultiprocExecutor(Executor):
 
     def shutdown(self) -> None:
         self._finalizer()
+        if self._pinned is not None and self._pinned[0] == threading.get_ident():
+            os.sched_setaffinity(0, self._pinned[1])
+            self._pinned = None
         comm = getattr(self, "comm", None)
         if comm is not None:
             comm.close()

@@ -5,6 +5,7 @@ step). It holds no request state: scheduling and sampling are rank 0's.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import pickle
@@ -13,9 +14,12 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 
+from kvflow.attention.metadata import AttentionMetadata
 from kvflow.attention.selector import select_backend
 from kvflow.distributed.comm import Communicator, WorkerFailedError
 from kvflow.distributed.group import ParallelConfig, connect, open_store
@@ -40,6 +44,24 @@ class WorkerSpec:
     cores: tuple[int, ...] | None  # the CPUs its threads are bound to (None: any)
     shm_path: str | None
     log_level: int = logging.INFO
+
+
+def to_plain(value: Any) -> Any:
+    """A step's tensors as numpy arrays, metadata as a dict of them: what pickles in
+    microseconds (a tensor pickles through torch's serializer, ~0.1 ms each)."""
+    if isinstance(value, torch.Tensor):
+        return value.numpy()
+    if isinstance(value, AttentionMetadata):
+        return {f.name: to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    return value
+
+
+def from_plain(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(value)
+    if isinstance(value, dict):
+        return AttentionMetadata(**{name: from_plain(v) for name, v in value.items()})
+    return value
 
 
 def _exit_with_parent(parent: int) -> None:
@@ -101,9 +123,9 @@ def _serve(spec: WorkerSpec, comm: Communicator) -> None:
     while True:
         message = comm.broadcast()
         if message[0] == FORWARD:
-            hidden = model(message[1], message[2])
+            hidden = model(from_plain(message[1]), from_plain(message[2]))
         elif message[0] == LOGITS:
-            model.logits_at(hidden, message[1])
+            model.logits_at(hidden, from_plain(message[1]))
         elif message[0] == STOP:
             comm.close()
             return
