@@ -47,7 +47,9 @@ def serving_cost(engine: LLMEngine) -> ModelCost:
     dtype_bytes = torch.empty((), dtype=engine.dtype).element_size()
     cost = ModelCost.from_config(shape, dtype_bytes=dtype_bytes)
     model = engine.runner.model
-    held = sum(p.numel() * p.element_size() for p in model.parameters())
+    # Rank 0's shard, times the ranks (the norms each rank repeats are a rounding error).
+    held = engine.args.tensor_parallel_size * sum(p.numel() * p.element_size()
+                                                  for p in model.parameters())
     experts = [m for m in model.modules() if isinstance(m, FusedMoE)]
     held_experts = sum(p.numel() * p.element_size() for m in experts for p in m.parameters())
     return replace(cost, weight_bytes=held - held_experts,
