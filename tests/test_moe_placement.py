@@ -12,7 +12,7 @@ import logging
 import pytest
 import torch
 
-import kvflow.engine.llm_engine as llm_engine
+import kvflow.executor.base as executor_base
 from checkpoints import MOE_VARIANTS
 from conftest import generate_greedy, random_prompts
 from kvflow import LLM, EngineArgs, SamplingParams
@@ -74,7 +74,7 @@ def test_the_split_path_gives_the_unsplit_tokens(family, num_layers, checkpoint,
                         lambda self, *args: staged.append(1) or stage(self, *args))
     # A test-only placement: experts "on the host" of a model that is on the host too, so
     # that the split path runs where no GPU is.
-    monkeypatch.setattr(llm_engine, "expert_placement",
+    monkeypatch.setattr(executor_base, "expert_placement",
                         lambda *_: ExpertPlacement(torch.device("cpu"), num_layers))
     llm, tokens = _generate(path)
     assert tokens == expected

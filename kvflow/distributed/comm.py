@@ -151,13 +151,20 @@ class ShmCommunicator(Communicator):
         self._view_cache: dict[tuple, list[torch.Tensor]] = {}
 
     @classmethod
-    def create(cls, size: int) -> Path:
-        """A new zeroed file for `size` ranks (rank 0 makes it; every rank maps it)."""
+    def create(cls, size: int) -> Path | None:
+        """A new zeroed file for `size` ranks (rank 0 makes it; every rank maps it), or None
+        where there is no room for it (a small /dev/shm): the ranks then use gloo."""
         folder = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(os.environ.get(
             "TMPDIR", "/tmp"))
         path = folder / f"kvflow-tp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        with open(path, "wb") as f:
-            f.truncate(layout_bytes(size))
+        try:
+            with open(path, "wb") as f:
+                # Reserved now: a tmpfs that fills later would kill a rank with SIGBUS.
+                os.posix_fallocate(f.fileno(), 0, layout_bytes(size))
+        except OSError as exc:
+            path.unlink(missing_ok=True)
+            logger.warning("no shared memory for the ranks' collectives (%s); using gloo", exc)
+            return None
         return path
 
     def _wait(self, ready: Callable[[], bool], what: str, idle: bool = False) -> None:
