@@ -59,29 +59,35 @@ def _generate(path, n_tokens=24, **options):
 # Every way a rank's part of a checkpoint is cut: one KV head for two ranks (replicated)
 # and a vocabulary that does not divide by two (the last shard padded); q/k/v biases;
 # checkpoints that store q/k/v and gate/up fused; a tied head; quantized at load.
-CASES = {  # (variant, its overrides, options, KV bytes a token on one rank)
-    "llama-kv1-odd-vocab": ("llama-gqa", dict(num_key_value_heads=1, vocab_size=387), {}, 256),
-    "qwen2-bias-int8": ("qwen2", {}, dict(quantization="int8"), 512),
-    "phi3-fused": ("phi3", {}, {}, 512),
+CASES = {  # (variant, its overrides, options)
+    "llama-kv1-odd-vocab": ("llama-gqa", dict(num_key_value_heads=1, vocab_size=387), {}),
+    "qwen2-bias-int8": ("qwen2", {}, dict(quantization="int8")),
+    "phi3-fused": ("phi3", {}, {}),
     # wide enough that each rank's input columns fill int4's packing blocks
     "tied-int4": ("llama-mha-tied-bias", dict(hidden_size=128, intermediate_size=256),
-                  dict(quantization="int4", quantization_group_size=32), 2048),
+                  dict(quantization="int4", quantization_group_size=32)),
+    # experts split by their inner width; Qwen2-MoE's shared expert as a dense MLP
+    "qwen2-moe": ("qwen2-moe", {}, {}),
+    "mixtral-int8": ("mixtral", {}, dict(quantization="int8")),
 }
 POOL_TOKENS = 96  # fewer than the prompts and their outputs need at once: preemption
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_two_ranks_give_one_ranks_tokens(checkpoint, case):
-    variant, overrides, options, token_bytes = CASES[case]
+    variant, overrides, options = CASES[case]
     path = checkpoint(variant, **overrides)
+    config = ModelConfig.from_pretrained(path)
+    token_bytes = config.kv_bytes_per_token(torch.float32)
     # Chunked prefill, a pool small enough to preempt, the prefix cache and speculation on.
     options = dict(options, max_num_batched_tokens=16, block_size=4, max_num_seqs=4,
                    speculative_config={"method": "ngram", "num_speculative_tokens": 2,
                                        "prompt_lookup_max": 2, "prompt_lookup_min": 1})
     one = _generate(path, kv_cache_memory=POOL_TOKENS * token_bytes, **options)
     # Each rank holds half the KV heads, or with one KV head all of it.
-    two = _generate(path, tensor_parallel_size=2, kv_cache_memory=POOL_TOKENS * token_bytes
-                    // (1 if case.startswith("llama-kv1") else 2), **options)
+    rank_bytes = shard_config(config, 2).kv_bytes_per_token(torch.float32)
+    two = _generate(path, tensor_parallel_size=2, kv_cache_memory=POOL_TOKENS * rank_bytes,
+                    **options)
     assert one[3] > 0 and two[3] > 0
     assert two[0] == one[0]
     for a, b in zip(one[1], two[1]):

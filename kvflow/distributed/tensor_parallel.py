@@ -4,7 +4,8 @@ how a checkpoint tensor is cut for it.
 A rank holds a shard of every layer, as Megatron-LM laid out: the fused QKV and gate/up
 projections split by output rows (whole heads, KV heads replicated where there are fewer
 than ranks), the output and down projections split by input columns and summed across
-ranks (one all-reduce each), the embedding and LM head split by vocabulary rows. The
+ranks (one all-reduce each), the embedding and LM head split by vocabulary rows, and each
+expert of a mixture split as the dense MLP is (the router whole on every rank). The
 layers learn their rank from `current()` while they are built (`building`), so a family
 file names each projection's split and knows nothing else of parallelism; a rank's config
 (`shard_config`) has its heads and widths, which size its layers and its KV cache.
@@ -81,19 +82,23 @@ def shard_config(config: ModelConfig, size: int) -> ModelConfig:
         problems.append(f"num_key_value_heads={kv} (neither a multiple nor a divisor of it)")
     if config.intermediate_size % size:
         problems.append(f"intermediate_size={config.intermediate_size}")
+    moe = config.moe
+    if moe is not None and moe.intermediate_size % size:
+        problems.append(f"moe_intermediate_size={moe.intermediate_size}")
+    if moe is not None and moe.shared_expert_size % size:
+        problems.append(f"shared_expert_intermediate_size={moe.shared_expert_size}")
     if problems:
         raise ValueError(f"tensor_parallel_size={size} does not divide {config.architecture}'s "
                          + ", ".join(problems))
-    if config.moe is not None:
-        raise ValueError(f"tensor_parallel_size={size}: kvflow does not split mixture-of-"
-                         f"experts models ({config.architecture}) across ranks yet; run it "
-                         "on one rank")
     if config.qk_norm_all_heads:
         raise ValueError(f"tensor_parallel_size={size}: {config.architecture}'s q/k norms "
                          "span every head, which kvflow does not split across ranks")
+    if moe is not None:  # every expert split as the dense MLP is; the router whole
+        moe = replace(moe, intermediate_size=moe.intermediate_size // size,
+                      shared_expert_size=moe.shared_expert_size // size)
     return replace(config, num_heads=config.num_heads // size, num_kv_heads=max(1, kv // size),
                    intermediate_size=config.intermediate_size // size,
-                   kv_head_replicas=max(1, size // kv))
+                   kv_head_replicas=max(1, size // kv), moe=moe)
 
 
 def rank_part(tensor: torch.Tensor, tp: TensorParallel, split: str, is_bias: bool,

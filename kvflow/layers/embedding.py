@@ -20,9 +20,8 @@ class VocabParallelEmbedding(nn.Embedding):
         self.first, rows = self.tp.rows_of(vocab_size)
         super().__init__(rows, hidden_size, _weight=torch.empty(rows, hidden_size))
 
-    def rank_part(self, tensor: torch.Tensor, shard: str | None, is_bias: bool) -> torch.Tensor:
-        return rank_part(tensor, self.tp, COLUMN, is_bias, {"": (self.num_embeddings, 1)},
-                         shard)
+    def rank_part(self, tensor: torch.Tensor, shard: str | None, param: str) -> torch.Tensor:
+        return rank_part(tensor, self.tp, COLUMN, False, {"": (self.num_embeddings, 1)}, shard)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         local = input_ids - self.first

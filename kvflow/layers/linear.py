@@ -52,10 +52,12 @@ class Linear(nn.Module):
             raise ValueError(f"no shard {shard!r} in a layer of shards {list(self.shard_offsets)}")
         return self.shard_offsets[shard]
 
-    def rank_part(self, tensor: torch.Tensor, shard: str | None, is_bias: bool) -> torch.Tensor:
-        """This rank's part of a checkpoint tensor for shard `shard` (None: the whole)."""
+    def rank_part(self, tensor: torch.Tensor, shard: str | None, param: str) -> torch.Tensor:
+        """This rank's part of a checkpoint tensor for parameter `param` ("weight",
+        "bias") and shard `shard` (None: the whole)."""
         if self.tp.size == 1:
             return tensor
+        is_bias = param.endswith("bias")
         if self.tp_split == ROW and not is_bias and isinstance(tensor, torch.Tensor):
             width = self.in_features
             return self.method.columns_of(tensor, self.tp.rank * width, width)

@@ -30,6 +30,7 @@ from kvflow.kernels.variants import DEFAULT, GemvVariant
 from kvflow.layers.activation import ClampedSwiGLU, GeluTanhAndMul, SiluAndMul
 from kvflow.layers.linear import Linear
 from kvflow.layers.native import NativeKernelHook
+from kvflow.distributed.tensor_parallel import COLUMN, current
 from kvflow.quantization.base import (PrequantizedWeight, QuantizationConfig, WeightLoader,
                                       add_parameter, checked_copy, quantized_parts)
 
@@ -127,6 +128,13 @@ class ExpertMethod(ABC):
     def kernel_scales(self, layer: FusedMoE) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """What the native kernel reads beside gate_up's and down's weights: None for
         weights in the model's dtype, int8's scales, int4's scales blocked."""
+
+    def columns_of(self, weight: torch.Tensor, first: int,
+                   width: int) -> torch.Tensor | PrequantizedWeight:
+        """Input columns [first, first + width) of a down projection's checkpoint weight (one
+        expert's [rows, columns] or every expert's stacked), for the tensor-parallel rank
+        that holds them; as LinearMethod.columns_of."""
+        return weight.narrow(-1, first, width)
 
     def expert_product(self, layer: FusedMoE, expert: int, x: torch.Tensor) -> torch.Tensor:
         """One expert on its rows: x [rows, hidden] -> down(act(gate_up(x))) [rows, hidden]."""
@@ -283,6 +291,29 @@ class FusedMoE(nn.Module, NativeKernelHook):
         self.method.create_weights(self, bias)
         # Set by attach_native and kernels/tuning.py; None: the method's PyTorch path.
         self.plan: ExpertPlan | None = None
+        # Under tensor parallelism each expert holds its rank's part of the inner width
+        # (gate's and up's rows, down's columns); the block sums the outputs over ranks.
+        self.tp = current()
+        self.tp_split = COLUMN if self.tp.size > 1 else None
+
+    def rank_part(self, tensor: torch.Tensor, shard: str | None, param: str) -> torch.Tensor:
+        """This rank's part of a checkpoint tensor for `param` ("gate_up_proj",
+        "down_proj_bias", ...) and `shard` (see expert_loader)."""
+        if not isinstance(tensor, torch.Tensor):
+            raise ValueError("tensor parallelism splits float checkpoint tensors; this "
+                             "expert weight is stored quantized")
+        inner, rank = self.intermediate_size, self.tp.rank
+        if param.startswith("down_proj"):
+            if param.endswith("bias"):  # added once, after the sum over ranks
+                return tensor if rank == 0 else torch.zeros_like(tensor)
+            return self.method.columns_of(tensor, rank * inner, inner)
+        projection, _, expert = (shard or "").partition(":")
+        dim = 0 if expert else 1  # one expert's rows, or every expert's stacked
+        if projection:
+            return tensor.narrow(dim, rank * inner, inner)
+        whole = tensor.shape[1] // 2  # the fused gate_up: gate's rows, then up's
+        return torch.cat([tensor.narrow(1, rank * inner, inner),
+                          tensor.narrow(1, whole + rank * inner, inner)], dim=1)
 
     def projections(self) -> list[tuple[str, int, int, tuple[str, ...]]]:
         """(name, rows, columns, the shards a checkpoint fills) of each projection."""

@@ -127,6 +127,7 @@ class SparseMoeBlock(nn.Module):
                   if self.shared_expert is not None else None)
         out = (self.host.run(self.experts, staged, x.device) if staged is not None
                else self.experts(x, weights, ids))
+        out = self.experts.tp.all_reduce(out)  # each rank's experts hold part of the width
         return out if shared is None else out + shared
 
 

@@ -152,7 +152,7 @@ def load_weights(model: CausalLM,
         if tied and model.lm_head is not None and key == "model.embed_tokens.weight":
             # A tied head in a format of its own: a second copy, made from the embedding.
             model.lm_head.weight.weight_loader(
-                model.lm_head.weight, model.lm_head.rank_part(tensor, None, False), None)
+                model.lm_head.weight, model.lm_head.rank_part(tensor, None, "weight"), None)
             loaded.add(("lm_head.weight", None))
         name, shard = _map_name(key, model.packed_modules, model.expert_projections)
         if name not in params:
@@ -163,7 +163,7 @@ def load_weights(model: CausalLM,
         owner = _owner(model, name)
         try:
             if getattr(owner, "tp_split", None) is not None:  # a tensor-parallel rank's part
-                tensor = owner.rank_part(tensor, shard, name.endswith("bias"))
+                tensor = owner.rank_part(tensor, shard, name.rsplit(".", 1)[-1])
             loader(param, tensor, shard)
         except ValueError as exc:
             raise ValueError(f"checkpoint tensor {key!r} in {source}: {exc}") from exc

@@ -14,7 +14,7 @@ import torch
 
 from kvflow.layers.moe import (ExpertMethod, FusedMoE, add_expert_biases, add_expert_parameter,
                                quantized_expert_loader)
-from kvflow.quantization.base import add_parameter
+from kvflow.quantization.base import PrequantizedWeight, add_parameter
 from kvflow.quantization.int4 import (PACK_BLOCK, ROW_BLOCK, blocked_scales, dequantize_int4,
                                       layout, quantize_int4)
 from kvflow.quantization.int8 import LAYOUT as INT8_LAYOUT
@@ -25,7 +25,7 @@ class Int8ExpertMethod(ExpertMethod):
     """Per output row, symmetric; the kernel reads the weights and scales as they are."""
 
     def create_weights(self, layer: FusedMoE, bias: bool) -> None:
-        dtype = torch.get_default_dtype()
+        dtype = self.scale_dtype = torch.get_default_dtype()
         for name, rows, columns, projections in layer.projections():
             loader = quantized_expert_loader(layer, name, lambda w: quantize_int8(w, dtype),
                                              ("", "_scale"), INT8_LAYOUT)
@@ -42,6 +42,13 @@ class Int8ExpertMethod(ExpertMethod):
 
     def kernel_scales(self, layer: FusedMoE) -> tuple[torch.Tensor, torch.Tensor]:
         return layer.gate_up_proj_scale, layer.down_proj_scale
+
+    def columns_of(self, weight: torch.Tensor, first: int,
+                   width: int) -> PrequantizedWeight:
+        # Each row's scale over the whole row, as one rank would hold it.
+        q, scale = quantize_int8(weight.reshape(-1, weight.shape[-1]), self.scale_dtype)
+        part = q.view(weight.shape).narrow(-1, first, width)
+        return PrequantizedWeight(INT8_LAYOUT, (part.reshape(-1, width).contiguous(), scale))
 
 
 class Int4ExpertMethod(ExpertMethod):
