@@ -37,7 +37,7 @@ def _alive(pid: int) -> bool:
 
 
 def _generate(path, n_tokens=24, **options):
-    llm = LLM(str(path), dtype="float32", **options)
+    llm = LLM(str(path), **{"dtype": "float32", **options})
     try:
         params = SamplingParams(max_tokens=n_tokens, temperature=0.0, logprobs=2,
                                 ignore_eos=True)
@@ -59,12 +59,13 @@ def _generate(path, n_tokens=24, **options):
 # Every way a rank's part of a checkpoint is cut: one KV head for two ranks (replicated)
 # and a vocabulary that does not divide by two (the last shard padded); q/k/v biases;
 # checkpoints that store q/k/v and gate/up fused; a tied head; quantized at load.
+WIDE_MHA = dict(hidden_size=128, intermediate_size=256)
 CASES = {  # (variant, its overrides, options)
     "llama-kv1-odd-vocab": ("llama-gqa", dict(num_key_value_heads=1, vocab_size=387), {}),
     "qwen2-bias-int8": ("qwen2", {}, dict(quantization="int8")),
     "phi3-fused": ("phi3", {}, {}),
     # wide enough that each rank's input columns fill int4's packing blocks
-    "tied-int4": ("llama-mha-tied-bias", dict(hidden_size=128, intermediate_size=256),
+    "tied-int4": ("llama-mha-tied-bias", WIDE_MHA,
                   dict(quantization="int4", quantization_group_size=32)),
     # experts split by their inner width; Qwen2-MoE's shared expert as a dense MLP
     "qwen2-moe": ("qwen2-moe", {}, {}),
@@ -111,12 +112,33 @@ def test_a_rank_part_follows_the_split():
         [3, 4, 0]  # the vocabulary's last shard, padded
 
 
+WIDE = dict(hidden_size=128, intermediate_size=256)  # a rank's columns in whole int4 blocks
+
+
+@pytest.mark.parametrize("recipe", ["Q8_0", "Q4_K_M", "gptq"])
+def test_two_ranks_split_checkpoints_stored_quantized(checkpoint, gguf_file, tmp_path,
+                                                      recipe):
+    """A GGUF file's or a GPTQ checkpoint's blocks cut between whole groups: each rank
+    holds what one rank would, so the tokens are one rank's."""
+    if recipe == "gptq":
+        from test_gptq_awq import CASES as GPTQ_CASES, write_checkpoint
+
+        path = tmp_path / "gptq"
+        write_checkpoint(checkpoint("llama-gqa", **WIDE), path, GPTQ_CASES["gptq-v1-asym"])
+    else:
+        path = gguf_file("llama-gqa", recipe, **WIDE)[0]
+    options = dict(dtype="float32", max_num_batched_tokens=16)
+    assert _generate(path, **options)[0] == _generate(path, tensor_parallel_size=2,
+                                                      **options)[0]
+
+
 def test_what_cannot_be_split_is_refused_with_the_reason(checkpoint, gguf_file):
     config = ModelConfig.from_pretrained(checkpoint("llama-gqa"))
     with pytest.raises(ValueError, match="num_attention_heads=4"):
         shard_config(config, 3)
-    with pytest.raises(ValueError, match="GGUF, GPTQ or AWQ checkpoint runs on one rank"):
-        LLM(str(gguf_file("llama-gqa", "Q8_0")[0]), tensor_parallel_size=2)
+    with pytest.raises(ValueError, match="experts are stored quantized"):
+        LLM(str(gguf_file("mixtral", "Q8_0", sliding_window=None, intermediate_size=64)[0]),
+            tensor_parallel_size=2)
 
 
 def test_a_killed_rank_ends_the_engine_and_every_process(checkpoint):

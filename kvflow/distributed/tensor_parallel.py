@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from kvflow.quantization.base import PrequantizedWeight
+
 if TYPE_CHECKING:
     from kvflow.distributed.comm import Communicator
     from kvflow.models.config import ModelConfig
@@ -101,15 +103,25 @@ def shard_config(config: ModelConfig, size: int) -> ModelConfig:
                    kv_head_replicas=max(1, size // kv), moe=moe)
 
 
-def rank_part(tensor: torch.Tensor, tp: TensorParallel, split: str, is_bias: bool,
-              parts: dict[str, tuple[int, int]], shard: str | None) -> torch.Tensor:
+def _rows(tensor: torch.Tensor | PrequantizedWeight, start: int,
+          count: int) -> torch.Tensor | PrequantizedWeight:
+    """Rows [start, start + count) of a tensor, or of every part of a quantized weight,
+    padded with zero rows past its end (zero blocks decode to zeros in every format)."""
+    if isinstance(tensor, PrequantizedWeight):
+        return PrequantizedWeight(tensor.layout,
+                                  tuple(_rows(p, start, count) for p in tensor.parts))
+    part = tensor[start:start + count]
+    if part.shape[0] < count:  # the last rank's vocabulary rows, past the end
+        part = torch.cat([part, part.new_zeros((count - part.shape[0], *part.shape[1:]))])
+    return part
+
+
+def rank_part(tensor: torch.Tensor | PrequantizedWeight, tp: TensorParallel, split: str,
+              is_bias: bool, parts: dict[str, tuple[int, int]],
+              shard: str | None) -> torch.Tensor | PrequantizedWeight:
     """This rank's part of a checkpoint tensor for a layer split `split`. parts: the layer's
     shards as (rows on this rank, ranks holding each), shard: which of them the tensor is
     (None: the whole layer, its shards stacked in order)."""
-    if not isinstance(tensor, torch.Tensor):
-        raise ValueError("tensor parallelism splits float checkpoint tensors; this one is "
-                         "stored quantized (a GGUF, GPTQ or AWQ checkpoint), which kvflow "
-                         "runs on one rank only")
     if split == ROW:
         if is_bias:  # added once, after the sum over ranks
             return tensor if tp.rank == 0 else torch.zeros_like(tensor)
@@ -119,13 +131,12 @@ def rank_part(tensor: torch.Tensor, tp: TensorParallel, split: str, is_bias: boo
         pieces, start = [], 0
         for name, (rows, replicas) in parts.items():
             whole = rows * tp.size // replicas
-            pieces.append(rank_part(tensor.narrow(0, start, whole), tp, split, is_bias,
+            pieces.append(rank_part(_rows(tensor, start, whole), tp, split, is_bias,
                                     {name: (rows, replicas)}, name))
             start += whole
+        if isinstance(tensor, PrequantizedWeight):
+            return PrequantizedWeight(tensor.layout, tuple(
+                torch.cat(together) for together in zip(*(p.parts for p in pieces))))
         return torch.cat(pieces)
     rows, replicas = parts[shard] if shard is not None else next(iter(parts.values()))
-    first = (tp.rank // replicas) * rows
-    part = tensor[first:first + rows]
-    if part.shape[0] < rows:  # the last rank's vocabulary rows, past the end
-        part = torch.cat([part, part.new_zeros((rows - part.shape[0], *part.shape[1:]))])
-    return part
+    return _rows(tensor, (tp.rank // replicas) * rows, rows)

@@ -35,7 +35,6 @@ from kvflow.executor.base import Executor, ModelSpec, RunnerSettings
 from kvflow.executor.worker import FORWARD, KV_CACHE, LOGITS, WorkerSpec, to_plain
 from kvflow.models.blocks import CausalLM
 from kvflow.models.config import ModelConfig
-from kvflow.models.gguf import is_gguf
 from kvflow.outputs import RunnerOutput, SchedulerOutput
 from kvflow.spec_decode.proposer import Speculator
 from kvflow.worker.model_runner import ModelRunner
@@ -122,11 +121,6 @@ def core_lists(ranks: int, threads: int) -> list[tuple[int, ...] | None]:
 class MultiprocExecutor(Executor):
     def __init__(self, spec: ModelSpec, parallel: ParallelConfig, attention_backend: str,
                  threads: int) -> None:
-        if is_gguf(spec.config.path) or spec.config.quantization is not None:
-            raise ValueError(f"tensor_parallel_size={parallel.tensor_parallel_size}: kvflow "
-                             "splits float checkpoints across ranks (quantized at load with "
-                             "--quantization if wanted); a GGUF, GPTQ or AWQ checkpoint runs "
-                             "on one rank")
         if spec.device.type != "cpu":
             raise ValueError(f"tensor_parallel_size={parallel.tensor_parallel_size} on "
                              f"{spec.device.type}: kvflow splits models across CPU ranks "

@@ -58,9 +58,10 @@ class Linear(nn.Module):
         if self.tp.size == 1:
             return tensor
         is_bias = param.endswith("bias")
-        if self.tp_split == ROW and not is_bias and isinstance(tensor, torch.Tensor):
+        if self.tp_split == ROW and not is_bias:
             width = self.in_features
-            return self.method.columns_of(tensor, self.tp.rank * width, width)
+            return self.method.columns_of(tensor, self.tp.rank * width, width,
+                                          width * self.tp.size)
         parts = {name: (size, self.replicas.get(name, 1))
                  for name, (_, size) in self.shard_offsets.items()} or {"": (self.out_features, 1)}
         return rank_part(tensor, self.tp, self.tp_split, is_bias, parts, shard)

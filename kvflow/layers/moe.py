@@ -300,8 +300,9 @@ class FusedMoE(nn.Module, NativeKernelHook):
         """This rank's part of a checkpoint tensor for `param` ("gate_up_proj",
         "down_proj_bias", ...) and `shard` (see expert_loader)."""
         if not isinstance(tensor, torch.Tensor):
-            raise ValueError("tensor parallelism splits float checkpoint tensors; this "
-                             "expert weight is stored quantized")
+            raise ValueError("tensor parallelism splits experts stored in floating point; "
+                             "this checkpoint's experts are stored quantized (a GGUF file's): "
+                             "run it on one rank")
         inner, rank = self.intermediate_size, self.tp.rank
         if param.startswith("down_proj"):
             if param.endswith("bias"):  # added once, after the sum over ranks

@@ -12,6 +12,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from kvflow.distributed.tensor_parallel import current
 from kvflow.layers.moe_placement import ExpertPlacement, placing_experts
 from kvflow.models.blocks import CausalLM
 from kvflow.models.config import ModelConfig
@@ -83,19 +84,22 @@ def load_model(config: ModelConfig, dtype: torch.dtype, device: torch.device,
     model_class = family_for(config.architecture).model_class
     gguf = GgufFile(path) if is_gguf(path) else None
     check_quantization_flag(quant_config, config.quantization, str(path))
+    # A GGUF file's tensors are read against the whole model, not a rank's share of it.
+    file_config = config if current().size == 1 else ModelConfig.from_pretrained(path)
     if gguf is not None:
         if quant_config is not None:
             raise ValueError(f"quantization={quant_config.name!r} quantizes a float "
                              "checkpoint at load; a GGUF file's weights keep the formats "
                              "they are stored in")
-        quant_config = plan_gguf(gguf, config, dtype, model_class.packed_modules)
+        quant_config = plan_gguf(gguf, file_config, dtype, model_class.packed_modules)
     elif config.quantization is not None:
         quant_config = plan_checkpoint(config.quantization, _safetensors_shapes(path),
                                        model_class.packed_modules)
     with torch.device(device), default_dtype(dtype), placing_experts(placement):
         model = model_class(config, max_positions, quant_config, lm_head_quant_config)
     if gguf is not None:
-        load_weights(model, gguf_tensors(gguf, config, quant_config, dtype), gguf.path.name)
+        load_weights(model, gguf_tensors(gguf, file_config, quant_config, dtype),
+                     gguf.path.name)
     elif config.quantization is not None:
         load_weights(model, prequantized_tensors(config.quantization, _safetensors_tensors(path),
                                                  dtype, str(path)), str(path))

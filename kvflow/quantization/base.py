@@ -14,6 +14,7 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
+from fractions import Fraction
 from types import ModuleType
 from typing import TYPE_CHECKING
 
@@ -42,12 +43,15 @@ class LinearMethod(ABC):
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         """x [rows, in_features] -> [rows, out_features], in x's dtype."""
 
-    def columns_of(self, weight: torch.Tensor, first: int,
-                   width: int) -> torch.Tensor | PrequantizedWeight:
-        """Input columns [first, first + width) of a checkpoint weight, for the
-        tensor-parallel rank that holds them (kvflow/distributed/tensor_parallel.py), in a
-        form the layer's loader takes. A method whose scales span whole rows quantizes the
-        whole rows first, so that each rank holds what one rank would."""
+    def columns_of(self, weight: torch.Tensor | PrequantizedWeight, first: int, width: int,
+                   whole: int) -> torch.Tensor | PrequantizedWeight:
+        """Input columns [first, first + width) of a checkpoint weight of `whole` columns,
+        for the tensor-parallel rank that holds them (kvflow/distributed/
+        tensor_parallel.py), in a form the layer's loader takes. A method whose scales
+        span whole rows quantizes the whole rows first, so that each rank holds what one
+        rank would; a method whose packing is not row-major cuts its own."""
+        if isinstance(weight, PrequantizedWeight):
+            return prequantized_columns(weight, first, width, whole)
         return weight.narrow(1, first, width)
 
 
@@ -78,6 +82,27 @@ class PrequantizedWeight:
 
     layout: str
     parts: tuple[torch.Tensor, ...]
+
+
+def prequantized_columns(weight: PrequantizedWeight, first: int, width: int,
+                         whole: int) -> PrequantizedWeight:
+    """Input columns [first, first + width) of a weight stored quantized, every part laid
+    out row-major by output row with its columns a fixed fraction of the weight's `whole`
+    columns (one scale a group; a part of one value a row is kept whole). Raises
+    ValueError where the cut would split a group or block."""
+    parts = []
+    for part in weight.parts:
+        if part.dim() == 1:  # one value a row (int8's scale): the row's, whole
+            parts.append(part)
+            continue
+        ratio = Fraction(part.shape[1], whole)
+        start, count = first * ratio, width * ratio
+        if start.denominator != 1 or count.denominator != 1:
+            raise ValueError(f"a rank's {width} input columns of {whole} would split a "
+                             f"quantization group or block of the {weight.layout} weight; "
+                             "use fewer ranks")
+        parts.append(part.narrow(1, int(start), int(count)).contiguous())
+    return PrequantizedWeight(weight.layout, tuple(parts))
 
 
 def add_parameter(layer: nn.Module, name: str, data: torch.Tensor, loader: WeightLoader,

@@ -20,10 +20,11 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 import torch.nn.functional as F
 
-from kvflow.quantization.base import (DEQUANTIZE, INT8_ACTIVATION_DTYPES,
+from kvflow.quantization.base import (DEQUANTIZE, INT8_ACTIVATION_DTYPES, PrequantizedWeight,
                                       QuantizationConfig, QuantizedKernel,
                                       QuantizedLinearMethod, add_bias, add_parameter,
-                                      dequantize_buffer, quantized_rows_loader)
+                                      dequantize_buffer, prequantized_columns,
+                                      quantized_rows_loader)
 
 if TYPE_CHECKING:
     from kvflow.layers.linear import Linear
@@ -157,6 +158,17 @@ class Int4LinearMethod(QuantizedLinearMethod):
 
     def __init__(self, group_size: int) -> None:
         self.group_size = group_size
+
+    def columns_of(self, weight: torch.Tensor | PrequantizedWeight, first: int, width: int,
+                   whole: int) -> torch.Tensor | PrequantizedWeight:
+        if not isinstance(weight, PrequantizedWeight):
+            return super().columns_of(weight, first, width, whole)
+        # The packed values are blocked by 16 rows, not row-major: cut them unpacked.
+        packed, *scales = weight.parts
+        values = unpack_int4(packed).narrow(1, first, width)
+        rest = prequantized_columns(PrequantizedWeight(weight.layout, tuple(scales)), first,
+                                    width, whole)
+        return PrequantizedWeight(weight.layout, (pack_int4(values.contiguous()), *rest.parts))
 
     def create_weights(self, layer: Linear, bias: bool) -> None:
         cols = layer.in_features

@@ -114,8 +114,10 @@ class Int8LinearMethod(QuantizedLinearMethod):
     def dequantize(self, layer: Linear) -> torch.Tensor:
         return dequantize_int8(layer.weight, layer.weight_scale)
 
-    def columns_of(self, weight: torch.Tensor, first: int,
-                   width: int) -> PrequantizedWeight:
+    def columns_of(self, weight: torch.Tensor | PrequantizedWeight, first: int, width: int,
+                   whole: int) -> PrequantizedWeight:
+        if isinstance(weight, PrequantizedWeight):  # its scales already span whole rows
+            return super().columns_of(weight, first, width, whole)
         q, scale = quantize_int8(weight, self.scale_dtype)  # each row's scale over all of it
         return PrequantizedWeight(LAYOUT, (q.narrow(1, first, width).contiguous(), scale))
 
