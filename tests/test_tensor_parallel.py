@@ -154,15 +154,16 @@ def test_a_killed_rank_ends_the_engine_and_every_process(checkpoint):
 
 
 def test_a_hung_rank_is_declared_failed_after_the_timeout(checkpoint):
+    # Long enough that a rank loading its shard a little late is not taken for hung.
     llm = LLM(str(checkpoint("llama-gqa")), tensor_parallel_size=2, dtype="float32",
-              distributed_timeout=2)
+              distributed_timeout=5)
     (pid,) = llm.engine.executor.pids.values()
     llm.generate(["warm"], SamplingParams(max_tokens=2), use_tqdm=False)
     os.kill(pid, signal.SIGSTOP)
     started = time.monotonic()
-    with pytest.raises(WorkerFailedError, match="did not take part within 2 s"):
+    with pytest.raises(WorkerFailedError, match="did not take part within 5 s"):
         llm.generate(PROMPTS, SamplingParams(max_tokens=8), use_tqdm=False)
-    assert time.monotonic() - started < 20
+    assert time.monotonic() - started < 30
     deadline = time.monotonic() + 10
     while _alive(pid) and time.monotonic() < deadline:
         time.sleep(0.1)
