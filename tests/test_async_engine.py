@@ -118,3 +118,17 @@ def test_a_consumer_that_stops_reading_pins_one_output(engine):
     pinned, last = asyncio.run(scenario())
     assert pinned <= 3, f"{pinned} outputs held for one unread stream"
     assert last.finished and len(last.outputs[0].token_ids) == 60
+
+
+def test_the_server_reaches_the_engine_only_through_its_client():
+    """kvflow/server talks to an EngineClient (engine/client.py), never to the engine's
+    scheduler, runner or model, so that an engine core can live elsewhere."""
+    import re
+    from pathlib import Path
+
+    import kvflow.server
+
+    reaching_in = re.compile(r"\bengine\.(engine|runner|scheduler|kv_manager|executor|call)\b")
+    for path in sorted(Path(kvflow.server.__file__).parent.rglob("*.py")):
+        found = reaching_in.findall(path.read_text())
+        assert not found, f"{path.name} reaches into the engine: {found}"

@@ -16,7 +16,9 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from kvflow.engine.llm_engine import EngineStepError, LLMEngine, PreparedRequest
+from kvflow.engine.client import EngineClient, EngineFacts, InFlight
+from kvflow.engine.llm_engine import EngineStepError, LLMEngine, PreparedRequest, PromptType
+from kvflow.engine.stats import EngineStats, StepObservations
 from kvflow.outputs import RequestOutput
 from kvflow.sampling_params import SamplingParams
 
@@ -64,22 +66,6 @@ class _Stream:
 
 
 @dataclass
-class InFlight:
-    """A request being answered, as its consumer on the event loop last saw it."""
-
-    request_id: str
-    arrival_time: float  # time.monotonic()
-    num_prompt_tokens: int
-    num_generated: int = 0
-    first_token_time: float | None = None
-
-    def saw(self, output: RequestOutput) -> None:
-        self.num_generated = sum(len(c.token_ids) for c in output.outputs)
-        if output.metrics is not None:
-            self.first_token_time = output.metrics.first_token_time
-
-
-@dataclass
 class _Add:
     prepared: PreparedRequest
     stream: _Stream
@@ -107,12 +93,15 @@ class _Call:
 _Message = _Add | _Abort | _AbortAll | _Call
 
 
-class AsyncEngine:
+class AsyncEngine(EngineClient):
+    """The engine core on a thread of this process, behind the EngineClient interface."""
+
     def __init__(self, engine: LLMEngine,
                  on_failure: Callable[[BaseException], None] | None = None) -> None:
         """on_failure: called on the engine thread once the loop has failed, after every
         stream has been told."""
         self.engine = engine
+        self.facts = EngineFacts.of(engine)
         self.on_failure = on_failure
         self._inbox: queue.SimpleQueue[_Message] = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}  # owned by the engine thread
@@ -134,6 +123,25 @@ class AsyncEngine:
     @property
     def alive(self) -> bool:
         return self._thread.is_alive() and self.error is None
+
+    def prepare_request(self, request_id: str, prompt: PromptType, params: SamplingParams,
+                        priority: int = 0) -> PreparedRequest:
+        # Reads only what is fixed after load (tokenizer, config, limits): any thread.
+        return self.engine.prepare_request(request_id, prompt, params, priority=priority)
+
+    async def reset_prefix_cache(self) -> int:
+        return await self.call(lambda engine: engine.reset_prefix_cache())
+
+    def has_unfinished_requests(self) -> bool:
+        return self.engine.has_unfinished_requests()
+
+    @property
+    def stats(self) -> EngineStats:
+        return self.engine.stats
+
+    @property
+    def observations(self) -> StepObservations:
+        return self.engine.observations
 
     @property
     def num_waiting_sequences(self) -> int:

@@ -28,6 +28,7 @@ from starlette.requests import ClientDisconnect
 import kvflow
 from kvflow.engine.async_engine import (ENGINE_STOPPED, AsyncEngine, EngineDeadError,
                                         RequestFailedError)
+from kvflow.engine.client import EngineClient
 from kvflow.engine.generation_config import load_generation_defaults
 from kvflow.distributed.comm import WorkerFailedError
 from kvflow.engine.llm_engine import LLMEngine
@@ -77,7 +78,7 @@ class ServerState:
         self.args = args
         self.renderer = renderer
         self.metrics = ServerMetrics(args.model_names[0], args.metrics_prefix)
-        self.engine: AsyncEngine | None = None
+        self.engine: EngineClient | None = None
         self.serving: OpenAIServing | None = None
         self.load_error: BaseException | None = None
         self.draining = False
@@ -148,13 +149,13 @@ class ServerState:
 
         def drain() -> None:
             deadline = time.monotonic() + self.args.shutdown_timeout
-            while engine.engine.has_unfinished_requests() and time.monotonic() < deadline:
+            while engine.has_unfinished_requests() and time.monotonic() < deadline:
                 time.sleep(0.05)
             engine.abort_all("the server is shutting down")
 
         threading.Thread(target=drain, name="kvflow-drain", daemon=True).start()
 
-    def ready(self) -> tuple[AsyncEngine, OpenAIServing]:
+    def ready(self) -> tuple[EngineClient, OpenAIServing]:
         if self.draining:
             raise ApiError(503, "the server is shutting down")
         if self.load_error is not None:
@@ -184,7 +185,7 @@ class ServerState:
             raise ApiError(404, f"model {name!r} does not exist; this server serves "
                                 f"{self.args.model_names}", "model")
 
-    def check_capacity(self, engine: AsyncEngine, num_sequences: int) -> None:
+    def check_capacity(self, engine: EngineClient, num_sequences: int) -> None:
         """--max-waiting-requests counts sequences (a prompt's n samples are n): one
         request cannot queue past it, however many prompts and samples it carries."""
         limit = self.args.max_waiting_requests
@@ -408,7 +409,7 @@ def create_app(args: ServerArgs, renderer: TemplateRenderer | None = None) -> Fa
         engine, _ = state.ready()
         return {"id": name, "object": "model", "created": state.created, "owned_by": "kvflow",
                 "root": args.model_names[0], "parent": None,
-                "max_model_len": engine.engine.max_model_len, "permission": []}
+                "max_model_len": engine.facts.max_model_len, "permission": []}
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -435,7 +436,7 @@ def create_app(args: ServerArgs, renderer: TemplateRenderer | None = None) -> Fa
     @app.post("/reset_prefix_cache")
     async def reset_prefix_cache() -> Response:
         engine, _ = state.ready()
-        num_blocks = await engine.call(lambda e: e.reset_prefix_cache())
+        num_blocks = await engine.reset_prefix_cache()
         logger.info("prefix cache reset: %d cached blocks forgotten", num_blocks)
         return Response(status_code=200)
 
@@ -452,7 +453,7 @@ def create_app(args: ServerArgs, renderer: TemplateRenderer | None = None) -> Fa
     async def load() -> dict[str, Any]:
         body: dict[str, Any] = {"server_load": state.in_flight}
         if state.engine is not None:  # what the KV cache holds, and what chose its size
-            info = state.engine.engine.cache_config_info()
+            info = state.engine.facts.cache_config_info
             body["kv_cache"] = {"num_tokens": int(info["num_tokens"]),
                                 "sized_by": info["sized_by"]}
         return body
@@ -464,8 +465,7 @@ def create_app(args: ServerArgs, renderer: TemplateRenderer | None = None) -> Fa
     @app.get("/metrics")
     async def metrics() -> Response:
         if state.engine is not None:
-            state.metrics.observe_engine(state.engine.engine.stats,
-                                         state.engine.engine.observations)
+            state.metrics.observe_engine(state.engine.stats, state.engine.observations)
         return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     if web_files is not None:

@@ -17,9 +17,7 @@ import torch
 
 from kvflow.bench.hardware import cached_ceilings
 from kvflow.bench.roofline import ModelCost, step_cost
-from kvflow.layers.moe import FusedMoE
-from kvflow.engine.async_engine import AsyncEngine
-from kvflow.engine.llm_engine import LLMEngine
+from kvflow.engine.client import EngineClient, EngineFacts
 from kvflow.engine.stats import EngineStats, StepObservations, StepRecord
 
 WINDOW_S = 5.0  # rates and step figures are over this many seconds
@@ -27,12 +25,12 @@ MIN_SPAN_S = 0.2  # a rate over less time than this is noise; polls closer than 
 NUM_SLOWEST = 5
 
 
-def serving_cost(engine: LLMEngine) -> ModelCost:
+def serving_cost(facts: EngineFacts) -> ModelCost:
     """The roofline's model cost for the loaded model: its shape from the config, and the
     bytes of the weights it holds (quantized ones at their own size, a tied embedding
     once) rather than the checkpoint's. The shape leaves out biases and extra norms, whose
     FLOPs are a rounding error beside the matmuls'."""
-    config = engine.model_config
+    config = facts.model_config
     shape = {"hidden_size": config.hidden_size, "num_attention_heads": config.num_heads,
              "num_key_value_heads": config.num_kv_heads, "head_dim": config.head_dim,
              "num_hidden_layers": config.num_layers, "vocab_size": config.vocab_size,
@@ -44,16 +42,11 @@ def serving_cost(engine: LLMEngine) -> ModelCost:
                      shared_expert_intermediate_size=config.moe.shared_expert_size,
                      mlp_only_layers=[i for i, sparse in enumerate(config.moe.sparse_layers)
                                       if not sparse])
-    dtype_bytes = torch.empty((), dtype=engine.dtype).element_size()
+    dtype_bytes = torch.empty((), dtype=facts.dtype).element_size()
     cost = ModelCost.from_config(shape, dtype_bytes=dtype_bytes)
-    model = engine.runner.model
-    # Rank 0's shard, times the ranks (the norms each rank repeats are a rounding error).
-    held = engine.args.tensor_parallel_size * sum(p.numel() * p.element_size()
-                                                  for p in model.parameters())
-    experts = [m for m in model.modules() if isinstance(m, FusedMoE)]
-    held_experts = sum(p.numel() * p.element_size() for m in experts for p in m.parameters())
-    return replace(cost, weight_bytes=held - held_experts,
-                   expert_bytes=held_experts // cost.num_experts if experts else 0)
+    return replace(cost, weight_bytes=facts.weight_bytes,
+                   expert_bytes=facts.expert_bytes // cost.num_experts if facts.expert_bytes
+                   else 0)
 
 
 @dataclass(frozen=True)
@@ -67,30 +60,30 @@ def _rate(part: float, whole: float) -> float | None:
 
 
 class DashboardFeed:
-    def __init__(self, engine: AsyncEngine, model_name: str) -> None:
+    def __init__(self, engine: EngineClient, model_name: str) -> None:
         self.engine = engine
-        llm = engine.engine
+        facts = engine.facts
         self.model_name = model_name
-        self.cost = serving_cost(llm)
-        self.dtype = str(llm.dtype).removeprefix("torch.")
+        self.cost = serving_cost(facts)
+        self.dtype = str(facts.dtype).removeprefix("torch.")
         self.threads = torch.get_num_threads()
-        self.ceilings = cached_ceilings(llm.device.type)
+        self.ceilings = cached_ceilings(facts.device.type)
         self.samples: deque[_Sample] = deque()
         self.steps: deque[StepRecord] = deque()
 
     def model(self) -> dict[str, Any]:
-        llm = self.engine.engine
-        return {"name": self.model_name, "max_model_len": llm.max_model_len,
-                "dtype": self.dtype, "device": llm.device.type, "threads": self.threads,
+        facts = self.engine.facts
+        return {"name": self.model_name, "max_model_len": facts.max_model_len,
+                "dtype": self.dtype, "device": facts.device.type, "threads": self.threads,
                 "weight_bytes": self.cost.weight_bytes,
-                "kv_cache_tokens": llm.cache_config.num_tokens,
-                "block_size": llm.cache_config.block_size,
-                "prefix_caching": llm.kv_manager.enable_caching,
-                "num_speculative_tokens": llm.num_speculative_tokens}
+                "kv_cache_tokens": facts.kv_cache_tokens,
+                "block_size": facts.block_size,
+                "prefix_caching": facts.prefix_caching,
+                "num_speculative_tokens": facts.num_speculative_tokens}
 
     def snapshot(self, num_in_flight_http: int) -> dict[str, Any]:
         now = time.monotonic()
-        stats = self.engine.engine.stats
+        stats = self.engine.stats
         self._sample(now, stats)
         base = self.samples[0]
         span = now - base.time
@@ -125,7 +118,7 @@ class DashboardFeed:
         # Keep one sample at least WINDOW_S old, as the base of the rates.
         while len(self.samples) > 1 and self.samples[1].time <= now - WINDOW_S:
             self.samples.popleft()
-        self.steps.extend(StepObservations.drain(self.engine.engine.observations.steps))
+        self.steps.extend(StepObservations.drain(self.engine.observations.steps))
         while self.steps and self.steps[0].finished_at < now - WINDOW_S:
             self.steps.popleft()
 

@@ -1,4 +1,4 @@
-"""OpenAI completions and chat completions on top of AsyncEngine: prompts in, JSON or
+"""OpenAI completions and chat completions on top of an EngineClient: prompts in, JSON or
 server-sent events out."""
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from kvflow.engine.async_engine import AsyncEngine, EngineDeadError, RequestFailedError
+from kvflow.engine.async_engine import EngineDeadError, RequestFailedError
+from kvflow.engine.client import EngineClient
 from kvflow.engine.llm_engine import PreparedRequest
 from kvflow.outputs import CompletionOutput, Logprob, RequestOutput
 from kvflow.sampling_params import ParameterError, StructuredOutputsParams
@@ -110,7 +111,7 @@ class OpenAIServing:
     threads, never on the event loop: a huge prompt must not stall other clients. The fast
     tokenizers release the GIL while they encode."""
 
-    def __init__(self, engine: AsyncEngine, metrics: ServerMetrics,
+    def __init__(self, engine: EngineClient, metrics: ServerMetrics,
                  enable_prompt_tokens_details: bool = False, response_role: str = "assistant",
                  keepalive_s: float = 10.0, num_tokenizer_threads: int = 2,
                  chat_template: str | None = None,
@@ -127,14 +128,14 @@ class OpenAIServing:
         self.response_role = response_role
         self.enable_prompt_tokens_details = enable_prompt_tokens_details
         self.metrics = metrics
-        self.tokenizer = engine.engine.tokenizer
+        self.tokenizer = engine.facts.tokenizer
         self.chat_template = ChatTemplate(self.tokenizer, chat_template, renderer)
         # The model's sampling defaults (engine/generation_config.py), by SamplingParams
         # field, for what a request leaves unset.
         self.generation_defaults = generation_defaults or {}
         self.tool_parser = tool_parser
         self.reasoning_parser = reasoning_parser
-        self.max_sequences = engine.engine.scheduler_config.max_num_seqs
+        self.max_sequences = engine.facts.max_num_seqs
         self._pool = ThreadPoolExecutor(num_tokenizer_threads,
                                         thread_name_prefix="kvflow-tokenize")
 
@@ -186,7 +187,7 @@ class OpenAIServing:
             if request.cache_salt is not None:
                 engine_prompt["cache_salt"] = request.cache_salt
             with _named_constraint_errors(constraint):
-                job.prepared.append(self.engine.engine.prepare_request(
+                job.prepared.append(self.engine.prepare_request(
                     f"{job.response_id}-{i}", engine_prompt, params, priority=request.priority))
         return job
 
@@ -233,7 +234,7 @@ class OpenAIServing:
         if request.cache_salt is not None:
             prompt["cache_salt"] = request.cache_salt
         with _named_constraint_errors(constraint):
-            job.prepared.append(self.engine.engine.prepare_request(
+            job.prepared.append(self.engine.prepare_request(
                 f"{job.response_id}-0", prompt, params, priority=request.priority))
         return job
 
@@ -273,11 +274,11 @@ class OpenAIServing:
             _, tokens = self.encode_chat(request.messages, request.chat_options())
         else:
             tokens = self.encode("prompt", request.prompt, request.add_special_tokens)
-        return {"count": len(tokens), "max_model_len": self.engine.engine.max_model_len,
+        return {"count": len(tokens), "max_model_len": self.engine.facts.max_model_len,
                 "tokens": tokens, "token_strs": None}
 
     def detokenize(self, request: DetokenizeRequest) -> dict[str, str]:
-        vocab = self.engine.engine.model_config.vocab_size
+        vocab = self.engine.facts.model_config.vocab_size
         bad = [t for t in request.tokens if not 0 <= t < vocab]
         if bad:
             raise ParameterError("tokens", f"token ids must be in [0, {vocab}), got {bad[:5]}")
