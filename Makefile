@@ -7,7 +7,10 @@ BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install browser test soak serve clean
+ROUTER_VENV := $(VENV)/sglang-router
+ROUTER_STAMP := $(ROUTER_VENV)/.installed
+
+.PHONY: install browser router test soak serve clean
 
 # install also compiles kvflow's native CPU kernels for this machine (about 25 s, once;
 # cached under ~/.cache/kvflow/kernels).
@@ -36,7 +39,17 @@ browser:
 	    echo "no chromium and no apt-get as root: the browser tests will be skipped"; \
 	  fi; }
 
-test: install browser
+# SGLang's model gateway (the sglang-router wheel from PyPI), in a venv of its own so that
+# its pins never meet kvflow's, for the test that serves kvflow behind it. Where its wheel
+# cannot be installed, that test is skipped with the reason.
+router: $(ROUTER_STAMP)
+
+$(ROUTER_STAMP):
+	$(PYTHON) -m venv $(ROUTER_VENV)
+	@if $(ROUTER_VENV)/bin/pip install --quiet sglang-router==0.3.2; then touch $(ROUTER_STAMP); \
+	else echo "sglang-router could not be installed: tests/test_sglang_router.py will be skipped"; fi
+
+test: install browser router
 	$(BIN)/python -m pytest -q -m "not slow" tests
 
 # issue 11's soak test: one server under 64 streaming clients for KVFLOW_SOAK_SECONDS

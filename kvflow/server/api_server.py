@@ -411,6 +411,36 @@ def create_app(args: ServerArgs, renderer: TemplateRenderer | None = None) -> Fa
                 "root": args.model_names[0], "parent": None,
                 "max_model_len": engine.facts.max_model_len, "permission": []}
 
+    # SGLang's worker endpoints, which its model gateway (sglang-router) reads when it
+    # registers a worker: the model's name and path, and the limits it schedules by.
+    @app.get("/get_model_info")
+    @app.get("/model_info", include_in_schema=False)
+    async def sglang_model_info() -> dict[str, Any]:
+        engine, _ = state.ready()
+        facts = engine.facts
+        return {"model_path": str(args.engine.model), "tokenizer_path":
+                str(args.engine.tokenizer or args.engine.model),
+                "served_model_name": args.model_names[0], "is_generation": True,
+                "model_type": facts.model_config.architecture,
+                "max_context_length": facts.max_model_len,
+                "max_req_input_len": facts.max_model_len - 1,
+                "vocab_size": facts.model_config.vocab_size}
+
+    @app.get("/get_server_info")
+    @app.get("/server_info", include_in_schema=False)
+    async def sglang_server_info() -> dict[str, Any]:
+        engine, _ = state.ready()
+        facts = engine.facts
+        return {"model": args.model_names[0], "model_path": str(args.engine.model),
+                "served_model_name": args.model_names[0], "version": kvflow.__version__,
+                "dp_size": 1, "tp_size": args.engine.tensor_parallel_size,
+                "max_running_requests": facts.max_num_seqs,
+                "max_total_tokens": facts.kv_cache_tokens,
+                "max_prefill_tokens": args.engine.max_num_batched_tokens,
+                "max_req_input_len": facts.max_model_len - 1,
+                "num_running": engine.stats.num_running,
+                "num_waiting": engine.num_waiting_sequences}
+
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [model_card(name) for name in args.model_names]}
