@@ -142,11 +142,17 @@ def test_a_request_whose_client_left_is_dropped_before_it_is_prepared(server):
             assert [r.status_code for r in await asyncio.gather(*busy)] == [200] * num_busy
             return gave_up
 
-    assert any(asyncio.run(client_gave_up(num_busy)) for num_busy in (2, 6, 16)), \
+    def dropped_unprepared(num_busy: int) -> bool:
+        # A client that gave up after its request was prepared (the threads freed up
+        # within its wait) is aborted instead: then the next try queues more work.
+        if not asyncio.run(client_gave_up(num_busy)):
+            return False
+        time.sleep(0.2)
+        return "client disconnected before its request was prepared" in \
+            server.log_path.read_text()
+
+    assert any(dropped_unprepared(num_busy) for num_busy in (2, 6, 16, 32)), \
         "the tokenizer threads were never busy for long enough"
-    time.sleep(0.2)
-    assert "client disconnected before its request was prepared" in \
-        server.log_path.read_text()
     _healthy(server)
 
 
