@@ -99,7 +99,7 @@ class LLMEngine:
         self.kernels = spec.kernels()
         self.executor: Executor = (
             UniProcExecutor(spec) if parallel.world_size == 1
-            else MultiprocExecutor(spec, parallel, args.attention_backend, threads))
+            else MultiprocExecutor(spec, parallel, threads))
         rank_config = self.executor.rank_config
         if args.kv_cache_memory:
             memory, sized_by = args.kv_cache_memory, "kv_cache_memory"

@@ -119,14 +119,12 @@ def core_lists(ranks: int, threads: int) -> list[tuple[int, ...] | None]:
 
 
 class MultiprocExecutor(Executor):
-    def __init__(self, spec: ModelSpec, parallel: ParallelConfig, attention_backend: str,
-                 threads: int) -> None:
+    def __init__(self, spec: ModelSpec, parallel: ParallelConfig, threads: int) -> None:
         if spec.device.type != "cpu":
             raise ValueError(f"tensor_parallel_size={parallel.tensor_parallel_size} on "
                              f"{spec.device.type}: kvflow splits models across CPU ranks "
                              "(gloo) only; NCCL ranks on GPUs are not built yet")
         self.spec = spec
-        self.attention_backend = attention_backend
         size = parallel.world_size
         self._rank_config = shard_config(spec.config, size)
         self.failure: str | None = None
@@ -159,17 +157,16 @@ class MultiprocExecutor(Executor):
             logger.info("tensor parallel: %d ranks, %d on this machine (pids %s), %d "
                         "thread(s) each", size, parallel.ranks_per_node,
                         ", ".join(str(p.pid) for p in self.workers.values()) or "-", threads)
-            try:
-                self.comm = connect(self.store, parallel, 0, self.liveness, shm_path,
-                                    spec.config.hidden_size, spec.dtype)
-            finally:
-                if shm_path is not None:  # every local rank has mapped it, or failed
-                    shm_path.unlink(missing_ok=True)
+            self.comm = connect(self.store, parallel, 0, self.liveness, shm_path,
+                                spec.config.hidden_size, spec.dtype)
             with building(TensorParallel(0, size, self.comm)):
                 self._model = spec.build(self._rank_config)
         except BaseException:
             self.shutdown()
             raise
+        finally:
+            if shm_path is not None:  # every local rank has mapped it by now, or failed
+                shm_path.unlink(missing_ok=True)
 
     @property
     def model(self) -> CausalLM:
@@ -185,13 +182,19 @@ class MultiprocExecutor(Executor):
         return {rank: process.pid for rank, process in self.workers.items()}
 
     def liveness(self) -> str | None:
-        """None while every local rank runs, else which one stopped and why."""
-        for rank, process in self.workers.items():
-            if process.poll() is not None:
-                why = (self.store.get(f"failed/{rank}").decode()
-                       if self.store.check([f"failed/{rank}"]) else None)
+        """None while every rank runs, else which one stopped and why: a local rank's
+        exit, or the error any rank wrote to the store before it stopped."""
+        for rank in range(1, self.parallel.world_size):
+            process = self.workers.get(rank)
+            exited = process is not None and process.poll() is not None
+            why = (self.store.get(f"failed/{rank}").decode()
+                   if (exited or process is None) and self.store.check([f"failed/{rank}"])
+                   else None)
+            if exited:
                 return (f"rank {rank} (pid {process.pid}) exited with code "
                         f"{process.returncode}" + (f": {why}" if why else ""))
+            if why is not None:
+                return f"rank {rank} failed: {why}"
         return None
 
     def initialize(self, settings: RunnerSettings, backend: AttentionBackend,
