@@ -225,7 +225,7 @@ def test_two_nodes_on_loopback_serve_a_request(checkpoint, tmp_path):
             [PROMPTS[0]], SamplingParams(max_tokens=12, temperature=0), use_tqdm=False)
         assert reply.choices[0].text == expected[0].outputs[0].text
         assert server.stop()
-        assert node1.wait(timeout=30) in (0, 1)  # its ranks end when node 0's do
+        assert node1.wait(timeout=30) == 0  # its ranks stop cleanly when node 0 does
     finally:
         for process in (server.process, node1):
             if process.poll() is None:

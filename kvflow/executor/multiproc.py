@@ -32,7 +32,7 @@ from kvflow.distributed.comm import (Communicator, ShmCommunicator, WorkerFailed
 from kvflow.distributed.group import ParallelConfig, connect, open_store
 from kvflow.distributed.tensor_parallel import TensorParallel, building, shard_config
 from kvflow.executor.base import Executor, ModelSpec, RunnerSettings
-from kvflow.executor.worker import FORWARD, KV_CACHE, LOGITS, WorkerSpec, to_plain
+from kvflow.executor.worker import FORWARD, KV_CACHE, LOGITS, STOP, WorkerSpec, to_plain
 from kvflow.models.blocks import CausalLM
 from kvflow.models.config import ModelConfig
 from kvflow.outputs import RunnerOutput, SchedulerOutput
@@ -229,10 +229,20 @@ class MultiprocExecutor(Executor):
             self.shutdown()
 
     def shutdown(self) -> None:
+        comm = getattr(self, "comm", None)
+        if comm is not None and self.failure is None and hasattr(self, "runner"):
+            # Healthy ranks end cleanly (a headless machine's exit with 0); ranks on this
+            # machine are stopped below in any case.
+            self.failure = "the engine has shut down"
+            if isinstance(comm, ShmCommunicator):  # not the startup-sized wait for acks
+                comm.timeout_s = STOP_GRACE_S
+            try:
+                comm.broadcast((STOP,))
+            except WorkerFailedError:
+                pass
         self._finalizer()
         if self._pinned is not None and self._pinned[0] == threading.get_ident():
             os.sched_setaffinity(0, self._pinned[1])
             self._pinned = None
-        comm = getattr(self, "comm", None)
         if comm is not None:
             comm.close()
