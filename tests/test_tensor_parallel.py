@@ -17,9 +17,10 @@ import torch
 
 from kvflow import LLM, SamplingParams, StructuredOutputsParams
 from kvflow.distributed.comm import WorkerFailedError
-from kvflow.distributed.tensor_parallel import (COLUMN, ROW, TensorParallel, rank_part,
-                                                shard_config)
+from kvflow.distributed.tensor_parallel import (TensorParallel, rows_part, shard_config,
+                                                summed_bias)
 from kvflow.models.config import ModelConfig
+from kvflow.quantization.unquantized import UnquantizedLinearMethod
 
 from checkpoints import CORPUS
 from server_process import ServerProcess, free_port
@@ -101,14 +102,14 @@ def test_two_ranks_give_one_ranks_tokens(checkpoint, case):
 def test_a_rank_part_follows_the_split():
     tp = TensorParallel(rank=1, size=2)
     weight = torch.arange(24.0).view(6, 4)
-    assert torch.equal(rank_part(weight, tp, ROW, False, {"": (6, 1)}, None), weight[:, 2:])
-    assert torch.equal(rank_part(torch.ones(6), tp, ROW, True, {"": (6, 1)}, None),
-                       torch.zeros(6))
+    # a row split: the rank's input columns, its bias left to rank 0
+    assert torch.equal(UnquantizedLinearMethod().columns_of(weight, 2, 2, 4), weight[:, 2:])
+    assert torch.equal(summed_bias(torch.ones(6), tp), torch.zeros(6))
     # q: 2 rows a rank; k: one head of 1 row for both ranks (replicated)
     fused = torch.arange(6.0)  # q q q q k v
     parts = {"q": (2, 1), "k": (1, 2), "v": (1, 2)}
-    assert rank_part(fused, tp, COLUMN, True, parts, None).tolist() == [2, 3, 4, 5]
-    assert rank_part(torch.arange(5.0), tp, COLUMN, False, {"": (3, 1)}, None).tolist() == \
+    assert rows_part(fused, tp, parts, None).tolist() == [2, 3, 4, 5]
+    assert rows_part(torch.arange(5.0), tp, {"": (3, 1)}, None).tolist() == \
         [3, 4, 0]  # the vocabulary's last shard, padded
 
 

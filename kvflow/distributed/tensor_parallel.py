@@ -116,22 +116,22 @@ def _rows(tensor: torch.Tensor | PrequantizedWeight, start: int,
     return part
 
 
-def rank_part(tensor: torch.Tensor | PrequantizedWeight, tp: TensorParallel, split: str,
-              is_bias: bool, parts: dict[str, tuple[int, int]],
+def summed_bias(tensor: torch.Tensor, tp: TensorParallel) -> torch.Tensor:
+    """A bias of a layer whose output is summed over ranks: rank 0 adds it, once."""
+    return tensor if tp.rank == 0 else torch.zeros_like(tensor)
+
+
+def rows_part(tensor: torch.Tensor | PrequantizedWeight, tp: TensorParallel,
+              parts: dict[str, tuple[int, int]],
               shard: str | None) -> torch.Tensor | PrequantizedWeight:
-    """This rank's part of a checkpoint tensor for a layer split `split`. parts: the layer's
-    shards as (rows on this rank, ranks holding each), shard: which of them the tensor is
-    (None: the whole layer, its shards stacked in order)."""
-    if split == ROW:
-        if is_bias:  # added once, after the sum over ranks
-            return tensor if tp.rank == 0 else torch.zeros_like(tensor)
-        width = tensor.shape[1] // tp.size
-        return tensor.narrow(1, tp.rank * width, width)
+    """This rank's output rows of a checkpoint tensor for a layer split by rows (COLUMN).
+    parts: the layer's shards as (rows on this rank, ranks holding each), shard: which of
+    them the tensor is (None: the whole layer, its shards stacked in order)."""
     if shard is None and len(parts) > 1:
         pieces, start = [], 0
         for name, (rows, replicas) in parts.items():
             whole = rows * tp.size // replicas
-            pieces.append(rank_part(_rows(tensor, start, whole), tp, split, is_bias,
+            pieces.append(rows_part(_rows(tensor, start, whole), tp,
                                     {name: (rows, replicas)}, name))
             start += whole
         if isinstance(tensor, PrequantizedWeight):

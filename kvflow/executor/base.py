@@ -97,11 +97,6 @@ class Executor(ABC):
 
     @property
     @abstractmethod
-    def model(self) -> CausalLM:
-        """This process's model (rank 0's shard)."""
-
-    @property
-    @abstractmethod
     def rank_config(self) -> ModelConfig:
         """The model as one rank holds it: its heads and widths, which size its KV cache."""
 
@@ -118,9 +113,6 @@ class Executor(ABC):
 
     def wait_for_masks(self, timeout_s: float) -> None:
         self.runner.wait_for_masks(timeout_s)
-
-    def check_health(self) -> None:
-        """Raises WorkerFailedError if a rank has failed."""
 
     def shutdown(self) -> None:
         """Stops every rank's process; idempotent."""

@@ -169,10 +169,6 @@ class MultiprocExecutor(Executor):
                 shm_path.unlink(missing_ok=True)
 
     @property
-    def model(self) -> CausalLM:
-        return self._model
-
-    @property
     def rank_config(self) -> ModelConfig:
         return self._rank_config
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from kvflow.attention.base import AttentionBackend
 from kvflow.executor.base import Executor, ModelSpec, RunnerSettings
-from kvflow.models.blocks import CausalLM
 from kvflow.models.config import ModelConfig
 from kvflow.spec_decode.proposer import Speculator
 from kvflow.worker.model_runner import ModelRunner
@@ -14,10 +13,6 @@ class UniProcExecutor(Executor):
     def __init__(self, spec: ModelSpec) -> None:
         self.spec = spec
         self._model = spec.build()
-
-    @property
-    def model(self) -> CausalLM:
-        return self._model
 
     @property
     def rank_config(self) -> ModelConfig:

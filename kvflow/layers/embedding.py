@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kvflow.distributed.tensor_parallel import COLUMN, current, rank_part
+from kvflow.distributed.tensor_parallel import COLUMN, current, rows_part
 
 
 class VocabParallelEmbedding(nn.Embedding):
@@ -21,7 +21,7 @@ class VocabParallelEmbedding(nn.Embedding):
         super().__init__(rows, hidden_size, _weight=torch.empty(rows, hidden_size))
 
     def rank_part(self, tensor: torch.Tensor, shard: str | None, param: str) -> torch.Tensor:
-        return rank_part(tensor, self.tp, COLUMN, False, {"": (self.num_embeddings, 1)}, shard)
+        return rows_part(tensor, self.tp, {"": (self.num_embeddings, 1)}, shard)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         local = input_ids - self.first

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kvflow.distributed.tensor_parallel import ROW, SINGLE, current, rank_part
+from kvflow.distributed.tensor_parallel import ROW, SINGLE, current, rows_part, summed_bias
 from kvflow.quantization.base import QuantizationConfig
 from kvflow.quantization.unquantized import UnquantizedLinearMethod
 
@@ -57,14 +57,15 @@ class Linear(nn.Module):
         "bias") and shard `shard` (None: the whole)."""
         if self.tp.size == 1:
             return tensor
-        is_bias = param.endswith("bias")
-        if self.tp_split == ROW and not is_bias:
+        if self.tp_split == ROW:
+            if param.endswith("bias"):
+                return summed_bias(tensor, self.tp)
             width = self.in_features
             return self.method.columns_of(tensor, self.tp.rank * width, width,
                                           width * self.tp.size)
         parts = {name: (size, self.replicas.get(name, 1))
                  for name, (_, size) in self.shard_offsets.items()} or {"": (self.out_features, 1)}
-        return rank_part(tensor, self.tp, self.tp_split, is_bias, parts, shard)
+        return rows_part(tensor, self.tp, parts, shard)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.method.apply(self, x)

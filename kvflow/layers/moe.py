@@ -30,7 +30,7 @@ from kvflow.kernels.variants import DEFAULT, GemvVariant
 from kvflow.layers.activation import ClampedSwiGLU, GeluTanhAndMul, SiluAndMul
 from kvflow.layers.linear import Linear
 from kvflow.layers.native import NativeKernelHook
-from kvflow.distributed.tensor_parallel import COLUMN, current
+from kvflow.distributed.tensor_parallel import COLUMN, current, summed_bias
 from kvflow.quantization.base import (PrequantizedWeight, QuantizationConfig, WeightLoader,
                                       add_parameter, checked_copy, quantized_parts)
 
@@ -305,8 +305,8 @@ class FusedMoE(nn.Module, NativeKernelHook):
                              "run it on one rank")
         inner, rank = self.intermediate_size, self.tp.rank
         if param.startswith("down_proj"):
-            if param.endswith("bias"):  # added once, after the sum over ranks
-                return tensor if rank == 0 else torch.zeros_like(tensor)
+            if param.endswith("bias"):
+                return summed_bias(tensor, self.tp)
             return self.method.columns_of(tensor, rank * inner, inner)
         projection, _, expert = (shard or "").partition(":")
         dim = 0 if expert else 1  # one expert's rows, or every expert's stacked
