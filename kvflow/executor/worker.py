@@ -97,12 +97,23 @@ def run_worker(spec: WorkerSpec) -> None:
         _serve(spec, comm)
     except WorkerFailedError as exc:
         logger.error("rank %d stops: %s", spec.rank, exc)
-        sys.exit(1)
+        _exit(1)
     except BaseException as exc:
         # Rank 0 reads why from the store when it finds this process gone.
         store.set(f"failed/{spec.rank}", f"{type(exc).__name__}: {exc}"[:2000])
         logger.exception("rank %d failed", spec.rank)
-        sys.exit(1)
+        _exit(1)
+    _exit(0)
+
+
+def _exit(code: int) -> None:
+    """Exits without running destructors: gloo's process group, torn down at interpreter
+    exit while its threads still run, can abort the process (std::terminate, SIGABRT),
+    which turned a clean stop into a crash on a busy machine."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 @torch.inference_mode()
