@@ -9,12 +9,14 @@ which a quantization config may choose the layer's method by.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from typing import ClassVar
 
 import torch
 from torch import nn
 
 from kvflow.attention.metadata import AttentionMetadata
+from kvflow.distributed.pipeline import Carry, MissingLayer
 from kvflow.distributed.tensor_parallel import COLUMN, ROW, current
 from kvflow.layers.embedding import VocabParallelEmbedding
 from kvflow.layers.activation import ACTIVATIONS
@@ -151,18 +153,40 @@ def rotary_embeddings(config: ModelConfig, max_positions: int) -> list[RotaryEmb
     return [tables[config.rope_of(layer)] for layer in range(config.num_layers)]
 
 
-def run_decoder(layers: nn.ModuleList, norm: RMSNorm, x: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
-    """The decoder layers over the embedded tokens, then the final norm. Each layer returns
-    (its output, the residual stream before it), so that each residual add is fused with
-    the norm after it."""
+def decoder_layers(config: ModelConfig, build: Callable[[int], nn.Module]) -> nn.ModuleList:
+    """The decoder's layers, each built by `build(index)` where this rank holds it (a
+    pipeline stage holds a range; kvflow/distributed/pipeline.py)."""
+    held = config.held_layers
+    return nn.ModuleList(build(i) if i in held else MissingLayer()
+                         for i in range(config.num_layers))
+
+
+def final_norm(config: ModelConfig, build: Callable[[], nn.Module]) -> nn.Module:
+    return build() if config.last_stage else MissingLayer()
+
+
+def run_decoder(layers: nn.ModuleList, norm: nn.Module, x: torch.Tensor | Carry,
+                meta: AttentionMetadata) -> torch.Tensor | Carry:
+    """The decoder layers this rank holds over the embedded tokens (or the previous
+    pipeline stage's carry), then the final norm (or, before the last stage, the carry for
+    the next). Each layer returns (its output, the residual stream before it), so that
+    each residual add is fused with the norm after it."""
     residual = None
+    if isinstance(x, Carry):
+        x, residual = x.hidden, x.residual
     for layer in layers:
-        x, residual = layer(x, residual, meta)
+        if not isinstance(layer, MissingLayer):
+            x, residual = layer(x, residual, meta)
+    if isinstance(norm, MissingLayer):
+        return Carry(x, residual)
     return norm(x, residual)[0]
 
 
-def embedding(config: ModelConfig) -> nn.Embedding:
+def embedding(config: ModelConfig) -> nn.Module:
+    """The token embedding, where this rank uses it: on the first pipeline stage, and on
+    the last where the LM head is tied to it."""
+    if not (config.first_stage or (config.last_stage and config.tie_word_embeddings)):
+        return MissingLayer()
     if current().size > 1:
         return VocabParallelEmbedding(config.vocab_size, config.hidden_size)
     return nn.Embedding(config.vocab_size, config.hidden_size,
@@ -196,7 +220,10 @@ class CausalLM(nn.Module):
         # Under tensor parallelism each rank holds a slice of the vocabulary's rows (the
         # embedding's too) and the logits are gathered.
         self.tp = current()
-        if config.tie_word_embeddings and lm_head_quant_config is None:
+        self.lm_head: nn.Module | None
+        if not config.last_stage:
+            self.lm_head = MissingLayer()
+        elif config.tie_word_embeddings and lm_head_quant_config is None:
             self.lm_head = None
         else:
             self.lm_head = Linear(config.hidden_size, self.tp.rows_of(config.vocab_size)[1],
@@ -206,19 +233,33 @@ class CausalLM(nn.Module):
         # own); chosen by kvflow.kernels.tuning.
         self.lm_head_plan: LinearPlan | None = None
 
-    def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """-> hidden states [num_tokens, hidden_size]; logits are computed only where needed."""
-        return self.model(input_ids, meta)
+    def forward(self, input_ids: torch.Tensor | None, meta: AttentionMetadata,
+                carry: Carry | None = None) -> torch.Tensor | Carry:
+        """-> hidden states [num_tokens, hidden_size] (logits are computed only where
+        needed); on a pipeline stage after the first, from the carry the one before handed
+        it, and before the last, the carry for the next."""
+        return self.model(input_ids, meta, carry)
 
     @property
     def tied_head_weight(self) -> torch.Tensor | None:
         """The embedding where it is the LM head's weight (or what a head in another format
         was made from), else None."""
-        return self.model.embed_tokens.weight if self.config.tie_word_embeddings else None
+        tied = self.config.tie_word_embeddings and self.config.last_stage
+        return self.model.embed_tokens.weight if tied else None
+
+    def start_step(self, input_ids: torch.Tensor, meta: AttentionMetadata,
+                   rows: torch.Tensor) -> Callable[[], torch.Tensor]:
+        """A step's forward pass and the logits at `rows` of the flat batch, returned by
+        the callable (here at once; a pipeline's first stage returns before the last has
+        computed them: kvflow/executor/multiproc.py)."""
+        logits = self.logits_at(self(input_ids, meta), rows)
+        return lambda: logits
 
     def logits_at(self, hidden: torch.Tensor, rows: torch.Tensor | slice) -> torch.Tensor:
         """The logits of hidden[rows] (the runner names rows, so that other tensor-parallel
         ranks, which hold the same hidden states, can compute their part alongside)."""
+        if isinstance(rows, torch.Tensor) and not rows.numel():  # a step that samples nothing
+            return hidden.new_empty((0, self.config.vocab_size))
         return self.compute_logits(hidden[rows])
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

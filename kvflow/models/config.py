@@ -182,6 +182,9 @@ class ModelConfig:
     # A tensor-parallel rank's view (kvflow/distributed/tensor_parallel.py): the ranks that
     # hold each of its KV heads, where the model has fewer KV heads than ranks.
     kv_head_replicas: int = 1
+    # A pipeline stage's view (kvflow/distributed/pipeline.py): the layers [first, end) it
+    # holds (None: all). The first stage holds the embedding, the last the norm and head.
+    layer_range: tuple[int, int] | None = None
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> "ModelConfig":
@@ -245,6 +248,19 @@ class ModelConfig:
             return torch.bfloat16
         return self.checkpoint_dtype
 
+    @property
+    def held_layers(self) -> range:
+        """The layers this rank holds (and their KV): all, or a pipeline stage's."""
+        return range(*self.layer_range) if self.layer_range else range(self.num_layers)
+
+    @property
+    def first_stage(self) -> bool:
+        return self.held_layers.start == 0
+
+    @property
+    def last_stage(self) -> bool:
+        return self.held_layers.stop == self.num_layers
+
     def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
         itemsize = torch.empty((), dtype=dtype).element_size()
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * itemsize
+        return 2 * len(self.held_layers) * self.num_kv_heads * self.head_dim * itemsize

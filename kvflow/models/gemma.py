@@ -21,9 +21,10 @@ import torch
 from torch import nn
 
 from kvflow.attention.metadata import AttentionMetadata
+from kvflow.distributed.pipeline import Carry
 from kvflow.layers.norm import GemmaRMSNorm
 from kvflow.models.blocks import (Attention, CausalLM, GatedMLP, embedding, rotary_embeddings,
-                                  run_decoder)
+                                  decoder_layers, final_norm, run_decoder)
 from kvflow.models.config import ModelConfig, RopeConfig, require
 from kvflow.models.gguf.config import MAX_CONTEXT_LENGTH, read_gguf_config
 from kvflow.models.gguf.file import GgufFile
@@ -138,11 +139,15 @@ class GemmaModel(nn.Module):
         self.embed_tokens = embedding(config)
         self.embed_scale = config.hidden_size ** 0.5
         rotaries = rotary_embeddings(config, max_positions)
-        self.layers = nn.ModuleList(GemmaDecoderLayer(config, i, rotaries[i], quant_config)
-                                    for i in range(config.num_layers))
-        self.norm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.layers = decoder_layers(config, lambda i: GemmaDecoderLayer(
+            config, i, rotaries[i], quant_config))
+        self.norm = final_norm(config, lambda: GemmaRMSNorm(config.hidden_size,
+                                                            config.rms_norm_eps))
 
-    def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor | None, meta: AttentionMetadata,
+                carry: Carry | None = None) -> torch.Tensor | Carry:
+        if carry is not None:
+            return run_decoder(self.layers, self.norm, carry, meta)
         x = self.embed_tokens(input_ids)
         # The scale rounded to the model's dtype first, as Gemma's reference code does.
         return run_decoder(self.layers, self.norm,

@@ -15,9 +15,10 @@ import torch
 from torch import nn
 
 from kvflow.attention.metadata import AttentionMetadata
+from kvflow.distributed.pipeline import Carry
 from kvflow.layers.norm import RMSNorm
 from kvflow.models.blocks import (Attention, CausalLM, embedding, feed_forward, rotary_embeddings,
-                                  run_decoder)
+                                  decoder_layers, final_norm, run_decoder)
 from kvflow.models.config import ModelConfig, read_sliding_windows, require
 from kvflow.models.gguf.config import read_gguf_config
 from kvflow.models.gguf.layout import GgufLayout
@@ -82,13 +83,14 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.embed_tokens = embedding(config)
         rotaries = rotary_embeddings(config, max_positions)
-        self.layers = nn.ModuleList(DecoderLayer(config, i, rotaries[i], quant_config,
-                                                 feed_forward_name)
-                                    for i in range(config.num_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.layers = decoder_layers(config, lambda i: DecoderLayer(
+            config, i, rotaries[i], quant_config, feed_forward_name))
+        self.norm = final_norm(config, lambda: RMSNorm(config.hidden_size, config.rms_norm_eps))
 
-    def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        return run_decoder(self.layers, self.norm, self.embed_tokens(input_ids), meta)
+    def forward(self, input_ids: torch.Tensor | None, meta: AttentionMetadata,
+                carry: Carry | None = None) -> torch.Tensor | Carry:
+        return run_decoder(self.layers, self.norm,
+                           carry if carry is not None else self.embed_tokens(input_ids), meta)
 
 
 class LlamaForCausalLM(CausalLM):

@@ -12,7 +12,9 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from kvflow.distributed.pipeline import elsewhere
 from kvflow.distributed.tensor_parallel import current
+from kvflow.layers.linear import Linear
 from kvflow.layers.moe_placement import ExpertPlacement, placing_experts
 from kvflow.models.blocks import CausalLM
 from kvflow.models.config import ModelConfig
@@ -141,6 +143,7 @@ def load_weights(model: CausalLM,
     packs it as the parameter's method stores it. `source` names the checkpoint in
     errors."""
     params = dict(model.named_parameters())
+    other_stages = elsewhere(model)
     expected: set[tuple[str, str | None]] = set()
     for name, param in params.items():
         if hasattr(param, "filled_by"):
@@ -153,12 +156,14 @@ def load_weights(model: CausalLM,
     for key, tensor in tensors:
         if key.endswith(_IGNORED_SUFFIXES) or (tied and key == "lm_head.weight"):
             continue
-        if tied and model.lm_head is not None and key == "model.embed_tokens.weight":
+        if tied and isinstance(model.lm_head, Linear) and key == "model.embed_tokens.weight":
             # A tied head in a format of its own: a second copy, made from the embedding.
             model.lm_head.weight.weight_loader(
                 model.lm_head.weight, model.lm_head.rank_part(tensor, None, "weight"), None)
             loaded.add(("lm_head.weight", None))
         name, shard = _map_name(key, model.packed_modules, model.expert_projections)
+        if _held_by(name, other_stages):
+            continue  # another pipeline stage's layer
         if name not in params:
             raise ValueError(f"checkpoint tensor {key!r} in {source} matches no "
                              f"parameter of {model.config.architecture}")
@@ -214,6 +219,12 @@ def _map_name(key: str, packed: dict[str, tuple[str, str]],
         if part in key:
             return key.replace(part, f".{fused_name}."), shard
     return key, None
+
+
+def _held_by(param_name: str, modules: set[str]) -> bool:
+    """Whether the parameter belongs to one of `modules` (names of modules)."""
+    parts = param_name.split(".")
+    return any(".".join(parts[:i]) in modules for i in range(1, len(parts)))
 
 
 def _owner(model: nn.Module, param_name: str) -> nn.Module:

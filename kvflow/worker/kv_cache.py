@@ -78,6 +78,7 @@ def allocate_kv_cache(config: ModelConfig, backend: AttentionBackend, num_blocks
                                                config.head_dim)
     numel = math.prod(k_shape)
     assert numel == math.prod(v_shape), "K and V caches must be the same size"
-    cache = torch.zeros((config.num_layers, 2, numel), dtype=dtype, device=device)
+    layers = len(config.held_layers)
+    cache = torch.zeros((layers, 2, numel), dtype=dtype, device=device)
     return [(cache[layer, 0].view(k_shape), cache[layer, 1].view(v_shape))
-            for layer in range(config.num_layers)]
+            for layer in range(layers)]
