@@ -100,6 +100,8 @@ class SchedulerConfig:
     # KV slots a sampling request holds past its step for the next step's proposals
     # (speculative decoding's num_speculative_tokens; 0 without it)
     num_lookahead_tokens: int = 0
+    # batches in flight at once (a pipeline's stages), which share the token budget
+    num_batches: int = 1
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -108,6 +110,9 @@ class SchedulerConfig:
             raise ValueError(
                 f"max_num_batched_tokens must be at least 1, got {self.max_num_batched_tokens}"
             )
+        if self.max_num_batched_tokens < self.num_batches:
+            raise ValueError(f"max_num_batched_tokens={self.max_num_batched_tokens} leaves "
+                             f"no tokens for each of {self.num_batches} batches in flight")
         if self.policy not in SCHEDULING_POLICIES:
             raise ValueError(
                 f"scheduling_policy must be one of {SCHEDULING_POLICIES}, got {self.policy!r}"

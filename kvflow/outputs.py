@@ -27,6 +27,9 @@ class ScheduledRequest:
     # decoding): the step samples at each of their positions and at the last known token.
     draft_token_ids: list[int] = field(default_factory=list)
     grammar: RequestGrammar | None = None  # structured output: masks the sampled rows
+    # the request's preemptions when scheduled: a step's results no longer apply to a
+    # request preempted (and perhaps scheduled again) while the step was in flight
+    num_preemptions: int = 0
 
 
 @dataclass

@@ -36,7 +36,7 @@ async def _run(engine: AsyncEngine, request_id: str, prompt: list[int]):  # noqa
 def _fail_steps_with(engine: AsyncEngine, poisoned: str | None) -> list[list[str]]:
     """Every step that holds request `poisoned` fails (every step, with None); returns the
     request ids of every step tried."""
-    execute = engine.engine.runner.execute
+    submit = engine.engine.runner.submit
     steps: list[list[str]] = []
 
     def flaky(scheduler_output):  # noqa: ANN001, ANN202
@@ -44,9 +44,9 @@ def _fail_steps_with(engine: AsyncEngine, poisoned: str | None) -> list[list[str
         steps.append(ids)
         if poisoned is None or poisoned in ids:
             raise RuntimeError("injected secret")
-        return execute(scheduler_output)
+        return submit(scheduler_output)
 
-    engine.engine.runner.execute = flaky
+    engine.engine.runner.submit = flaky
     return steps
 
 

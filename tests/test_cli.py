@@ -61,8 +61,12 @@ def test_vllm_spelled_engine_flags():
     args = EngineArgs.from_cli_args(parser.parse_args(
         ["-tp", "4", "-n", "2", "-r", "1", "--master-addr", "10.0.0.1", "--master-port", "29500"]))
     assert args.parallel_config().local_ranks == range(2, 4)
-    with pytest.raises(ValueError, match="pipeline parallelism is not built yet"):
-        EngineArgs.from_cli_args(parser.parse_args(["-pp", "2"]))
+    args = EngineArgs.from_cli_args(parser.parse_args(
+        ["-tp", "2", "-pp", "2", "-n", "2", "-r", "1", "--master-port", "29500"]))
+    parallel = args.parallel_config()  # a stage a machine: node 1 holds stage 1
+    assert parallel.local_ranks == range(2, 4) and parallel.stage_of(2) == 1
+    with pytest.raises(ValueError, match="data parallelism is not built in"):
+        EngineArgs.from_cli_args(parser.parse_args(["-dp", "2"]))
     with pytest.raises(ValueError, match="--master-port"):
         EngineArgs.from_cli_args(parser.parse_args(["-tp", "2", "--nnodes", "2"]))
 

@@ -194,7 +194,7 @@ def test_generate_rejects_bad_input_and_leaves_nothing_behind(checkpoint):
     ("max_model_len", 0, "max_model_len"), ("max_model_len", "3x", "token count"),
     ("tensor_parallel_size", 0, "tensor_parallel_size must be at least 1"),
     ("node_rank", 2, "node_rank must be in"), ("distributed_timeout", 0, "positive"),
-    ("pipeline_parallel_size", 2, "pipeline parallelism"),
+    ("pipeline_parallel_size", 3, "exceeds LlamaForCausalLM.s 2 layers"),
     ("data_parallel_size", 4, "load balancer"), ("gpu_memory_utilization", 0, "must be in"),
     ("max_logprobs", -2, "max_logprobs"),
 ])

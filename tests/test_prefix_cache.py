@@ -14,7 +14,8 @@ from kvflow.core.block_pool import BlockPool
 from kvflow.core.kv_manager import KVCacheManager
 from kvflow.core.scheduler import Scheduler
 from kvflow.engine.llm_engine import EngineStepError
-from kvflow.outputs import RunnerOutput, SchedulerOutput
+from kvflow.outputs import SchedulerOutput
+from kvflow.worker.model_runner import StepInFlight
 from kvflow.request import Request
 
 BLOCK = 4
@@ -211,15 +212,15 @@ class ComputedTokens:
 
     def __init__(self, llm: LLM) -> None:
         self.per_request: Counter[str] = Counter()
-        execute = llm.engine.runner.execute
+        submit = llm.engine.runner.submit
 
-        def counting(scheduler_output: SchedulerOutput) -> RunnerOutput:
+        def counting(scheduler_output: SchedulerOutput) -> StepInFlight | None:
             for scheduled in scheduler_output.scheduled:
                 self.per_request[scheduled.req_id] += len(scheduled.token_ids)
             llm.engine.kv_manager.pool.check_integrity()
-            return execute(scheduler_output)
+            return submit(scheduler_output)
 
-        llm.engine.runner.execute = counting
+        llm.engine.runner.submit = counting
 
 
 def _llm(path, **options) -> LLM:
@@ -350,14 +351,14 @@ def test_salted_requests_never_share_blocks(llama):
     llm = _llm(llama)
     prompt = list(range(60, 90))
     seen: dict[str, set[int]] = {}
-    execute = llm.engine.runner.execute
+    submit = llm.engine.runner.submit
 
-    def record(scheduler_output: SchedulerOutput) -> RunnerOutput:
+    def record(scheduler_output: SchedulerOutput) -> StepInFlight | None:
         for scheduled in scheduler_output.scheduled:
             seen.setdefault(scheduled.req_id, set()).update(scheduled.block_ids)
-        return execute(scheduler_output)
+        return submit(scheduler_output)
 
-    llm.engine.runner.execute = record
+    llm.engine.runner.submit = record
     salts = ["a", "b", None, "a"]
     outputs = llm.generate([{"prompt_token_ids": prompt, "cache_salt": s} if s else
                             {"prompt_token_ids": prompt} for s in salts], GREEDY,
@@ -396,17 +397,17 @@ def test_a_failed_step_leaves_no_block_without_kv_in_the_cache(llama, failure):
     reference = _tokens(_llm(llama, enable_prefix_caching=False), prompts)
     llm = _llm(llama)
     engine = llm.engine
-    execute = engine.runner.execute
+    submit = engine.runner.submit
     calls = 0
 
-    def failing_once(scheduler_output: SchedulerOutput) -> RunnerOutput:
+    def failing_once(scheduler_output: SchedulerOutput) -> StepInFlight | None:
         nonlocal calls
         calls += 1
         if calls == 1:
             raise failure("injected")
-        return execute(scheduler_output)
+        return submit(scheduler_output)
 
-    engine.runner.execute = failing_once
+    engine.runner.submit = failing_once
     with pytest.raises(EngineStepError if failure is RuntimeError else KeyboardInterrupt):
         llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY, use_tqdm=False)
     assert engine.kv_manager.pool.num_cached_blocks == 0
@@ -421,15 +422,15 @@ def test_requests_of_a_failed_step_are_recomputed_if_not_aborted(llama):
     engine = llm.engine
     for i, prompt in enumerate(prompts):
         engine.add_request(str(i), {"prompt_token_ids": prompt}, GREEDY)
-    execute = engine.runner.execute
-    engine.runner.execute = lambda _output: (_ for _ in ()).throw(RuntimeError("boom"))
+    submit = engine.runner.submit
+    engine.runner.submit = lambda _output: (_ for _ in ()).throw(RuntimeError("boom"))
     with pytest.raises(EngineStepError) as failed:
         engine.step()
     assert failed.value.request_ids == ["0", "1"]
     # "1" had found "0"'s blocks, which the failed step never wrote; with "0" gone, nothing
     # rewrites them: "1" must compute its prompt again.
     engine.abort_request("0")
-    engine.runner.execute = execute
+    engine.runner.submit = submit
     finished = {}
     while engine.has_unfinished_requests():
         finished.update({o.request_id: o for o in engine.step() if o.finished})

@@ -210,3 +210,57 @@ def test_an_isolated_request_makes_room_when_the_pool_is_full():
     while scheduler.requests:
         scheduler_step(scheduler)
     kv.pool.check_integrity()
+
+
+def _finish(scheduler: Scheduler, out, token: int = 7) -> None:  # noqa: ANN001
+    from kvflow.outputs import RunnerOutput
+
+    sampled = {s.req_id: [token] for s in out.scheduled if s.sample}
+    scheduler.update_from_output(out, RunnerOutput(sampled_token_ids=sampled))
+
+
+def test_batches_in_flight_share_the_running_requests_and_the_budget():
+    """A two-stage pipeline: each batch takes half the budget and requests no batch in
+    flight holds; the decodes split in halves that stay apart."""
+    kv = KVCacheManager(num_blocks=64, block_size=4)
+    scheduler = Scheduler(SchedulerConfig(max_num_batched_tokens=16, max_model_len=100,
+                                          num_batches=2), kv)
+    for i in range(4):
+        scheduler.add_request(_request(str(i), 4, max_tokens=8, arrival=i))
+    a = scheduler.schedule((), 2)
+    assert [s.req_id for s in a.scheduled] == ["0", "1"]  # 8 tokens: half the budget
+    b = scheduler.schedule({"0", "1"}, 1)
+    assert [s.req_id for s in b.scheduled] == ["2", "3"]
+    _finish(scheduler, a)
+    a = scheduler.schedule({"2", "3"}, 1)  # the first half decodes while the second is out
+    assert [s.req_id for s in a.scheduled] == ["0", "1"]
+    _finish(scheduler, b)
+    b = scheduler.schedule({"0", "1"}, 1)
+    assert [s.req_id for s in b.scheduled] == ["2", "3"]
+    # With nothing in flight and two batches to form, each takes half the running ones.
+    _finish(scheduler, a)
+    _finish(scheduler, b)
+    assert [s.req_id for s in scheduler.schedule((), 2).scheduled] == ["0", "1"]
+
+
+def test_a_request_in_flight_is_never_preempted_and_stale_results_are_dropped():
+    kv = KVCacheManager(num_blocks=4, block_size=4)  # 3 usable blocks
+    scheduler = Scheduler(SchedulerConfig(max_num_batched_tokens=64, max_model_len=100,
+                                          num_batches=2), kv)
+    scheduler.add_request(_request("old", 4, max_tokens=6, arrival=0))
+    scheduler.add_request(_request("new", 4, max_tokens=6, arrival=1))
+    first = scheduler.schedule((), 1)
+    _finish(scheduler, first)  # both prefilled: 2 blocks used
+    held = scheduler.schedule({"old"}, 1)  # "new" needs a block: the victim is not "old"
+    assert held.scheduled[0].req_id == "new" and held.num_preemptions == 0
+    # "old" needs one too; "new", in flight now, keeps its blocks: "old" gives way itself.
+    out = scheduler.schedule({"new"}, 1)
+    assert out.scheduled == [] and out.preempted_req_ids == {"old"}
+    assert scheduler.requests["new"].status == RequestStatus.RUNNING
+    # "new" recomputed (a failed step) while its batch was out, then scheduled again:
+    scheduler.recompute_after_failure(held)
+    scheduler.finish_request("old", RequestStatus.FINISHED_ABORTED)
+    again = scheduler.schedule((), 1)
+    assert "new" in [s.req_id for s in again.scheduled]
+    _finish(scheduler, held)  # the old batch's results no longer apply
+    assert scheduler.requests["new"].output_token_ids == [7]  # the first step's only

@@ -78,7 +78,7 @@ def test_request_logging_names_sizes_not_text(checkpoint, tmp_path):
     (["serve", "--swap-space", "4"], "recomputed, never swapped"),
     (["serve", "--ssl-keyfile=k.pem"], "TLS-terminating proxy"),
     (["serve", "--no-enable-chunked-prefill"], "always chunked"),
-    (["serve", "-pp", "2"], "pipeline parallelism is not built yet"),
+    (["serve", "-dp", "2"], "data parallelism is not built in"),
     (["serve", "-tp", "2", "-n", "2"], "needs --master-addr and --master-port"),
     (["serve", "--made-up-flag"], "unrecognized argument '--made-up-flag'"),
     (["serve", "m", "--model", "n"], "two models given"),

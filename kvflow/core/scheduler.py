@@ -37,6 +37,7 @@ import bisect
 import itertools
 import logging
 import time
+from collections.abc import Collection
 
 from kvflow.config import SchedulerConfig
 from kvflow.core.kv_manager import KVCacheManager
@@ -87,17 +88,24 @@ class Scheduler:
             self.isolated.pop(0)
         return self.requests[self.isolated[0]] if self.isolated else None
 
-    def schedule(self) -> SchedulerOutput:
-        budget = self.config.max_num_batched_tokens
+    def schedule(self, in_flight: Collection[str] = (), parts: int = 1) -> SchedulerOutput:
+        """The next batch. Under pipeline parallelism several batches are in flight at
+        once: the requests of those not yet back (`in_flight`) are left out, and this
+        batch takes its share of the running ones when `parts` batches are still to be
+        formed (so that the batches in flight stay alike in size) and 1/num_batches of
+        the token budget."""
+        budget = self.config.max_num_batched_tokens // self.config.num_batches
         chosen: list[tuple[Request, int]] = []
         num_preemptions = 0
         alone = self._alone()
 
-        # Ascending key order makes the preemption victim (the largest key) always one
-        # not yet scheduled this step, or the request being scheduled itself.
+        # Ascending key order makes the preemption victim (the largest key that is not in
+        # flight) always one not yet scheduled this step, or the request being scheduled.
         self.running.sort(key=self._key)
-        for request in list(self.running):
-            if budget == 0:
+        free = [r for r in self.running if r.request_id not in in_flight]
+        share = -(-len(free) // parts)
+        for request in free:
+            if budget == 0 or share == 0:
                 break
             if request.status != RequestStatus.RUNNING or alone not in (None, request):
                 continue  # preempted earlier in this loop, or another runs alone
@@ -109,7 +117,7 @@ class Scheduler:
                                         len(drafts))
             while not self.kv.allocate_slots(request, num_new,
                                              num_lookahead_tokens=len(drafts) + lookahead):
-                victim = self.running[-1]
+                victim = self._victim(in_flight)
                 self._preempt(victim)
                 num_preemptions += 1
                 if victim is request:
@@ -117,22 +125,24 @@ class Scheduler:
             else:
                 chosen.append((request, num_new, drafts))
                 budget -= num_new + len(drafts)
+                share -= 1
 
         if self.config.policy == "lpm":
             self._order_by_longest_prefix()
         while ((not num_preemptions or alone is not None) and self.waiting and budget > 0):
             request = self.waiting[0] if alone is None else alone
-            if request.status == RequestStatus.RUNNING:
-                break  # scheduled above, alone
+            if request.status == RequestStatus.RUNNING or request.request_id in in_flight:
+                break  # scheduled above, alone; or recomputed while a batch held it
             cached_ids, num_cached = self.kv.get_computed_blocks(request)
             num_new = min(request.num_tokens - num_cached, budget)
             lookahead = self._lookahead(request, num_cached + num_new, 0)
             if not (len(self.running) < self.config.max_num_seqs and self.kv.allocate_slots(
                     request, num_new, cached_ids, num_lookahead_tokens=lookahead)):
-                if alone is None or not self.running:
+                victim = self._victim(in_flight)
+                if alone is None or victim is None:
                     break
                 # What runs alone must run: the others make room, as a preemption would.
-                self._preempt(self.running[-1])
+                self._preempt(victim)
                 num_preemptions += 1
                 continue
             self.waiting.remove(request)
@@ -160,6 +170,14 @@ class Scheduler:
             preempted_req_ids=preempted,
             num_preemptions=num_preemptions,
         )
+
+    def _victim(self, in_flight: Collection[str]) -> Request | None:
+        """The running request to preempt: the one that sorts last, of those whose KV no
+        batch in flight is writing."""
+        for request in reversed(self.running):
+            if request.request_id not in in_flight:
+                return request
+        return None
 
     @staticmethod
     def _drafts(request: Request, num_new: int, budget: int) -> list[int]:
@@ -208,6 +226,7 @@ class Scheduler:
             stop_token_ids=request.stop_token_ids,
             draft_token_ids=drafts,
             grammar=request.grammar,
+            num_preemptions=request.num_preemptions,
         )
 
     def _preempt(self, request: Request) -> None:
@@ -247,6 +266,8 @@ class Scheduler:
             request = self.requests.get(scheduled.req_id)
             if request is None or request.status != RequestStatus.RUNNING:
                 continue
+            if request.num_preemptions != scheduled.num_preemptions:
+                continue  # preempted after this batch was sent (and scheduled again since)
             request.num_computed_tokens += len(scheduled.token_ids)
             if not scheduled.sample:
                 continue

@@ -16,6 +16,7 @@ import platform
 import time
 import uuid
 from abc import ABC, abstractmethod
+from datetime import timedelta
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -66,26 +67,42 @@ class Communicator(ABC):
         """Releases what the communicator holds; idempotent."""
 
 
-class GlooCommunicator(Communicator):
-    """torch.distributed's gloo process group: any ranks, on any machines."""
+def gloo_failure(what: str, exc: BaseException, liveness: Liveness,
+                 timeout_s: float) -> WorkerFailedError:
+    """A failed gloo call, as the rank that stopped (a peer's socket closes a moment before
+    its process is seen to have exited) or the timeout that ran out."""
+    deadline = time.monotonic() + REASON_WAIT_S
+    reason = liveness()
+    while reason is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+        reason = liveness()
+    if reason is None and "Timed out" in str(exc):
+        reason = f"a rank did not take part within {timeout_s:g} s"
+    return WorkerFailedError(f"{what} failed: {reason or exc}")
 
-    def __init__(self, group: dist.ProcessGroupGloo, rank: int, size: int,
-                 liveness: Liveness) -> None:
+
+class GlooCommunicator(Communicator):
+    """torch.distributed's gloo process groups: any ranks, on any machines. The collectives'
+    group times out (a rank that hangs); the messages' does not, since a rank waits for
+    the next step's message as long as the engine is idle, and gloo closes a connection
+    whose wait timed out."""
+
+    def __init__(self, group: dist.ProcessGroupGloo, messages: dist.ProcessGroupGloo,
+                 rank: int, size: int, liveness: Liveness, timeout_s: float) -> None:
         super().__init__(rank, size)
         self.group = group
+        self.messages = messages
         self.liveness = liveness
+        self.timeout_s = timeout_s
+        # rank 0's sends wait for every rank to take the message (gloo sends nothing until
+        # the receiver is ready): a hung rank is found there
+        self.send_timeout = timedelta(seconds=timeout_s) if rank == 0 else None
 
     def _run(self, work: Callable[[], Any], what: str) -> Any:
         try:
             return work().wait()
         except RuntimeError as exc:
-            # A peer's socket closes a moment before its process is seen to have exited.
-            deadline = time.monotonic() + REASON_WAIT_S
-            reason = self.liveness()
-            while reason is None and time.monotonic() < deadline:
-                time.sleep(0.05)
-                reason = self.liveness()
-            raise WorkerFailedError(f"{what} failed: {reason or exc}") from exc
+            raise gloo_failure(what, exc, self.liveness, self.timeout_s) from exc
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous()
@@ -104,10 +121,10 @@ class GlooCommunicator(Communicator):
             length = torch.tensor([data.numel()], dtype=torch.int64)
         else:
             length = torch.zeros(1, dtype=torch.int64)
-        self._run(lambda: self.group.broadcast(length, 0), "a broadcast")
+        self._run(lambda: self.messages.broadcast(length, 0, self.send_timeout), "a broadcast")
         if self.rank != 0:
             data = torch.empty(int(length), dtype=torch.uint8)
-        self._run(lambda: self.group.broadcast(data, 0), "a broadcast")
+        self._run(lambda: self.messages.broadcast(data, 0, self.send_timeout), "a broadcast")
         return obj if self.rank == 0 else pickle.loads(data.numpy().tobytes())
 
 

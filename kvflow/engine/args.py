@@ -61,15 +61,17 @@ _FLAG_HELP = {
     "tensor_parallel_size": "ranks the model is split across (tensor parallelism: each "
                             "holds a shard of every layer, in a process of its own, with "
                             "its own cores on the CPU; default 1)",
-    "nnodes": "machines the ranks run on (each runs tensor_parallel_size / nnodes of them; "
-              "the others with --headless)",
+    "nnodes": "machines the ranks run on (each runs tensor_parallel_size x "
+              "pipeline_parallel_size / nnodes of them; the others with --headless)",
     "node_rank": "this machine's index among nnodes (0 runs the API server and rank 0)",
     "master_addr": "the address of node 0, where ranks meet (default 127.0.0.1)",
     "master_port": "the port on node 0 where ranks meet (default: a free one, one machine "
                    "only)",
     "distributed_timeout": "seconds for a rank to join at startup, and for any collective "
                            "before its rank is declared failed (SGLang's --dist-timeout)",
-    "pipeline_parallel_size": "1 only: kvflow runs on one device for now",
+    "pipeline_parallel_size": "pipeline stages the layers are split across (each holds a "
+                              "range of layers and their KV, in processes of its own; one "
+                              "batch per stage in flight; default 1)",
     "data_parallel_size": "1 only: run several servers behind a load balancer instead",
     "trust_remote_code": "accepted and ignored: kvflow runs its own model code, never a "
                          "checkpoint's",
@@ -117,8 +119,6 @@ _FLAG_ALIASES = {"tensor_parallel_size": ["-tp"], "pipeline_parallel_size": ["-p
                  "node_rank": ["-r"]}
 # Parallelism kvflow does not have yet: refused with what to do instead.
 _SINGLE_DEVICE = {
-    "pipeline_parallel_size": "pipeline parallelism is not built yet; kvflow runs a model on "
-                              "one device",
     "data_parallel_size": "data parallelism is not built in; run one server per device "
                           "behind a load balancer",
 }
@@ -228,8 +228,9 @@ class EngineArgs:
                         policy=self.scheduling_policy)
 
     def parallel_config(self) -> ParallelConfig:
-        return ParallelConfig(self.tensor_parallel_size, self.nnodes, self.node_rank,
-                              self.master_addr, self.master_port, self.distributed_timeout)
+        return ParallelConfig(self.tensor_parallel_size, self.pipeline_parallel_size,
+                              self.nnodes, self.node_rank, self.master_addr, self.master_port,
+                              self.distributed_timeout)
 
     def resolve_device(self) -> torch.device:
         if self.device == "auto":

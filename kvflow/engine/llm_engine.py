@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
@@ -33,7 +34,7 @@ from kvflow.spec_decode.builder import build_speculator
 from kvflow.structured_output.compiler import GrammarCompiler
 from kvflow.tokenizer.loader import load_tokenizer
 from kvflow.worker.kv_cache import default_kv_cache_memory, num_blocks_for
-from kvflow.worker.model_runner import ModelRunner
+from kvflow.worker.model_runner import ModelRunner, StepInFlight
 from kvflow.worker.threads import ThreadGovernor, configure_threads
 
 logger = logging.getLogger(__name__)
@@ -54,6 +55,14 @@ class EngineStepError(RuntimeError):
                          f"running {len(request_ids)} request(s)")
         self.request_ids = request_ids
         self.alone = alone
+
+
+class _SubmitFailed(Exception):
+    """A step failed as it was submitted (scheduler_output); the cause is why."""
+
+    def __init__(self, scheduler_output: SchedulerOutput) -> None:
+        super().__init__("a step failed as it was submitted")
+        self.scheduler_output = scheduler_output
 
 
 @dataclass
@@ -116,7 +125,8 @@ class LLMEngine:
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
             max_model_len=max_model_len, policy=args.scheduling_policy,
             num_lookahead_tokens=(args.speculative_config.num_speculative_tokens
-                                  if args.speculative_config else 0))
+                                  if args.speculative_config else 0),
+            num_batches=self.executor.max_in_flight)
         self.kv_cache_sized_by = sized_by
         logger.info("KV cache: %d blocks of %d tokens = %d tokens (%.2f GiB, %s) on %s, sized "
                     "by %s", self.cache_config.num_usable_blocks, args.block_size, capacity,
@@ -125,6 +135,9 @@ class LLMEngine:
             num_blocks, args.block_size, enable_caching=args.enable_prefix_caching,
             cache_identity=f"{self.model_config.path}|{self.dtype}|{args.block_size}")
         self.scheduler = Scheduler(self.scheduler_config, self.kv_manager)
+        # steps submitted and not yet finished, oldest first (several only in a pipeline)
+        self._in_flight: deque[tuple[SchedulerOutput, StepInFlight | None]] = deque()
+        self._forget: set[str] = set()  # finished requests a step in flight still holds
         self.grammar_compiler = GrammarCompiler(self.tokenizer, self.model_config.vocab_size,
                                                 self.eos_token_ids)
         native_ops = self.kernels.native_ops
@@ -404,6 +417,26 @@ class LLMEngine:
     def get_num_unfinished_requests(self) -> int:
         return len(self.output_processor.parents)
 
+    def _fill_pipeline(self) -> None:
+        """Submits steps until as many are in flight as the executor holds (one, except
+        in a pipeline) or nothing more can be scheduled. Each takes requests that no step
+        in flight holds; the running ones are shared out among the steps to be formed."""
+        while len(self._in_flight) < self.executor.max_in_flight:
+            in_flight = {s.req_id for output, _ in self._in_flight for s in output.scheduled}
+            scheduler_output = self.scheduler.schedule(
+                in_flight, self.executor.max_in_flight - len(self._in_flight))
+            # A request finished while a step held it is forgotten once that step is back.
+            self._forget |= scheduler_output.finished_req_ids
+            self.executor.forget(self._forget - in_flight)
+            self._forget &= in_flight
+            if not scheduler_output.scheduled:
+                return
+            try:
+                self._in_flight.append((scheduler_output,
+                                        self.executor.submit(scheduler_output)))
+            except BaseException as exc:
+                raise _SubmitFailed(scheduler_output) from exc
+
     def step(self) -> list[RequestOutput]:
         """Raises EngineStepError if scheduling or the forward pass fails; the requests of
         that step are then queued to be computed again (abort them to give up on them).
@@ -413,20 +446,25 @@ class LLMEngine:
         if self.thread_governor is not None:
             self.thread_governor.poll()
         try:
-            scheduler_output = self.scheduler.schedule()
-            self.executor.forget(scheduler_output.finished_req_ids)
-            runner_output = (self.executor.execute(scheduler_output)
-                             if scheduler_output.scheduled else None)
-        except BaseException as exc:
+            self._fill_pipeline()
+            if self._in_flight:
+                scheduler_output, step = self._in_flight.popleft()
+                runner_output = self.executor.finish(step)
+            else:
+                runner_output = None
+        except BaseException as raised:
+            exc = raised
+            if isinstance(raised, _SubmitFailed):  # the step being submitted failed
+                scheduler_output, exc = raised.scheduler_output, raised.__cause__
             if isinstance(exc, WorkerFailedError):
-                raise  # no step can run again: nothing to recompute
+                raise exc  # no step can run again: nothing to recompute
             # Blocks this step was to fill hold no valid KV: they must not be found, and the
             # requests that counted on them start again.
             self.kv_manager.unregister_unconfirmed()
             child_ids = self.scheduler.recompute_after_failure(scheduler_output)
             self._publish_stats()
             if not isinstance(exc, Exception):
-                raise
+                raise exc
             parents = {self.output_processor.samples[c].parent.request_id for c in child_ids
                        if c in self.output_processor.samples}
             alone = len(child_ids) <= 1

@@ -1,7 +1,8 @@
 """How the engine runs its model: through an executor, which holds the ranks.
 
-The engine hands an executor each step's SchedulerOutput and gets a RunnerOutput back;
-it never touches a model. The runner in the engine's own process (rank 0's) samples,
+The engine hands an executor each step's SchedulerOutput and gets a RunnerOutput back
+(`submit`, then `finish`: a pipeline holds several steps at once); it never touches a
+model. The runner in the engine's own process (rank 0's) samples,
 computes grammar masks and holds the speculator's state, so that what a step returns is
 made where the scheduler is; other ranks, where there are any, compute their shards of
 the same forward pass in step with it (kvflow/executor/multiproc.py).
@@ -25,7 +26,7 @@ from kvflow.outputs import RunnerOutput, SchedulerOutput
 from kvflow.quantization import quantization_config
 from kvflow.quantization.int8 import Int8Config
 from kvflow.spec_decode.proposer import Speculator
-from kvflow.worker.model_runner import ModelRunner
+from kvflow.worker.model_runner import ModelRunner, StepInFlight
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,8 @@ class Executor(ABC):
     KV cache, each rank's cache and the rank-0 runner (`initialize`); then runs steps."""
 
     runner: ModelRunner  # rank 0's, in this process: it samples
+    # steps submitted before the first is finished: one per pipeline stage
+    max_in_flight: int = 1
 
     @property
     @abstractmethod
@@ -105,8 +108,12 @@ class Executor(ABC):
                    speculator: Speculator | None) -> None:
         ...
 
-    def execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
-        return self.runner.execute(scheduler_output)
+    def submit(self, scheduler_output: SchedulerOutput) -> StepInFlight | None:
+        """Starts a step; finish them in the order they were submitted."""
+        return self.runner.submit(scheduler_output)
+
+    def finish(self, step: StepInFlight | None) -> RunnerOutput:
+        return self.runner.finish(step)
 
     def forget(self, req_ids: set[str]) -> None:
         self.runner.forget(req_ids)

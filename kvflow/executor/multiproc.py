@@ -1,10 +1,16 @@
-"""Tensor-parallel ranks in processes of their own, rank 0 in the engine's.
+"""Ranks in processes of their own, rank 0 in the engine's: tensor parallelism within
+each pipeline stage, the stages one after another.
 
 Rank 0 runs the runner as a single rank would (sampling, grammar masks and the speculator
-stay beside the scheduler, as vLLM's driver worker did), over its shard of the model;
-before each forward pass and each logits product it broadcasts what the other ranks need
-to compute theirs (the token ids and the attention metadata, as plain data), and the
-collectives inside the pass keep every rank in step. Sampled tokens never leave rank 0.
+stay beside the scheduler, as vLLM's driver worker did) over its part of the model (its
+shard of the first stage's layers). Before each forward pass it broadcasts what the other
+ranks of its stage need (the token ids, the attention metadata and the rows whose logits
+the step needs, as plain data), and the collectives inside the pass keep them in step.
+Each stage hands the next its hidden states with the same message; the last stage
+computes the logits and its first rank sends them back to rank 0. Sampled tokens never
+leave rank 0. A pipeline's first stage returns as soon as it has sent its batch on, so
+that the engine can start the next batch while the later stages work on this one
+(`max_in_flight`: one batch per stage).
 
 The ranks on this machine are started here; ranks on other machines are started there
 with `kvflow serve ... --headless` and join through the rendezvous at master_addr.
@@ -21,23 +27,23 @@ import subprocess
 import sys
 import threading
 import weakref
+from collections.abc import Callable
 from dataclasses import replace
 
 import torch
 
 from kvflow.attention.base import AttentionBackend
 from kvflow.attention.metadata import AttentionMetadata
-from kvflow.distributed.comm import (Communicator, ShmCommunicator, WorkerFailedError,
-                                     shared_memory_works)
-from kvflow.distributed.group import ParallelConfig, connect, open_store
-from kvflow.distributed.tensor_parallel import TensorParallel, building, shard_config
+from kvflow.distributed.comm import ShmCommunicator, WorkerFailedError, shared_memory_works
+from kvflow.distributed.group import Links, ParallelConfig, connect, open_store
+from kvflow.distributed.tensor_parallel import TensorParallel, building
 from kvflow.executor.base import Executor, ModelSpec, RunnerSettings
-from kvflow.executor.worker import FORWARD, KV_CACHE, LOGITS, STOP, WorkerSpec, to_plain
+from kvflow.executor.worker import FORWARD, KV_CACHE, STOP, WorkerSpec, to_plain
 from kvflow.models.blocks import CausalLM
 from kvflow.models.config import ModelConfig
 from kvflow.outputs import RunnerOutput, SchedulerOutput
 from kvflow.spec_decode.proposer import Speculator
-from kvflow.worker.model_runner import ModelRunner
+from kvflow.worker.model_runner import ModelRunner, StepInFlight
 from kvflow.worker.threads import default_num_threads
 
 logger = logging.getLogger(__name__)
@@ -45,25 +51,42 @@ logger = logging.getLogger(__name__)
 STOP_GRACE_S = 5.0
 
 
-class RankZeroModel:
-    """Rank 0's shard, announcing each forward pass and logits product to the other ranks
-    before it runs its own part. A failure inside either leaves the ranks out of step (the
-    others wait in a collective rank 0 never reaches), so it ends the engine."""
+class RankZeroStage:
+    """Rank 0's part of the model, announcing each step to the ranks that follow it before
+    it runs its own part. A failure inside a stage's tensor-parallel pass leaves its ranks
+    out of step (the others wait in a collective rank 0 never reaches), so it ends the
+    engine."""
 
-    def __init__(self, model: CausalLM, comm: Communicator) -> None:
+    def __init__(self, model: CausalLM, links: Links, parallel: ParallelConfig) -> None:
         self.model = model
-        self.comm = comm
+        self.links = links
+        self.next_rank = parallel.rank_of(1, 0)
+        self.last_rank = parallel.rank_of(parallel.pipeline_parallel_size - 1, 0)
 
-    def __call__(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        self.comm.broadcast((FORWARD, to_plain(input_ids), to_plain(meta)))
-        return self._in_step(self.model, input_ids, meta)
+    def announce(self, message: tuple, tensors: list[torch.Tensor] | None = None) -> None:
+        """To the other ranks of stage 0 and, where there is one, the next stage (with
+        `tensors`, which stage 0 computed)."""
+        if self.links.tp is not None:
+            self.links.tp.broadcast(message)
+        if self.links.pipe is not None and tensors is not None:
+            self.links.pipe.send(self.next_rank, message, tensors)
 
-    def logits_at(self, hidden: torch.Tensor, rows: torch.Tensor | slice) -> torch.Tensor:
-        self.comm.broadcast((LOGITS, to_plain(rows)))
-        return self._in_step(self.model.logits_at, hidden, rows)
+    def start_step(self, input_ids: torch.Tensor, meta: AttentionMetadata,
+                   rows: torch.Tensor) -> Callable[[], torch.Tensor]:
+        message = (FORWARD, to_plain(input_ids), to_plain(meta), to_plain(rows))
+        if self.links.tp is not None:
+            self.links.tp.broadcast(message)
+        out = self._in_step(self.model, input_ids, meta)
+        pipe = self.links.pipe
+        if pipe is None:
+            logits = self._in_step(self.model.logits_at, out, rows)
+            return lambda: logits
+        pipe.send(self.next_rank, (FORWARD, None, *message[2:]), [out.hidden, out.residual])
+        return lambda: pipe.recv(self.last_rank, "a pipeline step")[1][0]
 
-    @staticmethod
-    def _in_step(fn, *args):  # noqa: ANN001, ANN205
+    def _in_step(self, fn, *args):  # noqa: ANN001, ANN202
+        if self.links.tp is None:  # no collective to fall out of: an ordinary step failure
+            return fn(*args)
         try:
             return fn(*args)
         except WorkerFailedError:
@@ -121,17 +144,23 @@ def core_lists(ranks: int, threads: int) -> list[tuple[int, ...] | None]:
 class MultiprocExecutor(Executor):
     def __init__(self, spec: ModelSpec, parallel: ParallelConfig, threads: int) -> None:
         if spec.device.type != "cpu":
-            raise ValueError(f"tensor_parallel_size={parallel.tensor_parallel_size} on "
+            raise ValueError(f"tensor_parallel_size={parallel.tensor_parallel_size}, "
+                             f"pipeline_parallel_size={parallel.pipeline_parallel_size} on "
                              f"{spec.device.type}: kvflow splits models across CPU ranks "
                              "(gloo) only; NCCL ranks on GPUs are not built yet")
         self.spec = spec
-        size = parallel.world_size
-        self._rank_config = shard_config(spec.config, size)
+        self.max_in_flight = parallel.pipeline_parallel_size
+        self._own_config = parallel.model_config(spec.config, 0)
+        stages = [parallel.model_config(spec.config, parallel.rank_of(stage, 0))
+                  for stage in range(parallel.pipeline_parallel_size)]
+        self._rank_config = max(stages, key=lambda c: len(c.held_layers))
         self.failure: str | None = None
         self.store = open_store(parallel, 0)
         self.parallel = parallel = replace(parallel, master_port=self.store.port)
-        shm_path = (ShmCommunicator.create(size)
-                    if parallel.nnodes == 1 and shared_memory_works() else None)
+        shm_paths = ([ShmCommunicator.create(parallel.tensor_parallel_size)
+                      for _ in range(parallel.pipeline_parallel_size)]
+                     if parallel.nnodes == 1 and parallel.tensor_parallel_size > 1
+                     and shared_memory_works() else [None] * parallel.pipeline_parallel_size)
         cores = core_lists(parallel.ranks_per_node, threads)
         self._pinned: tuple[int, set[int]] | None = None
         if cores[0] is not None:
@@ -148,28 +177,33 @@ class MultiprocExecutor(Executor):
             for local, rank in enumerate(parallel.local_ranks):
                 if rank == 0:
                     continue
+                shm_path = shm_paths[parallel.stage_of(rank)]
                 worker = WorkerSpec(spec, parallel, rank, threads, cores[local],
                                     None if shm_path is None else str(shm_path),
                                     logging.getLogger("kvflow").getEffectiveLevel())
                 process = start_worker(worker)
                 started.append(process)
                 self.workers[rank] = process
-            logger.info("tensor parallel: %d ranks, %d on this machine (pids %s), %d "
-                        "thread(s) each", size, parallel.ranks_per_node,
+            logger.info("%d ranks (tensor parallel %d x pipeline %d), %d on this machine "
+                        "(pids %s), %d thread(s) each", parallel.world_size,
+                        parallel.tensor_parallel_size, parallel.pipeline_parallel_size,
+                        parallel.ranks_per_node,
                         ", ".join(str(p.pid) for p in self.workers.values()) or "-", threads)
-            self.comm = connect(self.store, parallel, 0, self.liveness, shm_path,
-                                spec.config.hidden_size, spec.dtype)
-            with building(TensorParallel(0, size, self.comm)):
-                self._model = spec.build(self._rank_config)
+            self.links = connect(self.store, parallel, 0, self.liveness, shm_paths[0],
+                                 spec.config.hidden_size, spec.dtype)
+            with building(TensorParallel(0, parallel.tensor_parallel_size, self.links.tp)):
+                self._model = spec.build(self._own_config)
         except BaseException:
             self.shutdown()
             raise
         finally:
-            if shm_path is not None:  # every local rank has mapped it by now, or failed
-                shm_path.unlink(missing_ok=True)
+            for path in shm_paths:  # every local rank has mapped it by now, or failed
+                if path is not None:
+                    path.unlink(missing_ok=True)
 
     @property
     def rank_config(self) -> ModelConfig:
+        """The stage with the most layers, whose KV cache sizes every stage's."""
         return self._rank_config
 
     @property
@@ -195,17 +229,23 @@ class MultiprocExecutor(Executor):
 
     def initialize(self, settings: RunnerSettings, backend: AttentionBackend,
                    speculator: Speculator | None) -> None:
-        self.comm.broadcast((KV_CACHE, settings.num_blocks, settings.block_size, backend.name))
-        self.runner = ModelRunner(RankZeroModel(self._model, self.comm),  # type: ignore[arg-type]
-                                  self.spec.config, backend, settings.num_blocks,
-                                  settings.block_size, self.spec.dtype, self.spec.device,
-                                  settings.seed, speculator, settings.batch_invariant,
-                                  kv_config=self._rank_config)
+        stage = RankZeroStage(self._model, self.links, self.parallel)
+        stage.announce((KV_CACHE, settings.num_blocks, settings.block_size, backend.name), [])
+        self.runner = ModelRunner(stage, self.spec.config, backend,  # type: ignore[arg-type]
+                                  settings.num_blocks, settings.block_size, self.spec.dtype,
+                                  self.spec.device, settings.seed, speculator,
+                                  settings.batch_invariant, kv_config=self._own_config)
 
-    def execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
+    def submit(self, scheduler_output: SchedulerOutput) -> StepInFlight | None:
+        return self._checked(self.runner.submit, scheduler_output)
+
+    def finish(self, step: StepInFlight | None) -> RunnerOutput:
+        return self._checked(self.runner.finish, step)
+
+    def _checked(self, fn, arg):  # noqa: ANN001, ANN202
         self.check_health()
         try:
-            return self.runner.execute(scheduler_output)
+            return fn(arg)
         except WorkerFailedError as exc:
             self._fail(str(exc))
             raise
@@ -221,24 +261,26 @@ class MultiprocExecutor(Executor):
     def _fail(self, reason: str) -> None:
         if self.failure is None:
             self.failure = reason
-            logger.error("tensor-parallel engine stops: %s", reason)
+            logger.error("the engine's ranks stop: %s", reason)
             self.shutdown()
 
     def shutdown(self) -> None:
-        comm = getattr(self, "comm", None)
-        if comm is not None and self.failure is None and hasattr(self, "runner"):
+        links = getattr(self, "links", None)
+        if links is not None and self.failure is None and hasattr(self, "runner"):
             # Healthy ranks end cleanly (a headless machine's exit with 0); ranks on this
             # machine are stopped below in any case.
             self.failure = "the engine has shut down"
-            if isinstance(comm, ShmCommunicator):  # not the startup-sized wait for acks
-                comm.timeout_s = STOP_GRACE_S
+            if isinstance(links.tp, ShmCommunicator):  # not the startup-sized wait for acks
+                links.tp.timeout_s = STOP_GRACE_S
             try:
-                comm.broadcast((STOP,))
+                self.runner.model.announce((STOP,), [])
+                if links.pipe is not None:
+                    links.pipe.flush()
             except WorkerFailedError:
                 pass
         self._finalizer()
         if self._pinned is not None and self._pinned[0] == threading.get_ident():
             os.sched_setaffinity(0, self._pinned[1])
             self._pinned = None
-        if comm is not None:
-            comm.close()
+        if links is not None:
+            links.close()

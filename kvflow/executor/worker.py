@@ -1,7 +1,10 @@
-"""A tensor-parallel rank other than 0, in a process of its own: it builds its shard of the
-model and of the KV cache, then follows rank 0's messages, computing its part of every
-forward pass and of every logits product (the collectives in them keep the ranks in
-step). It holds no request state: scheduling and sampling are rank 0's.
+"""A rank other than 0, in a process of its own: it builds its part of the model (its
+tensor-parallel shard of its pipeline stage's layers) and of the KV cache, then follows
+the step messages: from rank 0 on the first stage, from its peer in the stage before on
+the others. It computes its part of every forward pass (the collectives in it keep a
+stage's ranks in step), hands the next stage its hidden states, and on the last stage
+computes the logits, which its first rank sends back to rank 0. It holds no request
+state: scheduling and sampling are rank 0's.
 """
 from __future__ import annotations
 
@@ -21,17 +24,19 @@ import torch
 
 from kvflow.attention.metadata import AttentionMetadata
 from kvflow.attention.selector import select_backend
-from kvflow.distributed.comm import Communicator, WorkerFailedError
-from kvflow.distributed.group import ParallelConfig, connect, open_store
-from kvflow.distributed.tensor_parallel import TensorParallel, building, shard_config
+from kvflow.distributed.comm import WorkerFailedError
+from kvflow.distributed.group import Links, ParallelConfig, connect, open_store
+from kvflow.distributed.pipeline import Carry
+from kvflow.distributed.tensor_parallel import TensorParallel, building
 from kvflow.executor.base import ModelSpec
 from kvflow.models.builder import bind_kv_cache
 
 logger = logging.getLogger("kvflow.executor.worker")  # not __main__ when run with -m
 
-# rank 0's messages: (FORWARD, input_ids, metadata), (LOGITS, rows), (KV_CACHE, blocks,
-# block size, backend name), (STOP,)
-FORWARD, LOGITS, KV_CACHE, STOP = "forward", "logits", "kv_cache", "stop"
+# the step messages: (FORWARD, input_ids (None after the first stage, which sends its hidden
+# states with it), metadata, rows whose logits the step needs), (KV_CACHE, blocks, block
+# size, backend name), (STOP,)
+FORWARD, KV_CACHE, STOP = "forward", "kv_cache", "stop"
 PARENT_POLL_S = 0.5
 
 
@@ -91,10 +96,10 @@ def run_worker(spec: WorkerSpec) -> None:
 
     store = open_store(spec.parallel, spec.rank)
     try:
-        comm = connect(store, spec.parallel, spec.rank, liveness,
-                       Path(spec.shm_path) if spec.shm_path else None,
-                       spec.model.config.hidden_size, spec.model.dtype)
-        _serve(spec, comm)
+        links = connect(store, spec.parallel, spec.rank, liveness,
+                        Path(spec.shm_path) if spec.shm_path else None,
+                        spec.model.config.hidden_size, spec.model.dtype)
+        _serve(spec, links)
     except WorkerFailedError as exc:
         logger.error("rank %d stops: %s", spec.rank, exc)
         _exit(1)
@@ -117,31 +122,56 @@ def _exit(code: int) -> None:
 
 
 @torch.inference_mode()
-def _serve(spec: WorkerSpec, comm: Communicator) -> None:
-    size = spec.parallel.tensor_parallel_size
-    config = shard_config(spec.model.config, size)
-    with building(TensorParallel(spec.rank, size, comm)):
+def _serve(spec: WorkerSpec, links: Links) -> None:
+    parallel, rank = spec.parallel, spec.rank
+    stage, tp_rank = parallel.stage_of(rank), parallel.tp_rank_of(rank)
+    last = stage == parallel.pipeline_parallel_size - 1
+    config = parallel.model_config(spec.model.config, rank)
+    with building(TensorParallel(tp_rank, parallel.tensor_parallel_size, links.tp)):
         model = spec.model.build(config)
-    kind, num_blocks, block_size, backend_name = comm.broadcast()
-    assert kind == KV_CACHE, f"rank {spec.rank} expected the KV cache's size, got {kind}"
+    previous = parallel.rank_of(stage - 1, tp_rank)
+    following = parallel.rank_of(stage + 1, tp_rank)
+
+    def next_message() -> tuple[tuple, list[torch.Tensor]]:
+        if stage == 0:
+            return links.tp.broadcast(), []
+        return links.pipe.recv(previous, "waiting for a step message", idle=True)
+
+    message, _ = next_message()
+    assert message[0] == KV_CACHE, f"rank {rank} expected the KV cache's size, got {message[0]}"
+    _, num_blocks, block_size, backend_name = message
+    if not last:
+        links.pipe.send(following, message, [])
     kernels = spec.model.kernels()
     backend = select_backend(backend_name, spec.model.device, kernels.native_ops,
                              spec.model.batch_invariant)
     bind_kv_cache(model, config, backend, num_blocks, block_size, spec.model.dtype,
                   spec.model.device)
-    logger.info("rank %d ready: %d KV blocks", spec.rank, num_blocks)
-    hidden = None
+    logger.info("rank %d (stage %d, layers %d-%d) ready: %d KV blocks", rank, stage,
+                config.held_layers.start, config.held_layers.stop - 1, num_blocks)
     while True:
-        message = comm.broadcast()
+        message, tensors = next_message()
         if message[0] == FORWARD:
-            hidden = model(from_plain(message[1]), from_plain(message[2]))
-        elif message[0] == LOGITS:
-            model.logits_at(hidden, from_plain(message[1]))
+            _, input_ids, meta, rows = message
+            meta = from_plain(meta)
+            carry = Carry(*tensors) if tensors else None
+            out = model(None if input_ids is None else from_plain(input_ids), meta, carry)
+            if not last:
+                links.pipe.send(following, (FORWARD, None, message[2], rows),
+                                [out.hidden, out.residual])
+                continue
+            logits = model.logits_at(out, from_plain(rows))
+            if links.pipe is not None and tp_rank == 0:
+                links.pipe.send(0, None, [logits])
         elif message[0] == STOP:
-            comm.close()
+            if not last:
+                links.pipe.send(following, message, [])
+            if links.pipe is not None:
+                links.pipe.flush()
+            links.close()
             return
         else:
-            raise ValueError(f"rank {spec.rank} got an unknown message {message[0]!r}")
+            raise ValueError(f"rank {rank} got an unknown message {message[0]!r}")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -62,47 +64,54 @@ class ModelRunner:
         self.grammar_masker.wait_for_any(timeout_s)
 
     @torch.inference_mode()
-    def execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
+    def submit(self, scheduler_output: SchedulerOutput) -> StepInFlight | None:
+        """Starts a step's forward pass (None: nothing scheduled). Under pipeline
+        parallelism it returns once this rank's stage is done, and the logits arrive later;
+        steps are finished in the order they were submitted."""
         # Shortest queries first: backends batch the short ones (decodes) in one call.
         if self.speculator is not None:
             self.speculator.drop_kv(scheduler_output.preempted_req_ids)
         batch = sorted(scheduler_output.scheduled,
                        key=lambda r: len(r.token_ids) + len(r.draft_token_ids))
         if not batch:
-            return RunnerOutput(sampled_token_ids={})
+            return None
         input_ids, meta, query_starts = self._prepare_inputs(batch)
         to_sample = [r for r in batch if r.sample]
+        rows = LogitRows.of(batch, to_sample, query_starts)
         # The grammars' masks depend only on tokens already accepted and on the drafts, so
         # they are computed on the mask threads (the GIL released) during the forward; the
         # step waits for them a moment past it, and samples without those still computing.
         self.grammar_masker.start(to_sample)
-        hidden = self.model(input_ids, meta)
+        logits = self.model.start_step(input_ids, meta,
+                                       torch.tensor(rows.positions, dtype=torch.int64))
+        return StepInFlight(batch, to_sample, rows, logits)
 
-        masks = self.grammar_masker.collect(to_sample, time.monotonic() + MASK_GRACE_S,
+    @torch.inference_mode()
+    def finish(self, step: StepInFlight | None) -> RunnerOutput:
+        if step is None:
+            return RunnerOutput(sampled_token_ids={})
+        logits = step.logits()
+        masks = self.grammar_masker.collect(step.to_sample, time.monotonic() + MASK_GRACE_S,
                                             self.device)
         output = RunnerOutput(sampled_token_ids={}, deferred_req_ids=masks.deferred,
                               failed=masks.failed)
         if masks.sampling:
-            self._sample(masks.sampling, hidden, query_starts, output, masks.grammar)
+            self._sample(masks.sampling, step.rows.sampled(logits, masks.sampling), output,
+                         masks.grammar)
             if self.speculator is not None:
-                self._propose(masks.sampling, output, len(batch))
-        for request in batch:
-            if request.sampling_params.prompt_logprobs is not None:
-                scored = self._prompt_logprobs(request, hidden, query_starts[request.req_id])
-                if scored is not None:
-                    output.prompt_logprobs[request.req_id] = scored
+                self._propose(masks.sampling, output, len(step.batch))
+        for request in step.batch:
+            scored = step.rows.prompt.get(request.req_id)
+            if scored is not None:
+                first, row, count = scored
+                output.prompt_logprobs[request.req_id] = self._prompt_logprobs(
+                    request, logits[row:row + count], first)
         return output
 
-    def _sample(self, requests: list[ScheduledRequest], hidden: torch.Tensor,
-                query_starts: dict[str, int], output: RunnerOutput,
-                grammar: tuple[torch.Tensor, torch.Tensor] | None) -> None:
-        """Logits at each request's last known token and at each of its drafts, sampled."""
-        positions = []
-        for request in requests:
-            end = query_starts[request.req_id] + len(request.token_ids) + len(
-                request.draft_token_ids)
-            positions.extend(range(end - 1 - len(request.draft_token_ids), end))
-        logits = self.model.logits_at(hidden, torch.tensor(positions, device=self.device))
+    def _sample(self, requests: list[ScheduledRequest], logits: torch.Tensor,
+                output: RunnerOutput, grammar: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+        """Samples each request's next token from the logits at its last known token, or
+        verifies its drafts against those at each of them."""
         self._ensure_generators(requests)
         verifying = any(r.draft_token_ids for r in requests)
         rows = ([row for r in requests for row in sampling_rows(r)] if verifying
@@ -161,16 +170,65 @@ class ModelRunner:
             dtype=torch.int64, device=self.device)
         return input_ids, meta, query_starts
 
-    def _prompt_logprobs(self, request: ScheduledRequest, hidden: torch.Tensor,
-                         query_start: int) -> tuple[int, list[TokenLogprobs]] | None:
+    @staticmethod
+    def _prompt_logprobs(request: ScheduledRequest, logits: torch.Tensor,
+                         first: int) -> tuple[int, list[TokenLogprobs]]:
         """Logprobs of the prompt tokens this chunk predicts: position p scores token p+1."""
-        first = request.num_computed_tokens
-        end = min(first + len(request.token_ids), len(request.prompt_token_ids) - 1)
-        if end <= first:
-            return None
-        logits = self.model.logits_at(hidden, slice(query_start, query_start + end - first))
+        end = first + logits.shape[0]
         logprobs = torch.log_softmax(logits.float(), dim=-1)
-        targets = torch.tensor(request.prompt_token_ids[first + 1:end + 1], device=self.device)
+        targets = torch.tensor(request.prompt_token_ids[first + 1:end + 1],
+                               device=logits.device)
         num_top = request.sampling_params.prompt_logprobs
         entries = token_logprobs(logprobs, targets, [num_top] * (end - first))
         return first + 1, entries  # type: ignore[return-value]
+
+
+@dataclass
+class LogitRows:
+    """The rows of a step's flat batch whose logits it needs, named before the forward
+    pass (so that the last pipeline stage computes them without waiting to be told):
+    each sampling request's last known token and drafts, in order, then the prompt
+    positions of requests that asked for prompt logprobs."""
+
+    positions: list[int]
+    sample: dict[str, tuple[int, int]]  # req_id -> (first row, rows)
+    prompt: dict[str, tuple[int, int, int]]  # req_id -> (first position, first row, rows)
+
+    @classmethod
+    def of(cls, batch: list[ScheduledRequest], to_sample: list[ScheduledRequest],
+           query_starts: dict[str, int]) -> LogitRows:
+        positions: list[int] = []
+        sample, prompt = {}, {}
+        for request in to_sample:
+            drafts = len(request.draft_token_ids)
+            end = query_starts[request.req_id] + len(request.token_ids) + drafts
+            sample[request.req_id] = (len(positions), drafts + 1)
+            positions.extend(range(end - 1 - drafts, end))
+        for request in batch:
+            if request.sampling_params.prompt_logprobs is None:
+                continue
+            first = request.num_computed_tokens
+            end = min(first + len(request.token_ids), len(request.prompt_token_ids) - 1)
+            if end > first:
+                start = query_starts[request.req_id]
+                prompt[request.req_id] = (first, len(positions), end - first)
+                positions.extend(range(start, start + end - first))
+        return cls(positions, sample, prompt)
+
+    def sampled(self, logits: torch.Tensor, requests: list[ScheduledRequest]) -> torch.Tensor:
+        """The rows these requests sample from, in their order: a view where they are
+        every sampling request (no grammar kept one waiting)."""
+        spans = [self.sample[r.req_id] for r in requests]
+        if len(spans) == len(self.sample):
+            return logits[:sum(count for _, count in spans)]
+        return logits[[row for first, count in spans for row in range(first, first + count)]]
+
+
+@dataclass
+class StepInFlight:
+    """A submitted step: what finishing it needs."""
+
+    batch: list[ScheduledRequest]
+    to_sample: list[ScheduledRequest]
+    rows: LogitRows
+    logits: Callable[[], torch.Tensor]  # the rows' logits, once the forward pass is done
