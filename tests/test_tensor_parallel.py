@@ -141,20 +141,14 @@ def test_pipeline_stages_give_one_ranks_tokens(checkpoint, case):
         assert split[2][2:] == one[2][2:], (tp, pp)
 
 
-def test_stages_balance_the_weights_they_read(checkpoint):
+def test_stages_take_as_many_layers_each(checkpoint):
     from dataclasses import replace
 
     from kvflow.distributed.pipeline import stage_ranges
 
-    # the qwen2.5-0.5b shape: the LM head (151,936 x 896) weighs about 9 of its 24 layers
-    config = replace(ModelConfig.from_pretrained(checkpoint("qwen2")), num_layers=24,
-                     hidden_size=896, intermediate_size=4864, num_heads=14, num_kv_heads=2,
-                     head_dim=64, vocab_size=151936)
-    assert stage_ranges(config, 2) == [(0, 17), (17, 24)]
-    assert stage_ranges(replace(config, vocab_size=1000), 2) == [(0, 12), (12, 24)]
-    ranges = stage_ranges(config, 4)
-    assert ranges[0][0] == 0 and ranges[-1][1] == 24 and all(
-        a[1] == b[0] and a[0] < a[1] for a, b in zip(ranges, ranges[1:]))
+    config = replace(ModelConfig.from_pretrained(checkpoint("qwen2")), num_layers=24)
+    assert stage_ranges(config, 2) == [(0, 12), (12, 24)]
+    assert stage_ranges(config, 5) == [(0, 4), (4, 9), (9, 14), (14, 19), (19, 24)]
     with pytest.raises(ValueError, match="pipeline_parallel_size=25 exceeds"):
         stage_ranges(config, 25)
 
