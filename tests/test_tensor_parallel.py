@@ -230,6 +230,21 @@ def test_a_hung_rank_is_declared_failed_after_the_timeout(checkpoint, split):
     assert not _alive(pid)
 
 
+@pytest.mark.parametrize("split", sorted(SPLITS))
+def test_ranks_wait_for_work_past_the_timeout(checkpoint, split):
+    """An idle engine's ranks wait for the next step as long as it takes: the timeout is
+    for a rank that does not take part in a step."""
+    llm = LLM(str(checkpoint("llama-gqa")), dtype="float32", distributed_timeout=5,
+              **SPLITS[split])
+    try:
+        params = SamplingParams(max_tokens=4, temperature=0.0)
+        first = llm.generate(["idle"], params, use_tqdm=False)[0].outputs[0].token_ids
+        time.sleep(6)
+        assert llm.generate(["idle"], params, use_tqdm=False)[0].outputs[0].token_ids == first
+    finally:
+        llm.engine.shutdown()
+
+
 def test_a_rank_that_never_joins_ends_startup_with_a_message(checkpoint):
     started = time.monotonic()
     with pytest.raises(WorkerFailedError, match=r"rank\(s\) 1 did not join within 3 s"):
