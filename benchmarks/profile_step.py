@@ -202,15 +202,19 @@ def main() -> None:
         return
 
     runner = engine.runner
+
+    def execute(step):  # noqa: ANN001, ANN202 - one step through the runner, start to end
+        return runner.finish(runner.submit(step))
+
     for title, step in [("prefill of 2,048 tokens", synthetic_step(llm, 1, 2048, 0)),
                         ("decode of 128 requests at context 300",
                          synthetic_step(llm, 128, 1, 300))]:
-        runner.execute(step)
+        execute(step)
         steps = max(2, ns.steps // 3) if "prefill" in title else ns.steps
-        wall = median_ms(lambda: runner.execute(step), steps)
+        wall = median_ms(lambda: execute(step), steps)
         print()
         print(table(title + " (model runner only)", wall,
-                    breakdown(lambda: runner.execute(step), model_class, steps)))
+                    breakdown(lambda: execute(step), model_class, steps)))
 
     # Scheduler and output processing for 128 running requests, on their own.
     for i in range(128):
@@ -221,7 +225,7 @@ def main() -> None:
     times = []
     for _ in range(ns.steps):
         out = scheduler.schedule()
-        runner_out = runner.execute(out)
+        runner_out = execute(out)
         start = time.perf_counter()
         updated = scheduler.update_from_output(out, runner_out)
         processor.process(runner_out, updated)
