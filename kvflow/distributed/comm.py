@@ -45,6 +45,8 @@ Liveness = Callable[[], str | None]
 
 
 class Communicator(ABC):
+    timeout_s: float  # how long a collective waits for the other ranks
+
     def __init__(self, rank: int, size: int) -> None:
         self.rank = rank
         self.size = size
@@ -94,9 +96,13 @@ class GlooCommunicator(Communicator):
         self.messages = messages
         self.liveness = liveness
         self.timeout_s = timeout_s
-        # rank 0's sends wait for every rank to take the message (gloo sends nothing until
-        # the receiver is ready): a hung rank is found there
-        self.send_timeout = timedelta(seconds=timeout_s) if rank == 0 else None
+
+    @property
+    def send_timeout(self) -> timedelta | None:
+        """Rank 0's sends wait for every rank to take the message (gloo sends nothing
+        until the receiver is ready): a hung rank is found there. The others wait for
+        work without a deadline."""
+        return timedelta(seconds=self.timeout_s) if self.rank == 0 else None
 
     def _run(self, work: Callable[[], Any], what: str) -> Any:
         try:

@@ -133,6 +133,12 @@ class Links:
     tp: Communicator | None  # its stage's tensor-parallel group (None: alone in it)
     pipe: Pipe | None  # to and from the other stages (None: one stage)
 
+    def set_timeout(self, seconds: float) -> None:
+        """How long a send or a collective waits for the other ranks from now on."""
+        for link in (self.tp, self.pipe):
+            if link is not None:
+                link.timeout_s = seconds
+
     def close(self) -> None:
         if self.tp is not None:
             self.tp.close()

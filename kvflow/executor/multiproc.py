@@ -270,8 +270,7 @@ class MultiprocExecutor(Executor):
             # Healthy ranks end cleanly (a headless machine's exit with 0); ranks on this
             # machine are stopped below in any case.
             self.failure = "the engine has shut down"
-            if isinstance(links.tp, ShmCommunicator):  # not the startup-sized wait for acks
-                links.tp.timeout_s = STOP_GRACE_S
+            links.set_timeout(STOP_GRACE_S)  # a rank that does not answer is stopped below
             try:
                 self.runner.model.announce((STOP,), [])
                 if links.pipe is not None:
