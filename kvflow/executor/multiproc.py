@@ -74,8 +74,7 @@ class RankZeroStage:
     def start_step(self, input_ids: torch.Tensor, meta: AttentionMetadata,
                    rows: torch.Tensor) -> Callable[[], torch.Tensor]:
         message = (FORWARD, to_plain(input_ids), to_plain(meta), to_plain(rows))
-        if self.links.tp is not None:
-            self.links.tp.broadcast(message)
+        self.announce(message)  # the next stage's message waits for this stage's output
         out = self._in_step(self.model, input_ids, meta)
         pipe = self.links.pipe
         if pipe is None:
