@@ -141,6 +141,21 @@ def test_pipeline_stages_give_one_ranks_tokens(checkpoint, case):
         assert split[2][2:] == one[2][2:], (tp, pp)
 
 
+def test_the_served_weight_bytes_count_every_stage(checkpoint):
+    """What the dashboard prices the model by: each stage holds its own layers (and
+    the untied embedding and head once), so the sum is one rank's."""
+    from kvflow.engine.client import EngineFacts
+
+    path = str(checkpoint("llama-gqa"))
+    one = LLM(path, dtype="float32")
+    split = LLM(path, dtype="float32", pipeline_parallel_size=2)
+    try:
+        assert EngineFacts.of(split.engine).weight_bytes == EngineFacts.of(
+            one.engine).weight_bytes
+    finally:
+        split.engine.shutdown()
+
+
 def test_stages_take_as_many_layers_each(checkpoint):
     from dataclasses import replace
 

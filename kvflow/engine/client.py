@@ -43,16 +43,7 @@ class EngineFacts:
 
     @classmethod
     def of(cls, engine: LLMEngine) -> EngineFacts:
-        from kvflow.layers.moe import FusedMoE
-
-        model = engine.runner.model
-        ranks = engine.args.tensor_parallel_size  # rank 0 holds 1/ranks of each layer
-
-        def held(params: Any) -> int:
-            return ranks * sum(p.numel() * p.element_size() for p in params)
-
-        experts = [m for m in model.modules() if isinstance(m, FusedMoE)]
-        expert_bytes = held(p for m in experts for p in m.parameters())
+        weight_bytes, expert_bytes = engine.executor.held_bytes()
         return cls(
             tokenizer=engine.tokenizer, model_config=engine.model_config, dtype=engine.dtype,
             device=engine.device, max_model_len=engine.max_model_len,
@@ -62,7 +53,7 @@ class EngineFacts:
             prefix_caching=engine.kv_manager.enable_caching,
             num_speculative_tokens=engine.num_speculative_tokens,
             cache_config_info=engine.cache_config_info(),
-            weight_bytes=held(model.parameters()) - expert_bytes, expert_bytes=expert_bytes)
+            weight_bytes=weight_bytes - expert_bytes, expert_bytes=expert_bytes)
 
 
 @dataclass

@@ -80,6 +80,18 @@ class ModelSpec:
                            placement=placement)
 
 
+def held_bytes(model: torch.nn.Module) -> tuple[int, int]:
+    """The bytes of a model's weights as this rank holds them (quantized ones at their own
+    size): (all of them, the experts')."""
+    from kvflow.layers.moe import FusedMoE
+
+    def size(params) -> int:  # noqa: ANN001
+        return sum(p.numel() * p.element_size() for p in params)
+
+    experts = [m for m in model.modules() if isinstance(m, FusedMoE)]
+    return size(model.parameters()), size(p for m in experts for p in m.parameters())
+
+
 @dataclass(frozen=True)
 class RunnerSettings:
     """What the rank-0 runner needs beyond its model, once the KV cache is sized."""
@@ -114,6 +126,10 @@ class Executor(ABC):
 
     def finish(self, step: StepInFlight | None) -> RunnerOutput:
         return self.runner.finish(step)
+
+    def held_bytes(self) -> tuple[int, int]:
+        """The bytes of the weights every rank holds, summed: (all, the experts')."""
+        return held_bytes(self.runner.model)
 
     def forget(self, req_ids: set[str]) -> None:
         self.runner.forget(req_ids)

@@ -38,7 +38,7 @@ from kvflow.distributed.comm import ShmCommunicator, WorkerFailedError, shared_m
 from kvflow.distributed.group import Links, ParallelConfig, connect, open_store
 from kvflow.distributed.tensor_parallel import TensorParallel, building
 from kvflow.executor.base import Executor, ModelSpec, RunnerSettings
-from kvflow.executor.worker import FORWARD, KV_CACHE, STOP, WorkerSpec, to_plain
+from kvflow.executor.worker import FORWARD, HELD_BYTES, KV_CACHE, STOP, WorkerSpec, to_plain
 from kvflow.models.blocks import CausalLM
 from kvflow.models.config import ModelConfig
 from kvflow.outputs import RunnerOutput, SchedulerOutput
@@ -234,6 +234,15 @@ class MultiprocExecutor(Executor):
                                   settings.num_blocks, settings.block_size, self.spec.dtype,
                                   self.spec.device, settings.seed, speculator,
                                   settings.batch_invariant, kv_config=self._own_config)
+
+    def held_bytes(self) -> tuple[int, int]:
+        """Rank 0's, plus what each other rank wrote to the store once it had built its
+        part (ranks on other machines too)."""
+        total, experts = super().held_bytes()
+        for rank in range(1, self.parallel.world_size):
+            rank_total, rank_experts = map(int, self.store.get(f"{HELD_BYTES}/{rank}").split())
+            total, experts = total + rank_total, experts + rank_experts
+        return total, experts
 
     def submit(self, scheduler_output: SchedulerOutput) -> StepInFlight | None:
         return self._checked(self.runner.submit, scheduler_output)

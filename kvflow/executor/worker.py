@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from kvflow.attention.metadata import AttentionMetadata
 from kvflow.attention.selector import select_backend
@@ -28,7 +29,7 @@ from kvflow.distributed.comm import WorkerFailedError
 from kvflow.distributed.group import Links, ParallelConfig, connect, open_store
 from kvflow.distributed.pipeline import Carry
 from kvflow.distributed.tensor_parallel import TensorParallel, building
-from kvflow.executor.base import ModelSpec
+from kvflow.executor.base import ModelSpec, held_bytes
 from kvflow.models.builder import bind_kv_cache
 
 logger = logging.getLogger("kvflow.executor.worker")  # not __main__ when run with -m
@@ -37,6 +38,7 @@ logger = logging.getLogger("kvflow.executor.worker")  # not __main__ when run wi
 # states with it), metadata, rows whose logits the step needs), (KV_CACHE, blocks, block
 # size, backend name), (STOP,)
 FORWARD, KV_CACHE, STOP = "forward", "kv_cache", "stop"
+HELD_BYTES = "held_bytes"  # the store key prefix under which each rank reports its weights' bytes
 PARENT_POLL_S = 0.5
 
 
@@ -99,7 +101,7 @@ def run_worker(spec: WorkerSpec) -> None:
         links = connect(store, spec.parallel, spec.rank, liveness,
                         Path(spec.shm_path) if spec.shm_path else None,
                         spec.model.config.hidden_size, spec.model.dtype)
-        _serve(spec, links)
+        _serve(spec, links, store)
     except WorkerFailedError as exc:
         logger.error("rank %d stops: %s", spec.rank, exc)
         _exit(1)
@@ -122,13 +124,14 @@ def _exit(code: int) -> None:
 
 
 @torch.inference_mode()
-def _serve(spec: WorkerSpec, links: Links) -> None:
+def _serve(spec: WorkerSpec, links: Links, store: dist.TCPStore) -> None:
     parallel, rank = spec.parallel, spec.rank
     stage, tp_rank = parallel.stage_of(rank), parallel.tp_rank_of(rank)
     last = stage == parallel.pipeline_parallel_size - 1
     config = parallel.model_config(spec.model.config, rank)
     with building(TensorParallel(tp_rank, parallel.tensor_parallel_size, links.tp)):
         model = spec.model.build(config)
+    store.set(f"{HELD_BYTES}/{rank}", " ".join(map(str, held_bytes(model))))
     previous = parallel.rank_of(stage - 1, tp_rank)
     following = parallel.rank_of(stage + 1, tp_rank)
 
