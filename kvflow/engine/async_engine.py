@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvflow.engine.client import EngineClient, EngineFacts, InFlight
-from kvflow.engine.llm_engine import EngineStepError, LLMEngine, PreparedRequest, PromptType
+from kvflow.engine.input_preparer import PreparedRequest, PromptType
+from kvflow.engine.llm_engine import EngineStepError, LLMEngine
 from kvflow.engine.stats import EngineStats, StepObservations
 from kvflow.outputs import RequestOutput
 from kvflow.sampling_params import SamplingParams

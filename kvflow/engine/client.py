@@ -18,7 +18,8 @@ from kvflow.outputs import RequestOutput
 from kvflow.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
-    from kvflow.engine.llm_engine import LLMEngine, PreparedRequest, PromptType
+    from kvflow.engine.input_preparer import PreparedRequest, PromptType
+    from kvflow.engine.llm_engine import LLMEngine
 
 
 @dataclass(frozen=True)

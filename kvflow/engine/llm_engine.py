@@ -9,9 +9,6 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Mapping
-from dataclasses import dataclass, replace
-from typing import Any
 
 
 from kvflow.attention.selector import select_backend
@@ -19,19 +16,19 @@ from kvflow.config import CacheConfig, SchedulerConfig
 from kvflow.core.kv_manager import KVCacheManager
 from kvflow.core.scheduler import Scheduler
 from kvflow.engine.args import EngineArgs
-from kvflow.engine.output_processor import OutputProcessor, ParentState
+from kvflow.engine.input_preparer import (InputLimits, InputPreparer, PreparedRequest,
+                                         PromptType)
+from kvflow.engine.output_processor import OutputProcessor
 from kvflow.engine.stats import EngineStats, SpecDecodeStats, StepObservations, StepRecord
 from kvflow.distributed.comm import WorkerFailedError
 from kvflow.executor.base import Executor, ModelSpec, RunnerSettings
 from kvflow.executor.multiproc import MultiprocExecutor, rank_threads
 from kvflow.executor.uniproc import UniProcExecutor
 from kvflow.models.loader import resolve_model_path
-from kvflow.outputs import (CompletionOutput, RequestMetrics, RequestOutput, RunnerOutput,
-                            SchedulerOutput)
+from kvflow.outputs import RequestOutput, RunnerOutput, SchedulerOutput
 from kvflow.request import Request, RequestStatus
-from kvflow.sampling_params import ALL_LOGPROBS, ParameterError, SamplingParams
+from kvflow.sampling_params import SamplingParams
 from kvflow.spec_decode.builder import build_speculator
-from kvflow.structured_output.compiler import GrammarCompiler
 from kvflow.tokenizer.loader import load_tokenizer
 from kvflow.worker.kv_cache import default_kv_cache_memory, num_blocks_for
 from kvflow.worker.model_runner import ModelRunner, StepInFlight
@@ -39,9 +36,6 @@ from kvflow.worker.threads import ThreadGovernor, configure_threads
 
 logger = logging.getLogger(__name__)
 
-PromptType = str | Mapping[str, Any]
-
-MAX_CACHE_SALT_CHARS = 256
 MASK_WAIT_S = 0.01  # the longest a step with nothing to run waits for a grammar's mask
 
 
@@ -63,14 +57,6 @@ class _SubmitFailed(Exception):
     def __init__(self, scheduler_output: SchedulerOutput) -> None:
         super().__init__("a step failed as it was submitted")
         self.scheduler_output = scheduler_output
-
-
-@dataclass
-class PreparedRequest:
-    """A validated request: the user-facing parent and its n scheduler requests."""
-
-    parent: ParentState
-    children: list[Request]
 
 
 class LLMEngine:
@@ -138,8 +124,11 @@ class LLMEngine:
         # steps submitted and not yet finished, oldest first (several only in a pipeline)
         self._in_flight: deque[tuple[SchedulerOutput, StepInFlight | None]] = deque()
         self._forget: set[str] = set()  # finished requests a step in flight still holds
-        self.grammar_compiler = GrammarCompiler(self.tokenizer, self.model_config.vocab_size,
-                                                self.eos_token_ids)
+        self.preparer = InputPreparer(self.tokenizer, InputLimits(
+            vocab_size=self.model_config.vocab_size, max_model_len=max_model_len,
+            max_num_seqs=args.max_num_seqs, max_logprobs=args.max_logprobs,
+            block_size=args.block_size, num_usable_blocks=self.cache_config.num_usable_blocks,
+            eos_token_ids=self.eos_token_ids))
         native_ops = self.kernels.native_ops
         backend = select_backend(args.attention_backend, self.device, native_ops,
                                  args.batch_invariant)
@@ -191,31 +180,6 @@ class LLMEngine:
         """Drafts verified per request per step at most (0: no speculative decoding)."""
         return self.scheduler_config.num_lookahead_tokens
 
-    def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, str):
-            return prompt, self.tokenizer.encode(prompt)
-        if isinstance(prompt, Mapping):
-            if "prompt_token_ids" in prompt:
-                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
-            if "prompt" in prompt:
-                return prompt["prompt"], self.tokenizer.encode(prompt["prompt"])
-        raise ParameterError("prompt", f"a prompt must be a string or a dict with 'prompt' or "
-                         f"'prompt_token_ids', got {type(prompt).__name__}")
-
-    @staticmethod
-    def _cache_salt(prompt: PromptType) -> str | None:
-        salt = prompt.get("cache_salt") if isinstance(prompt, Mapping) else None
-        if salt is None:
-            return None
-        if not isinstance(salt, str) or not salt or len(salt) > MAX_CACHE_SALT_CHARS:
-            raise ParameterError("cache_salt", f"cache_salt must be a string of 1 to "
-                                               f"{MAX_CACHE_SALT_CHARS} characters")
-        try:
-            salt.encode("utf-8")
-        except UnicodeEncodeError:
-            raise ParameterError("cache_salt", "cache_salt is not valid text") from None
-        return salt
-
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams,
                     arrival_time: float | None = None, priority: int = 0,
                     internal: bool = False) -> None:
@@ -230,53 +194,7 @@ class LLMEngine:
                         arrival_time: float | None = None, priority: int = 0) -> PreparedRequest:
         """Tokenize and validate without touching engine state, so that a server can do it on
         its own thread and answer a bad request at once."""
-        text, token_ids = self.tokenize_prompt(prompt)
-        keep = params.truncate_prompt_tokens
-        if keep is not None:
-            keep = self.max_model_len if keep == -1 else keep
-            if len(token_ids) > keep:
-                # The text no longer matches the tokens: an echo decodes the tokens instead.
-                text, token_ids = None, token_ids[-keep:]
-        cache_salt = self._cache_salt(prompt)
-        params = self._resolve(params)
-        max_tokens = self._validate(token_ids, params)
-        # Compiled here, on the caller's thread: a bad schema never reaches the engine thread.
-        grammar = (None if params.structured_outputs is None
-                   else self.grammar_compiler.compile(params.structured_outputs))
-        arrival = time.monotonic() if arrival_time is None else arrival_time
-        parent = ParentState(
-            request_id=request_id, prompt=text, prompt_token_ids=token_ids,
-            prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
-            outputs=[CompletionOutput(index=i, text="", token_ids=[], cumulative_logprob=None,
-                                      logprobs=None) for i in range(params.n)],
-            child_ids=[request_id if params.n == 1 else f"{i}_{request_id}"
-                       for i in range(params.n)],
-            num_unfinished=params.n, metrics=RequestMetrics(arrival_time=arrival))
-        stop_ids = frozenset(params.stop_token_ids or ()) | (
-            frozenset() if params.ignore_eos else self.eos_token_ids)
-        children = [
-            Request(request_id=child_id, prompt_token_ids=token_ids,
-                    sampling_params=params.for_sample(i) if params.n > 1 else params,
-                    max_tokens=max_tokens, stop_token_ids=stop_ids, arrival_time=arrival,
-                    priority=priority, cache_salt=cache_salt,
-                    grammar=None if grammar is None else grammar.matcher())
-            for i, child_id in enumerate(parent.child_ids)]
-        return PreparedRequest(parent=parent, children=children)
-
-    def _resolve(self, params: SamplingParams) -> SamplingParams:
-        """What needs the model or tokenizer: logprobs=-1 as the vocabulary's size, bad
-        words as token ids (each with and without a leading space, as vLLM)."""
-        vocab = self.model_config.vocab_size
-        if ALL_LOGPROBS in (params.logprobs, params.prompt_logprobs):
-            params = replace(params, **{name: vocab for name in ("logprobs", "prompt_logprobs")
-                                        if getattr(params, name) == ALL_LOGPROBS})
-        if params.bad_words and not params.bad_words_token_ids:
-            spellings = {spelling for word in params.bad_words
-                         for spelling in (word, word if word.startswith(" ") else " " + word)}
-            params.bad_words_token_ids = [
-                ids for ids in (self.tokenizer.encode(w, add_special_tokens=False)
-                                for w in sorted(spellings)) if ids]
-        return params
+        return self.preparer.prepare(request_id, prompt, params, arrival_time, priority)
 
     def add_prepared(self, prepared: PreparedRequest) -> None:
         # Check every id before touching any state, so that a rejected add changes nothing.
@@ -289,53 +207,6 @@ class LLMEngine:
         for child in prepared.children:
             self.scheduler.add_request(child)
         self._publish_stats()
-
-    def _validate(self, token_ids: list[int], params: SamplingParams) -> int:
-        """Checks a prompt against the model and the pool; returns the resolved max_tokens."""
-        if not token_ids:
-            raise ParameterError("prompt", "the prompt is empty")
-        vocab = self.model_config.vocab_size
-        bad = [t for t in token_ids if not isinstance(t, int) or not 0 <= t < vocab]
-        if bad:
-            raise ParameterError("prompt", f"prompt token ids must be integers in [0, {vocab}), "
-                                           f"got {bad[:5]}")
-        for token in params.logit_bias or {}:
-            if not 0 <= token < vocab:
-                raise ParameterError("logit_bias",
-                                     f"logit_bias token id {token} is outside [0, {vocab})")
-        for token in params.stop_token_ids or ():
-            if not 0 <= token < vocab:
-                raise ParameterError("stop_token_ids",
-                                     f"stop_token_ids entry {token} is outside [0, {vocab})")
-        for name in ("logprobs", "prompt_logprobs"):
-            limit = self.args.max_logprobs  # -1: no limit
-            if limit != -1 and (getattr(params, name) or 0) > limit:
-                raise ParameterError(name, f"{name}={getattr(params, name)} exceeds the "
-                                           f"server's max_logprobs={limit}")
-        for token in params.allowed_token_ids or ():
-            if token >= vocab:
-                raise ParameterError("allowed_token_ids", f"allowed_token_ids entry {token} is "
-                                                          f"outside [0, {vocab})")
-        if params.n > self.scheduler_config.max_num_seqs:
-            raise ParameterError("n", f"n={params.n} exceeds max_num_seqs="
-                                      f"{self.scheduler_config.max_num_seqs}")
-        prompt_len = len(token_ids)
-        max_tokens = params.max_tokens
-        if max_tokens is None:
-            max_tokens = self.max_model_len - prompt_len
-            if max_tokens < 1:
-                raise ParameterError("prompt", f"the prompt has {prompt_len} tokens, which "
-                                               f"leaves no room to generate within "
-                                               f"max_model_len={self.max_model_len}")
-        if prompt_len + max_tokens > self.max_model_len:
-            raise ParameterError("max_tokens", f"the prompt ({prompt_len} tokens) plus "
-                                               f"max_tokens ({max_tokens}) exceeds "
-                                               f"max_model_len={self.max_model_len}")
-        if not self.kv_manager.can_ever_fit(prompt_len + max_tokens):
-            raise ParameterError("max_tokens", f"the request needs {prompt_len + max_tokens} "
-                                               f"tokens of KV cache; the whole pool holds "
-                                               f"{self.cache_config.num_tokens}")
-        return max_tokens
 
     def abort_request(self, request_ids: str | list[str]) -> None:
         for request_id in [request_ids] if isinstance(request_ids, str) else request_ids:

@@ -11,7 +11,8 @@ from tqdm.auto import tqdm
 
 from kvflow.engine.args import EngineArgs
 from kvflow.engine.generation_config import load_generation_defaults
-from kvflow.engine.llm_engine import LLMEngine, PromptType
+from kvflow.engine.input_preparer import PromptType
+from kvflow.engine.llm_engine import LLMEngine
 from kvflow.outputs import RequestOutput
 from kvflow.sampling_params import SamplingParams
 from kvflow.tokenizer.chat import ChatOptions, ChatTemplate

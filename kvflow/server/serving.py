@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 from kvflow.engine.async_engine import EngineDeadError, RequestFailedError
 from kvflow.engine.client import EngineClient
-from kvflow.engine.llm_engine import PreparedRequest
+from kvflow.engine.input_preparer import PreparedRequest
 from kvflow.outputs import CompletionOutput, Logprob, RequestOutput
 from kvflow.sampling_params import ParameterError, StructuredOutputsParams
 from kvflow.server.chat_message import MessageDeltas, MessageParser
