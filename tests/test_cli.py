@@ -65,8 +65,10 @@ def test_vllm_spelled_engine_flags():
         ["-tp", "2", "-pp", "2", "-n", "2", "-r", "1", "--master-port", "29500"]))
     parallel = args.parallel_config()  # a stage a machine: node 1 holds stage 1
     assert parallel.local_ranks == range(2, 4) and parallel.stage_of(2) == 1
-    with pytest.raises(ValueError, match="data parallelism is not built in"):
-        EngineArgs.from_cli_args(parser.parse_args(["-dp", "2"]))
+    assert EngineArgs.from_cli_args(parser.parse_args(["-dp", "2"])).data_parallel_size == 2
+    with pytest.raises(ValueError, match="engine cores run on this machine only"):
+        EngineArgs.from_cli_args(parser.parse_args(
+            ["-dp", "2", "-tp", "2", "-n", "2", "--master-addr", "h", "--master-port", "1"]))
     with pytest.raises(ValueError, match="--master-port"):
         EngineArgs.from_cli_args(parser.parse_args(["-tp", "2", "--nnodes", "2"]))
 

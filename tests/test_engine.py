@@ -195,7 +195,9 @@ def test_generate_rejects_bad_input_and_leaves_nothing_behind(checkpoint):
     ("tensor_parallel_size", 0, "tensor_parallel_size must be at least 1"),
     ("node_rank", 2, "node_rank must be in"), ("distributed_timeout", 0, "positive"),
     ("pipeline_parallel_size", 3, "exceeds LlamaForCausalLM.s 2 layers"),
-    ("data_parallel_size", 4, "load balancer"), ("gpu_memory_utilization", 0, "must be in"),
+    ("data_parallel_size", 4, "kvflow serve --data-parallel-size"),
+    ("data_parallel_size", 0, "data_parallel_size must be at least 1"),
+    ("gpu_memory_utilization", 0, "must be in"),
     ("max_logprobs", -2, "max_logprobs"),
 ])
 def test_invalid_engine_options(checkpoint, option, value, match):

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from kvflow.core.block_pool import BlockHash, BlockPool
@@ -30,6 +31,24 @@ from kvflow.request import Request
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def root_hash(cache_identity: str, cache_salt: str | None) -> BlockHash:
+    """Block 0's parent key: requests share KV only under equal identities and salts."""
+    key = f"{cache_identity}\x00{'' if cache_salt is None else 'salt:' + cache_salt}"
+    return hashlib.sha256(key.encode()).digest()
+
+
+def extend_block_hashes(hashes: list[BlockHash], root: BlockHash, token_ids: Sequence[int],
+                        block_size: int, num_blocks: int) -> list[BlockHash]:
+    """Extends `hashes` (the keys of a sequence's first full blocks, in place) to the keys
+    of its first num_blocks; root is block 0's parent, read only when hashes is empty."""
+    parent = hashes[-1] if hashes else root
+    for index in range(len(hashes), num_blocks):
+        chunk = array("q", token_ids[index * block_size:(index + 1) * block_size]).tobytes()
+        parent = hashlib.sha256(parent + chunk).digest()
+        hashes.append(parent)
+    return hashes
 
 
 @dataclass
@@ -65,22 +84,12 @@ class KVCacheManager:
     def can_ever_fit(self, num_tokens: int) -> bool:
         return self.num_blocks_for(num_tokens) <= self.pool.num_usable_blocks
 
-    def _root_hash(self, request: Request) -> BlockHash:
-        salt = request.cache_salt
-        key = f"{self.cache_identity}\x00{'' if salt is None else 'salt:' + salt}"
-        return hashlib.sha256(key.encode()).digest()
-
     def _block_hashes(self, request: Request, num_blocks: int) -> list[BlockHash]:
         """The keys of the request's first num_blocks full blocks, extending its memo."""
-        hashes = request.block_hashes
-        tokens = request.all_token_ids
-        size = self.block_size
-        parent = hashes[-1] if hashes else self._root_hash(request)
-        for index in range(len(hashes), num_blocks):
-            chunk = array("q", tokens[index * size:(index + 1) * size]).tobytes()
-            parent = hashlib.sha256(parent + chunk).digest()
-            hashes.append(parent)
-        return hashes
+        root = b"" if request.block_hashes else root_hash(self.cache_identity,
+                                                          request.cache_salt)
+        return extend_block_hashes(request.block_hashes, root, request.all_token_ids,
+                                   self.block_size, num_blocks)
 
     def get_computed_blocks(self, request: Request) -> tuple[list[int], int]:
         """The longest cached prefix of a request not yet holding blocks: (block ids, tokens).

@@ -72,7 +72,10 @@ _FLAG_HELP = {
     "pipeline_parallel_size": "pipeline stages the layers are split across (each holds a "
                               "range of layers and their KV, in processes of its own; one "
                               "batch per stage in flight; default 1)",
-    "data_parallel_size": "1 only: run several servers behind a load balancer instead",
+    "data_parallel_size": "engine cores, each a copy of the model in a process of its own "
+                          "with its own cores, behind one API server that routes each "
+                          "request to the core holding its longest cached prefix (kvflow "
+                          "serve only; default 1)",
     "trust_remote_code": "accepted and ignored: kvflow runs its own model code, never a "
                          "checkpoint's",
     "download_dir": "where hub downloads go (default: the Hugging Face cache)",
@@ -117,13 +120,6 @@ _FLAG_TYPES = {"max_model_len": _token_count_flag, "block_size": int, "max_num_s
 _FLAG_ALIASES = {"tensor_parallel_size": ["-tp"], "pipeline_parallel_size": ["-pp"],
                  "data_parallel_size": ["-dp"], "quantization": ["-q"], "nnodes": ["-n"],
                  "node_rank": ["-r"]}
-# Parallelism kvflow does not have yet: refused with what to do instead.
-_SINGLE_DEVICE = {
-    "data_parallel_size": "data parallelism is not built in; run one server per device "
-                          "behind a load balancer",
-}
-
-
 @dataclass
 class EngineArgs:
     model: str | None = None  # None: the shipped demo model (kvflow/assets/demo)
@@ -205,9 +201,13 @@ class EngineArgs:
         if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], "
                              f"got {self.gpu_memory_utilization}")
-        for name, why in _SINGLE_DEVICE.items():
-            if getattr(self, name) != 1:
-                raise ValueError(f"{name}={getattr(self, name)}: {why}")
+        if self.data_parallel_size < 1:
+            raise ValueError(f"data_parallel_size must be at least 1, "
+                             f"got {self.data_parallel_size}")
+        if self.data_parallel_size > 1 and self.nnodes > 1:
+            raise ValueError(f"data_parallel_size={self.data_parallel_size} with nnodes="
+                             f"{self.nnodes}: engine cores run on this machine only; run a "
+                             "server per machine behind SGLang's router instead (README)")
         self.parallel_config()  # checked now, not after the weights are loaded
         if self.n_cpu_moe is not None and self.n_cpu_moe < 0:
             raise ValueError(f"n_cpu_moe must be at least 0, got {self.n_cpu_moe}")

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from kvflow.engine.client import EngineClient, EngineFacts, InFlight
+from kvflow.engine.client import CoreState, EngineClient, EngineFacts, InFlight
 from kvflow.engine.input_preparer import PreparedRequest, PromptType
 from kvflow.engine.llm_engine import EngineStepError, LLMEngine
 from kvflow.engine.stats import EngineStats, StepObservations
@@ -43,7 +43,7 @@ class RequestFailedError(RuntimeError):
     """An engine step failed while running this request; the engine goes on serving."""
 
 
-class _Stream:
+class OutputStream:
     """What the engine has produced for one request and its consumer has not taken yet:
     only the latest output, since outputs are cumulative. A consumer that stops reading
     then pins one output, not every step's (which grows with the square of its length)."""
@@ -69,7 +69,7 @@ class _Stream:
 @dataclass
 class _Add:
     prepared: PreparedRequest
-    stream: _Stream
+    stream: OutputStream
 
 
 @dataclass
@@ -105,7 +105,7 @@ class AsyncEngine(EngineClient):
         self.facts = EngineFacts.of(engine)
         self.on_failure = on_failure
         self._inbox: queue.SimpleQueue[_Message] = queue.SimpleQueue()
-        self._streams: dict[str, _Stream] = {}  # owned by the engine thread
+        self._streams: dict[str, OutputStream] = {}  # owned by the engine thread
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="kvflow-engine", daemon=True)
@@ -144,6 +144,12 @@ class AsyncEngine(EngineClient):
     def observations(self) -> StepObservations:
         return self.engine.observations
 
+    def cores(self) -> list[CoreState]:
+        return [CoreState(index=0, alive=self.alive, stats=self.engine.stats,
+                          num_requests=len(self.in_flight),
+                          num_waiting=self.num_waiting_sequences, routed={},
+                          failure=None if self.error is None else repr(self.error))]
+
     @property
     def num_waiting_sequences(self) -> int:
         """Sequences queued for the engine: those it has not admitted, plus those still in
@@ -158,7 +164,7 @@ class AsyncEngine(EngineClient):
         Leaving early (a client that disconnects) aborts the request and frees its blocks."""
         if not self.alive:
             raise EngineDeadError(ENGINE_STOPPED)
-        stream = _Stream(asyncio.get_running_loop())
+        stream = OutputStream(asyncio.get_running_loop())
         self._send(_Add(prepared, stream))
         self._sent_sequences += len(prepared.children)
         parent = prepared.parent
@@ -354,7 +360,7 @@ class AsyncEngine(EngineClient):
         return request_id
 
     @staticmethod
-    def _deliver(stream: _Stream, item: RequestOutput | BaseException) -> None:
+    def _deliver(stream: OutputStream, item: RequestOutput | BaseException) -> None:
         try:
             stream.loop.call_soon_threadsafe(stream.put, item)
         except RuntimeError:  # the client's event loop has closed

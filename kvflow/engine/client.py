@@ -1,7 +1,8 @@
 """What the API server knows of an engine: an EngineClient. The server submits prepared
 requests and reads their outputs, aborts them, and reads the engine's published figures;
 it never reaches into the engine's scheduler, runner or model, so that an engine core can
-live elsewhere (another thread today: kvflow/engine/async_engine.py).
+live elsewhere: on a thread of the server's process (kvflow/engine/async_engine.py), or
+several in processes of their own behind a router (kvflow/engine/dp_client.py).
 """
 from __future__ import annotations
 
@@ -57,6 +58,20 @@ class EngineFacts:
             weight_bytes=weight_bytes - expert_bytes, expert_bytes=expert_bytes)
 
 
+@dataclass(frozen=True)
+class CoreState:
+    """One engine core as its client sees it, for /load, /health and the metrics."""
+
+    index: int
+    alive: bool
+    stats: EngineStats
+    num_requests: int  # requests it is answering
+    num_waiting: int  # sequences it has not admitted
+    routed: dict[str, int]  # how often the router chose it, by decision (router.DECISIONS)
+    failure: str | None = None  # why it stopped
+    pid: int | None = None  # its process, where it has its own
+
+
 @dataclass
 class InFlight:
     """A request being answered, as its consumer on the event loop last saw it."""
@@ -104,6 +119,15 @@ class EngineClient(ABC):
     @abstractmethod
     def alive(self) -> bool:
         ...
+
+    @property
+    def degraded(self) -> bool:
+        """Some engine cores have stopped and the others serve on."""
+        return False
+
+    @abstractmethod
+    def cores(self) -> list[CoreState]:
+        """Each engine core's state, in core order."""
 
     @property
     @abstractmethod

@@ -68,10 +68,14 @@ class LLMEngine:
         spec = ModelSpec.from_args(args)
         self.model_config, self.device, self.dtype = spec.config, spec.device, spec.dtype
         path = spec.config.path
-        tokenizer = (path if args.tokenizer is None
-                     else str(resolve_model_path(args.tokenizer, args.tokenizer_revision
-                                                 or args.revision, args.download_dir)))
-        self.tokenizer = load_tokenizer(tokenizer)
+        self.tokenizer_path = str(path if args.tokenizer is None
+                                  else resolve_model_path(args.tokenizer, args.tokenizer_revision
+                                                          or args.revision, args.download_dir))
+        self.tokenizer = load_tokenizer(self.tokenizer_path)
+        if args.data_parallel_size != 1:
+            raise ValueError(f"data_parallel_size={args.data_parallel_size}: one LLMEngine is "
+                             "one engine core; `kvflow serve --data-parallel-size N` runs N "
+                             "of them, each in a process of its own")
         parallel = args.parallel_config()
         if parallel.node_rank != 0:
             raise ValueError(f"node_rank={parallel.node_rank}: only node 0 runs the engine; "

@@ -4,7 +4,7 @@ thread, so a server never reaches into the scheduler while the engine thread run
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 # Observations kept for a reader that has not drained them; older ones are dropped.
 MAX_PENDING_OBSERVATIONS = 65536
@@ -49,6 +49,33 @@ class EngineStats:
     generation_tokens: int = 0
     num_aborted: int = 0  # requests aborted: clients that left, shutdown, failed requests
     spec_decode: SpecDecodeStats | None = None  # None without speculative decoding
+
+    @staticmethod
+    def total(stats: list[EngineStats]) -> EngineStats:
+        """Several engine cores' figures added up (the KV cache's use averaged)."""
+        if len(stats) <= 1:
+            return stats[0] if stats else EngineStats()
+        spec = [s.spec_decode for s in stats if s.spec_decode is not None]
+        total = EngineStats(
+            num_running=sum(s.num_running for s in stats),
+            num_waiting=sum(s.num_waiting for s in stats),
+            kv_cache_usage=sum(s.kv_cache_usage for s in stats) / len(stats),
+            num_preemptions=sum(s.num_preemptions for s in stats),
+            prefix_cache_queries=sum(s.prefix_cache_queries for s in stats),
+            prefix_cache_hits=sum(s.prefix_cache_hits for s in stats),
+            prompt_tokens=sum(s.prompt_tokens for s in stats),
+            generation_tokens=sum(s.generation_tokens for s in stats),
+            num_aborted=sum(s.num_aborted for s in stats))
+        if not spec:
+            return total
+        width = max(len(s.num_accepted_tokens_per_pos) for s in spec)
+        per_pos = tuple(sum(s.num_accepted_tokens_per_pos[i] for s in spec
+                            if i < len(s.num_accepted_tokens_per_pos)) for i in range(width))
+        return replace(total, spec_decode=SpecDecodeStats(
+            num_drafts=sum(s.num_drafts for s in spec),
+            num_draft_tokens=sum(s.num_draft_tokens for s in spec),
+            num_accepted_tokens=sum(s.num_accepted_tokens for s in spec),
+            num_accepted_tokens_per_pos=per_pos))
 
 
 @dataclass(frozen=True, slots=True)

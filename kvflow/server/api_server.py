@@ -29,6 +29,7 @@ import kvflow
 from kvflow.engine.async_engine import (ENGINE_STOPPED, AsyncEngine, EngineDeadError,
                                         RequestFailedError)
 from kvflow.engine.client import EngineClient
+from kvflow.engine.dp_client import DataParallelClient
 from kvflow.engine.generation_config import load_generation_defaults
 from kvflow.distributed.comm import WorkerFailedError
 from kvflow.engine.llm_engine import LLMEngine
@@ -95,13 +96,20 @@ class ServerState:
             if renderer is None:
                 renderer = TemplateRenderer()
                 renderer.prestart()  # its imports overlap the model's loading
-            llm_engine = LLMEngine(self.args.engine)
-            self.metrics.bind(llm_engine.max_model_len, llm_engine.cache_config_info(),
-                              num_speculative_tokens=llm_engine.num_speculative_tokens)
+            engine: EngineClient
+            if self.args.engine.data_parallel_size > 1:
+                engine = DataParallelClient(self.args.engine, self.args.routing,
+                                            on_failure=self._engine_failed)
+            else:
+                engine = AsyncEngine(LLMEngine(self.args.engine),
+                                     on_failure=self._engine_failed)
+            facts = engine.facts
+            self.metrics.bind(facts.max_model_len, facts.cache_config_info,
+                              num_speculative_tokens=facts.num_speculative_tokens,
+                              num_engines=len(engine.cores()))
             defaults = load_generation_defaults(
-                self.args.engine.generation_config, llm_engine.model_config.path,
+                self.args.engine.generation_config, facts.model_config.path,
                 self.args.engine.override_generation_config)
-            engine = AsyncEngine(llm_engine, on_failure=self._engine_failed)
             self.serving = OpenAIServing(engine, self.metrics,
                                          self.args.enable_prompt_tokens_details,
                                          self.args.response_role, self.args.stream_keepalive,
@@ -433,7 +441,7 @@ def create_app(args: ServerArgs, renderer: TemplateRenderer | None = None) -> Fa
         facts = engine.facts
         return {"model": args.model_names[0], "model_path": str(args.engine.model),
                 "served_model_name": args.model_names[0], "version": kvflow.__version__,
-                "dp_size": 1, "tp_size": args.engine.tensor_parallel_size,
+                "dp_size": args.engine.data_parallel_size, "tp_size": args.engine.tensor_parallel_size,
                 "pp_size": args.engine.pipeline_parallel_size,
                 "max_running_requests": facts.max_num_seqs,
                 "max_total_tokens": facts.kv_cache_tokens,
@@ -473,7 +481,11 @@ def create_app(args: ServerArgs, renderer: TemplateRenderer | None = None) -> Fa
 
     @app.api_route("/health", methods=["GET", "HEAD"])
     async def health() -> Response:
-        state.ready()
+        engine, _ = state.ready()
+        if engine.degraded:  # serving, on fewer engine cores than it started with
+            return JSONResponse({"status": "degraded", "engines": [
+                {"engine": core.index, "alive": core.alive, "failure": core.failure}
+                for core in engine.cores()]})
         return Response(status_code=200)
 
     @app.api_route("/ping", methods=["GET", "POST"])
@@ -487,6 +499,11 @@ def create_app(args: ServerArgs, renderer: TemplateRenderer | None = None) -> Fa
             info = state.engine.facts.cache_config_info
             body["kv_cache"] = {"num_tokens": int(info["num_tokens"]),
                                 "sized_by": info["sized_by"]}
+            body["engines"] = [
+                {"engine": core.index, "alive": core.alive, "num_requests": core.num_requests,
+                 "num_running": core.stats.num_running, "num_waiting": core.num_waiting,
+                 "kv_cache_usage": core.stats.kv_cache_usage, "routed": core.routed}
+                for core in state.engine.cores()]
         return body
 
     @app.get("/version")
@@ -496,7 +513,7 @@ def create_app(args: ServerArgs, renderer: TemplateRenderer | None = None) -> Fa
     @app.get("/metrics")
     async def metrics() -> Response:
         if state.engine is not None:
-            state.metrics.observe_engine(state.engine.stats, state.engine.observations)
+            state.metrics.observe_engine(state.engine.cores(), state.engine.observations)
         return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     if web_files is not None:

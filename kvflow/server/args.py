@@ -11,6 +11,7 @@ from pathlib import Path
 from kvflow.config import parse_memory
 from kvflow.demo import DEMO_MODEL_NAME, demo_model_path
 from kvflow.engine.args import EngineArgs
+from kvflow.engine.router import ROUTING_POLICIES, RoutingConfig
 from kvflow.server.metrics import METRIC_PREFIXES
 from kvflow.server.reasoning_parsers import reasoning_parser_names
 from kvflow.server.response_store import DEFAULT_MAX_STORED_RESPONSES
@@ -60,6 +61,8 @@ class ServerArgs:
     tool_call_parser: str | None = None  # a name in server/tool_parsers
     reasoning_parser: str | None = None  # a name in server/reasoning_parsers
     max_stored_responses: int = DEFAULT_MAX_STORED_RESPONSES  # /v1/responses kept in memory
+    # Which engine core answers a request, with --data-parallel-size above 1.
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
 
     def __post_init__(self) -> None:
         if self.max_stored_responses < 0:
@@ -215,6 +218,22 @@ class ServerArgs:
                             help="run this machine's tensor-parallel ranks only, without the "
                                  "API server: for --node-rank 1 and up of a launch over "
                                  "--nnodes machines")
+        defaults = RoutingConfig()
+        parser.add_argument("--data-parallel-routing", default=defaults.policy,
+                            choices=ROUTING_POLICIES,
+                            help="which engine core answers a request under "
+                                 "--data-parallel-size: prefix (the core holding the longest "
+                                 "cached prefix of its prompt, else the least loaded), "
+                                 "round-robin or least-loaded")
+        parser.add_argument("--data-parallel-cache-threshold", type=float,
+                            default=defaults.cache_threshold,
+                            help="the share of a prompt a core must hold for prefix routing "
+                                 "to choose it (default %(default)s)")
+        parser.add_argument("--data-parallel-balance-threshold", type=int,
+                            default=defaults.balance_threshold,
+                            help="requests the core holding a prefix may have beyond the "
+                                 "least loaded core's before prefix routing passes it over "
+                                 "(default %(default)s)")
         parser.add_argument("--metrics-prefix", default="kvflow", choices=METRIC_PREFIXES,
                             help="the prefix of /metrics series: vllm serves vLLM's dashboards "
                                  "unchanged")
@@ -253,7 +272,10 @@ class ServerArgs:
                    enable_auto_tool_choice=ns.enable_auto_tool_choice,
                    tool_call_parser=ns.tool_call_parser,
                    reasoning_parser=ns.reasoning_parser,
-                   max_stored_responses=ns.max_stored_responses)
+                   max_stored_responses=ns.max_stored_responses,
+                   routing=RoutingConfig(ns.data_parallel_routing,
+                                         ns.data_parallel_cache_threshold,
+                                         ns.data_parallel_balance_threshold))
 
 
 def _json_list(value: str) -> list[str]:

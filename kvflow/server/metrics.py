@@ -2,7 +2,9 @@
 vllm:, with --metrics-prefix vllm), so that vLLM's dashboards read them unchanged.
 
 Engine-wide series come from the engine's published EngineStats and StepObservations,
-read at scrape time; request-level histograms are observed as each request finishes.
+read at scrape time; request-level histograms are observed as each request finishes. The
+gauges and counters of an engine's own state carry an engine label, as vLLM's: the engine
+core's index (0 alone, under data parallelism 0 to N-1), beside the router's decisions.
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from kvflow.engine.client import CoreState
 from kvflow.engine.stats import EngineStats, SpecDecodeStats, StepObservations
 from kvflow.outputs import RequestOutput
 
@@ -42,7 +45,8 @@ class ServerMetrics:
         self.registry = CollectorRegistry()
         self.model_name = model_name
         self.prefix = prefix
-        self._seen = EngineStats()
+        self._seen: dict[int, CoreState] = {}  # each core as the last scrape saw it
+        self._seen_total = EngineStats()
         self.running = self._gauge("num_requests_running", "Requests in the running batch.")
         self.waiting = self._gauge("num_requests_waiting", "Requests waiting to be scheduled.")
         self.kv_usage = self._gauge("kv_cache_usage_perc",
@@ -78,18 +82,27 @@ class ServerMetrics:
                 ("request_decode_time_seconds", "First token to finish (DECODE)."))}
         self.sizes: dict[str, Histogram] = {}  # built by bind(), which knows max_model_len
         self.spec_decode: dict[str, Counter] = {}  # built by bind() under speculative decoding
+        self.routed = Counter(f"{prefix}:router_decisions", "Requests the data-parallel "
+                              "router sent to an engine core, by why it chose that core.",
+                              ["model_name", "engine", "decision"], registry=self.registry)
         for reason in ("stop", "length", "abort"):
             self.success.labels(model_name, reason)
 
     def _gauge(self, name: str, doc: str) -> Gauge:
-        gauge = Gauge(f"{self.prefix}:{name}", doc, ["model_name"], registry=self.registry)
-        gauge.labels(self.model_name)  # exported from the start, at zero
-        return gauge
+        return Gauge(f"{self.prefix}:{name}", doc, ["model_name", "engine"],
+                     registry=self.registry)
 
-    def _counter(self, name: str, doc: str) -> Counter:
+    def _counter(self, name: str, doc: str, per_engine: bool = True) -> Counter:
+        if per_engine:
+            return Counter(f"{self.prefix}:{name}", doc, ["model_name", "engine"],
+                           registry=self.registry)
         counter = Counter(f"{self.prefix}:{name}", doc, ["model_name"], registry=self.registry)
         counter.labels(self.model_name)
         return counter
+
+    def _engine_series(self) -> list[Gauge | Counter]:
+        return [self.running, self.waiting, self.kv_usage, self.prompt_tokens,
+                self.generation_tokens, self.preemptions, self.prefix_queries, self.prefix_hits]
 
     def _histogram(self, name: str, doc: str, buckets: Iterable[float]) -> Histogram:
         histogram = Histogram(f"{self.prefix}:{name}", doc, ["model_name"],
@@ -98,10 +111,14 @@ class ServerMetrics:
         return histogram
 
     def bind(self, max_model_len: int, cache_info: dict[str, str],
-             num_speculative_tokens: int = 0) -> None:
-        """Series sized by the loaded model, the cache's configuration as an info gauge
-        (vLLM's cache_config_info), and speculative decoding's counters when it is on
+             num_speculative_tokens: int = 0, num_engines: int = 1) -> None:
+        """Series sized by the loaded model, each engine core's series (exported from the
+        start, at zero), the cache's configuration as an info gauge (vLLM's
+        cache_config_info), and speculative decoding's counters when it is on
         (num_speculative_tokens > 0), every draft position's from the start as vLLM's."""
+        for engine in range(num_engines):
+            for series in self._engine_series():
+                series.labels(self.model_name, str(engine))
         buckets = buckets_1_2_5(max_model_len)
         for name, doc in (("request_prompt_tokens", "Prompt tokens of a request."),
                           ("request_generation_tokens", "Tokens a request generated."),
@@ -116,7 +133,8 @@ class ServerMetrics:
             for field, doc in (("num_drafts", "Verifications: one request's drafts in a step."),
                                ("num_draft_tokens", "Draft tokens verified."),
                                ("num_accepted_tokens", "Draft tokens accepted.")):
-                self.spec_decode[field] = self._counter(f"spec_decode_{field}", doc)
+                self.spec_decode[field] = self._counter(f"spec_decode_{field}", doc,
+                                                        per_engine=False)
             self.spec_decode["num_accepted_tokens_per_pos"] = Counter(
                 f"{self.prefix}:spec_decode_num_accepted_tokens_per_pos",
                 "Draft tokens accepted at each draft position (0-based).",
@@ -125,30 +143,40 @@ class ServerMetrics:
                 self.spec_decode["num_accepted_tokens_per_pos"].labels(self.model_name,
                                                                        str(position))
 
-    def observe_engine(self, stats: EngineStats, observations: StepObservations) -> None:
-        """At scrape time: gauges from the engine's last snapshot, counters by what they
-        grew since the last scrape, and the per-step samples gathered since."""
+    def observe_engine(self, cores: list[CoreState], observations: StepObservations) -> None:
+        """At scrape time: each core's gauges from its last snapshot (zero once it has
+        stopped), counters by what they grew since the last scrape, and the per-step
+        samples gathered since."""
         name = self.model_name
-        self.running.labels(name).set(stats.num_running)
-        self.waiting.labels(name).set(stats.num_waiting)
-        self.kv_usage.labels(name).set(stats.kv_cache_usage)
-        for counter, field in ((self.prompt_tokens, "prompt_tokens"),
-                               (self.generation_tokens, "generation_tokens"),
-                               (self.preemptions, "num_preemptions"),
-                               (self.prefix_queries, "prefix_cache_queries"),
-                               (self.prefix_hits, "prefix_cache_hits")):
-            grown = getattr(stats, field) - getattr(self._seen, field)
-            if grown > 0:
-                counter.labels(name).inc(grown)
-        self._observe_spec_decode(stats)
-        self._seen = stats
+        for core in cores:
+            engine, stats = str(core.index), core.stats
+            seen = self._seen.get(core.index)
+            self.running.labels(name, engine).set(stats.num_running if core.alive else 0)
+            self.waiting.labels(name, engine).set(stats.num_waiting if core.alive else 0)
+            self.kv_usage.labels(name, engine).set(stats.kv_cache_usage if core.alive else 0)
+            for counter, field in ((self.prompt_tokens, "prompt_tokens"),
+                                   (self.generation_tokens, "generation_tokens"),
+                                   (self.preemptions, "num_preemptions"),
+                                   (self.prefix_queries, "prefix_cache_queries"),
+                                   (self.prefix_hits, "prefix_cache_hits")):
+                grown = getattr(stats, field) - (getattr(seen.stats, field) if seen else 0)
+                if grown > 0:
+                    counter.labels(name, engine).inc(grown)
+            for decision, count in core.routed.items():
+                grown = count - (seen.routed.get(decision, 0) if seen else 0)
+                if grown > 0:
+                    self.routed.labels(name, engine, decision).inc(grown)
+            self._seen[core.index] = core
+        total = EngineStats.total([core.stats for core in cores])
+        self._observe_spec_decode(total)
+        self._seen_total = total
         for tokens in StepObservations.drain(observations.iteration_tokens):
             self.iteration_tokens.labels(name).observe(tokens)
         for gap in StepObservations.drain(observations.inter_token_latencies):
             self.itl.labels(name).observe(gap)
 
     def _observe_spec_decode(self, stats: EngineStats) -> None:
-        now, seen = stats.spec_decode, self._seen.spec_decode or SpecDecodeStats()
+        now, seen = stats.spec_decode, self._seen_total.spec_decode or SpecDecodeStats()
         if now is None or not self.spec_decode:
             return
         for field in ("num_drafts", "num_draft_tokens", "num_accepted_tokens"):
