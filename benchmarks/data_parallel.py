@@ -7,7 +7,10 @@ routed by prefix, the same two cores round-robin, and one engine with every core
 
 Every conversation shares one system prompt and sends its whole history each turn: the
 previous turns' user messages and the replies the server gave (their text, tokenized
-again, as a chat client's template would send them). The conversations run at once, each
+again, as a chat client's template would send them; a random-weight checkpoint's replies
+often decode to no text at all, and then as many random tokens stand for each reply).
+By default every conversation starts at once and sends its next turn as soon as the last
+is answered, which saturates the server; --stagger-s and --think-s pace it like people. The conversations run at once, each
 turn after the last one's answer. Each server gets the same KV cache in all (a core
 under -dp 2 gets half). Reported per configuration: the prefix-cache hit rate (prompt
 tokens found over those looked up, from /metrics), TTFT p50/p99, inter-token latency
@@ -61,9 +64,12 @@ async def _turn(client: httpx.AsyncClient, prompt: list[int], reply_tokens: int,
             event = json.loads(line[6:])
             if event.get("error"):
                 raise RuntimeError(event["error"])
-            piece = "".join(c.get("text") or "" for c in event.get("choices") or [])
-            if not piece:
+            choices = event.get("choices") or []
+            if not choices:
                 continue
+            # An event per token, its text empty while a character's bytes are incomplete
+            # (a random-weight model's replies may never complete one).
+            piece = "".join(c.get("text") or "" for c in choices)
             now = time.perf_counter()
             if "ttft" not in record:
                 record["ttft"] = now - start
@@ -84,13 +90,20 @@ async def _trace(url: str, tokenizer, args: argparse.Namespace) -> dict:
     records: list[dict] = []
 
     async def conversation(client: httpx.AsyncClient, index: int) -> None:
+        await asyncio.sleep(index * args.stagger_s)
         history = list(system)
         for turn in range(args.turns):
+            if turn:
+                await asyncio.sleep(args.think_s)
             history += users[index][turn]
             record = {"conversation": index, "turn": turn, "prompt_tokens": len(history)}
             reply = await _turn(client, history, args.reply_tokens, record)
             records.append(record)
-            history += tokenizer.encode(reply, add_special_tokens=False)
+            reply_ids = tokenizer.encode(reply, add_special_tokens=False)
+            # A reply with no text stands as as many tokens no core has computed: the
+            # next turn pays for them wherever it runs, as for a reply re-tokenized apart.
+            history += reply_ids or [rng.randrange(1000, vocab)
+                                     for _ in range(args.reply_tokens)]
 
     limits = httpx.Limits(max_connections=args.conversations + 4)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
@@ -121,6 +134,12 @@ def main() -> int:
     parser.add_argument("--reply-tokens", type=int, default=32)
     parser.add_argument("--kv-cache-memory", default="1GiB")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--stagger-s", type=float, default=0.0,
+                        help="seconds between the starts of two conversations")
+    parser.add_argument("--think-s", type=float, default=0.0,
+                        help="seconds between an answer and the next turn")
+    parser.add_argument("--balance-threshold", type=int, default=None,
+                        help="--data-parallel-balance-threshold (default: the server's)")
     parser.add_argument("--configs", default="prefix,round-robin,single")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -137,6 +156,8 @@ def main() -> int:
         else:
             flags += ["--kv-cache-memory", str(memory // 2), "--data-parallel-size", "2",
                       "--data-parallel-routing", config]
+            if args.balance_threshold is not None:
+                flags += ["--data-parallel-balance-threshold", str(args.balance_threshold)]
         port = free_port()
         log = Path("/tmp") / f"kvflow-dp-bench-{config}.log"
         with running(kvflow_command(python, Path(args.model), port, *flags), port, log) as server:
@@ -154,9 +175,9 @@ def main() -> int:
         print(config, json.dumps(result), flush=True)
     report = {"machine": platform.processor() or platform.machine(),
               "date": time.strftime("%Y-%m-%d"), "model": args.model,
-              "trace": {k: getattr(args, k) for k in ("conversations", "turns",
-                                                      "system_tokens", "user_tokens",
-                                                      "reply_tokens", "kv_cache_memory")},
+              "trace": {k: getattr(args, k) for k in (
+                  "conversations", "turns", "system_tokens", "user_tokens", "reply_tokens",
+                  "kv_cache_memory", "stagger_s", "think_s", "balance_threshold")},
               "results": results}
     print(f"{'config':12} {'hit rate':>8} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} "
           f"{'out tok/s':>9} {'computed':>9}")

@@ -215,52 +215,79 @@ def _core_pids(server: ServerProcess) -> list[int]:
     raise AssertionError(server.log_path.read_text()[-3000:])
 
 
-def test_a_dead_core_leaves_the_other_serving_and_health_degraded(tmp_path):
+def _stream_lines(server: ServerProcess, prompt: str):
+    body = {"model": "kvflow-demo", "prompt": prompt, "max_tokens": 1500, "stream": True,
+            "ignore_eos": True}
+    return httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60)
+
+
+def _stream_error(lines: list[str]) -> str:
+    errors = [json.loads(line[6:])["error"]["message"] for line in lines
+              if line.startswith("data: {") and '"error"' in line]
+    assert errors, lines[-3:]
+    return errors[0]
+
+
+def _serves_on(server: ServerProcess, alive: list[bool]) -> None:
+    health = httpx.get(server.url + "/health", timeout=10)
+    assert health.status_code == 200 and health.json()["status"] == "degraded"
+    assert [e["alive"] for e in health.json()["engines"]] == alive
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+    for i in range(3):
+        reply = client.completions.create(model="kvflow-demo", prompt=f"{i} + {i} =",
+                                          max_tokens=3)
+        assert reply.choices[0].finish_reason == "length"
+    engines = httpx.get(server.url + "/load", timeout=10).json()["engines"]
+    assert [e["alive"] for e in engines] == alive
+
+
+def test_a_killed_core_leaves_the_other_serving_and_health_degraded(tmp_path):
     server = ServerProcess(None, "--data-parallel-size", "2", log=tmp_path / "serve.log")
+    try:
+        server.wait_ready()
+        pids = _core_pids(server)
+        with _stream_lines(server, "Once upon a time") as stream:
+            lines = stream.iter_lines()
+            assert any(next(lines).startswith("data: ") for _ in range(4))
+            engines = httpx.get(server.url + "/load", timeout=10).json()["engines"]
+            busy = [e["num_requests"] for e in engines].index(1)
+            os.kill(pids[busy], signal.SIGKILL)
+            assert "engine core" in _stream_error(list(lines))
+        _serves_on(server, [i != busy for i in (0, 1)])
+    finally:
+        assert server.stop(), server.log_path.read_text()[-3000:]
+
+
+def test_a_hung_core_is_killed_and_its_unanswered_request_served_by_the_other(tmp_path):
+    server = ServerProcess(None, "--data-parallel-size", "2", "--distributed-timeout", "3",
+                           log=tmp_path / "serve.log")
     stopped = None
     try:
         server.wait_ready()
         pids = _core_pids(server)
-        client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
         prefix = LONG * 2
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
         client.completions.create(model="kvflow-demo", prompt=prefix + "A", max_tokens=2)
         engines = httpx.get(server.url + "/load", timeout=10).json()["engines"]
         home = max((0, 1), key=lambda i: sum(engines[i]["routed"].values()))
-        # A stream under way on the prefix's core ...
-        body = {"model": "kvflow-demo", "prompt": prefix + "B", "max_tokens": 1500,
-                "stream": True, "ignore_eos": True}
-        with httpx.stream("POST", server.url + "/v1/completions", json=body,
-                          timeout=60) as stream:
+        with _stream_lines(server, prefix + "B") as stream:  # to the prefix's core
             lines = stream.iter_lines()
             assert any(next(lines).startswith("data: ") for _ in range(4))
-            # ... and a request sent to it while it answers nothing: the core stops, then
-            # dies with the first request's tokens sent and the second's not.
+            # The core stops answering: a request sent to it meanwhile has no output
+            # when the server, hearing nothing for 3 s, kills it.
             os.kill(pids[home], signal.SIGSTOP)
             stopped = pids[home]
-            waiting: dict[str, object] = {}
+            waiting: dict[str, httpx.Response] = {}
             sender = threading.Thread(target=lambda: waiting.update(reply=httpx.post(
                 server.url + "/v1/completions", json={"model": "kvflow-demo",
                                                       "prompt": prefix + "C", "max_tokens": 3},
                 timeout=60)))
             sender.start()
-            time.sleep(1.0)
-            os.kill(pids[home], signal.SIGKILL)
-            rest = list(lines)
+            assert "hung" in _stream_error(list(lines))
         sender.join(60)
-        errors = [json.loads(line[6:]) for line in rest
-                  if line.startswith("data: {") and '"error"' in line]
-        assert errors and "engine core" in errors[0]["error"]["message"], rest[-3:]
-        retried = waiting["reply"]
-        assert retried.status_code == 200, retried.text  # sent again, to the other core
-        health = httpx.get(server.url + "/health", timeout=10)
-        assert health.status_code == 200 and health.json()["status"] == "degraded"
-        assert [e["alive"] for e in health.json()["engines"]] == [i != home for i in (0, 1)]
-        for i in range(3):  # the other core goes on serving
-            reply = client.completions.create(model="kvflow-demo", prompt=f"{i} + {i} =",
-                                              max_tokens=3)
-            assert reply.choices[0].finish_reason == "length"
-        assert httpx.get(server.url + "/load", timeout=10).json()["engines"][home][
-            "alive"] is False
+        assert waiting["reply"].status_code == 200, waiting["reply"].text  # the other core's
+        _serves_on(server, [i != home for i in (0, 1)])
+        assert "goes to another core" in server.log_path.read_text()
     finally:
         if stopped is not None:
             try:

@@ -68,7 +68,9 @@ _FLAG_HELP = {
     "master_port": "the port on node 0 where ranks meet (default: a free one, one machine "
                    "only)",
     "distributed_timeout": "seconds for a rank to join at startup, and for any collective "
-                           "before its rank is declared failed (SGLang's --dist-timeout)",
+                           "before its rank is declared failed (SGLang's --dist-timeout); "
+                           "under data parallelism, also how long an engine core may send "
+                           "nothing before it is declared hung and killed",
     "pipeline_parallel_size": "pipeline stages the layers are split across (each holds a "
                               "range of layers and their KV, in processes of its own; one "
                               "batch per stage in flight; default 1)",

@@ -15,6 +15,7 @@ import asyncio
 import itertools
 import logging
 import pickle
+import queue
 import socket
 import subprocess
 import sys
@@ -50,12 +51,14 @@ class CoreLoadError(RuntimeError):
 
 @dataclass
 class _Core:
-    """The API server's end of one engine core."""
+    """The API server's end of one engine core. Messages to it go through a queue that
+    a thread of its own sends, so that a core that stops reading (hung) never blocks the
+    event loop."""
 
     index: int
     process: subprocess.Popen
     conn: Connection
-    send_lock: threading.Lock = field(default_factory=threading.Lock)
+    outbox: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
     alive: bool = True
     failure: str | None = None
     status: CoreStatus | None = None
@@ -63,10 +66,22 @@ class _Core:
     load: int = 0  # sequences routed here and not finished
     requests: set[str] = field(default_factory=set)
 
+    def __post_init__(self) -> None:
+        threading.Thread(target=self._send_all, daemon=True,
+                         name=f"kvflow-core-{self.index}-sender").start()
+
     def send(self, message: tuple) -> None:
-        """Raises OSError when the core has gone."""
-        with self.send_lock:
-            self.conn.send(message)
+        self.outbox.put(message)
+
+    def _send_all(self) -> None:
+        while True:
+            message = self.outbox.get()
+            if message is None:
+                return
+            try:
+                self.conn.send(message)
+            except (OSError, ValueError):  # it has gone: its reader reports that
+                return
 
 
 @dataclass
@@ -114,6 +129,7 @@ class DataParallelClient(EngineClient):
         """Starts args.data_parallel_size cores and waits until each has loaded and
         answered a probe request; raises CoreLoadError if one cannot."""
         self.on_failure = on_failure
+        self.hang_timeout_s = args.distributed_timeout
         one, cpus = core_args(args)
         level = logging.getLogger("kvflow").getEffectiveLevel()
         self._cores: list[_Core] = []
@@ -292,6 +308,7 @@ class DataParallelClient(EngineClient):
     def _stop_processes(self, grace_s: float) -> None:
         for core in self._cores:
             self._send(core, ("shutdown", grace_s))
+            core.send(None)  # its sender thread's last message
         for core in self._cores:
             try:
                 core.process.wait(grace_s + STOP_GRACE_S)
@@ -303,31 +320,24 @@ class DataParallelClient(EngineClient):
     # --- routing and the cores' messages -------------------------------------------------
 
     def _dispatch(self, routed: _Routed) -> None:
-        """Sends a request to the core the router picks (under self._lock); a core that
-        has gone is failed and the next one tried. Raises EngineDeadError when none
-        is left."""
+        """Sends a request to the core the router picks (under self._lock); raises
+        EngineDeadError when no core is left. A core that turns out to have gone has its
+        unanswered requests sent again once its reader finds out."""
         prepared = routed.prepared
         parent = prepared.parent
-        while True:
-            live = [core.alive for core in self._cores]
-            if not any(live):
-                self._requests.pop(parent.request_id, None)
-                raise EngineDeadError(ENGINE_STOPPED)
-            route = self.router.route(parent.prompt_token_ids,
-                                      prepared.children[0].cache_salt,
-                                      [core.load for core in self._cores], live)
-            core = self._cores[route.core]
-            routed.core = core.index
-            core.load += routed.num_sequences
-            core.requests.add(parent.request_id)
-            core.sent_sequences += routed.num_sequences
-            try:
-                core.send(("add", parent.request_id, prepared.source, prepared.params,
-                           parent.metrics.arrival_time, prepared.priority))
-                return
-            except OSError:
-                self._settle(routed, keep=True)
-                self._mark_failed(core, "its socket closed")
+        live = [core.alive for core in self._cores]
+        if not any(live):
+            self._requests.pop(parent.request_id, None)
+            raise EngineDeadError(ENGINE_STOPPED)
+        route = self.router.route(parent.prompt_token_ids, prepared.children[0].cache_salt,
+                                  [core.load for core in self._cores], live)
+        core = self._cores[route.core]
+        routed.core = core.index
+        core.load += routed.num_sequences
+        core.requests.add(parent.request_id)
+        core.sent_sequences += routed.num_sequences
+        core.send(("add", parent.request_id, prepared.source, prepared.params,
+                   parent.metrics.arrival_time, prepared.priority))
 
     def _settle(self, routed: _Routed, keep: bool = False) -> None:
         """A request leaves its core's count (under self._lock); keep: and stays known."""
@@ -339,19 +349,25 @@ class DataParallelClient(EngineClient):
         if not keep:
             self._requests.pop(request_id, None)
 
-    def _send(self, core: _Core, message: tuple) -> bool:
+    @staticmethod
+    def _send(core: _Core, message: tuple) -> bool:
         if not core.alive:
             return False
-        try:
-            core.send(message)
-            return True
-        except OSError:
-            return False
+        core.send(message)
+        return True
 
     def _read(self, core: _Core) -> None:
-        """A core's messages, on a thread of their own, until its socket closes."""
+        """A core's messages, on a thread of their own, until its socket closes. A core
+        that sends nothing, not even its heartbeat, for hang_timeout_s is hung: it is
+        killed, and handled as a core that died."""
         while True:
             try:
+                if not core.conn.poll(self.hang_timeout_s):
+                    if not self._stopping:  # stopping, a core may take its grace
+                        core.failure = (f"it sent nothing for {self.hang_timeout_s:g} s "
+                                        "(hung), so it was killed")
+                        core.process.kill()
+                    continue  # its socket closes: the next recv raises
                 message = core.conn.recv()
             except (EOFError, OSError):
                 break
