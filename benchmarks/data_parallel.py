@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import platform
 import random
 import re
 import statistics
@@ -34,6 +33,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from local_servers import default_kvflow_python, free_port, kvflow_command, running  # noqa: E402
 
+from kvflow.bench.hardware import inventory  # noqa: E402
 from kvflow.config import parse_memory  # noqa: E402
 
 
@@ -121,7 +121,10 @@ async def _trace(url: str, tokenizer, args: argparse.Namespace) -> dict:
             "first_turn_ttft_p50_s": statistics.median(
                 r["ttft"] for r in records if r["turn"] == 0),
             "later_turn_ttft_p50_s": statistics.median(
-                r["ttft"] for r in records if r["turn"] > 0)}
+                r["ttft"] for r in records if r["turn"] > 0),
+            "ttft_by_turn_p50_s": [statistics.median(r["ttft"] for r in records
+                                                     if r["turn"] == turn)
+                                   for turn in range(args.turns)]}
 
 
 def main() -> int:
@@ -173,7 +176,9 @@ def main() -> int:
                                       if k.startswith("router_decisions_total:") and v}
         results[config] = result
         print(config, json.dumps(result), flush=True)
-    report = {"machine": platform.processor() or platform.machine(),
+    hardware = inventory()
+    report = {"machine": {k: hardware[k] for k in ("cpu", "cpu_id", "usable_cores", "isa",
+                                                   "memory_bytes", "torch")},
               "date": time.strftime("%Y-%m-%d"), "model": args.model,
               "trace": {k: getattr(args, k) for k in (
                   "conversations", "turns", "system_tokens", "user_tokens", "reply_tokens",

@@ -15,6 +15,7 @@ import openai
 import pytest
 
 from kvflow import LLM, SamplingParams
+from kvflow.engine.dp_client import core_gpus
 from kvflow.engine.router import CacheView, Router, RoutingConfig
 from server_process import ServerProcess
 
@@ -57,6 +58,22 @@ def test_a_hot_prefix_spreads_once_its_core_is_overloaded():
     assert router.route(shared + [2], None, loads=loads, live=[True, True]).core == 1 - home
 
 
+def test_a_prefix_many_prompts_share_binds_none_but_their_own_histories_do():
+    router = _router()
+    system = list(range(300, 340))  # 10 blocks every conversation starts with
+    homes = {}
+    for conversation in range(8):
+        first = system + [conversation] * 8 + [0]
+        homes[conversation] = router.route(first, None, loads=[0, 0], live=[True, True])
+    # Past the first few, a new conversation is not drawn to the system prompt's core.
+    assert {homes[c].core for c in range(4, 8)} == {0, 1}
+    assert all(homes[c].decision == "no-prefix" for c in range(5, 8))
+    for conversation in range(8):  # a later turn follows its own history
+        turn = system + [conversation] * 8 + [1000 + conversation] * 8 + [0]
+        route = router.route(turn, None, loads=[0, 0], live=[True, True])
+        assert (route.core, route.decision) == (homes[conversation].core, "prefix")
+
+
 def test_unrelated_prompts_balance_and_a_stopped_core_is_skipped():
     router = _router()
     cores = [router.route([i] * 20, None, loads=[0, 0], live=[True, True]).core
@@ -80,6 +97,14 @@ def test_the_cache_view_forgets_tails_first():
     view.insert([b"e"])
     assert view.matched([b"a", b"b", b"c"]) == 2 and view.matched([b"a", b"d"]) == 2
     assert len(view) == 4
+
+
+def test_each_core_sees_a_gpu_of_its_own():
+    assert core_gpus(2, "cpu", None, 0) == [None, None]
+    assert core_gpus(2, "cuda", None, 4) == ["0", "1"]
+    assert core_gpus(2, "cuda", "3, 5,7", 8) == ["3", "5"]
+    with pytest.raises(ValueError, match="a GPU per engine core; this process sees 1"):
+        core_gpus(2, "cuda", "2", 8)
 
 
 @pytest.mark.parametrize("config, match", [
@@ -295,3 +320,49 @@ def test_a_hung_core_is_killed_and_its_unanswered_request_served_by_the_other(tm
             except ProcessLookupError:
                 pass
         assert server.stop(), server.log_path.read_text()[-3000:]
+
+
+def test_each_core_may_be_several_tensor_parallel_ranks(tmp_path):
+    prompts = ["The capital of France is", "def add(a, b):", "1, 2, 3,", "Hello"]
+    offline = LLM(dtype="float32", device="cpu")
+    expected = [o.outputs[0].text for o in offline.generate(
+        prompts, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)]
+    server = ServerProcess(None, "--dtype", "float32", "-dp", "2", "-tp", "2",
+                           log=tmp_path / "serve.log")
+    try:
+        server.wait_ready()
+        info = httpx.get(server.url + "/get_server_info", timeout=10).json()
+        assert (info["dp_size"], info["tp_size"]) == (2, 2)
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+        for prompt, text in zip(prompts, expected):
+            reply = client.completions.create(model="kvflow-demo", prompt=prompt, max_tokens=8,
+                                              temperature=0, extra_body={"ignore_eos": True})
+            assert reply.choices[0].text == text
+        engines = httpx.get(server.url + "/load", timeout=10).json()["engines"]
+        assert all(sum(e["routed"].values()) == 2 for e in engines), engines
+    finally:
+        assert server.stop(), server.log_path.read_text()[-3000:]
+
+
+def test_a_core_that_cannot_load_is_a_failed_load_naming_it(tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text(json.dumps({"architectures": ["FancyForCausalLM"],
+                                                    "model_type": "llama"}))
+    process = ServerProcess(broken, "-dp", "2", log=tmp_path / "serve.log")
+    try:
+        deadline = time.monotonic() + 120
+        response = None
+        while time.monotonic() < deadline:
+            try:
+                response = httpx.get(process.url + "/health", timeout=2)
+                if "failed to load" in response.text:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        assert response is not None and response.status_code == 503
+        message = response.json()["error"]["message"]
+        assert "engine core 0 failed to load" in message and "FancyForCausalLM" in message
+    finally:
+        assert process.stop()

@@ -66,6 +66,34 @@ class OutputStream:
         return item
 
 
+async def relay(stream: OutputStream, prepared: PreparedRequest,
+                in_flight: dict[str, InFlight],
+                abort: Callable[[str], None]) -> AsyncIterator[RequestOutput]:
+    """A request's outputs from its stream until it finishes, recorded in in_flight
+    meanwhile. An exception from the engine (refused, failed, stopped) is raised, and
+    ends it; a consumer that leaves early aborts it."""
+    parent = prepared.parent
+    record = InFlight(parent.request_id, parent.metrics.arrival_time,
+                      len(parent.prompt_token_ids))
+    in_flight[parent.request_id] = record
+    settled = False  # finished, or ended by the engine: nothing to abort
+    try:
+        while True:
+            item = await stream.get()
+            if isinstance(item, BaseException):
+                settled = True
+                raise item
+            settled = item.finished
+            record.saw(item)
+            yield item
+            if settled:
+                return
+    finally:
+        in_flight.pop(parent.request_id, None)
+        if not settled:
+            abort(parent.request_id)
+
+
 @dataclass
 class _Add:
     prepared: PreparedRequest
@@ -167,27 +195,8 @@ class AsyncEngine(EngineClient):
         stream = OutputStream(asyncio.get_running_loop())
         self._send(_Add(prepared, stream))
         self._sent_sequences += len(prepared.children)
-        parent = prepared.parent
-        record = InFlight(parent.request_id, parent.metrics.arrival_time,
-                          len(parent.prompt_token_ids))
-        self.in_flight[parent.request_id] = record
-        settled = False  # finished, or never accepted: nothing to abort
-        try:
-            while True:
-                item = await stream.get()
-                if isinstance(item, (ValueError, RequestFailedError)):  # refused, or failed
-                    settled = True
-                if isinstance(item, BaseException):
-                    raise item
-                settled = item.finished
-                record.saw(item)
-                yield item
-                if settled:
-                    return
-        finally:
-            self.in_flight.pop(parent.request_id, None)
-            if not settled:
-                self.abort(parent.request_id)
+        async for output in relay(stream, prepared, self.in_flight, self.abort):
+            yield output
 
     def abort(self, request_id: str) -> None:
         self._send_unless_closed(_Abort(request_id))

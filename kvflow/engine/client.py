@@ -42,6 +42,7 @@ class EngineFacts:
     # experts' apart, as the roofline prices them per expert read.
     weight_bytes: int
     expert_bytes: int
+    num_threads: int  # each rank's CPU threads (1 on a GPU)
 
     @classmethod
     def of(cls, engine: LLMEngine) -> EngineFacts:
@@ -55,7 +56,8 @@ class EngineFacts:
             prefix_caching=engine.kv_manager.enable_caching,
             num_speculative_tokens=engine.num_speculative_tokens,
             cache_config_info=engine.cache_config_info(),
-            weight_bytes=weight_bytes - expert_bytes, expert_bytes=expert_bytes)
+            weight_bytes=weight_bytes - expert_bytes, expert_bytes=expert_bytes,
+            num_threads=engine.num_threads)
 
 
 @dataclass(frozen=True)

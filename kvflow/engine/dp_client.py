@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 import pickle
 import queue
 import socket
@@ -25,10 +26,12 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection
 
+import torch
+
 from kvflow.distributed.comm import WorkerFailedError
 from kvflow.engine.args import EngineArgs
 from kvflow.engine.async_engine import (ENGINE_STOPPED, EngineDeadError, OutputStream,
-                                        RequestFailedError)
+                                        RequestFailedError, relay)
 from kvflow.engine.client import CoreState, EngineClient, EngineFacts, InFlight
 from kvflow.engine.core_process import CoreFacts, CoreSpec, CoreStatus
 from kvflow.engine.input_preparer import InputPreparer, PreparedRequest, PromptType
@@ -98,14 +101,15 @@ class _Routed:
         return len(self.prepared.children)
 
 
-def start_core(spec: CoreSpec) -> tuple[subprocess.Popen, Connection]:
+def start_core(spec: CoreSpec, gpu: str | None) -> tuple[subprocess.Popen, Connection]:
     """A core in a fresh interpreter, as kvflow/executor/multiproc.py starts a rank, with
-    one end of a socketpair as its line to this process."""
+    one end of a socketpair as its line to this process; gpu: the one GPU it sees."""
     ours, theirs = socket.socketpair()
+    env = None if gpu is None else {**os.environ, "CUDA_VISIBLE_DEVICES": gpu}
     with ours, theirs:
         process = subprocess.Popen([sys.executable, "-m", "kvflow.engine.core_process",
                                     str(theirs.fileno())], stdin=subprocess.PIPE,
-                                   pass_fds=(theirs.fileno(),))
+                                   pass_fds=(theirs.fileno(),), env=env)
         conn = Connection(ours.detach())
     assert process.stdin is not None
     process.stdin.write(pickle.dumps(spec))
@@ -123,6 +127,20 @@ def core_args(args: EngineArgs) -> tuple[EngineArgs, list[tuple[int, ...] | None
             core_lists(cores, threads * ranks))
 
 
+def core_gpus(cores: int, device: str, visible: str | None,
+              count: int) -> list[str | None]:
+    """The GPU each core sees (CUDA_VISIBLE_DEVICES), one each, from those this process
+    sees; None each on the CPU."""
+    if device != "cuda":
+        return [None] * cores
+    gpus = [g.strip() for g in visible.split(",") if g.strip()] if visible else \
+        [str(i) for i in range(count)]
+    if len(gpus) < cores:
+        raise ValueError(f"data_parallel_size={cores} on CUDA takes a GPU per engine core; "
+                         f"this process sees {len(gpus)}")
+    return gpus[:cores]
+
+
 class DataParallelClient(EngineClient):
     def __init__(self, args: EngineArgs, routing: RoutingConfig,
                  on_failure: Callable[[BaseException], None] | None = None) -> None:
@@ -131,11 +149,14 @@ class DataParallelClient(EngineClient):
         self.on_failure = on_failure
         self.hang_timeout_s = args.distributed_timeout
         one, cpus = core_args(args)
+        device = args.resolve_device().type
+        gpus = core_gpus(len(cpus), device, os.environ.get("CUDA_VISIBLE_DEVICES"),
+                         torch.cuda.device_count() if device == "cuda" else 0)
         level = logging.getLogger("kvflow").getEffectiveLevel()
         self._cores: list[_Core] = []
         try:
             for index, cores in enumerate(cpus):
-                process, conn = start_core(CoreSpec(one, index, cores, level))
+                process, conn = start_core(CoreSpec(one, index, cores, level), gpus[index])
                 self._cores.append(_Core(index, process, conn))
             logger.info("%d engine cores (pids %s), %d thread(s) each%s", len(self._cores),
                         ", ".join(str(c.process.pid) for c in self._cores), one.num_threads,
@@ -214,25 +235,8 @@ class DataParallelClient(EngineClient):
                 raise ValueError(f"request id {parent.request_id!r} is already in use")
             self._requests[parent.request_id] = routed
             self._dispatch(routed)
-        record = InFlight(parent.request_id, parent.metrics.arrival_time,
-                          len(parent.prompt_token_ids))
-        self.in_flight[parent.request_id] = record
-        settled = False
-        try:
-            while True:
-                item = await routed.stream.get()
-                if isinstance(item, BaseException):
-                    settled = True
-                    raise item
-                settled = item.finished
-                record.saw(item)
-                yield item
-                if settled:
-                    return
-        finally:
-            self.in_flight.pop(parent.request_id, None)
-            if not settled:
-                self.abort(parent.request_id)
+        async for output in relay(routed.stream, prepared, self.in_flight, self.abort):
+            yield output
 
     def abort(self, request_id: str) -> None:
         with self._lock:

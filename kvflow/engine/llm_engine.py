@@ -92,6 +92,7 @@ class LLMEngine:
                 self.thread_governor = ThreadGovernor(threads)
             logger.info("CPU threads: %d%s", threads, ", fewer while other processes take "
                         "cores" if self.thread_governor and self.thread_governor.active else "")
+        self.num_threads = threads  # a rank's
         self.eos_token_ids = frozenset(self.model_config.eos_token_ids) | (
             {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set())
         requested_len = spec.max_positions

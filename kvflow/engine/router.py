@@ -1,11 +1,17 @@
 """Which engine core answers a request, under data parallelism (kvflow serve -dp N).
 
-With the "prefix" policy (SGLang's cache-aware routing), a request goes to the core that
-holds the longest prefix of its prompt, so that the turns of a conversation and the users
-of a system prompt find their KV where it was computed; when no core holds at least
-cache_threshold of the prompt, to the least loaded core instead. A core that holds the
-prefix but has balance_threshold more requests than the least loaded one is passed over,
-so that one hot prefix cannot pile every request onto one core.
+With the "prefix" policy (after SGLang's cache-aware routing), a request goes to the core
+that holds the longest prefix of its prompt, so that the turns of a conversation find
+their KV where it was computed; when no core holds at least cache_threshold of the
+prompt, to the least loaded core instead. A core that holds the prefix but has
+balance_threshold more requests than the least loaded one is passed over.
+
+A prefix that many different prompts continue (a system prompt, a shared document) binds
+no request to a core: every core soon holds it, each computing it once, so a request
+that matches only such a prefix goes to the least loaded core. Without this, the first
+core to compute a system prompt would draw every new conversation until the balance
+threshold, and keep them, since each conversation's later turns follow its history: on
+a paced chat trace, nearly every conversation on one of two cores.
 
 The router cannot see into the cores' caches (they are in other processes), so it keeps
 its own view of each: the block keys of the prompts it sent there, the most recently
@@ -27,6 +33,8 @@ ROUTING_POLICIES = ("prefix", "round-robin", "least-loaded")
 # Why a core was chosen: it held the prefix; it held it but was too busy, so the least
 # loaded core instead; no core held enough of it; the policy's turn; the least loaded.
 DECISIONS = ("prefix", "balance", "no-prefix", "round-robin", "least-loaded")
+# A block that this many different blocks have followed ends a shared prefix.
+SHARED_FANOUT = 4
 
 
 @dataclass(frozen=True)
@@ -92,6 +100,9 @@ class Router:
         self.views = [CacheView(capacity_blocks) for _ in range(num_cores)]
         self.decisions: list[Counter[str]] = [Counter() for _ in range(num_cores)]
         self._turn = itertools.count()
+        # block key -> the keys that followed it (up to SHARED_FANOUT), least recent first
+        self._next: OrderedDict[BlockHash, set[BlockHash]] = OrderedDict()
+        self._next_capacity = capacity_blocks * num_cores
 
     def route(self, token_ids: Sequence[int], cache_salt: str | None, loads: Sequence[int],
               live: Sequence[bool]) -> Route:
@@ -104,13 +115,34 @@ class Router:
         keys = extend_block_hashes([], root_hash("", cache_salt), token_ids, self.block_size,
                                    (len(token_ids) - 1) // self.block_size)
         matched = {i: self.views[i].matched(keys) for i in candidates}
-        route = self._choose(candidates, matched, loads, len(token_ids))
+        route = self._choose(candidates, matched, self._shared(keys), loads, len(token_ids))
         self.views[route.core].insert(keys)
+        self._follow(keys)
         self.decisions[route.core][route.decision] += 1
         return route
 
-    def _choose(self, candidates: list[int], matched: dict[int, int], loads: Sequence[int],
-                num_tokens: int) -> Route:
+    def _shared(self, keys: Sequence[BlockHash]) -> int:
+        """How many of keys, from the first, make a prefix many prompts share."""
+        depth = 0
+        for index, key in enumerate(keys):
+            followers = self._next.get(key)
+            if followers is None:
+                break
+            if len(followers) >= SHARED_FANOUT:
+                depth = index + 1
+        return depth
+
+    def _follow(self, keys: Sequence[BlockHash]) -> None:
+        for key, follower in zip(keys, keys[1:]):
+            followers = self._next.setdefault(key, set())
+            if len(followers) < SHARED_FANOUT:
+                followers.add(follower)
+            self._next.move_to_end(key)
+        while len(self._next) > self._next_capacity:
+            self._next.popitem(last=False)
+
+    def _choose(self, candidates: list[int], matched: dict[int, int], shared: int,
+                loads: Sequence[int], num_tokens: int) -> Route:
         policy = self.config.policy
         turn = next(self._turn)
         if policy == "round-robin":
@@ -122,7 +154,7 @@ class Router:
             return Route(least, "least-loaded", matched[least] * self.block_size)
         best = max(candidates, key=lambda i: (matched[i], -loads[i]))
         best_tokens = matched[best] * self.block_size
-        if best_tokens == 0 or best_tokens < self.config.cache_threshold * num_tokens:
+        if matched[best] <= shared or best_tokens < self.config.cache_threshold * num_tokens:
             return Route(least, "no-prefix", matched[least] * self.block_size)
         if loads[best] - loads[least] > self.config.balance_threshold:
             return Route(least, "balance", matched[least] * self.block_size)

@@ -66,7 +66,8 @@ class DashboardFeed:
         self.model_name = model_name
         self.cost = serving_cost(facts)
         self.dtype = str(facts.dtype).removeprefix("torch.")
-        self.threads = torch.get_num_threads()
+        self.threads = facts.num_threads
+        self.num_cores = len(engine.cores())  # engine cores, each stepping on its own
         self.ceilings = cached_ceilings(facts.device.type)
         self.samples: deque[_Sample] = deque()
         self.steps: deque[StepRecord] = deque()
@@ -75,6 +76,7 @@ class DashboardFeed:
         facts = self.engine.facts
         return {"name": self.model_name, "max_model_len": facts.max_model_len,
                 "dtype": self.dtype, "device": facts.device.type, "threads": self.threads,
+                "engine_cores": self.num_cores,
                 "weight_bytes": self.cost.weight_bytes,
                 "kv_cache_tokens": facts.kv_cache_tokens,
                 "block_size": facts.block_size,
@@ -129,7 +131,8 @@ class DashboardFeed:
         return {"count": len(steps), "per_s": len(steps) / WINDOW_S,
                 "mean_ms": 1000 * seconds / len(steps) if steps else None,
                 "max_ms": max(times_ms) if steps else None, "last_ms": times_ms[-1],
-                "busy": min(1.0, seconds / WINDOW_S), "roofline": self._roofline(seconds)}
+                "busy": min(1.0, seconds / (WINDOW_S * self.num_cores)),
+                "roofline": self._roofline(seconds)}
 
     def _roofline(self, seconds: float) -> dict[str, Any]:
         """The steps' time at the ceilings (each step bound by its compute or its memory
