@@ -55,22 +55,28 @@ MISSING: dict[str, str] = {
 }
 
 # The rest of `vllm serve`'s flags (vLLM 0.11 and 0.12), by why kvflow lacks them.
-_ONE_PROCESS = "kvflow runs one model in one process on one device"
+_ONE_PROCESS = ("kvflow splits a model only by tensor and pipeline parallelism, with its "
+                "own collectives")
+_DP_ONE_MACHINE = ("kvflow's engine cores (-dp) run on one machine behind its API server; "
+                   "across machines, run a server per machine behind SGLang's router")
 _TEXT_ONLY = "kvflow serves text-only models"
 _NO_CODE = "kvflow loads no code from its command line"
 _LOADER = "kvflow loads safetensors checkpoints and GGUF files its own way: drop the flag"
-_MOE = "mixture-of-experts models are not supported yet"
+_MOE = ("kvflow has no expert parallelism or expert load balancing: under -tp each expert is "
+        "split as the MLP is")
 _LORA = "LoRA adapters are not supported; merge the adapter into the weights"
 _BY_REASON: dict[str, tuple[str, ...]] = {
     _ONE_PROCESS: (
         "decode_context_parallel_size", "dcp_kv_cache_interleave_size",
-        "cp_kv_cache_interleave_size", "prefill_context_parallel_size", "data_parallel_rank",
-        "data_parallel_start_rank", "data_parallel_size_local", "data_parallel_address",
-        "data_parallel_rpc_port", "data_parallel_backend", "data_parallel_hybrid_lb",
-        "data_parallel_external_lb", "disable_nccl_for_dp_synchronization",
+        "cp_kv_cache_interleave_size", "prefill_context_parallel_size",
         "ray_workers_use_nsight", "disable_custom_all_reduce", "max_parallel_loading_workers",
         "aggregate_engine_logging", "enable_dbo", "dbo_decode_token_threshold",
         "dbo_prefill_token_threshold"),
+    _DP_ONE_MACHINE: (
+        "data_parallel_rank", "data_parallel_start_rank", "data_parallel_size_local",
+        "data_parallel_address", "data_parallel_rpc_port", "data_parallel_backend",
+        "data_parallel_hybrid_lb", "data_parallel_external_lb",
+        "disable_nccl_for_dp_synchronization"),
     _MOE: ("all2all_backend", "enable_eplb", "eplb_config", "expert_placement_strategy",
            "num_redundant_experts", "eplb_window_size", "eplb_step_interval",
            "eplb_log_balancedness"),
