@@ -1,6 +1,7 @@
 """Run a real `kvflow serve` in a subprocess on a free loopback port."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -49,6 +50,19 @@ class ServerProcess:
             time.sleep(0.3)
         raise TimeoutError(f"server not ready: {self.log_path.read_text()[-3000:]}")
 
+    def wait_load_failure(self, timeout: float = 120.0) -> httpx.Response:
+        """/health's answer once it says the model failed to load."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                response = httpx.get(self.url + "/health", timeout=2)
+                if "failed to load" in response.text:
+                    return response
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        raise TimeoutError(f"no failed load reported: {self.log_path.read_text()[-3000:]}")
+
     def stop(self, timeout: float = 30.0) -> bool:
         """SIGTERM; True if the server shut down gracefully within the timeout. uvicorn
         re-raises the signal after a clean shutdown, so the exit status is -SIGTERM."""
@@ -71,6 +85,14 @@ def running(model: Path | None, *flags: str, log: Path) -> Iterator[ServerProces
     process.wait_ready()
     yield process
     assert process.stop(), process.log_path.read_text()[-3000:]
+
+
+def broken_checkpoint(folder: Path) -> Path:
+    """A checkpoint of an architecture kvflow does not have (FancyForCausalLM)."""
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"architectures": ["FancyForCausalLM"],
+                                                    "model_type": "llama"}))
+    return folder
 
 
 def api_error(response: httpx.Response, status: int, param: str | None = None) -> str:

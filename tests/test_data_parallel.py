@@ -17,7 +17,7 @@ import pytest
 from kvflow import LLM, SamplingParams
 from kvflow.engine.dp_client import core_gpus
 from kvflow.engine.router import CacheView, Router, RoutingConfig
-from server_process import ServerProcess
+from server_process import ServerProcess, broken_checkpoint, running
 
 ENGINE_FLAGS = ("--dtype", "float32", "--device", "cpu", "--kv-cache-memory", "16MiB")
 LONG = "You are a careful assistant who answers in one sentence and never repeats itself. " * 3
@@ -126,12 +126,11 @@ def model_dir(checkpoint):
 
 @pytest.fixture(scope="module")
 def server(model_dir, tmp_path_factory):
-    process = ServerProcess(model_dir, *ENGINE_FLAGS, "--batch-invariant",
-                            "--data-parallel-size", "2", "--served-model-name", "tiny",
-                            log=tmp_path_factory.mktemp("dp") / "serve.log")
-    process.wait_ready()
-    yield process
-    assert process.stop(), process.log_path.read_text()[-3000:]
+    # Batch-invariant, as the offline engine below, whose outputs they are compared with.
+    with running(model_dir, *ENGINE_FLAGS, "--batch-invariant", "--data-parallel-size", "2",
+                 "--served-model-name", "tiny",
+                 log=tmp_path_factory.mktemp("dp") / "serve.log") as process:
+        yield process
 
 
 @pytest.fixture(scope="module")
@@ -345,23 +344,11 @@ def test_each_core_may_be_several_tensor_parallel_ranks(tmp_path):
 
 
 def test_a_core_that_cannot_load_is_a_failed_load_naming_it(tmp_path):
-    broken = tmp_path / "broken"
-    broken.mkdir()
-    (broken / "config.json").write_text(json.dumps({"architectures": ["FancyForCausalLM"],
-                                                    "model_type": "llama"}))
-    process = ServerProcess(broken, "-dp", "2", log=tmp_path / "serve.log")
+    process = ServerProcess(broken_checkpoint(tmp_path / "broken"), "-dp", "2",
+                            log=tmp_path / "serve.log")
     try:
-        deadline = time.monotonic() + 120
-        response = None
-        while time.monotonic() < deadline:
-            try:
-                response = httpx.get(process.url + "/health", timeout=2)
-                if "failed to load" in response.text:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        assert response is not None and response.status_code == 503
+        response = process.wait_load_failure()
+        assert response.status_code == 503
         message = response.json()["error"]["message"]
         assert "engine core 0 failed to load" in message and "FancyForCausalLM" in message
     finally:

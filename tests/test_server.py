@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from kvflow import LLM, SamplingParams
-from server_process import ServerProcess
+from server_process import ServerProcess, broken_checkpoint
 
 API_KEY = "test-key"
 ENGINE_FLAGS = ("--dtype", "float32", "--device", "cpu", "--kv-cache-memory", "16MiB")
@@ -461,21 +461,10 @@ def test_shutdown_bounded_with_a_stream_running(checkpoint, tmp_path):
 
 
 def test_health_is_503_when_the_model_cannot_load(tmp_path):
-    broken = tmp_path / "broken"
-    broken.mkdir()
-    (broken / "config.json").write_text(json.dumps({"architectures": ["FancyForCausalLM"],
-                                                    "model_type": "llama"}))
-    process = ServerProcess(broken, "--device", "cpu", log=tmp_path / "serve.log")
+    process = ServerProcess(broken_checkpoint(tmp_path / "broken"), "--device", "cpu",
+                            log=tmp_path / "serve.log")
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                response = httpx.get(process.url + "/health", timeout=2)
-                if "failed to load" in response.text:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
+        response = process.wait_load_failure()
         assert response.status_code == 503
         assert "FancyForCausalLM" in response.json()["error"]["message"]
         completion = httpx.post(process.url + "/v1/completions", json={"prompt": "x"})
