@@ -81,9 +81,6 @@ class KVCacheManager:
     def num_blocks_for(self, num_tokens: int) -> int:
         return cdiv(num_tokens, self.block_size)
 
-    def can_ever_fit(self, num_tokens: int) -> bool:
-        return self.num_blocks_for(num_tokens) <= self.pool.num_usable_blocks
-
     def _block_hashes(self, request: Request, num_blocks: int) -> list[BlockHash]:
         """The keys of the request's first num_blocks full blocks, extending its memo."""
         root = b"" if request.block_hashes else root_hash(self.cache_identity,

@@ -66,6 +66,26 @@ class OutputStream:
         return item
 
 
+def deliver(stream: OutputStream, item: RequestOutput | BaseException) -> None:
+    """From any thread: the item to its stream, on the stream's event loop."""
+    try:
+        stream.loop.call_soon_threadsafe(stream.put, item)
+    except RuntimeError:  # the client's event loop has closed
+        pass
+
+
+def settle_soon(loop: asyncio.AbstractEventLoop, future: asyncio.Future, outcome: Any,
+                failed: bool) -> None:
+    """From any thread: the future's result (or exception, if failed), on its loop."""
+    def settle() -> None:
+        if not future.done():  # the caller may have gone
+            (future.set_exception if failed else future.set_result)(outcome)
+    try:
+        loop.call_soon_threadsafe(settle)
+    except RuntimeError:  # the caller's event loop has closed
+        pass
+
+
 async def relay(stream: OutputStream, prepared: PreparedRequest,
                 in_flight: dict[str, InFlight],
                 abort: Callable[[str], None]) -> AsyncIterator[RequestOutput]:
@@ -252,7 +272,7 @@ class AsyncEngine(EngineClient):
             logger.exception("the engine loop failed")
             self.error = exc
             for stream in self._streams.values():
-                self._deliver(stream, EngineDeadError(ENGINE_STOPPED))
+                deliver(stream, EngineDeadError(ENGINE_STOPPED))
         finally:
             with self._inbox_lock:
                 self._inbox_closed = True
@@ -271,12 +291,12 @@ class AsyncEngine(EngineClient):
             if isinstance(message, _Add):
                 self._taken_sequences += len(message.prepared.children)
                 if self._stop.is_set() or self.error is not None:
-                    self._deliver(message.stream, EngineDeadError("the engine is not running"))
+                    deliver(message.stream, EngineDeadError("the engine is not running"))
                     continue
                 try:
                     self.engine.add_prepared(message.prepared)
                 except ValueError as exc:
-                    self._deliver(message.stream, exc)
+                    deliver(message.stream, exc)
                     continue
                 self._streams[message.prepared.parent.request_id] = message.stream
             elif isinstance(message, _Call):
@@ -287,13 +307,9 @@ class AsyncEngine(EngineClient):
             else:
                 for request_id in list(self._streams):
                     self.engine.abort_request(request_id)
-                    self._deliver(self._streams.pop(request_id), EngineDeadError(message.reason))
+                    deliver(self._streams.pop(request_id), EngineDeadError(message.reason))
 
     def _run_call(self, call: _Call) -> None:
-        def settle(outcome: Any, failed: bool) -> None:
-            if not call.future.done():  # the caller may have gone
-                (call.future.set_exception if failed else call.future.set_result)(outcome)
-
         if self._stop.is_set() or self.error is not None:
             outcome, failed = EngineDeadError("the engine is not running"), True
         else:
@@ -301,10 +317,7 @@ class AsyncEngine(EngineClient):
                 outcome, failed = call.fn(self.engine), False
             except Exception as exc:  # noqa: BLE001 - the caller's to handle
                 outcome, failed = exc, True
-        try:
-            call.loop.call_soon_threadsafe(settle, outcome, failed)
-        except RuntimeError:  # the caller's event loop has closed
-            pass
+        settle_soon(call.loop, call.future, outcome, failed)
 
     def _step(self) -> None:
         """One engine step. When a step of several requests fails, the engine has requeued
@@ -336,13 +349,13 @@ class AsyncEngine(EngineClient):
                 continue
             if output.finished:
                 del self._streams[output.request_id]
-            self._deliver(stream, output)
+            deliver(stream, output)
 
     def _fail(self, request_id: str, cause: str) -> None:
         self.engine.abort_request(request_id)
         stream = self._streams.pop(request_id, None)
         if stream is not None:
-            self._deliver(stream, RequestFailedError(
+            deliver(stream, RequestFailedError(
                 f"the engine failed while running this request ({cause}); other requests "
                 "are unaffected"))
 
@@ -367,10 +380,3 @@ class AsyncEngine(EngineClient):
         self.engine.add_request(request_id, {"prompt_token_ids": [0]},
                                 SamplingParams(max_tokens=1, temperature=0.0), internal=True)
         return request_id
-
-    @staticmethod
-    def _deliver(stream: OutputStream, item: RequestOutput | BaseException) -> None:
-        try:
-            stream.loop.call_soon_threadsafe(stream.put, item)
-        except RuntimeError:  # the client's event loop has closed
-            pass

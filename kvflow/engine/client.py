@@ -71,7 +71,6 @@ class CoreState:
     num_waiting: int  # sequences it has not admitted
     routed: dict[str, int]  # how often the router chose it, by decision (router.DECISIONS)
     failure: str | None = None  # why it stopped
-    pid: int | None = None  # its process, where it has its own
 
 
 @dataclass

@@ -37,7 +37,6 @@ from kvflow.engine.client import EngineFacts
 from kvflow.engine.input_preparer import InputLimits
 from kvflow.engine.llm_engine import LLMEngine
 from kvflow.engine.stats import EngineStats, StepObservations, StepRecord
-from kvflow.outputs import RequestOutput
 
 logger = logging.getLogger("kvflow.core")
 
@@ -60,7 +59,6 @@ class CoreFacts:
     facts: EngineFacts
     limits: InputLimits
     tokenizer_path: str
-    pid: int
 
 
 @dataclass
@@ -215,7 +213,7 @@ def load(spec: CoreSpec) -> tuple[AsyncEngine, CoreFacts]:
     client = AsyncEngine(engine)
     client.check_answers()
     facts = CoreFacts(replace(client.facts, tokenizer=None), engine.preparer.limits,
-                      engine.tokenizer_path, os.getpid())
+                      engine.tokenizer_path)
     return client, facts
 
 

@@ -15,11 +15,9 @@ import asyncio
 import itertools
 import logging
 import os
-import pickle
 import queue
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -31,13 +29,13 @@ import torch
 from kvflow.distributed.comm import WorkerFailedError
 from kvflow.engine.args import EngineArgs
 from kvflow.engine.async_engine import (ENGINE_STOPPED, EngineDeadError, OutputStream,
-                                        RequestFailedError, relay)
+                                        RequestFailedError, deliver, relay, settle_soon)
 from kvflow.engine.client import CoreState, EngineClient, EngineFacts, InFlight
 from kvflow.engine.core_process import CoreFacts, CoreSpec, CoreStatus
 from kvflow.engine.input_preparer import InputPreparer, PreparedRequest, PromptType
 from kvflow.engine.router import Router, RoutingConfig
 from kvflow.engine.stats import EngineStats, StepObservations
-from kvflow.executor.multiproc import STOP_GRACE_S, core_lists
+from kvflow.executor.multiproc import STOP_GRACE_S, core_lists, start_module
 from kvflow.outputs import RequestOutput
 from kvflow.sampling_params import SamplingParams
 from kvflow.tokenizer.loader import load_tokenizer
@@ -102,19 +100,14 @@ class _Routed:
 
 
 def start_core(spec: CoreSpec, gpu: str | None) -> tuple[subprocess.Popen, Connection]:
-    """A core in a fresh interpreter, as kvflow/executor/multiproc.py starts a rank, with
-    one end of a socketpair as its line to this process; gpu: the one GPU it sees."""
+    """A core in a fresh interpreter, as a rank is started, with one end of a socketpair
+    as its line to this process; gpu: the one GPU it sees."""
     ours, theirs = socket.socketpair()
     env = None if gpu is None else {**os.environ, "CUDA_VISIBLE_DEVICES": gpu}
     with ours, theirs:
-        process = subprocess.Popen([sys.executable, "-m", "kvflow.engine.core_process",
-                                    str(theirs.fileno())], stdin=subprocess.PIPE,
-                                   pass_fds=(theirs.fileno(),), env=env)
-        conn = Connection(ours.detach())
-    assert process.stdin is not None
-    process.stdin.write(pickle.dumps(spec))
-    process.stdin.close()
-    return process, conn
+        process = start_module("kvflow.engine.core_process", spec, str(theirs.fileno()),
+                               pass_fds=(theirs.fileno(),), env=env)
+        return process, Connection(ours.detach())
 
 
 def core_args(args: EngineArgs) -> tuple[EngineArgs, list[tuple[int, ...] | None]]:
@@ -179,7 +172,6 @@ class DataParallelClient(EngineClient):
         self._calls = itertools.count()
         # call id -> the core asked, and where its answer goes
         self._replies: dict[int, tuple[int, asyncio.AbstractEventLoop, asyncio.Future]] = {}
-        self._readers: list[threading.Thread] = []
         self._stopping = False
         self._failure_reported = False
 
@@ -200,10 +192,8 @@ class DataParallelClient(EngineClient):
 
     def start(self) -> None:
         for core in self._cores:
-            reader = threading.Thread(target=self._read, args=(core,), daemon=True,
-                                      name=f"kvflow-core-{core.index}")
-            reader.start()
-            self._readers.append(reader)
+            threading.Thread(target=self._read, args=(core,), daemon=True,
+                             name=f"kvflow-core-{core.index}").start()
 
     def check_answers(self) -> None:
         """Each core answered a probe request before it said it was ready: what is left
@@ -299,7 +289,7 @@ class DataParallelClient(EngineClient):
                           num_requests=len(core.requests),
                           num_waiting=(core.status.num_waiting if core.status else 0),
                           routed=dict(self.router.decisions[core.index]),
-                          failure=core.failure, pid=core.process.pid)
+                          failure=core.failure)
                 for core in self._cores]
 
     def shutdown(self, grace_s: float) -> None:
@@ -425,17 +415,7 @@ class DataParallelClient(EngineClient):
         if waiting is None:
             return
         _, loop, future = waiting
-
-        def settle() -> None:
-            if not future.done():
-                if isinstance(value, BaseException):
-                    future.set_exception(value)
-                else:
-                    future.set_result(value)
-        try:
-            loop.call_soon_threadsafe(settle)
-        except RuntimeError:
-            pass
+        settle_soon(loop, future, value, failed=isinstance(value, BaseException))
 
     def _mark_failed(self, core: _Core, why: str) -> None:
         """Takes a core out of routing (under self._lock): its requests that have had no
@@ -451,11 +431,8 @@ class DataParallelClient(EngineClient):
             if not routed.answered and any(c.alive for c in self._cores):
                 logger.warning("request %s goes to another core: core %d stopped before "
                                "it answered", request_id, core.index)
-                try:
-                    self._dispatch(routed)
-                    continue
-                except EngineDeadError:
-                    pass
+                self._dispatch(routed)
+                continue
             self._requests.pop(request_id, None)
             deliver(routed.stream, RequestFailedError(
                 f"engine core {core.index} stopped while answering this request ({why}); "
@@ -464,9 +441,3 @@ class DataParallelClient(EngineClient):
             if index == core.index:
                 self._reply(call_id, EngineDeadError(f"engine core {core.index} stopped"))
 
-
-def deliver(stream: OutputStream, item: RequestOutput | BaseException) -> None:
-    try:
-        stream.loop.call_soon_threadsafe(stream.put, item)
-    except RuntimeError:  # the client's event loop has closed
-        pass

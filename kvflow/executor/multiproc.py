@@ -98,16 +98,22 @@ class RankZeroStage:
         return getattr(self.model, name)
 
 
-def start_worker(spec: WorkerSpec) -> subprocess.Popen:
-    """A worker rank in a fresh interpreter (`python -m kvflow.executor.worker`, its spec
-    on stdin): unlike multiprocessing's spawn, it never imports the caller's __main__,
-    so a script need not guard its LLM(...) call."""
-    process = subprocess.Popen([sys.executable, "-m", "kvflow.executor.worker"],
-                               stdin=subprocess.PIPE)
+def start_module(module: str, spec: object, *argv: str, pass_fds: tuple[int, ...] = (),
+                 env: dict[str, str] | None = None) -> subprocess.Popen:
+    """`python -m module *argv` in a fresh interpreter, with the pickled spec on its stdin:
+    unlike multiprocessing's spawn, it never imports the caller's __main__, so a script
+    need not guard its LLM(...) call."""
+    process = subprocess.Popen([sys.executable, "-m", module, *argv], stdin=subprocess.PIPE,
+                               pass_fds=pass_fds, env=env)
     assert process.stdin is not None
     process.stdin.write(pickle.dumps(spec))
     process.stdin.close()
     return process
+
+
+def start_worker(spec: WorkerSpec) -> subprocess.Popen:
+    """A worker rank (kvflow/executor/worker.py)."""
+    return start_module("kvflow.executor.worker", spec)
 
 
 def stop_workers(processes: list[subprocess.Popen]) -> None:

@@ -441,7 +441,8 @@ def create_app(args: ServerArgs, renderer: TemplateRenderer | None = None) -> Fa
         facts = engine.facts
         return {"model": args.model_names[0], "model_path": str(args.engine.model),
                 "served_model_name": args.model_names[0], "version": kvflow.__version__,
-                "dp_size": args.engine.data_parallel_size, "tp_size": args.engine.tensor_parallel_size,
+                "dp_size": args.engine.data_parallel_size,
+                "tp_size": args.engine.tensor_parallel_size,
                 "pp_size": args.engine.pipeline_parallel_size,
                 "max_running_requests": facts.max_num_seqs,
                 "max_total_tokens": facts.kv_cache_tokens,
