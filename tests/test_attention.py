@@ -1,6 +1,6 @@
 """Every attention backend against a per-query loop over the context, on ragged batches:
 decodes, short multi-token queries, fresh and continued prefill chunks, GQA and MHA,
-sliding windows, bf16 and float32."""
+sliding windows, gpt-oss's sinks, bf16 and float32."""
 from __future__ import annotations
 
 import random
@@ -13,8 +13,9 @@ from kvflow.layers.attention import PagedAttention
 
 
 
-def naive_attention(q, keys, values, scale, window):
-    """q: [L, H, D] for the last L positions of keys/values [S, H_kv, D]."""
+def naive_attention(q, keys, values, scale, window, sinks=None):
+    """q: [L, H, D] for the last L positions of keys/values [S, H_kv, D]; sinks: [H], each
+    head's logit that joins the softmax and weights no value."""
     query_len, num_heads, _ = q.shape
     seq_len, num_kv_heads, _ = keys.shape
     group = num_heads // num_kv_heads
@@ -25,7 +26,10 @@ def naive_attention(q, keys, values, scale, window):
         for h in range(num_heads):
             k = keys[first:pos + 1, h // group].float()
             v = values[first:pos + 1, h // group].float()
-            probs = torch.softmax(k @ q[i, h].float() * scale, dim=0)
+            scores = k @ q[i, h].float() * scale
+            if sinks is not None:
+                scores = torch.cat([scores, sinks[h:h + 1]])
+            probs = torch.softmax(scores, dim=0)[:k.shape[0]]
             out[i, h] = probs @ v
     return out
 
@@ -57,13 +61,13 @@ def slots_of(ids, positions, block_size):
     return torch.tensor([ids[p // block_size] * block_size + p % block_size for p in positions])
 
 
-def expected(q, k, v, old_kv, query_lens, scale, window):
+def expected(q, k, v, old_kv, query_lens, scale, window, sinks=None):
     out, start = [], 0
     for (old_k, old_v), query_len in zip(old_kv, query_lens):
         rows = slice(start, start + query_len)
         keys = torch.cat([old_k, k[rows]])
         values = torch.cat([old_v, v[rows]])
-        out.append(naive_attention(q[rows], keys, values, scale, window))
+        out.append(naive_attention(q[rows], keys, values, scale, window, sinks))
         start += query_len
     return torch.cat(out)
 
@@ -100,7 +104,28 @@ def test_backend_matches_naive_at_other_shapes(backend_name, case, block_size, h
                   head_dim)
 
 
-def check_backend(backend_name, ops, case, heads, window, dtype, block_size, head_dim):
+@pytest.mark.parametrize("backend_name", [n for n in BACKEND_NAMES if n != "auto"])
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("window", [None, 6])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backend_with_sinks(backend_name, case, window, dtype, kernel_ops):
+    """gpt-oss's sinks, one per query head: small ones, one that outweighs every key (the
+    head attends to nearly nothing) and one far below them, through split contexts too."""
+    sinks = torch.tensor([0.5, -1.0, 40.0, -60.0, 2.0, 0.0, 1.5, -3.0])
+    check_backend(backend_name, kernel_ops, case, (8, 2), window, dtype, 16, head_dim=32,
+                  sinks=sinks)
+
+
+def test_sinks_change_the_output(kernel_ops):
+    """The sinks are not idle: without them the same batch attends otherwise."""
+    with pytest.raises(AssertionError):
+        check_backend("torch", kernel_ops, "mixed step", (4, 2), None, torch.float32, 16,
+                      head_dim=32, sinks=torch.full((4,), 1.0), reference_sinks=None)
+
+
+def check_backend(backend_name, ops, case, heads, window, dtype, block_size, head_dim,
+                  sinks=None, reference_sinks="same"):
+    """reference_sinks: the sinks of the reference ("same": the layer's)."""
     query_lens, context_lens = CASES[case]
     order = sorted(range(len(query_lens)), key=lambda i: query_lens[i])  # as the runner does
     query_lens = [query_lens[i] for i in order]
@@ -109,9 +134,12 @@ def check_backend(backend_name, ops, case, heads, window, dtype, block_size, hea
     num_blocks, block_ids, old_kv, q, k, v = make_batch(query_lens, context_lens, num_heads,
                                                         num_kv_heads, head_dim, dtype, seed=7,
                                                         block_size=block_size)
-    reference = expected(q, k, v, old_kv, query_lens, head_dim ** -0.5, window)
+    reference = expected(q, k, v, old_kv, query_lens, head_dim ** -0.5, window,
+                         sinks if isinstance(reference_sinks, str) else reference_sinks)
     backend = select_backend(backend_name, torch.device("cpu"), ops)
-    layer = PagedAttention(num_heads, num_kv_heads, head_dim, window)
+    layer = PagedAttention(num_heads, num_kv_heads, head_dim, window, sinks=sinks is not None)
+    if sinks is not None:
+        layer.sinks.data.copy_(sinks)
     k_shape, v_shape = backend.kv_cache_shapes(num_blocks, num_kv_heads, block_size, head_dim)
     # Garbage in unwritten slots must never be read.
     layer.bind(backend, torch.randn(k_shape).to(dtype), torch.randn(v_shape).to(dtype))

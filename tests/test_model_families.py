@@ -80,6 +80,29 @@ def test_longrope_short_factors_match_transformers_in_a_short_context(checkpoint
     assert_greedy_matches(tokens, [hf_greedy(hf_model(path), p, 10) for p in prompts], 10)
 
 
+@pytest.mark.parametrize("params", [
+    dict(factor=32.0, beta_fast=32.0, beta_slow=1.0, truncate=False,
+         original_max_position_embeddings=4096, rope_theta=150000.0),  # gpt-oss's
+    dict(factor=4.0, original_max_position_embeddings=32768, rope_theta=1e6),  # Qwen's
+    dict(factor=40.0, mscale=1.0, mscale_all_dim=0.707, beta_fast=24, beta_slow=2,
+         original_max_position_embeddings=4096, rope_theta=10000.0),  # DeepSeek's mscales
+], ids=["gpt-oss", "qwen", "mscale"])
+def test_yarn_frequencies_and_attention_factor_are_transformers(params):
+    """YaRN's inverse frequencies and cos/sin factor, bit for bit transformers' own."""
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from kvflow.layers.rotary import inverse_frequencies
+    from kvflow.models.config import read_rope
+
+    hf = LlamaConfig(hidden_size=256, num_attention_heads=4, max_position_embeddings=8192,
+                     rope_parameters={"rope_type": "yarn", **params})
+    expected, factor = ROPE_INIT_FUNCTIONS["yarn"](hf)
+    rope = read_rope(hf.rope_parameters, hf)
+    assert rope.attention_factor == factor
+    assert torch.equal(inverse_frequencies(64, rope, 8192), expected)
+
+
 def test_gemma2_final_soft_cap_in_logprobs(references, hf_model):
     """The final cap does not move an argmax, so it is checked where it shows: the
     prompt's logprobs equal transformers' log-softmax of its capped logits."""

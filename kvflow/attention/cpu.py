@@ -60,5 +60,5 @@ class CpuNativeBackend(AttentionBackend):
         self.ops.paged_attention(out, q, layer.k_cache, layer.v_cache, meta.block_tables,
                                  meta.seq_lens, meta.query_start_loc, layer.scale,
                                  layer.sliding_window or 0, self.split_context,
-                                 layer.softcap or 0.0)
+                                 layer.softcap or 0.0, layer.sinks)
         return out

@@ -5,7 +5,8 @@ head_dim]. Requests with short queries (decodes, speculative verification) are b
 their blocks are gathered through the padded block table and masked by position. Each
 longer prefill chunk gathers its own request's blocks for SDPA. Sliding windows keep a
 key only if query_pos - key_pos < window. A soft cap (Gemma 2) bends the scores before the
-softmax.
+softmax; a sink (gpt-oss) is one more logit per head in it, whose probability weights no
+value.
 """
 from __future__ import annotations
 
@@ -73,7 +74,8 @@ def short_queries(q: torch.Tensor, layer: PagedAttention, meta: AttentionMetadat
     if layer.sliding_window is not None:
         masked |= key_pos[None, None, :] <= query_pos[:, :, None] - layer.sliding_window
     scores.masked_fill_(masked[None, :, :, None, :], -float("inf"))
-    probs = torch.softmax(scores, dim=-1).to(values.dtype).flatten(2, 3)
+    sinks = None if layer.sinks is None else layer.sinks.view(num_kv_heads, 1, 1, group, 1)
+    probs = softmax_with_sinks(scores, sinks).to(values.dtype).flatten(2, 3)
     out = torch.matmul(probs, values)  # [H_kv, B, W * G, D]
     out = out.view(num_kv_heads, num_reqs, width, group, head_dim).permute(1, 2, 0, 3, 4)
     return out.reshape(num_reqs * width, num_heads, head_dim)[row * width + within]
@@ -88,7 +90,8 @@ def chunk_attention(q: torch.Tensor, layer: PagedAttention, keys: torch.Tensor,
     query = q.transpose(0, 1).unsqueeze(0)  # [1, H, L, D]
     keys, values = keys.unsqueeze(0), values.unsqueeze(0)
     window = layer.sliding_window
-    if num_computed == 0 and window is None and layer.softcap is None:
+    spelled_out = layer.softcap is not None or layer.sinks is not None
+    if num_computed == 0 and window is None and not spelled_out:
         out = F.scaled_dot_product_attention(query, keys, values, is_causal=True,
                                              scale=layer.scale, enable_gqa=True)
     else:
@@ -97,16 +100,17 @@ def chunk_attention(q: torch.Tensor, layer: PagedAttention, keys: torch.Tensor,
         mask = k_pos <= q_pos
         if window is not None:
             mask &= q_pos - k_pos < window
-        if layer.softcap is None:
+        if not spelled_out:
             out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask,
                                                  scale=layer.scale, enable_gqa=True)
-        else:  # SDPA has no cap on the scores: spelled out
+        else:  # SDPA has neither a cap on the scores nor sinks
             group = query.shape[1] // keys.shape[1]
             keys = keys.repeat_interleave(group, dim=1)
             values = values.repeat_interleave(group, dim=1)
             scores = capped(torch.matmul(query, keys.transpose(-1, -2)).float() * layer.scale,
                             layer.softcap)
-            probs = torch.softmax(scores.masked_fill(~mask, -float("inf")), dim=-1)
+            sinks = None if layer.sinks is None else layer.sinks.view(1, -1, 1, 1)
+            probs = softmax_with_sinks(scores.masked_fill(~mask, -float("inf")), sinks)
             out = torch.matmul(probs.to(values.dtype), values)
     return out.squeeze(0).transpose(0, 1)
 
@@ -114,3 +118,12 @@ def chunk_attention(q: torch.Tensor, layer: PagedAttention, keys: torch.Tensor,
 def capped(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
     """Gemma 2's soft cap on attention scores: softcap * tanh(scores / softcap)."""
     return scores if softcap is None else torch.tanh(scores / softcap) * softcap
+
+
+def softmax_with_sinks(scores: torch.Tensor, sinks: torch.Tensor | None) -> torch.Tensor:
+    """Softmax over the last dim, with each row's sink (broadcast to scores' shape but
+    the last dim) as one more logit, left out of the result."""
+    if sinks is None:
+        return torch.softmax(scores, dim=-1)
+    sinks = sinks.expand(*scores.shape[:-1], 1)
+    return torch.softmax(torch.cat([scores, sinks], dim=-1), dim=-1)[..., :-1]

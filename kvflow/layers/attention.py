@@ -6,14 +6,18 @@ from torch import nn
 
 from kvflow.attention.base import AttentionBackend
 from kvflow.attention.metadata import AttentionMetadata
+from kvflow.distributed.tensor_parallel import TensorParallel, current
+from kvflow.quantization.base import WeightLoader, add_parameter, checked_copy
 
 
 class PagedAttention(nn.Module):
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int,
                  sliding_window: int | None, scale: float | None = None,
-                 softcap: float | None = None) -> None:
+                 softcap: float | None = None, sinks: bool = False) -> None:
         """scale: the scores' factor (None: head_dim ** -0.5); softcap: scores become
-        softcap * tanh(scores / softcap) before the softmax (Gemma 2)."""
+        softcap * tanh(scores / softcap) before the softmax (Gemma 2); sinks: a learned
+        logit per head joins every softmax's denominator and weights no value (gpt-oss's
+        attention sinks, which let a head attend to nothing)."""
         super().__init__()
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
@@ -21,6 +25,9 @@ class PagedAttention(nn.Module):
         self.scale = scale if scale is not None else head_dim ** -0.5
         self.softcap = softcap
         self.sliding_window = sliding_window
+        # float32 whatever the model's dtype: the backends add it to float32 scores
+        self.sinks = (add_parameter(self, "sinks", torch.empty(num_heads, dtype=torch.float32),
+                                    _heads_loader(current())) if sinks else None)
         # Bound by the model runner once the cache is allocated, in the backend's layout.
         self.backend: AttentionBackend | None = None
         self.k_cache: torch.Tensor | None = None
@@ -34,3 +41,15 @@ class PagedAttention(nn.Module):
                 meta: AttentionMetadata) -> torch.Tensor:
         assert self.backend is not None, "attention layer not bound to a KV cache"
         return self.backend.forward(self, q, k, v, meta)
+
+
+def _heads_loader(tp: TensorParallel) -> WeightLoader:
+    """A per-head parameter's loader: this tensor-parallel rank's heads of the
+    checkpoint's (ranks hold consecutive heads, as the q projection's rows)."""
+
+    def load(param: nn.Parameter, loaded: torch.Tensor, shard: str | None) -> None:
+        heads = param.shape[0]
+        checked_copy(param.data, loaded.narrow(0, tp.rank * heads, heads)
+                     if loaded.shape[0] == heads * tp.size else loaded)
+
+    return load

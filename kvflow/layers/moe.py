@@ -36,7 +36,7 @@ from kvflow.quantization.base import (PrequantizedWeight, QuantizationConfig, We
 
 logger = logging.getLogger(__name__)
 
-SCORINGS = ("softmax", "sigmoid")
+SCORINGS = ("softmax", "sigmoid", "topk_softmax")
 
 
 class TopKRouter(Linear):
@@ -45,7 +45,8 @@ class TopKRouter(Linear):
 
     Scores are float32 softmax (or sigmoid) of the logits, and top-k runs on them, as in
     transformers, so that experts whose scores tie are broken the same way: both take
-    torch.topk's order over the same float32 values."""
+    torch.topk's order over the same float32 values. gpt-oss's router (`topk_softmax`)
+    takes the top-k of the logits and a softmax over those, as its reference does."""
 
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, scoring: str,
                  renormalize: bool, bias: bool = False, prefix: str = "") -> None:
@@ -63,6 +64,9 @@ class TopKRouter(Linear):
         """x [tokens, hidden] -> (weights [tokens, top_k] float32, expert ids [tokens, top_k]
         int64), each token's experts in falling score order."""
         logits = self(x)
+        if self.scoring == "topk_softmax":
+            top, ids = torch.topk(logits, self.top_k, dim=-1)
+            return torch.softmax(top.float(), dim=-1), ids
         scores = (torch.softmax(logits, dim=-1, dtype=torch.float32) if self.scoring == "softmax"
                   else torch.sigmoid(logits.float()))
         weights, ids = torch.topk(scores, self.top_k, dim=-1)

@@ -1,5 +1,5 @@
-"""Rotary position embeddings (rotate-half layout) with default, linear, llama3 and LongRoPE
-scaling, or explicit per-frequency factors (GGUF's rope_freqs), over all of a head or its
+"""Rotary position embeddings (rotate-half layout) with default, linear, llama3, LongRoPE
+and YaRN scaling, or explicit per-frequency factors (GGUF's rope_freqs), over all of a head or its
 leading rotary_dim dims (partial rotary)."""
 from __future__ import annotations
 
@@ -22,6 +22,8 @@ def inverse_frequencies(head_dim: int, rope: RopeConfig, max_positions: int) -> 
         return inv_freq / rope.factor
     if rope.scaling_type == "llama3":
         return _llama3_scaled(inv_freq, rope)
+    if rope.scaling_type == "yarn":
+        return _yarn_scaled(rope.theta ** exponents, rope, head_dim)
     if rope.scaling_type == "factors":
         return inv_freq / torch.tensor(rope.frequency_factors, dtype=torch.float32)
     return inv_freq
@@ -53,6 +55,26 @@ def _llama3_scaled(inv_freq: torch.Tensor, rope: RopeConfig) -> torch.Tensor:
     blended = (1 - smooth) * scaled / rope.factor + smooth * scaled
     is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
     return torch.where(is_medium, blended, scaled)
+
+
+def _yarn_scaled(wavelengths: torch.Tensor, rope: RopeConfig, rotary_dim: int) -> torch.Tensor:
+    """wavelengths: theta ** (2i / dim) (over 2 pi). YaRN: frequencies that turn fewer than beta_slow times over the trained context are
+    divided by `factor`, those that turn more than beta_fast times kept, and the band
+    between blended linearly by dimension."""
+
+    def dimension(rotations: float) -> float:  # the dim whose frequency turns that often
+        turns = rope.original_max_position_embeddings / (rotations * 2 * math.pi)
+        return rotary_dim * math.log(turns) / (2 * math.log(rope.theta))
+
+    low, high = dimension(rope.beta_fast), dimension(rope.beta_slow)
+    if rope.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, rotary_dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(rotary_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    kept = 1 - ramp  # transformers' order of operations, so that float32 rounds alike
+    return 1.0 / (rope.factor * wavelengths) * (1 - kept) + 1.0 / wavelengths * kept
 
 
 class RotaryEmbedding(nn.Module, NativeKernelHook):

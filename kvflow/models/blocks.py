@@ -9,8 +9,8 @@ which a quantization config may choose the layer's method by.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
-from typing import ClassVar
+from collections.abc import Callable, Iterable, Iterator
+from typing import ClassVar, TypeVar
 
 import torch
 from torch import nn
@@ -19,7 +19,7 @@ from kvflow.attention.metadata import AttentionMetadata
 from kvflow.distributed.pipeline import Carry, MissingLayer
 from kvflow.distributed.tensor_parallel import COLUMN, ROW, current
 from kvflow.layers.embedding import VocabParallelEmbedding
-from kvflow.layers.activation import ACTIVATIONS
+from kvflow.layers.activation import ACTIVATIONS, ClampedSwiGLU
 from kvflow.layers.attention import PagedAttention
 from kvflow.layers.linear import Linear, MergedLinear
 from kvflow.layers.moe import FusedMoE, TopKRouter
@@ -29,6 +29,8 @@ from kvflow.layers.rotary import RotaryEmbedding
 from kvflow.models.config import ModelConfig
 from kvflow.quantization.base import QuantizationConfig, QuantizedPlan
 from kvflow.quantization.unquantized import LinearPlan, apply_linear
+
+T = TypeVar("T")
 
 
 class Attention(nn.Module):
@@ -59,7 +61,7 @@ class Attention(nn.Module):
         self.rotary = rotary
         self.attn = PagedAttention(config.num_heads, config.num_kv_heads, config.head_dim,
                                    config.sliding_windows[layer_idx], config.scale,
-                                   config.attn_logit_softcap)
+                                   config.attn_logit_softcap, config.attention_sinks)
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         q, k, v = self.qkv_proj.split(self.qkv_proj(x))
@@ -104,13 +106,15 @@ class SparseMoeBlock(nn.Module):
         moe = config.moe
         assert moe is not None, "an expert layer in a model without a MoeConfig"
         self.gate = TopKRouter(config.hidden_size, moe.num_experts, moe.top_k, moe.scoring,
-                               moe.norm_topk_prob, prefix=f"{prefix}.gate")
+                               moe.norm_topk_prob, moe.router_bias, prefix=f"{prefix}.gate")
+        activation = (ClampedSwiGLU(moe.swiglu_alpha, moe.swiglu_limit)
+                      if moe.swiglu_limit is not None else ACTIVATIONS[config.hidden_act]())
         # Placed experts (kvflow/layers/moe_placement.py) are made where they will run.
         device = expert_device(layer_idx)
         self.host = HostExperts(device) if device is not None else None
         with torch.device(device) if device is not None else contextlib.nullcontext():
             self.experts = FusedMoE(moe.num_experts, config.hidden_size,
-                                    moe.intermediate_size, ACTIVATIONS[config.hidden_act](),
+                                    moe.intermediate_size, activation, moe.expert_bias,
                                     quant_config=quant_config, prefix=f"{prefix}.experts")
         if moe.shared_expert_size:
             self.shared_expert = GatedMLP(config, quant_config, f"{prefix}.shared_expert",
@@ -211,6 +215,13 @@ class CausalLM(nn.Module):
 
     config: ModelConfig
     model: nn.Module
+
+    @classmethod
+    def checkpoint_tensors(cls, tensors: Iterable[tuple[str, T]]) -> Iterator[tuple[str, T]]:
+        """A checkpoint's (name, tensor) pairs under the names and in the layouts kvflow's
+        modules give them; a family whose checkpoints lay tensors out otherwise (gpt-oss's
+        experts) overrides this."""
+        return iter(tensors)
 
     def init_head(self, config: ModelConfig,
                   lm_head_quant_config: QuantizationConfig | None) -> None:

@@ -39,10 +39,19 @@ class RopeConfig:
     # past it, and the factor cos and sin are multiplied by
     short_factors: tuple[float, ...] = ()
     long_factors: tuple[float, ...] = ()
-    attention_factor: float = 1.0
+    attention_factor: float = 1.0  # LongRoPE's and YaRN's factor on cos and sin
+    # "yarn" (gpt-oss): the rotations per trained context that bound the band blended
+    # between interpolated and original frequencies, and whether its ends are rounded
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    truncate: bool = True
 
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope", "yarn")
+
+
+def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
 
 def read_rope(params: dict[str, Any], hf: Any) -> RopeConfig:
@@ -71,6 +80,21 @@ def read_rope(params: dict[str, Any], hf: Any) -> RopeConfig:
                           short_factors=tuple(float(f) for f in params["short_factor"]),
                           long_factors=tuple(float(f) for f in params["long_factor"]),
                           attention_factor=float(attention_factor))
+    if rope_type == "yarn":
+        # As transformers computes it: the factor is the context's growth unless given, and
+        # the attention factor follows from it (and DeepSeek's mscales) unless given.
+        factor = params.get("factor") or hf.max_position_embeddings / original
+        attention_factor = params.get("attention_factor")
+        if attention_factor is None:
+            mscale, all_dims = params.get("mscale"), params.get("mscale_all_dim")
+            attention_factor = (_yarn_mscale(factor, mscale) / _yarn_mscale(factor, all_dims)
+                                if mscale and all_dims else _yarn_mscale(factor))
+        return RopeConfig(theta=float(theta), scaling_type="yarn", factor=float(factor),
+                          original_max_position_embeddings=original,
+                          attention_factor=float(attention_factor),
+                          beta_fast=float(params.get("beta_fast") or 32.0),
+                          beta_slow=float(params.get("beta_slow") or 1.0),
+                          truncate=bool(params.get("truncate", True)))
     return RopeConfig(
         theta=float(theta),
         scaling_type=rope_type,
@@ -144,8 +168,16 @@ class MoeConfig:
     norm_topk_prob: bool  # the chosen experts' weights rescaled to sum to 1
     # per layer: experts (True) or the dense MLP of ModelConfig.intermediate_size
     sparse_layers: tuple[bool, ...]
-    scoring: str = "softmax"  # softmax | sigmoid: router logits -> scores
+    # softmax | sigmoid: router logits -> scores, then top-k; topk_softmax: top-k of the
+    # logits, then a softmax over those (gpt-oss)
+    scoring: str = "softmax"
     shared_expert_size: int = 0  # Qwen2-MoE's expert every token takes, under a sigmoid gate
+    router_bias: bool = False
+    expert_bias: bool = False  # a bias on each expert's projections (gpt-oss)
+    # gpt-oss's clamped SwiGLU in the experts (kvflow/layers/activation.py) with this limit
+    # and alpha; None: the model's hidden_act
+    swiglu_limit: float | None = None
+    swiglu_alpha: float = 1.702
 
 
 @dataclass(frozen=True)
@@ -178,6 +210,7 @@ class ModelConfig:
     attn_logit_softcap: float | None = None  # scores -> cap * tanh(scores / cap)
     final_logit_softcap: float | None = None  # the same on the LM head's logits
     qk_norm_all_heads: bool = False  # q/k norms over all heads at once (OLMoE), not per head
+    attention_sinks: bool = False  # a learned logit per head in every softmax (gpt-oss)
     moe: MoeConfig | None = None  # the expert layers of a mixture-of-experts model
     # A tensor-parallel rank's view (kvflow/distributed/tensor_parallel.py): the ranks that
     # hold each of its KV heads, where the model has fewer KV heads than ranks.
@@ -228,8 +261,10 @@ class ModelConfig:
             sliding_windows=read_sliding_windows(hf, num_layers),
             checkpoint_dtype=parse_dtype(raw_dtype),
             eos_token_ids=_read_eos_ids(path, hf),
-            quantization=read_checkpoint_quantization(getattr(hf, "quantization_config", None)),
         )
+        if "quantization" not in fields:  # a family that reads its own format sets it
+            common["quantization"] = read_checkpoint_quantization(
+                getattr(hf, "quantization_config", None))
         return cls(**{**common, **fields})
 
     def rope_of(self, layer: int) -> RopeConfig:

@@ -153,7 +153,7 @@ def load_weights(model: CausalLM,
         expected.update((name, shard) for shard in shards)
     loaded: set[tuple[str, str | None]] = set()
     tied = model.config.tie_word_embeddings
-    for key, tensor in tensors:
+    for key, tensor in model.checkpoint_tensors(tensors):
         if key.endswith(_IGNORED_SUFFIXES) or (tied and key == "lm_head.weight"):
             continue
         if tied and isinstance(model.lm_head, Linear) and key == "model.embed_tokens.weight":

@@ -1162,6 +1162,17 @@ void score_rows(const float* qf, int64_t rows, int64_t head_dim, const T* kt, in
   }
 }
 
+// The factor on a row's unnormalised output: 1 / its sum of exps, or, with gpt-oss's sink
+// for its head (a learned logit that joins the softmax's denominator and weights no value),
+// that sum with the sink's exp added, all relative to the larger of the row's max and sink.
+inline float output_factor(float row_max, float row_sum, const float* sinks, int64_t head) {
+  if (row_max == -std::numeric_limits<float>::infinity() || row_sum <= 0.f) return 0.f;
+  if (sinks == nullptr) return 1.f / row_sum;
+  const float top = std::max(row_max, sinks[head]);
+  const float kept = std::exp(row_max - top);
+  return kept / (row_sum * kept + std::exp(sinks[head] - top));
+}
+
 struct WorkItem {
   int64_t req, kv_head, part;
   int64_t q_begin, q_end;       // queries of the request, indices from its first query
@@ -1175,7 +1186,7 @@ void paged_attention_impl(T* out, const T* q, const T* k_cache, const T* v_cache
                           const int32_t* query_start_loc, int64_t num_reqs, int64_t max_blocks,
                           int64_t num_heads, int64_t num_kv_heads, int64_t block_size,
                           int64_t head_dim, double scale, int64_t window, bool split_context,
-                          float softcap) {
+                          float softcap, const float* sinks) {
   const int64_t group = num_heads / num_kv_heads;
   std::vector<WorkItem> items;
   std::vector<int64_t> parts_of(num_reqs);
@@ -1306,7 +1317,7 @@ void paged_attention_impl(T* out, const T* q, const T* k_cache, const T* v_cache
         const int64_t i = item.q_begin + r / group, g = r % group;
         if (item.partial < 0) {
           T* dst = out + (q0 + i) * q_row_stride + (item.kv_head * group + g) * head_dim;
-          const float inv = row_sum[r] > 0.f ? 1.f / row_sum[r] : 0.f;
+          const float inv = output_factor(row_max[r], row_sum[r], sinks, item.kv_head * group + g);
           for (int64_t d = 0; d < head_dim; ++d) dst[d] = from_f32<T>(acc[r * head_dim + d] * inv);
         } else {
           const int64_t row = item.partial + r;
@@ -1345,7 +1356,7 @@ void paged_attention_impl(T* out, const T* q, const T* k_cache, const T* v_cache
         }
         const int64_t i = r / group, g = r % group;
         T* dst = out + (q0 + i) * q_row_stride + (first.kv_head * group + g) * head_dim;
-        const float inv = sum > 0.f ? 1.f / sum : 0.f;
+        const float inv = output_factor(max_all, sum, sinks, first.kv_head * group + g);
         for (int64_t d = 0; d < head_dim; ++d) dst[d] = from_f32<T>(merged[d] * inv);
       }
     }
@@ -1355,7 +1366,7 @@ void paged_attention_impl(T* out, const T* q, const T* k_cache, const T* v_cache
 void paged_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache,
                      torch::Tensor v_cache, torch::Tensor block_tables, torch::Tensor seq_lens,
                      torch::Tensor query_start_loc, double scale, int64_t window,
-                     bool split_context, double softcap) {
+                     bool split_context, double softcap, std::optional<torch::Tensor> sinks) {
   for (auto* t : {&out, &q, &k_cache, &v_cache, &block_tables, &seq_lens, &query_start_loc})
     check_cpu(*t, "paged_attention inputs");
   TORCH_CHECK(q.is_contiguous() && out.is_contiguous() && k_cache.is_contiguous() &&
@@ -1377,6 +1388,12 @@ void paged_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache,
   const int64_t num_reqs = seq_lens.size(0);
   TORCH_CHECK(query_start_loc.numel() == num_reqs + 1 && block_tables.size(0) == num_reqs,
               "paged_attention: one block table and seq_len per request, num_reqs + 1 offsets");
+  if (sinks) {
+    check_cpu(*sinks, "paged_attention sinks");
+    TORCH_CHECK(sinks->scalar_type() == at::kFloat && sinks->dim() == 1 &&
+                sinks->size(0) == q.size(1) && sinks->is_contiguous(),
+                "paged_attention: sinks must be float32 [heads], contiguous");
+  }
   dispatch_float_or_bf16(q.scalar_type(), "paged_attention", [&](auto tag) {
     using T = decltype(tag);
     paged_attention_impl<T>(out.data_ptr<T>(), q.data_ptr<T>(), k_cache.data_ptr<T>(),
@@ -1384,7 +1401,8 @@ void paged_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache,
                             seq_lens.data_ptr<int32_t>(), query_start_loc.data_ptr<int32_t>(),
                             num_reqs, block_tables.size(1), q.size(1), v_cache.size(1),
                             v_cache.size(2), q.size(2), scale, window, split_context,
-                            static_cast<float>(softcap));
+                            static_cast<float>(softcap),
+                            sinks ? sinks->data_ptr<float>() : nullptr);
   });
 }
 
@@ -2038,7 +2056,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_dequantize", &int4_dequantize,
         "the weight packed int4 w stands for, in scale's dtype", py::arg("w"), py::arg("scale"),
         py::arg("offset"), py::arg("out") = py::none());
-  m.def("paged_attention", &paged_attention, "attention of a ragged batch over a paged cache");
+  m.def("paged_attention", &paged_attention, "attention of a ragged batch over a paged cache",
+        py::arg("out"), py::arg("q"), py::arg("k_cache"), py::arg("v_cache"),
+        py::arg("block_tables"), py::arg("seq_lens"), py::arg("query_start_loc"),
+        py::arg("scale"), py::arg("window"), py::arg("split_context"), py::arg("softcap"),
+        py::arg("sinks") = py::none());
   m.def("write_kv", &write_kv, "write k, v to their slots (K d-major inside blocks)");
   m.def("rms_norm", &rms_norm, "RMSNorm, optionally fused with the residual add");
   m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up");
