@@ -113,8 +113,17 @@ VARIANTS: dict[str, dict] = {
                     sliding_window=12),
     "olmoe": dict(model_type="olmoe", architectures=["OlmoeForCausalLM"], intermediate_size=32,
                   num_experts=8, num_experts_per_tok=3, norm_topk_prob=False),
+    # gpt-oss: a window shorter than most prompts on its first layer, full attention on the
+    # second, sinks, YaRN past 128 positions, a SwiGLU limit the random weights reach.
+    "gpt-oss": dict(model_type="gpt_oss", architectures=["GptOssForCausalLM"], head_dim=16,
+                    intermediate_size=32, num_local_experts=8, num_experts_per_tok=2,
+                    sliding_window=12, swiglu_limit=3.0, attention_bias=True,
+                    rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0,
+                                     "factor": 4.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                                     "truncate": False,
+                                     "original_max_position_embeddings": 128}),
 }
-MOE_VARIANTS = ("qwen3-moe", "qwen2-moe", "mixtral", "olmoe")
+MOE_VARIANTS = ("qwen3-moe", "qwen2-moe", "mixtral", "olmoe", "gpt-oss")
 
 
 def _set_routers(model: torch.nn.Module, routers: str) -> None:

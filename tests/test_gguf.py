@@ -24,7 +24,7 @@ from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
 from gguf.quants import dequantize as gguf_dequantize
 from safetensors.torch import load_file, save_file
 
-from checkpoints import MOE_VARIANTS
+from checkpoints import MOE_VARIANTS as ALL_MOE_VARIANTS
 from conftest import random_prompts, rewrite_gguf
 from kvflow import LLM, SamplingParams
 from kvflow.bench.gguf_quants import quantize
@@ -34,6 +34,9 @@ from kvflow.models.gguf.weights import plan_gguf, unpack_q4_0, unpack_q4_1, unpa
 from kvflow.models.llama import LlamaForCausalLM
 from kvflow.quantization.int4 import dequantize_int4, pack_int4
 from kvflow.quantization.int8 import quantize_int8
+
+# The MoE families kvflow reads from GGUF: llama.cpp's gpt-oss files are not read yet.
+MOE_VARIANTS = tuple(v for v in ALL_MOE_VARIANTS if v != "gpt-oss")
 
 # Hidden and intermediate sizes whole numbers of Q4_K's 256-column super-blocks; with three
 # layers, Q4_K_M writes layer 2's attn_v and ffn_down as Q6_K.

@@ -266,11 +266,16 @@ def test_chunked_prefill_and_preemption(family, references):
 
 def test_what_each_family_reads_changes_the_tokens(checkpoint, references):
     """The shared expert's gate, the dense layer Qwen3-MoE's mlp_only_layers asks for,
-    Mixtral's window and OLMoE's top-3 are not idle."""
+    Mixtral's window, OLMoE's top-3 and gpt-oss's SwiGLU limit, window and YaRN are not
+    idle."""
     for family, override in [("qwen2-moe", {"shared_expert_intermediate_size": 16}),
                              ("qwen3-moe", {"mlp_only_layers": []}),
                              ("mixtral", {"sliding_window": None}),
-                             ("olmoe", {"num_experts_per_tok": 2})]:
+                             ("olmoe", {"num_experts_per_tok": 2}),
+                             ("gpt-oss", {"swiglu_limit": 7.0}),
+                             ("gpt-oss", {"sliding_window": 64}),
+                             ("gpt-oss", {"rope_parameters": {"rope_type": "default",
+                                                              "rope_theta": 10000.0}})]:
         path, prompts, reference = references[family]
         _, tokens = generate_greedy(checkpoint(family, **override), prompts, GREEDY)
         assert tokens != reference, family
@@ -374,3 +379,68 @@ def test_quantized_experts_stay_close_to_the_unquantized_model(checkpoint, name,
         assert (q - r).abs().median() < tolerance
         assert not torch.equal(q, r)  # the experts really were quantized
     assert_no_leak(llm)
+
+
+E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
+                     -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+
+
+def _to_mxfp4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[..., rows, columns] -> (blocks [..., rows, columns / 32, 16] uint8, scales [...,
+    rows, columns / 32] uint8, the values they hold), each block of 32 columns scaled by the
+    power of two that fits its largest magnitude under 6, each value the nearest E2M1."""
+    grouped = weight.float().unflatten(-1, (-1, 32))
+    exponents = torch.ceil(torch.log2(grouped.abs().amax(-1) / 6)).clamp(-127, 127)
+    scaled = grouped / torch.exp2(exponents)[..., None]
+    codes = (scaled[..., None] - E2M1).abs().argmin(-1)
+    blocks = (codes[..., 0::2] | codes[..., 1::2] << 4).to(torch.uint8)
+    values = (E2M1[codes] * torch.exp2(exponents)[..., None]).flatten(-2)
+    return blocks, (exponents + 127).to(torch.uint8), values
+
+
+def _copy_with(path, tmp_path, name, tensors, config=None):
+    out = tmp_path / name
+    out.mkdir()
+    for file in path.iterdir():
+        if file.suffix != ".safetensors":
+            (out / file.name).write_bytes(file.read_bytes())
+    save_file(tensors, out / "model.safetensors")
+    if config is not None:
+        import json
+
+        (out / "config.json").write_text(json.dumps(
+            {**json.loads((path / "config.json").read_text()), **config}))
+    return out
+
+
+def test_gpt_oss_mxfp4_experts(references, hf_model, tmp_path):
+    """gpt-oss's experts as OpenAI publishes them (MXFP4 blocks and scales, each
+    projection output-major) give transformers' greedy tokens on the float checkpoint
+    holding the values they encode; a projection without its scales, or another
+    quantization method, is refused by name."""
+    path, prompts, _ = references["gpt-oss"]
+    tensors = load_file(path / "model.safetensors")
+    packed, decoded = dict(tensors), dict(tensors)
+    for key, weight in tensors.items():
+        if key.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            blocks, scales, values = _to_mxfp4(weight.transpose(1, 2))  # output-major
+            del packed[key]
+            packed[f"{key}_blocks"], packed[f"{key}_scales"] = blocks, scales
+            decoded[key] = values.transpose(1, 2).contiguous()
+    assert any(not torch.equal(decoded[k], tensors[k]) for k in tensors)
+    quantized = _copy_with(path, tmp_path, "mxfp4", packed, {"quantization_config": {
+        "quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn"]}})
+    reference = _copy_with(path, tmp_path, "decoded", decoded)
+    expected = [hf_greedy(hf_model(reference), p, MAX_TOKENS) for p in prompts]
+    _, tokens = generate_greedy(quantized, prompts, GREEDY)
+    assert_greedy_matches(tokens, expected, MAX_TOKENS)
+    del packed["model.layers.1.mlp.experts.down_proj_scales"]
+    broken = _copy_with(path, tmp_path, "broken", packed, {"quantization_config": {
+        "quant_method": "mxfp4"}})
+    with pytest.raises(ValueError, match=r"layers\.1\.mlp\.experts\.down_proj_blocks without "
+                                         r"model\.layers\.1\.mlp\.experts\.down_proj_scales"):
+        LLM(str(broken), device="cpu", kv_cache_memory="16MiB")
+    other = _copy_with(path, tmp_path, "fp8", tensors, {"quantization_config": {
+        "quant_method": "fp8"}})
+    with pytest.raises(ValueError, match="quant_method 'fp8' is not implemented"):
+        LLM(str(other), device="cpu", kv_cache_memory="16MiB")

@@ -60,7 +60,7 @@ def _generate(path, n_tokens=24, **options):
 
 # Every way a rank's part of a checkpoint is cut: one KV head for two ranks (replicated)
 # and a vocabulary that does not divide by two (the last shard padded); q/k/v biases;
-# checkpoints that store q/k/v and gate/up fused; a tied head; quantized at load.
+# checkpoints that store q/k/v and gate/up fused; a tied head; quantized at load; gpt-oss.
 WIDE_MHA = dict(hidden_size=128, intermediate_size=256)
 CASES = {  # (variant, its overrides, options)
     "llama-kv1-odd-vocab": ("llama-gqa", dict(num_key_value_heads=1, vocab_size=387), {}),
@@ -72,6 +72,8 @@ CASES = {  # (variant, its overrides, options)
     # experts split by their inner width; Qwen2-MoE's shared expert as a dense MLP
     "qwen2-moe": ("qwen2-moe", {}, {}),
     "mixtral-int8": ("mixtral", {}, dict(quantization="int8")),
+    # each rank's heads' sinks; the experts' biases cut with their rows (down's summed once)
+    "gpt-oss": ("gpt-oss", {}, {}),
 }
 POOL_TOKENS = 96  # fewer than the prompts and their outputs need at once: preemption
 

@@ -63,6 +63,9 @@ class ModelCost:
             per_layer += 2 * head_dim  # q_norm and k_norm
         elif config.get("model_type") == "olmoe":
             per_layer += q + kv  # q_norm and k_norm across all heads
+        gpt_oss = config.get("model_type") == "gpt_oss"
+        if gpt_oss:
+            per_layer += heads  # the attention sinks
         experts = config.get("num_experts") or config.get("num_local_experts") or 0
         sparse = _sparse_layers(config, layers) if experts else 0
         dense_mlp = 3 * hidden * config["intermediate_size"]
@@ -72,9 +75,12 @@ class ModelCost:
         shared = config.get("shared_expert_intermediate_size") or 0
         # An expert layer's router and shared expert (with its gate) every token uses.
         sparse_fixed = hidden * experts + (3 * hidden * shared + hidden if shared else 0)
+        expert_params = sparse * 3 * hidden * expert_width
+        if gpt_oss:  # the router's bias, and each expert's on its projections
+            sparse_fixed += experts
+            expert_params += sparse * (2 * expert_width + hidden)
         non_embedding = (layers * per_layer + (layers - sparse) * dense_mlp
                          + sparse * sparse_fixed + hidden)  # + the final norm
-        expert_params = sparse * 3 * hidden * expert_width
         top_k = (config.get("num_experts_per_tok") or 0) if experts else 0
         embeddings = vocab * hidden * (1 if config.get("tie_word_embeddings", False) else 2)
         return cls(weight_bytes=(non_embedding + embeddings) * dtype_bytes,

@@ -1,6 +1,6 @@
 """Which architectures kvflow runs, and how to build each: the model registry.
 
-A family file (kvflow/models/llama.py, gemma.py, phi3.py, moe.py) composes the shared
+A family file (kvflow/models/llama.py, gemma.py, phi3.py, moe.py, gpt_oss.py) composes the shared
 blocks of kvflow/models/blocks.py into its decoder and registers, per Hugging Face
 architecture name, its model class (whose `packed_modules` maps checkpoint projections
 onto fused layers, and `expert_projections` experts' onto their stacked tensors) and its
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 # The modules that register families, imported on first use of the registry.
 FAMILY_MODULES = ("kvflow.models.llama", "kvflow.models.gemma", "kvflow.models.phi3",
-                  "kvflow.models.moe")
+                  "kvflow.models.moe", "kvflow.models.gpt_oss")
 
 
 @dataclass(frozen=True)
