@@ -24,7 +24,7 @@ from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
 from gguf.quants import dequantize as gguf_dequantize
 from safetensors.torch import load_file, save_file
 
-from checkpoints import MOE_VARIANTS as ALL_MOE_VARIANTS
+from checkpoints import MOE_VARIANTS
 from conftest import random_prompts, rewrite_gguf
 from kvflow import LLM, SamplingParams
 from kvflow.bench.gguf_quants import quantize
@@ -35,8 +35,6 @@ from kvflow.models.llama import LlamaForCausalLM
 from kvflow.quantization.int4 import dequantize_int4, pack_int4
 from kvflow.quantization.int8 import quantize_int8
 
-# The MoE families kvflow reads from GGUF: llama.cpp's gpt-oss files are not read yet.
-MOE_VARIANTS = tuple(v for v in ALL_MOE_VARIANTS if v != "gpt-oss")
 
 # Hidden and intermediate sizes whole numbers of Q4_K's 256-column super-blocks; with three
 # layers, Q4_K_M writes layer 2's attn_v and ffn_down as Q6_K.
@@ -44,9 +42,11 @@ K_QUANT_SHAPE = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=3
 # What a GGUF file can carry of a test checkpoint: llama.cpp stores no query_pre_attn_scalar
 # and scales Gemma 2's queries by 1/sqrt(head_dim) (test_gemma_attention_scale_and_windows_
 # are_llama_cpps); its qwen3moe and qwen2moe have experts in every layer (their tensor names
-# have no dense MLP), and its converter writes no window for Mixtral (as for any llama).
+# have no dense MLP), its converter writes no window for Mixtral (as for any llama), and
+# its gpt-oss fixes the SwiGLU's limit at 7.
 CARRIED = {"gemma2": dict(query_pre_attn_scalar=16), "qwen3-moe": dict(mlp_only_layers=[]),
-           "qwen2-moe": dict(decoder_sparse_step=1), "mixtral": dict(sliding_window=None)}
+           "qwen2-moe": dict(decoder_sparse_step=1), "mixtral": dict(sliding_window=None),
+           "gpt-oss": dict(swiglu_limit=7.0)}
 
 
 def _k_quant_shape(variant: str) -> dict:
@@ -295,6 +295,40 @@ def test_quantized_gguf_logits_match_the_dequantized_reference(gguf_file, tmp_pa
             assert (a - r).abs().mean() < tolerance, (eager, (a - r).abs().mean())
 
 
+def test_gpt_oss_mxfp4_file(gguf_file, tmp_path, caplog):
+    """A gpt-oss file whose experts are MXFP4, as llama.cpp's converter writes OpenAI's
+    checkpoints: each expert stack holds the values the gguf package dequantizes from it
+    (with a warning: kvflow has no MXFP4 kernel), and the greedy tokens are those of the
+    checkpoint rebuilt with those values in its own layout, gate and up interleaved."""
+    path, source = gguf_file("gpt-oss", "MXFP4", **CARRIED["gpt-oss"])
+    with caplog.at_level(logging.WARNING, logger="kvflow"):
+        llm = LLM(str(path), dtype="float32", device="cpu", kv_cache_memory="8MiB")
+    assert "GGUF MXFP4 experts (6 tensors" in caplog.text
+    tensors = _dequantized_tensors(path)
+    weights = load_file(str(source / "model.safetensors"))
+    for i, layer in enumerate(llm.engine.runner.model.model.layers):
+        gate, up, down = (tensors[f"blk.{i}.ffn_{p}_exps.weight"] for p in ("gate", "up", "down"))
+        assert gate[0] == up[0] == down[0] == "MXFP4"
+        assert torch.equal(layer.mlp.experts.gate_up_proj, torch.cat([gate[1], up[1]], dim=1))
+        assert torch.equal(layer.mlp.experts.down_proj, down[1])
+        prefix = f"model.layers.{i}.mlp.experts"
+        weights[f"{prefix}.gate_up_proj"] = torch.stack([gate[1], up[1]], dim=2).flatten(1, 2) \
+            .transpose(1, 2).contiguous()
+        weights[f"{prefix}.down_proj"] = down[1].transpose(1, 2).contiguous()
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    for file in source.iterdir():
+        if file.suffix != ".safetensors":
+            (reference / file.name).write_bytes(file.read_bytes())
+    save_file(weights, reference / "model.safetensors")
+    prompts = [{"prompt_token_ids": p} for p in random_prompts(3, seed=7, low=20, high=40)]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    reference_llm = LLM(str(reference), dtype="float32", device="cpu", kv_cache_memory="8MiB")
+    assert ([o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+            == [o.outputs[0].token_ids for o in reference_llm.generate(prompts, params,
+                                                                        use_tqdm=False)])
+
+
 def _dequantized_tensors(path) -> dict[str, tuple[str, torch.Tensor]]:
     """Each tensor of a GGUF file: (its type, the gguf package's dequantization of it)."""
     return {t.name: (t.tensor_type.name, torch.from_numpy(np.array(gguf_dequantize(
@@ -310,9 +344,10 @@ _EXPERT_METHODS = {"Q8_0": "Int8ExpertMethod", "Q4_0": "Int4ExpertMethod",
 _WIDE_EXPERTS = {"mixtral": dict(intermediate_size=64), "olmoe": dict(intermediate_size=64)}
 
 
+# gpt-oss's checkpoints fuse gate and up (test_gpt_oss_mxfp4_file has its own reference).
 @pytest.mark.parametrize("variant,recipe,shape,dequantized", [
     (variant, recipe, _WIDE_EXPERTS.get(variant, dict(moe_intermediate_size=64)), ())
-    for recipe in ("Q8_0", "Q4_0") for variant in MOE_VARIANTS] + [
+    for recipe in ("Q8_0", "Q4_0") for variant in MOE_VARIANTS if variant != "gpt-oss"] + [
     ("qwen3-moe", "Q4_1", dict(moe_intermediate_size=64), ()),
     # Q4_K's super-blocks of 256 columns. Qwen3-MoE's 8 experts make Q4_K_M keep attn_k
     # and attn_v in Q8_0 (llama-quantize's rule for 8-expert models), so its fused qkv is

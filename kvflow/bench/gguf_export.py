@@ -8,7 +8,8 @@ derives), the tensor names (the gguf package's own name map, which the converter
 and the values it changes: Llama's q/k rows interleaved for llama.cpp's pairwise rotary
 (Mixtral's too, written as llama), 1 added to every Gemma norm weight, Phi-3's LongRoPE
 factors as tensors, each projection of a mixture of experts' experts stacked into one
-[experts, rows, columns] tensor, and its routers kept F32. The vocabulary
+[experts, rows, columns] tensor, and its routers kept F32; gpt-oss's experts split from
+their input-major, interleaved gate_up stacks and its sinks named as weights. The vocabulary
 is written as the converter writes a byte-level BPE tokenizer (kvflow's test tokenizers
 are BPE; its Gemma 2 class would read a SentencePiece tokenizer.model instead, and its
 Gemma 3 class trims token_embd to the tokenizer's size, which the test tokenizers fill).
@@ -30,16 +31,19 @@ from safetensors import safe_open
 from kvflow.bench.gguf_quants import quantize
 
 # recipe -> GGML type of the decoder's and embedding's matrices; norms and biases stay F32.
-RECIPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K_M")
+# MXFP4: the experts' stacks in MXFP4 and the rest F32, as the converter writes OpenAI's
+# gpt-oss checkpoints (whose experts are MXFP4 already) with --outtype f32.
+RECIPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K_M", "MXFP4")
 # Without a whole number of 256-column super-blocks per row, llama-quantize falls back.
 _K_FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
-_FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q4_K_M": 15, "BF16": 32}
+_FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q4_K_M": 15, "BF16": 32,
+               "MXFP4": 38}
 _ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama",
                   "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
                   "Gemma2ForCausalLM": "gemma2", "Gemma3ForCausalLM": "gemma3",
                   "Phi3ForCausalLM": "phi3", "MixtralForCausalLM": "llama",
                   "Qwen2MoeForCausalLM": "qwen2moe", "Qwen3MoeForCausalLM": "qwen3moe",
-                  "OlmoeForCausalLM": "olmoe"}
+                  "OlmoeForCausalLM": "olmoe", "GptOssForCausalLM": "gpt-oss"}
 # Tensors the converter keeps F32 and llama-quantize does not touch: the routers.
 _F32_TENSORS = ("ffn_gate_inp", "ffn_gate_inp_shexp")
 # One expert's projection in a checkpoint: (the expert layer's name, expert, projection)
@@ -72,6 +76,8 @@ def _matrix_type(recipe: str, gguf_name: str, num_layers: int, cols: int, tied: 
         return recipe
     parts = gguf_name.split(".")
     role = parts[2] if parts[0] == "blk" else ""
+    if recipe == "MXFP4":
+        return "MXFP4" if role.endswith("_exps") else "F32"
     if recipe == "Q8_0":
         chosen = "Q8_0"
     elif gguf_name == "output.weight" or (tied and gguf_name == "token_embd.weight"):
@@ -179,6 +185,52 @@ def _expert_counts(writer: Any, config: dict) -> int:
     return num_experts
 
 
+def _gpt_oss_parameters(writer: Any, config: dict, tensors: dict[str, np.ndarray]) -> None:
+    """GptOssModel's keys: TextModel's (the common ones, the head size, the RoPE base and
+    its YaRN scaling with the betas config.json gives), the window and an expert's
+    width."""
+    from gguf import RopeScalingType
+
+    rope, _ = _rope_parameters(config)
+    _common_parameters(writer, config)
+    writer.add_key_length(config["head_dim"])
+    writer.add_value_length(config["head_dim"])
+    writer.add_rope_freq_base(float(rope["rope_theta"]))
+    writer.add_rope_scaling_type(RopeScalingType.YARN)
+    writer.add_rope_scaling_factor(float(rope["factor"]))
+    writer.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+    for key, add in (("beta_fast", writer.add_rope_scaling_yarn_beta_fast),
+                     ("beta_slow", writer.add_rope_scaling_yarn_beta_slow)):
+        if rope.get(key) is not None:
+            add(float(rope[key]))
+    writer.add_sliding_window(config["sliding_window"])
+    writer.add_expert_feed_forward_length(config["intermediate_size"])
+
+
+def _gpt_oss_tensors(tensors: Iterable[tuple[str, np.ndarray]]
+                     ) -> Iterator[tuple[str, np.ndarray]]:
+    """gpt-oss's tensors as the converter names and shapes them: each expert stack
+    input-major in the checkpoint ([experts, hidden, 2 * width], gate and up alternating)
+    turned output-major and split into gate's and up's, the biases likewise, and the
+    sinks named as a weight."""
+    for key, array in tensors:
+        if key.endswith(".self_attn.sinks"):
+            yield f"{key}.weight", array
+        elif key.endswith(".experts.gate_up_proj"):
+            rows = array.swapaxes(-1, -2)
+            yield key.replace("gate_up_proj", "gate_proj.weight"), rows[:, 0::2]
+            yield key.replace("gate_up_proj", "up_proj.weight"), rows[:, 1::2]
+        elif key.endswith(".experts.gate_up_proj_bias"):
+            yield key.replace("gate_up_proj_bias", "gate_proj.bias"), array[..., 0::2]
+            yield key.replace("gate_up_proj_bias", "up_proj.bias"), array[..., 1::2]
+        elif key.endswith(".experts.down_proj"):
+            yield f"{key}.weight", array.swapaxes(-1, -2)
+        elif key.endswith(".experts.down_proj_bias"):
+            yield key.replace("down_proj_bias", "down_proj.bias"), array
+        else:
+            yield key, array
+
+
 def _common_parameters(writer: Any, config: dict) -> None:
     writer.add_context_length(config["max_position_embeddings"])
     writer.add_embedding_length(config["hidden_size"])
@@ -247,7 +299,8 @@ def _phi3_parameters(writer: Any, config: dict, tensors: dict[str, np.ndarray]) 
 _PARAMETERS: dict[str, Callable[[Any, dict, dict[str, np.ndarray]], None]] = {
     "llama": _llama_parameters, "qwen2": _llama_parameters, "qwen3": _llama_parameters,
     "gemma2": _gemma2_parameters, "gemma3": _gemma3_parameters, "phi3": _phi3_parameters,
-    "qwen2moe": _moe_parameters, "qwen3moe": _moe_parameters, "olmoe": _olmoe_parameters}
+    "qwen2moe": _moe_parameters, "qwen3moe": _moe_parameters, "olmoe": _olmoe_parameters,
+    "gpt-oss": _gpt_oss_parameters}
 
 
 def _converted(arch: str, config: dict, hf_name: str, array: np.ndarray) -> np.ndarray:
@@ -349,14 +402,19 @@ def export_gguf(checkpoint: Path, out: Path, recipe: str) -> Path:
         writer.add_tensor(name, array)
     # Gemma 2's converter drops lm_head (llama.cpp's gemma2 has none); a tied one is not saved.
     tied = config.get("tie_word_embeddings") or arch == "gemma2"
-    for key, array in _stacked_experts(_checkpoint_tensors(checkpoint), num_experts):
+    tensors = _stacked_experts(_checkpoint_tensors(checkpoint), num_experts)
+    if arch == "gpt-oss":
+        tensors = _gpt_oss_tensors(tensors)
+    for key, array in tensors:
         if tied and key == "lm_head.weight":
             continue
         name = names.get_name(key, try_suffixes=(".weight", ".bias"))
         if name is None:
             raise ValueError(f"{checkpoint}: tensor {key!r} has no GGUF name for {arch}")
-        array = _converted(arch, config, key, array)
-        type_name = ("F32" if array.ndim == 1 or name.split(".")[-2] in _F32_TENSORS else
+        array = np.ascontiguousarray(_converted(arch, config, key, array))
+        # The converter keeps vectors, biases (experts' too) and routers F32.
+        type_name = ("F32" if array.ndim == 1 or not name.endswith(".weight")
+                     or name.split(".")[-2] in _F32_TENSORS else
                      _matrix_type(recipe, name, num_layers, array.shape[-1], tied, num_experts))
         writer.add_tensor(name, quantize(array, type_name),
                           raw_dtype=gguf.GGMLQuantizationType[type_name])

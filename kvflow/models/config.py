@@ -50,7 +50,8 @@ class RopeConfig:
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope", "yarn")
 
 
-def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's factor on cos and sin for a context `factor` times the trained one."""
     return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
 
@@ -87,8 +88,8 @@ def read_rope(params: dict[str, Any], hf: Any) -> RopeConfig:
         attention_factor = params.get("attention_factor")
         if attention_factor is None:
             mscale, all_dims = params.get("mscale"), params.get("mscale_all_dim")
-            attention_factor = (_yarn_mscale(factor, mscale) / _yarn_mscale(factor, all_dims)
-                                if mscale and all_dims else _yarn_mscale(factor))
+            attention_factor = (yarn_mscale(factor, mscale) / yarn_mscale(factor, all_dims)
+                                if mscale and all_dims else yarn_mscale(factor))
         return RopeConfig(theta=float(theta), scaling_type="yarn", factor=float(factor),
                           original_max_position_embeddings=original,
                           attention_factor=float(attention_factor),

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kvflow.models.config import ModelConfig, RopeConfig
+from kvflow.models.config import ModelConfig, RopeConfig, yarn_mscale
 from kvflow.models.gguf.file import GgufFile, GgufTensor
 from kvflow.models.gguf.layout import EXPERT_TENSORS, GgufLayout
 
@@ -27,7 +27,7 @@ MAX_VOCAB = 1 << 24
 # at a head size of 128), before the KV pool's size lowers max_model_len.
 MAX_CONTEXT_LENGTH = 1 << 20
 # llama.cpp's rope.scaling.type values kvflow's rotary embedding computes.
-_ROPE_SCALING = {"none": "default", "linear": "linear"}
+_ROPE_SCALING = {"none": "default", "linear": "linear", "yarn": "yarn"}
 # The dtype a file's float weights suggest for --dtype auto; quantized files run in bf16,
 # the dtype kvflow's quantized CPU kernels take.
 _FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -66,8 +66,18 @@ def _rope(file: GgufFile, rotary_dim: int, context_length: int) -> RopeConfig:
                          f"supported: {', '.join(_ROPE_SCALING)}")
     if _ROPE_SCALING[scaling] == "default":
         return RopeConfig(theta=theta)
-    return RopeConfig(theta=theta, scaling_type="linear",
-                      factor=file.arch_float("rope.scaling.factor"))
+    factor = file.arch_float("rope.scaling.factor")
+    if scaling == "yarn":
+        # As llama.cpp's YaRN: the betas default to 32 and 1, the band's ends are rounded
+        # outwards, and cos and sin are scaled by attn_factor times YaRN's own factor.
+        original = file.arch_int("rope.scaling.original_context_length", 1, context_length)
+        return RopeConfig(theta=theta, scaling_type="yarn", factor=factor,
+                          original_max_position_embeddings=original,
+                          attention_factor=(file.arch_float("rope.scaling.attn_factor", 1.0)
+                                            * yarn_mscale(factor)),
+                          beta_fast=file.arch_float("rope.scaling.yarn_beta_fast", 32.0),
+                          beta_slow=file.arch_float("rope.scaling.yarn_beta_slow", 1.0))
+    return RopeConfig(theta=theta, scaling_type="linear", factor=factor)
 
 
 def _checkpoint_dtype(file: GgufFile) -> torch.dtype:
@@ -118,6 +128,7 @@ def _module_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
             "self_attn.v_proj": (kv, hidden), "self_attn.qkv_proj": (q + 2 * kv, hidden),
             "self_attn.o_proj": (hidden, q),
             "self_attn.q_norm": (q_norm,), "self_attn.k_norm": (k_norm,),
+            "self_attn.sinks": (c.num_heads,),
             "mlp.gate_proj": (inner, hidden), "mlp.up_proj": (inner, hidden),
             "mlp.gate_up_proj": (2 * inner, hidden), "mlp.down_proj": (hidden, inner)}
 
@@ -138,6 +149,7 @@ def _expert_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 
 _QK_NORMS = ("self_attn.q_norm", "self_attn.k_norm")
+_EXPERT_PROJECTIONS = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
 _QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.qkv_proj")
 _MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.gate_up_proj", "mlp.down_proj")
 
@@ -149,7 +161,8 @@ def _expected_shapes(c: ModelConfig, layout: GgufLayout) -> dict[str, tuple[int,
     shapes, expert_shapes = _module_shapes(c), _expert_shapes(c)
     layer: dict[str, tuple[int, ...]] = {}
     for name, module in layout.layer_tensors.items():
-        if module in _QK_NORMS and not c.qk_norm:
+        if (module in _QK_NORMS and not c.qk_norm
+                or module == "self_attn.sinks" and not c.attention_sinks):
             continue
         shape = expert_shapes[name] if name in EXPERT_TENSORS else shapes[module]
         layer[f"{module}.weight"] = shape
@@ -157,6 +170,12 @@ def _expected_shapes(c: ModelConfig, layout: GgufLayout) -> dict[str, tuple[int,
               + (_MLP if c.mlp_bias else ()))
     layer.update({f"{m}.bias": shapes[m][:1] for m in layout.layer_tensors.values()
                   if m in biased})
+    # gpt-oss's router and experts have biases: [experts] and [experts, rows]
+    biased_experts = ((("ffn_gate_inp",) if c.moe is not None and c.moe.router_bias else ())
+                      + (_EXPERT_PROJECTIONS if c.moe is not None and c.moe.expert_bias
+                         else ()))
+    layer.update({f"{layout.layer_tensors[n]}.bias": expert_shapes[n][:-1]
+                  for n in biased_experts if n in layout.layer_tensors})
     expected = {"model.embed_tokens.weight": (c.vocab_size, c.hidden_size),
                 "model.norm.weight": (c.hidden_size,)}
     if not c.tie_word_embeddings:
