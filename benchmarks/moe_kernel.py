@@ -4,9 +4,10 @@ weights, in bf16, int8 and int4 (quantized at load as `--quantization` does): th
 expert kernel against the PyTorch path (one product per expert with rows; int8 and int4
 experts dequantized one at a time), for one token (a decode step) and 512 tokens (a
 prefill chunk). The kernel runs with every expert through its GEMV loops (once per way of
-reading the weights the tuning may choose, kvflow/kernels/variants.py), and with every
-expert through its GEMMs; the engine takes the GEMVs up to the row count per expert that
-tuning measured and the GEMMs above it.
+reading the weights the tuning may choose, kvflow/kernels/variants.py; for int8, with x as
+it is and with x quantized to int8, whose loops multiply integers), and with every expert
+through its GEMMs; the engine takes the GEMVs up to the row count per expert that tuning
+measured and the GEMMs above it.
 
     .venv/bin/python benchmarks/moe_kernel.py [--rounds 5] [--formats bf16,int8,int4]
 
@@ -40,10 +41,13 @@ SHAPE = Path(__file__).resolve().parents[2] / "shared" / "model-shapes" / \
     "qwen3-30b-a3b-8-layers.json"
 FORMATS = {"bf16": None, "int8": Int8Config(), "int4": Int4Config(128)}
 TOKENS = {"decode": 1, "prefill": 512}
-# path -> (gemv_max_rows, how the GEMV loops read the weights); None: the PyTorch path.
+# path -> (gemv_max_rows, how the GEMV loops read the weights, x quantized to int8);
+# None: the PyTorch path.
 PATHS = {"pytorch": None,
-         **{f"native GEMVs ({v})": (sys.maxsize, v) for v in variants.CANDIDATES},
-         "native GEMMs": (0, variants.DEFAULT)}
+         **{f"native GEMVs ({v})": (sys.maxsize, v, False) for v in variants.CANDIDATES},
+         **{f"native GEMVs, int8 x ({v})": (sys.maxsize, v, True)
+            for v in variants.CANDIDATES},
+         "native GEMMs": (0, variants.DEFAULT, False)}
 
 
 def build_layer(shape: dict, fmt: str) -> FusedMoE:
@@ -84,12 +88,16 @@ def expert_bytes(layer: FusedMoE) -> float:
 def measure(layer: FusedMoE, shape: dict, tokens: int, rounds: int) -> dict[str, dict]:
     calls = routings(shape, tokens, rounds + 1)  # the first warms up
     native = layer.plan
-    times: dict[str, list[float]] = {path: [] for path in PATHS}
+    sums = layer.method.int8_activation_sums(layer)
+    paths = {path: native_path for path, native_path in PATHS.items()
+             if native_path is None or not native_path[2] or sums is not None}
+    times: dict[str, list[float]] = {path: [] for path in paths}
     with torch.inference_mode():
         for round_, (x, weights, ids) in enumerate(calls):
-            for path, native_path in PATHS.items():
+            for path, native_path in paths.items():
                 layer.plan = None if native_path is None else replace(
-                    native, gemv_max_rows=native_path[0], variant=native_path[1])
+                    native, gemv_max_rows=native_path[0], variant=native_path[1],
+                    weight_sums=sums if native_path[2] else None)
                 start = time.perf_counter()
                 layer(x, weights, ids)
                 if round_:
@@ -127,7 +135,7 @@ def main() -> None:
         for label, tokens in TOKENS.items():
             result = measure(layer, shape, tokens, args.rounds)
             cells = " | ".join(f"{result[path]['ms']:.2f} ({result[path]['GB/s']:.1f})"
-                               for path in PATHS)
+                               if path in result else "-" for path in PATHS)
             print(f"| {fmt} | {tokens} ({label}) | {result['active experts']:.0f} "
                   f"({result['active MB']:.0f}) | {cells} |", flush=True)
         del layer

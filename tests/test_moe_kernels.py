@@ -23,7 +23,7 @@ from kvflow.layers.moe import FusedMoE
 from kvflow.models.loader import default_dtype
 from kvflow.quantization.gptq_awq import CheckpointFormatConfig
 from kvflow.quantization.int4 import Int4Config, quantize_int4
-from kvflow.quantization.int8 import Int8Config, quantize_int8
+from kvflow.quantization.int8 import Int8Config, activation_block, quantize_int8
 
 HIDDEN, INNER, EXPERTS, GROUP_SIZE = 128, 64, 16, 32
 FORMATS = {"float": None, "int8": Int8Config(), "int4": Int4Config(GROUP_SIZE)}
@@ -53,9 +53,21 @@ def _layer(fmt: str, dtype: torch.dtype, activation: torch.nn.Module | None = No
     return layer
 
 
+def _int8_rounded(rows: torch.Tensor) -> torch.Tensor:
+    """rows as the int8-activation loops see them: each block of activation_block(columns)
+    columns rounded to 255 steps of its largest magnitude (half to even)."""
+    block = activation_block(rows.shape[-1])
+    blocks = rows.float().unflatten(-1, (-1, block))
+    scale = blocks.abs().amax(-1, keepdim=True) / 127
+    q = torch.round(blocks * torch.where(scale > 0, 1 / scale, 0))
+    return (q * scale).flatten(-2)
+
+
 def _reference(layer: FusedMoE, x: torch.Tensor, weights: torch.Tensor,
-               ids: torch.Tensor) -> torch.Tensor:
-    """Every token's experts one at a time, in float32, on the dequantized weights."""
+               ids: torch.Tensor, int8_experts: frozenset[int] = frozenset()) -> torch.Tensor:
+    """Every token's experts one at a time, in float32, on the dequantized weights (the
+    inputs of int8_experts' projections rounded as the int8-activation loops round
+    them)."""
     dequantized = {(name, expert): layer.method.expert_weight(layer, name, expert).float()
                    for name in ("gate_up_proj", "down_proj") for expert in ids.unique().tolist()}
     out = torch.zeros(x.shape, dtype=torch.float32)
@@ -63,6 +75,7 @@ def _reference(layer: FusedMoE, x: torch.Tensor, weights: torch.Tensor,
         for weight, expert in zip(weights[token].tolist(), ids[token].tolist()):
             def project(name: str, rows: torch.Tensor) -> torch.Tensor:
                 bias = getattr(layer, f"{name}_bias")
+                rows = _int8_rounded(rows) if expert in int8_experts else rows
                 return F.linear(rows, dequantized[name, expert],
                                 None if bias is None else bias[expert].float())
 
@@ -198,6 +211,52 @@ def test_every_gemv_variant_computes_the_experts(kernel_ops, fmt, dtype, variant
                _reference(odd, x, weights, ids), dtype)
 
 
+@pytest.mark.parametrize("variant", variants.CANDIDATES, ids=str)
+@pytest.mark.parametrize("case", ["ragged", "decode"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_int8_experts_with_int8_activations(kernel_ops, dtype, case, variant):
+    """The GEMV loops with x quantized to int8 per block (VNNI's integer products, or the
+    plain loop's), given the method's weight sums: the per-token loop on inputs rounded
+    alike, through every variant and with the GEMMs beside them; a token's output the same
+    alone as in its batch; the projections' sums both or neither, int8's only, their shape
+    checked."""
+    layer = _layer("int8", dtype)
+    weights, ids = _choices(case, 8)
+    x = torch.randn(ids.shape[0], HIDDEN, generator=torch.Generator().manual_seed(1)).to(dtype)
+    sums = layer.method.int8_activation_sums(layer)
+    assert [tuple(s.shape) for s in sums] == [(EXPERTS, 2 * INNER, 1), (EXPERTS, HIDDEN, 1)]
+    counts = torch.bincount(ids.flatten(), minlength=EXPERTS)
+    for path in ("gemv", "mixed"):  # the GEMMs take x as it is
+        gemv_experts = frozenset(e for e in range(EXPERTS) if counts[e] <= PATHS[path])
+        expected = _reference(layer, x, weights, ids, gemv_experts)
+        _native(layer, kernel_ops, PATHS[path], variant)
+        layer.plan = replace(layer.plan, weight_sums=sums)
+        y = layer(x, weights, ids)
+        if dtype == torch.float32:  # only the sums' order separates them
+            scale = max(1.0, expected.abs().max().item())
+            torch.testing.assert_close(y, expected, atol=1e-4 * scale, rtol=1e-4)
+        else:
+            _close(y, expected, dtype)
+    # Further from the unrounded products, by the inputs' rounding.
+    assert (y.float() - _reference(layer, x, weights, ids)).abs().max() > 0
+    layer.plan = replace(layer.plan, gemv_max_rows=sys.maxsize)
+    batched = layer(x, weights, ids)
+    alone = layer(x[:1], weights[:1], ids[:1])
+    assert torch.equal(alone[0], batched[0])
+    plan = layer.plan
+    for bad, message in [((sums[0], None), "both projections or neither"),
+                         ((sums[0][:, :, :0], sums[1]), "weight sums must be contiguous int32"),
+                         ((sums[0].float(), sums[1]), "weight sums must be contiguous int32")]:
+        layer.plan = replace(plan, weight_sums=bad)
+        with pytest.raises(RuntimeError, match=message):
+            layer(x, weights, ids)
+    int4 = _native(_layer("int4", dtype), kernel_ops, sys.maxsize)
+    int4.plan = replace(int4.plan, weight_sums=sums)
+    with pytest.raises(RuntimeError, match="weight sums are int8's"):
+        int4(x, weights, ids)
+    assert int4.method.int8_activation_sums(int4) is None
+
+
 @pytest.mark.parametrize("fmt,quantize", [
     ("int8", lambda w: quantize_int8(w, torch.bfloat16)),
     ("int4", lambda w: quantize_int4(w, GROUP_SIZE, torch.bfloat16))])
@@ -263,3 +322,45 @@ def test_kernel_refuses_what_it_cannot_read(kernel_ops):
     layer.plan = replace(plan, activation=("relu", 0.0, 0.0))
     with pytest.raises(RuntimeError, match="activation must be silu, gelu_tanh or clamped_swiglu"):
         layer(x, weights, torch.tensor([[0, 1], [2, 3], [3, 4]]))
+
+
+@pytest.mark.parametrize("winner", ["float", "int8"])
+def test_the_tuning_takes_int8_activations_where_they_measure_faster(kernel_ops, monkeypatch,
+                                                                     winner):
+    """bf16 int8 experts: the tuning offers the GEMV loops on x quantized to int8 once they
+    compute a sample as the PyTorch path does, and keeps whichever measured faster (the
+    measurement forced here), each layer with its own weight sums; float32 models and int4
+    experts are never offered them."""
+    from kvflow.kernels import tuning
+
+    class Cache:
+        def get(self, key, measure):
+            return measure()
+
+    # Measurements are the tuning's own business: here each choice is forced, the variants'
+    # and the GEMV rows' (to the first, and 2) as well as the activations'.
+    monkeypatch.setattr(tuning, "_fastest", lambda candidates, run: (
+        winner if set(candidates) == {"float", "int8"} else candidates[0]))
+    monkeypatch.setattr(tuning, "_expert_gemv_max_rows", lambda layers: 2)
+    layers = torch.nn.ModuleList([_native(_layer("int8", torch.bfloat16, seed=s), kernel_ops,
+                                          sys.maxsize) for s in range(2)])
+    tuning._plan_experts(layers, Cache())
+    weights, ids = _choices("ragged", 2)
+    x = torch.randn(ids.shape[0], HIDDEN, generator=torch.Generator().manual_seed(5))
+    x = x.to(torch.bfloat16)
+    counts = torch.bincount(ids.flatten(), minlength=EXPERTS)
+    for layer in layers:
+        rounded = frozenset()
+        if winner == "float":
+            assert layer.plan.weight_sums is None
+        else:
+            expected = layer.method.int8_activation_sums(layer)
+            assert all(torch.equal(a, b) for a, b in zip(layer.plan.weight_sums, expected))
+            rounded = frozenset(e for e in range(EXPERTS)
+                                if counts[e] <= layer.plan.gemv_max_rows)
+        _close(layer(x, weights, ids), _reference(layer, x, weights, ids, rounded),
+               torch.bfloat16)
+    for fmt, dtype in (("int8", torch.float32), ("int4", torch.bfloat16)):
+        layer = _native(_layer(fmt, dtype), kernel_ops, sys.maxsize)
+        tuning._plan_experts(torch.nn.ModuleList([layer]), Cache())
+        assert layer.plan.weight_sums is None

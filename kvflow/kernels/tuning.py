@@ -31,7 +31,7 @@ import logging
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from types import ModuleType
 from typing import TypeVar
@@ -44,14 +44,16 @@ from kvflow.cache import cache_root, write_atomically
 from kvflow.kernels import variants
 from kvflow.kernels.variants import GemvVariant
 from kvflow.layers.linear import Linear
-from kvflow.layers.moe import FusedMoE
+from kvflow.layers.moe import ExpertPlan, FusedMoE
 from kvflow.layers.native import NativeKernelHook
-from kvflow.quantization.base import QuantizedKernel, QuantizedLinearMethod, QuantizedPlan
+from kvflow.quantization.base import (INT8_ACTIVATION_DTYPES, QuantizedKernel,
+                                      QuantizedLinearMethod, QuantizedPlan)
 from kvflow.quantization.unquantized import LinearPlan, UnquantizedLinearMethod
 from kvflow.worker.kv_cache import available_host_memory
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+K = TypeVar("K")
 
 NATIVE_DTYPES = (torch.float32, torch.bfloat16)
 GEMV_ROWS = (1, 2, 4, 8, 16)  # batch sizes tried; the GEMV is used up to the last one it wins
@@ -344,6 +346,18 @@ def _plan_experts(model: nn.Module, cache: _ChoiceCache) -> None:
         if layers[0].gate_up_proj.dtype != torch.uint8:  # int4 weights are one stream anyway
             variant = GemvVariant.parse(cache.get(f"expert GEMV variant {label}",
                                                   lambda: str(_expert_variant(layers))))
+        sums = _int8_activation_sums(layers)
+        if sums is not None:
+            q8 = GemvVariant.parse(cache.get(
+                f"expert GEMV variant {label} int8 activations",
+                lambda: str(_expert_variant(layers, sums))))
+            activations = cache.get(
+                f"expert activations {label}: {variant} or int8 {q8}",
+                lambda: _expert_activations(layers, variant, q8, sums))
+            if activations == "int8":
+                variant = q8
+                for layer, layer_sums in zip(layers, sums):
+                    layer.plan = replace(layer.plan, weight_sums=layer_sums)
         for layer in layers:
             layer.plan = replace(layer.plan, variant=variant)
         rows = cache.get(f"expert GEMV rows {label} {variant}",
@@ -354,29 +368,70 @@ def _plan_experts(model: nn.Module, cache: _ChoiceCache) -> None:
                      label, variant, rows)
 
 
-def _expert_variant(layers: list[FusedMoE]) -> GemvVariant:
-    """The variant fastest at a decode step's shape: one row for each of EXPERTS_MEASURED
-    experts, on layers up to VARIANT_SAMPLE_BYTES of weights."""
+def _int8_activation_sums(layers: list[FusedMoE]
+                          ) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """Each layer's weight sums for GEMV loops that take x quantized to int8, where the
+    model's dtype allows rounding x so (INT8_ACTIVATION_DTYPES, as for the dense layers),
+    the method has such loops and they compute a sample as the PyTorch path does."""
+    first = layers[0]
+    dtype = next(p.dtype for p in first.parameters() if p.is_floating_point())
+    if dtype not in INT8_ACTIVATION_DTYPES or first.method.int8_activation_sums(first) is None:
+        return None
+    sums = [layer.method.int8_activation_sums(layer) for layer in layers]
+    plan = first.plan
+    try:
+        if not first.computes_like_pytorch(replace(plan, weight_sums=sums[0])):
+            return None
+    finally:
+        first.plan = plan
+    return sums
+
+
+def _decode_step(layers: list[FusedMoE]
+                 ) -> Callable[[Callable[[int, ExpertPlan], ExpertPlan]], None]:
+    """A decode step's shape, one row for each of EXPERTS_MEASURED experts, on the first
+    layers up to VARIANT_SAMPLE_BYTES of the weights it reads: step(plan_of) runs it
+    with the plan of sampled layer i (the layers' i-th) replaced by plan_of(i, plan), all
+    rows through the GEMV loops, then puts the plans back."""
     sample = _memory_sample(layers, lambda layer: sum(
         p.numel() * p.element_size() for p in layer.parameters()) * min(
             EXPERTS_MEASURED, layer.num_experts) // layer.num_experts)
     first = sample[0]
-    plans = [layer.plan for layer in sample]
     experts = min(EXPERTS_MEASURED, first.num_experts)
     dtype = next(p.dtype for p in first.parameters() if p.is_floating_point())
     ids = torch.arange(experts)[None, :]
     weights = torch.ones(ids.shape)
     x = torch.randn(1, first.hidden_size).to(dtype)
 
-    def run(variant: GemvVariant) -> None:
-        for layer, plan in zip(sample, plans):
-            layer.plan = replace(plan, variant=variant, gemv_max_rows=sys.maxsize)
-            layer(x, weights, ids)
-    try:
-        return _fastest_variant(run)
-    finally:
-        for layer, plan in zip(sample, plans):
-            layer.plan = plan
+    def step(plan_of: Callable[[int, ExpertPlan], ExpertPlan]) -> None:
+        for i, layer in enumerate(sample):
+            plan = layer.plan
+            layer.plan = replace(plan_of(i, plan), gemv_max_rows=sys.maxsize)
+            try:
+                layer(x, weights, ids)
+            finally:
+                layer.plan = plan
+    return step
+
+
+def _expert_variant(layers: list[FusedMoE],
+                    sums: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+                    ) -> GemvVariant:
+    """The variant fastest at a decode step (with x quantized to int8, given each layer's
+    weight sums)."""
+    step = _decode_step(layers)
+    return _fastest(variants.CANDIDATES, lambda variant: step(lambda i, plan: replace(
+        plan, variant=variant, weight_sums=sums[i] if sums else None)))
+
+
+def _expert_activations(layers: list[FusedMoE], variant: GemvVariant, q8: GemvVariant,
+                        sums: list[tuple[torch.Tensor, torch.Tensor]]) -> str:
+    """"float" or "int8": whether a decode step ran faster with x as it is (through
+    `variant`) or quantized to int8 (through `q8`)."""
+    step = _decode_step(layers)
+    plans = {"float": lambda i, plan: replace(plan, variant=variant, weight_sums=None),
+             "int8": lambda i, plan: replace(plan, variant=q8, weight_sums=sums[i])}
+    return _fastest(tuple(plans), lambda name: step(plans[name]))
 
 
 def _expert_gemv_max_rows(layers: list[FusedMoE]) -> int:
@@ -487,16 +542,20 @@ def _run_gemvs(ops: ModuleType, weights: list[torch.Tensor], variant: GemvVarian
 
 
 def _fastest_variant(run: Callable[[GemvVariant], object]) -> GemvVariant:
-    """The candidate variant under which run was fastest: medians of VARIANT_ROUNDS
-    rounds, the variants timed in alternation so that other load falls on all alike."""
-    times: dict[GemvVariant, list[float]] = defaultdict(list)
+    return _fastest(variants.CANDIDATES, run)
+
+
+def _fastest(candidates: Sequence[K], run: Callable[[K], object]) -> K:
+    """The candidate under which run was fastest: medians of VARIANT_ROUNDS rounds, the
+    candidates timed in alternation so that other load falls on all alike."""
+    times: dict[K, list[float]] = defaultdict(list)
     for round_ in range(VARIANT_ROUNDS + 1):  # the first round warms up
-        for variant in variants.CANDIDATES:
+        for candidate in candidates:
             start = time.perf_counter()
-            run(variant)
+            run(candidate)
             if round_:
-                times[variant].append(time.perf_counter() - start)
-    return min(variants.CANDIDATES, key=lambda v: sorted(times[v])[len(times[v]) // 2])
+                times[candidate].append(time.perf_counter() - start)
+    return min(candidates, key=lambda c: sorted(times[c])[len(times[c]) // 2])
 
 
 def _gemv_max_rows(weights: list[torch.Tensor], ops: ModuleType, variant: GemvVariant) -> int:

@@ -112,6 +112,10 @@ class ExpertPlan:
     scales: tuple[torch.Tensor | None, torch.Tensor | None]
     activation: tuple[str, float, float]  # the kernel's name for it, alpha, limit
     variant: GemvVariant = DEFAULT  # how the GEMV loops read the weights (not int4's)
+    # int8 experts' weight sums per block of x's columns (gate_up's, down's), where the
+    # GEMV loops take x quantized to int8 and multiply integers (the method's
+    # int8_activation_sums; kvflow/kernels/tuning.py chooses by measuring); None: x as is
+    weight_sums: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 class ExpertMethod(ABC):
@@ -132,6 +136,12 @@ class ExpertMethod(ABC):
     def kernel_scales(self, layer: FusedMoE) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """What the native kernel reads beside gate_up's and down's weights: None for
         weights in the model's dtype, int8's scales, int4's scales blocked."""
+
+    def int8_activation_sums(self, layer: FusedMoE
+                             ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """What the native kernel's GEMV loops read to take x quantized to int8 (an
+        ExpertPlan's weight_sums), or None where the format has no such loops."""
+        return None
 
     def columns_of(self, weight: torch.Tensor, first: int,
                    width: int) -> torch.Tensor | PrequantizedWeight:
@@ -159,11 +169,12 @@ class ExpertMethod(ABC):
         over those experts, none over tokens)."""
         plan = layer.plan
         if plan is not None:
+            sums = plan.weight_sums or (None, None)
             return plan.ops.moe_experts(x, weights, ids, layer.gate_up_proj, plan.scales[0],
                                         layer.gate_up_proj_bias, layer.down_proj,
                                         plan.scales[1], layer.down_proj_bias, *plan.activation,
                                         plan.gemv_max_rows, plan.variant.streams,
-                                        plan.variant.prefetch)
+                                        plan.variant.prefetch, *sums)
         groups = ExpertGroups.of(ids, layer.num_experts)
         rows = x[groups.token_ids]
         out = x.new_empty(ids.numel(), layer.hidden_size)  # [tokens * top_k] in choice order
@@ -335,12 +346,12 @@ class FusedMoE(nn.Module, NativeKernelHook):
         if activation is None:
             return False
         plan = ExpertPlan(ops, sys.maxsize, self.method.kernel_scales(self), activation)
-        if not self._computes_like_pytorch(plan):
+        if not self.computes_like_pytorch(plan):
             return False
         self.plan = plan
         return True
 
-    def _computes_like_pytorch(self, plan: ExpertPlan) -> bool:
+    def computes_like_pytorch(self, plan: ExpertPlan) -> bool:
         """Whether the kernel, through its GEMV loops and through its GEMMs, computes a
         sample as the PyTorch path does: a kernel this build lacks, or whose layout this
         code has wrong, is never used."""

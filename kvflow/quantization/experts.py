@@ -18,7 +18,7 @@ from kvflow.quantization.base import PrequantizedWeight, add_parameter
 from kvflow.quantization.int4 import (PACK_BLOCK, ROW_BLOCK, blocked_scales, dequantize_int4,
                                       layout, quantize_int4)
 from kvflow.quantization.int8 import LAYOUT as INT8_LAYOUT
-from kvflow.quantization.int8 import dequantize_int8, quantize_int8
+from kvflow.quantization.int8 import dequantize_int8, quantize_int8, weight_block_sums
 
 
 class Int8ExpertMethod(ExpertMethod):
@@ -42,6 +42,17 @@ class Int8ExpertMethod(ExpertMethod):
 
     def kernel_scales(self, layer: FusedMoE) -> tuple[torch.Tensor, torch.Tensor]:
         return layer.gate_up_proj_scale, layer.down_proj_scale
+
+    def int8_activation_sums(self, layer: FusedMoE
+                             ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Each expert's rows' weight sums per block of x's columns, as the dense int8
+        layers' native_int8_activations kernel reads them (None where the columns do not
+        make whole blocks or the rows whole groups of 4)."""
+        try:
+            return tuple(weight_block_sums(w.reshape(-1, w.shape[-1])).view(*w.shape[:2], -1)
+                         for w in (layer.gate_up_proj, layer.down_proj))
+        except ValueError:
+            return None
 
     def columns_of(self, weight: torch.Tensor, first: int,
                    width: int) -> PrequantizedWeight:

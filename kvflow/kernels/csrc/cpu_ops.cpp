@@ -732,53 +732,80 @@ void int8_group_q8(const uint8_t* xu, const float* xscale, const int8_t* w,
 }
 #endif
 
+// x's rows quantized for the int8 x int8 products: the activations, and under VNNI their
+// unsigned copy (q + 128) that vpdpbusd takes.
+struct Int8Inputs {
+  Int8Activations a;
+  std::vector<uint8_t> xu;  // [M, K], VNNI builds only
+  int64_t K, B;
+};
+
+template <typename T>
+Int8Inputs int8_inputs(const T* x, int64_t M, int64_t K, int64_t B) {
+  Int8Inputs in{quantize_activations(x, M, K, B), {}, K, B};
+#ifdef KVFLOW_VNNI
+  in.xu.resize(M * K);
+  for (int64_t i = 0; i < M * K; ++i) in.xu[i] = static_cast<uint8_t>(in.a.q[i] + 128);
+#endif
+  return in;
+}
+
+// sums[m][r] = x row m0 + m (m < mb) . int8 weight row r (r < R; rows K apart from w),
+// wsum the rows' block sums [R, K / B]: each block's integer dot times x's block scale,
+// before the weight's row scale.
+template <int R>
+void int8_q8_sums(const Int8Inputs& in, int64_t m0, int64_t mb, const int8_t* w,
+                  const int32_t* wsum, int64_t prefetch, float (*sums)[kGemvRows]) {
+  const int64_t K = in.K, B = in.B, blocks = K / B;
+#ifdef KVFLOW_VNNI
+  const auto args = std::make_tuple(in.xu.data() + m0 * K, in.a.scale.data() + m0 * blocks, w,
+                                    sums, K, B, prefetch);
+  switch (mb) {
+    case 1: std::apply(int8_group_q8<1, R>, args); break;
+    case 2: std::apply(int8_group_q8<2, R>, args); break;
+    case 3: std::apply(int8_group_q8<3, R>, args); break;
+    default: std::apply(int8_group_q8<4, R>, args); break;
+  }
+#endif
+  for (int64_t m = 0; m < mb; ++m) {
+    const float* xs = in.a.scale.data() + (m0 + m) * blocks;
+    for (int64_t r = 0; r < R; ++r) {
+      float s = 0.f;
+#ifdef KVFLOW_VNNI
+      s = sums[m][r];
+      for (int64_t b = 0; b < blocks; ++b) s -= 128.f * xs[b] * wsum[r * blocks + b];
+#else
+      const int8_t* xq = in.a.q.data() + (m0 + m) * K;
+      for (int64_t b = 0; b < blocks; ++b) {
+        int32_t dot = 0;
+        for (int64_t k = b * B; k < (b + 1) * B; ++k) dot += xq[k] * w[r * K + k];
+        s += xs[b] * dot;
+      }
+#endif
+      sums[m][r] = s;
+    }
+  }
+}
+
 template <typename T, int R>
 void int8_q8_impl(const T* x, const int8_t* w, const T* scale, const int32_t* wsum,
                   const T* bias, T* y, int64_t M, int64_t N, int64_t K, int64_t B,
                   int64_t prefetch) {
-  const int64_t blocks = K / B;
-  const Int8Activations a = quantize_activations(x, M, K, B);
-#ifdef KVFLOW_VNNI
-  std::vector<uint8_t> xu(M * K);
-  for (int64_t i = 0; i < M * K; ++i) xu[i] = static_cast<uint8_t>(a.q[i] + 128);
-#endif
+  const Int8Inputs in = int8_inputs(x, M, K, B);
   at::parallel_for(0, N / R, 64 / R, [&](int64_t begin, int64_t end) {
     float sums[kGemvCols][kGemvRows];
     for (int64_t group = begin; group < end; ++group) {
       const int64_t n0 = group * R;
       for (int64_t m0 = 0; m0 < M; m0 += kGemvCols) {
         const int64_t mb = std::min(kGemvCols, M - m0);
-#ifdef KVFLOW_VNNI
-        const auto args = std::make_tuple(xu.data() + m0 * K, a.scale.data() + m0 * blocks,
-                                          w + n0 * K, sums, K, B, prefetch);
-        switch (mb) {
-          case 1: std::apply(int8_group_q8<1, R>, args); break;
-          case 2: std::apply(int8_group_q8<2, R>, args); break;
-          case 3: std::apply(int8_group_q8<3, R>, args); break;
-          default: std::apply(int8_group_q8<4, R>, args); break;
-        }
-#endif
-        for (int64_t m = 0; m < mb; ++m) {
-          const float* xs = a.scale.data() + (m0 + m) * blocks;
+        int8_q8_sums<R>(in, m0, mb, w + n0 * K, wsum + n0 * (K / B), prefetch, sums);
+        for (int64_t m = 0; m < mb; ++m)
           for (int64_t r = 0; r < R; ++r) {
             const int64_t n = n0 + r;
-            float s = 0.f;
-#ifdef KVFLOW_VNNI
-            s = sums[m][r];
-            for (int64_t b = 0; b < blocks; ++b) s -= 128.f * xs[b] * wsum[n * blocks + b];
-#else
-            const int8_t* xq = a.q.data() + (m0 + m) * K;
-            for (int64_t b = 0; b < blocks; ++b) {
-              int32_t dot = 0;
-              for (int64_t k = b * B; k < (b + 1) * B; ++k) dot += xq[k] * w[n * K + k];
-              s += xs[b] * dot;
-            }
-#endif
-            s *= to_f32(scale[n]);
-            if (bias) s += to_f32(bias[n]);
-            y[(m0 + m) * N + n] = from_f32<T>(s);
+            float v = sums[m][r] * to_f32(scale[n]);
+            if (bias) v += to_f32(bias[n]);
+            y[(m0 + m) * N + n] = from_f32<T>(v);
           }
-        }
       }
     }
   });
@@ -1695,6 +1722,10 @@ struct ExpertProjection {
   const T* bias;
   int64_t N, K, G;  // G: the int4 group size
   GemvVariant variant;  // how the GEMV loops read a T or int8 weight (int4's is one stream)
+  // int8 weights' block sums [E, N, K / B] where the GEMV loops take x quantized to int8 in
+  // blocks of B columns (the int8_gemv_q8 products); null: x as floats
+  const int32_t* wsum = nullptr;
+  int64_t B = 0;
 
   int64_t groups() const { return kInt4 ? K / G : 0; }
   const W* weight(int64_t e) const { return w + e * N * (kInt4 ? K / 2 : K); }
@@ -1706,11 +1737,33 @@ struct ExpertProjection {
 };
 
 // sums[m][r] = row m of x (m < mb, at most 4) . expert e's weight row n0 + r (r < rows),
-// scaled; x comes as T, as float32 (xf) and, for int4, summed per group (xsum).
+// scaled; x comes as T, as float32 (xf), for int4 summed per group (xsum), and where
+// the projection takes int8 activations as q8's rows row .. row + mb.
 template <typename T, typename W>
 void expert_sums(const ExpertProjection<T, W>& p, int64_t e, const T* x, const float* xf,
-                 const float* xsum, int64_t n0, int64_t rows, int64_t mb,
-                 float (*sums)[kInt4Rows]) {
+                 const float* xsum, const Int8Inputs* q8, int64_t row, int64_t n0,
+                 int64_t rows, int64_t mb, float (*sums)[kInt4Rows]) {
+  if constexpr (std::is_same_v<W, int8_t>) {
+    if (p.wsum != nullptr) {
+      float s[kGemvCols][kGemvRows];
+      const int8_t* w = p.weight(e) + n0 * p.K;
+      const int32_t* wsum = p.wsum + (e * p.N + n0) * (p.K / p.B);
+      if (p.variant.streams == 1 || rows < kGemvRows) {
+        for (int64_t r = 0; r < rows; ++r) {
+          float one[kGemvCols][kGemvRows];
+          int8_q8_sums<1>(*q8, row, mb, w + r * p.K, wsum + r * (p.K / p.B),
+                          p.variant.prefetch, one);
+          for (int64_t m = 0; m < mb; ++m) s[m][r] = one[m][0];
+        }
+      } else {
+        int8_q8_sums<kGemvRows>(*q8, row, mb, w, wsum, p.variant.prefetch, s);
+      }
+      const T* scale = p.scales_of(e);
+      for (int64_t m = 0; m < mb; ++m)
+        for (int64_t r = 0; r < rows; ++r) sums[m][r] = s[m][r] * to_f32(scale[n0 + r]);
+      return;
+    }
+  }
   if constexpr (ExpertProjection<T, W>::kInt4) {
     const Int4Scales<T> scales = p.int4_scales(e);
     int4_block_sums<T>(x, xf, xsum, p.weight(e), n0, scales, scales.block(n0 / kInt4Rows), mb,
@@ -1732,6 +1785,27 @@ void expert_sums(const ExpertProjection<T, W>& p, int64_t e, const T* x, const f
     for (int64_t m = 0; m < mb; ++m)
       for (int64_t r = 0; r < rows; ++r)
         sums[m][r] = scale ? s[m][r] * to_f32(scale[n0 + r]) : s[m][r];
+  }
+}
+
+// Output rows per work item of the GEMV experts: a run long enough that a thread streams
+// each weight from memory for a while (gate's rows, then up's) before it jumps elsewhere
+// (4-row items, one jump per 8 KB of a bf16 row, read at 15 GB/s a core on a Zen 4 where
+// the dense GEMVs read 30); a multiple of the GEMVs' groups and of int4's blocks.
+constexpr int64_t kItemRows = 32;
+
+// expert_sums over an item's rows n0 .. n0 + width (width <= kItemRows), one group or
+// int4 block at a time: the same sums, row by row, as expert_sums gives.
+template <typename T, typename W>
+void expert_item_sums(const ExpertProjection<T, W>& p, int64_t e, const T* x, const float* xf,
+                      const float* xsum, const Int8Inputs* q8, int64_t row, int64_t n0,
+                      int64_t width, int64_t mb, float (*sums)[kItemRows]) {
+  float part[kInt4Cols][kInt4Rows];
+  for (int64_t r0 = 0; r0 < width; r0 += ExpertProjection<T, W>::kRows) {
+    const int64_t rows = std::min(ExpertProjection<T, W>::kRows, width - r0);
+    expert_sums(p, e, x, xf, xsum, q8, row, n0 + r0, rows, mb, part);
+    for (int64_t m = 0; m < mb; ++m)
+      for (int64_t r = 0; r < rows; ++r) sums[m][r0 + r] = part[m][r];
   }
 }
 
@@ -1851,15 +1925,17 @@ void moe_experts_impl(const torch::Tensor& x, const float* weights, const int64_
   std::vector<float> xf_buffer, xsum_buffer;
   const float* xf = gemv_inputs<T, P::kInt4>(xsp, gemv_rows, hidden, gate_up.G, xf_buffer,
                                              xsum_buffer);
-  expert_row_blocks(gemv_experts, counts, start, inner, P::kRows,
+  const Int8Inputs xq = gate_up.wsum ? int8_inputs(xsp, gemv_rows, hidden, gate_up.B)
+                                     : Int8Inputs{};
+  expert_row_blocks(gemv_experts, counts, start, inner, kItemRows,
                     [&](int64_t e, int64_t n0, int64_t width, int64_t row, int64_t mb) {
-    float gate[kInt4Cols][kInt4Rows], up[kInt4Cols][kInt4Rows];
-    T g[kInt4Rows], u[kInt4Rows];
+    float gate[kInt4Cols][kItemRows], up[kInt4Cols][kItemRows];
+    T g[kItemRows], u[kItemRows];
     const T* xr = xsp + row * hidden;
     const float* xfr = xf + row * hidden;
     const float* xsum = P::kInt4 ? xsum_buffer.data() + row * gate_up.groups() : nullptr;
-    expert_sums(gate_up, e, xr, xfr, xsum, n0, width, mb, gate);
-    expert_sums(gate_up, e, xr, xfr, xsum, inner + n0, width, mb, up);
+    expert_item_sums(gate_up, e, xr, xfr, xsum, &xq, row, n0, width, mb, gate);
+    expert_item_sums(gate_up, e, xr, xfr, xsum, &xq, row, inner + n0, width, mb, up);
     for (int64_t m = 0; m < mb; ++m) {
       for (int64_t r = 0; r < width; ++r) {
         g[r] = from_f32<T>(gate[m][r] + gate_up.bias_at(e, n0 + r));
@@ -1871,12 +1947,13 @@ void moe_experts_impl(const torch::Tensor& x, const float* weights, const int64_
   std::vector<float> hf_buffer, hsum_buffer;
   const float* hf = gemv_inputs<T, P::kInt4>(hsp, gemv_rows, inner, down.G, hf_buffer,
                                              hsum_buffer);
-  expert_row_blocks(gemv_experts, counts, start, hidden, P::kRows,
+  const Int8Inputs hq = down.wsum ? int8_inputs(hsp, gemv_rows, inner, down.B) : Int8Inputs{};
+  expert_row_blocks(gemv_experts, counts, start, hidden, kItemRows,
                     [&](int64_t e, int64_t n0, int64_t width, int64_t row, int64_t mb) {
-    float sums[kInt4Cols][kInt4Rows];
-    expert_sums(down, e, hsp + row * inner, hf + row * inner,
-                P::kInt4 ? hsum_buffer.data() + row * down.groups() : nullptr, n0, width, mb,
-                sums);
+    float sums[kInt4Cols][kItemRows];
+    expert_item_sums(down, e, hsp + row * inner, hf + row * inner,
+                     P::kInt4 ? hsum_buffer.data() + row * down.groups() : nullptr, &hq, row,
+                     n0, width, mb, sums);
     for (int64_t m = 0; m < mb; ++m)
       for (int64_t r = 0; r < width; ++r)
         ysp[(row + m) * hidden + n0 + r] = from_f32<T>(sums[m][r] + down.bias_at(e, n0 + r));
@@ -1924,6 +2001,7 @@ template <typename T, typename W>
 ExpertProjection<T, W> expert_projection(const torch::Tensor& w,
                                          const c10::optional<torch::Tensor>& scales,
                                          const c10::optional<torch::Tensor>& bias,
+                                         const c10::optional<torch::Tensor>& wsum,
                                          int64_t experts, int64_t N, int64_t K,
                                          const char* name, GemvVariant variant) {
   using P = ExpertProjection<T, W>;
@@ -1959,7 +2037,19 @@ ExpertProjection<T, W> expert_projection(const torch::Tensor& w,
     }
     scale_ptr = scales->data_ptr<T>();
   }
-  return {w.data_ptr<W>(), scale_ptr, bias ? bias->data_ptr<T>() : nullptr, N, K, G, variant};
+  P p{w.data_ptr<W>(), scale_ptr, bias ? bias->data_ptr<T>() : nullptr, N, K, G, variant};
+  if (wsum) {
+    TORCH_CHECK((std::is_same_v<W, int8_t>), "moe_experts: ", name, " weight sums are int8's");
+    TORCH_CHECK(wsum->device().is_cpu() && wsum->is_contiguous() &&
+                    wsum->scalar_type() == at::kInt && wsum->dim() == 3 &&
+                    wsum->size(0) == experts && wsum->size(1) == N && wsum->size(2) > 0 &&
+                    K % wsum->size(2) == 0 && (K / wsum->size(2)) % 64 == 0,
+                "moe_experts: ", name, " weight sums must be contiguous int32 [experts, ", N,
+                ", blocks], blocks of a multiple of 64 columns");
+    p.wsum = wsum->data_ptr<int32_t>();
+    p.B = K / wsum->size(2);
+  }
+  return p;
 }
 
 torch::Tensor moe_experts(torch::Tensor x, torch::Tensor weights, torch::Tensor ids,
@@ -1968,7 +2058,8 @@ torch::Tensor moe_experts(torch::Tensor x, torch::Tensor weights, torch::Tensor 
                           c10::optional<torch::Tensor> down_scales,
                           c10::optional<torch::Tensor> down_bias, const std::string& activation,
                           double alpha, double limit, int64_t gemv_max_rows, int64_t streams,
-                          int64_t prefetch) {
+                          int64_t prefetch, c10::optional<torch::Tensor> gate_up_wsum,
+                          c10::optional<torch::Tensor> down_wsum) {
   for (const auto* t : {&x, &weights, &ids, &gate_up, &down}) check_cpu(*t, "moe_experts");
   const GemvVariant variant = gemv_variant(streams, prefetch);
   TORCH_CHECK(x.dim() == 2 && weights.dim() == 2 && ids.sizes() == weights.sizes() &&
@@ -1994,10 +2085,13 @@ torch::Tensor moe_experts(torch::Tensor x, torch::Tensor weights, torch::Tensor 
     using T = decltype(tag);
     auto run = [&](auto weight_tag) {
       using W = decltype(weight_tag);
-      const auto gu = expert_projection<T, W>(gate_up, gate_up_scales, gate_up_bias, experts,
-                                              2 * inner, hidden, "gate_up", variant);
-      const auto dn = expert_projection<T, W>(down, down_scales, down_bias, experts, hidden,
-                                              inner, "down", variant);
+      const auto gu = expert_projection<T, W>(gate_up, gate_up_scales, gate_up_bias,
+                                              gate_up_wsum, experts, 2 * inner, hidden,
+                                              "gate_up", variant);
+      const auto dn = expert_projection<T, W>(down, down_scales, down_bias, down_wsum, experts,
+                                              hidden, inner, "down", variant);
+      TORCH_CHECK(!gu.wsum == !dn.wsum, "moe_experts: weight sums for both projections or "
+                  "neither");
       moe_experts_impl<T, W>(x, weights.data_ptr<float>(), ids.data_ptr<int64_t>(),
                              ids.size(1), experts, gu, dn, act, gemv_max_rows,
                              out.data_ptr<T>());
@@ -2071,6 +2165,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("gate_up_scales"), py::arg("gate_up_bias"), py::arg("down"),
         py::arg("down_scales"), py::arg("down_bias"), py::arg("activation"), py::arg("alpha"),
         py::arg("limit"), py::arg("gemv_max_rows"), py::arg("streams") = kGemvRows,
-        py::arg("prefetch") = kPrefetchBytes);
+        py::arg("prefetch") = kPrefetchBytes, py::arg("gate_up_wsum") = py::none(),
+        py::arg("down_wsum") = py::none());
   m.def("vector_paths", &vector_paths, "which vector paths were compiled: avx512 (+bf16, +vnni) or scalar");
 }
