@@ -272,10 +272,10 @@ def test_unsupported_architecture_is_named(checkpoint, tmp_path):
 
 
 def test_unknown_rope_type_is_named(checkpoint, tmp_path):
-    yarn = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 2.0}
-    broken = _copy_with_config(checkpoint("llama-gqa"), tmp_path / "yarn",
-                               lambda c: c.update(rope_parameters=yarn))
-    with pytest.raises(ValueError, match="'yarn' is not supported"):
+    dynamic = {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}
+    broken = _copy_with_config(checkpoint("llama-gqa"), tmp_path / "dynamic",
+                               lambda c: c.update(rope_parameters=dynamic))
+    with pytest.raises(ValueError, match="'dynamic' is not supported"):
         LLM(broken, kv_cache_memory="4MiB")
 
 
