@@ -64,6 +64,25 @@ def gguf_file(checkpoint, tmp_path_factory):
     return make
 
 
+def checkpoint_with(source: Path, out: Path, tensors: dict[str, torch.Tensor],
+                    config: dict | None = None) -> Path:
+    """A copy of the checkpoint at `source` in the new directory `out` holding `tensors`
+    as its weights, with `config`'s keys set in its config.json."""
+    import json
+
+    from safetensors.torch import save_file
+
+    out.mkdir()
+    for file in source.iterdir():
+        if file.suffix != ".safetensors":
+            (out / file.name).write_bytes(file.read_bytes())
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    if config:
+        hf_config = json.loads((source / "config.json").read_text())
+        (out / "config.json").write_text(json.dumps({**hf_config, **config}))
+    return out
+
+
 def rewrite_gguf(source, out, arch=None, tensor=None, extra=None, metadata=None):
     """A copy of a GGUF file with its architecture renamed, `tensor(name, array, type) ->
     (array, type)` applied to each tensor (None drops it), F32 tensors added, or metadata

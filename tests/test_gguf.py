@@ -22,10 +22,10 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
 from gguf.quants import dequantize as gguf_dequantize
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from checkpoints import MOE_VARIANTS
-from conftest import random_prompts, rewrite_gguf
+from conftest import checkpoint_with, random_prompts, rewrite_gguf
 from kvflow import LLM, SamplingParams
 from kvflow.bench.gguf_quants import quantize
 from kvflow.models.config import ModelConfig
@@ -244,12 +244,7 @@ def _dequantized_reference(gguf_path, source, out, plan=None):
             if plan is not None and plan.method_of(key) == "int8":
                 q, scale = quantize_int8(weights[key], torch.float32)
                 weights[key] = q.float() * scale[:, None]
-    out.mkdir()
-    for file in source.iterdir():
-        if file.suffix != ".safetensors":
-            (out / file.name).write_bytes(file.read_bytes())
-    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
-    return out
+    return checkpoint_with(source, out, weights)
 
 
 def _logprobs(model, **options) -> tuple[list[torch.Tensor], set[str]]:
@@ -315,12 +310,7 @@ def test_gpt_oss_mxfp4_file(gguf_file, tmp_path, caplog):
         weights[f"{prefix}.gate_up_proj"] = torch.stack([gate[1], up[1]], dim=2).flatten(1, 2) \
             .transpose(1, 2).contiguous()
         weights[f"{prefix}.down_proj"] = down[1].transpose(1, 2).contiguous()
-    reference = tmp_path / "reference"
-    reference.mkdir()
-    for file in source.iterdir():
-        if file.suffix != ".safetensors":
-            (reference / file.name).write_bytes(file.read_bytes())
-    save_file(weights, reference / "model.safetensors")
+    reference = checkpoint_with(source, tmp_path / "reference", weights)
     prompts = [{"prompt_token_ids": p} for p in random_prompts(3, seed=7, low=20, high=40)]
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     reference_llm = LLM(str(reference), dtype="float32", device="cpu", kv_cache_memory="8MiB")

@@ -9,11 +9,12 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from checkpoints import MOE_VARIANTS
-from conftest import (assert_greedy_matches, assert_no_leak, chunked_and_preempted,
-                      generate_greedy, hf_greedy, prompt_logprobs, random_prompts)
+from conftest import (assert_greedy_matches, assert_no_leak, checkpoint_with,
+                      chunked_and_preempted, generate_greedy, hf_greedy, prompt_logprobs,
+                      random_prompts)
 from kvflow import LLM, SamplingParams, StructuredOutputsParams
 from kvflow.layers.activation import ClampedSwiGLU, SiluAndMul
 from kvflow.layers.moe import FusedMoE, TopKRouter
@@ -297,11 +298,7 @@ def test_stacked_checkpoint_and_a_missing_expert(references, tmp_path):
         stacked[f"{prefix}.down_proj"] = down
     del missing["model.layers.2.mlp.experts.5.up_proj.weight"]
     for name, contents in (("stacked", stacked), ("missing", missing)):
-        (tmp_path / name).mkdir()
-        for file in path.iterdir():
-            if file.suffix != ".safetensors":
-                (tmp_path / name / file.name).write_bytes(file.read_bytes())
-        save_file(contents, tmp_path / name / "model.safetensors")
+        checkpoint_with(path, tmp_path / name, contents)
     _, tokens = generate_greedy(tmp_path / "stacked", prompts, GREEDY)
     assert_greedy_matches(tokens, reference, MAX_TOKENS)
     with pytest.raises(ValueError, match=r"lacks 1 tensors.*layers\.2\.mlp\.experts\."
@@ -398,21 +395,6 @@ def _to_mxfp4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
     return blocks, (exponents + 127).to(torch.uint8), values
 
 
-def _copy_with(path, tmp_path, name, tensors, config=None):
-    out = tmp_path / name
-    out.mkdir()
-    for file in path.iterdir():
-        if file.suffix != ".safetensors":
-            (out / file.name).write_bytes(file.read_bytes())
-    save_file(tensors, out / "model.safetensors")
-    if config is not None:
-        import json
-
-        (out / "config.json").write_text(json.dumps(
-            {**json.loads((path / "config.json").read_text()), **config}))
-    return out
-
-
 def test_gpt_oss_mxfp4_experts(references, hf_model, tmp_path):
     """gpt-oss's experts as OpenAI publishes them (MXFP4 blocks and scales, each
     projection output-major) give transformers' greedy tokens on the float checkpoint
@@ -428,19 +410,19 @@ def test_gpt_oss_mxfp4_experts(references, hf_model, tmp_path):
             packed[f"{key}_blocks"], packed[f"{key}_scales"] = blocks, scales
             decoded[key] = values.transpose(1, 2).contiguous()
     assert any(not torch.equal(decoded[k], tensors[k]) for k in tensors)
-    quantized = _copy_with(path, tmp_path, "mxfp4", packed, {"quantization_config": {
+    quantized = checkpoint_with(path, tmp_path / "mxfp4", packed, {"quantization_config": {
         "quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn"]}})
-    reference = _copy_with(path, tmp_path, "decoded", decoded)
+    reference = checkpoint_with(path, tmp_path / "decoded", decoded)
     expected = [hf_greedy(hf_model(reference), p, MAX_TOKENS) for p in prompts]
     _, tokens = generate_greedy(quantized, prompts, GREEDY)
     assert_greedy_matches(tokens, expected, MAX_TOKENS)
     del packed["model.layers.1.mlp.experts.down_proj_scales"]
-    broken = _copy_with(path, tmp_path, "broken", packed, {"quantization_config": {
+    broken = checkpoint_with(path, tmp_path / "broken", packed, {"quantization_config": {
         "quant_method": "mxfp4"}})
     with pytest.raises(ValueError, match=r"layers\.1\.mlp\.experts\.down_proj_blocks without "
                                          r"model\.layers\.1\.mlp\.experts\.down_proj_scales"):
         LLM(str(broken), device="cpu", kv_cache_memory="16MiB")
-    other = _copy_with(path, tmp_path, "fp8", tensors, {"quantization_config": {
+    other = checkpoint_with(path, tmp_path / "fp8", tensors, {"quantization_config": {
         "quant_method": "fp8"}})
     with pytest.raises(ValueError, match="quant_method 'fp8' is not implemented"):
         LLM(str(other), device="cpu", kv_cache_memory="16MiB")

@@ -135,6 +135,14 @@ def _add_rope(writer: Any, rope: dict) -> None:
     if rope.get("rope_type") == "linear":
         writer.add_rope_scaling_type(RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(rope["factor"]))
+    elif rope.get("rope_type") == "yarn":  # with the betas config.json gives
+        writer.add_rope_scaling_type(RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(float(rope["factor"]))
+        writer.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+        for key, add in (("beta_fast", writer.add_rope_scaling_yarn_beta_fast),
+                         ("beta_slow", writer.add_rope_scaling_yarn_beta_slow)):
+            if rope.get(key) is not None:
+                add(float(rope[key]))
 
 
 def _llama_parameters(writer: Any, config: dict, tensors: dict[str, np.ndarray]) -> None:
@@ -187,22 +195,12 @@ def _expert_counts(writer: Any, config: dict) -> int:
 
 def _gpt_oss_parameters(writer: Any, config: dict, tensors: dict[str, np.ndarray]) -> None:
     """GptOssModel's keys: TextModel's (the common ones, the head size, the RoPE base and
-    its YaRN scaling with the betas config.json gives), the window and an expert's
-    width."""
-    from gguf import RopeScalingType
-
+    its YaRN scaling), the window and an expert's width."""
     rope, _ = _rope_parameters(config)
     _common_parameters(writer, config)
     writer.add_key_length(config["head_dim"])
     writer.add_value_length(config["head_dim"])
-    writer.add_rope_freq_base(float(rope["rope_theta"]))
-    writer.add_rope_scaling_type(RopeScalingType.YARN)
-    writer.add_rope_scaling_factor(float(rope["factor"]))
-    writer.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
-    for key, add in (("beta_fast", writer.add_rope_scaling_yarn_beta_fast),
-                     ("beta_slow", writer.add_rope_scaling_yarn_beta_slow)):
-        if rope.get(key) is not None:
-            add(float(rope[key]))
+    _add_rope(writer, rope)
     writer.add_sliding_window(config["sliding_window"])
     writer.add_expert_feed_forward_length(config["intermediate_size"])
 

@@ -25,6 +25,7 @@ memory, the shapes with the most weight bytes first. Results are cached per mach
 through their hooks (kvflow/layers/native.py) whenever those are in use."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -346,17 +347,24 @@ def _plan_experts(model: nn.Module, cache: _ChoiceCache) -> None:
         if layers[0].gate_up_proj.dtype != torch.uint8:  # int4 weights are one stream anyway
             variant = GemvVariant.parse(cache.get(f"expert GEMV variant {label}",
                                                   lambda: str(_expert_variant(layers))))
-        sums = _int8_activation_sums(layers)
-        if sums is not None:
+        first_sums = _int8_activation_sums(layers[0])
+        if first_sums is not None:
+            # The other layers' sums only where a measurement or the int8 way needs them:
+            # not on every start whose cached choice is x as it is.
+            @functools.cache
+            def sums() -> list[tuple[torch.Tensor, torch.Tensor]]:
+                return [first_sums, *(layer.method.int8_activation_sums(layer)
+                                      for layer in layers[1:])]
+
             q8 = GemvVariant.parse(cache.get(
                 f"expert GEMV variant {label} int8 activations",
-                lambda: str(_expert_variant(layers, sums))))
+                lambda: str(_expert_variant(layers, sums()))))
             activations = cache.get(
                 f"expert activations {label}: {variant} or int8 {q8}",
-                lambda: _expert_activations(layers, variant, q8, sums))
+                lambda: _expert_activations(layers, variant, q8, sums()))
             if activations == "int8":
                 variant = q8
-                for layer, layer_sums in zip(layers, sums):
+                for layer, layer_sums in zip(layers, sums()):
                     layer.plan = replace(layer.plan, weight_sums=layer_sums)
         for layer in layers:
             layer.plan = replace(layer.plan, variant=variant)
@@ -368,23 +376,20 @@ def _plan_experts(model: nn.Module, cache: _ChoiceCache) -> None:
                      label, variant, rows)
 
 
-def _int8_activation_sums(layers: list[FusedMoE]
-                          ) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
-    """Each layer's weight sums for GEMV loops that take x quantized to int8, where the
+def _int8_activation_sums(layer: FusedMoE) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The layer's weight sums for GEMV loops that take x quantized to int8, where the
     model's dtype allows rounding x so (INT8_ACTIVATION_DTYPES, as for the dense layers),
     the method has such loops and they compute a sample as the PyTorch path does."""
-    first = layers[0]
-    dtype = next(p.dtype for p in first.parameters() if p.is_floating_point())
-    if dtype not in INT8_ACTIVATION_DTYPES or first.method.int8_activation_sums(first) is None:
+    dtype = next(p.dtype for p in layer.parameters() if p.is_floating_point())
+    sums = (layer.method.int8_activation_sums(layer) if dtype in INT8_ACTIVATION_DTYPES
+            else None)
+    if sums is None:
         return None
-    sums = [layer.method.int8_activation_sums(layer) for layer in layers]
-    plan = first.plan
+    plan = layer.plan
     try:
-        if not first.computes_like_pytorch(replace(plan, weight_sums=sums[0])):
-            return None
+        return sums if layer.computes_like_pytorch(replace(plan, weight_sums=sums)) else None
     finally:
-        first.plan = plan
-    return sums
+        layer.plan = plan
 
 
 def _decode_step(layers: list[FusedMoE]

@@ -1,6 +1,6 @@
 """Rotary position embeddings (rotate-half layout) with default, linear, llama3, LongRoPE
-and YaRN scaling, or explicit per-frequency factors (GGUF's rope_freqs), over all of a head or its
-leading rotary_dim dims (partial rotary)."""
+and YaRN scaling, or explicit per-frequency factors (GGUF's rope_freqs), over all of a head
+or its leading rotary_dim dims (partial rotary)."""
 from __future__ import annotations
 
 import math
@@ -58,9 +58,9 @@ def _llama3_scaled(inv_freq: torch.Tensor, rope: RopeConfig) -> torch.Tensor:
 
 
 def _yarn_scaled(wavelengths: torch.Tensor, rope: RopeConfig, rotary_dim: int) -> torch.Tensor:
-    """wavelengths: theta ** (2i / dim) (over 2 pi). YaRN: frequencies that turn fewer than beta_slow times over the trained context are
-    divided by `factor`, those that turn more than beta_fast times kept, and the band
-    between blended linearly by dimension."""
+    """wavelengths: theta ** (2i / dim) (over 2 pi). YaRN: frequencies that turn fewer than
+    beta_slow times over the trained context are divided by `factor`, those that turn more
+    than beta_fast times kept, and the band between blended linearly by dimension."""
 
     def dimension(rotations: float) -> float:  # the dim whose frequency turns that often
         turns = rope.original_max_position_embeddings / (rotations * 2 * math.pi)

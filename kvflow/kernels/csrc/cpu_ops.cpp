@@ -1743,43 +1743,41 @@ template <typename T, typename W>
 void expert_sums(const ExpertProjection<T, W>& p, int64_t e, const T* x, const float* xf,
                  const float* xsum, const Int8Inputs* q8, int64_t row, int64_t n0,
                  int64_t rows, int64_t mb, float (*sums)[kInt4Rows]) {
-  if constexpr (std::is_same_v<W, int8_t>) {
-    if (p.wsum != nullptr) {
-      float s[kGemvCols][kGemvRows];
-      const int8_t* w = p.weight(e) + n0 * p.K;
-      const int32_t* wsum = p.wsum + (e * p.N + n0) * (p.K / p.B);
-      if (p.variant.streams == 1 || rows < kGemvRows) {
-        for (int64_t r = 0; r < rows; ++r) {
-          float one[kGemvCols][kGemvRows];
-          int8_q8_sums<1>(*q8, row, mb, w + r * p.K, wsum + r * (p.K / p.B),
-                          p.variant.prefetch, one);
-          for (int64_t m = 0; m < mb; ++m) s[m][r] = one[m][0];
-        }
-      } else {
-        int8_q8_sums<kGemvRows>(*q8, row, mb, w, wsum, p.variant.prefetch, s);
-      }
-      const T* scale = p.scales_of(e);
-      for (int64_t m = 0; m < mb; ++m)
-        for (int64_t r = 0; r < rows; ++r) sums[m][r] = s[m][r] * to_f32(scale[n0 + r]);
-      return;
-    }
-  }
   if constexpr (ExpertProjection<T, W>::kInt4) {
     const Int4Scales<T> scales = p.int4_scales(e);
     int4_block_sums<T>(x, xf, xsum, p.weight(e), n0, scales, scales.block(n0 / kInt4Rows), mb,
                        p.K, p.G, sums);
   } else {
-    float s[kGemvCols][kGemvRows];
     const W* w = p.weight(e) + n0 * p.K;
-    if (p.variant.streams == 1) {
-      // The item's rows one after another: one sequential stream.
+    const bool int8_x = p.wsum != nullptr;
+    // x . `count` weight rows from the item's row r, side by side (count 1: one row), by the
+    // float GEMV's loops or, where the projection takes x quantized, the int8 ones.
+    auto dot = [&](int64_t r, int64_t count, float (*out)[kGemvRows]) {
+      if constexpr (std::is_same_v<W, int8_t>) {
+        if (int8_x) {
+          const int32_t* wsum = p.wsum + (e * p.N + n0 + r) * (p.K / p.B);
+          if (count == 1)
+            int8_q8_sums<1>(*q8, row, mb, w + r * p.K, wsum, p.variant.prefetch, out);
+          else
+            int8_q8_sums<kGemvRows>(*q8, row, mb, w + r * p.K, wsum, p.variant.prefetch, out);
+          return;
+        }
+      }
+      if (count == 1)
+        gemv_sums<T, W, 1>(xf, x, w + r * p.K, 1, mb, p.K, out, p.variant.prefetch);
+      else
+        gemv_sums<T, W>(xf, x, w + r * p.K, count, mb, p.K, out, p.variant.prefetch);
+    };
+    float s[kGemvCols][kGemvRows];
+    // One stream: the item's rows one after another; the int8 loops take whole groups only.
+    if (p.variant.streams == 1 || (int8_x && rows < kGemvRows)) {
       for (int64_t r = 0; r < rows; ++r) {
-        float row[kGemvCols][kGemvRows];
-        gemv_sums<T, W, 1>(xf, x, w + r * p.K, 1, mb, p.K, row, p.variant.prefetch);
-        for (int64_t m = 0; m < mb; ++m) s[m][r] = row[m][0];
+        float one[kGemvCols][kGemvRows];
+        dot(r, 1, one);
+        for (int64_t m = 0; m < mb; ++m) s[m][r] = one[m][0];
       }
     } else {
-      gemv_sums<T, W>(xf, x, w, rows, mb, p.K, s, p.variant.prefetch);
+      dot(0, rows, s);
     }
     const T* scale = p.scales_of(e);
     for (int64_t m = 0; m < mb; ++m)
