@@ -1,7 +1,8 @@
 """`kvflow env`: what this machine is, and the two ceilings every roofline divides by.
 
 The ceilings are measured, not looked up: the DRAM read rate (a sum over a 2 GiB fp32
-tensor, so that no cache holds it) and the matmul rate of a 2048^3 product in bf16 and
+tensor, so that no cache holds it, on the 2 MiB pages kvflow's weights sit on where the
+system gives them: kvflow/worker/huge_pages.py) and the matmul rate of a 2048^3 product in bf16 and
 fp32 (the faster of `a @ b` and `F.linear`), each the best of a few runs at a given thread
 count. They are cached per machine, device, thread count and torch version, because
 measuring takes seconds and every bench report needs them."""
@@ -18,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from kvflow.cache import cache_root, write_atomically
+from kvflow.worker import huge_pages
 from kvflow.worker.kv_cache import CPU_FULL_SEQUENCES, CPU_KV_CAP, available_host_memory
 from kvflow.worker.threads import ThreadGovernor, physical_cores
 
@@ -69,6 +71,7 @@ def inventory() -> dict:
         "python": platform.python_version(),
         "cuda": None,
         "kv_cache_cap_bytes": min(CPU_KV_CAP, available_host_memory() // 4),
+        "huge_pages": huge_pages.describe(),
     }
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
@@ -95,7 +98,9 @@ def _best_seconds(fn, device: str, repeats: int) -> float:  # noqa: ANN001
 def measure_ceilings(device: str = "cpu", read_bytes: int = READ_BYTES,
                      matmul_n: int = MATMUL_N, repeats: int = 10) -> dict:
     """DRAM (or HBM) read bytes/s and matmul FLOP/s per dtype, at torch's thread count."""
-    data = torch.ones(read_bytes // 4, dtype=torch.float32, device=device)
+    data = torch.empty(read_bytes // 4, dtype=torch.float32, device=device)
+    huge_pages.advise([data])
+    data.fill_(1)
     read_s = _best_seconds(data.sum, device, repeats)
     del data
     matmul = {}
@@ -121,8 +126,9 @@ def ceilings_path(device: str, threads: int | None = None) -> Path:
     info = inventory()
     name = info["cuda"]["name"] if device == "cuda" and info["cuda"] else info["cpu"]
     threads = torch.get_num_threads() if threads is None else threads
-    # "linear": ceilings since the matmul rate also tries F.linear; older caches are stale.
-    key = f"{name}|{device}|{threads}|{torch.__version__}|linear"
+    # "linear": ceilings since the matmul rate also tries F.linear; "huge": since the read
+    # rate is measured on huge pages. Older caches are stale.
+    key = f"{name}|{device}|{threads}|{torch.__version__}|linear|huge"
     return cache_root() / "env" / f"{hashlib.sha1(key.encode()).hexdigest()[:16]}.json"
 
 
@@ -176,6 +182,7 @@ def format_env(info: dict, ceiling: dict) -> str:
              f"threads: {info['torch_threads']} (kvflow's default: one per physical core)"
              + _threads_now(info.get("threads_now")),
              f"isa: {isa}", f"memory: {memory}",
+             f"memory pages: {info.get('huge_pages', 'unknown')}",
              f"default KV cache on the CPU: room for {CPU_FULL_SEQUENCES} sequences of "
              f"max_model_len, at most {info['kv_cache_cap_bytes'] / 2**30:.2f} GiB "
              "(min(4 GiB, 1/4 of available RAM); --kv-cache-memory overrides)",

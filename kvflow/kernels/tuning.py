@@ -50,6 +50,7 @@ from kvflow.layers.native import NativeKernelHook
 from kvflow.quantization.base import (INT8_ACTIVATION_DTYPES, QuantizedKernel,
                                       QuantizedLinearMethod, QuantizedPlan)
 from kvflow.quantization.unquantized import LinearPlan, UnquantizedLinearMethod
+from kvflow.worker import huge_pages
 from kvflow.worker.kv_cache import available_host_memory
 
 logger = logging.getLogger(__name__)
@@ -479,10 +480,13 @@ def _prepared_copies(name: str, kernel: QuantizedKernel,
     if kernel.prepare is None:
         return [() for _ in layers]
     try:
-        return [kernel.prepare(layer) for layer in layers]
+        copies = [kernel.prepare(layer) for layer in layers]
     except (RuntimeError, ValueError) as exc:
         logger.info("quantized kernel %r unavailable for these layers: %s", name, exc)
         return None
+    # On the pages they will be read from when they are timed.
+    huge_pages.collapse(t for copy in copies for t in copy)
+    return copies
 
 
 def _computes_the_product(name: str, layer: Linear, copy: tuple[torch.Tensor, ...],

@@ -17,6 +17,7 @@ from kvflow.models.blocks import CausalLM, SparseMoeBlock
 from kvflow.models.config import ModelConfig
 from kvflow.models.loader import load_model
 from kvflow.quantization.base import QuantizationConfig
+from kvflow.worker import huge_pages
 from kvflow.worker.kv_cache import allocate_kv_cache
 
 logger = logging.getLogger(__name__)
@@ -64,6 +65,9 @@ def build_model(config: ModelConfig, dtype: torch.dtype, device: torch.device,
         for block in model.modules():
             if isinstance(block, SparseMoeBlock) and block.host is not None:
                 install_native_kernels(block.experts, host_ops, kernels.reserved_bytes)
+    # The loaded weights are on huge pages already where advised in time; the kernels'
+    # copies made since (and any weight a loader replaced) are moved now.
+    huge_pages.collapse_logged(huge_pages.tensors_of(model), "weights")
     return model
 
 

@@ -24,6 +24,7 @@ from kvflow.models.registry import family_for
 from kvflow.quantization.base import PrequantizedWeight, QuantizationConfig, checked_copy
 from kvflow.quantization.gptq_awq import (check_quantization_flag, plan_checkpoint,
                                           prequantized_tensors)
+from kvflow.worker import huge_pages
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +100,8 @@ def load_model(config: ModelConfig, dtype: torch.dtype, device: torch.device,
                                        model_class.packed_modules)
     with torch.device(device), default_dtype(dtype), placing_experts(placement):
         model = model_class(config, max_positions, quant_config, lm_head_quant_config)
+    # Before a byte is loaded, so that the weights' pages fault in huge.
+    huge_pages.advise(model.parameters())
     if gguf is not None:
         load_weights(model, gguf_tensors(gguf, file_config, quant_config, dtype),
                      gguf.path.name)

@@ -13,6 +13,7 @@ import torch
 
 from kvflow.attention.base import AttentionBackend
 from kvflow.models.config import ModelConfig
+from kvflow.worker import huge_pages
 
 CPU_KV_CAP = 4 * 2**30
 CUDA_FREE_FRACTION = 0.8
@@ -79,6 +80,9 @@ def allocate_kv_cache(config: ModelConfig, backend: AttentionBackend, num_blocks
     numel = math.prod(k_shape)
     assert numel == math.prod(v_shape), "K and V caches must be the same size"
     layers = len(config.held_layers)
-    cache = torch.zeros((layers, 2, numel), dtype=dtype, device=device)
+    cache = torch.empty((layers, 2, numel), dtype=dtype, device=device)
+    huge_pages.advise([cache])  # before zeroing it faults every page in
+    cache.zero_()
+    huge_pages.collapse([cache])  # what faulted in small (memory too fragmented then)
     return [(cache[layer, 0].view(k_shape), cache[layer, 1].view(v_shape))
             for layer in range(layers)]

@@ -1,0 +1,124 @@
+"""Weights and the KV cache on 2 MiB pages (kvflow/worker/huge_pages.py)."""
+from __future__ import annotations
+
+import platform
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from kvflow import LLM
+from kvflow.layers.linear import Linear
+from kvflow.worker import huge_pages
+from kvflow.worker.huge_pages import HUGE_PAGE
+
+MiB = 2**20
+
+
+def _kernel_at_least(major: int, minor: int) -> bool:
+    numbers = re.match(r"(\d+)\.(\d+)", platform.release())
+    return bool(numbers) and (int(numbers[1]), int(numbers[2])) >= (major, minor)
+
+
+collapsing = pytest.mark.skipif(
+    not (huge_pages.enabled() and _kernel_at_least(6, 1)),
+    reason="needs Linux 6.1 or later (MADV_COLLAPSE) with transparent huge pages not 'never'")
+
+
+def huge_bytes_at(address: int) -> int:
+    """AnonHugePages of the mapping that holds `address`, from /proc/self/smaps."""
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if re.fullmatch(r"[0-9a-f]+-[0-9a-f]+", head):
+            start, end = (int(part, 16) for part in head.split("-"))
+            inside = start <= address < end
+        elif inside and head == "AnonHugePages:":
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+def interior(tensor: torch.Tensor) -> tuple[int, int]:
+    (start, length), = huge_pages._interiors([tensor])
+    return start, length
+
+
+def test_only_the_aligned_interior_of_each_storage_is_asked_for():
+    big = torch.empty(5 * MiB, dtype=torch.uint8)
+    start, length = interior(big)
+    assert start % HUGE_PAGE == 0 and length % HUGE_PAGE == 0 and length >= 2 * MiB
+    assert big.data_ptr() <= start and start + length <= big.data_ptr() + big.numel()
+    # A view of the same storage is the same range, once; a small tensor has none.
+    assert huge_pages._interiors([big, big[MiB:], torch.empty(MiB, dtype=torch.uint8)]) == [
+        (start, length)]
+    assert huge_pages._interiors([torch.empty(8 * MiB, dtype=torch.uint8, device="meta")]) == []
+
+
+def test_every_tensor_a_model_keeps_is_found():
+    @dataclass(frozen=True)
+    class Plan:
+        copy: torch.Tensor
+        pair: tuple[torch.Tensor, torch.Tensor | None]
+
+    layer = torch.nn.Linear(4, 4)
+    copy, first = torch.zeros(3), torch.zeros(2)
+    layer.plan = Plan(copy, (first, None))
+    layer.held = [torch.ones(1)]
+    model = torch.nn.Sequential(layer)
+    model.register_buffer("table", torch.zeros(5))
+    found = {t.data_ptr() for t in huge_pages.tensors_of(model)}
+    expected = [layer.weight, layer.bias, model.table, copy, first, layer.held[0]]
+    assert found == {t.data_ptr() for t in expected}
+
+
+@collapsing
+def test_a_written_tensor_is_collapsed_in_place():
+    data = torch.arange(3 * 2**20, dtype=torch.float32)  # 12 MiB, on small pages
+    address = data.data_ptr()
+    result = huge_pages.collapse([data])
+    start, length = interior(data)
+    assert result.error is None and result.huge == result.asked == length
+    assert huge_bytes_at(start) >= length
+    assert data.data_ptr() == address
+    assert torch.equal(data, torch.arange(3 * 2**20, dtype=torch.float32))
+
+
+def test_turned_off_it_asks_for_nothing_and_says_why(monkeypatch):
+    monkeypatch.setenv("KVFLOW_NO_HUGE_PAGES", "1")
+    data = torch.ones(3 * 2**20)
+    assert huge_pages.advise([data]) == 0
+    result = huge_pages.collapse([data])
+    assert result.huge == 0 and "KVFLOW_NO_HUGE_PAGES" in (result.error or "")
+    assert "KVFLOW_NO_HUGE_PAGES" in huge_pages.describe()
+
+
+@collapsing
+@pytest.mark.parametrize("quantization", [None, "int4"])
+def test_an_engines_weights_and_kv_cache_are_on_huge_pages(checkpoint, quantization):
+    """Every tensor of the model that spans a huge page (parameters, the kernels' copies in
+    their plans) and the KV cache, once the engine is up."""
+    path = checkpoint("llama-gqa", dtype="bfloat16", hidden_size=512, intermediate_size=4096,
+                      num_attention_heads=4, num_key_value_heads=2)
+    llm = LLM(model=str(path), kv_cache_memory="64MiB", quantization=quantization,
+              quantization_group_size=32)
+    model = llm.engine.runner.model
+    ranges = huge_pages._interiors(huge_pages.tensors_of(model))
+    assert ranges
+    if quantization:
+        copies = [t for m in model.modules() if isinstance(m, Linear)
+                  for t in getattr(m.plan, "weights", ())]
+        assert copies and {s for s, _ in huge_pages._interiors(copies)} <= {s for s, _ in ranges}
+    k_cache = model.attention_layers()[0].k_cache
+    for start, length in ranges + [interior(k_cache)]:
+        assert huge_bytes_at(start) >= length, f"{length} bytes at {start:#x} on small pages"
+
+
+def test_env_says_what_pages_weights_sit_on():
+    from kvflow.bench.hardware import format_env, inventory
+
+    text = format_env(inventory(), {"device": "cpu", "threads": 2, "measured_at": "now",
+                                    "dram_read_bytes_per_s": 1e10, "matmul_n": 8,
+                                    "matmul_flops_per_s": {}})
+    assert f"memory pages: {huge_pages.describe()}" in text
