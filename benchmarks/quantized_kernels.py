@@ -26,6 +26,7 @@ from kvflow.kernels import cpu_ops, variants
 from kvflow.quantization.base import dequantize_buffer
 from kvflow.quantization.int4 import blocked_scales, quantize_int4, unpack_int4
 from kvflow.quantization.int8 import quantize_int8, weight_block_sums
+from kvflow.worker import huge_pages
 
 GROUP = 128
 MAX_GEMV_ROWS = 16  # the GEMVs and torch's small-batch kernels are timed up to here
@@ -67,6 +68,8 @@ def main() -> None:
     int4_blocked = [blocked_scales(s, o) for _, s, o in int4]  # as the engine's plans keep
     int8_sums = [weight_block_sums(q) for q, _ in int8]
     torch4 = [_torch_int4(w) for w in weights]
+    # On the pages the engine's weights sit on (kvflow/worker/huge_pages.py).
+    huge_pages.collapse(huge_pages.tensors_in([bf16, int8, int4, int4_blocked, int8_sums, torch4]))
     report = {"cpu": cpuinfo().get("model name"), "threads": torch.get_num_threads(),
               "shape": args.shape, "ms": {}}
     for rows in args.rows:

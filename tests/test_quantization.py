@@ -395,6 +395,25 @@ def test_planning_never_chooses_a_kernel_that_disagrees_with_the_dequantized_pro
         _close(layer(x), _expected(layer, x.float()), torch.bfloat16)
 
 
+def test_a_quantized_heads_large_batch_kernel_is_timed_at_decode_batches_only(checkpoint,
+                                                                              monkeypatch):
+    """The head sees the rows being sampled, never a prefill's worth: its large-batch
+    kernel is chosen at GEMM_ROWS' decode batch alone, the decoder's at every size."""
+    from kvflow import LLM
+    from kvflow.kernels import tuning
+
+    timed: list[tuple[list, tuple[int, ...]]] = []
+    plan = tuning._plan_quantized
+    monkeypatch.setattr(tuning, "_plan_quantized", lambda label, layers, ops, cache, rows: (
+        timed.append((layers, rows)), plan(label, layers, ops, cache, rows)))
+    llm = LLM(model=str(checkpoint("llama-gqa", dtype="bfloat16")), quantization="int8",
+              quantize_lm_head=True, kv_cache_memory="16MiB")
+    head = llm.engine.runner.model.lm_head
+    assert [rows for layers, rows in timed if head in layers] == [tuning.GEMM_ROWS[:1]]
+    decoder = [rows for layers, rows in timed if head not in layers]
+    assert decoder and all(rows == tuning.GEMM_ROWS for rows in decoder)
+
+
 @pytest.mark.parametrize("variant", ["llama-mha-tied-bias", "llama-gqa"])
 def test_quantize_lm_head_runs_the_head_in_int8_and_keeps_the_embedding(checkpoint, variant):
     """--quantize-lm-head, tied (the head is then a copy of the embedding) and untied: the

@@ -150,8 +150,7 @@ def install_native_kernels(model: nn.Module, ops: ModuleType, reserved_bytes: in
         numel = sum(w.numel() for w in weights)
         affordable = [name for name, copy in COPIES.items()
                       if copy.applies(dtype) and numel * copy.itemsize(dtype) <= budget]
-        # The LM head sees only the rows being sampled, never a prefill's worth.
-        rows = GEMM_ROWS[:1] if any(w is head_weight for w in weights) else GEMM_ROWS
+        rows = _gemm_rows(any(w is head_weight for w in weights))
         choice = cache.get(f"large batches {label} from {','.join(affordable)}",
                            lambda: _fastest_copy(weights[:GEMM_SAMPLE], affordable, rows)
                            ) if affordable else ""
@@ -169,7 +168,7 @@ def install_native_kernels(model: nn.Module, ops: ModuleType, reserved_bytes: in
         logger.debug("linear %s: native GEMV (%s) up to %d rows, %s above", label, variant,
                      max_rows, choice or "F.linear")
     for label, layers in _quantized_shapes(model).items():
-        _plan_quantized(label, layers, ops, cache)
+        _plan_quantized(label, layers, ops, cache, _gemm_rows(head in layers))
     _plan_experts(model, cache)
 
 
@@ -210,8 +209,16 @@ def install_quantized_kernels(model: nn.Module) -> None:
     """Plans for the quantized layers of a model that runs without the native kernels (on
     CUDA, say): PyTorch's kernels for the method, chosen by measuring on the device at
     every load (a GPU measures them in moments)."""
+    head = getattr(model, "lm_head", None)
     for label, layers in _quantized_shapes(model).items():
-        _plan_quantized(label, layers, None, _Measured())
+        _plan_quantized(label, layers, None, _Measured(), _gemm_rows(head in layers))
+
+
+def _gemm_rows(lm_head: bool) -> tuple[int, ...]:
+    """The batch sizes a shape's large-batch kernel is chosen at. The LM head sees only the
+    rows being sampled, never a prefill's worth (timing a 151,936-row quantized head at
+    2,048 rows took over a minute of a first start)."""
+    return GEMM_ROWS[:1] if lm_head else GEMM_ROWS
 
 
 def _quantized_shapes(model: nn.Module) -> dict[str, list[Linear]]:
@@ -226,9 +233,9 @@ def _quantized_shapes(model: nn.Module) -> dict[str, list[Linear]]:
 
 
 def _plan_quantized(label: str, layers: list[Linear], ops: ModuleType | None,
-                    cache: _ChoiceCache | _Measured) -> None:
+                    cache: _ChoiceCache | _Measured, gemm_rows: tuple[int, ...]) -> None:
     """A quantized shape's plan, among the method's kernels that run on the layers' device
-    and compute the product here: the kernel fastest at GEMM_ROWS (a few weights) among
+    and compute the product here: the kernel fastest at gemm_rows (a few weights) among
     those that are not GEMVs for large batches, and below it the kernel fastest at one row
     for batches up to the largest of GEMV_ROWS at which it beat that large-batch kernel
     (all of the shape's weights, read from memory)."""
@@ -294,7 +301,7 @@ def _plan_quantized(label: str, layers: list[Linear], ops: ModuleType | None,
         if len(large_candidates) == 1:
             return large_candidates[0]
         totals: dict[str, float] = defaultdict(float)
-        for rows in GEMM_ROWS:
+        for rows in gemm_rows:
             for name, t in seconds(large_candidates, rows, layers[:GEMM_SAMPLE]).items():
                 totals[name] += t
         return min(large_candidates, key=totals.__getitem__)
@@ -318,8 +325,8 @@ def _plan_quantized(label: str, layers: list[Linear], ops: ModuleType | None,
             best = rows
         return f"{small}:{best}"
 
-    large = cache.get(f"large batches {label} from {','.join(large_candidates)}",
-                      fastest_large)
+    large = cache.get(f"large batches {label} from {','.join(large_candidates)} at "
+                      f"{','.join(map(str, gemm_rows))} rows", fastest_large)
     gemvs = "".join(f" {name} {variant}" for name, variant in chosen.items())
     small, rows = cache.get(f"small batches {label} from {','.join(usable)} against {large}"
                             f"{gemvs}", lambda: small_kernel_and_rows(large)).split(":")
@@ -619,7 +626,10 @@ class _ChoiceCache:
     def __init__(self, ops: ModuleType) -> None:
         build = ops.__name__  # kvflow_cpu_ops_<build key>, wherever it was loaded from
         # The constants that shape a choice are part of the key: change one, measure again.
+        # So are the pages weights sit on: a GEMV variant that wins on 4 KiB pages may not
+        # on 2 MiB ones.
         key = (f"{build}|{torch.get_num_threads()}|{torch.__version__}|{GEMV_ROWS}|"
+               f"huge pages {huge_pages.enabled()}|"
                f"{GEMM_ROWS}|{GEMM_SAMPLE}|{sorted(COPIES)}|{QUANTIZED_ROUNDS}|{EXPERT_ROWS}|"
                f"{EXPERTS_MEASURED}|{variants.CANDIDATES}|{VARIANT_SAMPLE_BYTES}|"
                f"{VARIANT_ROUNDS}")

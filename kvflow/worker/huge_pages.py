@@ -172,18 +172,18 @@ def tensors_of(model: torch.nn.Module) -> Iterator[torch.Tensor]:
     for module in model.modules():
         for name, value in vars(module).items():
             if not name.startswith("_"):
-                yield from _tensors_in(value)
+                yield from tensors_in(value)
 
 
-def _tensors_in(value: object) -> Iterator[torch.Tensor]:
+def tensors_in(value: object) -> Iterator[torch.Tensor]:
     if isinstance(value, torch.Tensor):
         yield value
     elif isinstance(value, (tuple, list)):
         for item in value:
-            yield from _tensors_in(item)
+            yield from tensors_in(item)
     elif is_dataclass(value) and not isinstance(value, type):
         for field in fields(value):
-            yield from _tensors_in(getattr(value, field.name))
+            yield from tensors_in(getattr(value, field.name))
 
 
 def collapse_logged(tensors: Iterable[torch.Tensor], what: str) -> Collapsed:
