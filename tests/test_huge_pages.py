@@ -94,24 +94,63 @@ def test_turned_off_it_asks_for_nothing_and_says_why(monkeypatch):
     assert "KVFLOW_NO_HUGE_PAGES" in huge_pages.describe()
 
 
+def test_parameters_are_gathered_into_one_block_keeping_their_values(monkeypatch):
+    if not huge_pages.enabled():
+        pytest.skip("transparent huge pages are off here")
+    model = torch.nn.Sequential(torch.nn.Linear(512, 1024), torch.nn.LayerNorm(1024),
+                                torch.nn.Linear(1024, 7, bias=False))
+    tied = torch.nn.Linear(1024, 7, bias=False)
+    tied.weight = model[2].weight  # one parameter, two owners
+    model.append(tied)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    identity = {name: id(p) for name, p in model.named_parameters()}
+    moved = huge_pages.gather(model.parameters())
+    params = dict(model.named_parameters())
+    assert moved >= sum(p.numel() * p.element_size() for p in params.values())
+    assert len({p.untyped_storage().data_ptr() for p in params.values()}) == 1
+    assert all(p.data_ptr() % huge_pages.ALIGNMENT == 0 for p in params.values())
+    assert {name: id(p) for name, p in params.items()} == identity
+    for name, p in params.items():
+        assert torch.equal(p, before[name]), name
+    assert model[3].weight is model[2].weight
+
+    monkeypatch.setenv("KVFLOW_NO_HUGE_PAGES", "1")
+    alone = torch.nn.Linear(1024, 1024)
+    address = alone.weight.data_ptr()
+    assert huge_pages.gather(alone.parameters()) == 0 and alone.weight.data_ptr() == address
+
+
+def spans(tensor: torch.Tensor) -> tuple[int, int] | None:
+    """The 2 MiB-aligned part of a tensor's own bytes, or None."""
+    first = -(-tensor.data_ptr() // HUGE_PAGE) * HUGE_PAGE
+    last = (tensor.data_ptr() + tensor.numel() * tensor.element_size()) // HUGE_PAGE * HUGE_PAGE
+    return (first, last - first) if last > first else None
+
+
 @collapsing
 @pytest.mark.parametrize("quantization", [None, "int4"])
 def test_an_engines_weights_and_kv_cache_are_on_huge_pages(checkpoint, quantization):
     """Every tensor of the model that spans a huge page (parameters, the kernels' copies in
-    their plans) and the KV cache, once the engine is up."""
+    their plans) and the KV cache, once the engine is up; the parameters, small ones
+    included, in one block."""
     path = checkpoint("llama-gqa", dtype="bfloat16", hidden_size=512, intermediate_size=4096,
                       num_attention_heads=4, num_key_value_heads=2)
     llm = LLM(model=str(path), kv_cache_memory="64MiB", quantization=quantization,
               quantization_group_size=32)
     model = llm.engine.runner.model
-    ranges = huge_pages._interiors(huge_pages.tensors_of(model))
-    assert ranges
+    params = list(model.parameters())
+    assert len({p.untyped_storage().data_ptr() for p in params}) == 1
+    small = min(params, key=lambda p: p.numel())
+    assert huge_bytes_at(small.data_ptr()) > 0
+    tensors = [t for t in huge_pages.tensors_of(model) if t.layout == torch.strided]
     if quantization:
         copies = [t for m in model.modules() if isinstance(m, Linear)
                   for t in getattr(m.plan, "weights", ())]
-        assert copies and {s for s, _ in huge_pages._interiors(copies)} <= {s for s, _ in ranges}
+        assert copies and all(any(c is t for t in tensors) for c in copies)
     k_cache = model.attention_layers()[0].k_cache
-    for start, length in ranges + [interior(k_cache)]:
+    ranges = [r for t in tensors + [k_cache] if (r := spans(t)) is not None]
+    assert ranges
+    for start, length in ranges:
         assert huge_bytes_at(start) >= length, f"{length} bytes at {start:#x} on small pages"
 
 

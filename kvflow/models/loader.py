@@ -101,7 +101,7 @@ def load_model(config: ModelConfig, dtype: torch.dtype, device: torch.device,
     with torch.device(device), default_dtype(dtype), placing_experts(placement):
         model = model_class(config, max_positions, quant_config, lm_head_quant_config)
     # Before a byte is loaded, so that the weights' pages fault in huge.
-    huge_pages.advise(model.parameters())
+    huge_pages.gather(model.parameters())
     if gguf is not None:
         load_weights(model, gguf_tensors(gguf, file_config, quant_config, dtype),
                      gguf.path.name)
