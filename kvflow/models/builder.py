@@ -65,8 +65,8 @@ def build_model(config: ModelConfig, dtype: torch.dtype, device: torch.device,
         for block in model.modules():
             if isinstance(block, SparseMoeBlock) and block.host is not None:
                 install_native_kernels(block.experts, host_ops, kernels.reserved_bytes)
-    # The loaded weights are on huge pages already where advised in time; the kernels'
-    # copies made since (and any weight a loader replaced) are moved now.
+    # The parameters were gathered onto huge pages before they were loaded; the kernels'
+    # copies made since are moved now.
     huge_pages.collapse_logged(huge_pages.tensors_of(model), "weights")
     return model
 

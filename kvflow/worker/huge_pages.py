@@ -7,11 +7,13 @@ pages and 30-32 GB/s over the same weights on 2 MiB ones; llama.cpp's weights, m
 a file whose page cache sits in large folios, had the larger pages already.
 
 Linux's default (`enabled` = madvise) gives huge pages only to memory that asks for them,
-and PyTorch's allocator does not ask. So kvflow asks, for the large tensors it keeps:
-`advise` before a tensor is first written (the pages fault in huge, at no cost), and
-`collapse` once it is written (MADV_COLLAPSE, Linux 6.1 and later, copies it into huge
-pages in place: about a second per GiB, once, at load). Only the 2 MiB-aligned interior of
-each tensor's memory is asked for, so no page is shared with memory kvflow does not own.
+and PyTorch's allocator does not ask. So kvflow asks, for the tensors it keeps: `gather`
+moves a model's parameters into one block advised before they are loaded (the pages fault
+in huge, and small weights share them), `advise` asks for a tensor not yet written (the KV
+cache), and `collapse` moves a written one (MADV_COLLAPSE, Linux 6.1 and later, copies it
+into huge pages in place: about a second per GiB, once, at load). Only the 2 MiB-aligned
+interior of each storage is asked for, so no page is shared with memory kvflow does not
+own.
 Where the kernel refuses (THP `never`, an older kernel, another OS) the tensors stay on
 small pages and everything runs as before. KVFLOW_NO_HUGE_PAGES=1 turns this off, to
 measure the difference."""
