@@ -1,7 +1,6 @@
 """Weights and the KV cache on 2 MiB pages (kvflow/worker/huge_pages.py)."""
 from __future__ import annotations
 
-import platform
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,13 +16,8 @@ from kvflow.worker.huge_pages import HUGE_PAGE
 MiB = 2**20
 
 
-def _kernel_at_least(major: int, minor: int) -> bool:
-    numbers = re.match(r"(\d+)\.(\d+)", platform.release())
-    return bool(numbers) and (int(numbers[1]), int(numbers[2])) >= (major, minor)
-
-
 collapsing = pytest.mark.skipif(
-    not (huge_pages.enabled() and _kernel_at_least(6, 1)),
+    not (huge_pages.enabled() and huge_pages._kernel_version() >= (6, 1)),
     reason="needs Linux 6.1 or later (MADV_COLLAPSE) with transparent huge pages not 'never'")
 
 
@@ -140,8 +134,8 @@ def test_a_parameter_never_written_is_not_copied():
 
 def spans(tensor: torch.Tensor) -> tuple[int, int] | None:
     """The 2 MiB-aligned part of a tensor's own bytes, or None."""
-    first = -(-tensor.data_ptr() // HUGE_PAGE) * HUGE_PAGE
-    last = (tensor.data_ptr() + tensor.numel() * tensor.element_size()) // HUGE_PAGE * HUGE_PAGE
+    first, last = huge_pages._within(
+        tensor.data_ptr(), tensor.data_ptr() + tensor.numel() * tensor.element_size(), HUGE_PAGE)
     return (first, last - first) if last > first else None
 
 

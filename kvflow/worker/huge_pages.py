@@ -13,8 +13,7 @@ in huge, and small weights share them), `advise` asks for a tensor not yet writt
 cache), and `collapse` moves a written one (MADV_COLLAPSE, Linux 6.1 and later, copies it
 into huge pages in place: about a second per GiB, once, at load). Only the 2 MiB-aligned
 interior of each storage is asked for, so no page is shared with memory kvflow does not
-own.
-Where the kernel refuses (THP `never`, an older kernel, another OS) the tensors stay on
+own. Where the kernel refuses (THP `never`, an older kernel, another OS) the tensors stay on
 small pages and everything runs as before. KVFLOW_NO_HUGE_PAGES=1 turns this off, to
 measure the difference."""
 from __future__ import annotations
@@ -86,6 +85,11 @@ def _madvise() -> ctypes._CFuncPtr | None:
     return madvise
 
 
+def _within(start: int, end: int, unit: int) -> tuple[int, int]:
+    """The first and last multiples of unit in [start, end] (first > last where none)."""
+    return -(-start // unit) * unit, end // unit * unit
+
+
 def _interiors(tensors: Iterable[torch.Tensor]) -> list[tuple[int, int]]:
     """The 2 MiB-aligned (start, length) inside each distinct CPU storage among tensors
     that spans at least one huge page."""
@@ -99,8 +103,7 @@ def _interiors(tensors: Iterable[torch.Tensor]) -> list[tuple[int, int]]:
         if not start or start in seen:
             continue
         seen.add(start)
-        first = -(-start // HUGE_PAGE) * HUGE_PAGE
-        last = (start + storage.nbytes()) // HUGE_PAGE * HUGE_PAGE
+        first, last = _within(start, start + storage.nbytes(), HUGE_PAGE)
         if last > first:
             ranges.append((first, last - first))
     return ranges
@@ -173,16 +176,17 @@ def written(tensor: torch.Tensor) -> bool:
     parameters took 0.2-1.6 s a GiB)."""
     start = tensor.data_ptr()
     end = start + tensor.numel() * tensor.element_size()
-    first, last = -(-start // PAGE), end // PAGE  # the pages wholly inside
-    if last - first < 1 or end - start < 3 * PAGE:
+    first, last = _within(start, end, PAGE)  # the pages wholly inside
+    pages = (last - first) // PAGE
+    if pages < 1 or end - start < 3 * PAGE:
         return True
     try:
         with PAGEMAP.open("rb", buffering=0) as pagemap:
-            entries = os.pread(pagemap.fileno(), 8 * (last - first), 8 * first)
+            entries = os.pread(pagemap.fileno(), 8 * pages, 8 * (first // PAGE))
     except OSError:
         return True
     flags = np.frombuffer(entries, dtype=np.uint64) >> np.uint64(62)  # swapped, present
-    return len(flags) != last - first or bool(flags.any())
+    return len(flags) != pages or bool(flags.any())
 
 
 @dataclass(frozen=True)
