@@ -29,6 +29,11 @@ class AttentionMetadata:
     num_batched_reqs: int
     num_batched_tokens: int
 
+    def __post_init__(self) -> None:
+        # What a backend derives from the step once and reuses in every layer (its own
+        # per-step tables). Not a field: never sent to other ranks, which derive their own.
+        self.derived: dict[object, object] = {}
+
     @property
     def num_reqs(self) -> int:
         return len(self.query_lens_cpu)
