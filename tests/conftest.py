@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import platform
 from pathlib import Path
 
@@ -13,6 +14,10 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 # Parity tests run on every device at hand; CI has only the CPU.
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# Without a GPU, Triton's kernels run under its interpreter (read when they are defined,
+# so before any test imports them); with one, they compile.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # The native kernels as this machine builds them, and on x86 with AVX-512 turned off, so that
 # the plain-loop paths that other CPUs compile are built and checked on every machine.

@@ -34,8 +34,9 @@ _FLAG_HELP = {
     "enable_prefix_caching": "reuse the KV cache of prompt prefixes already computed "
                              "(default: on)",
     "seed": "seed of the engine's sampler, used by requests without a seed of their own",
-    "attention_backend": "auto (the fastest for the device), torch (the PyTorch reference) "
-                         "or cpu (kvflow's native CPU kernels)",
+    "attention_backend": "auto (the fastest for the device), torch (the PyTorch reference), "
+                         "cpu (kvflow's native CPU kernels) or triton (kvflow's Triton "
+                         "kernels, for CUDA)",
     "batch_invariant": "make a request's logits, logprobs and tokens bitwise the same "
                        "whatever else is in its batch, however its prompt is chunked, with "
                        "or without a prefix-cache hit or speculative decoding (the CPU's "
@@ -136,7 +137,7 @@ class EngineArgs:
     scheduling_policy: str = "fcfs"  # fcfs | priority | lpm (longest cached prefix first)
     enable_prefix_caching: bool = True  # reuse the KV of prefixes already computed
     seed: int = 0
-    attention_backend: str = "auto"  # auto (the fastest for the device) | torch | cpu
+    attention_backend: str = "auto"  # auto (the fastest for the device) | torch | cpu | triton
     enforce_eager: bool = False  # True: PyTorch ops only, no compiled native kernels
     batch_invariant: bool = False  # a row's arithmetic independent of its batch (README)
     num_threads: int | None = None  # CPU threads; None: one per physical core (worker/threads.py)
@@ -181,9 +182,11 @@ class EngineArgs:
             raise ValueError(f"attention_backend must be one of {BACKEND_NAMES}, "
                              f"got {self.attention_backend!r}")
         quantization_config(self.quantization, self.quantization_group_size)
-        if self.batch_invariant and (self.enforce_eager or self.attention_backend == "torch"):
+        if self.batch_invariant and (self.enforce_eager
+                                     or self.attention_backend in ("torch", "triton")):
             raise ValueError("batch_invariant runs kvflow's native CPU kernels: it cannot be "
-                             "combined with enforce_eager or attention_backend='torch'")
+                             "combined with enforce_eager or attention_backend="
+                             f"{self.attention_backend!r}")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads must be at least 1, got {self.num_threads}")
         if self.block_size < 1:

@@ -136,7 +136,7 @@ class LLMEngine:
             eos_token_ids=self.eos_token_ids))
         native_ops = self.kernels.native_ops
         backend = select_backend(args.attention_backend, self.device, native_ops,
-                                 args.batch_invariant)
+                                 args.batch_invariant, self.dtype)
         logger.info("attention backend: %s; native CPU kernels: %s", backend.name,
                     "on" if native_ops is not None else "off")
         speculator = None

@@ -147,7 +147,7 @@ def _serve(spec: WorkerSpec, links: Links, store: dist.TCPStore) -> None:
         links.pipe.send(following, message, [])
     kernels = spec.model.kernels()
     backend = select_backend(backend_name, spec.model.device, kernels.native_ops,
-                             spec.model.batch_invariant)
+                             spec.model.batch_invariant, spec.model.dtype)
     bind_kv_cache(model, config, backend, num_blocks, block_size, spec.model.dtype,
                   spec.model.device)
     logger.info("rank %d (stage %d, layers %d-%d) ready: %d KV blocks", rank, stage,

@@ -1,0 +1,96 @@
+"""Triton's attention (kvflow/kernels/triton_ops) against the same per-query loop as the
+CPU's backends, under Triton's interpreter where there is no GPU: ragged batches of
+decodes, short multi-token queries, fresh and continued prefill chunks, GQA, MHA and MQA,
+sliding windows, soft caps, sinks, and long contexts split across programs and merged.
+The interpreter runs each program in Python, so the long cases are few."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="triton is not installed (make test installs it)")
+
+from kvflow.attention.selector import select_backend  # noqa: E402
+from test_attention import CASES, check_backend  # noqa: E402
+
+SHORT_CASES = sorted(set(CASES) - {"long contexts"})
+HEADS = {"gqa": (4, 2), "mha": (4, 4), "mqa": (8, 1), "group-of-7": (14, 2)}
+
+
+@pytest.mark.parametrize("case", SHORT_CASES)
+@pytest.mark.parametrize("heads", sorted(HEADS))
+@pytest.mark.parametrize("window", [None, 6])
+def test_triton_matches_naive(case, heads, window):
+    check_backend("triton", None, case, HEADS[heads], window, torch.float32, 16, head_dim=32)
+
+
+@pytest.mark.parametrize("case", SHORT_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])  # the interpreter's
+@pytest.mark.parametrize("block_size,head_dim", [(4, 32), (24, 40), (32, 64)])
+def test_triton_at_other_shapes(case, dtype, block_size, head_dim):
+    """Blocks smaller and larger than a tile's keys and not a power of two, head_dim not a
+    power of two (masked columns), a window across blocks."""
+    check_backend("triton", None, case, (8, 2), 20, dtype, block_size, head_dim)
+
+
+@pytest.mark.parametrize("case", SHORT_CASES)
+@pytest.mark.parametrize("window", [None, 6])
+def test_triton_with_sinks(case, window):
+    """gpt-oss's sinks: one that outweighs every key, one far below them."""
+    sinks = torch.tensor([0.5, -1.0, 40.0, -60.0, 2.0, 0.0, 1.5, -3.0])
+    check_backend("triton", None, case, (8, 2), window, torch.float32, 16, head_dim=32,
+                  sinks=sinks)
+
+
+@pytest.mark.parametrize("heads,window,extra", [
+    ("gqa", None, {}), ("group-of-7", 600, {}), ("mqa", 6, {}), ("mha", None, {"softcap": 5.0}),
+    ("gqa", 600, {"sinks": torch.tensor([0.5, -1.0, 40.0, -60.0])})])
+def test_triton_long_contexts_split_and_merged(heads, window, extra):
+    """Contexts of up to 1,301 keys with a few queries each: too few programs for a GPU,
+    so each tile's keys are split across programs and merged (with the sink, if any)."""
+    backend = select_backend("triton", torch.device("cpu"), None)
+    num_kv_heads = HEADS[heads][1]
+    assert backend._splits(3 * num_kv_heads, max_seq_len=1301) > 1
+    check_backend("triton", None, "long contexts", HEADS[heads], window, torch.float32, 16,
+                  head_dim=32, **extra)
+
+
+@pytest.mark.parametrize("case", ["mixed step", "decodes"])
+def test_triton_with_softcap(case):
+    check_backend("triton", None, case, (8, 2), None, torch.float32, 16, head_dim=32,
+                  softcap=5.0)
+
+
+def test_batch_invariant_never_splits():
+    backend = select_backend("triton", torch.device("cpu"), None, batch_invariant=True)
+    assert backend._splits(1, max_seq_len=100_000) == 1
+    backend = select_backend("triton", torch.device("cpu"), None)
+    assert backend._splits(backend.target_programs, max_seq_len=100_000) == 1
+    assert backend._splits(1, max_seq_len=100) == 1
+
+
+def test_bfloat16_under_the_interpreter_is_refused_by_name():
+    with pytest.raises(ValueError, match="bfloat16"):
+        select_backend("triton", torch.device("cpu"), None, dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("variant,options", [
+    ("llama-gqa", {}), ("mistral-window", {}),
+    # chunks of 7 tokens continue from cached blocks; the prompts share a prefix
+    ("llama-gqa", {"max_num_batched_tokens": 7})], ids=["gqa", "window", "chunked"])
+def test_engine_with_triton_matches_transformers(variant, options, checkpoint, hf_model):
+    """The whole engine on Triton's attention, greedy, token for token with transformers."""
+    from conftest import assert_greedy_matches, hf_greedy, random_prompts
+    from kvflow import LLM, SamplingParams
+
+    path = checkpoint(variant)
+    prompts = random_prompts(6, seed=3)
+    if options:
+        prompts = [prompts[0][:20] + p for p in prompts]
+    llm = LLM(str(path), dtype="float32", device="cpu", kv_cache_memory="16MiB",
+              attention_backend="triton", **options)
+    assert llm.engine.executor.runner.backend.name == "triton"
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    reference = [hf_greedy(hf_model(path), p, 12) for p in prompts]
+    assert_greedy_matches([o.outputs[0].token_ids for o in outputs], reference, 12)
