@@ -128,7 +128,7 @@ def install_native_kernels(model: nn.Module, ops: ModuleType, reserved_bytes: in
     # (owner, attribute to set, weight) per linear shape. A tied LM head is the embedding,
     # owned by no Linear; an untied one is the lm_head Linear.
     groups: dict[tuple, list[tuple[object, str, torch.Tensor]]] = defaultdict(list)
-    _attach_glue(model, ops)
+    attach_glue(model, ops)
     for module in model.modules():
         if isinstance(module, Linear) and isinstance(module.method, UnquantizedLinearMethod):
             groups[(*module.weight.shape, module.weight.dtype)].append(
@@ -178,7 +178,7 @@ def install_batch_invariant_kernels(model: nn.Module, ops: ModuleType) -> None:
     in one fixed order, by lanes then across them, whatever the number of rows), quantized
     ones through their method's native GEMV, expert layers through the expert kernel's
     GEMV loops at any row count (as attach_native leaves them); nothing chosen by timing."""
-    _attach_glue(model, ops)
+    attach_glue(model, ops)
     for module in model.modules():
         if isinstance(module, Linear) and isinstance(module.method, UnquantizedLinearMethod):
             module.plan = LinearPlan(ops=ops, gemv_max_rows=sys.maxsize)
@@ -197,10 +197,14 @@ def install_batch_invariant_kernels(model: nn.Module, ops: ModuleType) -> None:
         model.lm_head_plan = LinearPlan(ops=ops, gemv_max_rows=sys.maxsize)
 
 
-def _attach_glue(model: nn.Module, ops: ModuleType) -> None:
-    """Every layer with a native-kernel hook takes its kernel or says it runs eager."""
+def attach_glue(model: nn.Module, ops: ModuleType) -> None:
+    """Every layer with a kernel hook takes its kernel from `ops` (the native CPU kernels,
+    or CUDA's Triton glue), or says it runs eager: where `ops` lacks a function the layer
+    calls, or the layer turns the kernel down."""
     eager = sorted({type(m).__name__ for m in model.modules()
-                    if isinstance(m, NativeKernelHook) and not m.attach_native(ops)})
+                    if isinstance(m, NativeKernelHook)
+                    and not (m.kernel_ops and all(hasattr(ops, name) for name in m.kernel_ops)
+                             and m.attach_native(ops))})
     if eager:
         logger.info("no native kernel for %s: eager PyTorch", ", ".join(eager))
 

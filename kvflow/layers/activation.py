@@ -11,6 +11,8 @@ from kvflow.layers.native import NativeKernelHook
 
 
 class SiluAndMul(nn.Module, NativeKernelHook):
+    kernel_ops = ("silu_and_mul",)
+
     def __init__(self) -> None:
         super().__init__()
         self.native: ModuleType | None = None
@@ -29,6 +31,8 @@ class SiluAndMul(nn.Module, NativeKernelHook):
 class GeluTanhAndMul(nn.Module, NativeKernelHook):
     """GELU with the tanh approximation (Gemma's gelu_pytorch_tanh)."""
 
+    kernel_ops = ()
+
     def attach_native(self, ops: ModuleType) -> bool:
         return False  # no native kernel: PyTorch's fused GELU is a single pass already
 
@@ -41,6 +45,8 @@ class ClampedSwiGLU(nn.Module, NativeKernelHook):
     """gpt-oss's expert activation: gate clamped above and up on both sides at `limit`,
     then (up + 1) * gate * sigmoid(alpha * gate) (transformers' GptOssExperts._apply_gate,
     with gate and up as halves; its checkpoints interleave them, undone at load)."""
+
+    kernel_ops = ()
 
     def __init__(self, alpha: float = 1.702, limit: float = 7.0) -> None:
         super().__init__()

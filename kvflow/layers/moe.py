@@ -290,6 +290,8 @@ class FusedMoE(nn.Module, NativeKernelHook):
     the router's weights. Module and parameter names are transformers' (`experts`,
     `gate_up_proj`, `down_proj`, `*_bias`)."""
 
+    kernel_ops = ("moe_experts",)
+
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int,
                  activation: nn.Module, bias: bool = False,
                  quant_config: QuantizationConfig | None = None, prefix: str = "") -> None:

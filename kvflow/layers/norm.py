@@ -16,6 +16,8 @@ class RMSNorm(nn.Module, NativeKernelHook):
     with the native kernels). Callers hand the residual over; they must not keep using it
     as it was."""
 
+    kernel_ops = ("rms_norm",)
+
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.eps = eps

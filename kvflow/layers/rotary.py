@@ -78,6 +78,8 @@ def _yarn_scaled(wavelengths: torch.Tensor, rope: RopeConfig, rotary_dim: int) -
 
 
 class RotaryEmbedding(nn.Module, NativeKernelHook):
+    kernel_ops = ("rotary_embedding",)
+
     def __init__(self, rotary_dim: int, max_positions: int, rope: RopeConfig) -> None:
         """rotary_dim: the leading dims of each head that turn (the head size unless the
         rotary is partial)."""
