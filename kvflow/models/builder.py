@@ -10,8 +10,10 @@ from types import ModuleType
 import torch
 
 from kvflow.attention.base import AttentionBackend
-from kvflow.kernels.tuning import (install_batch_invariant_kernels, install_native_kernels,
-                                   install_quantized_kernels, native_cpu_ops)
+from kvflow.kernels.triton_ops import glue_ops
+from kvflow.kernels.tuning import (attach_glue, install_batch_invariant_kernels,
+                                   install_native_kernels, install_quantized_kernels,
+                                   native_cpu_ops)
 from kvflow.layers.moe_placement import ExpertPlacement
 from kvflow.models.blocks import CausalLM, SparseMoeBlock
 from kvflow.models.config import ModelConfig
@@ -26,12 +28,14 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class KernelChoice:
     """Which kernels models of this engine run: the native CPU kernels (`native_ops`,
-    None: PyTorch's), fitted by measuring or batch-invariant, or PyTorch's alone."""
+    None: PyTorch's), fitted by measuring or batch-invariant, or PyTorch's alone; on
+    CUDA, Triton's glue kernels (`glue_ops`) for norms, activations and RoPE."""
 
     native_ops: ModuleType | None
     batch_invariant: bool = False
     enforce_eager: bool = False
     reserved_bytes: int = 0  # memory taken after the models (an explicit KV size)
+    glue_ops: ModuleType | None = None
 
     @classmethod
     def for_device(cls, device: torch.device, dtype: torch.dtype, enforce_eager: bool,
@@ -41,7 +45,8 @@ class KernelChoice:
             raise ValueError("batch_invariant needs kvflow's native CPU kernels: the CPU "
                              f"(not {device.type}), float32 or bfloat16 (not {dtype}) and "
                              "a kernel build that works here (see the log)")
-        return cls(ops, batch_invariant, enforce_eager, reserved_bytes)
+        return cls(ops, batch_invariant, enforce_eager, reserved_bytes,
+                   glue_ops(device, dtype, enforce_eager))
 
 
 def build_model(config: ModelConfig, dtype: torch.dtype, device: torch.device,
@@ -59,6 +64,8 @@ def build_model(config: ModelConfig, dtype: torch.dtype, device: torch.device,
         install_native_kernels(model, kernels.native_ops, kernels.reserved_bytes)
     elif not kernels.enforce_eager:
         install_quantized_kernels(model)
+        if kernels.glue_ops is not None:
+            attach_glue(model, kernels.glue_ops)
     host_ops = (native_cpu_ops(placement.device, dtype, kernels.enforce_eager)
                 if placement is not None and device != placement.device else None)
     if host_ops is not None:

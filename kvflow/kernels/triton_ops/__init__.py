@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from types import ModuleType
 
 import torch
 
@@ -31,3 +32,13 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype | None = None) -
     if device.type != "cuda":
         return f"kvflow's Triton kernels run on CUDA devices, not {device.type}"
     return None
+
+
+def glue_ops(device: torch.device, dtype: torch.dtype, enforce_eager: bool) -> ModuleType | None:
+    """CUDA's glue kernels (RMSNorm, SiLU-and-mul, RoPE) where they run: a CUDA device,
+    triton installed, no enforce_eager. The CPU has its native kernels instead."""
+    if enforce_eager or device.type != "cuda" or unavailable_reason(device, dtype):
+        return None
+    from kvflow.kernels.triton_ops import glue
+
+    return glue
