@@ -137,8 +137,10 @@ def test_sinks_change_the_output(kernel_ops):
 
 
 def check_backend(backend_name, ops, case, heads, window, dtype, block_size, head_dim,
-                  sinks=None, reference_sinks="same", softcap=None):
-    """reference_sinks: the sinks of the reference ("same": the layer's)."""
+                  sinks=None, reference_sinks="same", softcap=None, device="cpu"):
+    """reference_sinks: the sinks of the reference ("same": the layer's); device: where the
+    backend runs (the reference runs on the CPU)."""
+    device = torch.device(device)
     query_lens, context_lens = CASES[case]
     order = sorted(range(len(query_lens)), key=lambda i: query_lens[i])  # as the runner does
     query_lens = [query_lens[i] for i in order]
@@ -150,27 +152,30 @@ def check_backend(backend_name, ops, case, heads, window, dtype, block_size, hea
     reference = expected(q, k, v, old_kv, query_lens, head_dim ** -0.5, window,
                          sinks if isinstance(reference_sinks, str) else reference_sinks,
                          softcap)
-    backend = select_backend(backend_name, torch.device("cpu"), ops, dtype=dtype)
+    backend = select_backend(backend_name, device, ops, dtype=dtype)
     layer = PagedAttention(num_heads, num_kv_heads, head_dim, window, softcap=softcap,
-                           sinks=sinks is not None)
+                           sinks=sinks is not None).to(device)
     if sinks is not None:
         layer.sinks.data.copy_(sinks)
     k_shape, v_shape = backend.kv_cache_shapes(num_blocks, num_kv_heads, block_size, head_dim)
     # Garbage in unwritten slots must never be read.
-    layer.bind(backend, torch.randn(k_shape).to(dtype), torch.randn(v_shape).to(dtype))
+    layer.bind(backend, torch.randn(k_shape).to(device, dtype),
+               torch.randn(v_shape).to(device, dtype))
     for ids, (old_k, old_v), context_len in zip(block_ids, old_kv, context_lens):
         if context_len:
-            backend.write_kv(layer, old_k, old_v, slots_of(ids, range(context_len), block_size))
+            backend.write_kv(layer, old_k.to(device), old_v.to(device),
+                             slots_of(ids, range(context_len), block_size).to(device))
     meta = backend.build_metadata(query_lens, context_lens, block_ids, block_size,
-                                  torch.device("cpu"))
-    out = layer(q, k, v, meta)
+                                  device)
+    out = layer(q.to(device), k.to(device), v.to(device), meta).cpu()
     tolerance = 1e-4 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out.float(), reference, atol=tolerance, rtol=tolerance)
     # The step's keys and values landed in their slots, as the backend reads them back.
     start = 0
     for ids, (old_k, old_v), query_len in zip(block_ids, old_kv, query_lens):
         seq_len = old_k.shape[0] + query_len
-        keys, values = backend.gather_context(layer, torch.tensor(ids), seq_len)
+        keys, values = backend.gather_context(layer, torch.tensor(ids, device=device), seq_len)
+        keys, values = keys.cpu(), values.cpu()
         rows = slice(start, start + query_len)
         assert torch.equal(keys, torch.cat([old_k, k[rows]]).transpose(0, 1))
         assert torch.equal(values, torch.cat([old_v, v[rows]]).transpose(0, 1))

@@ -14,6 +14,8 @@ from kvflow.attention.selector import select_backend  # noqa: E402
 from test_attention import CASES, check_backend  # noqa: E402
 
 SHORT_CASES = sorted(set(CASES) - {"long contexts"})
+# Compiled on a GPU where there is one; the interpreter's CPU otherwise.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 HEADS = {"gqa": (4, 2), "mha": (4, 4), "mqa": (8, 1), "group-of-7": (14, 2)}
 
 
@@ -21,16 +23,18 @@ HEADS = {"gqa": (4, 2), "mha": (4, 4), "mqa": (8, 1), "group-of-7": (14, 2)}
 @pytest.mark.parametrize("heads", sorted(HEADS))
 @pytest.mark.parametrize("window", [None, 6])
 def test_triton_matches_naive(case, heads, window):
-    check_backend("triton", None, case, HEADS[heads], window, torch.float32, 16, head_dim=32)
+    check_backend("triton", None, case, HEADS[heads], window, torch.float32, 16, head_dim=32,
+                  device=DEVICE)
 
 
 @pytest.mark.parametrize("case", SHORT_CASES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])  # the interpreter's
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16]  # the interpreter's
+                         + ([torch.bfloat16] if DEVICE == "cuda" else []))
 @pytest.mark.parametrize("block_size,head_dim", [(4, 32), (24, 40), (32, 64)])
 def test_triton_at_other_shapes(case, dtype, block_size, head_dim):
     """Blocks smaller and larger than a tile's keys and not a power of two, head_dim not a
     power of two (masked columns), a window across blocks."""
-    check_backend("triton", None, case, (8, 2), 20, dtype, block_size, head_dim)
+    check_backend("triton", None, case, (8, 2), 20, dtype, block_size, head_dim, device=DEVICE)
 
 
 @pytest.mark.parametrize("case", SHORT_CASES)
@@ -39,7 +43,7 @@ def test_triton_with_sinks(case, window):
     """gpt-oss's sinks: one that outweighs every key, one far below them."""
     sinks = torch.tensor([0.5, -1.0, 40.0, -60.0, 2.0, 0.0, 1.5, -3.0])
     check_backend("triton", None, case, (8, 2), window, torch.float32, 16, head_dim=32,
-                  sinks=sinks)
+                  sinks=sinks, device=DEVICE)
 
 
 @pytest.mark.parametrize("heads,window,extra", [
@@ -48,27 +52,28 @@ def test_triton_with_sinks(case, window):
 def test_triton_long_contexts_split_and_merged(heads, window, extra):
     """Contexts of up to 1,301 keys with a few queries each: too few programs for a GPU,
     so each tile's keys are split across programs and merged (with the sink, if any)."""
-    backend = select_backend("triton", torch.device("cpu"), None)
+    backend = select_backend("triton", torch.device(DEVICE), None)
     num_kv_heads = HEADS[heads][1]
     assert backend._splits(3 * num_kv_heads, max_seq_len=1301) > 1
     check_backend("triton", None, "long contexts", HEADS[heads], window, torch.float32, 16,
-                  head_dim=32, **extra)
+                  head_dim=32, **extra, device=DEVICE)
 
 
 @pytest.mark.parametrize("case", ["mixed step", "decodes"])
 def test_triton_with_softcap(case):
     check_backend("triton", None, case, (8, 2), None, torch.float32, 16, head_dim=32,
-                  softcap=5.0)
+                  softcap=5.0, device=DEVICE)
 
 
 def test_batch_invariant_never_splits():
-    backend = select_backend("triton", torch.device("cpu"), None, batch_invariant=True)
+    backend = select_backend("triton", torch.device(DEVICE), None, batch_invariant=True)
     assert backend._splits(1, max_seq_len=100_000) == 1
-    backend = select_backend("triton", torch.device("cpu"), None)
+    backend = select_backend("triton", torch.device(DEVICE), None)
     assert backend._splits(backend.target_programs, max_seq_len=100_000) == 1
     assert backend._splits(1, max_seq_len=100) == 1
 
 
+@pytest.mark.skipif(DEVICE == "cuda", reason="a GPU compiles Triton's kernels")
 def test_bfloat16_under_the_interpreter_is_refused_by_name():
     with pytest.raises(ValueError, match="bfloat16"):
         select_backend("triton", torch.device("cpu"), None, dtype=torch.bfloat16)
@@ -87,7 +92,7 @@ def test_engine_with_triton_matches_transformers(variant, options, checkpoint, h
     prompts = random_prompts(6, seed=3)
     if options:
         prompts = [prompts[0][:20] + p for p in prompts]
-    llm = LLM(str(path), dtype="float32", device="cpu", kv_cache_memory="16MiB",
+    llm = LLM(str(path), dtype="float32", device=DEVICE, kv_cache_memory="16MiB",
               attention_backend="triton", **options)
     assert llm.engine.executor.runner.backend.name == "triton"
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)

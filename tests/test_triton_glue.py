@@ -20,7 +20,10 @@ from kvflow.layers.norm import GemmaRMSNorm, RMSNorm  # noqa: E402
 from kvflow.layers.rotary import RotaryEmbedding  # noqa: E402
 from kvflow.models.config import RopeConfig  # noqa: E402
 
-DTYPES = [torch.float32, torch.float16]  # the interpreter's; bfloat16 on a GPU
+# Compiled on a GPU where there is one; the interpreter's CPU otherwise, which runs
+# float32 and float16 but not bfloat16.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 
 
 def glue():
@@ -31,7 +34,7 @@ def glue():
 
 def attached(layer: nn.Module) -> nn.Module:
     """A copy of the layer on the Triton kernels, through the installer the builder uses."""
-    layer = copy.deepcopy(layer)
+    layer = copy.deepcopy(layer).to(DEVICE)
     holder = nn.ModuleList([layer])
     attach_glue(holder, glue())
     assert layer.native is glue()
@@ -45,7 +48,8 @@ def assert_alike(actual, expected):
     if actual.dtype == torch.float32:
         torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
         return
-    torch.testing.assert_close(actual, expected, atol=1e-3, rtol=2e-3)
+    ulp = 2e-3 if actual.dtype == torch.float16 else 1.6e-2  # two of the last bit
+    torch.testing.assert_close(actual, expected, atol=ulp, rtol=ulp)
     differing = (actual != expected).float().mean().item()
     assert differing <= 0.005, f"{differing:.1%} of the elements differ"
 
@@ -57,11 +61,11 @@ def test_rms_norm(norm_type, dim, dtype):
     generator = torch.Generator().manual_seed(0)
     norm = norm_type(dim, 1e-6)
     norm.weight.data.copy_(torch.randn(dim, generator=generator) * 0.2 + 1)
-    norm = norm.to(dtype) if norm_type is RMSNorm else norm
+    norm = (norm.to(dtype) if norm_type is RMSNorm else norm).to(DEVICE)
     fast = attached(norm)
-    x = (torch.randn(7, dim, generator=generator) * 3).to(dtype)
+    x = (torch.randn(7, dim, generator=generator) * 3).to(DEVICE, dtype)
     assert_alike(fast(x), norm(x))
-    residual = torch.randn(7, dim, generator=generator).to(dtype)
+    residual = torch.randn(7, dim, generator=generator).to(DEVICE, dtype)
     out, new_residual = fast(x, residual.clone())
     ref_out, ref_residual = norm(x, residual.clone())
     assert torch.equal(new_residual, ref_residual)
@@ -71,7 +75,7 @@ def test_rms_norm(norm_type, dim, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("d", [48, 1500])
 def test_silu_and_mul(d, dtype):
-    x = (torch.randn(5, 2 * d, generator=torch.Generator().manual_seed(1)) * 4).to(dtype)
+    x = (torch.randn(5, 2 * d, generator=torch.Generator().manual_seed(1)) * 4).to(DEVICE, dtype)
     assert_alike(attached(SiluAndMul())(x), SiluAndMul()(x))
 
 
@@ -80,11 +84,11 @@ def test_silu_and_mul(d, dtype):
                          ids=["whole", "odd-half", "partial"])
 def test_rotary_in_place_on_strided_views(head_dim, rotary_dim, dtype):
     """q and k are views of one fused QKV output, as the attention block hands them over."""
-    rope = RotaryEmbedding(rotary_dim, 512, RopeConfig(theta=10000.0))
+    rope = RotaryEmbedding(rotary_dim, 512, RopeConfig(theta=10000.0)).to(DEVICE)
     heads, kv_heads, tokens = 6, 2, 9
     qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim,
-                      generator=torch.Generator().manual_seed(2)).to(dtype)
-    positions = torch.tensor([0, 1, 2, 3, 100, 101, 7, 511, 40])
+                      generator=torch.Generator().manual_seed(2)).to(DEVICE, dtype)
+    positions = torch.tensor([0, 1, 2, 3, 100, 101, 7, 511, 40], device=DEVICE)
 
     def split(fused):
         q = fused[:, :heads * head_dim].view(tokens, heads, head_dim)
@@ -128,7 +132,7 @@ def test_model_on_triton_glue_and_attention_matches_transformers(checkpoint, hf_
     from kvflow import LLM, SamplingParams
 
     path = checkpoint("qwen3")
-    llm = LLM(str(path), dtype="float32", device="cpu", kv_cache_memory="8MiB",
+    llm = LLM(str(path), dtype="float32", device=DEVICE, kv_cache_memory="8MiB",
               enforce_eager=True, attention_backend="triton")
     model = llm.engine.executor.runner.model
     attach_glue(model, glue())

@@ -212,7 +212,11 @@ def tile_shape(group: int, max_query_len: int, head_dim: int) -> TileShape:
 
 def query_tiles(query_lens: list[int], block_q: int, device: torch.device
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each program's request and first query in it, request after request."""
+    """Each program's request and first query in it, request after request. A decode
+    step's are made on the device, so that a CUDA graph can capture them."""
+    if max(query_lens) == 1:
+        decodes = torch.arange(len(query_lens), dtype=torch.int32, device=device)
+        return decodes, torch.zeros_like(decodes)
     reqs: list[int] = []
     starts: list[int] = []
     for req, query_len in enumerate(query_lens):
