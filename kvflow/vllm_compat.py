@@ -37,8 +37,8 @@ MISSING: dict[str, str] = {
     "root_path": "serve behind a proxy that strips the path prefix",
     "uds": "kvflow listens on TCP only (--host, --port)",
     "middleware": "kvflow loads no code from its command line",
-    "max_seq_len_to_capture": "kvflow does not capture CUDA graphs yet",
-    "cuda_graph_sizes": "kvflow does not capture CUDA graphs yet",
+    "max_seq_len_to_capture": "kvflow's CUDA graphs serve contexts of any length up to "
+                              "--max-model-len: drop the flag",
     "compilation_config": "kvflow does not use torch.compile; --enforce-eager turns off its "
                           "native kernels",
     "enable_chunked_prefill": "prefill is always chunked in kvflow: drop the flag "
@@ -97,8 +97,8 @@ _BY_REASON: dict[str, tuple[str, ...]] = {
     "kvflow runs its own implementation of each architecture it supports": ("model_impl",),
     "put a TLS-terminating proxy (nginx, Caddy) in front of kvflow": (
         "enable_ssl_refresh", "ssl_cert_reqs"),
-    "kvflow does not capture CUDA graphs or use torch.compile yet": (
-        "cudagraph_capture_sizes", "max_cudagraph_capture_size", "optimization_level"),
+    "kvflow does not use torch.compile: --enforce-eager turns its kernels and CUDA graphs "
+    "off": ("optimization_level",),
     "the KV cache stays on the model's device: no transfer, offloading or events": (
         "kv_transfer_config", "kv_events_config", "kv_offloading_size",
         "kv_offloading_backend"),

@@ -20,6 +20,15 @@ python3 -c 'import torch; print("torch", torch.__version__, torch.cuda.get_devic
 # Built once before the workers start, which would otherwise all build them at once.
 python3 -m kvflow.kernels >"$out/kernels.log" 2>&1 || echo "native kernel build failed"
 
+# The CUDA path's own tests first, so that a suite cut short still ran them: the Triton
+# kernels compiled for the GPU, graphs captured and replayed for real, graphs on and off
+# token for token with transformers.
+timeout "${CUDA_CHECK_CUDA_TESTS_SECONDS:-150}" python3 -m pytest -q -rfE -p no:cacheprovider \
+    tests/test_triton_attention.py tests/test_triton_glue.py tests/test_cuda_graphs.py \
+    >"$out/cuda-tests.log" 2>&1
+echo "cuda tests: exit $?"
+grep -E "FAILED|ERROR|passed|failed" "$out/cuda-tests.log" | tail -20
+
 # The tests pin device="cpu", CI's only device; in a copy of them beside the originals
 # (so that paths relative to the repository still hold) "auto" puts every engine whose
 # device a test does not choose for a reason of its own on the GPU.
@@ -39,3 +48,11 @@ timeout "${CUDA_CHECK_SPEED_SECONDS:-200}" python3 benchmarks/quantization.py --
 echo "speed: exit $?"
 cat "$out/speed.json"
 grep -iE "quantized kernel|error|Traceback" "$out/speed.log" | head -20
+
+# Graphs against eager launches on one stream of the demo model (launches, not bytes, set
+# its speed on a GPU).
+for flags in "" "--enforce-eager"; do
+    echo "latency ${flags:-(graphs)}:"
+    timeout 90 python3 -m kvflow.cli bench latency --device cuda --output-len 128 \
+        --num-iters 3 $flags 2>>"$out/latency.log" | tail -4
+done

@@ -14,6 +14,7 @@ from kvflow.distributed.group import ParallelConfig
 from kvflow.engine.generation_config import parse_override
 from kvflow.spec_decode.config import SpeculativeConfig
 from kvflow.quantization import quantization_config
+from kvflow.worker.cuda_graphs import capture_sizes
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -43,6 +44,10 @@ _FLAG_HELP = {
                        "native kernels, each row reduced in one fixed order; see the README "
                        "for its cost)",
     "num_threads": "CPU threads (default: one per physical core, or OMP_NUM_THREADS)",
+    "cuda_graph_sizes": "on CUDA, the decode batch sizes captured in CUDA graphs: one value "
+                        "N for 1, 2, 4, 8, 16, ... up to N, several for those sizes "
+                        "(default: up to min(max_num_seqs, 512))",
+    "max_cudagraph_capture_size": "on CUDA, the largest decode batch captured (default 512)",
     "enforce_eager": "PyTorch's own ops only: no native kernels (they are compiled once per "
                      "machine and cached)",
     "quantization": "quantize the decoder's linear weights at load, from a bf16, fp16 or fp32 "
@@ -119,8 +124,11 @@ _FLAG_TYPES = {"max_model_len": _token_count_flag, "block_size": int, "max_num_s
                "gpu_memory_utilization": float, "tensor_parallel_size": int,
                "pipeline_parallel_size": int, "data_parallel_size": int, "max_logprobs": int,
                "quantization_group_size": int, "n_cpu_moe": int, "nnodes": int,
-               "node_rank": int, "master_port": int, "distributed_timeout": float}
-_FLAG_ALIASES = {"tensor_parallel_size": ["-tp"], "pipeline_parallel_size": ["-pp"],
+               "node_rank": int, "master_port": int, "distributed_timeout": float,
+               "cuda_graph_sizes": int, "max_cudagraph_capture_size": int}
+_FLAG_NARGS = {"cuda_graph_sizes": "+"}
+_FLAG_ALIASES = {"cuda_graph_sizes": ["--cudagraph-capture-sizes"],
+                 "tensor_parallel_size": ["-tp"], "pipeline_parallel_size": ["-pp"],
                  "data_parallel_size": ["-dp"], "quantization": ["-q"], "nnodes": ["-n"],
                  "node_rank": ["-r"]}
 @dataclass
@@ -139,6 +147,9 @@ class EngineArgs:
     seed: int = 0
     attention_backend: str = "auto"  # auto (the fastest for the device) | torch | cpu | triton
     enforce_eager: bool = False  # True: PyTorch ops only, no compiled native kernels
+    # CUDA graphs of decode steps (kvflow/worker/cuda_graphs.py): vLLM's two options
+    cuda_graph_sizes: list[int] | None = None
+    max_cudagraph_capture_size: int | None = None
     batch_invariant: bool = False  # a row's arithmetic independent of its batch (README)
     num_threads: int | None = None  # CPU threads; None: one per physical core (worker/threads.py)
     quantization: str | None = None  # None | int8 | int4 (kvflow/quantization/)
@@ -189,6 +200,7 @@ class EngineArgs:
                              f"{self.attention_backend!r}")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads must be at least 1, got {self.num_threads}")
+        capture_sizes(self.max_num_seqs, self.cuda_graph_sizes, self.max_cudagraph_capture_size)
         if self.block_size < 1:
             raise ValueError(f"block_size must be at least 1, got {self.block_size}")
         if self.max_model_len is not None:
@@ -261,7 +273,8 @@ class EngineArgs:
                                     help=_FLAG_HELP[field.name])
                 continue
             parser.add_argument(*flags, dest=field.name, type=_FLAG_TYPES.get(field.name, str),
-                                default=default, help=_FLAG_HELP[field.name])
+                                nargs=_FLAG_NARGS.get(field.name), default=default,
+                                help=_FLAG_HELP[field.name])
         return parser
 
     @classmethod

@@ -12,6 +12,7 @@ from collections import deque
 
 
 from kvflow.attention.selector import select_backend
+from kvflow.worker.cuda_graphs import capture_sizes
 from kvflow.config import CacheConfig, SchedulerConfig
 from kvflow.core.kv_manager import KVCacheManager
 from kvflow.core.scheduler import Scheduler
@@ -143,8 +144,12 @@ class LLMEngine:
         if args.speculative_config is not None:
             speculator = build_speculator(args.speculative_config, self, num_blocks, backend)
             logger.info("speculative decoding: %s", args.speculative_config)
+        graph_sizes = (capture_sizes(args.max_num_seqs, args.cuda_graph_sizes,
+                                     args.max_cudagraph_capture_size)
+                       if self.device.type == "cuda" and not args.enforce_eager else [])
         self.executor.initialize(
-            RunnerSettings(num_blocks, args.block_size, args.seed, args.batch_invariant),
+            RunnerSettings(num_blocks, args.block_size, args.seed, args.batch_invariant,
+                           tuple(graph_sizes), max_model_len),
             backend, speculator)
         self.observations = StepObservations()
         self.output_processor = OutputProcessor(self.tokenizer,

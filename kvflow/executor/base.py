@@ -100,6 +100,10 @@ class RunnerSettings:
     block_size: int
     seed: int
     batch_invariant: bool
+    # decode batch sizes to capture in CUDA graphs (empty: none), for contexts up to
+    # max_model_len (kvflow/worker/cuda_graphs.py)
+    graph_sizes: tuple[int, ...] = ()
+    max_model_len: int = 0
 
 
 class Executor(ABC):

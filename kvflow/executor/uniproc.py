@@ -2,11 +2,19 @@
 its runner."""
 from __future__ import annotations
 
+import logging
+
+import torch
+
 from kvflow.attention.base import AttentionBackend
 from kvflow.executor.base import Executor, ModelSpec, RunnerSettings
+from kvflow.layers.moe import FusedMoE
 from kvflow.models.config import ModelConfig
 from kvflow.spec_decode.proposer import Speculator
+from kvflow.worker.cuda_graphs import DecodeGraphs, cuda_capture
 from kvflow.worker.model_runner import ModelRunner
+
+logger = logging.getLogger(__name__)
 
 
 class UniProcExecutor(Executor):
@@ -22,4 +30,20 @@ class UniProcExecutor(Executor):
                    speculator: Speculator | None) -> None:
         self.runner = ModelRunner(self._model, self.spec.config, backend, settings.num_blocks,
                                   settings.block_size, self.spec.dtype, self.spec.device,
-                                  settings.seed, speculator, settings.batch_invariant)
+                                  settings.seed, speculator, settings.batch_invariant,
+                                  graphs=self._graphs(settings, backend))
+
+    def _graphs(self, settings: RunnerSettings, backend: AttentionBackend
+                ) -> DecodeGraphs | None:
+        if not settings.graph_sizes:
+            return None
+        # An expert layer's routing sizes its work by the data, which a graph cannot hold.
+        why_not = ("the attention backend cannot be captured" if not backend.cuda_graphs
+                   else "expert layers route by the data" if any(
+                       isinstance(m, FusedMoE) for m in self._model.modules()) else None)
+        if why_not is not None:
+            logger.info("CUDA graphs: off, %s", why_not)
+            return None
+        return DecodeGraphs(self._model, list(settings.graph_sizes), settings.block_size,
+                            settings.max_model_len, self.spec.device,
+                            cuda_capture(torch.cuda.graph_pool_handle()))

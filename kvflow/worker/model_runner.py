@@ -22,15 +22,18 @@ from kvflow.sampling.rejection_sampler import RejectionSampler
 from kvflow.sampling.sampler import Sampler, prepare_sampling, sampling_rows, token_logprobs
 from kvflow.structured_output.bitmask import MASK_GRACE_S, GrammarMasker
 from kvflow.spec_decode.proposer import Speculator
+from kvflow.worker.cuda_graphs import DecodeGraphs
 
 
 class ModelRunner:
     def __init__(self, model: CausalLM, config: ModelConfig, backend: AttentionBackend,
                  num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device,
                  seed: int, speculator: Speculator | None = None,
-                 batch_invariant: bool = False, kv_config: ModelConfig | None = None) -> None:
+                 batch_invariant: bool = False, kv_config: ModelConfig | None = None,
+                 graphs: DecodeGraphs | None = None) -> None:
         """kv_config: the model as this rank holds it, which sizes its KV cache (None:
-        config, the whole model)."""
+        config, the whole model); graphs: decode steps to capture once the cache is bound,
+        and replay for the steps they take."""
         self.model = model
         self.config = config
         self.backend = backend
@@ -38,6 +41,9 @@ class ModelRunner:
         self.device = device
         self.kv_caches = bind_kv_cache(model, kv_config or config, backend, num_blocks,
                                        block_size, dtype, device)
+        self.graphs = graphs
+        if graphs is not None:
+            graphs.capture_all()
         self.sampler = Sampler(torch.Generator(device).manual_seed(seed))
         self.rejection_sampler = RejectionSampler(self.sampler)
         self.speculator = speculator
@@ -75,15 +81,25 @@ class ModelRunner:
                        key=lambda r: len(r.token_ids) + len(r.draft_token_ids))
         if not batch:
             return None
-        input_ids, meta, query_starts = self._prepare_inputs(batch)
         to_sample = [r for r in batch if r.sample]
+        graphed = self.graphs is not None and self.graphs.takes(batch)
+        if graphed:
+            query_starts = {r.req_id: row for row, r in enumerate(batch)}
+        else:
+            input_ids, meta, query_starts = self._prepare_inputs(batch)
         rows = LogitRows.of(batch, to_sample, query_starts)
         # The grammars' masks depend only on tokens already accepted and on the drafts, so
         # they are computed on the mask threads (the GIL released) during the forward; the
         # step waits for them a moment past it, and samples without those still computing.
         self.grammar_masker.start(to_sample)
-        logits = self.model.start_step(input_ids, meta,
-                                       torch.tensor(rows.positions, dtype=torch.int64))
+        if graphed:
+            every_row = self.graphs.run(batch)
+            picked = (every_row if rows.positions == list(range(len(batch)))
+                      else every_row[torch.tensor(rows.positions, device=self.device)])
+            logits: Callable[[], torch.Tensor] = lambda: picked  # noqa: E731
+        else:
+            logits = self.model.start_step(input_ids, meta,
+                                           torch.tensor(rows.positions, dtype=torch.int64))
         return StepInFlight(batch, to_sample, rows, logits)
 
     @torch.inference_mode()

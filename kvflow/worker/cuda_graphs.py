@@ -1,0 +1,193 @@
+"""CUDA graphs for decode steps: a step's thousands of kernel launches replayed as one.
+
+At startup the runner captures a decode step's forward pass and LM head for each batch
+size of a ladder (vLLM's: 1, 2, 4, then every multiple of 8 up to the largest), the
+largest first, all in one memory pool. A later decode step of n requests (one query token
+each) copies its inputs into the static buffers the graphs read, padded to the smallest
+captured size at least n, and replays that graph. A padding row writes no KV (its slot is
+-1), attends to one key of the null block, and its logits are dropped.
+
+What a graph fixes at capture, and so what must not change under it: the buffers'
+addresses (they are allocated once, here), the KV cache's (`stale` notices a rebound
+cache, and the graphs are captured again), the weights, and each kernel's launch
+configuration. The attention backend's split of long contexts is chosen at capture as for
+contexts of max_model_len tokens, so the graph serves any length.
+"""
+from __future__ import annotations
+
+import bisect
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol
+
+import torch
+
+from kvflow.attention.metadata import AttentionMetadata
+from kvflow.core.block_pool import NULL_BLOCK
+
+if TYPE_CHECKING:
+    from kvflow.models.blocks import CausalLM
+    from kvflow.outputs import ScheduledRequest
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_CAPTURE_SIZE = 512
+
+Replay = Callable[[], torch.Tensor]
+
+
+class Capture(Protocol):
+    def __call__(self, forward: Replay) -> Replay:
+        """A callable that runs `forward` again (reading the same buffers) and returns
+        its result."""
+
+
+def capture_sizes(max_num_seqs: int, sizes: list[int] | None = None,
+                  max_capture_size: int | None = None) -> list[int]:
+    """The batch sizes to capture, ascending. sizes: vLLM's --cuda-graph-sizes: None for
+    the default ladder up to min(max_num_seqs, max_capture_size or 512); one value for
+    the ladder up to it; several for those sizes exactly."""
+    if max_capture_size is not None and max_capture_size < 1:
+        raise ValueError(f"max_cudagraph_capture_size must be at least 1, got "
+                         f"{max_capture_size}")
+    if sizes is not None and (not sizes or any(size < 1 for size in sizes)):
+        raise ValueError(f"cuda_graph_sizes must be positive batch sizes, got {sizes}")
+    limit = min(max_num_seqs, max_capture_size or DEFAULT_MAX_CAPTURE_SIZE)
+    if sizes is None or len(sizes) == 1:
+        top = limit if sizes is None else min(sizes[0], limit)
+        # and the top itself, so that every batch up to it has a graph
+        sizes = [1, 2, 4] + list(range(8, top + 1, 8)) + [top]
+    return sorted({size for size in sizes if size <= limit})
+
+
+def padded_size(num_reqs: int, sizes: list[int]) -> int | None:
+    """The smallest captured size that holds num_reqs (None: larger than every one)."""
+    index = bisect.bisect_left(sizes, num_reqs)
+    return sizes[index] if index < len(sizes) else None
+
+
+def cuda_capture(pool: object) -> Capture:
+    """Captures into torch.cuda.CUDAGraphs sharing one memory pool."""
+
+    def capture(forward: Replay) -> Replay:
+        forward()  # warm-up: Triton compiles, cuBLAS picks its kernels and workspace
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            out = forward()
+
+        def replay() -> torch.Tensor:
+            graph.replay()
+            return out
+
+        return replay
+
+    return capture
+
+
+class DecodeBuffers:
+    """The inputs a captured decode step reads, allocated once at the largest size, and
+    their host staging (pinned on CUDA, so that the copies do not wait)."""
+
+    def __init__(self, max_size: int, max_blocks_per_seq: int, device: torch.device) -> None:
+        pin = device.type == "cuda"
+        self.input_ids = torch.zeros(max_size, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(max_size, dtype=torch.int64, device=device)
+        self.slot_mapping = torch.full((max_size,), -1, dtype=torch.int64, device=device)
+        self.seq_lens = torch.ones(max_size, dtype=torch.int32, device=device)
+        self.query_start_loc = torch.arange(max_size + 1, dtype=torch.int32, device=device)
+        self.block_tables = torch.full((max_size, max_blocks_per_seq), NULL_BLOCK,
+                                       dtype=torch.int32, device=device)
+        self._staged = torch.empty(3, max_size, dtype=torch.int64, pin_memory=pin)
+        self._staged_lens = torch.empty(max_size, dtype=torch.int32, pin_memory=pin)
+        self._staged_tables = torch.empty(max_size, max_blocks_per_seq, dtype=torch.int32,
+                                          pin_memory=pin)
+
+    def fill(self, batch: list[ScheduledRequest], size: int, block_size: int) -> None:
+        """The step's requests into the first rows, padding rows after them up to size.
+        Block-table columns past the longest row keep what they held: no row reads past
+        its own length."""
+        pad = size - len(batch)
+        positions = [r.num_computed_tokens for r in batch]
+        slots = [r.block_ids[p // block_size] * block_size + p % block_size
+                 for r, p in zip(batch, positions)]
+        staged = self._staged[:, :size]
+        # padding writes no KV (slot -1) and attends to one key of its row's first block
+        staged.copy_(torch.tensor([[r.token_ids[0] for r in batch] + [0] * pad,
+                                   positions + [0] * pad, slots + [-1] * pad]))
+        lens = self._staged_lens[:size]
+        lens.copy_(torch.tensor([p + 1 for p in positions] + [1] * pad))
+        width = max(len(r.block_ids) for r in batch)
+        tables = self._staged_tables[:len(batch), :width]
+        tables.copy_(torch.tensor([r.block_ids + [NULL_BLOCK] * (width - len(r.block_ids))
+                                   for r in batch]))
+        self.input_ids[:size].copy_(staged[0], non_blocking=True)
+        self.positions[:size].copy_(staged[1], non_blocking=True)
+        self.slot_mapping[:size].copy_(staged[2], non_blocking=True)
+        self.seq_lens[:size].copy_(lens, non_blocking=True)
+        self.block_tables[:len(batch), :width].copy_(tables, non_blocking=True)
+
+    def metadata(self, size: int, max_model_len: int) -> AttentionMetadata:
+        """Views of the buffers for `size` rows; the host lists describe the worst case
+        (contexts of max_model_len), so that a backend's launch choices hold for any."""
+        return AttentionMetadata(
+            positions=self.positions[:size], slot_mapping=self.slot_mapping[:size],
+            query_start_loc=self.query_start_loc[:size + 1], seq_lens=self.seq_lens[:size],
+            block_tables=self.block_tables[:size], query_lens_cpu=[1] * size,
+            seq_lens_cpu=[max_model_len] * size, num_batched_reqs=size,
+            num_batched_tokens=size)
+
+
+class DecodeGraphs:
+    """The captured decode steps of one model and KV cache, and when a step may use one."""
+
+    def __init__(self, model: CausalLM, sizes: list[int], block_size: int, max_model_len: int,
+                 device: torch.device, capture: Capture) -> None:
+        self.model = model
+        self.sizes = sizes
+        self.block_size = block_size
+        self.max_model_len = max_model_len
+        self.capture = capture
+        self.buffers = DecodeBuffers(sizes[-1], -(-max_model_len // block_size), device)
+        self.graphs: dict[int, Replay] = {}
+        self._first_attention = model.attention_layers()[0]
+        self._captured_cache: int | None = None
+
+    def capture_all(self) -> None:
+        start = time.perf_counter()
+        self.graphs.clear()
+        for size in reversed(self.sizes):  # the largest first: the smaller reuse its pool
+            meta = self.buffers.metadata(size, self.max_model_len)
+            input_ids = self.buffers.input_ids[:size]
+            self.graphs[size] = self.capture(
+                lambda input_ids=input_ids, meta=meta: self.model.compute_logits(
+                    self.model(input_ids, meta)))
+        self._captured_cache = self._cache_address()
+        logger.info("CUDA graphs: %d decode batch sizes (%d-%d) captured in %.1f s",
+                    len(self.sizes), self.sizes[0], self.sizes[-1],
+                    time.perf_counter() - start)
+
+    def _cache_address(self) -> int:
+        return self._first_attention.k_cache.data_ptr()
+
+    @property
+    def stale(self) -> bool:
+        """The KV cache was bound again since the capture (the graphs read the old one)."""
+        return self._captured_cache != self._cache_address()
+
+    def takes(self, batch: list[ScheduledRequest]) -> bool:
+        """A step a graph runs: every request one query token and no drafts, few enough."""
+        return (len(batch) <= self.sizes[-1]
+                and all(len(r.token_ids) == 1 and not r.draft_token_ids for r in batch))
+
+    def run(self, batch: list[ScheduledRequest]) -> torch.Tensor:
+        """The logits of the batch's tokens, in its order, [len(batch), vocab]: a view of
+        the graph's output, valid until the next replay."""
+        if self.stale:
+            logger.info("CUDA graphs: the KV cache was bound again; capturing again")
+            self.capture_all()
+        size = padded_size(len(batch), self.sizes)
+        assert size is not None, "run() past the largest captured size"
+        self.buffers.fill(batch, size, self.block_size)
+        return self.graphs[size]()[:len(batch)]
