@@ -52,13 +52,12 @@ class CountingCapture:
         return replay
 
 
-@pytest.fixture
-def graphed_llm(checkpoint):
+def graphed(checkpoint, kv_cache_memory="8MiB"):
     pytest.importorskip("triton", reason="triton is not installed (make test installs it)")
     from kvflow import LLM
 
     path = checkpoint("llama-gqa")
-    llm = LLM(str(path), dtype="float32", device="cpu", kv_cache_memory="8MiB",
+    llm = LLM(str(path), dtype="float32", device="cpu", kv_cache_memory=kv_cache_memory,
               attention_backend="triton", max_num_seqs=6)
     runner = llm.engine.executor.runner
     capture = CountingCapture()
@@ -68,13 +67,22 @@ def graphed_llm(checkpoint):
     return path, llm, capture
 
 
-def test_decode_steps_replay_padded_graphs_and_match_transformers(graphed_llm, hf_model):
+@pytest.fixture
+def graphed_llm(checkpoint):
+    return graphed(checkpoint)
+
+
+# 56 KiB: 6 usable blocks of 16 tokens, where the five requests need 11 at their longest,
+# so some are preempted and come back with other blocks (their persistent rows rewritten).
+@pytest.mark.parametrize("kv_cache_memory", ["8MiB", "56KiB"], ids=["roomy", "preempting"])
+def test_decode_steps_replay_padded_graphs_and_match_transformers(checkpoint, hf_model,
+                                                                   kv_cache_memory):
     """Five requests of different lengths: batches of 5 pad to 6 and of 3 to 4, and the
     padding rows write nothing a real request reads."""
     from conftest import assert_greedy_matches, hf_greedy, random_prompts
     from kvflow import SamplingParams
 
-    path, llm, capture = graphed_llm
+    path, llm, capture = graphed(checkpoint, kv_cache_memory)
     assert len(capture.captured) == 4
     prompts = random_prompts(5, seed=5)
     lengths = [12, 9, 12, 6, 12]
@@ -86,6 +94,7 @@ def test_decode_steps_replay_padded_graphs_and_match_transformers(graphed_llm, h
                               n)
     pool = llm.engine.kv_manager.pool
     assert pool.num_free_blocks == pool.num_usable_blocks
+    assert (llm.engine.scheduler.num_preemptions_total > 0) == (kv_cache_memory == "56KiB")
 
 
 def test_steps_a_graph_does_not_hold_run_eagerly(graphed_llm):

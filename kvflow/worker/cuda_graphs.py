@@ -25,6 +25,7 @@ import torch
 
 from kvflow.attention.metadata import AttentionMetadata
 from kvflow.core.block_pool import NULL_BLOCK
+from kvflow.worker.persistent_batch import PersistentBlockTables
 
 if TYPE_CHECKING:
     from kvflow.models.blocks import CausalLM
@@ -88,7 +89,8 @@ def cuda_capture(pool: object) -> Capture:
 
 class DecodeBuffers:
     """The inputs a captured decode step reads, allocated once at the largest size, and
-    their host staging (pinned on CUDA, so that the copies do not wait)."""
+    their host staging (pinned on CUDA, so that the copies do not wait). Block tables come
+    from the requests' persistent rows, gathered on the device."""
 
     def __init__(self, max_size: int, max_blocks_per_seq: int, device: torch.device) -> None:
         pin = device.type == "cuda"
@@ -99,34 +101,32 @@ class DecodeBuffers:
         self.query_start_loc = torch.arange(max_size + 1, dtype=torch.int32, device=device)
         self.block_tables = torch.full((max_size, max_blocks_per_seq), NULL_BLOCK,
                                        dtype=torch.int32, device=device)
-        self._staged = torch.empty(3, max_size, dtype=torch.int64, pin_memory=pin)
+        self.rows = torch.zeros(max_size, dtype=torch.int64, device=device)
+        self._staged = torch.empty(4, max_size, dtype=torch.int64, pin_memory=pin)
         self._staged_lens = torch.empty(max_size, dtype=torch.int32, pin_memory=pin)
-        self._staged_tables = torch.empty(max_size, max_blocks_per_seq, dtype=torch.int32,
-                                          pin_memory=pin)
+        self.tables = PersistentBlockTables(max_size, max_blocks_per_seq, device)
 
     def fill(self, batch: list[ScheduledRequest], size: int, block_size: int) -> None:
         """The step's requests into the first rows, padding rows after them up to size.
-        Block-table columns past the longest row keep what they held: no row reads past
-        its own length."""
-        pad = size - len(batch)
+        The padding rows' block tables keep what they held: they read one key of it."""
+        n = len(batch)
+        pad = size - n
         positions = [r.num_computed_tokens for r in batch]
         slots = [r.block_ids[p // block_size] * block_size + p % block_size
                  for r, p in zip(batch, positions)]
         staged = self._staged[:, :size]
         # padding writes no KV (slot -1) and attends to one key of its row's first block
         staged.copy_(torch.tensor([[r.token_ids[0] for r in batch] + [0] * pad,
-                                   positions + [0] * pad, slots + [-1] * pad]))
+                                   positions + [0] * pad, slots + [-1] * pad,
+                                   self.tables.update(batch) + [0] * pad]))
         lens = self._staged_lens[:size]
         lens.copy_(torch.tensor([p + 1 for p in positions] + [1] * pad))
-        width = max(len(r.block_ids) for r in batch)
-        tables = self._staged_tables[:len(batch), :width]
-        tables.copy_(torch.tensor([r.block_ids + [NULL_BLOCK] * (width - len(r.block_ids))
-                                   for r in batch]))
         self.input_ids[:size].copy_(staged[0], non_blocking=True)
         self.positions[:size].copy_(staged[1], non_blocking=True)
         self.slot_mapping[:size].copy_(staged[2], non_blocking=True)
         self.seq_lens[:size].copy_(lens, non_blocking=True)
-        self.block_tables[:len(batch), :width].copy_(tables, non_blocking=True)
+        self.rows[:n].copy_(staged[3, :n], non_blocking=True)
+        torch.index_select(self.tables.table, 0, self.rows[:n], out=self.block_tables[:n])
 
     def metadata(self, size: int, max_model_len: int) -> AttentionMetadata:
         """Views of the buffers for `size` rows; the host lists describe the worst case
@@ -180,6 +180,10 @@ class DecodeGraphs:
         """A step a graph runs: every request one query token and no drafts, few enough."""
         return (len(batch) <= self.sizes[-1]
                 and all(len(r.token_ids) == 1 and not r.draft_token_ids for r in batch))
+
+    def forget(self, req_ids: set[str]) -> None:
+        """Finished or preempted requests give up their block-table rows."""
+        self.buffers.tables.forget(req_ids)
 
     def run(self, batch: list[ScheduledRequest]) -> torch.Tensor:
         """The logits of the batch's tokens, in its order, [len(batch), vocab]: a view of

@@ -57,6 +57,8 @@ class ModelRunner:
 
     def forget(self, req_ids: set[str]) -> None:
         """Drop the state of finished requests."""
+        if self.graphs is not None:
+            self.graphs.forget(req_ids)
         for req_id in req_ids:
             self.generators.pop(req_id, None)
             self.draft_probs.pop(req_id, None)
@@ -77,6 +79,8 @@ class ModelRunner:
         # Shortest queries first: backends batch the short ones (decodes) in one call.
         if self.speculator is not None:
             self.speculator.drop_kv(scheduler_output.preempted_req_ids)
+        if self.graphs is not None:
+            self.graphs.forget(scheduler_output.preempted_req_ids)
         batch = sorted(scheduler_output.scheduled,
                        key=lambda r: len(r.token_ids) + len(r.draft_token_ids))
         if not batch:
