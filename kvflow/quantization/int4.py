@@ -139,11 +139,19 @@ def _tinygemm_kernel(layer: Linear, x: torch.Tensor, ops: ModuleType | None) -> 
     return y if layer.bias is None else y + layer.bias
 
 
+def _triton_kernel(layer: Linear, x: torch.Tensor, ops: ModuleType | None) -> torch.Tensor:
+    from kvflow.kernels.triton_ops import quantized  # CUDA only: triton is imported late
+
+    return quantized.int4_linear(x, layer.weight, layer.weight_scale, layer.weight_offset,
+                                 layer.bias)
+
+
 class Int4LinearMethod(QuantizedLinearMethod):
     # On the CPU, torch._weight_int4pack_mm_for_cpu is no candidate: it reads its own
     # layout (a second copy of the weight), and it measured slower than the native kernel
     # at one row and faster at 4 and 8 (docs/benchmarks.md). On CUDA, tinygemm's copy is
-    # what small batches run on.
+    # what small batches run on, or Triton's kernel on kvflow's own layout, whichever
+    # measures faster.
     kernels = {"native": QuantizedKernel(_native_kernel, devices=("cpu",), native=True,
                                          gemv=True, prepare=_native_layout),
                "native_int8_activations": QuantizedKernel(
@@ -154,6 +162,7 @@ class Int4LinearMethod(QuantizedLinearMethod):
                                                     devices=("cpu",), native=True),
                "tinygemm": QuantizedKernel(_tinygemm_kernel, devices=("cuda",),
                                            dtypes=(torch.bfloat16,), prepare=tinygemm_layout),
+               "triton": QuantizedKernel(_triton_kernel, devices=("cuda",), gemv=True),
                "dequantize": DEQUANTIZE}
 
     def __init__(self, group_size: int) -> None:

@@ -47,6 +47,12 @@ def _torch_kernel(layer: Linear, x: torch.Tensor, ops: ModuleType | None) -> tor
     return y if layer.bias is None else y + layer.bias
 
 
+def _triton_kernel(layer: Linear, x: torch.Tensor, ops: ModuleType | None) -> torch.Tensor:
+    from kvflow.kernels.triton_ops import quantized  # CUDA only: triton is imported late
+
+    return quantized.int8_linear(x, layer.weight, layer.weight_scale, layer.bias)
+
+
 def _native_kernel(layer: Linear, x: torch.Tensor, ops: ModuleType | None) -> torch.Tensor:
     variant = layer.plan.variant
     return ops.int8_gemv(x, layer.weight, layer.weight_scale, layer.bias, variant.streams,
@@ -99,6 +105,7 @@ class Int8LinearMethod(QuantizedLinearMethod):
                "native_dequantize": QuantizedKernel(_native_dequantize_kernel,
                                                     devices=("cpu",), native=True),
                "torch": QuantizedKernel(_torch_kernel),
+               "triton": QuantizedKernel(_triton_kernel, devices=("cuda",), gemv=True),
                "dequantize": DEQUANTIZE}
 
     def create_weights(self, layer: Linear, bias: bool) -> None:
