@@ -98,8 +98,8 @@ class RejectionSampler:
             final = target.gather(1, num_accepted[:, None])[:, 0]
         else:
             probs = self.sampler.tempered_probs(adjusted.float(), batch)
-            greedy = batch.temperature == 0
-            if greedy.any():
+            if batch.any_greedy:
+                greedy = batch.temperature == 0
                 one_hot = torch.zeros_like(probs).scatter_(-1, argmax(adjusted)[:, None], 1.0)
                 probs = torch.where(greedy[:, None], one_hot, probs)
             request_batch = _per_request(batch, firsts_list)

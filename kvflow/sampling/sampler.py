@@ -75,6 +75,8 @@ class SamplingBatch:
     # [B] per row, the seed of its noise, from its request's and its position's: set in
     # batch-invariant mode, where a sample depends on nothing but its request and position
     noise_keys: list[int] | None = None
+    # some row is greedy: known on the host, so that no step asks the device
+    any_greedy: bool = True
 
     @property
     def adjusts_logits(self) -> bool:
@@ -178,6 +180,7 @@ def prepare_sampling(requests: list[SamplingRow] | list[ScheduledRequest],
     return SamplingBatch(
         temperature=column([p.temperature for p in params]),
         all_greedy=all(p.greedy for p in params),
+        any_greedy=any(p.greedy for p in params),
         top_k=column([min(p.top_k, vocab_size) or vocab_size for p in params], torch.int64)
         if any(p.top_k for p in params) else None,
         top_p=column([p.top_p for p in params]) if any(p.top_p < 1 for p in params) else None,
