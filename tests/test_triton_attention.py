@@ -99,3 +99,13 @@ def test_engine_with_triton_matches_transformers(variant, options, checkpoint, h
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     reference = [hf_greedy(hf_model(path), p, 12) for p in prompts]
     assert_greedy_matches([o.outputs[0].token_ids for o in outputs], reference, 12)
+
+
+def test_triton_on_the_cpu_without_the_interpreter_is_refused_with_the_reason(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        select_backend("triton", torch.device("cpu"), None)
+    from kvflow.engine.args import EngineArgs
+
+    with pytest.raises(ValueError, match="batch_invariant"):
+        EngineArgs(attention_backend="triton", batch_invariant=True)
