@@ -109,3 +109,47 @@ def test_triton_on_the_cpu_without_the_interpreter_is_refused_with_the_reason(mo
 
     with pytest.raises(ValueError, match="batch_invariant"):
         EngineArgs(attention_backend="triton", batch_invariant=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("head_dim,rotary_dim", [(32, 32), (40, 40), (64, 32)],
+                         ids=["whole", "odd-half", "partial"])
+def test_rope_fused_into_the_kv_write(head_dim, rotary_dim, dtype):
+    """forward_rotary's one kernel against RoPE then the write: q rotated in place, k
+    rotated into the cache (the padding token's slot -1 written nowhere), v beside it."""
+    from kvflow.layers.attention import PagedAttention
+    from kvflow.layers.rotary import RotaryEmbedding
+    from kvflow.models.config import RopeConfig
+
+    device = torch.device(DEVICE)
+    backend = select_backend("triton", device, None, dtype=dtype)
+    rope = RotaryEmbedding(rotary_dim, 256, RopeConfig(theta=10000.0)).to(device)
+    heads, kv_heads, tokens, block_size = 6, 2, 5, 4
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim,
+                      generator=torch.Generator().manual_seed(3)).to(device, dtype)
+    positions = torch.tensor([0, 7, 8, 200, 3], device=device)
+    slots = torch.tensor([1, 9, 10, -1, 4], device=device)
+
+    def split(fused):
+        q, k, v = fused.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], 1)
+        return (q.view(tokens, heads, head_dim), k.view(tokens, kv_heads, head_dim),
+                v.view(tokens, kv_heads, head_dim))
+
+    shape = (4, kv_heads, block_size, head_dim)
+    layers = []
+    for _ in range(2):
+        layer = PagedAttention(heads, kv_heads, head_dim, None)
+        layer.bind(backend, torch.zeros(shape, dtype=dtype, device=device),
+                   torch.zeros(shape, dtype=dtype, device=device))
+        layers.append(layer)
+    fused = qkv.clone()
+    q, k, v = split(fused)
+    backend.ops.rope_and_write_kv(positions, q, k, v, rope.cos, rope.sin, layers[0].k_cache,
+                                  layers[0].v_cache, slots)
+    ref_q, ref_k = rope(positions, *split(qkv.clone())[:2])
+    keep = slots >= 0
+    backend.write_kv(layers[1], ref_k[keep], split(qkv)[2][keep], slots[keep])
+    tolerance = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=0, rtol=0)
+    torch.testing.assert_close(q, ref_q, **tolerance)
+    torch.testing.assert_close(layers[0].k_cache, layers[1].k_cache, **tolerance)
+    assert torch.equal(layers[0].v_cache, layers[1].v_cache)

@@ -19,6 +19,7 @@ from kvflow.attention.metadata import AttentionMetadata, build_metadata
 
 if TYPE_CHECKING:
     from kvflow.layers.attention import PagedAttention
+    from kvflow.layers.rotary import RotaryEmbedding
 
 
 class AttentionBackend(ABC):
@@ -60,6 +61,13 @@ class AttentionBackend(ABC):
                        device: torch.device) -> AttentionMetadata:
         return build_metadata(query_lens, num_computed, block_ids, block_size, device,
                               self.max_batched_query_len)
+
+    def forward_rotary(self, layer: PagedAttention, rotary: RotaryEmbedding, q: torch.Tensor,
+                       k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """forward, with q and k rotated first by `rotary` at the step's positions. A
+        backend may fuse the rotation into its KV write (one pass over k, one launch)."""
+        q, k = rotary(meta.positions, q, k)
+        return self.forward(layer, q, k, v, meta)
 
     @abstractmethod
     def forward(self, layer: PagedAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

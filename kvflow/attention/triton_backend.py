@@ -17,6 +17,7 @@ from kvflow.attention.metadata import AttentionMetadata
 
 if TYPE_CHECKING:
     from kvflow.layers.attention import PagedAttention
+    from kvflow.layers.rotary import RotaryEmbedding
 
 # A split reads at least this many keys: below it, the merge costs more than it saves.
 MIN_KEYS_PER_SPLIT = 256
@@ -43,9 +44,20 @@ class TritonBackend(AttentionBackend):
                  slot_mapping: torch.Tensor) -> None:
         self.ops.write_kv(k, v, layer.k_cache, layer.v_cache, slot_mapping)
 
+    def forward_rotary(self, layer: PagedAttention, rotary: RotaryEmbedding, q: torch.Tensor,
+                       k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        self.ops.rope_and_write_kv(meta.positions, q, k, v, rotary.cos, rotary.sin,
+                                   layer.k_cache, layer.v_cache, meta.slot_mapping)
+        return self._attend(layer, q, meta)
+
     def forward(self, layer: PagedAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
         self.write_kv(layer, k, v, meta.slot_mapping)
+        return self._attend(layer, q, meta)
+
+    def _attend(self, layer: PagedAttention, q: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        """Every request's queries against the cache, their own keys written already."""
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         group = layer.num_heads // layer.num_kv_heads
         shape = self.ops.tile_shape(group, max(meta.query_lens_cpu), layer.head_dim)

@@ -7,6 +7,7 @@ from torch import nn
 from kvflow.attention.base import AttentionBackend
 from kvflow.attention.metadata import AttentionMetadata
 from kvflow.distributed.tensor_parallel import TensorParallel, current
+from kvflow.layers.rotary import RotaryEmbedding
 from kvflow.quantization.base import WeightLoader, add_parameter, checked_copy
 
 
@@ -38,9 +39,13 @@ class PagedAttention(nn.Module):
         self.backend, self.k_cache, self.v_cache = backend, k_cache, v_cache
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
+                meta: AttentionMetadata, rotary: RotaryEmbedding | None = None) -> torch.Tensor:
+        """rotary: RoPE for q and k, applied before their keys are written (by the backend,
+        which may fuse the two)."""
         assert self.backend is not None, "attention layer not bound to a KV cache"
-        return self.backend.forward(self, q, k, v, meta)
+        if rotary is None:
+            return self.backend.forward(self, q, k, v, meta)
+        return self.backend.forward_rotary(self, rotary, q, k, v, meta)
 
 
 def _heads_loader(tp: TensorParallel) -> WeightLoader:

@@ -71,8 +71,7 @@ class Attention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary(meta.positions, q, k)
-        return self.o_proj(self.attn(q, k, v, meta).flatten(1))
+        return self.o_proj(self.attn(q, k, v, meta, self.rotary).flatten(1))
 
 
 class GatedMLP(nn.Module):

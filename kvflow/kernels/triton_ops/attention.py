@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kvflow.kernels.triton_ops.glue import rotated
+
 
 @triton.jit
 def _write_kv_kernel(k, v, k_cache, v_cache, slot_mapping, num_tokens, block_size,
@@ -68,6 +70,61 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         NUM_KV_HEADS=num_kv_heads, HEADS_PAD=heads_pad, HEAD_DIM=head_dim, D_PAD=d_pad,
         BLOCK_T=block_t)
+
+
+@triton.jit
+def _rope_write_kv_kernel(
+        positions, q, k, v, cos, sin, k_cache, v_cache, slot_mapping, block_size, rotary_dim,
+        q_heads, kv_heads, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+        stride_kcb, stride_kch, stride_kcs, stride_vcb, stride_vch, stride_vcs,
+        Q_HEADS_PAD: tl.constexpr, KV_HEADS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+        D_PAD: tl.constexpr):
+    token = tl.program_id(0).to(tl.int64)
+    position = tl.load(positions + token).to(tl.int64)
+    dims = tl.arange(0, D_PAD)[None, :]
+    q_rows = tl.arange(0, Q_HEADS_PAD)[:, None]
+    rotated_q = rotated(q, token, position, q_heads, stride_qt, stride_qh, cos, sin,
+                         rotary_dim, Q_HEADS_PAD, HEAD_DIM, D_PAD)
+    tl.store(q + token * stride_qt + q_rows * stride_qh + dims,
+             rotated_q.to(q.dtype.element_ty), mask=(q_rows < q_heads) & (dims < HEAD_DIM))
+    slot = tl.load(slot_mapping + token).to(tl.int64)
+    if slot >= 0:  # a padding token's is negative: nothing to write
+        rotated_k = rotated(k, token, position, kv_heads, stride_kt, stride_kh, cos, sin,
+                             rotary_dim, KV_HEADS_PAD, HEAD_DIM, D_PAD)
+        rows = tl.arange(0, KV_HEADS_PAD)[:, None]
+        mask = (rows < kv_heads) & (dims < HEAD_DIM)
+        block = slot // block_size
+        offset = slot % block_size
+        tl.store(k_cache + block * stride_kcb + rows * stride_kch + offset * stride_kcs + dims,
+                 rotated_k.to(k_cache.dtype.element_ty), mask=mask)
+        values = tl.load(v + token * stride_vt + rows * stride_vh + dims, mask=mask)
+        tl.store(v_cache + block * stride_vcb + rows * stride_vch + offset * stride_vcs + dims,
+                 values, mask=mask)
+
+
+def rope_and_write_kv(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                      v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                      k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      slot_mapping: torch.Tensor) -> None:
+    """RoPE on q in place, and k rotated on its way into the cache with v beside it: one
+    launch and one read of k where rotating and writing take two of each. q [tokens,
+    heads, head_dim], k, v [tokens, kv_heads, head_dim] (strided views of the fused QKV
+    output); cos, sin float32 [positions, rotary_dim], rotary_dim <= head_dim."""
+    num_tokens, q_heads, head_dim = q.shape
+    if num_tokens == 0:
+        return
+    for t in (q, k, v, k_cache, v_cache):
+        assert t.stride(-1) == 1, "the head dimension must be contiguous"
+    assert cos.is_contiguous() and sin.is_contiguous()
+    kv_heads = k.shape[1]
+    _rope_write_kv_kernel[(num_tokens,)](
+        positions, q, k, v, cos, sin, k_cache, v_cache, slot_mapping, k_cache.shape[2],
+        cos.shape[1], q_heads, kv_heads, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+        v.stride(0), v.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        Q_HEADS_PAD=triton.next_power_of_2(q_heads),
+        KV_HEADS_PAD=triton.next_power_of_2(kv_heads), HEAD_DIM=head_dim,
+        D_PAD=triton.next_power_of_2(head_dim))
 
 
 @triton.jit

@@ -15,7 +15,7 @@ import triton.language as tl
 
 
 @triton.jit
-def _rounded(x, like):
+def rounded(x, like):
     """x (float32) rounded to the element type of pointer `like`, back in float32."""
     return x.to(like.dtype.element_ty).to(tl.float32)
 
@@ -28,12 +28,12 @@ def _rms_norm_kernel(out, x, residual, weight, dim, eps, HAS_RESIDUAL: tl.conste
     mask = cols < dim
     value = tl.load(x + row * dim + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
-        value = _rounded(value + tl.load(residual + row * dim + cols, mask=mask,
+        value = rounded(value + tl.load(residual + row * dim + cols, mask=mask,
                                          other=0.0).to(tl.float32), x)
         tl.store(residual + row * dim + cols, value.to(residual.dtype.element_ty), mask=mask)
     normed = value / tl.sqrt(tl.sum(value * value, 0) / dim + eps)
     if not FLOAT_WEIGHT:  # eager: weight * x32.to(dtype); Gemma's: (x32 * weight).to(dtype)
-        normed = _rounded(normed, x)
+        normed = rounded(normed, x)
     w = tl.load(weight + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(out + row * dim + cols, (w * normed).to(out.dtype.element_ty), mask=mask)
 
@@ -61,7 +61,7 @@ def _silu_and_mul_kernel(out, x, d, BLOCK: tl.constexpr):
     mask = cols < d
     gate = tl.load(x + row * 2 * d + cols, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(x + row * 2 * d + d + cols, mask=mask, other=0.0).to(tl.float32)
-    activated = _rounded(gate * tl.sigmoid(gate), x)
+    activated = rounded(gate * tl.sigmoid(gate), x)
     tl.store(out + row * d + cols, (activated * up).to(out.dtype.element_ty), mask=mask)
 
 
@@ -78,37 +78,46 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _rotate(x, token, position, cos, sin, heads, stride_t, stride_h, dim,
-            HEADS_PAD: tl.constexpr, HALF_PAD: tl.constexpr):
-    half = dim // 2
-    cols = tl.arange(0, HALF_PAD)
-    col_ok = cols < half
-    # cos/sin rounded to x's dtype first, as eager's cos.to(q.dtype)
-    c1 = _rounded(tl.load(cos + position * dim + cols, mask=col_ok), x)[None, :]
-    c2 = _rounded(tl.load(cos + position * dim + half + cols, mask=col_ok), x)[None, :]
-    s1 = _rounded(tl.load(sin + position * dim + cols, mask=col_ok), x)[None, :]
-    s2 = _rounded(tl.load(sin + position * dim + half + cols, mask=col_ok), x)[None, :]
+def rotated(x, token, position, heads, stride_t, stride_h, cos, sin, rotary_dim,
+             HEADS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr):
+    """One token's heads of x [HEADS_PAD, D_PAD] in float32, the first rotary_dim dims of
+    each turned (rotate-half), rounded where eager's x * cos + rotate_half(x) * sin
+    rounds; the rest as they are."""
+    dims = tl.arange(0, D_PAD)
+    half = rotary_dim // 2
+    turning = dims < rotary_dim
+    partner = tl.where(dims < half, dims + half, dims - half)
+    sign = tl.where(dims < half, -1.0, 1.0)
+    c = rounded(tl.load(cos + position * rotary_dim + dims, mask=turning, other=1.0), x)
+    s = rounded(tl.load(sin + position * rotary_dim + dims, mask=turning, other=0.0), x)
     rows = tl.arange(0, HEADS_PAD)[:, None]
-    mask = (rows < heads) & col_ok[None, :]
-    first = x + token * stride_t + rows * stride_h + cols[None, :]
-    a = tl.load(first, mask=mask, other=0.0).to(tl.float32)
-    b = tl.load(first + half, mask=mask, other=0.0).to(tl.float32)
-    new_a = _rounded(_rounded(a * c1, x) + _rounded(-b * s1, x), x)
-    new_b = _rounded(_rounded(b * c2, x) + _rounded(a * s2, x), x)
-    tl.store(first, new_a.to(x.dtype.element_ty), mask=mask)
-    tl.store(first + half, new_b.to(x.dtype.element_ty), mask=mask)
+    mask = (rows < heads) & (dims < HEAD_DIM)[None, :]
+    base = x + token * stride_t + rows * stride_h
+    own = tl.load(base + dims[None, :], mask=mask, other=0.0).to(tl.float32)
+    other = tl.load(base + partner[None, :], mask=mask & turning[None, :],
+                    other=0.0).to(tl.float32)
+    return rounded(rounded(own * c[None, :], x)
+                    + rounded(sign[None, :] * other * s[None, :], x), x)
 
 
 @triton.jit
 def _rotary_kernel(positions, q, k, cos, sin, q_heads, k_heads, stride_qt, stride_qh,
                    stride_kt, stride_kh, dim, Q_HEADS_PAD: tl.constexpr,
-                   K_HEADS_PAD: tl.constexpr, HALF_PAD: tl.constexpr):
+                   K_HEADS_PAD: tl.constexpr, D_PAD: tl.constexpr):
     token = tl.program_id(0).to(tl.int64)
     position = tl.load(positions + token).to(tl.int64)
-    _rotate(q, token, position, cos, sin, q_heads, stride_qt, stride_qh, dim,
-            Q_HEADS_PAD, HALF_PAD)
-    _rotate(k, token, position, cos, sin, k_heads, stride_kt, stride_kh, dim,
-            K_HEADS_PAD, HALF_PAD)
+    dims = tl.arange(0, D_PAD)[None, :]
+    # both computed before either is stored: q and k may be views of one tensor
+    new_q = rotated(q, token, position, q_heads, stride_qt, stride_qh, cos, sin, dim,
+                    Q_HEADS_PAD, dim, D_PAD)
+    new_k = rotated(k, token, position, k_heads, stride_kt, stride_kh, cos, sin, dim,
+                    K_HEADS_PAD, dim, D_PAD)
+    q_rows = tl.arange(0, Q_HEADS_PAD)[:, None]
+    k_rows = tl.arange(0, K_HEADS_PAD)[:, None]
+    tl.store(q + token * stride_qt + q_rows * stride_qh + dims, new_q.to(q.dtype.element_ty),
+             mask=(q_rows < q_heads) & (dims < dim))
+    tl.store(k + token * stride_kt + k_rows * stride_kh + dims, new_k.to(k.dtype.element_ty),
+             mask=(k_rows < k_heads) & (dims < dim))
 
 
 def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
@@ -125,4 +134,4 @@ def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
             positions, q, k, cos, sin, q_heads, k.shape[1], q.stride(0), q.stride(1),
             k.stride(0), k.stride(1), dim, Q_HEADS_PAD=triton.next_power_of_2(q_heads),
             K_HEADS_PAD=triton.next_power_of_2(k.shape[1]),
-            HALF_PAD=triton.next_power_of_2(dim // 2))
+            D_PAD=triton.next_power_of_2(dim))
