@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from kvflow.core.block_pool import NULL_BLOCK
+from kvflow.host_copy import to_device
 
 
 @dataclass
@@ -63,11 +64,11 @@ def build_metadata(query_lens: list[int], num_computed: list[int], block_ids: li
     seq_lens = computed + lens
     num_batched = bisect.bisect_right(query_lens, max_batched_query_len)
     return AttentionMetadata(
-        positions=positions.to(device),
-        slot_mapping=slots.to(device),
-        query_start_loc=cu_lens.to(device, torch.int32),
-        seq_lens=seq_lens.to(device, torch.int32),
-        block_tables=block_tables.to(device),
+        positions=to_device(positions, device),
+        slot_mapping=to_device(slots, device),
+        query_start_loc=to_device(cu_lens, device, torch.int32),
+        seq_lens=to_device(seq_lens, device, torch.int32),
+        block_tables=to_device(block_tables, device),
         query_lens_cpu=list(query_lens),
         seq_lens_cpu=seq_lens.tolist(),
         num_batched_reqs=num_batched,

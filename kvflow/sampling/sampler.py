@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kvflow.host_copy import tensor_on, to_device
 from kvflow.outputs import ScheduledRequest, TokenLogprobs
 from kvflow.sampling_params import SamplingParams
 from kvflow.structured_output.bitmask import apply_token_bitmask
@@ -124,7 +125,7 @@ def _rows_of(entries: list[tuple[int, tuple[torch.Tensor, ...]]],
     """The batch row of every id in entries [(row, (ids, ...))], in order."""
     rows = torch.tensor([row for row, _ in entries], dtype=torch.int64)
     counts = torch.tensor([len(tensors[0]) for _, tensors in entries], dtype=torch.int64)
-    return torch.repeat_interleave(rows, counts).to(device)
+    return to_device(torch.repeat_interleave(rows, counts), device)
 
 
 def noise_key(request_key: int, position: int) -> int:
@@ -141,7 +142,7 @@ def prepare_sampling(requests: list[SamplingRow] | list[ScheduledRequest],
     params = [r.sampling_params for r in requests]
 
     def column(values: list[float], dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return torch.tensor(values, dtype=dtype, device=device)
+        return tensor_on(values, device, dtype)
 
     penalties = None
     if any(p.uses_penalties for p in params):
@@ -160,8 +161,8 @@ def prepare_sampling(requests: list[SamplingRow] | list[ScheduledRequest],
     logit_bias = banned = None
     if biased:
         ids = torch.cat([tensors[0] for _, tensors in biased])
-        logit_bias = (_rows_of(biased, device), ids.to(device),
-                      torch.cat([tensors[1] for _, tensors in biased]).to(device))
+        logit_bias = (_rows_of(biased, device), to_device(ids, device),
+                      to_device(torch.cat([tensors[1] for _, tensors in biased]), device))
     bans = [(row, _id_tensor(r.stop_token_ids)) for row, r in enumerate(requests)
             if len(r.output_token_ids) < r.sampling_params.min_tokens and r.stop_token_ids]
     bans += [(row, ids) for row, r in enumerate(requests)
@@ -173,10 +174,10 @@ def prepare_sampling(requests: list[SamplingRow] | list[ScheduledRequest],
     allowed = None
     if allowed_rows:
         allowed = (_rows_of(allowed_rows, device),
-                   torch.cat([ids for _, (ids,) in allowed_rows]).to(device))
+                   to_device(torch.cat([ids for _, (ids,) in allowed_rows]), device))
     if bans:
         banned = (_rows_of([(row, (ids,)) for row, ids in bans], device),
-                  torch.cat([ids for _, ids in bans]).to(device))
+                  to_device(torch.cat([ids for _, ids in bans]), device))
     return SamplingBatch(
         temperature=column([p.temperature for p in params]),
         all_greedy=all(p.greedy for p in params),
