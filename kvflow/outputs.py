@@ -41,6 +41,9 @@ class SchedulerOutput:
     # model's cache) is gone with their blocks.
     preempted_req_ids: set[str] = field(default_factory=set)
     num_preemptions: int = 0
+    # Counted as computed before its results were back (Scheduler.apply_ahead), its
+    # sampled tokens then settle its requests' placeholders.
+    applied_ahead: bool = False
 
 
 @dataclass

@@ -10,6 +10,10 @@ from kvflow.sampling_params import SamplingParams
 if TYPE_CHECKING:
     from kvflow.structured_output.matcher import RequestGrammar
 
+# An output token not known yet (async scheduling): the step in flight is sampling it, and
+# the step scheduled after it reads it on the device.
+PLACEHOLDER = -1
+
 
 class RequestStatus(enum.IntEnum):
     WAITING = enum.auto()
@@ -60,6 +64,8 @@ class Request:
     grammar: RequestGrammar | None = None  # structured output: advanced by every token
     # Proposed by the last step, to be verified by the next (speculative decoding).
     spec_token_ids: list[int] = field(default_factory=list)
+    # Whether the last output token is a PLACEHOLDER (async scheduling).
+    has_placeholder: bool = False
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids)
@@ -81,9 +87,31 @@ class Request:
         """Prompt plus every token the request may generate: no KV position goes past it."""
         return self.num_prompt_tokens + self.max_tokens
 
+    @property
+    def num_known_tokens(self) -> int:
+        """Tokens whose values are known: all but a placeholder."""
+        return self.num_tokens - self.has_placeholder
+
     def append_output_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)
         self.all_token_ids.append(token_id)
+
+    def append_placeholder(self) -> None:
+        assert not self.has_placeholder
+        self.append_output_token(PLACEHOLDER)
+        self.has_placeholder = True
+
+    def settle_placeholder(self, token_id: int) -> None:
+        """The placeholder becomes the token its step sampled."""
+        assert self.has_placeholder
+        self.output_token_ids[-1] = self.all_token_ids[-1] = token_id
+        self.has_placeholder = False
+
+    def drop_placeholder(self) -> None:
+        if self.has_placeholder:
+            self.output_token_ids.pop()
+            self.all_token_ids.pop()
+            self.has_placeholder = False
 
     def schedule_key(self, policy: str) -> tuple:
         """Smaller runs first: (priority, arrival) under "priority", arrival alone otherwise

@@ -127,7 +127,6 @@ _BY_REASON: dict[str, tuple[str, ...]] = {
         "max_long_partial_prefills", "long_prefill_token_threshold"),
     "one KV cache manager serves every layer, sliding windows included": (
         "disable_hybrid_kv_cache_manager",),
-    "kvflow schedules and runs its steps in turn": ("async_scheduling",),
     "streams send every step's tokens as they come": ("stream_interval",),
     "speculative decoding sizes its lookahead slots from --speculative-config": (
         "num_lookahead_slots",),

@@ -52,13 +52,13 @@ class CountingCapture:
         return replay
 
 
-def graphed(checkpoint, kv_cache_memory="8MiB"):
+def graphed(checkpoint, kv_cache_memory="8MiB", async_scheduling=False):
     pytest.importorskip("triton", reason="triton is not installed (make test installs it)")
     from kvflow import LLM
 
     path = checkpoint("llama-gqa")
     llm = LLM(str(path), dtype="float32", device="cpu", kv_cache_memory=kv_cache_memory,
-              attention_backend="triton", max_num_seqs=6)
+              attention_backend="triton", max_num_seqs=6, async_scheduling=async_scheduling)
     runner = llm.engine.executor.runner
     capture = CountingCapture()
     runner.graphs = DecodeGraphs(runner.model, [1, 2, 4, 6], runner.block_size,
@@ -74,15 +74,17 @@ def graphed_llm(checkpoint):
 
 # 56 KiB: 6 usable blocks of 16 tokens, where the five requests need 11 at their longest,
 # so some are preempted and come back with other blocks (their persistent rows rewritten).
-@pytest.mark.parametrize("kv_cache_memory", ["8MiB", "56KiB"], ids=["roomy", "preempting"])
-def test_decode_steps_replay_padded_graphs_and_match_transformers(checkpoint, hf_model,
-                                                                   kv_cache_memory):
+@pytest.mark.parametrize("kv_cache_memory,async_scheduling", [
+    ("8MiB", False), ("56KiB", False), ("8MiB", True)], ids=["roomy", "preempting", "async"])
+def test_decode_steps_replay_padded_graphs_and_match_transformers(
+        checkpoint, hf_model, kv_cache_memory, async_scheduling):
     """Five requests of different lengths: batches of 5 pad to 6 and of 3 to 4, and the
-    padding rows write nothing a real request reads."""
+    padding rows write nothing a real request reads. Under async scheduling a graphed
+    step reads the step before it's tokens into its buffer on the device."""
     from conftest import assert_greedy_matches, hf_greedy, random_prompts
     from kvflow import SamplingParams
 
-    path, llm, capture = graphed(checkpoint, kv_cache_memory)
+    path, llm, capture = graphed(checkpoint, kv_cache_memory, async_scheduling)
     assert len(capture.captured) == 4
     prompts = random_prompts(5, seed=5)
     lengths = [12, 9, 12, 6, 12]
@@ -95,6 +97,8 @@ def test_decode_steps_replay_padded_graphs_and_match_transformers(checkpoint, hf
     pool = llm.engine.kv_manager.pool
     assert pool.num_free_blocks == pool.num_usable_blocks
     assert (llm.engine.scheduler.num_preemptions_total > 0) == (kv_cache_memory == "56KiB")
+    if async_scheduling:
+        assert llm.engine.scheduler.requests == {} and not llm.engine._in_flight
 
 
 def test_steps_a_graph_does_not_hold_run_eagerly(graphed_llm):

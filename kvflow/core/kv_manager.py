@@ -123,7 +123,9 @@ class KVCacheManager:
         if needed > 0:
             request.block_ids.extend(self.pool.allocate(needed))
         if self.enable_caching:
-            self._register_full_blocks(request, total // self.block_size)
+            # a block holding a placeholder is registered once its token is known
+            self._register_full_blocks(request, min(total, request.num_known_tokens)
+                                       // self.block_size)
         return True
 
     def _register_full_blocks(self, request: Request, num_full: int) -> None:
@@ -136,9 +138,15 @@ class KVCacheManager:
             self._unconfirmed.append((request.block_ids[index], hashes[index]))
         self._num_registered[request.request_id] = num_full
 
-    def confirm_registered(self) -> None:
-        """The step ran: the blocks it filled hold their KV."""
-        self._unconfirmed.clear()
+    @property
+    def num_unconfirmed(self) -> int:
+        return len(self._unconfirmed)
+
+    def confirm_registered(self, count: int | None = None) -> None:
+        """A step ran: the blocks it filled hold their KV. count: the registrations made
+        up to that step's scheduling (None: all); later ones are a later step's, which
+        is still in flight."""
+        del self._unconfirmed[:count]
 
     def unregister_unconfirmed(self) -> None:
         """The step failed: drop what it registered from the index."""

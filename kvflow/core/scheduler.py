@@ -88,12 +88,20 @@ class Scheduler:
             self.isolated.pop(0)
         return self.requests[self.isolated[0]] if self.isolated else None
 
-    def schedule(self, in_flight: Collection[str] = (), parts: int = 1) -> SchedulerOutput:
+    def schedule(self, in_flight: Collection[str] = (), parts: int = 1,
+                 ahead: bool = False) -> SchedulerOutput:
         """The next batch. Under pipeline parallelism several batches are in flight at
         once: the requests of those not yet back (`in_flight`) are left out, and this
         batch takes its share of the running ones when `parts` batches are still to be
         formed (so that the batches in flight stay alike in size) and 1/num_batches of
-        the token budget."""
+        the token budget.
+
+        `ahead` (async scheduling): the batch in flight was counted done by
+        `apply_ahead`, its requests' next tokens are placeholders, and this batch is formed
+        before its results are back. It preempts nothing (the batch in flight writes the
+        KV a preemption would free): where a running request does not fit, the batch is
+        empty. Nor does it take a request whose placeholder is its last token
+        (max_tokens)."""
         budget = self.config.max_num_batched_tokens // self.config.num_batches
         chosen: list[tuple[Request, int]] = []
         num_preemptions = 0
@@ -112,16 +120,27 @@ class Scheduler:
             if request.grammar is not None and request.grammar.awaiting_mask:
                 continue  # it waits for its next mask, holding its KV; the others go on
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if ahead and (num_new == 0 or (request.has_placeholder
+                                           and request.num_output_tokens >= request.max_tokens)):
+                continue  # a prompt that asked for no token, or a request at its last one
             drafts = self._drafts(request, num_new, budget - num_new)
             lookahead = self._lookahead(request, request.num_computed_tokens + num_new,
                                         len(drafts))
-            while not self.kv.allocate_slots(request, num_new,
-                                             num_lookahead_tokens=len(drafts) + lookahead):
+            fits = self.kv.allocate_slots(request, num_new,
+                                          num_lookahead_tokens=len(drafts) + lookahead)
+            if ahead and not fits:
+                # Nothing is preempted under a batch in flight: no batch is formed ahead,
+                # and the next is formed once this one is back, preempting as it must.
+                # (Blocks allocated above stay with their requests for that batch.)
+                return SchedulerOutput(scheduled=[], num_batched_tokens=0)
+            while not fits:
                 victim = self._victim(in_flight)
                 self._preempt(victim)
                 num_preemptions += 1
                 if victim is request:
                     break
+                fits = self.kv.allocate_slots(request, num_new,
+                                              num_lookahead_tokens=len(drafts) + lookahead)
             else:
                 chosen.append((request, num_new, drafts))
                 budget -= num_new + len(drafts)
@@ -139,7 +158,7 @@ class Scheduler:
             if not (len(self.running) < self.config.max_num_seqs and self.kv.allocate_slots(
                     request, num_new, cached_ids, num_lookahead_tokens=lookahead)):
                 victim = self._victim(in_flight)
-                if alone is None or victim is None:
+                if alone is None or victim is None or ahead:
                     break
                 # What runs alone must run: the others make room, as a preemption would.
                 self._preempt(victim)
@@ -229,7 +248,23 @@ class Scheduler:
             num_preemptions=request.num_preemptions,
         )
 
+    def apply_ahead(self, scheduler_output: SchedulerOutput) -> None:
+        """Async scheduling: the batch just submitted counts as computed before its results
+        are back, each request that samples holding a placeholder for its token, so that
+        the next batch can be formed while this one runs. update_from_output(ahead=True)
+        puts the sampled tokens in the placeholders' place."""
+        scheduler_output.applied_ahead = True
+        for scheduled in scheduler_output.scheduled:
+            request = self.requests.get(scheduled.req_id)
+            if (request is None or request.status != RequestStatus.RUNNING
+                    or request.num_preemptions != scheduled.num_preemptions):
+                continue
+            request.num_computed_tokens += len(scheduled.token_ids)
+            if scheduled.sample and request.max_tokens > 0:
+                request.append_placeholder()
+
     def _preempt(self, request: Request) -> None:
+        request.drop_placeholder()  # recomputed from its known tokens, it samples it again
         self.running.remove(request)
         self.kv.free(request)
         request.num_computed_tokens = 0
@@ -258,8 +293,10 @@ class Scheduler:
     def update_from_output(self, scheduler_output: SchedulerOutput,
                            runner_output: RunnerOutput) -> list[tuple[Request, int]]:
         """Apply a step's results; returns the requests that got new tokens, each with how
-        many (the tokens are the last of its output_token_ids)."""
+        many (the tokens are the last of its output_token_ids). A step applied ahead has
+        its requests' tokens counted already, and its sampled ones settle placeholders."""
         updated = []
+        ahead = scheduler_output.applied_ahead
         if [s.req_id for s in scheduler_output.scheduled] == self.isolated[:1]:
             self.isolated.pop(0)  # it ran alone and the step went through
         for scheduled in scheduler_output.scheduled:
@@ -268,7 +305,8 @@ class Scheduler:
                 continue
             if request.num_preemptions != scheduled.num_preemptions:
                 continue  # preempted after this batch was sent (and scheduled again since)
-            request.num_computed_tokens += len(scheduled.token_ids)
+            if not ahead:
+                request.num_computed_tokens += len(scheduled.token_ids)
             if not scheduled.sample:
                 continue
             if request.max_tokens == 0:  # the prompt was all it asked for
@@ -289,7 +327,10 @@ class Scheduler:
             request.num_computed_tokens += len(new_token_ids) - 1
             num_added = 0
             for token_id in new_token_ids:
-                request.append_output_token(token_id)
+                if ahead:
+                    request.settle_placeholder(token_id)
+                else:
+                    request.append_output_token(token_id)
                 num_added += 1
                 status = self._check_stop(request, token_id)
                 if request.grammar is not None:

@@ -48,6 +48,10 @@ _FLAG_HELP = {
                         "N for 1, 2, 4, 8, 16, ... up to N, several for those sizes "
                         "(default: up to min(max_num_seqs, 512))",
     "max_cudagraph_capture_size": "on CUDA, the largest decode batch captured (default 512)",
+    "async_scheduling": "form and submit each step while the one before it runs, its "
+                        "requests' new tokens read on the device (steps whose requests use "
+                        "penalties, bad words, logprobs, structured output or speculation "
+                        "run in turn); outputs as without it",
     "enforce_eager": "PyTorch's own ops only: no native kernels (they are compiled once per "
                      "machine and cached)",
     "quantization": "quantize the decoder's linear weights at load, from a bf16, fp16 or fp32 "
@@ -147,6 +151,8 @@ class EngineArgs:
     seed: int = 0
     attention_backend: str = "auto"  # auto (the fastest for the device) | torch | cpu | triton
     enforce_eager: bool = False  # True: PyTorch ops only, no compiled native kernels
+    # form step n+1 while step n runs (vLLM's --async-scheduling; kvflow/engine/llm_engine.py)
+    async_scheduling: bool = False
     # CUDA graphs of decode steps (kvflow/worker/cuda_graphs.py): vLLM's two options
     cuda_graph_sizes: list[int] | None = None
     max_cudagraph_capture_size: int | None = None
@@ -201,6 +207,12 @@ class EngineArgs:
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads must be at least 1, got {self.num_threads}")
         capture_sizes(self.max_num_seqs, self.cuda_graph_sizes, self.max_cudagraph_capture_size)
+        if self.async_scheduling and (self.speculative_config is not None
+                                      or self.tensor_parallel_size > 1
+                                      or self.pipeline_parallel_size > 1):
+            raise ValueError("async_scheduling runs one rank without speculative decoding: "
+                             "it cannot be combined with speculative_config, "
+                             "tensor_parallel_size or pipeline_parallel_size")
         if self.block_size < 1:
             raise ValueError(f"block_size must be at least 1, got {self.block_size}")
         if self.max_model_len is not None:

@@ -60,6 +60,18 @@ class _SubmitFailed(Exception):
         self.scheduler_output = scheduler_output
 
 
+def _samples_ahead(scheduler_output: SchedulerOutput) -> bool:
+    """Whether a step may sample as it is submitted and be followed before it is finished
+    (async scheduling): none of its requests needs its tokens on the host to sample the
+    next (penalties, bad words, a grammar), verifies drafts, or asks for logprobs."""
+    return all(s.grammar is None and not s.draft_token_ids
+               and not s.sampling_params.uses_penalties
+               and not s.sampling_params.bad_words_token_ids
+               and s.sampling_params.logprobs is None
+               and s.sampling_params.prompt_logprobs is None
+               for s in scheduler_output.scheduled)
+
+
 class LLMEngine:
     def __init__(self, args: EngineArgs) -> None:
         if args.trust_remote_code:
@@ -128,7 +140,8 @@ class LLMEngine:
             cache_identity=f"{self.model_config.path}|{self.dtype}|{args.block_size}")
         self.scheduler = Scheduler(self.scheduler_config, self.kv_manager)
         # steps submitted and not yet finished, oldest first (several only in a pipeline)
-        self._in_flight: deque[tuple[SchedulerOutput, StepInFlight | None]] = deque()
+        # each with how many prefix-cache registrations were made up to its scheduling
+        self._in_flight: deque[tuple[SchedulerOutput, StepInFlight | None, int]] = deque()
         self._forget: set[str] = set()  # finished requests a step in flight still holds
         self.preparer = InputPreparer(self.tokenizer, InputLimits(
             vocab_size=self.model_config.vocab_size, max_model_len=max_model_len,
@@ -303,20 +316,47 @@ class LLMEngine:
         in a pipeline) or nothing more can be scheduled. Each takes requests that no step
         in flight holds; the running ones are shared out among the steps to be formed."""
         while len(self._in_flight) < self.executor.max_in_flight:
-            in_flight = {s.req_id for output, _ in self._in_flight for s in output.scheduled}
+            in_flight = {s.req_id for output, *_ in self._in_flight for s in output.scheduled}
             scheduler_output = self.scheduler.schedule(
                 in_flight, self.executor.max_in_flight - len(self._in_flight))
-            # A request finished while a step held it is forgotten once that step is back.
-            self._forget |= scheduler_output.finished_req_ids
-            self.executor.forget(self._forget - in_flight)
-            self._forget &= in_flight
-            if not scheduler_output.scheduled:
+            if not self._submit(scheduler_output, in_flight):
                 return
-            try:
-                self._in_flight.append((scheduler_output,
-                                        self.executor.submit(scheduler_output)))
-            except BaseException as exc:
-                raise _SubmitFailed(scheduler_output) from exc
+
+    def _submit(self, scheduler_output: SchedulerOutput, in_flight: set[str],
+                previous: StepInFlight | None = None) -> bool:
+        """Submits a scheduled step (False: it holds nothing). Under async scheduling a
+        step whose requests allow it samples on the device at once, so that the next can
+        be submitted before it is finished."""
+        # A request finished while a step held it is forgotten once that step is back.
+        self._forget |= scheduler_output.finished_req_ids
+        self.executor.forget(self._forget - in_flight)
+        self._forget &= in_flight
+        if not scheduler_output.scheduled:
+            return False
+        try:
+            if self.args.async_scheduling:
+                step = self.executor.submit(scheduler_output, previous,
+                                            sample=_samples_ahead(scheduler_output))
+            else:
+                step = self.executor.submit(scheduler_output)
+        except BaseException as exc:
+            raise _SubmitFailed(scheduler_output) from exc
+        self._in_flight.append((scheduler_output, step, self.kv_manager.num_unconfirmed))
+        return True
+
+    def _submit_ahead(self) -> None:
+        """Async scheduling: with one step in flight that sampled on submission, the next
+        is formed and submitted now, its requests' placeholders read from that step's
+        tokens on the device, while the host finishes the step in flight. Not while a
+        request runs alone after a failure."""
+        if len(self._in_flight) != 1 or self.scheduler.isolated:
+            return
+        scheduler_output, step, _ = self._in_flight[0]
+        if step is None or not _samples_ahead(scheduler_output):
+            return
+        self.scheduler.apply_ahead(scheduler_output)
+        self._submit(self.scheduler.schedule(ahead=True),
+                     {s.req_id for s in scheduler_output.scheduled}, previous=step)
 
     def step(self) -> list[RequestOutput]:
         """Raises EngineStepError if scheduling or the forward pass fails; the requests of
@@ -328,8 +368,10 @@ class LLMEngine:
             self.thread_governor.poll()
         try:
             self._fill_pipeline()
+            if self.args.async_scheduling:
+                self._submit_ahead()
             if self._in_flight:
-                scheduler_output, step = self._in_flight.popleft()
+                scheduler_output, step, registered = self._in_flight.popleft()
                 runner_output = self.executor.finish(step)
             else:
                 runner_output = None
@@ -342,6 +384,7 @@ class LLMEngine:
             # Blocks this step was to fill hold no valid KV: they must not be found, and the
             # requests that counted on them start again.
             self.kv_manager.unregister_unconfirmed()
+            self._in_flight = deque((output, step, 0) for output, step, _ in self._in_flight)
             child_ids = self.scheduler.recompute_after_failure(scheduler_output)
             self._publish_stats()
             if not isinstance(exc, Exception):
@@ -352,13 +395,17 @@ class LLMEngine:
             if not alone:
                 self.scheduler.isolate(child_ids)
             raise EngineStepError(sorted(parents), exc, alone) from exc
-        self.kv_manager.confirm_registered()
         if runner_output is None:
+            self.kv_manager.confirm_registered()
             self._publish_stats()
             # Every running request may be waiting for its grammar's mask: wait for one,
             # rather than spin.
             self.executor.wait_for_masks(MASK_WAIT_S)
             return []
+        # What the steps still in flight registered waits for them.
+        self.kv_manager.confirm_registered(registered)
+        self._in_flight = deque((output, step, mark - registered)
+                                for output, step, mark in self._in_flight)
         updated = self.scheduler.update_from_output(scheduler_output, runner_output)
         outputs, stopped = self.output_processor.process(runner_output, updated)
         for child_id in stopped:

@@ -124,9 +124,13 @@ class Executor(ABC):
                    speculator: Speculator | None) -> None:
         ...
 
-    def submit(self, scheduler_output: SchedulerOutput) -> StepInFlight | None:
-        """Starts a step; finish them in the order they were submitted."""
-        return self.runner.submit(scheduler_output)
+    def submit(self, scheduler_output: SchedulerOutput, previous: StepInFlight | None = None,
+               sample: bool = False) -> StepInFlight | None:
+        """Starts a step; finish them in the order they were submitted. previous, sample:
+        async scheduling's (ModelRunner.submit)."""
+        if previous is None and not sample:
+            return self.runner.submit(scheduler_output)
+        return self.runner.submit(scheduler_output, previous, sample)
 
     def finish(self, step: StepInFlight | None) -> RunnerOutput:
         return self.runner.finish(step)

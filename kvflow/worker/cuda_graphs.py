@@ -185,13 +185,17 @@ class DecodeGraphs:
         """Finished or preempted requests give up their block-table rows."""
         self.buffers.tables.forget(req_ids)
 
-    def run(self, batch: list[ScheduledRequest]) -> torch.Tensor:
+    def run(self, batch: list[ScheduledRequest],
+            substitute: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
         """The logits of the batch's tokens, in its order, [len(batch), vocab]: a view of
-        the graph's output, valid until the next replay."""
+        the graph's output, valid until the next replay. substitute: puts the tokens a step
+        in flight sampled in place of placeholders (async scheduling) in the input ids."""
         if self.stale:
             logger.info("CUDA graphs: the KV cache was bound again; capturing again")
             self.capture_all()
         size = padded_size(len(batch), self.sizes)
         assert size is not None, "run() past the largest captured size"
         self.buffers.fill(batch, size, self.block_size)
+        if substitute is not None:
+            substitute(self.buffers.input_ids)
         return self.graphs[size]()[:len(batch)]

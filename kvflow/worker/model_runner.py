@@ -17,7 +17,9 @@ from kvflow.attention.metadata import AttentionMetadata
 from kvflow.models.blocks import CausalLM
 from kvflow.models.builder import bind_kv_cache
 from kvflow.models.config import ModelConfig
+from kvflow.host_copy import tensor_on
 from kvflow.outputs import RunnerOutput, ScheduledRequest, SchedulerOutput, TokenLogprobs
+from kvflow.request import PLACEHOLDER
 from kvflow.sampling.rejection_sampler import RejectionSampler
 from kvflow.sampling.sampler import Sampler, prepare_sampling, sampling_rows, token_logprobs
 from kvflow.structured_output.bitmask import MASK_GRACE_S, GrammarMasker
@@ -72,10 +74,16 @@ class ModelRunner:
         self.grammar_masker.wait_for_any(timeout_s)
 
     @torch.inference_mode()
-    def submit(self, scheduler_output: SchedulerOutput) -> StepInFlight | None:
+    def submit(self, scheduler_output: SchedulerOutput, previous: StepInFlight | None = None,
+               sample: bool = False) -> StepInFlight | None:
         """Starts a step's forward pass (None: nothing scheduled). Under pipeline
         parallelism it returns once this rank's stage is done, and the logits arrive later;
-        steps are finished in the order they were submitted."""
+        steps are finished in the order they were submitted.
+
+        Async scheduling: `sample` also queues the step's sampling on the device (its
+        requests have no grammar, drafts, penalties or logprobs), so that the next step,
+        submitted before this one is finished, reads the tokens it samples in place of its
+        placeholders; `previous` is that step, for the one submitted after it."""
         # Shortest queries first: backends batch the short ones (decodes) in one call.
         if self.speculator is not None:
             self.speculator.drop_kv(scheduler_output.preempted_req_ids)
@@ -91,25 +99,37 @@ class ModelRunner:
             query_starts = {r.req_id: row for row, r in enumerate(batch)}
         else:
             input_ids, meta, query_starts = self._prepare_inputs(batch)
+        substitute = _placeholders(batch, query_starts, previous, self.device)
         rows = LogitRows.of(batch, to_sample, query_starts)
         # The grammars' masks depend only on tokens already accepted and on the drafts, so
         # they are computed on the mask threads (the GIL released) during the forward; the
         # step waits for them a moment past it, and samples without those still computing.
         self.grammar_masker.start(to_sample)
         if graphed:
-            every_row = self.graphs.run(batch)
+            every_row = self.graphs.run(batch, substitute)
             picked = (every_row if rows.positions == list(range(len(batch)))
-                      else every_row[torch.tensor(rows.positions, device=self.device)])
+                      else every_row[tensor_on(rows.positions, self.device, torch.int64)])
             logits: Callable[[], torch.Tensor] = lambda: picked  # noqa: E731
         else:
+            if substitute is not None:
+                substitute(input_ids)
             logits = self.model.start_step(input_ids, meta,
-                                           torch.tensor(rows.positions, dtype=torch.int64))
-        return StepInFlight(batch, to_sample, rows, logits)
+                                           tensor_on(rows.positions, self.device, torch.int64))
+        step = StepInFlight(batch, to_sample, rows, logits)
+        if sample and to_sample:
+            self._ensure_generators(to_sample)
+            sampling = prepare_sampling(to_sample, self.generators, self.config.vocab_size,
+                                        self.device, self.noise_keys)
+            step.sampled = self.sampler(rows.sampled(logits(), to_sample), sampling)[0]
+        return step
 
     @torch.inference_mode()
     def finish(self, step: StepInFlight | None) -> RunnerOutput:
         if step is None:
             return RunnerOutput(sampled_token_ids={})
+        if step.sampled is not None:  # sampled when submitted (async scheduling)
+            return RunnerOutput(sampled_token_ids={
+                r.req_id: [token] for r, token in zip(step.to_sample, step.sampled.tolist())})
         logits = step.logits()
         masks = self.grammar_masker.collect(step.to_sample, time.monotonic() + MASK_GRACE_S,
                                             self.device)
@@ -185,9 +205,9 @@ class ModelRunner:
                                            self.device)
         starts = itertools.accumulate(query_lens, initial=0)
         query_starts = {r.req_id: start for r, start in zip(batch, starts)}
-        input_ids = torch.tensor(
+        input_ids = tensor_on(
             list(itertools.chain.from_iterable(r.token_ids + r.draft_token_ids for r in batch)),
-            dtype=torch.int64, device=self.device)
+            self.device, torch.int64)
         return input_ids, meta, query_starts
 
     @staticmethod
@@ -252,3 +272,28 @@ class StepInFlight:
     to_sample: list[ScheduledRequest]
     rows: LogitRows
     logits: Callable[[], torch.Tensor]  # the rows' logits, once the forward pass is done
+    # the tokens of to_sample, in its order, on the device, where sampled at submit
+    sampled: torch.Tensor | None = None
+
+
+def _placeholders(batch: list[ScheduledRequest], query_starts: dict[str, int],
+                  previous: StepInFlight | None, device: torch.device
+                  ) -> Callable[[torch.Tensor], None] | None:
+    """What puts the tokens `previous` sampled in place of this batch's placeholders, in
+    a step's flat input ids, on the device (None: the batch has none). A placeholder is a
+    request's one token this step, so its row is where the request's queries start."""
+    spots = [(query_starts[r.req_id], r.req_id) for r in batch
+             if r.token_ids and r.token_ids[0] == PLACEHOLDER]
+    if not spots:
+        return None
+    assert previous is not None and previous.sampled is not None, \
+        "a placeholder with no step in flight to sample it"
+    sampled_row = {r.req_id: row for row, r in enumerate(previous.to_sample)}
+    where = tensor_on([spot for spot, _ in spots], device, torch.int64)
+    rows = tensor_on([sampled_row[req_id] for _, req_id in spots], device, torch.int64)
+    tokens = previous.sampled
+
+    def substitute(input_ids: torch.Tensor) -> None:
+        input_ids[where] = tokens[rows]
+
+    return substitute
