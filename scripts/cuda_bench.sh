@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 28's figures on a GPU, in one call (about 6 minutes on an H100): single-stream
 # decode of the qwen2.5-0.5b and llama-3.2-1b shapes in bf16, int8 and int4 (graphs on),
-# the 0.5b in bf16 with --enforce-eager (no graphs, no glue) beside it, kernels launched
+# the 0.5b in bf16 with --enforce-eager (no graphs, no glue) and with --async-scheduling
+# (graphs and overlap) beside it, kernels launched
 # per decode step and the GPU's busy share, nano-vllm's workload and long-prompt. Each
 # run has its own time limit, so one that hangs costs only its own figure. Logs go to
 # $OUT (default /tmp/kvflow-cuda-bench).
@@ -55,6 +56,9 @@ done
 echo "  $(basename "$qwen") bf16, --enforce-eager:"
 run 90 latency-eager bench latency --model "$qwen" --device cuda --dtype bfloat16 \
     --output-len 256 --num-iters 3 --enforce-eager
+echo "  $(basename "$qwen") bf16, --async-scheduling:"
+run 90 latency-async bench latency --model "$qwen" --device cuda --dtype bfloat16 \
+    --output-len 256 --num-iters 3 --async-scheduling
 
 echo "== a decode step's kernels and the GPU's busy share (one stream, $(basename "$qwen"))"
 timeout 90 python3 benchmarks/profile_cuda_step.py --model "$qwen" >"$out/profile.log" 2>&1
