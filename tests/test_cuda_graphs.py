@@ -154,3 +154,36 @@ def test_cuda_graphs_on_a_gpu_match_transformers(checkpoint, hf_model):
         outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params,
                                use_tqdm=False)
         assert_greedy_matches([o.outputs[0].token_ids for o in outputs], reference, 12)
+
+
+def test_verification_steps_replay_graphs_of_k_plus_one_tokens(checkpoint, hf_model):
+    """Prompt lookup proposing up to 3 drafts: a verification step runs the graph of 4
+    tokens per request, a request with fewer drafts padded in front (tokens that write no
+    KV), and the tokens are still transformers' greedy ones."""
+    pytest.importorskip("triton", reason="triton is not installed (make test installs it)")
+    from conftest import assert_greedy_matches, hf_greedy
+    from kvflow import LLM, SamplingParams
+
+    path = checkpoint("llama-gqa")
+    llm = LLM(str(path), dtype="float32", device="cpu", kv_cache_memory="8MiB",
+              attention_backend="triton", max_num_seqs=4,
+              speculative_config={"method": "ngram", "num_speculative_tokens": 3,
+                                  "prompt_lookup_min": 1, "prompt_lookup_max": 2,
+                                  "disable_by_batch_size": None, "min_acceptance_rate": 0.0})
+    runner = llm.engine.executor.runner
+    capture = CountingCapture()
+    runner.graphs = DecodeGraphs(runner.model, [1, 2, 4, 8], runner.block_size,
+                                 llm.engine.max_model_len, runner.device, capture, num_drafts=3)
+    runner.graphs.capture_all()
+    assert runner.graphs.sizes == {1: [1, 2, 4, 8], 4: [1, 2]}
+    used = []
+    run = runner.graphs.run
+    runner.graphs.run = lambda batch, *a: used.append(runner.graphs._queries(batch)) or run(
+        batch, *a)
+    # repeated patterns, so that the n-gram proposer finds its suffix earlier
+    prompts = [[11, 12, 13, 14] * 6, [40, 41, 42] * 7]
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    assert 4 in used and 1 in used
+    reference = [hf_greedy(hf_model(path), p, 16) for p in prompts]
+    assert_greedy_matches([o.outputs[0].token_ids for o in outputs], reference, 16)

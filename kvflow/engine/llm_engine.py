@@ -162,7 +162,7 @@ class LLMEngine:
                        if self.device.type == "cuda" and not args.enforce_eager else [])
         self.executor.initialize(
             RunnerSettings(num_blocks, args.block_size, args.seed, args.batch_invariant,
-                           tuple(graph_sizes), max_model_len),
+                           tuple(graph_sizes), max_model_len, self.num_speculative_tokens),
             backend, speculator)
         self.observations = StepObservations()
         self.output_processor = OutputProcessor(self.tokenizer,

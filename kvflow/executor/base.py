@@ -104,6 +104,7 @@ class RunnerSettings:
     # max_model_len (kvflow/worker/cuda_graphs.py)
     graph_sizes: tuple[int, ...] = ()
     max_model_len: int = 0
+    num_drafts: int = 0  # drafts a verification step takes at most (speculative decoding)
 
 
 class Executor(ABC):

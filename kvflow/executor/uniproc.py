@@ -46,4 +46,4 @@ class UniProcExecutor(Executor):
             return None
         return DecodeGraphs(self._model, list(settings.graph_sizes), settings.block_size,
                             settings.max_model_len, self.spec.device,
-                            cuda_capture(torch.cuda.graph_pool_handle()))
+                            cuda_capture(torch.cuda.graph_pool_handle()), settings.num_drafts)

@@ -88,85 +88,119 @@ def cuda_capture(pool: object) -> Capture:
 
 
 class DecodeBuffers:
-    """The inputs a captured decode step reads, allocated once at the largest size, and
-    their host staging (pinned on CUDA, so that the copies do not wait). Block tables come
-    from the requests' persistent rows, gathered on the device."""
+    """The inputs a captured step reads, allocated once at the largest size, and their
+    host staging (pinned on CUDA, so that the copies do not wait). Block tables come from
+    the requests' persistent rows, gathered on the device.
 
-    def __init__(self, max_size: int, max_blocks_per_seq: int, device: torch.device) -> None:
+    A step of `queries` tokens per request lays each request's out as its padding first
+    (tokens that write no KV and whose outputs are dropped), then its last token and its
+    drafts: a request's real queries are the last positions of its sequence, as the
+    attention backends read them, whatever number of drafts it has."""
+
+    def __init__(self, max_size: int, max_queries: int, max_blocks_per_seq: int,
+                 device: torch.device) -> None:
         pin = device.type == "cuda"
-        self.input_ids = torch.zeros(max_size, dtype=torch.int64, device=device)
-        self.positions = torch.zeros(max_size, dtype=torch.int64, device=device)
-        self.slot_mapping = torch.full((max_size,), -1, dtype=torch.int64, device=device)
+        max_tokens = max_size * max_queries
+        self.input_ids = torch.zeros(max_tokens, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(max_tokens, dtype=torch.int64, device=device)
+        self.slot_mapping = torch.full((max_tokens,), -1, dtype=torch.int64, device=device)
         self.seq_lens = torch.ones(max_size, dtype=torch.int32, device=device)
-        self.query_start_loc = torch.arange(max_size + 1, dtype=torch.int32, device=device)
+        self.query_start_locs = {
+            queries: torch.arange(0, max_size * queries + 1, queries, dtype=torch.int32,
+                                  device=device) for queries in range(1, max_queries + 1)}
         self.block_tables = torch.full((max_size, max_blocks_per_seq), NULL_BLOCK,
                                        dtype=torch.int32, device=device)
         self.rows = torch.zeros(max_size, dtype=torch.int64, device=device)
-        self._staged = torch.empty(4, max_size, dtype=torch.int64, pin_memory=pin)
+        self._staged = torch.empty(3, max_tokens, dtype=torch.int64, pin_memory=pin)
+        self._staged_rows = torch.empty(max_size, dtype=torch.int64, pin_memory=pin)
         self._staged_lens = torch.empty(max_size, dtype=torch.int32, pin_memory=pin)
         self.tables = PersistentBlockTables(max_size, max_blocks_per_seq, device)
 
-    def fill(self, batch: list[ScheduledRequest], size: int, block_size: int) -> None:
+    def fill(self, batch: list[ScheduledRequest], size: int, queries: int,
+             block_size: int) -> None:
         """The step's requests into the first rows, padding rows after them up to size.
-        The padding rows' block tables keep what they held: they read one key of it."""
+        A padding row writes no KV (slot -1); its block table keeps what it held, of
+        which it reads one key."""
         n = len(batch)
-        pad = size - n
-        positions = [r.num_computed_tokens for r in batch]
-        slots = [r.block_ids[p // block_size] * block_size + p % block_size
-                 for r, p in zip(batch, positions)]
-        staged = self._staged[:, :size]
-        # padding writes no KV (slot -1) and attends to one key of its row's first block
-        staged.copy_(torch.tensor([[r.token_ids[0] for r in batch] + [0] * pad,
-                                   positions + [0] * pad, slots + [-1] * pad,
-                                   self.tables.update(batch) + [0] * pad]))
+        tokens: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        for request in batch:
+            first = request.num_computed_tokens
+            known = request.token_ids[:1] + request.draft_token_ids
+            pad = queries - len(known)
+            tokens += [0] * pad + known
+            positions += [max(first - pad + j, 0) for j in range(pad)]
+            positions += range(first, first + len(known))
+            slots += [-1] * pad + [request.block_ids[p // block_size] * block_size
+                                   + p % block_size for p in range(first, first + len(known))]
+        filler = (size - n) * queries
+        count = size * queries
+        staged = self._staged[:, :count]
+        staged.copy_(torch.tensor([tokens + [0] * filler, positions + [0] * filler,
+                                   slots + [-1] * filler]))
+        rows = self._staged_rows[:n]
+        rows.copy_(torch.tensor(self.tables.update(batch)))
         lens = self._staged_lens[:size]
-        lens.copy_(torch.tensor([p + 1 for p in positions] + [1] * pad))
-        self.input_ids[:size].copy_(staged[0], non_blocking=True)
-        self.positions[:size].copy_(staged[1], non_blocking=True)
-        self.slot_mapping[:size].copy_(staged[2], non_blocking=True)
+        lens.copy_(torch.tensor([r.num_computed_tokens + 1 + len(r.draft_token_ids)
+                                 for r in batch] + [1] * (size - n)))
+        self.input_ids[:count].copy_(staged[0], non_blocking=True)
+        self.positions[:count].copy_(staged[1], non_blocking=True)
+        self.slot_mapping[:count].copy_(staged[2], non_blocking=True)
         self.seq_lens[:size].copy_(lens, non_blocking=True)
-        self.rows[:n].copy_(staged[3, :n], non_blocking=True)
+        self.rows[:n].copy_(rows, non_blocking=True)
         torch.index_select(self.tables.table, 0, self.rows[:n], out=self.block_tables[:n])
 
-    def metadata(self, size: int, max_model_len: int) -> AttentionMetadata:
-        """Views of the buffers for `size` rows; the host lists describe the worst case
-        (contexts of max_model_len), so that a backend's launch choices hold for any."""
+    def metadata(self, size: int, queries: int, max_model_len: int) -> AttentionMetadata:
+        """Views of the buffers for `size` requests of `queries` tokens; the host lists
+        describe the worst case (contexts of max_model_len), so that a backend's launch
+        choices hold for any."""
+        count = size * queries
         return AttentionMetadata(
-            positions=self.positions[:size], slot_mapping=self.slot_mapping[:size],
-            query_start_loc=self.query_start_loc[:size + 1], seq_lens=self.seq_lens[:size],
-            block_tables=self.block_tables[:size], query_lens_cpu=[1] * size,
-            seq_lens_cpu=[max_model_len] * size, num_batched_reqs=size,
-            num_batched_tokens=size)
+            positions=self.positions[:count], slot_mapping=self.slot_mapping[:count],
+            query_start_loc=self.query_start_locs[queries][:size + 1],
+            seq_lens=self.seq_lens[:size], block_tables=self.block_tables[:size],
+            query_lens_cpu=[queries] * size, seq_lens_cpu=[max_model_len] * size,
+            num_batched_reqs=size, num_batched_tokens=count)
 
 
 class DecodeGraphs:
-    """The captured decode steps of one model and KV cache, and when a step may use one."""
+    """The captured steps of one model and KV cache, and which steps may use one: decodes
+    (one query token per request) and, with speculative decoding of k drafts, verification
+    (k + 1 per request, fewer drafts padded), at the sizes whose tokens fit the largest
+    decode batch."""
 
     def __init__(self, model: CausalLM, sizes: list[int], block_size: int, max_model_len: int,
-                 device: torch.device, capture: Capture) -> None:
+                 device: torch.device, capture: Capture, num_drafts: int = 0) -> None:
         self.model = model
-        self.sizes = sizes
         self.block_size = block_size
         self.max_model_len = max_model_len
         self.capture = capture
-        self.buffers = DecodeBuffers(sizes[-1], -(-max_model_len // block_size), device)
-        self.graphs: dict[int, Replay] = {}
+        # queries per request -> the batch sizes captured with that many
+        self.sizes = {1: sizes}
+        verify = [size for size in sizes if size * (num_drafts + 1) <= sizes[-1]]
+        if num_drafts and verify:
+            self.sizes[num_drafts + 1] = verify
+        self.buffers = DecodeBuffers(sizes[-1], max(self.sizes), -(-max_model_len // block_size),
+                                     device)
+        self.graphs: dict[tuple[int, int], Replay] = {}
         self._first_attention = model.attention_layers()[0]
         self._captured_cache: int | None = None
 
     def capture_all(self) -> None:
         start = time.perf_counter()
         self.graphs.clear()
-        for size in reversed(self.sizes):  # the largest first: the smaller reuse its pool
-            meta = self.buffers.metadata(size, self.max_model_len)
-            input_ids = self.buffers.input_ids[:size]
-            self.graphs[size] = self.capture(
-                lambda input_ids=input_ids, meta=meta: self.model.compute_logits(
-                    self.model(input_ids, meta)))
+        for queries, sizes in self.sizes.items():
+            for size in reversed(sizes):  # the largest first: the smaller reuse its pool
+                meta = self.buffers.metadata(size, queries, self.max_model_len)
+                input_ids = self.buffers.input_ids[:size * queries]
+                self.graphs[size, queries] = self.capture(
+                    lambda input_ids=input_ids, meta=meta: self.model.compute_logits(
+                        self.model(input_ids, meta)))
         self._captured_cache = self._cache_address()
-        logger.info("CUDA graphs: %d decode batch sizes (%d-%d) captured in %.1f s",
-                    len(self.sizes), self.sizes[0], self.sizes[-1],
-                    time.perf_counter() - start)
+        logger.info("CUDA graphs: batch sizes %s captured in %.1f s", ", ".join(
+            f"{sizes[0]}-{sizes[-1]} of {queries} token{'s' if queries > 1 else ''}"
+            for queries, sizes in self.sizes.items()), time.perf_counter() - start)
 
     def _cache_address(self) -> int:
         return self._first_attention.k_cache.data_ptr()
@@ -176,10 +210,26 @@ class DecodeGraphs:
         """The KV cache was bound again since the capture (the graphs read the old one)."""
         return self._captured_cache != self._cache_address()
 
+    def _queries(self, batch: list[ScheduledRequest]) -> int | None:
+        """The tokens per request of the graphs that take this batch (None: none does):
+        every request one token and at most the drafts verified, few enough requests."""
+        if any(len(r.token_ids) != 1 for r in batch):
+            return None
+        drafts = max(len(r.draft_token_ids) for r in batch)
+        queries = 1 if drafts == 0 else max(self.sizes)
+        if queries not in self.sizes or drafts + 1 > queries:
+            return None
+        return queries if len(batch) <= self.sizes[queries][-1] else None
+
     def takes(self, batch: list[ScheduledRequest]) -> bool:
-        """A step a graph runs: every request one query token and no drafts, few enough."""
-        return (len(batch) <= self.sizes[-1]
-                and all(len(r.token_ids) == 1 and not r.draft_token_ids for r in batch))
+        return self._queries(batch) is not None
+
+    def query_starts(self, batch: list[ScheduledRequest]) -> dict[str, int]:
+        """Where each request's real queries start among the graph's rows."""
+        queries = self._queries(batch)
+        assert queries is not None
+        return {r.req_id: row * queries + queries - 1 - len(r.draft_token_ids)
+                for row, r in enumerate(batch)}
 
     def forget(self, req_ids: set[str]) -> None:
         """Finished or preempted requests give up their block-table rows."""
@@ -187,15 +237,17 @@ class DecodeGraphs:
 
     def run(self, batch: list[ScheduledRequest],
             substitute: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
-        """The logits of the batch's tokens, in its order, [len(batch), vocab]: a view of
-        the graph's output, valid until the next replay. substitute: puts the tokens a step
-        in flight sampled in place of placeholders (async scheduling) in the input ids."""
+        """The logits of every row of the batch's requests (query_starts says where each
+        request's are), [len(batch) * queries, vocab]: a view of the graph's output, valid
+        until the next replay. substitute: puts the tokens a step in flight sampled in
+        place of placeholders (async scheduling) in the input ids."""
         if self.stale:
             logger.info("CUDA graphs: the KV cache was bound again; capturing again")
             self.capture_all()
-        size = padded_size(len(batch), self.sizes)
-        assert size is not None, "run() past the largest captured size"
-        self.buffers.fill(batch, size, self.block_size)
+        queries = self._queries(batch)
+        assert queries is not None, "run() with a batch no graph takes"
+        size = padded_size(len(batch), self.sizes[queries])
+        self.buffers.fill(batch, size, queries, self.block_size)
         if substitute is not None:
             substitute(self.buffers.input_ids)
-        return self.graphs[size]()[:len(batch)]
+        return self.graphs[size, queries]()[:len(batch) * queries]

@@ -96,7 +96,7 @@ class ModelRunner:
         to_sample = [r for r in batch if r.sample]
         graphed = self.graphs is not None and self.graphs.takes(batch)
         if graphed:
-            query_starts = {r.req_id: row for row, r in enumerate(batch)}
+            query_starts = self.graphs.query_starts(batch)
         else:
             input_ids, meta, query_starts = self._prepare_inputs(batch)
         substitute = _placeholders(batch, query_starts, previous, self.device)
@@ -107,7 +107,7 @@ class ModelRunner:
         self.grammar_masker.start(to_sample)
         if graphed:
             every_row = self.graphs.run(batch, substitute)
-            picked = (every_row if rows.positions == list(range(len(batch)))
+            picked = (every_row if rows.positions == list(range(every_row.shape[0]))
                       else every_row[tensor_on(rows.positions, self.device, torch.int64)])
             logits: Callable[[], torch.Tensor] = lambda: picked  # noqa: E731
         else:

@@ -269,11 +269,15 @@ def tile_shape(group: int, max_query_len: int, head_dim: int) -> TileShape:
 
 def query_tiles(query_lens: list[int], block_q: int, device: torch.device
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each program's request and first query in it, request after request. A decode
-    step's are made on the device, so that a CUDA graph can capture them."""
-    if max(query_lens) == 1:
-        decodes = torch.arange(len(query_lens), dtype=torch.int32, device=device)
-        return decodes, torch.zeros_like(decodes)
+    """Each program's request and first query in it, request after request. Where every
+    request has as many queries (decodes; a graphed verification step) they are made on
+    the device, so that a CUDA graph can capture them."""
+    if min(query_lens) == max(query_lens):
+        per_request = triton.cdiv(query_lens[0], block_q)
+        reqs = torch.arange(len(query_lens), dtype=torch.int32, device=device)
+        starts = torch.arange(0, per_request * block_q, block_q, dtype=torch.int32,
+                              device=device)
+        return (reqs.repeat_interleave(per_request), starts.repeat(len(query_lens)))
     reqs: list[int] = []
     starts: list[int] = []
     for req, query_len in enumerate(query_lens):
