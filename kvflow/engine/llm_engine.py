@@ -12,7 +12,6 @@ from collections import deque
 
 
 from kvflow.attention.selector import select_backend
-from kvflow.worker.cuda_graphs import capture_sizes
 from kvflow.config import CacheConfig, SchedulerConfig
 from kvflow.core.kv_manager import KVCacheManager
 from kvflow.core.scheduler import Scheduler
@@ -31,6 +30,7 @@ from kvflow.request import Request, RequestStatus
 from kvflow.sampling_params import SamplingParams
 from kvflow.spec_decode.builder import build_speculator
 from kvflow.tokenizer.loader import load_tokenizer
+from kvflow.worker.cuda_graphs import capture_sizes
 from kvflow.worker.kv_cache import default_kv_cache_memory, num_blocks_for
 from kvflow.worker.model_runner import ModelRunner, StepInFlight
 from kvflow.worker.threads import ThreadGovernor, configure_threads

@@ -14,14 +14,15 @@ import torch
 
 from kvflow.attention.base import AttentionBackend
 from kvflow.attention.metadata import AttentionMetadata
+from kvflow.host_copy import tensor_on
 from kvflow.models.blocks import CausalLM
 from kvflow.models.builder import bind_kv_cache
 from kvflow.models.config import ModelConfig
-from kvflow.host_copy import tensor_on
 from kvflow.outputs import RunnerOutput, ScheduledRequest, SchedulerOutput, TokenLogprobs
 from kvflow.request import PLACEHOLDER
 from kvflow.sampling.rejection_sampler import RejectionSampler
-from kvflow.sampling.sampler import Sampler, prepare_sampling, sampling_rows, token_logprobs
+from kvflow.sampling.sampler import (Sampler, SamplingBatch, SamplingRow, prepare_sampling,
+                                     sampling_rows, token_logprobs)
 from kvflow.structured_output.bitmask import MASK_GRACE_S, GrammarMasker
 from kvflow.spec_decode.proposer import Speculator
 from kvflow.worker.cuda_graphs import DecodeGraphs
@@ -117,10 +118,8 @@ class ModelRunner:
                                            tensor_on(rows.positions, self.device, torch.int64))
         step = StepInFlight(batch, to_sample, rows, logits)
         if sample and to_sample:
-            self._ensure_generators(to_sample)
-            sampling = prepare_sampling(to_sample, self.generators, self.config.vocab_size,
-                                        self.device, self.noise_keys)
-            step.sampled = self.sampler(rows.sampled(logits(), to_sample), sampling)[0]
+            step.sampled = self.sampler(rows.sampled(logits(), to_sample),
+                                        self._sampling_batch(to_sample, to_sample))[0]
         return step
 
     @torch.inference_mode()
@@ -152,12 +151,10 @@ class ModelRunner:
                 output: RunnerOutput, grammar: tuple[torch.Tensor, torch.Tensor] | None) -> None:
         """Samples each request's next token from the logits at its last known token, or
         verifies its drafts against those at each of them."""
-        self._ensure_generators(requests)
         verifying = any(r.draft_token_ids for r in requests)
-        rows = ([row for r in requests for row in sampling_rows(r)] if verifying
-                else requests)
-        sampling = prepare_sampling(rows, self.generators, self.config.vocab_size, self.device,
-                                    self.noise_keys)
+        sampling = self._sampling_batch(requests, [row for r in requests
+                                                   for row in sampling_rows(r)]
+                                        if verifying else requests)
         sampling.grammar = grammar
         if verifying:
             tokens, entries = self.rejection_sampler(
@@ -171,6 +168,14 @@ class ModelRunner:
             output.sampled_token_ids[request.req_id] = new_tokens
             if entry is not None:
                 output.logprobs[request.req_id] = entry
+
+    def _sampling_batch(self, requests: list[ScheduledRequest],
+                        rows: list[SamplingRow] | list[ScheduledRequest]) -> SamplingBatch:
+        """The sampling parameters of `rows` (the requests', or a row per draft), the
+        requests' own generators made first."""
+        self._ensure_generators(requests)
+        return prepare_sampling(rows, self.generators, self.config.vocab_size, self.device,
+                                self.noise_keys)
 
     def _propose(self, requests: list[ScheduledRequest], output: RunnerOutput,
                  batch_size: int) -> None:
