@@ -39,12 +39,12 @@ def _fail_steps_with(engine: AsyncEngine, poisoned: str | None) -> list[list[str
     submit = engine.engine.runner.submit
     steps: list[list[str]] = []
 
-    def flaky(scheduler_output):  # noqa: ANN001, ANN202
+    def flaky(scheduler_output, *args):  # noqa: ANN001, ANN002, ANN202
         ids = [s.req_id for s in scheduler_output.scheduled]
         steps.append(ids)
         if poisoned is None or poisoned in ids:
             raise RuntimeError("injected secret")
-        return submit(scheduler_output)
+        return submit(scheduler_output, *args)
 
     engine.engine.runner.submit = flaky
     return steps

@@ -214,11 +214,11 @@ class ComputedTokens:
         self.per_request: Counter[str] = Counter()
         submit = llm.engine.runner.submit
 
-        def counting(scheduler_output: SchedulerOutput) -> StepInFlight | None:
+        def counting(scheduler_output: SchedulerOutput, *args) -> StepInFlight | None:
             for scheduled in scheduler_output.scheduled:
                 self.per_request[scheduled.req_id] += len(scheduled.token_ids)
             llm.engine.kv_manager.pool.check_integrity()
-            return submit(scheduler_output)
+            return submit(scheduler_output, *args)
 
         llm.engine.runner.submit = counting
 
@@ -353,10 +353,10 @@ def test_salted_requests_never_share_blocks(llama):
     seen: dict[str, set[int]] = {}
     submit = llm.engine.runner.submit
 
-    def record(scheduler_output: SchedulerOutput) -> StepInFlight | None:
+    def record(scheduler_output: SchedulerOutput, *args) -> StepInFlight | None:
         for scheduled in scheduler_output.scheduled:
             seen.setdefault(scheduled.req_id, set()).update(scheduled.block_ids)
-        return submit(scheduler_output)
+        return submit(scheduler_output, *args)
 
     llm.engine.runner.submit = record
     salts = ["a", "b", None, "a"]
@@ -400,12 +400,12 @@ def test_a_failed_step_leaves_no_block_without_kv_in_the_cache(llama, failure):
     submit = engine.runner.submit
     calls = 0
 
-    def failing_once(scheduler_output: SchedulerOutput) -> StepInFlight | None:
+    def failing_once(scheduler_output: SchedulerOutput, *args) -> StepInFlight | None:
         nonlocal calls
         calls += 1
         if calls == 1:
             raise failure("injected")
-        return submit(scheduler_output)
+        return submit(scheduler_output, *args)
 
     engine.runner.submit = failing_once
     with pytest.raises(EngineStepError if failure is RuntimeError else KeyboardInterrupt):
@@ -423,7 +423,7 @@ def test_requests_of_a_failed_step_are_recomputed_if_not_aborted(llama):
     for i, prompt in enumerate(prompts):
         engine.add_request(str(i), {"prompt_token_ids": prompt}, GREEDY)
     submit = engine.runner.submit
-    engine.runner.submit = lambda _output: (_ for _ in ()).throw(RuntimeError("boom"))
+    engine.runner.submit = lambda *_: (_ for _ in ()).throw(RuntimeError("boom"))
     with pytest.raises(EngineStepError) as failed:
         engine.step()
     assert failed.value.request_ids == ["0", "1"]

@@ -334,11 +334,8 @@ class LLMEngine:
         if not scheduler_output.scheduled:
             return False
         try:
-            if self.args.async_scheduling:
-                step = self.executor.submit(scheduler_output, previous,
-                                            sample=_samples_ahead(scheduler_output))
-            else:
-                step = self.executor.submit(scheduler_output)
+            step = self.executor.submit(scheduler_output, previous, self.args.async_scheduling
+                                        and _samples_ahead(scheduler_output))
         except BaseException as exc:
             raise _SubmitFailed(scheduler_output) from exc
         self._in_flight.append((scheduler_output, step, self.kv_manager.num_unconfirmed))

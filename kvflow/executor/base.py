@@ -129,8 +129,6 @@ class Executor(ABC):
                sample: bool = False) -> StepInFlight | None:
         """Starts a step; finish them in the order they were submitted. previous, sample:
         async scheduling's (ModelRunner.submit)."""
-        if previous is None and not sample:
-            return self.runner.submit(scheduler_output)
         return self.runner.submit(scheduler_output, previous, sample)
 
     def finish(self, step: StepInFlight | None) -> RunnerOutput:

@@ -19,6 +19,8 @@ ends the engine; the processes started here are stopped with it.
 """
 from __future__ import annotations
 
+import functools
+
 import logging
 import os
 import pickle
@@ -250,8 +252,10 @@ class MultiprocExecutor(Executor):
             total, experts = total + rank_total, experts + rank_experts
         return total, experts
 
-    def submit(self, scheduler_output: SchedulerOutput) -> StepInFlight | None:
-        return self._checked(self.runner.submit, scheduler_output)
+    def submit(self, scheduler_output: SchedulerOutput, previous: StepInFlight | None = None,
+               sample: bool = False) -> StepInFlight | None:
+        return self._checked(functools.partial(self.runner.submit, previous=previous,
+                                               sample=sample), scheduler_output)
 
     def finish(self, step: StepInFlight | None) -> RunnerOutput:
         return self._checked(self.runner.finish, step)
