@@ -187,3 +187,17 @@ def test_verification_steps_replay_graphs_of_k_plus_one_tokens(checkpoint, hf_mo
     assert 4 in used and 1 in used
     reference = [hf_greedy(hf_model(path), p, 16) for p in prompts]
     assert_greedy_matches([o.outputs[0].token_ids for o in outputs], reference, 16)
+
+
+def test_vllms_graph_and_async_flags_reach_the_engine_args():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    EngineArgs.add_cli_args(parser)
+    args = EngineArgs.from_cli_args(parser.parse_args(
+        ["--cuda-graph-sizes", "1", "2", "64", "--max-cudagraph-capture-size", "32",
+         "--async-scheduling"]))
+    assert args.cuda_graph_sizes == [1, 2, 64] and args.max_cudagraph_capture_size == 32
+    assert args.async_scheduling
+    assert parser.parse_args(["--cudagraph-capture-sizes", "8"]).cuda_graph_sizes == [8]
+    assert capture_sizes(256, args.cuda_graph_sizes, args.max_cudagraph_capture_size) == [1, 2]
