@@ -112,10 +112,10 @@ def test_steps_a_graph_does_not_hold_run_eagerly(graphed_llm):
         return ScheduledRequest("r", list(tokens), 4, [1], True, SamplingParams(), [1, 2, 3, 4],
                                 [], frozenset(), draft_token_ids=list(drafts))
 
-    assert graphs.takes([request([5])] * 6)
-    assert not graphs.takes([request([5])] * 7)  # past the largest size
-    assert not graphs.takes([request([5, 6])])  # a prefill chunk
-    assert not graphs.takes([request([5], drafts=[7, 8])])  # speculative verification
+    assert graphs.queries_of([request([5])] * 6) == 1
+    assert graphs.queries_of([request([5])] * 7) is None  # past the largest size
+    assert graphs.queries_of([request([5, 6])]) is None  # a prefill chunk
+    assert graphs.queries_of([request([5], drafts=[7, 8])]) is None  # verification
 
 
 def test_a_rebound_kv_cache_makes_the_capture_stale(graphed_llm):
@@ -178,8 +178,7 @@ def test_verification_steps_replay_graphs_of_k_plus_one_tokens(checkpoint, hf_mo
     assert runner.graphs.sizes == {1: [1, 2, 4, 8], 4: [1, 2]}
     used = []
     run = runner.graphs.run
-    runner.graphs.run = lambda batch, *a: used.append(runner.graphs._queries(batch)) or run(
-        batch, *a)
+    runner.graphs.run = lambda batch, queries, *a: used.append(queries) or run(batch, queries, *a)
     # repeated patterns, so that the n-gram proposer finds its suffix earlier
     prompts = [[11, 12, 13, 14] * 6, [40, 41, 42] * 7]
     params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)

@@ -97,17 +97,18 @@ class DecodeBuffers:
     drafts: a request's real queries are the last positions of its sequence, as the
     attention backends read them, whatever number of drafts it has."""
 
-    def __init__(self, max_size: int, max_queries: int, max_blocks_per_seq: int,
+    def __init__(self, max_size: int, queries: list[int], max_blocks_per_seq: int,
                  device: torch.device) -> None:
+        """queries: the tokens per request of the steps captured."""
         pin = device.type == "cuda"
-        max_tokens = max_size * max_queries
+        max_tokens = max_size * max(queries)
         self.input_ids = torch.zeros(max_tokens, dtype=torch.int64, device=device)
         self.positions = torch.zeros(max_tokens, dtype=torch.int64, device=device)
         self.slot_mapping = torch.full((max_tokens,), -1, dtype=torch.int64, device=device)
         self.seq_lens = torch.ones(max_size, dtype=torch.int32, device=device)
         self.query_start_locs = {
-            queries: torch.arange(0, max_size * queries + 1, queries, dtype=torch.int32,
-                                  device=device) for queries in range(1, max_queries + 1)}
+            count: torch.arange(0, max_size * count + 1, count, dtype=torch.int32,
+                                device=device) for count in queries}
         self.block_tables = torch.full((max_size, max_blocks_per_seq), NULL_BLOCK,
                                        dtype=torch.int32, device=device)
         self.rows = torch.zeros(max_size, dtype=torch.int64, device=device)
@@ -181,7 +182,7 @@ class DecodeGraphs:
         verify = [size for size in sizes if size * (num_drafts + 1) <= sizes[-1]]
         if num_drafts and verify:
             self.sizes[num_drafts + 1] = verify
-        self.buffers = DecodeBuffers(sizes[-1], max(self.sizes), -(-max_model_len // block_size),
+        self.buffers = DecodeBuffers(sizes[-1], list(self.sizes), -(-max_model_len // block_size),
                                      device)
         self.graphs: dict[tuple[int, int], Replay] = {}
         self._first_attention = model.attention_layers()[0]
@@ -210,7 +211,7 @@ class DecodeGraphs:
         """The KV cache was bound again since the capture (the graphs read the old one)."""
         return self._captured_cache != self._cache_address()
 
-    def _queries(self, batch: list[ScheduledRequest]) -> int | None:
+    def queries_of(self, batch: list[ScheduledRequest]) -> int | None:
         """The tokens per request of the graphs that take this batch (None: none does):
         every request one token and at most the drafts verified, few enough requests."""
         if any(len(r.token_ids) != 1 for r in batch):
@@ -221,13 +222,10 @@ class DecodeGraphs:
             return None
         return queries if len(batch) <= self.sizes[queries][-1] else None
 
-    def takes(self, batch: list[ScheduledRequest]) -> bool:
-        return self._queries(batch) is not None
-
-    def query_starts(self, batch: list[ScheduledRequest]) -> dict[str, int]:
-        """Where each request's real queries start among the graph's rows."""
-        queries = self._queries(batch)
-        assert queries is not None
+    @staticmethod
+    def query_starts(batch: list[ScheduledRequest], queries: int) -> dict[str, int]:
+        """Where each request's real queries start among the rows of a graph of `queries`
+        tokens per request."""
         return {r.req_id: row * queries + queries - 1 - len(r.draft_token_ids)
                 for row, r in enumerate(batch)}
 
@@ -235,17 +233,16 @@ class DecodeGraphs:
         """Finished or preempted requests give up their block-table rows."""
         self.buffers.tables.forget(req_ids)
 
-    def run(self, batch: list[ScheduledRequest],
+    def run(self, batch: list[ScheduledRequest], queries: int,
             substitute: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
-        """The logits of every row of the batch's requests (query_starts says where each
-        request's are), [len(batch) * queries, vocab]: a view of the graph's output, valid
-        until the next replay. substitute: puts the tokens a step in flight sampled in
-        place of placeholders (async scheduling) in the input ids."""
+        """The logits of every row of the batch's requests through the graph of `queries`
+        tokens per request (queries_of; query_starts says where each request's rows are),
+        [len(batch) * queries, vocab]: a view of the graph's output, valid until the next
+        replay. substitute: puts the tokens a step in flight sampled in place of
+        placeholders (async scheduling) in the input ids."""
         if self.stale:
             logger.info("CUDA graphs: the KV cache was bound again; capturing again")
             self.capture_all()
-        queries = self._queries(batch)
-        assert queries is not None, "run() with a batch no graph takes"
         size = padded_size(len(batch), self.sizes[queries])
         self.buffers.fill(batch, size, queries, self.block_size)
         if substitute is not None:

@@ -95,9 +95,10 @@ class ModelRunner:
         if not batch:
             return None
         to_sample = [r for r in batch if r.sample]
-        graphed = self.graphs is not None and self.graphs.takes(batch)
+        queries = self.graphs.queries_of(batch) if self.graphs is not None else None
+        graphed = queries is not None
         if graphed:
-            query_starts = self.graphs.query_starts(batch)
+            query_starts = self.graphs.query_starts(batch, queries)
         else:
             input_ids, meta, query_starts = self._prepare_inputs(batch)
         substitute = _placeholders(batch, query_starts, previous, self.device)
@@ -107,7 +108,7 @@ class ModelRunner:
         # step waits for them a moment past it, and samples without those still computing.
         self.grammar_masker.start(to_sample)
         if graphed:
-            every_row = self.graphs.run(batch, substitute)
+            every_row = self.graphs.run(batch, queries, substitute)
             picked = (every_row if rows.positions == list(range(every_row.shape[0]))
                       else every_row[tensor_on(rows.positions, self.device, torch.int64)])
             logits: Callable[[], torch.Tensor] = lambda: picked  # noqa: E731
