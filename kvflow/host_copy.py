@@ -24,3 +24,21 @@ def to_device(values: torch.Tensor, device: torch.device,
 def tensor_on(data: list, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """torch.tensor(data, dtype) on `device`, queued as to_device queues it."""
     return to_device(torch.tensor(data, dtype=dtype), device)
+
+
+class CopyFence:
+    """Guards a pinned buffer that is written again and again: a non-blocking copy out of
+    it may still be queued behind the GPU's work when the host would write it next."""
+
+    def __init__(self, device: torch.device) -> None:
+        self._event = torch.cuda.Event() if device.type == "cuda" else None
+
+    def mark(self) -> None:
+        """After queueing the copies out of the buffer."""
+        if self._event is not None:
+            self._event.record()
+
+    def wait(self) -> None:
+        """Before writing the buffer: until the copies marked last have run."""
+        if self._event is not None:
+            self._event.synchronize()

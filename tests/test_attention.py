@@ -8,6 +8,7 @@ import random
 import pytest
 import torch
 
+from kvflow.attention.metadata import padded_block_tables
 from kvflow.attention.selector import select_backend
 from kvflow.layers.attention import PagedAttention
 
@@ -165,8 +166,8 @@ def check_backend(backend_name, ops, case, heads, window, dtype, block_size, hea
         if context_len:
             backend.write_kv(layer, old_k.to(device), old_v.to(device),
                              slots_of(ids, range(context_len), block_size).to(device))
-    meta = backend.build_metadata(query_lens, context_lens, block_ids, block_size,
-                                  device)
+    meta = backend.build_metadata(query_lens, context_lens,
+                                  padded_block_tables(block_ids, device), block_size, device)
     out = layer(q.to(device), k.to(device), v.to(device), meta).cpu()
     tolerance = 1e-4 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out.float(), reference, atol=tolerance, rtol=tolerance)

@@ -1,12 +1,14 @@
 """The persistent block tables (kvflow/worker/persistent_batch.py) against rebuilding
 every row from the requests' lists: requests arriving, growing a block at a time, being
-preempted and coming back with other blocks, finishing, and more requests alive than rows."""
+preempted and coming back with other blocks, finishing, more requests alive than rows, and
+steps that need more rows or columns than the table has."""
 from __future__ import annotations
 
 import random
 
 import torch
 
+from kvflow.core.block_pool import NULL_BLOCK
 from kvflow.outputs import ScheduledRequest
 from kvflow.sampling_params import SamplingParams
 from kvflow.worker.persistent_batch import PersistentBlockTables
@@ -30,7 +32,7 @@ def check(tables: PersistentBlockTables, batch: list[Live], rows: list[int]) -> 
 
 def test_rows_follow_every_change_of_the_requests():
     rng = random.Random(0)
-    tables = PersistentBlockTables(max_rows=8, max_blocks_per_seq=40, device=torch.device("cpu"))
+    tables = PersistentBlockTables(max_blocks_per_seq=40, device=torch.device("cpu"), rows=8)
     alive: list[Live] = []
     next_id = 0
     writes = 0
@@ -58,7 +60,7 @@ def test_rows_follow_every_change_of_the_requests():
 
 
 def test_a_growing_request_writes_only_its_new_block():
-    tables = PersistentBlockTables(max_rows=2, max_blocks_per_seq=8, device=torch.device("cpu"))
+    tables = PersistentBlockTables(max_blocks_per_seq=8, device=torch.device("cpu"), rows=2)
     live = Live("a", [5, 6])
     (row,) = tables.update([live.scheduled()])
     tables._host[row, :2] = -7  # were the old blocks written again, they would reappear
@@ -68,3 +70,19 @@ def test_a_growing_request_writes_only_its_new_block():
     live.preemptions += 1
     tables.update([live.scheduled()])
     assert tables.table[row, :3].tolist() == [5, 6, 9]
+
+
+def test_a_step_needing_more_rows_or_columns_grows_the_table_keeping_the_rows_held():
+    tables = PersistentBlockTables(max_blocks_per_seq=4, device=torch.device("cpu"), rows=2)
+    first = [Live("a", [1, 2]), Live("b", [3])]
+    rows = tables.update([live.scheduled() for live in first])
+    # five requests at once, one of them longer than a row
+    batch = first + [Live("c", [4]), Live("d", list(range(10, 19))), Live("e", [5, 6])]
+    grown = tables.update([live.scheduled() for live in batch])
+    assert grown[:2] == rows  # the rows held stay where they were
+    assert tables.table.shape[0] >= 5 and tables.table.shape[1] >= 9
+    check(tables, batch, grown)
+    gathered = tables.gather(grown, 9)
+    expected = [live.blocks + [NULL_BLOCK] * (9 - len(live.blocks)) for live in batch]
+    assert gathered.tolist() == expected
+    assert gathered.is_contiguous()

@@ -57,9 +57,9 @@ class AttentionBackend(ABC):
                 gather_blocks(layer.v_cache, block_table)[:, :seq_len])
 
     def build_metadata(self, query_lens: list[int], num_computed: list[int],
-                       block_ids: list[list[int]], block_size: int,
+                       block_tables: torch.Tensor, block_size: int,
                        device: torch.device) -> AttentionMetadata:
-        return build_metadata(query_lens, num_computed, block_ids, block_size, device,
+        return build_metadata(query_lens, num_computed, block_tables, block_size, device,
                               self.max_batched_query_len)
 
     def forward_rotary(self, layer: PagedAttention, rotary: RotaryEmbedding, q: torch.Tensor,

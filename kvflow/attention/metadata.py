@@ -40,15 +40,21 @@ class AttentionMetadata:
         return len(self.query_lens_cpu)
 
 
-def build_metadata(query_lens: list[int], num_computed: list[int], block_ids: list[list[int]],
+def padded_block_tables(block_ids: list[list[int]], device: torch.device) -> torch.Tensor:
+    """Each request's block table padded with NULL_BLOCK to the longest, on `device`."""
+    width = max(len(ids) for ids in block_ids)
+    return to_device(torch.tensor([ids + [NULL_BLOCK] * (width - len(ids)) for ids in block_ids],
+                                  dtype=torch.int32), device)
+
+
+def build_metadata(query_lens: list[int], num_computed: list[int], block_tables: torch.Tensor,
                    block_size: int, device: torch.device,
                    max_batched_query_len: int) -> AttentionMetadata:
     """Per-token positions and slots from per-request lists, with tensor ops (no per-token
-    Python loop). query_lens must be sorted ascending, as the model runner orders them."""
+    Python loop). query_lens must be sorted ascending, as the model runner orders them;
+    block_tables: [num_reqs, width] int32 on `device`, each request's blocks padded with
+    NULL_BLOCK (the model runner's persistent rows, or padded_block_tables)."""
     num_reqs = len(query_lens)
-    width = max(len(ids) for ids in block_ids)
-    block_tables = torch.tensor([ids + [NULL_BLOCK] * (width - len(ids)) for ids in block_ids],
-                                dtype=torch.int32)
     lens = torch.tensor(query_lens, dtype=torch.int64)
     computed = torch.tensor(num_computed, dtype=torch.int64)
     cu_lens = torch.zeros(num_reqs + 1, dtype=torch.int64)
@@ -59,16 +65,20 @@ def build_metadata(query_lens: list[int], num_computed: list[int], block_ids: li
     else:
         row = torch.repeat_interleave(torch.arange(num_reqs), lens)
         positions = computed[row] + torch.arange(int(cu_lens[-1])) - cu_lens[row]
-    slots = (block_tables[row, positions // block_size].long() * block_size
-             + positions % block_size)
     seq_lens = computed + lens
+    # two copies up, not five: the int64 per-token values, then the int32 per-request ones
+    positions_on, row_on = to_device(torch.stack([positions, row]), device).unbind(0)
+    per_request = to_device(torch.cat([cu_lens, seq_lens]), device, torch.int32)
+    # the table is on the device already: the slots are looked up there
+    slots = (block_tables[row_on, positions_on // block_size].long() * block_size
+             + positions_on % block_size)
     num_batched = bisect.bisect_right(query_lens, max_batched_query_len)
     return AttentionMetadata(
-        positions=to_device(positions, device),
-        slot_mapping=to_device(slots, device),
-        query_start_loc=to_device(cu_lens, device, torch.int32),
-        seq_lens=to_device(seq_lens, device, torch.int32),
-        block_tables=to_device(block_tables, device),
+        positions=positions_on,
+        slot_mapping=slots,
+        query_start_loc=per_request[:num_reqs + 1],
+        seq_lens=per_request[num_reqs + 1:],
+        block_tables=block_tables,
         query_lens_cpu=list(query_lens),
         seq_lens_cpu=seq_lens.tolist(),
         num_batched_reqs=num_batched,

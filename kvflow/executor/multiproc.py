@@ -241,7 +241,8 @@ class MultiprocExecutor(Executor):
         self.runner = ModelRunner(stage, self.spec.config, backend,  # type: ignore[arg-type]
                                   settings.num_blocks, settings.block_size, self.spec.dtype,
                                   self.spec.device, settings.seed, speculator,
-                                  settings.batch_invariant, kv_config=self._own_config)
+                                  settings.batch_invariant, kv_config=self._own_config,
+                                  max_model_len=settings.max_model_len)
 
     def held_bytes(self) -> tuple[int, int]:
         """Rank 0's, plus what each other rank wrote to the store once it had built its

@@ -31,7 +31,8 @@ class UniProcExecutor(Executor):
         self.runner = ModelRunner(self._model, self.spec.config, backend, settings.num_blocks,
                                   settings.block_size, self.spec.dtype, self.spec.device,
                                   settings.seed, speculator, settings.batch_invariant,
-                                  graphs=self._graphs(settings, backend))
+                                  graphs=self._graphs(settings, backend),
+                                  max_model_len=settings.max_model_len)
 
     def _graphs(self, settings: RunnerSettings, backend: AttentionBackend
                 ) -> DecodeGraphs | None:

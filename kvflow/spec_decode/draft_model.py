@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from kvflow.attention.base import AttentionBackend
+from kvflow.attention.metadata import padded_block_tables
 from kvflow.models.blocks import CausalLM
 from kvflow.models.builder import bind_kv_cache, build_model
 from kvflow.models.config import ModelConfig
@@ -109,9 +110,10 @@ class DraftModelProposer(Proposer):
                  num_computed: list[int]) -> torch.Tensor:
         """One batched forward of the draft; the logits after each request's query."""
         query_lens = [len(q) for q in queries]
-        meta = self.backend.build_metadata(query_lens, num_computed,
-                                           [r.block_ids for r in requests], self.block_size,
-                                           self.device)
+        meta = self.backend.build_metadata(
+            query_lens, num_computed,
+            padded_block_tables([r.block_ids for r in requests], self.device),
+            self.block_size, self.device)
         input_ids = torch.tensor([t for q in queries for t in q], dtype=torch.int64,
                                  device=self.device)
         hidden = self.model(input_ids, meta)

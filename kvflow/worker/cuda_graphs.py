@@ -25,7 +25,7 @@ import torch
 
 from kvflow.attention.metadata import AttentionMetadata
 from kvflow.core.block_pool import NULL_BLOCK
-from kvflow.worker.persistent_batch import PersistentBlockTables
+from kvflow.host_copy import CopyFence
 
 if TYPE_CHECKING:
     from kvflow.models.blocks import CausalLM
@@ -90,7 +90,7 @@ def cuda_capture(pool: object) -> Capture:
 class DecodeBuffers:
     """The inputs a captured step reads, allocated once at the largest size, and their
     host staging (pinned on CUDA, so that the copies do not wait). Block tables come from
-    the requests' persistent rows, gathered on the device.
+    the requests' persistent rows (the model runner's), gathered on the device.
 
     A step of `queries` tokens per request lays each request's out as its padding first
     (tokens that write no KV and whose outputs are dropped), then its last token and its
@@ -115,42 +115,53 @@ class DecodeBuffers:
         self._staged = torch.empty(3, max_tokens, dtype=torch.int64, pin_memory=pin)
         self._staged_rows = torch.empty(max_size, dtype=torch.int64, pin_memory=pin)
         self._staged_lens = torch.empty(max_size, dtype=torch.int32, pin_memory=pin)
-        self.tables = PersistentBlockTables(max_size, max_blocks_per_seq, device)
+        # the staging is written again only once the last step's copies out of it have run
+        self._fence = CopyFence(device)
 
-    def fill(self, batch: list[ScheduledRequest], size: int, queries: int,
-             block_size: int) -> None:
+    def fill(self, batch: list[ScheduledRequest], size: int, queries: int, block_size: int,
+             table: torch.Tensor, rows: list[int]) -> None:
         """The step's requests into the first rows, padding rows after them up to size.
         A padding row writes no KV (slot -1); its block table keeps what it held, of
-        which it reads one key."""
+        which it reads one key. table: the persistent block tables, rows: the requests'
+        rows of it."""
         n = len(batch)
-        tokens: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        for request in batch:
-            first = request.num_computed_tokens
-            known = request.token_ids[:1] + request.draft_token_ids
-            pad = queries - len(known)
-            tokens += [0] * pad + known
-            positions += [max(first - pad + j, 0) for j in range(pad)]
-            positions += range(first, first + len(known))
-            slots += [-1] * pad + [request.block_ids[p // block_size] * block_size
-                                   + p % block_size for p in range(first, first + len(known))]
-        filler = (size - n) * queries
         count = size * queries
+        drafts = torch.tensor([len(r.draft_token_ids) for r in batch], dtype=torch.int64)
+        first = torch.tensor([r.num_computed_tokens for r in batch], dtype=torch.int64)
+        pads = (queries - 1 - drafts).unsqueeze(1)
+        column = torch.arange(queries)
+        self._fence.wait()
         staged = self._staged[:, :count]
-        staged.copy_(torch.tensor([tokens + [0] * filler, positions + [0] * filler,
-                                   slots + [-1] * filler]))
-        rows = self._staged_rows[:n]
-        rows.copy_(torch.tensor(self.tables.update(batch)))
+        staged[:, n * queries:] = torch.tensor([[0], [0], [-1]])  # the padding rows
+        staged[0, :n * queries] = torch.tensor(
+            [r.token_ids[0] for r in batch] if queries == 1 else
+            [t for r in batch
+             for t in [0] * (queries - 1 - len(r.draft_token_ids)) + r.token_ids[:1]
+             + r.draft_token_ids])
+        # a request's padding sits just before its real queries, never before position 0
+        staged[1, :n * queries] = (first.unsqueeze(1) - pads + column).clamp_(min=0).view(-1)
+        staged[2, :n * queries] = torch.where(column < pads, -1, 0).view(-1)
+        staged_rows = self._staged_rows[:n]
+        staged_rows.copy_(torch.tensor(rows))
         lens = self._staged_lens[:size]
-        lens.copy_(torch.tensor([r.num_computed_tokens + 1 + len(r.draft_token_ids)
-                                 for r in batch] + [1] * (size - n)))
+        lens[:n] = first + 1 + drafts
+        lens[n:] = 1
         self.input_ids[:count].copy_(staged[0], non_blocking=True)
         self.positions[:count].copy_(staged[1], non_blocking=True)
         self.slot_mapping[:count].copy_(staged[2], non_blocking=True)
         self.seq_lens[:size].copy_(lens, non_blocking=True)
-        self.rows[:n].copy_(rows, non_blocking=True)
-        torch.index_select(self.tables.table, 0, self.rows[:n], out=self.block_tables[:n])
+        self.rows[:n].copy_(staged_rows, non_blocking=True)
+        self._fence.mark()
+        tables = self.block_tables[:size]
+        torch.index_select(table.narrow(1, 0, tables.shape[1]), 0, self.rows[:n],
+                           out=tables[:n])
+        # The slots are looked up in the gathered rows on the device; a token staged -1
+        # (padding) keeps -1.
+        positions = self.positions[:count].view(size, queries)
+        looked_up = (tables.gather(1, positions // block_size).long() * block_size
+                     + positions % block_size).view(-1)
+        slots = self.slot_mapping[:count]
+        torch.where(slots < 0, slots, looked_up, out=slots)
 
     def metadata(self, size: int, queries: int, max_model_len: int) -> AttentionMetadata:
         """Views of the buffers for `size` requests of `queries` tokens; the host lists
@@ -229,22 +240,20 @@ class DecodeGraphs:
         return {r.req_id: row * queries + queries - 1 - len(r.draft_token_ids)
                 for row, r in enumerate(batch)}
 
-    def forget(self, req_ids: set[str]) -> None:
-        """Finished or preempted requests give up their block-table rows."""
-        self.buffers.tables.forget(req_ids)
-
-    def run(self, batch: list[ScheduledRequest], queries: int,
-            substitute: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+    def run(self, batch: list[ScheduledRequest], queries: int, table: torch.Tensor,
+            rows: list[int], substitute: Callable[[torch.Tensor], None] | None = None
+            ) -> torch.Tensor:
         """The logits of every row of the batch's requests through the graph of `queries`
         tokens per request (queries_of; query_starts says where each request's rows are),
         [len(batch) * queries, vocab]: a view of the graph's output, valid until the next
-        replay. substitute: puts the tokens a step in flight sampled in place of
-        placeholders (async scheduling) in the input ids."""
+        replay. table, rows: the persistent block tables and the requests' rows of it.
+        substitute: puts the tokens a step in flight sampled in place of placeholders
+        (async scheduling) in the input ids."""
         if self.stale:
             logger.info("CUDA graphs: the KV cache was bound again; capturing again")
             self.capture_all()
         size = padded_size(len(batch), self.sizes[queries])
-        self.buffers.fill(batch, size, queries, self.block_size)
+        self.buffers.fill(batch, size, queries, self.block_size, table, rows)
         if substitute is not None:
             substitute(self.buffers.input_ids)
         return self.graphs[size, queries]()[:len(batch) * queries]

@@ -26,6 +26,7 @@ from kvflow.sampling.sampler import (Sampler, SamplingBatch, SamplingRow, prepar
 from kvflow.structured_output.bitmask import MASK_GRACE_S, GrammarMasker
 from kvflow.spec_decode.proposer import Speculator
 from kvflow.worker.cuda_graphs import DecodeGraphs
+from kvflow.worker.persistent_batch import PersistentBlockTables
 
 
 class ModelRunner:
@@ -33,10 +34,11 @@ class ModelRunner:
                  num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device,
                  seed: int, speculator: Speculator | None = None,
                  batch_invariant: bool = False, kv_config: ModelConfig | None = None,
-                 graphs: DecodeGraphs | None = None) -> None:
+                 graphs: DecodeGraphs | None = None, max_model_len: int = 0) -> None:
         """kv_config: the model as this rank holds it, which sizes its KV cache (None:
         config, the whole model); graphs: decode steps to capture once the cache is bound,
-        and replay for the steps they take."""
+        and replay for the steps they take; max_model_len sizes the block-table rows (they
+        grow past it if need be)."""
         self.model = model
         self.config = config
         self.backend = backend
@@ -44,6 +46,9 @@ class ModelRunner:
         self.device = device
         self.kv_caches = bind_kv_cache(model, kv_config or config, backend, num_blocks,
                                        block_size, dtype, device)
+        # every running request's block table, kept on the device between steps
+        self.block_tables = PersistentBlockTables(max(1, -(-max_model_len // block_size)),
+                                                  device)
         self.graphs = graphs
         if graphs is not None:
             graphs.capture_all()
@@ -60,8 +65,7 @@ class ModelRunner:
 
     def forget(self, req_ids: set[str]) -> None:
         """Drop the state of finished requests."""
-        if self.graphs is not None:
-            self.graphs.forget(req_ids)
+        self.block_tables.forget(req_ids)
         for req_id in req_ids:
             self.generators.pop(req_id, None)
             self.draft_probs.pop(req_id, None)
@@ -88,19 +92,19 @@ class ModelRunner:
         # Shortest queries first: backends batch the short ones (decodes) in one call.
         if self.speculator is not None:
             self.speculator.drop_kv(scheduler_output.preempted_req_ids)
-        if self.graphs is not None:
-            self.graphs.forget(scheduler_output.preempted_req_ids)
+        self.block_tables.forget(scheduler_output.preempted_req_ids)
         batch = sorted(scheduler_output.scheduled,
                        key=lambda r: len(r.token_ids) + len(r.draft_token_ids))
         if not batch:
             return None
         to_sample = [r for r in batch if r.sample]
+        table_rows = self.block_tables.update(batch)
         queries = self.graphs.queries_of(batch) if self.graphs is not None else None
         graphed = queries is not None
         if graphed:
             query_starts = self.graphs.query_starts(batch, queries)
         else:
-            input_ids, meta, query_starts = self._prepare_inputs(batch)
+            input_ids, meta, query_starts = self._prepare_inputs(batch, table_rows)
         substitute = _placeholders(batch, query_starts, previous, self.device)
         rows = LogitRows.of(batch, to_sample, query_starts)
         # The grammars' masks depend only on tokens already accepted and on the drafts, so
@@ -108,7 +112,8 @@ class ModelRunner:
         # step waits for them a moment past it, and samples without those still computing.
         self.grammar_masker.start(to_sample)
         if graphed:
-            every_row = self.graphs.run(batch, queries, substitute)
+            every_row = self.graphs.run(batch, queries, self.block_tables.table, table_rows,
+                                        substitute)
             picked = (every_row if rows.positions == list(range(every_row.shape[0]))
                       else every_row[tensor_on(rows.positions, self.device, torch.int64)])
             logits: Callable[[], torch.Tensor] = lambda: picked  # noqa: E731
@@ -203,12 +208,13 @@ class ModelRunner:
                 self.noise_keys[request.req_id] = seed if seed is not None else int(
                     torch.randint(2**62, (1,), generator=self.sampler.generator))
 
-    def _prepare_inputs(self, batch: list[ScheduledRequest]
+    def _prepare_inputs(self, batch: list[ScheduledRequest], table_rows: list[int]
                         ) -> tuple[torch.Tensor, AttentionMetadata, dict[str, int]]:
         query_lens = [len(r.token_ids) + len(r.draft_token_ids) for r in batch]
+        block_tables = self.block_tables.gather(table_rows,
+                                                max(len(r.block_ids) for r in batch))
         meta = self.backend.build_metadata(query_lens, [r.num_computed_tokens for r in batch],
-                                           [r.block_ids for r in batch], self.block_size,
-                                           self.device)
+                                           block_tables, self.block_size, self.device)
         starts = itertools.accumulate(query_lens, initial=0)
         query_starts = {r.req_id: start for r, start in zip(batch, starts)}
         input_ids = tensor_on(
