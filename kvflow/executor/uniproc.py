@@ -8,10 +8,9 @@ import torch
 
 from kvflow.attention.base import AttentionBackend
 from kvflow.executor.base import Executor, ModelSpec, RunnerSettings
-from kvflow.layers.moe import FusedMoE
 from kvflow.models.config import ModelConfig
 from kvflow.spec_decode.proposer import Speculator
-from kvflow.worker.cuda_graphs import DecodeGraphs, cuda_capture
+from kvflow.worker.cuda_graphs import DecodeGraphs, cuda_capture, why_not_captured
 from kvflow.worker.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
@@ -38,10 +37,7 @@ class UniProcExecutor(Executor):
                 ) -> DecodeGraphs | None:
         if not settings.graph_sizes:
             return None
-        # An expert layer's routing sizes its work by the data, which a graph cannot hold.
-        why_not = ("the attention backend cannot be captured" if not backend.cuda_graphs
-                   else "expert layers route by the data" if any(
-                       isinstance(m, FusedMoE) for m in self._model.modules()) else None)
+        why_not = why_not_captured(self._model, backend)
         if why_not is not None:
             logger.info("CUDA graphs: off, %s", why_not)
             return None

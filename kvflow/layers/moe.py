@@ -11,7 +11,9 @@ files. Checkpoints hold experts one tensor per expert and projection (Qwen's
 stacked across experts (transformers' `mlp.experts.gate_up_proj`, llama.cpp's
 `ffn_gate_exps`); the parameters' loaders take both (see `expert_loader`), and quantize
 them where the method's format asks (int8 and int4: kvflow/quantization/experts.py). On
-the CPU every expert of a layer runs in one call of the native kernel (`ExpertPlan`).
+the CPU every expert of a layer runs in one call of the native kernel (`ExpertPlan`); on
+CUDA, in two launches of Triton's (kvflow/kernels/triton_ops/moe.py), which never read the
+routing back to the host, so that a CUDA graph can hold the layer.
 """
 from __future__ import annotations
 
@@ -363,8 +365,9 @@ class FusedMoE(nn.Module, NativeKernelHook):
         if top_k > 1:
             ids[:, 1] = 1 + torch.arange(tokens) % (self.num_experts - 1)
         weights = torch.rand(tokens, top_k, generator=generator)
-        dtype = next(p.dtype for p in self.parameters() if p.is_floating_point())
-        x = torch.randn(tokens, self.hidden_size, generator=generator).to(dtype)
+        parameter = next(p for p in self.parameters() if p.is_floating_point())
+        x = torch.randn(tokens, self.hidden_size, generator=generator).to(parameter.dtype)
+        x, weights, ids = (t.to(parameter.device) for t in (x, weights, ids))
         expected = self(x, weights, ids).float()
         try:
             for gemv_max_rows in (sys.maxsize, 0):
@@ -376,12 +379,19 @@ class FusedMoE(nn.Module, NativeKernelHook):
                     logger.warning("the native expert kernel disagrees with the PyTorch path "
                                    "on %s (max error %.3g); it is not used", self.prefix, error)
                     return False
-        except RuntimeError as exc:
+        except Exception as exc:  # noqa: BLE001 - a kernel that cannot run is not used
             logger.warning("native expert kernel unavailable for %s: %s", self.prefix, exc)
             return False
         finally:
             self.plan = None
         return True
+
+    @property
+    def routes_on_device(self) -> bool:
+        """Whether this layer runs without reading its routing back to the host, as a CUDA
+        graph needs (its PyTorch path visits only the experts that have rows)."""
+        return self.plan is not None and getattr(self.plan.ops, "EXPERTS_ROUTE_ON_DEVICE",
+                                                 False)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """x [tokens, hidden]; weights, ids [tokens, top_k] from the router."""

@@ -26,8 +26,10 @@ import torch
 from kvflow.attention.metadata import AttentionMetadata
 from kvflow.core.block_pool import NULL_BLOCK
 from kvflow.host_copy import CopyFence
+from kvflow.layers.moe import FusedMoE
 
 if TYPE_CHECKING:
+    from kvflow.attention.base import AttentionBackend
     from kvflow.models.blocks import CausalLM
     from kvflow.outputs import ScheduledRequest
 
@@ -60,6 +62,17 @@ def capture_sizes(max_num_seqs: int, sizes: list[int] | None = None,
         # and the top itself, so that every batch up to it has a graph
         sizes = [1, 2, 4] + list(range(8, top + 1, 8)) + [top]
     return sorted({size for size in sizes if size <= limit})
+
+
+def why_not_captured(model: CausalLM, backend: AttentionBackend) -> str | None:
+    """Why this model's steps cannot be captured (None: they can)."""
+    if not backend.cuda_graphs:
+        return "the attention backend cannot be captured"
+    # An expert layer that reads its routing back to the host sizes its work by the data,
+    # which a graph cannot hold.
+    if any(isinstance(m, FusedMoE) and not m.routes_on_device for m in model.modules()):
+        return "expert layers read their routing on the host"
+    return None
 
 
 def padded_size(num_reqs: int, sizes: list[int]) -> int | None:
