@@ -27,7 +27,7 @@ DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" 
 
 
 def glue():
-    from kvflow.kernels.triton_ops import glue as module
+    from kvflow.kernels.triton_ops import cuda_ops as module
 
     return module
 
@@ -108,15 +108,15 @@ def test_rotary_in_place_on_strided_views(head_dim, rotary_dim, dtype):
 
 
 def test_layers_without_a_glue_kernel_stay_eager(caplog):
-    """Triton's glue has no expert kernel and no GELU one: those layers are never offered
-    it, and the log names them."""
+    """Triton's glue has no GELU kernel: that layer is never offered it, and the log names
+    it. The experts take Triton's expert kernel (tests/test_triton_moe.py)."""
     experts = FusedMoE(4, 32, 16, SiluAndMul())
     model = nn.ModuleList([RMSNorm(32, 1e-6), GeluTanhAndMul(), experts])
     with caplog.at_level("INFO"):
         attach_glue(model, glue())
     assert model[0].native is glue()
-    assert experts.plan is None
-    assert "FusedMoE" in caplog.text and "GeluTanhAndMul" in caplog.text
+    assert experts.plan is not None and experts.plan.ops is glue()
+    assert "FusedMoE" not in caplog.text and "GeluTanhAndMul" in caplog.text
 
 
 def test_glue_runs_on_cuda_only_and_not_eager():

@@ -1,4 +1,4 @@
-"""kvflow's Triton kernels: the CUDA path's attention and glue.
+"""kvflow's Triton kernels: the CUDA path's attention, glue and experts.
 
 They compile for the GPU, and run on the CPU under Triton's interpreter
 (`TRITON_INTERPRET=1`, read when a kernel module is first imported), which is how CI, with
@@ -35,10 +35,11 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype | None = None) -
 
 
 def glue_ops(device: torch.device, dtype: torch.dtype, enforce_eager: bool) -> ModuleType | None:
-    """CUDA's glue kernels (RMSNorm, SiLU-and-mul, RoPE) where they run: a CUDA device,
-    triton installed, no enforce_eager. The CPU has its native kernels instead."""
+    """CUDA's glue kernels (RMSNorm, SiLU-and-mul, RoPE, the experts) where they run: a
+    CUDA device, triton installed, no enforce_eager. The CPU has its native kernels
+    instead."""
     if enforce_eager or device.type != "cuda" or unavailable_reason(device, dtype):
         return None
-    from kvflow.kernels.triton_ops import glue
+    from kvflow.kernels.triton_ops import cuda_ops
 
-    return glue
+    return cuda_ops
