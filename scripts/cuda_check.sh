@@ -24,7 +24,8 @@ python3 -m kvflow.kernels >"$out/kernels.log" 2>&1 || echo "native kernel build 
 
 timeout "${CUDA_CHECK_CUDA_TESTS_SECONDS:-150}" python3 -m pytest -q -rfE -p no:cacheprovider \
     tests/test_triton_attention.py tests/test_triton_glue.py tests/test_triton_quantized.py \
-    tests/test_cuda_graphs.py >"$out/cuda-tests.log" 2>&1
+    tests/test_triton_moe.py tests/test_cuda_graphs.py tests/test_persistent_batch.py \
+    >"$out/cuda-tests.log" 2>&1
 echo "cuda tests: exit $?"
 grep -E "FAILED|ERROR|passed|failed" "$out/cuda-tests.log" | tail -20
 
