@@ -123,6 +123,21 @@ def test_rotary_matches_eager_on_fused_qkv_views(ops, dtype):
     assert torch.equal(native_qkv[:, v_start:], qkv[:, v_start:])
 
 
+@pytest.mark.parametrize("bad", [-1, 64, 10**12])
+def test_positions_and_slots_out_of_range_are_refused(ops, bad):
+    """Checked in one pass over the values (not min() and max()), at either end: a
+    position past the cos/sin cache, a slot past the KV cache, a negative one."""
+    cos = torch.ones(64, 32)
+    q, k = torch.zeros(3, 4, 32), torch.zeros(3, 2, 32)
+    with pytest.raises(RuntimeError, match="beyond the cos/sin cache"):
+        ops.rotary_embedding(torch.tensor([0, bad, 5]), q, k, cos, cos)
+    ops.rotary_embedding(torch.tensor([0, 63, 5]), q, k, cos, cos)
+    k_cache, v_cache = torch.zeros(4, 2, 32, 16), torch.zeros(4, 2, 16, 32)
+    with pytest.raises(RuntimeError, match="slot out of range"):
+        ops.write_kv(k_cache, v_cache, k, k, torch.tensor([3, 2, bad]))
+    ops.write_kv(k_cache, v_cache, k, k, torch.tensor([3, 2, 63]))
+
+
 def test_native_and_eager_engines_agree_in_bfloat16(checkpoint):
     """Whole-model bf16: the native path's prompt logprobs stay within bf16 rounding of the
     eager path's, and enforce_eager really turns every native kernel off."""
