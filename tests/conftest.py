@@ -187,6 +187,14 @@ def generate_greedy(path, prompts: list[list[int]], params, **options):  # noqa:
     return llm, [o.outputs[0].token_ids for o in outputs]
 
 
+def without_decode_graphs(llm):  # noqa: ANN001, ANN201
+    """The engine's decode steps run through the model's Python again, for tests that
+    watch or change a layer during decode: a captured step replays its kernel calls as
+    recorded (kvflow/worker/cpu_graphs.py), past hooks and later changes."""
+    llm.engine.executor.runner.graphs = None
+    return llm
+
+
 def assert_no_leak(llm) -> None:  # noqa: ANN001
     """Every block back in the pool, and the pool's bookkeeping whole."""
     pool = llm.engine.kv_manager.pool

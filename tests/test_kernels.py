@@ -123,10 +123,11 @@ def test_rotary_matches_eager_on_fused_qkv_views(ops, dtype):
     assert torch.equal(native_qkv[:, v_start:], qkv[:, v_start:])
 
 
-@pytest.mark.parametrize("bad", [-1, 64, 10**12])
+@pytest.mark.parametrize("bad", [-2, 64, 10**12])
 def test_positions_and_slots_out_of_range_are_refused(ops, bad):
     """Checked in one pass over the values (not min() and max()), at either end: a
-    position past the cos/sin cache, a slot past the KV cache, a negative one."""
+    position past the cos/sin cache, a slot past the KV cache, a negative one (but -1, a
+    padding token's slot, which writes nothing)."""
     cos = torch.ones(64, 32)
     q, k = torch.zeros(3, 4, 32), torch.zeros(3, 2, 32)
     with pytest.raises(RuntimeError, match="beyond the cos/sin cache"):
@@ -135,7 +136,10 @@ def test_positions_and_slots_out_of_range_are_refused(ops, bad):
     k_cache, v_cache = torch.zeros(4, 2, 32, 16), torch.zeros(4, 2, 16, 32)
     with pytest.raises(RuntimeError, match="slot out of range"):
         ops.write_kv(k_cache, v_cache, k, k, torch.tensor([3, 2, bad]))
-    ops.write_kv(k_cache, v_cache, k, k, torch.tensor([3, 2, 63]))
+    k = torch.randn(3, 2, 32)
+    ops.write_kv(k_cache, v_cache, k, k, torch.tensor([3, -1, 63]))
+    assert torch.equal(v_cache[0, :, 3], k[0]) and torch.equal(v_cache[3, :, 15], k[2])
+    assert int((v_cache != 0).any(-1).sum()) == 2 * 2  # two tokens' two heads, no more
 
 
 def test_native_and_eager_engines_agree_in_bfloat16(checkpoint):

@@ -125,11 +125,12 @@ def test_moe_model_on_triton_experts_replays_graphs_and_matches_transformers(
               enforce_eager=True, attention_backend="triton", max_num_seqs=4)
     runner = llm.engine.executor.runner
     model = runner.model
-    assert why_not_captured(model, runner.backend) == \
+    cuda = torch.device("cuda")  # the rule graphs on CUDA follow
+    assert why_not_captured(model, runner.backend, cuda) == \
         "expert layers read their routing on the host"  # the PyTorch path's loop
     attach_glue(model, cuda_ops())
     assert all(m.routes_on_device for m in model.modules() if isinstance(m, FusedMoE))
-    assert why_not_captured(model, runner.backend) is None
+    assert why_not_captured(model, runner.backend, cuda) is None
     capture = CountingCapture()
     runner.graphs = DecodeGraphs(model, [1, 2, 4], runner.block_size, llm.engine.max_model_len,
                                  runner.device, capture)

@@ -26,9 +26,10 @@ class AttentionBackend(ABC):
     name: ClassVar[str]
     # Requests with at most this many query tokens are batched into one call.
     max_batched_query_len: ClassVar[int] = 16
-    # A decode step through this backend can be captured in a CUDA graph: no host sync,
-    # no host-to-device copy and no shape that depends on the data in it.
-    cuda_graphs: ClassVar[bool] = False
+    # A decode step through this backend can be captured (a CUDA graph, or the CPU's
+    # recorded kernel calls): it reads the step only through the metadata's tensors, with
+    # no host sync, no host-to-device copy and no shape that depends on the data in it.
+    capturable: ClassVar[bool] = False
 
     @staticmethod
     def kv_cache_shapes(num_blocks: int, num_kv_heads: int, block_size: int,

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
 class CpuNativeBackend(AttentionBackend):
     name = "cpu"
+    capturable = True  # one kernel call over the metadata's tensors (cpu_graphs.py)
 
     def __init__(self, ops: ModuleType, batch_invariant: bool = False) -> None:
         self.ops = ops

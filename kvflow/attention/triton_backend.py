@@ -26,7 +26,7 @@ MAX_SPLITS = 16
 
 class TritonBackend(AttentionBackend):
     name = "triton"
-    cuda_graphs = True
+    capturable = True
 
     def __init__(self, device: torch.device, batch_invariant: bool = False) -> None:
         # Imported here: Triton reads TRITON_INTERPRET when the kernels are defined.

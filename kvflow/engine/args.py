@@ -44,10 +44,12 @@ _FLAG_HELP = {
                        "native kernels, each row reduced in one fixed order; see the README "
                        "for its cost)",
     "num_threads": "CPU threads (default: one per physical core, or OMP_NUM_THREADS)",
-    "cuda_graph_sizes": "on CUDA, the decode batch sizes captured in CUDA graphs: one value "
-                        "N for 1, 2, 4, 8, 16, ... up to N, several for those sizes "
-                        "(default: up to min(max_num_seqs, 512))",
-    "max_cudagraph_capture_size": "on CUDA, the largest decode batch captured (default 512)",
+    "cuda_graph_sizes": "the decode batch sizes captured (CUDA graphs on CUDA, the native "
+                        "kernels' recorded calls on the CPU): one value N for 1, 2, 4, 8, "
+                        "16, ... up to N, several for those sizes (default: up to "
+                        "min(max_num_seqs, 512) on CUDA, 16 on the CPU)",
+    "max_cudagraph_capture_size": "the largest decode batch captured (default 512 on CUDA, "
+                                  "16 on the CPU)",
     "async_scheduling": "form and submit each step while the one before it runs, its "
                         "requests' new tokens read on the device (steps whose requests use "
                         "penalties, bad words, logprobs, structured output or speculation "

@@ -30,6 +30,7 @@ from kvflow.request import Request, RequestStatus
 from kvflow.sampling_params import SamplingParams
 from kvflow.spec_decode.builder import build_speculator
 from kvflow.tokenizer.loader import load_tokenizer
+from kvflow.worker.cpu_graphs import CPU_MAX_CAPTURE_SIZE
 from kvflow.worker.cuda_graphs import capture_sizes
 from kvflow.worker.kv_cache import default_kv_cache_memory, num_blocks_for
 from kvflow.worker.model_runner import ModelRunner, StepInFlight
@@ -157,9 +158,14 @@ class LLMEngine:
         if args.speculative_config is not None:
             speculator = build_speculator(args.speculative_config, self, num_blocks, backend)
             logger.info("speculative decoding: %s", args.speculative_config)
-        graph_sizes = (capture_sizes(args.max_num_seqs, args.cuda_graph_sizes,
-                                     args.max_cudagraph_capture_size)
-                       if self.device.type == "cuda" and not args.enforce_eager else [])
+        # Decode steps captured: CUDA graphs on CUDA, the native kernels' recorded calls on
+        # the CPU (smaller batches there: a step's Python costs the same at any size).
+        graph_sizes = [] if args.enforce_eager else (
+            capture_sizes(args.max_num_seqs, args.cuda_graph_sizes,
+                          args.max_cudagraph_capture_size) if self.device.type == "cuda"
+            else capture_sizes(args.max_num_seqs, args.cuda_graph_sizes,
+                               args.max_cudagraph_capture_size or CPU_MAX_CAPTURE_SIZE)
+            if native_ops is not None else [])
         self.executor.initialize(
             RunnerSettings(num_blocks, args.block_size, args.seed, args.batch_invariant,
                            tuple(graph_sizes), max_model_len, self.num_speculative_tokens),

@@ -7,9 +7,11 @@ import logging
 import torch
 
 from kvflow.attention.base import AttentionBackend
+from kvflow.attention.cpu import CpuNativeBackend
 from kvflow.executor.base import Executor, ModelSpec, RunnerSettings
 from kvflow.models.config import ModelConfig
 from kvflow.spec_decode.proposer import Speculator
+from kvflow.worker.cpu_graphs import cpu_capture
 from kvflow.worker.cuda_graphs import DecodeGraphs, cuda_capture, why_not_captured
 from kvflow.worker.model_runner import ModelRunner
 
@@ -37,10 +39,15 @@ class UniProcExecutor(Executor):
                 ) -> DecodeGraphs | None:
         if not settings.graph_sizes:
             return None
-        why_not = why_not_captured(self._model, backend)
+        device = self.spec.device
+        why_not = why_not_captured(self._model, backend, device)
+        if why_not is None and device.type != "cuda" and not isinstance(backend,
+                                                                         CpuNativeBackend):
+            why_not = "on the CPU only the native kernels' calls are recorded"
         if why_not is not None:
-            logger.info("CUDA graphs: off, %s", why_not)
+            logger.info("decode graphs: off, %s", why_not)
             return None
+        capture = (cuda_capture(torch.cuda.graph_pool_handle()) if device.type == "cuda"
+                   else cpu_capture(backend.ops))
         return DecodeGraphs(self._model, list(settings.graph_sizes), settings.block_size,
-                            settings.max_model_len, self.spec.device,
-                            cuda_capture(torch.cuda.graph_pool_handle()), settings.num_drafts)
+                            settings.max_model_len, device, capture, settings.num_drafts)

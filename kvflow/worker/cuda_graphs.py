@@ -64,13 +64,17 @@ def capture_sizes(max_num_seqs: int, sizes: list[int] | None = None,
     return sorted({size for size in sizes if size <= limit})
 
 
-def why_not_captured(model: CausalLM, backend: AttentionBackend) -> str | None:
-    """Why this model's steps cannot be captured (None: they can)."""
-    if not backend.cuda_graphs:
+def why_not_captured(model: CausalLM, backend: AttentionBackend,
+                     device: torch.device) -> str | None:
+    """Why this model's steps cannot be captured on `device` (None: they can)."""
+    if not backend.capturable:
         return "the attention backend cannot be captured"
     # An expert layer that reads its routing back to the host sizes its work by the data,
-    # which a graph cannot hold.
-    if any(isinstance(m, FusedMoE) and not m.routes_on_device for m in model.modules()):
+    # which a capture cannot hold. On the CPU the native kernel routes inside its call;
+    # on CUDA only Triton's routes on the device (experts kept on the host do not).
+    experts = [m for m in model.modules() if isinstance(m, FusedMoE)]
+    if any(not m.routes_on_device if device.type == "cuda" else m.plan is None
+           for m in experts):
         return "expert layers read their routing on the host"
     return None
 
@@ -223,7 +227,7 @@ class DecodeGraphs:
                     lambda input_ids=input_ids, meta=meta: self.model.compute_logits(
                         self.model(input_ids, meta)))
         self._captured_cache = self._cache_address()
-        logger.info("CUDA graphs: batch sizes %s captured in %.1f s", ", ".join(
+        logger.info("decode graphs: batch sizes %s captured in %.1f s", ", ".join(
             f"{sizes[0]}-{sizes[-1]} of {queries} token{'s' if queries > 1 else ''}"
             for queries, sizes in self.sizes.items()), time.perf_counter() - start)
 
@@ -263,7 +267,7 @@ class DecodeGraphs:
         substitute: puts the tokens a step in flight sampled in place of placeholders
         (async scheduling) in the input ids."""
         if self.stale:
-            logger.info("CUDA graphs: the KV cache was bound again; capturing again")
+            logger.info("decode graphs: the KV cache was bound again; capturing again")
             self.capture_all()
         size = padded_size(len(batch), self.sizes[queries])
         self.buffers.fill(batch, size, queries, self.block_size, table, rows)

@@ -6,6 +6,7 @@ logits and the per-request random generators. What goes back is plain lists.
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,8 +26,11 @@ from kvflow.sampling.sampler import (Sampler, SamplingBatch, SamplingRow, prepar
                                      sampling_rows, token_logprobs)
 from kvflow.structured_output.bitmask import MASK_GRACE_S, GrammarMasker
 from kvflow.spec_decode.proposer import Speculator
+from kvflow.worker.cpu_graphs import NotCapturable
 from kvflow.worker.cuda_graphs import DecodeGraphs
 from kvflow.worker.persistent_batch import PersistentBlockTables
+
+logger = logging.getLogger(__name__)
 
 
 class ModelRunner:
@@ -51,7 +55,11 @@ class ModelRunner:
                                                   device)
         self.graphs = graphs
         if graphs is not None:
-            graphs.capture_all()
+            try:
+                graphs.capture_all()
+            except NotCapturable as exc:
+                logger.warning("decode graphs: off, %s", exc)
+                self.graphs = None
         self.sampler = Sampler(torch.Generator(device).manual_seed(seed))
         self.rejection_sampler = RejectionSampler(self.sampler)
         self.speculator = speculator

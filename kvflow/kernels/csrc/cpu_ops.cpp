@@ -29,13 +29,13 @@ namespace {
 
 using at::BFloat16;
 
-// Whether every value of a contiguous int64 tensor lies in [0, bound): one pass over the
-// data, where min() and max() dispatch two ATen reductions and two reads back, some 15 us
-// a layer on a decode step's one token.
-bool all_in_range(const torch::Tensor& values, int64_t bound) {
+// Whether every value of a contiguous int64 tensor lies in [low, bound): one pass over
+// the data, where min() and max() dispatch two ATen reductions and two reads back, some
+// 15 us a layer on a decode step's one token.
+bool all_in_range(const torch::Tensor& values, int64_t bound, int64_t low = 0) {
   const int64_t* p = values.data_ptr<int64_t>();
   for (int64_t i = 0, n = values.numel(); i < n; ++i)
-    if (p[i] < 0 || p[i] >= bound) return false;
+    if (p[i] < low || p[i] >= bound) return false;
   return true;
 }
 
@@ -1453,6 +1453,7 @@ void write_kv_impl(T* kc, T* vc, const T* k, const T* v, const int64_t* slot, in
                    int64_t heads, int64_t dim, int64_t block_size) {
   at::parallel_for(0, tokens, 64, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
+      if (slot[t] < 0) continue;  // a padding token of a captured step: written nowhere
       const int64_t block = slot[t] / block_size, offset = slot[t] % block_size;
       for (int64_t h = 0; h < heads; ++h) {
         const int64_t head_base = (block * heads + h) * block_size * dim;
@@ -1481,7 +1482,8 @@ void write_kv(torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor k, tor
   v = v.contiguous();
   auto slots = slot_mapping.to(at::kLong).contiguous();
   TORCH_CHECK(slots.numel() == k.size(0), "write_kv: one slot per token");
-  TORCH_CHECK(all_in_range(slots, v_cache.size(0) * block_size), "write_kv: slot out of range");
+  TORCH_CHECK(all_in_range(slots, v_cache.size(0) * block_size, -1),
+              "write_kv: slot out of range (-1: a padding token, written nowhere)");
   dispatch_float_or_bf16(k.scalar_type(), "write_kv", [&](auto tag) {
     using T = decltype(tag);
     write_kv_impl<T>(k_cache.data_ptr<T>(), v_cache.data_ptr<T>(), k.data_ptr<T>(),

@@ -1,0 +1,152 @@
+"""Decode steps on the CPU replayed as a list of recorded kernel calls: the CPU's CUDA graph.
+
+A decode step of a small model on two cores spends a fifth of its time between kernels:
+the forward pass's Python (some 290 module calls), the dispatcher and small tensor
+operations, about 13 us per native kernel call on a Zen 4 (docs/benchmarks.md). The
+kernels themselves read every input through a tensor, so once a step has been run over
+static buffers (cuda_graphs.DecodeBuffers), running the same kernel calls on the same
+tensors again computes the next step: no Python in between.
+
+`cpu_capture` runs the forward pass once and records, in order, every call into the
+native kernel module and every ATen operation that computes data outside those calls (a
+TorchDispatchMode sees them; views and allocations are not work). Replaying calls each
+again; a call that returned a fresh tensor has its result copied into the one recorded,
+which the later calls read. A step that reads a tensor's value on the host (`item()`),
+or makes a tensor from host data, could do something else on the next step's values: it
+is refused at capture (`NotCapturable`), and the engine runs eagerly.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from types import ModuleType
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from kvflow.worker.cuda_graphs import Capture, Replay
+
+logger = logging.getLogger(__name__)
+
+# The largest decode batch captured on the CPU by default: past it a step's Python is a
+# small share of its work, and each size captured costs a forward pass at start-up.
+CPU_MAX_CAPTURE_SIZE = 16
+
+# ATen operations that make no data worth recording: fresh memory, or a view of a tensor
+# the replay keeps (its storage is checked as well, for the views not named here).
+_NO_WORK = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided",
+            "detach", "alias"}
+# Operations whose result depends on something a replay would not recompute: a value read
+# on the host, a tensor made from host data (torch.tensor), a shape set by the data.
+_HOST_READS = {"_local_scalar_dense", "item", "lift_fresh", "lift_fresh_copy", "equal",
+               "is_nonzero", "nonzero", "unique", "_unique2", "masked_select"}
+
+
+class NotCapturable(RuntimeError):
+    """The step does work a replay of its kernel calls cannot repeat."""
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    return [leaf for leaf in tree_flatten(value)[0] if isinstance(leaf, torch.Tensor)]
+
+
+def _storage(tensor: torch.Tensor) -> int | None:
+    """Where a tensor's storage starts; None for an opaque one (oneDNN's prepacked
+    weights), which is never a step's output."""
+    try:
+        return tensor.untyped_storage().data_ptr()
+    except (NotImplementedError, RuntimeError):
+        return None
+
+
+def _storages(value: Any) -> set[int]:
+    return {_storage(t) for t in _tensors(value)} - {None}
+
+
+class _Call:
+    """One recorded call: the function, its arguments, and the tensors it returned fresh
+    (None where it wrote in place or returned a view of an argument)."""
+
+    __slots__ = ("fn", "args", "kwargs", "outputs")
+
+    def __init__(self, fn: Callable, args: tuple, kwargs: dict, result: Any) -> None:
+        self.fn, self.args, self.kwargs = fn, args, kwargs
+        fresh = _tensors(result)
+        inputs = _storages((args, kwargs))
+        self.outputs = (None if not fresh or any(_storage(t) in inputs for t in fresh)
+                        else fresh)
+
+    def __call__(self) -> None:
+        result = self.fn(*self.args, **self.kwargs)
+        if self.outputs is not None:
+            for recorded, new in zip(self.outputs, _tensors(result), strict=True):
+                recorded.copy_(new)
+
+
+class _Recorder(TorchDispatchMode):
+    """Records the ATen operations that compute data outside the native kernels' calls."""
+
+    def __init__(self, calls: list[_Call]) -> None:
+        super().__init__()
+        self.calls = calls
+        self.inside_native = 0  # a native kernel's own ATen calls are its business
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        result = func(*args, **kwargs)
+        if self.inside_native:
+            return result
+        name = func.overloadpacket.__name__
+        if name in _HOST_READS:
+            raise NotCapturable(f"the step reads a tensor on the host (aten.{name})")
+        if name in _NO_WORK or func.is_view:
+            return result
+        self.calls.append(_Call(func, args, kwargs, result))
+        return result
+
+
+def _wrapped(ops: ModuleType, recorder: _Recorder) -> dict[str, Callable]:
+    """Each public function of the native module, recording its calls."""
+    originals = {name: getattr(ops, name) for name in dir(ops)
+                 if not name.startswith("_") and callable(getattr(ops, name))}
+    for name, fn in originals.items():
+        def record(*args, _fn=fn, **kwargs):
+            recorder.inside_native += 1
+            try:
+                result = _fn(*args, **kwargs)
+            finally:
+                recorder.inside_native -= 1
+            if not recorder.inside_native:
+                recorder.calls.append(_Call(_fn, args, kwargs, result))
+            return result
+
+        setattr(ops, name, functools.wraps(fn)(record))
+    return originals
+
+
+def cpu_capture(ops: ModuleType) -> Capture:
+    """A Capture (cuda_graphs.py) for models whose kernels come from `ops`, the native
+    module: the forward pass run once, recorded, and replayed as its calls."""
+
+    def capture(forward: Replay) -> Replay:
+        calls: list[_Call] = []
+        recorder = _Recorder(calls)
+        originals = _wrapped(ops, recorder)
+        try:
+            with recorder:
+                output = forward()
+        finally:
+            for name, fn in originals.items():
+                setattr(ops, name, fn)
+
+        def replay() -> torch.Tensor:
+            for call in calls:
+                call()
+            return output
+
+        return replay
+
+    return capture

@@ -1,0 +1,119 @@
+"""The CPU's captured decode steps (kvflow/worker/cpu_graphs.py): a forward pass recorded
+as its native kernel calls and the ATen operations between them, replayed on new inputs;
+what cannot be replayed refused at capture; engines whose decode steps replay them, token
+for token with the same engines stepping through Python, and with transformers."""
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+from conftest import (assert_greedy_matches, hf_greedy, random_prompts,
+                      without_decode_graphs)
+from kvflow import LLM, SamplingParams
+from kvflow.worker.cpu_graphs import NotCapturable, cpu_capture
+
+
+def fake_ops():
+    """A kernel module of two functions: one writes its output in place, one returns a
+    fresh tensor (as the native GEMVs do)."""
+    module = types.ModuleType("fake_ops")
+
+    def scale_into(out, x, factor):
+        torch.mul(x, factor, out=out)
+
+    def plus_one(x):
+        return x + 1
+
+    module.scale_into, module.plus_one = scale_into, plus_one
+    return module
+
+
+def test_replay_reads_new_inputs_through_every_recorded_call():
+    ops = fake_ops()
+    x = torch.tensor([1.0, 2.0])
+    out = torch.empty(2)
+
+    def forward():
+        ops.scale_into(out, x, 3.0)  # in place
+        y = ops.plus_one(out)  # a fresh tensor, copied into the recorded one at replay
+        return (y * 2).view(2)  # an ATen operation between the calls, and a view
+
+    replay = cpu_capture(ops)(forward)
+    assert ops.scale_into.__name__ == "scale_into" and not hasattr(ops.scale_into,
+                                                                   "__wrapped__")
+    x.copy_(torch.tensor([5.0, -1.0]))
+    result = replay()
+    assert result.tolist() == [(5 * 3 + 1) * 2, (-1 * 3 + 1) * 2]
+    assert replay() is result  # the recorded output, written again
+
+
+@pytest.mark.parametrize("read", [
+    lambda x: x.sum().item(),  # a value read on the host
+    lambda x: x + torch.tensor([1.0, 2.0]),  # a tensor made from host data
+    lambda x: x.nonzero(),  # a shape set by the data
+], ids=["item", "tensor", "nonzero"])
+def test_steps_a_replay_could_not_repeat_are_refused(read):
+    ops = fake_ops()
+    x = torch.ones(2)
+    with pytest.raises(NotCapturable):
+        cpu_capture(ops)(lambda: read(ops.plus_one(x)))
+    assert not hasattr(ops.plus_one, "__wrapped__")  # the module is given back
+
+
+def steps_through_python(llm) -> list[int]:
+    """How many times the first decoder layer runs in Python from now on."""
+    calls = []
+    llm.engine.executor.runner.model.model.layers[0].register_forward_pre_hook(
+        lambda *_: calls.append(1))
+    return calls
+
+
+def test_decode_steps_replay_recorded_kernels_and_match_python_and_transformers(
+        checkpoint, hf_model):
+    """Five requests of different lengths: steps of 5 and 3 requests are padded to the
+    graphs of 8 and 4, whose padding writes no KV; the decode steps never run the model's
+    Python, and the tokens are those of the same engine stepping through it."""
+    path = checkpoint("llama-gqa")
+    prompts = random_prompts(5, seed=11)
+    lengths = [12, 9, 12, 6, 12]
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in lengths]
+    requests = [{"prompt_token_ids": p} for p in prompts]
+    llm = LLM(str(path), dtype="float32", device="cpu", kv_cache_memory="8MiB")
+    graphs = llm.engine.executor.runner.graphs
+    assert graphs is not None and graphs.sizes[1] == [1, 2, 4, 8, 16]
+    python_steps = steps_through_python(llm)
+    outputs = llm.generate(requests, params, use_tqdm=False)
+    tokens = [o.outputs[0].token_ids for o in outputs]
+    assert len(python_steps) <= 2  # the prefills; every decode step replayed
+    eager = without_decode_graphs(
+        LLM(str(path), dtype="float32", device="cpu", kv_cache_memory="8MiB"))
+    python_steps = steps_through_python(eager)
+    expected = [o.outputs[0].token_ids for o in eager.generate(requests, params,
+                                                                 use_tqdm=False)]
+    assert len(python_steps) >= max(lengths) - 1
+    assert tokens == expected
+    for output, prompt, n in zip(tokens, prompts, lengths):
+        assert_greedy_matches([output], [hf_greedy(hf_model(path), prompt, n)], n)
+
+
+def test_enforce_eager_and_a_refused_capture_run_without_graphs(checkpoint, caplog,
+                                                                 monkeypatch):
+    path = checkpoint("llama-gqa")
+    llm = LLM(str(path), dtype="float32", device="cpu", kv_cache_memory="8MiB",
+              enforce_eager=True)
+    assert llm.engine.executor.runner.graphs is None
+
+    def refuse(self):
+        raise NotCapturable("the step reads a tensor on the host (aten.item)")
+
+    monkeypatch.setattr("kvflow.worker.cuda_graphs.DecodeGraphs.capture_all", refuse)
+    with caplog.at_level("WARNING"):
+        llm = LLM(str(path), dtype="float32", device="cpu", kv_cache_memory="8MiB")
+    assert llm.engine.executor.runner.graphs is None
+    assert "decode graphs: off, the step reads a tensor on the host" in caplog.text
+    out = llm.generate([{"prompt_token_ids": [5, 6, 7]}],
+                       SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True),
+                       use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 4
