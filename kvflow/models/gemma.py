@@ -137,7 +137,10 @@ class GemmaModel(nn.Module):
                  quant_config: QuantizationConfig | None) -> None:
         super().__init__()
         self.embed_tokens = embedding(config)
-        self.embed_scale = config.hidden_size ** 0.5
+        # The scale rounded to the model's dtype first, as Gemma's reference code does; a
+        # buffer, so that a step makes no tensor from host data (a captured step could not).
+        self.register_buffer("embed_scale", torch.tensor(config.hidden_size ** 0.5),
+                             persistent=False)
         rotaries = rotary_embeddings(config, max_positions)
         self.layers = decoder_layers(config, lambda i: GemmaDecoderLayer(
             config, i, rotaries[i], quant_config))
@@ -149,9 +152,7 @@ class GemmaModel(nn.Module):
         if carry is not None:
             return run_decoder(self.layers, self.norm, carry, meta)
         x = self.embed_tokens(input_ids)
-        # The scale rounded to the model's dtype first, as Gemma's reference code does.
-        return run_decoder(self.layers, self.norm,
-                           x * torch.tensor(self.embed_scale, dtype=x.dtype), meta)
+        return run_decoder(self.layers, self.norm, x * self.embed_scale.to(x.dtype), meta)
 
 
 class GemmaForCausalLM(CausalLM):
