@@ -56,17 +56,24 @@ def align(ids: torch.Tensor, num_experts: int, block_m: int
 
 
 @triton.jit
+def _block_rows(rows, block_experts, num_choices, BLOCK_M: tl.constexpr):
+    """This program's block: its expert (-1 past the last block), its padded rows, the
+    choice each holds and which hold one."""
+    block = tl.program_id(0)
+    expert = tl.load(block_experts + block).to(tl.int64)
+    offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
+    choice = tl.load(rows + offs_m)
+    return expert, offs_m, choice, choice < num_choices
+
+
+@triton.jit
 def _gate_up_kernel(out, x, w, bias, rows, block_experts, num_choices, top_k, hidden, inner,
                     alpha, limit, ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr,
                     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_K: tl.constexpr):
-    block = tl.program_id(0)
-    expert = tl.load(block_experts + block).to(tl.int64)
+    expert, offs_m, choice, valid = _block_rows(rows, block_experts, num_choices, BLOCK_M)
     if expert < 0:
         return
-    offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
-    choice = tl.load(rows + offs_m)
-    valid = choice < num_choices
     token = tl.where(valid, choice // top_k, 0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < inner
@@ -109,13 +116,9 @@ def _gate_up_kernel(out, x, w, bias, rows, block_experts, num_choices, top_k, hi
 def _down_kernel(out, h, w, bias, rows, block_experts, num_choices, hidden, inner,
                  HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    block = tl.program_id(0)
-    expert = tl.load(block_experts + block).to(tl.int64)
+    expert, offs_m, choice, valid = _block_rows(rows, block_experts, num_choices, BLOCK_M)
     if expert < 0:
         return
-    offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
-    choice = tl.load(rows + offs_m)
-    valid = choice < num_choices
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < hidden
     w_rows = w + expert * hidden * inner + offs_n.to(tl.int64) * inner
