@@ -4,6 +4,7 @@ what cannot be replayed refused at capture; engines whose decode steps replay th
 for token with the same engines stepping through Python, and with transformers."""
 from __future__ import annotations
 
+import threading
 import types
 
 import pytest
@@ -47,6 +48,28 @@ def test_replay_reads_new_inputs_through_every_recorded_call():
     result = replay()
     assert result.tolist() == [(5 * 3 + 1) * 2, (-1 * 3 + 1) * 2]
     assert replay() is result  # the recorded output, written again
+
+
+def test_calls_from_other_threads_are_not_recorded():
+    """The kernel module is the process's: another engine's thread calling it during a
+    capture is not part of the step."""
+    ops = fake_ops()
+    calls = []
+    scale_into = ops.scale_into
+    ops.scale_into = lambda *a: calls.append(1) or scale_into(*a)
+    x, out = torch.ones(2), torch.empty(2)
+
+    def forward():
+        other = threading.Thread(target=ops.scale_into, args=(torch.empty(2), x, 2.0))
+        other.start()
+        other.join()
+        ops.scale_into(out, x, 3.0)
+        return out
+
+    replay = cpu_capture(ops)(forward)
+    calls.clear()
+    replay()
+    assert len(calls) == 1
 
 
 @pytest.mark.parametrize("read", [

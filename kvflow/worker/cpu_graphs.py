@@ -18,7 +18,7 @@ is refused at capture (`NotCapturable`), and the engine runs eagerly.
 from __future__ import annotations
 
 import functools
-import logging
+import threading
 from collections.abc import Callable
 from types import ModuleType
 from typing import Any
@@ -28,8 +28,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from kvflow.worker.cuda_graphs import Capture, Replay
-
-logger = logging.getLogger(__name__)
 
 # The largest decode batch captured on the CPU by default: past it a step's Python is a
 # small share of its work, and each size captured costs a forward pass at start-up.
@@ -109,11 +107,15 @@ class _Recorder(TorchDispatchMode):
 
 
 def _wrapped(ops: ModuleType, recorder: _Recorder) -> dict[str, Callable]:
-    """Each public function of the native module, recording its calls."""
+    """Each public function of the native module, recording its calls from this thread
+    (the module is the process's: another engine's thread may call it meanwhile)."""
     originals = {name: getattr(ops, name) for name in dir(ops)
                  if not name.startswith("_") and callable(getattr(ops, name))}
+    capturing = threading.get_ident()
     for name, fn in originals.items():
         def record(*args, _fn=fn, **kwargs):
+            if threading.get_ident() != capturing:
+                return _fn(*args, **kwargs)
             recorder.inside_native += 1
             try:
                 result = _fn(*args, **kwargs)
