@@ -183,10 +183,16 @@ class ExpertMethod(ABC):
         for expert, start, count in groups.runs:
             out[groups.choice_ids[start:start + count]] = self.expert_product(
                 layer, expert, rows[start:start + count])
-        # Summed per token in its top-k order, in float32, rounded once: a token's sum does
-        # not depend on which other tokens share the step.
-        out = out.view(*ids.shape, layer.hidden_size).float() * weights.unsqueeze(-1)
-        return out.sum(dim=1).to(x.dtype)
+        return combine_choices(out, weights, x.dtype)
+
+
+def combine_choices(out: torch.Tensor, weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Each choice's expert output, [tokens * top_k, hidden] in choice order, weighted by
+    the router's weights [tokens, top_k] and summed per token in its top-k order, in
+    float32, rounded once to dtype: a token's sum does not depend on which other tokens
+    share the step."""
+    weighted = out.view(*weights.shape, out.shape[-1]).float() * weights.unsqueeze(-1)
+    return weighted.sum(dim=1).to(dtype)
 
 
 def _expert_part(layer: FusedMoE, target: torch.Tensor, shard: str | None) -> torch.Tensor:

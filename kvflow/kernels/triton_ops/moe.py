@@ -26,6 +26,7 @@ import triton.language as tl
 
 from kvflow.kernels.triton_ops import interpreting
 from kvflow.kernels.triton_ops.glue import rounded
+from kvflow.layers.moe import combine_choices
 
 ACTIVATIONS = {"silu": 0, "gelu_tanh": 1, "clamped_swiglu": 2}
 BLOCK_M = 16  # tl.dot's smallest tile: a decode step's lone token per expert fills one row
@@ -181,6 +182,4 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
             out, h, down, down if down_bias is None else down_bias, rows, block_experts,
             tokens * top_k, hidden, inner, HAS_BIAS=down_bias is not None,
             PRECISION=precision, BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k)
-    # the PyTorch path's sum: per token in its top-k order, in float32, rounded once
-    summed = out.view(tokens, top_k, hidden).float() * weights.unsqueeze(-1)
-    return summed.sum(dim=1).to(x.dtype)
+    return combine_choices(out, weights, x.dtype)  # as the PyTorch path sums them
