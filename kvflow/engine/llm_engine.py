@@ -160,12 +160,11 @@ class LLMEngine:
             logger.info("speculative decoding: %s", args.speculative_config)
         # Decode steps captured: CUDA graphs on CUDA, the native kernels' recorded calls on
         # the CPU (smaller batches there: a step's Python costs the same at any size).
-        graph_sizes = [] if args.enforce_eager else (
+        on_cuda = self.device.type == "cuda"
+        graph_sizes = [] if args.enforce_eager or not (on_cuda or native_ops is not None) else (
             capture_sizes(args.max_num_seqs, args.cuda_graph_sizes,
-                          args.max_cudagraph_capture_size) if self.device.type == "cuda"
-            else capture_sizes(args.max_num_seqs, args.cuda_graph_sizes,
-                               args.max_cudagraph_capture_size or CPU_MAX_CAPTURE_SIZE)
-            if native_ops is not None else [])
+                          args.max_cudagraph_capture_size
+                          or (None if on_cuda else CPU_MAX_CAPTURE_SIZE)))
         self.executor.initialize(
             RunnerSettings(num_blocks, args.block_size, args.seed, args.batch_invariant,
                            tuple(graph_sizes), max_model_len, self.num_speculative_tokens),

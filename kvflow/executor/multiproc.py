@@ -20,7 +20,6 @@ ends the engine; the processes started here are stopped with it.
 from __future__ import annotations
 
 import functools
-
 import logging
 import os
 import pickle

@@ -25,6 +25,7 @@ import torch
 
 from kvflow.attention.metadata import AttentionMetadata
 from kvflow.core.block_pool import NULL_BLOCK
+from kvflow.core.kv_manager import cdiv
 from kvflow.host_copy import CopyFence
 from kvflow.layers.moe import FusedMoE
 
@@ -210,8 +211,8 @@ class DecodeGraphs:
         verify = [size for size in sizes if size * (num_drafts + 1) <= sizes[-1]]
         if num_drafts and verify:
             self.sizes[num_drafts + 1] = verify
-        self.buffers = DecodeBuffers(sizes[-1], list(self.sizes), -(-max_model_len // block_size),
-                                     device)
+        self.buffers = DecodeBuffers(sizes[-1], list(self.sizes),
+                                     cdiv(max_model_len, block_size), device)
         self.graphs: dict[tuple[int, int], Replay] = {}
         self._first_attention = model.attention_layers()[0]
         self._captured_cache: int | None = None

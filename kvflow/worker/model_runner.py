@@ -15,6 +15,7 @@ import torch
 
 from kvflow.attention.base import AttentionBackend
 from kvflow.attention.metadata import AttentionMetadata
+from kvflow.core.kv_manager import cdiv
 from kvflow.host_copy import tensor_on
 from kvflow.models.blocks import CausalLM
 from kvflow.models.builder import bind_kv_cache
@@ -51,7 +52,7 @@ class ModelRunner:
         self.kv_caches = bind_kv_cache(model, kv_config or config, backend, num_blocks,
                                        block_size, dtype, device)
         # every running request's block table, kept on the device between steps
-        self.block_tables = PersistentBlockTables(max(1, -(-max_model_len // block_size)),
+        self.block_tables = PersistentBlockTables(max(1, cdiv(max_model_len, block_size)),
                                                   device)
         self.graphs = graphs
         if graphs is not None:
