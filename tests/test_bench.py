@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from checkpoints import BASE, MOE_VARIANTS, VARIANTS
 from kvflow.bench import hardware
@@ -39,6 +41,10 @@ def small_ceilings(monkeypatch, tmp_path):
     monkeypatch.setattr(hardware, "measure_ceilings",
                         lambda device="cpu": measure(device, read_bytes=16 << 20, matmul_n=128,
                                                      repeats=2))
+    read = hardware.read_rate
+    monkeypatch.setattr(hardware, "read_rate",
+                        lambda device="cpu", read_bytes=64 << 20, repeats=2:
+                        read(device, read_bytes, repeats))
 
 
 def test_workload_draws_the_same_requests_for_the_same_seed():
@@ -528,11 +534,64 @@ def test_peer_tests_are_named_and_parsed_as_llama_cpp_prints_them():
     assert "| pp512 | prompt tokens/s | - | 350.0 |" in table
 
 
+def _checkpoint_tensors(path: Path) -> dict[str, torch.Size]:
+    from safetensors import safe_open
+
+    shapes = {}
+    for file in path.glob("*.safetensors"):
+        with safe_open(str(file), "pt") as f:
+            shapes.update({name: f.get_slice(name).get_shape() for name in f.keys()})
+    return shapes
+
+
+@pytest.mark.parametrize("variant, read_by_a_token", [
+    # Tied: the embedding is the LM head, read whole.
+    ("qwen2", lambda name: True),
+    # Untied: one row of the embedding is gathered, the head read whole.
+    ("llama-gqa", lambda name: name != "model.embed_tokens.weight"),
+])
+def test_decode_bytes_count_the_weights_a_generated_token_reads(checkpoint, gguf_file,
+                                                                 variant, read_by_a_token):
+    from kvflow import LLM
+    from kvflow.bench.peer_tests import gguf_decode_bytes, kvflow_decode_bytes
+
+    path = checkpoint(variant)
+    shapes = _checkpoint_tensors(path)
+    expected = sum(2 * math.prod(shape) for name, shape in shapes.items()
+                   if read_by_a_token(name))
+    bf16 = LLM(str(path), dtype="bfloat16", kv_cache_memory="16MiB", enforce_eager=True)
+    assert kvflow_decode_bytes(bf16) == expected
+    int8 = LLM(str(path), dtype="bfloat16", kv_cache_memory="16MiB", enforce_eager=True,
+               quantization="int8", quantize_lm_head=True)
+    assert 0.45 * expected < kvflow_decode_bytes(int8) < 0.6 * expected
+    gguf, _ = gguf_file(variant, "BF16")
+    # The converter keeps vectors (norms, biases) in F32.
+    vectors = sum(math.prod(shape) for name, shape in shapes.items() if len(shape) == 1)
+    assert gguf_decode_bytes(gguf) == expected + 2 * vectors
+
+
+def test_decode_bytes_of_a_mixture_of_experts_count_the_experts_a_token_uses(checkpoint,
+                                                                             gguf_file):
+    from kvflow import LLM
+    from kvflow.bench.peer_tests import gguf_decode_bytes, kvflow_decode_bytes
+
+    every_layer = dict(mlp_only_layers=[])  # what a GGUF file's metadata can say
+    path = checkpoint("qwen3-moe", **every_layer)
+    shapes = _checkpoint_tensors(path)
+    # Untied; 2 of 8 experts a token.
+    expected = sum(math.prod(shape) * (2 / 8 if ".experts." in name else 1)
+                   for name, shape in shapes.items() if name != "model.embed_tokens.weight")
+    engine = LLM(str(path), dtype="float32", kv_cache_memory="16MiB", enforce_eager=True)
+    assert kvflow_decode_bytes(engine) == round(4 * expected)
+    gguf, _ = gguf_file("qwen3-moe", "F32", **every_layer)
+    assert gguf_decode_bytes(gguf) == round(4 * expected)
+
+
 def test_compare_runs_the_peer_tests_in_kvflow_and_in_llama_cpps_tools(checkpoint, tmp_path,
                                                                        monkeypatch):
     """kvflow's side for real, on a small model; llama.cpp's tools stood in for by their
     recorded output (building llama.cpp takes minutes)."""
-    from kvflow.bench import llama_cpp, peer_tests
+    from kvflow.bench import hardware, llama_cpp, peer_tests
     from kvflow.bench.compare import CompareSettings, compare
 
     bf16 = _write_gguf(tmp_path / "m-abc-bf16.gguf", quantized=False)
@@ -544,6 +603,13 @@ def test_compare_runs_the_peer_tests_in_kvflow_and_in_llama_cpps_tools(checkpoin
         commands.append(command)
         return BATCHED_BENCH_JSONL if "llama-batched-bench" in command[0] else LLAMA_BENCH_JSON
     monkeypatch.setattr(peer_tests, "_output", recorded)
+    rates = []
+
+    def read_rate(*args, **kwargs):
+        rates.append(real_read_rate(*args, **kwargs))
+        return rates[-1]
+    real_read_rate = hardware.read_rate
+    monkeypatch.setattr(hardware, "read_rate", read_rate)
     out = tmp_path / "cmp"
     compare(CompareSettings(model=checkpoint("qwen2"), workloads=[], out=out,
                             systems=["kvflow", "llama.cpp"], kv_cache_memory="16MiB",
@@ -564,8 +630,26 @@ def test_compare_runs_the_peer_tests_in_kvflow_and_in_llama_cpps_tools(checkpoin
     assert bench[bench.index("-p") + 1] == "24" and bench[bench.index("-n") + 1] == "0"
     batched = next(c for c in commands if c[0].endswith("llama-batched-bench"))
     assert [batched[batched.index(f) + 1] for f in ("-npp", "-ntg", "-npl")] == ["8", "4", "3"]
+    # The read rate measured before each side's tests, one per side and round; a decode
+    # test's result carries it and its format's bytes per token.
+    beside: dict[tuple[str, int], set[float]] = {}
+    for row in document["peer_tests"]:
+        key = (row["system"], row["settings"]["round"])
+        beside.setdefault(key, set()).add(row["settings"]["read_ceiling_bytes_per_s"])
+        assert ("bytes_per_token" in row["settings"]) == (row["test"] == "tg8")
+    assert len(beside) == 4 and all(len(values) == 1 for values in beside.values())
+    measured = {value for values in beside.values() for value in values}
+    assert measured <= set(rates) and min(measured) > 0
+    assert rows[("llama.cpp BF16", "tg8")]["settings"]["bytes_per_token"] == 32 * 4 + 4 * 32 * 2
     report = (tmp_path / "cmp.md").read_text()
     assert "family" in report and "| tg8 | generated tokens/s |" in report
+    share = re.search(r"\| tg8 \| weights read \(% of the read ceiling beside it\) \| "
+                      r"([\d.]+) GB/s \((\d+)%\) \| ([\d.]+) GB/s \((\d+)%\) \|", report)
+    assert share, report
+    kvflow = peer_tests.PeerTestResult(**rows[("kvflow bf16", "tg8")])
+    assert kvflow.read_share == pytest.approx(
+        kvflow.tokens_per_s * kvflow.settings["bytes_per_token"]
+        / kvflow.settings["read_ceiling_bytes_per_s"])
     with pytest.raises(ValueError, match="nothing to compare"):
         CompareSettings(model=tmp_path, workloads=[], out=out)
     with pytest.raises(ValueError, match="unknown peer test 'pp'"):

@@ -169,12 +169,14 @@ def compare(settings: CompareSettings) -> list[RunResult]:
             return None
 
     def record_tests(system: str, round_: int,
-                     run: Callable[[peer_tests.PeerTest], peer_tests.PeerTestResult]) -> None:
+                     run: Callable[[peer_tests.PeerTest], peer_tests.PeerTestResult],
+                     beside: dict) -> None:
+        """beside: what was measured just before this system's tests, for each result."""
         for test in tests:
             result = attempt(system, test.name, lambda: run(test))
             if result is None:
                 continue
-            result.settings["round"] = round_
+            result.settings.update(beside, round=round_)
             print(f"{system} {test.name}: {result.tokens_per_s:.1f} {test.measures}",
                   flush=True)
             peer_results.append(result)
@@ -241,11 +243,20 @@ def compare(settings: CompareSettings) -> list[RunResult]:
 
 
 def _peer_rounds(settings: CompareSettings,
-                 record_tests: Callable[[str, int, Callable], None]) -> None:
+                 record_tests: Callable[[str, int, Callable, dict], None]) -> None:
     """The peer tests, kvflow's formats and llama.cpp's files in pairs (the first format
     beside the first file, and so on), each pair's tests back to back, in peer_rounds
     rounds: the machine's speed drifts over minutes, and a ratio is only as good as the
-    time between its two sides."""
+    time between its two sides. Where a decode test is among them, the DRAM read rate is
+    measured before each side's tests, as that side's roofline."""
+    decode = any(not peer_tests.PeerTest.parse(t).prompt for t in settings.peer_tests)
+
+    def beside() -> dict:
+        if not decode:
+            return {}
+        torch.set_num_threads(settings.threads)  # as an engine's governor may have left it
+        return {"read_ceiling_bytes_per_s": hardware.read_rate()}
+
     kvflow = [("kvflow", q) for q in settings.kvflow_quantizations
               if "kvflow" in settings.systems]
     peer = [("llama.cpp", t) for t in settings.llama_cpp_types
@@ -260,12 +271,12 @@ def _peer_rounds(settings: CompareSettings,
             if system == "kvflow":
                 load = functools.cache(lambda: _load_kvflow(settings, weights)[0])
                 record_tests(name, round_, lambda test: peer_tests.run_kvflow(
-                    load(), test, repetitions, name))
+                    load(), test, repetitions, name), beside())
                 load.cache_clear()
                 gc.collect()
             else:
                 record_tests(name, round_, lambda test: peer_tests.run_llama_cpp(
-                    test, gguf(weights), threads, repetitions, name))
+                    test, gguf(weights), threads, repetitions, name), beside())
 
 
 def write(settings: CompareSettings, results: list[RunResult], failures: list[dict],

@@ -95,14 +95,20 @@ def _best_seconds(fn, device: str, repeats: int) -> float:  # noqa: ANN001
     return best
 
 
-def measure_ceilings(device: str = "cpu", read_bytes: int = READ_BYTES,
-                     matmul_n: int = MATMUL_N, repeats: int = 10) -> dict:
-    """DRAM (or HBM) read bytes/s and matmul FLOP/s per dtype, at torch's thread count."""
+def read_rate(device: str = "cpu", read_bytes: int = READ_BYTES, repeats: int = 10) -> float:
+    """DRAM (or HBM) read bytes/s at torch's thread count, the best of `repeats` sums. The
+    cached ceiling is an hour's; `kvflow bench compare` measures this beside each decode
+    test instead, since a shared host's read rate moves by half within minutes."""
     data = torch.empty(read_bytes // 4, dtype=torch.float32, device=device)
     huge_pages.advise([data])
     data.fill_(1)
-    read_s = _best_seconds(data.sum, device, repeats)
-    del data
+    return read_bytes / _best_seconds(data.sum, device, repeats)
+
+
+def measure_ceilings(device: str = "cpu", read_bytes: int = READ_BYTES,
+                     matmul_n: int = MATMUL_N, repeats: int = 10) -> dict:
+    """DRAM (or HBM) read bytes/s and matmul FLOP/s per dtype, at torch's thread count."""
+    read = read_rate(device, read_bytes, repeats)
     matmul = {}
     # float16 has no fast CPU path here; it is measured where it is a serving dtype.
     dtypes = (torch.bfloat16, torch.float32) + ((torch.float16,) if device == "cuda" else ())
@@ -115,7 +121,7 @@ def measure_ceilings(device: str = "cpu", read_bytes: int = READ_BYTES,
                       _best_seconds(lambda: F.linear(a, b), device, repeats))
         matmul[str(dtype).removeprefix("torch.")] = 2 * matmul_n ** 3 / seconds
     return {"device": device, "threads": torch.get_num_threads(),
-            "dram_read_bytes_per_s": read_bytes / read_s, "read_bytes": read_bytes,
+            "dram_read_bytes_per_s": read, "read_bytes": read_bytes,
             "matmul_flops_per_s": matmul, "matmul_n": matmul_n,
             "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
 

@@ -7,7 +7,14 @@ stream and `llama-batched-bench` for a batch. The tests, named as those tools pr
 - pp<P>+tg<N>x<S>: S sequences of P prompt tokens and N generated tokens each, all at
   once (llama-batched-bench's PP, TG and PL); all S x (P + N) tokens per second of the whole.
 Each runs `repetitions` times; the median is kept, with every sample.
-`kvflow bench compare --peer-tests` runs them beside its workloads."""
+`kvflow bench compare --peer-tests` runs them beside its workloads.
+
+A tg<N> result also records the weight bytes a generated token reads in that system's
+format (`bytes_per_token`) and the DRAM read rate measured just before its system's tests
+(`read_ceiling_bytes_per_s`): on a shared host that rate moves by half within minutes, so
+a decode's share of the memory roofline is only meaningful against one measured beside it.
+The KV cache a tg128 reads is left out (under a thousandth of the weights' bytes for a
+0.5B model)."""
 from __future__ import annotations
 
 import json
@@ -19,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from kvflow.bench import llama_cpp
 
@@ -74,6 +82,72 @@ class PeerTestResult:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @property
+    def read_share(self) -> float | None:
+        """The weight bytes a decode test read per second over the read ceiling measured
+        beside it; None for other tests, or where either was not recorded."""
+        bytes_per_token = self.settings.get("bytes_per_token")
+        ceiling = self.settings.get("read_ceiling_bytes_per_s")
+        if not (bytes_per_token and ceiling) or PeerTest.parse(self.test).prompt:
+            return None
+        return self.tokens_per_s * bytes_per_token / ceiling
+
+
+def gguf_decode_bytes(gguf: Path) -> int:
+    """The bytes of a GGUF file's tensors one generated token reads: all but the token
+    embedding (one row of it is gathered), which is read whole where it is also the output
+    layer (a tied file has no output.weight); of expert tensors (`*_exps`), the share of
+    experts a token uses."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(gguf)
+
+    def field(name: str) -> int | None:
+        value = reader.fields.get(name)
+        return int(value.parts[value.data[0]][0]) if value is not None else None
+
+    arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
+    experts, used = field(f"{arch}.expert_count"), field(f"{arch}.expert_used_count")
+    names = {t.name for t in reader.tensors}
+    total = 0.0
+    for tensor in reader.tensors:
+        if tensor.name == "token_embd.weight" and "output.weight" in names:
+            continue
+        share = used / experts if "_exps." in tensor.name and experts and used else 1.0
+        total += int(tensor.n_bytes) * share
+    return round(total)
+
+
+def kvflow_decode_bytes(llm) -> int:  # noqa: ANN001
+    """The bytes of the loaded model's tensors one generated token reads, in the format it
+    was loaded in: every layer's but the embedding's (one row is gathered) and the rotary
+    tables' (one row), the embedding whole where it is the LM head, and of the experts the
+    share a token uses."""
+    from kvflow.layers.moe import FusedMoE
+    from kvflow.layers.rotary import RotaryEmbedding
+
+    model = llm.engine.runner.model
+    moe = llm.engine.model_config.moe
+    expert_share = moe.top_k / moe.num_experts if moe else 1.0
+    seen: set[int] = set()
+    total = 0.0
+
+    def count(tensor: torch.Tensor, share: float = 1.0) -> None:
+        nonlocal total
+        if tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            total += tensor.numel() * tensor.element_size() * share
+
+    for module in model.modules():
+        if isinstance(module, (torch.nn.Embedding, RotaryEmbedding)):
+            continue
+        share = expert_share if isinstance(module, FusedMoE) else 1.0
+        for tensor in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
+            count(tensor, share)
+    if getattr(model, "lm_head", None) is None and model.tied_head_weight is not None:
+        count(model.tied_head_weight)
+    return round(total)
+
 
 def run_llama_cpp(test: PeerTest, gguf: Path, threads: int, repetitions: int,
                   system: str) -> PeerTestResult:
@@ -91,9 +165,11 @@ def run_llama_cpp(test: PeerTest, gguf: Path, threads: int, repetitions: int,
         command = [str(binary), "-m", str(gguf), "-t", str(threads), "-p", str(test.prompt),
                    "-n", str(test.generate), "-r", str(repetitions), "-o", "json"]
         samples = parse_llama_bench(_output(command))
-    return PeerTestResult(system, test.name, statistics.median(samples), samples,
-                          {"command": command[0].rsplit("/", 1)[-1:] + command[1:],
-                           "build": llama_cpp.build_dir().name})
+    settings = {"command": command[0].rsplit("/", 1)[-1:] + command[1:],
+                "build": llama_cpp.build_dir().name}
+    if not test.prompt:
+        settings["bytes_per_token"] = gguf_decode_bytes(gguf)
+    return PeerTestResult(system, test.name, statistics.median(samples), samples, settings)
 
 
 def _output(command: list[str]) -> str:
@@ -154,9 +230,11 @@ def run_kvflow(llm, test: PeerTest, repetitions: int, system: str,  # noqa: ANN0
             m = outputs[0].metrics
             samples.append(test.generate / (m.finished_time - m.first_token_time))
     config = llm.engine.scheduler_config
-    return PeerTestResult(system, test.name, statistics.median(samples), samples,
-                          {"max_num_seqs": config.max_num_seqs,
-                           "max_num_batched_tokens": config.max_num_batched_tokens})
+    settings = {"max_num_seqs": config.max_num_seqs,
+                "max_num_batched_tokens": config.max_num_batched_tokens}
+    if not test.prompt:
+        settings["bytes_per_token"] = kvflow_decode_bytes(llm)
+    return PeerTestResult(system, test.name, statistics.median(samples), samples, settings)
 
 
 def peer_table(results: list[PeerTestResult]) -> str:
@@ -172,4 +250,19 @@ def peer_table(results: list[PeerTestResult]) -> str:
     for test in tests:
         cells = [f"{by[(s, test)]:.1f}" if (s, test) in by else "-" for s in systems]
         lines.append(f"| {test} | {PeerTest.parse(test).measures} | " + " | ".join(cells) + " |")
+    shares: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    for r in results:
+        if r.read_share is not None:
+            rate = r.tokens_per_s * r.settings["bytes_per_token"]
+            shares.setdefault((r.system, r.test), []).append((r.read_share, rate))
+    for test in tests:
+        if not any((s, test) in shares for s in systems):
+            continue
+        cells = []
+        for system in systems:
+            rounds_ = sorted(shares.get((system, test), []))
+            share, rate = rounds_[len(rounds_) // 2] if rounds_ else (None, None)
+            cells.append("-" if share is None else f"{rate / 1e9:.1f} GB/s ({100 * share:.0f}%)")
+        lines.append(f"| {test} | weights read (% of the read ceiling beside it) | "
+                     + " | ".join(cells) + " |")
     return "\n".join(lines)
