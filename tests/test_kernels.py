@@ -227,6 +227,47 @@ def test_every_linear_gets_one_plan(ops, checkpoint, variant):
                                atol=1e-4, rtol=1e-4)
 
 
+def test_the_tuning_times_every_run_from_memory_not_from_cache(ops, checkpoint, monkeypatch,
+                                                                tmp_path):
+    """A shape's weights can all fit in the last-level cache, where a decode step (reading
+    every other weight between two of them) never finds them: every timed run starts after
+    reading twice that cache's bytes of other memory, which the tuning frees when done."""
+    import functools
+
+    from kvflow.kernels import tuning
+    from kvflow.models.config import ModelConfig
+    from kvflow.models.loader import load_model
+
+    for index, size in enumerate(["32K", "1024K", "32768K"]):
+        (tmp_path / f"index{index}").mkdir()
+        (tmp_path / f"index{index}" / "size").write_text(size + "\n")
+    assert tuning._last_level_cache_bytes(tmp_path) == 32 * 2**20
+    assert tuning._last_level_cache_bytes(tmp_path / "none") is None
+
+    events = []
+
+    class Evicting:
+        def sum(self):
+            events.append("evict")
+    monkeypatch.setattr(tuning, "_eviction_buffer", functools.cache(Evicting))
+    assert tuning._fastest(("a", "b"), events.append) in ("a", "b")
+    assert events == ["evict", "a", "evict", "b"] * (tuning.VARIANT_ROUNDS + 1)
+
+    events.clear()
+    monkeypatch.undo()
+    monkeypatch.setenv("KVFLOW_CACHE", str(tmp_path / "cache"))  # nothing measured before
+    evictions = []
+    real = tuning._seconds
+    monkeypatch.setattr(tuning, "_seconds", lambda fn, device=None: (
+        evictions.append(tuning._eviction_buffer().numel() * 4), real(fn, device))[1])
+    config = ModelConfig.from_pretrained(checkpoint("llama-gqa"))
+    model = load_model(config, torch.float32, torch.device("cpu"), 64)
+    tuning.install_native_kernels(model, ops)
+    wanted = max(tuning.EVICTION_MIN_BYTES, 2 * (tuning._last_level_cache_bytes() or 0))
+    assert evictions and set(evictions) == {wanted}
+    assert tuning._eviction_buffer.cache_info().currsize == 0  # freed
+
+
 def test_another_checkout_of_the_same_source_loads_the_built_kernels(tmp_path):
     """A second checkout (another path, so other paths in the build command) finds the
     library this one built and loads it: it neither compiles nor hands it to ninja, which

@@ -2,8 +2,8 @@
 
 Each linear shape gets, by measurement:
 - how the native GEMV reads the weight (kvflow/kernels/variants.py): each candidate variant
-  timed at one row, in alternating rounds, over the shape's weights (enough of them to be
-  read from memory); likewise for a quantized method's GEMVs that take variants;
+  timed at one row, in alternating rounds, over the shape's weights; likewise for a
+  quantized method's GEMVs that take variants;
 - the largest batch size up to which the native GEMV beats F.linear (tried at 1, 2, 4 and
   8 rows), measured over all of the shape's weights in turn, so that they are read from
   memory as in a real step, not from cache;
@@ -19,6 +19,9 @@ the native expert kernel's GEMV loops beat its GEMMs (tried at 1 to 64 rows for 
 experts, on a few layers); the kernel itself is kept only where it computed a sample as
 the PyTorch path does (FusedMoE.attach_native).
 
+Every timed run starts with the CPU's caches emptied of the weights (EVICTION_MIN_BYTES):
+a decode step reads each weight from memory, whatever its shape's total.
+
 A copy costs memory, so copies are made only while they fit in a quarter of the available
 memory, the shapes with the most weight bytes first. Results are cached per machine beside
 `kvflow env`'s ceilings. The glue layers (norms, RoPE, activations) take the native kernels
@@ -29,11 +32,13 @@ import functools
 import hashlib
 import json
 import logging
+import re
 import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from types import ModuleType
 from typing import TypeVar
 
@@ -74,6 +79,13 @@ EXPERTS_MEASURED = 8  # experts with rows in each measured call: a top-8 model's
 # than any CPU's last-level cache, so that they stream from memory as in a decode step.
 VARIANT_SAMPLE_BYTES = 256 * 2**20
 VARIANT_ROUNDS = 7  # alternating rounds per variant; medians compared
+# A shape's weights can all fit in the last-level cache (a 0.5B model's 24 q/k/v projections
+# are 25 MB in int8, against a Zen 4's 32 MB L3), where a decode step, reading every other
+# weight between two of them, never finds them. Timed in cache, 4 rows side by side with a
+# 4 KiB prefetch won there; from memory it was the slowest variant (61 against 44 us a
+# call). So every timed run starts after reading this many bytes of other memory: twice
+# the last-level cache, at least EVICTION_MIN_BYTES.
+EVICTION_MIN_BYTES = 64 * 2**20
 
 
 def native_cpu_ops(device: torch.device, dtype: torch.dtype,
@@ -170,6 +182,7 @@ def install_native_kernels(model: nn.Module, ops: ModuleType, reserved_bytes: in
     for label, layers in _quantized_shapes(model).items():
         _plan_quantized(label, layers, ops, cache, _gemm_rows(head in layers))
     _plan_experts(model, cache)
+    _eviction_buffer.cache_clear()
 
 
 def install_batch_invariant_kernels(model: nn.Module, ops: ModuleType) -> None:
@@ -216,6 +229,7 @@ def install_quantized_kernels(model: nn.Module) -> None:
     head = getattr(model, "lm_head", None)
     for label, layers in _quantized_shapes(model).items():
         _plan_quantized(label, layers, None, _Measured(), _gemm_rows(head in layers))
+    _eviction_buffer.cache_clear()
 
 
 def _gemm_rows(lm_head: bool) -> tuple[int, ...]:
@@ -291,12 +305,9 @@ def _plan_quantized(label: str, layers: list[Linear], ops: ModuleType | None,
         times: dict[str, list[float]] = defaultdict(list)
         for round_ in range(QUANTIZED_ROUNDS + 1):  # the first round warms up
             for name, run in runs.items():
-                _synchronize(device)
-                start = time.perf_counter()
-                run()
-                _synchronize(device)
+                took = _seconds(run, device)
                 if round_:
-                    times[name].append(time.perf_counter() - start)
+                    times[name].append(took)
         return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
 
     large_candidates = [name for name in usable if not method.kernels[name].gemv]
@@ -526,19 +537,44 @@ def _computes_the_product(name: str, layer: Linear, copy: tuple[torch.Tensor, ..
     return True
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
+def _synchronize(device: torch.device | None) -> None:
+    if device is not None and device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def _last_level_cache_bytes(caches: Path = Path("/sys/devices/system/cpu/cpu0/cache"),
+                            ) -> int | None:
+    """The largest CPU cache's size, from sysfs; None where it does not say."""
+    sizes = []
+    for size in caches.glob("index*/size"):
+        match = re.fullmatch(r"(\d+)([KMG]?)", size.read_text().strip())
+        if match:
+            sizes.append(int(match[1]) * {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}[match[2]])
+    return max(sizes, default=None)
+
+
+@functools.cache
+def _eviction_buffer() -> torch.Tensor:
+    """Memory to read between timed runs (see EVICTION_MIN_BYTES); freed after tuning."""
+    nbytes = max(EVICTION_MIN_BYTES, 2 * (_last_level_cache_bytes() or 0))
+    return torch.ones(nbytes // 4)
+
+
+def _seconds(fn: Callable[[], object], device: torch.device | None = None) -> float:
+    """Seconds fn took, started with the CPU's caches holding none of what it reads (on
+    the CPU; a GPU's work is timed as it is)."""
+    if device is None or device.type == "cpu":
+        _eviction_buffer().sum()
+    _synchronize(device)
+    start = time.perf_counter()
+    fn()
+    _synchronize(device)
+    return time.perf_counter() - start
 
 
 def _median_seconds(fn: Callable[[], object]) -> float:
     fn()
-    times = []
-    for _ in range(3):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[1]
+    return sorted(_seconds(fn) for _ in range(3))[1]
 
 
 def _memory_sample(items: list[T], nbytes: Callable[[T], int]) -> list[T]:
@@ -571,10 +607,9 @@ def _fastest(candidates: Sequence[K], run: Callable[[K], object]) -> K:
     times: dict[K, list[float]] = defaultdict(list)
     for round_ in range(VARIANT_ROUNDS + 1):  # the first round warms up
         for candidate in candidates:
-            start = time.perf_counter()
-            run(candidate)
+            took = _seconds(lambda: run(candidate))
             if round_:
-                times[candidate].append(time.perf_counter() - start)
+                times[candidate].append(took)
     return min(candidates, key=lambda c: sorted(times[c])[len(times[c]) // 2])
 
 
@@ -636,7 +671,7 @@ class _ChoiceCache:
                f"huge pages {huge_pages.enabled()}|"
                f"{GEMM_ROWS}|{GEMM_SAMPLE}|{sorted(COPIES)}|{QUANTIZED_ROUNDS}|{EXPERT_ROWS}|"
                f"{EXPERTS_MEASURED}|{variants.CANDIDATES}|{VARIANT_SAMPLE_BYTES}|"
-               f"{VARIANT_ROUNDS}")
+               f"{VARIANT_ROUNDS}|evicted {EVICTION_MIN_BYTES}")
         name = f"linear-{hashlib.sha1(key.encode()).hexdigest()[:16]}.json"
         self.path = cache_root() / "env" / name
         self.choices: dict[str, int | str] = (json.loads(self.path.read_text())
