@@ -81,9 +81,10 @@ VARIANT_SAMPLE_BYTES = 256 * 2**20
 VARIANT_ROUNDS = 7  # alternating rounds per variant; medians compared
 # A shape's weights can all fit in the last-level cache (a 0.5B model's 24 q/k/v projections
 # are 25 MB in int8, against a Zen 4's 32 MB L3), where a decode step, reading every other
-# weight between two of them, never finds them. Timed in cache, 4 rows side by side with a
-# 4 KiB prefetch won there; from memory it was the slowest variant (61 against 44 us a
-# call). So every timed run starts after reading this many bytes of other memory: twice
+# weight between two of them, never finds them. In cache the kernels rank otherwise: on
+# an int8 o projection, float x with 4 rows and a 4 KiB prefetch came within 1 us of the
+# best (24.6 against 23.8 us a call) and from memory ran 32% slower than it (47.6 against
+# 36.1). So every timed run starts after reading this many bytes of other memory: twice
 # the last-level cache, at least EVICTION_MIN_BYTES.
 EVICTION_MIN_BYTES = 64 * 2**20
 
