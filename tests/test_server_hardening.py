@@ -345,3 +345,42 @@ def test_a_stream_nobody_reads_is_ended_and_aborted(strict_server):
         assert time.monotonic() < deadline, "the unread stream still runs"
         time.sleep(0.2)
     sock.close()
+
+
+def test_a_stream_is_closed_when_its_response_ends_not_when_it_is_collected():
+    """A send that fails (--write-timeout's, a client gone) closes the stream's body at
+    once, through ServerState.counted to the generator under it (whose closing aborts its
+    request), while the exception's traceback still holds the frames that hold the body;
+    and the stream no longer counts as in flight."""
+    from kvflow.engine.args import EngineArgs
+    from kvflow.server.api_server import ClosingStreamingResponse, ServerState
+    from kvflow.server.args import ServerArgs
+
+    state = ServerState(ServerArgs(engine=EngineArgs(model="unused")))
+    closed = []
+
+    async def body():  # the engine's side: a request aborted as this closes
+        try:
+            while True:
+                yield "data: x\n\n"
+        finally:
+            closed.append(state.in_flight)
+
+    class Stalled(Exception):  # as ClientTimeoutMiddleware's send raises
+        pass
+
+    async def send(message):
+        if message["type"] == "http.response.body":
+            raise Stalled
+
+    async def receive():
+        await asyncio.sleep(3600)
+
+    async def scenario():
+        response = ClosingStreamingResponse(state.counted(body()))
+        with pytest.raises(Stalled) as held:  # held keeps the traceback alive
+            await response({"type": "http", "asgi": {"spec_version": "2.4"}}, receive, send)
+        return held, list(closed), state.in_flight
+
+    held, closed_before_collection, in_flight = asyncio.run(scenario())
+    assert closed_before_collection == [0] and in_flight == 0, held

@@ -13,7 +13,7 @@ import signal
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import aclosing, asynccontextmanager, contextmanager
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
@@ -70,6 +70,20 @@ OPEN_PATHS = ("/health", "/version")
 # hits, which tell whether someone sent a given prompt, so the key guards them by default.
 MONITORING_PATHS = ("/metrics", "/load", "/ping", STATS_PATH)
 ALL_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")
+
+
+class ClosingStreamingResponse(StreamingResponse):
+    """A stream whose body is closed as soon as the response ends, however it ends.
+    Starlette leaves a body that a failed send interrupted (--write-timeout, a client gone)
+    suspended until the garbage collector finds it, and an exception's traceback can hold it
+    for a collection cycle: meanwhile its request kept generating and counted as in flight,
+    which held a graceful shutdown."""
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()  # type: ignore[union-attr]
 
 
 class ServerState:
@@ -184,9 +198,12 @@ class ServerState:
 
     async def counted(self, chunks: AsyncIterator[str]) -> AsyncIterator[str]:
         """A stream that counts as in flight until its last chunk is sent."""
-        with self.answering():
-            async for chunk in chunks:
-                yield chunk
+        # Closed with this stream, not whenever the collector finds it (the request it
+        # streams is aborted as it closes).
+        async with aclosing(chunks):
+            with self.answering():
+                async for chunk in chunks:
+                    yield chunk
 
     def check_model(self, name: str | None) -> None:
         if name is not None and not self.args.serves(name):
@@ -359,8 +376,9 @@ def create_app(args: ServerArgs, renderer: TemplateRenderer | None = None) -> Fa
                         job.n, job.prepared[0].children[0].max_tokens, first.temperature,
                         first.top_p, first.top_k, first.seed)
         if stream:
-            return StreamingResponse(state.counted(streamed()), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
+            return ClosingStreamingResponse(state.counted(streamed()),
+                                            media_type="text/event-stream",
+                                            headers={"Cache-Control": "no-cache"})
         with state.answering():
             return await _unless_disconnected(whole(), http_request)
 
