@@ -5,8 +5,7 @@ Each linear shape gets, by measurement:
   timed at one row, in alternating rounds, over the shape's weights; likewise for a
   quantized method's GEMVs that take variants;
 - the largest batch size up to which the native GEMV beats F.linear (tried at 1, 2, 4 and
-  8 rows), measured over all of the shape's weights in turn, so that they are read from
-  memory as in a real step, not from cache;
+  8 rows), measured over all of the shape's weights in turn;
 - for larger batches, whether a second copy of the weight beats F.linear on the layer's
   own weight at 128 and 2,048 rows (128 for the LM head, which sees only sampled rows),
   and which: a oneDNN-prepacked copy (`torch.ops.mkldnn._reorder_linear_weight`, what
@@ -75,8 +74,9 @@ COPY_MEMORY_FRACTION = 0.25  # of available memory, for all second copies of wei
 QUANTIZED_ROUNDS = 5
 EXPERT_ROWS = (1, 2, 4, 8, 16, 32, 64)  # rows per expert tried; GEMVs up to the last they win
 EXPERTS_MEASURED = 8  # experts with rows in each measured call: a top-8 model's decode step
-# Weight bytes a GEMV variant is timed over: the shape's weights up to this much, far more
-# than any CPU's last-level cache, so that they stream from memory as in a decode step.
+# Weight bytes a GEMV variant is timed over: the shape's weights up to this much, which
+# bounds a round on a large shape. (That they come from memory, as in a decode step, is
+# EVICTION_MIN_BYTES's work: a small shape's weights all fit in a last-level cache.)
 VARIANT_SAMPLE_BYTES = 256 * 2**20
 VARIANT_ROUNDS = 7  # alternating rounds per variant; medians compared
 # A shape's weights can all fit in the last-level cache (a 0.5B model's 24 q/k/v projections
