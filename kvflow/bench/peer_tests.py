@@ -83,14 +83,20 @@ class PeerTestResult:
         return asdict(self)
 
     @property
-    def read_share(self) -> float | None:
-        """The weight bytes a decode test read per second over the read ceiling measured
-        beside it; None for other tests, or where either was not recorded."""
+    def weights_read_per_s(self) -> float | None:
+        """The weight bytes a decode test read per second; None for other tests, or where
+        its bytes per token were not recorded."""
         bytes_per_token = self.settings.get("bytes_per_token")
-        ceiling = self.settings.get("read_ceiling_bytes_per_s")
-        if not (bytes_per_token and ceiling) or PeerTest.parse(self.test).prompt:
+        if not bytes_per_token or PeerTest.parse(self.test).prompt:
             return None
-        return self.tokens_per_s * bytes_per_token / ceiling
+        return self.tokens_per_s * bytes_per_token
+
+    @property
+    def read_share(self) -> float | None:
+        """weights_read_per_s over the read ceiling measured beside the test; None where
+        either is missing."""
+        rate, ceiling = self.weights_read_per_s, self.settings.get("read_ceiling_bytes_per_s")
+        return rate / ceiling if rate is not None and ceiling else None
 
 
 def gguf_decode_bytes(gguf: Path) -> int:
@@ -253,8 +259,8 @@ def peer_table(results: list[PeerTestResult]) -> str:
     shares: dict[tuple[str, str], list[tuple[float, float]]] = {}
     for r in results:
         if r.read_share is not None:
-            rate = r.tokens_per_s * r.settings["bytes_per_token"]
-            shares.setdefault((r.system, r.test), []).append((r.read_share, rate))
+            shares.setdefault((r.system, r.test), []).append((r.read_share,
+                                                              r.weights_read_per_s))
     for test in tests:
         if not any((s, test) in shares for s in systems):
             continue
