@@ -85,6 +85,8 @@ CASES = {
     "mixed step": ([1, 2, 5, 20, 37], [3, 50, 11, 0, 21]),
     # Longer than the native kernel's 512-token partition: split across threads and merged.
     "long contexts": ([1, 3, 1], [1300, 700, 511]),
+    # Prefill chunks of several query tiles, each over several 64-key softmax chunks.
+    "long prefills": ([150, 70], [100, 0]),
 }
 
 
@@ -102,12 +104,13 @@ def test_backend_matches_naive(backend_name, case, heads, window, dtype, block_s
 @pytest.mark.parametrize("backend_name", BACKENDS)
 @pytest.mark.parametrize("case", ["mixed step", "long contexts"])
 @pytest.mark.parametrize("block_size,head_dim", [(24, 40), (32, 64)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_backend_matches_naive_at_other_shapes(backend_name, case, block_size, head_dim,
-                                               kernel_ops):
-    """A head_dim that is not a multiple of 16 (vector tails) and blocks of more than 16
-    tokens (several vectors per block), with a window across blocks."""
-    check_backend(backend_name, kernel_ops, case, (8, 2), 20, torch.float32, block_size,
-                  head_dim)
+                                               dtype, kernel_ops):
+    """A head_dim that is not a multiple of 16 (vector tails; in bfloat16 the native
+    kernel's float32 path, where the CPU has bf16 pairs) and blocks of more than 16
+    tokens, which a 64-key chunk reads in pieces, with a window across blocks."""
+    check_backend(backend_name, kernel_ops, case, (8, 2), 20, dtype, block_size, head_dim)
 
 
 @pytest.mark.parametrize("backend_name", BACKENDS)

@@ -318,13 +318,15 @@ def test_the_gemv_sums_a_row_the_same_way_in_any_batch(ops, dtype, in_features, 
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("window", [0, 12])
+@pytest.mark.parametrize("window", [0, 12, 100])  # 100: more than a 64-key chunk
+@pytest.mark.parametrize("head_dim", [16, 40])
 def test_attention_without_context_split_is_the_same_for_any_query_grouping(ops, dtype,
-                                                                           window):
+                                                                           window, head_dim):
     """A query's output is bitwise the same whether it is one decode, part of a short
-    verification query, or anywhere in a prefill chunk, however the prompt is chunked."""
+    verification query, or anywhere in a prefill chunk, however the prompt is chunked
+    (in bfloat16, head_dim 16 takes the bf16 pair path where the CPU has one, 40 not)."""
     generator = torch.Generator().manual_seed(window)
-    heads, kv_heads, head_dim, block_size, length = 4, 2, 16, 16, 700
+    heads, kv_heads, block_size, length = 4, 2, 16, 700
     blocks = length // block_size + 1
     k_cache = torch.zeros(blocks, kv_heads, head_dim, block_size, dtype=dtype)
     v_cache = torch.zeros(blocks, kv_heads, block_size, head_dim, dtype=dtype)

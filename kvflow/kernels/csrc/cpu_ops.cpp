@@ -3,9 +3,10 @@
 // experts in one call, and fused glue (RMSNorm with the residual add, SiLU-and-multiply,
 // RoPE, the KV write).
 //
-// float32 and bfloat16 tensors. Arithmetic is in float32; bfloat16 results are rounded
-// at the same points as the PyTorch ops they replace, so that outputs stay within bf16
-// rounding of the eager path. AVX-512 paths where the compiler targets it (the build
+// float32 and bfloat16 tensors. Arithmetic is in float32 (bf16 attention multiplies bf16
+// pairs into float32 sums where the CPU can); bfloat16 results are rounded at the same
+// points as the PyTorch ops they replace, so that outputs stay within bf16 rounding of
+// the eager path. AVX-512 paths where the compiler targets it (the build
 // uses -march=native), plain loops otherwise.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -1067,18 +1068,33 @@ torch::Tensor int4_dequantize(torch::Tensor w, torch::Tensor scale, torch::Tenso
 // reading the cache in place: K blocks d-major, [num_blocks, num_kv_heads, head_dim,
 // block_size], V blocks [num_blocks, num_kv_heads, block_size, head_dim]. A work item is
 // (request, kv head, tile of up to kQueryTile queries, range of keys): every query row of
-// the tile in that kv head's group attends over the range with an online softmax, block
-// by block. With K d-major, a query's scores for 16 keys are head_dim broadcast FMAs and
-// no horizontal sums; each V block is widened once and shared by all rows.
+// the tile in that kv head's group attends over the range with an online softmax, one
+// chunk of kChunk keys at a time, so that a row's max, exps and rescale are paid once per
+// 64 keys rather than per block. Each chunk's keys and values are read once for all rows.
+// - bfloat16 on a CPU with AVX512_BF16 (and head_dim a multiple of 16): the chunk's keys
+//   and values are repacked into pairs and both products are bf16 GEMM tiles on vdpbf16ps
+//   (float32 sums), the probabilities rounded to bf16 for the second as PyTorch's CPU
+//   flash attention rounds them; twice the rate of float32 FMAs on the same units.
+// - Otherwise scores are broadcast FMAs against the d-major keys (no horizontal sums) and
+//   the widened values are weighted into each row's output.
 // - A request with one tile of queries (a decode) splits a long context into partitions
 //   so that every core works on one stream; partial results are merged afterwards
 //   (flash-decoding). With split_context false it never does: each query's keys are then
-//   read in one pass, block by block, whether it is a decode or sits in a prefill chunk.
+//   read in one pass, chunk by chunk, whether it is a decode or sits in a prefill chunk.
 // - A longer request (a prefill chunk) is split into query tiles, each attending over the
 //   keys up to its last query (causal). Tiles cost more the later they sit, so threads
 //   take items largest first from a shared counter.
+// Chunks start at multiples of kChunk whatever the item's range, and a row's arithmetic
+// on a chunk does not depend on the rows beside it: a query's output is bitwise the same
+// as a decode and anywhere in a prefill chunk.
 constexpr int64_t kPartition = 512;
 constexpr int64_t kQueryTile = 16;
+constexpr int64_t kChunk = 64;
+static_assert(kPartition % kChunk == 0 && kChunk % 32 == 0, "partitions are whole chunks");
+
+#if defined(KVFLOW_AVX512) && defined(__AVX512BF16__)
+#define KVFLOW_BF16_PAIRS 1
+#endif
 
 template <typename T>
 inline void widen(const T* src, float* dst, int64_t n) {
@@ -1100,51 +1116,98 @@ inline void axpy(float a, const float* x, float* y, int64_t n) {  // y += a * x
 }
 
 inline void scale_vec(float a, float* y, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) y[i] *= a;
+  int64_t i = 0;
+#ifdef KVFLOW_AVX512
+  const __m512 av = _mm512_set1_ps(a);
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(y + i, _mm512_mul_ps(av, _mm512_loadu_ps(y + i)));
+#endif
+  for (; i < n; ++i) y[i] *= a;
 }
 
-inline float max_of(const float* s, int64_t n) {
-  int64_t i = 0;
-  float best = -std::numeric_limits<float>::infinity();
 #ifdef KVFLOW_AVX512
-  const __m512 lowest = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-  __m512 m = lowest;
-  for (; i < n; i += 16) {
-    const __mmask16 mask = n - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - i)) - 1);
-    m = _mm512_max_ps(m, _mm512_mask_loadu_ps(lowest, mask, s + i));
-  }
-  best = _mm512_reduce_max_ps(m);
-#endif
-  for (; i < n; ++i) best = std::max(best, s[i]);
-  return best;
+// Lanes i of a vector at offset 16 * v whose position 16 * v + i lies in [a, b).
+inline __mmask16 range_mask(int64_t v, int64_t a, int64_t b) {
+  const int64_t lo = std::clamp<int64_t>(a - 16 * v, 0, 16), hi = std::clamp<int64_t>(b - 16 * v, 0, 16);
+  return static_cast<__mmask16>(((1u << hi) - 1) & ~((1u << lo) - 1));
 }
-
-// s[i] = exp(s[i] - shift) in place; returns their sum.
-inline float exp_shifted(float* s, int64_t n, float shift) {
-  int64_t i = 0;
-  float sum = 0.f;
-#ifdef KVFLOW_AVX512
-  const __m512 shift_v = _mm512_set1_ps(shift);
-  for (; i + 16 <= n; i += 16) {
-    const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(s + i), shift_v));
-    _mm512_storeu_ps(s + i, e);
-    sum += _mm512_reduce_add_ps(e);
-  }
-  if (i < n) {
-    const __mmask16 mask = (1u << (n - i)) - 1;
-    const __m512 e = exp16(_mm512_sub_ps(
-        _mm512_mask_loadu_ps(_mm512_set1_ps(-std::numeric_limits<float>::infinity()), mask, s + i),
-        shift_v));
-    _mm512_mask_storeu_ps(s + i, mask, e);
-    sum += _mm512_reduce_add_ps(_mm512_maskz_mov_ps(mask, e));
-    i = n;
-  }
 #endif
-  for (; i < n; ++i) {
-    s[i] = std::exp(s[i] - shift);
-    sum += s[i];
+
+// The rows' step of the online softmax over a chunk: row r's scores s[r * kChunk + j] are
+// attended for j in [a[r], b[r]) (maybe none). They become exp(score * scale - new max)
+// there and 0 elsewhere, row_max and row_sum move on, and correction[r] is the factor the
+// row's earlier output takes (1 for a row the chunk leaves alone). new_max is scratch. Masked lanes are
+// exactly 0 and the exps are summed lane-wise before one horizontal sum, so a chunk sums
+// alike however much of it an item reads. The work goes in passes over all rows, so that
+// one row's chain of max, exp and sum overlaps the next row's.
+void softmax_chunk(float* s, int64_t rows, const int64_t* a, const int64_t* b, float scale,
+                   float softcap, float* row_max, float* row_sum, float* correction,
+                   float* new_max) {
+  if (softcap > 0.f) {  // Gemma 2: scores -> cap * tanh(scores / cap)
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t j = a[r]; j < b[r]; ++j)
+        s[r * kChunk + j] = softcap * std::tanh(s[r * kChunk + j] * scale / softcap);
+    scale = 1.f;
   }
-  return sum;
+  const float lowest = -std::numeric_limits<float>::infinity();
+  // Pass 1: scale the attended scores, mask the rest to -inf; the chunk's max per row,
+  // kept in new_max.
+  for (int64_t r = 0; r < rows; ++r) {
+    float* sr = s + r * kChunk;
+#ifdef KVFLOW_AVX512
+    __m512 m = _mm512_set1_ps(lowest);
+    for (int64_t v = 0; v < kChunk / 16; ++v) {
+      const __m512 x = _mm512_mask_mul_ps(_mm512_set1_ps(lowest), range_mask(v, a[r], b[r]),
+                                          _mm512_loadu_ps(sr + 16 * v), _mm512_set1_ps(scale));
+      _mm512_storeu_ps(sr + 16 * v, x);
+      m = _mm512_max_ps(m, x);
+    }
+    new_max[r] = _mm512_reduce_max_ps(m);
+#else
+    new_max[r] = lowest;
+    for (int64_t j = 0; j < kChunk; ++j) {
+      sr[j] = j >= a[r] && j < b[r] ? sr[j] * scale : lowest;
+      new_max[r] = std::max(new_max[r], sr[j]);
+    }
+#endif
+  }
+  // Pass 2: each row's new max and the factor on what it had, exp(old max - new max): 0
+  // on its first chunk, exactly 1 (exp(0)) for a row left alone.
+  for (int64_t r = 0; r < rows; ++r) {
+    new_max[r] = a[r] < b[r] ? std::max(row_max[r], new_max[r]) : row_max[r];
+    correction[r] = a[r] < b[r] ? row_max[r] - new_max[r] : 0.f;
+  }
+  int64_t r = 0;
+#ifdef KVFLOW_AVX512
+  for (; r < rows; r += 16) {
+    const __mmask16 m = range_mask(0, 0, rows - r);
+    _mm512_mask_storeu_ps(correction + r, m, exp16(_mm512_maskz_loadu_ps(m, correction + r)));
+  }
+#else
+  for (; r < rows; ++r) correction[r] = std::exp(correction[r]);
+#endif
+  // Pass 3: the exps and their sums.
+  for (r = 0; r < rows; ++r) {
+    float* sr = s + r * kChunk;
+    float sum = 0.f;
+#ifdef KVFLOW_AVX512
+    // A row left alone is -inf everywhere, and its max may be too: shift it by 0.
+    const __m512 shift = _mm512_set1_ps(a[r] < b[r] ? new_max[r] : 0.f);
+    __m512 sums = _mm512_setzero_ps();
+    for (int64_t v = 0; v < kChunk / 16; ++v) {  // exp(-inf) is 0 in masked lanes
+      const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(sr + 16 * v), shift));
+      _mm512_storeu_ps(sr + 16 * v, e);
+      sums = _mm512_add_ps(sums, e);
+    }
+    sum = _mm512_reduce_add_ps(sums);
+#else
+    for (int64_t j = 0; j < kChunk; ++j) {
+      sr[j] = j >= a[r] && j < b[r] ? std::exp(sr[j] - new_max[r]) : 0.f;
+      sum += sr[j];
+    }
+#endif
+    row_max[r] = new_max[r];
+    row_sum[r] = row_sum[r] * correction[r] + sum;
+  }
 }
 
 // scores[r * stride + j] = q_r . key(o + j) for j < n, NR query rows at a time; kt is one
@@ -1177,22 +1240,160 @@ inline void score_block(const float* qf, int64_t head_dim, const T* kt, int64_t 
 
 template <typename T>
 void score_rows(const float* qf, int64_t rows, int64_t head_dim, const T* kt, int64_t block_size,
-                int64_t o, int64_t n, float* scores) {
+                int64_t o, int64_t n, float* scores, int64_t stride) {
   int64_t r = 0;
   for (; r + 8 <= rows; r += 8)
-    score_block<T, 8>(qf + r * head_dim, head_dim, kt, block_size, o, n, scores + r * block_size, block_size);
+    score_block<T, 8>(qf + r * head_dim, head_dim, kt, block_size, o, n, scores + r * stride, stride);
   const float* q = qf + r * head_dim;
-  float* out = scores + r * block_size;
+  float* out = scores + r * stride;
   switch (rows - r) {
-    case 7: score_block<T, 7>(q, head_dim, kt, block_size, o, n, out, block_size); break;
-    case 6: score_block<T, 6>(q, head_dim, kt, block_size, o, n, out, block_size); break;
-    case 5: score_block<T, 5>(q, head_dim, kt, block_size, o, n, out, block_size); break;
-    case 4: score_block<T, 4>(q, head_dim, kt, block_size, o, n, out, block_size); break;
-    case 3: score_block<T, 3>(q, head_dim, kt, block_size, o, n, out, block_size); break;
-    case 2: score_block<T, 2>(q, head_dim, kt, block_size, o, n, out, block_size); break;
-    case 1: score_block<T, 1>(q, head_dim, kt, block_size, o, n, out, block_size); break;
+    case 7: score_block<T, 7>(q, head_dim, kt, block_size, o, n, out, stride); break;
+    case 6: score_block<T, 6>(q, head_dim, kt, block_size, o, n, out, stride); break;
+    case 5: score_block<T, 5>(q, head_dim, kt, block_size, o, n, out, stride); break;
+    case 4: score_block<T, 4>(q, head_dim, kt, block_size, o, n, out, stride); break;
+    case 3: score_block<T, 3>(q, head_dim, kt, block_size, o, n, out, stride); break;
+    case 2: score_block<T, 2>(q, head_dim, kt, block_size, o, n, out, stride); break;
+    case 1: score_block<T, 1>(q, head_dim, kt, block_size, o, n, out, stride); break;
     default: break;
   }
+}
+
+// out[0, head_dim) = out * correction + sum over j in [j0, n) of p[j] * vf[j][.]: one row's
+// output weighted by a chunk's widened values, 64 dimensions at a time in independent sums.
+inline void weigh_values(const float* p, const float* vf, int64_t j0, int64_t n,
+                         int64_t head_dim, float correction, float* out) {
+#ifdef KVFLOW_AVX512
+  for (int64_t d = 0; d < head_dim; d += 64) {
+    __mmask16 mask[4];
+    __m512 acc[4];
+    for (int v = 0; v < 4; ++v) {
+      mask[v] = range_mask(v, 0, head_dim - d);
+      acc[v] = _mm512_mul_ps(_mm512_set1_ps(correction),
+                             _mm512_maskz_loadu_ps(mask[v], out + d + 16 * v));
+    }
+    for (int64_t j = j0; j < n; ++j) {
+      const __m512 pj = _mm512_set1_ps(p[j]);
+      for (int v = 0; v < 4; ++v)
+        acc[v] = _mm512_fmadd_ps(pj, _mm512_maskz_loadu_ps(mask[v], vf + j * head_dim + d + 16 * v),
+                                 acc[v]);
+    }
+    for (int v = 0; v < 4; ++v) _mm512_mask_storeu_ps(out + d + 16 * v, mask[v], acc[v]);
+  }
+#else
+  for (int64_t d = 0; d < head_dim; ++d) {
+    float a = out[d] * correction;
+    for (int64_t j = j0; j < n; ++j) a = fmadd(p[j], vf[j * head_dim + d], a);
+    out[d] = a;
+  }
+#endif
+}
+
+#ifdef KVFLOW_BF16_PAIRS
+// Two rows of 16 bf16 each, interleaved: word 2i from the first, 2i + 1 from the second,
+// so that lane i of the result, as 32 bits, is the pair (first[i], second[i]).
+inline __m512i interleave16(__m256i first, __m256i second) {
+  alignas(64) static const uint16_t index[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21,
+                                                 6, 22, 7, 23, 8, 24, 9, 25, 10, 26, 11, 27,
+                                                 12, 28, 13, 29, 14, 30, 15, 31};
+  return _mm512_permutexvar_epi16(
+      _mm512_load_si512(index),
+      _mm512_inserti64x4(_mm512_castsi256_si512(first), second, 1));
+}
+
+// Keys [o, o + n) of a d-major block as pairs of dimensions: dst[p * ld + j] holds
+// (k[2p][o + j], k[2p + 1][o + j]).
+inline void pack_key_pairs(const BFloat16* kt, int64_t block_size, int64_t head_dim, int64_t o,
+                           int64_t n, uint32_t* dst, int64_t ld) {
+  for (int64_t p = 0; p < head_dim / 2; ++p) {
+    const BFloat16* even = kt + 2 * p * block_size + o;
+    for (int64_t j = 0; j < n; j += 16) {
+      const __mmask16 m = range_mask(0, 0, n - j);
+      _mm512_mask_storeu_epi32(dst + p * ld + j, m,
+                               interleave16(_mm256_maskz_loadu_epi16(m, even + j),
+                                            _mm256_maskz_loadu_epi16(m, even + block_size + j)));
+    }
+  }
+}
+
+// Value rows as pairs of keys: dst[d] holds (first[d], second[d]); a null row is zeros.
+inline void pack_value_pair(const BFloat16* first, const BFloat16* second, int64_t head_dim,
+                            uint32_t* dst) {
+  for (int64_t d = 0; d < head_dim; d += 16) {
+    const __m256i a = first ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(first + d))
+                            : _mm256_setzero_si256();
+    const __m256i b = second ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(second + d))
+                             : _mm256_setzero_si256();
+    _mm512_storeu_si512(dst + d, interleave16(a, b));
+  }
+}
+
+// c[r][16 * v + i] (+)= sum over k < k2 of a[r][k] . b[k][16 * v + i], NR rows by NV
+// vectors: a bf16 GEMM tile whose elements are pairs (vdpbf16ps, float32 sums). Each lane
+// sums its pairs in order k = 0, 1, ... whatever rows sit beside it.
+template <int NR, int NV>
+inline void pair_tile(const uint32_t* a, int64_t lda, const uint32_t* b, int64_t ldb,
+                      int64_t k2, float* c, int64_t ldc, bool accumulate) {
+  __m512 acc[NR][NV];
+  for (int r = 0; r < NR; ++r)
+    for (int v = 0; v < NV; ++v)
+      acc[r][v] = accumulate ? _mm512_loadu_ps(c + r * ldc + 16 * v) : _mm512_setzero_ps();
+  for (int64_t k = 0; k < k2; ++k) {
+    __m512bh bv[NV];
+    for (int v = 0; v < NV; ++v) bv[v] = (__m512bh)_mm512_loadu_si512(b + k * ldb + 16 * v);
+    for (int r = 0; r < NR; ++r) {
+      const __m512bh av = (__m512bh)_mm512_set1_epi32(static_cast<int>(a[r * lda + k]));
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], av, bv[v]);
+    }
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(c + r * ldc + 16 * v, acc[r][v]);
+}
+
+template <int NV>
+void pair_rows(const uint32_t* a, int64_t lda, const uint32_t* b, int64_t ldb, int64_t k2,
+               float* c, int64_t ldc, int64_t rows, bool accumulate) {
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4)
+    pair_tile<4, NV>(a + r * lda, lda, b, ldb, k2, c + r * ldc, ldc, accumulate);
+  a += r * lda;
+  c += r * ldc;
+  switch (rows - r) {
+    case 3: pair_tile<3, NV>(a, lda, b, ldb, k2, c, ldc, accumulate); break;
+    case 2: pair_tile<2, NV>(a, lda, b, ldb, k2, c, ldc, accumulate); break;
+    case 1: pair_tile<1, NV>(a, lda, b, ldb, k2, c, ldc, accumulate); break;
+    default: break;
+  }
+}
+
+// c[rows][n] (+)= a[rows][k2] . b[k2][n] in pairs; n a multiple of 16.
+void pair_product(const uint32_t* a, int64_t lda, const uint32_t* b, int64_t ldb, int64_t k2,
+                  float* c, int64_t ldc, int64_t rows, int64_t n, bool accumulate) {
+  for (int64_t j = 0; j < n; j += 64) {
+    switch (std::min<int64_t>(4, (n - j) / 16)) {
+      case 4: pair_rows<4>(a, lda, b + j, ldb, k2, c + j, ldc, rows, accumulate); break;
+      case 3: pair_rows<3>(a, lda, b + j, ldb, k2, c + j, ldc, rows, accumulate); break;
+      case 2: pair_rows<2>(a, lda, b + j, ldb, k2, c + j, ldc, rows, accumulate); break;
+      default: pair_rows<1>(a, lda, b + j, ldb, k2, c + j, ldc, rows, accumulate); break;
+    }
+  }
+}
+
+// A row of kChunk probabilities as kChunk / 2 pairs of bf16, rounded to nearest even.
+inline void probability_pairs(const float* p, uint32_t* dst) {
+  for (int64_t j = 0; j < kChunk; j += 32)
+    _mm512_storeu_si512(dst + j / 2, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(p + j + 16),
+                                                                  _mm512_loadu_ps(p + j)));
+}
+#endif
+
+// Whether paged_attention takes the bf16 pair path for these tensors.
+template <typename T>
+constexpr bool pairs_path(int64_t head_dim) {
+#ifdef KVFLOW_BF16_PAIRS
+  return std::is_same_v<T, BFloat16> && head_dim % 16 == 0;
+#else
+  return false;
+#endif
 }
 
 // The factor on a row's unnormalised output: 1 / its sum of exps, or, with gpt-oss's sink
@@ -1266,9 +1467,21 @@ void paged_attention_impl(T* out, const T* q, const T* k_cache, const T* v_cache
   std::atomic<int64_t> next{0};
   const int64_t num_workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), items.size()));
 
+  const bool pairs = pairs_path<T>(head_dim);
+
   at::parallel_for(0, num_workers, 1, [&](int64_t, int64_t) {
-    std::vector<float> qf, acc, scores, vf(block_size * head_dim);
-    std::vector<float> row_max, row_sum;
+    // Per row: query (float32, scaled, or bf16 pairs), output, scores of the chunk, and
+    // the softmax's max, sum and rescale; per chunk: values widened or keys and values
+    // repacked into pairs.
+    std::vector<float> qf, acc, scores, vf, row_max, row_sum, correction, new_max;
+    std::vector<int64_t> attend_from, attend_to;
+    std::vector<uint32_t> q_pairs, p_pairs, k_pairs, v_pairs;
+    if (pairs) {
+      k_pairs.resize(head_dim / 2 * kChunk);
+      v_pairs.resize(kChunk / 2 * head_dim);
+    } else {
+      vf.resize(kChunk * head_dim);
+    }
     for (int64_t taken = next.fetch_add(1); taken < static_cast<int64_t>(items.size());
          taken = next.fetch_add(1)) {
       const WorkItem& item = items[order[taken]];
@@ -1277,74 +1490,107 @@ void paged_attention_impl(T* out, const T* q, const T* k_cache, const T* v_cache
       const int64_t tile = item.q_end - item.q_begin;
       const int64_t rows = tile * group;
       const int64_t seq_len = seq_lens[item.req];
-      qf.assign(rows * head_dim, 0.f);
       acc.assign(rows * head_dim, 0.f);
       row_max.assign(rows, -std::numeric_limits<float>::infinity());
       row_sum.assign(rows, 0.f);
-      scores.resize(rows * block_size);
+      for (auto* v : {&correction, &new_max}) v->resize(rows);
+      attend_from.resize(rows);
+      attend_to.resize(rows);
+      scores.resize(rows * kChunk);
+      if (pairs) {
+        q_pairs.resize(rows * head_dim / 2);
+        p_pairs.resize(rows * kChunk / 2);
+      } else {
+        qf.resize(rows * head_dim);
+      }
       for (int64_t i = 0; i < tile; ++i)
         for (int64_t g = 0; g < group; ++g) {
-          float* dst = qf.data() + (i * group + g) * head_dim;
-          widen(q + (q0 + item.q_begin + i) * q_row_stride + (item.kv_head * group + g) * head_dim,
-                dst, head_dim);
-          scale_vec(static_cast<float>(scale), dst, head_dim);
+          const T* src = q + (q0 + item.q_begin + i) * q_row_stride + (item.kv_head * group + g) * head_dim;
+          const int64_t r = i * group + g;
+          if (pairs) {
+            std::memcpy(q_pairs.data() + r * head_dim / 2, src, head_dim * sizeof(T));
+          } else {
+            widen(src, qf.data() + r * head_dim, head_dim);
+            scale_vec(static_cast<float>(scale), qf.data() + r * head_dim, head_dim);
+          }
         }
       const int32_t* table = block_tables + item.req * max_blocks;
-      // Scores always start at a block's first key, keys before the item's range masked:
-      // a key then has the same lane in every item that reads it, so the sums over lanes
-      // (exp_shifted) do not depend on where a window, partition or query tile begins.
-      for (int64_t lo = item.first_key - item.first_key % block_size; lo < item.end_key;
-           lo += block_size) {
-        const int64_t block = table[lo / block_size];
-        const int64_t base = (block * num_kv_heads + item.kv_head) * block_size * head_dim;
-        const int64_t hi = std::min(lo + block_size, item.end_key);
-        const int64_t n = hi - lo;
-        score_rows(qf.data(), rows, head_dim, k_cache + base, block_size, 0, n, scores.data());
-        for (int64_t r = 0; r < rows; ++r) {
-          float* sr = scores.data() + r * block_size;
-          if (softcap > 0.f)  // Gemma 2: scores -> cap * tanh(scores / cap)
-            for (int64_t j = 0; j < n; ++j) sr[j] = softcap * std::tanh(sr[j] / softcap);
-          const int64_t query_pos = seq_len - query_len + item.q_begin + r / group;
-          // Range, causal and window masks, only where this block crosses them.
-          if (lo < item.first_key || hi - 1 > query_pos ||
-              (window > 0 && query_pos - lo >= window)) {
-            for (int64_t pos = lo; pos < hi; ++pos)
-              if (pos < item.first_key || pos > query_pos ||
-                  (window > 0 && query_pos - pos >= window))
-                sr[pos - lo] = -std::numeric_limits<float>::infinity();
+      auto block_base = [&](int64_t pos) {
+        return (table[pos / block_size] * num_kv_heads + item.kv_head) * block_size * head_dim;
+      };
+      // Keys are read from the block holding the item's first key on; the chunk reaches
+      // back to a multiple of kChunk, and the keys before that block count as masked.
+      const int64_t first_read = item.first_key - item.first_key % block_size;
+      for (int64_t chunk = item.first_key - item.first_key % kChunk; chunk < item.end_key;
+           chunk += kChunk) {
+        const int64_t lo = std::max(chunk, first_read) - chunk;
+        const int64_t n = std::min(chunk + kChunk, item.end_key) - chunk;
+        const int64_t vectors = (n + 15) / 16 * 16;
+#ifdef KVFLOW_BF16_PAIRS
+        if (pairs) {
+          for (int64_t p = 0; p < head_dim / 2; ++p) {
+            std::fill(k_pairs.data() + p * kChunk, k_pairs.data() + p * kChunk + lo, 0u);
+            std::fill(k_pairs.data() + p * kChunk + n, k_pairs.data() + p * kChunk + vectors, 0u);
           }
-          const float block_max = max_of(sr, n);
-          if (block_max == -std::numeric_limits<float>::infinity()) {  // all masked here
-            std::fill_n(sr, n, 0.f);
+        }
+#endif
+        for (int64_t s = chunk + lo; s < chunk + n;) {
+          const int64_t o = s % block_size;
+          const int64_t e = std::min(chunk + n, s - o + block_size);
+          const int64_t base = block_base(s);
+#ifdef KVFLOW_BF16_PAIRS
+          if (pairs) {
+            pack_key_pairs(reinterpret_cast<const BFloat16*>(k_cache) + base, block_size,
+                           head_dim, o, e - s, k_pairs.data() + (s - chunk), kChunk);
+            s = e;
             continue;
           }
-          const float new_max = std::max(row_max[r], block_max);
-          const float correction = std::exp(row_max[r] - new_max);
-          row_sum[r] *= correction;
-          scale_vec(correction, acc.data() + r * head_dim, head_dim);
-          row_max[r] = new_max;
-          row_sum[r] += exp_shifted(sr, n, new_max);
-        }
-        // The value block, widened once, weighted into every row's output.
-        widen(v_cache + base, vf.data(), n * head_dim);
-        for (int64_t r = 0; r < rows; ++r) {
-          const float* p = scores.data() + r * block_size;
-          float* out_r = acc.data() + r * head_dim;
-          int64_t d = 0;
-#ifdef KVFLOW_AVX512
-          for (; d + 16 <= head_dim; d += 16) {
-            __m512 a = _mm512_loadu_ps(out_r + d);
-            for (int64_t j = 0; j < n; ++j)
-              a = _mm512_fmadd_ps(_mm512_set1_ps(p[j]), _mm512_loadu_ps(vf.data() + j * head_dim + d), a);
-            _mm512_storeu_ps(out_r + d, a);
-          }
 #endif
-          for (; d < head_dim; ++d) {
-            float a = out_r[d];
-            for (int64_t j = 0; j < n; ++j) a = fmadd(p[j], vf[j * head_dim + d], a);
-            out_r[d] = a;
-          }
+          score_rows(qf.data(), rows, head_dim, k_cache + base, block_size, o, e - s,
+                     scores.data() + (s - chunk), kChunk);
+          widen(v_cache + base + o * head_dim, vf.data() + (s - chunk) * head_dim,
+                (e - s) * head_dim);
+          s = e;
         }
+#ifdef KVFLOW_BF16_PAIRS
+        if (pairs)
+          pair_product(q_pairs.data(), head_dim / 2, k_pairs.data(), kChunk, head_dim / 2,
+                       scores.data(), kChunk, rows, vectors, false);
+#endif
+        for (int64_t r = 0; r < rows; ++r) {  // range, causal and window masks
+          const int64_t query_pos = seq_len - query_len + item.q_begin + r / group;
+          attend_from[r] = std::max(lo, item.first_key - chunk);
+          if (window > 0) attend_from[r] = std::max(attend_from[r], query_pos - window + 1 - chunk);
+          attend_to[r] = std::min(n, query_pos + 1 - chunk);
+        }
+        softmax_chunk(scores.data(), rows, attend_from.data(), attend_to.data(),
+                      pairs ? static_cast<float>(scale) : 1.f, softcap, row_max.data(),
+                      row_sum.data(), correction.data(), new_max.data());
+#ifdef KVFLOW_BF16_PAIRS
+        if (pairs) {
+          // Values as pairs of keys; keys outside [lo, n) are zeros.
+          auto value_row = [&](int64_t j) -> const BFloat16* {
+            if (j < lo || j >= n) return nullptr;
+            const int64_t pos = chunk + j;
+            return reinterpret_cast<const BFloat16*>(v_cache) + block_base(pos) +
+                   pos % block_size * head_dim;
+          };
+          const int64_t k2 = (n + 1) / 2;
+          for (int64_t p = lo / 2; p < k2; ++p)
+            pack_value_pair(value_row(2 * p), value_row(2 * p + 1), head_dim,
+                            v_pairs.data() + p * head_dim);
+          for (int64_t r = 0; r < rows; ++r) {
+            probability_pairs(scores.data() + r * kChunk, p_pairs.data() + r * kChunk / 2);
+            if (correction[r] != 1.f) scale_vec(correction[r], acc.data() + r * head_dim, head_dim);
+          }
+          pair_product(p_pairs.data() + lo / 2, kChunk / 2, v_pairs.data() + lo / 2 * head_dim,
+                       head_dim, k2 - lo / 2, acc.data(), head_dim, rows, head_dim, true);
+          continue;
+        }
+#endif
+        for (int64_t r = 0; r < rows; ++r)
+          weigh_values(scores.data() + r * kChunk, vf.data(), lo, n, head_dim, correction[r],
+                       acc.data() + r * head_dim);
       }
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t i = item.q_begin + r / group, g = r % group;
