@@ -45,6 +45,10 @@ def small_ceilings(monkeypatch, tmp_path):
     monkeypatch.setattr(hardware, "read_rate",
                         lambda device="cpu", read_bytes=64 << 20, repeats=2:
                         read(device, read_bytes, repeats))
+    matmul = hardware.matmul_flops
+    monkeypatch.setattr(hardware, "matmul_flops",
+                        lambda device="cpu", dtype=torch.bfloat16, matmul_n=128, repeats=2:
+                        matmul(device, dtype, matmul_n, repeats))
 
 
 def test_workload_draws_the_same_requests_for_the_same_seed():
@@ -587,6 +591,15 @@ def test_decode_bytes_of_a_mixture_of_experts_count_the_experts_a_token_uses(che
     assert gguf_decode_bytes(gguf) == round(4 * expected)
 
 
+def test_a_prompt_token_costs_its_products_attention_and_a_share_of_one_logit_row():
+    from kvflow.bench.peer_tests import prompt_flops_per_token
+
+    # Qwen2.5-0.5B: 357,898,112 non-embedding parameters; 14 heads of 64 in 24 layers, each
+    # of 512 tokens attending 256.5 on average; one row of logits over 151,936 tokens.
+    expected = (2 * 357_898_112 + 4 * 14 * 64 * 24 * 513 / 2 + 2 * 896 * 151_936 / 512)
+    assert prompt_flops_per_token(QWEN_05B, 512) == pytest.approx(expected)
+
+
 def test_compare_runs_the_peer_tests_in_kvflow_and_in_llama_cpps_tools(checkpoint, tmp_path,
                                                                        monkeypatch):
     """kvflow's side for real, on a small model; llama.cpp's tools stood in for by their
@@ -603,13 +616,19 @@ def test_compare_runs_the_peer_tests_in_kvflow_and_in_llama_cpps_tools(checkpoin
         commands.append(command)
         return BATCHED_BENCH_JSONL if "llama-batched-bench" in command[0] else LLAMA_BENCH_JSON
     monkeypatch.setattr(peer_tests, "_output", recorded)
-    rates = []
+    rates, flops = [], []
 
     def read_rate(*args, **kwargs):
         rates.append(real_read_rate(*args, **kwargs))
         return rates[-1]
     real_read_rate = hardware.read_rate
     monkeypatch.setattr(hardware, "read_rate", read_rate)
+
+    def matmul_flops(*args, **kwargs):
+        flops.append(real_matmul_flops(*args, **kwargs))
+        return flops[-1]
+    real_matmul_flops = hardware.matmul_flops
+    monkeypatch.setattr(hardware, "matmul_flops", matmul_flops)
     out = tmp_path / "cmp"
     compare(CompareSettings(model=checkpoint("qwen2"), workloads=[], out=out,
                             systems=["kvflow", "llama.cpp"], kv_cache_memory="16MiB",
@@ -630,16 +649,25 @@ def test_compare_runs_the_peer_tests_in_kvflow_and_in_llama_cpps_tools(checkpoin
     assert bench[bench.index("-p") + 1] == "24" and bench[bench.index("-n") + 1] == "0"
     batched = next(c for c in commands if c[0].endswith("llama-batched-bench"))
     assert [batched[batched.index(f) + 1] for f in ("-npp", "-ntg", "-npl")] == ["8", "4", "3"]
-    # The read rate measured before each side's tests, one per side and round; a decode
-    # test's result carries it and its format's bytes per token.
-    beside: dict[tuple[str, int], set[float]] = {}
+    # The read and matmul rates measured before each side's tests, one of each per side and
+    # round; a decode test's result carries them with its format's bytes per token, a
+    # prefill's with its FLOPs per token.
+    for ceiling, measured_rates in (("read_ceiling_bytes_per_s", rates),
+                                    ("matmul_ceiling_flops_per_s", flops)):
+        beside: dict[tuple[str, int], set[float]] = {}
+        for row in document["peer_tests"]:
+            key = (row["system"], row["settings"]["round"])
+            beside.setdefault(key, set()).add(row["settings"][ceiling])
+        assert len(beside) == 4 and all(len(values) == 1 for values in beside.values())
+        measured = {value for values in beside.values() for value in values}
+        assert measured <= set(measured_rates) and min(measured) > 0
     for row in document["peer_tests"]:
-        key = (row["system"], row["settings"]["round"])
-        beside.setdefault(key, set()).add(row["settings"]["read_ceiling_bytes_per_s"])
         assert ("bytes_per_token" in row["settings"]) == (row["test"] == "tg8")
-    assert len(beside) == 4 and all(len(values) == 1 for values in beside.values())
-    measured = {value for values in beside.values() for value in values}
-    assert measured <= set(rates) and min(measured) > 0
+        assert ("flops_per_token" in row["settings"]) == (row["test"] == "pp24")
+    assert {rows[(s, "pp24")]["settings"]["flops_per_token"]
+            for s in ("kvflow bf16", "llama.cpp BF16")} == {
+        peer_tests.prompt_flops_per_token(json.loads(
+            (checkpoint("qwen2") / "config.json").read_text()), 24)}
     assert rows[("llama.cpp BF16", "tg8")]["settings"]["bytes_per_token"] == 32 * 4 + 4 * 32 * 2
     report = (tmp_path / "cmp.md").read_text()
     assert "family" in report and "| tg8 | generated tokens/s |" in report
@@ -650,6 +678,13 @@ def test_compare_runs_the_peer_tests_in_kvflow_and_in_llama_cpps_tools(checkpoin
     assert kvflow.read_share == pytest.approx(
         kvflow.tokens_per_s * kvflow.settings["bytes_per_token"]
         / kvflow.settings["read_ceiling_bytes_per_s"])
+    assert kvflow.compute_share is None
+    assert re.search(r"\| pp24 \| computed \(% of the bf16 matmul ceiling beside it\) \| "
+                     r"[\d.]+ TFLOP/s \(\d+%\) \| [\d.]+ TFLOP/s \(\d+%\) \|", report), report
+    prefill = peer_tests.PeerTestResult(**rows[("kvflow bf16", "pp24")])
+    assert prefill.compute_share == pytest.approx(
+        prefill.tokens_per_s * prefill.settings["flops_per_token"]
+        / prefill.settings["matmul_ceiling_flops_per_s"])
     with pytest.raises(ValueError, match="nothing to compare"):
         CompareSettings(model=tmp_path, workloads=[], out=out)
     with pytest.raises(ValueError, match="unknown peer test 'pp'"):

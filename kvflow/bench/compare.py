@@ -177,6 +177,9 @@ def compare(settings: CompareSettings) -> list[RunResult]:
             if result is None:
                 continue
             result.settings.update(beside, round=round_)
+            if test.prompt and not test.batched:
+                result.settings["flops_per_token"] = peer_tests.prompt_flops_per_token(
+                    config, test.prompt)
             print(f"{system} {test.name}: {result.tokens_per_s:.1f} {test.measures}",
                   flush=True)
             peer_results.append(result)
@@ -247,15 +250,21 @@ def _peer_rounds(settings: CompareSettings,
     """The peer tests, kvflow's formats and llama.cpp's files in pairs (the first format
     beside the first file, and so on), each pair's tests back to back, in peer_rounds
     rounds: the machine's speed drifts over minutes, and a ratio is only as good as the
-    time between its two sides. Where a decode test is among them, the DRAM read rate is
-    measured before each side's tests, as that side's roofline."""
-    decode = any(not peer_tests.PeerTest.parse(t).prompt for t in settings.peer_tests)
+    time between its two sides. Before each side's tests, the DRAM read rate is measured
+    where a decode test is among them, and the bf16 matmul rate where a prefill test is, as
+    that side's rooflines."""
+    tests = [peer_tests.PeerTest.parse(t) for t in settings.peer_tests]
+    decode = any(not t.prompt for t in tests)
+    prefill = any(t.prompt and not t.batched for t in tests)
 
     def beside() -> dict:
-        if not decode:
-            return {}
         torch.set_num_threads(settings.threads)  # as an engine's governor may have left it
-        return {"read_ceiling_bytes_per_s": hardware.read_rate()}
+        measured = {}
+        if decode:
+            measured["read_ceiling_bytes_per_s"] = hardware.read_rate()
+        if prefill:
+            measured["matmul_ceiling_flops_per_s"] = hardware.matmul_flops(repeats=3)
+        return measured
 
     kvflow = [("kvflow", q) for q in settings.kvflow_quantizations
               if "kvflow" in settings.systems]

@@ -105,21 +105,28 @@ def read_rate(device: str = "cpu", read_bytes: int = READ_BYTES, repeats: int = 
     return read_bytes / _best_seconds(data.sum, device, repeats)
 
 
+def matmul_flops(device: str = "cpu", dtype: torch.dtype = torch.bfloat16,
+                 matmul_n: int = MATMUL_N, repeats: int = 10) -> float:
+    """FLOP/s of an n x n x n matmul in dtype at torch's thread count, the best of `repeats`.
+    `kvflow bench compare` measures it beside each prefill test, as read_rate beside a
+    decode."""
+    a = torch.randn(matmul_n, matmul_n, device=device).to(dtype)
+    b = torch.randn(matmul_n, matmul_n, device=device).to(dtype)
+    # a @ b and F.linear(a, b) (the engine's form, b transposed) can take different
+    # kernels; the ceiling is the faster.
+    seconds = min(_best_seconds(lambda: a @ b, device, repeats),
+                  _best_seconds(lambda: F.linear(a, b), device, repeats))
+    return 2 * matmul_n ** 3 / seconds
+
+
 def measure_ceilings(device: str = "cpu", read_bytes: int = READ_BYTES,
                      matmul_n: int = MATMUL_N, repeats: int = 10) -> dict:
     """DRAM (or HBM) read bytes/s and matmul FLOP/s per dtype, at torch's thread count."""
     read = read_rate(device, read_bytes, repeats)
-    matmul = {}
     # float16 has no fast CPU path here; it is measured where it is a serving dtype.
     dtypes = (torch.bfloat16, torch.float32) + ((torch.float16,) if device == "cuda" else ())
-    for dtype in dtypes:
-        a = torch.randn(matmul_n, matmul_n, device=device).to(dtype)
-        b = torch.randn(matmul_n, matmul_n, device=device).to(dtype)
-        # a @ b and F.linear(a, b) (the engine's form, b transposed) can take different
-        # kernels; the ceiling is the faster.
-        seconds = min(_best_seconds(lambda: a @ b, device, repeats),
-                      _best_seconds(lambda: F.linear(a, b), device, repeats))
-        matmul[str(dtype).removeprefix("torch.")] = 2 * matmul_n ** 3 / seconds
+    matmul = {str(dtype).removeprefix("torch."): matmul_flops(device, dtype, matmul_n, repeats)
+              for dtype in dtypes}
     return {"device": device, "threads": torch.get_num_threads(),
             "dram_read_bytes_per_s": read, "read_bytes": read_bytes,
             "matmul_flops_per_s": matmul, "matmul_n": matmul_n,

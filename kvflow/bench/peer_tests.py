@@ -14,7 +14,12 @@ format (`bytes_per_token`) and the DRAM read rate measured just before its syste
 (`read_ceiling_bytes_per_s`): on a shared host that rate moves by half within minutes, so
 a decode's share of the memory roofline is only meaningful against one measured beside it.
 The KV cache a tg128 reads is left out (under a thousandth of the weights' bytes for a
-0.5B model)."""
+0.5B model).
+
+A pp<P> result likewise records the FLOPs a prompt token costs by the roofline's rules
+(`flops_per_token`, kvflow/bench/roofline.py) and the bf16 matmul rate measured just
+before its system's tests (`matmul_ceiling_flops_per_s`), for its share of the compute
+roofline."""
 from __future__ import annotations
 
 import json
@@ -29,6 +34,7 @@ import numpy as np
 import torch
 
 from kvflow.bench import llama_cpp
+from kvflow.bench.roofline import ModelCost, run_cost
 
 
 @dataclass(frozen=True)
@@ -97,6 +103,30 @@ class PeerTestResult:
         either is missing."""
         rate, ceiling = self.weights_read_per_s, self.settings.get("read_ceiling_bytes_per_s")
         return rate / ceiling if rate is not None and ceiling else None
+
+    @property
+    def flops_per_s(self) -> float | None:
+        """The FLOPs a prefill test computed per second; None for other tests, or where its
+        FLOPs per token were not recorded."""
+        flops_per_token = self.settings.get("flops_per_token")
+        test = PeerTest.parse(self.test)
+        if not flops_per_token or not test.prompt or test.batched:
+            return None
+        return self.tokens_per_s * flops_per_token
+
+    @property
+    def compute_share(self) -> float | None:
+        """flops_per_s over the matmul ceiling measured beside the test; None where either
+        is missing."""
+        rate, ceiling = self.flops_per_s, self.settings.get("matmul_ceiling_flops_per_s")
+        return rate / ceiling if rate is not None and ceiling else None
+
+
+def prompt_flops_per_token(config: dict, prompt: int) -> float:
+    """What a pp<prompt> test computes per prompt token, by the roofline's rules from the
+    model's config.json: the prompt's tokens, causal attention over it, and the logits of
+    its last token."""
+    return run_cost(ModelCost.from_config(config), [(prompt, 1)], 1).flops / prompt
 
 
 def gguf_decode_bytes(gguf: Path) -> int:
@@ -256,19 +286,25 @@ def peer_table(results: list[PeerTestResult]) -> str:
     for test in tests:
         cells = [f"{by[(s, test)]:.1f}" if (s, test) in by else "-" for s in systems]
         lines.append(f"| {test} | {PeerTest.parse(test).measures} | " + " | ".join(cells) + " |")
-    shares: dict[tuple[str, str], list[tuple[float, float]]] = {}
-    for r in results:
-        if r.read_share is not None:
-            shares.setdefault((r.system, r.test), []).append((r.read_share,
-                                                              r.weights_read_per_s))
-    for test in tests:
-        if not any((s, test) in shares for s in systems):
-            continue
-        cells = []
-        for system in systems:
-            rounds_ = sorted(shares.get((system, test), []))
-            share, rate = rounds_[len(rounds_) // 2] if rounds_ else (None, None)
-            cells.append("-" if share is None else f"{rate / 1e9:.1f} GB/s ({100 * share:.0f}%)")
-        lines.append(f"| {test} | weights read (% of the read ceiling beside it) | "
-                     + " | ".join(cells) + " |")
+    # A decode's share of the read ceiling, a prefill's of the matmul ceiling: the median
+    # round's, with its rate.
+    for label, share_of, rate_of, unit in [
+            ("weights read (% of the read ceiling beside it)", "read_share",
+             "weights_read_per_s", lambda rate: f"{rate / 1e9:.1f} GB/s"),
+            ("computed (% of the bf16 matmul ceiling beside it)", "compute_share",
+             "flops_per_s", lambda rate: f"{rate / 1e12:.3f} TFLOP/s")]:
+        shares: dict[tuple[str, str], list[tuple[float, float]]] = {}
+        for r in results:
+            if getattr(r, share_of) is not None:
+                shares.setdefault((r.system, r.test), []).append(
+                    (getattr(r, share_of), getattr(r, rate_of)))
+        for test in tests:
+            if not any((s, test) in shares for s in systems):
+                continue
+            cells = []
+            for system in systems:
+                rounds_ = sorted(shares.get((system, test), []))
+                share, rate = rounds_[len(rounds_) // 2] if rounds_ else (None, None)
+                cells.append("-" if share is None else f"{unit(rate)} ({100 * share:.0f}%)")
+            lines.append(f"| {test} | {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
