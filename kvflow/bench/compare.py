@@ -263,7 +263,7 @@ def _peer_rounds(settings: CompareSettings,
         if decode:
             measured["read_ceiling_bytes_per_s"] = hardware.read_rate()
         if prefill:
-            measured["matmul_ceiling_flops_per_s"] = hardware.matmul_flops(repeats=3)
+            measured["matmul_ceiling_flops_per_s"] = hardware.matmul_flops()
         return measured
 
     kvflow = [("kvflow", q) for q in settings.kvflow_quantizations
