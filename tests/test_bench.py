@@ -679,7 +679,7 @@ def test_compare_runs_the_peer_tests_in_kvflow_and_in_llama_cpps_tools(checkpoin
         kvflow.tokens_per_s * kvflow.settings["bytes_per_token"]
         / kvflow.settings["read_ceiling_bytes_per_s"])
     assert kvflow.compute_share is None
-    assert re.search(r"\| pp24 \| computed \(% of the bf16 matmul ceiling beside it\) \| "
+    assert re.search(r"\| pp24 \| computed \(% of the matmul ceiling beside it\) \| "
                      r"[\d.]+ TFLOP/s \(\d+%\) \| [\d.]+ TFLOP/s \(\d+%\) \|", report), report
     prefill = peer_tests.PeerTestResult(**rows[("kvflow bf16", "pp24")])
     assert prefill.compute_share == pytest.approx(

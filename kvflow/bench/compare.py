@@ -251,8 +251,8 @@ def _peer_rounds(settings: CompareSettings,
     beside the first file, and so on), each pair's tests back to back, in peer_rounds
     rounds: the machine's speed drifts over minutes, and a ratio is only as good as the
     time between its two sides. Before each side's tests, the DRAM read rate is measured
-    where a decode test is among them, and the bf16 matmul rate where a prefill test is, as
-    that side's rooflines."""
+    where a decode test is among them, and the matmul rate in the run's dtype where a
+    prefill test is, as that side's rooflines."""
     tests = [peer_tests.PeerTest.parse(t) for t in settings.peer_tests]
     decode = any(not t.prompt for t in tests)
     prefill = any(t.prompt and not t.batched for t in tests)
@@ -263,7 +263,8 @@ def _peer_rounds(settings: CompareSettings,
         if decode:
             measured["read_ceiling_bytes_per_s"] = hardware.read_rate()
         if prefill:
-            measured["matmul_ceiling_flops_per_s"] = hardware.matmul_flops()
+            measured["matmul_ceiling_flops_per_s"] = hardware.matmul_flops(
+                dtype=getattr(torch, settings.dtype))
         return measured
 
     kvflow = [("kvflow", q) for q in settings.kvflow_quantizations

@@ -17,9 +17,9 @@ The KV cache a tg128 reads is left out (under a thousandth of the weights' bytes
 0.5B model).
 
 A pp<P> result likewise records the FLOPs a prompt token costs by the roofline's rules
-(`flops_per_token`, kvflow/bench/roofline.py) and the bf16 matmul rate measured just
-before its system's tests (`matmul_ceiling_flops_per_s`), for its share of the compute
-roofline."""
+(`flops_per_token`, kvflow/bench/roofline.py) and the matmul rate in the run's dtype
+(bf16 by default) measured just before its system's tests (`matmul_ceiling_flops_per_s`),
+for its share of the compute roofline."""
 from __future__ import annotations
 
 import json
@@ -291,7 +291,7 @@ def peer_table(results: list[PeerTestResult]) -> str:
     for label, share_of, rate_of, unit in [
             ("weights read (% of the read ceiling beside it)", "read_share",
              "weights_read_per_s", lambda rate: f"{rate / 1e9:.1f} GB/s"),
-            ("computed (% of the bf16 matmul ceiling beside it)", "compute_share",
+            ("computed (% of the matmul ceiling beside it)", "compute_share",
              "flops_per_s", lambda rate: f"{rate / 1e12:.3f} TFLOP/s")]:
         shares: dict[tuple[str, str], list[tuple[float, float]]] = {}
         for r in results:
