@@ -1127,7 +1127,8 @@ inline void scale_vec(float a, float* y, int64_t n) {
 #ifdef KVFLOW_AVX512
 // Lanes i of a vector at offset 16 * v whose position 16 * v + i lies in [a, b).
 inline __mmask16 range_mask(int64_t v, int64_t a, int64_t b) {
-  const int64_t lo = std::clamp<int64_t>(a - 16 * v, 0, 16), hi = std::clamp<int64_t>(b - 16 * v, 0, 16);
+  const int64_t lo = std::clamp<int64_t>(a - 16 * v, 0, 16);
+  const int64_t hi = std::clamp<int64_t>(b - 16 * v, 0, 16);
   return static_cast<__mmask16>(((1u << hi) - 1) & ~((1u << lo) - 1));
 }
 #endif
@@ -1135,10 +1136,10 @@ inline __mmask16 range_mask(int64_t v, int64_t a, int64_t b) {
 // The rows' step of the online softmax over a chunk: row r's scores s[r * kChunk + j] are
 // attended for j in [a[r], b[r]) (maybe none). They become exp(score * scale - new max)
 // there and 0 elsewhere, row_max and row_sum move on, and correction[r] is the factor the
-// row's earlier output takes (1 for a row the chunk leaves alone). new_max is scratch. Masked lanes are
-// exactly 0 and the exps are summed lane-wise before one horizontal sum, so a chunk sums
-// alike however much of it an item reads. The work goes in passes over all rows, so that
-// one row's chain of max, exp and sum overlaps the next row's.
+// row's earlier output takes (1 for a row the chunk leaves alone); new_max is scratch.
+// Masked lanes are exactly 0 and the exps are summed lane-wise before one horizontal sum,
+// so a chunk sums alike however much of it an item reads. The work goes in passes over
+// all rows, so that one row's chain of max, exp and sum overlaps the next row's.
 void softmax_chunk(float* s, int64_t rows, const int64_t* a, const int64_t* b, float scale,
                    float softcap, float* row_max, float* row_sum, float* correction,
                    float* new_max) {
@@ -1243,7 +1244,8 @@ void score_rows(const float* qf, int64_t rows, int64_t head_dim, const T* kt, in
                 int64_t o, int64_t n, float* scores, int64_t stride) {
   int64_t r = 0;
   for (; r + 8 <= rows; r += 8)
-    score_block<T, 8>(qf + r * head_dim, head_dim, kt, block_size, o, n, scores + r * stride, stride);
+    score_block<T, 8>(qf + r * head_dim, head_dim, kt, block_size, o, n, scores + r * stride,
+                      stride);
   const float* q = qf + r * head_dim;
   float* out = scores + r * stride;
   switch (rows - r) {
@@ -1505,7 +1507,8 @@ void paged_attention_impl(T* out, const T* q, const T* k_cache, const T* v_cache
       }
       for (int64_t i = 0; i < tile; ++i)
         for (int64_t g = 0; g < group; ++g) {
-          const T* src = q + (q0 + item.q_begin + i) * q_row_stride + (item.kv_head * group + g) * head_dim;
+          const T* src = q + (q0 + item.q_begin + i) * q_row_stride +
+                         (item.kv_head * group + g) * head_dim;
           const int64_t r = i * group + g;
           if (pairs) {
             std::memcpy(q_pairs.data() + r * head_dim / 2, src, head_dim * sizeof(T));
@@ -1525,12 +1528,12 @@ void paged_attention_impl(T* out, const T* q, const T* k_cache, const T* v_cache
            chunk += kChunk) {
         const int64_t lo = std::max(chunk, first_read) - chunk;
         const int64_t n = std::min(chunk + kChunk, item.end_key) - chunk;
-        const int64_t vectors = (n + 15) / 16 * 16;
+        [[maybe_unused]] const int64_t padded = (n + 15) / 16 * 16;  // whole vectors
 #ifdef KVFLOW_BF16_PAIRS
         if (pairs) {
           for (int64_t p = 0; p < head_dim / 2; ++p) {
             std::fill(k_pairs.data() + p * kChunk, k_pairs.data() + p * kChunk + lo, 0u);
-            std::fill(k_pairs.data() + p * kChunk + n, k_pairs.data() + p * kChunk + vectors, 0u);
+            std::fill(k_pairs.data() + p * kChunk + n, k_pairs.data() + p * kChunk + padded, 0u);
           }
         }
 #endif
@@ -1555,7 +1558,7 @@ void paged_attention_impl(T* out, const T* q, const T* k_cache, const T* v_cache
 #ifdef KVFLOW_BF16_PAIRS
         if (pairs)
           pair_product(q_pairs.data(), head_dim / 2, k_pairs.data(), kChunk, head_dim / 2,
-                       scores.data(), kChunk, rows, vectors, false);
+                       scores.data(), kChunk, rows, padded, false);
 #endif
         for (int64_t r = 0; r < rows; ++r) {  // range, causal and window masks
           const int64_t query_pos = seq_len - query_len + item.q_begin + r / group;
