@@ -177,7 +177,7 @@ def compare(settings: CompareSettings) -> list[RunResult]:
             if result is None:
                 continue
             result.settings.update(beside, round=round_)
-            if test.prompt and not test.batched:
+            if test.prefill:
                 result.settings["flops_per_token"] = peer_tests.prompt_flops_per_token(
                     config, test.prompt)
             print(f"{system} {test.name}: {result.tokens_per_s:.1f} {test.measures}",
@@ -254,8 +254,8 @@ def _peer_rounds(settings: CompareSettings,
     where a decode test is among them, and the matmul rate in the run's dtype where a
     prefill test is, as that side's rooflines."""
     tests = [peer_tests.PeerTest.parse(t) for t in settings.peer_tests]
-    decode = any(not t.prompt for t in tests)
-    prefill = any(t.prompt and not t.batched for t in tests)
+    decode = any(t.decode for t in tests)
+    prefill = any(t.prefill for t in tests)
 
     def beside() -> dict:
         torch.set_num_threads(settings.threads)  # as an engine's governor may have left it

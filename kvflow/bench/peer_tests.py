@@ -65,6 +65,16 @@ class PeerTest:
         return self.sequences > 1 or (self.prompt > 0 and self.generate > 0)
 
     @property
+    def decode(self) -> bool:
+        """tg<N>: measured against the read ceiling."""
+        return not self.prompt
+
+    @property
+    def prefill(self) -> bool:
+        """pp<P>: measured against the matmul ceiling."""
+        return bool(self.prompt) and not self.batched
+
+    @property
     def name(self) -> str:
         if self.batched:
             return f"pp{self.prompt}+tg{self.generate}x{self.sequences}"
@@ -93,7 +103,7 @@ class PeerTestResult:
         """The weight bytes a decode test read per second; None for other tests, or where
         its bytes per token were not recorded."""
         bytes_per_token = self.settings.get("bytes_per_token")
-        if not bytes_per_token or PeerTest.parse(self.test).prompt:
+        if not bytes_per_token or not PeerTest.parse(self.test).decode:
             return None
         return self.tokens_per_s * bytes_per_token
 
@@ -109,8 +119,7 @@ class PeerTestResult:
         """The FLOPs a prefill test computed per second; None for other tests, or where its
         FLOPs per token were not recorded."""
         flops_per_token = self.settings.get("flops_per_token")
-        test = PeerTest.parse(self.test)
-        if not flops_per_token or not test.prompt or test.batched:
+        if not flops_per_token or not PeerTest.parse(self.test).prefill:
             return None
         return self.tokens_per_s * flops_per_token
 
@@ -203,7 +212,7 @@ def run_llama_cpp(test: PeerTest, gguf: Path, threads: int, repetitions: int,
         samples = parse_llama_bench(_output(command))
     settings = {"command": command[0].rsplit("/", 1)[-1:] + command[1:],
                 "build": llama_cpp.build_dir().name}
-    if not test.prompt:
+    if test.decode:
         settings["bytes_per_token"] = gguf_decode_bytes(gguf)
     return PeerTestResult(system, test.name, statistics.median(samples), samples, settings)
 
@@ -268,7 +277,7 @@ def run_kvflow(llm, test: PeerTest, repetitions: int, system: str,  # noqa: ANN0
     config = llm.engine.scheduler_config
     settings = {"max_num_seqs": config.max_num_seqs,
                 "max_num_batched_tokens": config.max_num_batched_tokens}
-    if not test.prompt:
+    if test.decode:
         settings["bytes_per_token"] = kvflow_decode_bytes(llm)
     return PeerTestResult(system, test.name, statistics.median(samples), samples, settings)
 
