@@ -15,6 +15,8 @@ from kvflow.models.config import RopeConfig
 from kvflow.layers.activation import SiluAndMul
 from kvflow.layers.norm import RMSNorm
 from kvflow.layers.rotary import RotaryEmbedding
+from kvflow.quantization.int4 import blocked_scales, quantize_int4
+from kvflow.quantization.int8 import quantize_int8, weight_block_sums
 
 DTYPES = [torch.float32, torch.bfloat16]
 
@@ -315,6 +317,39 @@ def test_the_gemv_sums_a_row_the_same_way_in_any_batch(ops, dtype, in_features, 
     for rows in (2, 3, 5, 64, 65, 150):
         assert torch.equal(gemv(x[:rows]), alone[:rows]), rows
     assert torch.equal(gemv(x[70:]), alone[70:])
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_every_gemv_computes_each_row_once_however_threads_share_the_weight(ops, threads):
+    """The GEMVs hand a weight out in chunks, a thread done with its own share taking the
+    rest of another's: with the weight in dozens of chunks, every output row is computed,
+    once, bitwise as one thread computes it, call after call (a lost chunk would leave the
+    output's uninitialized memory, a chunk taken twice races with itself)."""
+    generator = torch.Generator().manual_seed(threads)
+    w = torch.randn(1040, 256, generator=generator) / 16
+    x = torch.randn(3, 256, generator=generator).to(torch.bfloat16)
+    bf16 = w.to(torch.bfloat16)
+    q8, s8 = quantize_int8(w, torch.bfloat16)
+    q4, s4, o4 = quantize_int4(w, 64, torch.bfloat16)
+    gemvs = {
+        "gemv": lambda v: ops.gemv(x, bf16, None, v.streams, v.prefetch),
+        "int8_gemv": lambda v: ops.int8_gemv(x, q8, s8, None, v.streams, v.prefetch),
+        "int8_gemv_q8": lambda v: ops.int8_gemv_q8(x, q8, s8, weight_block_sums(q8), None,
+                                                   v.streams, v.prefetch),
+        "int4_gemv": lambda v: ops.int4_gemv(x, q4, s4, o4, None),
+        "int4_gemv_q8": lambda v: ops.int4_gemv_q8(x, q4, blocked_scales(s4, o4), None),
+    }
+    saved = torch.get_num_threads()
+    try:
+        for name, gemv in gemvs.items():
+            for variant in variants.CANDIDATES:
+                torch.set_num_threads(1)
+                alone = gemv(variant)
+                torch.set_num_threads(threads)
+                for _ in range(10):
+                    assert torch.equal(gemv(variant), alone), (name, str(variant))
+    finally:
+        torch.set_num_threads(saved)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

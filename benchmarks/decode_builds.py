@@ -1,0 +1,82 @@
+"""Two builds of the native kernels alternated in one process, on whole decode steps: one
+engine per build over the same model, single-stream decode rounds taken in turn, paired
+ratios per round (a shared host's speed drifts within minutes, so builds timed apart
+cannot be compared).
+
+    python benchmarks/decode_builds.py --model PATH OLD.so [NEW.so] [--quantization int4]
+        [--quantize-lm-head] [--rounds 8] [--tokens 48]
+
+A build is a kvflow_cpu_ops_*.so from ~/.cache/kvflow/kernels (another commit's: check it
+out in a worktree and import kvflow.kernels.cpu_ops there); NEW defaults to this checkout's.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from types import ModuleType
+from unittest import mock
+
+import torch
+
+import kvflow.kernels
+from kvflow import LLM, SamplingParams
+from kvflow.bench.hardware import inventory
+
+from attention_builds import load
+
+
+def engine(args: argparse.Namespace, ops: ModuleType) -> LLM:
+    # Each engine takes its kernels (linear plans, glue, attention, captured steps) from
+    # the module kvflow.kernels.cpu_ops() returns while it is built.
+    with mock.patch.object(kvflow.kernels, "cpu_ops", lambda: ops):
+        return LLM(args.model, dtype="bfloat16", device="cpu", kv_cache_memory="256MiB",
+                   quantization=args.quantization, quantize_lm_head=args.quantize_lm_head)
+
+
+def step_seconds(llm: LLM, prompt: list[int], tokens: int) -> float:
+    """The median decode step of one request (its prefill left out)."""
+    engine = llm.engine
+    engine.add_request("bench", {"prompt_token_ids": prompt},
+                       SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True))
+    times = []
+    while engine.has_unfinished_requests():
+        start = time.perf_counter()
+        engine.step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("old")
+    parser.add_argument("new", nargs="?")
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--quantization", default=None)
+    parser.add_argument("--quantize-lm-head", action="store_true")
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--tokens", type=int, default=48)
+    args = parser.parse_args()
+    builds = {"old": load(args.old), "new": load(args.new) if args.new else kvflow.kernels.cpu_ops()}
+    engines = {name: engine(args, ops) for name, ops in builds.items()}
+    prompt = list(range(100, 228))
+    steps: dict[str, list[float]] = {name: [] for name in engines}
+    for round_ in range(args.rounds + 1):  # the first round warms both and is left out
+        order = list(engines) if round_ % 2 else list(reversed(engines))
+        for name in order:
+            seconds = step_seconds(engines[name], prompt, args.tokens)
+            if round_:
+                steps[name].append(seconds)
+    ratios = [old / new for old, new in zip(steps["old"], steps["new"])]
+    info = inventory()
+    print(f"# {info['cpu']} ({info['cpu_id']}), {torch.get_num_threads()} threads, "
+          f"{args.model}, {args.quantization or 'bf16'}{'+head' if args.quantize_lm_head else ''}")
+    for name, values in steps.items():
+        print(f"{name}: {statistics.median(values) * 1e3:.2f} ms per decode step (median)")
+    print(f"old/new: {statistics.median(ratios):.3f} (rounds: "
+          f"{' '.join(f'{r:.2f}' for r in ratios)})")
+
+
+if __name__ == "__main__":
+    main()
