@@ -2,7 +2,7 @@
 against the same engine stepping through the model's Python: one engine, its captured
 graphs taken away and given back in alternating rounds, so that both see the same
 weights, pages and machine state. Also the share of each step outside its kernel calls
-(the replay alone is those calls, with a copy per fresh output). Medians of the per-step
+(the replay alone is those calls, each writing into the tensor it recorded). Medians of the per-step
 times of each round's decode steps.
 
     .venv/bin/python benchmarks/cpu_graphs.py --model PATH [--quantization int4]
@@ -75,7 +75,7 @@ def main() -> None:
         "per-round ratios": [round(p / c, 3) for p, c in zip(medians["python"],
                                                              medians["captured"])],
         "replay alone, ms": round(replay_s * 1e3, 2),
-        # the replay is the step's kernels and little else (a copy per fresh output):
+        # the replay is the step's kernels and little else:
         # what each step spends beside it
         "step through Python outside the replay": f"{100 * (1 - replay_s / python):.1f}%",
         "captured step outside the replay": f"{100 * (1 - replay_s / captured):.1f}%",

@@ -50,6 +50,31 @@ def test_replay_reads_new_inputs_through_every_recorded_call():
     assert replay() is result  # the recorded output, written again
 
 
+def test_a_kernel_that_takes_out_replays_into_the_recorded_tensor():
+    """A fresh result is written where the later calls read it: through `out=` where the
+    function takes one (no copy), by a copy where it does not."""
+    ops = fake_ops()
+    given = []
+
+    def double(x, out=None):
+        given.append(out)
+        return torch.mul(x, 2, out=out) if out is not None else x * 2
+
+    ops.double = double
+    x = torch.tensor([1.0, 2.0])
+
+    def forward():
+        return ops.plus_one(ops.double(x))
+
+    replay = cpu_capture(ops)(forward)
+    assert [call.into for call in replay.calls] == [True, False]
+    recorded = replay.calls[0].outputs[0]
+    x.copy_(torch.tensor([3.0, 4.0]))
+    given.clear()
+    assert replay().tolist() == [7.0, 9.0]
+    assert len(given) == 1 and given[0] is recorded and recorded.tolist() == [6.0, 8.0]
+
+
 def test_calls_from_other_threads_are_not_recorded():
     """The kernel module is the process's: another engine's thread calling it during a
     capture is not part of the step."""
@@ -106,6 +131,10 @@ def test_decode_steps_replay_recorded_kernels_and_match_python_and_transformers(
     llm = LLM(str(path), dtype="float32", device="cpu", kv_cache_memory="8MiB")
     graphs = llm.engine.executor.runner.graphs
     assert graphs is not None and graphs.sizes[1] == [1, 2, 4, 8, 16]
+    # the GEMVs, norms and activations replay into the tensors the step recorded
+    fresh = [call for call in graphs.graphs[1, 1].calls if call.outputs is not None
+             and getattr(call.fn, "__name__", "") in ("gemv", "rms_norm", "silu_and_mul")]
+    assert fresh and all(call.into for call in fresh)
     python_steps = steps_through_python(llm)
     outputs = llm.generate(requests, params, use_tqdm=False)
     tokens = [o.outputs[0].token_ids for o in outputs]

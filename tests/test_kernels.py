@@ -319,6 +319,45 @@ def test_the_gemv_sums_a_row_the_same_way_in_any_batch(ops, dtype, in_features, 
     assert torch.equal(gemv(x[70:]), alone[70:])
 
 
+def test_kernels_write_their_result_into_out_when_given_one(ops):
+    """A captured decode step replays each kernel into the tensor it recorded: the result
+    is the same, bit for bit, in the tensor given; a tensor of another shape or dtype, or
+    one that shares memory with an input, is refused."""
+    generator = torch.Generator().manual_seed(7)
+    w = torch.randn(64, 128, generator=generator) / 11
+    x = torch.randn(2, 128, generator=generator).to(torch.bfloat16)
+    bf16 = w.to(torch.bfloat16)
+    q8, s8 = quantize_int8(w, torch.bfloat16)
+    q4, s4, o4 = quantize_int4(w, 64, torch.bfloat16)
+    residual = torch.randn(2, 128, generator=generator).to(torch.bfloat16)
+    kernels = {
+        "gemv": lambda out=None: ops.gemv(x, bf16, None, out=out),
+        "int8_gemv": lambda out=None: ops.int8_gemv(x, q8, s8, None, out=out),
+        "int8_gemv_q8": lambda out=None: ops.int8_gemv_q8(x, q8, s8, weight_block_sums(q8),
+                                                          None, out=out),
+        "int4_gemv": lambda out=None: ops.int4_gemv(x, q4, s4, o4, None, out=out),
+        "int4_gemv_q8": lambda out=None: ops.int4_gemv_q8(x, q4, blocked_scales(s4, o4), None,
+                                                          out=out),
+        "rms_norm": lambda out=None: ops.rms_norm(x, bf16[0], None, 1e-6, out=out),
+        "silu_and_mul": lambda out=None: ops.silu_and_mul(x, out=out),
+    }
+    for name, kernel in kernels.items():
+        expected = kernel()
+        out = torch.full_like(expected, float("nan"))
+        assert kernel(out) is not None and torch.equal(out, expected), name
+        with pytest.raises(RuntimeError, match="out must be"):
+            kernel(torch.empty(expected.shape[0] + 1, *expected.shape[1:], dtype=expected.dtype))
+        with pytest.raises(RuntimeError, match="out must be"):
+            kernel(torch.empty(expected.shape))  # float32
+        if expected.shape == x.shape:
+            with pytest.raises(RuntimeError, match="memory location"):
+                kernel(x)
+    before = residual.clone()
+    with pytest.raises(RuntimeError, match="memory location"):
+        ops.rms_norm(x, bf16[0], residual, 1e-6, out=residual)
+    assert torch.equal(residual, before)
+
+
 @pytest.mark.parametrize("threads", [2, 3])
 def test_every_gemv_computes_each_row_once_however_threads_share_the_weight(ops, threads):
     """The GEMVs hand a weight out in chunks, a thread done with its own share taking the

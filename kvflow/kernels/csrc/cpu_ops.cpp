@@ -9,12 +9,14 @@
 // the eager path. AVX-512 paths where the compiler targets it (the build
 // uses -march=native), plain loops otherwise.
 #include <torch/extension.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <initializer_list>
 #include <limits>
 #include <string>
 #include <tuple>
@@ -120,6 +122,21 @@ void dispatch_float_or_bf16(at::ScalarType dtype, const char* name, F&& f) {
   } else {
     TORCH_CHECK(false, name, ": float32 or bfloat16 tensors only, got ", dtype);
   }
+}
+
+// A kernel's result: `out` where the caller gives one (a captured decode step replays into
+// the tensors it recorded, kvflow/worker/cpu_graphs.py, instead of copying a new result
+// into them), else a new tensor. `out` may not share memory with what the kernel reads.
+torch::Tensor result_tensor(const c10::optional<torch::Tensor>& out, at::IntArrayRef sizes,
+                            at::ScalarType dtype, std::initializer_list<const torch::Tensor*> inputs,
+                            const char* name) {
+  if (!out.has_value()) return torch::empty(sizes, at::TensorOptions().dtype(dtype));
+  TORCH_CHECK(out->sizes() == sizes && out->scalar_type() == dtype && out->is_contiguous() &&
+                  out->device().is_cpu(),
+              name, ": out must be a contiguous CPU tensor of shape ", sizes, " and dtype ", dtype);
+  for (const torch::Tensor* input : inputs)
+    if (input->defined()) at::assert_no_overlap(*out, *input);
+  return *out;
 }
 
 void check_cpu(const torch::Tensor& t, const char* name) {
@@ -389,7 +406,7 @@ const void* bias_ptr(const c10::optional<torch::Tensor>& bias, torch::Tensor& ho
 }
 
 torch::Tensor gemv(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias,
-                   int64_t streams, int64_t prefetch) {
+                   int64_t streams, int64_t prefetch, c10::optional<torch::Tensor> out) {
   const GemvVariant variant = gemv_variant(streams, prefetch);
   check_cpu(x, "gemv x");
   check_cpu(w, "gemv w");
@@ -400,7 +417,7 @@ torch::Tensor gemv(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor
   w = w.contiguous();
   torch::Tensor b;
   const void* bp = bias_ptr(bias, b);
-  auto y = torch::empty({x.size(0), w.size(0)}, x.options());
+  auto y = result_tensor(out, {x.size(0), w.size(0)}, x.scalar_type(), {&x, &w, &b}, "gemv");
   dispatch_float_or_bf16(x.scalar_type(), "gemv", [&](auto tag) {
     using T = decltype(tag);
     dispatch_streams(variant, [&](auto rows) {
@@ -412,7 +429,8 @@ torch::Tensor gemv(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor
 }
 
 torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor scale,
-                        c10::optional<torch::Tensor> bias, int64_t streams, int64_t prefetch) {
+                        c10::optional<torch::Tensor> bias, int64_t streams, int64_t prefetch,
+                        c10::optional<torch::Tensor> out) {
   const GemvVariant variant = gemv_variant(streams, prefetch);
   check_cpu(x, "int8_gemv x");
   check_cpu(w, "int8_gemv w");
@@ -427,7 +445,8 @@ torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor scale,
   scale = scale.contiguous();
   torch::Tensor b;
   const void* bp = bias_ptr(bias, b);
-  auto y = torch::empty({x.size(0), w.size(0)}, x.options());
+  auto y = result_tensor(out, {x.size(0), w.size(0)}, x.scalar_type(), {&x, &w, &scale, &b},
+                         "int8_gemv");
   dispatch_float_or_bf16(x.scalar_type(), "int8_gemv", [&](auto tag) {
     using T = decltype(tag);
     dispatch_streams(variant, [&](auto rows) {
@@ -645,7 +664,7 @@ int64_t check_int4(const torch::Tensor& w, const torch::Tensor& scale,
 
 torch::Tensor int4_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor scale,
                         torch::Tensor offset, c10::optional<torch::Tensor> bias,
-                        c10::optional<torch::Tensor> blocked) {
+                        c10::optional<torch::Tensor> blocked, c10::optional<torch::Tensor> out) {
   check_cpu(x, "int4_gemv x");
   const int64_t G = check_int4(w, scale, offset, "int4_gemv");
   TORCH_CHECK(x.dim() == 2 && x.size(1) == 2 * w.size(1), "int4_gemv: shapes");
@@ -664,7 +683,8 @@ torch::Tensor int4_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor scale,
                 "int4_gemv: blocked must be [out_features / 16, groups, 2, 16], x's dtype");
     blocks = blocked->contiguous();
   }
-  auto y = torch::empty({x.size(0), N}, x.options());
+  auto y = result_tensor(out, {x.size(0), N}, x.scalar_type(), {&x, &w, &scale, &offset, &b},
+                         "int4_gemv");
   dispatch_float_or_bf16(x.scalar_type(), "int4_gemv", [&](auto tag) {
     using T = decltype(tag);
     int4_gemv_impl<T>(x.data_ptr<T>(), w.data_ptr<uint8_t>(), scale.data_ptr<T>(),
@@ -933,7 +953,7 @@ void int4_q8_impl(const T* x, const uint8_t* w, const T* blocked, const T* bias,
 
 torch::Tensor int8_gemv_q8(torch::Tensor x, torch::Tensor w, torch::Tensor scale,
                            torch::Tensor wsum, c10::optional<torch::Tensor> bias,
-                           int64_t streams, int64_t prefetch) {
+                           int64_t streams, int64_t prefetch, c10::optional<torch::Tensor> out) {
   const GemvVariant variant = gemv_variant(streams, prefetch);
   for (const auto* t : {&x, &w, &scale, &wsum}) check_cpu(*t, "int8_gemv_q8");
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "int8_gemv_q8: shapes");
@@ -954,7 +974,8 @@ torch::Tensor int8_gemv_q8(torch::Tensor x, torch::Tensor w, torch::Tensor scale
   wsum = wsum.contiguous();
   torch::Tensor b;
   const void* bp = bias_ptr(bias, b);
-  auto y = torch::empty({x.size(0), N}, x.options());
+  auto y = result_tensor(out, {x.size(0), N}, x.scalar_type(), {&x, &w, &scale, &b},
+                         "int8_gemv_q8");
   dispatch_float_or_bf16(x.scalar_type(), "int8_gemv_q8", [&](auto tag) {
     using T = decltype(tag);
     dispatch_streams(variant, [&](auto rows) {
@@ -968,7 +989,7 @@ torch::Tensor int8_gemv_q8(torch::Tensor x, torch::Tensor w, torch::Tensor scale
 }
 
 torch::Tensor int4_gemv_q8(torch::Tensor x, torch::Tensor w, torch::Tensor blocked,
-                           c10::optional<torch::Tensor> bias) {
+                           c10::optional<torch::Tensor> bias, c10::optional<torch::Tensor> out) {
   for (const auto* t : {&x, &w, &blocked}) check_cpu(*t, "int4_gemv_q8");
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kByte, "int4_gemv_q8: w must be 2-d uint8");
   const int64_t N = w.size(0), K = 2 * w.size(1);
@@ -986,7 +1007,8 @@ torch::Tensor int4_gemv_q8(torch::Tensor x, torch::Tensor w, torch::Tensor block
   blocked = blocked.contiguous();
   torch::Tensor b;
   const void* bp = bias_ptr(bias, b);
-  auto y = torch::empty({x.size(0), N}, x.options());
+  auto y = result_tensor(out, {x.size(0), N}, x.scalar_type(), {&x, &w, &blocked, &b},
+                         "int4_gemv_q8");
   dispatch_float_or_bf16(x.scalar_type(), "int4_gemv_q8", [&](auto tag) {
     using T = decltype(tag);
     int4_q8_impl<T>(x.data_ptr<T>(), w.data_ptr<uint8_t>(), blocked.data_ptr<T>(),
@@ -1019,16 +1041,6 @@ void int8_dequantize_impl(const int8_t* w, const T* scale, T* out, int64_t N, in
   });
 }
 
-// out: where to write ([out_features, in_features], the scales' dtype), or a new tensor.
-torch::Tensor dequantize_target(const c10::optional<torch::Tensor>& out, at::IntArrayRef sizes,
-                                const torch::Tensor& scale, const char* name) {
-  if (!out.has_value()) return torch::empty(sizes, scale.options());
-  TORCH_CHECK(out->sizes() == sizes && out->scalar_type() == scale.scalar_type() &&
-                  out->is_contiguous() && out->device().is_cpu(),
-              name, ": out must be a contiguous CPU tensor of the weight's shape, scale's dtype");
-  return *out;
-}
-
 torch::Tensor int8_dequantize(torch::Tensor w, torch::Tensor scale,
                               c10::optional<torch::Tensor> out_) {
   check_cpu(w, "int8_dequantize w");
@@ -1038,7 +1050,7 @@ torch::Tensor int8_dequantize(torch::Tensor w, torch::Tensor scale,
               "int8_dequantize: scale must be [out_features]");
   w = w.contiguous();
   scale = scale.contiguous();
-  auto out = dequantize_target(out_, w.sizes(), scale, "int8_dequantize");
+  auto out = result_tensor(out_, w.sizes(), scale.scalar_type(), {&w, &scale}, "int8_dequantize");
   dispatch_float_or_bf16(scale.scalar_type(), "int8_dequantize", [&](auto tag) {
     using T = decltype(tag);
     int8_dequantize_impl<T>(w.data_ptr<int8_t>(), scale.data_ptr<T>(), out.data_ptr<T>(),
@@ -1107,7 +1119,7 @@ torch::Tensor int4_dequantize(torch::Tensor w, torch::Tensor scale, torch::Tenso
   w = w.contiguous();
   scale = scale.contiguous();
   offset = offset.contiguous();
-  auto out = dequantize_target(out_, {N, K}, scale, "int4_dequantize");
+  auto out = result_tensor(out_, {N, K}, scale.scalar_type(), {&w, &scale, &offset}, "int4_dequantize");
   dispatch_float_or_bf16(scale.scalar_type(), "int4_dequantize", [&](auto tag) {
     using T = decltype(tag);
     int4_dequantize_impl<T>(w.data_ptr<uint8_t>(),
@@ -1849,7 +1861,7 @@ void rms_norm_impl(T* out, T* x, T* residual, const W* weight, int64_t rows, int
 }
 
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, c10::optional<torch::Tensor> residual,
-                       double eps) {
+                       double eps, c10::optional<torch::Tensor> out_) {
   check_cpu(x, "rms_norm x");
   TORCH_CHECK(x.is_contiguous() && (!residual || residual->is_contiguous()), "rms_norm: contiguous");
   TORCH_CHECK(weight.is_contiguous() && weight.numel() == x.size(-1) &&
@@ -1858,7 +1870,8 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, c10::optional<torc
   TORCH_CHECK(!residual || (residual->sizes() == x.sizes() && residual->scalar_type() == x.scalar_type()),
               "rms_norm: residual must match x");
   const int64_t dim = x.size(-1), rows = x.numel() / dim;
-  auto out = torch::empty_like(x);
+  const torch::Tensor res_t = residual ? *residual : torch::Tensor();
+  auto out = result_tensor(out_, x.sizes(), x.scalar_type(), {&x, &weight, &res_t}, "rms_norm");
   const bool float_weight = weight.scalar_type() == at::kFloat;
   dispatch_float_or_bf16(x.scalar_type(), "rms_norm", [&](auto tag) {
     using T = decltype(tag);
@@ -1900,7 +1913,7 @@ void silu_and_mul_impl(T* out, const T* x, int64_t rows, int64_t d) {
   });
 }
 
-torch::Tensor silu_and_mul(torch::Tensor x) {
+torch::Tensor silu_and_mul(torch::Tensor x, c10::optional<torch::Tensor> out_) {
   check_cpu(x, "silu_and_mul x");
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) > 0 && x.size(-1) % 2 == 0,
               "silu_and_mul: the last dimension holds gate and up, an even size");
@@ -1908,7 +1921,7 @@ torch::Tensor silu_and_mul(torch::Tensor x) {
   const int64_t d = x.size(-1) / 2, rows = x.numel() / (2 * d);
   auto sizes = x.sizes().vec();
   sizes.back() = d;
-  auto out = torch::empty(sizes, x.options());
+  auto out = result_tensor(out_, sizes, x.scalar_type(), {&x}, "silu_and_mul");
   dispatch_float_or_bf16(x.scalar_type(), "silu_and_mul", [&](auto tag) {
     using T = decltype(tag);
     silu_and_mul_impl<T>(out.data_ptr<T>(), x.data_ptr<T>(), rows, d);
@@ -2433,20 +2446,23 @@ std::string vector_paths() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // streams and prefetch: a GemvVariant, chosen per machine by kvflow/kernels/tuning.py.
   m.def("gemv", &gemv, "y = x @ w.T (+ bias) for a few rows of x", py::arg("x"), py::arg("w"),
-        py::arg("bias"), py::arg("streams") = kGemvRows, py::arg("prefetch") = kPrefetchBytes);
+        py::arg("bias"), py::arg("streams") = kGemvRows, py::arg("prefetch") = kPrefetchBytes,
+        py::arg("out") = py::none());
   m.def("int8_gemv", &int8_gemv, "y = x @ (w * scale[:, None]).T (+ bias), w int8, for a few "
         "rows of x", py::arg("x"), py::arg("w"), py::arg("scale"), py::arg("bias"),
-        py::arg("streams") = kGemvRows, py::arg("prefetch") = kPrefetchBytes);
+        py::arg("streams") = kGemvRows, py::arg("prefetch") = kPrefetchBytes,
+        py::arg("out") = py::none());
   m.def("int4_gemv", &int4_gemv, "y = x @ dequantized(w).T (+ bias), w packed int4 (kvflow/quantization/int4.py)",
         py::arg("x"), py::arg("w"), py::arg("scale"), py::arg("offset"), py::arg("bias"),
-        py::arg("blocked") = py::none());
+        py::arg("blocked") = py::none(), py::arg("out") = py::none());
   m.def("int8_gemv_q8", &int8_gemv_q8, "int8_gemv with x quantized to int8 per block of "
         "columns, wsum [out_features, blocks] each block's weight sum", py::arg("x"),
         py::arg("w"), py::arg("scale"), py::arg("wsum"), py::arg("bias"),
-        py::arg("streams") = kGemvRows, py::arg("prefetch") = kPrefetchBytes);
+        py::arg("streams") = kGemvRows, py::arg("prefetch") = kPrefetchBytes,
+        py::arg("out") = py::none());
   m.def("int4_gemv_q8", &int4_gemv_q8, "int4_gemv with x quantized to int8 per group, "
         "reading the blocked scales", py::arg("x"), py::arg("w"), py::arg("blocked"),
-        py::arg("bias"));
+        py::arg("bias"), py::arg("out") = py::none());
   m.def("int8_dequantize", &int8_dequantize, "w * scale[:, None] in scale's dtype, w int8",
         py::arg("w"), py::arg("scale"), py::arg("out") = py::none());
   m.def("int4_dequantize", &int4_dequantize,
@@ -2458,8 +2474,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("scale"), py::arg("window"), py::arg("split_context"), py::arg("softcap"),
         py::arg("sinks") = py::none());
   m.def("write_kv", &write_kv, "write k, v to their slots (K d-major inside blocks)");
-  m.def("rms_norm", &rms_norm, "RMSNorm, optionally fused with the residual add");
-  m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up");
+  m.def("rms_norm", &rms_norm, "RMSNorm, optionally fused with the residual add",
+        py::arg("x"), py::arg("weight"), py::arg("residual"), py::arg("eps"),
+        py::arg("out") = py::none());
+  m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up", py::arg("x"),
+        py::arg("out") = py::none());
   m.def("rotary_embedding", &rotary_embedding, "rotate-half RoPE in place");
   m.def("moe_experts", &moe_experts, "a mixture-of-experts layer's experts: each token's "
         "top-k experts' down(act(gate_up(x))), weighted and summed",
