@@ -269,6 +269,14 @@ def test_the_tuning_times_every_run_from_memory_not_from_cache(ops, checkpoint, 
     assert evictions and set(evictions) == {wanted}
     assert tuning._eviction_buffer.cache_info().currsize == 0  # freed
 
+    def fail(*args):  # a tuning that fails halfway frees the buffer as well
+        tuning._eviction_buffer()
+        raise RuntimeError("out of memory")
+    monkeypatch.setattr(tuning, "_plan_experts", fail)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        tuning.install_native_kernels(model, ops)
+    assert tuning._eviction_buffer.cache_info().currsize == 0
+
 
 def test_another_checkout_of_the_same_source_loads_the_built_kernels(tmp_path):
     """A second checkout (another path, so other paths in the build command) finds the
