@@ -13,17 +13,17 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from types import ModuleType
 from unittest import mock
 
 import torch
 
 import kvflow.kernels
-from kvflow import LLM, SamplingParams
+from kvflow import LLM
 from kvflow.bench.hardware import inventory
 
 from attention_builds import load
+from cpu_graphs import decode_steps
 
 
 def engine(args: argparse.Namespace, ops: ModuleType) -> LLM:
@@ -32,19 +32,6 @@ def engine(args: argparse.Namespace, ops: ModuleType) -> LLM:
     with mock.patch.object(kvflow.kernels, "cpu_ops", lambda: ops):
         return LLM(args.model, dtype="bfloat16", device="cpu", kv_cache_memory="256MiB",
                    quantization=args.quantization, quantize_lm_head=args.quantize_lm_head)
-
-
-def step_seconds(llm: LLM, prompt: list[int], tokens: int) -> float:
-    """The median decode step of one request (its prefill left out)."""
-    engine = llm.engine
-    engine.add_request("bench", {"prompt_token_ids": prompt},
-                       SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True))
-    times = []
-    while engine.has_unfinished_requests():
-        start = time.perf_counter()
-        engine.step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times[1:])
 
 
 def main() -> None:
@@ -65,7 +52,7 @@ def main() -> None:
     for round_ in range(args.rounds + 1):  # the first round warms both and is left out
         order = list(engines) if round_ % 2 else list(reversed(engines))
         for name in order:
-            seconds = step_seconds(engines[name], prompt, args.tokens)
+            seconds = statistics.median(decode_steps(engines[name], prompt, args.tokens))
             if round_:
                 steps[name].append(seconds)
     ratios = [old / new for old, new in zip(steps["old"], steps["new"])]
