@@ -160,6 +160,7 @@ def test_native_and_eager_engines_agree_in_bfloat16(checkpoint):
         assert engine.runner.backend.name == ("torch" if eager else "cpu")
         assert all(n is None for n in natives) if eager else all(n is not None for n in natives)
         assert all(p is None for p in plans) if eager else all(p is not None for p in plans)
+        assert (engine.runner.sampler.native is None) == eager  # the greedy argmax
         outputs = llm.generate(prompts, params, use_tqdm=False)
         results[eager] = [[next(iter(entry.values())).logprob for entry in o.prompt_logprobs[1:]]
                           for o in outputs]
@@ -364,6 +365,33 @@ def test_kernels_write_their_result_into_out_when_given_one(ops):
     with pytest.raises(RuntimeError, match="memory location"):
         ops.rms_norm(x, bf16[0], residual, 1e-6, out=residual)
     assert torch.equal(residual, before)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_argmax_rows_is_torch_max_indices(ops, dtype):
+    """The greedy choice: the first index of each row's largest value, the first NaN where
+    a row has one, all -inf at 0; on rows split among the threads (over 16K columns) and
+    not, at any thread count."""
+    generator = torch.Generator().manual_seed(3)
+    cases = []
+    for rows, cols in [(1, 151936), (1, 40000), (3, 33000), (5, 17), (8, 1), (2, 1000)]:
+        x = torch.randn(rows, cols, generator=generator)
+        ties = x.round().clamp(max=2)  # many equal maxima
+        nans = x.clone()
+        nans[:, cols // 2:] = float("nan")  # a NaN in a later segment than the maximum
+        nans[:, -1] = float("nan")
+        cases += [x, ties, nans, torch.full((rows, cols), -float("inf"))]
+    saved = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            for x in cases:
+                x = x.to(dtype)
+                assert torch.equal(ops.argmax_rows(x), x.max(dim=-1).indices), (threads, x.shape)
+    finally:
+        torch.set_num_threads(saved)
+    with pytest.raises(RuntimeError, match="must be \\[rows, columns\\]"):
+        ops.argmax_rows(torch.zeros(3))
 
 
 @pytest.mark.parametrize("threads", [2, 3])

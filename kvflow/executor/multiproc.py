@@ -241,7 +241,8 @@ class MultiprocExecutor(Executor):
                                   settings.num_blocks, settings.block_size, self.spec.dtype,
                                   self.spec.device, settings.seed, speculator,
                                   settings.batch_invariant, kv_config=self._own_config,
-                                  max_model_len=settings.max_model_len)
+                                  max_model_len=settings.max_model_len,
+                                  native_ops=self.spec.kernels().native_ops)
 
     def held_bytes(self) -> tuple[int, int]:
         """Rank 0's, plus what each other rank wrote to the store once it had built its

@@ -33,7 +33,8 @@ class UniProcExecutor(Executor):
                                   settings.block_size, self.spec.dtype, self.spec.device,
                                   settings.seed, speculator, settings.batch_invariant,
                                   graphs=self._graphs(settings, backend),
-                                  max_model_len=settings.max_model_len)
+                                  max_model_len=settings.max_model_len,
+                                  native_ops=self.spec.kernels().native_ops)
 
     def _graphs(self, settings: RunnerSettings, backend: AttentionBackend
                 ) -> DecodeGraphs | None:

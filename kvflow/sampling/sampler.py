@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 
@@ -223,8 +224,12 @@ def token_logprobs(logprobs: torch.Tensor, chosen: torch.Tensor,
 
 
 class Sampler:
-    def __init__(self, generator: torch.Generator) -> None:
+    def __init__(self, generator: torch.Generator, native: ModuleType | None = None) -> None:
         self.generator = generator  # for rows without a seed of their own
+        # the native CPU kernels, whose argmax_rows takes a greedy step's choice over all
+        # the cores (PyTorch's reduces a row on one), the same index as argmax(); a build
+        # from before it (benchmarks/decode_builds.py loads one) has none
+        self.native = native if hasattr(native, "argmax_rows") else None
 
     def __call__(self, logits: torch.Tensor,
                  batch: SamplingBatch) -> tuple[torch.Tensor, list[TokenLogprobs | None]]:
@@ -234,7 +239,7 @@ class Sampler:
             # Only the largest allowed logit matters: no float copy, no softmax, no sort.
             if batch.adjusts_logits:
                 logits = self.adjust(logits, batch)
-            return argmax(logits), [None] * len(batch.num_logprobs)
+            return self.greedy(logits), [None] * len(batch.num_logprobs)
         logits = logits.float()
         raw_logprobs = torch.log_softmax(logits, dim=-1) if wants_logprobs else None
         tokens = self.choose(self.adjust(logits, batch), batch)
@@ -242,10 +247,17 @@ class Sampler:
                    if raw_logprobs is not None else [None] * len(batch.num_logprobs))
         return tokens, entries
 
+    def greedy(self, logits: torch.Tensor) -> torch.Tensor:
+        """argmax(logits), through the native kernel where it applies."""
+        if (self.native is not None and logits.device.type == "cpu" and logits.dim() == 2
+                and logits.dtype in (torch.float32, torch.bfloat16)):
+            return self.native.argmax_rows(logits)
+        return argmax(logits)
+
     def choose(self, adjusted: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         """[B] tokens from adjusted float32 logits: the argmax for greedy rows, a sample for
         the others."""
-        tokens = argmax(adjusted)
+        tokens = self.greedy(adjusted)
         if batch.all_greedy:
             return tokens
         return torch.where(batch.temperature == 0, tokens, self._sample(adjusted, batch))

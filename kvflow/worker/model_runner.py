@@ -10,6 +10,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 
@@ -39,11 +40,13 @@ class ModelRunner:
                  num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device,
                  seed: int, speculator: Speculator | None = None,
                  batch_invariant: bool = False, kv_config: ModelConfig | None = None,
-                 graphs: DecodeGraphs | None = None, max_model_len: int = 0) -> None:
+                 graphs: DecodeGraphs | None = None, max_model_len: int = 0,
+                 native_ops: ModuleType | None = None) -> None:
         """kv_config: the model as this rank holds it, which sizes its KV cache (None:
         config, the whole model); graphs: decode steps to capture once the cache is bound,
         and replay for the steps they take; max_model_len sizes the block-table rows (they
-        grow past it if need be)."""
+        grow past it if need be); native_ops: the native CPU kernels where the model runs
+        them (the sampler's greedy choice takes one)."""
         self.model = model
         self.config = config
         self.backend = backend
@@ -61,7 +64,7 @@ class ModelRunner:
             except NotCapturable as exc:
                 logger.warning("decode graphs: off, %s", exc)
                 self.graphs = None
-        self.sampler = Sampler(torch.Generator(device).manual_seed(seed))
+        self.sampler = Sampler(torch.Generator(device).manual_seed(seed), native_ops)
         self.rejection_sampler = RejectionSampler(self.sampler)
         self.speculator = speculator
         self.generators: dict[str, torch.Generator] = {}
