@@ -23,9 +23,8 @@ import functools
 import inspect
 import re
 import threading
-import types
 from collections.abc import Callable
-from types import ModuleType
+from types import BuiltinFunctionType, ModuleType
 from typing import Any
 
 import torch
@@ -75,7 +74,7 @@ def _storages(value: Any) -> set[int]:
 def _takes_out(fn: Callable) -> bool:
     """Whether fn can write its result into a tensor given as `out=` (default None): a
     native kernel says so in the signature pybind11 heads its docstring with."""
-    if isinstance(fn, types.BuiltinFunctionType):
+    if isinstance(fn, BuiltinFunctionType):
         signature = (fn.__doc__ or "").partition("\n")[0]
         return re.search(r"[(,] ?out: [^,]*= None[,)]", signature) is not None
     try:
