@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from pathlib import Path
 
@@ -406,6 +407,33 @@ def test_llama_cpp_builds_without_amx_only_where_amx_traps(monkeypatch):
     llama_cpp.amx_traps.cache_clear()
     try:
         # No AMX listed: no probe, the native build.
+        assert not llama_cpp.amx_traps() and llama_cpp.build_dir().name == "build"
+    finally:
+        llama_cpp.amx_traps.cache_clear()
+
+
+def _onednn_runs_amx() -> bool:
+    """Whether torch's oneDNN executes an AMX kernel for a bf16 matmul here, which it
+    does only where the tile instructions run."""
+    import subprocess
+    import sys
+
+    script = ("import torch; a = torch.ones(64, 256, dtype=torch.bfloat16); "
+              "(a @ a.T.contiguous()).sum()")
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         env={**os.environ, "ONEDNN_VERBOSE": "1"}, check=True)
+    return any(",exec," in line and "amx" in line for line in run.stdout.splitlines())
+
+
+def test_amx_probe_agrees_with_onednn_where_amx_runs():
+    from kvflow.bench import llama_cpp
+
+    if not _onednn_runs_amx():
+        pytest.skip("oneDNN runs no AMX kernel on this CPU")
+    llama_cpp.amx_traps.cache_clear()
+    try:
+        # A probe that traps here would build llama.cpp without its AMX kernels: a
+        # weaker peer than the machine allows.
         assert not llama_cpp.amx_traps() and llama_cpp.build_dir().name == "build"
     finally:
         llama_cpp.amx_traps.cache_clear()

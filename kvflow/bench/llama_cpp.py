@@ -54,6 +54,9 @@ int main(void) {
     config[0] = 1;    /* palette 1 */
     config[16] = 64;  /* tile 0: 64 bytes a row */
     config[48] = 16;  /* tile 0: 16 rows */
+    /* GCC does not see ldtilecfg read the array and drops the two stores above; a tile
+       left unconfigured then traps on any CPU. The empty asm makes the stores land. */
+    __asm__ volatile("" : : "r"(config) : "memory");
     _tile_loadconfig(config);
     _tile_zero(0);
     _tile_release();
