@@ -412,6 +412,89 @@ def test_llama_cpp_builds_without_amx_only_where_amx_traps(monkeypatch):
         llama_cpp.amx_traps.cache_clear()
 
 
+def test_a_llama_cpp_test_that_crashes_in_the_native_build_runs_again_without_amx(monkeypatch,
+                                                                                   tmp_path):
+    from kvflow.bench import llama_cpp, peer_tests
+
+    gguf = _write_gguf(tmp_path / "m-abc-Q8_0.gguf", quantized=True)
+    monkeypatch.setattr(llama_cpp, "ensure_llama_server", lambda amx=True: None)
+    monkeypatch.setattr(llama_cpp, "amx_traps", lambda: False)
+    builds = []
+
+    def native_crashes(command):
+        builds.append(Path(command[0]).parent.parent.name)
+        if builds[-1] == "build":
+            raise llama_cpp.Crashed("llama-bench exited with -11: ")
+        return LLAMA_BENCH_JSON
+    monkeypatch.setattr(peer_tests, "_output", native_crashes)
+    test = peer_tests.PeerTest.parse("pp24")
+    monkeypatch.setattr(llama_cpp, "has_amx", lambda: True)
+    result = peer_tests.run_llama_cpp(test, gguf, 2, 2, "llama.cpp Q8_0")
+    assert builds == ["build", "build-no-amx"] and result.tokens_per_s > 0
+    assert result.settings["build"] == "build-no-amx"
+    assert result.settings["native_build_crashed"] == "llama-bench exited with -11: "
+    # Without AMX there is one build: its crash is the test's failure.
+    monkeypatch.setattr(llama_cpp, "has_amx", lambda: False)
+    with pytest.raises(llama_cpp.Crashed):
+        peer_tests.run_llama_cpp(test, gguf, 2, 2, "llama.cpp Q8_0")
+    # A failure that is not a crash is not run again.
+    monkeypatch.setattr(llama_cpp, "has_amx", lambda: True)
+    builds.clear()
+
+    def fails(command):
+        builds.append(command)
+        raise RuntimeError("llama-bench exited with 1: bad file")
+    monkeypatch.setattr(peer_tests, "_output", fails)
+    with pytest.raises(RuntimeError, match="bad file"):
+        peer_tests.run_llama_cpp(test, gguf, 2, 2, "llama.cpp Q8_0")
+    assert len(builds) == 1
+
+
+def test_a_llama_server_that_crashes_in_the_native_build_serves_again_without_amx(
+        monkeypatch, tmp_path):
+    import contextlib
+    import os
+
+    from kvflow.bench import compare, llama_cpp
+    from kvflow.bench.results import RunResult
+    from kvflow.bench.workload import BenchRequest, Workload
+
+    gguf = _write_gguf(tmp_path / "m-abc-Q8_0.gguf", quantized=True)
+    monkeypatch.setattr(llama_cpp, "has_amx", lambda: True)
+    monkeypatch.setattr(llama_cpp, "amx_traps", lambda: False)
+    monkeypatch.setattr(llama_cpp, "peer_dir", lambda: tmp_path)
+    served = []
+
+    @contextlib.contextmanager
+    def server(gguf, parallel, context, threads, log, amx=True):
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text(LLAMA_SERVER_LOG)
+        served.append(amx)
+        yield "http://127.0.0.1:1", os.getpid()
+        if amx:  # as llama_server reports a server that died while it was used
+            raise llama_cpp.Crashed("llama-server exited with -11: see log")
+    monkeypatch.setattr(llama_cpp, "llama_server", server)
+    monkeypatch.setattr(compare, "run_serve", lambda url, workload, load, model, system:
+                        RunResult(system, workload.name, 2, 1.0, 8, 4))
+    workload = Workload("w", {}, [BenchRequest([1, 2, 3, 4], 2)] * 2)
+    settings = compare.CompareSettings(model=tmp_path, workloads=["mixed"], out=tmp_path / "o",
+                                       llama_cpp_parallel=[2], threads=2)
+    result = compare._llama_cpp(settings, workload, gguf, "llama.cpp Q8_0")
+    assert served == [True, False]
+    assert result.settings["build"] == "build-no-amx"
+    assert result.settings["native_build_crashed"] == "llama-server exited with -11: see log"
+
+
+def test_llama_cpp_exits_by_a_signal_are_crashes():
+    from kvflow.bench import llama_cpp, peer_tests
+
+    with pytest.raises(llama_cpp.Crashed, match="exited with -11"):
+        peer_tests._output(["sh", "-c", "kill -SEGV $$"])
+    with pytest.raises(RuntimeError, match="exited with 3") as failure:
+        peer_tests._output(["sh", "-c", "exit 3"])
+    assert not isinstance(failure.value, llama_cpp.Crashed)
+
+
 def _onednn_runs_amx() -> bool:
     """Whether torch's oneDNN executes an AMX kernel for a bf16 matmul here, which it
     does only where the tile instructions run."""
@@ -491,7 +574,7 @@ def test_compare_runs_each_format_and_reports_its_memory(checkpoint, tmp_path, m
     monkeypatch.setattr(llama_cpp, "convert_to_gguf", lambda checkpoint: bf16)
 
     @contextlib.contextmanager
-    def stand_in(gguf, parallel, context, threads, log):
+    def stand_in(gguf, parallel, context, threads, log, amx=True):
         log.parent.mkdir(parents=True, exist_ok=True)
         log.write_text(LLAMA_SERVER_LOG)
         server = ServerProcess(model, "--served-model-name", "gguf", "--kv-cache-memory",
@@ -637,7 +720,7 @@ def test_compare_runs_the_peer_tests_in_kvflow_and_in_llama_cpps_tools(checkpoin
 
     bf16 = _write_gguf(tmp_path / "m-abc-bf16.gguf", quantized=False)
     monkeypatch.setattr(llama_cpp, "convert_to_gguf", lambda checkpoint: bf16)
-    monkeypatch.setattr(llama_cpp, "ensure_llama_server", lambda: None)
+    monkeypatch.setattr(llama_cpp, "ensure_llama_server", lambda amx=True: None)
     commands = []
 
     def recorded(command):

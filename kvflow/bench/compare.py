@@ -101,27 +101,36 @@ def _llama_cpp(settings: CompareSettings, workload: Workload, gguf: Path,
         {min(n, len(workload.requests)) for n in settings.llama_cpp_parallel})
     tried = []
     for parallel in counts:
-        log = (llama_cpp.peer_dir() / "logs"
-               / f"{settings.out.name}-llama-server-{gguf.stem}-{parallel}.log")
-        with llama_cpp.llama_server(gguf, parallel, context, settings.threads,
-                                    log) as (url, pid):
-            memory = {"file": str(gguf), "file_bytes": gguf.stat().st_size,
-                      "rss_after_load": process_memory(pid),
-                      "buffers": llama_cpp.buffer_sizes(log.read_text(errors="replace")),
-                      "tensor_types": llama_cpp.gguf_tensor_types(gguf)}
-            memory.update(weight_bytes=llama_cpp.buffer_total(memory["buffers"], "model"),
-                          kv_cache_bytes=llama_cpp.buffer_total(memory["buffers"], "KV"))
-            result = run_serve(url, workload, LoadSettings(max_concurrency=parallel,
-                                                           timeout_s=3600),
-                               model="gguf", system=system)
-        result.settings.update(parallel=parallel, memory=memory,
-                               build=llama_cpp.build_dir().name)
+        result, crash = llama_cpp.without_amx_if_crashed(
+            lambda amx: _serve_llama_cpp(settings, workload, gguf, system, parallel, context, amx))
+        if crash:
+            result.settings["native_build_crashed"] = crash
         logger.info("%s -np %d: %.1f generated tokens/s", system, parallel,
                     result.generated_tokens_per_s)
         tried.append(result)
     best = max(tried, key=lambda r: r.generated_tokens_per_s)
     best.settings["tried"] = {r.settings["parallel"]: r.generated_tokens_per_s for r in tried}
     return best
+
+
+def _serve_llama_cpp(settings: CompareSettings, workload: Workload, gguf: Path, system: str,
+                     parallel: int, context: int, amx: bool) -> RunResult:
+    log = (llama_cpp.peer_dir() / "logs"
+           / f"{settings.out.name}-llama-server-{gguf.stem}-{parallel}.log")
+    with llama_cpp.llama_server(gguf, parallel, context, settings.threads, log,
+                                amx=amx) as (url, pid):
+        memory = {"file": str(gguf), "file_bytes": gguf.stat().st_size,
+                  "rss_after_load": process_memory(pid),
+                  "buffers": llama_cpp.buffer_sizes(log.read_text(errors="replace")),
+                  "tensor_types": llama_cpp.gguf_tensor_types(gguf)}
+        memory.update(weight_bytes=llama_cpp.buffer_total(memory["buffers"], "model"),
+                      kv_cache_bytes=llama_cpp.buffer_total(memory["buffers"], "KV"))
+        result = run_serve(url, workload, LoadSettings(max_concurrency=parallel,
+                                                       timeout_s=3600),
+                           model="gguf", system=system)
+    result.settings.update(parallel=parallel, memory=memory,
+                           build=llama_cpp.build_dir(amx).name)
+    return result
 
 
 def _load_kvflow(settings: CompareSettings, quantization: str):  # noqa: ANN202

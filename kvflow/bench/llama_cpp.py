@@ -20,7 +20,7 @@ import tarfile
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
 import httpx
 
@@ -65,13 +65,16 @@ int main(void) {
 """
 
 
+def has_amx() -> bool:
+    return "amx_tile" in cpuinfo().get("flags", "").split()
+
+
 @functools.cache
 def amx_traps() -> bool:
     """Whether the CPU lists AMX but its instructions trap, as in a virtual machine that
-    does not pass the tile state through. GGML_NATIVE then compiles llama.cpp's AMX
-    kernels in, and llama-server dies in them on every Q8_0 and Q4 file (bf16 does not
-    use them)."""
-    if "amx_tile" not in cpuinfo().get("flags", "").split():
+    does not pass the tile state through. GGML_NATIVE would then compile llama.cpp's AMX
+    kernels in, and every Q8_0 and Q4 file would die in them (bf16 does not use them)."""
+    if not has_amx():
         return False
     with tempfile.TemporaryDirectory() as tmp:
         source, probe = Path(tmp) / "probe.c", Path(tmp) / "probe"
@@ -80,17 +83,48 @@ def amx_traps() -> bool:
         return subprocess.run([str(probe)]).returncode != 0
 
 
-def build_dir() -> Path:
-    """A build without AMX where AMX traps, kept apart from a native build's."""
-    return source_dir() / ("build-no-amx" if amx_traps() else "build")
+def build_dir(amx: bool = True) -> Path:
+    """llama.cpp's native build ("build"), or where the CPU lists AMX and AMX is not
+    wanted or traps, one compiled without its AMX kernels ("build-no-amx")."""
+    no_amx = has_amx() and (not amx or amx_traps())
+    return source_dir() / ("build-no-amx" if no_amx else "build")
 
 
-def server_binary() -> Path:
-    return build_dir() / "bin" / "llama-server"
+def server_binary(amx: bool = True) -> Path:
+    return build_dir(amx) / "bin" / "llama-server"
 
 
 def quantize_binary() -> Path:
     return build_dir() / "bin" / "llama-quantize"
+
+
+class Crashed(RuntimeError):
+    """A llama.cpp program ended by a signal."""
+
+
+def exit_error(program: str, returncode: int, detail: str) -> RuntimeError:
+    """Crashed where a signal ended the program, else a RuntimeError."""
+    kind = Crashed if returncode < 0 else RuntimeError
+    return kind(f"{program} exited with {returncode}: {detail}")
+
+
+T = TypeVar("T")
+
+
+def without_amx_if_crashed(run: Callable[[bool], T]) -> tuple[T, str | None]:
+    """run(True), in the native build; where that dies by a signal and the CPU has a build
+    without AMX to offer, run(False) instead. llama.cpp's AMX kernels can run one row and
+    crash on more: on a 2-core Xeon with AMX (2026-12-07) its Q8_0 and Q4_K_M decode ran
+    in them at nearly twice the speed of the build without, and every prompt of more
+    than one token died in `ldtilecfg` (SIGSEGV, or SIGILL). So each test gets the fastest
+    build that runs it. Returns run's result and the crash it replaced, if any."""
+    try:
+        return run(True), None
+    except Crashed as crash:
+        if build_dir(amx=False) == build_dir():
+            raise
+        logger.warning("%s; again in llama.cpp's build without AMX", crash)
+        return run(False), str(crash)
 
 
 def _run(command: list[str], cwd: Path | None = None) -> None:
@@ -102,11 +136,13 @@ def _run(command: list[str], cwd: Path | None = None) -> None:
 BINARIES = ("llama-server", "llama-quantize", "llama-bench", "llama-batched-bench")
 
 
-def ensure_llama_server(jobs: int | None = None) -> Path:
+def ensure_llama_server(jobs: int | None = None, amx: bool = True) -> Path:
     """Download the llama-cpp-python sdist and build BINARIES from its vendored llama.cpp
-    (native CPU flags, less AMX where it traps; Release), once."""
-    if all((build_dir() / "bin" / name).exists() for name in BINARIES):
-        return server_binary()
+    into build_dir(amx) (native CPU flags, less AMX where that is the build; Release),
+    once."""
+    directory = build_dir(amx)
+    if all((directory / "bin" / name).exists() for name in BINARIES):
+        return server_binary(amx)
     peer_dir().mkdir(parents=True, exist_ok=True)
     archive = peer_dir() / f"llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz"
     if not archive.exists():
@@ -118,13 +154,14 @@ def ensure_llama_server(jobs: int | None = None) -> Path:
     generator = ["-G", "Ninja"] if shutil.which("ninja") else []
     # Explicit -mno-* flags win over what GGML_NATIVE's -march=native implies.
     no_amx = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
-    flags = [f"-DCMAKE_C_FLAGS={no_amx}", f"-DCMAKE_CXX_FLAGS={no_amx}"] if amx_traps() else []
-    _run(["cmake", "-S", ".", "-B", build_dir().name, *generator, "-DCMAKE_BUILD_TYPE=Release",
+    flags = ([f"-DCMAKE_C_FLAGS={no_amx}", f"-DCMAKE_CXX_FLAGS={no_amx}"]
+             if directory.name == "build-no-amx" else [])
+    _run(["cmake", "-S", ".", "-B", directory.name, *generator, "-DCMAKE_BUILD_TYPE=Release",
           "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
           "-DLLAMA_BUILD_EXAMPLES=OFF", "-DGGML_NATIVE=ON", *flags], cwd=source_dir())
-    _run(["cmake", "--build", build_dir().name, "--target", *BINARIES, "-j",
+    _run(["cmake", "--build", directory.name, "--target", *BINARIES, "-j",
           str(jobs or os.cpu_count() or 1)], cwd=source_dir())
-    return server_binary()
+    return server_binary(amx)
 
 
 # llama.cpp's converter names a checkpoint's pre-tokenizer by hashing how it splits a test
@@ -278,11 +315,12 @@ def _free_port() -> int:
 
 @contextlib.contextmanager
 def llama_server(gguf: Path, parallel: int, context_per_sequence: int, threads: int,
-                 log: Path) -> Iterator[tuple[str, int]]:
+                 log: Path, amx: bool = True) -> Iterator[tuple[str, int]]:
     """A running llama-server with `parallel` slots sharing one KV cache, loaded and warmed
-    up; yields its URL and process id."""
+    up, from build_dir(amx); yields its URL and process id. Raises Crashed where the
+    server died by a signal, starting or while it was used."""
     port = _free_port()
-    command = [str(ensure_llama_server()), "-m", str(gguf), "--host", "127.0.0.1",
+    command = [str(ensure_llama_server(amx=amx)), "-m", str(gguf), "--host", "127.0.0.1",
                "--port", str(port), "-t", str(threads), "-tb", str(threads),
                "-np", str(parallel), "--kv-unified", "-c", str(parallel * context_per_sequence),
                "--no-webui",
@@ -297,7 +335,7 @@ def llama_server(gguf: Path, parallel: int, context_per_sequence: int, threads: 
             deadline = time.monotonic() + 300
             while True:
                 if process.poll() is not None:
-                    raise RuntimeError(f"llama-server exited with {process.returncode}; see {log}")
+                    raise exit_error("llama-server", process.returncode, f"see {log}")
                 with contextlib.suppress(httpx.HTTPError):
                     if httpx.get(url + "/health", timeout=2).status_code == 200:
                         break
@@ -305,6 +343,8 @@ def llama_server(gguf: Path, parallel: int, context_per_sequence: int, threads: 
                     raise RuntimeError(f"llama-server not healthy after 300 s; see {log}")
                 time.sleep(0.5)
             yield url, process.pid
+            if process.poll() is not None:
+                raise exit_error("llama-server", process.returncode, f"see {log}")
         finally:
             process.terminate()
             try:

@@ -196,22 +196,32 @@ def kvflow_decode_bytes(llm) -> int:  # noqa: ANN001
 
 def run_llama_cpp(test: PeerTest, gguf: Path, threads: int, repetitions: int,
                   system: str) -> PeerTestResult:
-    """The test in llama.cpp's own tool, built beside llama-server."""
-    llama_cpp.ensure_llama_server()
+    """The test in llama.cpp's own tool, built beside llama-server: in its native build,
+    or in the build without AMX where the native one crashed on it."""
+    result, crash = llama_cpp.without_amx_if_crashed(
+        lambda amx: _run_llama_cpp(test, gguf, threads, repetitions, system, amx))
+    if crash:
+        result.settings["native_build_crashed"] = crash
+    return result
+
+
+def _run_llama_cpp(test: PeerTest, gguf: Path, threads: int, repetitions: int, system: str,
+                   amx: bool) -> PeerTestResult:
+    llama_cpp.ensure_llama_server(amx=amx)
+    build = llama_cpp.build_dir(amx)
     if test.batched:
-        binary = llama_cpp.build_dir() / "bin" / "llama-batched-bench"
+        binary = build / "bin" / "llama-batched-bench"
         context = test.sequences * (test.prompt + test.generate) + 64
         command = [str(binary), "-m", str(gguf), "-t", str(threads), "-npp", str(test.prompt),
                    "-ntg", str(test.generate), "-npl", str(test.sequences), "-c", str(context),
                    "--output-format", "jsonl"]
         samples = [parse_batched_bench(_output(command)) for _ in range(repetitions)]
     else:
-        binary = llama_cpp.build_dir() / "bin" / "llama-bench"
+        binary = build / "bin" / "llama-bench"
         command = [str(binary), "-m", str(gguf), "-t", str(threads), "-p", str(test.prompt),
                    "-n", str(test.generate), "-r", str(repetitions), "-o", "json"]
         samples = parse_llama_bench(_output(command))
-    settings = {"command": command[0].rsplit("/", 1)[-1:] + command[1:],
-                "build": llama_cpp.build_dir().name}
+    settings = {"command": command[0].rsplit("/", 1)[-1:] + command[1:], "build": build.name}
     if test.decode:
         settings["bytes_per_token"] = gguf_decode_bytes(gguf)
     return PeerTestResult(system, test.name, statistics.median(samples), samples, settings)
@@ -220,8 +230,7 @@ def run_llama_cpp(test: PeerTest, gguf: Path, threads: int, repetitions: int,
 def _output(command: list[str]) -> str:
     done = subprocess.run(command, capture_output=True, text=True, check=False, timeout=3600)
     if done.returncode != 0:
-        raise RuntimeError(f"{Path(command[0]).name} exited with {done.returncode}: "
-                           f"{done.stderr[-2000:]}")
+        raise llama_cpp.exit_error(Path(command[0]).name, done.returncode, done.stderr[-2000:])
     return done.stdout
 
 
