@@ -727,13 +727,42 @@ Int8Activations quantize_activations(const T* x, int64_t M, int64_t K, int64_t B
                     std::vector<int32_t>(blocks)};
   for (int64_t i = 0; i < blocks; ++i) {
     const T* xb = x + i * B;
+    int8_t* qb = a.q.data() + i * B;
     float amax = 0.f;
-    for (int64_t k = 0; k < B; ++k) amax = std::max(amax, std::abs(to_f32(xb[k])));
+    int64_t k = 0;
+#ifdef KVFLOW_AVX512
+    // The same values as the scalar loops below, 16 at a time: a decode step quantizes
+    // every layer's input, on one thread before the GEMV's parallel part, and the scalar
+    // loops took 8-10 us of a 22 us down projection (K = 4,864). The maximum skips NaNs
+    // as std::max(amax, v) does (vmaxps returns its second operand when one is NaN), and
+    // the conversion rounds to nearest even, as nearbyint does in the default mode.
+    if (B % 16 == 0) {
+      __m512 top = _mm512_setzero_ps();
+      for (; k < B; k += 16) top = _mm512_max_ps(_mm512_abs_ps(load16(xb + k)), top);
+      amax = _mm512_reduce_max_ps(top);
+    }
+#endif
+    for (int64_t j = k; j < B; ++j) amax = std::max(amax, std::abs(to_f32(xb[j])));
     const float inverse = amax > 0.f ? 127.f / amax : 0.f;
     int32_t sum = 0;
-    for (int64_t k = 0; k < B; ++k) {
+    k = 0;
+#ifdef KVFLOW_AVX512
+    if (B % 16 == 0) {
+      const __m512 factor = _mm512_set1_ps(inverse);
+      __m512i total = _mm512_setzero_si512();
+      for (; k < B; k += 16) {
+        // Narrowed first, so that a NaN (INT_MIN here) counts as the 0 it is stored as.
+        const __m128i q = _mm512_cvtepi32_epi8(
+            _mm512_cvtps_epi32(_mm512_mul_ps(load16(xb + k), factor)));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(qb + k), q);
+        total = _mm512_add_epi32(total, _mm512_cvtepi8_epi32(q));
+      }
+      sum = _mm512_reduce_add_epi32(total);
+    }
+#endif
+    for (; k < B; ++k) {
       const auto q = static_cast<int8_t>(std::nearbyint(to_f32(xb[k]) * inverse));
-      a.q[i * B + k] = q;
+      qb[k] = q;
       sum += q;
     }
     a.scale[i] = amax / 127.f;
