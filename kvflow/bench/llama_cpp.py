@@ -115,8 +115,8 @@ def without_amx_if_crashed(run: Callable[[bool], T]) -> tuple[T, str | None]:
     """run(True), in the native build; where that dies by a signal and the CPU has a build
     without AMX to offer, run(False) instead. llama.cpp's AMX kernels can run one row and
     crash on more: on a 2-core Xeon with AMX (2026-12-07) its Q8_0 and Q4_K_M decode ran
-    in them at nearly twice the speed of the build without, and every prompt of more
-    than one token died in `ldtilecfg` (SIGSEGV, or SIGILL). So each test gets the fastest
+    in them at nearly twice the speed of the build without, and its 512-token prompts and
+    its batches died in `ldtilecfg` (SIGSEGV, or SIGILL). So each test gets the fastest
     build that runs it. Returns run's result and the crash it replaced, if any."""
     try:
         return run(True), None
