@@ -394,6 +394,39 @@ def test_argmax_rows_is_torch_max_indices(ops, dtype):
         ops.argmax_rows(torch.zeros(3))
 
 
+def test_every_gemv_that_takes_a_prefetch_distance_prefetches():
+    """A prefetch changes no result, so only the compiled code shows one was dropped: GCC
+    12 found the out-of-line prefetch_ahead free of side effects and deleted its calls from
+    the int8 VNNI kernel, whose prefetch variants then all read alike. Each compiled GEMV
+    that takes a prefetch distance must issue prefetches."""
+    import re
+    import shutil
+    import subprocess
+
+    from kvflow.kernels import cpu_ops
+
+    native = cpu_ops()
+    if native is None or not native.vector_paths().startswith("avx512"):
+        pytest.skip("the prefetches are in the AVX-512 paths only")
+    if shutil.which("objdump") is None:
+        pytest.skip("no objdump to read the compiled kernels")
+    listing = subprocess.run(["objdump", "-d", "--no-show-raw-insn", "-C", native.__file__],
+                             capture_output=True, text=True, check=True).stdout
+    prefetches: dict[str, int] = {}
+    function = None
+    for line in listing.splitlines():
+        if header := re.match(r"[0-9a-f]+ <(.*)>:$", line):
+            function = header[1]
+            prefetches[function] = 0
+        elif function and "prefetcht0" in line:
+            prefetches[function] += 1
+    # The loops over weight chunks (the lambdas) hold the inlined inner steps.
+    for kernel in ("gemv_impl<", "int8_q8_impl<"):
+        bodies = {name: count for name, count in prefetches.items()
+                  if name.startswith(f"(anonymous namespace)::{kernel}") and "{lambda" in name}
+        assert len(bodies) >= 4 and all(bodies.values()), (kernel, bodies)
+
+
 @pytest.mark.parametrize("threads", [2, 3])
 def test_every_gemv_computes_each_row_once_however_threads_share_the_weight(ops, threads):
     """The GEMVs hand a weight out in chunks, a thread done with its own share taking the
