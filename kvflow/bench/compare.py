@@ -101,10 +101,8 @@ def _llama_cpp(settings: CompareSettings, workload: Workload, gguf: Path,
         {min(n, len(workload.requests)) for n in settings.llama_cpp_parallel})
     tried = []
     for parallel in counts:
-        result, crash = llama_cpp.without_amx_if_crashed(
+        result = llama_cpp.without_amx_if_crashed(
             lambda amx: _serve_llama_cpp(settings, workload, gguf, system, parallel, context, amx))
-        if crash:
-            result.settings["native_build_crashed"] = crash
         logger.info("%s -np %d: %.1f generated tokens/s", system, parallel,
                     result.generated_tokens_per_s)
         tried.append(result)

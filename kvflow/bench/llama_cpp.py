@@ -111,20 +111,23 @@ def exit_error(program: str, returncode: int, detail: str) -> RuntimeError:
 T = TypeVar("T")
 
 
-def without_amx_if_crashed(run: Callable[[bool], T]) -> tuple[T, str | None]:
+def without_amx_if_crashed(run: Callable[[bool], T]) -> T:
     """run(True), in the native build; where that dies by a signal and the CPU has a build
     without AMX to offer, run(False) instead. llama.cpp's AMX kernels can run one row and
     crash on more: on a 2-core Xeon with AMX (2026-12-07) its Q8_0 and Q4_K_M decode ran
     in them at nearly twice the speed of the build without, and its 512-token prompts and
     its batches died in `ldtilecfg` (SIGSEGV, or SIGILL). So each test gets the fastest
-    build that runs it. Returns run's result and the crash it replaced, if any."""
+    build that runs it. Returns run's result (a result with `settings`), which records
+    the crash it replaced as settings["native_build_crashed"]."""
     try:
-        return run(True), None
+        return run(True)
     except Crashed as crash:
         if build_dir(amx=False) == build_dir():
             raise
         logger.warning("%s; again in llama.cpp's build without AMX", crash)
-        return run(False), str(crash)
+        result = run(False)
+        result.settings["native_build_crashed"] = str(crash)
+        return result
 
 
 def _run(command: list[str], cwd: Path | None = None) -> None:

@@ -198,11 +198,8 @@ def run_llama_cpp(test: PeerTest, gguf: Path, threads: int, repetitions: int,
                   system: str) -> PeerTestResult:
     """The test in llama.cpp's own tool, built beside llama-server: in its native build,
     or in the build without AMX where the native one crashed on it."""
-    result, crash = llama_cpp.without_amx_if_crashed(
+    return llama_cpp.without_amx_if_crashed(
         lambda amx: _run_llama_cpp(test, gguf, threads, repetitions, system, amx))
-    if crash:
-        result.settings["native_build_crashed"] = crash
-    return result
 
 
 def _run_llama_cpp(test: PeerTest, gguf: Path, threads: int, repetitions: int, system: str,
