@@ -1,7 +1,7 @@
 """Two builds of the native kernels alternated in one process, on whole decode steps: one
 engine per build over the same model, single-stream decode rounds taken in turn, paired
 ratios per round (a shared host's speed drifts within minutes, so builds timed apart
-cannot be compared).
+cannot be compared). Both builds run on the old one's kernel choices unless --own-plans.
 
     python benchmarks/decode_builds.py --model PATH OLD.so [NEW.so] [--quantization int4]
         [--quantize-lm-head] [--rounds 8] [--tokens 48]
@@ -21,6 +21,7 @@ import torch
 import kvflow.kernels
 from kvflow import LLM
 from kvflow.bench.hardware import inventory
+from kvflow.kernels.tuning import _ChoiceCache
 
 from attention_builds import load
 from cpu_graphs import decode_steps
@@ -34,6 +35,17 @@ def engine(args: argparse.Namespace, ops: ModuleType) -> LLM:
                    quantization=args.quantization, quantize_lm_head=args.quantize_lm_head)
 
 
+def same_plans(old: ModuleType, new: ModuleType) -> None:
+    """The old build's measured kernel choices (which kernel, which GEMV variant per shape)
+    written where the new build looks for its own: two kernels that measure alike can swap
+    between two tunings, and a step on another plan is no measure of a kernel change."""
+    choices = _ChoiceCache(old).path
+    if choices.exists():
+        target = _ChoiceCache(new).path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(choices.read_text())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -44,9 +56,15 @@ def main() -> None:
     parser.add_argument("--quantize-lm-head", action="store_true")
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=48)
+    parser.add_argument("--own-plans", action="store_true",
+                        help="let each build measure its own kernel choices, instead of the new "
+                             "build taking the old one's")
     args = parser.parse_args()
     builds = {"old": load(args.old), "new": load(args.new) if args.new else kvflow.kernels.cpu_ops()}
-    engines = {name: engine(args, ops) for name, ops in builds.items()}
+    engines = {"old": engine(args, builds["old"])}
+    if not args.own_plans:
+        same_plans(builds["old"], builds["new"])
+    engines["new"] = engine(args, builds["new"])
     prompt = list(range(100, 228))
     steps: dict[str, list[float]] = {name: [] for name in engines}
     for round_ in range(args.rounds + 1):  # the first round warms both and is left out
