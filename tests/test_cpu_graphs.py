@@ -13,7 +13,7 @@ import torch
 from conftest import (assert_greedy_matches, hf_greedy, random_prompts,
                       without_decode_graphs)
 from kvflow import LLM, SamplingParams
-from kvflow.worker.cpu_graphs import NotCapturable, cpu_capture
+from kvflow.worker.cpu_graphs import NotCapturable, _parameters, cpu_capture
 
 
 def fake_ops():
@@ -110,6 +110,50 @@ def test_steps_a_replay_could_not_repeat_are_refused(read):
     assert not hasattr(ops.plus_one, "__wrapped__")  # the module is given back
 
 
+def test_native_kernel_calls_replay_from_cpp_between_recorded_aten_ops(kernel_ops):
+    """With the native module, a replay runs its Program: each kernel call bound once to
+    its arguments (its recorded output as `out` where the kernel takes one, a copy into it
+    where it returned a fresh tensor without one), the ATen operations between them called
+    back in Python."""
+    ops = kernel_ops
+    torch.manual_seed(0)
+    x, w, norm = torch.randn(2, 64), torch.randn(16, 64), torch.rand(64) + 0.5
+
+    def forward():
+        h = ops.rms_norm(x, norm, None, 1e-6)
+        y = ops.gemv(h, w, None, prefetch=0)
+        return ops.argmax_rows(y * -2.0)
+
+    replay = cpu_capture(ops)(forward)
+    assert len(replay.program) == len(replay.calls) == 4
+    assert [call.into for call in replay.calls] == [True, True, False, False]
+    for seed in (1, 2):
+        x.copy_(torch.randn(2, 64, generator=torch.Generator().manual_seed(seed)))
+        expected = forward()
+        assert torch.equal(replay(), expected)
+
+
+def test_a_program_refuses_an_unknown_kernel_and_wrong_arguments(kernel_ops):
+    program = kernel_ops.Program()
+    x, w = torch.randn(1, 64), torch.randn(16, 64)
+    with pytest.raises(RuntimeError, match="no kernel named nope"):
+        program.add_kernel("nope", (), [])
+    with pytest.raises(RuntimeError, match="a kernel of 6 parameters given 2 arguments"):
+        program.add_kernel("gemv", (x, w), [])
+    with pytest.raises(RuntimeError):  # a string where the kernel takes a tensor
+        program.add_kernel("gemv", ("x", w, None, 4, 0, None), [])
+    assert len(program) == 0
+
+
+def test_every_native_kernel_signature_is_read_for_the_program(kernel_ops):
+    """A kernel whose signature could not be read would replay through Python unnoticed."""
+    kernels = [getattr(kernel_ops, name) for name in dir(kernel_ops)
+               if isinstance(getattr(kernel_ops, name), types.BuiltinFunctionType)]
+    assert len(kernels) > 10
+    assert all(_parameters(fn) is not None for fn in kernels)
+    assert ("out", None) in _parameters(kernel_ops.gemv)
+
+
 def steps_through_python(llm) -> list[int]:
     """How many times the first decoder layer runs in Python from now on."""
     calls = []
@@ -135,6 +179,8 @@ def test_decode_steps_replay_recorded_kernels_and_match_python_and_transformers(
     fresh = [call for call in graphs.graphs[1, 1].calls if call.outputs is not None
              and getattr(call.fn, "__name__", "") in ("gemv", "rms_norm", "silu_and_mul")]
     assert fresh and all(call.into for call in fresh)
+    # every call of the step replays from the native module's Program
+    assert len(graphs.graphs[1, 1].program) == len(graphs.graphs[1, 1].calls)
     python_steps = steps_through_python(llm)
     outputs = llm.generate(requests, params, use_tqdm=False)
     tokens = [o.outputs[0].token_ids for o in outputs]

@@ -16,10 +16,14 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <functional>
 #include <initializer_list>
 #include <limits>
 #include <string>
+#include <tuple>
 #include <type_traits>
+#include <unordered_map>
+#include <utility>
 #include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
@@ -911,7 +915,8 @@ KVFLOW_INLINE void int8_group_q8(const uint8_t* xu, const float* xscale, const i
   for (int64_t b = 0; b < blocks; ++b) {
     __m512i dot[MB][R];
     for (int r = 0; r < R; ++r) {
-      const __m512i start = _mm512_zextsi128_si512(_mm_cvtsi32_si128(-128 * wsum[r * blocks + b]));
+      const __m512i start =
+          _mm512_zextsi128_si512(_mm_cvtsi32_si128(-128 * wsum[r * blocks + b]));
       for (int m = 0; m < MB; ++m) dot[m][r] = start;
     }
     for (int64_t k = b * B; k < (b + 1) * B; k += 64) {
@@ -2626,54 +2631,141 @@ std::string vector_paths() {
 #endif
 }
 
+// ---------------------------------------------------------------------------------------
+// A captured decode step (kvflow/worker/cpu_graphs.py) replayed from here: each recorded
+// kernel call bound once to its arguments, the calls then run in order with no Python
+// between them. Through Python each call cost a few microseconds of interpreter and
+// argument conversion, and more on a machine whose caches the step's weight stream had
+// just flushed (on a Xeon, a small op after a step's GEMVs took 77 us, 1 us after none).
+// ATen operations a step records stay Python callables, called in their place.
+
+using ReplayStep = std::function<void()>;
+// Binds a kernel to its arguments (all of them, in order) and, for a kernel that returned
+// a fresh tensor where the step had none to pass as `out`, the recorded tensor its result
+// is copied into.
+using Binder = ReplayStep (*)(const py::tuple& args, const std::vector<torch::Tensor>& into);
+
+template <typename R, typename... Args, size_t... I>
+ReplayStep bind_call(R (*fn)(Args...), const py::tuple& args,
+                     const std::vector<torch::Tensor>& into, std::index_sequence<I...>) {
+  TORCH_CHECK(args.size() == sizeof...(Args), "Program: a kernel of ", sizeof...(Args),
+              " parameters given ", args.size(), " arguments");
+  auto values = std::make_tuple(py::cast<std::decay_t<Args>>(args[I])...);
+  if constexpr (std::is_same_v<R, torch::Tensor>) {
+    if (!into.empty()) {
+      torch::Tensor recorded = into[0];
+      return [fn, values, recorded]() mutable { recorded.copy_(std::apply(fn, values)); };
+    }
+  } else {
+    TORCH_CHECK(into.empty(), "Program: a kernel that returns no tensor has none to copy");
+  }
+  return [fn, values]() { std::apply(fn, values); };
+}
+
+template <typename R, typename... Args>
+ReplayStep bind_function(R (*fn)(Args...), const py::tuple& args,
+                         const std::vector<torch::Tensor>& into) {
+  return bind_call(fn, args, into, std::index_sequence_for<Args...>{});
+}
+
+template <auto F>
+ReplayStep bind_kernel(const py::tuple& args, const std::vector<torch::Tensor>& into) {
+  return bind_function(F, args, into);
+}
+
+std::unordered_map<std::string, Binder>& binders() {
+  static std::unordered_map<std::string, Binder> table;
+  return table;
+}
+
+// Defines a kernel in the module and makes it one a Program can bind.
+template <auto F, typename... Extra>
+void def_kernel(py::module_& m, const char* name, Extra&&... extra) {
+  m.def(name, F, std::forward<Extra>(extra)...);
+  binders()[name] = &bind_kernel<F>;
+}
+
+class Program {
+ public:
+  void add_kernel(const std::string& name, const py::tuple& args,
+                  const std::vector<torch::Tensor>& into) {
+    const auto binder = binders().find(name);
+    TORCH_CHECK(binder != binders().end(), "Program: no kernel named ", name);
+    steps_.push_back(binder->second(args, into));
+  }
+  void add_python(py::object call) { steps_.push_back([call]() { call(); }); }
+  void run() const {
+    for (const ReplayStep& step : steps_) step();
+  }
+  size_t size() const { return steps_.size(); }
+
+ private:
+  std::vector<ReplayStep> steps_;
+};
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // streams and prefetch: a GemvVariant, chosen per machine by kvflow/kernels/tuning.py.
-  m.def("gemv", &gemv, "y = x @ w.T (+ bias) for a few rows of x", py::arg("x"), py::arg("w"),
-        py::arg("bias"), py::arg("streams") = kGemvRows, py::arg("prefetch") = kPrefetchBytes,
-        py::arg("out") = py::none());
-  m.def("int8_gemv", &int8_gemv, "y = x @ (w * scale[:, None]).T (+ bias), w int8, for a few "
-        "rows of x", py::arg("x"), py::arg("w"), py::arg("scale"), py::arg("bias"),
-        py::arg("streams") = kGemvRows, py::arg("prefetch") = kPrefetchBytes,
-        py::arg("out") = py::none());
-  m.def("int4_gemv", &int4_gemv, "y = x @ dequantized(w).T (+ bias), w packed int4 (kvflow/quantization/int4.py)",
-        py::arg("x"), py::arg("w"), py::arg("scale"), py::arg("offset"), py::arg("bias"),
-        py::arg("blocked") = py::none(), py::arg("out") = py::none());
-  m.def("int8_gemv_q8", &int8_gemv_q8, "int8_gemv with x quantized to int8 per block of "
-        "columns, wsum [out_features, blocks] each block's weight sum", py::arg("x"),
-        py::arg("w"), py::arg("scale"), py::arg("wsum"), py::arg("bias"),
-        py::arg("streams") = kGemvRows, py::arg("prefetch") = kPrefetchBytes,
-        py::arg("out") = py::none());
-  m.def("int4_gemv_q8", &int4_gemv_q8, "int4_gemv with x quantized to int8 per group, "
-        "reading the blocked scales", py::arg("x"), py::arg("w"), py::arg("blocked"),
-        py::arg("bias"), py::arg("out") = py::none());
-  m.def("int8_dequantize", &int8_dequantize, "w * scale[:, None] in scale's dtype, w int8",
-        py::arg("w"), py::arg("scale"), py::arg("out") = py::none());
-  m.def("int4_dequantize", &int4_dequantize,
-        "the weight packed int4 w stands for, in scale's dtype", py::arg("w"), py::arg("scale"),
-        py::arg("offset"), py::arg("out") = py::none());
-  m.def("paged_attention", &paged_attention, "attention of a ragged batch over a paged cache",
-        py::arg("out"), py::arg("q"), py::arg("k_cache"), py::arg("v_cache"),
-        py::arg("block_tables"), py::arg("seq_lens"), py::arg("query_start_loc"),
-        py::arg("scale"), py::arg("window"), py::arg("split_context"), py::arg("softcap"),
-        py::arg("sinks") = py::none());
-  m.def("write_kv", &write_kv, "write k, v to their slots (K d-major inside blocks)");
-  m.def("rms_norm", &rms_norm, "RMSNorm, optionally fused with the residual add",
-        py::arg("x"), py::arg("weight"), py::arg("residual"), py::arg("eps"),
-        py::arg("out") = py::none());
-  m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up", py::arg("x"),
-        py::arg("out") = py::none());
-  m.def("argmax_rows", &argmax_rows, "each row's first index of its largest value (of its "
-        "first NaN where it has one), as torch.max(dim=-1).indices", py::arg("x"));
-  m.def("rotary_embedding", &rotary_embedding, "rotate-half RoPE in place");
-  m.def("moe_experts", &moe_experts, "a mixture-of-experts layer's experts: each token's "
-        "top-k experts' down(act(gate_up(x))), weighted and summed",
-        py::arg("x"), py::arg("weights"), py::arg("ids"), py::arg("gate_up"),
-        py::arg("gate_up_scales"), py::arg("gate_up_bias"), py::arg("down"),
-        py::arg("down_scales"), py::arg("down_bias"), py::arg("activation"), py::arg("alpha"),
-        py::arg("limit"), py::arg("gemv_max_rows"), py::arg("streams") = kGemvRows,
-        py::arg("prefetch") = kPrefetchBytes, py::arg("gate_up_wsum") = py::none(),
-        py::arg("down_wsum") = py::none());
-  m.def("vector_paths", &vector_paths, "which vector paths were compiled: avx512 (+bf16, +vnni) or scalar");
+  def_kernel<&gemv>(m, "gemv", "y = x @ w.T (+ bias) for a few rows of x", py::arg("x"),
+                    py::arg("w"), py::arg("bias"), py::arg("streams") = kGemvRows,
+                    py::arg("prefetch") = kPrefetchBytes, py::arg("out") = py::none());
+  def_kernel<&int8_gemv>(m, "int8_gemv", "y = x @ (w * scale[:, None]).T (+ bias), w int8, "
+                         "for a few rows of x", py::arg("x"), py::arg("w"), py::arg("scale"),
+                         py::arg("bias"), py::arg("streams") = kGemvRows,
+                         py::arg("prefetch") = kPrefetchBytes, py::arg("out") = py::none());
+  def_kernel<&int4_gemv>(m, "int4_gemv", "y = x @ dequantized(w).T (+ bias), w packed int4 "
+                         "(kvflow/quantization/int4.py)", py::arg("x"), py::arg("w"),
+                         py::arg("scale"), py::arg("offset"), py::arg("bias"),
+                         py::arg("blocked") = py::none(), py::arg("out") = py::none());
+  def_kernel<&int8_gemv_q8>(m, "int8_gemv_q8", "int8_gemv with x quantized to int8 per block "
+                            "of columns, wsum [out_features, blocks] each block's weight sum",
+                            py::arg("x"), py::arg("w"), py::arg("scale"), py::arg("wsum"),
+                            py::arg("bias"), py::arg("streams") = kGemvRows,
+                            py::arg("prefetch") = kPrefetchBytes, py::arg("out") = py::none());
+  def_kernel<&int4_gemv_q8>(m, "int4_gemv_q8", "int4_gemv with x quantized to int8 per group, "
+                            "reading the blocked scales", py::arg("x"), py::arg("w"),
+                            py::arg("blocked"), py::arg("bias"), py::arg("out") = py::none());
+  def_kernel<&int8_dequantize>(m, "int8_dequantize", "w * scale[:, None] in scale's dtype, "
+                               "w int8", py::arg("w"), py::arg("scale"),
+                               py::arg("out") = py::none());
+  def_kernel<&int4_dequantize>(m, "int4_dequantize", "the weight packed int4 w stands for, in "
+                               "scale's dtype", py::arg("w"), py::arg("scale"), py::arg("offset"),
+                               py::arg("out") = py::none());
+  def_kernel<&paged_attention>(m, "paged_attention", "attention of a ragged batch over a paged "
+                               "cache", py::arg("out"), py::arg("q"), py::arg("k_cache"),
+                               py::arg("v_cache"), py::arg("block_tables"), py::arg("seq_lens"),
+                               py::arg("query_start_loc"), py::arg("scale"), py::arg("window"),
+                               py::arg("split_context"), py::arg("softcap"),
+                               py::arg("sinks") = py::none());
+  def_kernel<&write_kv>(m, "write_kv", "write k, v to their slots (K d-major inside blocks)");
+  def_kernel<&rms_norm>(m, "rms_norm", "RMSNorm, optionally fused with the residual add",
+                        py::arg("x"), py::arg("weight"), py::arg("residual"), py::arg("eps"),
+                        py::arg("out") = py::none());
+  def_kernel<&silu_and_mul>(m, "silu_and_mul", "silu(gate) * up", py::arg("x"),
+                            py::arg("out") = py::none());
+  def_kernel<&argmax_rows>(m, "argmax_rows", "each row's first index of its largest value (of "
+                           "its first NaN where it has one), as torch.max(dim=-1).indices",
+                           py::arg("x"));
+  def_kernel<&rotary_embedding>(m, "rotary_embedding", "rotate-half RoPE in place");
+  def_kernel<&moe_experts>(m, "moe_experts", "a mixture-of-experts layer's experts: each "
+                           "token's top-k experts' down(act(gate_up(x))), weighted and summed",
+                           py::arg("x"), py::arg("weights"), py::arg("ids"), py::arg("gate_up"),
+                           py::arg("gate_up_scales"), py::arg("gate_up_bias"), py::arg("down"),
+                           py::arg("down_scales"), py::arg("down_bias"), py::arg("activation"),
+                           py::arg("alpha"), py::arg("limit"), py::arg("gemv_max_rows"),
+                           py::arg("streams") = kGemvRows, py::arg("prefetch") = kPrefetchBytes,
+                           py::arg("gate_up_wsum") = py::none(),
+                           py::arg("down_wsum") = py::none());
+  m.def("vector_paths", &vector_paths,
+        "which vector paths were compiled: avx512 (+bf16, +vnni) or scalar");
+  py::class_<Program>(m, "Program", "a captured step's kernel calls, replayed in order")
+      .def(py::init<>())
+      .def("add_kernel", &Program::add_kernel, "a call of the kernel `name`: its arguments, "
+           "all of them in order, and where a fresh result is copied (empty: nowhere)",
+           py::arg("name"), py::arg("args"), py::arg("into"))
+      .def("add_python", &Program::add_python, "a Python callable, called in its place",
+           py::arg("call"))
+      .def("run", &Program::run)
+      .def("__len__", &Program::size);
 }
