@@ -211,9 +211,18 @@ def test_a_reply_streams_with_its_figures_and_survives_a_reload(chat):
     chat.open_chat()
     assert "2,048-token context" in chat.page.inner_text("#model-info")
     chat.settings(system="You write Python.", max_tokens="48", seed="7", temperature="0.8")
+    # The stop button shows while the reply streams. A short reply can come and go between
+    # two polls of a selector on a busy machine, so an observer records that it showed.
+    chat.page.evaluate("""() => {
+      window.streamed = false;
+      new MutationObserver(records => {
+        if (records.some(r => r.attributeName === 'hidden' && r.oldValue !== null))
+          window.streamed = true;
+      }).observe(document.getElementById('stop'), {attributes: true, attributeOldValue: true});
+    }""")
     chat.send("def fibonacci(n):")
-    chat.page.wait_for_selector("#stop:not([hidden])")  # streaming
     chat.wait_answered()
+    assert chat.page.evaluate("window.streamed")
     body = chat.chat_bodies[-1]
     assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
     assert body["messages"] == [{"role": "system", "content": "You write Python."},
