@@ -208,8 +208,8 @@ def _kernel_arguments(ops: ModuleType, call: _Call) -> tuple | None:
         return None
     given = dict(call.kwargs, **({"out": call.outputs[0]} if call.into else {}))
     values = list(call.args)
-    for name, default in parameters[len(values):]:
-        value = given.pop(name, default)
+    for parameter, default in parameters[len(values):]:
+        value = given.pop(parameter, default)
         if value is _REQUIRED:
             return None
         values.append(value)
