@@ -375,7 +375,7 @@ KVFLOW_INLINE void finish_rows(const float* sums, int64_t count, const T* scale,
 #ifdef KVFLOW_AVX512
   for (; n < count; n += 16) {
     const __mmask16 live = count - n >= 16 ? 0xffff : (1u << (count - n)) - 1;
-    __m512 v = _mm512_maskz_loadu_ps(live, sums + n);
+    __m512 v = load16_masked(sums + n, live);
     if (scale) v = _mm512_mul_ps(v, load16_masked(scale + n, live));
     if (bias) v = _mm512_add_ps(v, load16_masked(bias + n, live));
     store16_masked(y + n, v, live);
@@ -398,10 +398,10 @@ KVFLOW_INLINE void finish_rows(const float* sums, int64_t count, const T* scale,
 // time.
 constexpr int64_t kRunRows = 64;
 
-// A GEMV's groups [begin, end) of R weight rows against M rows of x, in runs of kRunRows
-// outputs: sums_of(group, m0, mb, sums) fills sums[m][r] for x rows m0 to m0 + mb - 1 and
-// the group's rows (each group is read once for all of x's rows), and each run's outputs
-// are then finished by finish_rows into y ([M, N]).
+// A GEMV's groups [begin, end) of R weight rows (N a multiple of R) against M rows of x,
+// in runs of kRunRows outputs: sums_of(group, m0, mb, sums) fills sums[m][r] for x rows m0
+// to m0 + mb - 1 and the group's rows (each group is read once for all of x's rows), and
+// each run's outputs are then finished by finish_rows into y ([M, N]).
 template <typename T, int R, typename Sums>
 KVFLOW_INLINE void finish_in_runs(int64_t begin, int64_t end, int64_t M, int64_t N,
                                   const T* scale, const T* bias, T* y, const Sums& sums_of) {
@@ -409,14 +409,13 @@ KVFLOW_INLINE void finish_in_runs(int64_t begin, int64_t end, int64_t M, int64_t
   float sums[kGemvCols][kGemvRows];
   for (int64_t g0 = begin; g0 < end; g0 += kRunRows / R) {
     const int64_t g1 = std::min(end, g0 + kRunRows / R);
-    const int64_t first = g0 * R, count = std::min(N, g1 * R) - first;
+    const int64_t first = g0 * R, count = (g1 - g0) * R;
     for (int64_t group = g0; group < g1; ++group) {
-      const int64_t rows = std::min<int64_t>(R, N - group * R);
       for (int64_t m0 = 0; m0 < M; m0 += kGemvCols) {
         const int64_t mb = std::min(kGemvCols, M - m0);
         sums_of(group, m0, mb, sums);
         for (int64_t m = 0; m < mb; ++m)
-          for (int64_t r = 0; r < rows; ++r)
+          for (int64_t r = 0; r < R; ++r)
             run[(m0 + m) * kRunRows + group * R - first + r] = sums[m][r];
       }
     }
