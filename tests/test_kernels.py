@@ -394,6 +394,19 @@ def test_argmax_rows_is_torch_max_indices(ops, dtype):
         ops.argmax_rows(torch.zeros(3))
 
 
+def test_attention_multiplies_on_amx_tiles_where_the_cpu_has_them():
+    """A CPU that lists AMX's bf16 tiles gets them in the native build: neither a build
+    that lost the path nor a refused request for the tile registers passes unnoticed."""
+    from kvflow.bench.hardware import cpuinfo
+    from kvflow.kernels import cpu_ops
+
+    flags = set(cpuinfo().get("flags", "").split())
+    native = cpu_ops()
+    if native is None or not {"amx_tile", "amx_bf16", "avx512_bf16"} <= flags:
+        pytest.skip("this CPU has no AMX bf16 tiles")
+    assert native.vector_paths().endswith("+amx")
+
+
 def test_every_gemv_that_takes_a_prefetch_distance_prefetches():
     """A prefetch changes no result, so only the compiled code shows one was dropped: GCC
     12 found the out-of-line prefetch_ahead free of side effects and deleted its calls from
@@ -462,12 +475,13 @@ def test_every_gemv_computes_each_row_once_however_threads_share_the_weight(ops,
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("window", [0, 12, 100])  # 100: more than a 64-key chunk
-@pytest.mark.parametrize("head_dim", [16, 40])
+@pytest.mark.parametrize("head_dim", [16, 40, 64])
 def test_attention_without_context_split_is_the_same_for_any_query_grouping(ops, dtype,
                                                                            window, head_dim):
     """A query's output is bitwise the same whether it is one decode, part of a short
     verification query, or anywhere in a prefill chunk, however the prompt is chunked
-    (in bfloat16, head_dim 16 takes the bf16 pair path where the CPU has one, 40 not)."""
+    (in bfloat16, head_dim 16 takes the bf16 pair path where the CPU has one, 40 not, and
+    64 AMX tiles where the CPU has those)."""
     generator = torch.Generator().manual_seed(window)
     heads, kv_heads, block_size, length = 4, 2, 16, 700
     blocks = length // block_size + 1

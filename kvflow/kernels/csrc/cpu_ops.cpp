@@ -19,6 +19,7 @@
 #include <functional>
 #include <initializer_list>
 #include <limits>
+#include <optional>
 #include <string>
 #include <tuple>
 #include <type_traits>
@@ -29,6 +30,13 @@
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #include <immintrin.h>
 #define KVFLOW_AVX512 1
+#endif
+
+#if defined(KVFLOW_AVX512) && defined(__AVX512BF16__) && defined(__AMX_TILE__) && \
+    defined(__AMX_BF16__) && defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#define KVFLOW_AMX 1
 #endif
 
 namespace {
@@ -1560,11 +1568,120 @@ inline void probability_pairs(const float* p, uint32_t* dst) {
 }
 #endif
 
+#ifdef KVFLOW_AMX
+// Linux lends a process AMX's tile registers only when it asks (arch_prctl, Linux 5.16
+// on); a kernel that refuses, or predates AMX, leaves the products on vdpbf16ps.
+bool amx_usable() {
+  static const bool granted = [] {
+    constexpr int kRequestPermission = 0x1023;  // ARCH_REQ_XCOMP_PERM
+    constexpr int kTileData = 18;               // XFEATURE_XTILEDATA
+    return syscall(SYS_arch_prctl, kRequestPermission, kTileData) == 0;
+  }();
+  return granted;
+}
+
+// Palette 1 with every tile 16 rows of 64 bytes: C tiles (0-3) 16 x 16 float32, A tiles
+// 16 rows of 16 bf16 pairs, B tiles 16 pair-rows of 16 columns. The configuration is a
+// thread's state, and other code (oneDNN) sets its own: each thread loads this one
+// before its products and releases the tiles after.
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+struct TileScope {
+  TileScope() {
+    TileConfig config;
+    for (int t = 0; t < 8; ++t) {
+      config.colsb[t] = 64;
+      config.rows[t] = 16;
+    }
+    _tile_loadconfig(&config);
+  }
+  ~TileScope() { _tile_release(); }
+  TileScope(const TileScope&) = delete;
+  TileScope& operator=(const TileScope&) = delete;
+};
+
+// c[16 m + i][16 t + j] (+)= sum over pairs k < k2 of a[16 m + i][k] . b[k][16 t + j] for
+// NT column tiles: rows and k2 multiples of 16. The pairs are summed 16 at a time, in
+// order, by tdpbf16ps (float32 sums); a row's result depends on its own row of a only.
+template <int NT>
+void amx_tiles(const uint32_t* a, int64_t lda, const uint32_t* b, int64_t ldb, int64_t k2,
+               float* c, int64_t ldc, int64_t rows, bool accumulate) {
+  static_assert(NT >= 1 && NT <= 4, "four C tiles");
+  const int64_t sa = lda * 4, sb = ldb * 4, sc = ldc * 4;
+  for (int64_t m = 0; m < rows; m += 16) {
+    float* cm = c + m * ldc;
+    if (accumulate) {
+      _tile_loadd(0, cm, sc);
+      if constexpr (NT > 1) _tile_loadd(1, cm + 16, sc);
+      if constexpr (NT > 2) _tile_loadd(2, cm + 32, sc);
+      if constexpr (NT > 3) _tile_loadd(3, cm + 48, sc);
+    } else {
+      _tile_zero(0);
+      if constexpr (NT > 1) _tile_zero(1);
+      if constexpr (NT > 2) _tile_zero(2);
+      if constexpr (NT > 3) _tile_zero(3);
+    }
+    for (int64_t k = 0; k < k2; k += 16) {
+      const uint32_t* bk = b + k * ldb;
+      _tile_loadd(4, a + m * lda + k, sa);
+      _tile_loadd(5, bk, sb);
+      _tile_dpbf16ps(0, 4, 5);
+      if constexpr (NT > 1) {
+        _tile_loadd(6, bk + 16, sb);
+        _tile_dpbf16ps(1, 4, 6);
+      }
+      if constexpr (NT > 2) {
+        _tile_loadd(7, bk + 32, sb);
+        _tile_dpbf16ps(2, 4, 7);
+      }
+      if constexpr (NT > 3) {
+        _tile_loadd(5, bk + 48, sb);
+        _tile_dpbf16ps(3, 4, 5);
+      }
+    }
+    _tile_stored(0, cm, sc);
+    if constexpr (NT > 1) _tile_stored(1, cm + 16, sc);
+    if constexpr (NT > 2) _tile_stored(2, cm + 32, sc);
+    if constexpr (NT > 3) _tile_stored(3, cm + 48, sc);
+  }
+}
+
+// c[rows][n] (+)= a[rows][k2] . b[k2][n] in pairs on AMX tiles, under a TileScope: rows
+// and k2 multiples of 16, n of 16.
+void amx_product(const uint32_t* a, int64_t lda, const uint32_t* b, int64_t ldb, int64_t k2,
+                 float* c, int64_t ldc, int64_t rows, int64_t n, bool accumulate) {
+  for (int64_t j = 0; j < n; j += 64) {
+    switch (std::min<int64_t>(4, (n - j) / 16)) {
+      case 4: amx_tiles<4>(a, lda, b + j, ldb, k2, c + j, ldc, rows, accumulate); break;
+      case 3: amx_tiles<3>(a, lda, b + j, ldb, k2, c + j, ldc, rows, accumulate); break;
+      case 2: amx_tiles<2>(a, lda, b + j, ldb, k2, c + j, ldc, rows, accumulate); break;
+      default: amx_tiles<1>(a, lda, b + j, ldb, k2, c + j, ldc, rows, accumulate); break;
+    }
+  }
+}
+#endif
+
 // Whether paged_attention takes the bf16 pair path for these tensors.
 template <typename T>
 constexpr bool pairs_path(int64_t head_dim) {
 #ifdef KVFLOW_BF16_PAIRS
   return std::is_same_v<T, BFloat16> && head_dim % 16 == 0;
+#else
+  return false;
+#endif
+}
+
+// Whether the pair path multiplies on AMX tiles: every product in a call then does, so
+// that a query's output stays the same wherever it sits. A query's head_dim / 2 pairs
+// make whole A tiles (head_dim a multiple of 32).
+template <typename T>
+bool tiles_path(int64_t head_dim) {
+#ifdef KVFLOW_AMX
+  return pairs_path<T>(head_dim) && head_dim % 32 == 0 && amx_usable();
 #else
   return false;
 #endif
@@ -1642,8 +1759,13 @@ void paged_attention_impl(T* out, const T* q, const T* k_cache, const T* v_cache
   const int64_t num_workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), items.size()));
 
   const bool pairs = pairs_path<T>(head_dim);
+  const bool tiles = tiles_path<T>(head_dim);
 
   at::parallel_for(0, num_workers, 1, [&](int64_t, int64_t) {
+#ifdef KVFLOW_AMX
+    std::optional<TileScope> tile_scope;
+    if (tiles) tile_scope.emplace();
+#endif
     // Per row: query (float32, scaled, or bf16 pairs), output, scores of the chunk, and
     // the softmax's max, sum and rescale; per chunk: values widened or keys and values
     // repacked into pairs.
@@ -1663,17 +1785,20 @@ void paged_attention_impl(T* out, const T* q, const T* k_cache, const T* v_cache
       const int64_t query_len = query_start_loc[item.req + 1] - q0;
       const int64_t tile = item.q_end - item.q_begin;
       const int64_t rows = tile * group;
+      // AMX multiplies whole tiles of 16 rows: the rows past the item's are zero queries,
+      // whose scores, probabilities and outputs are never read.
+      const int64_t tile_rows = tiles ? (rows + 15) / 16 * 16 : rows;
       const int64_t seq_len = seq_lens[item.req];
-      acc.assign(rows * head_dim, 0.f);
+      acc.assign(tile_rows * head_dim, 0.f);
       row_max.assign(rows, -std::numeric_limits<float>::infinity());
       row_sum.assign(rows, 0.f);
       for (auto* v : {&correction, &new_max}) v->resize(rows);
       attend_from.resize(rows);
       attend_to.resize(rows);
-      scores.resize(rows * kChunk);
+      scores.resize(tile_rows * kChunk);
       if (pairs) {
-        q_pairs.resize(rows * head_dim / 2);
-        p_pairs.resize(rows * kChunk / 2);
+        q_pairs.assign(tile_rows * head_dim / 2, 0u);
+        p_pairs.resize(tile_rows * kChunk / 2);
       } else {
         qf.resize(rows * head_dim);
       }
@@ -1727,8 +1852,13 @@ void paged_attention_impl(T* out, const T* q, const T* k_cache, const T* v_cache
                 (e - s) * head_dim);
           s = e;
         }
+#ifdef KVFLOW_AMX
+        if (tiles)
+          amx_product(q_pairs.data(), head_dim / 2, k_pairs.data(), kChunk, head_dim / 2,
+                      scores.data(), kChunk, tile_rows, padded, false);
+#endif
 #ifdef KVFLOW_BF16_PAIRS
-        if (pairs)
+        if (pairs && !tiles)
           pair_product(q_pairs.data(), head_dim / 2, k_pairs.data(), kChunk, head_dim / 2,
                        scores.data(), kChunk, rows, padded, false);
 #endif
@@ -1750,16 +1880,25 @@ void paged_attention_impl(T* out, const T* q, const T* k_cache, const T* v_cache
             return reinterpret_cast<const BFloat16*>(v_cache) + block_base(pos) +
                    pos % block_size * head_dim;
           };
-          const int64_t k2 = (n + 1) / 2;
-          for (int64_t p = lo / 2; p < k2; ++p)
+          // Tiles sum all of the chunk's pairs, the keys outside [lo, n) as zero
+          // probabilities against zero values.
+          const int64_t p0 = tiles ? 0 : lo / 2, k2 = tiles ? kChunk / 2 : (n + 1) / 2;
+          for (int64_t p = p0; p < k2; ++p)
             pack_value_pair(value_row(2 * p), value_row(2 * p + 1), head_dim,
                             v_pairs.data() + p * head_dim);
           for (int64_t r = 0; r < rows; ++r) {
             probability_pairs(scores.data() + r * kChunk, p_pairs.data() + r * kChunk / 2);
             if (correction[r] != 1.f) scale_vec(correction[r], acc.data() + r * head_dim, head_dim);
           }
-          pair_product(p_pairs.data() + lo / 2, kChunk / 2, v_pairs.data() + lo / 2 * head_dim,
-                       head_dim, k2 - lo / 2, acc.data(), head_dim, rows, head_dim, true);
+#ifdef KVFLOW_AMX
+          if (tiles) {
+            amx_product(p_pairs.data(), kChunk / 2, v_pairs.data(), head_dim, kChunk / 2,
+                        acc.data(), head_dim, tile_rows, head_dim, true);
+            continue;
+          }
+#endif
+          pair_product(p_pairs.data() + p0, kChunk / 2, v_pairs.data() + p0 * head_dim,
+                       head_dim, k2 - p0, acc.data(), head_dim, rows, head_dim, true);
           continue;
         }
 #endif
@@ -2623,6 +2762,9 @@ std::string vector_paths() {
 #endif
 #ifdef KVFLOW_VNNI
   paths += "+vnni";
+#endif
+#ifdef KVFLOW_AMX
+  if (amx_usable()) paths += "+amx";  // the bf16 attention's products on tiles
 #endif
   return paths;
 #else
