@@ -3,7 +3,7 @@
 Three steps on a model of a given shape (random weights):
 - single-stream decode: one request, a real `LLMEngine.step()` (scheduler, runner,
   sampler and output processing included), at a context of about 200 tokens;
-- prefill: one 2,048-token prompt in one step;
+- prefill: one 2,048-token prompt in one step (`--prefill-tokens` for other lengths);
 - batch decode: 128 requests decoding one token each at a context of 300, driven through
   the model runner with a synthetic schedule (computing those contexts first would take
   minutes; the KV cache holds zeros, which costs the same to read), plus the scheduler and
@@ -170,6 +170,8 @@ def main() -> None:
     parser.add_argument("--quantize-lm-head", action="store_true")
     parser.add_argument("--single-stream-only", action="store_true",
                         help="skip the prefill and batch decode steps")
+    parser.add_argument("--prefill-tokens", type=int, nargs="+", default=[2048],
+                        help="the prompt lengths of the prefill steps profiled")
     ns = parser.parse_args()
     llm = LLM(model=ns.model, dtype=ns.dtype, kv_cache_memory="2GiB",
               attention_backend=ns.attention_backend, quantization=ns.quantization,
@@ -213,9 +215,10 @@ def main() -> None:
     def execute(step):  # noqa: ANN001, ANN202 - one step through the runner, start to end
         return runner.finish(runner.submit(step))
 
-    for title, step in [("prefill of 2,048 tokens", synthetic_step(llm, 1, 2048, 0)),
-                        ("decode of 128 requests at context 300",
-                         synthetic_step(llm, 128, 1, 300))]:
+    prefills = [(f"prefill of {tokens:,} tokens", synthetic_step(llm, 1, tokens, 0))
+                for tokens in ns.prefill_tokens]
+    for title, step in [*prefills, ("decode of 128 requests at context 300",
+                                    synthetic_step(llm, 128, 1, 300))]:
         execute(step)
         steps = max(2, ns.steps // 3) if "prefill" in title else ns.steps
         wall = median_ms(lambda: execute(step), steps)

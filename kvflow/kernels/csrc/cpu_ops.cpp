@@ -1317,12 +1317,14 @@ inline __mmask16 range_mask(int64_t v, int64_t a, int64_t b) {
 // attended for j in [a[r], b[r]) (maybe none). They become exp(score * scale - new max)
 // there and 0 elsewhere, row_max and row_sum move on, and correction[r] is the factor the
 // row's earlier output takes (1 for a row the chunk leaves alone); new_max is scratch.
+// With pairs (the bf16 pair path) the exps go there instead, as kChunk / 2 pairs of bf16
+// per row rounded to nearest even, and s is left as it was.
 // Masked lanes are exactly 0 and the exps are summed lane-wise before one horizontal sum,
 // so a chunk sums alike however much of it an item reads. The work goes in passes over
 // all rows, so that one row's chain of max, exp and sum overlaps the next row's.
 void softmax_chunk(float* s, int64_t rows, const int64_t* a, const int64_t* b, float scale,
                    float softcap, float* row_max, float* row_sum, float* correction,
-                   float* new_max) {
+                   float* new_max, [[maybe_unused]] uint32_t* pairs = nullptr) {
   if (softcap > 0.f) {  // Gemma 2: scores -> cap * tanh(scores / cap)
     for (int64_t r = 0; r < rows; ++r)
       for (int64_t j = a[r]; j < b[r]; ++j)
@@ -1330,25 +1332,29 @@ void softmax_chunk(float* s, int64_t rows, const int64_t* a, const int64_t* b, f
     scale = 1.f;
   }
   const float lowest = -std::numeric_limits<float>::infinity();
-  // Pass 1: scale the attended scores, mask the rest to -inf; the chunk's max per row,
-  // kept in new_max.
-  for (int64_t r = 0; r < rows; ++r) {
-    float* sr = s + r * kChunk;
 #ifdef KVFLOW_AVX512
+  static_assert(kChunk == 64, "a row's mask is one 64-bit word");
+  auto row_mask = [&](int64_t r) -> uint64_t {  // bits [a[r], b[r])
+    if (a[r] >= b[r]) return 0;
+    const uint64_t below_b = b[r] >= 64 ? ~uint64_t{0} : (uint64_t{1} << b[r]) - 1;
+    return below_b & ~((uint64_t{1} << a[r]) - 1);
+  };
+  const __m512 scale_v = _mm512_set1_ps(scale);
+#endif
+  // Pass 1: the chunk's max per row, kept in new_max. Rounding is monotonic and the scale
+  // positive, so the max of the scaled scores is the scaled max.
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* sr = s + r * kChunk;
+#ifdef KVFLOW_AVX512
+    const uint64_t mask = row_mask(r);
     __m512 m = _mm512_set1_ps(lowest);
-    for (int64_t v = 0; v < kChunk / 16; ++v) {
-      const __m512 x = _mm512_mask_mul_ps(_mm512_set1_ps(lowest), range_mask(v, a[r], b[r]),
-                                          _mm512_loadu_ps(sr + 16 * v), _mm512_set1_ps(scale));
-      _mm512_storeu_ps(sr + 16 * v, x);
-      m = _mm512_max_ps(m, x);
-    }
-    new_max[r] = _mm512_reduce_max_ps(m);
+    for (int64_t v = 0; v < kChunk / 16; ++v)
+      m = _mm512_mask_max_ps(m, static_cast<__mmask16>(mask >> (16 * v)), m,
+                             _mm512_loadu_ps(sr + 16 * v));
+    new_max[r] = _mm512_reduce_max_ps(m) * scale;
 #else
     new_max[r] = lowest;
-    for (int64_t j = 0; j < kChunk; ++j) {
-      sr[j] = j >= a[r] && j < b[r] ? sr[j] * scale : lowest;
-      new_max[r] = std::max(new_max[r], sr[j]);
-    }
+    for (int64_t j = a[r]; j < b[r]; ++j) new_max[r] = std::max(new_max[r], sr[j] * scale);
 #endif
   }
   // Pass 2: each row's new max and the factor on what it had, exp(old max - new max): 0
@@ -1366,23 +1372,37 @@ void softmax_chunk(float* s, int64_t rows, const int64_t* a, const int64_t* b, f
 #else
   for (; r < rows; ++r) correction[r] = std::exp(correction[r]);
 #endif
-  // Pass 3: the exps and their sums.
+  // Pass 3: the exps (of the scaled scores, masked lanes -inf) and their sums.
   for (r = 0; r < rows; ++r) {
     float* sr = s + r * kChunk;
     float sum = 0.f;
 #ifdef KVFLOW_AVX512
+    const uint64_t mask = row_mask(r);
     // A row left alone is -inf everywhere, and its max may be too: shift it by 0.
     const __m512 shift = _mm512_set1_ps(a[r] < b[r] ? new_max[r] : 0.f);
     __m512 sums = _mm512_setzero_ps();
+    __m512 e[kChunk / 16];
     for (int64_t v = 0; v < kChunk / 16; ++v) {  // exp(-inf) is 0 in masked lanes
-      const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(sr + 16 * v), shift));
-      _mm512_storeu_ps(sr + 16 * v, e);
-      sums = _mm512_add_ps(sums, e);
+      const __m512 x = _mm512_mask_mul_ps(_mm512_set1_ps(lowest),
+                                          static_cast<__mmask16>(mask >> (16 * v)),
+                                          _mm512_loadu_ps(sr + 16 * v), scale_v);
+      e[v] = exp16(_mm512_sub_ps(x, shift));
+      sums = _mm512_add_ps(sums, e[v]);
+    }
+#ifdef KVFLOW_BF16_PAIRS
+    if (pairs) {
+      for (int64_t v = 0; v < kChunk / 16; v += 2)
+        _mm512_storeu_si512(pairs + r * kChunk / 2 + 8 * v,
+                            (__m512i)_mm512_cvtne2ps_pbh(e[v + 1], e[v]));
+    } else
+#endif
+    {
+      for (int64_t v = 0; v < kChunk / 16; ++v) _mm512_storeu_ps(sr + 16 * v, e[v]);
     }
     sum = _mm512_reduce_add_ps(sums);
 #else
     for (int64_t j = 0; j < kChunk; ++j) {
-      sr[j] = j >= a[r] && j < b[r] ? std::exp(sr[j] - new_max[r]) : 0.f;
+      sr[j] = j >= a[r] && j < b[r] ? std::exp(sr[j] * scale - new_max[r]) : 0.f;
       sum += sr[j];
     }
 #endif
@@ -1560,12 +1580,6 @@ void pair_product(const uint32_t* a, int64_t lda, const uint32_t* b, int64_t ldb
   }
 }
 
-// A row of kChunk probabilities as kChunk / 2 pairs of bf16, rounded to nearest even.
-inline void probability_pairs(const float* p, uint32_t* dst) {
-  for (int64_t j = 0; j < kChunk; j += 32)
-    _mm512_storeu_si512(dst + j / 2, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(p + j + 16),
-                                                                  _mm512_loadu_ps(p + j)));
-}
 #endif
 
 #ifdef KVFLOW_AMX
@@ -1852,25 +1866,14 @@ void paged_attention_impl(T* out, const T* q, const T* k_cache, const T* v_cache
                 (e - s) * head_dim);
           s = e;
         }
-#ifdef KVFLOW_AMX
-        if (tiles)
-          amx_product(q_pairs.data(), head_dim / 2, k_pairs.data(), kChunk, head_dim / 2,
-                      scores.data(), kChunk, tile_rows, padded, false);
-#endif
-#ifdef KVFLOW_BF16_PAIRS
-        if (pairs && !tiles)
-          pair_product(q_pairs.data(), head_dim / 2, k_pairs.data(), kChunk, head_dim / 2,
-                       scores.data(), kChunk, rows, padded, false);
-#endif
-        for (int64_t r = 0; r < rows; ++r) {  // range, causal and window masks
-          const int64_t query_pos = seq_len - query_len + item.q_begin + r / group;
-          attend_from[r] = std::max(lo, item.first_key - chunk);
-          if (window > 0) attend_from[r] = std::max(attend_from[r], query_pos - window + 1 - chunk);
-          attend_to[r] = std::min(n, query_pos + 1 - chunk);
+        for (int64_t i = 0; i < tile; ++i) {  // range, causal and window masks, per query
+          const int64_t query_pos = seq_len - query_len + item.q_begin + i;
+          int64_t from = std::max(lo, item.first_key - chunk);
+          if (window > 0) from = std::max(from, query_pos - window + 1 - chunk);
+          const int64_t to = std::min(n, query_pos + 1 - chunk);
+          std::fill_n(attend_from.data() + i * group, group, from);
+          std::fill_n(attend_to.data() + i * group, group, to);
         }
-        softmax_chunk(scores.data(), rows, attend_from.data(), attend_to.data(),
-                      pairs ? static_cast<float>(scale) : 1.f, softcap, row_max.data(),
-                      row_sum.data(), correction.data(), new_max.data());
 #ifdef KVFLOW_BF16_PAIRS
         if (pairs) {
           // Values as pairs of keys; keys outside [lo, n) are zeros.
@@ -1886,22 +1889,42 @@ void paged_attention_impl(T* out, const T* q, const T* k_cache, const T* v_cache
           for (int64_t p = p0; p < k2; ++p)
             pack_value_pair(value_row(2 * p), value_row(2 * p + 1), head_dim,
                             v_pairs.data() + p * head_dim);
-          for (int64_t r = 0; r < rows; ++r) {
-            probability_pairs(scores.data() + r * kChunk, p_pairs.data() + r * kChunk / 2);
-            if (correction[r] != 1.f) scale_vec(correction[r], acc.data() + r * head_dim, head_dim);
-          }
+          // On tiles, 16 rows at a time go through scores, softmax and values, so that
+          // their scores, probabilities and outputs stay in L1 between the steps.
+          const int64_t step = tiles ? 16 : rows;
+          for (int64_t r0 = 0; r0 < rows; r0 += step) {
+            const int64_t block = std::min(step, rows - r0);
+            const uint32_t* qb = q_pairs.data() + r0 * head_dim / 2;
+            uint32_t* pb = p_pairs.data() + r0 * kChunk / 2;
+            float* sb = scores.data() + r0 * kChunk;
+            float* ab = acc.data() + r0 * head_dim;
 #ifdef KVFLOW_AMX
-          if (tiles) {
-            amx_product(p_pairs.data(), kChunk / 2, v_pairs.data(), head_dim, kChunk / 2,
-                        acc.data(), head_dim, tile_rows, head_dim, true);
-            continue;
-          }
+            if (tiles)
+              amx_product(qb, head_dim / 2, k_pairs.data(), kChunk, head_dim / 2, sb, kChunk,
+                          16, padded, false);
+            else
 #endif
-          pair_product(p_pairs.data() + p0, kChunk / 2, v_pairs.data() + p0 * head_dim,
-                       head_dim, k2 - p0, acc.data(), head_dim, rows, head_dim, true);
+              pair_product(qb, head_dim / 2, k_pairs.data(), kChunk, head_dim / 2, sb, kChunk,
+                           block, padded, false);
+            softmax_chunk(sb, block, attend_from.data() + r0, attend_to.data() + r0,
+                          static_cast<float>(scale), softcap, row_max.data() + r0,
+                          row_sum.data() + r0, correction.data() + r0, new_max.data() + r0, pb);
+            for (int64_t r = 0; r < block; ++r)
+              if (correction[r0 + r] != 1.f) scale_vec(correction[r0 + r], ab + r * head_dim, head_dim);
+#ifdef KVFLOW_AMX
+            if (tiles)
+              amx_product(pb, kChunk / 2, v_pairs.data(), head_dim, kChunk / 2, ab, head_dim,
+                          16, head_dim, true);
+            else
+#endif
+              pair_product(pb + p0, kChunk / 2, v_pairs.data() + p0 * head_dim, head_dim,
+                           k2 - p0, ab, head_dim, block, head_dim, true);
+          }
           continue;
         }
 #endif
+        softmax_chunk(scores.data(), rows, attend_from.data(), attend_to.data(), 1.f, softcap,
+                      row_max.data(), row_sum.data(), correction.data(), new_max.data());
         for (int64_t r = 0; r < rows; ++r)
           weigh_values(scores.data() + r * kChunk, vf.data(), lo, n, head_dim, correction[r],
                        acc.data() + r * head_dim);
