@@ -63,6 +63,11 @@ def main(argv: list[str] | None = None) -> int:
     renderer = None
     if argv[:1] == ["serve"] and not {"-h", "--help"} & set(argv):
         from kvflow.tokenizer.render_process import TemplateRenderer
+        from kvflow.worker.host_memory import keep_freed_blocks
+
+        # Before any thread allocates: the server loads and steps its engine on threads,
+        # which take their malloc arena then (on a GPU this only keeps host memory too).
+        keep_freed_blocks()
 
         # The server renders chat templates in a worker process that imports transformers;
         # started now, that import runs on another core while this process imports torch

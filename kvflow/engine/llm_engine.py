@@ -34,6 +34,7 @@ from kvflow.worker.cpu_graphs import CPU_MAX_CAPTURE_SIZE
 from kvflow.worker.cuda_graphs import capture_sizes
 from kvflow.worker.kv_cache import default_kv_cache_memory, num_blocks_for
 from kvflow.worker.model_runner import ModelRunner, StepInFlight
+from kvflow.worker.host_memory import keep_freed_blocks
 from kvflow.worker.threads import ThreadGovernor, configure_threads
 
 logger = logging.getLogger(__name__)
@@ -101,6 +102,7 @@ class LLMEngine:
         self.thread_governor: ThreadGovernor | None = None
         threads = 1
         if self.device.type == "cpu":
+            keep_freed_blocks()
             threads = configure_threads(args.num_threads or rank_threads(parallel))
             if not args.batch_invariant and parallel.world_size == 1:
                 self.thread_governor = ThreadGovernor(threads)

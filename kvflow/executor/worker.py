@@ -31,6 +31,7 @@ from kvflow.distributed.pipeline import Carry
 from kvflow.distributed.tensor_parallel import TensorParallel, building
 from kvflow.executor.base import ModelSpec, held_bytes
 from kvflow.models.builder import bind_kv_cache
+from kvflow.worker.host_memory import keep_freed_blocks
 
 logger = logging.getLogger("kvflow.executor.worker")  # not __main__ when run with -m
 
@@ -90,6 +91,8 @@ def run_worker(spec: WorkerSpec) -> None:
     if spec.cores is not None:
         os.sched_setaffinity(0, spec.cores)
     torch.set_num_threads(spec.threads)
+    if spec.model.device.type == "cpu":
+        keep_freed_blocks()
     parent = os.getppid()
     _exit_with_parent(parent)
 
