@@ -200,3 +200,33 @@ def test_vllms_graph_and_async_flags_reach_the_engine_args():
     assert args.async_scheduling
     assert parser.parse_args(["--cudagraph-capture-sizes", "8"]).cuda_graph_sizes == [8]
     assert capture_sizes(256, args.cuda_graph_sizes, args.max_cudagraph_capture_size) == [1, 2]
+
+
+def test_the_cpu_fills_a_steps_buffers_as_the_device_does():
+    """On the CPU, fill() writes the buffers through numpy in place of the device's torch
+    ops, staging and copies: for decodes and for verification steps with fewer drafts
+    than captured, real rows and padding rows, every buffer ends the same, step after
+    step (a padding row keeps the block table it held)."""
+    from kvflow.outputs import ScheduledRequest
+    from kvflow.sampling_params import SamplingParams
+    from kvflow.worker.cuda_graphs import DecodeBuffers
+
+    generator = torch.Generator().manual_seed(5)
+    block_size, width = 4, 8
+    table = torch.randint(1, 100, (6, width), dtype=torch.int32, generator=generator)
+    host, device = (DecodeBuffers(4, [1, 3], width, torch.device("cpu")) for _ in range(2))
+
+    def request(i: int, computed: int, drafts: list[int]) -> ScheduledRequest:
+        return ScheduledRequest(f"r{i}", [7 + i], computed, [], True, SamplingParams(),
+                                [], [], frozenset(), draft_token_ids=drafts)
+
+    steps = [([request(0, 9, [])], 1, 1, [2]),
+             ([request(0, 10, []), request(1, 0, []), request(2, 26, [])], 4, 1, [2, 0, 5]),
+             ([request(0, 11, [4, 5]), request(1, 1, [6])], 2, 3, [2, 0]),
+             ([request(3, 0, [])], 4, 3, [3]),
+             ([request(2, 27, [8])], 1, 3, [5])]
+    for batch, size, queries, rows in steps:
+        host.fill(batch, size, queries, block_size, table, rows)
+        device._fill_on_device(batch, size, queries, block_size, table, rows)
+        for name in ("input_ids", "positions", "slot_mapping", "seq_lens", "block_tables"):
+            assert torch.equal(getattr(host, name), getattr(device, name)), (name, rows)

@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
+import numpy as np
 import torch
 
 from kvflow.attention.metadata import AttentionMetadata
@@ -135,6 +136,10 @@ class DecodeBuffers:
         self._staged_lens = torch.empty(max_size, dtype=torch.int32, pin_memory=pin)
         # the staging is written again only once the last step's copies out of it have run
         self._fence = CopyFence(device)
+        # On the CPU, fill() writes the buffers through these views.
+        self._host = (tuple(buffer.numpy() for buffer in (
+            self.input_ids, self.positions, self.slot_mapping, self.seq_lens, self.block_tables))
+            if device.type == "cpu" else None)
 
     def fill(self, batch: list[ScheduledRequest], size: int, queries: int, block_size: int,
              table: torch.Tensor, rows: list[int]) -> None:
@@ -142,6 +147,42 @@ class DecodeBuffers:
         A padding row writes no KV (slot -1); its block table keeps what it held, of
         which it reads one key. table: the persistent block tables, rows: the requests'
         rows of it."""
+        if self._host is not None:
+            self._fill_on_host(batch, size, queries, block_size, table, rows)
+        else:
+            self._fill_on_device(batch, size, queries, block_size, table, rows)
+
+    def _fill_on_host(self, batch: list[ScheduledRequest], size: int, queries: int,
+                      block_size: int, table: torch.Tensor, rows: list[int]) -> None:
+        """fill() where the buffers are host memory: written in place through numpy, with
+        no staging, copies or dispatch. The two dozen torch ops of the device's way took
+        0.43 ms of a 22 ms int8 decode step on a Xeon, each run cold after the weights
+        had streamed through the caches."""
+        n, count = len(batch), size * queries
+        drafts = np.fromiter((len(r.draft_token_ids) for r in batch), np.int64, n)
+        first = np.fromiter((r.num_computed_tokens for r in batch), np.int64, n)
+        pads = (queries - 1 - drafts)[:, None]
+        column = np.arange(queries)
+        ids, positions, slots, lens, tables = self._host
+        ids, positions, slots, lens, tables = (
+            ids[:count], positions[:count], slots[:count], lens[:size], tables[:size])
+        ids[n * queries:], positions[n * queries:], slots[n * queries:] = 0, 0, -1
+        ids[:n * queries] = (
+            [r.token_ids[0] for r in batch] if queries == 1 else
+            [t for r in batch
+             for t in [0] * (queries - 1 - len(r.draft_token_ids)) + r.token_ids[:1]
+             + r.draft_token_ids])
+        real = np.maximum(first[:, None] - pads + column, 0)
+        positions[:n * queries] = real.reshape(-1)
+        tables[:n] = table.numpy()[rows, :tables.shape[1]]
+        looked_up = (tables[np.arange(n)[:, None], real // block_size].astype(np.int64)
+                     * block_size + real % block_size)
+        slots[:n * queries] = np.where(column < pads, -1, looked_up).reshape(-1)
+        lens[:n] = first + 1 + drafts
+        lens[n:] = 1
+
+    def _fill_on_device(self, batch: list[ScheduledRequest], size: int, queries: int,
+                        block_size: int, table: torch.Tensor, rows: list[int]) -> None:
         n = len(batch)
         count = size * queries
         drafts = torch.tensor([len(r.draft_token_ids) for r in batch], dtype=torch.int64)
