@@ -1567,17 +1567,26 @@ void pair_rows(const uint32_t* a, int64_t lda, const uint32_t* b, int64_t ldb, i
   }
 }
 
+// Calls step(std::integral_constant<int, V>{}, j) for each group of V <= 4 vectors of 16
+// columns starting at column j of n (a multiple of 16), 64 columns at a time.
+template <typename Step>
+KVFLOW_INLINE void by_column_groups(int64_t n, Step step) {
+  for (int64_t j = 0; j < n; j += 64) {
+    switch (std::min<int64_t>(4, (n - j) / 16)) {
+      case 4: step(std::integral_constant<int, 4>{}, j); break;
+      case 3: step(std::integral_constant<int, 3>{}, j); break;
+      case 2: step(std::integral_constant<int, 2>{}, j); break;
+      default: step(std::integral_constant<int, 1>{}, j); break;
+    }
+  }
+}
+
 // c[rows][n] (+)= a[rows][k2] . b[k2][n] in pairs; n a multiple of 16.
 void pair_product(const uint32_t* a, int64_t lda, const uint32_t* b, int64_t ldb, int64_t k2,
                   float* c, int64_t ldc, int64_t rows, int64_t n, bool accumulate) {
-  for (int64_t j = 0; j < n; j += 64) {
-    switch (std::min<int64_t>(4, (n - j) / 16)) {
-      case 4: pair_rows<4>(a, lda, b + j, ldb, k2, c + j, ldc, rows, accumulate); break;
-      case 3: pair_rows<3>(a, lda, b + j, ldb, k2, c + j, ldc, rows, accumulate); break;
-      case 2: pair_rows<2>(a, lda, b + j, ldb, k2, c + j, ldc, rows, accumulate); break;
-      default: pair_rows<1>(a, lda, b + j, ldb, k2, c + j, ldc, rows, accumulate); break;
-    }
-  }
+  by_column_groups(n, [&](auto nv, int64_t j) KVFLOW_INLINE_LAMBDA {
+    pair_rows<decltype(nv)::value>(a, lda, b + j, ldb, k2, c + j, ldc, rows, accumulate);
+  });
 }
 
 #endif
@@ -1668,14 +1677,9 @@ void amx_tiles(const uint32_t* a, int64_t lda, const uint32_t* b, int64_t ldb, i
 // and k2 multiples of 16, n of 16.
 void amx_product(const uint32_t* a, int64_t lda, const uint32_t* b, int64_t ldb, int64_t k2,
                  float* c, int64_t ldc, int64_t rows, int64_t n, bool accumulate) {
-  for (int64_t j = 0; j < n; j += 64) {
-    switch (std::min<int64_t>(4, (n - j) / 16)) {
-      case 4: amx_tiles<4>(a, lda, b + j, ldb, k2, c + j, ldc, rows, accumulate); break;
-      case 3: amx_tiles<3>(a, lda, b + j, ldb, k2, c + j, ldc, rows, accumulate); break;
-      case 2: amx_tiles<2>(a, lda, b + j, ldb, k2, c + j, ldc, rows, accumulate); break;
-      default: amx_tiles<1>(a, lda, b + j, ldb, k2, c + j, ldc, rows, accumulate); break;
-    }
-  }
+  by_column_groups(n, [&](auto nt, int64_t j) KVFLOW_INLINE_LAMBDA {
+    amx_tiles<decltype(nt)::value>(a, lda, b + j, ldb, k2, c + j, ldc, rows, accumulate);
+  });
 }
 #endif
 
@@ -1898,27 +1902,24 @@ void paged_attention_impl(T* out, const T* q, const T* k_cache, const T* v_cache
             uint32_t* pb = p_pairs.data() + r0 * kChunk / 2;
             float* sb = scores.data() + r0 * kChunk;
             float* ab = acc.data() + r0 * head_dim;
+            // c = (or +=) the block's rows of a times b: on tiles, its whole tile of 16.
+            auto product = [&](const uint32_t* a, int64_t lda, const uint32_t* b, int64_t ldb,
+                               int64_t k, float* c, int64_t ldc, int64_t n,
+                               bool accumulate) KVFLOW_INLINE_LAMBDA {
 #ifdef KVFLOW_AMX
-            if (tiles)
-              amx_product(qb, head_dim / 2, k_pairs.data(), kChunk, head_dim / 2, sb, kChunk,
-                          16, padded, false);
-            else
+              if (tiles) return amx_product(a, lda, b, ldb, k, c, ldc, 16, n, accumulate);
 #endif
-              pair_product(qb, head_dim / 2, k_pairs.data(), kChunk, head_dim / 2, sb, kChunk,
-                           block, padded, false);
+              pair_product(a, lda, b, ldb, k, c, ldc, block, n, accumulate);
+            };
+            product(qb, head_dim / 2, k_pairs.data(), kChunk, head_dim / 2, sb, kChunk, padded,
+                    false);
             softmax_chunk(sb, block, attend_from.data() + r0, attend_to.data() + r0,
                           static_cast<float>(scale), softcap, row_max.data() + r0,
                           row_sum.data() + r0, correction.data() + r0, new_max.data() + r0, pb);
             for (int64_t r = 0; r < block; ++r)
               if (correction[r0 + r] != 1.f) scale_vec(correction[r0 + r], ab + r * head_dim, head_dim);
-#ifdef KVFLOW_AMX
-            if (tiles)
-              amx_product(pb, kChunk / 2, v_pairs.data(), head_dim, kChunk / 2, ab, head_dim,
-                          16, head_dim, true);
-            else
-#endif
-              pair_product(pb + p0, kChunk / 2, v_pairs.data() + p0 * head_dim, head_dim,
-                           k2 - p0, ab, head_dim, block, head_dim, true);
+            product(pb + p0, kChunk / 2, v_pairs.data() + p0 * head_dim, head_dim, k2 - p0, ab,
+                    head_dim, head_dim, true);
           }
           continue;
         }
