@@ -97,3 +97,14 @@ def test_kvflow_serve_asks_before_its_threads_take_a_malloc_arena(checkpoint):
     assert reused(result["main"]) and arenas == 1, (result, arenas)
     _, arenas = faults("none")
     assert arenas > 1
+
+
+def test_env_says_how_large_blocks_are_served(monkeypatch):
+    from kvflow.bench.hardware import format_env, inventory
+    from kvflow.worker import host_memory
+
+    ceiling = {"device": "cpu", "threads": 2, "measured_at": "now",
+               "dram_read_bytes_per_s": 1e10, "matmul_n": 8, "matmul_flops_per_s": {}}
+    assert "large blocks: kept in glibc's heaps" in format_env(inventory(), ceiling)
+    monkeypatch.setenv("KVFLOW_MALLOC_UNMAP", "1")
+    assert host_memory.describe().startswith("mapped afresh")

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,22 +116,34 @@ def test_parameters_are_gathered_into_one_block_keeping_their_values(monkeypatch
     assert huge_pages.gather(alone.parameters()) == 0 and alone.weight.data_ptr() == address
 
 
+# Run in a process of its own: once an engine has run on the CPU, glibc keeps freed large
+# blocks (kvflow/worker/host_memory.py), and a new one may reuse pages already written.
+_NEVER_WRITTEN = """
+import torch
+from kvflow.worker import huge_pages
+
+fresh = torch.nn.Parameter(torch.empty(16 * 2**20), requires_grad=False)  # 64 MiB
+filled = torch.nn.Parameter(torch.full((16 * 2**20,), 3.0), requires_grad=False)
+assert not huge_pages.written(fresh) and huge_pages.written(filled)
+marked = torch.empty(16 * 2**20)
+marked[8 * 2**20] = 1.0
+assert huge_pages.written(marked)
+assert huge_pages.written(torch.empty(10))  # too small to tell: copied
+huge_pages.gather([fresh, filled])
+assert not huge_pages.written(fresh)  # still untouched, in the block
+assert bool((filled == 3.0).all())
+assert fresh.untyped_storage().data_ptr() == filled.untyped_storage().data_ptr()
+"""
+
+
 def test_a_parameter_never_written_is_not_copied():
-    """Above glibc's largest mmap threshold (32 MiB) an allocation is fresh memory: its
-    pages are touched only when written, and pagemap says which were."""
+    """Above glibc's largest mmap threshold (32 MiB) a new process's allocation is fresh
+    memory: its pages are touched only when written, and pagemap says which were."""
     if not huge_pages.enabled():
         pytest.skip("transparent huge pages are off here")
-    fresh = torch.nn.Parameter(torch.empty(16 * 2**20), requires_grad=False)  # 64 MiB
-    filled = torch.nn.Parameter(torch.full((16 * 2**20,), 3.0), requires_grad=False)
-    assert not huge_pages.written(fresh) and huge_pages.written(filled)
-    marked = torch.empty(16 * 2**20)
-    marked[8 * 2**20] = 1.0
-    assert huge_pages.written(marked)
-    assert huge_pages.written(torch.empty(10))  # too small to tell: copied
-    huge_pages.gather([fresh, filled])
-    assert not huge_pages.written(fresh)  # still untouched, in the block
-    assert bool((filled == 3.0).all())
-    assert fresh.untyped_storage().data_ptr() == filled.untyped_storage().data_ptr()
+    run = subprocess.run([sys.executable, "-c", _NEVER_WRITTEN], capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
 
 
 def spans(tensor: torch.Tensor) -> tuple[int, int] | None:

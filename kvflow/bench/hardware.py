@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from kvflow.cache import cache_root, write_atomically
-from kvflow.worker import huge_pages
+from kvflow.worker import host_memory, huge_pages
 from kvflow.worker.kv_cache import CPU_FULL_SEQUENCES, CPU_KV_CAP, available_host_memory
 from kvflow.worker.threads import ThreadGovernor, physical_cores
 
@@ -72,12 +72,25 @@ def inventory() -> dict:
         "cuda": None,
         "kv_cache_cap_bytes": min(CPU_KV_CAP, available_host_memory() // 4),
         "huge_pages": huge_pages.describe(),
+        "large_blocks": host_memory.describe(),
+        "native_kernels": _native_kernels(),
     }
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         info["cuda"] = {"name": props.name, "memory_bytes": props.total_memory,
                         "count": torch.cuda.device_count()}
     return info
+
+
+def _native_kernels() -> str:
+    """The vector paths of the native CPU kernels this process runs (built if need be)."""
+    from kvflow.kernels import cpu_ops
+
+    ops = cpu_ops()
+    if ops is None:
+        return "none (the PyTorch path; the log says why)"
+    paths = ops.vector_paths()
+    return paths + (" (bf16 attention on AMX tiles)" if paths.endswith("+amx") else "")
 
 
 def _best_seconds(fn, device: str, repeats: int) -> float:  # noqa: ANN001
@@ -196,6 +209,8 @@ def format_env(info: dict, ceiling: dict) -> str:
              + _threads_now(info.get("threads_now")),
              f"isa: {isa}", f"memory: {memory}",
              f"memory pages: {info.get('huge_pages', 'unknown')}",
+             f"large blocks: {info.get('large_blocks', 'unknown')}",
+             f"native CPU kernels: {info.get('native_kernels', 'unknown')}",
              f"default KV cache on the CPU: room for {CPU_FULL_SEQUENCES} sequences of "
              f"max_model_len, at most {info['kv_cache_cap_bytes'] / 2**30:.2f} GiB "
              "(min(4 GiB, 1/4 of available RAM); --kv-cache-memory overrides)",

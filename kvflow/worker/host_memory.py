@@ -37,6 +37,19 @@ M_ARENA_MAX = -8
 TRIM_THRESHOLD = 2**31 - 1
 
 
+def glibc() -> bool:
+    return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+
+
+def describe() -> str:
+    """How a CPU engine's large blocks are served here, for `kvflow env`."""
+    if not glibc():
+        return "the C library's own way (not glibc)"
+    if os.environ.get("KVFLOW_MALLOC_UNMAP"):
+        return "mapped afresh for each tensor above 32 MiB (KVFLOW_MALLOC_UNMAP)"
+    return "kept in glibc's heaps once freed, for the next step (KVFLOW_MALLOC_UNMAP=1: not)"
+
+
 @functools.cache
 def keep_freed_blocks() -> bool:
     """Makes glibc serve large blocks from its heaps and keep them; True once done. False
@@ -44,7 +57,7 @@ def keep_freed_blocks() -> bool:
     if os.environ.get("KVFLOW_MALLOC_UNMAP"):
         logger.info("malloc: large blocks mapped afresh each time (KVFLOW_MALLOC_UNMAP)")
         return False
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    if not glibc():
         return False
     libc = ctypes.CDLL(None)
     mallopt = getattr(libc, "mallopt", None)
