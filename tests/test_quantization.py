@@ -440,11 +440,13 @@ def test_quantize_lm_head_runs_the_head_in_int8_and_keeps_the_embedding(checkpoi
         assert (q_lp - r_lp).abs().mean() < 0.2
     # Decode-sized batches run the int8 head. Larger ones (a prompt's logprobs, say) run
     # the head's plan, or for a tied head the embedding it was made from, which costs less
-    # than dequantizing the copy.
+    # than dequantizing the copy. Where the int8 GEMV is the small kernel is measured per
+    # machine and kept: measured beside other load, this tiny head's may win at no batch
+    # size, and then every batch is a large one.
     small_rows = model.lm_head.plan.small_max_rows
-    assert small_rows >= 1
     tied = model.config.tie_word_embeddings
-    for rows, uses_head in ((small_rows, True), (small_rows + 1, not tied)):
+    cases = [(small_rows, True)] if small_rows else []
+    for rows, uses_head in [*cases, (small_rows + 1, not tied)]:
         hidden = torch.randn(rows, model.config.hidden_size).to(torch.bfloat16)
         embedding_logits = hidden.float() @ model.model.embed_tokens.weight.float().T
         head_logits = hidden.float() @ model.lm_head.method.dequantize(model.lm_head).T
